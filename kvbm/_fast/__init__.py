@@ -1,0 +1,1 @@
+"""Compiled hot paths (Cython over csrc/): block copies, hashing, the block registry."""

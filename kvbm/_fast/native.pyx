@@ -1,0 +1,196 @@
+# cython: language_level=3
+"""Thin, validated wrappers over csrc/include/kvbm.h: block copies (CPU and CUDA) and hashing.
+
+Each wrapper checks its arguments at the edge (typed memoryviews, equal lengths), drops the GIL for
+the native call, and turns a non-zero return code into a KvbmError subclass through `_check_rc`,
+the one place that maps codes to exceptions (pyzmq's `_check_rc`).
+"""
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from kvbm._fast.kvbm_h cimport (
+    KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
+    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register,
+    kvbm_cuda_host_unregister, kvbm_hash_blocks, kvbm_layout_t, kvbm_xxh3_64,
+)
+
+import numpy as np
+
+from kvbm.errors import CudaError, KvbmError, LayoutError
+
+cdef enum:
+    ERRLEN = 512
+
+COPY_AUTO = 0
+COPY_KERNEL = 1
+COPY_DMA = 2
+
+
+cdef int _check_rc(int rc, const char *errbuf) except -1:
+    if rc == 0:
+        return 0
+    msg = errbuf.decode("utf-8", "replace")
+    if rc == KVBM_ECUDA or rc == KVBM_ENOCUDA:
+        raise CudaError(msg)
+    if rc == KVBM_EINVAL or rc == KVBM_ERANGE:
+        raise LayoutError(msg)
+    raise KvbmError(f"native error {rc}: {msg}")
+
+
+def build_kind() -> str:
+    """'cuda' or 'cpu': the library this extension was linked with."""
+    return kvbm_build_kind().decode()
+
+
+def cuda_available() -> bool:
+    """True when built with CUDA and a device answers; never raises."""
+    return kvbm_cuda_available() == 1
+
+
+cdef class RegionLayout:
+    """A kvbm_layout_t with the layer pointer array it points into kept alive beside it."""
+
+    cdef kvbm_layout_t c
+    cdef uint64_t[::1] _ptrs
+    cdef readonly object layer_ptrs
+
+    def __init__(self, layer_ptrs, int outer_dim, int64_t num_blocks, int64_t block_stride,
+                 int64_t outer_stride, int64_t region_bytes):
+        arr = np.ascontiguousarray(np.asarray(layer_ptrs, dtype=np.uint64))
+        if arr.ndim != 1 or arr.shape[0] == 0:
+            raise LayoutError(f"layer_ptrs must be a non-empty 1-D array, got shape {arr.shape}")
+        self.layer_ptrs = arr
+        self._ptrs = arr
+        self.c.layer_ptrs = &self._ptrs[0]
+        self.c.num_layers = <int>arr.shape[0]
+        self.c.outer_dim = outer_dim
+        self.c.num_blocks = num_blocks
+        self.c.block_stride = block_stride
+        self.c.outer_stride = outer_stride
+        self.c.region_bytes = region_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return self.c.num_layers
+
+    @property
+    def outer_dim(self) -> int:
+        return self.c.outer_dim
+
+    @property
+    def num_blocks(self) -> int:
+        return self.c.num_blocks
+
+    @property
+    def region_bytes(self) -> int:
+        return self.c.region_bytes
+
+    def region_address(self, int64_t block, int layer, int outer) -> int:
+        """Address of region (block, layer, outer), by the formula in kvbm.h."""
+        if not (0 <= block < self.c.num_blocks and 0 <= layer < self.c.num_layers
+                and 0 <= outer < self.c.outer_dim):
+            raise LayoutError(f"region ({block}, {layer}, {outer}) outside {self.c.num_blocks} blocks "
+                              f"x {self.c.num_layers} layers x {self.c.outer_dim} outer")
+        return int(self._ptrs[layer]) + block * self.c.block_stride + outer * self.c.outer_stride
+
+
+def _pairs(src_blocks, dst_blocks):
+    s = np.ascontiguousarray(np.asarray(src_blocks, dtype=np.int64))
+    d = np.ascontiguousarray(np.asarray(dst_blocks, dtype=np.int64))
+    if s.ndim != 1 or d.ndim != 1 or s.shape[0] != d.shape[0]:
+        raise LayoutError(f"block lists must be 1-D and equally long, got {s.shape} and {d.shape}")
+    return s, d
+
+
+def copy_blocks_cpu(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, int num_threads=0):
+    """Copies every (layer, outer) region of src_blocks[i] to dst_blocks[i]; memcpy on threads."""
+    s, d = _pairs(src_blocks, dst_blocks)
+    cdef const int64_t[::1] sv = s
+    cdef const int64_t[::1] dv = d
+    cdef int64_t n = s.shape[0]
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    if n == 0:
+        return
+    with nogil:
+        rc = kvbm_cpu_copy_blocks(&src.c, &dst.c, &sv[0], &dv[0], n, num_threads, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, int method=0,
+                     int max_sms=0, size_t stream=0):
+    """Enqueues the same copy on a CUDA stream (a cudaStream_t as an integer; 0 = default)."""
+    s, d = _pairs(src_blocks, dst_blocks)
+    cdef const int64_t[::1] sv = s
+    cdef const int64_t[::1] dv = d
+    cdef int64_t n = s.shape[0]
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    if n == 0:
+        return
+    with nogil:
+        rc = kvbm_cuda_copy_blocks(&src.c, &dst.c, &sv[0], &dv[0], n, method, max_sms,
+                                   <void *>stream, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_host_register(size_t ptr, size_t nbytes):
+    """Pins (page-locks) host memory already mapped at ptr, for DMA and UVA kernel access."""
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_host_register(<void *>ptr, nbytes, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_host_unregister(size_t ptr):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_host_unregister(<void *>ptr, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def hash_blocks(tokens, int64_t block_size, uint64_t seed, parent=None):
+    """(block_hashes, sequence_hashes) for the full blocks of a 1-D uint32 token array.
+
+    A trailing partial block is not hashed: it has no identity until it is complete.
+    """
+    if block_size <= 0:
+        raise KvbmError(f"block_size must be >= 1, got {block_size}")
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise KvbmError(f"tokens must be 1-D, got shape {arr.shape}")
+    if arr.dtype != np.uint32:
+        if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+            raise KvbmError(f"tokens must be integers in [0, 2**32), got dtype {arr.dtype}")
+        arr = arr.astype(np.uint32)
+    arr = np.ascontiguousarray(arr, dtype="<u4")
+    cdef int64_t n_blocks = arr.shape[0] // block_size
+    bh = np.empty(n_blocks, dtype=np.uint64)
+    sh = np.empty(n_blocks, dtype=np.uint64)
+    if n_blocks == 0:
+        return bh, sh
+    cdef const uint32_t[::1] tv = arr
+    cdef uint64_t[::1] bv = bh
+    cdef uint64_t[::1] shv = sh
+    cdef int has_parent = 0 if parent is None else 1
+    cdef uint64_t parent_hash = 0 if parent is None else <uint64_t>parent
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_hash_blocks(&tv[0], n_blocks, block_size, seed, has_parent, parent_hash,
+                              &bv[0], &shv[0], errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+    return bh, sh
+
+
+def xxh3_64(data: bytes, uint64_t seed=0) -> int:
+    cdef const unsigned char[::1] view = data
+    if len(data) == 0:
+        return kvbm_xxh3_64(NULL, 0, seed)
+    return kvbm_xxh3_64(&view[0], len(data), seed)
