@@ -1,0 +1,83 @@
+"""KvbmConfig: keyword arguments, KVBM_* variables and TOML/YAML files, validated with clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from kvbm.config import KvbmConfig, parse_size
+from kvbm.errors import ConfigError
+from kvbm.layout import LayoutConfig
+
+LAYOUT = LayoutConfig(num_layers=32, outer_dim=2, page_size=16, inner_dim=1024, dtype="bfloat16")  # 2 MiB/block
+
+
+def test_sizes_parse():
+    assert parse_size("64GB", "k") == 64 * 10**9
+    assert parse_size("512MiB", "k") == 512 * 2**20
+    assert parse_size("1.5G", "k") == 1_500_000_000
+    assert parse_size(4096, "k") == 4096
+    for bad in ("ten GB", "5XB", "-1GB", True):
+        with pytest.raises(ConfigError):
+            parse_size(bad, "host_size")
+
+
+def test_precedence_kwargs_over_env_over_file(tmp_path):
+    path = tmp_path / "kvbm.toml"
+    path.write_text('host_blocks = 10\npolicy = "lru"\nsalt = "from-file"\n[layout]\nnum_layers = 2\n'
+                    'outer_dim = 2\npage_size = 16\ninner_dim = 64\ndtype = "float16"\nalignment = 1\n')
+    cfg = KvbmConfig.load(str(path), env={"KVBM_HOST_BLOCKS": "20", "KVBM_SALT": "from-env"}, salt="from-kwargs")
+    assert cfg.host_blocks == 20 and cfg.salt == "from-kwargs"
+    assert cfg.layout == LayoutConfig(2, 2, 16, 64, "float16")
+
+
+def test_yaml_file_and_kvbm_section(tmp_path):
+    path = tmp_path / "kvbm.yaml"
+    path.write_text("kvbm:\n  host_size: 1GiB\n  transport: tcp\n  tcp_port: 5555\n")
+    cfg = KvbmConfig.load(env={"KVBM_CONFIG": str(path)})
+    assert (cfg.host_size, cfg.transport, cfg.tcp_port) == (2**30, "tcp", 5555)
+
+
+def test_env_gigabytes_and_blocks():
+    cfg = KvbmConfig.load(env={"KVBM_HOST_GB": "4", "KVBM_DISK_GB": "1", "KVBM_DISK_PATH": "/tmp/x"})
+    assert cfg.host_size == 4 * 10**9
+    assert cfg.host_blocks_for(LAYOUT) == 4 * 10**9 // (2 << 20)
+    assert cfg.disk_blocks_for(LAYOUT) == 10**9 // (2 << 20)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(host_blocks=-1), "host_blocks"),
+    (dict(host_blocks=4, host_size=4096), "not both"),
+    (dict(disk_blocks=4), "disk_path"),
+    (dict(transport="udp"), "transport"),
+    (dict(policy="random"), "policy"),
+    (dict(tcp_port=70000), "tcp_port"),
+    (dict(instance_id="../etc"), "instance_id"),
+    (dict(bogus=1), "unknown config keys"),
+    (dict(host_blocks="many"), "expected an integer"),
+    (dict(force_cpu="maybe"), "boolean"),
+])
+def test_bad_values_name_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        KvbmConfig.load(env={}, **kwargs)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        KvbmConfig.load(str(tmp_path / "missing.toml"), env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("host_blocks = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        KvbmConfig.load(str(bad), env={})
+    ini = tmp_path / "kvbm.ini"
+    ini.write_text("x")
+    with pytest.raises(ConfigError, match=".toml, .yaml"):
+        KvbmConfig.load(str(ini), env={})
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        KvbmConfig.load(str(listy), env={})
+
+
+def test_size_too_small_for_one_block():
+    cfg = KvbmConfig.load(env={}, host_size="1MB")
+    with pytest.raises(ConfigError, match="holds no block"):
+        cfg.host_blocks_for(LAYOUT)
