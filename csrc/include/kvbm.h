@@ -51,6 +51,7 @@ typedef struct kvbm_layout {
 #define KVBM_COPY_AUTO 0     /* pick by the measured rule in csrc/cuda */
 #define KVBM_COPY_KERNEL 1   /* SM kernel, UVA loads/stores of pinned host memory */
 #define KVBM_COPY_DMA 2      /* copy engines: cudaMemcpyBatchAsync, or a cudaMemcpyAsync loop */
+#define KVBM_COPY_DMA_LOOP 3 /* baseline: one cudaMemcpyAsync per region, nothing merged (bench) */
 
 /* ---- CPU (always built) ---- */
 
@@ -91,8 +92,40 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                           const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                           int method, int max_sms, void *stream, char *errbuf, size_t errlen);
 
+/* Details of kvbm_cuda_copy_blocks:
+ *  - All layers, outer indices and pairs go in one kernel launch (KERNEL) or one batched DMA call
+ *    (DMA); each needs the current device to be the one the stream and device pointers belong to.
+ *  - KERNEL needs device or pinned (mapped) host memory on both sides; pageable host memory is
+ *    refused with KVBM_EINVAL before anything is enqueued. DMA accepts any memory.
+ *  - max_sms bounds the kernel's grid (one CTA per SM): 0 takes the default of 8.
+ *  - Layer pointer and block id arrays are copied (into a pinned ring whose slots are reused only
+ *    after the event behind their kernel fired), so the caller may free them on return.
+ *  - Argument errors (KVBM_EINVAL / KVBM_ERANGE) are reported before anything is enqueued. */
+
+/* Number of SMs (CTAs) the kernel uses for this max_sms on the current device (>0), or an error. */
+int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen);
+
+/* The method AUTO would use for this copy on this stream (KVBM_COPY_KERNEL or KVBM_COPY_DMA),
+ * or an error code. The rule and its measurements are in csrc/cuda/copy.cu. */
+int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                          const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                          void *stream, char *errbuf, size_t errlen);
+
 int kvbm_cuda_host_register(void *ptr, size_t bytes, char *errbuf, size_t errlen);
 int kvbm_cuda_host_unregister(void *ptr, char *errbuf, size_t errlen);
+
+/* Streams and events for callers without a framework (cudaStream_t / cudaEvent_t as void*).
+ * Streams are created non-blocking (they never wait for the legacy default stream); events
+ * without timing. kvbm_cuda_event_query returns 1 when done, 0 when pending, <0 on error. */
+int kvbm_cuda_stream_create(void **stream, int priority, char *errbuf, size_t errlen);
+int kvbm_cuda_stream_destroy(void *stream, char *errbuf, size_t errlen);
+int kvbm_cuda_stream_synchronize(void *stream, char *errbuf, size_t errlen);
+int kvbm_cuda_event_create(void **event, char *errbuf, size_t errlen);
+int kvbm_cuda_event_destroy(void *event, char *errbuf, size_t errlen);
+int kvbm_cuda_event_record(void *event, void *stream, char *errbuf, size_t errlen);
+int kvbm_cuda_stream_wait_event(void *stream, void *event, char *errbuf, size_t errlen);
+int kvbm_cuda_event_synchronize(void *event, char *errbuf, size_t errlen);
+int kvbm_cuda_event_query(void *event, char *errbuf, size_t errlen);
 
 #ifdef __cplusplus
 }

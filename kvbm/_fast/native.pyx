@@ -9,8 +9,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from kvbm._fast.kvbm_h cimport (
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
-    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register,
-    kvbm_cuda_host_unregister, kvbm_hash_blocks, kvbm_layout_t, kvbm_xxh3_64,
+    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_event_create, kvbm_cuda_event_destroy,
+    kvbm_cuda_event_query, kvbm_cuda_event_record, kvbm_cuda_event_synchronize,
+    kvbm_cuda_host_register, kvbm_cuda_host_unregister, kvbm_cuda_kernel_sms,
+    kvbm_cuda_pick_method, kvbm_cuda_stream_create, kvbm_cuda_stream_destroy,
+    kvbm_cuda_stream_synchronize, kvbm_cuda_stream_wait_event, kvbm_hash_blocks, kvbm_layout_t,
+    kvbm_xxh3_64,
 )
 
 import numpy as np
@@ -23,6 +27,7 @@ cdef enum:
 COPY_AUTO = 0
 COPY_KERNEL = 1
 COPY_DMA = 2
+COPY_DMA_LOOP = 3  # baseline: one cudaMemcpyAsync per region (bench only)
 
 
 cdef int _check_rc(int rc, const char *errbuf) except -1:
@@ -119,7 +124,13 @@ def copy_blocks_cpu(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, 
 
 def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, int method=0,
                      int max_sms=0, size_t stream=0):
-    """Enqueues the same copy on a CUDA stream (a cudaStream_t as an integer; 0 = default)."""
+    """Enqueues the same copy on a CUDA stream (a cudaStream_t as an integer; 0 = default).
+
+    method: COPY_AUTO, COPY_KERNEL (SM kernel on at most max_sms SMs, 0 = 8), COPY_DMA (copy
+    engines) or COPY_DMA_LOOP. Returns once enqueued; the block lists may be dropped at once.
+    Bad layouts or block ids raise LayoutError before anything is enqueued; CUDA failures raise
+    CudaError naming the call.
+    """
     s, d = _pairs(src_blocks, dst_blocks)
     cdef const int64_t[::1] sv = s
     cdef const int64_t[::1] dv = d
@@ -133,6 +144,131 @@ def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
         rc = kvbm_cuda_copy_blocks(&src.c, &dst.c, &sv[0], &dv[0], n, method, max_sms,
                                    <void *>stream, errbuf, ERRLEN)
     _check_rc(rc, errbuf)
+
+
+def cuda_kernel_sms(int max_sms=0) -> int:
+    """SMs (one CTA each) the copy kernel runs on for this max_sms, on the current device."""
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_kernel_sms(max_sms, errbuf, ERRLEN)
+    if rc < 0:
+        _check_rc(rc, errbuf)
+    return rc
+
+
+def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
+                     size_t stream=0) -> int:
+    """COPY_KERNEL or COPY_DMA: what COPY_AUTO would do for this copy (rule in csrc/cuda/copy.cu)."""
+    s, d = _pairs(src_blocks, dst_blocks)
+    cdef const int64_t[::1] sv = s
+    cdef const int64_t[::1] dv = d
+    cdef int64_t n = s.shape[0]
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    if n == 0:
+        return COPY_KERNEL
+    with nogil:
+        rc = kvbm_cuda_pick_method(&src.c, &dst.c, &sv[0], &dv[0], n, <void *>stream, errbuf,
+                                   ERRLEN)
+    if rc < 0:
+        _check_rc(rc, errbuf)
+    return rc
+
+
+# Streams and events as integers (cudaStream_t / cudaEvent_t), for workers without torch.
+
+def cuda_stream_create(int priority=0) -> int:
+    """A new non-blocking stream (never waits for the legacy default stream)."""
+    cdef void *s = NULL
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_stream_create(&s, priority, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+    return <size_t>s
+
+
+def cuda_stream_destroy(size_t stream):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_stream_destroy(<void *>stream, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_stream_synchronize(size_t stream):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_stream_synchronize(<void *>stream, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_event_create() -> int:
+    """A new event without timing."""
+    cdef void *e = NULL
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_event_create(&e, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+    return <size_t>e
+
+
+def cuda_event_destroy(size_t event):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_event_destroy(<void *>event, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_event_record(size_t event, size_t stream=0):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_event_record(<void *>event, <void *>stream, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_stream_wait_event(size_t stream, size_t event):
+    """Work enqueued on stream after this call waits for event (no host wait)."""
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_stream_wait_event(<void *>stream, <void *>event, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_event_synchronize(size_t event):
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_event_synchronize(<void *>event, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def cuda_event_query(size_t event) -> bool:
+    """True once the work before the event's record has finished."""
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_event_query(<void *>event, errbuf, ERRLEN)
+    if rc < 0:
+        _check_rc(rc, errbuf)
+    return rc == 1
 
 
 def cuda_host_register(size_t ptr, size_t nbytes):

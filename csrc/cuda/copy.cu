@@ -1,0 +1,526 @@
+// kvbm_cuda_copy_blocks: G1 <-> G2 block transfers on a CUDA stream, two ways.
+//
+// Parts
+//   copy_regions<V>   SM kernel. A few persistent CTAs (one per SM, at most max_sms, default 8) whose
+//                     warps stride over work items (pair, layer, outer, 4 KiB chunk); each lane keeps
+//                     kUnroll independent V-wide loads in flight, then stores them. Host memory is
+//                     pinned and reached through UVA, so one kernel gathers (offload) or scatters
+//                     (onboard) every layer of every block in one launch. V is 16 bytes unless a
+//                     pointer, a stride or the region size forbids it (then 8, 4, 1).
+//   MetaRing          Pinned host ring + device mirror for the kernel's metadata (layer pointers and
+//                     block ids). The call copies the caller's arrays into the ring and enqueues one
+//                     small H2D copy ahead of the kernel, so the caller may free its arrays on return.
+//                     A slot is reused only after the event recorded behind its kernel has fired.
+//   DMA               Copy engines, no SMs: one cudaMemcpyBatchAsync (CUDA >= 12.8; CUDA 13's
+//                     signature) over the region list, or a cudaMemcpyAsync loop on the legacy
+//                     stream (which the batch call refuses). Adjacent regions that are contiguous on
+//                     both sides are merged into one copy first.
+//   pick_method       The AUTO rule (numbers below, from bench/bench_transfer.py).
+//
+// Order of a call: check the arguments (errors.h, same messages as the CPU twin) -> AUTO picks a way
+// -> the kernel path checks that both sides are device or pinned memory (a pageable pointer would
+// fault inside the kernel and lose the whole CUDA context), stages metadata, launches, checks
+// cudaGetLastError, records the ring event; the DMA path builds and merges the region list and
+// enqueues it. Nothing waits for the copy: ordering against other work is the caller's (events).
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+#include "cuda_check.cuh"
+
+namespace {
+
+constexpr int kThreads = 512;       // 16 warps per CTA
+constexpr int kUnroll = 8;          // independent loads in flight per lane
+constexpr int kDefaultMaxSms = 8;   // the kernel's SM budget when the caller passes 0
+constexpr int kMaxDevices = 64;
+
+// ---- AUTO rule ------------------------------------------------------------------------------
+// Measured by bench/bench_transfer.py on one H100 80GB HBM3 (PCIe Gen5), CUDA 13.0 driver,
+// 32 layers x 2 outer, scattered blocks, G2 fully contiguous (see bench/RESULTS.md, "Transfer"):
+// the batched DMA reaches the kernel's rate once the average copy (after merging) is at least
+// kDmaMinOpBytes; below that the copy engines' per-op cost dominates and the kernel on <= 8 SMs
+// is faster. DMA is preferred at equal speed because it takes no SMs from the engine's model.
+// On the legacy NULL stream the batch call is refused and the per-op loop is far slower, so AUTO
+// takes the kernel there unless the copies are very large (kDmaLoopMinOpBytes).
+constexpr int64_t kDmaMinOpBytes = 256 << 10;
+constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
+
+struct KernelParams {
+    const uint64_t *src_layers;  // device copy of src layer_ptrs
+    const uint64_t *dst_layers;  // device copy of dst layer_ptrs
+    const int64_t *src_blocks;   // device copy of the source block ids
+    const int64_t *dst_blocks;   // device copy of the destination block ids
+    int64_t src_block_stride, src_outer_stride;
+    int64_t dst_block_stride, dst_outer_stride;
+    int64_t region_bytes;
+    int64_t chunks_per_region;   // ceil(region_bytes / chunk bytes)
+    int64_t total_items;         // regions * chunks_per_region
+    int32_t num_layers, outer_dim;
+};
+
+// Streaming (evict-first) accesses: neither side is read again by this kernel, so keep the copy
+// out of L2's way; both work on device and on mapped pinned host addresses.
+template <typename V> __device__ __forceinline__ V load_cs(const V *p) { return __ldcs(p); }
+template <typename V> __device__ __forceinline__ void store_cs(V *p, const V &v) { __stcs(p, v); }
+
+template <typename V>
+__global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
+    constexpr int64_t kChunk = 32 * kUnroll * int64_t(sizeof(V));
+    const int lane = threadIdx.x & 31;
+    const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    const int64_t per_pair = int64_t(p.num_layers) * p.outer_dim;
+    // Items run pair-major, then layer, outer, chunk: consecutive warps touch consecutive bytes of
+    // a fully contiguous G2 block, so host-side PCIe traffic streams.
+    for (int64_t item = warp; item < p.total_items; item += nwarps) {
+        const int64_t region = item / p.chunks_per_region;
+        const int64_t chunk = item - region * p.chunks_per_region;
+        const int64_t pair = region / per_pair;
+        const int32_t rest = int32_t(region - pair * per_pair);
+        const int32_t layer = rest / p.outer_dim;
+        const int32_t outer = rest - layer * p.outer_dim;
+        const int64_t off = chunk * kChunk;
+        const V *s = reinterpret_cast<const V *>(
+            reinterpret_cast<const char *>(p.src_layers[layer]) + p.src_blocks[pair] * p.src_block_stride +
+            outer * p.src_outer_stride + off);
+        V *d = reinterpret_cast<V *>(reinterpret_cast<char *>(p.dst_layers[layer]) +
+                                     p.dst_blocks[pair] * p.dst_block_stride +
+                                     outer * p.dst_outer_stride + off);
+        const int64_t remain = p.region_bytes - off;
+        V r[kUnroll];
+        if (remain >= kChunk) {
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) r[u] = load_cs(s + u * 32 + lane);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) store_cs(d + u * 32 + lane, r[u]);
+        } else {
+            const int64_t nv = remain / int64_t(sizeof(V));
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (u * 32 + lane < nv) r[u] = load_cs(s + u * 32 + lane);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (u * 32 + lane < nv) store_cs(d + u * 32 + lane, r[u]);
+        }
+    }
+}
+
+// ---- device facts, cached per device --------------------------------------------------------
+int g_sms[kMaxDevices];  // 0 = not read yet
+std::mutex g_sms_mu;
+
+int device_sms(int dev, int *sms, char *errbuf, size_t errlen) {
+    if (dev < 0 || dev >= kMaxDevices)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "device %d beyond kvbm's limit of %d", dev,
+                          kMaxDevices);
+    std::lock_guard<std::mutex> lock(g_sms_mu);
+    if (g_sms[dev] == 0)
+        KVBM_CUDA_TRY(cudaDeviceGetAttribute(&g_sms[dev], cudaDevAttrMultiProcessorCount, dev));
+    *sms = g_sms[dev];
+    return KVBM_OK;
+}
+
+int kernel_ctas(int max_sms, int sms) {
+    const int want = max_sms > 0 ? max_sms : kDefaultMaxSms;
+    return std::max(1, std::min(want, sms));
+}
+
+// ---- metadata ring ---------------------------------------------------------------------------
+class MetaRing {
+  public:
+    // Reserves `bytes` in the ring (waiting for the oldest users if it must), returns host and
+    // device addresses of the slot. Caller holds mu_ through the launch and then calls commit.
+    int acquire(size_t bytes, char **host, char **dev, size_t *off, char *errbuf, size_t errlen) {
+        bytes = (bytes + 255) & ~size_t(255);
+        int rc = reap(false, errbuf, errlen);
+        if (rc != KVBM_OK) return rc;
+        if (bytes > cap_) {
+            rc = grow(bytes, errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+        }
+        if (head_ + bytes > cap_) head_ = 0;
+        // Oldest slots first: the ring is allocated in order, so waiting from the front until the
+        // wanted range is clear never waits for a slot younger than one that overlaps.
+        while (overlaps(head_, head_ + bytes)) {
+            rc = pop_front(true, errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+        }
+        *off = head_;
+        *host = host_ + head_;
+        *dev = dev_ + head_;
+        pending_ = bytes;
+        return KVBM_OK;
+    }
+
+    // Records the event that frees the slot once the stream has consumed it.
+    int commit(cudaStream_t stream, char *errbuf, size_t errlen) {
+        cudaEvent_t ev = nullptr;
+        if (!free_events_.empty()) {
+            ev = free_events_.back();
+            free_events_.pop_back();
+        } else {
+            KVBM_CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+        }
+        cudaError_t err = cudaEventRecord(ev, stream);
+        if (err != cudaSuccess) {
+            free_events_.push_back(ev);
+            abandon(stream);
+            return kvbm::cuda_fail(errbuf, errlen, "cudaEventRecord (metadata slot)", err);
+        }
+        inflight_.push_back(Slot{head_, head_ + pending_, ev});
+        head_ += pending_;
+        pending_ = 0;
+        return KVBM_OK;
+    }
+
+    // A launch failed after the slot was handed out: the H2D copy may still read it, so wait for
+    // the stream (its own error is the one already being reported) before handing it out again.
+    void abandon(cudaStream_t stream) {
+        (void)cudaStreamSynchronize(stream);
+        (void)cudaGetLastError();
+        pending_ = 0;
+    }
+
+    std::mutex mu;
+
+  private:
+    struct Slot {
+        size_t begin, end;
+        cudaEvent_t ev;
+    };
+
+    bool overlaps(size_t b, size_t e) const {
+        for (const Slot &s : inflight_)
+            if (s.begin < e && b < s.end) return true;
+        return false;
+    }
+
+    int pop_front(bool wait, char *errbuf, size_t errlen) {
+        Slot s = inflight_.front();
+        if (wait) {
+            KVBM_CUDA_TRY(cudaEventSynchronize(s.ev));
+        }
+        inflight_.pop_front();
+        free_events_.push_back(s.ev);
+        return KVBM_OK;
+    }
+
+    int reap(bool all, char *errbuf, size_t errlen) {
+        while (!inflight_.empty()) {
+            if (all) {
+                int rc = pop_front(true, errbuf, errlen);
+                if (rc != KVBM_OK) return rc;
+                continue;
+            }
+            cudaError_t err = cudaEventQuery(inflight_.front().ev);
+            if (err == cudaErrorNotReady) break;
+            if (err != cudaSuccess) return kvbm::cuda_fail(errbuf, errlen, "cudaEventQuery (metadata slot)", err);
+            free_events_.push_back(inflight_.front().ev);
+            inflight_.pop_front();
+        }
+        return KVBM_OK;
+    }
+
+    int grow(size_t bytes, char *errbuf, size_t errlen) {
+        int rc = reap(true, errbuf, errlen);
+        if (rc != KVBM_OK) return rc;
+        size_t cap = std::max<size_t>(cap_ * 2, 1 << 20);
+        while (cap < bytes) cap *= 2;
+        if (host_ != nullptr) KVBM_CUDA_TRY(cudaFreeHost(host_));
+        if (dev_ != nullptr) KVBM_CUDA_TRY(cudaFree(dev_));
+        host_ = nullptr;
+        dev_ = nullptr;
+        cap_ = 0;
+        head_ = 0;
+        KVBM_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void **>(&host_), cap, cudaHostAllocPortable));
+        KVBM_CUDA_TRY(cudaMalloc(reinterpret_cast<void **>(&dev_), cap));
+        cap_ = cap;
+        return KVBM_OK;
+    }
+
+    char *host_ = nullptr;
+    char *dev_ = nullptr;
+    size_t cap_ = 0;
+    size_t head_ = 0;
+    size_t pending_ = 0;
+    std::deque<Slot> inflight_;
+    std::vector<cudaEvent_t> free_events_;
+};
+
+// One ring per device, created on first use and kept for the process's life (its memory is
+// released by the driver at exit; destroying CUDA objects from a static destructor races the
+// runtime's own teardown).
+MetaRing *g_rings[kMaxDevices];
+std::mutex g_rings_mu;
+
+MetaRing *ring_for(int dev) {
+    std::lock_guard<std::mutex> lock(g_rings_mu);
+    if (g_rings[dev] == nullptr) g_rings[dev] = new MetaRing();
+    return g_rings[dev];
+}
+
+// ---- checks ----------------------------------------------------------------------------------
+int vector_width(const kvbm_layout_t *src, const kvbm_layout_t *dst) {
+    uint64_t bits = uint64_t(src->block_stride) | uint64_t(src->outer_stride) |
+                    uint64_t(dst->block_stride) | uint64_t(dst->outer_stride) |
+                    uint64_t(src->region_bytes);
+    for (int32_t l = 0; l < src->num_layers; ++l) bits |= src->layer_ptrs[l] | dst->layer_ptrs[l];
+    for (int w : {16, 8, 4})
+        if ((bits & uint64_t(w - 1)) == 0) return w;
+    return 1;
+}
+
+// The kernel dereferences these addresses itself: pageable host memory would fault there and
+// take the CUDA context down with it, so refuse it here (the first and last layer of each side).
+int check_uva(const kvbm_layout_t *lay, const char *which, char *errbuf, size_t errlen) {
+    for (int32_t l : {0, lay->num_layers - 1}) {
+        cudaPointerAttributes attr{};
+        const void *ptr = reinterpret_cast<const void *>(lay->layer_ptrs[l]);
+        KVBM_CUDA_TRY(cudaPointerGetAttributes(&attr, ptr));
+        if (attr.type == cudaMemoryTypeUnregistered)
+            return kvbm::fail(errbuf, errlen, KVBM_EINVAL,
+                              "%s layer %d at %p is pageable host memory: the SM kernel needs device "
+                              "or pinned memory (kvbm_cuda_host_register it, or use the DMA method)",
+                              which, l, ptr);
+    }
+    return KVBM_OK;
+}
+
+bool is_legacy(cudaStream_t stream) { return stream == nullptr || stream == cudaStreamLegacy; }
+
+// ---- kernel path -----------------------------------------------------------------------------
+int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
+               const int64_t *dst_blocks, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
+               size_t errlen) {
+    int rc = check_uva(src, "source", errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    rc = check_uva(dst, "destination", errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    int dev = 0, sms = 0;
+    KVBM_CUDA_TRY(cudaGetDevice(&dev));
+    rc = device_sms(dev, &sms, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+
+    const int width = vector_width(src, dst);
+    const int64_t chunk = 32 * kUnroll * int64_t(width);
+    const int32_t L = src->num_layers;
+    KernelParams p{};
+    p.src_block_stride = src->block_stride;
+    p.src_outer_stride = src->outer_stride;
+    p.dst_block_stride = dst->block_stride;
+    p.dst_outer_stride = dst->outer_stride;
+    p.region_bytes = src->region_bytes;
+    p.chunks_per_region = (src->region_bytes + chunk - 1) / chunk;
+    p.total_items = n * L * src->outer_dim * p.chunks_per_region;
+    p.num_layers = L;
+    p.outer_dim = src->outer_dim;
+    const int64_t warps_per_cta = kThreads / 32;
+    const int ctas = int(std::min<int64_t>(kernel_ctas(max_sms, sms),
+                                           (p.total_items + warps_per_cta - 1) / warps_per_cta));
+
+    const size_t meta = size_t(L) * 2 * sizeof(uint64_t) + size_t(n) * 2 * sizeof(int64_t);
+    MetaRing *ring = ring_for(dev);
+    std::lock_guard<std::mutex> lock(ring->mu);
+    char *host = nullptr, *devp = nullptr;
+    size_t off = 0;
+    rc = ring->acquire(meta, &host, &devp, &off, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    std::memcpy(host, src->layer_ptrs, size_t(L) * sizeof(uint64_t));
+    std::memcpy(host + L * sizeof(uint64_t), dst->layer_ptrs, size_t(L) * sizeof(uint64_t));
+    char *blocks = host + 2 * L * sizeof(uint64_t);
+    std::memcpy(blocks, src_blocks, size_t(n) * sizeof(int64_t));
+    std::memcpy(blocks + n * sizeof(int64_t), dst_blocks, size_t(n) * sizeof(int64_t));
+    p.src_layers = reinterpret_cast<const uint64_t *>(devp);
+    p.dst_layers = p.src_layers + L;
+    p.src_blocks = reinterpret_cast<const int64_t *>(p.dst_layers + L);
+    p.dst_blocks = p.src_blocks + n;
+
+    cudaError_t err = cudaMemcpyAsync(devp, host, meta, cudaMemcpyHostToDevice, stream);
+    if (err != cudaSuccess) {
+        ring->abandon(stream);
+        return kvbm::cuda_fail(errbuf, errlen, "cudaMemcpyAsync (copy metadata to device)", err);
+    }
+    switch (width) {
+        case 16: copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p); break;
+        case 8: copy_regions<int2><<<ctas, kThreads, 0, stream>>>(p); break;
+        case 4: copy_regions<int><<<ctas, kThreads, 0, stream>>>(p); break;
+        default: copy_regions<char><<<ctas, kThreads, 0, stream>>>(p); break;
+    }
+    err = cudaGetLastError();
+    if (err != cudaSuccess) {
+        ring->abandon(stream);
+        return kvbm::fail(errbuf, errlen, KVBM_ECUDA,
+                          "copy_regions<%d-byte> launch (%d CTAs x %d threads) failed: %s (%s)", width,
+                          ctas, kThreads, cudaGetErrorString(err), cudaGetErrorName(err));
+    }
+    return ring->commit(stream, errbuf, errlen);
+}
+
+// ---- DMA path --------------------------------------------------------------------------------
+struct OpList {
+    std::vector<void *> dst;
+    std::vector<const void *> src;
+    std::vector<size_t> size;
+    int64_t bytes = 0;
+    void clear() {
+        dst.clear();
+        src.clear();
+        size.clear();
+        bytes = 0;
+    }
+    void add(char *d, const char *s, size_t n) {
+        bytes += int64_t(n);
+        if (!size.empty()) {
+            const size_t k = size.size() - 1;
+            if (static_cast<char *>(dst[k]) + size[k] == d &&
+                static_cast<const char *>(src[k]) + size[k] == s) {
+                size[k] += n;
+                return;
+            }
+        }
+        dst.push_back(d);
+        src.push_back(s);
+        size.push_back(n);
+    }
+};
+
+inline const char *region(const kvbm_layout_t *lay, int64_t b, int32_t l, int32_t o) {
+    return reinterpret_cast<const char *>(lay->layer_ptrs[l]) + b * lay->block_stride +
+           o * lay->outer_stride;
+}
+
+// Region list in the order that lets the most neighbours merge: block ids running along one
+// (layer, outer) row when both sides keep blocks of a row adjacent (outer-major layer-separate on
+// both sides), else block by block (fully contiguous and block-major keep a block's regions together).
+void build_ops(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
+               const int64_t *db, int64_t n, OpList *ops) {
+    ops->clear();
+    const int32_t L = src->num_layers, O = src->outer_dim;
+    const size_t rb = size_t(src->region_bytes);
+    const bool rows = src->block_stride == src->region_bytes && dst->block_stride == dst->region_bytes;
+    ops->dst.reserve(size_t(n) * L * O);
+    ops->src.reserve(size_t(n) * L * O);
+    ops->size.reserve(size_t(n) * L * O);
+    if (rows) {
+        for (int32_t l = 0; l < L; ++l)
+            for (int32_t o = 0; o < O; ++o)
+                for (int64_t i = 0; i < n; ++i)
+                    ops->add(const_cast<char *>(region(dst, db[i], l, o)), region(src, sb[i], l, o), rb);
+    } else {
+        for (int64_t i = 0; i < n; ++i)
+            for (int32_t l = 0; l < L; ++l)
+                for (int32_t o = 0; o < O; ++o)
+                    ops->add(const_cast<char *>(region(dst, db[i], l, o)), region(src, sb[i], l, o), rb);
+    }
+}
+
+int run_dma(const OpList &ops, cudaStream_t stream, char *errbuf, size_t errlen) {
+    const size_t count = ops.size.size();
+#if CUDART_VERSION >= 12080
+    if (!is_legacy(stream)) {
+        cudaMemcpyAttributes attr{};
+        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // sources may be written earlier in stream
+        attr.flags = cudaMemcpyFlagDefault;
+        size_t attr_idx = 0;
+        constexpr size_t kBatch = 16384;  // bounds one driver call's host-side work
+        for (size_t b = 0; b < count; b += kBatch) {
+            const size_t m = std::min(kBatch, count - b);
+#if CUDART_VERSION >= 13000
+            cudaError_t err = cudaMemcpyBatchAsync(ops.dst.data() + b, ops.src.data() + b,
+                                                   ops.size.data() + b, m, &attr, &attr_idx, 1, stream);
+#else
+            size_t fail_idx = 0;
+            cudaError_t err = cudaMemcpyBatchAsync(
+                const_cast<void **>(ops.dst.data() + b), const_cast<void **>(ops.src.data() + b),
+                const_cast<size_t *>(ops.size.data() + b), m, &attr, &attr_idx, 1, &fail_idx, stream);
+#endif
+            if (err != cudaSuccess) {
+                (void)cudaGetLastError();
+                return kvbm::fail(errbuf, errlen, KVBM_ECUDA,
+                                  "cudaMemcpyBatchAsync (copies %zu..%zu of %zu) failed: %s (%s)", b,
+                                  b + m - 1, count, cudaGetErrorString(err), cudaGetErrorName(err));
+            }
+        }
+        return KVBM_OK;
+    }
+#endif
+    for (size_t k = 0; k < count; ++k) {
+        cudaError_t err = cudaMemcpyAsync(ops.dst[k], ops.src[k], ops.size[k], cudaMemcpyDefault, stream);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            return kvbm::fail(errbuf, errlen, KVBM_ECUDA,
+                              "cudaMemcpyAsync (copy %zu of %zu, %zu bytes) failed: %s (%s)", k, count,
+                              ops.size[k], cudaGetErrorString(err), cudaGetErrorName(err));
+        }
+    }
+    return KVBM_OK;
+}
+
+// The per-region loop the DMA path replaces: one cudaMemcpyAsync per region, nothing merged.
+int run_dma_loop(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
+                 const int64_t *db, int64_t n, cudaStream_t stream, char *errbuf, size_t errlen) {
+    const size_t rb = size_t(src->region_bytes);
+    for (int64_t i = 0; i < n; ++i)
+        for (int32_t l = 0; l < src->num_layers; ++l)
+            for (int32_t o = 0; o < src->outer_dim; ++o) {
+                cudaError_t err = cudaMemcpyAsync(const_cast<char *>(region(dst, db[i], l, o)),
+                                                  region(src, sb[i], l, o), rb, cudaMemcpyDefault, stream);
+                if (err != cudaSuccess)
+                    return kvbm::cuda_fail(errbuf, errlen, "cudaMemcpyAsync (per-region loop)", err);
+            }
+    return KVBM_OK;
+}
+
+thread_local OpList tl_ops;
+
+int pick_method(const OpList &ops, cudaStream_t stream) {
+    if (ops.size.empty()) return KVBM_COPY_KERNEL;
+    const int64_t avg = ops.bytes / int64_t(ops.size.size());
+    const int64_t min_op = is_legacy(stream) ? kDmaLoopMinOpBytes : kDmaMinOpBytes;
+    return avg >= min_op ? KVBM_COPY_DMA : KVBM_COPY_KERNEL;
+}
+
+}  // namespace
+
+extern "C" int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen) {
+    int dev = 0, sms = 0;
+    KVBM_CUDA_TRY(cudaGetDevice(&dev));
+    int rc = device_sms(dev, &sms, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    return kernel_ctas(max_sms, sms);
+}
+
+extern "C" int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                                     const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                                     void *stream, char *errbuf, size_t errlen) {
+    int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
+    return pick_method(tl_ops, static_cast<cudaStream_t>(stream));
+}
+
+extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                                     const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                                     int method, int max_sms, void *stream, char *errbuf,
+                                     size_t errlen) {
+    int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    if (method < KVBM_COPY_AUTO || method > KVBM_COPY_DMA_LOOP)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "copy method %d not in [%d, %d]", method,
+                          KVBM_COPY_AUTO, KVBM_COPY_DMA_LOOP);
+    if (max_sms < 0)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "max_sms %d is negative", max_sms);
+    if (n == 0) return KVBM_OK;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (method == KVBM_COPY_DMA_LOOP)
+        return run_dma_loop(src, dst, src_blocks, dst_blocks, n, s, errbuf, errlen);
+    if (method == KVBM_COPY_KERNEL)
+        return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
+    build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
+    if (method == KVBM_COPY_AUTO && pick_method(tl_ops, s) == KVBM_COPY_KERNEL)
+        return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
+    return run_dma(tl_ops, s, errbuf, errlen);
+}
