@@ -1,0 +1,1079 @@
+# cython: language_level=3
+"""Block registry of one pool: a struct-of-arrays block table with refcounts, a FIFO free list,
+an indexed min-heap of inactive blocks (the eviction order), an open-addressing uint64 -> block
+index, lineage links, and a ring of evicted hashes. No Python object per block.
+
+Parts (field by field in registry.pxd):
+  buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
+           (counts, tick, ring cursor) then every array, so the table can move to shared memory.
+  free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
+  heap     inactive blocks (REGISTERED, refcount 0), ordered by (key1, key2, block id); the key is
+           computed by `_policy_key` (switch on the policy id) and refreshed by `_update_key`.
+  index    sequence hash -> block for every REGISTERED block; linear probing, Fibonacci hashing,
+           backward-shift deletion (no tombstones), capacity a power of two >= 2N.
+  lineage  parent block (if registered here at registration) and child list/count per block.
+  ring     hashes evicted since the last drain_evicted().
+
+Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
+REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
+-> evicted (by allocate or evict) -> RESET in the free list, or straight to the caller of allocate.
+A block that is not REGISTERED goes back to the free list when its refcount drops to 0.
+
+Every public call validates the whole batch first and raises RegistryError with the numbers before
+changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
+runs in a `noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
+bounds checked, so each core routine says which validation made its indices safe. The loops are
+called with the GIL held: a whole call is then atomic for other Python threads (a call is
+microseconds), and nothing here needs a lock. With KVBM_DEBUG, check_invariants() runs after every
+mutating call.
+"""
+cimport cython
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memset
+
+import numpy as np
+
+from kvbm.errors import RegistryError
+from kvbm.policy import BlockState, EvictionPolicy
+
+cdef extern from *:
+    """
+    #ifdef KVBM_DEBUG
+    #define KVBM_REGISTRY_DEBUG 1
+    #else
+    #define KVBM_REGISTRY_DEBUG 0
+    #endif
+    #define kvbm_prefetch(p) __builtin_prefetch((const void *)(p))
+    """
+    bint KVBM_REGISTRY_DEBUG
+    void kvbm_prefetch(const void *p) noexcept nogil
+
+POLICY_LRU = int(EvictionPolicy.LRU)
+DEBUG = bool(KVBM_REGISTRY_DEBUG)
+_KNOWN_POLICIES = frozenset({POLICY_LRU_ID})
+assert POLICY_LRU == POLICY_LRU_ID
+
+cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
+cdef uint64_t LAYOUT_VERSION = 1
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
+cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
+cdef int64_t ALIGN = 64
+cdef int64_t PREFETCH_AHEAD = 8
+
+cdef enum:
+    NUM_ARRAYS = 22
+
+
+cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
+    return (x + a - 1) // a * a
+
+
+cdef int64_t _index_capacity(int64_t n) noexcept nogil:
+    cdef int64_t cap = 2
+    while cap < 2 * n:
+        cap <<= 1
+    return cap
+
+
+cdef int64_t _layout(int64_t n, int64_t *offsets) noexcept nogil:
+    """Offsets (from the aligned base) of the header and each array; returns the total size."""
+    cdef int64_t cap = _index_capacity(n)
+    cdef int64_t sizes[NUM_ARRAYS]
+    sizes[0] = sizeof(RegistryHeader)
+    sizes[1] = n * sizeof(uint8_t)        # state
+    sizes[2] = n * sizeof(uint32_t)       # refcount
+    sizes[3] = n * sizeof(uint64_t)       # hash
+    sizes[4] = n * sizeof(int32_t)        # priority
+    sizes[5] = n * sizeof(uint64_t)       # last_tick
+    sizes[6] = n * sizeof(uint32_t)       # use_count
+    sizes[7] = n * sizeof(bid_t)          # parent
+    sizes[8] = n * sizeof(uint32_t)       # children
+    sizes[9] = n * sizeof(bid_t)          # first_child
+    sizes[10] = n * sizeof(bid_t)         # next_sib
+    sizes[11] = n * sizeof(bid_t)         # prev_sib
+    sizes[12] = (n + 1) * sizeof(bid_t)   # free_prev
+    sizes[13] = (n + 1) * sizeof(bid_t)   # free_next
+    sizes[14] = n * sizeof(bid_t)         # heap
+    sizes[15] = n * sizeof(bid_t)         # heap_pos
+    sizes[16] = n * sizeof(uint64_t)      # key1
+    sizes[17] = n * sizeof(uint64_t)      # key2
+    sizes[18] = n * sizeof(uint32_t)      # mark
+    sizes[19] = cap * sizeof(uint64_t)    # ikeys
+    sizes[20] = cap * sizeof(bid_t)       # ivals
+    sizes[21] = n * sizeof(uint64_t)      # ring
+    cdef int64_t off = 0
+    cdef int i
+    for i in range(NUM_ARRAYS):
+        offsets[i] = off
+        off += _round_up(sizes[i], ALIGN)
+    return off
+
+
+# ---- input conversion (the edge: dtypes, shapes) -------------------------------------------------
+
+cdef object _array(x, str what):
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise RegistryError(f"{what}: cannot convert to an array ({err})") from err
+    if arr.ndim != 1:
+        raise RegistryError(f"{what} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+cdef object _as_i64(x, str what):
+    arr = _array(x, what)
+    if arr.shape[0] == 0:
+        return np.empty(0, np.int64)
+    kind = arr.dtype.kind
+    if kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > 0x7FFFFFFFFFFFFFFF:
+        raise RegistryError(f"{what}: value {int(arr.max())} does not fit int64")
+    if kind != "i" and kind != "u":
+        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+cdef object _as_u64(x, str what):
+    arr = _array(x, what)
+    if arr.shape[0] == 0:
+        return np.empty(0, np.uint64)
+    kind = arr.dtype.kind
+    if kind == "u":
+        return np.ascontiguousarray(arr, dtype=np.uint64)
+    if kind == "i":
+        lo = int(arr.min())
+        if lo < 0:
+            raise RegistryError(f"{what}: value {lo} is negative, hashes are uint64")
+        return np.ascontiguousarray(arr, dtype=np.uint64)
+    if kind == "O":
+        try:
+            return np.array(arr.tolist(), dtype=np.uint64)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise RegistryError(f"{what}: not all values are uint64 ({err})") from err
+    raise RegistryError(f"{what} must be uint64 integers, got dtype {arr.dtype}")
+
+
+cdef object _as_i32(x, str what):
+    arr = _array(x, what)
+    if arr.shape[0] == 0:
+        return np.empty(0, np.int32)
+    if arr.dtype.kind != "i" and arr.dtype.kind != "u":
+        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < -2147483648 or hi > 2147483647:
+        raise RegistryError(f"{what}: values [{lo}, {hi}] do not fit int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+cdef object _as_mask(x, str what):
+    arr = _array(x, what)
+    if arr.shape[0] == 0:
+        return np.empty(0, np.uint8)
+    if arr.dtype.kind != "b":
+        raise RegistryError(f"{what} must be bool, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+cdef int64_t _as_count(n, str what) except -1:
+    try:
+        v = n.__index__()
+    except AttributeError as err:
+        raise RegistryError(f"{what} must be an integer, got {type(n).__name__}") from err
+    if v < 0:
+        raise RegistryError(f"{what} must be >= 0, got {v}")
+    if v > 0x7FFFFFFFFFFFFFFF:
+        raise RegistryError(f"{what} = {v} is too large")
+    return v
+
+
+cdef str _state_name(uint8_t s):
+    try:
+        return BlockState(s).name
+    except ValueError:
+        return f"<bad state {s}>"
+
+
+cdef class BlockRegistry:
+    """Block table of one pool. See the module docstring for the parts and the life of a block.
+
+    BlockRegistry(num_blocks, buffer=None, policy=POLICY_LRU): `buffer` is any writable, C-contiguous
+    buffer of at least `bytes_needed(num_blocks)` bytes (bytearray, numpy uint8 array, mmap,
+    shared_memory.SharedMemory.buf); it is (re)initialised, and kept alive (and unresizable) by the
+    registry. Without one the registry allocates a numpy array.
+    """
+
+    def __init__(self, num_blocks, buffer=None, policy=POLICY_LRU):
+        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        if n < 1 or n > MAX_BLOCKS:
+            raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
+        try:
+            pol = policy.__index__()
+        except AttributeError as err:
+            raise RegistryError(f"policy must be an int, got {type(policy).__name__}") from err
+        if pol not in _KNOWN_POLICIES:
+            raise RegistryError(f"unknown eviction policy {pol}; known: {sorted(_KNOWN_POLICIES)}")
+        cdef int64_t needed = BlockRegistry.bytes_needed(n)
+        if buffer is None:
+            buffer = np.zeros(needed, dtype=np.uint8)
+        try:
+            mem = memoryview(buffer)
+        except TypeError as err:
+            raise RegistryError(f"buffer does not support the buffer protocol: {type(buffer).__name__}") from err
+        if mem.readonly:
+            raise RegistryError("buffer is read-only")
+        if not mem.c_contiguous:
+            raise RegistryError("buffer must be C-contiguous")
+        if mem.nbytes < needed:
+            raise RegistryError(f"buffer has {mem.nbytes} bytes, {n} blocks need {needed}")
+        mem = mem.cast("B")
+        cdef unsigned char[::1] view = mem
+        self._mem = mem
+        cdef uintptr_t base = <uintptr_t>&view[0]
+        base = (base + <uintptr_t>(ALIGN - 1)) & ~(<uintptr_t>(ALIGN - 1))
+        self._carve(<unsigned char *>base, n)
+        self._init_table(n, pol)
+
+    @staticmethod
+    def bytes_needed(num_blocks) -> int:
+        """Bytes a buffer must have for `num_blocks` blocks (alignment slack included)."""
+        cdef int64_t offsets[NUM_ARRAYS]
+        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        if n < 1 or n > MAX_BLOCKS:
+            raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
+        return _layout(n, offsets) + ALIGN
+
+    cdef _carve(self, unsigned char *base, int64_t n):
+        cdef int64_t o[NUM_ARRAYS]
+        _layout(n, o)
+        self.h = <RegistryHeader *>(base + o[0])
+        self.state = <uint8_t *>(base + o[1])
+        self.refcount = <uint32_t *>(base + o[2])
+        self.hash = <uint64_t *>(base + o[3])
+        self.priority = <int32_t *>(base + o[4])
+        self.last_tick = <uint64_t *>(base + o[5])
+        self.use_count = <uint32_t *>(base + o[6])
+        self.parent = <bid_t *>(base + o[7])
+        self.children = <uint32_t *>(base + o[8])
+        self.first_child = <bid_t *>(base + o[9])
+        self.next_sib = <bid_t *>(base + o[10])
+        self.prev_sib = <bid_t *>(base + o[11])
+        self.free_prev = <bid_t *>(base + o[12])
+        self.free_next = <bid_t *>(base + o[13])
+        self.heap = <bid_t *>(base + o[14])
+        self.heap_pos = <bid_t *>(base + o[15])
+        self.key1 = <uint64_t *>(base + o[16])
+        self.key2 = <uint64_t *>(base + o[17])
+        self.mark = <uint32_t *>(base + o[18])
+        self.ikeys = <uint64_t *>(base + o[19])
+        self.ivals = <bid_t *>(base + o[20])
+        self.ring = <uint64_t *>(base + o[21])
+
+    cdef _init_table(self, int64_t n, int64_t pol):
+        cdef int64_t o[NUM_ARRAYS]
+        cdef int64_t total = _layout(n, o)
+        cdef int64_t cap = _index_capacity(n)
+        cdef int64_t shift = 64, c = cap
+        cdef int64_t i
+        while c > 1:
+            c >>= 1
+            shift -= 1
+        memset(<void *>self.h, 0, total)
+        self.h.magic = REGISTRY_MAGIC
+        self.h.version = LAYOUT_VERSION
+        self.h.num_blocks = n
+        self.h.index_capacity = cap
+        self.h.index_mask = cap - 1
+        self.h.index_shift = shift
+        self.h.policy = pol
+        self.h.num_free = n
+        for i in range(n):
+            self.parent[i] = -1
+            self.first_child[i] = -1
+            self.next_sib[i] = -1
+            self.prev_sib[i] = -1
+            self.heap_pos[i] = -1
+            self.free_prev[i] = <bid_t>(i - 1 if i > 0 else n)
+            self.free_next[i] = <bid_t>(i + 1)
+        self.free_next[n] = 0
+        self.free_prev[n] = <bid_t>(n - 1)
+        for i in range(cap):
+            self.ivals[i] = -1
+
+    # ---- properties -----------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.h.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.h.num_free
+
+    @property
+    def num_inactive(self) -> int:
+        return self.h.num_inactive
+
+    @property
+    def num_active(self) -> int:
+        """Blocks with refcount > 0."""
+        return self.h.num_blocks - self.h.num_free - self.h.num_inactive
+
+    @property
+    def num_registered(self) -> int:
+        return self.h.num_registered
+
+    @property
+    def tick(self) -> int:
+        return self.h.tick
+
+    @property
+    def policy(self) -> int:
+        return self.h.policy
+
+    @property
+    def num_evicted_dropped(self) -> int:
+        """Evicted hashes overwritten in the ring before a drain (cumulative)."""
+        return self.h.ring_dropped
+
+    @property
+    def buffer(self):
+        """The memoryview (uint8) over the whole buffer; bytes(reg.buffer) snapshots the table."""
+        return self._mem
+
+    # ---- index ----------------------------------------------------------------------------------
+
+    cdef inline bid_t _find(self, uint64_t key) noexcept nogil:
+        # Slots are masked, and the table is at most half full, so the probe ends at an empty slot.
+        cdef int64_t i = <int64_t>((key * GOLDEN) >> self.h.index_shift)
+        cdef int64_t mask = self.h.index_mask
+        cdef bid_t v
+        while True:
+            v = self.ivals[i]
+            if v < 0:
+                return -1
+            if self.ikeys[i] == key:
+                return v
+            i = (i + 1) & mask
+
+    cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil:
+        # Caller checked that key is absent (_find returned -1); num_registered <= N < C/2.
+        cdef int64_t i = <int64_t>((key * GOLDEN) >> self.h.index_shift)
+        cdef int64_t mask = self.h.index_mask
+        while self.ivals[i] >= 0:
+            i = (i + 1) & mask
+        self.ikeys[i] = key
+        self.ivals[i] = b
+        self.h.num_registered += 1
+
+    cdef void _index_remove(self, uint64_t key) noexcept nogil:
+        # Caller passes the hash of a REGISTERED block, so the key is present.
+        cdef int64_t shift = self.h.index_shift
+        cdef int64_t mask = self.h.index_mask
+        cdef int64_t i = <int64_t>((key * GOLDEN) >> shift)
+        cdef int64_t j, k
+        while self.ikeys[i] != key or self.ivals[i] < 0:
+            i = (i + 1) & mask
+        # Backward-shift deletion: pull later entries of the run back over the hole unless their
+        # home slot lies cyclically in (hole, j].
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.ivals[j] < 0:
+                break
+            k = <int64_t>((self.ikeys[j] * GOLDEN) >> shift)
+            if i <= j:
+                if i < k <= j:
+                    continue
+            elif k > i or k <= j:
+                continue
+            self.ikeys[i] = self.ikeys[j]
+            self.ivals[i] = self.ivals[j]
+            i = j
+        self.ikeys[i] = 0
+        self.ivals[i] = -1
+        self.h.num_registered -= 1
+
+    # ---- free list ------------------------------------------------------------------------------
+
+    cdef void _free_push(self, bid_t b) noexcept nogil:
+        cdef bid_t s = <bid_t>self.h.num_blocks
+        cdef bid_t t = self.free_prev[s]
+        self.free_next[t] = b
+        self.free_prev[b] = t
+        self.free_next[b] = s
+        self.free_prev[s] = b
+        self.h.num_free += 1
+
+    cdef bid_t _free_pop(self) noexcept nogil:
+        # Caller checked num_free > 0.
+        cdef bid_t s = <bid_t>self.h.num_blocks
+        cdef bid_t b = self.free_next[s]
+        cdef bid_t nx = self.free_next[b]
+        self.free_next[s] = nx
+        self.free_prev[nx] = s
+        self.free_next[b] = -1
+        self.free_prev[b] = -1
+        self.h.num_free -= 1
+        return b
+
+    # ---- inactive heap --------------------------------------------------------------------------
+
+    cdef inline bint _less(self, bid_t a, bid_t b) noexcept nogil:
+        if self.key1[a] != self.key1[b]:
+            return self.key1[a] < self.key1[b]
+        if self.key2[a] != self.key2[b]:
+            return self.key2[a] < self.key2[b]
+        return a < b
+
+    cdef void _sift_up(self, int64_t i) noexcept nogil:
+        cdef bid_t b = self.heap[i]
+        cdef int64_t p
+        while i > 0:
+            p = (i - 1) >> 1
+            if not self._less(b, self.heap[p]):
+                break
+            self.heap[i] = self.heap[p]
+            self.heap_pos[self.heap[i]] = <bid_t>i
+            i = p
+        self.heap[i] = b
+        self.heap_pos[b] = <bid_t>i
+
+    cdef void _sift_down(self, int64_t i) noexcept nogil:
+        cdef int64_t n = self.h.num_inactive
+        cdef bid_t b = self.heap[i]
+        cdef int64_t c
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and self._less(self.heap[c + 1], self.heap[c]):
+                c += 1
+            if not self._less(self.heap[c], b):
+                break
+            self.heap[i] = self.heap[c]
+            self.heap_pos[self.heap[i]] = <bid_t>i
+            i = c
+        self.heap[i] = b
+        self.heap_pos[b] = <bid_t>i
+
+    cdef void _heap_push(self, bid_t b) noexcept nogil:
+        # Caller: b is REGISTERED with refcount 0 and not in the heap; size < N.
+        cdef int64_t i = self.h.num_inactive
+        self.h.num_inactive += 1
+        self.heap[i] = b
+        self.heap_pos[b] = <bid_t>i
+        self._sift_up(i)
+
+    cdef void _heap_remove(self, bid_t b) noexcept nogil:
+        # Caller: heap_pos[b] >= 0.
+        cdef int64_t i = self.heap_pos[b]
+        cdef int64_t last = self.h.num_inactive - 1
+        cdef bid_t moved
+        self.heap_pos[b] = -1
+        self.h.num_inactive = last
+        if i == last:
+            return
+        moved = self.heap[last]
+        self.heap[i] = moved
+        self.heap_pos[moved] = <bid_t>i
+        if i > 0 and self._less(moved, self.heap[(i - 1) >> 1]):
+            self._sift_up(i)
+        else:
+            self._sift_down(i)
+
+    # ---- policy ---------------------------------------------------------------------------------
+
+    cdef inline void _policy_key(self, bid_t b) noexcept nogil:
+        # The one place that turns block metadata into an eviction key (smaller is evicted first).
+        # New policies add a case here; available: priority, last_tick, use_count, parent,
+        # children (see kvbm/policy.py).
+        if self.h.policy == POLICY_LRU_ID:
+            # priority biased into uint64 so that lower (also negative) priorities sort first
+            self.key1[b] = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
+            self.key2[b] = self.last_tick[b]
+
+    cdef void _update_key(self, bid_t b) noexcept nogil:
+        # Hook: run whenever metadata a policy may read changes. Re-sorts b if it is inactive.
+        cdef int64_t i
+        self._policy_key(b)
+        i = self.heap_pos[b]
+        if i >= 0:
+            if i > 0 and self._less(b, self.heap[(i - 1) >> 1]):
+                self._sift_up(i)
+            else:
+                self._sift_down(i)
+
+    # ---- block life cycle -----------------------------------------------------------------------
+
+    cdef inline void _touch(self, bid_t b) noexcept nogil:
+        self.h.tick += 1
+        self.last_tick[b] = self.h.tick
+        self.use_count[b] += 1
+        self._update_key(b)
+
+    cdef void _reset(self, bid_t b) noexcept nogil:
+        # Metadata back to a fresh block; list and heap links are the caller's business.
+        self.state[b] = ST_RESET
+        self.refcount[b] = 0
+        self.hash[b] = 0
+        self.priority[b] = 0
+        self.last_tick[b] = 0
+        self.use_count[b] = 0
+        self.key1[b] = 0
+        self.key2[b] = 0
+
+    cdef void _link_child(self, bid_t c, bid_t p) noexcept nogil:
+        cdef bid_t head = self.first_child[p]
+        self.parent[c] = p
+        self.prev_sib[c] = -1
+        self.next_sib[c] = head
+        if head >= 0:
+            self.prev_sib[head] = c
+        self.first_child[p] = c
+        self.children[p] += 1
+        self._update_key(p)
+
+    cdef void _unlink(self, bid_t b) noexcept nogil:
+        # b leaves the registry: detach it from its parent, orphan its children.
+        cdef bid_t p = self.parent[b]
+        cdef bid_t c, nx
+        if p >= 0:
+            if self.prev_sib[b] >= 0:
+                self.next_sib[self.prev_sib[b]] = self.next_sib[b]
+            else:
+                self.first_child[p] = self.next_sib[b]
+            if self.next_sib[b] >= 0:
+                self.prev_sib[self.next_sib[b]] = self.prev_sib[b]
+            self.children[p] -= 1
+            self._update_key(p)
+        self.parent[b] = -1
+        self.next_sib[b] = -1
+        self.prev_sib[b] = -1
+        c = self.first_child[b]
+        while c >= 0:
+            nx = self.next_sib[c]
+            self.parent[c] = -1
+            self.next_sib[c] = -1
+            self.prev_sib[c] = -1
+            self._update_key(c)
+            c = nx
+        self.first_child[b] = -1
+        self.children[b] = 0
+
+    cdef bid_t _evict_one(self) noexcept nogil:
+        # Caller checked num_inactive > 0. Returns the block RESET and in no list; its hash goes
+        # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
+        cdef bid_t b = self.heap[0]
+        cdef uint64_t hsh = self.hash[b]
+        cdef int64_t n = self.h.num_blocks
+        self._heap_remove(b)
+        self._index_remove(hsh)
+        self._unlink(b)
+        self.ring[self.h.ring_head] = hsh
+        self.h.ring_head = (self.h.ring_head + 1) % n
+        if self.h.ring_count < n:
+            self.h.ring_count += 1
+        else:
+            self.h.ring_dropped += 1
+        self._reset(b)
+        return b
+
+    # ---- batch loops (nogil; the def methods validated every index first) ----------------------
+
+    cdef void _allocate_core(self, int64_t n, int64_t *out) noexcept nogil:
+        # allocate() checked n <= num_free + num_inactive.
+        cdef int64_t i
+        cdef bid_t b
+        for i in range(n):
+            if self.h.num_free > 0:
+                b = self._free_pop()
+            else:
+                b = self._evict_one()
+            self.state[b] = ST_PARTIAL
+            self.refcount[b] = 1
+            out[i] = b
+
+    cdef void _complete_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
+        # complete() checked ids in range, distinct, PARTIAL.
+        cdef int64_t i
+        for i in range(n):
+            self.state[blocks[i]] = ST_COMPLETE
+
+    cdef void _register_core(self, const int64_t *blocks, const uint64_t *hashes,
+                             const uint64_t *parents, const uint8_t *has_parent,
+                             const int32_t *priorities, int64_t n, int64_t *out) noexcept nogil:
+        # register() checked ids in range, distinct, COMPLETE with refcount 1, equal lengths.
+        cdef int64_t i
+        cdef bid_t b, e, p
+        cdef uint64_t hsh
+        for i in range(n):
+            b = <bid_t>blocks[i]
+            hsh = hashes[i]
+            e = self._find(hsh)
+            if e >= 0:
+                if self.refcount[e] == 0:
+                    self._heap_remove(e)
+                self.refcount[e] += 1
+                self._touch(e)
+                self._reset(b)
+                self._free_push(b)
+                out[i] = e
+                continue
+            p = -1
+            if parents != NULL and has_parent[i]:
+                p = self._find(parents[i])   # before inserting hsh: a block is never its own parent
+            self.state[b] = ST_REGISTERED
+            self.hash[b] = hsh
+            if priorities != NULL:
+                self.priority[b] = priorities[i]
+            self._index_insert(hsh, b)
+            if p >= 0:
+                self._link_child(b, p)
+            self._touch(b)
+            out[i] = b
+
+    cdef int64_t _match_core(self, const uint64_t *hashes, int64_t n, bint acquire,
+                             int64_t *out) noexcept nogil:
+        # No block ids come in; the index only returns REGISTERED blocks.
+        cdef int64_t i, mask = self.h.index_mask, shift = self.h.index_shift
+        cdef bid_t e
+        for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                kvbm_prefetch(&self.ivals[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+                kvbm_prefetch(&self.ikeys[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+            e = self._find(hashes[i])
+            if e < 0:
+                return i
+            if acquire:
+                if self.refcount[e] == 0:
+                    self._heap_remove(e)
+                self.refcount[e] += 1
+                self._touch(e)
+            out[i] = e
+        return n
+
+    cdef void _lookup_core(self, const uint64_t *hashes, int64_t n, int64_t *out) noexcept nogil:
+        cdef int64_t i, shift = self.h.index_shift
+        for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                kvbm_prefetch(&self.ivals[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+                kvbm_prefetch(&self.ikeys[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+            out[i] = self._find(hashes[i])
+
+    cdef void _touch_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
+        # touch() checked ids in range and not RESET.
+        cdef int64_t i
+        for i in range(n):
+            self._touch(<bid_t>blocks[i])
+
+    cdef void _release_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
+        # release() checked ids in range and that each block occurs at most refcount times.
+        cdef int64_t i
+        cdef bid_t b
+        for i in range(n):
+            b = <bid_t>blocks[i]
+            self.refcount[b] -= 1
+            if self.refcount[b] > 0:
+                continue
+            if self.state[b] == ST_REGISTERED:
+                # The last holder is done: that is its last use (LRU by release order).
+                self.h.tick += 1
+                self.last_tick[b] = self.h.tick
+                self._policy_key(b)
+                self._heap_push(b)
+            else:
+                self._reset(b)
+                self._free_push(b)
+
+    cdef void _set_priority_core(self, const int64_t *blocks, const int32_t *prios,
+                                 int64_t n) noexcept nogil:
+        # set_priority() checked ids in range, not RESET, equal lengths.
+        cdef int64_t i
+        for i in range(n):
+            self.priority[blocks[i]] = prios[i]
+            self._update_key(<bid_t>blocks[i])
+
+    cdef int64_t _evict_core(self, int64_t n, uint64_t *out) noexcept nogil:
+        cdef int64_t i, m = n if n < self.h.num_inactive else self.h.num_inactive
+        cdef bid_t b
+        for i in range(m):
+            out[i] = self.hash[self.heap[0]]
+            b = self._evict_one()
+            self._free_push(b)
+        return m
+
+    # ---- validation helpers ---------------------------------------------------------------------
+
+    cdef int _check_ids(self, const int64_t[::1] blocks, str op) except -1:
+        cdef Py_ssize_t i
+        cdef int64_t n = self.h.num_blocks, b
+        for i in range(blocks.shape[0]):
+            b = blocks[i]
+            if b < 0 or b >= n:
+                raise RegistryError(f"{op}: block {b} (slot {i}) is out of range [0, {n})")
+        return 0
+
+    cdef int _check_distinct(self, const int64_t[::1] blocks, str op) except -1:
+        # Ids already checked by _check_ids. mark[] is restored to all zeros before returning.
+        cdef Py_ssize_t i, j, dup = -1
+        for i in range(blocks.shape[0]):
+            if self.mark[blocks[i]]:
+                dup = i
+                break
+            self.mark[blocks[i]] = 1
+        for j in range(blocks.shape[0] if dup < 0 else dup):
+            self.mark[blocks[j]] = 0
+        if dup >= 0:
+            raise RegistryError(f"{op}: block {blocks[dup]} appears more than once (slot {dup})")
+        return 0
+
+    cdef int _check_not_reset(self, const int64_t[::1] blocks, str op) except -1:
+        cdef Py_ssize_t i
+        for i in range(blocks.shape[0]):
+            if self.state[blocks[i]] == ST_RESET:
+                raise RegistryError(f"{op}: block {blocks[i]} (slot {i}) is RESET (free), "
+                                    f"{op} needs an allocated block")
+        return 0
+
+    cdef _debug_check(self):
+        if KVBM_REGISTRY_DEBUG:
+            self.check_invariants()
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    def allocate(self, n):
+        """`n` blocks as PARTIAL with refcount 1 (int64 ids), free blocks first, then inactive
+        blocks evicted in policy order; None (and no change) if free + inactive < n."""
+        cdef int64_t k = _as_count(n, "allocate: n")
+        if k > self.h.num_free + self.h.num_inactive:
+            return None
+        out = np.empty(k, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        if k > 0:
+            self._allocate_core(k, &o[0])
+        self._debug_check()
+        return out
+
+    def complete(self, blocks):
+        """PARTIAL -> COMPLETE."""
+        arr = _as_i64(blocks, "complete: blocks")
+        cdef const int64_t[::1] bs = arr
+        cdef Py_ssize_t i
+        self._check_ids(bs, "complete")
+        for i in range(bs.shape[0]):
+            if self.state[bs[i]] != ST_PARTIAL:
+                raise RegistryError(f"complete: block {bs[i]} (slot {i}) is "
+                                    f"{_state_name(self.state[bs[i]])}, complete needs PARTIAL")
+        self._check_distinct(bs, "complete")
+        if bs.shape[0] > 0:
+            self._complete_core(&bs[0], bs.shape[0])
+        self._debug_check()
+
+    def register(self, blocks, hashes, parents=None, priorities=None, has_parent=None):
+        """Register COMPLETE blocks owned by the caller (refcount 1) under `hashes` (uint64).
+
+        parents: parent sequence hash per slot (uint64), or None for all roots. has_parent: bool
+        per slot saying which entries of `parents` are real (default: all, when parents is given),
+        since 0 is a valid hash. A block's parent link is set to the block registered here under
+        the parent hash at that moment (earlier slots of this batch included), else -1.
+        priorities: int32 per slot, or None to keep each block's current priority (0, or what
+        set_priority gave it while PARTIAL/COMPLETE).
+        Dedup: a hash already registered (or registered by an earlier slot) returns that block
+        with refcount + 1 (leaving the heap if inactive) and frees the caller's block (RESET, to
+        the free list tail); the existing block keeps its priority and parent.
+        Every returned block is touched. Returns the canonical block per slot (int64).
+        """
+        barr = _as_i64(blocks, "register: blocks")
+        harr = _as_u64(hashes, "register: hashes")
+        cdef Py_ssize_t n = barr.shape[0], i
+        if harr.shape[0] != n:
+            raise RegistryError(f"register: {n} blocks but {harr.shape[0]} hashes")
+        parr = None
+        marr = None
+        if parents is not None:
+            parr = _as_u64(parents, "register: parents")
+            if parr.shape[0] != n:
+                raise RegistryError(f"register: {n} blocks but {parr.shape[0]} parents")
+            if has_parent is None:
+                marr = np.ones(n, dtype=np.uint8)
+            else:
+                marr = _as_mask(has_parent, "register: has_parent")
+                if marr.shape[0] != n:
+                    raise RegistryError(f"register: {n} blocks but {marr.shape[0]} has_parent")
+        elif has_parent is not None:
+            raise RegistryError("register: has_parent given without parents")
+        parr_i32 = None
+        if priorities is not None:
+            parr_i32 = _as_i32(priorities, "register: priorities")
+            if parr_i32.shape[0] != n:
+                raise RegistryError(f"register: {n} blocks but {parr_i32.shape[0]} priorities")
+        cdef const int64_t[::1] bs = barr
+        cdef const uint64_t[::1] hs = harr
+        cdef const uint64_t[::1] ps
+        cdef const uint8_t[::1] ms
+        cdef const int32_t[::1] pr
+        self._check_ids(bs, "register")
+        for i in range(n):
+            if self.state[bs[i]] != ST_COMPLETE:
+                raise RegistryError(f"register: block {bs[i]} (slot {i}) is "
+                                    f"{_state_name(self.state[bs[i]])}, register needs COMPLETE")
+            if self.refcount[bs[i]] != 1:
+                raise RegistryError(f"register: block {bs[i]} (slot {i}) has refcount "
+                                    f"{self.refcount[bs[i]]}, register needs 1 (owned by caller)")
+        self._check_distinct(bs, "register")
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        if n == 0:
+            return out
+        cdef const uint64_t *pp = NULL
+        cdef const uint8_t *mp = NULL
+        cdef const int32_t *prp = NULL
+        if parr is not None:
+            ps = parr
+            ms = marr
+            pp = &ps[0]
+            mp = &ms[0]
+        if parr_i32 is not None:
+            pr = parr_i32
+            prp = &pr[0]
+        self._register_core(&bs[0], &hs[0], pp, mp, prp, n, &o[0])
+        self._debug_check()
+        return out
+
+    def match(self, hashes, acquire=True):
+        """Blocks of the longest registered prefix of `hashes` (stops at the first miss).
+        acquire=True: refcount + 1 and touch each (an inactive block becomes active)."""
+        harr = _as_u64(hashes, "match: hashes")
+        cdef const uint64_t[::1] hs = harr
+        cdef Py_ssize_t n = hs.shape[0]
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        cdef int64_t m = 0
+        cdef bint acq = bool(acquire)
+        if n > 0:
+            m = self._match_core(&hs[0], n, acq, &o[0])
+        if acq:
+            self._debug_check()
+        return out[:m] if m < n else out
+
+    def lookup(self, hashes):
+        """Block per hash, -1 where not registered; changes nothing."""
+        harr = _as_u64(hashes, "lookup: hashes")
+        cdef const uint64_t[::1] hs = harr
+        cdef Py_ssize_t n = hs.shape[0]
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        if n > 0:
+            self._lookup_core(&hs[0], n, &o[0])
+        return out
+
+    def touch(self, blocks):
+        """last-use tick := ++tick, use count + 1, policy key refreshed; per occurrence."""
+        arr = _as_i64(blocks, "touch: blocks")
+        cdef const int64_t[::1] bs = arr
+        self._check_ids(bs, "touch")
+        self._check_not_reset(bs, "touch")
+        if bs.shape[0] > 0:
+            self._touch_core(&bs[0], bs.shape[0])
+        self._debug_check()
+
+    def release(self, blocks):
+        """refcount - 1 per occurrence; at 0 a REGISTERED block becomes inactive (stamped with a
+        new tick, still matchable), any other block is RESET and goes to the free list tail."""
+        arr = _as_i64(blocks, "release: blocks")
+        cdef const int64_t[::1] bs = arr
+        cdef Py_ssize_t i, n = bs.shape[0], bad = -1
+        cdef int64_t b
+        self._check_ids(bs, "release")
+        for i in range(n):
+            b = bs[i]
+            self.mark[b] += 1
+            if self.mark[b] > self.refcount[b]:
+                bad = i
+                break
+        cdef uint32_t times = 0
+        if bad >= 0:
+            times = self.mark[bs[bad]]
+        for i in range(n if bad < 0 else bad + 1):
+            self.mark[bs[i]] = 0
+        if bad >= 0:
+            b = bs[bad]
+            raise RegistryError(f"release: block {b} (slot {bad}) is released {times} times in "
+                                f"this batch but has refcount {self.refcount[b]} "
+                                f"({_state_name(self.state[b])})")
+        if n > 0:
+            self._release_core(&bs[0], n)
+        self._debug_check()
+
+    def evict(self, n):
+        """Evict up to `n` inactive blocks in policy order (to the free list); their hashes."""
+        cdef int64_t k = _as_count(n, "evict: n")
+        if k > self.h.num_inactive:
+            k = self.h.num_inactive
+        out = np.empty(k, dtype=np.uint64)
+        cdef uint64_t[::1] o = out
+        if k > 0:
+            self._evict_core(k, &o[0])
+        self._debug_check()
+        return out
+
+    def drain_evicted(self):
+        """Hashes evicted (by allocate or evict) since the last drain, oldest first. The ring
+        holds the newest num_blocks; older ones are dropped and counted in num_evicted_dropped."""
+        cdef int64_t n = self.h.num_blocks, c = self.h.ring_count, start, i
+        out = np.empty(c, dtype=np.uint64)
+        cdef uint64_t[::1] o = out
+        start = (self.h.ring_head - c + n) % n
+        for i in range(c):
+            o[i] = self.ring[(start + i) % n]
+        self.h.ring_count = 0
+        return out
+
+    def set_priority(self, blocks, priorities):
+        """Set eviction priority (int32, lower is evicted first) of allocated blocks."""
+        arr = _as_i64(blocks, "set_priority: blocks")
+        parr = _as_i32(priorities, "set_priority: priorities")
+        if parr.shape[0] != arr.shape[0]:
+            raise RegistryError(f"set_priority: {arr.shape[0]} blocks but {parr.shape[0]} priorities")
+        cdef const int64_t[::1] bs = arr
+        cdef const int32_t[::1] ps = parr
+        self._check_ids(bs, "set_priority")
+        self._check_not_reset(bs, "set_priority")
+        if bs.shape[0] > 0:
+            self._set_priority_core(&bs[0], &ps[0], bs.shape[0])
+        self._debug_check()
+
+    def info(self, block) -> dict:
+        """Metadata of one block (tests, debugging)."""
+        cdef int64_t b = _as_count(block, "info: block")
+        if b >= self.h.num_blocks:
+            raise RegistryError(f"info: block {b} is out of range [0, {self.h.num_blocks})")
+        return dict(state=BlockState(self.state[b]), refcount=self.refcount[b], hash=self.hash[b],
+                    priority=self.priority[b], tick=self.last_tick[b],
+                    use_count=self.use_count[b], parent=self.parent[b],
+                    children=self.children[b])
+
+    def check_invariants(self):
+        """Raise RegistryError (with the numbers) if the table is inconsistent."""
+        cdef int64_t n = self.h.num_blocks, cap = self.h.index_capacity, mask = self.h.index_mask
+        cdef int64_t i, j, k, b, steps, prev, nfree = 0, nactive = 0, nreg = 0, nin = 0, cnt
+        cdef int64_t s = n
+        cdef uint64_t k1, k2
+        cdef uint8_t st
+        cdef int64_t nchild = 0, nlinked = 0
+        # per-block states and refcounts
+        for b in range(n):
+            st = self.state[b]
+            if st > ST_REGISTERED:
+                raise RegistryError(f"block {b} has bad state {st}")
+            if self.refcount[b] > 0:
+                nactive += 1
+            if st == ST_RESET:
+                nfree += 1
+                if self.refcount[b] != 0 or self.hash[b] != 0 or self.use_count[b] != 0:
+                    raise RegistryError(f"RESET block {b} has refcount {self.refcount[b]}, "
+                                        f"hash {self.hash[b]}, use_count {self.use_count[b]}")
+                if self.free_next[b] < 0 or self.free_prev[b] < 0:
+                    raise RegistryError(f"RESET block {b} is not in the free list")
+            elif self.free_next[b] >= 0 or self.free_prev[b] >= 0:
+                raise RegistryError(f"{_state_name(st)} block {b} has free-list links")
+            if (st == ST_PARTIAL or st == ST_COMPLETE) and self.refcount[b] != 1:
+                raise RegistryError(f"{_state_name(st)} block {b} has refcount {self.refcount[b]}, "
+                                    f"expected 1")
+            if st == ST_REGISTERED:
+                nreg += 1
+                if self._find(self.hash[b]) != b:
+                    raise RegistryError(f"REGISTERED block {b} (hash {self.hash[b]}) not found in "
+                                        f"the index (found {self._find(self.hash[b])})")
+                if (self.refcount[b] == 0) != (self.heap_pos[b] >= 0):
+                    raise RegistryError(f"block {b}: refcount {self.refcount[b]} but heap "
+                                        f"position {self.heap_pos[b]}")
+                if self.refcount[b] == 0:
+                    nin += 1
+            elif self.heap_pos[b] >= 0:
+                raise RegistryError(f"{_state_name(st)} block {b} is in the inactive heap")
+            if st != ST_REGISTERED and (self.parent[b] != -1 or self.children[b] != 0
+                                        or self.first_child[b] != -1):
+                raise RegistryError(f"{_state_name(st)} block {b} has lineage: parent "
+                                    f"{self.parent[b]}, children {self.children[b]}")
+            if self.mark[b] != 0:
+                raise RegistryError(f"scratch mark of block {b} is {self.mark[b]}, expected 0")
+        if nfree != self.h.num_free:
+            raise RegistryError(f"{nfree} RESET blocks but num_free = {self.h.num_free}")
+        if nin != self.h.num_inactive:
+            raise RegistryError(f"{nin} inactive blocks but heap size = {self.h.num_inactive}")
+        if nfree + nin + nactive != n:
+            raise RegistryError(f"free {nfree} + inactive {nin} + active {nactive} != {n} blocks")
+        if nreg != self.h.num_registered:
+            raise RegistryError(f"{nreg} REGISTERED blocks but index holds {self.h.num_registered}")
+        # free list structure
+        prev = s
+        b = self.free_next[s]
+        steps = 0
+        while b != s:
+            if b < 0 or b > n or steps > n:
+                raise RegistryError(f"free list broken after {steps} blocks (next = {b})")
+            if self.free_prev[b] != prev:
+                raise RegistryError(f"free list: block {b} has prev {self.free_prev[b]}, expected {prev}")
+            if self.state[b] != ST_RESET:
+                raise RegistryError(f"free list holds {_state_name(self.state[b])} block {b}")
+            prev = b
+            b = self.free_next[b]
+            steps += 1
+        if steps != self.h.num_free or self.free_prev[s] != prev:
+            raise RegistryError(f"free list walk found {steps} blocks, num_free = {self.h.num_free}")
+        # heap
+        for i in range(self.h.num_inactive):
+            b = self.heap[i]
+            if b < 0 or b >= n or self.heap_pos[b] != i:
+                raise RegistryError(f"heap slot {i} holds block {b} with position "
+                                    f"{self.heap_pos[b] if 0 <= b < n else None}")
+            k1, k2 = self.key1[b], self.key2[b]
+            self._policy_key(<bid_t>b)
+            if self.key1[b] != k1 or self.key2[b] != k2:
+                raise RegistryError(f"block {b} has stale key ({k1}, {k2}), policy says "
+                                    f"({self.key1[b]}, {self.key2[b]})")
+            if i > 0 and self._less(<bid_t>b, self.heap[(i - 1) >> 1]):
+                raise RegistryError(f"heap order broken at slot {i} (block {b})")
+        # index: every entry is a REGISTERED block under its hash, reachable from its home slot
+        cnt = 0
+        for i in range(cap):
+            b = self.ivals[i]
+            if b < 0:
+                continue
+            cnt += 1
+            if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
+                raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
+                                    f"under hash {self.ikeys[i]}")
+            j = <int64_t>((self.ikeys[i] * GOLDEN) >> self.h.index_shift)
+            while j != i:
+                if self.ivals[j] < 0:
+                    raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")
+                j = (j + 1) & mask
+        if cnt != nreg:
+            raise RegistryError(f"index has {cnt} entries, {nreg} REGISTERED blocks")
+        # lineage: child lists agree with parent links and counts
+        for b in range(n):
+            if self.state[b] != ST_REGISTERED:
+                continue
+            if self.parent[b] >= 0 and self.state[self.parent[b]] != ST_REGISTERED:
+                raise RegistryError(f"block {b} has parent {self.parent[b]}, which is not REGISTERED")
+            if self.parent[b] >= 0:
+                nlinked += 1
+            cnt = 0
+            prev = -1
+            j = self.first_child[b]
+            while j >= 0:
+                if cnt > n or self.parent[j] != b or self.prev_sib[j] != prev:
+                    raise RegistryError(f"child list of block {b} broken at child {j}")
+                prev = j
+                j = self.next_sib[j]
+                cnt += 1
+            if cnt != self.children[b]:
+                raise RegistryError(f"block {b} lists {cnt} children, children = {self.children[b]}")
+            nchild += cnt
+        if nchild != nlinked:
+            raise RegistryError(f"{nlinked} blocks have a parent link, child lists hold {nchild}")
+        if self.h.ring_count > n or self.h.ring_head >= n:
+            raise RegistryError(f"evicted ring: count {self.h.ring_count}, head {self.h.ring_head}, "
+                                f"capacity {n}")
