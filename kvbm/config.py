@@ -65,12 +65,15 @@ class KvbmConfig:
     max_batch_blocks: int = 256            # blocks per transfer request
     copy_threads: int = 0                  # CPU copy threads (0: the library's default)
     force_cpu: bool = False                # CPU mode even when CUDA is available
+    request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
+    worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
 
     def __post_init__(self) -> None:
         if self.layout is not None and not isinstance(self.layout, LayoutConfig):
             raise ConfigError(f"layout: expected a LayoutConfig, got {type(self.layout).__name__}")
         for key in ("device_blocks", "host_blocks", "disk_blocks", "host_size", "disk_size", "tcp_port",
-                    "max_inflight_bytes", "max_batch_blocks", "copy_threads"):
+                    "max_inflight_bytes", "max_batch_blocks", "copy_threads", "request_timeout_ms",
+                    "worker_delay_ms"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigError(f"{key}: expected a non-negative int, got {value!r}")
@@ -86,6 +89,8 @@ class KvbmConfig:
             raise ConfigError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
         if self.tcp_port > 65535:
             raise ConfigError(f"tcp_port: expected 0..65535, got {self.tcp_port}")
+        if self.request_timeout_ms < 1:
+            raise ConfigError(f"request_timeout_ms: expected >= 1, got {self.request_timeout_ms}")
         if self.max_batch_blocks < 1 or self.max_inflight_bytes < 1:
             raise ConfigError("max_batch_blocks and max_inflight_bytes must be >= 1")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.instance_id):
@@ -118,7 +123,8 @@ class KvbmConfig:
         for key in ("host_size", "disk_size", "max_inflight_bytes"):
             if data.get(key) is not None:
                 data[key] = parse_size(data[key], key)
-        for key in ("device_blocks", "host_blocks", "disk_blocks", "tcp_port", "max_batch_blocks", "copy_threads"):
+        for key in ("device_blocks", "host_blocks", "disk_blocks", "tcp_port", "max_batch_blocks", "copy_threads",
+                    "request_timeout_ms", "worker_delay_ms"):
             if isinstance(data.get(key), str):
                 data[key] = _parse_int(data[key], key)
         if isinstance(data.get("force_cpu"), str):
@@ -161,7 +167,8 @@ _ENV_KEYS = {
     "KVBM_RUNTIME_DIR": "runtime_dir", "KVBM_TRANSPORT": "transport", "KVBM_TCP_PORT": "tcp_port",
     "KVBM_POLICY": "policy", "KVBM_SALT": "salt", "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
-    "KVBM_FORCE_CPU": "force_cpu",
+    "KVBM_FORCE_CPU": "force_cpu", "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
+    "KVBM_WORKER_DELAY_MS": "worker_delay_ms",
 }
 
 

@@ -1,0 +1,157 @@
+"""`kvbm-workers`: runs the supervisor and path workers of one kvbm instance, or asks one for its status.
+
+  kvbm-workers --instance-id prod --host-size 64GB              # serve until SIGINT/SIGTERM
+  kvbm-workers --instance-id prod --status                       # tiers, workers, queues, throughput
+Settings come from KvbmConfig (file, KVBM_* env, then these flags). CUDA mode is used when the
+native library was built with CUDA and a device answers, unless --force-cpu.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import KvbmError
+from kvbm.layout import LayoutConfig
+
+logger = logging.getLogger(__name__)
+
+
+def parse_layout(spec: str) -> LayoutConfig:
+    """'layers=32,outer=2,page=16,inner=1024,dtype=bfloat16' -> LayoutConfig."""
+    names = {"layers": "num_layers", "outer": "outer_dim", "page": "page_size", "inner": "inner_dim",
+             "dtype": "dtype", "alignment": "alignment"}
+    values: dict = {"dtype": "bfloat16", "alignment": 1}
+    for part in filter(None, spec.split(",")):
+        key, _, raw = part.partition("=")
+        if key.strip() not in names:
+            raise KvbmError(f"--layout: unknown key {key!r}; expected {sorted(names)}")
+        values[names[key.strip()]] = raw.strip() if key.strip() == "dtype" else int(raw)
+    return LayoutConfig.from_dict(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kvbm-workers",
+        description="kvbm transfer workers: owns the shared pinned host pool (G2) and runs the D2H/H2D path "
+                    "workers that engines send block transfers to over ZeroMQ.")
+    ap.add_argument("--config", help="TOML or YAML config file (KvbmConfig keys)")
+    ap.add_argument("--instance-id", help="names the runtime dir, sockets and shared-memory segments")
+    ap.add_argument("--runtime-dir", help="parent of the 0700 kvbm-<instance> folder (default $XDG_RUNTIME_DIR or /tmp)")
+    ap.add_argument("--host-size", help="G2 size, e.g. 64GB or 512MiB")
+    ap.add_argument("--host-blocks", type=int, help="G2 size in blocks (needs --layout)")
+    ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
+    ap.add_argument("--disk-path", help="G3 folder (created 0700)")
+    ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")
+    ap.add_argument("--transport", choices=["ipc", "tcp"])
+    ap.add_argument("--tcp-port", type=int, help="first of 4 loopback ports (0: pick free ones)")
+    ap.add_argument("--force-cpu", action="store_true", default=None, help="CPU copies even if CUDA is available")
+    ap.add_argument("--copy-threads", type=int, help="CPU copy threads per worker (0: library default)")
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between summary lines (0: none)")
+    ap.add_argument("--duration", type=float, help="exit after this many seconds (tests, benchmarks)")
+    ap.add_argument("--status", action="store_true", help="ask the running instance for its status and exit")
+    ap.add_argument("--json", action="store_true", help="with --status: print the raw JSON")
+    ap.add_argument("--log-level", default="WARNING")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> KvbmConfig:
+    layout = parse_layout(args.layout) if args.layout else None
+    return KvbmConfig.load(args.config, instance_id=args.instance_id, runtime_dir=args.runtime_dir,
+                           host_size=args.host_size, host_blocks=args.host_blocks, layout=layout,
+                           disk_path=args.disk_path, disk_size=args.disk_size, transport=args.transport,
+                           tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads)
+
+
+def host_bytes_of(config: KvbmConfig) -> int:
+    if config.host_size:
+        return config.host_size
+    if config.host_blocks:
+        if config.layout is None:
+            raise KvbmError("host_blocks needs the model layout (--layout) to size G2; or give --host-size")
+        return config.host_blocks * config.layout.block_stride
+    raise KvbmError("no G2 size: give --host-size (e.g. 8GB) or --host-blocks with --layout")
+
+
+def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
+    import zmq
+
+    from kvbm.transfer import protocol as P
+    from kvbm.transfer.channel import Endpoints, connect_socket, make_context
+    rundir = config.resolved_runtime_dir()
+    endpoints = Endpoints.read(rundir)
+    if endpoints is None:
+        raise KvbmError(f"no running kvbm-workers found for instance {config.instance_id} ({rundir}/endpoints.json missing)")
+    ctx = make_context()
+    sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
+    try:
+        sock.send(P.encode({"t": P.MsgType.STATUS, "id": 1}))
+        if not sock.poll(int(timeout * 1000)):
+            raise KvbmError(f"kvbm-workers at {endpoints.control} did not answer within {timeout} s")
+        return P.decode(sock.recv())
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def format_status(st: dict) -> str:
+    g2 = st["tiers"]["g2"]
+    lines = [f"kvbm-workers instance {st['instance']} pid {st['pid']} up {st['uptime_s']:.0f}s "
+             f"mode {'cuda' if st['cuda'] else 'cpu'}",
+             f"  G2 {g2['bytes'] / 1e9:.3f} GB segment {g2['segment']} (pre-fault {g2['prefault_s']:.3f}s)",
+             f"  G3 {st['tiers']['g3']['path'] or 'none'}"]
+    for label, w in st["workers"].items():
+        if "state" in w:
+            lines.append(f"  {label:7s} {w['state']}")
+            continue
+        rate = w["bytes"] / 1e9 / w["busy_s"] if w.get("busy_s") else 0.0
+        lines.append(f"  {label:7s} gen {w['gen']} pid {w['pid']} {'up' if w['ready'] else 'DOWN'} queue {w['queue']} "
+                     f"requests {w['requests']} moved {w['bytes'] / 1e9:.3f} GB copy rate {rate:.2f} GB/s "
+                     f"errors {w['errors']} rejected {w['malformed']} restarts {w['restarts']}")
+    for name, eng in st.get("engines", {}).items():
+        pools = eng.get("pools", {})
+        queues = eng.get("queues", {})
+        lines.append(f"  engine {name}: pools {json.dumps(pools)} queues {json.dumps(queues)} "
+                     f"inflight {eng.get('inflight_bytes', 0)} B")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s kvbm-workers %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        if args.status:
+            st = ask_status(config)
+            print(json.dumps(st, indent=2) if args.json else format_status(st))
+            return 0
+        from kvbm.workers.supervisor import Supervisor, install_signal_handlers
+        cuda = not config.force_cpu and _cuda_ok()
+        sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=args.log_level)
+        install_signal_handlers(sup)
+        t0 = time.perf_counter()
+        sup.start()
+        print(f"kvbm-workers: instance {config.instance_id} serving ({'cuda' if cuda else 'cpu'} mode) at "
+              f"{sup.endpoints.control}; started in {time.perf_counter() - t0:.2f} s", flush=True)
+        try:
+            sup.serve(args.duration)
+        finally:
+            sup.shutdown()
+            print(f"kvbm-workers: instance {config.instance_id} stopped", flush=True)
+        return 0
+    except KvbmError as err:
+        print(f"kvbm-workers: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _cuda_ok() -> bool:
+    import kvbm
+    return kvbm.cuda_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Private shared-memory segments (/dev/shm, mode 0600) and the per-instance runtime directory.
+
+Parts:
+  Segment               one /dev/shm file mapped read/write: create (O_EXCL, 0600, ftruncate),
+                        attach by name, prefault (threads touching every page), pin/unpin with
+                        cudaHostRegister, a torch/numpy view, close and unlink
+  segment_name          names derived from the instance id: kvbm-<id>-g2 (host pool, owned by the
+                        supervisor), kvbm-<id>-dev-<pid>-<n> (CPU-mode "device" memory owned by an
+                        engine process <pid>)
+  RuntimeDir            the 0700 folder holding sockets and the supervisor's lock file; `acquire`
+                        takes an flock so that a second supervisor of the same instance is refused
+                        and a killed one's leftovers (sockets, segments) are found and removed
+  clean_stale_segments  removes kvbm-<id>-* segments whose owner is dead
+  SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map
+
+Nothing here imports zmq or the workers: both the engine side and the worker side use it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import mmap
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvbm.errors import KvbmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvbm.layout import BlockLayout
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
+_DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
+
+
+def segment_name(instance_id: str, kind: str = "g2") -> str:
+    return f"kvbm-{instance_id}-{kind}"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Segment:
+    """A mapped /dev/shm file. Create it with `create`, map an existing one with `attach`."""
+
+    def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.owner = owner
+        self._fd = fd
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = None
+        self._pinned = False
+        self.address = self._address()
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
+
+    @classmethod
+    def create(cls, name: str, size: int, replace: bool = False) -> "Segment":
+        if size <= 0:
+            raise KvbmError(f"segment {name}: size must be > 0, got {size}")
+        path = os.path.join(SHM_DIR, name)
+        if replace:
+            _unlink_quiet(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError as err:
+            raise KvbmError(f"shared-memory segment {path} already exists (another instance, or "
+                            "a stale one the start-up clean-up did not claim)") from err
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, size)
+            return cls(name, fd, size, owner=True)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise
+
+    @classmethod
+    def attach(cls, name: str, size: int | None = None) -> "Segment":
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as err:
+            raise KvbmError(f"cannot open shared-memory segment {path}: {err}") from err
+        actual = os.fstat(fd).st_size
+        if size is not None and actual < size:
+            os.close(fd)
+            raise KvbmError(f"segment {path} is {actual} bytes, expected at least {size}")
+        return cls(name, fd, size or actual, owner=False)
+
+    def _address(self) -> int:
+        import ctypes
+        buf = (ctypes.c_char * self.size).from_buffer(self.map)
+        addr = ctypes.addressof(buf)
+        del buf  # the export would keep the mmap from closing
+        return addr
+
+    def prefault(self, threads: int = 0) -> float:
+        """Touches every page on `threads` threads (faulting a huge segment on one thread takes
+        seconds; the kernel's page allocation scales with threads). Returns seconds taken."""
+        import torch
+        threads = threads or min(8, os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        whole = self.tensor()
+        chunk = (self.size + threads - 1) // threads
+        chunk = (chunk + PAGE - 1) // PAGE * PAGE
+
+        def touch(lo: int) -> None:
+            # zero_ is a memset in ATen, with the GIL released: real parallel page faults.
+            with torch.inference_mode():
+                whole[lo:min(lo + chunk, self.size)].zero_()
+
+        workers = [threading.Thread(target=touch, args=(lo,), daemon=True) for lo in range(0, self.size, chunk)]
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+        finally:
+            torch.set_num_threads(prev)
+        return time.perf_counter() - t0
+
+    def pin(self) -> float:
+        """cudaHostRegister over the whole mapping; returns seconds taken."""
+        from kvbm._fast import native
+        t0 = time.perf_counter()
+        native.cuda_host_register(self.address, self.size)
+        self._pinned = True
+        return time.perf_counter() - t0
+
+    def tensor(self) -> "torch.Tensor":
+        """A uint8 torch tensor over the whole segment (shares the memory)."""
+        import torch
+        if self._view is None:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "buffer is not writable" is about bytes objects
+                self._view = torch.frombuffer(self.map, dtype=torch.uint8)
+        return self._view
+
+    def close(self) -> None:
+        if self._pinned:
+            try:
+                from kvbm._fast import native
+                native.cuda_host_unregister(self.address)
+            except KvbmError:
+                logger.warning("cudaHostUnregister of %s failed", self.name, exc_info=True)
+            self._pinned = False
+        self._view = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                # A tensor over the mapping is still alive somewhere; the mapping goes with the process.
+                logger.debug("segment %s still exported; leaving the mapping to process exit", self.name)
+            self.map = None  # type: ignore[assignment]
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def unlink(self) -> None:
+        _unlink_quiet(self.path)
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]:
+    """Unlinks this instance's segments whose owner is dead: device segments of dead engine pids
+    and, when the caller holds the instance lock, the host pool segment of a killed supervisor."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    prefix = f"kvbm-{instance_id}-"
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        match = _DEV_RE.match(name)
+        stale = (match is not None and match.group("inst") == instance_id and not pid_alive(int(match.group("pid"))))
+        if name == segment_name(instance_id) and include_host_pool:
+            stale = True
+        if stale:
+            _unlink_quiet(os.path.join(SHM_DIR, name))
+            removed.append(name)
+    if removed:
+        logger.warning("removed stale shared-memory segments of instance %s: %s", instance_id, removed)
+    return removed
+
+
+class RuntimeDir:
+    """The 0700 per-instance folder: sockets, the lock file (holding the supervisor's pid)."""
+
+    LOCK = "supervisor.lock"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock_fd = -1
+
+    def ensure(self) -> None:
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            st = os.lstat(self.path)
+            if not os.path.isdir(self.path) or os.path.islink(self.path):
+                raise KvbmError(f"runtime dir {self.path} exists and is not a directory") from None
+            if st.st_uid != os.getuid():
+                raise KvbmError(f"runtime dir {self.path} belongs to uid {st.st_uid}, not {os.getuid()}") from None
+        os.chmod(self.path, 0o700)
+
+    def acquire(self) -> list[str]:
+        """Takes the instance lock; returns the leftovers of a dead previous owner it removed.
+        Raises KvbmError when a live supervisor holds it."""
+        self.ensure()
+        lock_path = os.path.join(self.path, self.LOCK)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise KvbmError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
+            raise
+        previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        removed = []
+        for name in os.listdir(self.path):
+            if name != self.LOCK:
+                target = os.path.join(self.path, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    _unlink_quiet(target)
+                removed.append(name)
+        if removed:
+            logger.warning("removed leftovers of a previous kvbm-workers (pid %s) in %s: %s",
+                           previous or "?", self.path, removed)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return removed
+
+    def socket_path(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def release_and_remove(self) -> None:
+        """Removes every file of the folder and the folder itself, then drops the lock."""
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if name != self.LOCK:
+                    _unlink_quiet(os.path.join(self.path, name))
+            _unlink_quiet(os.path.join(self.path, self.LOCK))
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                logger.warning("runtime dir %s not empty at shutdown", self.path)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+@dataclass
+class SharedBuffers:
+    """CPU-mode "device" memory: a layout's buffers placed in one segment the workers can map.
+
+    `tensors` are uint8 tensors over the segment (one per layout buffer); `describe()` is the
+    register message's memory map."""
+    segment: Segment
+    tensors: list
+    offsets: list[int]
+
+    @classmethod
+    def allocate(cls, layout: "BlockLayout", instance_id: str) -> "SharedBuffers":
+        from kvbm.layout import LayoutType
+        nbuf = layout.num_buffers()
+        size = layout.total_bytes if layout.layout_type is LayoutType.FULLY_CONTIGUOUS else layout.layer_bytes
+        stride = (size + 4095) // 4096 * 4096
+        seq = next(_segment_seq)
+        seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * nbuf)
+        whole = seg.tensor()
+        offsets = [i * stride for i in range(nbuf)]
+        tensors = [whole[o:o + size] for o in offsets]
+        return cls(seg, tensors, offsets)
+
+    def describe(self) -> dict:
+        return {"kind": "shm", "segment": self.segment.name, "size": self.segment.size,
+                "buffers": [{"offset": o, "nbytes": int(t.numel())} for o, t in zip(self.offsets, self.tensors)]}
+
+    def close(self) -> None:
+        self.tensors = []
+        self.segment.close()
+        self.segment.unlink()
+
+
+_segment_seq = itertools.count(1)  # per-process sequence of device segment names

@@ -1,0 +1,129 @@
+"""ZeroMQ sockets and endpoints of one kvbm instance.
+
+Parts:
+  Endpoints      where the control socket, the event socket and each path worker listen: ipc://
+                 files in the 0700 runtime dir by default, tcp://127.0.0.1:PORT when asked (never
+                 another interface); written by the supervisor to endpoints.json (0600) so an engine
+                 can find tcp ports picked at random
+  make_context / bind_socket / connect_socket
+                 every socket with linger 0, a hard receive-size cap (ZMQ drops a peer that sends
+                 more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from kvbm.errors import KvbmError
+from kvbm.transfer.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
+
+ENDPOINTS_FILE = "endpoints.json"
+HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    control: str
+    events: str
+    workers: dict[str, str]  # path label -> endpoint
+
+    @classmethod
+    def for_config(cls, runtime_dir: str, transport: str, tcp_port: int) -> "Endpoints":
+        if transport == "ipc":
+            return cls(f"ipc://{runtime_dir}/control.sock", f"ipc://{runtime_dir}/events.sock",
+                       {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in WORKER_PATHS})
+        ports = [tcp_port + i for i in range(2 + len(WORKER_PATHS))] if tcp_port else _free_ports(2 + len(WORKER_PATHS))
+        if max(ports) > 65535:
+            raise KvbmError(f"tcp ports {ports[0]}..{ports[-1]} exceed 65535")
+        urls = [f"tcp://127.0.0.1:{p}" for p in ports]
+        return cls(urls[0], urls[1], {p.label: urls[2 + i] for i, p in enumerate(WORKER_PATHS)})
+
+    def worker(self, path: Path) -> str:
+        return self.workers[path.label]
+
+    def write(self, runtime_dir: str) -> None:
+        target = os.path.join(runtime_dir, ENDPOINTS_FILE)
+        tmp = target + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self) | {"pid": os.getpid()}, fh)
+        os.replace(tmp, target)
+
+    @classmethod
+    def read(cls, runtime_dir: str) -> "Endpoints | None":
+        try:
+            with open(os.path.join(runtime_dir, ENDPOINTS_FILE)) as fh:
+                data = json.load(fh)
+            return cls(data["control"], data["events"], dict(data["workers"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _free_ports(count: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def make_context() -> zmq.Context:
+    ctx = zmq.Context(io_threads=1)
+    ctx.setsockopt(zmq.LINGER, 0)
+    return ctx
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+
+
+def check_endpoint(endpoint: str) -> None:
+    if endpoint.startswith("tcp://") and not endpoint.startswith("tcp://127.0.0.1:"):
+        raise KvbmError(f"refusing endpoint {endpoint}: TCP is served on loopback (127.0.0.1) only")
+    if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        raise KvbmError(f"unsupported endpoint {endpoint}; expected ipc:// or tcp://127.0.0.1:PORT")
+
+
+def bind_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    check_endpoint(endpoint)
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if kind != zmq.PUB:
+        sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished engine is dropped, not raised
+    path = _ipc_path(endpoint)
+    if path is not None:
+        try:
+            os.unlink(path)  # a socket file left by a killed predecessor
+        except FileNotFoundError:
+            pass
+    old = os.umask(0o177)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+    if path is not None:
+        os.chmod(path, 0o600)
+    return sock
+
+
+def connect_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    check_endpoint(endpoint)
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    return sock

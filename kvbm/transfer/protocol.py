@@ -1,0 +1,271 @@
+"""Wire protocol between the engine (TransferManager) and kvbm-workers (supervisor, path workers).
+
+Parts:
+  Path, Status, MsgType   IntEnums / strings that cross the wire as plain values
+  encode / decode         msgpack (never pickle) with a size cap; `decode` returns a dict or raises
+                          ProtocolError
+  validate_*              one validator per message type: types, ranges, array lengths, caps
+  pack_blocks / unpack_blocks
+                          block index arrays as packed little-endian int64 bytes
+  make_*                  constructors for each message, so both sides spell fields the same way
+
+Every message is a msgpack map with "v" (PROTOCOL_VERSION) and "t" (its type). The order of a
+conversation:
+  1. engine -> supervisor control socket   {t: hello}            -> {t: welcome, workers, host, ...}
+  2. engine -> each path worker            {t: register, ...}    -> {t: registered, gen, ...}
+  3. engine -> path worker                 {t: xfer, id, gen, src, dst, ...}
+                                           -> {t: layer, id, layer}* (onboard with layers=True)
+                                           -> {t: done, id, status, error, bytes, timings}
+  4. supervisor -> engines (PUB events)    {t: event, kind: started|died|stopping, path, gen, ...}
+A request that cannot be parsed is answered {t: done, id: -1 or its id, status: ERROR, error: ...};
+a worker never dies of bad input.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kvbm.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 16 << 20        # soft cap checked before decoding; ZMQ's hard cap is 4x this
+MAX_BATCH_BLOCKS = 1 << 16          # block pairs per request, whatever the config says
+MAX_STRING = 4096                   # any string field
+MAX_ERROR_TEXT = 2000
+
+
+class Path(IntEnum):
+    D2H = 0       # device (G1) -> host pool (G2): offload
+    H2D = 1       # host pool -> device: onboard
+    H2DISK = 2    # host pool -> disk (G3): declared, answered "not implemented: disk tier"
+    DISK2D = 3    # disk -> device: declared, answered "not implemented: disk tier"
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+WORKER_PATHS = (Path.D2H, Path.H2D)      # paths that have a worker process
+DISK_PATHS = (Path.H2DISK, Path.DISK2D)
+DISK_NOT_IMPLEMENTED = "not implemented: disk tier"
+
+
+class Status(IntEnum):
+    OK = 0
+    ERROR = 1        # the copy failed or the request was invalid; no destination block is valid
+    STALE = 2        # the request names another worker generation; nothing was copied
+    DIED = 3         # synthesized by the engine: the worker died with the request in flight
+    TIMEOUT = 4      # synthesized by the engine: the request passed its deadline
+
+
+class MsgType:
+    HELLO = "hello"
+    WELCOME = "welcome"
+    REGISTER = "register"
+    REGISTERED = "registered"
+    XFER = "xfer"
+    LAYER = "layer"
+    DONE = "done"
+    EVENT = "event"
+    STATUS = "status"
+    STATS = "stats"
+    PING = "ping"
+    PONG = "pong"
+    READY = "ready"        # path worker -> supervisor once mapped, pinned and bound
+    RESTART = "restart"    # engine -> supervisor: a worker missed a deadline, replace it
+    ERROR = "error"
+
+
+# ---- encoding ---------------------------------------------------------------------------------
+
+def encode(msg: dict[str, Any]) -> bytes:
+    msg.setdefault("v", PROTOCOL_VERSION)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(frame: bytes | memoryview, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """A msgpack map of the current version, or ProtocolError naming what is wrong."""
+    size = len(frame)
+    if size > max_bytes:
+        raise ProtocolError(f"message of {size} bytes exceeds the {max_bytes} byte cap")
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                              max_str_len=max_bytes, max_array_len=MAX_BATCH_BLOCKS * 2,
+                              max_map_len=64, max_ext_len=0)
+    except Exception as err:  # msgpack raises a zoo of types (ExtraData, ValueError, ...)
+        raise ProtocolError(f"undecodable message of {size} bytes: {type(err).__name__}: {err}") from err
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"expected a msgpack map, got {type(msg).__name__}")
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    if not isinstance(msg.get("t"), str):
+        raise ProtocolError(f"message type 't' missing or not a string: {msg.get('t')!r}")
+    return msg
+
+
+def request_id_of(msg: Any) -> int:
+    """The id of a (possibly invalid) request, or -1, for answering it."""
+    if isinstance(msg, dict):
+        rid = msg.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63:
+            return rid
+    return -1
+
+
+# ---- block arrays -----------------------------------------------------------------------------
+
+def pack_blocks(blocks) -> bytes:
+    arr = np.ascontiguousarray(np.asarray(blocks, dtype="<i8"))
+    if arr.ndim != 1:
+        raise ProtocolError(f"block array must be 1-D, got shape {arr.shape}")
+    return arr.tobytes()
+
+
+def unpack_blocks(data: Any, field: str, limit: int, max_count: int = MAX_BATCH_BLOCKS) -> np.ndarray:
+    """int64 array from packed LE bytes, every index in [0, limit)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(f"{field}: expected packed int64 bytes, got {type(data).__name__}")
+    if len(data) % 8:
+        raise ProtocolError(f"{field}: {len(data)} bytes is not a whole number of int64")
+    count = len(data) // 8
+    if count == 0 or count > max_count:
+        raise ProtocolError(f"{field}: {count} blocks, expected 1..{max_count}")
+    arr = np.frombuffer(data, dtype="<i8").astype(np.int64, copy=False)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= limit:
+        raise ProtocolError(f"{field}: block index range [{lo}, {hi}] outside [0, {limit})")
+    return arr
+
+
+# ---- field checks -----------------------------------------------------------------------------
+
+def _int(msg: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = msg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"{key}: expected an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _str(msg: dict, key: str, default: str | None = None) -> str:
+    value = msg.get(key, default)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_STRING:
+        raise ProtocolError(f"{key}: expected a non-empty string of <= {MAX_STRING} chars, got {value!r:.80}")
+    return value
+
+
+def _map(msg: dict, key: str) -> dict:
+    value = msg.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key}: expected a map, got {type(value).__name__}")
+    return value
+
+
+def _list(msg: dict, key: str, max_len: int) -> list:
+    value = msg.get(key)
+    if not isinstance(value, list) or len(value) > max_len:
+        raise ProtocolError(f"{key}: expected a list of <= {max_len} items, got {type(value).__name__}")
+    return value
+
+
+# ---- messages ---------------------------------------------------------------------------------
+
+def make_xfer(rid: int, engine: str, gen: int, path: Path, src, dst, priority: int = 0,
+              layers: bool = False, gate: list | None = None) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": MsgType.XFER, "id": rid, "engine": engine, "gen": gen,
+            "path": int(path), "src": pack_blocks(src), "dst": pack_blocks(dst), "prio": priority,
+            "layers": bool(layers), "gate": gate}
+
+
+def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (src, dst) arrays of an xfer request, checked against the handshaken layouts."""
+    _int(msg, "id", 0, 2**63 - 1)
+    _int(msg, "gen", 0, 2**31)
+    _int(msg, "path", 0, len(Path) - 1)
+    _int(msg, "prio", -(2**31), 2**31 - 1, 0)
+    _str(msg, "engine")
+    if not isinstance(msg.get("layers", False), bool):
+        raise ProtocolError(f"layers: expected a bool, got {msg.get('layers')!r}")
+    gate = msg.get("gate")
+    if gate is not None and not (isinstance(gate, list) and len(gate) == 2
+                                 and all(g is None or (isinstance(g, int) and not isinstance(g, bool))
+                                         for g in gate)):
+        raise ProtocolError(f"gate: expected nil or [iteration|nil, layer|nil], got {gate!r:.80}")
+    cap = min(max_blocks, MAX_BATCH_BLOCKS)
+    src = unpack_blocks(msg.get("src"), "src", src_limit, cap)
+    dst = unpack_blocks(msg.get("dst"), "dst", dst_limit, cap)
+    if src.shape[0] != dst.shape[0]:
+        raise ProtocolError(f"src has {src.shape[0]} blocks, dst {dst.shape[0]}; expected equal counts")
+    if np.unique(dst).shape[0] != dst.shape[0]:
+        raise ProtocolError("dst names a block twice; destinations must be distinct")
+    return src, dst
+
+
+def make_done(rid: int, status: Status, error: str = "", nbytes: int = 0, gen: int = 0,
+              queue_us: int = 0, copy_us: int = 0) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": MsgType.DONE, "id": rid, "status": int(status),
+            "error": error[:MAX_ERROR_TEXT], "bytes": nbytes, "gen": gen, "queue_us": queue_us,
+            "copy_us": copy_us}
+
+
+def validate_done(msg: dict) -> None:
+    _int(msg, "id", -1, 2**63 - 1)
+    _int(msg, "status", 0, len(Status) - 1)
+    if not isinstance(msg.get("error", ""), str):
+        raise ProtocolError("done.error: expected a string")
+    _int(msg, "bytes", 0, 2**62, 0)
+
+
+def make_layer(rid: int, layer: int) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": MsgType.LAYER, "id": rid, "layer": layer}
+
+
+def make_event(kind: str, path: Path | None, gen: int, **extra: Any) -> dict:
+    msg = {"v": PROTOCOL_VERSION, "t": MsgType.EVENT, "kind": kind,
+           "path": None if path is None else int(path), "gen": gen}
+    msg.update(extra)
+    return msg
+
+
+def validate_register(msg: dict) -> tuple[dict, dict, dict]:
+    """(device layout map, host layout map, device memory map) of a register request."""
+    _str(msg, "engine")
+    device = _map(msg, "device")
+    host = _map(msg, "host")
+    for name, lay in (("device", device), ("host", host)):
+        _map(lay, "config")
+        _int(lay, "type", 0, 1)
+        _int(lay, "order", 0, 1, 0)
+        _int(lay, "num_blocks", 1, 2**40)
+    mem = _map(msg, "memory")
+    kind = _str(mem, "kind")
+    if kind not in ("shm", "cuda_ipc"):
+        raise ProtocolError(f"memory.kind: expected 'shm' or 'cuda_ipc', got {kind!r}")
+    buffers = _list(mem, "buffers", 4096)
+    if not buffers:
+        raise ProtocolError("memory.buffers: expected at least one buffer")
+    for buf in buffers:
+        if not isinstance(buf, dict):
+            raise ProtocolError("memory.buffers[i]: expected a map")
+        _int(buf, "nbytes", 1, 2**48)
+        _int(buf, "offset", 0, 2**48, 0)
+    return device, host, mem
+
+
+def layout_to_wire(layout) -> dict:
+    """A BlockLayout as a msgpack map (LayoutConfig.to_dict, type, order, num_blocks)."""
+    return {"config": layout.config.to_dict(), "type": int(layout.layout_type), "order": int(layout.order),
+            "num_blocks": int(layout.num_blocks)}
+
+
+def layout_from_wire(data: dict):
+    from kvbm.errors import LayoutError
+    from kvbm.layout import BlockLayout, InnerOrder, LayoutConfig, LayoutType
+    try:
+        return BlockLayout(LayoutConfig.from_dict(data["config"]), LayoutType(data["type"]), data["num_blocks"],
+                           InnerOrder(data.get("order", 0)))
+    except (LayoutError, KeyError, ValueError, TypeError) as err:
+        raise ProtocolError(f"bad layout on the wire: {err}") from err

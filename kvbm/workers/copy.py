@@ -1,0 +1,153 @@
+"""Copy handlers of the path workers: the memory an engine registered, and the block copies over it.
+
+Parts:
+  DeviceMemory   the engine's KV buffers as this process sees them: a mapped CPU-mode shared
+                 segment, or CUDA tensors rebuilt from CUDA IPC handles (no pickle: the handle
+                 fields arrive as msgpack bytes/ints and go to torch's rebuild_cuda_tensor)
+  Copier         one (source layout, destination layout) pair with native RegionLayouts, whole and
+                 per layer; `copy(src, dst, on_layer)` runs the CPU routine (memcpy threads) or the
+                 CUDA one on the worker's own stream, layer by layer when progress is asked for
+
+Order inside a worker: attach + pin G2 (supervisor args) -> an engine registers (DeviceMemory,
+Copier per path) -> copies. CUDA copies are enqueued for all layers at once with an event after
+each layer; the worker waits on the events in order and reports each layer as it lands.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from kvbm._fast import native
+from kvbm.errors import LayoutError, ProtocolError
+from kvbm.layout import BlockLayout, LayoutType
+from kvbm.shm import Segment
+
+logger = logging.getLogger(__name__)
+
+
+def buffer_bytes(layout: BlockLayout) -> int:
+    """Bytes each buffer of the layout must hold."""
+    return layout.total_bytes if layout.layout_type is LayoutType.FULLY_CONTIGUOUS else layout.layer_bytes
+
+
+class DeviceMemory:
+    """Base addresses of the engine's buffers in this process, kept mapped while registered."""
+
+    def __init__(self, memory: dict, layout: BlockLayout, cuda: bool) -> None:
+        self.kind = memory["kind"]
+        self._keep: list = []
+        self.segment: Segment | None = None
+        need = buffer_bytes(layout)
+        buffers = memory["buffers"]
+        if len(buffers) != layout.num_buffers():
+            raise ProtocolError(f"memory has {len(buffers)} buffers, the device layout needs {layout.num_buffers()}")
+        for i, buf in enumerate(buffers):
+            if buf["nbytes"] < need:
+                raise ProtocolError(f"buffer {i} holds {buf['nbytes']} bytes, the layout needs {need}")
+        if self.kind == "shm":
+            name = memory.get("segment")
+            if not isinstance(name, str) or "/" in name or not name.startswith("kvbm-"):
+                raise ProtocolError(f"memory.segment: expected a kvbm-* segment name, got {name!r:.80}")
+            self.segment = Segment.attach(name)
+            for i, buf in enumerate(buffers):
+                if buf["offset"] + need > self.segment.size:
+                    raise ProtocolError(f"buffer {i} [{buf['offset']}, +{need}) outside segment of {self.segment.size} bytes")
+            if cuda:
+                self.segment.pin()
+            self.ptrs = [self.segment.address + buf["offset"] for buf in buffers]
+        elif self.kind == "cuda_ipc":
+            if not cuda:
+                raise ProtocolError("cuda_ipc memory registered with a worker running in CPU mode")
+            self.ptrs = [self._open_ipc(buf) for buf in buffers]
+        else:
+            raise ProtocolError(f"memory.kind {self.kind!r}")
+
+    def _open_ipc(self, buf: dict) -> int:
+        import torch
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        h = buf.get("ipc")
+        if not isinstance(h, dict):
+            raise ProtocolError("cuda_ipc buffer lacks its 'ipc' map")
+        try:
+            storage_size = int(h["storage_size"])
+            tensor = rebuild_cuda_tensor(
+                torch.Tensor, (storage_size,), (1,), 0, torch.UntypedStorage, torch.uint8,
+                int(h["device"]), bytes(h["handle"]), storage_size, int(h["storage_offset"]), False,
+                bytes(h["ref_counter_handle"]), int(h["ref_counter_offset"]),
+                bytes(h["event_handle"]) if h.get("event_handle") else None, bool(h["event_sync_required"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ProtocolError(f"cannot open CUDA IPC handle: {err}") from err
+        self._keep.append(tensor)
+        if buf["offset"] + buf["nbytes"] > storage_size:
+            raise ProtocolError(f"buffer [{buf['offset']}, +{buf['nbytes']}) outside its storage of {storage_size}")
+        return tensor.data_ptr() + buf["offset"]
+
+    def close(self) -> None:
+        self._keep.clear()
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+def layer_region_layouts(layout: BlockLayout, ptrs: list[int]) -> list:
+    """One single-layer native RegionLayout per layer (for layer-by-layer copies)."""
+    bases = layout.layer_bases(ptrs)
+    return [native.RegionLayout([b], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
+                                layout.outer_stride, layout.config.region_bytes) for b in bases]
+
+
+class Copier:
+    """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream."""
+
+    def __init__(self, src: BlockLayout, src_ptrs: list[int], dst: BlockLayout, dst_ptrs: list[int],
+                 cuda: bool, threads: int = 0, device: int = 0) -> None:
+        if (src.config.num_layers, src.config.outer_dim, src.config.region_bytes) != \
+                (dst.config.num_layers, dst.config.outer_dim, dst.config.region_bytes):
+            raise LayoutError(f"source and destination layouts disagree: {src.config} vs {dst.config}")
+        self.src, self.dst = src, dst
+        self.src_region = src.region_layout(src_ptrs)
+        self.dst_region = dst.region_layout(dst_ptrs)
+        self.src_layers = layer_region_layouts(src, src_ptrs)
+        self.dst_layers = layer_region_layouts(dst, dst_ptrs)
+        self.cuda = cuda
+        self.threads = threads
+        self.block_bytes = src.config.block_bytes
+        self._stream = None
+        if cuda:
+            import torch
+            # Each path worker has its own stream: D2H and H2D overlap on the two copy directions.
+            self._torch = torch
+            self._device = torch.device("cuda", device)
+            self._stream = torch.cuda.Stream(device=self._device)
+
+    def copy(self, src: np.ndarray, dst: np.ndarray, on_layer: Callable[[int], None] | None = None) -> int:
+        """Copies every region of src[i] to dst[i]; calls on_layer(l) as each layer lands. Returns bytes."""
+        if self.cuda:
+            self._copy_cuda(src, dst, on_layer)
+        elif on_layer is None:
+            native.copy_blocks_cpu(self.src_region, self.dst_region, src, dst, self.threads)
+        else:
+            for layer, (s, d) in enumerate(zip(self.src_layers, self.dst_layers)):
+                native.copy_blocks_cpu(s, d, src, dst, self.threads)
+                on_layer(layer)
+        return int(src.shape[0]) * self.block_bytes
+
+    def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
+        torch = self._torch
+        handle = self._stream.cuda_stream
+        if on_layer is None:
+            native.copy_blocks_cuda(self.src_region, self.dst_region, src, dst, 0, 0, handle)
+            self._stream.synchronize()
+            return
+        events = []
+        with torch.cuda.device(self._device):
+            for s, d in zip(self.src_layers, self.dst_layers):
+                native.copy_blocks_cuda(s, d, src, dst, 0, 0, handle)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                events.append(event)
+        for layer, event in enumerate(events):
+            event.synchronize()
+            on_layer(layer)

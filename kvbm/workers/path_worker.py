@@ -1,0 +1,284 @@
+"""A path worker process: one transfer path (D2H or H2D), one queue, one ROUTER socket.
+
+Order of things:
+  1. started by the supervisor with its path, generation and the G2 segment's name; asks the kernel
+     to kill it when the supervisor dies (PR_SET_PDEATHSIG)
+  2. maps G2 and, in CUDA mode, pins it with cudaHostRegister (timed: reported in READY)
+  3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
+  4. serves: drains every waiting message into a priority heap, answers control messages at once,
+     runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
+     layouts; XFER requests are validated against those (block indices in range, counts, caps) and
+     against this worker's generation (a request meant for a dead predecessor is answered STALE
+     and not executed, so nothing writes into blocks the engine already gave up on).
+Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
+SIGTERM ends it cleanly (unpin, close); SIGINT is ignored, since the supervisor owns shutdown.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import heapq
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from kvbm.errors import KvbmError, ProtocolError
+from kvbm.layout import BlockLayout, LayoutType
+from kvbm.shm import Segment
+from kvbm.transfer import protocol as P
+from kvbm.transfer.channel import bind_socket, make_context
+from kvbm.workers.copy import Copier, DeviceMemory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Registration:
+    engine: str
+    device: BlockLayout
+    host: BlockLayout
+    memory: DeviceMemory
+    copier: Copier
+
+
+@dataclass
+class WorkerStats:
+    requests: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    errors: int = 0
+    stale: int = 0
+    malformed: int = 0
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "blocks": self.blocks, "bytes": self.bytes, "errors": self.errors,
+                "stale": self.stale, "malformed": self.malformed, "busy_s": round(self.busy_s, 6),
+                "uptime_s": round(time.monotonic() - self.started, 3)}
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: an orphaned worker would pin memory forever
+    except OSError:
+        logger.debug("prctl unavailable; relying on the parent-pid check")
+
+
+class PathWorker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.path = P.Path[args.path.upper()]
+        self.gen = args.gen
+        self.cuda = bool(args.cuda)
+        self.threads = args.copy_threads
+        self.max_batch = min(args.max_batch_blocks, P.MAX_BATCH_BLOCKS)
+        self.delay_s = args.delay_ms / 1000.0
+        self.parent = os.getppid()
+        self.stats = WorkerStats()
+        self.engines: dict[str, Registration] = {}
+        self._stop = False
+        self._queue: list = []
+        self._seq = 0
+        self.host_segment = Segment.attach(args.segment, args.segment_size)
+        self.pin_s = self.host_segment.pin() if self.cuda else 0.0
+        self.ctx = make_context()
+        self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint)
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.connect(args.control)
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.control.send(P.encode({"t": P.MsgType.READY, "path": int(self.path), "gen": self.gen,
+                                    "pid": os.getpid(), "pin_s": self.pin_s,
+                                    "pinned_bytes": self.host_segment.size if self.cuda else 0}))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop:
+            if not self._queue:
+                if not poller.poll(200):
+                    if os.getppid() != self.parent:
+                        logger.error("%s worker: supervisor %d is gone; exiting", self.path.label, self.parent)
+                        break
+                    continue
+            self._drain()
+            if self._queue:
+                _, _, ident, msg, t_recv = heapq.heappop(self._queue)
+                self._execute(ident, msg, t_recv)
+        self.close()
+
+    def _request_stop(self) -> None:
+        self._stop = True
+
+    def _drain(self) -> None:
+        """Takes every waiting message: control ones are answered now, copies go to the heap."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            t_recv = time.monotonic()
+            if len(frames) != 2:
+                self.stats.malformed += 1
+                logger.warning("%s worker: dropped a message of %d frames (expected identity + payload)",
+                               self.path.label, len(frames))
+                if len(frames) >= 2:
+                    self._reply(frames[0], P.make_done(-1, P.Status.ERROR, f"expected 1 payload frame, got {len(frames) - 1}"))
+                continue
+            ident, payload = frames
+            try:
+                msg = P.decode(payload)
+            except ProtocolError as err:
+                self._malformed(ident, None, err)
+                continue
+            kind = msg["t"]
+            try:
+                if kind == P.MsgType.XFER:
+                    prio = msg.get("prio", 0)
+                    prio = prio if isinstance(prio, int) and not isinstance(prio, bool) else 0
+                    self._seq += 1
+                    heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv))
+                elif kind == P.MsgType.REGISTER:
+                    self._register(ident, msg)
+                elif kind == P.MsgType.STATS:
+                    self._reply(ident, {"t": P.MsgType.STATS, "path": int(self.path), "gen": self.gen,
+                                        "queue": len(self._queue), "pid": os.getpid(),
+                                        "engines": len(self.engines), **self.stats.as_dict()})
+                elif kind == P.MsgType.PING:
+                    self._reply(ident, {"t": P.MsgType.PONG, "gen": self.gen, "id": P.request_id_of(msg)})
+                else:
+                    raise ProtocolError(f"unknown message type {kind!r:.40} for a path worker")
+            except (KvbmError, OSError) as err:
+                self._malformed(ident, msg, err)
+
+    def _malformed(self, ident: bytes, msg, err: Exception) -> None:
+        self.stats.malformed += 1
+        logger.warning("%s worker gen %d: rejected a message: %s", self.path.label, self.gen, err)
+        self._reply(ident, P.make_done(P.request_id_of(msg), P.Status.ERROR, f"rejected: {err}", gen=self.gen))
+
+    def _reply(self, ident: bytes, msg: dict) -> None:
+        try:
+            self.sock.send_multipart([ident, P.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("%s worker: reply to a slow engine dropped (send queue full)", self.path.label)
+
+    # ---- register --------------------------------------------------------------------------
+    def _register(self, ident: bytes, msg: dict) -> None:
+        device_map, host_map, memory = P.validate_register(msg)
+        device = P.layout_from_wire(device_map)
+        host = P.layout_from_wire(host_map)
+        if host.layout_type is not LayoutType.FULLY_CONTIGUOUS:
+            raise ProtocolError("the host layout must be FULLY_CONTIGUOUS")
+        if host.total_bytes > self.host_segment.size:
+            raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
+                                f"the G2 segment holds {self.host_segment.size}")
+        engine = msg["engine"]
+        old = self.engines.pop(engine, None)
+        if old is not None:
+            old.memory.close()
+        mem = DeviceMemory(memory, device, self.cuda)
+        try:
+            host_ptrs = [self.host_segment.address]
+            if self.path is P.Path.D2H:
+                copier = Copier(device, mem.ptrs, host, host_ptrs, self.cuda, self.threads, memory.get("device", 0))
+            else:
+                copier = Copier(host, host_ptrs, device, mem.ptrs, self.cuda, self.threads, memory.get("device", 0))
+        except BaseException:
+            mem.close()
+            raise
+        self.engines[engine] = Registration(engine, device, host, mem, copier)
+        logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks, %s)",
+                    self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
+        self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
+                            "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda})
+
+    # ---- transfers -------------------------------------------------------------------------
+    def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        rid = P.request_id_of(msg)
+        try:
+            gen = msg.get("gen")
+            if gen != self.gen:
+                self.stats.stale += 1
+                self._reply(ident, P.make_done(rid, P.Status.STALE,
+                                               f"request for generation {gen!r}; this {self.path.label} worker is "
+                                               f"generation {self.gen}", gen=self.gen))
+                return
+            if msg.get("path") != int(self.path):
+                raise ProtocolError(f"path {msg.get('path')!r} sent to the {self.path.label} worker")
+            reg = self.engines.get(msg.get("engine"))  # type: ignore[arg-type]
+            if reg is None:
+                raise ProtocolError(f"engine {msg.get('engine')!r:.60} has not registered with this worker")
+            copier = reg.copier
+            src, dst = P.validate_xfer(msg, copier.src.num_blocks, copier.dst.num_blocks, self.max_batch)
+        except ProtocolError as err:
+            self._malformed(ident, msg, err)
+            return
+        t_start = time.monotonic()
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
+            on_layer = (lambda layer: self._reply(ident, P.make_layer(rid, layer))) if msg.get("layers") else None
+            nbytes = copier.copy(src, dst, on_layer)
+        except Exception as err:  # noqa: BLE001 - any copy failure becomes a failed completion
+            self.stats.errors += 1
+            logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, rid, exc_info=True)
+            self._reply(ident, P.make_done(rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
+            return
+        t_end = time.monotonic()
+        self.stats.requests += 1
+        self.stats.blocks += int(src.shape[0])
+        self.stats.bytes += nbytes
+        self.stats.busy_s += t_end - t_start
+        self._reply(ident, P.make_done(rid, P.Status.OK, nbytes=nbytes, gen=self.gen,
+                                       queue_us=int((t_start - t_recv) * 1e6), copy_us=int((t_end - t_start) * 1e6)))
+
+    def close(self) -> None:
+        for reg in self.engines.values():
+            reg.memory.close()
+        self.engines.clear()
+        self.sock.close(0)
+        self.control.close(0)
+        self.ctx.term()
+        self.host_segment.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="kvbm-path-worker", description="kvbm path worker (started by kvbm-workers)")
+    ap.add_argument("--path", required=True, choices=[p.label for p in P.WORKER_PATHS])
+    ap.add_argument("--gen", type=int, required=True)
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--control", required=True)
+    ap.add_argument("--segment", required=True)
+    ap.add_argument("--segment-size", type=int, required=True)
+    ap.add_argument("--cuda", type=int, default=0)
+    ap.add_argument("--copy-threads", type=int, default=0)
+    ap.add_argument("--max-batch-blocks", type=int, default=P.MAX_BATCH_BLOCKS)
+    ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s {args.path}[{os.getpid()}] gen{args.gen} %(levelname)s %(message)s")
+    try:
+        worker = PathWorker(args)
+    except (KvbmError, OSError, zmq.ZMQError):
+        logger.critical("%s worker failed to start", args.path, exc_info=True)
+        return 2
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

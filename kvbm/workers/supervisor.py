@@ -1,0 +1,373 @@
+"""The kvbm-workers supervisor: owns G2 and the G3 folder, runs and restarts the path workers.
+
+Order of things:
+  1. take the instance lock in the 0700 runtime dir; leftovers of a killed predecessor (socket
+     files, endpoints.json, the G2 segment, device segments of dead engines) are removed
+  2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder
+  3. bind the control ROUTER and the event PUB socket, write endpoints.json
+  4. start one process per worker path (D2H, H2D). Each maps and, in CUDA mode, pins G2 itself and
+     says READY (with its pinning time); the supervisor then publishes {event started, path, gen}.
+     Disk paths have no process: the control socket answers their requests "not implemented".
+  5. serve: answer hello/status/stats/restart on the control socket, poll workers for stats every
+     second, log one summary line per interval; a worker that exits is reported ({event died,
+     path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1
+  6. SIGINT/SIGTERM: stop workers (SIGTERM, then SIGKILL past a deadline), publish stopping,
+     unlink the segment, remove sockets, lock and folder.
+
+Why D2H and H2D are separate processes: each has its own CUDA stream and queue, so an offload
+burst never delays an onboard the engine is waiting on; a CUDA context per process costs ~500 MB of
+GPU memory, which is the price of that isolation (and of restarting one path without the other).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import KvbmError, ProtocolError
+from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
+from kvbm.transfer import protocol as P
+from kvbm.transfer.channel import Endpoints, bind_socket, connect_socket, make_context
+
+logger = logging.getLogger(__name__)
+
+RESTART_WINDOW_S = 30.0
+RESTART_BURST = 5          # deaths within the window before restarts are delayed
+RESTART_BACKOFF_S = 1.0
+STOP_GRACE_S = 5.0
+STATS_PERIOD_S = 1.0
+
+
+@dataclass
+class WorkerSlot:
+    path: P.Path
+    gen: int = 0
+    proc: subprocess.Popen | None = None
+    ready: bool = False
+    restarts: int = 0
+    pin_s: float = 0.0
+    deaths: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RESTART_BURST))
+    restart_at: float = 0.0
+    stats: dict = field(default_factory=dict)
+    dealer: zmq.Socket | None = None
+    prev_bytes: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: KvbmConfig, host_bytes: int, cuda: bool, interval: float = 10.0,
+                 log_level: str = "INFO") -> None:
+        if host_bytes <= 0:
+            raise KvbmError(f"the host pool needs a size > 0 bytes, got {host_bytes}")
+        self.config = config
+        self.host_bytes = host_bytes
+        self.cuda = cuda
+        self.interval = interval
+        self.log_level = log_level
+        self.rundir = RuntimeDir(config.resolved_runtime_dir())
+        self.endpoints = Endpoints.for_config(self.rundir.path, config.transport, config.tcp_port)
+        self.slots = {p: WorkerSlot(p) for p in P.WORKER_PATHS}
+        self.segment: Segment | None = None
+        self.engines: dict[str, dict] = {}
+        self.prefault_s = 0.0
+        self.started = time.monotonic()
+        self._stop = False
+        self._ctx: zmq.Context | None = None
+        self._control: zmq.Socket | None = None
+        self._events: zmq.Socket | None = None
+        self._disk_dir: str | None = None
+
+    # ---- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        removed = self.rundir.acquire()
+        removed += clean_stale_segments(self.config.instance_id, include_host_pool=True)
+        if removed:
+            print(f"kvbm-workers: cleaned up after a previous run: {', '.join(sorted(removed))}", flush=True)
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        self.segment = Segment.create(segment_name(self.config.instance_id), self.host_bytes)
+        self.prefault_s = self.segment.prefault()
+        gb = self.host_bytes / 1e9
+        print(f"kvbm-workers: G2 host pool {gb:.3f} GB in /dev/shm/{self.segment.name}, pre-faulted in "
+              f"{self.prefault_s:.3f} s ({gb / max(self.prefault_s, 1e-9):.1f} GB/s)", flush=True)
+        if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
+            self._disk_dir = self._prepare_disk(self.config.disk_path)
+        self._ctx = make_context()
+        self._control = bind_socket(self._ctx, zmq.ROUTER, self.endpoints.control)
+        self._events = bind_socket(self._ctx, zmq.PUB, self.endpoints.events)
+        self.endpoints.write(self.rundir.path)
+        for slot in self.slots.values():
+            slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path))
+            self._spawn(slot)
+
+    @staticmethod
+    def _prepare_disk(path: str) -> str:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            raise KvbmError(f"disk tier folder {path} is not a writable directory")
+        print(f"kvbm-workers: G3 folder {path} ready (disk I/O not implemented yet)", flush=True)
+        return path
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        slot.gen += 1
+        slot.ready = False
+        assert self.segment is not None
+        cmd = [sys.executable, "-m", "kvbm.workers.path_worker", "--path", slot.path.label,
+               "--gen", str(slot.gen), "--endpoint", self.endpoints.worker(slot.path),
+               "--control", self.endpoints.control, "--segment", self.segment.name,
+               "--segment-size", str(self.segment.size), "--cuda", str(int(self.cuda)),
+               "--copy-threads", str(self.config.copy_threads),
+               "--max-batch-blocks", str(self.config.max_batch_blocks),
+               "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level]
+        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        logger.info("started %s worker gen %d pid %d", slot.path.label, slot.gen, slot.proc.pid)
+
+    # ---- serve -------------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def serve(self, duration: float | None = None) -> None:
+        assert self._control is not None
+        poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        for slot in self.slots.values():
+            poller.register(slot.dealer, zmq.POLLIN)
+        deadline = None if duration is None else time.monotonic() + duration
+        next_stats = next_summary = time.monotonic()
+        next_summary += self.interval
+        while not self._stop and (deadline is None or time.monotonic() < deadline):
+            events = dict(poller.poll(50))
+            if self._control in events:
+                self._serve_control()
+            for slot in self.slots.values():
+                if slot.dealer in events:
+                    self._read_stats(slot)
+            self._check_children()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + STATS_PERIOD_S
+                for slot in self.slots.values():
+                    if slot.ready:
+                        slot.dealer.send(P.encode({"t": P.MsgType.STATS}), zmq.NOBLOCK)
+            if self.interval > 0 and now >= next_summary:
+                next_summary = now + self.interval
+                print(self.summary_line(), flush=True)
+
+    def _serve_control(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                frames = self._control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                logger.warning("control: dropped a message of %d frames", len(frames))
+                continue
+            ident, payload = frames
+            msg = None
+            try:
+                msg = P.decode(payload)
+                reply = self._handle_control(msg)
+            except (ProtocolError, KvbmError) as err:
+                logger.warning("control: rejected a message: %s", err)
+                reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"rejected: {err}")
+            if reply is not None:
+                reply.setdefault("id", P.request_id_of(msg))
+                self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+
+    def _handle_control(self, msg: dict) -> dict | None:
+        kind = msg["t"]
+        if kind == P.MsgType.HELLO:
+            return self.welcome()
+        if kind == P.MsgType.STATUS:
+            return self.status()
+        if kind == P.MsgType.READY:
+            self._worker_ready(msg)
+            return None
+        if kind == P.MsgType.STATS:  # an engine's periodic report: pool occupancy, queue depths
+            engine = msg.get("engine")
+            if isinstance(engine, str) and len(self.engines) < 256:
+                self.engines[engine] = {k: v for k, v in msg.items() if k not in ("v", "t")} | {"at": time.time()}
+            return None
+        if kind == P.MsgType.RESTART:
+            self._restart_request(msg)
+            return {"t": P.MsgType.PONG}
+        if kind == P.MsgType.XFER:
+            path = msg.get("path")
+            if path in [int(p) for p in P.DISK_PATHS]:
+                return P.make_done(P.request_id_of(msg), P.Status.ERROR, P.DISK_NOT_IMPLEMENTED)
+            raise ProtocolError(f"xfer for path {path!r} sent to the control socket; send it to the path worker")
+        if kind == P.MsgType.PING:
+            return {"t": P.MsgType.PONG}
+        raise ProtocolError(f"unknown control message type {kind!r:.40}")
+
+    def welcome(self) -> dict:
+        assert self.segment is not None
+        return {"t": P.MsgType.WELCOME, "instance": self.config.instance_id, "pid": os.getpid(),
+                "cuda": self.cuda, "host": {"segment": self.segment.name, "size": self.segment.size},
+                "disk": self._disk_dir, "events": self.endpoints.events,
+                "max_batch_blocks": self.config.max_batch_blocks,
+                "workers": {s.path.label: {"path": int(s.path), "endpoint": self.endpoints.worker(s.path),
+                                           "gen": s.gen, "ready": s.ready} for s in self.slots.values()}}
+
+    def _worker_ready(self, msg: dict) -> None:
+        try:
+            slot = self.slots[P.Path(msg.get("path"))]
+        except (ValueError, KeyError):
+            raise ProtocolError(f"READY from an unknown path {msg.get('path')!r}") from None
+        if msg.get("gen") != slot.gen:
+            logger.warning("READY from %s gen %r, current gen is %d; ignored", slot.path.label, msg.get("gen"), slot.gen)
+            return
+        slot.ready = True
+        slot.pin_s = float(msg.get("pin_s") or 0.0)
+        pinned = int(msg.get("pinned_bytes") or 0)
+        if pinned:
+            print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pinned {pinned / 1e9:.3f} GB in "
+                  f"{slot.pin_s:.3f} s ({pinned / 1e9 / max(slot.pin_s, 1e-9):.1f} GB/s)", flush=True)
+        self._publish(P.make_event("started", slot.path, slot.gen, pid=msg.get("pid"),
+                                   endpoint=self.endpoints.worker(slot.path)))
+
+    def _restart_request(self, msg: dict) -> None:
+        try:
+            slot = self.slots[P.Path(msg.get("path"))]
+        except (ValueError, KeyError):
+            raise ProtocolError(f"restart of an unknown path {msg.get('path')!r}") from None
+        if msg.get("gen") == slot.gen and slot.proc is not None and slot.proc.poll() is None:
+            logger.error("engine %s reports %s worker gen %d unresponsive (%s); killing it",
+                         msg.get("engine"), slot.path.label, slot.gen, msg.get("reason"))
+            slot.proc.kill()
+
+    def _read_stats(self, slot: WorkerSlot) -> None:
+        while True:
+            try:
+                payload = slot.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(payload)
+            except ProtocolError:
+                continue
+            if msg.get("t") == P.MsgType.STATS:
+                slot.stats = msg
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            proc = slot.proc
+            if proc is None:
+                if slot.restart_at and now >= slot.restart_at:
+                    slot.restart_at = 0.0
+                    self._spawn(slot)
+                continue
+            code = proc.poll()
+            if code is None:
+                continue
+            logger.error("%s worker gen %d (pid %d) died with exit code %d; restarting",
+                         slot.path.label, slot.gen, proc.pid, code)
+            print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pid {proc.pid} died "
+                  f"(exit {code}); restarting", flush=True)
+            self._publish(P.make_event("died", slot.path, slot.gen, pid=proc.pid, exitcode=code))
+            slot.proc = None
+            slot.ready = False
+            slot.restarts += 1
+            slot.stats = {}
+            slot.deaths.append(now)
+            if len(slot.deaths) == RESTART_BURST and now - slot.deaths[0] < RESTART_WINDOW_S:
+                slot.restart_at = now + RESTART_BACKOFF_S
+                logger.error("%s worker died %d times in %.0f s; next start in %.1f s",
+                             slot.path.label, RESTART_BURST, now - slot.deaths[0], RESTART_BACKOFF_S)
+            else:
+                self._spawn(slot)
+
+    def _publish(self, msg: dict) -> None:
+        if self._events is not None:
+            self._events.send(P.encode(msg))
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        workers = {}
+        for slot in self.slots.values():
+            workers[slot.path.label] = {
+                "gen": slot.gen, "pid": slot.proc.pid if slot.proc else None, "ready": slot.ready,
+                "restarts": slot.restarts, "pin_s": slot.pin_s,
+                "queue": slot.stats.get("queue", 0), "requests": slot.stats.get("requests", 0),
+                "bytes": slot.stats.get("bytes", 0), "errors": slot.stats.get("errors", 0),
+                "malformed": slot.stats.get("malformed", 0), "busy_s": slot.stats.get("busy_s", 0.0),
+                "uptime_s": slot.stats.get("uptime_s", 0.0)}
+        for label in ("h2disk", "disk2d"):
+            workers[label] = {"state": P.DISK_NOT_IMPLEMENTED}
+        return {"t": P.MsgType.STATUS, "instance": self.config.instance_id, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 3), "cuda": self.cuda,
+                "tiers": {"g2": {"segment": self.segment.name if self.segment else None,
+                                 "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4)},
+                          "g3": {"path": self._disk_dir}},
+                "workers": workers, "engines": self.engines}
+
+    def summary_line(self) -> str:
+        parts = []
+        for slot in self.slots.values():
+            total = int(slot.stats.get("bytes", 0))
+            delta = max(0, total - slot.prev_bytes)
+            slot.prev_bytes = total
+            parts.append(f"{slot.path.label} gen{slot.gen} {'up' if slot.ready else 'DOWN'} "
+                         f"req {slot.stats.get('requests', 0)} q {slot.stats.get('queue', 0)} "
+                         f"{total / 1e9:.2f} GB {delta / 1e9 / max(self.interval, 1e-9):.2f} GB/s "
+                         f"err {slot.stats.get('errors', 0)} restarts {slot.restarts}")
+        occupancy = ""
+        for name, report in self.engines.items():
+            pools = report.get("pools") or {}
+            g2 = pools.get("g2") or {}
+            if g2:
+                occupancy += f" | engine {name} g2 {g2.get('used', '?')}/{g2.get('blocks', '?')} blocks"
+        return f"kvbm-workers [{self.config.instance_id}] up {time.monotonic() - self.started:.0f}s | " + \
+            " | ".join(parts) + occupancy
+
+    # ---- stop --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._publish(P.make_event("stopping", None, 0))
+        procs = [s.proc for s in self.slots.values() if s.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("worker pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, STOP_GRACE_S)
+                proc.kill()
+                proc.wait(5)
+        for slot in self.slots.values():
+            slot.proc = None
+            if slot.dealer is not None:
+                slot.dealer.close(0)
+                slot.dealer = None
+        for sock in (self._control, self._events):
+            if sock is not None:
+                sock.close(0)
+        self._control = self._events = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self.segment is not None:
+            self.segment.close()
+            self.segment.unlink()
+            self.segment = None
+        self.rundir.release_and_remove()
+
+
+def install_signal_handlers(sup: Supervisor) -> None:
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
