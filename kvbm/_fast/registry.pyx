@@ -118,6 +118,10 @@ cdef object _array(x, str what):
         raise RegistryError(f"{what}: cannot convert to an array ({err})") from err
     if arr.ndim != 1:
         raise RegistryError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not isinstance(x, np.ndarray):
+        # numpy turns a list mixing ints >= 2**63 and smaller ones into float64 (lossy); keep
+        # the Python ints and let the caller check them one by one.
+        arr = np.array(x, dtype=object)
     return arr
 
 
@@ -146,8 +150,12 @@ cdef object _as_u64(x, str what):
             raise RegistryError(f"{what}: value {lo} is negative, hashes are uint64")
         return np.ascontiguousarray(arr, dtype=np.uint64)
     if kind == "O":
+        values = arr.tolist()
+        for v in values:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise RegistryError(f"{what}: {v!r} is not an integer")
         try:
-            return np.array(arr.tolist(), dtype=np.uint64)
+            return np.array(values, dtype=np.uint64)
         except (TypeError, ValueError, OverflowError) as err:
             raise RegistryError(f"{what}: not all values are uint64 ({err})") from err
     raise RegistryError(f"{what} must be uint64 integers, got dtype {arr.dtype}")

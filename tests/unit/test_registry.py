@@ -1,0 +1,378 @@
+"""BlockRegistry: exact eviction order, dedup, prefix match, lineage, the evicted ring, buffers, and
+every bad input of every public call rejected with RegistryError and no change to the table.
+
+The table lives in one buffer, so `bytes(reg.buffer)` before and after a call is a complete
+snapshot: a rejected call must leave it byte for byte equal.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvbm._fast._reference import ReferenceRegistry
+from kvbm._fast.registry import POLICY_LRU, BlockRegistry
+from kvbm.errors import RegistryError
+from kvbm.policy import BlockState, EvictionPolicy
+
+IMPLS = [BlockRegistry, ReferenceRegistry]
+
+
+def registered(reg, hashes, priorities=None, parents=None, has_parent=None):
+    """Allocate, complete and register one block per hash; returns the canonical blocks."""
+    blocks = reg.allocate(len(hashes))
+    reg.complete(blocks)
+    return reg.register(blocks, np.asarray(hashes, np.uint64), parents=parents,
+                        priorities=priorities, has_parent=has_parent)
+
+
+def test_constants_agree():
+    assert POLICY_LRU == EvictionPolicy.LRU == 0
+    assert [s.value for s in BlockState] == [0, 1, 2, 3]
+
+
+# ---- eviction order (both implementations: the twin must agree exactly) ---------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eviction_follows_release_order(impl):
+    reg = impl(4)
+    blocks = registered(reg, [10, 11, 12, 13])
+    np.testing.assert_array_equal(blocks, [0, 1, 2, 3])
+    reg.release([2, 0, 3, 1])
+    assert reg.num_inactive == 4 and reg.num_free == 0 and reg.num_active == 0
+    np.testing.assert_array_equal(reg.evict(4), [12, 10, 13, 11])
+    np.testing.assert_array_equal(reg.drain_evicted(), [12, 10, 13, 11])
+    assert reg.drain_evicted().size == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_priority_before_recency(impl):
+    reg = impl(4)
+    registered(reg, [10, 11, 12, 13], priorities=[5, 0, 5, -1])
+    reg.release([0, 1, 2, 3])
+    # -1 (block 3), then 0 (block 1), then the two 5s by release order (0 before 2)
+    np.testing.assert_array_equal(reg.evict(4), [13, 11, 10, 12])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_touch_and_set_priority_reorder_inactive(impl):
+    reg = impl(3)
+    registered(reg, [10, 11, 12])
+    reg.release([0, 1, 2])
+    reg.touch([0])                 # 0 becomes the most recent
+    np.testing.assert_array_equal(reg.evict(1), [11])
+    reg.set_priority([0], [-3])    # lowest priority goes first whatever its recency
+    np.testing.assert_array_equal(reg.evict(2), [10, 12])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_allocate_takes_free_then_evicts_in_order(impl):
+    reg = impl(4)
+    registered(reg, [10, 11, 12])             # blocks 0, 1, 2; block 3 free
+    reg.release([1, 0, 2])
+    out = reg.allocate(3)
+    np.testing.assert_array_equal(out, [3, 1, 0])
+    np.testing.assert_array_equal(reg.drain_evicted(), [11, 10])
+    assert reg.info(1)["state"] == BlockState.PARTIAL and reg.info(1)["refcount"] == 1
+    np.testing.assert_array_equal(reg.lookup([10, 11, 12]), [-1, -1, 2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_free_list_is_fifo(impl):
+    reg = impl(4)
+    a = reg.allocate(4)
+    reg.release([a[2], a[0]])
+    np.testing.assert_array_equal(reg.allocate(2), [2, 0])
+
+
+# ---- dedup, match, release ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dedup_within_batch_and_against_registered(impl):
+    reg = impl(6)
+    blocks = reg.allocate(3)
+    reg.complete(blocks)
+    out = reg.register(blocks, np.array([7, 8, 7], np.uint64))
+    np.testing.assert_array_equal(out, [0, 1, 0])
+    assert reg.info(0)["refcount"] == 2 and reg.info(2)["state"] == BlockState.RESET
+    assert reg.num_free == 4
+    reg.release([0, 0, 1])                    # both inactive now
+    assert reg.num_inactive == 2
+    more = reg.allocate(1)                    # block 3 (free list head)
+    reg.complete(more)
+    np.testing.assert_array_equal(reg.register(more, [8]), [1])   # inactive 1 becomes active
+    assert reg.info(1)["refcount"] == 1 and reg.num_inactive == 1
+    assert reg.info(3)["state"] == BlockState.RESET
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_match_stops_at_first_miss(impl):
+    reg = impl(8)
+    registered(reg, [1, 2, 3, 5])
+    np.testing.assert_array_equal(reg.match([1, 2, 3, 4, 5], acquire=False), [0, 1, 2])
+    np.testing.assert_array_equal(reg.match([9, 1], acquire=False), [])
+    np.testing.assert_array_equal(reg.lookup([1, 4, 5]), [0, -1, 3])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_released_blocks_stay_matchable(impl):
+    reg = impl(4)
+    blocks = registered(reg, [1, 2])
+    reg.release(blocks)
+    assert reg.num_inactive == 2 and reg.num_active == 0
+    got = reg.match([1, 2, 3])
+    np.testing.assert_array_equal(got, [0, 1])
+    assert reg.num_inactive == 0 and reg.num_active == 2
+    assert reg.info(0)["refcount"] == 1 and reg.info(0)["use_count"] == 2
+    reg.release([1])
+    np.testing.assert_array_equal(reg.evict(5), [2])   # only the inactive one
+    reg.check_invariants()
+
+
+def test_non_acquiring_calls_change_nothing():
+    reg = BlockRegistry(8)
+    blocks = registered(reg, [1, 2, 3])
+    reg.release(blocks[:2])
+    before = bytes(reg.buffer)
+    reg.match([1, 2, 3, 4], acquire=False)
+    reg.lookup([1, 2, 3, 4, 99])
+    assert bytes(reg.buffer) == before
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_release_of_unregistered_block_frees_it(impl):
+    reg = impl(2)
+    a = reg.allocate(2)
+    reg.complete(a[:1])
+    reg.release(a)
+    assert reg.num_free == 2 and reg.info(0)["state"] == BlockState.RESET
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_allocate_short_returns_none_and_changes_nothing(impl):
+    reg = impl(4)
+    blocks = registered(reg, [1, 2])
+    reg.release(blocks[:1])                   # 2 free + 1 inactive
+    snap = [reg.info(b) for b in range(4)]
+    assert reg.allocate(4) is None
+    assert [reg.info(b) for b in range(4)] == snap
+    assert reg.allocate(0).size == 0
+    assert reg.allocate(3) is not None
+
+
+def test_allocate_short_leaves_buffer_identical():
+    reg = BlockRegistry(4)
+    registered(reg, [1, 2])
+    before = bytes(reg.buffer)
+    assert reg.allocate(3) is None
+    assert bytes(reg.buffer) == before
+
+
+# ---- lineage --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_links_and_orphaning(impl):
+    reg = impl(6)
+    # chain 100 <- 101 <- 102 and a sibling 103 of 101; 104 names a parent not registered here
+    out = registered(reg, [100, 101, 102, 103, 104], parents=[0, 100, 101, 100, 555],
+                     has_parent=[False, True, True, True, True])
+    np.testing.assert_array_equal(out, [0, 1, 2, 3, 4])
+    assert [reg.info(b)["parent"] for b in range(5)] == [-1, 0, 1, 0, -1]
+    assert [reg.info(b)["children"] for b in range(5)] == [2, 1, 0, 0, 0]
+    reg.release([1, 2, 3, 4])
+    reg.release([0])                          # 0 released last
+    np.testing.assert_array_equal(reg.evict(1), [101])  # 1 was released first
+    assert reg.info(0)["children"] == 1 and reg.info(2)["parent"] == -1
+    reg.check_invariants()
+    np.testing.assert_array_equal(reg.evict(3), [102, 103, 104])
+    assert reg.info(0)["children"] == 0
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_parents_none_means_roots(impl):
+    reg = impl(2)
+    registered(reg, [1, 2])
+    assert reg.info(1)["parent"] == -1 and reg.info(0)["children"] == 0
+
+
+# ---- evicted ring ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_evicted_ring_keeps_newest_and_counts_drops(impl):
+    reg = impl(2)
+    for h in range(5):
+        b = registered(reg, [100 + h])
+        reg.release(b)
+        if h >= 1:
+            reg.evict(1)
+    # evicted 100, 101, 102, 103 in that order; the ring keeps the newest 2
+    np.testing.assert_array_equal(reg.drain_evicted(), [102, 103])
+    assert reg.num_evicted_dropped == 2
+
+
+# ---- buffers --------------------------------------------------------------------------------------
+
+def test_bytes_needed_and_buffers():
+    need = BlockRegistry.bytes_needed(100)
+    assert BlockRegistry.bytes_needed(200) > need > 100
+    with pytest.raises(RegistryError, match="bytes"):
+        BlockRegistry(100, buffer=bytearray(need - 1))
+    with pytest.raises(RegistryError, match="read-only"):
+        BlockRegistry(100, buffer=bytes(need))
+    with pytest.raises(RegistryError, match="contiguous"):
+        BlockRegistry(100, buffer=np.zeros(2 * need, np.uint8)[::2])
+    with pytest.raises(RegistryError):
+        BlockRegistry(0)
+    with pytest.raises(RegistryError):
+        BlockRegistry(10, policy=99)
+    with pytest.raises(RegistryError):
+        BlockRegistry.bytes_needed(-1)
+    for buf in (bytearray(need), np.empty(need, np.uint8), np.empty(need + 3, np.uint8)[3:]):
+        reg = BlockRegistry(100, buffer=buf)
+        blocks = registered(reg, list(range(100)))
+        reg.release(blocks)
+        reg.check_invariants()
+        assert reg.num_inactive == 100
+        assert np.frombuffer(reg.buffer, np.uint8).ctypes.data == np.frombuffer(buf, np.uint8).ctypes.data
+
+
+def test_external_buffer_holds_the_table():
+    """Two registries over the same bytes: the table is entirely in the buffer."""
+    n = 50
+    buf = bytearray(BlockRegistry.bytes_needed(n))
+    reg = BlockRegistry(n, buffer=buf)
+    registered(reg, [1, 2, 3])
+    copy = bytearray(buf)
+    reg.allocate(10)
+    buf[:] = copy                 # roll the bytes back: the registry's view follows
+    assert reg.num_free == n - 3 and reg.num_active == 3
+    np.testing.assert_array_equal(reg.lookup([1, 2, 3]), [0, 1, 2])
+    reg.check_invariants()
+
+
+def _header_offset(reg) -> int:
+    raw = bytes(reg.buffer)
+    off = raw.find((0x6B76626D52454731).to_bytes(8, "little"))
+    assert 0 <= off < 64
+    return off
+
+
+def test_check_invariants_catches_corruption():
+    reg = BlockRegistry(16)
+    registered(reg, [1, 2, 3])
+    reg.check_invariants()
+    header = np.frombuffer(reg.buffer, np.int64, count=9, offset=_header_offset(reg))
+    header[8] += 1                # num_free
+    with pytest.raises(RegistryError, match="num_free"):
+        reg.check_invariants()
+    header[8] -= 1
+    reg.check_invariants()
+
+
+# ---- bad inputs: every public call, nothing changes ------------------------------------------------
+
+def _populated() -> BlockRegistry:
+    reg = BlockRegistry(10)
+    reg_blocks = registered(reg, [1, 2, 3])      # 0, 1, 2 REGISTERED, refcount 1
+    reg.release(reg_blocks[2:])                  # 2 inactive
+    partial = reg.allocate(2)                    # 3, 4 PARTIAL
+    complete = reg.allocate(2)                   # 5, 6 COMPLETE
+    reg.complete(complete)
+    assert partial.tolist() == [3, 4] and complete.tolist() == [5, 6]
+    return reg                                   # 7, 8, 9 free
+
+
+BAD_CALLS = {
+    "allocate-negative": lambda r: r.allocate(-1),
+    "allocate-float": lambda r: r.allocate(1.5),
+    "complete-out-of-range": lambda r: r.complete([3, 10]),
+    "complete-negative": lambda r: r.complete([3, -1]),
+    "complete-complete": lambda r: r.complete([3, 5]),
+    "complete-registered": lambda r: r.complete([3, 0]),
+    "complete-reset": lambda r: r.complete([3, 7]),
+    "complete-duplicate": lambda r: r.complete([3, 4, 3]),
+    "complete-float-dtype": lambda r: r.complete(np.array([3.0])),
+    "complete-2d": lambda r: r.complete([[3, 4]]),
+    "register-partial": lambda r: r.register([5, 3], [50, 51]),
+    "register-registered": lambda r: r.register([5, 0], [50, 51]),
+    "register-reset": lambda r: r.register([5, 8], [50, 51]),
+    "register-duplicate-block": lambda r: r.register([5, 5], [50, 51]),
+    "register-length": lambda r: r.register([5, 6], [50]),
+    "register-negative-hash": lambda r: r.register([5, 6], [50, -51]),
+    "register-float-hash": lambda r: r.register([5, 6], np.array([50.0, 51.0])),
+    "register-list-float-hash": lambda r: r.register([5, 6], [50, 1.5]),
+    "register-hash-too-big": lambda r: r.register([5], [2 ** 64]),
+    "register-parents-length": lambda r: r.register([5, 6], [50, 51], parents=[1]),
+    "register-mask-length": lambda r: r.register([5, 6], [50, 51], parents=[1, 50],
+                                                  has_parent=[True]),
+    "register-mask-dtype": lambda r: r.register([5, 6], [50, 51], parents=[1, 50],
+                                                has_parent=[1, 0]),
+    "register-mask-without-parents": lambda r: r.register([5, 6], [50, 51], has_parent=[True, True]),
+    "register-priority-range": lambda r: r.register([5, 6], [50, 51], priorities=[0, 2 ** 31]),
+    "register-priority-length": lambda r: r.register([5, 6], [50, 51], priorities=[0]),
+    "match-negative": lambda r: r.match([1, -2]),
+    "match-2d": lambda r: r.match([[1, 2]]),
+    "match-str": lambda r: r.match(["a"]),
+    "lookup-negative": lambda r: r.lookup([-1]),
+    "touch-reset": lambda r: r.touch([0, 8]),
+    "touch-out-of-range": lambda r: r.touch([0, 11]),
+    "release-reset": lambda r: r.release([0, 9]),
+    "release-inactive": lambda r: r.release([0, 2]),
+    "release-too-often": lambda r: r.release([3, 0, 0]),
+    "release-out-of-range": lambda r: r.release([0, 99]),
+    "evict-negative": lambda r: r.evict(-3),
+    "evict-none": lambda r: r.evict(None),
+    "set_priority-length": lambda r: r.set_priority([0, 1], [1]),
+    "set_priority-reset": lambda r: r.set_priority([0, 7], [1, 1]),
+    "set_priority-range": lambda r: r.set_priority([0], [-2 ** 31 - 1]),
+    "set_priority-float": lambda r: r.set_priority([0], [0.5]),
+    "info-out-of-range": lambda r: r.info(10),
+    "info-negative": lambda r: r.info(-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_bad_input_raises_and_changes_nothing(name):
+    reg = _populated()
+    before = bytes(reg.buffer)
+    with pytest.raises(RegistryError):
+        BAD_CALLS[name](reg)
+    assert bytes(reg.buffer) == before
+    reg.check_invariants()
+
+
+def test_error_messages_carry_numbers():
+    reg = _populated()
+    with pytest.raises(RegistryError, match=r"block 7 \(slot 1\) is RESET, register needs COMPLETE"):
+        reg.register([5, 7], [50, 51])
+    with pytest.raises(RegistryError, match=r"block 0 \(slot 2\) is released 2 times .* refcount 1"):
+        reg.release([3, 0, 0])
+    with pytest.raises(RegistryError, match=r"2 blocks but 1 hashes"):
+        reg.register([5, 6], [50])
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_reference_rejects_the_same_inputs(name):
+    ref = ReferenceRegistry(10)
+    blocks = registered(ref, [1, 2, 3])
+    ref.release(blocks[2:])
+    ref.allocate(2)
+    ref.complete(ref.allocate(2))
+    snap = [ref.info(b) for b in range(10)]
+    with pytest.raises(RegistryError):
+        BAD_CALLS[name](ref)
+    assert [ref.info(b) for b in range(10)] == snap
+
+
+def test_accepts_lists_and_other_integer_dtypes():
+    reg = BlockRegistry(8)
+    blocks = reg.allocate(3)
+    reg.complete(blocks.astype(np.uint32))
+    out = reg.register(list(blocks), [2 ** 64 - 1, 0, 2 ** 63], priorities=np.array([1, 2, 3], np.int8))
+    np.testing.assert_array_equal(out, blocks)
+    np.testing.assert_array_equal(reg.lookup(np.array([2 ** 64 - 1, 0, 2 ** 63], np.uint64)), blocks)
+    assert reg.info(1)["hash"] == 0 and reg.info(2)["priority"] == 3
+    for empty in ([], np.array([], np.float64)):
+        reg.release(empty)
+        assert reg.match(empty).size == 0
