@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--duration", type=float, help="exit after this many seconds (tests, benchmarks)")
     ap.add_argument("--status", action="store_true", help="ask the running instance for its status and exit")
     ap.add_argument("--json", action="store_true", help="with --status: print the raw JSON")
+    ap.add_argument("--exit-with-parent", action="store_true",
+                    help="stop (SIGTERM) when the process that started this one dies (embedded mode)")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         from kvbm.workers.supervisor import Supervisor, install_signal_handlers
+        if args.exit_with_parent:
+            _exit_with_parent()
         cuda = not config.force_cpu and _cuda_ok()
         sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=args.log_level)
         install_signal_handlers(sup)
@@ -146,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     except KvbmError as err:
         print(f"kvbm-workers: error: {err}", file=sys.stderr)
         return 1
+
+
+def _exit_with_parent() -> None:
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        logger.warning("prctl unavailable: this kvbm-workers will outlive its parent")
 
 
 def _cuda_ok() -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+import kvbm
 from kvbm.config import KvbmConfig
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
@@ -131,7 +132,10 @@ class Supervisor:
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
                "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level]
-        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         logger.info("started %s worker gen %d pid %d", slot.path.label, slot.gen, slot.proc.pid)
 
     # ---- serve -------------------------------------------------------------------------------

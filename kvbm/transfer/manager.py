@@ -1,0 +1,679 @@
+"""TransferManager: the engine's side of the pipeline. Queues, batching, priorities, backpressure,
+futures; one I/O thread owns every socket.
+
+Parts:
+  TransferFuture    a concurrent.futures.Future for one submission, plus layer progress
+                    (`wait_layer(l)`, `add_layer_callback`) for onboards that asked for it
+  TransferManager   `connect()` (hello -> welcome), `register(device, host, memory)` with every path
+                    worker, `submit(path, src, dst, ...)` -> TransferFuture, `close()`
+
+Life of a submission:
+  submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False;
+              never a silent drop) -> split into requests of <= max_batch_blocks pairs
+           -> held by the Scheduler while its gate is closed -> the path's priority queue
+  I/O thread: keeps <= WINDOW requests per path at the worker (so priorities still matter), each
+              tagged with the worker generation it was registered with
+  worker   -> {layer} messages (progress) and one {done}; a request of a dead generation is failed
+              when the supervisor publishes {event died, gen}; a request past its deadline makes the
+              manager ask the supervisor to kill that generation, and fails on the died event (so no
+              late write can land in blocks the caller already gave back)
+  settle   -> once every request of the submission is settled, `finalize(ok, error)` runs (the
+              host pool registers on success, releases unregistered on failure), the budget is
+              returned, and the future resolves: a result, or TransferError with the reason.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from kvbm.errors import BackpressureError, KvbmError, ProtocolError, TransferError
+from kvbm.transfer import protocol as P
+from kvbm.transfer.channel import connect_socket, make_context
+from kvbm.transfer.scheduler import Gate, Scheduler
+
+logger = logging.getLogger(__name__)
+
+WINDOW = 4               # requests outstanding per path worker
+STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
+HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple
+
+
+class TransferFuture(concurrent.futures.Future):
+    """Future of one submission; onboards with layers=True also report per-layer arrival."""
+
+    def __init__(self, path: P.Path, num_blocks: int, num_layers: int) -> None:
+        super().__init__()
+        self.path = path
+        self.num_blocks = num_blocks
+        self.num_layers = num_layers
+        self._layers_ready = 0
+        self._layer_cond = threading.Condition()
+        self._layer_callbacks: list[Callable[[int], None]] = []
+
+    @property
+    def layers_ready(self) -> int:
+        """How many leading layers have landed in every destination block."""
+        return self._layers_ready
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        """True once layer `layer` has landed; raises TransferError if the transfer failed first;
+        False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._layer_cond:
+            while self._layers_ready <= layer and not self.done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._layer_cond.wait(remaining)
+        if self._layers_ready > layer:
+            return True
+        self.result(0)  # raises the transfer's error
+        return True
+
+    def add_layer_callback(self, fn: Callable[[int], None]) -> None:
+        """fn(layer) for every layer that lands from now on (on the manager's I/O thread)."""
+        with self._layer_cond:
+            self._layer_callbacks.append(fn)
+            ready = self._layers_ready
+        for layer in range(ready):
+            fn(layer)
+
+    def _advance(self, ready: int) -> None:
+        with self._layer_cond:
+            if ready <= self._layers_ready:
+                return
+            old, self._layers_ready = self._layers_ready, ready
+            callbacks = list(self._layer_callbacks)
+            self._layer_cond.notify_all()
+        for layer in range(old, ready):
+            for fn in callbacks:
+                try:
+                    fn(layer)
+                except Exception:  # noqa: BLE001 - a user callback must not kill the I/O thread
+                    logger.exception("layer callback failed")
+
+    def _wake_layers(self) -> None:
+        with self._layer_cond:
+            self._layer_cond.notify_all()
+
+
+@dataclass
+class TransferResult:
+    path: P.Path
+    blocks: int
+    bytes: int
+    seconds: float
+    value: Any = None      # what finalize returned (offload/onboard summaries)
+
+
+@dataclass(eq=False)
+class _Submission:
+    path: P.Path
+    future: TransferFuture
+    nbytes: int
+    priority: int
+    layers: bool
+    gate: Gate | None
+    finalize: Callable[[bool, str | None], Any] | None
+    t_submit: float
+    requests: list["_Request"] = field(default_factory=list)
+    pending: int = 0
+    error: str | None = None
+    moved: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    rid: int
+    sub: _Submission
+    src: np.ndarray
+    dst: np.ndarray
+    gen: int = 0
+    sent_at: float = 0.0
+    deadline: float = 0.0
+    layers_done: int = 0
+    state: str = "queued"   # queued -> sent -> settled (or cancelled)
+    timed_out: bool = False
+
+
+@dataclass
+class _PathState:
+    path: P.Path
+    endpoint: str
+    sock: zmq.Socket | None = None
+    gen: int = 0                  # generation announced by the supervisor
+    registered_gen: int = 0       # generation our registration was accepted by (0: none)
+    register_rid: int = 0
+    register_error: str | None = None
+    register_pending: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
+    heap: list = field(default_factory=list)
+    outstanding: dict[int, _Request] = field(default_factory=dict)
+    down_since: float = 0.0
+
+
+class TransferManager:
+    def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
+                 max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
+                 request_timeout_s: float = 30.0, stats_fn: Callable[[], dict] | None = None) -> None:
+        self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.control_endpoint = control_endpoint
+        self.max_inflight_bytes = max_inflight_bytes
+        self.max_batch_blocks = max_batch_blocks
+        self.request_timeout_s = request_timeout_s
+        self.stats_fn = stats_fn
+        self.welcome: dict | None = None
+        self.block_bytes = 0
+        self.num_layers = 0
+        self._ctx = make_context()
+        self._control: zmq.Socket | None = None
+        self._events: zmq.Socket | None = None
+        self._paths: dict[P.Path, _PathState] = {}
+        self._ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._lock = threading.Lock()              # incoming queue, counters
+        self._incoming: list[_Request] = []
+        self._budget = threading.Condition()
+        self._inflight_bytes = 0
+        self._register_msg: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.scheduler = Scheduler(self._release_gated)
+        self.counters = {"submitted": 0, "completed": 0, "failed": 0, "bytes": 0, "requests": 0,
+                         "worker_deaths": 0, "timeouts": 0}
+        self._latency_us: list[int] = []
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> dict:
+        """hello -> welcome on the control socket; connects to the event socket and every worker."""
+        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint)
+        self._control.send(P.encode({"t": P.MsgType.HELLO, "id": 0, "engine": self.engine_id}))
+        if not self._control.poll(int(timeout * 1000)):
+            self.close()
+            raise KvbmError(f"kvbm-workers at {self.control_endpoint} did not answer hello within {timeout} s")
+        welcome = P.decode(self._control.recv())
+        if welcome.get("t") != P.MsgType.WELCOME:
+            self.close()
+            raise ProtocolError(f"expected welcome, got {welcome!r:.200}")
+        self.welcome = welcome
+        self.max_batch_blocks = max(1, min(self.max_batch_blocks, int(welcome.get("max_batch_blocks") or P.MAX_BATCH_BLOCKS)))
+        self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"])
+        for label, info in welcome["workers"].items():
+            path = P.Path(info["path"])
+            state = _PathState(path, info["endpoint"], gen=int(info["gen"]))
+            state.sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"])
+            self._paths[path] = state
+        self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
+        self._thread.start()
+        return welcome
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.welcome and self.welcome.get("cuda"))
+
+    def register(self, device_layout, host_layout, memory: dict, timeout: float = 30.0) -> None:
+        """Hands every path worker the layouts and the device memory; waits for all of them."""
+        if self._thread is None:
+            raise KvbmError("register() before connect()")
+        self.block_bytes = device_layout.config.block_bytes
+        self.num_layers = device_layout.config.num_layers
+        self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id,
+                              "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout),
+                              "memory": memory}
+        for state in self._paths.values():
+            state.ready.clear()
+            state.registered_gen = 0
+            state.register_error = None
+        self._wake(("register", None))
+        deadline = time.monotonic() + timeout
+        for state in self._paths.values():
+            if not state.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise KvbmError(f"{state.path.label} worker did not accept the registration within {timeout} s"
+                                + (f": {state.register_error}" if state.register_error else ""))
+            if state.register_error:
+                raise KvbmError(f"{state.path.label} worker rejected the registration: {state.register_error}")
+
+    # ---- submit ------------------------------------------------------------------------------
+    def submit(self, path: P.Path, src, dst, *, priority: int = 0, gate: Gate | None = None,
+               layers: bool = False, block: bool = True, timeout: float | None = None,
+               finalize: Callable[[bool, str | None], Any] | None = None) -> TransferFuture:
+        """Copies block src[i] to dst[i] along `path`. The future resolves to a TransferResult, or
+        fails with TransferError. `finalize(ok, error)` runs before the future resolves, once every
+        byte has landed or every request has settled as failed; its return value is result.value."""
+        path = P.Path(path)
+        src = np.ascontiguousarray(np.asarray(src, dtype=np.int64)).reshape(-1)
+        dst = np.ascontiguousarray(np.asarray(dst, dtype=np.int64)).reshape(-1)
+        if src.shape != dst.shape:
+            raise KvbmError(f"submit: {src.shape[0]} source blocks but {dst.shape[0]} destination blocks")
+        if self._closing:
+            raise TransferError("transfer manager is closed")
+        future = TransferFuture(path, int(src.shape[0]), self.num_layers)
+        future.set_running_or_notify_cancel()
+        n = int(src.shape[0])
+        nbytes = n * self.block_bytes
+        sub = _Submission(path, future, nbytes, priority, layers, gate, finalize, time.monotonic())
+        if n == 0:
+            self._resolve(sub)
+            return future
+        if path in P.DISK_PATHS:
+            sub.error = P.DISK_NOT_IMPLEMENTED
+            self._resolve(sub)
+            return future
+        if path not in self._paths:
+            raise KvbmError(f"no worker for path {path.label}; connect() first")
+        self._take_budget(nbytes, block, timeout)
+        for lo in range(0, n, self.max_batch_blocks):
+            sub.requests.append(_Request(next(self._ids), sub, src[lo:lo + self.max_batch_blocks],
+                                         dst[lo:lo + self.max_batch_blocks]))
+        sub.pending = len(sub.requests)
+        with self._lock:
+            self.counters["submitted"] += 1
+        if not self.scheduler.hold(gate, sub):
+            self._wake(("submit", sub))
+        return future
+
+    def _take_budget(self, nbytes: int, block: bool, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._budget:
+            # A submission larger than the whole bound goes alone rather than never.
+            while self._inflight_bytes and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+                if not block:
+                    raise BackpressureError(f"{self._inflight_bytes} bytes in flight + {nbytes} requested exceeds "
+                                            f"the bound of {self.max_inflight_bytes}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise BackpressureError(f"waited {timeout} s for {nbytes} bytes of in-flight budget "
+                                            f"({self._inflight_bytes} of {self.max_inflight_bytes} in use)")
+                self._budget.wait(remaining)
+            self._inflight_bytes += nbytes
+
+    def _return_budget(self, nbytes: int) -> None:
+        with self._budget:
+            self._inflight_bytes -= nbytes
+            self._budget.notify_all()
+
+    def _release_gated(self, subs: list[_Submission]) -> None:
+        for sub in subs:
+            self._wake(("submit", sub))
+
+    def _wake(self, item: tuple) -> None:
+        with self._lock:
+            self._incoming.append(item)
+        os.eventfd_write(self._wake_fd, 1)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return self._inflight_bytes
+
+    # ---- I/O thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(self._events, zmq.POLLIN)
+        poller.register(self._control, zmq.POLLIN)
+        by_sock = {}
+        for state in self._paths.values():
+            poller.register(state.sock, zmq.POLLIN)
+            by_sock[state.sock] = state
+        next_report = time.monotonic()
+        while not self._closing:
+            try:
+                timeout_ms = self._poll_timeout_ms()
+                ready = dict(poller.poll(timeout_ms))
+                if self._wake_fd in ready:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                    self._take_incoming()
+                if self._events in ready:
+                    self._read_events()
+                if self._control in ready:
+                    self._read_control()
+                for sock, state in by_sock.items():
+                    if sock in ready:
+                        self._read_worker(state)
+                self._check_deadlines()
+                for state in self._paths.values():
+                    self._pump(state)
+                now = time.monotonic()
+                if now >= next_report:
+                    next_report = now + STATS_REPORT_S
+                    self._report()
+            except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
+                logger.exception("transfer manager I/O loop error")
+        self._fail_everything("transfer manager closed")
+
+    def _poll_timeout_ms(self) -> int:
+        soonest = time.monotonic() + 0.25
+        for state in self._paths.values():
+            for req in state.outstanding.values():
+                soonest = min(soonest, req.deadline)
+        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            items, self._incoming = self._incoming, []
+        now = time.monotonic()
+        for kind, payload in items:
+            if kind == "submit":
+                sub: _Submission = payload
+                state = self._paths[sub.path]
+                for req in sub.requests:
+                    req.deadline = now + self.request_timeout_s  # covers waiting for a restarted worker too
+                    heapq.heappush(state.heap, (-sub.priority, next(self._seq), req))
+            elif kind == "register":
+                for state in self._paths.values():
+                    self._send_register(state)
+
+    def _send_register(self, state: _PathState) -> None:
+        if self._register_msg is None:
+            return
+        state.register_rid = next(self._ids)
+        state.register_pending = True
+        msg = dict(self._register_msg, id=state.register_rid)
+        # A DEALER queues this while the worker is down; the next generation gets it when it binds.
+        state.sock.send(P.encode(msg), zmq.NOBLOCK)
+
+    def _pump(self, state: _PathState) -> None:
+        """Sends queued requests while the worker is registered and the window has room."""
+        while state.heap and state.registered_gen and len(state.outstanding) < WINDOW:
+            _, _, req = heapq.heappop(state.heap)
+            if req.state != "queued":
+                continue
+            if req.sub.error is not None:  # a sibling failed: do not start more of this submission
+                self._settle(req, None)
+                continue
+            req.gen = state.registered_gen
+            msg = P.make_xfer(req.rid, self.engine_id, req.gen, state.path, req.src, req.dst,
+                              req.sub.priority, req.sub.layers,
+                              req.sub.gate.to_wire() if req.sub.gate else None)
+            try:
+                state.sock.send(P.encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                heapq.heappush(state.heap, (-req.sub.priority, next(self._seq), req))
+                return
+            req.state = "sent"
+            req.sent_at = time.monotonic()
+            req.deadline = req.sent_at + self.request_timeout_s
+            state.outstanding[req.rid] = req
+            with self._lock:
+                self.counters["requests"] += 1
+
+    def _read_worker(self, state: _PathState) -> None:
+        while True:
+            try:
+                payload = state.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(payload)
+                kind = msg["t"]
+                if kind == P.MsgType.DONE:
+                    P.validate_done(msg)
+                    self._on_done(state, msg)
+                elif kind == P.MsgType.LAYER:
+                    req = state.outstanding.get(msg.get("id"))
+                    layer = msg.get("layer")
+                    if req is not None and isinstance(layer, int):
+                        req.layers_done = max(req.layers_done, layer + 1)
+                        self._layer_progress(req.sub)
+                elif kind == P.MsgType.REGISTERED:
+                    if msg.get("id") == state.register_rid:
+                        state.register_pending = False
+                        state.registered_gen = int(msg["gen"])
+                        state.gen = max(state.gen, state.registered_gen)
+                        state.down_since = 0.0
+                        state.ready.set()
+                else:
+                    logger.warning("%s worker sent an unexpected %r message", state.path.label, kind)
+            except (ProtocolError, KeyError, TypeError, ValueError) as err:
+                logger.warning("bad message from the %s worker: %s", state.path.label, err)
+
+    def _on_done(self, state: _PathState, msg: dict) -> None:
+        rid = msg["id"]
+        if rid == state.register_rid and rid != 0:
+            state.register_error = msg.get("error") or "registration failed"
+            state.register_pending = False
+            state.ready.set()
+            return
+        req = state.outstanding.get(rid)
+        if req is None:
+            return  # already failed (worker death, deadline) or a stale reply
+        status = P.Status(msg["status"])
+        if status is P.Status.OK:
+            req.sub.moved += int(msg.get("bytes", 0))
+            req.layers_done = self.num_layers
+            self._record_latency(req)
+            self._settle(req, None)
+            return
+        if status is P.Status.STALE:
+            # Never executed by the new generation; our registration is stale: register again.
+            if state.registered_gen == req.gen:
+                state.registered_gen = 0
+                state.gen = max(state.gen, int(msg.get("gen") or 0))
+                self._send_register(state)
+        self._settle(req, f"{state.path.label} worker gen {req.gen}: {msg.get('error') or status.name}")
+
+    def _record_latency(self, req: _Request) -> None:
+        lat = int((time.monotonic() - req.sent_at) * 1e6)
+        with self._lock:
+            self._latency_us.append(lat)
+            if len(self._latency_us) > 100_000:
+                del self._latency_us[:50_000]
+
+    def _layer_progress(self, sub: _Submission) -> None:
+        ready = min(r.layers_done for r in sub.requests)
+        sub.future._advance(ready)
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                payload = self._events.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(payload)
+            except ProtocolError as err:
+                logger.warning("bad event: %s", err)
+                continue
+            kind, path, gen = msg.get("kind"), msg.get("path"), msg.get("gen")
+            if kind == "stopping":
+                logger.error("kvbm-workers is stopping; failing every transfer")
+                self._fail_everything("kvbm-workers stopped")
+                continue
+            try:
+                state = self._paths[P.Path(path)]
+            except (ValueError, KeyError):
+                continue
+            if kind == "died":
+                self._worker_died(state, int(gen), msg)
+            elif kind == "started" and isinstance(gen, int) and gen > state.registered_gen:
+                state.gen = gen
+                if not state.register_pending:
+                    self._send_register(state)
+
+    def _worker_died(self, state: _PathState, gen: int, msg: dict) -> None:
+        with self._lock:
+            self.counters["worker_deaths"] += 1
+        reason = (f"{state.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
+                  f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
+        for req in [r for r in state.outstanding.values() if r.gen == gen]:
+            self._settle(req, ("timed out, then " if req.timed_out else "") + reason)
+        if state.registered_gen == gen:
+            state.registered_gen = 0
+            state.down_since = time.monotonic()
+            self._send_register(state)
+        logger.error("%s", reason)
+
+    def _read_control(self) -> None:
+        while True:
+            try:
+                self._control.recv(zmq.NOBLOCK)  # restart acknowledgements; nothing to do
+            except zmq.Again:
+                return
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for state in self._paths.values():
+            for req in list(state.outstanding.values()):
+                if now < req.deadline:
+                    continue
+                if not req.timed_out:
+                    # Ask for the worker to be replaced; fail on its death event, so that no late
+                    # write can land in blocks the caller already reused.
+                    req.timed_out = True
+                    req.deadline = now + self.request_timeout_s * (HARD_DEADLINE_FACTOR - 1)
+                    with self._lock:
+                        self.counters["timeouts"] += 1
+                    logger.error("%s request %d missed its %.1f s deadline; asking for gen %d to be replaced",
+                                 state.path.label, req.rid, self.request_timeout_s, req.gen)
+                    self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(state.path), "gen": req.gen,
+                                                 "engine": self.engine_id, "reason": f"request {req.rid} timed out"}),
+                                       zmq.NOBLOCK)
+                else:
+                    logger.error("%s request %d: worker gen %d neither answered nor died; failing it",
+                                 state.path.label, req.rid, req.gen)
+                    self._settle(req, f"{state.path.label} request timed out after "
+                                      f"{self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
+            # Queued requests waiting for a worker that does not come back.
+            if state.heap and not state.registered_gen:
+                for _, _, req in list(state.heap):
+                    if req.state == "queued" and now >= req.deadline:
+                        self._settle(req, f"{state.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
+
+    def _settle(self, req: _Request, error: str | None) -> None:
+        if req.state == "settled":
+            return
+        req.state = "settled"
+        for state in self._paths.values():
+            state.outstanding.pop(req.rid, None)
+        sub = req.sub
+        if error is not None and sub.error is None:
+            sub.error = error
+            # Siblings not yet sent will never be: settle them now (lazy removal from the heap).
+            for other in sub.requests:
+                if other.state == "queued" and other is not req:
+                    other.state = "settled"
+                    sub.pending -= 1
+        sub.pending -= 1
+        if sub.pending <= 0:
+            self._resolve(sub)
+        elif sub.layers and sub.error is None:
+            self._layer_progress(sub)
+
+    def _resolve(self, sub: _Submission) -> None:
+        if sub.future.done():
+            return
+        ok = sub.error is None
+        value, error = None, sub.error
+        if sub.finalize is not None:
+            try:
+                value = sub.finalize(ok, error)
+            except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
+                logger.error("finalize of a %s transfer failed", sub.path.label, exc_info=True)
+                ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
+        if sub.requests:
+            self._return_budget(sub.nbytes)
+        with self._lock:
+            self.counters["completed" if ok else "failed"] += 1
+            if ok:
+                self.counters["bytes"] += sub.moved
+        if ok:
+            sub.future._advance(self.num_layers if sub.layers else 0)
+            sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
+                                                 time.monotonic() - sub.t_submit, value))
+        else:
+            sub.future.set_exception(TransferError(error or "transfer failed"))
+            sub.future._wake_layers()
+
+    def _fail_everything(self, reason: str) -> None:
+        for sub in self.scheduler.drop_all():
+            for req in sub.requests:
+                req.state = "queued"
+            self._fail_submission(sub, reason)
+        with self._lock:
+            items, self._incoming = self._incoming, []
+        for kind, sub in items:
+            if kind == "submit":
+                self._fail_submission(sub, reason)
+        for state in self._paths.values():
+            for req in list(state.outstanding.values()):
+                self._settle(req, reason)
+            for _, _, req in list(state.heap):
+                self._settle(req, reason)
+            state.heap.clear()
+            state.registered_gen = 0
+
+    def _fail_submission(self, sub: _Submission, reason: str) -> None:
+        for req in sub.requests:
+            if req.state != "settled":
+                self._settle(req, reason)
+
+    def _report(self) -> None:
+        if self._control is None:
+            return
+        report = {"t": P.MsgType.STATS, "engine": self.engine_id, "inflight_bytes": self._inflight_bytes,
+                  "queues": {s.path.label: {"queued": len(s.heap), "outstanding": len(s.outstanding)}
+                             for s in self._paths.values()},
+                  "held": len(self.scheduler), "counters": dict(self.counters)}
+        if self.stats_fn is not None:
+            try:
+                report["pools"] = self.stats_fn()
+            except Exception:  # noqa: BLE001 - a report is best effort
+                logger.debug("stats_fn failed", exc_info=True)
+        try:
+            self._control.send(P.encode(report), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # ---- inspection and shutdown -----------------------------------------------------------
+    def latencies_us(self) -> list[int]:
+        with self._lock:
+            return list(self._latency_us)
+
+    def stats(self) -> dict:
+        with self._lock:
+            counters = dict(self.counters)
+        return counters | {"inflight_bytes": self._inflight_bytes, "held": len(self.scheduler),
+                           "queued": {s.path.label: len(s.heap) for s in self._paths.values()},
+                           "generations": {s.path.label: s.registered_gen for s in self._paths.values()}}
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closing and self._thread is None:
+            return
+        self._closing = True
+        if self._thread is not None:
+            os.eventfd_write(self._wake_fd, 1)
+            self._thread.join(timeout)
+            self._thread = None
+        for state in self._paths.values():
+            if state.sock is not None:
+                state.sock.close(0)
+                state.sock = None
+        for sock in (self._control, self._events):
+            if sock is not None:
+                sock.close(0)
+        self._control = self._events = None
+        self._ctx.term()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    def __enter__(self) -> "TransferManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
