@@ -8,8 +8,9 @@
 //                     (onboard) every layer of every block in one launch. V is 16 bytes unless a
 //                     pointer, a stride or the region size forbids it (then 8, 4, 1).
 //   MetaRing          Pinned host ring + device mirror for the kernel's metadata (layer pointers and
-//                     block ids). The call copies the caller's arrays into the ring and enqueues one
-//                     small H2D copy ahead of the kernel, so the caller may free its arrays on return.
+//                     block ids). The call copies the caller's arrays into the ring and a small staging
+//                     kernel (stage_meta, UVA reads, no copy engine) moves them to the device mirror
+//                     ahead of the copy kernel, so the caller may free its arrays on return.
 //                     A slot is reused only after the event recorded behind its kernel has fired.
 //   DMA               Copy engines, no SMs: one cudaMemcpyBatchAsync (CUDA >= 12.8; CUDA 13's
 //                     signature) over the region list, or a cudaMemcpyAsync loop on the legacy
@@ -106,6 +107,14 @@ __global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
                 if (u * 32 + lane < nv) store_cs(d + u * 32 + lane, r[u]);
         }
     }
+}
+
+// Copies the call's metadata from its pinned ring slot (read through UVA) to the device mirror.
+__global__ void __launch_bounds__(kThreads) stage_meta(const uint64_t *__restrict__ src,
+                                                       uint64_t *__restrict__ dst, int64_t words) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words;
+         i += int64_t(gridDim.x) * blockDim.x)
+        dst[i] = src[i];
 }
 
 // ---- device facts, cached per device --------------------------------------------------------
@@ -338,10 +347,16 @@ int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
     p.src_blocks = reinterpret_cast<const int64_t *>(p.dst_layers + L);
     p.dst_blocks = p.src_blocks + n;
 
-    cudaError_t err = cudaMemcpyAsync(devp, host, meta, cudaMemcpyHostToDevice, stream);
+    // Staged by a small kernel rather than cudaMemcpyAsync: a copy would queue on a copy engine,
+    // possibly behind a bulk DMA of the other direction, and hold this kernel back until it ends.
+    const int64_t words = int64_t(meta / sizeof(uint64_t));
+    const int stage_ctas = int(std::min<int64_t>(ctas, (words + kThreads - 1) / kThreads));
+    stage_meta<<<stage_ctas, kThreads, 0, stream>>>(reinterpret_cast<const uint64_t *>(host),
+                                                     reinterpret_cast<uint64_t *>(devp), words);
+    cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) {
         ring->abandon(stream);
-        return kvbm::cuda_fail(errbuf, errlen, "cudaMemcpyAsync (copy metadata to device)", err);
+        return kvbm::cuda_fail(errbuf, errlen, "stage_meta launch (block ids to device)", err);
     }
     switch (width) {
         case 16: copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p); break;

@@ -1,0 +1,252 @@
+"""CUDA block copy (kvbm_cuda_copy_blocks): device tensors <-> pinned host tensors for the SM kernel,
+the batched DMA, the per-region loop and AUTO; region sizes 4 KiB .. 2 MiB, every layout, poisoned
+destinations, untouched blocks, both directions at once, narrow alignments, error mapping.
+Skipped (tests/conftest.py) when kvbm.cuda_available() is False."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
+from kvbm._fast import native
+from kvbm.copy import BlockCopier, fully_contiguous_layout, layer_separate_layout
+from kvbm.errors import CudaError, LayoutError
+
+pytestmark = pytest.mark.gpu
+
+METHODS = {"auto": native.COPY_AUTO, "kernel": native.COPY_KERNEL, "dma": native.COPY_DMA,
+           "loop": native.COPY_DMA_LOOP}
+
+
+def _round_trip(kind, dtype, outer_dim, region, method, layers=4, nb_dev=12, nb_host=10, n=6,
+                max_sms=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dev, dev_lay = make_buffers(kind, layers, outer_dim, nb_dev, region, dtype, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", layers, outer_dim, nb_host, region, dtype, pin=True, fill="poison")
+    pairs = random_pairs(gen, n, nb_dev, nb_host)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in pairs], [p[1] for p in pairs],
+                            METHODS[method], max_sms, stream.cuda_stream)
+    stream.synchronize()
+    assert_copied(kind, dev, "fc", host, pairs, layers, outer_dim, nb_host)
+
+    back, back_lay = make_buffers(kind, layers, outer_dim, nb_dev, region, dtype, device="cuda",
+                                  fill="poison")
+    torch.cuda.synchronize()
+    onboard = [(h, int(d)) for (_, h), d in zip(pairs, torch.randperm(nb_dev, generator=gen)[:n])]
+    native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in onboard], [p[1] for p in onboard],
+                            METHODS[method], max_sms, stream.cuda_stream)
+    stream.synchronize()
+    assert_copied("fc", host, kind, back, onboard, layers, outer_dim, nb_dev)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("region", [4096, 16384, 65536, 262144])
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(kind, region, method):
+    _round_trip(kind, torch.bfloat16, 2, region, method, seed=region)
+
+
+@pytest.mark.parametrize("method", ["kernel", "dma", "auto"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_mib_regions(kind, method):
+    _round_trip(kind, torch.float16, 2, 2 << 20, method, layers=2, nb_dev=5, nb_host=4, n=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("outer_dim", [1, 2])
+@pytest.mark.parametrize("method", ["kernel", "dma"])
+def test_dtypes_outer(dtype, outer_dim, method):
+    _round_trip("outer", dtype, outer_dim, 8192, method, seed=3)
+
+
+@pytest.mark.parametrize("max_sms", [1, 2, 16, 1000])
+def test_kernel_sm_budget(max_sms):
+    _round_trip("outer", torch.bfloat16, 2, 32768, "kernel", max_sms=max_sms, n=8)
+    used = native.cuda_kernel_sms(max_sms)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert used == min(max_sms, sms)
+    assert native.cuda_kernel_sms(0) == min(8, sms)
+
+
+@pytest.mark.parametrize("region", [4096 + 8, 4096 + 4, 4096 + 1, 16 + 2, 100])
+def test_narrow_alignment(region):
+    """Region sizes that forbid 16-byte vectors (8, 4, 1 byte paths, tails shorter than a chunk)."""
+    for method in ("kernel", "dma"):
+        _round_trip("block", torch.uint8, 2, region, method, seed=region)
+
+
+def test_misaligned_base_pointer():
+    """A layer base that is only 2-byte aligned forces the 1-byte kernel."""
+    gen = torch.Generator().manual_seed(11)
+    raw = [torch.randint(0, 256, (2 * 6 * 4096 + 2,), dtype=torch.uint8, generator=gen).cuda()
+           for _ in range(2)]
+    dev = [r[2:].view(2, 6, 4096) for r in raw]
+    dev_lay = layer_separate_layout(dev, 2)
+    host = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8).pin_memory()
+    host_lay = fully_contiguous_layout(host, 2, 2)
+    native.copy_blocks_cuda(dev_lay, host_lay, [5, 1], [0, 3], native.COPY_KERNEL)
+    torch.cuda.synchronize()
+    assert_copied("outer", dev, "fc", host, [(5, 0), (1, 3)], 2, 2, 4)
+
+
+def test_bidirectional_at_once():
+    """Offload and onboard on their own streams at the same time, kernel one way, DMA the other."""
+    gen = torch.Generator().manual_seed(5)
+    L, O, region = 8, 2, 65536
+    dev, dev_lay = make_buffers("outer", L, O, 64, region, torch.bfloat16, device="cuda", gen=gen)
+    host_out, out_lay = make_buffers("fc", L, O, 40, region, torch.bfloat16, pin=True, fill="poison")
+    host_in, in_lay = make_buffers("fc", L, O, 40, region, torch.bfloat16, pin=True, gen=gen)
+    dev_in, dev_in_lay = make_buffers("outer", L, O, 64, region, torch.bfloat16, device="cuda",
+                                      fill="poison")
+    torch.cuda.synchronize()
+    off_pairs = random_pairs(gen, 32, 64, 40)
+    on_pairs = random_pairs(gen, 32, 40, 64)
+    for off_method, on_method in ((native.COPY_KERNEL, native.COPY_DMA),
+                                  (native.COPY_DMA, native.COPY_KERNEL)):
+        s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
+        native.copy_blocks_cuda(dev_lay, out_lay, [p[0] for p in off_pairs], [p[1] for p in off_pairs],
+                                off_method, 0, s_off.cuda_stream)
+        native.copy_blocks_cuda(in_lay, dev_in_lay, [p[0] for p in on_pairs], [p[1] for p in on_pairs],
+                                on_method, 0, s_on.cuda_stream)
+        torch.cuda.synchronize()
+        assert_copied("outer", dev, "fc", host_out, off_pairs, L, O, 40)
+        assert_copied("fc", host_in, "outer", dev_in, on_pairs, L, O, 64)
+
+
+def test_block_copier_orders_after_engine_work():
+    """The engine writes blocks on its stream and offloads without syncing; the copier's stream
+    must wait for that work (default `after`), and wait_on orders the engine behind an onboard."""
+    L, O, region = 4, 2, 16384
+    dev = [torch.zeros(O, 16, region // 2, dtype=torch.bfloat16, device="cuda") for _ in range(L)]
+    host = torch.full((8, L, O, region // 2), 7.0, dtype=torch.bfloat16).pin_memory()
+    for method in ("kernel", "dma", "auto"):
+        copier = BlockCopier.from_tensors(dev, host, num_layers=L, outer_dim=O, method=method)
+        assert copier.use_cuda
+        torch.cuda._sleep(20_000_000)  # keep the engine stream busy so a missing wait shows
+        for t in dev:
+            t[:, 3].fill_(3.0)
+        h = copier.offload([3], [5])
+        h.wait()
+        assert bool((host[5] == 3.0).all()), method
+        h2 = copier.onboard([0], [9])
+        h2.wait_on()
+        got = torch.stack([t[:, 9] for t in dev]).float().cpu()
+        assert bool((got == 7.0).all()), method
+        for t in dev:
+            t.zero_()
+        host[5].fill_(7.0)
+    torch.cuda.synchronize()
+
+
+def test_ring_reuse_and_growth():
+    """Many calls (ring wraps) and a call with many pairs (ring grows); block lists dropped at once."""
+    gen = torch.Generator().manual_seed(9)
+    dev, dev_lay = make_buffers("outer", 2, 2, 4096, 4096, torch.uint8, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", 2, 2, 4096, 4096, torch.uint8, pin=True, fill="poison")
+    stream = torch.cuda.Stream()
+    for i in range(300):
+        s = torch.randperm(4096, generator=gen)[:64]
+        native.copy_blocks_cuda(dev_lay, host_lay, s.numpy(), s.numpy(), native.COPY_KERNEL, 0,
+                                stream.cuda_stream)
+        del s
+    perm = torch.randperm(4096, generator=gen)
+    native.copy_blocks_cuda(dev_lay, host_lay, perm.numpy(), torch.arange(4096).numpy(),
+                            native.COPY_KERNEL, 0, stream.cuda_stream)  # 64 KiB of block ids
+    stream.synchronize()
+    assert_copied("outer", dev, "fc", host, list(zip(perm.tolist(), range(4096))), 2, 2, 4096)
+
+
+def test_ring_grows_past_its_first_size():
+    """70000 pairs: 1.1 MB of block ids, more than the first 1 MiB ring."""
+    nb = 70000
+    gen = torch.Generator().manual_seed(10)
+    dev = [torch.randint(0, 256, (1, nb, 64), dtype=torch.uint8, generator=gen).cuda()]
+    host = torch.full((nb, 1, 1, 64), 0xA5, dtype=torch.uint8).pin_memory()
+    perm = torch.randperm(nb, generator=gen)
+    for method in (native.COPY_KERNEL, native.COPY_DMA):
+        host.fill_(0xA5)
+        native.copy_blocks_cuda(layer_separate_layout(dev, 1), fully_contiguous_layout(host, 1, 1),
+                                perm.numpy(), torch.arange(nb).numpy(), method)
+        torch.cuda.synchronize()
+        assert torch.equal(host.view(nb, 64), dev[0][0, perm].cpu())
+
+
+def test_dma_merges_contiguous_runs():
+    """Fully contiguous on both sides with consecutive ids: one copy; AUTO takes DMA for it."""
+    gen = torch.Generator().manual_seed(12)
+    dev, dev_lay = make_buffers("fc", 4, 2, 32, 65536, torch.uint8, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", 4, 2, 32, 65536, torch.uint8, pin=True, fill="poison")
+    stream = torch.cuda.Stream()
+    assert native.cuda_pick_method(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
+                                   stream.cuda_stream) == native.COPY_DMA
+    native.copy_blocks_cuda(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
+                            native.COPY_AUTO, 0, stream.cuda_stream)
+    stream.synchronize()
+    assert_copied("fc", dev, "fc", host, [(8 + i, i) for i in range(16)], 4, 2, 32)
+
+
+def test_errors_before_launch():
+    dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda", fill="poison")
+    host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
+    for method in METHODS.values():
+        with pytest.raises(LayoutError, match=r"destination block 4 \(pair 0\) outside \[0, 4\)"):
+            native.copy_blocks_cuda(dev_lay, host_lay, [0], [4], method)
+        with pytest.raises(LayoutError, match=r"source block -2"):
+            native.copy_blocks_cuda(dev_lay, host_lay, [-2], [0], method)
+    with pytest.raises(LayoutError, match="copy method 7"):
+        native.copy_blocks_cuda(dev_lay, host_lay, [0], [0], 7)
+    _, other = make_buffers("fc", 3, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
+    with pytest.raises(LayoutError, match="layouts disagree"):
+        native.copy_blocks_cuda(dev_lay, other, [0], [0])
+    # Pageable host memory would fault inside the kernel: refused before launch...
+    pageable = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8)
+    with pytest.raises(LayoutError, match="pageable host memory"):
+        native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1],
+                                native.COPY_KERNEL)
+    # ...but the copy engines take it.
+    native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1], native.COPY_DMA)
+    torch.cuda.synchronize()
+    assert torch.equal(pageable[1].flatten(), torch.cat([dev[l][o, 1].flatten().cpu()
+                                                         for l in range(2) for o in range(2)]))
+    # A CUDA failure becomes CudaError naming the call and the CUDA error; later copies still work.
+    with pytest.raises(CudaError, match="cudaHostRegister.*cudaErrorHostMemoryAlreadyRegistered"):
+        native.cuda_host_register(host.data_ptr(), 4096)
+    native.copy_blocks_cuda(dev_lay, host_lay, [2], [2], native.COPY_KERNEL)
+    torch.cuda.synchronize()
+    assert_copied("outer", dev, "fc", host, [(2, 2)], 2, 2, 4)
+
+
+def test_stream_event_helpers():
+    s = native.cuda_stream_create()
+    e = native.cuda_event_create()
+    try:
+        dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
+        host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
+        torch.cuda.synchronize()
+        native.copy_blocks_cuda(dev_lay, host_lay, [3], [0], native.COPY_KERNEL, 0, s)
+        native.cuda_event_record(e, s)
+        native.cuda_event_synchronize(e)
+        assert native.cuda_event_query(e)
+        native.cuda_stream_wait_event(torch.cuda.current_stream().cuda_stream, e)
+        native.cuda_stream_synchronize(s)
+        assert_copied("outer", dev, "fc", host, [(3, 0)], 2, 2, 4)
+    finally:
+        native.cuda_event_destroy(e)
+        native.cuda_stream_destroy(s)
+
+
+def test_host_register_in_place():
+    buf = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8)
+    from kvbm.copy import register_host, unregister_host
+    register_host(buf)
+    try:
+        dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(buf, 2, 2), [1, 2], [3, 0],
+                                native.COPY_KERNEL)
+        torch.cuda.synchronize()
+        assert_copied("outer", dev, "fc", buf, [(1, 3), (2, 0)], 2, 2, 4)
+    finally:
+        unregister_host(buf)
