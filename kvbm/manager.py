@@ -10,11 +10,21 @@ Parts:
 Workflow of one request: hash its token blocks (kvbm.hashing) -> `match` -> onboard the prefix the
 fastest tier holds -> allocate device blocks for the rest -> register them once computed -> release
 when the request ends; the runtime (kvbm.transfer, kvbm.workers) moves the bytes between tiers.
+
+Transfers (the runtime's part of this facade): `register_device_tensors(tensors)` connects to the
+instance's running kvbm-workers, or starts one as a child for the embedded default, and registers
+the engine's KV tensors with its path workers (CUDA IPC handles, or in CPU mode the shared segment
+that `create_device_tensors()` placed them in). Then `offload(device_blocks, hashes)` (G1 -> G2,
+deduplicated) and `onboard(hashes, device_blocks)` (G2 -> G1, layer progress) return futures;
+`scheduler.reached(...)` opens gated transfers. See kvbm/transfer/engine.py for the order of
+registry calls around each copy.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +86,13 @@ class KvBlockManager:
             raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size or disk_blocks/disk_size")
         self.tiers = TierView(self.pools)
         self._closed = False
+        # Transfer runtime (created by register_device_tensors).
+        self._lock = threading.RLock()
+        self._workers = None       # WorkersProcess this manager started, if any
+        self._transfers = None     # TransferManager
+        self._host = None          # HostTransfers over the G2 pool
+        self._shared = None        # SharedBuffers of CPU-mode device tensors
+        self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
     def pool(self, tier: Tier | int) -> BlockPool:
@@ -106,13 +123,131 @@ class KvBlockManager:
 
     def stats(self) -> dict[str, dict]:
         self._check_open()
-        return {tier.name: pool.snapshot() for tier, pool in self.pools.items()}
+        out = {tier.name: pool.snapshot() for tier, pool in self.pools.items()}
+        if self._transfers is not None:
+            out["transfers"] = self._transfers.stats()
+        return out
+
+    # ---- transfers (runtime) --------------------------------------------------------------------
+    def create_device_tensors(self, layout=None, device: str | None = None) -> list:
+        """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
+        or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
+        from kvbm.layout import BlockLayout, LayoutType
+        from kvbm.shm import SharedBuffers
+        self._check_open()
+        if layout is None:
+            if self.config.layout is None or not self.config.device_blocks:
+                raise ConfigError("create_device_tensors needs a layout, or config.layout and device_blocks")
+            layout = BlockLayout(self.config.layout, LayoutType.LAYER_SEPARATE, self.config.device_blocks)
+        self.device_layout = layout
+        if device is None:
+            import kvbm
+            device = "cuda" if kvbm.cuda_available() and not self.config.force_cpu else "cpu"
+        if device.startswith("cuda"):
+            return layout.allocate(device=device)
+        if self._shared is not None:
+            raise KvbmError("CPU-mode device tensors were already created for this manager")
+        self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
+        return list(self._shared.tensors)
+
+    def register_device_tensors(self, tensors, layout=None, start: bool | None = None,
+                                timeout: float = 60.0) -> None:
+        """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
+        the engine's KV tensors with every path worker."""
+        from kvbm.layout import BlockLayout, LayoutType, detect_layout
+        from kvbm.transfer.engine import HostTransfers, WorkersProcess, control_endpoint, describe_memory
+        from kvbm.transfer.manager import TransferManager
+        self._check_open()
+        if Tier.G2 not in self.pools:
+            raise ConfigError("transfers need a host tier: set host_blocks or host_size")
+        if layout is None:
+            layout = self.device_layout if self.device_layout is not None else detect_layout(tensors)
+        tensors = [tensors] if not isinstance(tensors, (list, tuple)) else list(tensors)
+        if self.config.layout is not None and self.config.layout.block_bytes != layout.config.block_bytes:
+            raise ConfigError(f"device tensors hold {layout.config.block_bytes}-byte blocks, config.layout "
+                              f"{self.config.layout.block_bytes}")
+        self.device_layout = layout
+        host_pool = self.pools[Tier.G2]
+        host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
+        memory = describe_memory(tensors, layout, self._shared)
+        if self._transfers is None:
+            endpoint = control_endpoint(self.config)
+            if endpoint is None:
+                if start is False:
+                    raise KvbmError(f"no kvbm-workers runs for instance {self.config.instance_id} "
+                                    f"({self.config.resolved_runtime_dir()})")
+                self._workers = WorkersProcess(self.config, host_layout.total_bytes)
+                endpoint = self._workers.start(timeout)
+            tm = TransferManager(endpoint, max_inflight_bytes=self.config.max_inflight_bytes,
+                                 max_batch_blocks=self.config.max_batch_blocks,
+                                 request_timeout_s=self.config.request_timeout_ms / 1000.0,
+                                 stats_fn=self._pool_report)
+            try:
+                tm.connect(timeout)
+            except BaseException:
+                self._stop_workers()
+                raise
+            self._transfers = tm
+            self._host = HostTransfers(tm, host_pool, self._lock)
+        self._transfers.register(layout, host_layout, memory, timeout)
+
+    def _pool_report(self) -> dict:
+        with self._lock:
+            return {tier.name.lower(): {"blocks": pool.num_blocks,
+                                         "used": pool.num_blocks - pool.registry.num_free,
+                                         "inactive": pool.registry.num_inactive}
+                    for tier, pool in self.pools.items()}
+
+    def _transfer_api(self):
+        self._check_open()
+        if self._host is None:
+            raise KvbmError("register_device_tensors() first: no transfer runtime is connected")
+        return self._host
+
+    def offload(self, device_blocks, hashes, **kwargs: Any):
+        """G1 -> G2. A future whose result().value is an OffloadResult (moved vs already held);
+        TransferError when the copy failed (nothing was registered). kwargs: parents, priority,
+        gate, block, timeout."""
+        return self._transfer_api().offload(device_blocks, _hashes(hashes), **kwargs)
+
+    def onboard(self, hashes, device_blocks, **kwargs: Any):
+        """G2 -> G1 for the longest prefix of hashes G2 holds. A future (wait_layer(l) for layer
+        progress) whose result().value is an OnboardResult. kwargs: priority, gate, layers, block, timeout."""
+        return self._transfer_api().onboard(_hashes(hashes), device_blocks, **kwargs)
+
+    @property
+    def scheduler(self):
+        """The Scheduler of gated transfers: scheduler.reached(iteration=...) / (layer=...)."""
+        if self._transfers is None:
+            raise KvbmError("register_device_tensors() first: no transfer runtime is connected")
+        return self._transfers.scheduler
+
+    @property
+    def transfers(self):
+        return self._transfers
+
+    @property
+    def workers_process(self):
+        return self._workers
+
+    def _stop_workers(self) -> None:
+        if self._workers is not None:
+            self._workers.stop()
+            self._workers = None
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._transfers is not None:
+            self._transfers.close()
+            self._transfers = None
+            self._host = None
+        self._stop_workers()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         logger.debug("KvBlockManager %s closed", self.config.instance_id)
 
     def _check_open(self) -> None:

@@ -195,8 +195,9 @@ class HostTransfers:
         self.lock = lock or threading.RLock()
 
     def _capacity(self) -> int:
-        free = getattr(self.pool, "num_free", None)
-        inactive = getattr(self.pool, "num_inactive", None)
+        reg = getattr(self.pool, "registry", self.pool)  # a BlockPool, or a bare registry
+        free = getattr(reg, "num_free", None)
+        inactive = getattr(reg, "num_inactive", None)
         free = free() if callable(free) else free
         inactive = inactive() if callable(inactive) else inactive
         return int(free or 0) + int(inactive or 0)
