@@ -28,11 +28,19 @@ ctypedef struct RegistryHeader:
     int64_t policy            # EvictionPolicy id used by _policy_key
     uint64_t tick             # logical clock; every touch/register/match/release-to-inactive does ++tick
     int64_t num_free          # blocks in the free list (state RESET)
-    int64_t num_inactive      # blocks in the heap (REGISTERED, refcount 0) == heap size
+    int64_t num_inactive      # REGISTERED blocks with refcount 0 (each has a live heap entry)
+    int64_t heap_size         # heap entries: live ones plus zombies (acquired since they went in)
     int64_t num_registered    # entries in the index (REGISTERED blocks, active or inactive)
     int64_t ring_head         # next slot of the evicted-hash ring to write
     int64_t ring_count        # hashes in the ring not yet drained (<= N)
     uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
+
+
+ctypedef struct HeapEntry:
+    uint64_t key1             # policy key, first word (compared first)
+    uint64_t key2             # policy key, second word; then the block id breaks ties
+    bid_t block               # the block; its heap_pos points back here
+    uint32_t pad              # 0 (keeps the entry 24 bytes, the buffer deterministic)
 
 
 @cython.final
@@ -54,10 +62,10 @@ cdef class BlockRegistry:
     cdef bid_t *prev_sib           # previous block with the same parent, -1 at the head
     cdef bid_t *free_prev          # length N+1: free list (FIFO: push tail, pop head), sentinel at N;
     cdef bid_t *free_next          #   -1 for blocks not in the free list
-    cdef bid_t *heap               # inactive set: binary min-heap of block ids, size h.num_inactive
-    cdef bid_t *heap_pos           # position of each block in heap, -1 when not inactive
-    cdef uint64_t *key1            # policy key, first word (compared first)
-    cdef uint64_t *key2            # policy key, second word; then block id breaks ties
+    cdef HeapEntry *heap           # inactive set: 4-ary min-heap (parent (i-1)//4), h.heap_size entries (keys inline
+                                   #   so sifting reads one array); an entry whose block has been
+                                   #   acquired since is a zombie: frozen key, dropped at the top
+    cdef bid_t *heap_pos           # position of each block's entry in heap, -1 when it has none
     cdef uint32_t *mark            # scratch for batch validation (duplicate counts); all 0 between calls
     cdef uint64_t *ikeys           # length C: index hash of each slot (0 when empty)
     cdef bid_t *ivals              # length C: block id of each slot, -1 when empty (linear probing,
@@ -71,13 +79,17 @@ cdef class BlockRegistry:
     # free list and heap (callers pass checked block ids)
     cdef void _free_push(self, bid_t b) noexcept nogil
     cdef bid_t _free_pop(self) noexcept nogil
-    cdef inline bint _less(self, bid_t a, bid_t b) noexcept nogil
+    cdef inline bint _less(self, const HeapEntry *a, const HeapEntry *b) noexcept nogil
     cdef void _sift_up(self, int64_t i) noexcept nogil
     cdef void _sift_down(self, int64_t i) noexcept nogil
+    cdef inline void _resift(self, int64_t i) noexcept nogil
     cdef void _heap_push(self, bid_t b) noexcept nogil
     cdef void _heap_remove(self, bid_t b) noexcept nogil
+    cdef bid_t _heap_pop_live(self) noexcept nogil
+    cdef inline void _deactivate(self, bid_t b) noexcept nogil
+    cdef inline void _acquire(self, bid_t b) noexcept nogil
     # policy: the one key function, and the hook run whenever metadata a policy reads changes
-    cdef inline void _policy_key(self, bid_t b) noexcept nogil
+    cdef inline void _policy_key(self, bid_t b, HeapEntry *e) noexcept nogil
     cdef void _update_key(self, bid_t b) noexcept nogil
     # block life cycle
     cdef inline void _touch(self, bid_t b) noexcept nogil

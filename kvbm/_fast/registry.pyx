@@ -7,9 +7,15 @@ Parts (field by field in registry.pxd):
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
            (counts, tick, ring cursor) then every array, so the table can move to shared memory.
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
-  heap     inactive blocks (REGISTERED, refcount 0), ordered by (key1, key2, block id); the key is
-           computed by `_policy_key` (switch on the policy id) and refreshed by `_update_key`.
-  index    sequence hash -> block for every REGISTERED block; linear probing, Fibonacci hashing,
+  heap     inactive blocks (REGISTERED, refcount 0) in a 4-ary min-heap (half the depth of a
+           binary one: fewer cache misses per pop), entries (key1, key2, block) popped smallest
+           first, block id breaking ties; the key is computed by `_policy_key` (switch on the
+           policy id) and refreshed by `_update_key`. Acquiring an inactive block (match, dedup)
+           is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded when it
+           reaches the top during eviction, or re-keyed in place when the block is released
+           again. So a long prefix match never pays a heap removal per block.
+  index    sequence hash -> block for every REGISTERED block; linear probing, Fibonacci hashing
+           (after folding the high half into the low),
            backward-shift deletion (no tombstones), capacity a power of two >= 2N.
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
@@ -64,6 +70,12 @@ cdef enum:
     NUM_ARRAYS = 22
 
 
+cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
+    # Home slot of a key: fold the high half in, then Fibonacci hashing (top bits of key * golden).
+    # The fold keeps structured keys (counters, multiples of a constant) from clustering.
+    return <int64_t>(((key ^ (key >> 32)) * GOLDEN) >> shift)
+
+
 cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
     return (x + a - 1) // a * a
 
@@ -93,10 +105,10 @@ cdef int64_t _layout(int64_t n, int64_t *offsets) noexcept nogil:
     sizes[11] = n * sizeof(bid_t)         # prev_sib
     sizes[12] = (n + 1) * sizeof(bid_t)   # free_prev
     sizes[13] = (n + 1) * sizeof(bid_t)   # free_next
-    sizes[14] = n * sizeof(bid_t)         # heap
+    sizes[14] = n * sizeof(HeapEntry)     # heap
     sizes[15] = n * sizeof(bid_t)         # heap_pos
-    sizes[16] = n * sizeof(uint64_t)      # key1
-    sizes[17] = n * sizeof(uint64_t)      # key2
+    sizes[16] = 0                         # (unused)
+    sizes[17] = 0                         # (unused)
     sizes[18] = n * sizeof(uint32_t)      # mark
     sizes[19] = cap * sizeof(uint64_t)    # ikeys
     sizes[20] = cap * sizeof(bid_t)       # ivals
@@ -267,10 +279,8 @@ cdef class BlockRegistry:
         self.prev_sib = <bid_t *>(base + o[11])
         self.free_prev = <bid_t *>(base + o[12])
         self.free_next = <bid_t *>(base + o[13])
-        self.heap = <bid_t *>(base + o[14])
+        self.heap = <HeapEntry *>(base + o[14])
         self.heap_pos = <bid_t *>(base + o[15])
-        self.key1 = <uint64_t *>(base + o[16])
-        self.key2 = <uint64_t *>(base + o[17])
         self.mark = <uint32_t *>(base + o[18])
         self.ikeys = <uint64_t *>(base + o[19])
         self.ivals = <bid_t *>(base + o[20])
@@ -352,7 +362,7 @@ cdef class BlockRegistry:
 
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil:
         # Slots are masked, and the table is at most half full, so the probe ends at an empty slot.
-        cdef int64_t i = <int64_t>((key * GOLDEN) >> self.h.index_shift)
+        cdef int64_t i = _home(key, self.h.index_shift)
         cdef int64_t mask = self.h.index_mask
         cdef bid_t v
         while True:
@@ -365,7 +375,7 @@ cdef class BlockRegistry:
 
     cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil:
         # Caller checked that key is absent (_find returned -1); num_registered <= N < C/2.
-        cdef int64_t i = <int64_t>((key * GOLDEN) >> self.h.index_shift)
+        cdef int64_t i = _home(key, self.h.index_shift)
         cdef int64_t mask = self.h.index_mask
         while self.ivals[i] >= 0:
             i = (i + 1) & mask
@@ -377,7 +387,7 @@ cdef class BlockRegistry:
         # Caller passes the hash of a REGISTERED block, so the key is present.
         cdef int64_t shift = self.h.index_shift
         cdef int64_t mask = self.h.index_mask
-        cdef int64_t i = <int64_t>((key * GOLDEN) >> shift)
+        cdef int64_t i = _home(key, shift)
         cdef int64_t j, k
         while self.ikeys[i] != key or self.ivals[i] < 0:
             i = (i + 1) & mask
@@ -388,7 +398,7 @@ cdef class BlockRegistry:
             j = (j + 1) & mask
             if self.ivals[j] < 0:
                 break
-            k = <int64_t>((self.ikeys[j] * GOLDEN) >> shift)
+            k = _home(self.ikeys[j], shift)
             if i <= j:
                 if i < k <= j:
                     continue
@@ -426,90 +436,120 @@ cdef class BlockRegistry:
 
     # ---- inactive heap --------------------------------------------------------------------------
 
-    cdef inline bint _less(self, bid_t a, bid_t b) noexcept nogil:
-        if self.key1[a] != self.key1[b]:
-            return self.key1[a] < self.key1[b]
-        if self.key2[a] != self.key2[b]:
-            return self.key2[a] < self.key2[b]
-        return a < b
+    cdef inline bint _less(self, const HeapEntry *a, const HeapEntry *b) noexcept nogil:
+        if a.key1 != b.key1:
+            return a.key1 < b.key1
+        if a.key2 != b.key2:
+            return a.key2 < b.key2
+        return a.block < b.block
 
     cdef void _sift_up(self, int64_t i) noexcept nogil:
-        cdef bid_t b = self.heap[i]
+        cdef HeapEntry e = self.heap[i]
         cdef int64_t p
         while i > 0:
-            p = (i - 1) >> 1
-            if not self._less(b, self.heap[p]):
+            p = (i - 1) >> 2
+            if not self._less(&e, &self.heap[p]):
                 break
             self.heap[i] = self.heap[p]
-            self.heap_pos[self.heap[i]] = <bid_t>i
+            self.heap_pos[self.heap[i].block] = <bid_t>i
             i = p
-        self.heap[i] = b
-        self.heap_pos[b] = <bid_t>i
+        self.heap[i] = e
+        self.heap_pos[e.block] = <bid_t>i
 
     cdef void _sift_down(self, int64_t i) noexcept nogil:
-        cdef int64_t n = self.h.num_inactive
-        cdef bid_t b = self.heap[i]
-        cdef int64_t c
+        cdef int64_t n = self.h.heap_size
+        cdef HeapEntry e = self.heap[i]
+        cdef int64_t c, first, k, last
         while True:
-            c = 2 * i + 1
-            if c >= n:
+            first = 4 * i + 1
+            if first >= n:
                 break
-            if c + 1 < n and self._less(self.heap[c + 1], self.heap[c]):
-                c += 1
-            if not self._less(self.heap[c], b):
+            c = first
+            last = first + 4 if first + 4 <= n else n
+            for k in range(first + 1, last):
+                if self._less(&self.heap[k], &self.heap[c]):
+                    c = k
+            if not self._less(&self.heap[c], &e):
                 break
             self.heap[i] = self.heap[c]
-            self.heap_pos[self.heap[i]] = <bid_t>i
+            self.heap_pos[self.heap[i].block] = <bid_t>i
             i = c
-        self.heap[i] = b
-        self.heap_pos[b] = <bid_t>i
+        self.heap[i] = e
+        self.heap_pos[e.block] = <bid_t>i
 
-    cdef void _heap_push(self, bid_t b) noexcept nogil:
-        # Caller: b is REGISTERED with refcount 0 and not in the heap; size < N.
-        cdef int64_t i = self.h.num_inactive
-        self.h.num_inactive += 1
-        self.heap[i] = b
-        self.heap_pos[b] = <bid_t>i
-        self._sift_up(i)
-
-    cdef void _heap_remove(self, bid_t b) noexcept nogil:
-        # Caller: heap_pos[b] >= 0.
-        cdef int64_t i = self.heap_pos[b]
-        cdef int64_t last = self.h.num_inactive - 1
-        cdef bid_t moved
-        self.heap_pos[b] = -1
-        self.h.num_inactive = last
-        if i == last:
-            return
-        moved = self.heap[last]
-        self.heap[i] = moved
-        self.heap_pos[moved] = <bid_t>i
-        if i > 0 and self._less(moved, self.heap[(i - 1) >> 1]):
+    cdef inline void _resift(self, int64_t i) noexcept nogil:
+        if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
             self._sift_up(i)
         else:
             self._sift_down(i)
 
+    cdef void _heap_push(self, bid_t b) noexcept nogil:
+        # Caller: b is REGISTERED with refcount 0 and has no entry; heap_size < N (one per block).
+        cdef int64_t i = self.h.heap_size
+        self.h.heap_size += 1
+        self._policy_key(b, &self.heap[i])
+        self.heap[i].block = b
+        self.heap[i].pad = 0
+        self.heap_pos[b] = <bid_t>i
+        self._sift_up(i)
+
+    cdef void _heap_remove(self, bid_t b) noexcept nogil:
+        # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie); the vacated slot is zeroed.
+        cdef int64_t i = self.heap_pos[b]
+        cdef int64_t last = self.h.heap_size - 1
+        self.heap_pos[b] = -1
+        self.h.heap_size = last
+        if i != last:
+            self.heap[i] = self.heap[last]
+            self.heap_pos[self.heap[i].block] = <bid_t>i
+        memset(<void *>&self.heap[last], 0, sizeof(HeapEntry))
+        if i != last:
+            self._resift(i)
+
+    cdef bid_t _heap_pop_live(self) noexcept nogil:
+        # Caller checked num_inactive > 0, so a live entry exists; zombies above it are dropped.
+        cdef bid_t b
+        while True:
+            b = self.heap[0].block
+            self._heap_remove(b)
+            if self.refcount[b] == 0:
+                self.h.num_inactive -= 1
+                return b
+
+    cdef inline void _deactivate(self, bid_t b) noexcept nogil:
+        # refcount just reached 0 on a REGISTERED block: re-key its zombie entry, or push one.
+        cdef int64_t i = self.heap_pos[b]
+        self.h.num_inactive += 1
+        if i >= 0:
+            self._policy_key(b, &self.heap[i])
+            self._resift(i)
+        else:
+            self._heap_push(b)
+
+    cdef inline void _acquire(self, bid_t b) noexcept nogil:
+        # refcount + 1; an inactive block becomes active and its entry a zombie: O(1).
+        if self.refcount[b] == 0:
+            self.h.num_inactive -= 1
+        self.refcount[b] += 1
+
     # ---- policy ---------------------------------------------------------------------------------
 
-    cdef inline void _policy_key(self, bid_t b) noexcept nogil:
+    cdef inline void _policy_key(self, bid_t b, HeapEntry *e) noexcept nogil:
         # The one place that turns block metadata into an eviction key (smaller is evicted first).
         # New policies add a case here; available: priority, last_tick, use_count, parent,
         # children (see kvbm/policy.py).
         if self.h.policy == POLICY_LRU_ID:
             # priority biased into uint64 so that lower (also negative) priorities sort first
-            self.key1[b] = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
-            self.key2[b] = self.last_tick[b]
+            e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
+            e.key2 = self.last_tick[b]
 
     cdef void _update_key(self, bid_t b) noexcept nogil:
-        # Hook: run whenever metadata a policy may read changes. Re-sorts b if it is inactive.
-        cdef int64_t i
-        self._policy_key(b)
-        i = self.heap_pos[b]
-        if i >= 0:
-            if i > 0 and self._less(b, self.heap[(i - 1) >> 1]):
-                self._sift_up(i)
-            else:
-                self._sift_down(i)
+        # Hook: run whenever metadata a policy may read changes. Only live (inactive) entries are
+        # ordered by their key; an active block's key is computed when it is released.
+        cdef int64_t i = self.heap_pos[b]
+        if i >= 0 and self.refcount[b] == 0:
+            self._policy_key(b, &self.heap[i])
+            self._resift(i)
 
     # ---- block life cycle -----------------------------------------------------------------------
 
@@ -527,8 +567,6 @@ cdef class BlockRegistry:
         self.priority[b] = 0
         self.last_tick[b] = 0
         self.use_count[b] = 0
-        self.key1[b] = 0
-        self.key2[b] = 0
 
     cdef void _link_child(self, bid_t c, bid_t p) noexcept nogil:
         cdef bid_t head = self.first_child[p]
@@ -571,10 +609,9 @@ cdef class BlockRegistry:
     cdef bid_t _evict_one(self) noexcept nogil:
         # Caller checked num_inactive > 0. Returns the block RESET and in no list; its hash goes
         # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
-        cdef bid_t b = self.heap[0]
+        cdef bid_t b = self._heap_pop_live()
         cdef uint64_t hsh = self.hash[b]
         cdef int64_t n = self.h.num_blocks
-        self._heap_remove(b)
         self._index_remove(hsh)
         self._unlink(b)
         self.ring[self.h.ring_head] = hsh
@@ -619,9 +656,7 @@ cdef class BlockRegistry:
             hsh = hashes[i]
             e = self._find(hsh)
             if e >= 0:
-                if self.refcount[e] == 0:
-                    self._heap_remove(e)
-                self.refcount[e] += 1
+                self._acquire(e)
                 self._touch(e)
                 self._reset(b)
                 self._free_push(b)
@@ -647,15 +682,13 @@ cdef class BlockRegistry:
         cdef bid_t e
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
-                kvbm_prefetch(&self.ikeys[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
             e = self._find(hashes[i])
             if e < 0:
                 return i
             if acquire:
-                if self.refcount[e] == 0:
-                    self._heap_remove(e)
-                self.refcount[e] += 1
+                self._acquire(e)
                 self._touch(e)
             out[i] = e
         return n
@@ -664,8 +697,8 @@ cdef class BlockRegistry:
         cdef int64_t i, shift = self.h.index_shift
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
-                kvbm_prefetch(&self.ikeys[(hashes[i + PREFETCH_AHEAD] * GOLDEN) >> shift])
+                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
             out[i] = self._find(hashes[i])
 
     cdef void _touch_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
@@ -687,8 +720,7 @@ cdef class BlockRegistry:
                 # The last holder is done: that is its last use (LRU by release order).
                 self.h.tick += 1
                 self.last_tick[b] = self.h.tick
-                self._policy_key(b)
-                self._heap_push(b)
+                self._deactivate(b)
             else:
                 self._reset(b)
                 self._free_push(b)
@@ -705,8 +737,8 @@ cdef class BlockRegistry:
         cdef int64_t i, m = n if n < self.h.num_inactive else self.h.num_inactive
         cdef bid_t b
         for i in range(m):
-            out[i] = self.hash[self.heap[0]]
             b = self._evict_one()
+            out[i] = self.ring[(self.h.ring_head - 1 + self.h.num_blocks) % self.h.num_blocks]
             self._free_push(b)
         return m
 
@@ -966,7 +998,7 @@ cdef class BlockRegistry:
         cdef int64_t n = self.h.num_blocks, cap = self.h.index_capacity, mask = self.h.index_mask
         cdef int64_t i, j, k, b, steps, prev, nfree = 0, nactive = 0, nreg = 0, nin = 0, cnt
         cdef int64_t s = n
-        cdef uint64_t k1, k2
+        cdef HeapEntry probe
         cdef uint8_t st
         cdef int64_t nchild = 0, nlinked = 0
         # per-block states and refcounts
@@ -993,9 +1025,8 @@ cdef class BlockRegistry:
                 if self._find(self.hash[b]) != b:
                     raise RegistryError(f"REGISTERED block {b} (hash {self.hash[b]}) not found in "
                                         f"the index (found {self._find(self.hash[b])})")
-                if (self.refcount[b] == 0) != (self.heap_pos[b] >= 0):
-                    raise RegistryError(f"block {b}: refcount {self.refcount[b]} but heap "
-                                        f"position {self.heap_pos[b]}")
+                if self.refcount[b] == 0 and self.heap_pos[b] < 0:
+                    raise RegistryError(f"inactive block {b} has no heap entry")
                 if self.refcount[b] == 0:
                     nin += 1
             elif self.heap_pos[b] >= 0:
@@ -1009,7 +1040,10 @@ cdef class BlockRegistry:
         if nfree != self.h.num_free:
             raise RegistryError(f"{nfree} RESET blocks but num_free = {self.h.num_free}")
         if nin != self.h.num_inactive:
-            raise RegistryError(f"{nin} inactive blocks but heap size = {self.h.num_inactive}")
+            raise RegistryError(f"{nin} inactive blocks but num_inactive = {self.h.num_inactive}")
+        if self.h.heap_size < nin or self.h.heap_size > nreg:
+            raise RegistryError(f"heap holds {self.h.heap_size} entries for {nin} inactive and "
+                                f"{nreg} registered blocks")
         if nfree + nin + nactive != n:
             raise RegistryError(f"free {nfree} + inactive {nin} + active {nactive} != {n} blocks")
         if nreg != self.h.num_registered:
@@ -1030,18 +1064,20 @@ cdef class BlockRegistry:
             steps += 1
         if steps != self.h.num_free or self.free_prev[s] != prev:
             raise RegistryError(f"free list walk found {steps} blocks, num_free = {self.h.num_free}")
-        # heap
-        for i in range(self.h.num_inactive):
-            b = self.heap[i]
+        # heap: positions, order, and live entries carry the key the policy computes now
+        for i in range(self.h.heap_size):
+            b = self.heap[i].block
             if b < 0 or b >= n or self.heap_pos[b] != i:
                 raise RegistryError(f"heap slot {i} holds block {b} with position "
                                     f"{self.heap_pos[b] if 0 <= b < n else None}")
-            k1, k2 = self.key1[b], self.key2[b]
-            self._policy_key(<bid_t>b)
-            if self.key1[b] != k1 or self.key2[b] != k2:
-                raise RegistryError(f"block {b} has stale key ({k1}, {k2}), policy says "
-                                    f"({self.key1[b]}, {self.key2[b]})")
-            if i > 0 and self._less(<bid_t>b, self.heap[(i - 1) >> 1]):
+            if self.state[b] != ST_REGISTERED:
+                raise RegistryError(f"heap slot {i} holds {_state_name(self.state[b])} block {b}")
+            if self.refcount[b] == 0:
+                self._policy_key(<bid_t>b, &probe)
+                if probe.key1 != self.heap[i].key1 or probe.key2 != self.heap[i].key2:
+                    raise RegistryError(f"inactive block {b} has stale key ({self.heap[i].key1}, "
+                                        f"{self.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
+            if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
                 raise RegistryError(f"heap order broken at slot {i} (block {b})")
         # index: every entry is a REGISTERED block under its hash, reachable from its home slot
         cnt = 0
@@ -1053,7 +1089,7 @@ cdef class BlockRegistry:
             if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
                 raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
                                     f"under hash {self.ikeys[i]}")
-            j = <int64_t>((self.ikeys[i] * GOLDEN) >> self.h.index_shift)
+            j = _home(self.ikeys[i], self.h.index_shift)
             while j != i:
                 if self.ivals[j] < 0:
                     raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")

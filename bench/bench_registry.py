@@ -1,0 +1,204 @@
+"""Block registry throughput: BlockRegistry (Cython) against ReferenceRegistry (plain Python).
+
+Points (each at pool sizes --sizes):
+  cycle        allocate(B) + complete + register(B fresh chained hashes, with parents) + release,
+               in steady state: the pool is first filled with inactive registered blocks, so
+               every allocate evicts B blocks in policy order.
+  match        match(8192-hash prefix, acquire=True) of an inactive registered chain (release
+               of the same blocks afterwards, untimed).
+  match-peek   match(8192-hash prefix, acquire=False).
+  lookup       lookup(8192 hashes, half of them missing).
+
+gc.collect() and a warm-up before each point; per-iteration timings, median and p99. The
+reference runs the same operations in the same process, a bounded number of iterations (and, past
+--ref-fill-limit blocks, without the pre-fill, which spares it the eviction work: its figures there
+flatter it). Headline: ratio of the medians.
+
+    .venv/bin/python bench/bench_registry.py                # full sweep (about a minute)
+    .venv/bin/python bench/bench_registry.py --sizes 10000 --iters 200
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvbm._fast._reference import ReferenceRegistry  # noqa: E402
+from kvbm._fast.registry import BlockRegistry  # noqa: E402
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import Cython
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, Cython {Cython.__version__}")
+
+
+class HashSource:
+    """Fresh 64-bit hashes that look like xxh3 output: splitmix64 of a counter."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self, k: int) -> np.ndarray:
+        z = np.arange(self.next, self.next + k, dtype=np.uint64) * GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        self.next += k
+        return z ^ (z >> np.uint64(31))
+
+
+class Batches:
+    """Chained hash batches (hashes, parent hashes, has-parent mask), generated ahead in chunks
+    so that the timed cycle does registry work only."""
+
+    def __init__(self, hs: HashSource, batch: int, chunk: int = 512) -> None:
+        self.hs, self.batch, self.chunk = hs, batch, chunk
+        self.items: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.items:
+            hashes = self.hs.take(self.batch * self.chunk).reshape(self.chunk, self.batch)
+            parents = np.zeros_like(hashes)
+            parents[:, 1:] = hashes[:, :-1]
+            mask = np.ones(self.batch, dtype=bool)
+            mask[0] = False
+            self.items = [(hashes[i], parents[i], mask) for i in range(self.chunk - 1, -1, -1)]
+        return self.items.pop()
+
+
+def cycle_once(reg, batches: Batches) -> None:
+    hashes, parents, mask = batches.next()
+    blocks = reg.allocate(hashes.shape[0])
+    reg.complete(blocks)
+    canon = reg.register(blocks, hashes, parents=parents, has_parent=mask)
+    reg.release(canon)
+
+
+def fill(reg, batches: Batches) -> None:
+    """Registers chains and releases them until no block is free (every allocate then evicts)."""
+    while reg.num_free >= batches.batch:
+        cycle_once(reg, batches)
+
+
+def timed(fn, iters: int, warmup: int, budget_s: float) -> np.ndarray:
+    gc.collect()
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return np.array(times, dtype=np.float64) / 1e3   # microseconds
+
+
+def bench_point(impl, n: int, args, fill_pool: bool) -> dict[str, np.ndarray]:
+    reg = impl(n)
+    hs = HashSource()
+    prefix = min(args.prefix, n)
+    res = {}
+    # a chain of `prefix` registered blocks (inactive) to match against
+    chain = hs.take(prefix)
+    blocks = reg.allocate(prefix)
+    reg.complete(blocks)
+    parents = np.concatenate([[np.uint64(0)], chain[:-1]]).astype(np.uint64)
+    mask = np.ones(prefix, dtype=bool)
+    mask[0] = False
+    reg.release(reg.register(blocks, chain, parents=parents, has_parent=mask))
+    budget = args.budget if impl is BlockRegistry else args.ref_budget
+    iters = args.iters if impl is BlockRegistry else args.ref_iters
+    warm = args.warmup if impl is BlockRegistry else 1
+
+    def match():
+        got = reg.match(chain)
+        assert got.shape[0] == prefix
+        match.held = got
+
+    # match with acquire; the release after each timed call is outside the timing
+    gc.collect()
+    for _ in range(warm):
+        match()
+        reg.release(match.held)
+    times = []
+    deadline = time.perf_counter() + budget
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        match()
+        times.append(time.perf_counter_ns() - t0)
+        reg.release(match.held)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    res["match"] = np.array(times) / 1e3
+    res["match-peek"] = timed(lambda: reg.match(chain, acquire=False), iters, warm, budget)
+    probe = chain.copy()
+    probe[1::2] = hs.take(probe[1::2].shape[0])   # half misses
+    res["lookup"] = timed(lambda: reg.lookup(probe), iters, warm, budget)
+    if fill_pool:
+        fill(reg, Batches(hs, args.batch))
+    batches = Batches(hs, args.batch, chunk=iters + warm + 1)
+    batches.items.append(batches.next())   # all timed batches generated before timing
+    res["cycle"] = timed(lambda: cycle_once(reg, batches), iters, warm, budget)
+    reg.check_invariants()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--batch", type=int, default=256, help="blocks per allocate/register/release cycle")
+    ap.add_argument("--prefix", type=int, default=8192, help="hashes per match/lookup")
+    ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds per point (Cython)")
+    ap.add_argument("--ref-iters", type=int, default=30)
+    ap.add_argument("--ref-budget", type=float, default=4.0, help="seconds per point (reference)")
+    ap.add_argument("--ref-fill-limit", type=int, default=200_000,
+                    help="larger pools: the reference skips the pre-fill (no eviction)")
+    args = ap.parse_args()
+
+    print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}")
+    print(f"# batch {args.batch}, prefix {args.prefix}; times in microseconds per call")
+    header = (f"| op | pool | fast median | fast p99 | ref median | ref p99 | ref iters | "
+              f"fast ns/block | speedup |")
+    print(header)
+    print("|" + "---|" * 9)
+    for n in args.sizes:
+        fast = bench_point(BlockRegistry, n, args, fill_pool=True)
+        ref_fill = n <= args.ref_fill_limit
+        ref = bench_point(ReferenceRegistry, n, args, fill_pool=ref_fill)
+        for op in ("cycle", "match", "match-peek", "lookup"):
+            f, r = fast[op], ref[op]
+            per = args.batch if op == "cycle" else min(args.prefix, n)
+            note = "" if ref_fill or op != "cycle" else " (ref: no eviction)"
+            print(f"| {op}{note} | {n:,} | {np.median(f):.1f} | {np.percentile(f, 99):.1f} | "
+                  f"{np.median(r):.1f} | {np.percentile(r, 99):.1f} | {len(r)} | "
+                  f"{np.median(f) * 1e3 / per:.1f} | {np.median(r) / np.median(f):.0f}x |",
+                  flush=True)
+        del fast, ref
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
