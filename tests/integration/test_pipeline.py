@@ -1,0 +1,226 @@
+"""The whole pipeline in CPU mode, with real processes and sockets: offload -> poison -> onboard is
+byte-exact, dedup moves nothing, a killed path worker fails what it held and comes back, gates and
+layer progress, backpressure, disk paths answered "not implemented"."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from kvbm.errors import BackpressureError, TransferError
+from kvbm.layout import InnerOrder
+from kvbm.transfer import protocol as P
+from kvbm.transfer.scheduler import Gate
+from pipeline_harness import wait_for
+
+DEADLINE = 30.0
+
+
+def random_hashes(rng, n):
+    return rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+
+
+@pytest.mark.parametrize("order", [InnerOrder.OUTER_MAJOR, InnerOrder.BLOCK_MAJOR])
+def test_offload_poison_onboard_is_byte_exact(make_pipeline, rng, order):
+    pipe = make_pipeline(device_blocks=4096, host_blocks=4096, order=order, max_batch_blocks=128)
+    kv = pipe.kv
+    n = 3000
+    src = rng.permutation(4096)[:n]
+    hashes = random_hashes(rng, n)
+    pipe.fill_random(src, rng)
+    expected = pipe.snapshot(src)
+
+    futures = [kv.offload(src[i:i + 500], hashes[i:i + 500]) for i in range(0, n, 500)]
+    results = [f.result(DEADLINE).value for f in futures]
+    assert sum(r.moved for r in results) == n and sum(r.held for r in results) == 0
+    assert kv.pool(2).registry.num_inactive == n
+
+    pipe.poison()
+    dst = rng.permutation(4096)[:n]  # somewhere else entirely
+    fut = kv.onboard(hashes, dst)
+    res = fut.result(DEADLINE).value
+    assert (res.requested, res.loaded) == (n, n)
+    assert fut.layers_ready == pipe.device_layout.config.num_layers
+    got = pipe.snapshot(dst)
+    assert np.array_equal(got, expected)
+    untouched = np.setdiff1d(np.arange(4096), dst)
+    assert (pipe.snapshot(untouched[:64]) == 0xA5).all()
+    kv.pool(2).registry.check_invariants()
+    assert kv.pool(2).registry.num_active == 0  # onboard released what it acquired
+
+
+def test_dedup_moves_nothing_already_held(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=512, host_blocks=1024)
+    kv = pipe.kv
+    blocks = np.arange(200)
+    hashes = random_hashes(rng, 200)
+    pipe.fill_random(blocks, rng)
+    first = kv.offload(blocks, hashes).result(DEADLINE).value
+    assert (first.moved, first.held) == (200, 0)
+    again = kv.offload(blocks, hashes).result(DEADLINE).value
+    assert (again.moved, again.held, again.bytes) == (0, 200, 0)
+    more = random_hashes(rng, 50)
+    mixed = kv.offload(np.arange(150, 250), np.concatenate([hashes[150:], more])).result(DEADLINE).value
+    assert (mixed.moved, mixed.held) == (50, 50)
+    repeated = kv.offload([300, 301, 302], [more[0] + 7, more[0] + 7, more[0] + 7]).result(DEADLINE).value
+    assert (repeated.requested, repeated.moved) == (1, 1)
+    assert kv.pool(2).registry.num_registered == 251
+    kv.pool(2).registry.check_invariants()
+
+
+def test_prefix_onboard_stops_at_first_miss(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=256, host_blocks=256)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 10)
+    pipe.fill_random(np.arange(10), rng)
+    expected = pipe.snapshot(np.arange(6))
+    kv.offload(np.arange(6), hashes[:6]).result(DEADLINE)
+    pipe.poison()
+    res = kv.onboard(hashes, np.arange(100, 110)).result(DEADLINE).value
+    assert (res.requested, res.loaded) == (10, 6)
+    assert np.array_equal(pipe.snapshot(np.arange(100, 106)), expected)
+    assert (pipe.snapshot(np.arange(106, 110)) == 0xA5).all()
+    miss = kv.onboard(random_hashes(rng, 3), [0, 1, 2]).result(DEADLINE).value
+    assert miss.loaded == 0
+
+
+def test_out_of_host_capacity_is_a_short_count(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=256, host_blocks=64)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 100)
+    res = kv.offload(np.arange(100), hashes).result(DEADLINE).value
+    assert (res.moved, res.dropped) == (64, 36)
+    kv.pool(2).registry.check_invariants()
+
+
+def test_worker_killed_mid_transfer_fails_cleanly_and_restarts(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=1024, host_blocks=1024, worker_delay_ms=400, max_batch_blocks=64)
+    kv = pipe.kv
+    pids = pipe.worker_pids()
+    host = kv.pool(2).registry
+    blocks = np.arange(512)
+    hashes = random_hashes(rng, 512)
+    pipe.fill_random(blocks, rng)
+    expected = pipe.snapshot(blocks)
+
+    fut = kv.offload(blocks, hashes)  # 8 requests of 64 blocks, 400 ms each at the worker
+    tm = kv.transfers
+    wait_for(lambda: tm._paths[P.Path.D2H].outstanding, 10, "a D2H request in flight at the worker")
+    time.sleep(0.1)  # inside the worker's 400 ms copy window
+    os.kill(pids["d2h"], signal.SIGKILL)
+    with pytest.raises(TransferError, match=r"d2h worker generation 1 .*died"):
+        fut.result(DEADLINE)
+    # Nothing was registered, every allocated host block went back to the free list.
+    assert (host.lookup(hashes) == -1).all()
+    assert host.num_free == 1024 and host.num_registered == 0
+    host.check_invariants()
+
+    new = wait_for(lambda: (p := pipe.worker_pids())["d2h"] != pids["d2h"] and p, DEADLINE, "a new d2h worker")
+    assert new["h2d"] == pids["h2d"]
+    assert pipe.status()["workers"]["d2h"]["restarts"] == 1
+    # Later transfers succeed, byte-exact.
+    res = kv.offload(blocks, hashes).result(DEADLINE).value
+    assert res.moved == 512
+    pipe.poison()
+    assert kv.onboard(hashes, blocks).result(DEADLINE).value.loaded == 512
+    assert np.array_equal(pipe.snapshot(blocks), expected)
+    assert kv.transfers.stats()["generations"]["d2h"] == 2
+
+
+def test_onboard_worker_killed_reports_failure_not_loaded(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=256, host_blocks=256, worker_delay_ms=400)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 32)
+    pipe.fill_random(np.arange(32), rng)
+    kv.offload(np.arange(32), hashes).result(DEADLINE)
+    pids = pipe.worker_pids()
+    fut = kv.onboard(hashes, np.arange(100, 132))
+    wait_for(lambda: kv.transfers._paths[P.Path.H2D].outstanding, 10, "an H2D request in flight")
+    os.kill(pids["h2d"], signal.SIGKILL)
+    with pytest.raises(TransferError, match="h2d worker generation 1"):
+        fut.result(DEADLINE)
+    with pytest.raises(TransferError):
+        fut.wait_layer(0, timeout=1)
+    assert kv.pool(2).registry.num_active == 0  # the acquired host blocks were released
+    assert kv.onboard(hashes, np.arange(100, 132)).result(DEADLINE).value.loaded == 32
+
+
+def test_gates_hold_until_reached_and_layers_report(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=256, host_blocks=256)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 16)
+    pipe.fill_random(np.arange(16), rng)
+    gated = kv.offload(np.arange(16), hashes, gate=Gate(iteration=3))
+    time.sleep(0.3)
+    assert not gated.done() and kv.transfers.stats()["held"] == 1
+    kv.scheduler.reached(iteration=2)
+    assert not gated.done()
+    kv.scheduler.reached(layer=1)
+    assert not gated.done()
+    kv.scheduler.reached(iteration=3)
+    assert gated.result(DEADLINE).value.moved == 16
+
+    layer_gated = kv.onboard(hashes, np.arange(50, 66), gate=Gate(layer=2))
+    kv.scheduler.reached(layer=1)
+    time.sleep(0.2)
+    assert not layer_gated.done()
+    seen = []
+    layer_gated.add_layer_callback(seen.append)
+    kv.scheduler.reached(layer=2)
+    assert layer_gated.wait_layer(3, timeout=DEADLINE)
+    layer_gated.result(DEADLINE)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_backpressure_blocks_then_raises(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=256, host_blocks=256, worker_delay_ms=300,
+                         max_inflight_bytes=40 * 16384)  # 40 blocks of 16 KiB
+    kv = pipe.kv
+    first = kv.offload(np.arange(32), random_hashes(rng, 32))
+    with pytest.raises(BackpressureError, match="exceeds the bound"):
+        kv.offload(np.arange(32, 64), random_hashes(rng, 32), block=False)
+    t0 = time.monotonic()
+    with pytest.raises(BackpressureError, match="waited 0.1 s"):
+        kv.offload(np.arange(32, 64), random_hashes(rng, 32), timeout=0.1)
+    assert time.monotonic() - t0 < 2
+    blocked = kv.offload(np.arange(64, 96), random_hashes(rng, 32))  # waits for `first`, then runs
+    assert first.result(DEADLINE).value.moved == 32
+    assert blocked.result(DEADLINE).value.moved == 32
+    # Refused submissions left no allocated host block behind.
+    assert kv.pool(2).registry.num_active == 0 and kv.pool(2).registry.num_inactive == 64
+
+
+def test_disk_paths_answer_not_implemented(make_pipeline):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    tm = pipe.kv.transfers
+    fut = tm.submit(P.Path.H2DISK, [1], [2])
+    with pytest.raises(TransferError, match="not implemented: disk tier"):
+        fut.result(5)
+    import zmq
+
+    from kvbm.transfer.channel import connect_socket, make_context
+    ctx = make_context()
+    sock = connect_socket(ctx, zmq.DEALER, tm.control_endpoint)
+    try:
+        sock.send(P.encode(P.make_xfer(9, "x", 1, P.Path.DISK2D, [0], [0])))
+        assert sock.poll(5000)
+        reply = P.decode(sock.recv())
+        assert (reply["id"], reply["status"], reply["error"]) == (9, P.Status.ERROR, P.DISK_NOT_IMPLEMENTED)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_tcp_loopback_transport(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=128, host_blocks=128, transport="tcp", tcp_port=0)
+    assert pipe.kv.transfers.control_endpoint.startswith("tcp://127.0.0.1:")
+    hashes = random_hashes(rng, 20)
+    pipe.fill_random(np.arange(20), rng)
+    expected = pipe.snapshot(np.arange(20))
+    pipe.kv.offload(np.arange(20), hashes).result(DEADLINE)
+    pipe.poison()
+    pipe.kv.onboard(hashes, np.arange(20)).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot(np.arange(20)), expected)
