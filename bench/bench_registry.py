@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=3.0, help="seconds per point (Cython)")
     ap.add_argument("--ref-iters", type=int, default=30)
     ap.add_argument("--ref-budget", type=float, default=4.0, help="seconds per point (reference)")
-    ap.add_argument("--ref-fill-limit", type=int, default=200_000,
+    ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
     args = ap.parse_args()
 

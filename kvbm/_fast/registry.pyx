@@ -509,8 +509,17 @@ cdef class BlockRegistry:
     cdef bid_t _heap_pop_live(self) noexcept nogil:
         # Caller checked num_inactive > 0, so a live entry exists; zombies above it are dropped.
         cdef bid_t b
+        cdef int64_t slot
         while True:
             b = self.heap[0].block
+            if self.refcount[b] == 0:
+                # The victim's index slot and lineage are needed next: start loading them now, so
+                # the misses overlap with the sift below.
+                slot = _home(self.hash[b], self.h.index_shift)
+                kvbm_prefetch(&self.ikeys[slot])
+                kvbm_prefetch(&self.ivals[slot])
+                kvbm_prefetch(&self.first_child[b])
+                kvbm_prefetch(&self.parent[b])
             self._heap_remove(b)
             if self.refcount[b] == 0:
                 self.h.num_inactive -= 1
@@ -547,9 +556,13 @@ cdef class BlockRegistry:
         # Hook: run whenever metadata a policy may read changes. Only live (inactive) entries are
         # ordered by their key; an active block's key is computed when it is released.
         cdef int64_t i = self.heap_pos[b]
+        cdef HeapEntry e
         if i >= 0 and self.refcount[b] == 0:
-            self._policy_key(b, &self.heap[i])
-            self._resift(i)
+            e = self.heap[i]
+            self._policy_key(b, &e)
+            if e.key1 != self.heap[i].key1 or e.key2 != self.heap[i].key2:
+                self.heap[i] = e
+                self._resift(i)
 
     # ---- block life cycle -----------------------------------------------------------------------
 
@@ -651,7 +664,14 @@ cdef class BlockRegistry:
         cdef int64_t i
         cdef bid_t b, e, p
         cdef uint64_t hsh
+        cdef int64_t shift = self.h.index_shift
         for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                # random hashes and random block ids: start the index and table misses early
+                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
+                kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
             hsh = hashes[i]
             e = self._find(hsh)
