@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--duration", type=float, help="exit after this many seconds (tests, benchmarks)")
     ap.add_argument("--status", action="store_true", help="ask the running instance for its status and exit")
     ap.add_argument("--json", action="store_true", help="with --status: print the raw JSON")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     ap.add_argument("--exit-with-parent", action="store_true",
                     help="stop (SIGTERM) when the process that started this one dies (embedded mode)")
     ap.add_argument("--log-level", default="WARNING")
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         cuda = not config.force_cpu and _cuda_ok()
         sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=args.log_level)
         install_signal_handlers(sup)
+        if args.metrics_port:
+            from kvbm.metrics import serve
+            serve(sup.metrics.registry, args.metrics_port)
         t0 = time.perf_counter()
         sup.start()
         print(f"kvbm-workers: instance {config.instance_id} serving ({'cuda' if cuda else 'cpu'} mode) at "

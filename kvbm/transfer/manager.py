@@ -191,6 +191,8 @@ class TransferManager:
         self._closing = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.scheduler = Scheduler(self._release_gated)
+        from kvbm.metrics import TransferMetrics
+        self.metrics = TransferMetrics()
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "bytes": 0, "requests": 0,
                          "worker_deaths": 0, "timeouts": 0}
         self._latency_us: list[int] = []
@@ -469,6 +471,7 @@ class TransferManager:
 
     def _record_latency(self, req: _Request) -> None:
         lat = int((time.monotonic() - req.sent_at) * 1e6)
+        self.metrics.latency.labels(req.sub.path.label).observe(lat / 1e6)
         with self._lock:
             self._latency_us.append(lat)
             if len(self._latency_us) > 100_000:
@@ -508,6 +511,7 @@ class TransferManager:
     def _worker_died(self, state: _PathState, gen: int, msg: dict) -> None:
         with self._lock:
             self.counters["worker_deaths"] += 1
+        self.metrics.worker_deaths.labels(state.path.label).inc()
         reason = (f"{state.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
                   f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
         for req in [r for r in state.outstanding.values() if r.gen == gen]:
@@ -538,6 +542,7 @@ class TransferManager:
                     req.deadline = now + self.request_timeout_s * (HARD_DEADLINE_FACTOR - 1)
                     with self._lock:
                         self.counters["timeouts"] += 1
+                    self.metrics.timeouts.labels(state.path.label).inc()
                     logger.error("%s request %d missed its %.1f s deadline; asking for gen %d to be replaced",
                                  state.path.label, req.rid, self.request_timeout_s, req.gen)
                     self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(state.path), "gen": req.gen,
@@ -591,6 +596,12 @@ class TransferManager:
             self.counters["completed" if ok else "failed"] += 1
             if ok:
                 self.counters["bytes"] += sub.moved
+        label = sub.path.label
+        self.metrics.transfers.labels(label, "ok" if ok else "failed").inc()
+        if ok:
+            self.metrics.bytes.labels(label).inc(sub.moved)
+            self.metrics.blocks.labels(label).inc(sub.future.num_blocks)
+        self.metrics.inflight.set(self._inflight_bytes)
         if ok:
             sub.future._advance(self.num_layers if sub.layers else 0)
             sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
@@ -625,6 +636,9 @@ class TransferManager:
     def _report(self) -> None:
         if self._control is None:
             return
+        self.metrics.inflight.set(self._inflight_bytes)
+        for s in self._paths.values():
+            self.metrics.queued.labels(s.path.label).set(len(s.heap))
         report = {"t": P.MsgType.STATS, "engine": self.engine_id, "inflight_bytes": self._inflight_bytes,
                   "queues": {s.path.label: {"queued": len(s.heap), "outstanding": len(s.outstanding)}
                              for s in self._paths.values()},

@@ -84,6 +84,8 @@ class Supervisor:
         self._control: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
         self._disk_dir: str | None = None
+        from kvbm.metrics import SupervisorMetrics
+        self.metrics = SupervisorMetrics()
 
     # ---- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,6 +102,8 @@ class Supervisor:
     def _start(self) -> None:
         self.segment = Segment.create(segment_name(self.config.instance_id), self.host_bytes)
         self.prefault_s = self.segment.prefault()
+        self.metrics.host_bytes.set(self.host_bytes)
+        self.metrics.prefault_seconds.set(self.prefault_s)
         gb = self.host_bytes / 1e9
         print(f"kvbm-workers: G2 host pool {gb:.3f} GB in /dev/shm/{self.segment.name}, pre-faulted in "
               f"{self.prefault_s:.3f} s ({gb / max(self.prefault_s, 1e-9):.1f} GB/s)", flush=True)
@@ -236,6 +240,9 @@ class Supervisor:
             return
         slot.ready = True
         slot.pin_s = float(msg.get("pin_s") or 0.0)
+        self.metrics.up.labels(slot.path.label).set(1)
+        self.metrics.generation.labels(slot.path.label).set(slot.gen)
+        self.metrics.pin_seconds.labels(slot.path.label).set(slot.pin_s)
         pinned = int(msg.get("pinned_bytes") or 0)
         if pinned:
             print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pinned {pinned / 1e9:.3f} GB in "
@@ -263,8 +270,10 @@ class Supervisor:
                 msg = P.decode(payload)
             except ProtocolError:
                 continue
-            if msg.get("t") == P.MsgType.STATS:
+            if msg.get("t") == P.MsgType.STATS and msg.get("gen") == slot.gen:
                 slot.stats = msg
+                self.metrics.worker_bytes.labels(slot.path.label).set(int(msg.get("bytes") or 0))
+                self.metrics.worker_queue.labels(slot.path.label).set(int(msg.get("queue") or 0))
 
     def _check_children(self) -> None:
         now = time.monotonic()
@@ -287,6 +296,8 @@ class Supervisor:
             slot.ready = False
             slot.restarts += 1
             slot.stats = {}
+            self.metrics.up.labels(slot.path.label).set(0)
+            self.metrics.restarts.labels(slot.path.label).inc()
             slot.deaths.append(now)
             if len(slot.deaths) == RESTART_BURST and now - slot.deaths[0] < RESTART_WINDOW_S:
                 slot.restart_at = now + RESTART_BACKOFF_S

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the transfer pipeline, one CollectorRegistry per owner (no global registry:
+two managers in one process, or a test that builds many, never collide).
+
+Parts:
+  TransferMetrics    engine side (TransferManager): transfers and bytes by path and status, request
+                     latency histogram, in-flight bytes, queued requests per path, worker deaths
+  SupervisorMetrics  kvbm-workers: worker up/generation/restarts per path, G2 bytes, pre-fault and
+                     pinning seconds, bytes moved per path (from the workers' stats)
+  render / serve     text exposition of a registry; an HTTP endpoint on 127.0.0.1 when asked
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+
+class TransferMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.transfers = Counter("kvbm_transfers", "Transfer submissions settled, by path and outcome",
+                                 ["path", "status"], registry=r)
+        self.bytes = Counter("kvbm_transfer_bytes", "Bytes moved by successful transfers", ["path"], registry=r)
+        self.blocks = Counter("kvbm_transfer_blocks", "Blocks moved by successful transfers", ["path"], registry=r)
+        self.latency = Histogram("kvbm_request_latency_seconds", "Wire request round trip (send to done)",
+                                 ["path"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("kvbm_inflight_bytes", "Bytes of submitted, unsettled transfers", registry=r)
+        self.queued = Gauge("kvbm_queued_requests", "Requests waiting in the engine-side queue", ["path"], registry=r)
+        self.worker_deaths = Counter("kvbm_worker_deaths", "Path worker deaths seen by this engine", ["path"], registry=r)
+        self.timeouts = Counter("kvbm_request_timeouts", "Requests that missed their deadline", ["path"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SupervisorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.up = Gauge("kvbm_worker_up", "1 while the path worker is ready", ["path"], registry=r)
+        self.generation = Gauge("kvbm_worker_generation", "Current worker generation", ["path"], registry=r)
+        self.restarts = Counter("kvbm_worker_restarts", "Path worker restarts", ["path"], registry=r)
+        self.worker_bytes = Gauge("kvbm_worker_bytes", "Bytes copied by the current worker generation", ["path"],
+                                  registry=r)
+        self.worker_queue = Gauge("kvbm_worker_queue", "Requests queued inside the path worker", ["path"], registry=r)
+        self.host_bytes = Gauge("kvbm_host_pool_bytes", "Size of the G2 segment", registry=r)
+        self.prefault_seconds = Gauge("kvbm_host_prefault_seconds", "Time to pre-fault G2", registry=r)
+        self.pin_seconds = Gauge("kvbm_host_pin_seconds", "Time to pin G2 (cudaHostRegister) in a worker",
+                                 ["path"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve(registry: CollectorRegistry, port: int) -> None:
+    """Serves the registry at http://127.0.0.1:port/metrics (loopback only)."""
+    start_http_server(port, addr="127.0.0.1", registry=registry)
