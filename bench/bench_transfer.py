@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--only", default="", help="comma list of variant names to run (e.g. kernel@8)")
+    ap.add_argument("--tag", default="", help="label printed in the header (e.g. a kernel variant)")
     args = ap.parse_args()
     if not native.cuda_available():
         sys.exit("bench_transfer: needs a CUDA build and a GPU (kvbm.cuda_available() is False)")
@@ -82,7 +84,7 @@ def main() -> None:
     sms_list = [int(s) for s in args.sms.split(",")]
     props = torch.cuda.get_device_properties(0)
     card = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB"
-    header = (f"card: {card}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+    header = (f"{args.tag + '; ' if args.tag else ''}card: {card}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
               f"host {platform.node()} {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(header, flush=True)
     lines = [header]
@@ -194,7 +196,10 @@ def main() -> None:
                 ("loop", native.COPY_DMA_LOOP, 0), ("kernel@8", native.COPY_KERNEL, 8),
                 ("dma", native.COPY_DMA, 0), ("auto", native.COPY_AUTO, 0),
                 ("kernel@8/dma", (native.COPY_KERNEL, native.COPY_DMA), 8)]
+            only = [x for x in args.only.split(",") if x]
             for name, method, sms in vs:
+                if only and name not in only:
+                    continue
                 if direction == "d2h":
                     def run_once(m=method, k=sms): off(m, k)
                     streams, moved = [s_off], nbytes
@@ -211,7 +216,8 @@ def main() -> None:
                 med, worst = statistics.median(ts), max(ts)
                 gbs = moved / med / 1e9
                 ratio = gbs / roof[direction]
-                row[f"{direction}:{name}"] = {"gbs": gbs, "ratio": ratio, "median_s": med, "worst_s": worst}
+                row[f"{direction}:{name}"] = {"gbs": gbs, "ratio": ratio, "median_s": med, "worst_s": worst,
+                                              "best_s": min(ts), "all_s": ts}
                 line = (f"{fmt_size(region):>5} x{n:>4} blk {direction:>4} {name:<13} {gbs:6.1f} GB/s "
                         f"{100 * ratio:5.1f}% of roof  median {med * 1e3:7.2f} ms  worst {worst * 1e3:7.2f} ms")
                 emit(line)
@@ -240,7 +246,7 @@ def main() -> None:
         cells = []
         for c in bcols:
             p = row.get(f"bidi:{c}")
-            cells.append(f"{p['gbs']:5.1f} ({100 * p['ratio']:3.0f}%)" if p else "-")
+            cells.append(f"{p['gbs']:5.1f} ({100 * p['ratio']:3.0f}%)" if p else f"{'-':>13}")
         emit(f"     {fmt_size(row['region']):>6} {row['blocks']:>4}  " + "  ".join(f"{x:>13}" for x in cells))
 
     os.makedirs(args.out, exist_ok=True)

@@ -24,6 +24,7 @@
 // cudaGetLastError, records the ring event; the DMA path builds and merges the region list and
 // enqueues it. Nothing waits for the copy: ordering against other work is the caller's (events).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -46,7 +47,7 @@ constexpr int kMaxDevices = 64;
 // is faster. DMA is preferred at equal speed because it takes no SMs from the engine's model.
 // On the legacy NULL stream the batch call is refused and the per-op loop is far slower, so AUTO
 // takes the kernel there unless the copies are very large (kDmaLoopMinOpBytes).
-constexpr int64_t kDmaMinOpBytes = 256 << 10;
+constexpr int64_t kDmaMinOpBytes = 1 << 20;
 constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
 
 struct KernelParams {
@@ -67,7 +68,23 @@ struct KernelParams {
 template <typename V> __device__ __forceinline__ V load_cs(const V *p) { return __ldcs(p); }
 template <typename V> __device__ __forceinline__ void store_cs(V *p, const V &v) { __stcs(p, v); }
 
-template <typename V>
+// Non-coherent 16-byte load with a 256-byte L2 fetch hint (variant 1, see kernel_variant()).
+__device__ __forceinline__ int4 load_nc256(const int4 *p) {
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+template <typename V, int Load> __device__ __forceinline__ V load_v(const V *p) {
+    if constexpr (Load == 1 && sizeof(V) == 16) {
+        return load_nc256(reinterpret_cast<const int4 *>(p));
+    } else {
+        return load_cs(p);
+    }
+}
+
+template <typename V, int Load = 0>
 __global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
     constexpr int64_t kChunk = 32 * kUnroll * int64_t(sizeof(V));
     const int lane = threadIdx.x & 31;
@@ -94,19 +111,106 @@ __global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
         V r[kUnroll];
         if (remain >= kChunk) {
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) r[u] = load_cs(s + u * 32 + lane);
+            for (int u = 0; u < kUnroll; ++u) r[u] = load_v<V, Load>(s + u * 32 + lane);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) store_cs(d + u * 32 + lane, r[u]);
         } else {
             const int64_t nv = remain / int64_t(sizeof(V));
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                if (u * 32 + lane < nv) r[u] = load_cs(s + u * 32 + lane);
+                if (u * 32 + lane < nv) r[u] = load_v<V, Load>(s + u * 32 + lane);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
                 if (u * 32 + lane < nv) store_cs(d + u * 32 + lane, r[u]);
         }
     }
+}
+
+// ---- bulk-copy (TMA) variant: one thread per CTA drives the Hopper bulk-copy unit ------------
+// Global -> shared (cp.async.bulk, completing on an mbarrier) then shared -> global (bulk store),
+// kBulkStages shared buffers of kBulkChunk bytes, kBulkLead loads in flight ahead of the stores.
+// Needs 16-byte aligned addresses and sizes (vector width 16).
+constexpr int kBulkStages = 8;
+constexpr int kBulkLead = 4;
+constexpr int kBulkChunk = 16384;
+constexpr int kBulkSmem = kBulkStages * kBulkChunk;
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+struct ItemAddr {
+    const char *src;
+    char *dst;
+    uint32_t bytes;
+};
+
+__device__ __forceinline__ ItemAddr bulk_item(const KernelParams &p, int64_t item) {
+    const int64_t per_pair = int64_t(p.num_layers) * p.outer_dim;
+    const int64_t region = item / p.chunks_per_region;
+    const int64_t chunk = item - region * p.chunks_per_region;
+    const int64_t pair = region / per_pair;
+    const int32_t rest = int32_t(region - pair * per_pair);
+    const int32_t layer = rest / p.outer_dim;
+    const int32_t outer = rest - layer * p.outer_dim;
+    const int64_t off = chunk * kBulkChunk;
+    ItemAddr a;
+    a.src = reinterpret_cast<const char *>(p.src_layers[layer]) + p.src_blocks[pair] * p.src_block_stride +
+            outer * p.src_outer_stride + off;
+    a.dst = reinterpret_cast<char *>(p.dst_layers[layer]) + p.dst_blocks[pair] * p.dst_block_stride +
+            outer * p.dst_outer_stride + off;
+    a.bytes = uint32_t(min(int64_t(kBulkChunk), p.region_bytes - off));
+    return a;
+}
+
+__global__ void __launch_bounds__(32) copy_regions_bulk(const KernelParams p) {
+    extern __shared__ __align__(128) unsigned char buf[];
+    __shared__ __align__(8) uint64_t bars[kBulkStages];
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < kBulkStages; ++s)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bars[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    const int64_t mine = blockIdx.x < p.total_items
+                             ? (p.total_items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    uint32_t phase = 0;
+    for (int64_t j = 0; j < mine + kBulkLead; ++j) {
+        if (j < mine) {
+            const int s = int(j % kBulkStages);
+            // The store that last read stage s (item j - kBulkStages) must be done reading it.
+            if (j >= kBulkStages)
+                asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kBulkStages - 1 - kBulkLead) : "memory");
+            const ItemAddr a = bulk_item(p, blockIdx.x + j * gridDim.x);
+            const uint32_t bar = smem_u32(&bars[s]);
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(a.bytes)
+                         : "memory");
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    smem_u32(buf + s * kBulkChunk)),
+                "l"(a.src), "r"(a.bytes), "r"(bar)
+                : "memory");
+        }
+        if (j >= kBulkLead) {
+            const int64_t i = j - kBulkLead;
+            const int s = int(i % kBulkStages);
+            const uint32_t bar = smem_u32(&bars[s]);
+            const uint32_t parity = (phase >> s) & 1u;
+            uint32_t done = 0;
+            while (!done)
+                asm volatile(
+                    "{ .reg .pred P; mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }"
+                    : "=r"(done)
+                    : "r"(bar), "r"(parity)
+                    : "memory");
+            phase ^= 1u << s;
+            const ItemAddr a = bulk_item(p, blockIdx.x + i * gridDim.x);
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.dst),
+                         "r"(smem_u32(buf + s * kBulkChunk)), "r"(a.bytes)
+                         : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 // Copies the call's metadata from its pinned ring slot (read through UVA) to the device mirror.
@@ -301,6 +405,13 @@ int check_uva(const kvbm_layout_t *lay, const char *which, char *errbuf, size_t 
 bool is_legacy(cudaStream_t stream) { return stream == nullptr || stream == cudaStreamLegacy; }
 
 // ---- kernel path -----------------------------------------------------------------------------
+// Bench-only switch between kernel variants (KVBM_KERNEL_VARIANT): 0 streaming 16-byte loads (the
+// default), 1 non-coherent loads with a 256-byte L2 fetch hint, 2 the bulk-copy (TMA) kernel.
+int kernel_variant() {
+    const char *v = std::getenv("KVBM_KERNEL_VARIANT");
+    return v == nullptr ? 0 : std::atoi(v);
+}
+
 int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
                const int64_t *dst_blocks, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
                size_t errlen) {
@@ -314,7 +425,9 @@ int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
     if (rc != KVBM_OK) return rc;
 
     const int width = vector_width(src, dst);
-    const int64_t chunk = 32 * kUnroll * int64_t(width);
+    const int variant = kernel_variant();
+    const bool bulk = variant == 2 && width == 16;
+    const int64_t chunk = bulk ? kBulkChunk : 32 * kUnroll * int64_t(width);
     const int32_t L = src->num_layers;
     KernelParams p{};
     p.src_block_stride = src->block_stride;
@@ -358,8 +471,23 @@ int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
         ring->abandon(stream);
         return kvbm::cuda_fail(errbuf, errlen, "stage_meta launch (block ids to device)", err);
     }
-    switch (width) {
-        case 16: copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p); break;
+    if (bulk) {
+        static bool attr_set = false;  // under the ring lock
+        if (!attr_set) {
+            err = cudaFuncSetAttribute(copy_regions_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSmem);
+            if (err != cudaSuccess) {
+                ring->abandon(stream);
+                return kvbm::cuda_fail(errbuf, errlen, "cudaFuncSetAttribute (copy_regions_bulk smem)", err);
+            }
+            attr_set = true;
+        }
+        copy_regions_bulk<<<std::min<int64_t>(kernel_ctas(max_sms, sms), p.total_items), 32, kBulkSmem,
+                            stream>>>(p);
+    } else switch (width) {
+        case 16:
+            if (variant == 1) copy_regions<int4, 1><<<ctas, kThreads, 0, stream>>>(p);
+            else copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p);
+            break;
         case 8: copy_regions<int2><<<ctas, kThreads, 0, stream>>>(p); break;
         case 4: copy_regions<int><<<ctas, kThreads, 0, stream>>>(p); break;
         default: copy_regions<char><<<ctas, kThreads, 0, stream>>>(p); break;
