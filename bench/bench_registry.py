@@ -4,8 +4,9 @@ Points (each at pool sizes --sizes):
   cycle        allocate(B) + complete + register(B fresh chained hashes, with parents) + release,
                in steady state: the pool is first filled with inactive registered blocks, so
                every allocate evicts B blocks in policy order.
-  match        match(8192-hash prefix, acquire=True) of an inactive registered chain (release
-               of the same blocks afterwards, untimed).
+  match        match(8192-hash prefix, acquire=True) of an inactive registered chain, in a pool
+               otherwise filled with inactive chains (release of the same blocks afterwards,
+               untimed).
   match-peek   match(8192-hash prefix, acquire=False).
   lookup       lookup(8192 hashes, half of them missing).
 
@@ -93,9 +94,10 @@ def cycle_once(reg, batches: Batches) -> None:
     reg.release(canon)
 
 
-def fill(reg, batches: Batches) -> None:
-    """Registers chains and releases them until no block is free (every allocate then evicts)."""
-    while reg.num_free >= batches.batch:
+def fill(reg, batches: Batches, reserve: int = 0) -> None:
+    """Registers chains and releases them until fewer than `reserve` + one batch blocks are free
+    (with reserve 0, every later allocate evicts)."""
+    while reg.num_free >= batches.batch + reserve:
         cycle_once(reg, batches)
 
 
@@ -119,6 +121,8 @@ def bench_point(impl, n: int, args, fill_pool: bool) -> dict[str, np.ndarray]:
     hs = HashSource()
     prefix = min(args.prefix, n)
     res = {}
+    if fill_pool:   # a full index and heap, as in steady state; room left for the chain
+        fill(reg, Batches(hs, args.batch), reserve=prefix)
     # a chain of `prefix` registered blocks (inactive) to match against
     chain = hs.take(prefix)
     blocks = reg.allocate(prefix)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kvbm._fast._reference import ReferenceRegistry
+from kvbm._fast import registry as registry_mod
 from kvbm._fast.registry import POLICY_LRU, BlockRegistry
 from kvbm.errors import RegistryError
 from kvbm.policy import BlockState, EvictionPolicy
@@ -268,6 +269,17 @@ def test_check_invariants_catches_corruption():
         reg.check_invariants()
     header[8] -= 1
     reg.check_invariants()
+
+
+@pytest.mark.skipif(not registry_mod.DEBUG, reason="invariant checks run inside calls only in "
+                    "a KVBM_DEBUG=1 build")
+def test_debug_build_checks_invariants_after_each_call():
+    reg = BlockRegistry(16)
+    registered(reg, [1, 2, 3])
+    header = np.frombuffer(reg.buffer, np.int64, count=9, offset=_header_offset(reg))
+    header[8] += 1                # num_free
+    with pytest.raises(RegistryError, match="num_free"):
+        reg.touch([0])
 
 
 # ---- bad inputs: every public call, nothing changes ------------------------------------------------
