@@ -1,0 +1,215 @@
+"""`python -m kvbm.demo`: the README's main job. kvbm-workers plus a small engine-like driver,
+through the whole pipeline (CPU mode when there is no GPU).
+
+What the driver does, per request (requests share system-prompt prefixes):
+  1. hash the token blocks (kvbm.hashing: sequence hashes chained over the prefix)
+  2. match the prefix in G1 (the device pool) -> reuse those blocks
+  3. match the next stretch in G2 (the host pool) -> allocate device blocks (possibly evicting old
+     ones: those bytes are wiped first) and onboard them, waiting layer by layer as a model would
+  4. "prefill" the rest: KV computed from the block's sequence hash (so any block's right bytes are
+     known), register everything in G1
+  5. verify every block of the request byte for byte against the recomputed KV
+  6. offload the request's blocks to G2, gated on the request's iteration (dedup: blocks G2 already
+     holds move nothing); the device blocks are released once their offload has landed
+and at the end prints counts, hit ratios and GB/s, and shuts everything down.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import kvbm
+from kvbm.hashing import hash_token_blocks
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.pools import Tier
+from kvbm.transfer.scheduler import Gate
+
+DEMO_LAYOUT = LayoutConfig(num_layers=8, outer_dim=2, page_size=16, inner_dim=128, dtype="bfloat16")
+
+
+class Model:
+    """KV of a block as a pure function of its sequence hash: what recomputing it would give."""
+
+    def __init__(self, layout: BlockLayout, tensors: list, device: str) -> None:
+        self.layout = layout
+        self.tensors = tensors
+        self.device = device
+        cfg = layout.config
+        self.shape = (cfg.num_layers, cfg.outer_dim, cfg.region_bytes)
+
+    def kv_of(self, seq_hash: int) -> np.ndarray:
+        return np.random.default_rng(int(seq_hash)).integers(0, 256, size=self.shape, dtype=np.uint8)
+
+    def _layer_view(self, layer: int):
+        cfg, lay = self.layout.config, self.layout
+        return self.tensors[layer].view(cfg.outer_dim, lay.num_blocks, cfg.region_bytes)  # OUTER_MAJOR
+
+    def write(self, blocks, hashes) -> None:
+        import torch
+        if len(blocks) == 0:
+            return
+        kv = np.stack([self.kv_of(h) for h in hashes])          # [n, layers, outer, bytes]
+        src = torch.from_numpy(kv).to(self.device)
+        idx = torch.as_tensor(np.asarray(blocks), device=self.device)
+        for layer in range(self.shape[0]):
+            self._layer_view(layer)[:, idx, :] = src[:, layer].transpose(0, 1)
+
+    def wipe(self, blocks) -> None:
+        import torch
+        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
+        for layer in range(self.shape[0]):
+            self._layer_view(layer)[:, idx, :] = 0xA5
+
+    def read(self, blocks) -> np.ndarray:
+        import torch
+        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
+        out = [self._layer_view(layer)[:, idx, :].transpose(0, 1).cpu().numpy() for layer in range(self.shape[0])]
+        return np.stack(out, axis=1)                             # [n, layers, outer, bytes]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m kvbm.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--prompts", type=int, default=8, help="distinct shared system prompts")
+    ap.add_argument("--prompt-blocks", type=int, default=24)
+    ap.add_argument("--device-blocks", type=int, default=160, help="G1 size (small, so that it evicts)")
+    ap.add_argument("--host-blocks", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    cuda = kvbm.cuda_available() and not args.cpu
+    device = "cuda" if cuda else "cpu"
+    page = DEMO_LAYOUT.page_size
+    print(f"kvbm demo: {DEMO_LAYOUT.num_layers} layers x K/V x {page}-token pages x {DEMO_LAYOUT.inner_dim} "
+          f"{DEMO_LAYOUT.dtype} ({DEMO_LAYOUT.block_bytes // 1024} KiB per block); G1 {args.device_blocks} blocks "
+          f"({device}), G2 {args.host_blocks} blocks; {args.requests} requests over {args.prompts} shared prompts")
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvbm-demo-") as rundir:
+        config = kvbm.KvbmConfig(layout=DEMO_LAYOUT, device_blocks=args.device_blocks, host_blocks=args.host_blocks,
+                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64)
+        with kvbm.KvBlockManager(config) as kv:
+            layout = BlockLayout(DEMO_LAYOUT, LayoutType.LAYER_SEPARATE, args.device_blocks)
+            tensors = kv.create_device_tensors(layout, device=device)
+            kv.register_device_tensors(tensors, layout)
+            print(f"kvbm demo: kvbm-workers up and device tensors registered in {time.perf_counter() - t_start:.2f} s "
+                  f"({'CUDA IPC' if cuda else 'shared-memory emulated device'})")
+            model = Model(layout, tensors, device)
+            stats = run(kv, model, args, rng)
+            g2 = kv.pool(Tier.G2).snapshot()
+            from kvbm.cli import ask_status
+            workers = ask_status(config)["workers"]
+    wall = time.perf_counter() - t_start
+    total = stats["blocks"]
+    print(f"kvbm demo: {stats['requests']} requests, {total} blocks: {stats['g1_hits']} reused in G1, "
+          f"{stats['g2_hits']} onboarded from G2, {stats['computed']} computed")
+    print(f"kvbm demo: prefix hit ratio {(stats['g1_hits'] + stats['g2_hits']) / max(total, 1):.1%} "
+          f"(G1 {stats['g1_hits'] / max(total, 1):.1%}, G2 {stats['g2_hits'] / max(total, 1):.1%})")
+    print(f"kvbm demo: offloaded {stats['moved']} blocks to G2 ({stats['held']} already held: not copied), "
+          f"{stats['off_bytes'] / 1e6:.1f} MB at {_rate(stats['off_bytes'], stats['off_s'])}; onboarded "
+          f"{stats['on_bytes'] / 1e6:.1f} MB at {_rate(stats['on_bytes'], stats['on_s'])} (per-transfer wall time)")
+    for label in ("d2h", "h2d"):
+        w = workers[label]
+        print(f"kvbm demo: {label} worker (pid {w['pid']}, gen {w['gen']}): {w['requests']} requests, "
+              f"{w['bytes'] / 1e6:.1f} MB, copy rate {_rate(w['bytes'], w['busy_s'])}")
+    print(f"kvbm demo: G2 holds {g2['inactive'] + g2['active']} of {g2['num_blocks']} blocks, evicted {g2['evicted']}; "
+          f"{stats['wiped']} reused device blocks were wiped before use")
+    print(f"kvbm demo: verified {stats['verified']} blocks byte for byte, {stats['mismatches']} mismatches; "
+          f"finished in {wall:.1f} s, everything shut down")
+    return 0 if stats["mismatches"] == 0 and stats["g2_hits"] > 0 else 1
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / 1e9 / seconds:.2f} GB/s" if seconds > 0 else "n/a"
+
+
+def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+    page = DEMO_LAYOUT.page_size
+    g1 = kv.pool(Tier.G1)
+    g2 = kv.pool(Tier.G2)
+    prompts = [rng.integers(0, 32000, size=args.prompt_blocks * page, dtype=np.uint32) for _ in range(args.prompts)]
+    popularity = rng.zipf(1.3, size=args.requests) % args.prompts
+    stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, computed=0, moved=0, held=0, verified=0,
+                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0)
+    pending: list[tuple] = []   # (offload future, G1 blocks to release once it landed)
+
+    def settle(wait: bool) -> None:
+        keep = []
+        for fut, blocks in pending:
+            if wait or fut.done():
+                res = fut.result(60).value
+                stats["moved"] += res.moved
+                stats["held"] += res.held
+                stats["off_bytes"] += res.bytes
+                stats["off_s"] += fut.result().seconds if res.bytes else 0.0
+                g1.release(blocks)
+            else:
+                keep.append((fut, blocks))
+        pending[:] = keep
+
+    for it in range(args.requests):
+        settle(wait=False)
+        prompt = prompts[popularity[it]]
+        cut = int(rng.integers(args.prompt_blocks // 2, args.prompt_blocks + 1)) * page
+        suffix = rng.integers(0, 32000, size=int(rng.integers(2, 9)) * page, dtype=np.uint32)
+        tokens = np.concatenate([prompt[:cut], suffix])
+        _, hashes = hash_token_blocks(tokens, page, salt="demo-model")
+        n = len(hashes)
+
+        hit1 = g1.match(hashes)                               # acquired
+        k1 = len(hit1)
+        rest = hashes[k1:]
+        k2 = len(g2.registry.match(rest, False))
+        need = n - k1
+        new = g1.allocate(need)
+        while new is None and pending:                        # G1 full of blocks still being offloaded
+            settle(wait=True)
+            new = g1.allocate(need)
+        if new is None:
+            g1.release(hit1)
+            continue
+        model.wipe(new)                                       # whatever an evicted block held is gone
+        stats["wiped"] += need
+        if k2:
+            fut = kv.onboard(rest[:k2], new[:k2])
+            for layer in range(DEMO_LAYOUT.num_layers):       # a model would run layer l right here
+                fut.wait_layer(layer, timeout=60)
+            res = fut.result(60)
+            stats["g2_hits"] += res.value.loaded
+            stats["on_bytes"] += res.value.bytes
+            stats["on_s"] += res.seconds
+            k2 = res.value.loaded
+        model.write(new[k2:], rest[k2:])                      # prefill of the blocks nobody held
+        g1.complete(new)
+        canonical = g1.register(new, rest)
+        blocks = np.concatenate([hit1, canonical])
+
+        got = model.read(blocks)
+        for i, h in enumerate(hashes):
+            stats["verified"] += 1
+            if not np.array_equal(got[i], model.kv_of(h)):
+                stats["mismatches"] += 1
+        stats["requests"] += 1
+        stats["blocks"] += n
+        stats["g1_hits"] += k1
+        stats["computed"] += n - k1 - k2
+
+        fut = kv.offload(blocks, hashes, gate=Gate(iteration=it))
+        kv.scheduler.reached(iteration=it)                    # this request's forward pass is done
+        pending.append((fut, blocks))
+    settle(wait=True)
+    g1.registry.check_invariants()
+    g2.registry.check_invariants()
+    return stats
+
+
+if __name__ == "__main__":
+    sys.exit(main())
