@@ -1,0 +1,286 @@
+"""Replay a Mooncake-format request trace against a prefix KV cache and report prefix-hit ratios.
+
+    python bench/trace_replay.py                                   # shared trace, 2000 & 8000 blocks
+    python bench/trace_replay.py --capacity 1000 4000 16000 --policy lru lineage belady
+    python bench/trace_replay.py --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
+    python bench/trace_replay.py --engine registry --policy lru    # kvbm._fast.registry.BlockRegistry
+    python bench/trace_replay.py --suite > results.md              # POLICY.md's validation tables
+    python bench/trace_replay.py --generate chat --out chat.jsonl.gz   # write a synthetic trace
+
+Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
+prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
+
+Engines: `sim` (bench/policy_sim.py, any number of tiers, every policy) and `registry` (one tier on
+the real kvbm._fast.registry.BlockRegistry, for the policies it implements). Both implement
+`Engine.access(chain, req) -> per-tier hits`, so a new backend only has to provide that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import policy_sim as ps  # noqa: E402
+
+DEFAULT_TRACE = os.environ.get("KVBM_TRACE", "/work/shared/traces/mooncake_synthetic_trace.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# engines
+# --------------------------------------------------------------------------------------------------
+class Engine:
+    """A cache replayed request by request. access() returns the prefix hits per tier."""
+    name = "engine"
+    tiers: int = 1
+
+    def access(self, chain: Sequence[int], req: int) -> list[int]:
+        raise NotImplementedError
+
+    def writes(self) -> list[int] | None:
+        return None
+
+
+class SimEngine(Engine):
+    """bench/policy_sim.py: exclusive tiers G1 -> G2 -> G3 with demotion and admission."""
+    name = "sim"
+
+    def __init__(self, capacities: Sequence[int], policy: str, admission: str = "all",
+                 chains: Sequence[Sequence[int]] | None = None):
+        fut = chains if ps.make_policy(policy).needs_future else None
+        self.tc = ps.TieredCache(capacities, lambda: ps.make_policy(policy),
+                                 admission=ps.ADMISSION[admission], future=fut)
+        self.tiers = len(capacities)
+
+    def access(self, chain, req):
+        before = list(self.tc.stats.hits)
+        self.tc.access(chain, req)
+        return [a - b for a, b in zip(self.tc.stats.hits, before)]
+
+    def writes(self):
+        return list(self.tc.stats.writes)
+
+
+REGISTRY_POLICIES = {"lru": "LRU", "lineage": "LINEAGE", "leaf-lru": "LEAF_LRU"}
+
+
+class RegistryEngine(Engine):
+    """One tier on kvbm._fast.registry.BlockRegistry -- the same request semantics as the simulator:
+    match (acquire) the longest prefix = hits; acquire the request's other cached runs (touched, not
+    hits); allocate + complete + register the missing runs (register touches; the partial last
+    block gets the policy's tail priority); release everything in chain order (release stamps a
+    tick). allocate() evicts inactive blocks in the registry's policy order."""
+    name = "registry"
+
+    def __init__(self, capacity: int, policy: str):
+        import numpy as np
+        from kvbm._fast import registry as reg_mod
+        from kvbm.policy import EvictionPolicy
+
+        member = REGISTRY_POLICIES.get(policy)
+        if member is None or not hasattr(EvictionPolicy, member):
+            have = [m.name for m in EvictionPolicy]
+            raise SystemExit(f"registry engine: policy {policy!r} is not implemented by the registry "
+                             f"(EvictionPolicy has {have})")
+        self.np = np
+        self.reg = reg_mod.BlockRegistry(capacity, policy=int(getattr(EvictionPolicy, member)))
+        self.tail_priority = ps.make_policy(policy).tail_priority
+
+    def access(self, chain, req):
+        np = self.np
+        reg = self.reg
+        hs = np.asarray(chain, dtype=np.uint64)
+        n = hs.shape[0]
+        held = []   # (start position, block ids): released in chain order
+        prefix = reg.match(hs, acquire=True)
+        k = int(prefix.shape[0])
+        held.append((0, prefix))
+        if k < n:
+            present = reg.lookup(hs[k:]) >= 0
+            j = k
+            runs = []   # (start, end, cached)
+            while j < n:
+                c = bool(present[j - k])
+                e = j
+                while e < n and bool(present[e - k]) == c:
+                    e += 1
+                runs.append((j, e, c))
+                j = e
+            for a, e, c in runs:          # pin the cached runs first (as the simulator does)
+                if c:
+                    got = reg.match(hs[a:e], acquire=True)
+                    held.append((a, got))
+            for a, e, c in runs:
+                if c:
+                    continue
+                ids = reg.allocate(e - a)
+                if ids is None:
+                    break
+                reg.complete(ids)
+                parents = np.empty(e - a, dtype=np.uint64)
+                has_parent = np.ones(e - a, dtype=bool)
+                if a > 0:
+                    parents[0] = hs[a - 1]
+                else:
+                    parents[0] = 0
+                    has_parent[0] = False
+                parents[1:] = hs[a:e - 1]
+                prios = np.zeros(e - a, dtype=np.int32)
+                if e == n:
+                    prios[-1] = self.tail_priority
+                held.append((a, reg.register(ids, hs[a:e], parents, priorities=prios,
+                                             has_parent=has_parent)))
+        held.sort(key=lambda x: x[0])
+        reg.release(np.concatenate([ids for _, ids in held]))
+        return [k]
+
+
+def registry_available() -> bool:
+    try:
+        from kvbm._fast import registry  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# replay
+# --------------------------------------------------------------------------------------------------
+def replay(engine: Engine, chains: Sequence[Sequence[int]]) -> tuple[int, list[int]]:
+    hits = [0] * engine.tiers
+    total = 0
+    for i, ch in enumerate(chains):
+        h = engine.access(ch, i)
+        for t, x in enumerate(h):
+            hits[t] += x
+        total += len(ch)
+    return total, hits
+
+
+def make_engine(kind: str, capacities: Sequence[int], policy: str, admission: str,
+                chains) -> Engine:
+    if kind == "registry":
+        if len(capacities) != 1:
+            raise SystemExit("registry engine: one tier only (the registry is one pool)")
+        if not registry_available():
+            raise SystemExit("registry engine: kvbm._fast.registry does not import (build it first)")
+        return RegistryEngine(capacities[0], policy)
+    return SimEngine(capacities, policy, admission, chains)
+
+
+def run_table(chains, capacities_list: list[list[int]], policies: list[str], engine: str,
+              admissions: list[str], out=sys.stdout, tier_names: list[str] | None = None) -> list[dict]:
+    rows = []
+    for caps in capacities_list:
+        label = "+".join(str(c) for c in caps)
+        ref = {}
+        for p in ("lru", "belady"):       # LRU -> Belady gap, one tier of the total capacity
+            ref[p] = ps.simulate(chains, sum(caps), p).hit_ratio
+        tiers = len(caps)
+        names = (tier_names or ["G1", "G2", "G3"])[:tiers] if tiers > 1 else ["hit"]
+        print(f"\n## capacity {label} blocks  (one tier of {sum(caps)}: LRU {ref['lru']:.4f}, "
+              f"Belady {ref['belady']:.4f})", file=out)
+        hdr = f"| policy | admission | " + " | ".join(names) + (" | overall" if tiers > 1 else "") + \
+              " | gap closed | writes below G1 | s |"
+        print(hdr, file=out)
+        print("|" + "---|" * (hdr.count("|") - 1), file=out)
+        for p in policies:
+            for adm in (admissions if tiers > 1 else ["all"]):
+                t0 = time.time()
+                eng = make_engine(engine, caps, p, adm, chains)
+                total, hits = replay(eng, chains)
+                hr = sum(hits) / total
+                g = ps.gap_closed(hr, ref["lru"], ref["belady"])
+                w = eng.writes()
+                wtxt = "/".join(str(x) for x in w[1:]) if w and tiers > 1 else "-"
+                cells = [f"{h / total:.4f}" for h in hits] + ([f"{hr:.4f}"] if tiers > 1 else [])
+                print(f"| {p} | {adm if tiers > 1 else '-'} | " + " | ".join(cells) +
+                      f" | {g:+.3f} | {wtxt} | {time.time() - t0:.1f} |", file=out, flush=True)
+                rows.append(dict(caps=caps, policy=p, admission=adm, hits=hits, total=total,
+                                 hit=hr, gap=g, writes=w))
+    return rows
+
+
+def suite(chains, policies: list[str], out=sys.stdout) -> None:
+    """The validation tables of POLICY.md: shared trace at several capacities, its time-split
+    halves, and the synthetic suite (seeds 1 and 2) at 1000 and 4000 blocks."""
+    cases = [("shared", chains, c) for c in (1000, 2000, 4000, 8000, 16000)]
+    for i, part in enumerate(ps.split_trace(chains, 2)):
+        cases += [(f"shared-half{i + 1}", part, c) for c in (2000, 8000)]
+    for name, kw in ps.SYNTHETIC_SUITE.items():
+        for seed in (1, 2):
+            ch = ps.chains_of(ps.generate_trace(seed=seed, **kw))
+            cases += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
+    gaps: dict[str, list[float]] = {p: [] for p in policies}
+    print("| trace | blocks | LRU | Belady | " + " | ".join(policies) + " |", file=out)
+    print("|" + "---|" * (4 + len(policies)), file=out)
+    for name, ch, cap in cases:
+        lru = ps.simulate(ch, cap, "lru").hit_ratio
+        bel = ps.simulate(ch, cap, "belady").hit_ratio
+        cells = []
+        for p in policies:
+            h = ps.simulate(ch, cap, p).hit_ratio
+            g = ps.gap_closed(h, lru, bel)
+            gaps[p].append(g)
+            cells.append(f"{h:.3f} ({g:+.2f})")
+        print(f"| {name} | {cap} | {lru:.3f} | {bel:.3f} | " + " | ".join(cells) + " |", file=out, flush=True)
+    print("\n| policy | mean gap closed | min | max | cases worse than LRU |", file=out)
+    print("|---|---|---|---|---|", file=out)
+    for p in policies:
+        g = gaps[p]
+        print(f"| {p} | {statistics.mean(g):+.3f} | {min(g):+.3f} | {max(g):+.3f} | "
+              f"{sum(x < -0.005 for x in g)}/{len(g)} |", file=out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default=DEFAULT_TRACE, help="Mooncake jsonl (.gz ok)")
+    ap.add_argument("--capacity", type=int, nargs="+", default=None,
+                    help="one-tier capacities in blocks (default 2000 8000)")
+    ap.add_argument("--g1", type=int, default=None, help="G1 (device) capacity: tiered replay")
+    ap.add_argument("--g2", type=int, default=None, help="G2 (host) capacity: tiered replay")
+    ap.add_argument("--g3", type=int, default=None, help="G3 (disk) capacity: tiered replay")
+    ap.add_argument("--policy", nargs="+", default=["lru", "leaf-lru", "lineage", "belady"],
+                    help=f"policies: {', '.join(ps.POLICIES)}")
+    ap.add_argument("--admission", nargs="+", default=["all", "reused"], choices=list(ps.ADMISSION),
+                    help="admission to the lowest tier (tiered replay)")
+    ap.add_argument("--engine", choices=["sim", "registry"], default="sim")
+    ap.add_argument("--split", type=int, default=0, help="replay only this time-split half (1 or 2)")
+    ap.add_argument("--suite", action="store_true", help="print POLICY.md's validation tables")
+    ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed"], default=None,
+                    help="write a synthetic trace to --out and exit")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=4000)
+    args = ap.parse_args(argv)
+
+    if args.generate:
+        tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
+        ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
+        return 0
+    chains = ps.chains_of(ps.load_trace(args.trace))
+    if args.split:
+        chains = ps.split_trace(chains, 2)[args.split - 1]
+    print(f"# {args.trace}: {len(chains)} requests, {sum(map(len, chains))} blocks requested, "
+          f"engine {args.engine}")
+    if args.suite:
+        suite(chains, [p for p in args.policy if p not in ("lru", "belady")] or ["lineage"])
+        return 0
+    named = [(n, c) for n, c in (("G1", args.g1), ("G2", args.g2), ("G3", args.g3)) if c]
+    if named:
+        caps_list = [[c for _, c in named]]
+    else:
+        caps_list = [[c] for c in (args.capacity or [2000, 8000])]
+    run_table(chains, caps_list, args.policy, args.engine, args.admission,
+              tier_names=[n for n, _ in named] or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
