@@ -166,7 +166,7 @@ def _describe_cuda(tensors: Sequence[Any]) -> dict:
 class OffloadResult:
     requested: int    # hashes asked for (after removing repeats)
     moved: int        # blocks copied into G2 and registered
-    held: int         # hashes G2 already held: nothing copied
+    held: int         # hashes G2 already held (or another offload is moving): nothing copied
     dropped: int      # blocks that found no room in G2 (out of capacity is an outcome, not an error)
     bytes: int
 
@@ -193,6 +193,8 @@ class HostTransfers:
         self.tm = tm
         self.pool = host_pool
         self.lock = lock or threading.RLock()
+        # Hashes whose offload is in flight: a second offload of one copies nothing (counted as held).
+        self._offloading: set[int] = set()
 
     def _capacity(self) -> int:
         reg = getattr(self.pool, "registry", self.pool)  # a BlockPool, or a bare registry
@@ -219,6 +221,8 @@ class HostTransfers:
             parents = parents[first]
         with self.lock:
             held_mask = np.asarray(self.pool.lookup(hashes)) >= 0
+            if self._offloading:
+                held_mask |= np.fromiter((int(h) in self._offloading for h in hashes.tolist()), bool, len(hashes))
             todo = np.flatnonzero(~held_mask)
             want = int(todo.shape[0])
             host = self.pool.allocate(want) if want else np.empty(0, np.int64)
@@ -227,9 +231,11 @@ class HostTransfers:
                 host = self.pool.allocate(fit) if fit else np.empty(0, np.int64)
                 if host is None:
                     host = np.empty(0, np.int64)
-        host = np.asarray(host, dtype=np.int64)
-        n = int(host.shape[0])
-        todo = todo[:n]
+            host = np.asarray(host, dtype=np.int64)
+            n = int(host.shape[0])
+            todo = todo[:n]
+            claimed = [int(h) for h in hashes[todo].tolist()]
+            self._offloading.update(claimed)
         held = int(held_mask.sum())
         dropped = want - n
         todo_hashes = hashes[todo]
@@ -241,6 +247,7 @@ class HostTransfers:
 
         def finalize(ok: bool, error: str | None):
             with self.lock:
+                self._offloading.difference_update(claimed)
                 if not ok:
                     self.pool.release(host)   # never registered: back to the free list
                     return None
@@ -255,6 +262,7 @@ class HostTransfers:
                                   block=block, timeout=timeout, finalize=finalize)
         except BaseException:
             with self.lock:
+                self._offloading.difference_update(claimed)
                 self.pool.release(host)
             raise
 

@@ -149,7 +149,7 @@ class PathWorker:
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
                 elif kind == P.MsgType.STATS:
-                    self._reply(ident, {"t": P.MsgType.STATS, "path": int(self.path), "gen": self.gen,
+                    self._reply(ident, {"t": P.MsgType.STATS, "id": P.request_id_of(msg), "path": int(self.path), "gen": self.gen,
                                         "queue": len(self._queue), "pid": os.getpid(),
                                         "engines": len(self.engines), **self.stats.as_dict()})
                 elif kind == P.MsgType.PING:

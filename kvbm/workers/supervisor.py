@@ -84,6 +84,7 @@ class Supervisor:
         self._control: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
         self._disk_dir: str | None = None
+        self._stats_seq = 0
         from kvbm.metrics import SupervisorMetrics
         self.metrics = SupervisorMetrics()
 
@@ -200,6 +201,7 @@ class Supervisor:
         if kind == P.MsgType.HELLO:
             return self.welcome()
         if kind == P.MsgType.STATUS:
+            self._refresh_stats()
             return self.status()
         if kind == P.MsgType.READY:
             self._worker_ready(msg)
@@ -259,6 +261,23 @@ class Supervisor:
             logger.error("engine %s reports %s worker gen %d unresponsive (%s); killing it",
                          msg.get("engine"), slot.path.label, slot.gen, msg.get("reason"))
             slot.proc.kill()
+
+    def _refresh_stats(self, timeout: float = 0.3) -> None:
+        """Asks every ready worker for fresh stats and waits (bounded) for the answers, so that a
+        status reply is current rather than up to STATS_PERIOD_S old."""
+        self._stats_seq += 1
+        want = {}
+        for slot in self.slots.values():
+            if slot.ready and slot.dealer is not None:
+                slot.dealer.send(P.encode({"t": P.MsgType.STATS, "id": self._stats_seq}), zmq.NOBLOCK)
+                want[slot.path] = slot
+        deadline = time.monotonic() + timeout
+        while want and time.monotonic() < deadline:
+            for path, slot in list(want.items()):
+                if slot.dealer.poll(10):
+                    self._read_stats(slot)
+                    if slot.stats.get("id") == self._stats_seq:
+                        del want[path]
 
     def _read_stats(self, slot: WorkerSlot) -> None:
         while True:
