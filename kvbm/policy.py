@@ -8,18 +8,22 @@ Parts:
 Both are IntEnums so that they cross into Cython and over the wire as plain integers.
 
 How eviction works (kvbm/_fast/registry.pyx):
-  Inactive blocks (REGISTERED, refcount 0) sit in an indexed binary min-heap. Each block carries a
-  two-word key (key1, key2) computed by one function, `_policy_key`, that switches on the policy id;
-  the heap pops the smallest (key1, key2, block id) first. The registry recomputes a block's key
-  (`_update_key`) whenever metadata a policy may read changes: touch, release to inactive,
-  registration, priority change, child count change (a child registered or evicted).
+  Inactive blocks (REGISTERED, refcount 0) sit in an indexed 4-ary min-heap whose entries carry a
+  two-word key (key1, key2); the heap pops the smallest (key1, key2, block id) first. One function,
+  `_policy_key(b, &entry)`, computes the key and switches on the policy id. The registry calls the
+  hook `_update_key(b)` whenever metadata a policy may read changes: touch, priority change, child
+  count change (a child registered or evicted), parent link cleared (parent evicted). A block's key
+  is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
 Adding a policy (e.g. a lineage-aware one):
   1. add a member here (next free id) and the same constant in registry.pxd's `cdef enum`;
-  2. add its case to `_policy_key` in registry.pyx (and `_key` in _reference.py, so the
-     differential test covers it); the metadata available per block is: priority, last-use tick,
-     use count, parent block (-1 if none), number of children still registered here;
-  3. add the id to `_KNOWN_POLICIES` in registry.pyx.
+  2. add its case to `_policy_key` in registry.pyx and to `_key` in _reference.py (a tuple that
+     sorts the same way, block id last), so the differential tests cover it. Per block there are:
+     priority, last_tick, use_count, parent (block id or -1), children (count of registered
+     children here), first_child/next_sib (the child list), hash;
+  3. add the id to `_KNOWN_POLICIES` in registry.pyx and _reference.py;
+  4. any new metadata: a field in the .pxd and in `_layout`/`_carve`, reset in `_reset`, and a
+     call to `_update_key` wherever it changes.
 """
 from __future__ import annotations
 

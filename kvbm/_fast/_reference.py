@@ -118,7 +118,7 @@ class ReferenceRegistry:
     def _touch(self, b: int) -> None:
         self._tick += 1
         self._blocks[b].tick = self._tick
-        self._blocks[b].use_count += 1
+        self._blocks[b].use_count = min(self._blocks[b].use_count + 1, 0xFFFFFFFF)
         self._update_key(b)
 
     def _evict_one(self) -> int:

@@ -24,7 +24,7 @@ ctypedef struct RegistryHeader:
     int64_t num_blocks        # N: block ids are 0..N-1; slot N of free_prev/free_next is the sentinel
     int64_t index_capacity    # C: power of two >= 2N, slots of the open-addressing index
     int64_t index_mask        # C - 1
-    int64_t index_shift       # 64 - log2(C): Fibonacci hashing takes the top bits of h * golden
+    int64_t index_shift       # 64 - log2(C): home slot = top bits of (h ^ h >> 32) * golden
     int64_t policy            # EvictionPolicy id used by _policy_key
     uint64_t tick             # logical clock; every touch/register/match/release-to-inactive does ++tick
     int64_t num_free          # blocks in the free list (state RESET)
@@ -53,18 +53,22 @@ cdef class BlockRegistry:
     cdef uint64_t *hash            # sequence hash (valid when REGISTERED, else 0)
     cdef int32_t *priority         # eviction priority: lower is evicted first; 0 after reset
     cdef uint64_t *last_tick       # tick of the last touch (or registration, or release to inactive)
-    cdef uint32_t *use_count       # touches since allocation (register and match count as one)
-    cdef bid_t *parent             # block of the parent hash if it was registered here when this block
-                                   # registered, else -1; cleared when the parent is evicted (orphan)
+    cdef uint32_t *use_count       # touches since allocation (register and match count as one);
+                                   #   saturates at 2**32 - 1
+    cdef bid_t *parent             # block of the parent hash if it was registered here when this
+                                   #   block registered, else -1; cleared when the parent is evicted
+                                   #   (orphan); a dedup hit keeps the existing block's link
     cdef uint32_t *children        # registered blocks whose parent link points here
     cdef bid_t *first_child        # head of this block's child list (intrusive, through next/prev_sib)
     cdef bid_t *next_sib           # next block with the same parent, -1 at the end
     cdef bid_t *prev_sib           # previous block with the same parent, -1 at the head
     cdef bid_t *free_prev          # length N+1: free list (FIFO: push tail, pop head), sentinel at N;
     cdef bid_t *free_next          #   -1 for blocks not in the free list
-    cdef HeapEntry *heap           # inactive set: 4-ary min-heap (parent (i-1)//4), h.heap_size entries (keys inline
-                                   #   so sifting reads one array); an entry whose block has been
-                                   #   acquired since is a zombie: frozen key, dropped at the top
+    cdef HeapEntry *heap           # inactive set: 4-ary min-heap (parent of i is (i-1)//4) of
+                                   #   h.heap_size entries, keys inline so sifting reads one array;
+                                   #   an entry whose block was acquired since it went in is a
+                                   #   zombie (frozen key): dropped when it reaches the top, re-keyed
+                                   #   in place when its block is released again
     cdef bid_t *heap_pos           # position of each block's entry in heap, -1 when it has none
     cdef uint32_t *mark            # scratch for batch validation (duplicate counts); all 0 between calls
     cdef uint64_t *ikeys           # length C: index hash of each slot (0 when empty)

@@ -25,6 +25,17 @@ REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactiv
 -> evicted (by allocate or evict) -> RESET in the free list, or straight to the caller of allocate.
 A block that is not REGISTERED goes back to the free list when its refcount drops to 0.
 
+Clock: `tick` advances by one for each touch, each block acquired by match(acquire=True), each
+slot of register (new or deduplicated), and each REGISTERED block whose refcount drops to 0 (its
+last use: among equal priorities, blocks released first are evicted first). evict(n) and allocate
+evict in policy order: smallest (key1, key2, block id) first.
+
+Lineage: on eviction a block leaves its parent's child list (the parent's count drops and its key
+is refreshed) and its children become orphans (parent -1, keys refreshed). All O(1) per link.
+
+Size: bytes_needed(N) is 97 bytes per block plus 12 bytes per index slot (2N to 4N slots),
+e.g. 122 MB for 10**6 blocks.
+
 Every public call validates the whole batch first and raises RegistryError with the numbers before
 changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
 runs in a `noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
@@ -67,7 +78,7 @@ cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
 
 cdef enum:
-    NUM_ARRAYS = 22
+    NUM_ARRAYS = 20
 
 
 cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
@@ -107,12 +118,10 @@ cdef int64_t _layout(int64_t n, int64_t *offsets) noexcept nogil:
     sizes[13] = (n + 1) * sizeof(bid_t)   # free_next
     sizes[14] = n * sizeof(HeapEntry)     # heap
     sizes[15] = n * sizeof(bid_t)         # heap_pos
-    sizes[16] = 0                         # (unused)
-    sizes[17] = 0                         # (unused)
-    sizes[18] = n * sizeof(uint32_t)      # mark
-    sizes[19] = cap * sizeof(uint64_t)    # ikeys
-    sizes[20] = cap * sizeof(bid_t)       # ivals
-    sizes[21] = n * sizeof(uint64_t)      # ring
+    sizes[16] = n * sizeof(uint32_t)      # mark
+    sizes[17] = cap * sizeof(uint64_t)    # ikeys
+    sizes[18] = cap * sizeof(bid_t)       # ivals
+    sizes[19] = n * sizeof(uint64_t)      # ring
     cdef int64_t off = 0
     cdef int i
     for i in range(NUM_ARRAYS):
@@ -281,10 +290,10 @@ cdef class BlockRegistry:
         self.free_next = <bid_t *>(base + o[13])
         self.heap = <HeapEntry *>(base + o[14])
         self.heap_pos = <bid_t *>(base + o[15])
-        self.mark = <uint32_t *>(base + o[18])
-        self.ikeys = <uint64_t *>(base + o[19])
-        self.ivals = <bid_t *>(base + o[20])
-        self.ring = <uint64_t *>(base + o[21])
+        self.mark = <uint32_t *>(base + o[16])
+        self.ikeys = <uint64_t *>(base + o[17])
+        self.ivals = <bid_t *>(base + o[18])
+        self.ring = <uint64_t *>(base + o[19])
 
     cdef _init_table(self, int64_t n, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
@@ -569,7 +578,8 @@ cdef class BlockRegistry:
     cdef inline void _touch(self, bid_t b) noexcept nogil:
         self.h.tick += 1
         self.last_tick[b] = self.h.tick
-        self.use_count[b] += 1
+        if self.use_count[b] != 0xFFFFFFFFU:    # saturates instead of wrapping
+            self.use_count[b] += 1
         self._update_key(b)
 
     cdef void _reset(self, bid_t b) noexcept nogil:
