@@ -66,6 +66,19 @@ def test_touch_and_set_priority_reorder_inactive(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_reacquired_block_leaves_eviction_order_and_rejoins_at_release(impl):
+    reg = impl(4)
+    registered(reg, [1, 2, 3])
+    reg.release([0, 1, 2])
+    np.testing.assert_array_equal(reg.match([1]), [0])     # the next victim becomes active
+    assert reg.num_inactive == 2
+    np.testing.assert_array_equal(reg.evict(1), [2])
+    reg.release([0])                                       # rejoins as the most recent
+    np.testing.assert_array_equal(reg.evict(5), [3, 1])
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_allocate_takes_free_then_evicts_in_order(impl):
     reg = impl(4)
     registered(reg, [10, 11, 12])             # blocks 0, 1, 2; block 3 free
