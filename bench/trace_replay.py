@@ -119,6 +119,12 @@ class RegistryEngine(Engine):
             for a, e, c in runs:
                 if c:
                     continue
+                avail = int(reg.num_free) + int(reg.num_inactive)
+                short = avail < e - a            # request longer than the free room: keep a prefix
+                if short:
+                    e = a + avail
+                    if e == a:
+                        break
                 ids = reg.allocate(e - a)
                 if ids is None:
                     break
@@ -136,6 +142,8 @@ class RegistryEngine(Engine):
                     prios[-1] = self.tail_priority
                 held.append((a, reg.register(ids, hs[a:e], parents, priorities=prios,
                                              has_parent=has_parent)))
+                if short:
+                    break
         held.sort(key=lambda x: x[0])
         reg.release(np.concatenate([ids for _, ids in held]))
         return [k]

@@ -1,0 +1,209 @@
+"""bench/policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
+tiers and admission, the lineage key formula, and (when the registry builds) sim == registry."""
+import os
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+
+import policy_sim as ps  # noqa: E402
+
+
+def run(policy, cap, chains, tail_partial=False):
+    """Replay `chains`; returns (cache, [hits per request], [evicted hashes in order])."""
+    pol = ps.make_policy(policy) if isinstance(policy, str) else policy
+    evicted = []
+    c = ps.PrefixCache(cap, pol, future=chains if pol.needs_future else None,
+                       on_evict=lambda b: evicted.append(b.h))
+    hits = [c.access(ch, i, tail_partial=tail_partial) for i, ch in enumerate(chains)]
+    return c, hits, evicted
+
+
+# ---- LRU ---------------------------------------------------------------------------------------
+def test_lru_evicts_least_recent():
+    _, hits, ev = run("lru", 3, [[1], [2], [3], [1], [4], [5]])
+    assert hits == [0, 0, 0, 1, 0, 0]
+    assert ev == [2, 3]
+
+
+def test_lru_evicts_root_first_and_orphans_the_chain():
+    # release in chain order stamps the root with the oldest tick: LRU evicts it first
+    c, hits, ev = run("lru", 3, [[1, 2, 3], [4], [1, 2, 3]])
+    assert ev[0] == 1
+    assert hits == [0, 0, 0]        # 2 (and 3) cached but useless without 1: no prefix hit
+
+
+def test_orphans_are_refreshed_not_hits_and_readopted():
+    c, hits, ev = run("lru", 3, [[1, 2, 3], [4, 5], [1, 2, 3], [1, 2, 3]])
+    # [4,5] evicts 1 and 2 (LRU: chain order); 3 stays as an orphan, pinned by the 3rd request
+    assert ev == [1, 2, 4, 5]
+    assert hits == [0, 0, 0, 3]
+    assert c.stats.refreshed == 1
+    assert c.blocks[3].parent_present and 3 in c.blocks[2].children
+
+
+def test_blocks_of_the_current_request_are_pinned():
+    # capacity 3, a 3-block request whose blocks are all cached except one: no self-eviction
+    _, hits, ev = run("lru", 3, [[1, 2], [9], [1, 2, 3]])
+    assert 1 not in ev[1:] and 2 not in ev[1:]
+    assert hits[2] == 2
+
+
+def test_request_longer_than_capacity_drops_its_tail():
+    c, hits, _ = run("lru", 2, [[1, 2, 3, 4]])
+    assert set(c.blocks) == {1, 2}
+    assert all(b.pins == 0 for b in c.blocks.values())
+
+
+# ---- leaf-first ----------------------------------------------------------------------------------
+def test_leaf_lru_evicts_leaves_before_interior():
+    # tree 1 -> {2, 3}; root 1 is the oldest but has children
+    _, _, ev = run("leaf-lru", 3, [[1, 2], [1, 3], [4], [5]])
+    assert ev == [2, 3]
+    _, _, ev_lru = run("lru", 3, [[1, 2], [1, 3], [4], [5]])
+    assert ev_lru == [2, 1]
+
+
+def test_leaf_lru_trims_chain_from_the_tail():
+    _, hits, ev = run("leaf-lru", 4, [[1, 2, 3], [7, 8], [1, 2, 3]])
+    assert ev == [3, 8]              # 7 needs no room, 8 evicts the leaf 3 (not the root 1);
+    assert hits[2] == 2              # 3 then evicts the leaf 8 (7 is interior)
+
+
+# ---- lineage -------------------------------------------------------------------------------------
+def test_lineage_frequency_credit_protects_reused_block():
+    chains = [[10], [10], [20], [30], [40]]
+    _, _, ev_lru = run("lru", 3, chains)
+    _, _, ev_lin = run("lineage", 3, chains)
+    assert ev_lru == [10]
+    assert ev_lin == [20]            # 10 (2 uses) gets C * bit_length(2) = 2 * 3 * 2 = 12 ticks
+
+
+def test_lineage_credit_expires_after_a_few_lifetimes():
+    # 10 used twice early, then a stream of one-shot blocks: 10 goes once its credit is spent
+    chains = [[10], [10]] + [[100 + i] for i in range(12)]
+    _, _, ev = run("lineage", 3, chains)
+    assert 10 in ev and ev.index(10) > 0
+
+
+def test_lineage_tail_priority_evicts_partial_block_first():
+    # with tail_partial the last block of each request is registered with priority -1
+    _, _, ev = run("lineage", 4, [[1, 2, 3], [4, 5]], tail_partial=True)
+    assert ev == [3]
+    _, _, ev_nohint = run("lineage-nohint", 4, [[1, 2, 3], [4, 5]], tail_partial=True)
+    assert ev_nohint == [3]          # leaf-first gives the same here (3 is the only leaf)
+    _, _, ev_tail = run("lineage", 4, [[1, 2, 3], [1, 2, 4], [6, 7]], tail_partial=True)
+    assert ev_tail == [3, 4]         # both partial tails go before anything else
+
+
+def test_lineage_order_exact():
+    # 1->2->3 used 3 times, 5->6 once, then a 3-block newcomer needs 3 slots of a 5-block cache
+    chains = [[1, 2, 3]] * 3 + [[5, 6]] + [[7, 8, 9]]
+    _, _, ev = run("lineage", 5, chains)
+    assert ev == [6, 5, 3]           # one-shot chain 5->6 leaf first, then the tail of the hot chain
+    _, _, ev_lru = run("lru", 5, chains)
+    assert ev_lru == [1, 2, 3]
+
+
+def test_lineage_key_formula_matches_policy():
+    pol = ps.Lineage()
+    c = ps.PrefixCache(1000, pol)
+    for prio, kids, last, count in [(0, 0, 5, 1), (0, 2, 77, 2), (-1, 0, 9, 9), (3, 1, 1 << 40, 1 << 20)]:
+        b = ps.Block(1, None, 0)
+        b.prio, b.last, b.count = prio, last, count
+        b.children = set(range(kids))
+        k1, k2 = ps.lineage_key(prio, kids, last, count, 1000)
+        assert pol.key(b, c) == (k1 << 64) | k2
+        assert 0 <= k1 < 1 << 64 and 0 <= k2 < 1 << 64
+    assert ps.lineage_key(0, 0, 100, 1, 1000) == ((1 << 32), 100)
+    assert ps.lineage_key(0, 1, 100, 3, 1000) == ((1 << 32) | 1, 100 + 2000 * 2)
+    assert ps.lineage_key(0, 0, 100, 8, 1000) == ((1 << 32), 100 + 2000 * 4)
+    assert ps.lineage_key(-1, 0, 100, 1, 1000)[0] < ps.lineage_key(0, 0, 0, 1, 1000)[0]
+
+
+# ---- Belady --------------------------------------------------------------------------------------
+def test_belady_evicts_furthest_next_use():
+    _, hits, ev = run("belady", 2, [[1], [2], [3], [1], [2]])
+    assert ev[0] == 2                # next use of 1 is request 3, of 2 request 4
+    assert hits == [0, 0, 0, 1, 0]
+
+
+def test_belady_ties_lru_or_deepest():
+    # at [9]: 1 is reused at request 3, 2 and 5 never: a tie
+    _, _, ev = run("belady", 3, [[1, 2], [5], [9], [1]])
+    assert ev == [2]                 # LRU among the tie: 2 was released before 5
+    _, _, ev = run("belady", 3, [[5], [1, 2], [9], [1]])
+    assert ev == [5]
+    _, _, ev = run("belady-deep", 3, [[5], [1, 2], [9], [1]])
+    assert ev == [2]                 # deepest first among the tie
+
+
+def test_belady_beats_lru_on_synthetic_and_bounds():
+    chains = ps.chains_of(ps.generate_trace("mixed", n_requests=400, seed=3))
+    inf = ps.simulate(chains, 10 ** 9, "lru").hit_ratio
+    for cap in (200, 800):
+        lru = ps.simulate(chains, cap, "lru").hit_ratio
+        bel = ps.simulate(chains, cap, "belady").hit_ratio
+        lin = ps.simulate(chains, cap, "lineage").hit_ratio
+        assert lru <= bel + 1e-12 and lin <= bel + 1e-12 and bel <= inf + 1e-12
+    assert ps.simulate(chains, 10 ** 9, "belady").hit_ratio == pytest.approx(inf)
+
+
+# ---- tiers ---------------------------------------------------------------------------------------
+def test_tiered_demote_and_onboard():
+    tc = ps.TieredCache([1, 2], ps.LRU)
+    assert tc.access([1], 0, tail_partial=False) == 0
+    tc.access([2], 1, tail_partial=False)           # 1 -> G2
+    assert tc.where(1) == 1 and tc.where(2) == 0
+    assert tc.access([1], 2, tail_partial=False) == 1
+    assert tc.stats.hits == [0, 1]
+    assert tc.where(1) == 0 and tc.where(2) == 1    # onboarded; 2 demoted
+    assert tc.tiers[0].blocks[1].count == 2         # metadata travelled with the block
+
+
+def test_tiered_admission_reused_only_into_lowest_tier():
+    tc = ps.TieredCache([1, 1, 4], ps.LRU, admission=ps.admit_reused)
+    for i, ch in enumerate([[1], [1], [2], [3], [4]]):
+        tc.access(ch, i, tail_partial=False)
+    # 1 (2 uses) reached G3; 2 (1 use) was refused at G3
+    assert tc.where(1) == 2 and tc.where(2) == -1
+    assert tc.stats.rejected[2] == 1
+
+
+def test_one_tier_tiered_equals_prefix_cache():
+    chains = ps.chains_of(ps.generate_trace("chat", n_requests=300, seed=5))
+    for pol in ("lru", "lineage", "belady"):
+        a = ps.simulate(chains, 300, pol).hits
+        t = ps.simulate_tiered(chains, [300], pol).hits[0]
+        assert a == t, pol
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=6), min_size=1, max_size=25),
+       st.integers(1, 8), st.sampled_from(["lru", "leaf-lru", "lineage", "gdsf", "belady"]))
+def test_invariants_random(paths, cap, pol):
+    # tree-consistent chains from random label paths
+    H = ps._Hasher()
+    chains = [H.chain(p) for p in paths]
+    c, hits, _ = run(pol, cap, chains, tail_partial=True)
+    assert len(c.blocks) <= cap
+    assert all(b.pins == 0 for b in c.blocks.values())
+    for h, b in c.blocks.items():
+        assert b.children == {x for x in c.blocks if c.blocks[x].parent == h}
+        assert b.parent_present == (b.parent is None or b.parent in c.blocks)
+    inf = ps.simulate(chains, 10 ** 6, "lru").hits
+    assert sum(hits) <= inf
+
+
+# ---- registry engine -----------------------------------------------------------------------------
+def test_registry_engine_matches_sim_lru():
+    reg = pytest.importorskip("kvbm._fast.registry")  # noqa: F841
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import trace_replay as tr
+    chains = ps.chains_of(ps.generate_trace("mixed", n_requests=300, seed=7))
+    for cap in (150, 600):
+        _, sim_hits = tr.replay(tr.SimEngine([cap], "lru"), chains)
+        _, reg_hits = tr.replay(tr.RegistryEngine(cap, "lru"), chains)
+        assert sim_hits == reg_hits
