@@ -231,7 +231,8 @@ cdef class BlockRegistry:
     registry. Without one the registry allocates a numpy array.
     """
 
-    def __init__(self, num_blocks, buffer=None, policy=POLICY_LRU):
+    def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU):
+        # __cinit__, not __init__: no instance can exist without its table (no NULL pointers).
         cdef int64_t n = _as_count(num_blocks, "num_blocks")
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
