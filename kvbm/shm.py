@@ -63,12 +63,15 @@ def pid_alive(pid: int) -> bool:
 class Segment:
     """A mapped /dev/shm file. Create it with `create`, map an existing one with `attach`."""
 
-    def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
+    def __init__(self, name: str, fd: int, size: int, owner: bool, populate: bool = False) -> None:
         self.name = name
         self.size = size
         self.owner = owner
         self._fd = fd
-        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_POPULATE: a process that attaches a warm segment builds its page tables now, not as
+        # minor faults inside its first copies.
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        self.map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = None
         self._pinned = False
         self.address = self._address()
@@ -99,7 +102,7 @@ class Segment:
             raise
 
     @classmethod
-    def attach(cls, name: str, size: int | None = None) -> "Segment":
+    def attach(cls, name: str, size: int | None = None, populate: bool = False) -> "Segment":
         path = os.path.join(SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -109,7 +112,7 @@ class Segment:
         if size is not None and actual < size:
             os.close(fd)
             raise KvbmError(f"segment {path} is {actual} bytes, expected at least {size}")
-        return cls(name, fd, size or actual, owner=False)
+        return cls(name, fd, size or actual, owner=False, populate=populate)
 
     def _address(self) -> int:
         import ctypes

@@ -50,7 +50,7 @@ class DeviceMemory:
             name = memory.get("segment")
             if not isinstance(name, str) or "/" in name or not name.startswith("kvbm-"):
                 raise ProtocolError(f"memory.segment: expected a kvbm-* segment name, got {name!r:.80}")
-            self.segment = Segment.attach(name)
+            self.segment = Segment.attach(name, populate=True)
             for i, buf in enumerate(buffers):
                 if buf["offset"] + need > self.segment.size:
                     raise ProtocolError(f"buffer {i} [{buf['offset']}, +{need}) outside segment of {self.segment.size} bytes")

@@ -85,7 +85,7 @@ class PathWorker:
         self._stop = False
         self._queue: list = []
         self._seq = 0
-        self.host_segment = Segment.attach(args.segment, args.segment_size)
+        self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
         self.pin_s = self.host_segment.pin() if self.cuda else 0.0
         self.ctx = make_context()
         self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint)

@@ -1,0 +1,230 @@
+"""Whole-pipeline benchmark: engine -> ZeroMQ -> path worker process -> copy -> completion -> registry.
+
+Measures, in one run, against a kvbm-workers started for it (CPU mode without CUDA):
+  latency     round trip of a one-block transfer (TransferManager.submit -> future resolved), p50/p99,
+              D2H and H2D
+  throughput  batched offload (KvBlockManager.offload: lookup, allocate, D2H, register) and onboard
+              (match, H2D, release) of --total-mib per point in batches of B blocks, all submitted at
+              once; GB/s as the median of --repeats, and as a ratio to the plain copy routine alone
+              (native.copy_blocks_cpu / copy_blocks_cuda on the same layouts, same scattered blocks,
+              same batches, in this process), the goal being >= 90% for B >= 64
+  pinning     seconds per GB of cudaHostRegister over a /dev/shm segment (CUDA only), measured here
+              and as reported by the workers
+Prints the machine and a table; --markdown prints the rows for bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kvbm  # noqa: E402
+from kvbm._fast import native  # noqa: E402
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType  # noqa: E402
+from kvbm.pools import Tier  # noqa: E402
+from kvbm.shm import Segment, segment_name  # noqa: E402
+from kvbm.transfer import protocol as P  # noqa: E402
+
+
+def machine(cuda: bool) -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = ""
+    if cuda:
+        import torch
+        gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    import torch
+    return (f"{cpu}, {os.cpu_count()} CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{'CUDA' if cuda else 'CPU'} mode; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int) -> list[float]:
+    tm = kv.transfers
+    out = []
+    for i in range(n + 50):
+        src, dst = (i % device_blocks, i % host_blocks) if path is P.Path.D2H else (i % host_blocks, i % device_blocks)
+        t0 = time.perf_counter()
+        tm.submit(path, [src], [dst]).result(30)
+        if i >= 50:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+class Baseline:
+    """The plain copy routine on the same memory, in this process."""
+
+    def __init__(self, kv, device_layout: BlockLayout, host_layout: BlockLayout, tensors, cuda: bool, threads: int):
+        welcome = kv.transfers.welcome
+        self.segment = Segment.attach(welcome["host"]["segment"])
+        self.pin_s = self.segment.pin() if cuda else 0.0
+        if cuda:
+            ptrs = [t.data_ptr() for t in tensors]
+        else:
+            base = kv._shared.segment.address
+            ptrs = [base + off for off in kv._shared.offsets]
+        self.dev = device_layout.region_layout(ptrs)
+        self.host = host_layout.region_layout([self.segment.address])
+        self.cuda = cuda
+        self.threads = threads
+        if cuda:
+            import torch
+            self.stream = torch.cuda.Stream()
+
+    def run(self, batches: list[tuple[np.ndarray, np.ndarray]], offload: bool) -> float:
+        t0 = time.perf_counter()
+        for dev_blocks, host_blocks in batches:
+            src, dst, s, d = (self.dev, self.host, dev_blocks, host_blocks) if offload else \
+                (self.host, self.dev, host_blocks, dev_blocks)
+            if self.cuda:
+                native.copy_blocks_cuda(src, dst, s, d, 0, 0, self.stream.cuda_stream)
+            else:
+                native.copy_blocks_cpu(src, dst, s, d, self.threads)
+        if self.cuda:
+            self.stream.synchronize()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+def pipeline_round(kv, batches: list[tuple[np.ndarray, np.ndarray]], hashes: list[np.ndarray], offload: bool) -> float:
+    t0 = time.perf_counter()
+    if offload:
+        futures = [kv.offload(dev, h) for (dev, _), h in zip(batches, hashes)]
+    else:
+        futures = [kv.onboard(h, dev, layers=False) for (dev, _), h in zip(batches, hashes)]
+    results = [f.result(120).value for f in futures]
+    elapsed = time.perf_counter() - t0
+    moved = sum(r.moved if offload else r.loaded for r in results)
+    expect = sum(len(h) for h in hashes)
+    if moved != expect:
+        raise RuntimeError(f"{'offload' if offload else 'onboard'} moved {moved} of {expect} blocks")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--inner", type=int, default=512, help="elements per token per (layer, K/V)")
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--batches", default="1,16,64,256", help="blocks per transfer")
+    ap.add_argument("--total-mib", type=int, default=256, help="data moved per throughput point")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--latency-n", type=int, default=2000)
+    ap.add_argument("--copy-threads", type=int, default=0)
+    ap.add_argument("--pin-gib", type=float, default=4.0, help="segment size for the pinning figure (CUDA)")
+    ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+
+    cuda = kvbm.cuda_available() and not args.cpu
+    lc = LayoutConfig(num_layers=args.layers, outer_dim=2, page_size=args.page, inner_dim=args.inner, dtype="bfloat16")
+    block = lc.block_bytes
+    per_point = max(1, (args.total_mib << 20) // block)
+    sizes = [int(b) for b in args.batches.split(",")]
+    nblocks = max(per_point, max(sizes))
+    print(f"machine: {machine(cuda)}")
+    print(f"model: {lc.num_layers} layers x 2 x {lc.page_size} tokens x {lc.inner_dim} bf16 = {block // 1024} KiB per block "
+          f"({lc.num_layers * 2} regions of {lc.region_bytes // 1024} KiB); {nblocks} blocks "
+          f"({nblocks * block / 2**20:.0f} MiB) per point; G1 and G2 {nblocks} blocks each")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvbm-bench-") as rundir:
+        config = kvbm.KvbmConfig(layout=lc, device_blocks=nblocks, host_blocks=nblocks, runtime_dir=rundir,
+                                 force_cpu=not cuda, max_batch_blocks=max(sizes), copy_threads=args.copy_threads,
+                                 max_inflight_bytes=2 * nblocks * block)
+        with kvbm.KvBlockManager(config) as kv:
+            dev_layout = BlockLayout(lc, LayoutType.LAYER_SEPARATE, nblocks)
+            host_layout = BlockLayout(lc, LayoutType.FULLY_CONTIGUOUS, nblocks)
+            tensors = kv.create_device_tensors(dev_layout, device="cuda" if cuda else "cpu")
+            for t in tensors:
+                t.fill_(7)
+            kv.register_device_tensors(tensors, dev_layout)
+            base = Baseline(kv, dev_layout, host_layout, tensors, cuda, args.copy_threads)
+            gc.collect()
+
+            # ---- latency --------------------------------------------------------------------
+            for path in (P.Path.D2H, P.Path.H2D):
+                lat = latency(kv, path, args.latency_n, nblocks, nblocks)
+                rows.append((f"1-block round trip {path.label}", f"p50 {pct(lat, 50) * 1e6:.0f} us",
+                             f"p99 {pct(lat, 99) * 1e6:.0f} us", ""))
+                print(f"latency {path.label}: p50 {pct(lat, 50) * 1e6:.0f} us  p99 {pct(lat, 99) * 1e6:.0f} us  "
+                      f"(n={len(lat)}, one {block // 1024} KiB block)")
+
+            # ---- throughput -----------------------------------------------------------------
+            rng = np.random.default_rng(1)
+            host_pool = kv.pool(Tier.G2)
+            print(f"{'batch':>6} {'dir':>8} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'p99 pipe':>9}")
+            for b in sizes:
+                count = max(1, per_point // b)
+                n = count * b
+                for offload in (True, False):
+                    pipe_t, copy_t = [], []
+                    for rep in range(args.repeats + 1):
+                        dev = rng.permutation(nblocks)[:n]
+                        hashes = rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+                        batches = [(dev[i:i + b], None) for i in range(0, n, b)]
+                        hs = [hashes[i:i + b] for i in range(0, n, b)]
+                        host = rng.permutation(nblocks)[:n]   # the baseline's G2 blocks: scattered too
+                        cb = [(dev[i:i + b], host[i:i + b]) for i in range(0, n, b)]
+                        if not offload:
+                            kv.offload(dev, hashes).result(120)   # something to onboard (fresh hashes;
+                                                                  # the previous round's get evicted)
+                        gc.collect()
+                        if rep % 2:  # alternate the order: neither always runs on caches the other warmed
+                            t_copy = base.run(cb, offload)
+                            t_pipe = pipeline_round(kv, batches, hs, offload)
+                        else:
+                            t_pipe = pipeline_round(kv, batches, hs, offload)
+                            t_copy = base.run(cb, offload)
+                        if rep:  # the first round is the warm-up
+                            pipe_t.append(n * block / t_pipe / 1e9)
+                            copy_t.append(n * block / t_copy / 1e9)
+                    pm, cm = statistics.median(pipe_t), statistics.median(copy_t)
+                    name = "offload" if offload else "onboard"
+                    print(f"{b:>6} {name:>8} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f}")
+                    rows.append((f"batch {b} {name}", f"{pm:.2f} GB/s", f"copy alone {cm:.2f} GB/s", f"{pm / cm:.0%}"))
+
+            # ---- pinning --------------------------------------------------------------------
+            if cuda:
+                st = __import__("kvbm.cli", fromlist=["ask_status"]).ask_status(config)
+                g2_gb = host_layout.total_bytes / 1e9
+                for label in ("d2h", "h2d"):
+                    pin = st["workers"][label]["pin_s"]
+                    rows.append((f"pin G2 in {label} worker", f"{pin / g2_gb:.3f} s/GB", f"{g2_gb:.2f} GB", ""))
+                seg = Segment.create(segment_name(config.instance_id, f"pinbench-{os.getpid()}"), int(args.pin_gib * 2**30))
+                try:
+                    fault = seg.prefault()
+                    pin = seg.pin()
+                finally:
+                    seg.close()
+                    seg.unlink()
+                gb = args.pin_gib * 2**30 / 1e9
+                print(f"pinning: {gb:.2f} GB pre-faulted in {fault:.2f} s, cudaHostRegister {pin:.3f} s "
+                      f"= {pin / gb:.3f} s/GB ({gb / pin:.1f} GB/s)")
+                rows.append(("cudaHostRegister", f"{pin / gb:.3f} s/GB", f"{gb:.1f} GB segment", f"{gb / pin:.0f} GB/s"))
+            base.close()
+    if args.markdown:
+        print("\n| measurement | value | baseline / detail | ratio |\n|---|---|---|---|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
