@@ -49,8 +49,9 @@ def machine() -> str:
     except OSError:
         pass
     import Cython
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, Cython {Cython.__version__}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores (load average {load}), Python "
+            f"{platform.python_version()}, numpy {np.__version__}, Cython {Cython.__version__}")
 
 
 class HashSource:
