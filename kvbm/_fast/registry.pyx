@@ -850,7 +850,7 @@ cdef class BlockRegistry:
         priorities: int32 per slot, or None to keep each block's current priority (0, or what
         set_priority gave it while PARTIAL/COMPLETE).
         Dedup: a hash already registered (or registered by an earlier slot) returns that block
-        with refcount + 1 (leaving the heap if inactive) and frees the caller's block (RESET, to
+        with refcount + 1 (an inactive one becomes active) and frees the caller's block (RESET, to
         the free list tail); the existing block keeps its priority and parent.
         Every returned block is touched. Returns the canonical block per slot (int64).
         """
