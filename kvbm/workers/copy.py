@@ -76,7 +76,7 @@ class DeviceMemory:
                 torch.Tensor, (storage_size,), (1,), 0, torch.UntypedStorage, torch.uint8,
                 int(h["device"]), bytes(h["handle"]), storage_size, int(h["storage_offset"]), False,
                 bytes(h["ref_counter_handle"]), int(h["ref_counter_offset"]),
-                bytes(h["event_handle"]) if h.get("event_handle") else None, bool(h["event_sync_required"]))
+                bytes(h["event_handle"]), bool(h["event_sync_required"]))  # always bytes, as _share_cuda_ gives it
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ProtocolError(f"cannot open CUDA IPC handle: {err}") from err
         self._keep.append(tensor)

@@ -85,7 +85,8 @@ def run_stress(pipe, kill_d2h_at: int | None = None) -> dict:
                         figures["held"] += res.held
                         figures["bytes"] += res.bytes
                 else:
-                    hashes = [pool[i] for i in rng.integers(0, len(pool), size=n)]
+                    recent = pool[-384:]  # most of these are still in G2 (512 blocks, evicting)
+                    hashes = [recent[i] for i in rng.integers(0, len(recent), size=n)]
                     pipe_blocks = blocks
                     for b in pipe_blocks:
                         for layer in range(cfg.num_layers):
