@@ -50,6 +50,11 @@ def machine(cuda: bool) -> str:
             f"{'CUDA' if cuda else 'CPU'} mode; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
+def worker_stats(config) -> dict:
+    from kvbm.cli import ask_status
+    return ask_status(config)["workers"]
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -169,13 +174,18 @@ def main(argv: list[str] | None = None) -> int:
             # ---- throughput -----------------------------------------------------------------
             rng = np.random.default_rng(1)
             host_pool = kv.pool(Tier.G2)
-            print(f"{'batch':>6} {'dir':>8} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'p99 pipe':>9}")
+            print(f"{'batch':>6} {'dir':>8} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'min pipe':>9} "
+                  f"{'worker GB/s':>11}")
             for b in sizes:
                 count = max(1, per_point // b)
                 n = count * b
                 for offload in (True, False):
                     pipe_t, copy_t = [], []
+                    label = "d2h" if offload else "h2d"
+                    w0 = None
                     for rep in range(args.repeats + 1):
+                        if rep == 1:
+                            w0 = worker_stats(config)[label]
                         dev = rng.permutation(nblocks)[:n]
                         hashes = rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
                         batches = [(dev[i:i + b], None) for i in range(0, n, b)]
@@ -195,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                         if rep:  # the first round is the warm-up
                             pipe_t.append(n * block / t_pipe / 1e9)
                             copy_t.append(n * block / t_copy / 1e9)
+                    w1 = worker_stats(config)[label]
+                    moved = w1["bytes"] - w0["bytes"]
+                    busy = w1["busy_s"] - w0["busy_s"]
+                    wrate = moved / busy / 1e9 if busy > 0 else 0.0
                     pm, cm = statistics.median(pipe_t), statistics.median(copy_t)
                     name = "offload" if offload else "onboard"
-                    print(f"{b:>6} {name:>8} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f}")
-                    rows.append((f"batch {b} {name}", f"{pm:.2f} GB/s", f"copy alone {cm:.2f} GB/s", f"{pm / cm:.0%}"))
+                    print(f"{b:>6} {name:>8} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f} {wrate:>11.2f}")
+                    rows.append((f"batch {b} {name}", f"{pm:.2f} GB/s", f"copy alone {cm:.2f} GB/s; copy inside the "
+                                 f"worker {wrate:.2f} GB/s", f"{pm / cm:.0%}"))
 
             # ---- pinning --------------------------------------------------------------------
             if cuda:

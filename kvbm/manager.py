@@ -86,8 +86,11 @@ class KvBlockManager:
             raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size or disk_blocks/disk_size")
         self.tiers = TierView(self.pools)
         self._closed = False
-        # Transfer runtime (created by register_device_tensors).
+        # Transfer runtime (created by register_device_tensors). The lock guards every pool call:
+        # transfer completions register/release G2 blocks on the transfer manager's I/O thread.
+        # Code that reaches a registry directly (kv.pool(t).registry) while transfers run holds kv.lock.
         self._lock = threading.RLock()
+        self.lock = self._lock
         self._workers = None       # WorkersProcess this manager started, if any
         self._transfers = None     # TransferManager
         self._host = None          # HostTransfers over the G2 pool
@@ -105,25 +108,30 @@ class KvBlockManager:
     def match(self, hashes) -> TierMatch:
         """The longest prefix of `hashes` that each tier holds (nothing is acquired)."""
         self._check_open()
-        return TierMatch(self.tiers.prefix_lengths(_hashes(hashes)))
+        with self._lock:
+            return TierMatch(self.tiers.prefix_lengths(_hashes(hashes)))
 
     def allocate(self, n: int, tier: Tier | int = Tier.G1) -> np.ndarray | None:
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise KvbmError(f"allocate needs a non-negative block count, got {n!r}")
-        return self.pool(tier).allocate(int(n))
+        with self._lock:
+            return self.pool(tier).allocate(int(n))
 
     def register(self, blocks, hashes, parents=None, tier: Tier | int = Tier.G1) -> np.ndarray:
         """Registers complete blocks under their sequence hashes; returns the canonical block per slot."""
         pool = self.pool(tier)
-        pool.complete(blocks)
-        return pool.register(blocks, _hashes(hashes), parents)
+        with self._lock:
+            pool.complete(blocks)
+            return pool.register(blocks, _hashes(hashes), parents)
 
     def release(self, blocks, tier: Tier | int = Tier.G1) -> None:
-        self.pool(tier).release(blocks)
+        with self._lock:
+            self.pool(tier).release(blocks)
 
     def stats(self) -> dict[str, dict]:
         self._check_open()
-        out = {tier.name: pool.snapshot() for tier, pool in self.pools.items()}
+        with self._lock:
+            out = {tier.name: pool.snapshot() for tier, pool in self.pools.items()}
         if self._transfers is not None:
             out["transfers"] = self._transfers.stats()
         return out
