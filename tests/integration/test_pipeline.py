@@ -224,3 +224,35 @@ def test_tcp_loopback_transport(make_pipeline, rng):
     pipe.poison()
     pipe.kv.onboard(hashes, np.arange(20)).result(DEADLINE)
     assert np.array_equal(pipe.snapshot(np.arange(20)), expected)
+
+
+def test_deadline_kills_a_stuck_worker_and_fails_on_its_death(make_pipeline, rng):
+    # Every copy sleeps 3 s; the deadline is 0.5 s: the manager asks the supervisor to replace the
+    # worker and fails the transfer only once that generation is dead (no late write can land).
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, worker_delay_ms=3000, request_timeout_ms=500)
+    kv = pipe.kv
+    pids = pipe.worker_pids()
+    t0 = time.monotonic()
+    fut = kv.offload(np.arange(4), random_hashes(rng, 4))
+    with pytest.raises(TransferError, match=r"timed out, then d2h worker generation 1 .*died"):
+        fut.result(DEADLINE)
+    assert time.monotonic() - t0 < 3.0  # well before the stuck copy would have finished
+    assert kv.transfers.stats()["timeouts"] == 1
+    assert kv.pool(2).registry.num_free == 64
+    wait_for(lambda: pipe.worker_pids()["d2h"] != pids["d2h"], DEADLINE, "a replacement d2h worker")
+
+
+def test_priorities_overtake_queued_work(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, worker_delay_ms=150)
+    kv = pipe.kv
+    order = []
+    low = [kv.offload([i], random_hashes(rng, 1), priority=0) for i in range(8)]
+    high = kv.offload([20], random_hashes(rng, 1), priority=10)
+    for i, f in enumerate(low):
+        f.add_done_callback(lambda _f, i=i: order.append(f"low{i}"))
+    high.add_done_callback(lambda _f: order.append("high"))
+    for f in low + [high]:
+        f.result(DEADLINE)
+    # At most the window (4 requests) plus the one being copied were ahead of it.
+    assert order.index("high") <= 5, order
+    assert order[-1] != "high"

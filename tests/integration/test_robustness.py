@@ -209,3 +209,13 @@ def test_second_instance_is_refused_and_status_answers(make_pipeline):
     assert "d2h" in status.stdout and "h2disk  not implemented: disk tier" in status.stdout
     help_ = subprocess.run([sys.executable, "-m", "kvbm.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert help_.returncode == 0 and "--status" in help_.stdout
+
+
+def test_disk_tier_folder_is_created_private(tmp_path):
+    disk = tmp_path / "g3" / "files"
+    cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", f"d{os.getpid()}", "--runtime-dir", str(tmp_path),
+           "--host-size", "1MB", "--force-cpu", "--duration", "0.5", "--interval", "0", "--disk-path", str(disk),
+           "--disk-size", "1GB"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "G3 folder" in out.stdout and disk.is_dir() and _modes(disk) == 0o700
