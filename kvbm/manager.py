@@ -117,12 +117,22 @@ class KvBlockManager:
         with self._lock:
             return self.pool(tier).allocate(int(n))
 
-    def register(self, blocks, hashes, parents=None, tier: Tier | int = Tier.G1) -> np.ndarray:
-        """Registers complete blocks under their sequence hashes; returns the canonical block per slot."""
+    def register(self, blocks, hashes, parents=None, tier: Tier | int = Tier.G1,
+                 has_parent=None) -> np.ndarray:
+        """Registers freshly filled blocks under their sequence hashes; returns the canonical block per slot.
+
+        `parents` (u64 per block) links each block to its parent's sequence hash for lineage-aware
+        eviction; `has_parent` (bool per block) marks which slots have one (default: all, when
+        parents are given). A hash the tier already holds answers with the existing block and frees
+        the duplicate.
+        """
         pool = self.pool(tier)
         with self._lock:
+            hashes = _hashes(hashes)
+            if len(np.atleast_1d(blocks)) != len(hashes):
+                raise KvbmError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
             pool.complete(blocks)
-            return pool.register(blocks, _hashes(hashes), parents)
+            return pool.register(blocks, hashes, parents, has_parent)
 
     def release(self, blocks, tier: Tier | int = Tier.G1) -> None:
         with self._lock:

@@ -78,9 +78,9 @@ class BlockPool:
     def complete(self, blocks) -> None:
         self.registry.complete(blocks)
 
-    def register(self, blocks, hashes, parents=None) -> np.ndarray:
+    def register(self, blocks, hashes, parents=None, has_parent=None) -> np.ndarray:
         before = self.registry.num_free
-        canonical = self.registry.register(blocks, hashes, parents)
+        canonical = self.registry.register(blocks, hashes, parents, has_parent=has_parent)
         duplicates = self.registry.num_free - before
         self.stats.deduplicated += duplicates
         self.stats.registered += len(canonical) - duplicates
