@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner", type=int, default=512, help="elements per token per (layer, K/V)")
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--batches", default="1,16,64,256", help="blocks per transfer")
-    ap.add_argument("--total-mib", type=int, default=256, help="data moved per throughput point")
+    ap.add_argument("--total-mib", type=int, default=512, help="data moved per throughput point")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--copy-threads", type=int, default=0)
