@@ -5,6 +5,7 @@ Measures, on one GPU, in one run:
   loop       one cudaMemcpyAsync per (block, layer, outer) region (KVBM_COPY_DMA_LOOP)
   kernel@S   the SM kernel limited to S SMs (sweep), 16-byte UVA accesses
   dma        the merged region list through cudaMemcpyBatchAsync (copy engines, no SMs)
+  staged     SM gather/scatter (8 SMs) into device staging slots + one DMA per whole G2 block
   auto       what KVBM_COPY_AUTO picks (csrc/cuda/copy.cu's rule)
 for a model of --layers layers x --outer outer regions, region sizes --sizes, --blocks scattered
 blocks (fewer where the copy would pass --max-gib), engine layout layer-separate outer-major
@@ -188,14 +189,15 @@ def main() -> None:
 
         variants = [("loop", native.COPY_DMA_LOOP, 0)]
         variants += [(f"kernel@{s}", native.COPY_KERNEL, s) for s in sms_list]
-        variants += [("dma", native.COPY_DMA, 0), ("auto", native.COPY_AUTO, 0)]
+        variants += [("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
+                     ("auto", native.COPY_AUTO, 0)]
         row = {"region": region, "blocks": n, "bytes": nbytes,
                "auto": {"d2h": auto_off, "h2d": auto_on}}
         for direction in ("d2h", "h2d", "bidi"):
             vs = variants if direction != "bidi" else [
                 ("loop", native.COPY_DMA_LOOP, 0), ("kernel@8", native.COPY_KERNEL, 8),
-                ("dma", native.COPY_DMA, 0), ("auto", native.COPY_AUTO, 0),
-                ("kernel@8/dma", (native.COPY_KERNEL, native.COPY_DMA), 8)]
+                ("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
+                ("auto", native.COPY_AUTO, 0)]
             only = [x for x in args.only.split(",") if x]
             for name, method, sms in vs:
                 if only and name not in only:
@@ -226,11 +228,11 @@ def main() -> None:
         del dev_layers, host, dev_lay, host_lay
 
     # ---- compact table ------------------------------------------------------------------------
-    mname = {native.COPY_KERNEL: "K", native.COPY_DMA: "D"}
+    mname = {native.COPY_KERNEL: "K", native.COPY_DMA: "D", native.COPY_STAGED: "S"}
     emit("")
     emit(f"card: {card}; {L} layers x {O} outer, layer-separate outer-major <-> fully contiguous G2; "
          f"GB/s (% of roofline D2H {roof['d2h']:.1f} / H2D {roof['h2d']:.1f} / both {roof['bidi']:.1f})")
-    cols = ["loop", "kernel@2", "kernel@4", "kernel@8", "kernel@16", "dma", "auto"]
+    cols = ["loop", "kernel@2", "kernel@4", "kernel@8", "kernel@16", "dma", "staged", "auto"]
     for direction in ("d2h", "h2d"):
         emit(f"{direction.upper():<4} region blk  " + "  ".join(f"{c:>13}" for c in cols) + "  auto=")
         for row in full_rows:
@@ -240,7 +242,7 @@ def main() -> None:
                 cells.append(f"{p['gbs']:5.1f} ({100 * p['ratio']:3.0f}%)" if p else f"{'-':>13}")
             emit(f"     {fmt_size(row['region']):>6} {row['blocks']:>4}  " + "  ".join(f"{x:>13}" for x in cells)
                  + f"  {mname.get(row['auto'][direction], '?')}")
-    bcols = ["loop", "kernel@8", "dma", "auto", "kernel@8/dma"]
+    bcols = ["loop", "kernel@8", "dma", "staged", "auto"]
     emit("BIDI region blk  " + "  ".join(f"{c:>13}" for c in bcols))
     for row in full_rows:
         cells = []

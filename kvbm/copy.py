@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AUTO, KERNEL, DMA, DMA_LOOP = 0, 1, 2, 3
-_METHODS = {"auto": AUTO, "kernel": KERNEL, "dma": DMA, "dma_loop": DMA_LOOP}
+AUTO, KERNEL, DMA, DMA_LOOP, STAGED = 0, 1, 2, 3, 4
+_METHODS = {"auto": AUTO, "kernel": KERNEL, "dma": DMA, "dma_loop": DMA_LOOP, "staged": STAGED}
 
 
 def _native():
@@ -162,7 +162,7 @@ class BlockCopier:
     """Offload (G1 -> G2) and onboard (G2 -> G1) between one device layout and one host layout.
 
     use_cuda: None decides by the build and by where the G1 tensors are (pass `device`). method:
-    'auto' | 'kernel' | 'dma' (or the native constants); max_sms bounds the kernel's SMs (0 = 8).
+    'auto' | 'kernel' | 'dma' | 'staged' (or the native constants); max_sms bounds the kernel's SMs (0 = 8).
     """
 
     def __init__(self, device_layout: Any, host_layout: Any, *, device: Any = None,

@@ -24,7 +24,6 @@
 // cudaGetLastError, records the ring event; the DMA path builds and merges the region list and
 // enqueues it. Nothing waits for the copy: ordering against other work is the caller's (events).
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -49,6 +48,7 @@ constexpr int kMaxDevices = 64;
 // takes the kernel there unless the copies are very large (kDmaLoopMinOpBytes).
 constexpr int64_t kDmaMinOpBytes = 1 << 20;
 constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
+constexpr bool kAutoStaged = true;
 
 struct KernelParams {
     const uint64_t *src_layers;  // device copy of src layer_ptrs
@@ -68,23 +68,7 @@ struct KernelParams {
 template <typename V> __device__ __forceinline__ V load_cs(const V *p) { return __ldcs(p); }
 template <typename V> __device__ __forceinline__ void store_cs(V *p, const V &v) { __stcs(p, v); }
 
-// Non-coherent 16-byte load with a 256-byte L2 fetch hint (variant 1, see kernel_variant()).
-__device__ __forceinline__ int4 load_nc256(const int4 *p) {
-    int4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-template <typename V, int Load> __device__ __forceinline__ V load_v(const V *p) {
-    if constexpr (Load == 1 && sizeof(V) == 16) {
-        return load_nc256(reinterpret_cast<const int4 *>(p));
-    } else {
-        return load_cs(p);
-    }
-}
-
-template <typename V, int Load = 0>
+template <typename V>
 __global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
     constexpr int64_t kChunk = 32 * kUnroll * int64_t(sizeof(V));
     const int lane = threadIdx.x & 31;
@@ -111,106 +95,19 @@ __global__ void __launch_bounds__(kThreads) copy_regions(const KernelParams p) {
         V r[kUnroll];
         if (remain >= kChunk) {
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) r[u] = load_v<V, Load>(s + u * 32 + lane);
+            for (int u = 0; u < kUnroll; ++u) r[u] = load_cs(s + u * 32 + lane);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) store_cs(d + u * 32 + lane, r[u]);
         } else {
             const int64_t nv = remain / int64_t(sizeof(V));
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                if (u * 32 + lane < nv) r[u] = load_v<V, Load>(s + u * 32 + lane);
+                if (u * 32 + lane < nv) r[u] = load_cs(s + u * 32 + lane);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
                 if (u * 32 + lane < nv) store_cs(d + u * 32 + lane, r[u]);
         }
     }
-}
-
-// ---- bulk-copy (TMA) variant: one thread per CTA drives the Hopper bulk-copy unit ------------
-// Global -> shared (cp.async.bulk, completing on an mbarrier) then shared -> global (bulk store),
-// kBulkStages shared buffers of kBulkChunk bytes, kBulkLead loads in flight ahead of the stores.
-// Needs 16-byte aligned addresses and sizes (vector width 16).
-constexpr int kBulkStages = 8;
-constexpr int kBulkLead = 4;
-constexpr int kBulkChunk = 16384;
-constexpr int kBulkSmem = kBulkStages * kBulkChunk;
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-struct ItemAddr {
-    const char *src;
-    char *dst;
-    uint32_t bytes;
-};
-
-__device__ __forceinline__ ItemAddr bulk_item(const KernelParams &p, int64_t item) {
-    const int64_t per_pair = int64_t(p.num_layers) * p.outer_dim;
-    const int64_t region = item / p.chunks_per_region;
-    const int64_t chunk = item - region * p.chunks_per_region;
-    const int64_t pair = region / per_pair;
-    const int32_t rest = int32_t(region - pair * per_pair);
-    const int32_t layer = rest / p.outer_dim;
-    const int32_t outer = rest - layer * p.outer_dim;
-    const int64_t off = chunk * kBulkChunk;
-    ItemAddr a;
-    a.src = reinterpret_cast<const char *>(p.src_layers[layer]) + p.src_blocks[pair] * p.src_block_stride +
-            outer * p.src_outer_stride + off;
-    a.dst = reinterpret_cast<char *>(p.dst_layers[layer]) + p.dst_blocks[pair] * p.dst_block_stride +
-            outer * p.dst_outer_stride + off;
-    a.bytes = uint32_t(min(int64_t(kBulkChunk), p.region_bytes - off));
-    return a;
-}
-
-__global__ void __launch_bounds__(32) copy_regions_bulk(const KernelParams p) {
-    extern __shared__ __align__(128) unsigned char buf[];
-    __shared__ __align__(8) uint64_t bars[kBulkStages];
-    if (threadIdx.x != 0) return;
-    for (int s = 0; s < kBulkStages; ++s)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bars[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    const int64_t mine = blockIdx.x < p.total_items
-                             ? (p.total_items - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-    uint32_t phase = 0;
-    for (int64_t j = 0; j < mine + kBulkLead; ++j) {
-        if (j < mine) {
-            const int s = int(j % kBulkStages);
-            // The store that last read stage s (item j - kBulkStages) must be done reading it.
-            if (j >= kBulkStages)
-                asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kBulkStages - 1 - kBulkLead) : "memory");
-            const ItemAddr a = bulk_item(p, blockIdx.x + j * gridDim.x);
-            const uint32_t bar = smem_u32(&bars[s]);
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(a.bytes)
-                         : "memory");
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                    smem_u32(buf + s * kBulkChunk)),
-                "l"(a.src), "r"(a.bytes), "r"(bar)
-                : "memory");
-        }
-        if (j >= kBulkLead) {
-            const int64_t i = j - kBulkLead;
-            const int s = int(i % kBulkStages);
-            const uint32_t bar = smem_u32(&bars[s]);
-            const uint32_t parity = (phase >> s) & 1u;
-            uint32_t done = 0;
-            while (!done)
-                asm volatile(
-                    "{ .reg .pred P; mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }"
-                    : "=r"(done)
-                    : "r"(bar), "r"(parity)
-                    : "memory");
-            phase ^= 1u << s;
-            const ItemAddr a = bulk_item(p, blockIdx.x + i * gridDim.x);
-            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.dst),
-                         "r"(smem_u32(buf + s * kBulkChunk)), "r"(a.bytes)
-                         : "memory");
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        }
-    }
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 // Copies the call's metadata from its pinned ring slot (read through UVA) to the device mirror.
@@ -405,29 +302,23 @@ int check_uva(const kvbm_layout_t *lay, const char *which, char *errbuf, size_t 
 bool is_legacy(cudaStream_t stream) { return stream == nullptr || stream == cudaStreamLegacy; }
 
 // ---- kernel path -----------------------------------------------------------------------------
-// Bench-only switch between kernel variants (KVBM_KERNEL_VARIANT): 0 streaming 16-byte loads (the
-// default), 1 non-coherent loads with a 256-byte L2 fetch hint, 2 the bulk-copy (TMA) kernel.
-int kernel_variant() {
-    const char *v = std::getenv("KVBM_KERNEL_VARIANT");
-    return v == nullptr ? 0 : std::atoi(v);
-}
-
-int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
-               const int64_t *dst_blocks, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
-               size_t errlen) {
+int check_kernel_args(const kvbm_layout_t *src, const kvbm_layout_t *dst, int *dev, int *sms,
+                      char *errbuf, size_t errlen) {
     int rc = check_uva(src, "source", errbuf, errlen);
     if (rc != KVBM_OK) return rc;
     rc = check_uva(dst, "destination", errbuf, errlen);
     if (rc != KVBM_OK) return rc;
-    int dev = 0, sms = 0;
-    KVBM_CUDA_TRY(cudaGetDevice(&dev));
-    rc = device_sms(dev, &sms, errbuf, errlen);
-    if (rc != KVBM_OK) return rc;
+    KVBM_CUDA_TRY(cudaGetDevice(dev));
+    return device_sms(*dev, sms, errbuf, errlen);
+}
 
+// One launch of copy_regions for n pairs (arguments already checked).
+int launch_copy(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
+                const int64_t *dst_blocks, int64_t n, int max_sms, int dev, int sms,
+                cudaStream_t stream, char *errbuf, size_t errlen) {
+    int rc = KVBM_OK;
     const int width = vector_width(src, dst);
-    const int variant = kernel_variant();
-    const bool bulk = variant == 2 && width == 16;
-    const int64_t chunk = bulk ? kBulkChunk : 32 * kUnroll * int64_t(width);
+    const int64_t chunk = 32 * kUnroll * int64_t(width);
     const int32_t L = src->num_layers;
     KernelParams p{};
     p.src_block_stride = src->block_stride;
@@ -471,23 +362,8 @@ int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
         ring->abandon(stream);
         return kvbm::cuda_fail(errbuf, errlen, "stage_meta launch (block ids to device)", err);
     }
-    if (bulk) {
-        static bool attr_set = false;  // under the ring lock
-        if (!attr_set) {
-            err = cudaFuncSetAttribute(copy_regions_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSmem);
-            if (err != cudaSuccess) {
-                ring->abandon(stream);
-                return kvbm::cuda_fail(errbuf, errlen, "cudaFuncSetAttribute (copy_regions_bulk smem)", err);
-            }
-            attr_set = true;
-        }
-        copy_regions_bulk<<<std::min<int64_t>(kernel_ctas(max_sms, sms), p.total_items), 32, kBulkSmem,
-                            stream>>>(p);
-    } else switch (width) {
-        case 16:
-            if (variant == 1) copy_regions<int4, 1><<<ctas, kThreads, 0, stream>>>(p);
-            else copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p);
-            break;
+    switch (width) {
+        case 16: copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p); break;
         case 8: copy_regions<int2><<<ctas, kThreads, 0, stream>>>(p); break;
         case 4: copy_regions<int><<<ctas, kThreads, 0, stream>>>(p); break;
         default: copy_regions<char><<<ctas, kThreads, 0, stream>>>(p); break;
@@ -500,6 +376,15 @@ int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
                           ctas, kThreads, cudaGetErrorString(err), cudaGetErrorName(err));
     }
     return ring->commit(stream, errbuf, errlen);
+}
+
+int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
+               const int64_t *dst_blocks, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
+               size_t errlen) {
+    int dev = 0, sms = 0;
+    int rc = check_kernel_args(src, dst, &dev, &sms, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    return launch_copy(src, dst, src_blocks, dst_blocks, n, max_sms, dev, sms, stream, errbuf, errlen);
 }
 
 // ---- DMA path --------------------------------------------------------------------------------
@@ -619,11 +504,172 @@ int run_dma_loop(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64
 
 thread_local OpList tl_ops;
 
-int pick_method(const OpList &ops, cudaStream_t stream) {
+// ---- staged path: SM gather/scatter in device memory + whole-block DMA ----------------------
+// The far side (G2) keeps each block as one contiguous run, so the copy engines can move whole
+// blocks (L * O * region bytes, >= 256 KiB for any real model) at their full rate, while an SM
+// kernel does the scattered part at device-memory speed: offload gathers the engine's regions of a
+// few blocks into a device staging slot, then one DMA op per block writes them to G2; onboard is the
+// mirror (DMA into a slot, then scatter). Slots rotate so that the kernel of chunk c+1 overlaps the
+// DMA of chunk c; the kernels run on an internal stream ordered by events, and the caller's stream
+// ends behind every part of the copy. One stager per device and direction (gather, scatter).
+constexpr int kStageSlots = 4;
+constexpr int64_t kStageSlotBytes = 8 << 20;
+
+struct Stager {
+    std::mutex mu;
+    bool ready = false;
+    cudaStream_t aux = nullptr;
+    char *buf = nullptr;
+    cudaEvent_t entry = nullptr, done = nullptr;
+    cudaEvent_t ready_ev[kStageSlots] = {};
+    cudaEvent_t free_ev[kStageSlots] = {};
+    bool used[kStageSlots] = {};
+    int next = 0;
+    std::vector<int64_t> iota;
+
+    int init(char *errbuf, size_t errlen) {
+        if (ready) return KVBM_OK;
+        KVBM_CUDA_TRY(cudaStreamCreateWithFlags(&aux, cudaStreamNonBlocking));
+        KVBM_CUDA_TRY(cudaMalloc(reinterpret_cast<void **>(&buf), size_t(kStageSlots) * kStageSlotBytes));
+        KVBM_CUDA_TRY(cudaEventCreateWithFlags(&entry, cudaEventDisableTiming));
+        KVBM_CUDA_TRY(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        for (int i = 0; i < kStageSlots; ++i) {
+            KVBM_CUDA_TRY(cudaEventCreateWithFlags(&ready_ev[i], cudaEventDisableTiming));
+            KVBM_CUDA_TRY(cudaEventCreateWithFlags(&free_ev[i], cudaEventDisableTiming));
+        }
+        ready = true;
+        return KVBM_OK;
+    }
+};
+
+Stager *g_stagers[kMaxDevices][2];
+std::mutex g_stagers_mu;
+
+Stager *stager_for(int dev, int scatter) {
+    std::lock_guard<std::mutex> lock(g_stagers_mu);
+    if (g_stagers[dev][scatter] == nullptr) g_stagers[dev][scatter] = new Stager();
+    return g_stagers[dev][scatter];
+}
+
+// True when every block of the layout is one contiguous run: [layer][outer][region] at
+// layer_ptrs[0] + b * block_stride (G2 and G3 staging always are).
+bool block_contiguous(const kvbm_layout_t *lay) {
+    if (lay->outer_dim > 1 && lay->outer_stride != lay->region_bytes) return false;
+    const uint64_t step = uint64_t(lay->outer_dim) * uint64_t(lay->region_bytes);
+    for (int32_t l = 0; l < lay->num_layers; ++l)
+        if (lay->layer_ptrs[l] != lay->layer_ptrs[0] + uint64_t(l) * step) return false;
+    return true;
+}
+
+int64_t staged_block_bytes(const kvbm_layout_t *lay) {
+    return int64_t(lay->num_layers) * lay->outer_dim * lay->region_bytes;
+}
+
+// Which side the DMA moves whole blocks of: 0 = destination (gather first), 1 = source (scatter
+// after), -1 = staging does not apply (neither side block-contiguous, or a block beyond a slot).
+int staged_mode(const kvbm_layout_t *src, const kvbm_layout_t *dst) {
+    if (staged_block_bytes(src) > kStageSlotBytes) return -1;
+    if (block_contiguous(dst)) return 0;
+    if (block_contiguous(src)) return 1;
+    return -1;
+}
+
+int run_staged(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
+               const int64_t *db, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
+               size_t errlen) {
+    const int mode = staged_mode(src, dst);
+    if (mode < 0)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL,
+                          "staged copy needs one side with contiguous blocks of at most %lld bytes "
+                          "(blocks here are %lld bytes)", (long long)kStageSlotBytes,
+                          (long long)staged_block_bytes(src));
+    int dev = 0, sms = 0;
+    // The kernel touches the engine side and the device staging slot only.
+    int rc = check_kernel_args(mode == 0 ? src : dst, mode == 0 ? src : dst, &dev, &sms, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    Stager *st = stager_for(dev, mode);
+    std::lock_guard<std::mutex> lock(st->mu);
+    rc = st->init(errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+
+    const int32_t L = src->num_layers, O = src->outer_dim;
+    const int64_t rb = src->region_bytes;
+    const int64_t bb = staged_block_bytes(src);
+    const int64_t per_slot = std::max<int64_t>(1, kStageSlotBytes / bb);
+    if (int64_t(st->iota.size()) < per_slot) {
+        st->iota.resize(size_t(per_slot));
+        for (int64_t i = 0; i < per_slot; ++i) st->iota[size_t(i)] = i;
+    }
+    std::vector<uint64_t> stage_ptrs(static_cast<size_t>(L));
+    kvbm_layout_t stage{};
+    stage.layer_ptrs = stage_ptrs.data();
+    stage.num_layers = L;
+    stage.outer_dim = O;
+    stage.block_stride = bb;
+    stage.outer_stride = rb;
+    stage.region_bytes = rb;
+    const kvbm_layout_t *far = mode == 0 ? dst : src;
+    const int64_t *far_ids = mode == 0 ? db : sb;
+    const char *far_base = reinterpret_cast<const char *>(far->layer_ptrs[0]);
+
+    // The kernels on the internal stream start behind the work already on the caller's stream.
+    KVBM_CUDA_TRY(cudaEventRecord(st->entry, stream));
+    KVBM_CUDA_TRY(cudaStreamWaitEvent(st->aux, st->entry, 0));
+    OpList ops;
+    for (int64_t c0 = 0; c0 < n; c0 += per_slot) {
+        const int64_t k = std::min(per_slot, n - c0);
+        const int slot = st->next;
+        st->next = (st->next + 1) % kStageSlots;
+        char *base = st->buf + int64_t(slot) * kStageSlotBytes;
+        for (int32_t l = 0; l < L; ++l) stage_ptrs[size_t(l)] = uint64_t(base) + uint64_t(l) * O * rb;
+        stage.num_blocks = k;
+        ops.clear();
+        for (int64_t i = 0; i < k; ++i) {
+            char *far_block = const_cast<char *>(far_base) + far_ids[c0 + i] * far->block_stride;
+            if (mode == 0) ops.add(far_block, base + i * bb, size_t(bb));
+            else ops.add(base + i * bb, far_block, size_t(bb));
+        }
+        if (mode == 0) {
+            // gather on aux (after the slot's previous DMA drained it) -> DMA on the caller's stream
+            if (st->used[slot]) KVBM_CUDA_TRY(cudaStreamWaitEvent(st->aux, st->free_ev[slot], 0));
+            rc = launch_copy(src, &stage, sb + c0, st->iota.data(), k, max_sms, dev, sms, st->aux,
+                             errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+            KVBM_CUDA_TRY(cudaEventRecord(st->ready_ev[slot], st->aux));
+            KVBM_CUDA_TRY(cudaStreamWaitEvent(stream, st->ready_ev[slot], 0));
+            rc = run_dma(ops, stream, errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+            KVBM_CUDA_TRY(cudaEventRecord(st->free_ev[slot], stream));
+        } else {
+            // DMA on the caller's stream (after the slot's previous scatter read it) -> scatter on aux
+            if (st->used[slot]) KVBM_CUDA_TRY(cudaStreamWaitEvent(stream, st->free_ev[slot], 0));
+            rc = run_dma(ops, stream, errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+            KVBM_CUDA_TRY(cudaEventRecord(st->ready_ev[slot], stream));
+            KVBM_CUDA_TRY(cudaStreamWaitEvent(st->aux, st->ready_ev[slot], 0));
+            rc = launch_copy(&stage, dst, st->iota.data(), db + c0, k, max_sms, dev, sms, st->aux,
+                             errbuf, errlen);
+            if (rc != KVBM_OK) return rc;
+            KVBM_CUDA_TRY(cudaEventRecord(st->free_ev[slot], st->aux));
+        }
+        st->used[slot] = true;
+    }
+    if (mode == 1) {
+        // The caller's stream ends behind the last scatter (aux runs them in order).
+        KVBM_CUDA_TRY(cudaEventRecord(st->done, st->aux));
+        KVBM_CUDA_TRY(cudaStreamWaitEvent(stream, st->done, 0));
+    }
+    return KVBM_OK;
+}
+
+int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const OpList &ops,
+                cudaStream_t stream) {
     if (ops.size.empty()) return KVBM_COPY_KERNEL;
     const int64_t avg = ops.bytes / int64_t(ops.size.size());
     const int64_t min_op = is_legacy(stream) ? kDmaLoopMinOpBytes : kDmaMinOpBytes;
-    return avg >= min_op ? KVBM_COPY_DMA : KVBM_COPY_KERNEL;
+    if (avg >= min_op) return KVBM_COPY_DMA;
+    if (kAutoStaged && staged_mode(src, dst) >= 0) return KVBM_COPY_STAGED;
+    return KVBM_COPY_KERNEL;
 }
 
 }  // namespace
@@ -642,7 +688,7 @@ extern "C" int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout
     int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
     if (rc != KVBM_OK) return rc;
     build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
-    return pick_method(tl_ops, static_cast<cudaStream_t>(stream));
+    return pick_method(src, dst, tl_ops, static_cast<cudaStream_t>(stream));
 }
 
 extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
@@ -651,9 +697,9 @@ extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout
                                      size_t errlen) {
     int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
     if (rc != KVBM_OK) return rc;
-    if (method < KVBM_COPY_AUTO || method > KVBM_COPY_DMA_LOOP)
+    if (method < KVBM_COPY_AUTO || method > KVBM_COPY_STAGED)
         return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "copy method %d not in [%d, %d]", method,
-                          KVBM_COPY_AUTO, KVBM_COPY_DMA_LOOP);
+                          KVBM_COPY_AUTO, KVBM_COPY_STAGED);
     if (max_sms < 0)
         return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "max_sms %d is negative", max_sms);
     if (n == 0) return KVBM_OK;
@@ -662,8 +708,13 @@ extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout
         return run_dma_loop(src, dst, src_blocks, dst_blocks, n, s, errbuf, errlen);
     if (method == KVBM_COPY_KERNEL)
         return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
+    if (method == KVBM_COPY_STAGED)
+        return run_staged(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
     build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
-    if (method == KVBM_COPY_AUTO && pick_method(tl_ops, s) == KVBM_COPY_KERNEL)
+    if (method == KVBM_COPY_AUTO) method = pick_method(src, dst, tl_ops, s);
+    if (method == KVBM_COPY_KERNEL)
         return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
+    if (method == KVBM_COPY_STAGED)
+        return run_staged(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
     return run_dma(tl_ops, s, errbuf, errlen);
 }

@@ -52,6 +52,8 @@ typedef struct kvbm_layout {
 #define KVBM_COPY_KERNEL 1   /* SM kernel, UVA loads/stores of pinned host memory */
 #define KVBM_COPY_DMA 2      /* copy engines: cudaMemcpyBatchAsync, or a cudaMemcpyAsync loop */
 #define KVBM_COPY_DMA_LOOP 3 /* baseline: one cudaMemcpyAsync per region, nothing merged (bench) */
+#define KVBM_COPY_STAGED 4   /* SM gather/scatter in device staging slots + one DMA per whole block;
+                                needs one side whose blocks are contiguous (G2) */
 
 /* ---- CPU (always built) ---- */
 
@@ -105,7 +107,7 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
 /* Number of SMs (CTAs) the kernel uses for this max_sms on the current device (>0), or an error. */
 int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen);
 
-/* The method AUTO would use for this copy on this stream (KVBM_COPY_KERNEL or KVBM_COPY_DMA),
+/* The method AUTO would use for this copy on this stream (KVBM_COPY_KERNEL, _DMA or _STAGED),
  * or an error code. The rule and its measurements are in csrc/cuda/copy.cu. */
 int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                           const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,

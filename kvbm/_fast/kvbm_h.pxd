@@ -14,6 +14,7 @@ cdef extern from "kvbm.h" nogil:
     int KVBM_COPY_KERNEL
     int KVBM_COPY_DMA
     int KVBM_COPY_DMA_LOOP
+    int KVBM_COPY_STAGED
 
     ctypedef struct kvbm_layout_t:
         const uint64_t *layer_ptrs    # num_layers base addresses (host array)

@@ -28,6 +28,7 @@ COPY_AUTO = 0
 COPY_KERNEL = 1
 COPY_DMA = 2
 COPY_DMA_LOOP = 3  # baseline: one cudaMemcpyAsync per region (bench only)
+COPY_STAGED = 4  # SM gather/scatter in device staging + one DMA per whole G2 block
 
 
 cdef int _check_rc(int rc, const char *errbuf) except -1:
@@ -127,7 +128,7 @@ def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
     """Enqueues the same copy on a CUDA stream (a cudaStream_t as an integer; 0 = default).
 
     method: COPY_AUTO, COPY_KERNEL (SM kernel on at most max_sms SMs, 0 = 8), COPY_DMA (copy
-    engines) or COPY_DMA_LOOP. Returns once enqueued; the block lists may be dropped at once.
+    engines), COPY_STAGED (kernel into device staging + whole-block DMA) or COPY_DMA_LOOP. Returns once enqueued; the block lists may be dropped at once.
     Bad layouts or block ids raise LayoutError before anything is enqueued; CUDA failures raise
     CudaError naming the call.
     """
@@ -160,7 +161,7 @@ def cuda_kernel_sms(int max_sms=0) -> int:
 
 def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
                      size_t stream=0) -> int:
-    """COPY_KERNEL or COPY_DMA: what COPY_AUTO would do for this copy (rule in csrc/cuda/copy.cu)."""
+    """COPY_KERNEL, COPY_DMA or COPY_STAGED: what COPY_AUTO would do for this copy (rule in csrc/cuda/copy.cu)."""
     s, d = _pairs(src_blocks, dst_blocks)
     cdef const int64_t[::1] sv = s
     cdef const int64_t[::1] dv = d

@@ -15,7 +15,7 @@ from kvbm.errors import CudaError, LayoutError
 pytestmark = pytest.mark.gpu
 
 METHODS = {"auto": native.COPY_AUTO, "kernel": native.COPY_KERNEL, "dma": native.COPY_DMA,
-           "loop": native.COPY_DMA_LOOP}
+           "loop": native.COPY_DMA_LOOP, "staged": native.COPY_STAGED}
 
 
 def _round_trip(kind, dtype, outer_dim, region, method, layers=4, nb_dev=12, nb_host=10, n=6,
@@ -48,7 +48,7 @@ def test_round_trip(kind, region, method):
     _round_trip(kind, torch.bfloat16, 2, region, method, seed=region)
 
 
-@pytest.mark.parametrize("method", ["kernel", "dma", "auto"])
+@pytest.mark.parametrize("method", ["kernel", "dma", "auto", "staged"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_mib_regions(kind, method):
     _round_trip(kind, torch.float16, 2, 2 << 20, method, layers=2, nb_dev=5, nb_host=4, n=3)
@@ -56,7 +56,7 @@ def test_two_mib_regions(kind, method):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("outer_dim", [1, 2])
-@pytest.mark.parametrize("method", ["kernel", "dma"])
+@pytest.mark.parametrize("method", ["kernel", "dma", "staged"])
 def test_dtypes_outer(dtype, outer_dim, method):
     _round_trip("outer", dtype, outer_dim, 8192, method, seed=3)
 
@@ -73,7 +73,7 @@ def test_kernel_sm_budget(max_sms):
 @pytest.mark.parametrize("region", [4096 + 8, 4096 + 4, 4096 + 1, 16 + 2, 100])
 def test_narrow_alignment(region):
     """Region sizes that forbid 16-byte vectors (8, 4, 1 byte paths, tails shorter than a chunk)."""
-    for method in ("kernel", "dma"):
+    for method in ("kernel", "dma", "staged"):
         _round_trip("block", torch.uint8, 2, region, method, seed=region)
 
 
@@ -104,7 +104,8 @@ def test_bidirectional_at_once():
     off_pairs = random_pairs(gen, 32, 64, 40)
     on_pairs = random_pairs(gen, 32, 40, 64)
     for off_method, on_method in ((native.COPY_KERNEL, native.COPY_DMA),
-                                  (native.COPY_DMA, native.COPY_KERNEL)):
+                                  (native.COPY_DMA, native.COPY_KERNEL),
+                                  (native.COPY_STAGED, native.COPY_STAGED)):
         s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
         native.copy_blocks_cuda(dev_lay, out_lay, [p[0] for p in off_pairs], [p[1] for p in off_pairs],
                                 off_method, 0, s_off.cuda_stream)
@@ -121,7 +122,7 @@ def test_block_copier_orders_after_engine_work():
     L, O, region = 4, 2, 16384
     dev = [torch.zeros(O, 16, region // 2, dtype=torch.bfloat16, device="cuda") for _ in range(L)]
     host = torch.full((8, L, O, region // 2), 7.0, dtype=torch.bfloat16).pin_memory()
-    for method in ("kernel", "dma", "auto"):
+    for method in ("kernel", "dma", "auto", "staged"):
         copier = BlockCopier.from_tensors(dev, host, num_layers=L, outer_dim=O, method=method)
         assert copier.use_cuda
         torch.cuda._sleep(20_000_000)  # keep the engine stream busy so a missing wait shows
@@ -185,6 +186,31 @@ def test_dma_merges_contiguous_runs():
                             native.COPY_AUTO, 0, stream.cuda_stream)
     stream.synchronize()
     assert_copied("fc", dev, "fc", host, [(8 + i, i) for i in range(16)], 4, 2, 32)
+
+
+def test_staged_many_chunks_and_limits():
+    """More blocks than the 4 staging slots hold at once (slots rotate, several calls in a row),
+    and a layout the staged path cannot take."""
+    gen = torch.Generator().manual_seed(13)
+    L, O, region = 4, 2, 256 << 10  # 2 MiB blocks: 4 per slot
+    dev, dev_lay = make_buffers("outer", L, O, 48, region, torch.uint8, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", L, O, 40, region, torch.uint8, pin=True, fill="poison")
+    back, back_lay = make_buffers("block", L, O, 48, region, torch.uint8, device="cuda", fill="poison")
+    pairs = random_pairs(gen, 36, 48, 40)
+    s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
+    for half in (pairs[:18], pairs[18:]):
+        native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
+                                native.COPY_STAGED, 0, s_off.cuda_stream)
+    s_on.wait_stream(s_off)
+    on = [(h, d) for (d, h) in pairs]
+    native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in on], [p[1] for p in on],
+                            native.COPY_STAGED, 0, s_on.cuda_stream)
+    s_on.synchronize()
+    assert_copied("outer", dev, "fc", host, pairs, L, O, 40)
+    assert_copied("fc", host, "block", back, on, L, O, 48)
+    with pytest.raises(LayoutError, match="staged copy needs"):
+        native.copy_blocks_cuda(dev_lay, back_lay, [0], [0], native.COPY_STAGED)
+    assert native.cuda_pick_method(dev_lay, back_lay, [0], [0]) == native.COPY_KERNEL
 
 
 def test_errors_before_launch():
