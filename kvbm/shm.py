@@ -174,13 +174,16 @@ class Segment:
             except KvbmError:
                 logger.warning("cudaHostUnregister of %s failed", self.name, exc_info=True)
             self._pinned = False
-        self._view = None
         if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:
-                # A tensor over the mapping is still alive somewhere; the mapping goes with the process.
-                logger.debug("segment %s still exported; leaving the mapping to process exit", self.name)
+            if self._view is None:
+                try:
+                    self.map.close()
+                except BufferError:
+                    logger.debug("segment %s still exported; the mapping goes with its last user", self.name)
+            # else: torch.frombuffer keeps a reference to the mmap object, not a buffer export, so an
+            # explicit close would unmap memory that tensors still point into. Dropping our reference
+            # unmaps it when the last of those tensors goes.
+            self._view = None
             self.map = None  # type: ignore[assignment]
         if self._fd >= 0:
             os.close(self._fd)
