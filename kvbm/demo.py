@@ -58,6 +58,11 @@ class Model:
         for layer in range(self.shape[0]):
             self._layer_view(layer)[:, idx, :] = src[:, layer].transpose(0, 1)
 
+    def sync(self) -> None:
+        if self.device != "cpu":
+            import torch
+            torch.cuda.synchronize()
+
     def wipe(self, blocks) -> None:
         import torch
         idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
@@ -203,7 +208,8 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
         stats["computed"] += n - k1 - k2
 
         fut = kv.offload(blocks, hashes, gate=Gate(iteration=it))
-        kv.scheduler.reached(iteration=it)                    # this request's forward pass is done
+        model.sync()                                          # the forward pass's writes are done...
+        kv.scheduler.reached(iteration=it)                    # ...so this iteration's offloads may read
         pending.append((fut, blocks))
     settle(wait=True)
     g1.registry.check_invariants()
