@@ -256,3 +256,43 @@ def test_priorities_overtake_queued_work(make_pipeline, rng):
     # At most the window (4 requests) plus the one being copied were ahead of it.
     assert order.index("high") <= 5, order
     assert order[-1] != "high"
+
+
+def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
+    import subprocess
+    import sys
+    import uuid
+
+    import kvbm
+    from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+    from pipeline_harness import pid_alive
+
+    inst = f"x{uuid.uuid4().hex[:8]}"
+    layout = LayoutConfig(num_layers=2, outer_dim=2, page_size=16, inner_dim=64)
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "--instance-id", inst, "--runtime-dir", str(tmp_path),
+                             "--host-size", "4MB", "--force-cpu", "--interval", "0"])
+    try:
+        config = kvbm.KvbmConfig(instance_id=inst, runtime_dir=str(tmp_path), layout=layout, device_blocks=64,
+                                 host_blocks=64, force_cpu=True)
+        with kvbm.KvBlockManager(config) as kv:
+            dev = BlockLayout(layout, LayoutType.LAYER_SEPARATE, 64)
+            tensors = kv.create_device_tensors(dev, device="cpu")
+            wait_for(lambda: os.path.exists(tmp_path / f"kvbm-{inst}" / "endpoints.json"), DEADLINE, "kvbm-workers up")
+            kv.register_device_tensors(tensors, dev, start=False)
+            assert kv.workers_process is None  # connected, did not start its own
+            for t in tensors:
+                t.copy_(__import__("torch").randint(0, 256, t.shape, dtype=__import__("torch").uint8))
+            before = dev.block_bytes_of(tensors, 3)
+            kv.offload([3], [42]).result(DEADLINE)
+            for t in tensors:
+                t.zero_()
+            kv.onboard([42], [7]).result(DEADLINE)
+            assert dev.block_bytes_of(tensors, 7) == before
+        assert proc.poll() is None  # the engine leaving does not stop a kvbm-workers it did not start
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(DEADLINE) == 0
+        assert not os.path.exists(tmp_path / f"kvbm-{inst}")
+    finally:
+        if pid_alive(proc.pid):
+            proc.kill()
+            proc.wait(10)
