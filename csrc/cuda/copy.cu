@@ -1,4 +1,4 @@
-// kvbm_cuda_copy_blocks: G1 <-> G2 block transfers on a CUDA stream, two ways.
+// kvbm_cuda_copy_blocks: G1 <-> G2 block transfers on a CUDA stream, three ways.
 //
 // Parts
 //   copy_regions<V>   SM kernel. A few persistent CTAs (one per SM, at most max_sms, default 8) whose
@@ -16,6 +16,9 @@
 //                     signature) over the region list, or a cudaMemcpyAsync loop on the legacy
 //                     stream (which the batch call refuses). Adjacent regions that are contiguous on
 //                     both sides are merged into one copy first.
+//   Stager            STAGED: the kernel gathers a few blocks into a device slot (or scatters them
+//                     out of one) on an internal stream while the copy engines move whole G2 blocks
+//                     of the previous slot; events order the two streams and the caller's stream.
 //   pick_method       The AUTO rule (numbers below, from bench/bench_transfer.py).
 //
 // Order of a call: check the arguments (errors.h, same messages as the CPU twin) -> AUTO picks a way
@@ -39,14 +42,28 @@ constexpr int kDefaultMaxSms = 8;   // the kernel's SM budget when the caller pa
 constexpr int kMaxDevices = 64;
 
 // ---- AUTO rule ------------------------------------------------------------------------------
-// Measured by bench/bench_transfer.py on one H100 80GB HBM3 (PCIe Gen5), CUDA 13.0 driver,
-// 32 layers x 2 outer, scattered blocks, G2 fully contiguous (see bench/RESULTS.md, "Transfer"):
-// the batched DMA reaches the kernel's rate once the average copy (after merging) is at least
-// kDmaMinOpBytes; below that the copy engines' per-op cost dominates and the kernel on <= 8 SMs
-// is faster. DMA is preferred at equal speed because it takes no SMs from the engine's model.
-// On the legacy NULL stream the batch call is refused and the per-op loop is far slower, so AUTO
-// takes the kernel there unless the copies are very large (kDmaLoopMinOpBytes).
-constexpr int64_t kDmaMinOpBytes = 1 << 20;
+// Measured by bench/bench_transfer.py on one H100 80GB HBM3 (PCIe Gen5 x16, driver 580.159.04,
+// CUDA 13.0), 32 layers x 2 outer, scattered blocks, engine layer-separate outer-major <-> G2 fully
+// contiguous, 2026-11-28 (bench/RESULTS.md, "Transfer"). GB/s D2H / H2D / both at once; the bulk
+// pinned copy_ roofline was 54.6 / 54.6 / 88.4 in the same run:
+//   region  kernel@8 SMs        dma (batched)       staged (8 SMs + DMA)
+//   16K     52.2 / 50.8 / 74.4  26.2 /  9.0 / 14.2  53.3 / 53.7 / 81.1
+//   64K     51.8 / 50.7 / 74.3  43.0 / 39.8 / 59.7  53.3 / 52.7 / 82.0
+//   128K    52.2 / 50.7 / 74.5  46.7 / 45.1 / 61.0  53.3 / 53.4 / 78.5
+//   256K    52.1 / 50.7 / 74.7  50.0 / 49.9 / 78.3  (16 MiB blocks > slot)
+//   512K    52.2 / 50.7 / 74.7  52.5 / 52.2 / 81.0
+//   1M      52.4 / 50.8 / 74.8  53.5 / 53.5 / 87.0
+//   2M      52.2 / 50.7 / 75.0  54.4 / 53.8 / 87.5
+// The SM kernel is flat at ~52 / ~51 / ~75 from 2 to 16 SMs and any region size: what SM (and
+// bulk-copy/TMA, also tried) traffic gets out of PCIe, short of the copy engines' larger requests,
+// most of all with both directions at once. The copy engines pay ~1-2.5 us per copy, so they
+// reach the roofline only with copies of >= 512 KiB. Hence:
+//   1. average copy (after merging) >= kDmaMinOpBytes -> DMA (no SMs at all);
+//   2. else, when G2's blocks are contiguous and fit a staging slot -> STAGED: the scattered part
+//      runs at device-memory speed on <= 8 SMs, the PCIe part is whole-block DMA;
+//   3. else the SM kernel.
+// The legacy NULL stream refuses the batch call; its per-copy loop needs >= 2 MiB copies to keep up.
+constexpr int64_t kDmaMinOpBytes = 512 << 10;
 constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
 constexpr bool kAutoStaged = true;
 
@@ -662,13 +679,41 @@ int run_staged(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
     return KVBM_OK;
 }
 
-int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const OpList &ops,
-                cudaStream_t stream) {
-    if (ops.size.empty()) return KVBM_COPY_KERNEL;
-    const int64_t avg = ops.bytes / int64_t(ops.size.size());
-    const int64_t min_op = is_legacy(stream) ? kDmaLoopMinOpBytes : kDmaMinOpBytes;
-    if (avg >= min_op) return KVBM_COPY_DMA;
-    if (kAutoStaged && staged_mode(src, dst) >= 0) return KVBM_COPY_STAGED;
+// How many copies build_ops would make, counted in O(n) without building the list (AUTO must not
+// spend host time that the copy then waits for): whole blocks merge when both sides keep blocks
+// contiguous, block rows merge when both sides keep a (layer, outer) row contiguous, else one
+// copy per region (or per layer when both sides keep a block's outer regions adjacent).
+int64_t estimate_ops(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
+                     const int64_t *db, int64_t n) {
+    const int64_t per_block = int64_t(src->num_layers) * src->outer_dim;
+    const bool rows = src->block_stride == src->region_bytes && dst->block_stride == dst->region_bytes;
+    if (rows) {
+        int64_t runs = 1;
+        for (int64_t i = 1; i < n; ++i) runs += !(sb[i] == sb[i - 1] + 1 && db[i] == db[i - 1] + 1);
+        return runs * per_block;
+    }
+    if (block_contiguous(src) && block_contiguous(dst)) {
+        const int64_t bb = staged_block_bytes(src);
+        const bool abut = src->block_stride == bb && dst->block_stride == bb;
+        int64_t runs = 1;
+        for (int64_t i = 1; i < n; ++i)
+            runs += !(abut && sb[i] == sb[i - 1] + 1 && db[i] == db[i - 1] + 1);
+        return runs;
+    }
+    if (src->outer_stride == src->region_bytes && dst->outer_stride == dst->region_bytes)
+        return n * src->num_layers;
+    return n * per_block;
+}
+
+int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
+                const int64_t *db, int64_t n, cudaStream_t stream) {
+    const bool legacy = is_legacy(stream);
+    const int64_t total = n * staged_block_bytes(src);
+    const int64_t avg = total / std::max<int64_t>(1, estimate_ops(src, dst, sb, db, n));
+    if (avg >= (legacy ? kDmaLoopMinOpBytes : kDmaMinOpBytes)) return KVBM_COPY_DMA;
+    if (kAutoStaged && staged_mode(src, dst) >= 0 &&
+        (!legacy || staged_block_bytes(src) >= kDmaLoopMinOpBytes))
+        return KVBM_COPY_STAGED;
     return KVBM_COPY_KERNEL;
 }
 
@@ -687,8 +732,7 @@ extern "C" int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout
                                      void *stream, char *errbuf, size_t errlen) {
     int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
     if (rc != KVBM_OK) return rc;
-    build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
-    return pick_method(src, dst, tl_ops, static_cast<cudaStream_t>(stream));
+    return pick_method(src, dst, src_blocks, dst_blocks, n, static_cast<cudaStream_t>(stream));
 }
 
 extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
@@ -710,11 +754,11 @@ extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout
         return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
     if (method == KVBM_COPY_STAGED)
         return run_staged(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
-    build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
-    if (method == KVBM_COPY_AUTO) method = pick_method(src, dst, tl_ops, s);
+    if (method == KVBM_COPY_AUTO) method = pick_method(src, dst, src_blocks, dst_blocks, n, s);
     if (method == KVBM_COPY_KERNEL)
         return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
     if (method == KVBM_COPY_STAGED)
         return run_staged(src, dst, src_blocks, dst_blocks, n, max_sms, s, errbuf, errlen);
+    build_ops(src, dst, src_blocks, dst_blocks, n, &tl_ops);
     return run_dma(tl_ops, s, errbuf, errlen);
 }
