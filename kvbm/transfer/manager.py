@@ -144,6 +144,17 @@ class _Request:
     deadline: float = 0.0
     layers_done: int = 0
     state: str = "queued"   # queued -> sent -> settled (or cancelled)
+
+
+@dataclass(eq=False)
+class _Wire:
+    """One request on the wire: one or more queued requests of the same priority coalesced
+    (small submissions ride together up to max_batch_blocks pairs)."""
+    rid: int
+    members: list[_Request]
+    gen: int
+    sent_at: float
+    deadline: float
     timed_out: bool = False
 
 
@@ -159,7 +170,7 @@ class _PathState:
     register_pending: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
     heap: list = field(default_factory=list)
-    outstanding: dict[int, _Request] = field(default_factory=dict)
+    outstanding: dict[int, _Wire] = field(default_factory=dict)
     down_since: float = 0.0
 
 
@@ -361,8 +372,8 @@ class TransferManager:
     def _poll_timeout_ms(self) -> int:
         soonest = time.monotonic() + 0.25
         for state in self._paths.values():
-            for req in state.outstanding.values():
-                soonest = min(soonest, req.deadline)
+            for wire in state.outstanding.values():
+                soonest = min(soonest, wire.deadline)
         return max(0, int((soonest - time.monotonic()) * 1000) + 1)
 
     def _take_incoming(self) -> None:
@@ -390,29 +401,50 @@ class TransferManager:
         state.sock.send(P.encode(msg), zmq.NOBLOCK)
 
     def _pump(self, state: _PathState) -> None:
-        """Sends queued requests while the worker is registered and the window has room."""
+        """Sends queued requests while the worker is registered and the window has room; queued
+        requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
         while state.heap and state.registered_gen and len(state.outstanding) < WINDOW:
-            _, _, req = heapq.heappop(state.heap)
-            if req.state != "queued":
+            _, _, lead = heapq.heappop(state.heap)
+            if lead.state != "queued":
                 continue
-            if req.sub.error is not None:  # a sibling failed: do not start more of this submission
-                self._settle(req, None)
+            if lead.sub.error is not None:  # a sibling failed: do not start more of this submission
+                self._settle(lead, None)
                 continue
-            req.gen = state.registered_gen
-            msg = P.make_xfer(req.rid, self.engine_id, req.gen, state.path, req.src, req.dst,
-                              req.sub.priority, req.sub.layers,
-                              req.sub.gate.to_wire() if req.sub.gate else None)
+            members, total = [lead], int(lead.src.shape[0])
+            while state.heap:
+                _, _, nxt = state.heap[0]
+                if nxt.state != "queued":
+                    heapq.heappop(state.heap)
+                    continue
+                if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
+                        or nxt.sub.error is not None or total + nxt.src.shape[0] > self.max_batch_blocks):
+                    break
+                heapq.heappop(state.heap)
+                members.append(nxt)
+                total += int(nxt.src.shape[0])
+            gen = state.registered_gen
+            rid = lead.rid if len(members) == 1 else next(self._ids)
+            src = members[0].src if len(members) == 1 else np.concatenate([m.src for m in members])
+            dst = members[0].dst if len(members) == 1 else np.concatenate([m.dst for m in members])
+            gate = lead.sub.gate.to_wire() if lead.sub.gate else None
+            msg = P.make_xfer(rid, self.engine_id, gen, state.path, src, dst, lead.sub.priority, lead.sub.layers, gate)
             try:
                 state.sock.send(P.encode(msg), zmq.NOBLOCK)
             except zmq.Again:
-                heapq.heappush(state.heap, (-req.sub.priority, next(self._seq), req))
+                for m in members:
+                    heapq.heappush(state.heap, (-m.sub.priority, next(self._seq), m))
                 return
-            req.state = "sent"
-            req.sent_at = time.monotonic()
-            req.deadline = req.sent_at + self.request_timeout_s
-            state.outstanding[req.rid] = req
+            now = time.monotonic()
+            for m in members:
+                m.state, m.gen, m.sent_at = "sent", gen, now
+            state.outstanding[rid] = _Wire(rid, members, gen, now, now + self.request_timeout_s)
             with self._lock:
                 self.counters["requests"] += 1
+
+    def _settle_wire(self, state: _PathState, wire: _Wire, error: str | None) -> None:
+        state.outstanding.pop(wire.rid, None)
+        for m in wire.members:
+            self._settle(m, error)
 
     def _read_worker(self, state: _PathState) -> None:
         while True:
@@ -427,11 +459,14 @@ class TransferManager:
                     P.validate_done(msg)
                     self._on_done(state, msg)
                 elif kind == P.MsgType.LAYER:
-                    req = state.outstanding.get(msg.get("id"))
+                    wire = state.outstanding.get(msg.get("id"))
                     layer = msg.get("layer")
-                    if req is not None and isinstance(layer, int):
-                        req.layers_done = max(req.layers_done, layer + 1)
-                        self._layer_progress(req.sub)
+                    if wire is not None and isinstance(layer, int) and not isinstance(layer, bool):
+                        for m in wire.members:
+                            m.layers_done = max(m.layers_done, min(layer + 1, self.num_layers))
+                        for sub in {id(m.sub): m.sub for m in wire.members}.values():
+                            if sub.error is None:
+                                self._layer_progress(sub)
                 elif kind == P.MsgType.REGISTERED:
                     if msg.get("id") == state.register_rid:
                         state.register_pending = False
@@ -451,27 +486,28 @@ class TransferManager:
             state.register_pending = False
             state.ready.set()
             return
-        req = state.outstanding.get(rid)
-        if req is None:
+        wire = state.outstanding.get(rid)
+        if wire is None:
             return  # already failed (worker death, deadline) or a stale reply
         status = P.Status(msg["status"])
         if status is P.Status.OK:
-            req.sub.moved += int(msg.get("bytes", 0))
-            req.layers_done = self.num_layers
-            self._record_latency(req)
-            self._settle(req, None)
+            self._record_latency(state.path, wire)
+            for m in wire.members:
+                m.sub.moved += int(m.src.shape[0]) * self.block_bytes
+                m.layers_done = self.num_layers
+            self._settle_wire(state, wire, None)
             return
         if status is P.Status.STALE:
             # Never executed by the new generation; our registration is stale: register again.
-            if state.registered_gen == req.gen:
+            if state.registered_gen == wire.gen:
                 state.registered_gen = 0
                 state.gen = max(state.gen, int(msg.get("gen") or 0))
                 self._send_register(state)
-        self._settle(req, f"{state.path.label} worker gen {req.gen}: {msg.get('error') or status.name}")
+        self._settle_wire(state, wire, f"{state.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}")
 
-    def _record_latency(self, req: _Request) -> None:
-        lat = int((time.monotonic() - req.sent_at) * 1e6)
-        self.metrics.latency.labels(req.sub.path.label).observe(lat / 1e6)
+    def _record_latency(self, path: P.Path, wire: _Wire) -> None:
+        lat = int((time.monotonic() - wire.sent_at) * 1e6)
+        self.metrics.latency.labels(path.label).observe(lat / 1e6)
         with self._lock:
             self._latency_us.append(lat)
             if len(self._latency_us) > 100_000:
@@ -514,8 +550,8 @@ class TransferManager:
         self.metrics.worker_deaths.labels(state.path.label).inc()
         reason = (f"{state.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
                   f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
-        for req in [r for r in state.outstanding.values() if r.gen == gen]:
-            self._settle(req, ("timed out, then " if req.timed_out else "") + reason)
+        for wire in [w for w in state.outstanding.values() if w.gen == gen]:
+            self._settle_wire(state, wire, ("timed out, then " if wire.timed_out else "") + reason)
         if state.registered_gen == gen:
             state.registered_gen = 0
             state.down_since = time.monotonic()
@@ -532,27 +568,27 @@ class TransferManager:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for state in self._paths.values():
-            for req in list(state.outstanding.values()):
-                if now < req.deadline:
+            for wire in list(state.outstanding.values()):
+                if now < wire.deadline:
                     continue
-                if not req.timed_out:
+                if not wire.timed_out:
                     # Ask for the worker to be replaced; fail on its death event, so that no late
                     # write can land in blocks the caller already reused.
-                    req.timed_out = True
-                    req.deadline = now + self.request_timeout_s * (HARD_DEADLINE_FACTOR - 1)
+                    wire.timed_out = True
+                    wire.deadline = now + self.request_timeout_s * (HARD_DEADLINE_FACTOR - 1)
                     with self._lock:
                         self.counters["timeouts"] += 1
                     self.metrics.timeouts.labels(state.path.label).inc()
                     logger.error("%s request %d missed its %.1f s deadline; asking for gen %d to be replaced",
-                                 state.path.label, req.rid, self.request_timeout_s, req.gen)
-                    self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(state.path), "gen": req.gen,
-                                                 "engine": self.engine_id, "reason": f"request {req.rid} timed out"}),
+                                 state.path.label, wire.rid, self.request_timeout_s, wire.gen)
+                    self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(state.path), "gen": wire.gen,
+                                                 "engine": self.engine_id, "reason": f"request {wire.rid} timed out"}),
                                        zmq.NOBLOCK)
                 else:
                     logger.error("%s request %d: worker gen %d neither answered nor died; failing it",
-                                 state.path.label, req.rid, req.gen)
-                    self._settle(req, f"{state.path.label} request timed out after "
-                                      f"{self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
+                                 state.path.label, wire.rid, wire.gen)
+                    self._settle_wire(state, wire, f"{state.path.label} request timed out after "
+                                                   f"{self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
             # Queued requests waiting for a worker that does not come back.
             if state.heap and not state.registered_gen:
                 for _, _, req in list(state.heap):
@@ -563,8 +599,6 @@ class TransferManager:
         if req.state == "settled":
             return
         req.state = "settled"
-        for state in self._paths.values():
-            state.outstanding.pop(req.rid, None)
         sub = req.sub
         if error is not None and sub.error is None:
             sub.error = error
@@ -621,8 +655,8 @@ class TransferManager:
             if kind == "submit":
                 self._fail_submission(sub, reason)
         for state in self._paths.values():
-            for req in list(state.outstanding.values()):
-                self._settle(req, reason)
+            for wire in list(state.outstanding.values()):
+                self._settle_wire(state, wire, reason)
             for _, _, req in list(state.heap):
                 self._settle(req, reason)
             state.heap.clear()
