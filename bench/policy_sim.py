@@ -74,7 +74,7 @@ def split_trace(chains: list, parts: int = 2) -> list[list]:
 # --------------------------------------------------------------------------------------------------
 class Block:
     __slots__ = ("h", "parent", "children", "depth", "last", "count", "pins", "ver", "key",
-                 "parent_present", "prio")
+                 "parent_present", "prio", "ghost_h", "ghost_c")
 
     def __init__(self, h: int, parent: int | None, depth: int):
         self.h = h
@@ -88,6 +88,8 @@ class Block:
         self.key = 0
         self.parent_present = True    # False: an orphan (its parent was evicted)
         self.prio = 0                 # int32 registration priority (lower is evicted first)
+        self.ghost_h = None           # stub memory: hash and use count of the last evicted child
+        self.ghost_c = 0
 
     @property
     def nchild(self) -> int:
@@ -104,6 +106,7 @@ class Policy:
     tail_priority = 0        # priority given to a request's last (partial) block at registration
     needs_future = False
     ghost = False            # bound only: use counts survive eviction (unbounded history)
+    stub = 0                 # child memory: 0 off, 1 the re-registered child, 2 and the rest of its run
 
     def reset(self, cache: "PrefixCache") -> None:
         pass
@@ -228,6 +231,19 @@ def lineage_key(priority: int, children: int, last_tick: int, use_count: int, ca
     return k1, k2
 
 
+class RootStubLineage(Lineage):
+    """Explored extension (not the recommendation): lineage + child memory (stub=2: a parent
+    remembers the hash and use count of its last evicted child; a re-registered child and the rest
+    of its registration run get that count back) + 4*C extra credit for roots (depth 0), so that the
+    root of a trimmed chain survives as its memory. Needs two more registry fields per block."""
+    name = "lineage-rootstub"
+    root_credit = 4
+
+    def key(self, b, cache):
+        k = super().key(b, cache)
+        return k + (self.C * self.root_credit if b.depth == 0 else 0)
+
+
 class GhostLineage(Lineage):
     """Bound, not a candidate: the lineage key with a use count that survives eviction (an
     unbounded ghost history the registry does not have)."""
@@ -258,10 +274,18 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "lineage-nohint": lambda: Lineage(tail_priority=0, name="lineage-nohint"),
     "lineage-noleaf": lambda: Lineage(leaf_first=False, name="lineage-noleaf"),
     "lru+tail": lambda: _with_tail(LRU(), "lru+tail"),
+    "lineage-stubrun": lambda: _with(Lineage(name="lineage-stubrun"), stub=2),
+    "lineage-rootstub": lambda: _with(RootStubLineage(), stub=2),
     # bounds (more information than the registry has)
     "ghost-lineage": GhostLineage,
     "oracle-reuse": OracleReuse,
 }
+
+
+def _with(p: Policy, **kw) -> Policy:
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
 
 
 def _with_tail(p: Policy, name: str) -> Policy:
@@ -370,6 +394,11 @@ class PrefixCache:
             self.stats.evicted += 1
             if self.policy.ghost:
                 self.history[h] = b.count
+            if self.policy.stub and b.parent is not None:
+                p = self.blocks.get(b.parent)
+                if p is not None:
+                    p.ghost_h = b.h
+                    p.ghost_c = b.count
             self.policy.on_evict(b, key, self)
             self._detach(b)
             if self.on_evict_cb is not None:
@@ -452,6 +481,7 @@ class PrefixCache:
         n = len(chain)
         self.stats.requested += n
         self.stats.hits += k
+        run_c = 0
         pinned: list[Block] = []     # in chain order: released in chain order
         for h in chain:
             b = blocks.get(h)
@@ -474,6 +504,14 @@ class PrefixCache:
                 b.prio = self.policy.tail_priority
             if self.policy.ghost:
                 b.count = self.history.get(h, 0)
+            elif self.policy.stub and i:
+                p = blocks.get(chain[i - 1])
+                if p is not None and p.ghost_h == h:
+                    run_c = p.ghost_c
+                    b.count = run_c
+                    p.ghost_h = None
+                elif self.policy.stub == 2 and run_c:
+                    b.count = run_c
             b.pins = 1
             if not self.put(b):
                 for j in range(i + 1, n):   # dropped rest of the chain: release what is pinned
@@ -515,7 +553,13 @@ def admit_reused(level: int, b: Block, lowest: bool) -> bool:
     return not lowest or b.count >= 2
 
 
-ADMISSION = {"all": admit_all, "reused": admit_reused}
+def admit_full(level: int, b: Block, lowest: bool) -> bool:
+    """Lowest tier: refuse blocks registered with a negative priority (a request's partial last
+    block: its hash never recurs)."""
+    return not lowest or b.prio >= 0
+
+
+ADMISSION = {"all": admit_all, "reused": admit_reused, "full": admit_full}
 
 
 @dataclass
