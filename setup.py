@@ -41,6 +41,20 @@ def find_nvcc() -> str | None:
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
+def find_cudart_dirs(nvcc: str) -> list[str]:
+    """Folders holding libcudart_static.a. nvcc may be a wrapper script outside the toolkit (as in
+    /usr/local/bin here), so CUDA_HOME and /usr/local/cuda are asked before nvcc's own folder."""
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    for home in filter(None, homes):
+        dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "targets/x86_64-linux/lib"))
+                if os.path.exists(os.path.join(d, "libcudart_static.a"))]
+        if dirs:
+            return dirs
+    raise RuntimeError(f"nvcc found at {nvcc} but no libcudart_static.a under {homes}; "
+                       "set CUDA_HOME, or KVBM_NO_CUDA=1 for the CPU build")
+
+
 def cuda_arch_flags() -> list[str]:
     archs = os.environ.get("KVBM_CUDA_ARCHS", "90").replace(",", ";").split(";")
     flags = []
@@ -83,10 +97,7 @@ class BuildNative(build_ext):
                  *[f"-I{i}" for i in INCLUDES], "-c", src, "-o", obj])
             objects.append(obj)
         if nvcc:
-            cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-            cuda_lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"),
-                                         os.path.join(cuda_home, "targets/x86_64-linux/lib"))
-                             if os.path.isdir(d)]
+            cuda_lib_dirs = find_cudart_dirs(nvcc)
         lib = os.path.join(out, "libkvbm_native.a")
         if os.path.exists(lib):
             os.remove(lib)
