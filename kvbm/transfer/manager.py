@@ -174,7 +174,7 @@ class TransferManager:
             raise KvbmError("register() before connect()")
         self.block_bytes = device_layout.config.block_bytes
         self.num_layers = device_layout.config.num_layers
-        self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id,
+        self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout),
                               "memory": memory}
         for state in self._paths.values():
@@ -638,7 +638,10 @@ class TransferManager:
         if self._thread is not None:
             os.eventfd_write(self._wake_fd, 1)
             self._thread.join(timeout)
+            alive = self._thread.is_alive()
             self._thread = None
+            if not alive and self._register_msg is not None:
+                self._unregister(min(timeout, 1.0))
         for state in self._paths.values():
             if state.sock is not None:
                 state.sock.close(0)
@@ -651,6 +654,24 @@ class TransferManager:
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
+
+    def _unregister(self, timeout: float) -> None:
+        """Asks every worker to drop this engine's mappings; bounded wait, best effort."""
+        deadline = time.monotonic() + timeout
+        for state in self._paths.values():
+            if state.sock is None:
+                continue
+            try:
+                state.sock.send(P.encode({"t": P.MsgType.UNREGISTER, "id": 0, "engine": self.engine_id}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            while (left := deadline - time.monotonic()) > 0 and state.sock.poll(int(left * 1000) + 1):
+                try:
+                    reply = P.decode(state.sock.recv(zmq.NOBLOCK))
+                except (zmq.Again, ProtocolError):
+                    continue
+                if reply.get("t") == P.MsgType.PONG and "dropped" in reply:
+                    break
 
     def __enter__(self) -> "TransferManager":
         return self

@@ -13,6 +13,7 @@ Every message is a msgpack map with "v" (PROTOCOL_VERSION) and "t" (its type). T
 conversation:
   1. engine -> supervisor control socket   {t: hello}            -> {t: welcome, workers, host, ...}
   2. engine -> each path worker            {t: register, ...}    -> {t: registered, gen, ...}
+     (and {t: unregister} at close; a worker also drops the registration of an engine pid that died)
   3. engine -> path worker                 {t: xfer, id, gen, src, dst, ...}
                                            -> {t: layer, id, layer}* (onboard with layers=True)
                                            -> {t: done, id, status, error, bytes, timings}
@@ -66,6 +67,7 @@ class MsgType:
     WELCOME = "welcome"
     REGISTER = "register"
     REGISTERED = "registered"
+    UNREGISTER = "unregister"  # engine -> path worker at close: drop its mappings (CUDA IPC, shm)
     XFER = "xfer"
     LAYER = "layer"
     DONE = "done"
@@ -233,6 +235,7 @@ def make_event(kind: str, path: Path | None, gen: int, **extra: Any) -> dict:
 def validate_register(msg: dict) -> tuple[dict, dict, dict]:
     """(device layout map, host layout map, device memory map) of a register request."""
     _str(msg, "engine")
+    _int(msg, "pid", 0, 2**31, 0)
     device = _map(msg, "device")
     host = _map(msg, "host")
     for name, lay in (("device", device), ("host", host)):

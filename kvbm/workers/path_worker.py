@@ -29,7 +29,7 @@ import zmq
 
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
-from kvbm.shm import Segment
+from kvbm.shm import Segment, pid_alive
 from kvbm.transfer import protocol as P
 from kvbm.transfer.channel import bind_socket, make_context
 from kvbm.workers.copy import Copier, DeviceMemory
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Registration:
     engine: str
+    pid: int            # engine process (0: unknown); its registration goes when it dies
     device: BlockLayout
     host: BlockLayout
     memory: DeviceMemory
@@ -102,6 +103,7 @@ class PathWorker:
                                     "pinned_bytes": self.host_segment.size if self.cuda else 0}))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        next_check = time.monotonic() + 1.0
         while not self._stop:
             if not self._queue:
                 if not poller.poll(200):
@@ -109,6 +111,10 @@ class PathWorker:
                         logger.error("%s worker: supervisor %d is gone; exiting", self.path.label, self.parent)
                         break
                     continue
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                self._drop_dead_engines()
             self._drain()
             if self._queue:
                 _, _, ident, msg, t_recv = heapq.heappop(self._queue)
@@ -148,6 +154,12 @@ class PathWorker:
                     heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv))
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
+                elif kind == P.MsgType.UNREGISTER:
+                    reg = self.engines.pop(msg.get("engine"), None)  # type: ignore[arg-type]
+                    if reg is not None:
+                        reg.memory.close()
+                    self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
+                                        "dropped": reg is not None})
                 elif kind == P.MsgType.STATS:
                     self._reply(ident, {"t": P.MsgType.STATS, "id": P.request_id_of(msg), "path": int(self.path), "gen": self.gen,
                                         "queue": len(self._queue), "pid": os.getpid(),
@@ -194,7 +206,7 @@ class PathWorker:
         except BaseException:
             mem.close()
             raise
-        self.engines[engine] = Registration(engine, device, host, mem, copier)
+        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier)
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks, %s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
@@ -239,6 +251,15 @@ class PathWorker:
         self.stats.busy_s += t_end - t_start
         self._reply(ident, P.make_done(rid, P.Status.OK, nbytes=nbytes, gen=self.gen,
                                        queue_us=int((t_start - t_recv) * 1e6), copy_us=int((t_end - t_start) * 1e6)))
+
+    def _drop_dead_engines(self) -> None:
+        """An engine that died without unregistering leaves mappings (a deleted shm segment's
+        memory, CUDA IPC handles) that only this process still holds: drop them."""
+        for engine, reg in list(self.engines.items()):
+            if reg.pid and not pid_alive(reg.pid):
+                logger.warning("%s worker: engine %s (pid %d) is gone; dropping its registration",
+                               self.path.label, engine, reg.pid)
+                self.engines.pop(engine).memory.close()
 
     def close(self) -> None:
         for reg in self.engines.values():

@@ -45,6 +45,7 @@ RESTART_BURST = 5          # deaths within the window before restarts are delaye
 RESTART_BACKOFF_S = 1.0
 STOP_GRACE_S = 5.0
 STATS_PERIOD_S = 1.0
+SWEEP_PERIOD_S = 2.0
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Supervisor:
         for slot in self.slots.values():
             poller.register(slot.dealer, zmq.POLLIN)
         deadline = None if duration is None else time.monotonic() + duration
-        next_stats = next_summary = time.monotonic()
+        next_stats = next_summary = next_sweep = time.monotonic()
         next_summary += self.interval
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             events = dict(poller.poll(50))
@@ -170,6 +171,11 @@ class Supervisor:
                 for slot in self.slots.values():
                     if slot.ready:
                         slot.dealer.send(P.encode({"t": P.MsgType.STATS}), zmq.NOBLOCK)
+            if now >= next_sweep:
+                # Device segments of engines that died without closing (their workers drop the
+                # mappings on their own; the names are ours to remove).
+                next_sweep = now + SWEEP_PERIOD_S
+                clean_stale_segments(self.config.instance_id, include_host_pool=False)
             if self.interval > 0 and now >= next_summary:
                 next_summary = now + self.interval
                 print(self.summary_line(), flush=True)
@@ -339,6 +345,7 @@ class Supervisor:
                 "queue": slot.stats.get("queue", 0), "requests": slot.stats.get("requests", 0),
                 "bytes": slot.stats.get("bytes", 0), "errors": slot.stats.get("errors", 0),
                 "malformed": slot.stats.get("malformed", 0), "busy_s": slot.stats.get("busy_s", 0.0),
+                "engines": slot.stats.get("engines", 0),
                 "uptime_s": slot.stats.get("uptime_s", 0.0)}
         for label in ("h2disk", "disk2d"):
             workers[label] = {"state": P.DISK_NOT_IMPLEMENTED}

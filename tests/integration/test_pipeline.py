@@ -289,10 +289,39 @@ def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
             kv.onboard([42], [7]).result(DEADLINE)
             assert dev.block_bytes_of(tensors, 7) == before
         assert proc.poll() is None  # the engine leaving does not stop a kvbm-workers it did not start
+        from kvbm.cli import ask_status
+        workers = ask_status(config)["workers"]
+        assert workers["d2h"]["engines"] == 0 and workers["h2d"]["engines"] == 0  # it unregistered
+        # An engine that dies without unregistering: the workers drop its mappings on their own.
+        script = (
+            "import sys, kvbm; from kvbm.layout import BlockLayout, LayoutConfig, LayoutType\n"
+            f"lc = LayoutConfig(2, 2, 16, 64); cfg = kvbm.KvbmConfig(instance_id={inst!r}, "
+            f"runtime_dir={str(tmp_path)!r}, layout=lc, device_blocks=64, host_blocks=64, force_cpu=True)\n"
+            "kv = kvbm.KvBlockManager(cfg); lay = BlockLayout(lc, LayoutType.LAYER_SEPARATE, 64)\n"
+            "kv.register_device_tensors(kv.create_device_tensors(lay, device='cpu'), lay, start=False)\n"
+            "print('registered', flush=True); sys.stdin.read()\n")
+        eng = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert eng.stdout.readline().strip() == "registered"
+            wait_for(lambda: ask_status(config)["workers"]["d2h"]["engines"] == 1, DEADLINE, "the engine registered")
+            eng.kill()
+            eng.wait(10)
+            wait_for(lambda: all(ask_status(config)["workers"][p]["engines"] == 0 for p in ("d2h", "h2d")),
+                     DEADLINE, "the dead engine's registration dropped")
+            wait_for(lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{inst}-dev-")],
+                     DEADLINE, "the dead engine's device segment removed")
+        finally:
+            if eng.poll() is None:
+                eng.kill()
+                eng.wait(10)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(DEADLINE) == 0
         assert not os.path.exists(tmp_path / f"kvbm-{inst}")
     finally:
         if pid_alive(proc.pid):
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
