@@ -15,8 +15,9 @@ Order of things:
      unlink the segment, remove sockets, lock and folder.
 
 Why D2H and H2D are separate processes: each has its own CUDA stream and queue, so an offload
-burst never delays an onboard the engine is waiting on; a CUDA context per process costs ~500 MB of
-GPU memory, which is the price of that isolation (and of restarting one path without the other).
+burst never delays an onboard the engine is waiting on; a CUDA context per process costs
+GPU memory (typically a few hundred MB; not yet measured in this repo), which is the price of that
+isolation (and of restarting one path without the other).
 """
 from __future__ import annotations
 
