@@ -337,6 +337,13 @@ class Supervisor:
             self._events.send(P.encode(msg))
 
     # ---- reporting ---------------------------------------------------------------------------
+    def _live_engines(self) -> dict[str, dict]:
+        """Engines that reported in the last few seconds (they report every second)."""
+        cutoff = time.time() - 5 * STATS_PERIOD_S
+        for name in [n for n, r in self.engines.items() if r["at"] < cutoff]:
+            del self.engines[name]
+        return self.engines
+
     def status(self) -> dict:
         workers = {}
         for slot in self.slots.values():
@@ -355,7 +362,7 @@ class Supervisor:
                 "tiers": {"g2": {"segment": self.segment.name if self.segment else None,
                                  "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4)},
                           "g3": {"path": self._disk_dir}},
-                "workers": workers, "engines": self.engines}
+                "workers": workers, "engines": self._live_engines()}
 
     def summary_line(self) -> str:
         parts = []
@@ -368,7 +375,7 @@ class Supervisor:
                          f"{total / 1e9:.2f} GB {delta / 1e9 / max(self.interval, 1e-9):.2f} GB/s "
                          f"err {slot.stats.get('errors', 0)} restarts {slot.restarts}")
         occupancy = ""
-        for name, report in self.engines.items():
+        for name, report in self._live_engines().items():
             pools = report.get("pools") or {}
             g2 = pools.get("g2") or {}
             if g2:
