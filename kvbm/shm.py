@@ -95,6 +95,17 @@ class Segment:
         try:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, size)
+            try:
+                # Reserve the pages now: on a tmpfs too small for the segment this fails here with
+                # ENOSPC instead of killing the first process that touches the missing pages (SIGBUS).
+                os.posix_fallocate(fd, 0, size)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.ENOMEM):
+                    st = os.statvfs(SHM_DIR)
+                    raise KvbmError(f"cannot allocate a {size}-byte segment in {SHM_DIR}: {st.f_bavail * st.f_frsize} "
+                                    f"bytes free (enlarge it, e.g. docker --shm-size, or shrink the tier)") from err
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
             return cls(name, fd, size, owner=True)
         except BaseException:
             os.close(fd)
