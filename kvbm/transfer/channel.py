@@ -23,6 +23,7 @@ from kvbm.transfer.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
 HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES
+IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class Endpoints:
     @classmethod
     def for_config(cls, runtime_dir: str, transport: str, tcp_port: int) -> "Endpoints":
         if transport == "ipc":
+            longest = os.path.join(runtime_dir, "control.sock")
+            if len(longest.encode()) > IPC_PATH_MAX:
+                raise KvbmError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets take at most "
+                                f"{IPC_PATH_MAX}: use a shorter runtime_dir (or transport tcp)")
             return cls(f"ipc://{runtime_dir}/control.sock", f"ipc://{runtime_dir}/events.sock",
                        {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in WORKER_PATHS})
         ports = [tcp_port + i for i in range(2 + len(WORKER_PATHS))] if tcp_port else _free_ports(2 + len(WORKER_PATHS))
