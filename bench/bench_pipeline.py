@@ -108,12 +108,13 @@ class Baseline:
         self.segment.close()
 
 
-def pipeline_round(kv, batches: list[tuple[np.ndarray, np.ndarray]], hashes: list[np.ndarray], offload: bool) -> float:
+def pipeline_round(kv, batches: list[tuple[np.ndarray, np.ndarray]], hashes: list[np.ndarray], offload: bool,
+                   layers: bool = False) -> float:
     t0 = time.perf_counter()
     if offload:
         futures = [kv.offload(dev, h) for (dev, _), h in zip(batches, hashes)]
     else:
-        futures = [kv.onboard(h, dev, layers=False) for (dev, _), h in zip(batches, hashes)]
+        futures = [kv.onboard(h, dev, layers=layers) for (dev, _), h in zip(batches, hashes)]
     results = [f.result(120).value for f in futures]
     elapsed = time.perf_counter() - t0
     moved = sum(r.moved if offload else r.loaded for r in results)
@@ -174,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             # ---- throughput -----------------------------------------------------------------
             rng = np.random.default_rng(1)
             host_pool = kv.pool(Tier.G2)
-            print(f"{'batch':>6} {'dir':>8} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'min pipe':>9} "
+            print(f"{'batch':>6} {'dir':>14} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'min pipe':>9} "
                   f"{'worker GB/s':>11}")
             for b in sizes:
                 count = max(1, per_point // b)
                 n = count * b
-                for offload in (True, False):
+                modes = [(True, False), (False, False)] + ([(False, True)] if b == 64 else [])
+                for offload, layers in modes:
                     pipe_t, copy_t = [], []
                     label = "d2h" if offload else "h2d"
                     w0 = None
@@ -198,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                         gc.collect()
                         if rep % 2:  # alternate the order: neither always runs on caches the other warmed
                             t_copy = base.run(cb, offload)
-                            t_pipe = pipeline_round(kv, batches, hs, offload)
+                            t_pipe = pipeline_round(kv, batches, hs, offload, layers)
                         else:
-                            t_pipe = pipeline_round(kv, batches, hs, offload)
+                            t_pipe = pipeline_round(kv, batches, hs, offload, layers)
                             t_copy = base.run(cb, offload)
                         if rep:  # the first round is the warm-up
                             pipe_t.append(n * block / t_pipe / 1e9)
@@ -210,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     busy = w1["busy_s"] - w0["busy_s"]
                     wrate = moved / busy / 1e9 if busy > 0 else 0.0
                     pm, cm = statistics.median(pipe_t), statistics.median(copy_t)
-                    name = "offload" if offload else "onboard"
-                    print(f"{b:>6} {name:>8} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f} {wrate:>11.2f}")
+                    name = "offload" if offload else ("onboard+layers" if layers else "onboard")
+                    print(f"{b:>6} {name:>14} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f} {wrate:>11.2f}")
                     rows.append((f"batch {b} {name}", f"{pm:.2f} GB/s", f"copy alone {cm:.2f} GB/s; copy inside the "
                                  f"worker {wrate:.2f} GB/s", f"{pm / cm:.0%}"))
 

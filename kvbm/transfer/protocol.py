@@ -15,7 +15,8 @@ conversation:
   2. engine -> each path worker            {t: register, ...}    -> {t: registered, gen, ...}
      (and {t: unregister} at close; a worker also drops the registration of an engine pid that died)
   3. engine -> path worker                 {t: xfer, id, gen, src, dst, ...}
-                                           -> {t: layer, id, layer}* (onboard with layers=True)
+                                           -> {t: layer, id, layer}* (layers=True: every layer <= layer
+                                              has landed; landed layers are reported together)
                                            -> {t: done, id, status, error, bytes, timings}
   4. supervisor -> engines (PUB events)    {t: event, kind: started|died|stopping, path, gen, ...}
 A request that cannot be parsed is answered {t: done, id: -1 or its id, status: ERROR, error: ...};

@@ -26,6 +26,8 @@ from kvbm.shm import Segment
 
 logger = logging.getLogger(__name__)
 
+CPU_PROGRESS_BYTES = 8 << 20   # CPU mode: the smallest copy between two layer-progress reports
+
 
 def buffer_bytes(layout: BlockLayout) -> int:
     """Bytes each buffer of the layout must hold."""
@@ -111,6 +113,7 @@ class Copier:
         self.dst_region = dst.region_layout(dst_ptrs)
         self.src_layers = layer_region_layouts(src, src_ptrs)
         self.dst_layers = layer_region_layouts(dst, dst_ptrs)
+        self._src_bases, self._dst_bases = src.layer_bases(src_ptrs), dst.layer_bases(dst_ptrs)
         self.cuda = cuda
         self.threads = threads
         self.block_bytes = src.config.block_bytes
@@ -123,16 +126,32 @@ class Copier:
             self._stream = torch.cuda.Stream(device=self._device)
 
     def copy(self, src: np.ndarray, dst: np.ndarray, on_layer: Callable[[int], None] | None = None) -> int:
-        """Copies every region of src[i] to dst[i]; calls on_layer(l) as each layer lands. Returns bytes."""
+        """Copies every region of src[i] to dst[i]; calls on_layer(l) when layers 0..l have all landed
+        (not necessarily for every l: landed layers are reported together). Returns bytes."""
         if self.cuda:
             self._copy_cuda(src, dst, on_layer)
         elif on_layer is None:
             native.copy_blocks_cpu(self.src_region, self.dst_region, src, dst, self.threads)
         else:
-            for layer, (s, d) in enumerate(zip(self.src_layers, self.dst_layers)):
+            # One CPU call per layer costs a thread fan-out each: copy groups of layers of at least
+            # CPU_PROGRESS_BYTES and report every layer of a group once it has landed.
+            layers = self.src.config.num_layers
+            per_layer = int(src.shape[0]) * self.block_bytes // layers
+            group = max(1, min(layers, -(-CPU_PROGRESS_BYTES // max(per_layer, 1))))
+            for lo in range(0, layers, group):
+                hi = min(layers, lo + group)
+                if hi - lo == 1:
+                    s, d = self.src_layers[lo], self.dst_layers[lo]
+                else:
+                    s, d = self._range(self.src, self._src_bases, lo, hi), self._range(self.dst, self._dst_bases, lo, hi)
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
-                on_layer(layer)
+                on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
         return int(src.shape[0]) * self.block_bytes
+
+    @staticmethod
+    def _range(layout: BlockLayout, bases: list[int], lo: int, hi: int):
+        return native.RegionLayout(bases[lo:hi], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
+                                   layout.outer_stride, layout.config.region_bytes)
 
     def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
         torch = self._torch
@@ -148,6 +167,10 @@ class Copier:
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 events.append(event)
-        for layer, event in enumerate(events):
-            event.synchronize()
+        layer = 0
+        while layer < len(events):
+            events[layer].synchronize()
+            while layer + 1 < len(events) and events[layer + 1].query():
+                layer += 1  # report every layer that has landed in one message
             on_layer(layer)
+            layer += 1
