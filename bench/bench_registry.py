@@ -15,8 +15,15 @@ reference runs the same operations in the same process, a bounded number of iter
 --ref-fill-limit blocks, without the pre-fill, which spares it the eviction work: its figures there
 flatter it). Headline: ratio of the medians.
 
-    .venv/bin/python bench/bench_registry.py                # full sweep (about a minute)
+Policies (--policies, second table): the same points on the Cython registry under each eviction
+policy, LRU first as the baseline. The policies run in alternation for --rounds rounds (each round
+a fresh registry per policy), so that load on a shared machine hits both alike; per op, the median
+of the per-round medians, and the ratio to LRU of those. In the cycle point the chains are
+trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent (children 1 -> 0).
+
+    .venv/bin/python bench/bench_registry.py                # full sweep (about two minutes)
     .venv/bin/python bench/bench_registry.py --sizes 10000 --iters 200
+    .venv/bin/python bench/bench_registry.py --no-ref --rounds 5    # policy table only
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import datetime as dt
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvbm._fast._reference import ReferenceRegistry  # noqa: E402
 from kvbm._fast.registry import BlockRegistry  # noqa: E402
+from kvbm.policy import EvictionPolicy  # noqa: E402
+
+OPS = ("cycle", "match", "match-peek", "lookup")
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -117,8 +128,8 @@ def timed(fn, iters: int, warmup: int, budget_s: float) -> np.ndarray:
     return np.array(times, dtype=np.float64) / 1e3   # microseconds
 
 
-def bench_point(impl, n: int, args, fill_pool: bool) -> dict[str, np.ndarray]:
-    reg = impl(n)
+def bench_point(impl, n: int, args, fill_pool: bool, policy: int = 0) -> dict[str, np.ndarray]:
+    reg = impl(n, policy=policy)
     hs = HashSource()
     prefix = min(args.prefix, n)
     res = {}
@@ -181,10 +192,52 @@ def main() -> None:
     ap.add_argument("--ref-budget", type=float, default=4.0, help="seconds per point (reference)")
     ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
+    ap.add_argument("--policies", nargs="+", default=["lru", "lineage"],
+                    choices=[p.name.lower() for p in EvictionPolicy],
+                    help="eviction policies of the policy table (the first is the baseline)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy and size")
+    ap.add_argument("--no-ref", action="store_true", help="skip the reference table")
     args = ap.parse_args()
 
     print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}")
     print(f"# batch {args.batch}, prefix {args.prefix}; times in microseconds per call")
+    if not args.no_ref:
+        reference_table(args)
+    if len(args.policies) > 1:
+        policy_table(args)
+
+
+def policy_table(args) -> None:
+    base = args.policies[0]
+    others = args.policies[1:]
+    print(f"\n# policies: {', '.join(args.policies)}; median of {args.rounds} per-round medians "
+          f"(each round: every policy once, alternating); ratio = policy / {base}")
+    cols = " | ".join(f"{p} median | {p} p99 | {p}/{base}" for p in others)
+    print(f"| op | pool | {base} median | {base} p99 | {cols} |")
+    print("|" + "---|" * (4 + 3 * len(others)))
+    for n in args.sizes:
+        med = {p: {op: [] for op in OPS} for p in args.policies}
+        p99 = {p: {op: [] for op in OPS} for p in args.policies}
+        for r in range(args.rounds):
+            order = args.policies if r % 2 == 0 else args.policies[::-1]
+            for p in order:
+                res = bench_point(BlockRegistry, n, args, fill_pool=True,
+                                  policy=int(EvictionPolicy[p.upper()]))
+                for op in OPS:
+                    med[p][op].append(float(np.median(res[op])))
+                    p99[p][op].append(float(np.percentile(res[op], 99)))
+                del res
+                gc.collect()
+        for op in OPS:
+            b = statistics.median(med[base][op])
+            cells = [f"{b:.1f}", f"{statistics.median(p99[base][op]):.1f}"]
+            for p in others:
+                m = statistics.median(med[p][op])
+                cells += [f"{m:.1f}", f"{statistics.median(p99[p][op]):.1f}", f"{m / b:.3f}"]
+            print(f"| {op} | {n:,} | " + " | ".join(cells) + " |", flush=True)
+
+
+def reference_table(args) -> None:
     header = (f"| op | pool | fast median | fast p99 | ref median | ref p99 | ref iters | "
               f"fast ns/block | speedup |")
     print(header)
@@ -193,7 +246,7 @@ def main() -> None:
         fast = bench_point(BlockRegistry, n, args, fill_pool=True)
         ref_fill = n <= args.ref_fill_limit
         ref = bench_point(ReferenceRegistry, n, args, fill_pool=ref_fill)
-        for op in ("cycle", "match", "match-peek", "lookup"):
+        for op in OPS:
             f, r = fast[op], ref[op]
             per = args.batch if op == "cycle" else min(args.prefix, n)
             note = "" if ref_fill or op != "cycle" else " (ref: no eviction)"

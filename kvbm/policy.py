@@ -12,10 +12,14 @@ How eviction works (kvbm/_fast/registry.pyx):
   two-word key (key1, key2); the heap pops the smallest (key1, key2, block id) first. One function,
   `_policy_key(b, &entry)`, computes the key and switches on the policy id. The registry calls the
   hook `_update_key(b)` whenever metadata a policy may read changes: touch, priority change, child
-  count change (a child registered or evicted), parent link cleared (parent evicted). A block's key
+  count change (a child registered; a child evicted: `_evict_one` re-keys the parent in place of
+  the victim at the root), parent link cleared (parent evicted). A block's key
   is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
-Adding a policy (e.g. a lineage-aware one):
+Policies: LRU (priority, then last-use tick) and LINEAGE (leaf-first, frequency-credited recency;
+the formula is at the member below and in bench/POLICY.md section 2).
+
+Adding a policy:
   1. add a member here (next free id) and the same constant in registry.pxd's `cdef enum`;
   2. add its case to `_policy_key` in registry.pyx and to `_key` in _reference.py (a tuple that
      sorts the same way, block id last), so the differential tests cover it. Per block there are:
@@ -46,8 +50,24 @@ class EvictionPolicy(IntEnum):
     # where a tick is taken by touch, match(acquire=True), register and the release that makes a
     # block inactive); then the lower block id (never reached in practice: ticks are unique).
     LRU = 0
+    # Leaf-first, frequency-credited recency ("lineage", bench/POLICY.md section 2). Two words:
+    #   key1 = ((uint64)(priority + 2**31) << 1) | (children > 0)
+    #   key2 = min(last_tick + C * f(use_count), 2**64 - 1),  C = 2 * num_blocks (fixed)
+    #   f(u) = 0 if u < 2 else u.bit_length()      (2-3 uses -> 2, 4-7 -> 3, ...)
+    # So within a priority, blocks without a registered child here (leaves) go before blocks with
+    # one (eviction trims chains from the tail and never orphans a cached descendant); among
+    # those, a block used once is plain LRU and a reused one gets f(u) extra "LRU lifetimes" of
+    # C ticks (the registry stamps two ticks per block use: touch and release). key2 saturates
+    # instead of wrapping (never reached below ~2**58 ticks). Engines register a request's last,
+    # partial block with priority -1 so that it goes first. The key changes on release (computed
+    # at push), on touch / set_priority of an inactive block, and when the children count goes
+    # 0 <-> 1 (_link_child runs _update_key on the parent; on eviction, _evict_one puts the
+    # parent's new entry in the victim's place at the heap's root).
+    # Reference: bench/policy_sim.py `Lineage` and `lineage_key()`.
+    LINEAGE = 1
 
 
 POLICY_LRU = int(EvictionPolicy.LRU)
+POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 
-__all__ = ["BlockState", "EvictionPolicy", "POLICY_LRU"]
+__all__ = ["BlockState", "EvictionPolicy", "POLICY_LINEAGE", "POLICY_LRU"]

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LRU, BlockState
+from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
 
-_KNOWN_POLICIES = {POLICY_LRU}
+_KNOWN_POLICIES = {POLICY_LRU, POLICY_LINEAGE}
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 
@@ -92,6 +92,12 @@ class ReferenceRegistry:
         blk = self._blocks[b]
         if self._policy == POLICY_LRU:
             return (blk.priority, blk.tick, b)
+        if self._policy == POLICY_LINEAGE:
+            # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating
+            u = blk.use_count
+            credit = 2 * self._n * u.bit_length() if u >= 2 else 0
+            return (((blk.priority + (1 << 31)) << 1) | (1 if blk.children else 0),
+                    min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
 
     def _update_key(self, b: int) -> None:

@@ -10,6 +10,8 @@ ctypedef int32_t bid_t   # block id inside the table (num_blocks < 2**31 - 1); -
 
 cdef enum:
     POLICY_LRU_ID = 0    # kvbm.policy.EvictionPolicy.LRU: priority, then least recent
+    POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
+                           #   last tick + lineage_c * f(use count) (bench/POLICY.md section 2)
 
 cdef enum:
     ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
@@ -34,6 +36,7 @@ ctypedef struct RegistryHeader:
     int64_t ring_head         # next slot of the evicted-hash ring to write
     int64_t ring_count        # hashes in the ring not yet drained (<= N)
     uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
+    uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
 
 
 ctypedef struct HeapEntry:
@@ -89,7 +92,7 @@ cdef class BlockRegistry:
     cdef inline void _resift(self, int64_t i) noexcept nogil
     cdef void _heap_push(self, bid_t b) noexcept nogil
     cdef void _heap_remove(self, bid_t b) noexcept nogil
-    cdef bid_t _heap_pop_live(self) noexcept nogil
+    cdef bid_t _heap_top_live(self) noexcept nogil
     cdef inline void _deactivate(self, bid_t b) noexcept nogil
     cdef inline void _acquire(self, bid_t b) noexcept nogil
     # policy: the one key function, and the hook run whenever metadata a policy reads changes
@@ -99,7 +102,8 @@ cdef class BlockRegistry:
     cdef inline void _touch(self, bid_t b) noexcept nogil
     cdef void _reset(self, bid_t b) noexcept nogil
     cdef void _link_child(self, bid_t c, bid_t p) noexcept nogil
-    cdef void _unlink(self, bid_t b) noexcept nogil
+    cdef bid_t _detach(self, bid_t b) noexcept nogil
+    cdef void _orphan_children(self, bid_t b) noexcept nogil
     cdef bid_t _evict_one(self) noexcept nogil
     # batch loops (inputs validated by the def methods)
     cdef void _allocate_core(self, int64_t n, int64_t *out) noexcept nogil

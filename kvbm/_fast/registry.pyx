@@ -10,10 +10,11 @@ Parts (field by field in registry.pxd):
   heap     inactive blocks (REGISTERED, refcount 0) in a 4-ary min-heap (half the depth of a
            binary one: fewer cache misses per pop), entries (key1, key2, block) popped smallest
            first, block id breaking ties; the key is computed by `_policy_key` (switch on the
-           policy id) and refreshed by `_update_key`. Acquiring an inactive block (match, dedup)
-           is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded when it
-           reaches the top during eviction, or re-keyed in place when the block is released
-           again. So a long prefix match never pays a heap removal per block.
+           policy id: LRU, or LINEAGE = leaves first, frequency-credited recency, see
+           kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
+           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded
+           when it reaches the top during eviction, or re-keyed in place when the block is
+           released again. So a long prefix match never pays a heap removal per block.
   index    sequence hash -> block for every REGISTERED block; linear probing, Fibonacci hashing
            (after folding the high half into the low),
            backward-shift deletion (no tombstones), capacity a power of two >= 2N.
@@ -31,7 +32,8 @@ last use: among equal priorities, blocks released first are evicted first). evic
 evict in policy order: smallest (key1, key2, block id) first.
 
 Lineage: on eviction a block leaves its parent's child list (the parent's count drops and its key
-is refreshed) and its children become orphans (parent -1, keys refreshed). All O(1) per link.
+is refreshed: when it changes, the parent's new entry replaces the victim at the heap's root) and
+its children become orphans (parent -1, keys refreshed). All O(1) per link.
 
 Size: bytes_needed(N) is 97 bytes per block plus 12 bytes per index slot (2N to 4N slots),
 e.g. 122 MB for 10**6 blocks.
@@ -64,14 +66,16 @@ cdef extern from *:
     """
     bint KVBM_REGISTRY_DEBUG
     void kvbm_prefetch(const void *p) noexcept nogil
+    int __builtin_clzll(unsigned long long x) noexcept nogil   # x != 0
 
 POLICY_LRU = int(EvictionPolicy.LRU)
+POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 DEBUG = bool(KVBM_REGISTRY_DEBUG)
-_KNOWN_POLICIES = frozenset({POLICY_LRU_ID})
-assert POLICY_LRU == POLICY_LRU_ID
+_KNOWN_POLICIES = frozenset({POLICY_LRU_ID, POLICY_LINEAGE_ID})
+assert POLICY_LRU == POLICY_LRU_ID and POLICY_LINEAGE == POLICY_LINEAGE_ID
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 1
+cdef uint64_t LAYOUT_VERSION = 2                       # 2: header gained lineage_c
 cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t ALIGN = 64
@@ -228,7 +232,8 @@ cdef class BlockRegistry:
     BlockRegistry(num_blocks, buffer=None, policy=POLICY_LRU): `buffer` is any writable, C-contiguous
     buffer of at least `bytes_needed(num_blocks)` bytes (bytearray, numpy uint8 array, mmap,
     shared_memory.SharedMemory.buf); it is (re)initialised, and kept alive (and unresizable) by the
-    registry. Without one the registry allocates a numpy array.
+    registry. Without one the registry allocates a numpy array. policy: POLICY_LRU or
+    POLICY_LINEAGE (kvbm.policy.EvictionPolicy).
     """
 
     def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU):
@@ -313,6 +318,7 @@ cdef class BlockRegistry:
         self.h.index_mask = cap - 1
         self.h.index_shift = shift
         self.h.policy = pol
+        self.h.lineage_c = <uint64_t>(2 * n)
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -516,24 +522,23 @@ cdef class BlockRegistry:
         if i != last:
             self._resift(i)
 
-    cdef bid_t _heap_pop_live(self) noexcept nogil:
+    cdef bid_t _heap_top_live(self) noexcept nogil:
         # Caller checked num_inactive > 0, so a live entry exists; zombies above it are dropped.
+        # The live block's entry stays at the root (slot 0): _evict_one removes or replaces it.
         cdef bid_t b
         cdef int64_t slot
         while True:
             b = self.heap[0].block
             if self.refcount[b] == 0:
                 # The victim's index slot and lineage are needed next: start loading them now, so
-                # the misses overlap with the sift below.
+                # the misses overlap with the work in between.
                 slot = _home(self.hash[b], self.h.index_shift)
                 kvbm_prefetch(&self.ikeys[slot])
                 kvbm_prefetch(&self.ivals[slot])
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
-            self._heap_remove(b)
-            if self.refcount[b] == 0:
-                self.h.num_inactive -= 1
                 return b
+            self._heap_remove(b)
 
     cdef inline void _deactivate(self, bid_t b) noexcept nogil:
         # refcount just reached 0 on a REGISTERED block: re-key its zombie entry, or push one.
@@ -557,10 +562,25 @@ cdef class BlockRegistry:
         # The one place that turns block metadata into an eviction key (smaller is evicted first).
         # New policies add a case here; available: priority, last_tick, use_count, parent,
         # children (see kvbm/policy.py).
+        cdef uint64_t u, credit, t
         if self.h.policy == POLICY_LRU_ID:
             # priority biased into uint64 so that lower (also negative) priorities sort first
             e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
             e.key2 = self.last_tick[b]
+        elif self.h.policy == POLICY_LINEAGE_ID:
+            # bench/POLICY.md section 2: leaves (no registered child here) before interior blocks
+            # of the same priority; then last tick + C * f(use count), f(u) = 0 for u < 2, else
+            # bit_length(u) (1..32 for a uint32 count). key2 saturates instead of wrapping:
+            # C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
+            e.key1 = ((<uint64_t>(<int64_t>self.priority[b] + 2147483648LL)) << 1) | \
+                     (1 if self.children[b] > 0 else 0)
+            u = self.use_count[b]
+            t = self.last_tick[b]
+            if u >= 2:
+                credit = self.h.lineage_c * <uint64_t>(64 - __builtin_clzll(u))
+                e.key2 = t + credit if t <= 0xFFFFFFFFFFFFFFFFULL - credit else 0xFFFFFFFFFFFFFFFFULL
+            else:
+                e.key2 = t
 
     cdef void _update_key(self, bid_t b) noexcept nogil:
         # Hook: run whenever metadata a policy may read changes. Only live (inactive) entries are
@@ -603,10 +623,10 @@ cdef class BlockRegistry:
         self.children[p] += 1
         self._update_key(p)
 
-    cdef void _unlink(self, bid_t b) noexcept nogil:
-        # b leaves the registry: detach it from its parent, orphan its children.
+    cdef bid_t _detach(self, bid_t b) noexcept nogil:
+        # b leaves its parent's child list; returns the parent (-1 if none), whose child count
+        # dropped: refreshing the parent's key is the caller's business.
         cdef bid_t p = self.parent[b]
-        cdef bid_t c, nx
         if p >= 0:
             if self.prev_sib[b] >= 0:
                 self.next_sib[self.prev_sib[b]] = self.next_sib[b]
@@ -615,11 +635,14 @@ cdef class BlockRegistry:
             if self.next_sib[b] >= 0:
                 self.prev_sib[self.next_sib[b]] = self.prev_sib[b]
             self.children[p] -= 1
-            self._update_key(p)
         self.parent[b] = -1
         self.next_sib[b] = -1
         self.prev_sib[b] = -1
-        c = self.first_child[b]
+        return p
+
+    cdef void _orphan_children(self, bid_t b) noexcept nogil:
+        # b leaves the registry: its children lose their parent link (keys refreshed).
+        cdef bid_t c = self.first_child[b], nx
         while c >= 0:
             nx = self.next_sib[c]
             self.parent[c] = -1
@@ -633,11 +656,44 @@ cdef class BlockRegistry:
     cdef bid_t _evict_one(self) noexcept nogil:
         # Caller checked num_inactive > 0. Returns the block RESET and in no list; its hash goes
         # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
-        cdef bid_t b = self._heap_pop_live()
+        cdef bid_t b = self._heap_top_live()
         cdef uint64_t hsh = self.hash[b]
         cdef int64_t n = self.h.num_blocks
+        cdef int64_t i = -1
+        cdef bid_t p = -1
+        cdef HeapEntry e
+        if self.h.policy == POLICY_LINEAGE_ID:
+            # The only policy whose key reads the children count: the parent's key may change
+            # when the victim leaves (its last child: a leaf now and, older than the victim, most
+            # often the next one). Then the parent's new entry replaces the victim at the root and
+            # sifts down, instead of popping the root (a sift-down from the top) and sifting the
+            # parent up from the bottom. The entry that fills the parent's old slot cannot rise to
+            # the root: the victim there is smaller than every other entry (ids break ties).
+            p = self.parent[b]
+            if p >= 0 and self.refcount[p] == 0 and self.heap_pos[p] > 0:
+                i = self.heap_pos[p]
+                e = self.heap[i]
+                self.children[p] -= 1          # the count once b is detached (below)
+                self._policy_key(p, &e)
+                self.children[p] += 1
+                if e.key1 == self.heap[i].key1 and e.key2 == self.heap[i].key2:
+                    i = -1
+        if i > 0:
+            self._heap_remove(p)
+            self.heap[0] = e
+            self.heap_pos[p] = 0
+            self.heap_pos[b] = -1
+            self._sift_down(0)
+        else:
+            # Pop the root first, so that its sift-down overlaps the index and lineage misses
+            # prefetched by _heap_top_live.
+            self._heap_remove(b)
+        self.h.num_inactive -= 1
         self._index_remove(hsh)
-        self._unlink(b)
+        p = self._detach(b)
+        if p >= 0 and i < 0:
+            self._update_key(p)         # no-op unless the key reads the children count
+        self._orphan_children(b)
         self.ring[self.h.ring_head] = hsh
         self.h.ring_head = (self.h.ring_head + 1) % n
         if self.h.ring_count < n:

@@ -13,7 +13,7 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast import registry as registry_mod
 from kvbm._fast.registry import POLICY_LRU, BlockRegistry
 from kvbm.errors import RegistryError
-from kvbm.policy import BlockState, EvictionPolicy
+from kvbm.policy import POLICY_LINEAGE, BlockState, EvictionPolicy
 
 IMPLS = [BlockRegistry, ReferenceRegistry]
 
@@ -208,6 +208,195 @@ def test_parents_none_means_roots(impl):
     reg = impl(2)
     registered(reg, [1, 2])
     assert reg.info(1)["parent"] == -1 and reg.info(0)["children"] == 0
+
+
+# ---- LINEAGE policy (kvbm/policy.py, bench/POLICY.md section 2) -----------------------------------
+# key1 = (priority + 2^31) << 1 | (children > 0); key2 = last_tick + C * f(use_count), C = 2 * N,
+# f(u) = 0 for u < 2 else bit_length(u). Ticks: register/match/touch take one, release to
+# refcount 0 takes one.
+
+def _chain(reg, hashes, priorities=None):
+    """Register one chain (each hash the child of the previous); returns its blocks."""
+    parents = [0] + list(hashes[:-1])
+    has_parent = [False] + [True] * (len(hashes) - 1)
+    return registered(reg, hashes, priorities=priorities, parents=np.array(parents, np.uint64),
+                      has_parent=np.array(has_parent, bool))
+
+
+def _advance(reg, k):
+    """k ticks without touching any registered block: touch a scratch block, then free it."""
+    b = reg.allocate(1)
+    reg.touch(np.repeat(b, k))
+    reg.release(b)
+
+
+def test_lineage_constants_agree():
+    assert registry_mod.POLICY_LINEAGE == POLICY_LINEAGE == EvictionPolicy.LINEAGE == 1
+    assert BlockRegistry(4, policy=POLICY_LINEAGE).policy == POLICY_LINEAGE
+    assert ReferenceRegistry(4, policy=POLICY_LINEAGE).policy == POLICY_LINEAGE
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_evicts_leaf_before_older_parent(impl):
+    reg = impl(4, policy=POLICY_LINEAGE)
+    _chain(reg, [10, 11])          # blocks 0 <- 1
+    registered(reg, [20])          # block 2, a root leaf
+    reg.release([0, 1, 2])         # ticks: 10 oldest, then 11, then 20
+    # LRU would give 10, 11, 20 (the root first, orphaning 11); lineage trims the chain from the
+    # tail: 11 before its older parent, then 10 (now a leaf, and the oldest), then 20
+    np.testing.assert_array_equal(reg.evict(3), [11, 10, 20])
+    reg.check_invariants()
+    # a parent whose child is still held stays behind every newer leaf
+    reg = impl(4, policy=POLICY_LINEAGE)
+    _chain(reg, [10, 11])
+    registered(reg, [20])
+    reg.release([0, 2])            # 10 older than 20; 11 stays active
+    np.testing.assert_array_equal(reg.evict(1), [20])
+    np.testing.assert_array_equal(reg.evict(1), [10])   # the only inactive block left
+    assert reg.info(1)["parent"] == -1
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_child_count_changes_rekey_parent(impl):
+    reg = impl(4, policy=POLICY_LINEAGE)
+    _chain(reg, [10, 11])
+    registered(reg, [20])
+    reg.release([0, 1, 2])
+    np.testing.assert_array_equal(reg.evict(1), [11])
+    # 1 -> 0 children: 10 is a leaf again and the oldest, so it goes before 20
+    assert reg.info(0)["children"] == 0
+    reg.check_invariants()
+    np.testing.assert_array_equal(reg.evict(1), [10])
+    # 0 -> 1: an inactive root that gains a (still active) child moves behind every leaf
+    reg = impl(4, policy=POLICY_LINEAGE)
+    registered(reg, [10])
+    registered(reg, [20])
+    reg.release([0, 1])            # 10 is the oldest
+    blocks = reg.allocate(1)
+    reg.complete(blocks)
+    reg.register(blocks, np.array([11], np.uint64), parents=np.array([10], np.uint64))
+    assert reg.info(0)["children"] == 1
+    reg.check_invariants()
+    np.testing.assert_array_equal(reg.evict(1), [20])
+    reg.release(blocks)            # 11 (the leaf) before its parent
+    np.testing.assert_array_equal(reg.evict(2), [11, 10])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_reused_block_outlives_newer_one_shot_blocks_by_its_credit(impl):
+    n = 4                                          # C = 2 * n = 8 ticks
+    reg = impl(n, policy=POLICY_LINEAGE)
+    x = registered(reg, [10])                      # tick 1
+    reg.release(x)                                 # tick 2
+    reg.match([10])                                # tick 3, use count 2: f = 2
+    reg.release(x)                                 # tick 4: key2 = 4 + 2 * 8 = 20
+    assert reg.info(0)["use_count"] == 2 and reg.tick == 4
+    _advance(reg, 13)                              # tick 17
+    y = registered(reg, [11])                      # tick 18
+    reg.release(y)                                 # tick 19: key2 19 < 20
+    z = registered(reg, [12])                      # tick 20
+    reg.release(z)                                 # tick 21: key2 21 > 20
+    # LRU would give 10, 11, 12; the credit of 2C ticks keeps 10 past 11 (released 15 ticks
+    # after it) but not past 12 (17 ticks after it)
+    np.testing.assert_array_equal(reg.evict(3), [11, 10, 12])
+    # four uses: f = 3, a credit of 3C = 24 ticks
+    reg = impl(n, policy=POLICY_LINEAGE)
+    x = registered(reg, [10])
+    reg.release(x)
+    for _ in range(3):
+        reg.match([10])
+        reg.release(x)                             # last release: tick 8, key2 = 8 + 24 = 32
+    _advance(reg, 21)                              # tick 29
+    y = registered(reg, [11])
+    reg.release(y)                                 # key2 31
+    z = registered(reg, [12])
+    reg.release(z)                                 # key2 33
+    np.testing.assert_array_equal(reg.evict(3), [11, 10, 12])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_priority_first_then_leaves_then_credited_recency(impl):
+    reg = impl(8, policy=POLICY_LINEAGE)
+    registered(reg, [20])                                   # block 0, tick 1
+    reg.release([0])                                        # key2 2
+    _chain(reg, [10, 11, 12], priorities=[0, 0, -1])        # blocks 1-3; 12 = the partial tail
+    _chain(reg, [30, 31], priorities=[-1, 0])               # blocks 4, 5
+    reg.release([1, 2, 3, 4, 5])                            # key2 8, 9, 10, 11, 12
+    # priority -1 first, even with a child (30 goes before the older leaf 20, orphaning 31);
+    # then the priority-0 leaves by key2: 20, 11 (a leaf once 12 is gone), then 10 (a leaf once
+    # 11 is gone, key2 8 < 12), then 31
+    np.testing.assert_array_equal(reg.evict(6), [12, 30, 20, 11, 10, 31])
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_touch_and_set_priority_rekey_inactive(impl):
+    reg = impl(4, policy=POLICY_LINEAGE)
+    registered(reg, [10, 11, 12])
+    reg.release([0, 1, 2])                 # key2 4, 5, 6
+    reg.touch([0])                         # tick 7, use count 2: key2 7 + 2 * 8 = 23
+    reg.set_priority([2], [-1])
+    np.testing.assert_array_equal(reg.evict(3), [12, 11, 10])
+
+
+def test_lineage_key2_saturates_instead_of_wrapping():
+    reg = BlockRegistry(4, policy=POLICY_LINEAGE)
+    header = np.frombuffer(reg.buffer, np.uint64, count=8, offset=_header_offset(reg))
+    header[7] = 2 ** 64 - 20                                # the clock, near the end of uint64
+    x = registered(reg, [10])
+    reg.release(x)
+    reg.match([10])
+    reg.release(x)            # last tick 2^64 - 16, + 2C * 2 = 32: saturates at 2^64 - 1
+    y = registered(reg, [11])
+    reg.release(y)            # 2^64 - 14: a wrapped key2 of 10 would be 16 and go first
+    reg.check_invariants()
+    np.testing.assert_array_equal(reg.evict(2), [11, 10])
+    ref = ReferenceRegistry(4, policy=POLICY_LINEAGE)
+    ref._tick = 2 ** 64 - 20
+    x = registered(ref, [10])
+    ref.release(x)
+    ref.match([10])
+    ref.release(x)
+    y = registered(ref, [11])
+    ref.release(y)
+    assert ref._key(0)[1] == 2 ** 64 - 1
+    np.testing.assert_array_equal(ref.evict(2), [11, 10])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lineage_order_is_the_simulators_key(impl):
+    """Random chains, reuse and priorities; then every eviction takes the block with the smallest
+    policy_sim.lineage_key (block id breaking ties), recomputed after each eviction."""
+    import random
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import policy_sim
+
+    n, rnd = 40, random.Random(5)
+    reg = impl(n, policy=POLICY_LINEAGE)
+    for _ in range(120):
+        start, k = rnd.randrange(30), rnd.randint(1, 6)
+        hashes = [100 + (start + i) % 30 for i in range(k)]
+        held = reg.match(hashes)
+        rest = hashes[len(held):]
+        if rest and reg.num_free + reg.num_inactive >= len(rest):
+            prios = [0] * (len(rest) - 1) + [rnd.choice([-1, 0, 0])]
+            blocks = reg.allocate(len(rest))
+            reg.complete(blocks)
+            parents = [hashes[len(held) - 1] if held.size else 0] + rest[:-1]
+            mask = [held.size > 0] + [True] * (len(rest) - 1)
+            held = np.concatenate([held, reg.register(blocks, np.array(rest, np.uint64),
+                                                      np.array(parents, np.uint64), prios,
+                                                      np.array(mask, bool))])
+        reg.release(held)
+    while reg.num_inactive:
+        infos = {b: reg.info(b) for b in range(n)}
+        want = min((policy_sim.lineage_key(i["priority"], i["children"], i["tick"], i["use_count"], n),
+                    b) for b, i in infos.items()
+                   if i["state"] == BlockState.REGISTERED and i["refcount"] == 0)
+        np.testing.assert_array_equal(reg.evict(1), [infos[want[1]]["hash"]])
 
 
 # ---- evicted ring ---------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ check_invariants, and every call that one of them rejects must be rejected by th
 RegistryError and leave the Cython buffer byte for byte unchanged.
 
 Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction and ties are
-frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations.
+frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
+run under every eviction policy (LRU and LINEAGE).
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import RegistryError
-from kvbm.policy import BlockState
+from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
 
 POOL_SIZES = [1, 2, 3, 5, 8, 16, 64, 300, 10_000]
+POLICIES = {"lru": POLICY_LRU, "lineage": POLICY_LINEAGE}
 
 
 class Pair:
     """Runs each call on both registries and compares the outcomes."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.fast = BlockRegistry(num_blocks)
-        self.ref = ReferenceRegistry(num_blocks)
+    def __init__(self, num_blocks: int, policy: int = POLICY_LRU) -> None:
+        self.fast = BlockRegistry(num_blocks, policy=policy)
+        self.ref = ReferenceRegistry(num_blocks, policy=policy)
         self.n = num_blocks
         self.held: list[int] = []   # one entry per reference the driver holds
 
@@ -78,11 +80,12 @@ class Pair:
 
 
 class RegistryMachine(RuleBasedStateMachine):
-    """Random operation sequences over a small hash universe."""
+    """Random operation sequences over a small hash universe (LRU; LineageMachine below)."""
+    policy = POLICY_LRU
 
     @initialize(n=st.sampled_from(POOL_SIZES))
     def setup(self, n: int) -> None:
-        self.p = Pair(n)
+        self.p = Pair(n, self.policy)
 
     def _held_in(self, state: BlockState) -> list[int]:
         return sorted({b for b in self.p.held if self.p.state(b) == state})
@@ -215,17 +218,26 @@ class RegistryMachine(RuleBasedStateMachine):
         p.compare(full=p.n <= 64)
 
 
+class LineageMachine(RegistryMachine):
+    """The same sequences under POLICY_LINEAGE: keys read children counts and use counts, so
+    dedup, chains (parents) and touches of inactive blocks all re-key."""
+    policy = POLICY_LINEAGE
+
+
+_MACHINE_SETTINGS = settings(max_examples=120, stateful_step_count=40, deadline=None,
+                             derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TestRegistryMachine = RegistryMachine.TestCase
-TestRegistryMachine.settings = settings(max_examples=120, stateful_step_count=40, deadline=None,
-                                        derandomize=True,
-                                        suppress_health_check=[HealthCheck.too_slow])
+TestRegistryMachine.settings = _MACHINE_SETTINGS
+TestLineageMachine = LineageMachine.TestCase
+TestLineageMachine.settings = _MACHINE_SETTINGS
 
 
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("n,ops,seed", [(1, 400, 1), (7, 1500, 2), (50, 1500, 3), (10_000, 2500, 4)])
-def test_random_walk(n: int, ops: int, seed: int) -> None:
+def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
     """Seeded random walk: longer sequences than the state machine, bigger batches, lineage chains."""
     rnd = random.Random(seed)
-    p = Pair(n)
+    p = Pair(n, POLICIES[policy])
     universe = max(8, n // 2)
 
     def chain(k: int) -> list[int]:
