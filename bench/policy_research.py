@@ -444,6 +444,50 @@ class HookCache(ps.PrefixCache):
         return super().put(b)
 
 
+class QueueHint(ps.Lineage):
+    """Not an eviction order but an *engine hint* bound: the engine knows its waiting queue (the
+    next `k` requests). Blocks that a queued request will read get priority +1 (evicted after every
+    unqueued block); lineage order otherwise. In an engine: a map queued_refs[hash] maintained at
+    enqueue/dequeue; a cached block's priority is set to 1 while queued_refs[hash] > 0 (registry
+    set_priority; also at registration of a new block whose hash is queued). The simulator reads it
+    from the trace: next use within k requests."""
+    name = "queue-hint"
+    needs_future = True
+
+    def __init__(self, k: int = 16, name: str | None = None, **kw):
+        super().__init__(name=name or f"queue{k}-lineage", **kw)
+        self.k = k
+
+    def key(self, b, cache):
+        k = super().key(b, cache)
+        if cache.next_use(b.h) <= cache.req + self.k:
+            k += 1 << 65          # key1 += 2: priority + 1 (key1 = (prio + 2^31) << 1 | children)
+        return k
+
+
+class QueueCache(HookCache):
+    """Re-keys the cached blocks of the request entering the queue window (req + k) after each
+    request -- the engine's set_priority at enqueue."""
+
+    def __init__(self, capacity, policy, chains, **kw):
+        super().__init__(capacity, policy, future=chains, **kw)
+        self._chains = chains
+
+    def access(self, chain, req=None, tail_partial=True):
+        r = super().access(chain, req, tail_partial)
+        nxt = self.req + self.policy.k
+        if nxt < len(self._chains):
+            for h in self._chains[nxt]:
+                b = self.blocks.get(h)
+                if b is not None and b.pins == 0:
+                    self._push(b)
+        return r
+
+
+class QueueGhostLineage(QueueHint, GhostLineage):
+    """The queue hint on top of ghost-lineage (ghost table of ghost_mult * capacity)."""
+
+
 RESEARCH_POLICIES = {
     "sketch-lineage": SketchLineage,
     "sketch-lineage-w1": lambda: SketchLineage(width_mult=1, name="sketch-lineage-w1"),
@@ -452,6 +496,12 @@ RESEARCH_POLICIES = {
     "ghost2-lineage": lambda: GhostLineage(ghost_mult=2, name="ghost2-lineage"),
     "ghost4-lineage": lambda: GhostLineage(ghost_mult=4, name="ghost4-lineage"),
     "ghost8-lineage": lambda: GhostLineage(ghost_mult=8, name="ghost8-lineage"),
+    "queue4-lineage": lambda: QueueHint(4),
+    "queue16-lineage": lambda: QueueHint(16),
+    "queue64-lineage": lambda: QueueHint(64),
+    "queue128-lineage": lambda: QueueHint(128),
+    "queue16-ghost4-lineage": lambda: QueueGhostLineage(16, ghost_mult=4, name="queue16-ghost4-lineage"),
+    "queue64-ghost4-lineage": lambda: QueueGhostLineage(64, ghost_mult=4, name="queue64-ghost4-lineage"),
 }
 
 
@@ -463,6 +513,11 @@ def make(name: str) -> ps.Policy:
 
 def simulate(chains, capacity: int, policy) -> ps.Stats:
     pol = make(policy) if isinstance(policy, str) else policy
+    if isinstance(pol, QueueHint):
+        c = QueueCache(capacity, pol, chains)
+        for i, ch in enumerate(chains):
+            c.access(ch, i)
+        return c.stats
     if not (hasattr(pol, "on_touch") or hasattr(pol, "on_register")):
         return ps.simulate(chains, capacity, pol)
     c = HookCache(capacity, pol)

@@ -115,3 +115,14 @@ def test_wtinylfu_admission_order():
     assert ev == [2, 3, 5]
     assert c.blocks[1].seg == pr.PROTECTED
     assert (c.admitted, c.rejected) == (1, 1)
+
+
+def test_queue_hint_protects_blocks_of_queued_requests():
+    chains = [[1], [2], [3], [1]]
+    _, hits, ev = run(ps.Lineage(), 2, chains)
+    assert ev == [1, 2] and hits[-1] == 0           # plain lineage: 1 is the oldest leaf
+    ev = []
+    c = pr.QueueCache(2, pr.QueueHint(2), chains, on_evict=lambda b: ev.append(b.h))
+    hits = [c.access(ch, i, tail_partial=False) for i, ch in enumerate(chains)]
+    assert ev == [2] and hits == [0, 0, 0, 1]       # request 3 ([1]) is queued when [3] arrives
+    assert pr.hit_ratio(chains, 2, "queue4-lineage") == 0.25
