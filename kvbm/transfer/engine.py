@@ -220,9 +220,10 @@ class HostTransfers:
         if parents is not None:
             parents = parents[first]
         with self.lock:
-            held_mask = np.asarray(self.pool.lookup(hashes)) >= 0
+            in_flight = np.zeros(len(hashes), bool)
             if self._offloading:
-                held_mask |= np.fromiter((int(h) in self._offloading for h in hashes.tolist()), bool, len(hashes))
+                in_flight = np.fromiter((int(h) in self._offloading for h in hashes.tolist()), bool, len(hashes))
+            held_mask = (np.asarray(self.pool.lookup(hashes)) >= 0) | in_flight
             todo = np.flatnonzero(~held_mask)
             want = int(todo.shape[0])
             host = self.pool.allocate(want) if want else np.empty(0, np.int64)
@@ -236,8 +237,12 @@ class HostTransfers:
             todo = todo[:n]
             claimed = [int(h) for h in hashes[todo].tolist()]
             self._offloading.update(claimed)
-        held = int(held_mask.sum())
-        dropped = want - n
+            # Making room may have evicted blocks counted as held a moment ago: they are neither
+            # held nor copied now, so they are reported as dropped, never as held.
+            still_held = (np.asarray(self.pool.lookup(hashes)) >= 0) | in_flight
+            lost = int((held_mask & ~still_held).sum())
+        held = int(held_mask.sum()) - lost
+        dropped = want - n + lost
         todo_hashes = hashes[todo]
         todo_parents = parents[todo] if parents is not None else None
         requested = int(hashes.shape[0])

@@ -71,6 +71,19 @@ def test_dedup_moves_nothing_already_held(make_pipeline, rng):
     kv.pool(2).registry.check_invariants()
 
 
+def test_held_blocks_evicted_to_make_room_are_reported_dropped(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=64, host_blocks=4)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 5)
+    pipe.fill_random(np.arange(5), rng)
+    kv.offload([0, 1], hashes[:2]).result(DEADLINE)       # G2: 2 held (inactive), 2 free
+    res = kv.offload(np.arange(5), hashes).result(DEADLINE).value
+    # Room for 3 new blocks evicts the least recent held one (hashes[0]): it is not held any more.
+    assert (res.requested, res.moved, res.held, res.dropped) == (5, 3, 1, 1)
+    assert (kv.pool(2).lookup(hashes) >= 0).tolist() == [False, True, True, True, True]
+    kv.pool(2).registry.check_invariants()
+
+
 def test_prefix_onboard_stops_at_first_miss(make_pipeline, rng):
     pipe = make_pipeline(device_blocks=256, host_blocks=256)
     kv = pipe.kv
