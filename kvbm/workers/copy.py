@@ -153,20 +153,28 @@ class Copier:
         return native.RegionLayout(bases[lo:hi], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
                                    layout.outer_stride, layout.config.region_bytes)
 
-    def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
+    def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
+        """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
+        to wait on, one per layer when `layers`, else one for the whole copy. The worker keeps
+        several launched requests in flight so its own per-request work (receive, validate, reply)
+        overlaps the copies instead of leaving the copy engines idle between requests."""
         torch = self._torch
         handle = self._stream.cuda_stream
-        if on_layer is None:
-            native.copy_blocks_cuda(self.src_region, self.dst_region, src, dst, 0, 0, handle)
-            self._stream.synchronize()
-            return
         events = []
         with torch.cuda.device(self._device):
-            for s, d in zip(self.src_layers, self.dst_layers):
+            pairs = zip(self.src_layers, self.dst_layers) if layers else [(self.src_region, self.dst_region)]
+            for s, d in pairs:
                 native.copy_blocks_cuda(s, d, src, dst, 0, 0, handle)
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 events.append(event)
+        return events
+
+    def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
+        events = self.launch(src, dst, on_layer is not None)
+        if on_layer is None:
+            events[0].synchronize()
+            return
         layer = 0
         while layer < len(events):
             events[layer].synchronize()

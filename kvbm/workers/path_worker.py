@@ -64,6 +64,25 @@ class WorkerStats:
                 "uptime_s": round(time.monotonic() - self.started, 3)}
 
 
+@dataclass
+class InFlight:
+    """A CUDA request launched on the worker's stream and not yet answered."""
+    ident: bytes
+    rid: int
+    blocks: int
+    nbytes: int
+    events: list        # one per layer (progress asked for) or one for the whole copy
+    layers: bool
+    t_recv: float
+    t_start: float
+    landed: int = 0     # events known complete
+
+
+# CUDA requests kept launched at once: enough to hide one request's host-side work behind the
+# copies of the others (the engine keeps transfer.manager.WINDOW requests at a worker).
+MAX_IN_FLIGHT = 4
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -85,6 +104,8 @@ class PathWorker:
         self.engines: dict[str, Registration] = {}
         self._stop = False
         self._queue: list = []
+        self._in_flight: list[InFlight] = []
+        self._busy_until = 0.0
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
         self.pin_s = self.host_segment.pin() if self.cuda else 0.0
@@ -105,7 +126,7 @@ class PathWorker:
         poller.register(self.sock, zmq.POLLIN)
         next_check = time.monotonic() + 1.0
         while not self._stop:
-            if not self._queue:
+            if not self._queue and not self._in_flight:
                 if not poller.poll(200):
                     if os.getppid() != self.parent:
                         logger.error("%s worker: supervisor %d is gone; exiting", self.path.label, self.parent)
@@ -116,9 +137,13 @@ class PathWorker:
                 next_check = now + 1.0
                 self._drop_dead_engines()
             self._drain()
-            if self._queue:
+            while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
                 _, _, ident, msg, t_recv = heapq.heappop(self._queue)
                 self._execute(ident, msg, t_recv)
+            if self._in_flight:
+                # Wait on the GPU only when there is nothing new to launch.
+                self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT or not poller.poll(0))
+        self._finish_in_flight()
         self.close()
 
     def _request_stop(self) -> None:
@@ -155,6 +180,7 @@ class PathWorker:
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
                 elif kind == P.MsgType.UNREGISTER:
+                    self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(msg.get("engine"), None)  # type: ignore[arg-type]
                     if reg is not None:
                         reg.memory.close()
@@ -193,6 +219,7 @@ class PathWorker:
             raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
                                 f"the G2 segment holds {self.host_segment.size}")
         engine = msg["engine"]
+        self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
             old.memory.close()
@@ -237,6 +264,11 @@ class PathWorker:
         try:
             if self.delay_s:
                 time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
+            if copier.cuda:
+                events = copier.launch(src, dst, bool(msg.get("layers")))
+                self._in_flight.append(InFlight(ident, rid, int(src.shape[0]), int(src.shape[0]) * copier.block_bytes,
+                                                events, bool(msg.get("layers")), t_recv, t_start))
+                return
             on_layer = (lambda layer: self._reply(ident, P.make_layer(rid, layer))) if msg.get("layers") else None
             nbytes = copier.copy(src, dst, on_layer)
         except Exception as err:  # noqa: BLE001 - any copy failure becomes a failed completion
@@ -244,19 +276,56 @@ class PathWorker:
             logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, rid, exc_info=True)
             self._reply(ident, P.make_done(rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
             return
+        self._done(ident, rid, int(src.shape[0]), nbytes, t_recv, t_start)
+
+    def _done(self, ident: bytes, rid: int, blocks: int, nbytes: int, t_recv: float, t_start: float) -> None:
         t_end = time.monotonic()
         self.stats.requests += 1
-        self.stats.blocks += int(src.shape[0])
+        self.stats.blocks += blocks
         self.stats.bytes += nbytes
-        self.stats.busy_s += t_end - t_start
+        # Launched copies overlap: count only the part of this one that no earlier one covered.
+        self.stats.busy_s += max(0.0, t_end - max(t_start, self._busy_until))
+        self._busy_until = t_end
         self._reply(ident, P.make_done(rid, P.Status.OK, nbytes=nbytes, gen=self.gen,
                                        queue_us=int((t_start - t_recv) * 1e6), copy_us=int((t_end - t_start) * 1e6)))
+
+    def _progress(self, wait: bool) -> None:
+        """Answers launched requests in launch order (one stream: they complete in that order):
+        layer messages as layers land, DONE when the last event fires. With `wait`, blocks until
+        the oldest request's next event fires; a CUDA error there fails that request."""
+        while self._in_flight:
+            req = self._in_flight[0]
+            try:
+                if wait and req.landed < len(req.events):
+                    req.events[req.landed].synchronize()
+                    wait = False
+                landed = req.landed
+                while landed < len(req.events) and req.events[landed].query():
+                    landed += 1
+            except Exception as err:  # noqa: BLE001 - an asynchronous CUDA error fails the request
+                self._in_flight.pop(0)
+                self.stats.errors += 1
+                logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, req.rid, exc_info=True)
+                self._reply(req.ident, P.make_done(req.rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
+                continue
+            if req.layers and landed > req.landed:
+                self._reply(req.ident, P.make_layer(req.rid, landed - 1))  # every layer <= landed-1 is there
+            req.landed = landed
+            if landed < len(req.events):
+                return
+            self._in_flight.pop(0)
+            self._done(req.ident, req.rid, req.blocks, req.nbytes, req.t_recv, req.t_start)
+
+    def _finish_in_flight(self) -> None:
+        while self._in_flight:
+            self._progress(wait=True)
 
     def _drop_dead_engines(self) -> None:
         """An engine that died without unregistering leaves mappings (a deleted shm segment's
         memory, CUDA IPC handles) that only this process still holds: drop them."""
         for engine, reg in list(self.engines.items()):
             if reg.pid and not pid_alive(reg.pid):
+                self._finish_in_flight()
                 logger.warning("%s worker: engine %s (pid %d) is gone; dropping its registration",
                                self.path.label, engine, reg.pid)
                 self.engines.pop(engine).memory.close()
