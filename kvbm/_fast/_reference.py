@@ -1,7 +1,8 @@
 """Plain-Python twin of kvbm._fast.registry.BlockRegistry, written for clarity (dicts and lists).
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
-ticks, dedup, lineage, the evicted-hash ring. The differential tests drive both with the same random
+ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here, exactly
+bench/policy_research.GhostLineage: FIFO of at most G live (hash -> use count) entries). The differential tests drive both with the same random
 operation sequences and compare every return value. Speed is irrelevant here, except that the
 inactive set is a heapq with lazy deletion so that benchmarks against it finish.
 
@@ -11,7 +12,7 @@ RegistryError, change nothing), then apply slot by slot.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,11 +62,17 @@ def _hashes(x, what: str) -> list[int]:
 class ReferenceRegistry:
     """See BlockRegistry (kvbm/_fast/registry.pyx) for the documentation of every method."""
 
-    def __init__(self, num_blocks: int, buffer=None, policy: int = POLICY_LRU) -> None:
+    def __init__(self, num_blocks: int, buffer=None, policy: int = POLICY_LRU,
+                 ghost_blocks: int | None = None) -> None:
         if not isinstance(num_blocks, int) or not 1 <= num_blocks <= _MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {_MAX_BLOCKS}], got {num_blocks}")
         if policy not in _KNOWN_POLICIES:
             raise RegistryError(f"unknown eviction policy {policy}")
+        g = num_blocks if ghost_blocks is None else self._count(ghost_blocks, "ghost_blocks")
+        if g > _MAX_BLOCKS:
+            raise RegistryError(f"ghost_blocks must be in [0, {_MAX_BLOCKS}], got {g}")
+        self._ghost_cap = g if policy == POLICY_LINEAGE else 0
+        self._ghost: OrderedDict[int, int] = OrderedDict()   # evicted hash -> use count, oldest first
         self._n = num_blocks
         self._policy = int(policy)
         self._blocks = [_Block() for _ in range(num_blocks)]
@@ -86,6 +93,8 @@ class ReferenceRegistry:
     tick = property(lambda self: self._tick)
     policy = property(lambda self: self._policy)
     num_evicted_dropped = property(lambda self: self._dropped)
+    ghost_blocks = property(lambda self: self._ghost_cap)
+    num_ghosts = property(lambda self: len(self._ghost))
 
     # ---- policy ----
     def _key(self, b: int) -> tuple:
@@ -137,6 +146,11 @@ class ReferenceRegistry:
         for c in blk.children:
             self._blocks[c].parent = -1
             self._update_key(c)
+        if self._ghost_cap:
+            self._ghost[blk.hash] = blk.use_count
+            self._ghost.move_to_end(blk.hash)
+            while len(self._ghost) > self._ghost_cap:
+                self._ghost.popitem(last=False)
         if len(self._ring) == self._n:
             self._dropped += 1
         self._ring.append(blk.hash)
@@ -246,6 +260,8 @@ class ReferenceRegistry:
                 blk.parent = p
                 self._blocks[p].children.append(b)
                 self._update_key(p)
+            if self._ghost_cap:
+                blk.use_count = self._ghost.pop(h, 0)
             self._touch(b)
             out.append(b)
         return np.array(out, dtype=np.int64)
@@ -360,3 +376,5 @@ class ReferenceRegistry:
                                 f"active {active} != {self._n}")
         if len(self._index) != sum(b.state == BlockState.REGISTERED for b in self._blocks):
             raise RegistryError("index size differs from the number of REGISTERED blocks")
+        if len(self._ghost) > self._ghost_cap or any(h in self._index for h in self._ghost):
+            raise RegistryError("ghost table over capacity or holding a REGISTERED hash")

@@ -37,6 +37,12 @@ ctypedef struct RegistryHeader:
     int64_t ring_count        # hashes in the ring not yet drained (<= N)
     uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
     uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
+    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
+    int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
+    int64_t ghost_free        # head of the stack of unused ghost slots (through ghost_next), -1 none
+    int64_t ghost_capacity    # slots of the ghost index: power of two >= 2G (0 when G = 0)
+    int64_t ghost_mask        # ghost_capacity - 1
+    int64_t ghost_shift       # 64 - log2(ghost_capacity): home slot as for the block index
 
 
 ctypedef struct HeapEntry:
@@ -78,11 +84,26 @@ cdef class BlockRegistry:
     cdef bid_t *ivals              # length C: block id of each slot, -1 when empty (linear probing,
                                    #   backward-shift deletion: no tombstones)
     cdef uint64_t *ring            # evicted hashes not yet drained, ring of capacity N
+    # ghost table (LINEAGE only; bench/POLICY_ROUND2.md section 3): the use counts of the last G
+    # evicted hashes, FIFO by eviction; an entry is consumed when its hash registers again
+    cdef uint64_t *ghost_hash      # length G: evicted sequence hash of each ghost slot
+    cdef uint32_t *ghost_count     # length G: its use count at eviction (>= 1 while live)
+    cdef bid_t *ghost_prev         # length G+1: FIFO list of live slots (oldest first), sentinel
+    cdef bid_t *ghost_next         #   at G; ghost_next also chains the unused slots (-1 ends)
+    cdef bid_t *ghost_slot         # length ghost_capacity: ghost index, hash (read through
+                                   #   ghost_hash[slot]) -> slot, -1 when empty; linear probing,
+                                   #   backward-shift deletion
 
     # index (nogil, callers pass hashes only; slots are masked)
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil
     cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil
     cdef void _index_remove(self, uint64_t key) noexcept nogil
+    # ghost table (callers: LINEAGE with ghost_blocks > 0)
+    cdef inline int64_t _ghost_pos(self, uint64_t key) noexcept nogil
+    cdef void _ghost_erase_pos(self, int64_t i) noexcept nogil
+    cdef void _ghost_unlink(self, bid_t s) noexcept nogil
+    cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil
+    cdef uint32_t _ghost_take(self, uint64_t key) noexcept nogil
     # free list and heap (callers pass checked block ids)
     cdef void _free_push(self, bid_t b) noexcept nogil
     cdef bid_t _free_pop(self) noexcept nogil
@@ -120,8 +141,9 @@ cdef class BlockRegistry:
                                  int64_t n) noexcept nogil
     cdef int64_t _evict_core(self, int64_t n, uint64_t *out) noexcept nogil
     # setup and validation helpers (with the GIL; raise RegistryError)
-    cdef _carve(self, unsigned char *base, int64_t n)
-    cdef _init_table(self, int64_t n, int64_t pol)
+    cdef _carve(self, unsigned char *base, int64_t n, int64_t g)
+    cdef _init_table(self, int64_t n, int64_t g, int64_t pol)
+    cdef _check_ghost(self)
     cdef _debug_check(self)
     cdef int _check_not_reset(self, const int64_t[::1] blocks, str op) except -1
     cdef int _check_ids(self, const int64_t[::1] blocks, str op) except -1

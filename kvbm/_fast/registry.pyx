@@ -75,14 +75,14 @@ _KNOWN_POLICIES = frozenset({POLICY_LRU_ID, POLICY_LINEAGE_ID})
 assert POLICY_LRU == POLICY_LRU_ID and POLICY_LINEAGE == POLICY_LINEAGE_ID
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 2                       # 2: header gained lineage_c
+cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
 cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
 
 cdef enum:
-    NUM_ARRAYS = 20
+    NUM_ARRAYS = 25
 
 
 cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
@@ -102,9 +102,11 @@ cdef int64_t _index_capacity(int64_t n) noexcept nogil:
     return cap
 
 
-cdef int64_t _layout(int64_t n, int64_t *offsets) noexcept nogil:
-    """Offsets (from the aligned base) of the header and each array; returns the total size."""
+cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
+    """Offsets (from the aligned base) of the header and each array for N blocks and a ghost table
+    of G entries; returns the total size."""
     cdef int64_t cap = _index_capacity(n)
+    cdef int64_t gcap = _index_capacity(g) if g > 0 else 0
     cdef int64_t sizes[NUM_ARRAYS]
     sizes[0] = sizeof(RegistryHeader)
     sizes[1] = n * sizeof(uint8_t)        # state
@@ -126,6 +128,11 @@ cdef int64_t _layout(int64_t n, int64_t *offsets) noexcept nogil:
     sizes[17] = cap * sizeof(uint64_t)    # ikeys
     sizes[18] = cap * sizeof(bid_t)       # ivals
     sizes[19] = n * sizeof(uint64_t)      # ring
+    sizes[20] = g * sizeof(uint64_t)      # ghost_hash
+    sizes[21] = g * sizeof(uint32_t)      # ghost_count
+    sizes[22] = (g + 1) * sizeof(bid_t)   # ghost_prev
+    sizes[23] = (g + 1) * sizeof(bid_t)   # ghost_next
+    sizes[24] = gcap * sizeof(bid_t)      # ghost_slot
     cdef int64_t off = 0
     cdef int i
     for i in range(NUM_ARRAYS):
@@ -219,6 +226,16 @@ cdef int64_t _as_count(n, str what) except -1:
     return v
 
 
+cdef int64_t _ghost_count_arg(g, int64_t n) except -1:
+    # ghost_blocks argument: None -> n (POLICY_ROUND2.md: as many evicted hashes as cached blocks)
+    if g is None:
+        return n
+    cdef int64_t v = _as_count(g, "ghost_blocks")
+    if v > MAX_BLOCKS:
+        raise RegistryError(f"ghost_blocks must be in [0, {MAX_BLOCKS}], got {v}")
+    return v
+
+
 cdef str _state_name(uint8_t s):
     try:
         return BlockState(s).name
@@ -229,14 +246,18 @@ cdef str _state_name(uint8_t s):
 cdef class BlockRegistry:
     """Block table of one pool. See the module docstring for the parts and the life of a block.
 
-    BlockRegistry(num_blocks, buffer=None, policy=POLICY_LRU): `buffer` is any writable, C-contiguous
-    buffer of at least `bytes_needed(num_blocks)` bytes (bytearray, numpy uint8 array, mmap,
-    shared_memory.SharedMemory.buf); it is (re)initialised, and kept alive (and unresizable) by the
-    registry. Without one the registry allocates a numpy array. policy: POLICY_LRU or
-    POLICY_LINEAGE (kvbm.policy.EvictionPolicy).
+    BlockRegistry(num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None): `buffer` is any
+    writable, C-contiguous buffer of at least `bytes_needed(num_blocks, ghost_blocks)` bytes
+    (bytearray, numpy uint8 array, mmap, shared_memory.SharedMemory.buf); it is (re)initialised, and
+    kept alive (and unresizable) by the registry. Without one the registry allocates a numpy array.
+    policy: POLICY_LRU or POLICY_LINEAGE (kvbm.policy.EvictionPolicy).
+    ghost_blocks: entries of LINEAGE's ghost table (the use counts of recently evicted hashes,
+    restored when a hash registers again); None means num_blocks ("remember as many evicted blocks
+    as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
+    passed), so `bytes_needed(num_blocks)` (G = num_blocks) fits every policy.
     """
 
-    def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU):
+    def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None):
         # __cinit__, not __init__: no instance can exist without its table (no NULL pointers).
         cdef int64_t n = _as_count(num_blocks, "num_blocks")
         if n < 1 or n > MAX_BLOCKS:
@@ -247,7 +268,10 @@ cdef class BlockRegistry:
             raise RegistryError(f"policy must be an int, got {type(policy).__name__}") from err
         if pol not in _KNOWN_POLICIES:
             raise RegistryError(f"unknown eviction policy {pol}; known: {sorted(_KNOWN_POLICIES)}")
-        cdef int64_t needed = BlockRegistry.bytes_needed(n)
+        cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
+        if pol != POLICY_LINEAGE_ID:
+            g = 0
+        cdef int64_t needed = BlockRegistry.bytes_needed(n, g)
         if buffer is None:
             buffer = np.zeros(needed, dtype=np.uint8)
         try:
@@ -265,21 +289,23 @@ cdef class BlockRegistry:
         self._mem = mem
         cdef uintptr_t base = <uintptr_t>&view[0]
         base = (base + <uintptr_t>(ALIGN - 1)) & ~(<uintptr_t>(ALIGN - 1))
-        self._carve(<unsigned char *>base, n)
-        self._init_table(n, pol)
+        self._carve(<unsigned char *>base, n, g)
+        self._init_table(n, g, pol)
 
     @staticmethod
-    def bytes_needed(num_blocks) -> int:
-        """Bytes a buffer must have for `num_blocks` blocks (alignment slack included)."""
+    def bytes_needed(num_blocks, ghost_blocks=None) -> int:
+        """Bytes a buffer must have for `num_blocks` blocks and a ghost table of `ghost_blocks`
+        entries (None: num_blocks, the LINEAGE default), alignment slack included."""
         cdef int64_t offsets[NUM_ARRAYS]
         cdef int64_t n = _as_count(num_blocks, "num_blocks")
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
-        return _layout(n, offsets) + ALIGN
+        cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
+        return _layout(n, g, offsets) + ALIGN
 
-    cdef _carve(self, unsigned char *base, int64_t n):
+    cdef _carve(self, unsigned char *base, int64_t n, int64_t g):
         cdef int64_t o[NUM_ARRAYS]
-        _layout(n, o)
+        _layout(n, g, o)
         self.h = <RegistryHeader *>(base + o[0])
         self.state = <uint8_t *>(base + o[1])
         self.refcount = <uint32_t *>(base + o[2])
@@ -300,10 +326,15 @@ cdef class BlockRegistry:
         self.ikeys = <uint64_t *>(base + o[17])
         self.ivals = <bid_t *>(base + o[18])
         self.ring = <uint64_t *>(base + o[19])
+        self.ghost_hash = <uint64_t *>(base + o[20])
+        self.ghost_count = <uint32_t *>(base + o[21])
+        self.ghost_prev = <bid_t *>(base + o[22])
+        self.ghost_next = <bid_t *>(base + o[23])
+        self.ghost_slot = <bid_t *>(base + o[24])
 
-    cdef _init_table(self, int64_t n, int64_t pol):
+    cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
-        cdef int64_t total = _layout(n, o)
+        cdef int64_t total = _layout(n, g, o)
         cdef int64_t cap = _index_capacity(n)
         cdef int64_t shift = 64, c = cap
         cdef int64_t i
@@ -332,6 +363,26 @@ cdef class BlockRegistry:
         self.free_prev[n] = <bid_t>(n - 1)
         for i in range(cap):
             self.ivals[i] = -1
+        # ghost table: empty FIFO (sentinel G), every slot on the unused stack, index empty
+        self.h.ghost_blocks = g
+        self.h.ghost_free = 0 if g > 0 else -1
+        self.ghost_prev[g] = <bid_t>g
+        self.ghost_next[g] = <bid_t>g
+        for i in range(g):
+            self.ghost_prev[i] = -1
+            self.ghost_next[i] = <bid_t>(i + 1 if i + 1 < g else -1)
+        if g > 0:
+            cap = _index_capacity(g)
+            shift = 64
+            c = cap
+            while c > 1:
+                c >>= 1
+                shift -= 1
+            self.h.ghost_capacity = cap
+            self.h.ghost_mask = cap - 1
+            self.h.ghost_shift = shift
+            for i in range(cap):
+                self.ghost_slot[i] = -1
 
     # ---- properties -----------------------------------------------------------------------------
 
@@ -363,6 +414,16 @@ cdef class BlockRegistry:
     @property
     def policy(self) -> int:
         return self.h.policy
+
+    @property
+    def ghost_blocks(self) -> int:
+        """Entries of the ghost table (0: none; LINEAGE only)."""
+        return self.h.ghost_blocks
+
+    @property
+    def num_ghosts(self) -> int:
+        """Live ghost entries: evicted hashes whose use count would be restored at registration."""
+        return self.h.ghost_size
 
     @property
     def num_evicted_dropped(self) -> int:
@@ -426,6 +487,104 @@ cdef class BlockRegistry:
         self.ikeys[i] = 0
         self.ivals[i] = -1
         self.h.num_registered -= 1
+
+    # ---- ghost table (LINEAGE; bench/POLICY_ROUND2.md section 3) -------------------------------
+    # A FIFO of at most G (evicted hash, use count) entries: a doubly linked list of slots, oldest
+    # first, plus an open-addressing index hash -> slot. Eviction appends (dropping the oldest entry
+    # when G are live); registering a new block takes its hash's entry out of the FIFO (the slot
+    # goes back to the unused stack) and restores the count. So the live entries are exactly those
+    # of policy_research.GhostLineage's OrderedDict (a consumed entry does not hold a place in the
+    # FIFO, unlike a plain ring of G slots). Every operation is O(1) expected; nothing scans.
+
+    cdef inline int64_t _ghost_pos(self, uint64_t key) noexcept nogil:
+        # Index position of key, -1 if absent. At most G of >= 2G index slots are used, so the
+        # probe ends at an empty slot.
+        cdef int64_t i = _home(key, self.h.ghost_shift)
+        cdef int64_t mask = self.h.ghost_mask
+        cdef bid_t s
+        while True:
+            s = self.ghost_slot[i]
+            if s < 0:
+                return -1
+            if self.ghost_hash[s] == key:
+                return i
+            i = (i + 1) & mask
+
+    cdef void _ghost_erase_pos(self, int64_t i) noexcept nogil:
+        # Backward-shift deletion at index position i (as _index_remove).
+        cdef int64_t shift = self.h.ghost_shift
+        cdef int64_t mask = self.h.ghost_mask
+        cdef int64_t j = i, k
+        while True:
+            j = (j + 1) & mask
+            if self.ghost_slot[j] < 0:
+                break
+            k = _home(self.ghost_hash[self.ghost_slot[j]], shift)
+            if i <= j:
+                if i < k <= j:
+                    continue
+            elif k > i or k <= j:
+                continue
+            self.ghost_slot[i] = self.ghost_slot[j]
+            i = j
+        self.ghost_slot[i] = -1
+
+    cdef void _ghost_unlink(self, bid_t s) noexcept nogil:
+        # Live slot s leaves the FIFO and goes on the unused stack (its index entry is gone).
+        self.ghost_next[self.ghost_prev[s]] = self.ghost_next[s]
+        self.ghost_prev[self.ghost_next[s]] = self.ghost_prev[s]
+        self.ghost_prev[s] = -1
+        self.ghost_next[s] = <bid_t>self.h.ghost_free
+        self.ghost_hash[s] = 0
+        self.ghost_count[s] = 0
+        self.h.ghost_free = s
+        self.h.ghost_size -= 1
+
+    cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
+        # Caller: LINEAGE with G > 0; `key` was just evicted. A resident hash is never in the table
+        # (registration takes it out), so the key is normally absent; if present (a 64-bit
+        # collision) its entry is updated and moves to the newest end, as in the OrderedDict.
+        cdef bid_t g = <bid_t>self.h.ghost_blocks, s
+        cdef int64_t i = self._ghost_pos(key)
+        if i >= 0:
+            s = self.ghost_slot[i]
+            self.ghost_count[s] = count
+            self.ghost_next[self.ghost_prev[s]] = self.ghost_next[s]
+            self.ghost_prev[self.ghost_next[s]] = self.ghost_prev[s]
+        else:
+            if self.h.ghost_size == g:
+                # full: the oldest entry is forgotten (its slot is reused right away)
+                s = self.ghost_next[g]
+                self._ghost_erase_pos(self._ghost_pos(self.ghost_hash[s]))
+                self._ghost_unlink(s)
+            s = <bid_t>self.h.ghost_free
+            self.h.ghost_free = self.ghost_next[s]
+            self.ghost_hash[s] = key
+            self.ghost_count[s] = count
+            self.h.ghost_size += 1
+            i = _home(key, self.h.ghost_shift)
+            while self.ghost_slot[i] >= 0:
+                i = (i + 1) & self.h.ghost_mask
+            self.ghost_slot[i] = s
+        # append at the newest end (before the sentinel)
+        self.ghost_prev[s] = self.ghost_prev[g]
+        self.ghost_next[s] = g
+        self.ghost_next[self.ghost_prev[g]] = s
+        self.ghost_prev[g] = s
+
+    cdef uint32_t _ghost_take(self, uint64_t key) noexcept nogil:
+        # Caller: LINEAGE with G > 0; `key` registers as a new block. Its entry's count, consumed
+        # (0 when absent).
+        cdef int64_t i = self._ghost_pos(key)
+        cdef bid_t s
+        cdef uint32_t c
+        if i < 0:
+            return 0
+        s = self.ghost_slot[i]
+        c = self.ghost_count[s]
+        self._ghost_erase_pos(i)
+        self._ghost_unlink(s)
+        return c
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -537,6 +696,8 @@ cdef class BlockRegistry:
                 kvbm_prefetch(&self.ivals[slot])
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
+                if self.h.ghost_blocks > 0:
+                    kvbm_prefetch(&self.ghost_slot[_home(self.hash[b], self.h.ghost_shift)])
                 return b
             self._heap_remove(b)
 
@@ -694,6 +855,8 @@ cdef class BlockRegistry:
         if p >= 0 and i < 0:
             self._update_key(p)         # no-op unless the key reads the children count
         self._orphan_children(b)
+        if self.h.ghost_blocks > 0:
+            self._ghost_record(hsh, self.use_count[b])
         self.ring[self.h.ring_head] = hsh
         self.h.ring_head = (self.h.ring_head + 1) % n
         if self.h.ring_count < n:
@@ -732,11 +895,15 @@ cdef class BlockRegistry:
         cdef bid_t b, e, p
         cdef uint64_t hsh
         cdef int64_t shift = self.h.index_shift
+        cdef bint ghost = self.h.ghost_blocks > 0
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 # random hashes and random block ids: start the index and table misses early
                 kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
                 kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                if ghost:
+                    kvbm_prefetch(&self.ghost_slot[_home(hashes[i + PREFETCH_AHEAD],
+                                                         self.h.ghost_shift)])
                 kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
                 kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
@@ -759,6 +926,9 @@ cdef class BlockRegistry:
             self._index_insert(hsh, b)
             if p >= 0:
                 self._link_child(b, p)
+            if ghost:
+                # a hash evicted recently gets its use count back (before the registration touch)
+                self.use_count[b] = self._ghost_take(hsh)
             self._touch(b)
             out[i] = b
 
@@ -1208,3 +1378,47 @@ cdef class BlockRegistry:
         if self.h.ring_count > n or self.h.ring_head >= n:
             raise RegistryError(f"evicted ring: count {self.h.ring_count}, head {self.h.ring_head}, "
                                 f"capacity {n}")
+        self._check_ghost()
+
+    cdef _check_ghost(self):
+        # FIFO list, unused stack and index agree; no resident hash has a ghost entry.
+        cdef int64_t g = self.h.ghost_blocks, i, j, cnt = 0, nfree = 0, nidx = 0
+        cdef bid_t s, prev = <bid_t>g
+        if g == 0:
+            return
+        if self.h.ghost_size < 0 or self.h.ghost_size > g:
+            raise RegistryError(f"ghost table holds {self.h.ghost_size} entries, capacity {g}")
+        s = self.ghost_next[g]
+        while s != g:
+            if s < 0 or s > g or cnt > g or self.ghost_prev[s] != prev:
+                raise RegistryError(f"ghost FIFO broken after {cnt} entries (slot {s})")
+            if self.ghost_count[s] == 0:
+                raise RegistryError(f"ghost slot {s} (hash {self.ghost_hash[s]}) has count 0")
+            i = self._ghost_pos(self.ghost_hash[s])
+            if i < 0 or self.ghost_slot[i] != s:
+                raise RegistryError(f"ghost slot {s} (hash {self.ghost_hash[s]}) is not indexed")
+            if self._find(self.ghost_hash[s]) >= 0:
+                raise RegistryError(f"ghost hash {self.ghost_hash[s]} is also REGISTERED")
+            prev = s
+            s = self.ghost_next[s]
+            cnt += 1
+        if cnt != self.h.ghost_size or self.ghost_prev[g] != prev:
+            raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {self.h.ghost_size}")
+        j = self.h.ghost_free
+        while j >= 0:
+            if j >= g or nfree > g or self.ghost_prev[j] != -1 or self.ghost_count[j] != 0:
+                raise RegistryError(f"ghost unused stack broken at slot {j}")
+            j = self.ghost_next[j]
+            nfree += 1
+        if nfree + cnt != g:
+            raise RegistryError(f"ghost: {cnt} live + {nfree} unused slots != {g}")
+        for i in range(self.h.ghost_capacity):
+            if self.ghost_slot[i] >= 0:
+                nidx += 1
+                j = _home(self.ghost_hash[self.ghost_slot[i]], self.h.ghost_shift)
+                while j != i:
+                    if self.ghost_slot[j] < 0:
+                        raise RegistryError(f"ghost index slot {i} unreachable from its home")
+                    j = (j + 1) & self.h.ghost_mask
+        if nidx != cnt:
+            raise RegistryError(f"ghost index holds {nidx} entries, FIFO {cnt}")

@@ -399,6 +399,140 @@ def test_lineage_order_is_the_simulators_key(impl):
         np.testing.assert_array_equal(reg.evict(1), [infos[want[1]]["hash"]])
 
 
+# ---- LINEAGE ghost table (bench/POLICY_ROUND2.md section 3) --------------------------------------
+
+def use(reg, hashes):
+    """One request reading `hashes` (roots): match the cached ones, register the rest, release."""
+    held = []
+    for h in hashes:
+        m = reg.match([h])
+        held.append(m if m.size else registered(reg, [h]))
+    reg.release(np.concatenate(held))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ghost", [None, 0])
+def test_ghost_restores_use_count_and_outlives_one_shot_block(impl, ghost):
+    # N = 2, C = 2N = 4 ticks; a request takes two ticks (register or match, release)
+    reg = impl(2, policy=POLICY_LINEAGE, ghost_blocks=ghost)
+    assert reg.ghost_blocks == (2 if ghost is None else 0)
+    use(reg, [10]); use(reg, [10]); use(reg, [10])  # 10: 3 uses, last tick 6
+    np.testing.assert_array_equal(reg.evict(1), [10])
+    assert reg.num_ghosts == (1 if ghost is None else 0)
+    use(reg, [11])                                  # one use, key 8
+    use(reg, [10])                                  # new block, registered at tick 9
+    b10 = int(reg.lookup([10])[0])
+    if ghost is None:
+        # 3 uses restored + the registration: key2 = 10 + C * bit_length(4) = 22
+        assert reg.info(b10)["use_count"] == 4 and reg.num_ghosts == 0
+        use(reg, [12])                              # evicts 11 (8)
+        use(reg, [13])                              # evicts 12 (key 12, younger than 10 but one-shot)
+        assert reg.lookup([10, 11, 12, 13]).tolist() == [b10, -1, -1, 1 - b10]
+        assert reg.num_ghosts == 2                  # 11 and 12, one use each
+    else:
+        # no table: 10 is a one-shot block (key 10) and goes right after 11
+        assert reg.info(b10)["use_count"] == 1
+        use(reg, [12])                              # evicts 11 (8)
+        use(reg, [13])                              # evicts 10 (10)
+        assert reg.lookup([10, 11]).tolist() == [-1, -1] and reg.lookup([12, 13]).min() >= 0
+    reg.check_invariants()
+
+
+def evict_hash(reg, h):
+    """Evict the block of hash h now (priority -5 puts it first; the ghost keeps its use count)."""
+    reg.set_priority(reg.lookup([h]), [-5])
+    np.testing.assert_array_equal(reg.evict(1), [h])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ghost_entry_forgotten_after_g_later_evictions(impl):
+    reg = impl(4, policy=POLICY_LINEAGE, ghost_blocks=3)
+    use(reg, [10]); use(reg, [10]); use(reg, [11]); use(reg, [12]); use(reg, [13])
+    evict_hash(reg, 10)                             # ghost (oldest first) [10:2]
+    evict_hash(reg, 11); evict_hash(reg, 12)        # [10:2, 11:1, 12:1], full
+    use(reg, [10])                                  # restored: 2 + the registration
+    assert reg.info(int(reg.lookup([10])[0]))["use_count"] == 3 and reg.num_ghosts == 2
+    use(reg, [10])                                  # 10: 4 uses
+    evict_hash(reg, 13)                             # [11, 12, 13]
+    evict_hash(reg, 10)                             # [12, 13, 10:4]: 11 forgotten
+    use(reg, [20]); use(reg, [21])
+    evict_hash(reg, 20); evict_hash(reg, 21)        # [10:4, 20, 21]: two later evictions
+    use(reg, [10])
+    assert reg.info(int(reg.lookup([10])[0]))["use_count"] == 5
+    use(reg, [10])
+    evict_hash(reg, 10)                             # [20, 21, 10:6]
+    use(reg, [30]); use(reg, [31]); use(reg, [32])
+    evict_hash(reg, 30); evict_hash(reg, 31)        # [10:6, 30, 31]
+    evict_hash(reg, 32)                             # G = 3 later evictions: [30, 31, 32]
+    assert reg.num_ghosts == 3
+    use(reg, [10])
+    assert reg.info(int(reg.lookup([10])[0]))["use_count"] == 1     # forgotten
+    use(reg, [11])
+    assert reg.info(int(reg.lookup([11])[0]))["use_count"] == 1
+    use(reg, [31])
+    assert reg.info(int(reg.lookup([31])[0]))["use_count"] == 2     # still remembered
+    assert reg.num_ghosts == 2
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ghost_dedup_hit_keeps_count_and_lru_has_no_table(impl):
+    reg = impl(2, policy=POLICY_LINEAGE, ghost_blocks=4)
+    use(reg, [10]); use(reg, [10]); use(reg, [11]); use(reg, [12])   # evicts 10 (count 2)
+    b = reg.allocate(1)
+    reg.complete(b)
+    got = reg.register(np.concatenate([b, b[:0]]), np.array([12], np.uint64))   # dedup hit
+    assert reg.info(int(got[0]))["use_count"] == 2 and reg.num_ghosts == 1     # 10 still there
+    reg.release(got)
+    lru = impl(2, policy=POLICY_LRU, ghost_blocks=4)
+    assert lru.ghost_blocks == 0
+    for hs in ([10], [10], [10], [11], [12], [10]):
+        use(lru, hs)
+    assert lru.info(int(lru.lookup([10])[0]))["use_count"] == 1 and lru.num_ghosts == 0
+    use(lru, [13])                                  # plain LRU: 12 (older) goes, not 10
+    assert lru.lookup([12])[0] == -1 and lru.lookup([10])[0] >= 0
+
+
+def test_ghost_table_sizes_the_buffer_and_rejects_bad_sizes():
+    n = 100
+    assert BlockRegistry.bytes_needed(n) == BlockRegistry.bytes_needed(n, n)
+    assert BlockRegistry.bytes_needed(n, 0) < BlockRegistry.bytes_needed(n) < BlockRegistry.bytes_needed(n, 4 * n)
+    need = BlockRegistry.bytes_needed(n)
+    reg = BlockRegistry(n, buffer=bytearray(need), policy=POLICY_LINEAGE)
+    assert reg.ghost_blocks == n
+    with pytest.raises(RegistryError, match="bytes"):
+        BlockRegistry(n, buffer=bytearray(need), policy=POLICY_LINEAGE, ghost_blocks=2 * n)
+    BlockRegistry(n, buffer=bytearray(BlockRegistry.bytes_needed(n, 0)))   # LRU: no table
+    for bad in (-1, "3", 1.5):
+        with pytest.raises(RegistryError):
+            BlockRegistry(n, policy=POLICY_LINEAGE, ghost_blocks=bad)
+        with pytest.raises(RegistryError):
+            ReferenceRegistry(n, policy=POLICY_LINEAGE, ghost_blocks=bad)
+
+
+def test_ghost_lineage_equals_the_research_simulator():
+    """The registry-engine replay of a small synthetic trace gives exactly the hits of
+    policy_research.GhostLineage with the same G (1x and 3x the capacity) in the registry's
+    allocation order (trace_replay.ghost_lineage_sim), and of plain lineage without a table."""
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    import policy_sim as ps
+    import trace_replay as tr
+
+    chains = ps.chains_of(ps.generate_trace("rag", n_requests=400, seed=3))
+    for cap in (60, 200):
+        for mult in (1, 3):
+            sim = tr.ghost_lineage_sim(chains, cap, mult * cap)
+            eng = tr.RegistryEngine(cap, "lineage", ghost_blocks=mult * cap)
+            total, hits = tr.replay(eng, chains)
+            assert total == sim.requested and hits[0] == sim.hits, (cap, mult, hits, sim.hits)
+            assert eng.reg.num_ghosts == mult * cap
+        eng = tr.RegistryEngine(cap, "lineage", ghost_blocks=0)
+        assert tr.replay(eng, chains)[1][0] == ps.simulate(chains, cap, "lineage").hits
+
+
 # ---- evicted ring ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -417,7 +551,7 @@ def test_evicted_ring_keeps_newest_and_counts_drops(impl):
 # ---- buffers --------------------------------------------------------------------------------------
 
 def test_bytes_needed_and_buffers():
-    need = BlockRegistry.bytes_needed(100)
+    need = BlockRegistry.bytes_needed(100, 0)       # LRU: no ghost table
     assert BlockRegistry.bytes_needed(200) > need > 100
     with pytest.raises(RegistryError, match="bytes"):
         BlockRegistry(100, buffer=bytearray(need - 1))

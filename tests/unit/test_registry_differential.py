@@ -6,7 +6,8 @@ RegistryError and leave the Cython buffer byte for byte unchanged.
 
 Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction and ties are
 frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
-run under every eviction policy (LRU and LINEAGE).
+run under every eviction policy (LRU and LINEAGE); LINEAGE with its default ghost table
+(G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none.
 """
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ from kvbm.errors import RegistryError
 from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
 
 POOL_SIZES = [1, 2, 3, 5, 8, 16, 64, 300, 10_000]
-POLICIES = {"lru": POLICY_LRU, "lineage": POLICY_LINEAGE}
+# name -> (policy, ghost_blocks)
+POLICIES = {"lru": (POLICY_LRU, None), "lineage": (POLICY_LINEAGE, None),
+            "lineage-g3": (POLICY_LINEAGE, 3), "lineage-g0": (POLICY_LINEAGE, 0)}
 
 
 class Pair:
     """Runs each call on both registries and compares the outcomes."""
 
-    def __init__(self, num_blocks: int, policy: int = POLICY_LRU) -> None:
-        self.fast = BlockRegistry(num_blocks, policy=policy)
-        self.ref = ReferenceRegistry(num_blocks, policy=policy)
+    def __init__(self, num_blocks: int, policy: int = POLICY_LRU, ghost_blocks: int | None = None) -> None:
+        self.fast = BlockRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
+        self.ref = ReferenceRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
         self.n = num_blocks
         self.held: list[int] = []   # one entry per reference the driver holds
 
@@ -63,7 +66,7 @@ class Pair:
 
     def compare(self, full: bool) -> None:
         for attr in ("num_blocks", "num_free", "num_inactive", "num_active", "num_registered",
-                     "tick", "num_evicted_dropped"):
+                     "tick", "num_evicted_dropped", "ghost_blocks", "num_ghosts"):
             assert getattr(self.fast, attr) == getattr(self.ref, attr), attr
         blocks = range(self.n) if full else set(self.held[:64])
         for b in blocks:
@@ -82,10 +85,11 @@ class Pair:
 class RegistryMachine(RuleBasedStateMachine):
     """Random operation sequences over a small hash universe (LRU; LineageMachine below)."""
     policy = POLICY_LRU
+    ghost_blocks: int | None = None
 
     @initialize(n=st.sampled_from(POOL_SIZES))
     def setup(self, n: int) -> None:
-        self.p = Pair(n, self.policy)
+        self.p = Pair(n, self.policy, self.ghost_blocks)
 
     def _held_in(self, state: BlockState) -> list[int]:
         return sorted({b for b in self.p.held if self.p.state(b) == state})
@@ -224,12 +228,20 @@ class LineageMachine(RegistryMachine):
     policy = POLICY_LINEAGE
 
 
+class LineageGhost3Machine(RegistryMachine):
+    """LINEAGE with a ghost table of 3 entries: restores and FIFO expiry on every few evictions."""
+    policy = POLICY_LINEAGE
+    ghost_blocks = 3
+
+
 _MACHINE_SETTINGS = settings(max_examples=120, stateful_step_count=40, deadline=None,
                              derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TestRegistryMachine = RegistryMachine.TestCase
 TestRegistryMachine.settings = _MACHINE_SETTINGS
 TestLineageMachine = LineageMachine.TestCase
 TestLineageMachine.settings = _MACHINE_SETTINGS
+TestLineageGhost3Machine = LineageGhost3Machine.TestCase
+TestLineageGhost3Machine.settings = _MACHINE_SETTINGS
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -237,7 +249,7 @@ TestLineageMachine.settings = _MACHINE_SETTINGS
 def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
     """Seeded random walk: longer sequences than the state machine, bigger batches, lineage chains."""
     rnd = random.Random(seed)
-    p = Pair(n, POLICIES[policy])
+    p = Pair(n, *POLICIES[policy])
     universe = max(8, n // 2)
 
     def chain(k: int) -> list[int]:
