@@ -4,6 +4,7 @@
     python bench/trace_replay.py --capacity 1000 4000 16000 --policy lru lineage belady
     python bench/trace_replay.py --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
     python bench/trace_replay.py --engine registry --policy lru    # kvbm._fast.registry.BlockRegistry
+    python bench/trace_replay.py --engine registry --policy lru lineage belady --queue-depth 4 16 96
     python bench/trace_replay.py --suite > results.md              # POLICY.md's validation tables
     python bench/trace_replay.py --generate chat --out chat.jsonl.gz   # write a synthetic trace
 
@@ -14,6 +15,16 @@ Engines: `sim` (bench/policy_sim.py, any number of tiers, every policy) and `reg
 the real kvbm._fast.registry.BlockRegistry, for the policies it implements: lru, lineage; an
 offline reference such as belady runs on the simulator there, marked "(sim)"). Both implement
 `Engine.access(chain, req) -> per-tier hits`, so a new backend only has to provide that.
+
+Registry policies: `lru`; `lineage` = the product's LINEAGE with its default ghost table
+(G = num_blocks; policy_research's `ghost1-lineage`); `lineage-noghost` (G = 0; the simulator's
+round-1 `lineage`); `ghost4-lineage` (G = 4 * num_blocks).
+
+Queue hint (`--queue-depth K ...`, registry engine): while request i is served, requests i+1..i+K
+are "waiting" -- hinted through kvbm.pools.WaitingHints, the code behind
+KvBlockManager.hint_waiting/hint_done (request i+K is hinted and request i done before i is served).
+Depth K means the engine sees K requests queued; at the shared trace's ~256 ms mean inter-arrival,
+K = 96 is ~25 s of backlog. Rows `policy+qK` for each registry policy.
 """
 
 from __future__ import annotations
@@ -68,7 +79,12 @@ class SimEngine(Engine):
         return list(self.tc.stats.writes)
 
 
-REGISTRY_POLICIES = {"lru": "LRU", "lineage": "LINEAGE", "leaf-lru": "LEAF_LRU"}
+# name -> (EvictionPolicy member, ghost table size in multiples of num_blocks (None: default),
+#          the simulator policy whose tail priority the engine uses)
+REGISTRY_POLICIES = {"lru": ("LRU", None, "lru"), "lineage": ("LINEAGE", None, "lineage"),
+                     "lineage-noghost": ("LINEAGE", 0, "lineage"),
+                     "ghost4-lineage": ("LINEAGE", 4, "lineage"),
+                     "leaf-lru": ("LEAF_LRU", None, "leaf-lru")}
 
 
 class RegistryEngine(Engine):
@@ -78,30 +94,55 @@ class RegistryEngine(Engine):
     block gets the policy's tail priority); release everything in chain order (release stamps a
     tick). allocate() evicts inactive blocks in the registry's policy order.
 
-    `lru` -> POLICY_LRU, `lineage` -> POLICY_LINEAGE: the same hit counts as the simulator, up to
-    exact key ties, which the registry breaks by block id and the simulator by insertion version
-    (lineage only: a credited block and an uncredited one C ticks younger; on the shared trace
-    this moves 19 of 121,877 hits at 1,000 blocks, none at 2,000 to 16,000). Offline references
-    (belady) run on the simulator (make_engine)."""
+    `lru` -> POLICY_LRU, `lineage` -> POLICY_LINEAGE with a ghost table of G entries: the same
+    hit counts as the simulator (policy_sim `lru`; policy_research.GhostLineage with the same G,
+    or policy_sim `lineage` for G = 0), up to exact key ties, which the registry breaks by block id
+    and the simulator by insertion version (lineage only: a credited block and an uncredited one C
+    ticks younger; round 1 measured 19 of 121,877 hits moved at 1,000 blocks, none at 2,000 to
+    16,000). Offline references (belady) run on the simulator (make_engine).
+
+    queue_depth K > 0 (needs `chains`): the queue hint, see the module docstring."""
     name = "registry"
 
-    def __init__(self, capacity: int, policy: str):
+    def __init__(self, capacity: int, policy: str, ghost_blocks: int | None = None,
+                 queue_depth: int = 0, chains: Sequence[Sequence[int]] | None = None):
         import numpy as np
-        from kvbm._fast import registry as reg_mod
         from kvbm.policy import EvictionPolicy
+        from kvbm.pools import BlockPool, Tier, WaitingHints
 
-        member = REGISTRY_POLICIES.get(policy)
+        member, mult, sim_name = REGISTRY_POLICIES.get(policy, (None, None, None))
         if member is None or not hasattr(EvictionPolicy, member):
             have = [m.name for m in EvictionPolicy]
             raise SystemExit(f"registry engine: policy {policy!r} is not implemented by the registry "
                              f"(EvictionPolicy has {have})")
+        if ghost_blocks is None and mult is not None:
+            ghost_blocks = mult * capacity
         self.np = np
-        self.reg = reg_mod.BlockRegistry(capacity, policy=int(getattr(EvictionPolicy, member)))
-        self.tail_priority = ps.make_policy(policy).tail_priority
+        self.pool = BlockPool(Tier.G1, capacity, member.lower(), ghost_blocks=ghost_blocks)
+        self.reg = self.pool.registry
+        self.tail_priority = ps.make_policy(sim_name).tail_priority
+        self.queue_depth = queue_depth
+        self.chains = chains
+        self.hints = WaitingHints({Tier.G1: self.pool}) if queue_depth else None
+        self._next_hint = 1     # first request not hinted yet
+        if queue_depth and chains is None:
+            raise ValueError("queue_depth needs the trace (chains)")
+
+    def _queue(self, req: int) -> None:
+        # Request req leaves the queue (it is served now); requests up to req + K are waiting.
+        hints = self.hints
+        if req in hints.waiting:
+            hints.done(req)
+        last = min(req + self.queue_depth, len(self.chains) - 1)
+        for r in range(max(self._next_hint, req + 1), last + 1):
+            hints.add(r, self.np.asarray(self.chains[r], dtype=self.np.uint64))
+        self._next_hint = max(self._next_hint, last + 1)
 
     def access(self, chain, req):
         np = self.np
         reg = self.reg
+        if self.hints is not None:
+            self._queue(req)
         hs = np.asarray(chain, dtype=np.uint64)
         n = hs.shape[0]
         held = []   # (start position, block ids): released in chain order
@@ -147,13 +188,62 @@ class RegistryEngine(Engine):
                 prios = np.zeros(e - a, dtype=np.int32)
                 if e == n:
                     prios[-1] = self.tail_priority
-                held.append((a, reg.register(ids, hs[a:e], parents, priorities=prios,
-                                             has_parent=has_parent)))
+                canon = reg.register(ids, hs[a:e], parents, priorities=prios, has_parent=has_parent)
+                if self.hints is not None:
+                    self.hints.registered(reg, hs[a:e], canon)
+                held.append((a, canon))
                 if short:
                     break
         held.sort(key=lambda x: x[0])
         reg.release(np.concatenate([ids for _, ids in held]))
         return [k]
+
+
+def ghost_lineage_sim(chains: Sequence[Sequence[int]], capacity: int, ghost_blocks: int) -> "ps.Stats":
+    """policy_research.GhostLineage (its OrderedDict ghost table of `ghost_blocks` entries) on the
+    simulator, in the registry's allocation order: the blocks a missing run needs are evicted
+    before any of them registers (allocate, then register: the order of an engine and of
+    RegistryEngine). policy_research's HookCache interleaves instead (restore block j, then evict
+    one for it), so an entry that expires during the run's own evictions is restored there and
+    not here; on small tables that moves hits either way (POLICY_ROUND2's ghost1 figures: 0.1464 /
+    0.3923 vs 0.1466 / 0.3925 in this order at 2000 / 8000 blocks). RegistryEngine's `lineage`
+    with G = ghost_blocks gives exactly these hits (tests/unit/test_registry.py)."""
+    import policy_research as pr
+
+    class RunFirstCache(pr.HookCache):
+        def access(self, chain, req=None, tail_partial=True):
+            blocks = self.blocks
+            present = [h in blocks for h in chain]
+            n = len(chain)
+            i = 0
+            while i < n and present[i]:
+                i += 1
+            # make room for each missing run before anything of it registers (the puts then never
+            # evict), as allocate() does; a run that does not fit is cut by put() as before
+            self._room = {}
+            while i < n:
+                e = i
+                while e < n and not present[e]:
+                    e += 1
+                self._room[i] = e - i
+                while e < n and present[e]:
+                    e += 1
+                i = e
+            return super().access(chain, req, tail_partial)
+
+        def put(self, b):
+            need = self._room.pop(b.depth, 0)     # depth = position in the chain
+            if need:
+                # pins of this request are taken already (access pins cached blocks first)
+                while len(self.blocks) + need > self.capacity:
+                    if self.evict_one() is None:
+                        break
+            return super().put(b)
+
+    c = RunFirstCache(capacity, pr.GhostLineage(ghost_mult=ghost_blocks / capacity))
+    for i, ch in enumerate(chains):
+        c.access(ch, i)
+    return c.stats
 
 
 def registry_available() -> bool:
@@ -179,22 +269,25 @@ def replay(engine: Engine, chains: Sequence[Sequence[int]]) -> tuple[int, list[i
 
 
 def make_engine(kind: str, capacities: Sequence[int], policy: str, admission: str,
-                chains) -> Engine:
+                chains, queue_depth: int = 0) -> Engine:
     if kind == "registry":
         if len(capacities) != 1:
             raise SystemExit("registry engine: one tier only (the registry is one pool)")
         if not registry_available():
             raise SystemExit("registry engine: kvbm._fast.registry does not import (build it first)")
-        if ps.make_policy(policy).needs_future:
+        if policy not in REGISTRY_POLICIES and ps.make_policy(policy).needs_future:
             # An offline reference (Belady) reads the future trace: no registry policy can be one.
             # It runs on the simulator and its row says so.
             return SimEngine(capacities, policy, admission, chains)
-        return RegistryEngine(capacities[0], policy)
+        return RegistryEngine(capacities[0], policy, queue_depth=queue_depth, chains=chains)
+    if queue_depth:
+        raise SystemExit("--queue-depth needs --engine registry")
     return SimEngine(capacities, policy, admission, chains)
 
 
 def run_table(chains, capacities_list: list[list[int]], policies: list[str], engine: str,
-              admissions: list[str], out=sys.stdout, tier_names: list[str] | None = None) -> list[dict]:
+              admissions: list[str], out=sys.stdout, tier_names: list[str] | None = None,
+              queue_depths: Sequence[int] = ()) -> list[dict]:
     rows = []
     for caps in capacities_list:
         label = "+".join(str(c) for c in caps)
@@ -209,10 +302,13 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
               " | gap closed | writes below G1 | s |"
         print(hdr, file=out)
         print("|" + "---|" * (hdr.count("|") - 1), file=out)
-        for p in policies:
+        variants = [(p, 0) for p in policies]
+        variants += [(p, k) for k in queue_depths if k for p in policies
+                     if engine == "registry" and p in REGISTRY_POLICIES]
+        for p, depth in variants:
             for adm in (admissions if tiers > 1 else ["all"]):
                 t0 = time.time()
-                eng = make_engine(engine, caps, p, adm, chains)
+                eng = make_engine(engine, caps, p, adm, chains, depth)
                 total, hits = replay(eng, chains)
                 hr = sum(hits) / total
                 g = ps.gap_closed(hr, ref["lru"], ref["belady"])
@@ -220,10 +316,12 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
                 wtxt = "/".join(str(x) for x in w[1:]) if w and tiers > 1 else "-"
                 cells = [f"{h / total:.4f}" for h in hits] + ([f"{hr:.4f}"] if tiers > 1 else [])
                 label = p if eng.name == engine else f"{p} ({eng.name})"
+                if depth:
+                    label += f"+q{depth}"
                 print(f"| {label} | {adm if tiers > 1 else '-'} | " + " | ".join(cells) +
                       f" | {g:+.3f} | {wtxt} | {time.time() - t0:.1f} |", file=out, flush=True)
                 rows.append(dict(caps=caps, policy=p, admission=adm, hits=hits, total=total,
-                                 hit=hr, gap=g, writes=w))
+                                 hit=hr, gap=g, writes=w, queue_depth=depth))
     return rows
 
 
@@ -271,6 +369,9 @@ def main(argv=None) -> int:
     ap.add_argument("--admission", nargs="+", default=["all", "reused"], choices=list(ps.ADMISSION),
                     help="admission to the lowest tier (tiered replay)")
     ap.add_argument("--engine", choices=["sim", "registry"], default="sim")
+    ap.add_argument("--queue-depth", type=int, nargs="+", default=[],
+                    help="registry engine: also replay each registry policy with the next K "
+                         "requests hinted as waiting (KvBlockManager.hint_waiting), per K")
     ap.add_argument("--split", type=int, default=0, help="replay only this time-split half (1 or 2)")
     ap.add_argument("--suite", action="store_true", help="print POLICY.md's validation tables")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed"], default=None,
@@ -297,8 +398,10 @@ def main(argv=None) -> int:
         caps_list = [[c for _, c in named]]
     else:
         caps_list = [[c] for c in (args.capacity or [2000, 8000])]
+    if args.queue_depth and args.engine != "registry":
+        raise SystemExit("--queue-depth needs --engine registry")
     run_table(chains, caps_list, args.policy, args.engine, args.admission,
-              tier_names=[n for n, _ in named] or None)
+              tier_names=[n for n, _ in named] or None, queue_depths=args.queue_depth)
     return 0
 
 

@@ -6,6 +6,10 @@ Parts:
                    the pool of the tier asked for; `stats()` reports every tier; `close()` (or the
                    context manager) shuts down whatever the manager started.
   TierMatch        the answer of `match`: the longest prefix each tier holds.
+  Queue hint       `hint_waiting(request_id, hashes)` when a request enters the engine's waiting
+                   queue, `hint_done(request_id)` when it is scheduled or dropped: cached blocks
+                   that waiting requests will read are evicted after all others, in every tier
+                   (kvbm.pools.WaitingHints; bench/POLICY_ROUND2.md section 5).
 
 Workflow of one request: hash its token blocks (kvbm.hashing) -> `match` -> onboard the prefix the
 fastest tier holds -> allocate device blocks for the rest -> register them once computed -> release
@@ -30,7 +34,7 @@ import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError
-from kvbm.pools import BlockPool, Tier, TierView
+from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,9 @@ class KvBlockManager:
         if not self.pools:
             raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size or disk_blocks/disk_size")
         self.tiers = TierView(self.pools)
+        self._hints = WaitingHints(self.pools)
+        for pool in self.pools.values():
+            pool.hints = self._hints
         self._closed = False
         # Transfer runtime (created by register_device_tensors). The lock guards every pool call:
         # transfer completions register/release G2 blocks on the transfer manager's I/O thread.
@@ -137,6 +144,35 @@ class KvBlockManager:
     def release(self, blocks, tier: Tier | int = Tier.G1) -> None:
         with self._lock:
             self.pool(tier).release(blocks)
+
+    # ---- queue hint -----------------------------------------------------------------------------
+    def hint_waiting(self, request_id, hashes) -> int:
+        """A request entered the engine's waiting queue and will read these sequence hashes.
+
+        While at least one waiting request reads a hash, every tier's block for it has eviction
+        priority 1 (evicted after every priority-0 block), and so does a block registered under it
+        later (computed, offloaded or onboarded meanwhile). Call `hint_done(request_id)` when the
+        request is scheduled or dropped. `request_id`: any hashable, not already waiting. Returns
+        how many hashes became hinted (those no other waiting request reads). Bad input raises
+        KvbmError and changes nothing.
+        """
+        self._check_open()
+        hashes = _hashes(hashes)
+        with self._lock:
+            return self._hints.add(request_id, hashes)
+
+    def hint_done(self, request_id) -> int:
+        """The request left the waiting queue: hashes no other waiting request reads go back to
+        priority 0 (their blocks are evicted in policy order again). Returns how many did.
+        KvbmError if the request is not waiting."""
+        self._check_open()
+        with self._lock:
+            return self._hints.done(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests hinted as waiting (hint_waiting without hint_done yet)."""
+        return len(self._hints.waiting)
 
     def stats(self) -> dict[str, dict]:
         self._check_open()

@@ -6,6 +6,10 @@ Parts:
   BlockPool     a BlockRegistry (kvbm._fast.registry) plus its stats and tier; every batched registry
                 call passes straight through, so a pool adds no per-block Python work
   TierView      the cross-tier view: for a list of sequence hashes, which tiers hold each one
+  WaitingHints  the engine's waiting queue as an eviction hint: per sequence hash, how many waiting
+                requests will read it; a cached block with waiting readers has priority
+                HINT_PRIORITY (1) in every tier that holds it, and 0 again when none is left
+                (bench/POLICY_ROUND2.md section 5)
 
 Workflow: allocate -> (bytes arrive) -> complete -> register (dedup) -> release (inactive, still
 matchable) -> match/acquire again, or evicted by the pool's policy when space is needed. The bytes of
@@ -18,7 +22,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from kvbm.errors import ConfigError
+from kvbm.errors import ConfigError, KvbmError
 
 
 class Tier(IntEnum):
@@ -51,14 +55,17 @@ class PoolStats:
 class BlockPool:
     """The metadata of one tier: a registry of num_blocks blocks under an eviction policy."""
 
-    def __init__(self, tier: Tier, num_blocks: int, policy: str = "lru", buffer=None) -> None:
+    def __init__(self, tier: Tier, num_blocks: int, policy: str = "lru", buffer=None,
+                 ghost_blocks: int | None = None) -> None:
         from kvbm._fast.registry import BlockRegistry
         if num_blocks < 1:
             raise ConfigError(f"{tier.name} pool needs at least 1 block, got {num_blocks}")
         self.tier = tier
         self.policy = policy
-        self.registry = BlockRegistry(num_blocks, buffer, policy_id(policy))
+        # ghost_blocks: LINEAGE's table of recently evicted use counts (None: num_blocks)
+        self.registry = BlockRegistry(num_blocks, buffer, policy_id(policy), ghost_blocks)
         self.stats = PoolStats()
+        self.hints: WaitingHints | None = None   # set by the manager: new blocks of waiting hashes
 
     @property
     def num_blocks(self) -> int:
@@ -81,6 +88,8 @@ class BlockPool:
     def register(self, blocks, hashes, parents=None, has_parent=None) -> np.ndarray:
         before = self.registry.num_free
         canonical = self.registry.register(blocks, hashes, parents, has_parent=has_parent)
+        if self.hints is not None:
+            self.hints.registered(self.registry, hashes, canonical)
         duplicates = self.registry.num_free - before
         self.stats.deduplicated += duplicates
         self.stats.registered += len(canonical) - duplicates
@@ -136,3 +145,87 @@ class TierView:
         """Longest prefix each tier holds, without acquiring anything."""
         hashes = np.asarray(hashes, dtype=np.uint64)
         return {tier: len(pool.registry.match(hashes, False)) for tier, pool in self.pools.items()}
+
+
+class WaitingHints:
+    """Blocks that requests in the engine's waiting queue will read are evicted last.
+
+    `add(request_id, hashes)` when a request enters the queue, `done(request_id)` when it is
+    scheduled (or dropped). `counts[hash]` is the number of waiting requests that read the hash
+    (each request counts a hash once): a dict bounded by the queue's hashes, not by the pools.
+    When a count goes 0 -> 1 the blocks holding that hash in every tier get priority HINT_PRIORITY
+    (evicted after all priority-0 blocks; among themselves in policy order); when it goes back to 0
+    they get priority 0. A block registered while its hash is waiting (computed or moved to another
+    tier after the hint) gets HINT_PRIORITY too (`registered`, called by BlockPool.register).
+    Lookups and set_priority are one batched call per tier. Not thread-safe: the manager calls it
+    under kv.lock.
+
+    The priority is absolute: a hinted block that had another one (the engine's -1 for a partial
+    tail block) is at 0 after `done`.
+    """
+
+    HINT_PRIORITY = 1
+
+    def __init__(self, pools: dict[Tier, BlockPool]) -> None:
+        self.pools = pools
+        self.counts: dict[int, int] = {}              # hash -> waiting requests that read it
+        self.waiting: dict[object, list[int]] = {}    # request id -> its distinct hashes
+
+    def add(self, request_id, hashes: np.ndarray) -> int:
+        """`hashes`: validated uint64 array. Returns how many hashes became hinted."""
+        try:
+            known = request_id in self.waiting
+        except TypeError as err:
+            raise KvbmError(f"request id must be hashable, got {type(request_id).__name__}") from err
+        if known:
+            raise KvbmError(f"request {request_id!r} is already waiting "
+                            f"({len(self.waiting[request_id])} hashes); hint_done it first")
+        keys = np.unique(np.asarray(hashes, dtype=np.uint64)).tolist()
+        self.waiting[request_id] = keys
+        counts = self.counts
+        new = []
+        for h in keys:
+            c = counts.get(h, 0)
+            counts[h] = c + 1
+            if c == 0:
+                new.append(h)
+        self._set(new, self.HINT_PRIORITY)
+        return len(new)
+
+    def done(self, request_id) -> int:
+        """The request left the queue. Returns how many hashes are no longer hinted."""
+        try:
+            keys = self.waiting.pop(request_id)
+        except (KeyError, TypeError) as err:
+            raise KvbmError(f"request {request_id!r} is not waiting "
+                            f"({len(self.waiting)} requests are)") from err
+        counts = self.counts
+        gone = []
+        for h in keys:
+            c = counts[h] - 1
+            if c:
+                counts[h] = c
+            else:
+                del counts[h]
+                gone.append(h)
+        self._set(gone, 0)
+        return len(gone)
+
+    def registered(self, registry, hashes, canonical) -> None:
+        """After a register call: blocks whose hash is waiting get HINT_PRIORITY."""
+        counts = self.counts
+        if not counts:
+            return
+        idx = [i for i, h in enumerate(np.asarray(hashes, dtype=np.uint64).tolist()) if h in counts]
+        if idx:
+            registry.set_priority(np.asarray(canonical)[idx], np.full(len(idx), self.HINT_PRIORITY, np.int32))
+
+    def _set(self, keys: list[int], priority: int) -> None:
+        if not keys:
+            return
+        arr = np.array(keys, dtype=np.uint64)
+        for pool in self.pools.values():
+            blocks = pool.registry.lookup(arr)
+            held = blocks[blocks >= 0]
+            if held.size:
+                pool.registry.set_priority(held, np.full(held.size, priority, np.int32))
