@@ -222,7 +222,12 @@ def test_registry_engine_matches_sim_lineage():
         chains = ps.chains_of(ps.generate_trace(shape, n_requests=300, seed=seed))
         for cap in (150, 600):
             _, sim_hits = tr.replay(tr.SimEngine([cap], "lineage"), chains)
-            _, reg_hits = tr.replay(tr.RegistryEngine(cap, "lineage"), chains)
+            # registry `lineage-noghost` = LINEAGE with ghost_blocks=0 (round 1's key alone)
+            _, reg_hits = tr.replay(tr.RegistryEngine(cap, "lineage-noghost"), chains)
             _, lru_hits = tr.replay(tr.RegistryEngine(cap, "lru"), chains)
             assert sim_hits == reg_hits, (shape, cap)
             assert reg_hits != lru_hits, (shape, cap)   # the policy is really in effect
+            # the product default (ghost table of num_blocks entries) = ghost-lineage, G = cap,
+            # in the registry's allocation order
+            _, ghost_hits = tr.replay(tr.RegistryEngine(cap, "lineage"), chains)
+            assert ghost_hits == [tr.ghost_lineage_sim(chains, cap, cap).hits], (shape, cap)
