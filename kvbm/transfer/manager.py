@@ -642,6 +642,7 @@ class TransferManager:
             self._thread = None
             if not alive and self._register_msg is not None:
                 self._unregister(min(timeout, 1.0))
+                _collect_cuda_ipc()
         for state in self._paths.values():
             if state.sock is not None:
                 state.sock.close(0)
@@ -678,3 +679,12 @@ class TransferManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _collect_cuda_ipc() -> None:
+    """Once the workers dropped their CUDA IPC mappings of our KV tensors, let torch free its
+    bookkeeping of those shares; otherwise it warns at exit that a consumer still holds them."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
