@@ -27,6 +27,7 @@ import heapq
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -684,7 +685,6 @@ class TransferManager:
 def _collect_cuda_ipc() -> None:
     """Once the workers dropped their CUDA IPC mappings of our KV tensors, let torch free its
     bookkeeping of those shares; otherwise it warns at exit that a consumer still holds them."""
-    import sys
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.ipc_collect()
