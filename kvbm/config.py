@@ -69,6 +69,10 @@ class KvbmConfig:
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
 
     def __post_init__(self) -> None:
+        for key in ("host_size", "disk_size", "max_inflight_bytes"):  # "64GB" works here as in files
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, parse_size(value, key))
         if self.layout is not None and not isinstance(self.layout, LayoutConfig):
             raise ConfigError(f"layout: expected a LayoutConfig, got {type(self.layout).__name__}")
         for key in ("device_blocks", "host_blocks", "disk_blocks", "host_size", "disk_size", "tcp_port",

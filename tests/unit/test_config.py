@@ -81,3 +81,10 @@ def test_size_too_small_for_one_block():
     cfg = KvbmConfig.load(env={}, host_size="1MB")
     with pytest.raises(ConfigError, match="holds no block"):
         cfg.host_blocks_for(LAYOUT)
+
+
+def test_direct_construction_parses_sizes():
+    cfg = KvbmConfig(host_size="8MB", max_inflight_bytes="1GiB")
+    assert (cfg.host_size, cfg.max_inflight_bytes) == (8 * 10**6, 2**30)
+    with pytest.raises(ConfigError, match="host_size"):
+        KvbmConfig(host_size="lots")
