@@ -50,7 +50,7 @@ constexpr int kMaxDevices = 64;
 //   16K     52.2 / 50.8 / 74.4  26.2 /  9.0 / 14.2  53.3 / 53.7 / 81.1
 //   64K     51.8 / 50.7 / 74.3  43.0 / 39.8 / 59.7  53.3 / 52.7 / 82.0
 //   128K    52.2 / 50.7 / 74.5  46.7 / 45.1 / 61.0  53.3 / 53.4 / 78.5
-//   256K    52.1 / 50.7 / 74.7  50.0 / 49.9 / 78.3  (16 MiB blocks > slot)
+//   256K    52.1 / 50.7 / 74.7  50.0 / 49.9 / 78.3  (16 MiB blocks > the 8 MiB slot of that run)
 //   512K    52.2 / 50.7 / 74.7  52.5 / 52.2 / 81.0
 //   1M      52.4 / 50.8 / 74.8  53.5 / 53.5 / 87.0
 //   2M      52.2 / 50.7 / 75.0  54.4 / 53.8 / 87.5
@@ -530,7 +530,10 @@ thread_local OpList tl_ops;
 // DMA of chunk c; the kernels run on an internal stream ordered by events, and the caller's stream
 // ends behind every part of the copy. One stager per device and direction (gather, scatter).
 constexpr int kStageSlots = 4;
-constexpr int64_t kStageSlotBytes = 8 << 20;
+// 32 MiB slots take blocks of 32 layers x K/V x 512 KiB regions; at 8 MiB, 256 KiB regions (16 MiB
+// blocks) fell back to the kernel (93% H2D, 87% both ways). Cost: 4 x 32 MiB of device memory per
+// direction that uses STAGED, allocated on first use.
+constexpr int64_t kStageSlotBytes = 32 << 20;
 
 struct Stager {
     std::mutex mu;

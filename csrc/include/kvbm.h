@@ -102,10 +102,10 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
  *  - max_sms bounds the kernel's grid (one CTA per SM): 0 takes the default of 8.
  *  - Layer pointer and block id arrays are copied (into a pinned ring whose slots are reused only
  *    after the event behind their kernel fired), so the caller may free them on return.
- *  - STAGED (and AUTO when it picks it) allocates, on first use, 4 x 8 MiB of device staging and
+ *  - STAGED (and AUTO when it picks it) allocates, on first use, 4 x 32 MiB of device staging and
  *    one internal stream per device and direction, kept for the life of the process.
  *  - AUTO: DMA when the average merged copy is >= 512 KiB, else STAGED when one side keeps whole
- *    blocks contiguous and a block fits 8 MiB, else KERNEL (measurements in csrc/cuda/copy.cu).
+ *    blocks contiguous and a block fits 32 MiB, else KERNEL (measurements in csrc/cuda/copy.cu).
  *  - Argument errors (KVBM_EINVAL / KVBM_ERANGE) are reported before anything is enqueued. */
 
 /* Number of SMs (CTAs) the kernel uses for this max_sms on the current device (>0), or an error. */

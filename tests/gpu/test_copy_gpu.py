@@ -192,7 +192,7 @@ def test_staged_many_chunks_and_limits():
     """More blocks than the 4 staging slots hold at once (slots rotate, several calls in a row),
     and a layout the staged path cannot take."""
     gen = torch.Generator().manual_seed(13)
-    L, O, region = 4, 2, 256 << 10  # 2 MiB blocks: 4 per slot
+    L, O, region = 4, 2, 1 << 20  # 8 MiB blocks: 4 per 32 MiB slot
     dev, dev_lay = make_buffers("outer", L, O, 48, region, torch.uint8, device="cuda", gen=gen)
     host, host_lay = make_buffers("fc", L, O, 40, region, torch.uint8, pin=True, fill="poison")
     back, back_lay = make_buffers("block", L, O, 48, region, torch.uint8, device="cuda", fill="poison")
