@@ -19,11 +19,15 @@ Policies (--policies, second table): the same points on the Cython registry unde
 policy, LRU first as the baseline. The policies run in alternation for --rounds rounds (each round
 a fresh registry per policy), so that load on a shared machine hits both alike; per op, the median
 of the per-round medians, and the ratio to LRU of those. In the cycle point the chains are
-trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent (children 1 -> 0).
+trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent (children 1 -> 0),
+and (default ghost table, G = num_blocks) records the victim in the ghost table, forgetting the
+oldest entry, while every registration probes it (fresh hashes: a miss). `lineage-noghost` is
+LINEAGE with ghost_blocks=0, to see the table's own cost.
 
     .venv/bin/python bench/bench_registry.py                # full sweep (about two minutes)
     .venv/bin/python bench/bench_registry.py --sizes 10000 --iters 200
     .venv/bin/python bench/bench_registry.py --no-ref --rounds 5    # policy table only
+    .venv/bin/python bench/bench_registry.py --no-ref --policies lru lineage lineage-noghost
 """
 from __future__ import annotations
 
@@ -128,8 +132,16 @@ def timed(fn, iters: int, warmup: int, budget_s: float) -> np.ndarray:
     return np.array(times, dtype=np.float64) / 1e3   # microseconds
 
 
-def bench_point(impl, n: int, args, fill_pool: bool, policy: int = 0) -> dict[str, np.ndarray]:
-    reg = impl(n, policy=policy)
+def policy_kwargs(name: str) -> dict:
+    """--policies names: an EvictionPolicy member (lineage = LINEAGE with its default ghost table
+    of num_blocks entries), or lineage-noghost (LINEAGE, ghost_blocks=0)."""
+    if name == "lineage-noghost":
+        return dict(policy=int(EvictionPolicy.LINEAGE), ghost_blocks=0)
+    return dict(policy=int(EvictionPolicy[name.upper()]))
+
+
+def bench_point(impl, n: int, args, fill_pool: bool, **reg_kwargs) -> dict[str, np.ndarray]:
+    reg = impl(n, **reg_kwargs)
     hs = HashSource()
     prefix = min(args.prefix, n)
     res = {}
@@ -193,7 +205,7 @@ def main() -> None:
     ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
     ap.add_argument("--policies", nargs="+", default=["lru", "lineage"],
-                    choices=[p.name.lower() for p in EvictionPolicy],
+                    choices=[p.name.lower() for p in EvictionPolicy] + ["lineage-noghost"],
                     help="eviction policies of the policy table (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy and size")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference table")
@@ -221,8 +233,7 @@ def policy_table(args) -> None:
         for r in range(args.rounds):
             order = args.policies if r % 2 == 0 else args.policies[::-1]
             for p in order:
-                res = bench_point(BlockRegistry, n, args, fill_pool=True,
-                                  policy=int(EvictionPolicy[p.upper()]))
+                res = bench_point(BlockRegistry, n, args, fill_pool=True, **policy_kwargs(p))
                 for op in OPS:
                     med[p][op].append(float(np.median(res[op])))
                     p99[p][op].append(float(np.percentile(res[op], 99)))

@@ -17,7 +17,12 @@ How eviction works (kvbm/_fast/registry.pyx):
   is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
 Policies: LRU (priority, then last-use tick) and LINEAGE (leaf-first, frequency-credited recency;
-the formula is at the member below and in bench/POLICY.md section 2).
+the formula is at the member below and in bench/POLICY.md section 2; use counts survive eviction
+in a bounded ghost table, bench/POLICY_ROUND2.md section 3).
+
+Engine hint (not a policy): blocks that requests in the engine's waiting queue will read get
+priority 1 while they wait (KvBlockManager.hint_waiting / hint_done, kvbm.pools.WaitingHints), so
+under either policy they are evicted after every priority-0 block.
 
 Adding a policy:
   1. add a member here (next free id) and the same constant in registry.pxd's `cdef enum`;
@@ -63,7 +68,14 @@ class EvictionPolicy(IntEnum):
     # at push), on touch / set_priority of an inactive block, and when the children count goes
     # 0 <-> 1 (_link_child runs _update_key on the parent; on eviction, _evict_one puts the
     # parent's new entry in the victim's place at the heap's root).
-    # Reference: bench/policy_sim.py `Lineage` and `lineage_key()`.
+    # Ghost table (bench/POLICY_ROUND2.md section 3, "ghost-lineage"): the registry remembers the
+    # use counts of the last G evicted hashes (BlockRegistry(..., ghost_blocks=G); None means
+    # G = num_blocks, 0 none), FIFO by eviction. A new block registered under a remembered hash
+    # starts from that count (then the registration touch adds one) and the entry is consumed; a
+    # dedup hit changes nothing. The key formula is unchanged.
+    # Reference: bench/policy_sim.py `Lineage` and `lineage_key()`; the ghost table is
+    # bench/policy_research.py `GhostLineage` (with the registry's allocation order:
+    # bench/trace_replay.py `ghost_lineage_sim`).
     LINEAGE = 1
 
 

@@ -39,7 +39,7 @@ ctypedef struct RegistryHeader:
     uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
     int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
     int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
-    int64_t ghost_free        # head of the stack of unused ghost slots (through ghost_next), -1 none
+    int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
     int64_t ghost_capacity    # slots of the ghost index: power of two >= 2G (0 when G = 0)
     int64_t ghost_mask        # ghost_capacity - 1
     int64_t ghost_shift       # 64 - log2(ghost_capacity): home slot as for the block index
@@ -50,6 +50,20 @@ ctypedef struct HeapEntry:
     uint64_t key2             # policy key, second word; then the block id breaks ties
     bid_t block               # the block; its heap_pos points back here
     uint32_t pad              # 0 (keeps the entry 24 bytes, the buffer deterministic)
+
+
+ctypedef struct GhostEntry:
+    uint64_t hash             # evicted sequence hash (0 when unused)
+    uint32_t count            # its use count at eviction (>= 1 while live, 0 when unused)
+    bid_t prev                # FIFO neighbours (slot ids, G = sentinel); prev -1 when unused
+    bid_t next                #   next also chains the unused slots (-1 ends)
+    uint32_t pad              # 0 (24-byte entries, the buffer deterministic)
+
+
+ctypedef struct GhostSlot:
+    uint64_t key              # hash of the entry in this index slot (0 when empty)
+    bid_t slot                # its GhostEntry slot, -1 when empty
+    uint32_t pad              # 0
 
 
 @cython.final
@@ -86,13 +100,10 @@ cdef class BlockRegistry:
     cdef uint64_t *ring            # evicted hashes not yet drained, ring of capacity N
     # ghost table (LINEAGE only; bench/POLICY_ROUND2.md section 3): the use counts of the last G
     # evicted hashes, FIFO by eviction; an entry is consumed when its hash registers again
-    cdef uint64_t *ghost_hash      # length G: evicted sequence hash of each ghost slot
-    cdef uint32_t *ghost_count     # length G: its use count at eviction (>= 1 while live)
-    cdef bid_t *ghost_prev         # length G+1: FIFO list of live slots (oldest first), sentinel
-    cdef bid_t *ghost_next         #   at G; ghost_next also chains the unused slots (-1 ends)
-    cdef bid_t *ghost_slot         # length ghost_capacity: ghost index, hash (read through
-                                   #   ghost_hash[slot]) -> slot, -1 when empty; linear probing,
-                                   #   backward-shift deletion
+    cdef GhostEntry *ghost         # length G+1: entries, a FIFO list of live slots (oldest first)
+                                   #   with its sentinel at G; unused slots chained through next
+    cdef GhostSlot *ghost_index    # length ghost_capacity: hash -> slot, linear probing, backward-
+                                   #   shift deletion (keys inline: probes read the index only)
 
     # index (nogil, callers pass hashes only; slots are masked)
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil

@@ -1,7 +1,8 @@
 # cython: language_level=3
 """Block registry of one pool: a struct-of-arrays block table with refcounts, a FIFO free list,
 an indexed min-heap of inactive blocks (the eviction order), an open-addressing uint64 -> block
-index, lineage links, and a ring of evicted hashes. No Python object per block.
+index, lineage links, a ring of evicted hashes, and (LINEAGE) a ghost table of the use counts of
+recently evicted hashes. No Python object per block.
 
 Parts (field by field in registry.pxd):
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
@@ -20,6 +21,16 @@ Parts (field by field in registry.pxd):
            backward-shift deletion (no tombstones), capacity a power of two >= 2N.
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
+  ghost    LINEAGE only (bench/POLICY_ROUND2.md section 3): the last G = ghost_blocks evicted
+           (hash, use count) pairs, FIFO by eviction, in a doubly linked list of G slots plus an
+           open-addressing index hash -> slot (keys inline, as the block index: a probe reads
+           the index only; linear probing, backward-shift deletion). Every
+           eviction (allocate or evict) appends one entry, forgetting the oldest when G are live;
+           registering a *new* block (not a dedup hit) whose hash has an entry takes the entry
+           out and starts the block's use count there, before the registration touch. So a
+           document read again after more than a cache lifetime keeps its frequency credit.
+           Entries are the OrderedDict of policy_research.GhostLineage exactly; consumed entries
+           leave the FIFO (a plain ring of G slots would keep them as holes).
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
 REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
@@ -35,8 +46,9 @@ Lineage: on eviction a block leaves its parent's child list (the parent's count 
 is refreshed: when it changes, the parent's new entry replaces the victim at the heap's root) and
 its children become orphans (parent -1, keys refreshed). All O(1) per link.
 
-Size: bytes_needed(N) is 97 bytes per block plus 12 bytes per index slot (2N to 4N slots),
-e.g. 122 MB for 10**6 blocks.
+Size: bytes_needed(N, G) is 97 bytes per block plus 12 bytes per index slot (2N to 4N slots), plus
+24 bytes per ghost entry and 16 per ghost index slot (2G to 4G), e.g. 122 MB for 10**6 blocks
+without a ghost table, 180 MB with G = N (bytes_needed(N), the default, fits every policy).
 
 Every public call validates the whole batch first and raises RegistryError with the numbers before
 changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
@@ -82,7 +94,7 @@ cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
 
 cdef enum:
-    NUM_ARRAYS = 25
+    NUM_ARRAYS = 22
 
 
 cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
@@ -128,11 +140,8 @@ cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
     sizes[17] = cap * sizeof(uint64_t)    # ikeys
     sizes[18] = cap * sizeof(bid_t)       # ivals
     sizes[19] = n * sizeof(uint64_t)      # ring
-    sizes[20] = g * sizeof(uint64_t)      # ghost_hash
-    sizes[21] = g * sizeof(uint32_t)      # ghost_count
-    sizes[22] = (g + 1) * sizeof(bid_t)   # ghost_prev
-    sizes[23] = (g + 1) * sizeof(bid_t)   # ghost_next
-    sizes[24] = gcap * sizeof(bid_t)      # ghost_slot
+    sizes[20] = (g + 1) * sizeof(GhostEntry) if g > 0 else 0   # ghost (FIFO entries, sentinel G)
+    sizes[21] = gcap * sizeof(GhostSlot)  # ghost_index
     cdef int64_t off = 0
     cdef int i
     for i in range(NUM_ARRAYS):
@@ -326,11 +335,8 @@ cdef class BlockRegistry:
         self.ikeys = <uint64_t *>(base + o[17])
         self.ivals = <bid_t *>(base + o[18])
         self.ring = <uint64_t *>(base + o[19])
-        self.ghost_hash = <uint64_t *>(base + o[20])
-        self.ghost_count = <uint32_t *>(base + o[21])
-        self.ghost_prev = <bid_t *>(base + o[22])
-        self.ghost_next = <bid_t *>(base + o[23])
-        self.ghost_slot = <bid_t *>(base + o[24])
+        self.ghost = <GhostEntry *>(base + o[20])
+        self.ghost_index = <GhostSlot *>(base + o[21])
 
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
@@ -366,11 +372,12 @@ cdef class BlockRegistry:
         # ghost table: empty FIFO (sentinel G), every slot on the unused stack, index empty
         self.h.ghost_blocks = g
         self.h.ghost_free = 0 if g > 0 else -1
-        self.ghost_prev[g] = <bid_t>g
-        self.ghost_next[g] = <bid_t>g
+        if g > 0:
+            self.ghost[g].prev = <bid_t>g
+            self.ghost[g].next = <bid_t>g
         for i in range(g):
-            self.ghost_prev[i] = -1
-            self.ghost_next[i] = <bid_t>(i + 1 if i + 1 < g else -1)
+            self.ghost[i].prev = -1
+            self.ghost[i].next = <bid_t>(i + 1 if i + 1 < g else -1)
         if g > 0:
             cap = _index_capacity(g)
             shift = 64
@@ -382,7 +389,7 @@ cdef class BlockRegistry:
             self.h.ghost_mask = cap - 1
             self.h.ghost_shift = shift
             for i in range(cap):
-                self.ghost_slot[i] = -1
+                self.ghost_index[i].slot = -1
 
     # ---- properties -----------------------------------------------------------------------------
 
@@ -501,12 +508,10 @@ cdef class BlockRegistry:
         # probe ends at an empty slot.
         cdef int64_t i = _home(key, self.h.ghost_shift)
         cdef int64_t mask = self.h.ghost_mask
-        cdef bid_t s
         while True:
-            s = self.ghost_slot[i]
-            if s < 0:
+            if self.ghost_index[i].slot < 0:
                 return -1
-            if self.ghost_hash[s] == key:
+            if self.ghost_index[i].key == key:
                 return i
             i = (i + 1) & mask
 
@@ -517,60 +522,56 @@ cdef class BlockRegistry:
         cdef int64_t j = i, k
         while True:
             j = (j + 1) & mask
-            if self.ghost_slot[j] < 0:
+            if self.ghost_index[j].slot < 0:
                 break
-            k = _home(self.ghost_hash[self.ghost_slot[j]], shift)
+            k = _home(self.ghost_index[j].key, shift)
             if i <= j:
                 if i < k <= j:
                     continue
             elif k > i or k <= j:
                 continue
-            self.ghost_slot[i] = self.ghost_slot[j]
+            self.ghost_index[i] = self.ghost_index[j]
             i = j
-        self.ghost_slot[i] = -1
+        self.ghost_index[i].slot = -1
+        self.ghost_index[i].key = 0
 
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil:
         # Live slot s leaves the FIFO and goes on the unused stack (its index entry is gone).
-        self.ghost_next[self.ghost_prev[s]] = self.ghost_next[s]
-        self.ghost_prev[self.ghost_next[s]] = self.ghost_prev[s]
-        self.ghost_prev[s] = -1
-        self.ghost_next[s] = <bid_t>self.h.ghost_free
-        self.ghost_hash[s] = 0
-        self.ghost_count[s] = 0
+        self.ghost[self.ghost[s].prev].next = self.ghost[s].next
+        self.ghost[self.ghost[s].next].prev = self.ghost[s].prev
+        self.ghost[s].prev = -1
+        self.ghost[s].next = <bid_t>self.h.ghost_free
+        self.ghost[s].hash = 0
+        self.ghost[s].count = 0
         self.h.ghost_free = s
         self.h.ghost_size -= 1
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0; `key` was just evicted. A resident hash is never in the table
-        # (registration takes it out), so the key is normally absent; if present (a 64-bit
-        # collision) its entry is updated and moves to the newest end, as in the OrderedDict.
+        # Caller: LINEAGE with G > 0; `key` was just evicted, so it is absent: a hash in the table
+        # is never REGISTERED (registration of a new block takes its entry out; check_invariants
+        # verifies it), and the OrderedDict's update-in-place case cannot arise.
         cdef bid_t g = <bid_t>self.h.ghost_blocks, s
-        cdef int64_t i = self._ghost_pos(key)
-        if i >= 0:
-            s = self.ghost_slot[i]
-            self.ghost_count[s] = count
-            self.ghost_next[self.ghost_prev[s]] = self.ghost_next[s]
-            self.ghost_prev[self.ghost_next[s]] = self.ghost_prev[s]
-        else:
-            if self.h.ghost_size == g:
-                # full: the oldest entry is forgotten (its slot is reused right away)
-                s = self.ghost_next[g]
-                self._ghost_erase_pos(self._ghost_pos(self.ghost_hash[s]))
-                self._ghost_unlink(s)
-            s = <bid_t>self.h.ghost_free
-            self.h.ghost_free = self.ghost_next[s]
-            self.ghost_hash[s] = key
-            self.ghost_count[s] = count
-            self.h.ghost_size += 1
-            i = _home(key, self.h.ghost_shift)
-            while self.ghost_slot[i] >= 0:
-                i = (i + 1) & self.h.ghost_mask
-            self.ghost_slot[i] = s
+        cdef int64_t i
+        if self.h.ghost_size == g:
+            # full: the oldest entry is forgotten (its slot is reused right away)
+            s = self.ghost[g].next
+            self._ghost_erase_pos(self._ghost_pos(self.ghost[s].hash))
+            self._ghost_unlink(s)
+        s = <bid_t>self.h.ghost_free
+        self.h.ghost_free = self.ghost[s].next
+        self.ghost[s].hash = key
+        self.ghost[s].count = count
+        self.h.ghost_size += 1
+        i = _home(key, self.h.ghost_shift)
+        while self.ghost_index[i].slot >= 0:
+            i = (i + 1) & self.h.ghost_mask
+        self.ghost_index[i].slot = s
+        self.ghost_index[i].key = key
         # append at the newest end (before the sentinel)
-        self.ghost_prev[s] = self.ghost_prev[g]
-        self.ghost_next[s] = g
-        self.ghost_next[self.ghost_prev[g]] = s
-        self.ghost_prev[g] = s
+        self.ghost[s].prev = self.ghost[g].prev
+        self.ghost[s].next = g
+        self.ghost[self.ghost[g].prev].next = s
+        self.ghost[g].prev = s
 
     cdef uint32_t _ghost_take(self, uint64_t key) noexcept nogil:
         # Caller: LINEAGE with G > 0; `key` registers as a new block. Its entry's count, consumed
@@ -580,8 +581,8 @@ cdef class BlockRegistry:
         cdef uint32_t c
         if i < 0:
             return 0
-        s = self.ghost_slot[i]
-        c = self.ghost_count[s]
+        s = self.ghost_index[i].slot
+        c = self.ghost[s].count
         self._ghost_erase_pos(i)
         self._ghost_unlink(s)
         return c
@@ -697,7 +698,13 @@ cdef class BlockRegistry:
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
                 if self.h.ghost_blocks > 0:
-                    kvbm_prefetch(&self.ghost_slot[_home(self.hash[b], self.h.ghost_shift)])
+                    # the victim's ghost insertion and, when full, the oldest entry's removal
+                    slot = _home(self.hash[b], self.h.ghost_shift)
+                    kvbm_prefetch(&self.ghost_index[slot])
+                    if self.h.ghost_size == self.h.ghost_blocks:
+                        slot = _home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
+                                     self.h.ghost_shift)
+                        kvbm_prefetch(&self.ghost_index[slot])
                 return b
             self._heap_remove(b)
 
@@ -896,14 +903,15 @@ cdef class BlockRegistry:
         cdef uint64_t hsh
         cdef int64_t shift = self.h.index_shift
         cdef bint ghost = self.h.ghost_blocks > 0
+        cdef int64_t slot
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 # random hashes and random block ids: start the index and table misses early
                 kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
                 kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
                 if ghost:
-                    kvbm_prefetch(&self.ghost_slot[_home(hashes[i + PREFETCH_AHEAD],
-                                                         self.h.ghost_shift)])
+                    slot = _home(hashes[i + PREFETCH_AHEAD], self.h.ghost_shift)
+                    kvbm_prefetch(&self.ghost_index[slot])
                 kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
                 kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
@@ -1388,36 +1396,39 @@ cdef class BlockRegistry:
             return
         if self.h.ghost_size < 0 or self.h.ghost_size > g:
             raise RegistryError(f"ghost table holds {self.h.ghost_size} entries, capacity {g}")
-        s = self.ghost_next[g]
+        s = self.ghost[g].next
         while s != g:
-            if s < 0 or s > g or cnt > g or self.ghost_prev[s] != prev:
+            if s < 0 or s > g or cnt > g or self.ghost[s].prev != prev:
                 raise RegistryError(f"ghost FIFO broken after {cnt} entries (slot {s})")
-            if self.ghost_count[s] == 0:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost_hash[s]}) has count 0")
-            i = self._ghost_pos(self.ghost_hash[s])
-            if i < 0 or self.ghost_slot[i] != s:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost_hash[s]}) is not indexed")
-            if self._find(self.ghost_hash[s]) >= 0:
-                raise RegistryError(f"ghost hash {self.ghost_hash[s]} is also REGISTERED")
+            if self.ghost[s].count == 0:
+                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) has count 0")
+            i = self._ghost_pos(self.ghost[s].hash)
+            if i < 0 or self.ghost_index[i].slot != s:
+                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) is not indexed")
+            if self._find(self.ghost[s].hash) >= 0:
+                raise RegistryError(f"ghost hash {self.ghost[s].hash} is also REGISTERED")
             prev = s
-            s = self.ghost_next[s]
+            s = self.ghost[s].next
             cnt += 1
-        if cnt != self.h.ghost_size or self.ghost_prev[g] != prev:
+        if cnt != self.h.ghost_size or self.ghost[g].prev != prev:
             raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {self.h.ghost_size}")
         j = self.h.ghost_free
         while j >= 0:
-            if j >= g or nfree > g or self.ghost_prev[j] != -1 or self.ghost_count[j] != 0:
+            if j >= g or nfree > g or self.ghost[j].prev != -1 or self.ghost[j].count != 0:
                 raise RegistryError(f"ghost unused stack broken at slot {j}")
-            j = self.ghost_next[j]
+            j = self.ghost[j].next
             nfree += 1
         if nfree + cnt != g:
             raise RegistryError(f"ghost: {cnt} live + {nfree} unused slots != {g}")
         for i in range(self.h.ghost_capacity):
-            if self.ghost_slot[i] >= 0:
+            if self.ghost_index[i].slot >= 0:
                 nidx += 1
-                j = _home(self.ghost_hash[self.ghost_slot[i]], self.h.ghost_shift)
+                if self.ghost_index[i].key != self.ghost[self.ghost_index[i].slot].hash:
+                    raise RegistryError(f"ghost index slot {i}: key {self.ghost_index[i].key}, its entry "
+                                        f"holds {self.ghost[self.ghost_index[i].slot].hash}")
+                j = _home(self.ghost_index[i].key, self.h.ghost_shift)
                 while j != i:
-                    if self.ghost_slot[j] < 0:
+                    if self.ghost_index[j].slot < 0:
                         raise RegistryError(f"ghost index slot {i} unreachable from its home")
                     j = (j + 1) & self.h.ghost_mask
         if nidx != cnt:
