@@ -135,9 +135,22 @@ class KvBlockManager:
         """
         pool = self.pool(tier)
         with self._lock:
+            # Everything register could refuse is checked before complete(): a refused call leaves
+            # the blocks PARTIAL, as they were, so the caller can retry.
             hashes = _hashes(hashes)
             if len(np.atleast_1d(blocks)) != len(hashes):
                 raise KvbmError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
+            if parents is not None:
+                parents = _hashes(parents)
+                if len(parents) != len(hashes):
+                    raise KvbmError(f"register got {len(parents)} parents for {len(hashes)} hashes")
+            if has_parent is not None:
+                if parents is None:
+                    raise KvbmError("register got has_parent without parents")
+                has_parent = np.asarray(has_parent)
+                if has_parent.shape != hashes.shape or has_parent.dtype != np.bool_:
+                    raise KvbmError(f"has_parent must be {len(hashes)} bools, got {has_parent.dtype} "
+                                    f"shape {has_parent.shape}")
             pool.complete(blocks)
             return pool.register(blocks, hashes, parents, has_parent)
 

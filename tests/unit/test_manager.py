@@ -120,3 +120,20 @@ def test_env_configures_the_manager(monkeypatch):
     monkeypatch.setenv("KVBM_DEVICE_BLOCKS", "3")
     with KvBlockManager() as kv:
         assert {t: p.num_blocks for t, p in kv.pools.items()} == {Tier.G1: 3, Tier.G2: 12}
+
+
+def test_refused_register_leaves_blocks_partial_for_a_retry():
+    with KvBlockManager(device_blocks=8) as kv:
+        blocks = kv.allocate(3)
+        hashes = chain(3)
+        for parents, has_parent, message in [
+            (hashes[:2], None, "2 parents for 3 hashes"),
+            (None, [True, False, True], "without parents"),
+            (np.r_[0, hashes[:-1]], [1, 0, 1], "3 bools"),
+            (np.array([-5, 1, 2]), None, "non-negative"),
+        ]:
+            with pytest.raises(KvbmError, match=message):
+                kv.register(blocks, hashes, parents, has_parent=has_parent)
+        canonical = kv.register(blocks, hashes, np.r_[0, hashes[:-1]], has_parent=np.arange(3) > 0)
+        assert canonical.tolist() == blocks.tolist()
+        assert kv.pool(Tier.G1).registry.info(int(blocks[1]))["parent"] == int(blocks[0])
