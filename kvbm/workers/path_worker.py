@@ -7,7 +7,7 @@ Order of things:
   3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
-     layouts; XFER requests are validated against those (block indices in range, counts, caps) and
+     layouts (one live engine per instance: each maps its host layout over all of G2); XFER requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
@@ -219,6 +219,7 @@ class PathWorker:
             raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
                                 f"the G2 segment holds {self.host_segment.size}")
         engine = msg["engine"]
+        self._refuse_second_engine(engine)
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
@@ -238,6 +239,19 @@ class PathWorker:
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
                             "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda})
+
+    def _refuse_second_engine(self, engine: str) -> None:
+        """Every engine maps its host layout over the whole G2 segment and its registry manages all
+        of it, so two engines on one instance would overwrite each other's blocks. Until a shared
+        registry exists, one live engine per instance: a dead one (pid gone) or one that
+        unregistered frees the slot; the same engine registering again (worker restart) is fine."""
+        self._drop_dead_engines()
+        for other, reg in self.engines.items():
+            if other != engine:
+                raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is already attached to this kvbm "
+                                    f"instance (G2 segment {self.host_segment.name}); a second engine would "
+                                    f"overwrite its host blocks. Close it first, or give this engine its own "
+                                    f"instance_id")
 
     # ---- transfers -------------------------------------------------------------------------
     def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:

@@ -1,0 +1,162 @@
+"""Worker-side hardening: one engine per instance, malformed messages answered (never a crash),
+bounded queues, shutdown order, ownership checks on shared files, parent-death handling.
+
+Each test here failed before the fix it pins. Processes are started with their pids recorded and
+SIGKILLed in a finalizer; every wait has a deadline."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import kvbm
+from kvbm.errors import KvbmError
+from kvbm.layout import BlockLayout, LayoutType
+from kvbm.transfer import protocol as P
+from kvbm.transfer.channel import Endpoints, connect_socket, make_context
+from pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
+
+DEADLINE = 30.0
+
+
+class Raw:
+    """A DEALER to one endpoint, for hand-made frames."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = make_context()
+        self.sock = connect_socket(self.ctx, zmq.DEALER, endpoint)
+
+    def ask(self, msg: dict | bytes, timeout_ms: int = 5000) -> dict | None:
+        self.sock.send(msg if isinstance(msg, bytes) else P.encode(msg))
+        if not self.sock.poll(timeout_ms):
+            return None
+        return P.decode(self.sock.recv())
+
+    def send(self, msg: dict | bytes) -> None:
+        self.sock.send(msg if isinstance(msg, bytes) else P.encode(msg))
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+class Standalone:
+    """kvbm-workers started on its own (not by an engine), so engines can come and go."""
+
+    def __init__(self, tmp_path, request, host_size: str = "4MB", extra: list[str] | None = None) -> None:
+        self.instance = f"h{uuid.uuid4().hex[:8]}"
+        self.runtime_dir = str(tmp_path / "run")
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", self.instance, "--runtime-dir", self.runtime_dir,
+               "--host-size", host_size, "--force-cpu", "--interval", "0"] + (extra or [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.pids = {self.proc.pid}
+        self._engines: list[kvbm.KvBlockManager] = []
+        request.addfinalizer(self.kill_all)
+        self.config = kvbm.KvbmConfig(instance_id=self.instance, runtime_dir=self.runtime_dir, host_blocks=64,
+                                      layout=DEFAULT_LAYOUT, device_blocks=64, force_cpu=True,
+                                      request_timeout_ms=20000)
+        rundir = self.config.resolved_runtime_dir()
+        self.endpoints = wait_for(lambda: Endpoints.read(rundir), DEADLINE, "endpoints.json")
+        self.status = wait_for(self._ready, DEADLINE, "both path workers ready")
+        self.pids.update(w["pid"] for w in self.status["workers"].values() if w.get("pid"))
+
+    def _ready(self) -> dict | None:
+        client = Raw(self.endpoints.control)
+        try:
+            st = client.ask({"t": P.MsgType.STATUS, "id": 1}, 2000)
+        finally:
+            client.close()
+        if st and all(st["workers"][label]["ready"] for label in ("d2h", "h2d")):
+            return st
+        return None
+
+    def worker_pids(self) -> dict[str, int]:
+        st = wait_for(self._ready, DEADLINE, "both path workers ready")
+        return {label: st["workers"][label]["pid"] for label in ("d2h", "h2d")}
+
+    def engine(self) -> kvbm.KvBlockManager:
+        kv = kvbm.KvBlockManager(self.config)
+        self._engines.append(kv)
+        return kv
+
+    def attach(self, kv: kvbm.KvBlockManager) -> list:
+        layout = BlockLayout(DEFAULT_LAYOUT, LayoutType.LAYER_SEPARATE, 64)
+        tensors = kv.create_device_tensors(layout, device="cpu")
+        kv.register_device_tensors(tensors, layout, start=False, timeout=DEADLINE)
+        return tensors
+
+    def kill_all(self) -> None:
+        for kv in self._engines:
+            try:
+                kv.close()
+            except Exception:  # noqa: BLE001 - finalizer: best effort after a failed test
+                pass
+        self._engines.clear()
+        for pid in self.pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def standalone(tmp_path, request):
+    return Standalone(tmp_path, request)
+
+
+def _hashes(rng, n):
+    return rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+
+
+# ---- 1. one engine per instance -----------------------------------------------------------------
+
+def test_second_engine_on_one_instance_is_refused_until_the_first_closes(standalone, rng):
+    first = standalone.engine()
+    standalone.attach(first)
+    second = standalone.engine()
+    with pytest.raises(KvbmError) as info:
+        standalone.attach(second)
+    text = str(info.value)
+    assert "already attached" in text, text
+    assert first.transfers.engine_id in text and f"pid {os.getpid()}" in text, text
+    second.close()
+    # The first engine still works: its blocks were not touched.
+    res = first.offload([0, 1, 2, 3], _hashes(rng, 4)).result(DEADLINE).value
+    assert res.moved == 4
+    first.close()
+    third = standalone.engine()
+    standalone.attach(third)  # the slot is free once the first one unregistered
+    assert third.offload([0, 1], _hashes(rng, 2)).result(DEADLINE).value.moved == 2
+    third.close()
+
+
+def test_a_dead_engine_frees_the_slot(standalone, rng):
+    # A registration from a pid that is gone (2**22 + 1 is above the default pid_max: never alive).
+    kv = standalone.engine()
+    layout = BlockLayout(DEFAULT_LAYOUT, LayoutType.LAYER_SEPARATE, 64)
+    tensors = kv.create_device_tensors(layout, device="cpu")
+    from kvbm.transfer.engine import describe_memory
+    host = BlockLayout(DEFAULT_LAYOUT, LayoutType.FULLY_CONTIGUOUS, 64)
+    ghost = {"t": P.MsgType.REGISTER, "id": 9, "engine": "ghost", "pid": 2**22 + 1,
+             "device": P.layout_to_wire(layout), "host": P.layout_to_wire(host),
+             "memory": describe_memory(tensors, layout, kv._shared)}
+    for label in ("d2h", "h2d"):
+        client = Raw(standalone.endpoints.workers[label])
+        try:
+            assert client.ask(ghost)["t"] == P.MsgType.REGISTERED
+        finally:
+            client.close()
+    kv.register_device_tensors(tensors, layout, start=False, timeout=DEADLINE)
+    assert kv.offload([0, 1], _hashes(rng, 2)).result(DEADLINE).value.moved == 2
+    kv.close()
