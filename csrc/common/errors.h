@@ -32,9 +32,24 @@ inline int check_layout(const kvbm_layout_t *lay, const char *which, char *errbu
                     "%s layout: region_bytes %lld, block_stride %lld, outer_stride %lld, num_blocks %lld",
                     which, (long long)lay->region_bytes, (long long)lay->block_stride,
                     (long long)lay->outer_stride, (long long)lay->num_blocks);
-    for (int32_t l = 0; l < lay->num_layers; ++l)
+    // The farthest byte a region of this layout reaches must be addressable: no int64 overflow in
+    // the offset formula, no wrap past the end of the address space from any layer base.
+    int64_t span = 0, part = 0;
+    if (lay->num_blocks > 0 &&
+        (__builtin_mul_overflow(lay->num_blocks - 1, lay->block_stride, &span) ||
+         __builtin_mul_overflow(int64_t(lay->outer_dim - 1), lay->outer_stride, &part) ||
+         __builtin_add_overflow(span, part, &span) ||
+         __builtin_add_overflow(span, lay->region_bytes, &span)))
+        return fail(errbuf, errlen, KVBM_EINVAL,
+                    "%s layout: %lld blocks x stride %lld overflow a 64-bit offset", which,
+                    (long long)lay->num_blocks, (long long)lay->block_stride);
+    for (int32_t l = 0; l < lay->num_layers; ++l) {
         if (lay->layer_ptrs[l] == 0)
             return fail(errbuf, errlen, KVBM_EINVAL, "%s layout: layer %d pointer is NULL", which, l);
+        if (lay->layer_ptrs[l] > UINT64_MAX - uint64_t(span))
+            return fail(errbuf, errlen, KVBM_EINVAL, "%s layout: layer %d at %#llx plus %lld bytes wraps",
+                        which, l, (unsigned long long)lay->layer_ptrs[l], (long long)span);
+    }
     return KVBM_OK;
 }
 

@@ -301,9 +301,10 @@ int vector_width(const kvbm_layout_t *src, const kvbm_layout_t *dst) {
 }
 
 // The kernel dereferences these addresses itself: pageable host memory would fault there and
-// take the CUDA context down with it, so refuse it here (the first and last layer of each side).
+// take the CUDA context down with it, so refuse it here, for every layer (layers are separate
+// allocations; a host-side attribute lookup costs well under a microsecond each).
 int check_uva(const kvbm_layout_t *lay, const char *which, char *errbuf, size_t errlen) {
-    for (int32_t l : {0, lay->num_layers - 1}) {
+    for (int32_t l = 0; l < lay->num_layers; ++l) {
         cudaPointerAttributes attr{};
         const void *ptr = reinterpret_cast<const void *>(lay->layer_ptrs[l]);
         KVBM_CUDA_TRY(cudaPointerGetAttributes(&attr, ptr));
@@ -549,6 +550,27 @@ struct Stager {
 
     int init(char *errbuf, size_t errlen) {
         if (ready) return KVBM_OK;
+        const int rc = create(errbuf, errlen);
+        if (rc != KVBM_OK) destroy();  // a later call starts over instead of leaking a half-built stager
+        return rc;
+    }
+
+    void destroy() {
+        for (int i = 0; i < kStageSlots; ++i) {
+            if (ready_ev[i]) cudaEventDestroy(ready_ev[i]);
+            if (free_ev[i]) cudaEventDestroy(free_ev[i]);
+            ready_ev[i] = free_ev[i] = nullptr;
+        }
+        if (entry) cudaEventDestroy(entry);
+        if (done) cudaEventDestroy(done);
+        if (buf) cudaFree(buf);
+        if (aux) cudaStreamDestroy(aux);
+        entry = done = nullptr;
+        buf = nullptr;
+        aux = nullptr;
+    }
+
+    int create(char *errbuf, size_t errlen) {
         KVBM_CUDA_TRY(cudaStreamCreateWithFlags(&aux, cudaStreamNonBlocking));
         KVBM_CUDA_TRY(cudaMalloc(reinterpret_cast<void **>(&buf), size_t(kStageSlots) * kStageSlotBytes));
         KVBM_CUDA_TRY(cudaEventCreateWithFlags(&entry, cudaEventDisableTiming));
@@ -635,6 +657,16 @@ int run_staged(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
     // The kernels on the internal stream start behind the work already on the caller's stream.
     KVBM_CUDA_TRY(cudaEventRecord(st->entry, stream));
     KVBM_CUDA_TRY(cudaStreamWaitEvent(st->aux, st->entry, 0));
+    // Whatever fails below, the caller's stream must still end behind every kernel already queued
+    // on aux: its events and syncs are what the caller trusts before reusing the blocks.
+    struct JoinAux {
+        Stager *st;
+        cudaStream_t stream;
+        ~JoinAux() {
+            if (cudaEventRecord(st->done, st->aux) == cudaSuccess)
+                cudaStreamWaitEvent(stream, st->done, 0);
+        }
+    } join{st, stream};
     OpList ops;
     for (int64_t c0 = 0; c0 < n; c0 += per_slot) {
         const int64_t k = std::min(per_slot, n - c0);
@@ -674,11 +706,8 @@ int run_staged(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
         }
         st->used[slot] = true;
     }
-    if (mode == 1) {
-        // The caller's stream ends behind the last scatter (aux runs them in order).
-        KVBM_CUDA_TRY(cudaEventRecord(st->done, st->aux));
-        KVBM_CUDA_TRY(cudaStreamWaitEvent(stream, st->done, 0));
-    }
+    // The caller's stream ends behind the last scatter (aux runs them in order): JoinAux's
+    // destructor does that on this path too. Its errors would surface at the caller's next sync.
     return KVBM_OK;
 }
 

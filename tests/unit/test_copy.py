@@ -144,3 +144,13 @@ def test_cuda_entry_points_in_cpu_build():
         native.copy_blocks_cuda(a, b, [0], [0])
     with pytest.raises(CudaError, match="built without CUDA"):
         native.cuda_stream_create()
+
+
+def test_layouts_whose_offsets_overflow_are_refused_before_any_copy():
+    ok = native.RegionLayout([4096], 2, 4, 8192, 4096, 4096)
+    huge = native.RegionLayout([4096], 2, 2**40, 2**30, 4096, 4096)       # 2^70 bytes of blocks
+    with pytest.raises(LayoutError, match="overflow a 64-bit offset"):
+        native.copy_blocks_cpu(huge, ok, [0], [0])
+    wraps = native.RegionLayout([2**64 - 4096], 2, 4, 8192, 4096, 4096)   # base + span wraps
+    with pytest.raises(LayoutError, match="wraps"):
+        native.copy_blocks_cpu(ok, wraps, [0], [0])
