@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 WINDOW = 4               # requests outstanding per path worker
 STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
 HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple
+REGISTER_RETRIES = 5      # a re-registration the worker rejects is retried this often, then queued work fails
+REGISTER_BACKOFF_S = 0.1  # first retry delay; doubles each retry (0.1 + 0.2 + ... + 1.6 s in all)
 
 
 @dataclass(eq=False)
@@ -101,6 +103,9 @@ class _PathState:
     register_rid: int = 0
     register_error: str | None = None
     register_pending: bool = False
+    register_attempts: int = 0    # rejections since the last accepted registration
+    register_retry_at: float = 0.0  # when to send the next registration after a rejection (0: none)
+    accepted_once: bool = False   # a first registration is answered by register(); later ones retry
     ready: threading.Event = field(default_factory=threading.Event)
     heap: list = field(default_factory=list)
     outstanding: dict[int, _Wire] = field(default_factory=dict)
@@ -182,6 +187,7 @@ class TransferManager:
             state.ready.clear()
             state.registered_gen = 0
             state.register_error = None
+            state.accepted_once = False
         self._wake(("register", None))
         deadline = time.monotonic() + timeout
         for state in self._paths.values():
@@ -305,6 +311,8 @@ class TransferManager:
     def _poll_timeout_ms(self) -> int:
         soonest = time.monotonic() + 0.25
         for state in self._paths.values():
+            if state.register_retry_at:
+                soonest = min(soonest, state.register_retry_at)
             for wire in state.outstanding.values():
                 soonest = min(soonest, wire.deadline)
         return max(0, int((soonest - time.monotonic()) * 1000) + 1)
@@ -317,6 +325,10 @@ class TransferManager:
             if kind == "submit":
                 sub: _Submission = payload
                 state = self._paths[sub.path]
+                if state.register_error and state.accepted_once and not state.register_pending \
+                        and not state.register_retry_at:
+                    self._fail_submission(sub, state.register_error)
+                    continue
                 for req in sub.requests:
                     req.deadline = now + self.request_timeout_s  # covers waiting for a restarted worker too
                     heapq.heappush(state.heap, (-sub.priority, next(self._seq), req))
@@ -403,6 +415,10 @@ class TransferManager:
                 elif kind == P.MsgType.REGISTERED:
                     if msg.get("id") == state.register_rid:
                         state.register_pending = False
+                        state.register_attempts = 0
+                        state.register_retry_at = 0.0
+                        state.register_error = None
+                        state.accepted_once = True
                         state.registered_gen = int(msg["gen"])
                         state.gen = max(state.gen, state.registered_gen)
                         state.down_since = 0.0
@@ -415,9 +431,7 @@ class TransferManager:
     def _on_done(self, state: _PathState, msg: dict) -> None:
         rid = msg["id"]
         if rid == state.register_rid and rid != 0:
-            state.register_error = msg.get("error") or "registration failed"
-            state.register_pending = False
-            state.ready.set()
+            self._register_rejected(state, msg.get("error") or "registration failed")
             return
         wire = state.outstanding.get(rid)
         if wire is None:
@@ -437,6 +451,31 @@ class TransferManager:
                 state.gen = max(state.gen, int(msg.get("gen") or 0))
                 self._send_register(state)
         self._settle_wire(state, wire, f"{state.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}")
+
+    def _register_rejected(self, state: _PathState, error: str) -> None:
+        """The first registration's rejection goes to register(); after a restart the engine has no
+        caller to tell, so it logs, retries with backoff and, past REGISTER_RETRIES, fails what waits."""
+        state.register_pending = False
+        if not state.accepted_once:
+            state.register_error = error
+            state.ready.set()
+            return
+        state.register_attempts += 1
+        if state.register_attempts <= REGISTER_RETRIES:
+            delay = REGISTER_BACKOFF_S * 2 ** (state.register_attempts - 1)
+            logger.error("%s worker gen %d rejected the registration (%s); retry %d of %d in %.1f s",
+                         state.path.label, state.gen, error, state.register_attempts, REGISTER_RETRIES, delay)
+            state.register_retry_at = time.monotonic() + delay
+            return
+        state.register_error = (f"{state.path.label} worker rejected the registration "
+                                f"{state.register_attempts} times: {error}")
+        logger.error("%s; failing its queued transfers until a new generation starts", state.register_error)
+        self._fail_queued(state, state.register_error)
+
+    def _fail_queued(self, state: _PathState, reason: str) -> None:
+        for _, _, req in list(state.heap):
+            self._settle(req, reason)
+        state.heap.clear()
 
     def _record_latency(self, path: P.Path, wire: _Wire) -> None:
         lat = int((time.monotonic() - wire.sent_at) * 1e6)
@@ -473,9 +512,12 @@ class TransferManager:
             if kind == "died":
                 self._worker_died(state, int(gen), msg)
             elif kind == "started" and isinstance(gen, int) and gen > state.registered_gen:
-                state.gen = gen
-                if not state.register_pending:
-                    self._send_register(state)
+                # Always (re)send, even with one pending: the generation it went to may have died
+                # unanswered. A duplicate is harmless: only a reply to the latest register_rid counts.
+                state.gen = max(state.gen, gen)
+                state.register_attempts = 0
+                state.register_error = None
+                self._send_register(state)
 
     def _worker_died(self, state: _PathState, gen: int, msg: dict) -> None:
         with self._lock:
@@ -489,6 +531,9 @@ class TransferManager:
             state.registered_gen = 0
             state.down_since = time.monotonic()
             self._send_register(state)
+        elif state.register_pending and not state.registered_gen:
+            # The registration may have gone to the generation that just died: send it again.
+            self._send_register(state)
         logger.error("%s", reason)
 
     def _read_control(self) -> None:
@@ -501,6 +546,9 @@ class TransferManager:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for state in self._paths.values():
+            if state.register_retry_at and now >= state.register_retry_at:
+                state.register_retry_at = 0.0
+                self._send_register(state)
             for wire in list(state.outstanding.values()):
                 if now < wire.deadline:
                     continue

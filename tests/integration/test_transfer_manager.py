@@ -1,0 +1,185 @@
+"""TransferManager against a scripted kvbm-workers (one thread-free fake: a control ROUTER, an events
+XPUB and one ROUTER per path worker, all ipc:// under tmp_path), so that event orders a real
+supervisor produces only by chance (a generation dying between a register and its reply, "stopping"
+before "died", a STALE reply) can be played exactly."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from kvbm.errors import BackpressureError, KvbmError, TransferError
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.transfer import protocol as P
+from kvbm.transfer.channel import bind_socket, make_context
+from kvbm.transfer.manager import TransferManager
+from kvbm.transfer.scheduler import Gate
+from pipeline_harness import wait_for
+
+DEADLINE = 10.0
+LAYOUT = LayoutConfig(num_layers=4, outer_dim=2, page_size=16, inner_dim=64, dtype="bfloat16")
+DEV_BLOCKS, HOST_BLOCKS = 64, 128
+
+
+class FakeWorkers:
+    """Answers the way kvbm-workers does, one message at a time, when the test says so."""
+
+    def __init__(self, tmp_path) -> None:
+        self.ctx = make_context()
+        self.control_ep = f"ipc://{tmp_path}/ctl"
+        self.events_ep = f"ipc://{tmp_path}/ev"
+        self.control = bind_socket(self.ctx, zmq.ROUTER, self.control_ep)
+        self.events = self.ctx.socket(zmq.XPUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(self.events_ep)
+        self.workers = {p: bind_socket(self.ctx, zmq.ROUTER, f"ipc://{tmp_path}/w{int(p)}") for p in P.WORKER_PATHS}
+        self.ident: dict[P.Path, bytes] = {}
+
+    def welcome(self) -> dict:
+        return {"t": P.MsgType.WELCOME, "events": self.events_ep, "max_batch_blocks": 256, "cuda": False,
+                "workers": {p.label: {"path": int(p), "endpoint": f"{self.control_ep[:-3]}w{int(p)}", "gen": 1}
+                            for p in P.WORKER_PATHS}}
+
+    def recv(self, path: P.Path, t: str | None = None, timeout: float = DEADLINE) -> dict:
+        """The next message the engine sent to `path`'s worker (of type t, skipping others)."""
+        sock = self.workers[path]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise AssertionError(f"no {t or 'message'} for the {path.label} worker within {timeout} s")
+            ident, payload = sock.recv_multipart()
+            self.ident[path] = ident
+            msg = P.decode(payload)
+            if t is None or msg["t"] == t:
+                return msg
+
+    def pending(self, path: P.Path, timeout: float = 0.2) -> list[dict]:
+        out = []
+        while self.workers[path].poll(int(timeout * 1000)):
+            ident, payload = self.workers[path].recv_multipart()
+            self.ident[path] = ident
+            out.append(P.decode(payload))
+        return out
+
+    def reply(self, path: P.Path, msg: dict) -> None:
+        self.workers[path].send_multipart([self.ident[path], P.encode(msg)])
+
+    def registered(self, path: P.Path, rid: int, gen: int) -> None:
+        self.reply(path, {"t": P.MsgType.REGISTERED, "id": rid, "gen": gen})
+
+    def done(self, path: P.Path, rid: int, status=P.Status.OK, error: str = "", gen: int = 1) -> None:
+        self.reply(path, P.make_done(rid, status, error, gen=gen))
+
+    def event(self, kind: str, path: P.Path | None, gen: int, **extra) -> None:
+        self.events.send(P.encode(P.make_event(kind, path, gen, **extra)))
+
+    def close(self) -> None:
+        for sock in [self.control, self.events, *self.workers.values()]:
+            sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def fake(tmp_path):
+    fw = FakeWorkers(tmp_path)
+    yield fw
+    fw.close()
+
+
+def start(fake: FakeWorkers, **kw) -> TransferManager:
+    """connect() + register() against the fake; every path registered with gen 1."""
+    tm = TransferManager(fake.control_ep, **kw)
+    errors: list[BaseException] = []
+
+    def connect_and_register():
+        try:
+            tm.connect(timeout=DEADLINE)
+            dev = BlockLayout(LAYOUT, LayoutType.LAYER_SEPARATE, DEV_BLOCKS)
+            host = BlockLayout(LAYOUT, LayoutType.FULLY_CONTIGUOUS, HOST_BLOCKS)
+            tm.register(dev, host, {"kind": "shm", "segment": "x", "size": 1, "buffers": []}, timeout=DEADLINE)
+        except BaseException as err:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(err)
+
+    th = threading.Thread(target=connect_and_register)
+    th.start()
+    assert fake.control.poll(int(DEADLINE * 1000))
+    ident, _hello = fake.control.recv_multipart()
+    fake.control.send_multipart([ident, P.encode(fake.welcome())])
+    assert fake.events.poll(int(DEADLINE * 1000))  # the engine's subscription arrived
+    fake.events.recv()
+    for path in P.WORKER_PATHS:
+        reg = fake.recv(path, P.MsgType.REGISTER)
+        fake.registered(path, reg["id"], 1)
+    th.join(DEADLINE)
+    if errors:
+        raise errors[0]
+    return tm
+
+
+@pytest.fixture
+def make_tm(fake):
+    made: list[TransferManager] = []
+
+    def make(**kw) -> TransferManager:
+        made.append(start(fake, **kw))
+        return made[-1]
+
+    yield make
+    for tm in made:
+        tm.close(timeout=2.0)
+
+
+def gen_of(tm: TransferManager, path: P.Path) -> int:
+    return tm.stats()["generations"][path.label]
+
+
+# ---- 1. registration across restarts ---------------------------------------------------------
+
+def test_generation_that_dies_before_answering_the_register_does_not_strand_the_path(fake, make_tm):
+    tm = make_tm(request_timeout_s=DEADLINE)
+    fake.event("died", P.Path.D2H, 1, pid=1, exitcode=-9)
+    fake.recv(P.Path.D2H, P.MsgType.REGISTER)          # sent for gen 2, which dies before replying
+    fake.event("started", P.Path.D2H, 2, pid=2)
+    fake.event("died", P.Path.D2H, 2, pid=2, exitcode=-9)
+    fake.event("started", P.Path.D2H, 3, pid=3)
+    regs = [fake.recv(P.Path.D2H, P.MsgType.REGISTER)]  # gen 3 must be asked again
+    regs += [m for m in fake.pending(P.Path.D2H) if m["t"] == P.MsgType.REGISTER]
+    fake.registered(P.Path.D2H, regs[-1]["id"], 3)      # only the latest register_rid counts
+    wait_for(lambda: gen_of(tm, P.Path.D2H) == 3, DEADLINE, "the d2h path registered with gen 3")
+    fut = tm.submit(P.Path.D2H, [1], [2])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    assert xfer["gen"] == 3
+    fake.done(P.Path.D2H, xfer["id"], gen=3)
+    assert fut.result(DEADLINE).blocks == 1
+
+
+def test_a_rejected_re_registration_is_retried_then_fails_queued_work(fake, make_tm):
+    tm = make_tm(request_timeout_s=30.0)
+    fake.event("died", P.Path.D2H, 1, pid=1, exitcode=-9)
+    fake.event("started", P.Path.D2H, 2, pid=2)
+    fut = tm.submit(P.Path.D2H, [1], [2])
+    rids = []
+    t0 = time.monotonic()
+    while True:
+        try:
+            reg = fake.recv(P.Path.D2H, P.MsgType.REGISTER, timeout=5.0)
+        except AssertionError:
+            break
+        rids.append(reg["id"])
+        fake.done(P.Path.D2H, reg["id"], P.Status.ERROR, "cannot map the segment")
+        if fut.done():
+            break
+    with pytest.raises(TransferError, match=r"d2h worker rejected the registration .*cannot map the segment"):
+        fut.result(DEADLINE)
+    assert 2 <= len(rids) <= 8 and len(set(rids)) == len(rids)
+    assert time.monotonic() - t0 < 15.0      # bounded, far below the 30 s request timeout
+    assert tm.inflight_bytes == 0
+    # A later generation is registered again.
+    fake.event("started", P.Path.D2H, 3, pid=3)
+    reg = fake.recv(P.Path.D2H, P.MsgType.REGISTER)
+    fake.registered(P.Path.D2H, reg["id"], 3)
+    wait_for(lambda: gen_of(tm, P.Path.D2H) == 3, DEADLINE, "the d2h path registered with gen 3")
