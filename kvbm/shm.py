@@ -119,11 +119,17 @@ class Segment:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as err:
             raise KvbmError(f"cannot open shared-memory segment {path}: {err}") from err
-        actual = os.fstat(fd).st_size
-        if size is not None and actual < size:
+        try:
+            actual = os.fstat(fd).st_size
+            if actual <= 0 or (size is not None and actual < size):
+                raise KvbmError(f"segment {path} is {actual} bytes, expected at least {max(size or 1, 1)}")
+            try:
+                return cls(name, fd, size or actual, owner=False, populate=populate)
+            except (OSError, ValueError) as err:
+                raise KvbmError(f"cannot map shared-memory segment {path} ({actual} bytes): {err}") from err
+        except BaseException:
             os.close(fd)
-            raise KvbmError(f"segment {path} is {actual} bytes, expected at least {size}")
-        return cls(name, fd, size or actual, owner=False, populate=populate)
+            raise
 
     def _address(self) -> int:
         import ctypes

@@ -10,7 +10,8 @@ Parts:
 Life of a submission:
   submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False;
               never a silent drop) -> split into requests of <= max_batch_blocks pairs
-           -> held by the Scheduler while its gate is closed -> the path's priority queue
+           -> held by the Scheduler while its gate is closed (failed with "gate never opened" past
+              gate_timeout_s, its budget returned) -> the path's priority queue
   I/O thread: keeps <= WINDOW requests per path at the worker (so priorities still matter), each
               tagged with the worker generation it was registered with
   worker   -> {layer} messages (progress) and one {done}; a request of a dead generation is failed
@@ -115,7 +116,8 @@ class _PathState:
 class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
-                 request_timeout_s: float = 30.0, stats_fn: Callable[[], dict] | None = None) -> None:
+                 request_timeout_s: float = 30.0, stats_fn: Callable[[], dict] | None = None,
+                 gate_timeout_s: float = 120.0) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         self.max_inflight_bytes = max_inflight_bytes
@@ -139,7 +141,7 @@ class TransferManager:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.scheduler = Scheduler(self._release_gated)
+        self.scheduler = Scheduler(self._release_gated, hold_timeout_s=gate_timeout_s)
         from kvbm.metrics import TransferMetrics
         self.metrics = TransferMetrics()
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "bytes": 0, "requests": 0,
@@ -545,6 +547,10 @@ class TransferManager:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for sub in self.scheduler.expire(now):
+            self._fail_submission(sub, f"{sub.path.label} transfer held for {self.scheduler.hold_timeout_s:.1f} s: "
+                                       f"gate {sub.gate} never opened (scheduler at iteration "
+                                       f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
         for state in self._paths.values():
             if state.register_retry_at and now >= state.register_retry_at:
                 state.register_retry_at = 0.0

@@ -37,6 +37,10 @@ MAX_MESSAGE_BYTES = 16 << 20        # soft cap checked before decoding; ZMQ's ha
 MAX_BATCH_BLOCKS = 1 << 16          # block pairs per request, whatever the config says
 MAX_STRING = 4096                   # any string field
 MAX_ERROR_TEXT = 2000
+MAX_ENGINE_ID = 256                 # the "engine" field of every message
+MAX_LAYERS = 1024                   # KVBM_MAX_LAYERS of csrc/include/kvbm.h
+MAX_DEVICE = 1023                   # CUDA device ordinal in memory.device
+ENGINE_REQUIRED = frozenset({"register", "unregister", "xfer"})
 
 
 class Path(IntEnum):
@@ -174,6 +178,18 @@ def _list(msg: dict, key: str, max_len: int) -> list:
     return value
 
 
+def engine_of(msg: dict) -> str | None:
+    """The message's engine id, checked before anything uses it as a key: a str of 1..MAX_ENGINE_ID
+    chars, required by register/unregister/xfer, optional (None) elsewhere."""
+    value = msg.get("engine")
+    if value is None and msg.get("t") not in ENGINE_REQUIRED:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ENGINE_ID:
+        raise ProtocolError(f"engine: expected a non-empty string of <= {MAX_ENGINE_ID} chars, got "
+                            f"{type(value).__name__} {value!r:.80}")
+    return value
+
+
 # ---- messages ---------------------------------------------------------------------------------
 
 def make_xfer(rid: int, engine: str, gen: int, path: Path, src, dst, priority: int = 0,
@@ -240,7 +256,7 @@ def validate_register(msg: dict) -> tuple[dict, dict, dict]:
     device = _map(msg, "device")
     host = _map(msg, "host")
     for name, lay in (("device", device), ("host", host)):
-        _map(lay, "config")
+        _int(_map(lay, "config"), "num_layers", 1, MAX_LAYERS)
         _int(lay, "type", 0, 1)
         _int(lay, "order", 0, 1, 0)
         _int(lay, "num_blocks", 1, 2**40)
@@ -248,6 +264,7 @@ def validate_register(msg: dict) -> tuple[dict, dict, dict]:
     kind = _str(mem, "kind")
     if kind not in ("shm", "cuda_ipc"):
         raise ProtocolError(f"memory.kind: expected 'shm' or 'cuda_ipc', got {kind!r}")
+    _int(mem, "device", 0, MAX_DEVICE, 0)
     buffers = _list(mem, "buffers", 4096)
     if not buffers:
         raise ProtocolError("memory.buffers: expected at least one buffer")

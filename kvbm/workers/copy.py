@@ -53,16 +53,25 @@ class DeviceMemory:
             if not isinstance(name, str) or "/" in name or not name.startswith("kvbm-"):
                 raise ProtocolError(f"memory.segment: expected a kvbm-* segment name, got {name!r:.80}")
             self.segment = Segment.attach(name, populate=True)
-            for i, buf in enumerate(buffers):
-                if buf["offset"] + need > self.segment.size:
-                    raise ProtocolError(f"buffer {i} [{buf['offset']}, +{need}) outside segment of {self.segment.size} bytes")
-            if cuda:
-                self.segment.pin()
-            self.ptrs = [self.segment.address + buf["offset"] for buf in buffers]
+            try:
+                for i, buf in enumerate(buffers):
+                    if buf["offset"] + need > self.segment.size:
+                        raise ProtocolError(f"buffer {i} [{buf['offset']}, +{need}) outside segment of "
+                                            f"{self.segment.size} bytes")
+                if cuda:
+                    self.segment.pin()
+                self.ptrs = [self.segment.address + buf["offset"] for buf in buffers]
+            except BaseException:
+                self.close()  # the caller never gets this object: unmap and close the fd now
+                raise
         elif self.kind == "cuda_ipc":
             if not cuda:
                 raise ProtocolError("cuda_ipc memory registered with a worker running in CPU mode")
-            self.ptrs = [self._open_ipc(buf) for buf in buffers]
+            try:
+                self.ptrs = [self._open_ipc(buf) for buf in buffers]
+            except BaseException:
+                self.close()  # drop the handles opened before the failing one
+                raise
         else:
             raise ProtocolError(f"memory.kind {self.kind!r}")
 

@@ -172,6 +172,7 @@ class PathWorker:
                 continue
             kind = msg["t"]
             try:
+                engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
                     prio = msg.get("prio", 0)
                     prio = prio if isinstance(prio, int) and not isinstance(prio, bool) else 0
@@ -181,7 +182,7 @@ class PathWorker:
                     self._register(ident, msg)
                 elif kind == P.MsgType.UNREGISTER:
                     self._finish_in_flight()  # no copy may still read or write the mappings
-                    reg = self.engines.pop(msg.get("engine"), None)  # type: ignore[arg-type]
+                    reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
                         reg.memory.close()
                     self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
@@ -196,11 +197,18 @@ class PathWorker:
                     raise ProtocolError(f"unknown message type {kind!r:.40} for a path worker")
             except (KvbmError, OSError) as err:
                 self._malformed(ident, msg, err)
+            except Exception as err:  # noqa: BLE001 - the process boundary: no message may kill the worker
+                self._failed(ident, P.request_id_of(msg), err)
 
     def _malformed(self, ident: bytes, msg, err: Exception) -> None:
         self.stats.malformed += 1
         logger.warning("%s worker gen %d: rejected a message: %s", self.path.label, self.gen, err)
         self._reply(ident, P.make_done(P.request_id_of(msg), P.Status.ERROR, f"rejected: {err}", gen=self.gen))
+
+    def _failed(self, ident: bytes, rid: int, err: Exception) -> None:
+        self.stats.errors += 1
+        logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, rid, exc_info=True)
+        self._reply(ident, P.make_done(rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
 
     def _reply(self, ident: bytes, msg: dict) -> None:
         try:
@@ -274,6 +282,9 @@ class PathWorker:
         except ProtocolError as err:
             self._malformed(ident, msg, err)
             return
+        except Exception as err:  # noqa: BLE001 - the process boundary: no message may kill the worker
+            self._failed(ident, rid, err)
+            return
         t_start = time.monotonic()
         try:
             if self.delay_s:
@@ -286,9 +297,7 @@ class PathWorker:
             on_layer = (lambda layer: self._reply(ident, P.make_layer(rid, layer))) if msg.get("layers") else None
             nbytes = copier.copy(src, dst, on_layer)
         except Exception as err:  # noqa: BLE001 - any copy failure becomes a failed completion
-            self.stats.errors += 1
-            logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, rid, exc_info=True)
-            self._reply(ident, P.make_done(rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
+            self._failed(ident, rid, err)
             return
         self._done(ident, rid, int(src.shape[0]), nbytes, t_recv, t_start)
 

@@ -160,3 +160,81 @@ def test_a_dead_engine_frees_the_slot(standalone, rng):
     kv.register_device_tensors(tensors, layout, start=False, timeout=DEADLINE)
     assert kv.offload([0, 1], _hashes(rng, 2)).result(DEADLINE).value.moved == 2
     kv.close()
+
+
+# ---- 2. malformed messages never kill a path worker -------------------------------------------
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+BAD_ENGINES = [[1], {"a": 1}, 7, 1.5, b"bytes", None, True, "", "x" * 300]
+
+
+def test_unhashable_or_bad_engine_is_answered_and_the_worker_keeps_its_pid(standalone):
+    standalone.attach(standalone.engine())  # a registered engine: {}.pop([1]) would not even hash
+    before = standalone.worker_pids()
+    client = Raw(standalone.endpoints.workers["d2h"])
+    try:
+        for kind in ("unregister", "register", "xfer"):
+            for engine in BAD_ENGINES:
+                reply = client.ask({"t": kind, "id": 3, "engine": engine, "gen": 1, "path": 0})
+                assert reply is not None and reply["t"] == P.MsgType.DONE, (kind, engine, reply)
+                assert reply["status"] == P.Status.ERROR and "engine" in reply["error"], (kind, engine, reply)
+                pong = client.ask({"t": P.MsgType.PING, "id": 4})
+                assert pong["t"] == P.MsgType.PONG and pong["gen"] == 1, (kind, engine, pong)
+    finally:
+        client.close()
+    assert standalone.worker_pids() == before
+
+
+def test_validate_register_checks_device_and_layer_count():
+    layout = BlockLayout(DEFAULT_LAYOUT, LayoutType.LAYER_SEPARATE, 8)
+    host = BlockLayout(DEFAULT_LAYOUT, LayoutType.FULLY_CONTIGUOUS, 8)
+
+    def msg(**mem):
+        return {"t": "register", "engine": "e", "pid": 1, "device": P.layout_to_wire(layout),
+                "host": P.layout_to_wire(host),
+                "memory": {"kind": "shm", "segment": "kvbm-x-dev-1-1", "buffers": [{"offset": 0, "nbytes": 4096}], **mem}}
+
+    P.validate_register(msg())
+    P.validate_register(msg(device=3))
+    for bad in ("0", -1, 1.0, [0], 1024):
+        with pytest.raises(KvbmError, match="device"):
+            P.validate_register(msg(device=bad))
+    big = msg()
+    big["device"]["config"] = dict(big["device"]["config"], num_layers=1025)
+    with pytest.raises(KvbmError, match="num_layers"):
+        P.validate_register(big)
+    assert P.MAX_LAYERS == 1024
+
+
+def test_attach_of_an_empty_segment_raises_kvbm_error_and_closes_its_fd():
+    from kvbm.shm import SHM_DIR, Segment
+    name = f"kvbm-h{uuid.uuid4().hex[:8]}-dev-{os.getpid()}-9"
+    path = os.path.join(SHM_DIR, name)
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        before = _fds()
+        with pytest.raises(KvbmError, match="0 bytes"):
+            Segment.attach(name)
+        assert _fds() == before
+    finally:
+        os.unlink(path)
+
+
+def test_device_memory_closes_its_segment_when_registration_fails():
+    from kvbm.shm import Segment
+    from kvbm.workers.copy import DeviceMemory
+    layout = BlockLayout(DEFAULT_LAYOUT, LayoutType.FULLY_CONTIGUOUS, 1)
+    name = f"kvbm-h{uuid.uuid4().hex[:8]}-dev-{os.getpid()}-8"
+    seg = Segment.create(name, 1 << 20)
+    try:
+        memory = {"kind": "shm", "segment": name, "buffers": [{"offset": (1 << 20) - 4096, "nbytes": layout.total_bytes}]}
+        before = _fds()
+        with pytest.raises(KvbmError, match="outside segment"):
+            DeviceMemory(memory, layout, cuda=False)
+        assert _fds() == before  # the attached segment's fd went with the failure
+    finally:
+        seg.close()
+        seg.unlink()
