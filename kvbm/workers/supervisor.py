@@ -47,6 +47,47 @@ RESTART_BACKOFF_S = 1.0
 STOP_GRACE_S = 5.0
 STATS_PERIOD_S = 1.0
 SWEEP_PERIOD_S = 2.0
+# An engine's STATS report as kept here: numbers, and maps of numbers (or of maps of numbers) with
+# short keys; anything else an engine sends is dropped, so a report cannot grow this process.
+WORKER_FIELDS = frozenset({"id", "queue", "requests", "blocks", "bytes", "errors", "stale", "malformed", "busy_s",
+                           "uptime_s", "engines", "pid"})
+ENGINE_NUMBERS = ("inflight_bytes", "held")
+ENGINE_MAPS = ("queues", "pools", "counters")
+MAX_ENGINES = 256
+MAX_MAP_KEYS = 16
+MAX_KEY_CHARS = 32
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and \
+        abs(value) < 2**63
+
+
+def _numeric_map(value: object, depth: int) -> dict | None:
+    """`value` if it is a small map of numbers (nested `depth` more levels), else None."""
+    if not isinstance(value, dict) or len(value) > MAX_MAP_KEYS:
+        return None
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+            return None
+        if _number(item):
+            out[key] = item
+        elif depth > 0 and (inner := _numeric_map(item, depth - 1)) is not None:
+            out[key] = inner
+        else:
+            return None
+    return out
+
+
+def engine_report(msg: dict) -> dict:
+    """The whitelisted fields of an engine's STATS message."""
+    report: dict = {key: msg[key] for key in ENGINE_NUMBERS if _number(msg.get(key))}
+    for key in ENGINE_MAPS:
+        value = _numeric_map(msg.get(key), 1)
+        if value is not None:
+            report[key] = value
+    return report
 
 
 @dataclass
@@ -173,7 +214,7 @@ class Supervisor:
                 next_stats = now + STATS_PERIOD_S
                 for slot in self.slots.values():
                     if slot.ready:
-                        slot.dealer.send(P.encode({"t": P.MsgType.STATS}), zmq.NOBLOCK)
+                        self._ask_stats(slot, {"t": P.MsgType.STATS})
             if now >= next_sweep:
                 # Device segments of engines that died without closing (their workers drop the
                 # mappings on their own; the names are ours to remove).
@@ -201,9 +242,16 @@ class Supervisor:
             except (ProtocolError, KvbmError) as err:
                 logger.warning("control: rejected a message: %s", err)
                 reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"rejected: {err}")
+            except Exception as err:  # noqa: BLE001 - no message may take the supervisor (and its workers) down
+                logger.error("control: a %r message failed", msg.get("t") if isinstance(msg, dict) else None,
+                             exc_info=True)
+                reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"failed: {type(err).__name__}: {err}")
             if reply is not None:
                 reply.setdefault("id", P.request_id_of(msg))
-                self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+                try:
+                    self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+                except zmq.Again:
+                    logger.warning("control: reply to a slow client dropped (send queue full)")
 
     def _handle_control(self, msg: dict) -> dict | None:
         kind = msg["t"]
@@ -217,8 +265,9 @@ class Supervisor:
             return None
         if kind == P.MsgType.STATS:  # an engine's periodic report: pool occupancy, queue depths
             engine = msg.get("engine")
-            if isinstance(engine, str) and len(self.engines) < 256:
-                self.engines[engine] = {k: v for k, v in msg.items() if k not in ("v", "t")} | {"at": time.time()}
+            if isinstance(engine, str) and 0 < len(engine) <= P.MAX_ENGINE_ID and \
+                    (engine in self.engines or len(self.engines) < MAX_ENGINES):
+                self.engines[engine] = engine_report(msg) | {"at": time.time()}
             return None
         if kind == P.MsgType.RESTART:
             self._restart_request(msg)
@@ -242,19 +291,26 @@ class Supervisor:
                                            "gen": s.gen, "ready": s.ready} for s in self.slots.values()}}
 
     def _worker_ready(self, msg: dict) -> None:
-        try:
-            slot = self.slots[P.Path(msg.get("path"))]
-        except (ValueError, KeyError):
-            raise ProtocolError(f"READY from an unknown path {msg.get('path')!r}") from None
-        if msg.get("gen") != slot.gen:
-            logger.warning("READY from %s gen %r, current gen is %d; ignored", slot.path.label, msg.get("gen"), slot.gen)
-            return
+        """READY counts only from the current generation's process of that path (its pid), with
+        every field of the right type; anything else is rejected before it touches the slot."""
+        path = msg.get("path")
+        if not isinstance(path, int) or isinstance(path, bool) or path not in [int(p) for p in P.WORKER_PATHS]:
+            raise ProtocolError(f"READY from an unknown path {path!r:.40}")
+        slot = self.slots[P.Path(path)]
+        gen, pid = msg.get("gen"), msg.get("pid")
+        if gen != slot.gen or isinstance(gen, bool) or slot.proc is None or pid != slot.proc.pid or isinstance(pid, bool):
+            raise ProtocolError(f"READY from {slot.path.label} gen {gen!r:.40} pid {pid!r:.40}; expected gen "
+                                f"{slot.gen} pid {slot.proc.pid if slot.proc else None}")
+        pin_s, pinned = msg.get("pin_s", 0.0), msg.get("pinned_bytes", 0)
+        if not _number(pin_s) or not 0 <= pin_s < 1e6:
+            raise ProtocolError(f"READY pin_s: expected seconds >= 0, got {pin_s!r:.40}")
+        if not isinstance(pinned, int) or isinstance(pinned, bool) or not 0 <= pinned < 2**62:
+            raise ProtocolError(f"READY pinned_bytes: expected an int >= 0, got {pinned!r:.40}")
         slot.ready = True
-        slot.pin_s = float(msg.get("pin_s") or 0.0)
+        slot.pin_s = float(pin_s)
         self.metrics.up.labels(slot.path.label).set(1)
         self.metrics.generation.labels(slot.path.label).set(slot.gen)
         self.metrics.pin_seconds.labels(slot.path.label).set(slot.pin_s)
-        pinned = int(msg.get("pinned_bytes") or 0)
         if pinned:
             print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pinned {pinned / 1e9:.3f} GB in "
                   f"{slot.pin_s:.3f} s ({pinned / 1e9 / max(slot.pin_s, 1e-9):.1f} GB/s)", flush=True)
@@ -277,8 +333,7 @@ class Supervisor:
         self._stats_seq += 1
         want = {}
         for slot in self.slots.values():
-            if slot.ready and slot.dealer is not None:
-                slot.dealer.send(P.encode({"t": P.MsgType.STATS, "id": self._stats_seq}), zmq.NOBLOCK)
+            if slot.ready and slot.dealer is not None and self._ask_stats(slot, {"t": P.MsgType.STATS, "id": self._stats_seq}):
                 want[slot.path] = slot
         deadline = time.monotonic() + timeout
         while want and time.monotonic() < deadline:
@@ -287,6 +342,15 @@ class Supervisor:
                     self._read_stats(slot)
                     if slot.stats.get("id") == self._stats_seq:
                         del want[path]
+
+    @staticmethod
+    def _ask_stats(slot: WorkerSlot, msg: dict) -> bool:
+        try:
+            slot.dealer.send(P.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # a stuck worker's queue is full; the deadline logic deals with it
+            logger.warning("%s worker gen %d: stats request dropped (send queue full)", slot.path.label, slot.gen)
+            return False
+        return True
 
     def _read_stats(self, slot: WorkerSlot) -> None:
         while True:
@@ -299,9 +363,9 @@ class Supervisor:
             except ProtocolError:
                 continue
             if msg.get("t") == P.MsgType.STATS and msg.get("gen") == slot.gen:
-                slot.stats = msg
-                self.metrics.worker_bytes.labels(slot.path.label).set(int(msg.get("bytes") or 0))
-                self.metrics.worker_queue.labels(slot.path.label).set(int(msg.get("queue") or 0))
+                slot.stats = {k: v for k, v in msg.items() if k in WORKER_FIELDS and _number(v)}
+                self.metrics.worker_bytes.labels(slot.path.label).set(int(slot.stats.get("bytes", 0)))
+                self.metrics.worker_queue.labels(slot.path.label).set(int(slot.stats.get("queue", 0)))
 
     def _check_children(self) -> None:
         now = time.monotonic()
@@ -378,9 +442,8 @@ class Supervisor:
                          f"err {slot.stats.get('errors', 0)} restarts {slot.restarts}")
         occupancy = ""
         for name, report in self._live_engines().items():
-            pools = report.get("pools") or {}
-            g2 = pools.get("g2") or {}
-            if g2:
+            g2 = report.get("pools", {}).get("g2")  # engine_report kept only maps of numbers
+            if isinstance(g2, dict) and g2:
                 occupancy += f" | engine {name} g2 {g2.get('used', '?')}/{g2.get('blocks', '?')} blocks"
         return f"kvbm-workers [{self.config.instance_id}] up {time.monotonic() - self.started:.0f}s | " + \
             " | ".join(parts) + occupancy

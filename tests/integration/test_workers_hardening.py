@@ -238,3 +238,40 @@ def test_device_memory_closes_its_segment_when_registration_fails():
     finally:
         seg.close()
         seg.unlink()
+
+
+# ---- 3. malformed control messages never kill the supervisor -----------------------------------
+
+def test_malformed_ready_and_stats_are_rejected_and_the_supervisor_keeps_serving(standalone):
+    before = standalone.worker_pids()
+    gen = standalone.status["workers"]["d2h"]["gen"]
+    client = Raw(standalone.endpoints.control)
+    try:
+        for bad in ({"pin_s": "abc"}, {"pinned_bytes": "x"}, {"pin_s": [1]}, {"pinned_bytes": 2.5},
+                    {"pin_s": float("nan")}, {"pid": before["d2h"] + 1}, {"gen": gen + 1}, {"path": [0]},
+                    {"path": 7}):
+            ready = {"t": P.MsgType.READY, "id": 2, "path": 0, "gen": gen, "pid": before["d2h"], "pin_s": 0.0,
+                     "pinned_bytes": 0} | bad
+            reply = client.ask(ready)
+            assert reply is not None and reply["status"] == P.Status.ERROR, (bad, reply)
+        for pools in ({"g2": 5}, [1], "x", {"g2": {"used": "many"}}, {"g2": {"a": {"b": {"c": 1}}}}):
+            client.send({"t": P.MsgType.STATS, "engine": "e1", "pools": pools, "junk": "y" * 1000, "held": "no"})
+        st = client.ask({"t": P.MsgType.STATUS, "id": 1})
+        assert st["t"] == P.MsgType.STATUS
+        assert st["engines"]["e1"].keys() == {"at"}, st["engines"]  # nothing it sent was a map of numbers
+    finally:
+        client.close()
+    assert pid_alive(standalone.proc.pid) and standalone.worker_pids() == before
+    assert all(st["workers"][label]["restarts"] == 0 for label in ("d2h", "h2d"))
+
+
+def test_summary_line_survives_any_engine_report(tmp_path):
+    from kvbm.workers.supervisor import Supervisor
+    cfg = kvbm.KvbmConfig(instance_id="s1", runtime_dir=str(tmp_path), host_size=1 << 20, force_cpu=True)
+    sup = Supervisor(cfg, 1 << 20, cuda=False, interval=1.0)
+    for pools in ({"g2": 5}, [1], "x", {"g2": [1, 2]}, {"g2": {"used": 3, "blocks": 8}}):
+        sup._handle_control({"t": P.MsgType.STATS, "engine": "e", "pools": pools, "queues": {"d2h": "x"},
+                             "extra": "z" * 100})
+        line = sup.summary_line()
+    assert "engine e g2 3/8 blocks" in line
+    assert set(sup.engines["e"]) == {"pools", "at"}
