@@ -81,6 +81,9 @@ class InFlight:
 # CUDA requests kept launched at once: enough to hide one request's host-side work behind the
 # copies of the others (the engine keeps transfer.manager.WINDOW requests at a worker).
 MAX_IN_FLIGHT = 4
+# Copy requests waiting in the heap: what the engines' windows need many times over; past it a
+# request is answered ERROR at once instead of growing this process without bound.
+MAX_QUEUED = 4096
 
 
 def _die_with_parent() -> None:
@@ -174,6 +177,12 @@ class PathWorker:
             try:
                 engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
+                    if len(self._queue) >= MAX_QUEUED:
+                        self.stats.errors += 1
+                        self._reply(ident, P.make_done(P.request_id_of(msg), P.Status.ERROR,
+                                                       f"queue full: {len(self._queue)} requests queued "
+                                                       f"(at most {MAX_QUEUED})", gen=self.gen))
+                        continue
                     prio = msg.get("prio", 0)
                     prio = prio if isinstance(prio, int) and not isinstance(prio, bool) else 0
                     self._seq += 1

@@ -220,6 +220,7 @@ class Supervisor:
                 # mappings on their own; the names are ours to remove).
                 next_sweep = now + SWEEP_PERIOD_S
                 clean_stale_segments(self.config.instance_id, include_host_pool=False)
+                self._live_engines()  # drops engines that stopped reporting, status asked or not
             if self.interval > 0 and now >= next_summary:
                 next_summary = now + self.interval
                 print(self.summary_line(), flush=True)

@@ -275,3 +275,53 @@ def test_summary_line_survives_any_engine_report(tmp_path):
         line = sup.summary_line()
     assert "engine e g2 3/8 blocks" in line
     assert set(sup.engines["e"]) == {"pools", "at"}
+
+
+# ---- 4. bounded memory ----------------------------------------------------------------------------
+
+class _FakeRouter:
+    """recv_multipart from a list of frames, then zmq.Again (what _drain reads)."""
+
+    def __init__(self, frames: list[list[bytes]]) -> None:
+        self.frames = frames
+
+    def recv_multipart(self, flags=0, copy=True):
+        if not self.frames:
+            raise zmq.Again()
+        return self.frames.pop(0)
+
+
+def test_path_worker_queue_is_capped_and_the_rest_is_answered_queue_full():
+    from kvbm.workers import path_worker as W
+    worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
+    worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
+    worker._queue, worker._seq, worker._in_flight = [], 0, []
+    replies: list[dict] = []
+    worker._reply = lambda ident, msg: replies.append(msg)
+    cap = 4096
+    count = cap + 100
+    worker.sock = _FakeRouter([[b"id", P.encode(P.make_xfer(i, "e", 1, P.Path.D2H, [0], [0]))] for i in range(count)])
+    worker._drain()
+    assert len(worker._queue) == cap
+    assert len(replies) == 100 and all(r["status"] == P.Status.ERROR and "queue full" in r["error"] for r in replies)
+    assert [r["id"] for r in replies] == list(range(cap, count))
+
+
+def test_supervisor_drops_silent_engines_without_a_status_call(tmp_path):
+    import time
+
+    from kvbm.workers import supervisor as S
+    cfg = kvbm.KvbmConfig(instance_id=f"s{uuid.uuid4().hex[:6]}", runtime_dir=str(tmp_path), host_size=1 << 20,
+                          force_cpu=True)
+    sup = S.Supervisor(cfg, 1 << 20, cuda=False, interval=0)
+    sup.slots = {}
+    ctx = make_context()
+    sup._control = ctx.socket(zmq.ROUTER)
+    sup._control.bind(f"inproc://c{uuid.uuid4().hex}")
+    try:
+        sup.engines = {"gone": {"at": time.time() - 100}, "here": {"at": time.time()}}
+        sup.serve(duration=0.2)
+        assert list(sup.engines) == ["here"]
+    finally:
+        sup._control.close(0)
+        ctx.term()
