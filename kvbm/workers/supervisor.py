@@ -11,8 +11,8 @@ Order of things:
   5. serve: answer hello/status/stats/restart on the control socket, poll workers for stats every
      second, log one summary line per interval; a worker that exits is reported ({event died,
      path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1
-  6. SIGINT/SIGTERM: stop workers (SIGTERM, then SIGKILL past a deadline), publish stopping,
-     unlink the segment, remove sockets, lock and folder.
+  6. SIGINT/SIGTERM: stop workers (SIGTERM, then SIGKILL past a deadline) and reap them, publish
+     {died, path, gen} for each and then stopping, unlink the segment, remove sockets, lock and folder.
 
 Why D2H and H2D are separate processes: each has its own CUDA stream and queue, so an offload
 burst never delays an onboard the engine is waiting on; a CUDA context per process costs
@@ -451,19 +451,27 @@ class Supervisor:
 
     # ---- stop --------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        self._publish(P.make_event("stopping", None, 0))
-        procs = [s.proc for s in self.slots.values() if s.proc is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
+        """Workers first (SIGTERM: they finish their in-flight copies; SIGKILL past the grace),
+        reaped; only then "died" per path and "stopping" last, so that no copy can still write
+        after an engine was told its transfers failed."""
+        slots = [s for s in self.slots.values() if s.proc is not None]
+        for slot in slots:
+            if slot.proc.poll() is None:
+                slot.proc.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
-        for proc in procs:
+        for slot in slots:
+            proc = slot.proc
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.warning("worker pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, STOP_GRACE_S)
                 proc.kill()
-                proc.wait(5)
+                proc.wait()  # reaped whatever it takes: a copy must not outlive the "died" event
+        for slot in slots:
+            self._publish(P.make_event("died", slot.path, slot.gen, pid=slot.proc.pid, exitcode=slot.proc.returncode))
+        self._publish(P.make_event("stopping", None, 0))
+        if self._events is not None:
+            self._events.setsockopt(zmq.LINGER, 1000)  # let these last events reach the engines
         for slot in self.slots.values():
             slot.proc = None
             if slot.dealer is not None:

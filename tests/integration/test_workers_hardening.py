@@ -325,3 +325,36 @@ def test_supervisor_drops_silent_engines_without_a_status_call(tmp_path):
     finally:
         sup._control.close(0)
         ctx.term()
+
+
+# ---- 5. shutdown order -----------------------------------------------------------------------------
+
+def test_shutdown_reaps_workers_then_reports_them_died_then_stopping(standalone):
+    import time
+    ctx = make_context()
+    sub = connect_socket(ctx, zmq.SUB, standalone.endpoints.events)
+    control = Raw(standalone.endpoints.control)
+    try:
+        # A worker restart proves the subscription is live (PUB drops what a joining SUB misses).
+        control.ask({"t": P.MsgType.RESTART, "id": 1, "path": 0, "gen": 1, "engine": "test", "reason": "test"})
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            assert sub.poll(max(1, int((deadline - time.monotonic()) * 1000))), "no started event"
+            ev = P.decode(sub.recv())
+            if ev["kind"] == "started" and ev["path"] == 0 and ev["gen"] == 2:
+                break
+        pids = standalone.worker_pids()
+        os.kill(standalone.proc.pid, signal.SIGTERM)
+        seen = []
+        while not seen or seen[-1][0] != "stopping":
+            assert sub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"events so far: {seen}"
+            ev = P.decode(sub.recv())
+            # When "died" is published the worker is already reaped: no copy of it can still run.
+            gone = ev["kind"] != "died" or not pid_alive(pids[P.Path(ev["path"]).label])
+            seen.append((ev["kind"], ev["path"], ev["gen"], gone))
+        assert seen == [("died", 0, 2, True), ("died", 1, 1, True), ("stopping", None, 0, True)]
+        assert standalone.proc.wait(DEADLINE) == 0
+    finally:
+        control.close()
+        sub.close(0)
+        ctx.term()
