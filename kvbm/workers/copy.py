@@ -174,10 +174,23 @@ class Copier:
             pairs = zip(self.src_layers, self.dst_layers) if layers else [(self.src_region, self.dst_region)]
             for s, d in pairs:
                 native.copy_blocks_cuda(s, d, src, dst, 0, 0, handle)
-                event = torch.cuda.Event()
+                # blocking: synchronize() sleeps on the event instead of spinning a whole core.
+                event = torch.cuda.Event(blocking=True)
                 event.record(self._stream)
                 events.append(event)
         return events
+
+    def drain(self) -> None:
+        """CUDA only: waits until nothing this worker enqueued is still running. After a launch
+        that failed part-way, the layers already enqueued must land before the request is
+        answered ERROR (the engine reuses those blocks at once). The stream's own error, if any,
+        is the one being reported already: logged, not raised."""
+        if self._stream is None:
+            return
+        try:
+            self._stream.synchronize()
+        except Exception:  # noqa: BLE001 - the launch error is what the request fails with
+            logger.warning("stream synchronize after a failed launch failed too", exc_info=True)
 
     def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
         events = self.launch(src, dst, on_layer is not None)

@@ -299,7 +299,11 @@ class PathWorker:
             if self.delay_s:
                 time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
             if copier.cuda:
-                events = copier.launch(src, dst, bool(msg.get("layers")))
+                try:
+                    events = copier.launch(src, dst, bool(msg.get("layers")))
+                except BaseException:
+                    copier.drain()  # layers enqueued before the failure must not land after the ERROR
+                    raise
                 self._in_flight.append(InFlight(ident, rid, int(src.shape[0]), int(src.shape[0]) * copier.block_bytes,
                                                 events, bool(msg.get("layers")), t_recv, t_start))
                 return

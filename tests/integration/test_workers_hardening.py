@@ -358,3 +358,57 @@ def test_shutdown_reaps_workers_then_reports_them_died_then_stopping(standalone)
         control.close()
         sub.close(0)
         ctx.term()
+
+
+# ---- 6. worker-side CUDA error handling (no GPU needed: the CUDA calls are faked) ------------------
+
+def test_failed_launch_drains_the_stream_before_the_error_reply():
+    import time
+    import types
+
+    from kvbm.workers import path_worker as W
+    log: list[str] = []
+
+    class FailingCopier:
+        cuda = True
+        src = dst = types.SimpleNamespace(num_blocks=8)
+        block_bytes = 16
+
+        def launch(self, src, dst, layers):
+            log.append("launch")
+            raise RuntimeError("CUDA error: an illegal memory access (layer 3 of 4)")
+
+        def drain(self):
+            log.append("drain")
+
+    worker = W.PathWorker.__new__(W.PathWorker)
+    worker.path, worker.gen, worker.stats, worker.delay_s, worker.max_batch = P.Path.D2H, 1, W.WorkerStats(), 0, 64
+    worker._in_flight = []
+    worker.engines = {"e": types.SimpleNamespace(copier=FailingCopier())}
+    worker._reply = lambda ident, msg: log.append(f"reply {P.Status(msg['status']).name}")
+    worker._execute(b"id", P.make_xfer(5, "e", 1, P.Path.D2H, [0, 1], [2, 3], layers=True), time.monotonic())
+    assert log == ["launch", "drain", "reply ERROR"]
+    assert worker._in_flight == []
+
+
+def test_cuda_copy_events_are_blocking(monkeypatch):
+    import contextlib
+    import types
+
+    from kvbm.workers import copy as C
+    made: list[dict] = []
+
+    class Event:
+        def __init__(self, **kw):
+            made.append(kw)
+
+        def record(self, stream):
+            pass
+
+    copier = C.Copier.__new__(C.Copier)
+    copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event, device=lambda d: contextlib.nullcontext()))
+    copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
+    copier.src_layers = copier.dst_layers = [object(), object()]
+    monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: None)
+    assert len(copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)) == 2
+    assert made == [{"blocking": True}, {"blocking": True}]
