@@ -16,9 +16,15 @@ Parts:
 
 Offload order: lookup (hashes already held move nothing) -> allocate host blocks -> D2H ->
 on success complete + register (dedup) + release (inactive, matchable); on failure release the
-host blocks unregistered (freed). A block is registered in G2 only after its bytes are there.
+host blocks unregistered (freed), except when the failure says a copy may still write them
+(MAY_STILL_BE_WRITTEN: hard deadline, kvbm-workers stopped without reporting the worker dead):
+those stay allocated and unregistered for good (leaked_host_blocks, a logged warning), the safe
+choice over a free list a late write could corrupt. A block is registered in G2 only after its
+bytes are there.
 Onboard order: match the longest held prefix (acquiring the host blocks, so eviction cannot take
-them mid-copy) -> H2D layer by layer -> release the host blocks whatever the outcome.
+them mid-copy) -> H2D layer by layer -> release the host blocks whatever the outcome (a late read
+of a reused host block cannot hurt it; the device blocks of a failure with
+TransferError.blocks_may_be_written are the engine's to quarantine).
 The pool lock is never held while waiting for in-flight budget (finalize runs on the I/O thread and
 takes it).
 """
@@ -42,7 +48,7 @@ from kvbm.errors import KvbmError, LayoutError
 from kvbm.shm import SharedBuffers
 from kvbm.transfer import protocol as P
 from kvbm.transfer.channel import Endpoints
-from kvbm.transfer.manager import TransferFuture, TransferManager, TransferResult
+from kvbm.transfer.manager import MAY_STILL_BE_WRITTEN, TransferFuture, TransferManager, TransferResult
 from kvbm.transfer.scheduler import Gate
 
 logger = logging.getLogger(__name__)
@@ -195,6 +201,8 @@ class HostTransfers:
         self.lock = lock or threading.RLock()
         # Hashes whose offload is in flight: a second offload of one copies nothing (counted as held).
         self._offloading: set[int] = set()
+        # Host blocks of offloads failed while a copy into them may still run: never freed.
+        self.leaked_host_blocks = 0
 
     def _capacity(self) -> int:
         reg = getattr(self.pool, "registry", self.pool)  # a BlockPool, or a bare registry
@@ -254,6 +262,15 @@ class HostTransfers:
             with self.lock:
                 self._offloading.difference_update(claimed)
                 if not ok:
+                    if error and MAY_STILL_BE_WRITTEN in error:
+                        # A copy may still land in these host blocks: on the free list the next
+                        # offload could register them and a late write would corrupt that data.
+                        # They stay allocated and unregistered (never matched, never handed out):
+                        # leaked, with a warning, rather than reused unsafely.
+                        self.leaked_host_blocks += n
+                        logger.warning("offload failed while its copy may still run; leaving %d host blocks "
+                                       "allocated (leaked, %d in all): %s", n, self.leaked_host_blocks, error)
+                        return None
                     self.pool.release(host)   # never registered: back to the free list
                     return None
                 self.pool.complete(host)

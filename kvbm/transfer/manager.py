@@ -17,7 +17,9 @@ Life of a submission:
   worker   -> {layer} messages (progress) and one {done}; a request of a dead generation is failed
               when the supervisor publishes {event died, gen}; a request past its deadline makes the
               manager ask the supervisor to kill that generation, and fails on the died event (so no
-              late write can land in blocks the caller already gave back)
+              late write can land in blocks the caller already gave back); past HARD_DEADLINE_FACTOR
+              without one, or stop_grace_s after "stopping", it fails with MAY_STILL_BE_WRITTEN in the
+              text and TransferError.blocks_may_be_written set
   settle   -> once every request of the submission is settled, `finalize(ok, error)` runs (the
               host pool registers on success, releases unregistered on failure), the budget is
               returned, and the future resolves: a result, or TransferError with the reason.
@@ -49,6 +51,10 @@ logger = logging.getLogger(__name__)
 WINDOW = 4               # requests outstanding per path worker
 STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
 HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple
+STOP_GRACE_S = 10.0       # after "stopping", how long requests at a worker wait for its "died" event
+# In the error text of a request failed while its worker may still run it (hard deadline, "stopping"
+# without a "died", close()): finalize() and callers must not hand the destination blocks out again.
+MAY_STILL_BE_WRITTEN = "the destination blocks may still be written"
 REGISTER_RETRIES = 5      # a re-registration the worker rejects is retried this often, then queued work fails
 REGISTER_BACKOFF_S = 0.1  # first retry delay; doubles each retry (0.1 + 0.2 + ... + 1.6 s in all)
 
@@ -67,6 +73,7 @@ class _Submission:
     pending: int = 0
     error: str | None = None
     moved: int = 0
+    maybe_written: bool = False   # failed while a copy into its destination may still be running
 
 
 @dataclass(eq=False)
@@ -92,6 +99,7 @@ class _Wire:
     sent_at: float
     deadline: float
     timed_out: bool = False
+    stopping: bool = False   # kvbm-workers said "stopping": failed on "died", or unsafely past deadline
 
 
 @dataclass
@@ -140,6 +148,8 @@ class TransferManager:
         self._register_msg: dict | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._stopped = False          # kvbm-workers said "stopping" and no worker started since
+        self.stop_grace_s = STOP_GRACE_S
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.scheduler = Scheduler(self._release_gated, hold_timeout_s=gate_timeout_s)
         from kvbm.metrics import TransferMetrics
@@ -327,6 +337,9 @@ class TransferManager:
             if kind == "submit":
                 sub: _Submission = payload
                 state = self._paths[sub.path]
+                if self._stopped:
+                    self._fail_submission(sub, "kvbm-workers stopped")
+                    continue
                 if state.register_error and state.accepted_once and not state.register_pending \
                         and not state.register_retry_at:
                     self._fail_submission(sub, state.register_error)
@@ -504,8 +517,7 @@ class TransferManager:
                 continue
             kind, path, gen = msg.get("kind"), msg.get("path"), msg.get("gen")
             if kind == "stopping":
-                logger.error("kvbm-workers is stopping; failing every transfer")
-                self._fail_everything("kvbm-workers stopped")
+                self._on_stopping()
                 continue
             try:
                 state = self._paths[P.Path(path)]
@@ -514,6 +526,7 @@ class TransferManager:
             if kind == "died":
                 self._worker_died(state, int(gen), msg)
             elif kind == "started" and isinstance(gen, int) and gen > state.registered_gen:
+                self._stopped = False
                 # Always (re)send, even with one pending: the generation it went to may have died
                 # unanswered. A duplicate is harmless: only a reply to the latest register_rid counts.
                 state.gen = max(state.gen, gen)
@@ -558,7 +571,12 @@ class TransferManager:
             for wire in list(state.outstanding.values()):
                 if now < wire.deadline:
                     continue
-                if not wire.timed_out:
+                if wire.stopping:
+                    logger.error("%s request %d: no died event for gen %d within %.1f s of stopping",
+                                 state.path.label, wire.rid, wire.gen, self.stop_grace_s)
+                    self._settle_unsafe(state, wire, f"kvbm-workers stopped and gen {wire.gen} was not reported "
+                                                     f"dead within {self.stop_grace_s:.1f} s")
+                elif not wire.timed_out:
                     # Ask for the worker to be replaced; fail on its death event, so that no late
                     # write can land in blocks the caller already reused.
                     wire.timed_out = True
@@ -574,8 +592,8 @@ class TransferManager:
                 else:
                     logger.error("%s request %d: worker gen %d neither answered nor died; failing it",
                                  state.path.label, wire.rid, wire.gen)
-                    self._settle_wire(state, wire, f"{state.path.label} request timed out after "
-                                                   f"{self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
+                    self._settle_unsafe(state, wire, f"timed out after "
+                                                     f"{self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
             # Queued requests waiting for a worker that does not come back.
             if state.heap and not state.registered_gen:
                 for _, _, req in list(state.heap):
@@ -628,13 +646,34 @@ class TransferManager:
             sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
                                                  time.monotonic() - sub.t_submit, value))
         else:
-            sub.future.set_exception(TransferError(error or "transfer failed"))
+            exc = TransferError(error or "transfer failed")
+            # Callers (and finalize, through the text) must not reuse the destination blocks blindly.
+            exc.blocks_may_be_written = sub.maybe_written
+            sub.future.set_exception(exc)
             sub.future._wake_layers()
 
-    def _fail_everything(self, reason: str) -> None:
+    def _on_stopping(self) -> None:
+        """kvbm-workers is going away. What no worker holds fails now; a request at a worker fails
+        on that generation's "died" event (published before or after "stopping"), so no copy can
+        still write into blocks its caller was handed back, or, past stop_grace_s without one,
+        fails with MAY_STILL_BE_WRITTEN."""
+        reason = "kvbm-workers stopped"
+        self._stopped = True
+        self._fail_unsent(reason)
+        now = time.monotonic()
+        waiting = 0
+        for state in self._paths.values():
+            state.registered_gen = 0
+            for wire in state.outstanding.values():
+                wire.stopping = True
+                wire.deadline = min(wire.deadline, now + self.stop_grace_s)
+                waiting += 1
+        logger.error("kvbm-workers is stopping; failed what no worker held, %d request(s) at workers wait "
+                     "for their worker's death (at most %.1f s)", waiting, self.stop_grace_s)
+
+    def _fail_unsent(self, reason: str) -> None:
+        """Fails held, incoming and queued work: none of it reached a worker."""
         for sub in self.scheduler.drop_all():
-            for req in sub.requests:
-                req.state = "queued"
             self._fail_submission(sub, reason)
         with self._lock:
             items, self._incoming = self._incoming, []
@@ -642,11 +681,21 @@ class TransferManager:
             if kind == "submit":
                 self._fail_submission(sub, reason)
         for state in self._paths.values():
+            self._fail_queued(state, reason)
+
+    def _settle_unsafe(self, state: _PathState, wire: _Wire, why: str) -> None:
+        """Fails a request whose worker generation may still be copying it."""
+        for m in wire.members:
+            m.sub.maybe_written = True
+        self._settle_wire(state, wire, f"{state.path.label} request {wire.rid}: {why}; worker generation "
+                                       f"{wire.gen} may still be running the copy: {MAY_STILL_BE_WRITTEN}")
+
+    def _fail_everything(self, reason: str) -> None:
+        """At close: nothing will read replies any more."""
+        self._fail_unsent(reason)
+        for state in self._paths.values():
             for wire in list(state.outstanding.values()):
-                self._settle_wire(state, wire, reason)
-            for _, _, req in list(state.heap):
-                self._settle(req, reason)
-            state.heap.clear()
+                self._settle_unsafe(state, wire, reason)
             state.registered_gen = 0
 
     def _fail_submission(self, sub: _Submission, reason: str) -> None:

@@ -201,3 +201,99 @@ def test_layer_gate_opens_across_iterations_and_a_gate_that_never_opens_fails(fa
     with pytest.raises(TransferError, match=r"gate Gate\(iteration=99, layer=None\) never opened"):
         stuck.result(DEADLINE)
     assert tm.stats()["held"] == 0 and tm.inflight_bytes == 0
+
+
+# ---- 3. failure while a copy may still write -------------------------------------------------
+
+class FakePool:
+    """The host pool API HostTransfers uses, recording what it is asked."""
+
+    def __init__(self, fail_register: bool = False) -> None:
+        self.released: list[list[int]] = []
+        self.registered: list[list[int]] = []
+        self.fail_register = fail_register
+        self.next = 0
+
+    def lookup(self, hashes):
+        return np.full(len(hashes), -1, np.int64)
+
+    def allocate(self, n):
+        out = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.next += n
+        return out
+
+    def complete(self, blocks):
+        pass
+
+    def register(self, blocks, hashes, parents=None):
+        if self.fail_register:
+            raise KvbmError("registry: hash table full")
+        self.registered.append(np.asarray(blocks).tolist())
+        return blocks
+
+    def release(self, blocks):
+        self.released.append(np.asarray(blocks).tolist())
+
+    def match(self, hashes, acquire=True):
+        return np.arange(len(hashes), dtype=np.int64)
+
+
+def test_stopping_fails_unsent_work_at_once_and_sent_work_on_the_died_event(fake, make_tm):
+    tm = make_tm()
+    sent = tm.submit(P.Path.D2H, [1], [2])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    held = tm.submit(P.Path.D2H, [3], [4], gate=Gate(iteration=5))
+    fake.event("stopping", None, 0)
+    with pytest.raises(TransferError, match="kvbm-workers stopped"):
+        held.result(DEADLINE)
+    assert not sent.done()                       # its worker may still be copying
+    fake.event("died", P.Path.D2H, 1, pid=1, exitcode=0)
+    with pytest.raises(TransferError, match="d2h worker generation 1 .*died") as info:
+        sent.result(DEADLINE)
+    assert not info.value.blocks_may_be_written
+    fake.done(P.Path.D2H, xfer["id"])            # a late reply changes nothing
+    assert tm.inflight_bytes == 0
+    with pytest.raises(TransferError, match="kvbm-workers stopped"):
+        tm.submit(P.Path.D2H, [5], [6]).result(DEADLINE)
+
+
+def test_died_before_stopping_is_tolerated(fake, make_tm):
+    tm = make_tm()
+    sent = tm.submit(P.Path.H2D, [1], [2])
+    fake.recv(P.Path.H2D, P.MsgType.XFER)
+    fake.event("died", P.Path.H2D, 1, pid=1, exitcode=0)
+    fake.event("stopping", None, 0)
+    with pytest.raises(TransferError, match="h2d worker generation 1 .*died"):
+        sent.result(DEADLINE)
+    wait_for(lambda: tm.stats()["generations"] == {"d2h": 0, "h2d": 0}, DEADLINE, "stopping handled")
+    assert tm.inflight_bytes == 0
+
+
+def test_stopping_without_died_fails_late_and_keeps_offload_host_blocks(fake, make_tm, caplog):
+    from kvbm.transfer.engine import HostTransfers
+    tm = make_tm()
+    tm.stop_grace_s = 0.3
+    pool = FakePool()
+    ht = HostTransfers(tm, pool)
+    off = ht.offload([1, 2, 3], [11, 12, 13])
+    on = tm.submit(P.Path.H2D, [7], [8])
+    fake.recv(P.Path.D2H, P.MsgType.XFER)
+    fake.recv(P.Path.H2D, P.MsgType.XFER)
+    fake.event("stopping", None, 0)
+    for fut in (off, on):
+        with pytest.raises(TransferError, match="may still be written") as info:
+            fut.result(DEADLINE)
+        assert info.value.blocks_may_be_written
+    assert pool.released == [] and pool.registered == []   # allocated, unregistered: never reused
+    assert ht.leaked_host_blocks == 3
+    assert "leaving 3 host blocks allocated" in caplog.text
+    assert tm.inflight_bytes == 0
+
+
+def test_hard_deadline_says_the_blocks_may_still_be_written(fake, make_tm):
+    tm = make_tm(request_timeout_s=0.2)
+    fut = tm.submit(P.Path.H2D, [1], [2])
+    fake.recv(P.Path.H2D, P.MsgType.XFER)   # never answered, the worker never dies
+    with pytest.raises(TransferError, match=r"timed out after 0.6 s.*may still be written") as info:
+        fut.result(DEADLINE)
+    assert info.value.blocks_may_be_written
