@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,33 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def check_private(st: os.stat_result, path: str, directory: bool = False) -> None:
+    """Raises KvbmError unless `st` (an lstat/fstat result) is ours and closed to everyone else:
+    a directory of mode 0700, or a regular file with no group/other bits. What another local user
+    could have planted (a segment another engine maps, an endpoints.json pointing at their
+    sockets, a folder they can write) is refused, never trusted."""
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    mode = stat.S_IMODE(st.st_mode)
+    if not kind_ok:
+        raise KvbmError(f"{path} is not a {'directory' if directory else 'regular file'} (a symlink or special "
+                        f"file where kvbm expects its own)")
+    if st.st_uid != os.getuid():
+        raise KvbmError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); refusing it")
+    if (mode != 0o700) if directory else (mode & 0o077):
+        raise KvbmError(f"{path} has mode {mode:#o}; expected {'0700' if directory else 'no group/other access (0600)'}")
+
+
+def check_private_dir(path: str) -> bool:
+    """False when `path` does not exist; True when it is our 0700 directory (lstat: not a symlink);
+    KvbmError otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    check_private(st, path, directory=True)
     return True
 
 
@@ -120,7 +148,9 @@ class Segment:
         except OSError as err:
             raise KvbmError(f"cannot open shared-memory segment {path}: {err}") from err
         try:
-            actual = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            check_private(st, path)  # another user's segment would feed (or receive) our KV bytes
+            actual = st.st_size
             if actual <= 0 or (size is not None and actual < size):
                 raise KvbmError(f"segment {path} is {actual} bytes, expected at least {max(size or 1, 1)}")
             try:
@@ -263,13 +293,13 @@ class RuntimeDir:
         os.makedirs(parent, exist_ok=True)
         try:
             os.mkdir(self.path, 0o700)
+            os.chmod(self.path, 0o700)  # whatever the umask took away
         except FileExistsError:
-            st = os.lstat(self.path)
-            if not os.path.isdir(self.path) or os.path.islink(self.path):
-                raise KvbmError(f"runtime dir {self.path} exists and is not a directory") from None
-            if st.st_uid != os.getuid():
-                raise KvbmError(f"runtime dir {self.path} belongs to uid {st.st_uid}, not {os.getuid()}") from None
-        os.chmod(self.path, 0o700)
+            pass
+        # lstat: a symlink, another user's folder or one others can enter is refused, not repaired
+        # (a folder that was open may hold what they planted).
+        if not check_private_dir(self.path):
+            raise KvbmError(f"runtime dir {self.path} vanished while it was being created")
 
     def acquire(self) -> list[str]:
         """Takes the instance lock; returns the leftovers of a dead previous owner it removed.

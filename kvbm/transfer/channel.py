@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import zmq
 
 from kvbm.errors import KvbmError
+from kvbm.shm import check_private, check_private_dir
 from kvbm.transfer.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
@@ -60,12 +61,25 @@ class Endpoints:
 
     @classmethod
     def read(cls, runtime_dir: str) -> "Endpoints | None":
-        try:
-            with open(os.path.join(runtime_dir, ENDPOINTS_FILE)) as fh:
-                data = json.load(fh)
-            return cls(data["control"], data["events"], dict(data["workers"]))
-        except (OSError, ValueError, KeyError):
+        """The endpoints a running supervisor wrote; None while there are none. KvbmError when the
+        runtime dir (ours, 0700, not a symlink) or the file (ours, 0600, not a symlink) could have
+        been written by someone else: their endpoints would receive our engine's KV handles."""
+        if not check_private_dir(runtime_dir):
             return None
+        path = os.path.join(runtime_dir, ENDPOINTS_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise KvbmError(f"cannot open {path}: {err} (a symlink is refused)") from err
+        with os.fdopen(fd) as fh:
+            check_private(os.fstat(fd), path)
+            try:
+                data = json.load(fh)
+                return cls(str(data["control"]), str(data["events"]), dict(data["workers"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
 
 
 def _free_ports(count: int) -> list[int]:

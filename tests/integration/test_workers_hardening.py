@@ -412,3 +412,73 @@ def test_cuda_copy_events_are_blocking(monkeypatch):
     monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: None)
     assert len(copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)) == 2
     assert made == [{"blocking": True}, {"blocking": True}]
+
+
+# ---- 7. ownership checks on what another local user could plant ------------------------------------
+
+def test_segment_attach_refuses_open_modes_and_other_owners():
+    from kvbm.shm import SHM_DIR, Segment
+    name = f"kvbm-h{uuid.uuid4().hex[:8]}-dev-{os.getpid()}-7"
+    path = os.path.join(SHM_DIR, name)
+    seg = Segment.create(name, 4096)
+    try:
+        Segment.attach(name).close()  # ours and 0600: fine
+        os.chmod(path, 0o644)
+        before = _fds()
+        with pytest.raises(KvbmError, match="mode 0o644"):
+            Segment.attach(name)
+        os.chmod(path, 0o600)
+        if os.getuid() == 0:  # only root can give a file away
+            os.chown(path, 12345, -1)
+            with pytest.raises(KvbmError, match="uid 12345"):
+                Segment.attach(name)
+        assert _fds() == before
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_runtime_dir_must_be_ours_0700_and_not_a_symlink(tmp_path):
+    from kvbm.shm import RuntimeDir
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "kvbm-link"
+    link.symlink_to(real)
+    with pytest.raises(KvbmError, match="not a directory"):
+        RuntimeDir(str(link)).ensure()
+    open_dir = tmp_path / "kvbm-open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    with pytest.raises(KvbmError, match="mode 0o755"):
+        RuntimeDir(str(open_dir)).ensure()
+    assert (open_dir.stat().st_mode & 0o777) == 0o755  # refused, not silently repaired
+    fresh = tmp_path / "kvbm-fresh"
+    RuntimeDir(str(fresh)).ensure()
+    assert (fresh.stat().st_mode & 0o777) == 0o700
+
+
+def test_endpoints_json_is_trusted_only_when_ours_and_private(tmp_path):
+    import json
+    rundir = tmp_path / "kvbm-x"
+    assert Endpoints.read(str(rundir)) is None  # nothing yet: not an error
+    rundir.mkdir(mode=0o700)
+    assert Endpoints.read(str(rundir)) is None
+    eps = Endpoints.for_config(str(rundir), "ipc", 0)
+    eps.write(str(rundir))
+    assert Endpoints.read(str(rundir)) == eps
+    target = rundir / "endpoints.json"
+    target.chmod(0o644)
+    with pytest.raises(KvbmError, match="mode 0o644"):
+        Endpoints.read(str(rundir))
+    target.unlink()
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps({"control": "ipc:///tmp/evil", "events": "x", "workers": {}}))
+    planted.chmod(0o600)
+    target.symlink_to(planted)
+    with pytest.raises(KvbmError, match="symlink"):
+        Endpoints.read(str(rundir))
+    target.unlink()
+    eps.write(str(rundir))
+    rundir.chmod(0o755)
+    with pytest.raises(KvbmError, match="mode 0o755"):
+        Endpoints.read(str(rundir))
