@@ -72,7 +72,8 @@ class EvictionPolicy(IntEnum):
     # use counts of the last G evicted hashes (BlockRegistry(..., ghost_blocks=G); None means
     # G = num_blocks, 0 none), FIFO by eviction. A new block registered under a remembered hash
     # starts from that count (then the registration touch adds one) and the entry is consumed; a
-    # dedup hit changes nothing. The key formula is unchanged.
+    # dedup hit changes nothing. The key formula is unchanged. Memory: 24 B per entry plus its
+    # index slots (the block index grows to >= 2(N + G) slots): ~49 B per entry at G = N = 10**6.
     # Reference: bench/policy_sim.py `Lineage` and `lineage_key()`; the ghost table is
     # bench/policy_research.py `GhostLineage` (with the registry's allocation order:
     # bench/trace_replay.py `ghost_lineage_sim`).

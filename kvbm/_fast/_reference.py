@@ -260,8 +260,9 @@ class ReferenceRegistry:
                 blk.parent = p
                 self._blocks[p].children.append(b)
                 self._update_key(p)
-            if self._ghost_cap:
-                blk.use_count = self._ghost.pop(h, 0)
+            if h in self._ghost:
+                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed
+                blk.use_count = self._ghost.pop(h)
             self._touch(b)
             out.append(b)
         return np.array(out, dtype=np.int64)

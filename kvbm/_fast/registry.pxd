@@ -24,7 +24,7 @@ ctypedef struct RegistryHeader:
     uint64_t magic            # REGISTRY_MAGIC once initialised (for a later attach-to-segment)
     uint64_t version          # layout version of this struct and the arrays after it
     int64_t num_blocks        # N: block ids are 0..N-1; slot N of free_prev/free_next is the sentinel
-    int64_t index_capacity    # C: power of two >= 2N, slots of the open-addressing index
+    int64_t index_capacity    # C: power of two >= 2(N + G), slots of the open-addressing index
     int64_t index_mask        # C - 1
     int64_t index_shift       # 64 - log2(C): home slot = top bits of (h ^ h >> 32) * golden
     int64_t policy            # EvictionPolicy id used by _policy_key
@@ -40,9 +40,6 @@ ctypedef struct RegistryHeader:
     int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
     int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
     int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
-    int64_t ghost_capacity    # slots of the ghost index: power of two >= 2G (0 when G = 0)
-    int64_t ghost_mask        # ghost_capacity - 1
-    int64_t ghost_shift       # 64 - log2(ghost_capacity): home slot as for the block index
 
 
 ctypedef struct HeapEntry:
@@ -58,12 +55,6 @@ ctypedef struct GhostEntry:
     bid_t prev                # FIFO neighbours (slot ids, G = sentinel); prev -1 when unused
     bid_t next                #   next also chains the unused slots (-1 ends)
     uint32_t pad              # 0 (24-byte entries, the buffer deterministic)
-
-
-ctypedef struct GhostSlot:
-    uint64_t key              # hash of the entry in this index slot (0 when empty)
-    bid_t slot                # its GhostEntry slot, -1 when empty
-    uint32_t pad              # 0
 
 
 @cython.final
@@ -95,26 +86,24 @@ cdef class BlockRegistry:
     cdef bid_t *heap_pos           # position of each block's entry in heap, -1 when it has none
     cdef uint32_t *mark            # scratch for batch validation (duplicate counts); all 0 between calls
     cdef uint64_t *ikeys           # length C: index hash of each slot (0 when empty)
-    cdef bid_t *ivals              # length C: block id of each slot, -1 when empty (linear probing,
-                                   #   backward-shift deletion: no tombstones)
+    cdef bid_t *ivals              # length C: block id of each slot, -1 when empty, -2 - s for the
+                                   #   ghost entry in FIFO slot s (linear probing, backward-shift
+                                   #   deletion: no tombstones)
     cdef uint64_t *ring            # evicted hashes not yet drained, ring of capacity N
     # ghost table (LINEAGE only; bench/POLICY_ROUND2.md section 3): the use counts of the last G
     # evicted hashes, FIFO by eviction; an entry is consumed when its hash registers again
     cdef GhostEntry *ghost         # length G+1: entries, a FIFO list of live slots (oldest first)
                                    #   with its sentinel at G; unused slots chained through next
-    cdef GhostSlot *ghost_index    # length ghost_capacity: hash -> slot, linear probing, backward-
-                                   #   shift deletion (keys inline: probes read the index only)
 
     # index (nogil, callers pass hashes only; slots are masked)
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil
+    cdef inline int64_t _index_pos(self, uint64_t key) noexcept nogil
     cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil
+    cdef void _index_erase_at(self, int64_t i) noexcept nogil
     cdef void _index_remove(self, uint64_t key) noexcept nogil
     # ghost table (callers: LINEAGE with ghost_blocks > 0)
-    cdef inline int64_t _ghost_pos(self, uint64_t key) noexcept nogil
-    cdef void _ghost_erase_pos(self, int64_t i) noexcept nogil
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil
-    cdef uint32_t _ghost_take(self, uint64_t key) noexcept nogil
     # free list and heap (callers pass checked block ids)
     cdef void _free_push(self, bid_t b) noexcept nogil
     cdef bid_t _free_pop(self) noexcept nogil

@@ -16,21 +16,24 @@ Parts (field by field in registry.pxd):
            dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
-  index    sequence hash -> block for every REGISTERED block; linear probing, Fibonacci hashing
+  index    sequence hash -> block for every REGISTERED block (and -> ghost slot for each ghost
+           entry); linear probing, Fibonacci hashing
            (after folding the high half into the low),
            backward-shift deletion (no tombstones), capacity a power of two >= 2N.
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
   ghost    LINEAGE only (bench/POLICY_ROUND2.md section 3): the last G = ghost_blocks evicted
-           (hash, use count) pairs, FIFO by eviction, in a doubly linked list of G slots plus an
-           open-addressing index hash -> slot (keys inline, as the block index: a probe reads
-           the index only; linear probing, backward-shift deletion). Every
-           eviction (allocate or evict) appends one entry, forgetting the oldest when G are live;
-           registering a *new* block (not a dedup hit) whose hash has an entry takes the entry
-           out and starts the block's use count there, before the registration touch. So a
-           document read again after more than a cache lifetime keeps its frequency credit.
-           Entries are the OrderedDict of policy_research.GhostLineage exactly; consumed entries
-           leave the FIFO (a plain ring of G slots would keep them as holes).
+           (hash, use count) pairs, FIFO by eviction, in a doubly linked list of G slots; each
+           entry keeps its slot in the block index (value -2 - slot), so the table needs no
+           index of its own and no probe of its own. Every eviction (allocate or evict) turns the
+           victim's index entry into a ghost entry, forgetting the oldest entry when G are live;
+           registering a *new* block (not a dedup hit) whose hash has an entry takes the entry's
+           index slot and use count (replacing touches made while PARTIAL/COMPLETE), before the
+           registration touch; the entry is consumed. So a document read again after more than a
+           cache lifetime keeps its frequency credit. Entries are the OrderedDict of
+           policy_research.GhostLineage exactly (consumed entries leave the FIFO; a plain ring of
+           G slots would keep them as holes); the registry evicts a whole allocation before the
+           blocks register, trace_replay.ghost_lineage_sim is the simulator in that order.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
 REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
@@ -46,9 +49,9 @@ Lineage: on eviction a block leaves its parent's child list (the parent's count 
 is refreshed: when it changes, the parent's new entry replaces the victim at the heap's root) and
 its children become orphans (parent -1, keys refreshed). All O(1) per link.
 
-Size: bytes_needed(N, G) is 97 bytes per block plus 12 bytes per index slot (2N to 4N slots), plus
-24 bytes per ghost entry and 16 per ghost index slot (2G to 4G), e.g. 122 MB for 10**6 blocks
-without a ghost table, 180 MB with G = N (bytes_needed(N), the default, fits every policy).
+Size: bytes_needed(N, G) is 97 bytes per block, 24 per ghost entry and 12 per index slot (a power
+of two >= 2(N + G)), e.g. 122 MB for 10**6 blocks without a ghost table (LRU), 171 MB with G = N
+(LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy).
 
 Every public call validates the whole batch first and raises RegistryError with the numbers before
 changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
@@ -94,7 +97,7 @@ cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
 
 cdef enum:
-    NUM_ARRAYS = 22
+    NUM_ARRAYS = 21
 
 
 cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
@@ -117,8 +120,7 @@ cdef int64_t _index_capacity(int64_t n) noexcept nogil:
 cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
     """Offsets (from the aligned base) of the header and each array for N blocks and a ghost table
     of G entries; returns the total size."""
-    cdef int64_t cap = _index_capacity(n)
-    cdef int64_t gcap = _index_capacity(g) if g > 0 else 0
+    cdef int64_t cap = _index_capacity(n + g)   # blocks and ghost entries share the index
     cdef int64_t sizes[NUM_ARRAYS]
     sizes[0] = sizeof(RegistryHeader)
     sizes[1] = n * sizeof(uint8_t)        # state
@@ -141,7 +143,6 @@ cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
     sizes[18] = cap * sizeof(bid_t)       # ivals
     sizes[19] = n * sizeof(uint64_t)      # ring
     sizes[20] = (g + 1) * sizeof(GhostEntry) if g > 0 else 0   # ghost (FIFO entries, sentinel G)
-    sizes[21] = gcap * sizeof(GhostSlot)  # ghost_index
     cdef int64_t off = 0
     cdef int i
     for i in range(NUM_ARRAYS):
@@ -336,12 +337,12 @@ cdef class BlockRegistry:
         self.ivals = <bid_t *>(base + o[18])
         self.ring = <uint64_t *>(base + o[19])
         self.ghost = <GhostEntry *>(base + o[20])
-        self.ghost_index = <GhostSlot *>(base + o[21])
+
 
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
         cdef int64_t total = _layout(n, g, o)
-        cdef int64_t cap = _index_capacity(n)
+        cdef int64_t cap = _index_capacity(n + g)
         cdef int64_t shift = 64, c = cap
         cdef int64_t i
         while c > 1:
@@ -369,7 +370,7 @@ cdef class BlockRegistry:
         self.free_prev[n] = <bid_t>(n - 1)
         for i in range(cap):
             self.ivals[i] = -1
-        # ghost table: empty FIFO (sentinel G), every slot on the unused stack, index empty
+        # ghost table: empty FIFO (sentinel G), every slot on the unused stack
         self.h.ghost_blocks = g
         self.h.ghost_free = 0 if g > 0 else -1
         if g > 0:
@@ -378,18 +379,6 @@ cdef class BlockRegistry:
         for i in range(g):
             self.ghost[i].prev = -1
             self.ghost[i].next = <bid_t>(i + 1 if i + 1 < g else -1)
-        if g > 0:
-            cap = _index_capacity(g)
-            shift = 64
-            c = cap
-            while c > 1:
-                c >>= 1
-                shift -= 1
-            self.h.ghost_capacity = cap
-            self.h.ghost_mask = cap - 1
-            self.h.ghost_shift = shift
-            for i in range(cap):
-                self.ghost_index[i].slot = -1
 
     # ---- properties -----------------------------------------------------------------------------
 
@@ -445,42 +434,49 @@ cdef class BlockRegistry:
     # ---- index ----------------------------------------------------------------------------------
 
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil:
-        # Slots are masked, and the table is at most half full, so the probe ends at an empty slot.
+        # Block registered under key, or -1 (also for a ghost entry). Slots are masked, and the
+        # table is at most half full, so the probe ends at an empty slot.
         cdef int64_t i = _home(key, self.h.index_shift)
         cdef int64_t mask = self.h.index_mask
         cdef bid_t v
         while True:
             v = self.ivals[i]
-            if v < 0:
+            if v == -1:
                 return -1
             if self.ikeys[i] == key:
-                return v
+                return v if v >= 0 else -1
+            i = (i + 1) & mask
+
+    cdef inline int64_t _index_pos(self, uint64_t key) noexcept nogil:
+        # Slot of key (a block or a ghost entry), or -1 - (the empty slot where the probe ended).
+        cdef int64_t i = _home(key, self.h.index_shift)
+        cdef int64_t mask = self.h.index_mask
+        while True:
+            if self.ivals[i] == -1:
+                return -1 - i
+            if self.ikeys[i] == key:
+                return i
             i = (i + 1) & mask
 
     cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil:
-        # Caller checked that key is absent (_find returned -1); num_registered <= N < C/2.
+        # Caller checked that key is absent; entries (blocks + ghosts) <= N + G <= C/2.
         cdef int64_t i = _home(key, self.h.index_shift)
         cdef int64_t mask = self.h.index_mask
-        while self.ivals[i] >= 0:
+        while self.ivals[i] != -1:
             i = (i + 1) & mask
         self.ikeys[i] = key
         self.ivals[i] = b
         self.h.num_registered += 1
 
-    cdef void _index_remove(self, uint64_t key) noexcept nogil:
-        # Caller passes the hash of a REGISTERED block, so the key is present.
+    cdef void _index_erase_at(self, int64_t i) noexcept nogil:
+        # Backward-shift deletion of the entry at slot i: pull later entries of the run back over
+        # the hole unless their home slot lies cyclically in (hole, j]. Counts are the caller's.
         cdef int64_t shift = self.h.index_shift
         cdef int64_t mask = self.h.index_mask
-        cdef int64_t i = _home(key, shift)
-        cdef int64_t j, k
-        while self.ikeys[i] != key or self.ivals[i] < 0:
-            i = (i + 1) & mask
-        # Backward-shift deletion: pull later entries of the run back over the hole unless their
-        # home slot lies cyclically in (hole, j].
-        j = i
+        cdef int64_t j = i, k
         while True:
             j = (j + 1) & mask
-            if self.ivals[j] < 0:
+            if self.ivals[j] == -1:
                 break
             k = _home(self.ikeys[j], shift)
             if i <= j:
@@ -493,50 +489,26 @@ cdef class BlockRegistry:
             i = j
         self.ikeys[i] = 0
         self.ivals[i] = -1
+
+    cdef void _index_remove(self, uint64_t key) noexcept nogil:
+        # Caller passes the hash of a REGISTERED block, so the key is present.
+        self._index_erase_at(self._index_pos(key))
         self.h.num_registered -= 1
 
     # ---- ghost table (LINEAGE; bench/POLICY_ROUND2.md section 3) -------------------------------
     # A FIFO of at most G (evicted hash, use count) entries: a doubly linked list of slots, oldest
-    # first, plus an open-addressing index hash -> slot. Eviction appends (dropping the oldest entry
-    # when G are live); registering a new block takes its hash's entry out of the FIFO (the slot
-    # goes back to the unused stack) and restores the count. So the live entries are exactly those
-    # of policy_research.GhostLineage's OrderedDict (a consumed entry does not hold a place in the
+    # first. Each live entry also has a slot in the block index, under its hash, with value
+    # -2 - (its FIFO slot): an evicted block's index entry is turned into its ghost entry in place,
+    # and a new block registered under a ghost's hash takes that index slot back (its use count
+    # restored), so the table costs no index probe of its own; only forgetting the oldest entry
+    # (when G are live) removes one from the index. Registering takes the entry out of the FIFO
+    # (the slot goes back to the unused stack), so the live entries are exactly those of
+    # policy_research.GhostLineage's OrderedDict (a consumed entry does not hold a place in the
     # FIFO, unlike a plain ring of G slots). Every operation is O(1) expected; nothing scans.
 
-    cdef inline int64_t _ghost_pos(self, uint64_t key) noexcept nogil:
-        # Index position of key, -1 if absent. At most G of >= 2G index slots are used, so the
-        # probe ends at an empty slot.
-        cdef int64_t i = _home(key, self.h.ghost_shift)
-        cdef int64_t mask = self.h.ghost_mask
-        while True:
-            if self.ghost_index[i].slot < 0:
-                return -1
-            if self.ghost_index[i].key == key:
-                return i
-            i = (i + 1) & mask
-
-    cdef void _ghost_erase_pos(self, int64_t i) noexcept nogil:
-        # Backward-shift deletion at index position i (as _index_remove).
-        cdef int64_t shift = self.h.ghost_shift
-        cdef int64_t mask = self.h.ghost_mask
-        cdef int64_t j = i, k
-        while True:
-            j = (j + 1) & mask
-            if self.ghost_index[j].slot < 0:
-                break
-            k = _home(self.ghost_index[j].key, shift)
-            if i <= j:
-                if i < k <= j:
-                    continue
-            elif k > i or k <= j:
-                continue
-            self.ghost_index[i] = self.ghost_index[j]
-            i = j
-        self.ghost_index[i].slot = -1
-        self.ghost_index[i].key = 0
-
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil:
-        # Live slot s leaves the FIFO and goes on the unused stack (its index entry is gone).
+        # Live slot s leaves the FIFO and goes on the unused stack (its index entry is the
+        # caller's business).
         self.ghost[self.ghost[s].prev].next = self.ghost[s].next
         self.ghost[self.ghost[s].next].prev = self.ghost[s].prev
         self.ghost[s].prev = -1
@@ -547,45 +519,28 @@ cdef class BlockRegistry:
         self.h.ghost_size -= 1
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0; `key` was just evicted, so it is absent: a hash in the table
-        # is never REGISTERED (registration of a new block takes its entry out; check_invariants
-        # verifies it), and the OrderedDict's update-in-place case cannot arise.
+        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block: its
+        # index entry becomes a ghost entry. A hash in the table is never REGISTERED (keys are
+        # unique in the index), so the OrderedDict's update-in-place case cannot arise.
         cdef bid_t g = <bid_t>self.h.ghost_blocks, s
-        cdef int64_t i
         if self.h.ghost_size == g:
-            # full: the oldest entry is forgotten (its slot is reused right away)
+            # full: the oldest entry is forgotten (before the victim's slot is looked up: the
+            # backward shift may move it); its FIFO slot is reused right away
             s = self.ghost[g].next
-            self._ghost_erase_pos(self._ghost_pos(self.ghost[s].hash))
+            self._index_erase_at(self._index_pos(self.ghost[s].hash))
             self._ghost_unlink(s)
         s = <bid_t>self.h.ghost_free
         self.h.ghost_free = self.ghost[s].next
         self.ghost[s].hash = key
         self.ghost[s].count = count
         self.h.ghost_size += 1
-        i = _home(key, self.h.ghost_shift)
-        while self.ghost_index[i].slot >= 0:
-            i = (i + 1) & self.h.ghost_mask
-        self.ghost_index[i].slot = s
-        self.ghost_index[i].key = key
         # append at the newest end (before the sentinel)
         self.ghost[s].prev = self.ghost[g].prev
         self.ghost[s].next = g
         self.ghost[self.ghost[g].prev].next = s
         self.ghost[g].prev = s
-
-    cdef uint32_t _ghost_take(self, uint64_t key) noexcept nogil:
-        # Caller: LINEAGE with G > 0; `key` registers as a new block. Its entry's count, consumed
-        # (0 when absent).
-        cdef int64_t i = self._ghost_pos(key)
-        cdef bid_t s
-        cdef uint32_t c
-        if i < 0:
-            return 0
-        s = self.ghost_index[i].slot
-        c = self.ghost[s].count
-        self._ghost_erase_pos(i)
-        self._ghost_unlink(s)
-        return c
+        self.ivals[self._index_pos(key)] = -2 - s
+        self.h.num_registered -= 1
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -697,14 +652,12 @@ cdef class BlockRegistry:
                 kvbm_prefetch(&self.ivals[slot])
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
-                if self.h.ghost_blocks > 0:
-                    # the victim's ghost insertion and, when full, the oldest entry's removal
-                    slot = _home(self.hash[b], self.h.ghost_shift)
-                    kvbm_prefetch(&self.ghost_index[slot])
-                    if self.h.ghost_size == self.h.ghost_blocks:
-                        slot = _home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
-                                     self.h.ghost_shift)
-                        kvbm_prefetch(&self.ghost_index[slot])
+                if self.h.ghost_size == self.h.ghost_blocks and self.h.ghost_blocks > 0:
+                    # the oldest ghost entry's index slot: forgotten when the victim goes in
+                    slot = _home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
+                                 self.h.index_shift)
+                    kvbm_prefetch(&self.ikeys[slot])
+                    kvbm_prefetch(&self.ivals[slot])
                 return b
             self._heap_remove(b)
 
@@ -857,13 +810,14 @@ cdef class BlockRegistry:
             # prefetched by _heap_top_live.
             self._heap_remove(b)
         self.h.num_inactive -= 1
-        self._index_remove(hsh)
+        if self.h.ghost_blocks > 0:
+            self._ghost_record(hsh, self.use_count[b])   # the index entry becomes a ghost entry
+        else:
+            self._index_remove(hsh)
         p = self._detach(b)
         if p >= 0 and i < 0:
             self._update_key(p)         # no-op unless the key reads the children count
         self._orphan_children(b)
-        if self.h.ghost_blocks > 0:
-            self._ghost_record(hsh, self.use_count[b])
         self.ring[self.h.ring_head] = hsh
         self.h.ring_head = (self.h.ring_head + 1) % n
         if self.h.ring_count < n:
@@ -902,21 +856,19 @@ cdef class BlockRegistry:
         cdef bid_t b, e, p
         cdef uint64_t hsh
         cdef int64_t shift = self.h.index_shift
-        cdef bint ghost = self.h.ghost_blocks > 0
-        cdef int64_t slot
+        cdef int64_t pos
+        cdef bid_t s
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 # random hashes and random block ids: start the index and table misses early
                 kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
                 kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                if ghost:
-                    slot = _home(hashes[i + PREFETCH_AHEAD], self.h.ghost_shift)
-                    kvbm_prefetch(&self.ghost_index[slot])
                 kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
                 kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
             hsh = hashes[i]
-            e = self._find(hsh)
+            pos = self._index_pos(hsh)
+            e = self.ivals[pos] if pos >= 0 else -1
             if e >= 0:
                 self._acquire(e)
                 self._touch(e)
@@ -931,12 +883,19 @@ cdef class BlockRegistry:
             self.hash[b] = hsh
             if priorities != NULL:
                 self.priority[b] = priorities[i]
-            self._index_insert(hsh, b)
+            # pos still holds: nothing above changed the index
+            if pos >= 0:
+                # a ghost entry: the hash was evicted recently. The block takes the entry's index
+                # slot and its use count (before the registration touch); the entry is consumed.
+                s = <bid_t>(-2 - self.ivals[pos])
+                self.use_count[b] = self.ghost[s].count
+                self._ghost_unlink(s)
+                pos = -1 - pos
+            self.ikeys[-1 - pos] = hsh
+            self.ivals[-1 - pos] = b
+            self.h.num_registered += 1
             if p >= 0:
                 self._link_child(b, p)
-            if ghost:
-                # a hash evicted recently gets its use count back (before the registration touch)
-                self.use_count[b] = self._ghost_take(hsh)
             self._touch(b)
             out[i] = b
 
@@ -1265,7 +1224,7 @@ cdef class BlockRegistry:
         cdef int64_t s = n
         cdef HeapEntry probe
         cdef uint8_t st
-        cdef int64_t nchild = 0, nlinked = 0
+        cdef int64_t nchild = 0, nlinked = 0, nghost = 0
         # per-block states and refcounts
         for b in range(n):
             st = self.state[b]
@@ -1344,23 +1303,35 @@ cdef class BlockRegistry:
                                         f"{self.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
             if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
                 raise RegistryError(f"heap order broken at slot {i} (block {b})")
-        # index: every entry is a REGISTERED block under its hash, reachable from its home slot
+        # index: every entry is a REGISTERED block under its hash, or a live ghost entry under its
+        # hash, reachable from its home slot
         cnt = 0
+        nghost = 0
         for i in range(cap):
             b = self.ivals[i]
-            if b < 0:
+            if b == -1:
                 continue
-            cnt += 1
-            if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
-                raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
-                                    f"under hash {self.ikeys[i]}")
+            if b <= -2:
+                nghost += 1
+                k = -2 - b
+                if k >= self.h.ghost_blocks or self.ghost[k].hash != self.ikeys[i] \
+                        or self.ghost[k].count == 0:
+                    raise RegistryError(f"index slot {i} -> ghost slot {k}, which is not a live "
+                                        f"entry of hash {self.ikeys[i]}")
+            else:
+                cnt += 1
+                if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
+                    raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
+                                        f"under hash {self.ikeys[i]}")
             j = _home(self.ikeys[i], self.h.index_shift)
             while j != i:
-                if self.ivals[j] < 0:
+                if self.ivals[j] == -1:
                     raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")
                 j = (j + 1) & mask
         if cnt != nreg:
             raise RegistryError(f"index has {cnt} entries, {nreg} REGISTERED blocks")
+        if nghost != self.h.ghost_size:
+            raise RegistryError(f"index has {nghost} ghost entries, ghost_size {self.h.ghost_size}")
         # lineage: child lists agree with parent links and counts
         for b in range(n):
             if self.state[b] != ST_REGISTERED:
@@ -1389,8 +1360,8 @@ cdef class BlockRegistry:
         self._check_ghost()
 
     cdef _check_ghost(self):
-        # FIFO list, unused stack and index agree; no resident hash has a ghost entry.
-        cdef int64_t g = self.h.ghost_blocks, i, j, cnt = 0, nfree = 0, nidx = 0
+        # FIFO list, unused stack and index agree (check_invariants counted the index's ghosts).
+        cdef int64_t g = self.h.ghost_blocks, i, j, cnt = 0, nfree = 0
         cdef bid_t s, prev = <bid_t>g
         if g == 0:
             return
@@ -1402,11 +1373,9 @@ cdef class BlockRegistry:
                 raise RegistryError(f"ghost FIFO broken after {cnt} entries (slot {s})")
             if self.ghost[s].count == 0:
                 raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) has count 0")
-            i = self._ghost_pos(self.ghost[s].hash)
-            if i < 0 or self.ghost_index[i].slot != s:
+            i = self._index_pos(self.ghost[s].hash)
+            if i < 0 or self.ivals[i] != -2 - s:
                 raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) is not indexed")
-            if self._find(self.ghost[s].hash) >= 0:
-                raise RegistryError(f"ghost hash {self.ghost[s].hash} is also REGISTERED")
             prev = s
             s = self.ghost[s].next
             cnt += 1
@@ -1420,16 +1389,3 @@ cdef class BlockRegistry:
             nfree += 1
         if nfree + cnt != g:
             raise RegistryError(f"ghost: {cnt} live + {nfree} unused slots != {g}")
-        for i in range(self.h.ghost_capacity):
-            if self.ghost_index[i].slot >= 0:
-                nidx += 1
-                if self.ghost_index[i].key != self.ghost[self.ghost_index[i].slot].hash:
-                    raise RegistryError(f"ghost index slot {i}: key {self.ghost_index[i].key}, its entry "
-                                        f"holds {self.ghost[self.ghost_index[i].slot].hash}")
-                j = _home(self.ghost_index[i].key, self.h.ghost_shift)
-                while j != i:
-                    if self.ghost_index[j].slot < 0:
-                        raise RegistryError(f"ghost index slot {i} unreachable from its home")
-                    j = (j + 1) & self.h.ghost_mask
-        if nidx != cnt:
-            raise RegistryError(f"ghost index holds {nidx} entries, FIFO {cnt}")
