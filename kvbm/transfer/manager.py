@@ -8,8 +8,8 @@ Parts:
                     worker, `submit(path, src, dst, ...)` -> TransferFuture, `close()`
 
 Life of a submission:
-  submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False;
-              never a silent drop) -> split into requests of <= max_batch_blocks pairs
+  submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False
+              or when called on the I/O thread, e.g. from a callback; never a silent drop) -> split into requests of <= max_batch_blocks pairs
            -> held by the Scheduler while its gate is closed (failed with "gate never opened" past
               gate_timeout_s, its budget returned) -> the path's priority queue
   I/O thread: keeps <= WINDOW requests per path at the worker (so priorities still matter), each
@@ -20,9 +20,9 @@ Life of a submission:
               late write can land in blocks the caller already gave back); past HARD_DEADLINE_FACTOR
               without one, or stop_grace_s after "stopping", it fails with MAY_STILL_BE_WRITTEN in the
               text and TransferError.blocks_may_be_written set
-  settle   -> once every request of the submission is settled, `finalize(ok, error)` runs (the
-              host pool registers on success, releases unregistered on failure), the budget is
-              returned, and the future resolves: a result, or TransferError with the reason.
+  settle   -> once every request of the submission is settled, the budget is returned, then
+              `finalize(ok, error)` runs (the host pool registers on success, releases unregistered
+              on failure), and the future resolves: a result, or TransferError with the reason.
 """
 from __future__ import annotations
 
@@ -237,6 +237,10 @@ class TransferManager:
             return future
         if path not in self._paths:
             raise KvbmError(f"no worker for path {path.label}; connect() first")
+        if threading.current_thread() is self._thread:
+            # On the I/O thread (a layer or done callback, a finalize): waiting would stop the
+            # very thread that returns budget.
+            block = False
         self._take_budget(nbytes, block, timeout)
         for lo in range(0, n, self.max_batch_blocks):
             sub.requests.append(_Request(next(self._ids), sub, src[lo:lo + self.max_batch_blocks],
@@ -623,14 +627,16 @@ class TransferManager:
             return
         ok = sub.error is None
         value, error = None, sub.error
+        if sub.requests:
+            # Before finalize: it takes the pool lock, and a thread holding that lock may be
+            # waiting in submit() for exactly this budget.
+            self._return_budget(sub.nbytes)
         if sub.finalize is not None:
             try:
                 value = sub.finalize(ok, error)
             except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
                 logger.error("finalize of a %s transfer failed", sub.path.label, exc_info=True)
                 ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
-        if sub.requests:
-            self._return_budget(sub.nbytes)
         with self._lock:
             self.counters["completed" if ok else "failed"] += 1
             if ok:

@@ -297,3 +297,47 @@ def test_hard_deadline_says_the_blocks_may_still_be_written(fake, make_tm):
     with pytest.raises(TransferError, match=r"timed out after 0.6 s.*may still be written") as info:
         fut.result(DEADLINE)
     assert info.value.blocks_may_be_written
+
+
+# ---- 4. budget -----------------------------------------------------------------------------------
+
+def test_a_lock_holder_waiting_for_budget_does_not_deadlock_finalize(fake, make_tm):
+    tm = make_tm(max_inflight_bytes=16384)       # one block
+    pool_lock = threading.Lock()
+
+    def finalize(ok, error):
+        with pool_lock:                           # as HostTransfers' finalize takes the pool lock
+            return ok
+
+    first = tm.submit(P.Path.D2H, [1], [2], finalize=finalize)
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    with pool_lock:
+        fake.done(P.Path.D2H, xfer["id"])
+        second = tm.submit(P.Path.D2H, [3], [4], timeout=5.0)   # waits for first's budget
+    assert first.result(DEADLINE).value is True
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    fake.done(P.Path.D2H, xfer["id"])
+    second.result(DEADLINE)
+    assert tm.inflight_bytes == 0
+
+
+def test_submit_from_the_io_thread_raises_backpressure_instead_of_hanging(fake, make_tm):
+    tm = make_tm(max_inflight_bytes=16384)
+    seen: list = []
+
+    def on_layer(layer):
+        if layer != 0:
+            return
+        try:
+            tm.submit(P.Path.D2H, [5], [6])
+        except BackpressureError as err:
+            seen.append(err)
+
+    fut = tm.submit(P.Path.H2D, [1], [2], layers=True)
+    fut.add_layer_callback(on_layer)
+    xfer = fake.recv(P.Path.H2D, P.MsgType.XFER)
+    fake.reply(P.Path.H2D, P.make_layer(xfer["id"], 0))
+    wait_for(lambda: seen, DEADLINE, "the callback's submit refused")
+    fake.done(P.Path.H2D, xfer["id"])
+    fut.result(DEADLINE)
+    assert tm.inflight_bytes == 0
