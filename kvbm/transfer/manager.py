@@ -277,9 +277,16 @@ class TransferManager:
             self._wake(("submit", sub))
 
     def _wake(self, item: tuple) -> None:
+        """Hands item to the I/O thread; once closing, fails a submission here instead (the I/O
+        thread has drained, or is draining, _incoming for the last time; the eventfd may be
+        closed). _closing changes under _lock, so no item slips in after that drain."""
         with self._lock:
-            self._incoming.append(item)
-        os.eventfd_write(self._wake_fd, 1)
+            closing = self._closing
+            if not closing:
+                self._incoming.append(item)
+                os.eventfd_write(self._wake_fd, 1)
+        if closing and item[0] == "submit":
+            self._fail_submission(item[1], "transfer manager is closed")
 
     @property
     def inflight_bytes(self) -> int:
@@ -677,9 +684,9 @@ class TransferManager:
         logger.error("kvbm-workers is stopping; failed what no worker held, %d request(s) at workers wait "
                      "for their worker's death (at most %.1f s)", waiting, self.stop_grace_s)
 
-    def _fail_unsent(self, reason: str) -> None:
+    def _fail_unsent(self, reason: str, closing: bool = False) -> None:
         """Fails held, incoming and queued work: none of it reached a worker."""
-        for sub in self.scheduler.drop_all():
+        for sub in (self.scheduler.close() if closing else self.scheduler.drop_all()):
             self._fail_submission(sub, reason)
         with self._lock:
             items, self._incoming = self._incoming, []
@@ -698,7 +705,7 @@ class TransferManager:
 
     def _fail_everything(self, reason: str) -> None:
         """At close: nothing will read replies any more."""
-        self._fail_unsent(reason)
+        self._fail_unsent(reason, closing=True)
         for state in self._paths.values():
             for wire in list(state.outstanding.values()):
                 self._settle_unsafe(state, wire, reason)
@@ -742,9 +749,10 @@ class TransferManager:
                            "generations": {s.path.label: s.registered_gen for s in self._paths.values()}}
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._closing and self._thread is None:
-            return
-        self._closing = True
+        with self._lock:
+            if self._closing and self._thread is None:
+                return
+            self._closing = True
         if self._thread is not None:
             os.eventfd_write(self._wake_fd, 1)
             self._thread.join(timeout)

@@ -52,6 +52,7 @@ class Scheduler:
         self._done_iteration = -1      # last iteration reported finished
         self._layer = -1               # last layer finished of iteration _done_iteration + 1
         self._held: list[tuple[Gate, Any, float]] = []   # (gate, item, deadline), in hold order
+        self._closed = False           # after close(), hold() parks nothing (the owner fails the item)
 
     @property
     def iteration(self) -> int:
@@ -78,6 +79,8 @@ class Scheduler:
         if gate is None:
             return False
         with self._lock:
+            if self._closed:
+                return False
             if gate.iteration is None:
                 # "Layer l of the current iteration": without the iteration, reached(iteration=i)
                 # resets the layer count and the gate would wait for layer l of some later one.
@@ -126,6 +129,13 @@ class Scheduler:
 
     def drop_all(self) -> list[Any]:
         with self._lock:
+            items, self._held = [item for _, item, _ in self._held], []
+        return items
+
+    def close(self) -> list[Any]:
+        """drop_all(), and nothing is parked from now on."""
+        with self._lock:
+            self._closed = True
             items, self._held = [item for _, item, _ in self._held], []
         return items
 

@@ -341,3 +341,20 @@ def test_submit_from_the_io_thread_raises_backpressure_instead_of_hanging(fake, 
     fake.done(P.Path.H2D, xfer["id"])
     fut.result(DEADLINE)
     assert tm.inflight_bytes == 0
+
+
+# ---- 5. closing races ----------------------------------------------------------------------------
+
+def test_a_gated_release_racing_close_fails_the_submission(fake, make_tm):
+    tm = make_tm()
+    fut = tm.submit(P.Path.D2H, [1], [2], gate=Gate(iteration=3))
+    # reached() took it out of the scheduler under its lock, then close() ran before the release.
+    with tm.scheduler._lock:
+        (_, sub, _), = tm.scheduler._held
+        tm.scheduler._held.clear()
+    tm.close(timeout=2.0)
+    tm.scheduler._release([sub])
+    with pytest.raises(TransferError, match="transfer manager is closed"):
+        fut.result(DEADLINE)
+    assert tm.inflight_bytes == 0
+    assert tm.scheduler.hold(Gate(iteration=9), object()) is False

@@ -62,3 +62,11 @@ def test_bad_points_raise():
         s.reached(iteration=1)
     with pytest.raises(KvbmError, match="layer must be >= 0"):
         s.reached(layer=-1)
+def test_closed_scheduler_parks_nothing():
+    s, out = make()
+    s.hold(Gate(iteration=1), "a")
+    assert s.close() == ["a"]
+    assert s.hold(Gate(iteration=5), "b") is False   # the caller fails it instead
+    assert s.reached(iteration=5) == 0 and out == []
+
+
