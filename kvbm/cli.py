@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="with --status: print the raw JSON")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     ap.add_argument("--exit-with-parent", action="store_true",
-                    help="stop (SIGTERM) when the process that started this one dies (embedded mode)")
+                    help="stop when the process that started this one dies (embedded mode)")
+    ap.add_argument("--parent-pid", type=int, default=0,
+                    help="with --exit-with-parent: the pid to follow (default: the parent at start)")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -123,6 +126,7 @@ def format_status(st: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent = os.getppid()  # first thing: the later it is read, the likelier a dead parent reads as 1
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s kvbm-workers %(levelname)s %(name)s: %(message)s")
@@ -133,10 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         from kvbm.workers.supervisor import Supervisor, install_signal_handlers
-        if args.exit_with_parent:
-            _exit_with_parent()
+        parent = args.parent_pid or parent
+        if args.exit_with_parent and os.getppid() != parent:
+            print(f"kvbm-workers: parent pid {parent} is gone before start; exiting", file=sys.stderr)
+            return 1
         cuda = not config.force_cpu and _cuda_ok()
         sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=args.log_level)
+        if args.exit_with_parent:
+            # Polled in serve() rather than PR_SET_PDEATHSIG: that fires when the parent *thread*
+            # that ran Popen exits, which kills the workers of a live engine that started us from a
+            # short-lived thread.
+            sup.parent_pid = parent
         install_signal_handlers(sup)
         if args.metrics_port:
             from kvbm.metrics import serve
@@ -154,15 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     except KvbmError as err:
         print(f"kvbm-workers: error: {err}", file=sys.stderr)
         return 1
-
-
-def _exit_with_parent() -> None:
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        logger.warning("prctl unavailable: this kvbm-workers will outlive its parent")
 
 
 def _cuda_ok() -> bool:

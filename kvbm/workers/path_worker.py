@@ -1,8 +1,9 @@
 """A path worker process: one transfer path (D2H or H2D), one queue, one ROUTER socket.
 
 Order of things:
-  1. started by the supervisor with its path, generation and the G2 segment's name; asks the kernel
-     to kill it when the supervisor dies (PR_SET_PDEATHSIG)
+  1. started by the supervisor with its path, generation, the G2 segment's name and the supervisor's
+     pid; asks the kernel to kill it when the supervisor dies (PR_SET_PDEATHSIG), then checks that
+     pid is still its parent (it may have died before prctl) and keeps checking every second
   2. maps G2 and, in CUDA mode, pins it with cudaHostRegister (timed: reported in READY)
   3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
@@ -102,7 +103,7 @@ class PathWorker:
         self.threads = args.copy_threads
         self.max_batch = min(args.max_batch_blocks, P.MAX_BATCH_BLOCKS)
         self.delay_s = args.delay_ms / 1000.0
-        self.parent = os.getppid()
+        self.parent = args.parent_pid or os.getppid()
         self.stats = WorkerStats()
         self.engines: dict[str, Registration] = {}
         self._stop = False
@@ -131,13 +132,14 @@ class PathWorker:
         while not self._stop:
             if not self._queue and not self._in_flight:
                 if not poller.poll(200):
-                    if os.getppid() != self.parent:
-                        logger.error("%s worker: supervisor %d is gone; exiting", self.path.label, self.parent)
+                    if self._parent_gone():
                         break
                     continue
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 1.0
+                if self._parent_gone():
+                    break
                 self._drop_dead_engines()
             self._drain()
             while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
@@ -148,6 +150,12 @@ class PathWorker:
                 self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT or not poller.poll(0))
         self._finish_in_flight()
         self.close()
+
+    def _parent_gone(self) -> bool:
+        if os.getppid() == self.parent:
+            return False
+        logger.error("%s worker: supervisor %d is gone; exiting", self.path.label, self.parent)
+        return True
 
     def _request_stop(self) -> None:
         self._stop = True
@@ -389,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch-blocks", type=int, default=P.MAX_BATCH_BLOCKS)
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--parent-pid", type=int, default=0,
+                    help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")
     return ap.parse_args(argv)
 
 
@@ -397,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {args.path}[{os.getpid()}] gen{args.gen} %(levelname)s %(message)s")
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        # The supervisor died before prctl ran: PR_SET_PDEATHSIG will never fire for it.
+        logger.error("%s worker: supervisor %d is gone before this worker started; exiting", args.path, args.parent_pid)
+        return 0
     try:
         worker = PathWorker(args)
     except (KvbmError, OSError, zmq.ZMQError):

@@ -128,6 +128,7 @@ class Supervisor:
         self._events: zmq.Socket | None = None
         self._disk_dir: str | None = None
         self._stats_seq = 0
+        self.parent_pid = 0     # embedded mode (--exit-with-parent): stop once this is not our parent
         from kvbm.metrics import SupervisorMetrics
         self.metrics = SupervisorMetrics()
 
@@ -181,7 +182,8 @@ class Supervisor:
                "--segment-size", str(self.segment.size), "--cuda", str(int(self.cuda)),
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
-               "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level]
+               "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level,
+               "--parent-pid", str(os.getpid())]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -202,6 +204,10 @@ class Supervisor:
         next_stats = next_summary = next_sweep = time.monotonic()
         next_summary += self.interval
         while not self._stop and (deadline is None or time.monotonic() < deadline):
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                logger.error("the engine that started kvbm-workers (pid %d) is gone; stopping", self.parent_pid)
+                print(f"kvbm-workers: parent pid {self.parent_pid} is gone; stopping", flush=True)
+                break
             events = dict(poller.poll(50))
             if self._control in events:
                 self._serve_control()

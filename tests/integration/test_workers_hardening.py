@@ -482,3 +482,76 @@ def test_endpoints_json_is_trusted_only_when_ours_and_private(tmp_path):
     rundir.chmod(0o755)
     with pytest.raises(KvbmError, match="mode 0o755"):
         Endpoints.read(str(rundir))
+
+
+# ---- 8. parent death ----------------------------------------------------------------------------------
+
+_STARTER = r"""
+import os, subprocess, sys, threading, time
+rundir, cmd = sys.argv[1], sys.argv[2:]
+box = {}
+
+def start():  # kvbm-workers started from a thread that exits while this process lives on
+    box["proc"] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(rundir, "endpoints.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+t = threading.Thread(target=start)
+t.start()
+t.join()
+print(box["proc"].pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_embedded_supervisor_outlives_its_starting_thread_and_follows_its_parent_process(tmp_path, request):
+    instance = f"h{uuid.uuid4().hex[:8]}"
+    base = str(tmp_path / "run")
+    rundir = os.path.join(base, f"kvbm-{instance}")
+    cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", instance, "--runtime-dir", base, "--host-size", "1MB",
+           "--force-cpu", "--interval", "0", "--exit-with-parent"]
+    starter = subprocess.Popen([sys.executable, "-c", _STARTER, rundir, *cmd], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    pids = [starter.pid]
+
+    def kill():
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        starter.wait(10)
+    request.addfinalizer(kill)
+    sup_pid = int(starter.stdout.readline())
+    pids.append(sup_pid)
+    workers = wait_for(lambda: _ready_workers(rundir), DEADLINE, "path workers ready")
+    pids.extend(workers)
+    # The thread that ran Popen is gone; the process is not: kvbm-workers must keep serving.
+    assert _ready_workers(rundir) == workers and pid_alive(sup_pid)
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait(10)
+    wait_for(lambda: not pid_alive(sup_pid) and not any(pid_alive(p) for p in workers), DEADLINE,
+             "kvbm-workers and its workers exiting after their engine died")
+    assert not os.path.exists(rundir)  # a clean stop, not a kill
+
+
+def _ready_workers(rundir: str) -> list[int] | None:
+    eps = Endpoints.read(rundir)
+    if eps is None:
+        return None
+    client = Raw(eps.control)
+    try:
+        st = client.ask({"t": P.MsgType.STATUS, "id": 1}, 2000)
+    finally:
+        client.close()
+    if not st or not all(st["workers"][label]["ready"] for label in ("d2h", "h2d")):
+        return None
+    return sorted(st["workers"][label]["pid"] for label in ("d2h", "h2d"))
+
+
+def test_path_worker_whose_supervisor_is_already_gone_exits_at_once():
+    dead = 2**22 + 1  # above the default pid_max: never a live pid, never our parent
+    cmd = [sys.executable, "-m", "kvbm.workers.path_worker", "--path", "d2h", "--gen", "1", "--endpoint",
+           "ipc:///nonexistent/x.sock", "--control", "ipc:///nonexistent/c.sock", "--segment", "kvbm-none-g2",
+           "--segment-size", "4096", "--parent-pid", str(dead)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"supervisor {dead} is gone before this worker started" in out.stderr, out.stderr
