@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from kvbm.errors import BackpressureError, KvbmError, ProtocolError, TransferError
+from kvbm.errors import BackpressureError, KvbmError, LayoutError, ProtocolError, TransferError
 from kvbm.transfer import protocol as P
 from kvbm.transfer.channel import connect_socket, make_context
 from kvbm.transfer.futures import TransferFuture, TransferResult
@@ -146,6 +146,7 @@ class TransferManager:
         self._budget = threading.Condition()
         self._inflight_bytes = 0
         self._register_msg: dict | None = None
+        self._limits: dict[P.Path, tuple[int, int]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False          # kvbm-workers said "stopping" and no worker started since
@@ -192,6 +193,9 @@ class TransferManager:
             raise KvbmError("register() before connect()")
         self.block_bytes = device_layout.config.block_bytes
         self.num_layers = device_layout.config.num_layers
+        # Index bounds of each path's (source, destination), checked by submit().
+        dev, host = int(device_layout.num_blocks), int(host_layout.num_blocks)
+        self._limits = {P.Path.D2H: (dev, host), P.Path.H2D: (host, dev)}
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout),
                               "memory": memory}
@@ -237,6 +241,7 @@ class TransferManager:
             return future
         if path not in self._paths:
             raise KvbmError(f"no worker for path {path.label}; connect() first")
+        self._check_blocks(path, src, dst)
         if threading.current_thread() is self._thread:
             # On the I/O thread (a layer or done callback, a finalize): waiting would stop the
             # very thread that returns budget.
@@ -251,6 +256,20 @@ class TransferManager:
         if not self.scheduler.hold(gate, sub):
             self._wake(("submit", sub))
         return future
+
+    def _check_blocks(self, path: P.Path, src: np.ndarray, dst: np.ndarray) -> None:
+        """Before anything is queued: a bad index would make the worker reject the whole wire
+        request, and with it the unrelated submissions coalesced into it."""
+        limits = self._limits.get(path)
+        if limits is not None:
+            for name, arr, limit in (("source", src, limits[0]), ("destination", dst, limits[1])):
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < 0 or hi >= limit:
+                    bad = lo if lo < 0 else hi
+                    raise LayoutError(f"submit {path.label}: {name} block {bad} out of range [0, {limit})")
+        if np.unique(dst).shape[0] != dst.shape[0]:
+            raise LayoutError(f"submit {path.label}: {dst.shape[0] - np.unique(dst).shape[0]} destination "
+                              f"block(s) named more than once; destinations must be distinct")
 
     def _take_budget(self, nbytes: int, block: bool, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -382,15 +401,19 @@ class TransferManager:
                 self._settle(lead, None)
                 continue
             members, total = [lead], int(lead.src.shape[0])
+            dsts = set(lead.dst.tolist())
             while state.heap:
                 _, _, nxt = state.heap[0]
                 if nxt.state != "queued":
                     heapq.heappop(state.heap)
                     continue
                 if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
-                        or nxt.sub.error is not None or total + nxt.src.shape[0] > self.max_batch_blocks):
+                        or nxt.sub.error is not None or total + nxt.src.shape[0] > self.max_batch_blocks
+                        or not dsts.isdisjoint(nxt.dst.tolist())):
+                    # Overlapping destinations in one wire request are refused by the worker whole.
                     break
                 heapq.heappop(state.heap)
+                dsts.update(nxt.dst.tolist())
                 members.append(nxt)
                 total += int(nxt.src.shape[0])
             gen = state.registered_gen

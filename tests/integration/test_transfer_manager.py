@@ -358,3 +358,41 @@ def test_a_gated_release_racing_close_fails_the_submission(fake, make_tm):
         fut.result(DEADLINE)
     assert tm.inflight_bytes == 0
     assert tm.scheduler.hold(Gate(iteration=9), object()) is False
+
+
+# ---- 6. one bad submission does not fail unrelated ones -------------------------------------
+
+def test_bad_block_indices_raise_before_anything_is_queued(fake, make_tm):
+    tm = make_tm()
+    with pytest.raises(KvbmError, match=rf"d2h: destination block {HOST_BLOCKS} out of range \[0, {HOST_BLOCKS}\)"):
+        tm.submit(P.Path.D2H, [0, 1], [5, HOST_BLOCKS])
+    with pytest.raises(KvbmError, match=rf"h2d: destination block {DEV_BLOCKS} out of range \[0, {DEV_BLOCKS}\)"):
+        tm.submit(P.Path.H2D, [HOST_BLOCKS - 1], [DEV_BLOCKS])
+    with pytest.raises(KvbmError, match=r"d2h: source block -1 out of range"):
+        tm.submit(P.Path.D2H, [-1], [0])
+    with pytest.raises(KvbmError, match=r"1 destination block\(s\) named more than once"):
+        tm.submit(P.Path.H2D, [1, 2], [3, 3])
+    assert tm.inflight_bytes == 0 and tm.stats()["submitted"] == 0
+    assert fake.pending(P.Path.D2H) == [] and fake.pending(P.Path.H2D) == []
+
+
+def test_submissions_with_overlapping_destinations_are_not_merged(fake, make_tm):
+    tm = make_tm()
+    # Fill the window (distinct priorities: never coalesced), so a, b and c queue up together.
+    window = [tm.submit(P.Path.H2D, [i], [40 + i], priority=10 + i) for i in range(4)]
+    first = [fake.recv(P.Path.H2D, P.MsgType.XFER) for _ in window]
+    a = tm.submit(P.Path.H2D, [1, 2], [10, 11])
+    b = tm.submit(P.Path.H2D, [3, 4], [11, 12])    # same priority, shares block 11 with a
+    c = tm.submit(P.Path.H2D, [5], [20])
+    for x in first:
+        fake.done(P.Path.H2D, x["id"])
+    got = []
+    while sum(map(len, got)) < 5:                  # a, b and c: 5 blocks
+        x = fake.recv(P.Path.H2D, P.MsgType.XFER)
+        dst = P.unpack_blocks(x["dst"], "dst", DEV_BLOCKS)
+        got.append(sorted(dst.tolist()))
+        ok = np.unique(dst).shape[0] == dst.shape[0]    # what a real worker checks
+        fake.done(P.Path.H2D, x["id"], P.Status.OK if ok else P.Status.ERROR, "" if ok else "dst names a block twice")
+    for f in window + [a, b, c]:
+        f.result(DEADLINE)
+    assert got == [[10, 11], [11, 12, 20]]
