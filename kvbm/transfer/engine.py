@@ -273,9 +273,15 @@ class HostTransfers:
                         return None
                     self.pool.release(host)   # never registered: back to the free list
                     return None
-                self.pool.complete(host)
-                canonical = self.pool.register(host, todo_hashes, todo_parents) if todo_parents is not None \
-                    else self.pool.register(host, todo_hashes)
+                try:
+                    self.pool.complete(host)
+                    canonical = self.pool.register(host, todo_hashes, todo_parents) if todo_parents is not None \
+                        else self.pool.register(host, todo_hashes)
+                except BaseException:
+                    # Not registered: hand them back (else they stay allocated, refcount 1, for
+                    # good); the error fails the submission through the manager.
+                    self.pool.release(host)
+                    raise
                 self.pool.release(canonical)  # inactive and matchable; duplicates were freed by register
             return OffloadResult(requested, n, held, dropped, n * bytes_per_block)
 

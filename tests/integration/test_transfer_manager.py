@@ -396,3 +396,18 @@ def test_submissions_with_overlapping_destinations_are_not_merged(fake, make_tm)
     for f in window + [a, b, c]:
         f.result(DEADLINE)
     assert got == [[10, 11], [11, 12, 20]]
+
+
+# ---- 7. offload finalize ------------------------------------------------------------------------
+
+def test_offload_whose_register_raises_releases_its_host_blocks(fake, make_tm):
+    from kvbm.transfer.engine import HostTransfers
+    tm = make_tm()
+    pool = FakePool(fail_register=True)
+    fut = HostTransfers(tm, pool).offload([1, 2, 3], [11, 12, 13])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    fake.done(P.Path.D2H, xfer["id"])
+    with pytest.raises(TransferError, match="finalize failed: KvbmError: registry: hash table full"):
+        fut.result(DEADLINE)
+    assert pool.released == [[0, 1, 2]] and pool.registered == []
+    assert tm.inflight_bytes == 0
