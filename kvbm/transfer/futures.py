@@ -3,7 +3,8 @@
 Parts:
   TransferFuture   a concurrent.futures.Future for one submission, plus layer progress for onboards
                    that asked for it: `layers_ready`, `wait_layer(l, timeout)`, `add_layer_callback`
-                   (callbacks run on the TransferManager's I/O thread, in layer order)
+                   (callbacks run in layer order, one delivery at a time: layers already landed
+                   on the adding thread, later ones on the TransferManager's I/O thread)
   TransferResult   what a successful future resolves to
 """
 from __future__ import annotations
@@ -31,6 +32,13 @@ class TransferFuture(concurrent.futures.Future):
         self._layers_ready = 0
         self._layer_cond = threading.Condition()
         self._layer_callbacks: list[Callable[[int], None]] = []
+        # Callbacks run one delivery at a time, so a late add_layer_callback's catch-up (on the
+        # caller's thread) and the I/O thread's later layers never interleave. Whoever finds a
+        # delivery running leaves its work to it instead of waiting: the I/O thread never blocks
+        # on a user callback running elsewhere.
+        self._delivering = False
+        self._delivered = 0     # layers every active callback has been called for
+        self._new_callbacks: list[Callable[[int], None]] = []
 
     @property
     def layers_ready(self) -> int:
@@ -53,26 +61,53 @@ class TransferFuture(concurrent.futures.Future):
         return True
 
     def add_layer_callback(self, fn: Callable[[int], None]) -> None:
-        """fn(layer) for every layer that lands from now on (on the manager's I/O thread)."""
+        """fn(layer) for every layer landed so far and every later one, in layer order, one call
+        at a time: on this thread, or on the I/O thread when it is delivering layers right now."""
         with self._layer_cond:
-            self._layer_callbacks.append(fn)
-            ready = self._layers_ready
-        for layer in range(ready):
-            fn(layer)
+            self._new_callbacks.append(fn)
+        self._deliver()
 
     def _advance(self, ready: int) -> None:
         with self._layer_cond:
             if ready <= self._layers_ready:
                 return
-            old, self._layers_ready = self._layers_ready, ready
-            callbacks = list(self._layer_callbacks)
+            self._layers_ready = ready
             self._layer_cond.notify_all()
-        for layer in range(old, ready):
-            for fn in callbacks:
-                try:
-                    fn(layer)
-                except Exception:  # noqa: BLE001 - a user callback must not kill the I/O thread
-                    logger.exception("layer callback failed")
+        self._deliver()
+
+    def _deliver(self) -> None:
+        with self._layer_cond:
+            if self._delivering:
+                return            # the running delivery picks this work up before it stops
+            self._delivering = True
+        try:
+            while True:
+                with self._layer_cond:
+                    new, self._new_callbacks = self._new_callbacks, []
+                    old, ready = self._delivered, self._layers_ready
+                    if not new and old >= ready:
+                        self._delivering = False
+                        return
+                    self._layer_callbacks.extend(new)
+                    callbacks = list(self._layer_callbacks)
+                    self._delivered = ready
+                for fn in new:                     # catch up on what landed before fn was added
+                    for layer in range(old):
+                        self._call(fn, layer)
+                for layer in range(old, ready):
+                    for fn in callbacks:
+                        self._call(fn, layer)
+        except BaseException:
+            with self._layer_cond:
+                self._delivering = False
+            raise
+
+    @staticmethod
+    def _call(fn: Callable[[int], None], layer: int) -> None:
+        try:
+            fn(layer)
+        except Exception:  # noqa: BLE001 - a user callback must not kill the I/O thread
+            logger.exception("layer callback failed")
 
     def _wake_layers(self) -> None:
         with self._layer_cond:

@@ -411,3 +411,29 @@ def test_offload_whose_register_raises_releases_its_host_blocks(fake, make_tm):
         fut.result(DEADLINE)
     assert pool.released == [[0, 1, 2]] and pool.registered == []
     assert tm.inflight_bytes == 0
+
+
+# ---- 8. layer callbacks, STALE replies ----------------------------------------------------------
+
+def test_late_layer_callback_sees_layers_in_order():
+    from kvbm.transfer.futures import TransferFuture
+    fut = TransferFuture(P.Path.H2D, 1, 4)
+    fut._advance(2)
+    seen: list[int] = []
+    io_done = threading.Event()
+
+    def advance_on_io_thread():
+        fut._advance(4)
+        io_done.set()
+
+    io = threading.Thread(target=advance_on_io_thread)
+
+    def fn(layer):
+        seen.append(layer)
+        if layer == 0:           # the I/O thread reports layers 2 and 3 during this catch-up
+            io.start()
+            io_done.wait(DEADLINE)   # the I/O thread leaves layers 2 and 3 to this delivery
+
+    fut.add_layer_callback(fn)
+    io.join(DEADLINE)
+    assert seen == [0, 1, 2, 3]
