@@ -87,6 +87,7 @@ class _Request:
     deadline: float = 0.0
     layers_done: int = 0
     state: str = "queued"   # queued -> sent -> settled (or cancelled)
+    requeued: bool = False  # sent again once after a STALE reply (nothing had been copied)
 
 
 @dataclass(eq=False)
@@ -493,13 +494,25 @@ class TransferManager:
                 m.layers_done = self.num_layers
             self._settle_wire(state, wire, None)
             return
+        error = f"{state.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}"
         if status is P.Status.STALE:
-            # Never executed by the new generation; our registration is stale: register again.
+            # Never executed by the new generation; our registration is stale: register again,
+            # and queue the requests again (once) for the generation that accepts it.
             if state.registered_gen == wire.gen:
                 state.registered_gen = 0
                 state.gen = max(state.gen, int(msg.get("gen") or 0))
                 self._send_register(state)
-        self._settle_wire(state, wire, f"{state.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}")
+            state.outstanding.pop(wire.rid, None)
+            now = time.monotonic()
+            for m in wire.members:
+                if m.requeued or m.sub.error is not None:
+                    self._settle(m, error if m.requeued else None)
+                    continue
+                m.requeued, m.state, m.layers_done = True, "queued", 0
+                m.deadline = now + self.request_timeout_s
+                heapq.heappush(state.heap, (-m.sub.priority, next(self._seq), m))
+            return
+        self._settle_wire(state, wire, error)
 
     def _register_rejected(self, state: _PathState, error: str) -> None:
         """The first registration's rejection goes to register(); after a restart the engine has no

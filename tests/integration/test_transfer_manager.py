@@ -437,3 +437,24 @@ def test_late_layer_callback_sees_layers_in_order():
     fut.add_layer_callback(fn)
     io.join(DEADLINE)
     assert seen == [0, 1, 2, 3]
+
+
+def test_a_stale_reply_is_sent_again_once_to_the_new_generation(fake, make_tm):
+    tm = make_tm()
+    fut = tm.submit(P.Path.D2H, [1, 2], [3, 4])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    fake.done(P.Path.D2H, xfer["id"], P.Status.STALE, "request for gen 1, this is gen 2", gen=2)
+    reg = fake.recv(P.Path.D2H, P.MsgType.REGISTER)
+    fake.registered(P.Path.D2H, reg["id"], 2)
+    again = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    assert again["gen"] == 2 and again["src"] == xfer["src"] and again["dst"] == xfer["dst"]
+    fake.done(P.Path.D2H, again["id"], P.Status.STALE, "request for gen 2, this is gen 3", gen=3)
+    with pytest.raises(TransferError, match="d2h worker gen 2: request for gen 2, this is gen 3"):
+        fut.result(DEADLINE)                 # once only: a second STALE fails it
+    reg = fake.recv(P.Path.D2H, P.MsgType.REGISTER)
+    fake.registered(P.Path.D2H, reg["id"], 3)
+    ok = tm.submit(P.Path.D2H, [5], [6])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    fake.done(P.Path.D2H, xfer["id"], gen=3)
+    ok.result(DEADLINE)
+    assert tm.inflight_bytes == 0
