@@ -59,7 +59,7 @@ class KvbmConfig:
     runtime_dir: str | None = None         # 0700 folder for ipc:// sockets; default $XDG_RUNTIME_DIR or /tmp
     transport: str = "ipc"                 # ipc, or tcp on 127.0.0.1
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
-    policy: str = "lru"                    # eviction policy of the G2/G3 registries
+    policy: str = "lineage"                # eviction policy of every tier: lineage (bench/POLICY.md) or lru
     salt: str = ""                         # folded into the hash seed (model, LoRA, cache salt)
     max_inflight_bytes: int = 4 << 30      # TransferManager backpressure bound
     max_batch_blocks: int = 256            # blocks per transfer request
