@@ -42,12 +42,19 @@ class RawClient:
 
 
 @pytest.fixture
-def fuzz_target(make_pipeline, request):
+def fuzz_target(make_pipeline):
+    """The pipeline and a raw client of its D2H worker. A crash would go unseen through a DEALER
+    (the restarted worker answers the next ping), so the tests compare the worker generation and
+    this fixture asserts, after every example, that nothing was restarted."""
     pipe = make_pipeline(device_blocks=64, host_blocks=64)
     tm = pipe.kv.transfers
     client = RawClient(tm._paths[P.Path.D2H].endpoint)
-    request.addfinalizer(client.close)
-    return pipe, client
+    pids = pipe.worker_pids()
+    yield pipe, client
+    client.close()
+    st = pipe.status()
+    assert {label: w["restarts"] for label, w in st["workers"].items() if "restarts" in w} == {"d2h": 0, "h2d": 0}
+    assert pipe.worker_pids() == pids
 
 
 def _still_serves(pipe, client, rng) -> None:
@@ -67,9 +74,9 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.
 @st.composite
 def xfer_like(draw):
     """Messages close to a valid xfer, with one or more fields broken."""
-    msg = {"v": draw(st.sampled_from([1, 1, 1, 0, 2, "1"])), "t": draw(st.sampled_from(["xfer", "xfer", "register", "stats", "nope"])),
+    msg = {"v": draw(st.sampled_from([1, 1, 1, 0, 2, "1"])), "t": draw(st.sampled_from(["xfer", "xfer", "register", "unregister", "stats", "ping", "nope"])),
            "id": draw(st.one_of(st.integers(-5, 2**64 - 1), st.text(max_size=3))),
-           "engine": draw(st.sampled_from(["", "x" * 5000, "someone"])), "gen": draw(st.integers(-1, 3)),
+           "engine": draw(st.one_of(st.sampled_from(["", "x" * 5000, "someone"]), _values)), "gen": draw(st.integers(-1, 3)),
            "path": draw(st.integers(-1, 5)), "prio": draw(st.one_of(st.integers(-2**40, 2**40), st.booleans())),
            "layers": draw(st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1))),
            "src": draw(st.one_of(st.binary(max_size=80), st.just(np.arange(8, dtype="<i8").tobytes()),
@@ -98,6 +105,74 @@ def test_fuzzed_frames_get_answers_and_the_worker_survives(fuzz_target, frames):
         assert reply is None or reply["status"] == P.Status.ERROR
     pong = client.ask([P.encode({"t": P.MsgType.PING, "id": 1})])  # still serving after every example
     assert pong is not None and pong["t"] == P.MsgType.PONG
+    assert pong["gen"] == 1, "the worker was restarted: a fuzzed frame crashed it"
+
+
+_numbers = st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True, allow_infinity=True))
+_junk = st.one_of(_values, _numbers, st.sampled_from(["abc", "", "1e400", [0], {"a": 1}, None, True]))
+
+
+@st.composite
+def control_like(draw, pids):
+    """READY and STATS messages for the control socket: valid ones with one or two fields broken
+    (junk of any type, or dropped), so most examples get past the checks that come first."""
+    if draw(st.booleans()):
+        msg = {"t": "ready", "path": draw(st.sampled_from([0, 1])), "gen": 1, "pid": draw(st.sampled_from(pids)),
+               "pin_s": draw(st.floats(0, 10)), "pinned_bytes": draw(st.integers(0, 2**40))}
+    else:
+        counts = st.dictionaries(st.text(max_size=40), st.one_of(_numbers, _junk), max_size=20)
+        msg = {"t": "stats", "engine": draw(st.text(min_size=1, max_size=40)),
+               "pools": {"g2": {"blocks": 64, "used": 3, "inactive": 1}},
+               "queues": {"d2h": {"queued": 0, "outstanding": 1}}, "counters": {"submitted": 4},
+               "inflight_bytes": 0, "held": 0}
+        msg["pools"]["g2"] = draw(st.one_of(st.just(msg["pools"]["g2"]), counts, _junk))
+    for key in draw(st.lists(st.sampled_from(sorted(k for k in msg if k != "t")), min_size=1, max_size=2)):
+        if draw(st.integers(0, 3)):
+            msg[key] = draw(_junk)
+        else:
+            msg.pop(key, None)
+    msg["v"] = 1
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def test_fuzzed_ready_and_stats_never_take_down_the_supervisor(make_pipeline):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    pids = pipe.worker_pids()
+    client = RawClient(pipe.kv.transfers.control_endpoint)
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(frame=control_like(sorted(pids.values())))
+    def check(frame):
+        client.sock.send(frame)  # READY may be answered (ERROR), STATS never is: drain by pinging
+        for _ in range(3):
+            reply = client.ask([P.encode({"t": P.MsgType.PING, "id": 77})])
+            assert reply is not None, "the supervisor stopped answering"
+            if reply.get("t") == P.MsgType.PONG and reply.get("id") == 77:
+                break
+        else:
+            raise AssertionError("no pong from the control socket")
+
+    try:
+        check()
+    finally:
+        client.close()
+    st_ = pipe.status()
+    assert pid_alive(pipe.supervisor_pid) and pipe.worker_pids() == pids
+    assert all(st_["workers"][label]["restarts"] == 0 for label in ("d2h", "h2d"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["xfer", "register", "unregister", "stats", "ping"]),
+       engine=st.one_of(_values, st.sampled_from([[1], {"a": 1}, b"x", 7, 1.5, True, None])))
+def test_fuzzed_engine_field_is_answered_without_a_restart(fuzz_target, kind, engine):
+    pipe, client = fuzz_target
+    tm = pipe.kv.transfers
+    msg = P.make_xfer(9, tm.engine_id, 1, P.Path.D2H, [0], [1])  # a valid request but for its engine
+    msg.update(t=kind, engine=engine)
+    reply = client.ask([msgpack.packb(msg, use_bin_type=True)])
+    assert reply is not None
+    pong = client.ask([P.encode({"t": P.MsgType.PING, "id": 1})])
+    assert pong is not None and pong["gen"] == 1, "the worker was restarted: the engine field crashed it"
 
 
 def test_out_of_range_and_oversized_requests_are_rejected(fuzz_target, rng):
