@@ -101,13 +101,18 @@ class Standalone:
             except Exception:  # noqa: BLE001 - finalizer: best effort after a failed test
                 pass
         self._engines.clear()
-        for pid in self.pids:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.terminate()  # a clean stop removes the G2 segment and the runtime dir
         try:
             self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        for pid in self.pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        from kvbm.shm import clean_stale_segments
+        clean_stale_segments(self.instance, include_host_pool=True)  # what a SIGKILL left behind
 
 
 @pytest.fixture
@@ -516,10 +521,12 @@ def test_embedded_supervisor_outlives_its_starting_thread_and_follows_its_parent
     pids = [starter.pid]
 
     def kill():
+        from kvbm.shm import clean_stale_segments
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         starter.wait(10)
+        clean_stale_segments(instance, include_host_pool=True)
     request.addfinalizer(kill)
     sup_pid = int(starter.stdout.readline())
     pids.append(sup_pid)
