@@ -84,7 +84,7 @@ class WorkersProcess:
         c = self.config
         cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", c.instance_id, "--host-size", str(self.host_bytes),
                "--transport", c.transport, "--tcp-port", str(c.tcp_port), "--interval", "0",
-               "--exit-with-parent", "--log-level", self.log_level]
+               "--exit-with-parent", "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
         if c.runtime_dir:
             cmd += ["--runtime-dir", c.runtime_dir]
         if c.force_cpu:
