@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import zmq
@@ -135,6 +136,15 @@ def bind_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
     if path is not None:
         os.chmod(path, 0o600)
     return sock
+
+
+def pending(sock: zmq.Socket) -> Iterator[bytes]:
+    """Every single-frame message already waiting on `sock`, without blocking."""
+    while True:
+        try:
+            yield sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def connect_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:

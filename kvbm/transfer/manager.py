@@ -42,7 +42,7 @@ import zmq
 
 from kvbm.errors import BackpressureError, KvbmError, LayoutError, ProtocolError, TransferError
 from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import connect_socket, make_context
+from kvbm.transfer.channel import connect_socket, make_context, pending
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.scheduler import Gate, Scheduler
 
@@ -442,11 +442,7 @@ class TransferManager:
             self._settle(m, error)
 
     def _read_worker(self, state: _PathState) -> None:
-        while True:
-            try:
-                payload = state.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for payload in pending(state.sock):
             try:
                 msg = P.decode(payload)
                 kind = msg["t"]
@@ -552,11 +548,7 @@ class TransferManager:
         sub.future._advance(ready)
 
     def _read_events(self) -> None:
-        while True:
-            try:
-                payload = self._events.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for payload in pending(self._events):
             try:
                 msg = P.decode(payload)
             except ProtocolError as err:

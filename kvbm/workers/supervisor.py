@@ -37,7 +37,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
 from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import Endpoints, bind_socket, connect_socket, make_context
+from kvbm.transfer.channel import Endpoints, bind_socket, connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
 
@@ -360,11 +360,7 @@ class Supervisor:
         return True
 
     def _read_stats(self, slot: WorkerSlot) -> None:
-        while True:
-            try:
-                payload = slot.dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for payload in pending(slot.dealer):
             try:
                 msg = P.decode(payload)
             except ProtocolError:
