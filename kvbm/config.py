@@ -69,9 +69,10 @@ class KvbmConfig:
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
 
     def __post_init__(self) -> None:
-        for key in ("host_size", "disk_size", "max_inflight_bytes"):  # "64GB" works here as in files
+        # The one place sizes are parsed: "64GB", "512MiB" or 1.5e9 from arguments, env and files alike.
+        for key in ("host_size", "disk_size", "max_inflight_bytes"):
             value = getattr(self, key)
-            if isinstance(value, str):
+            if isinstance(value, (str, float)):
                 object.__setattr__(self, key, parse_size(value, key))
         if self.layout is not None and not isinstance(self.layout, LayoutConfig):
             raise ConfigError(f"layout: expected a LayoutConfig, got {type(self.layout).__name__}")
@@ -124,9 +125,6 @@ class KvbmConfig:
         layout = data.get("layout")
         if isinstance(layout, Mapping):
             data["layout"] = LayoutConfig.from_dict(layout)
-        for key in ("host_size", "disk_size", "max_inflight_bytes"):
-            if data.get(key) is not None:
-                data[key] = parse_size(data[key], key)
         for key in ("device_blocks", "host_blocks", "disk_blocks", "tcp_port", "max_batch_blocks", "copy_threads",
                     "request_timeout_ms", "worker_delay_ms"):
             if isinstance(data.get(key), str):
