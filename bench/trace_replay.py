@@ -30,6 +30,7 @@ K = 96 is ~25 s of backlog. Rows `policy+qK` for each registry policy.
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import statistics
 import sys
@@ -87,6 +88,52 @@ REGISTRY_POLICIES = {"lru": ("LRU", None, "lru"), "lineage": ("LINEAGE", None, "
                      "leaf-lru": ("LEAF_LRU", None, "leaf-lru")}
 
 
+class PrefillServer:
+    """The engine in front of the cache, for the queue hint: one FIFO prefill server fed by the
+    trace's own arrival times (`timestamp`, ms). A request starts when it has arrived and the one
+    before it has finished; it takes (uncached input tokens) / rate seconds, so cache hits shorten
+    the queue as they would in an engine. Every request that has arrived by the time request i
+    starts is waiting, and hinted, while i is served.
+
+    `load` sets the rate from the trace alone: rate = (input tokens of the trace / its duration) /
+    load, i.e. `load` is the server's utilisation if nothing were cached (1.0: it keeps up only
+    thanks to the cache). The queue that forms is whatever the arrivals and hits make it; the
+    report gives its mean depth and the mean and p99 wait."""
+
+    def __init__(self, trace: Sequence[dict], load: float, block_tokens: int = 512):
+        if not load > 0:
+            raise ValueError(f"load must be > 0, got {load}")
+        self.arrival = [float(r["timestamp"]) / 1000.0 for r in trace]
+        self.tokens = [int(r.get("input_length") or len(r["hash_ids"]) * block_tokens) for r in trace]
+        if any(b < a for a, b in zip(self.arrival, self.arrival[1:])):
+            raise ValueError("trace timestamps must not decrease")
+        span = max(self.arrival[-1] - self.arrival[0], 1e-3)
+        self.rate = sum(self.tokens) / span / load       # prefill tokens per second
+        self.block_tokens = block_tokens
+        self.load = load
+        self.free_at = self.arrival[0]
+        self._start = 0.0
+        self.waits: list[float] = []
+        self.depths: list[int] = []
+
+    def start(self, req: int) -> int:
+        """Start request req; returns the last request index that has arrived by then."""
+        self._start = max(self.arrival[req], self.free_at)
+        last = bisect.bisect_right(self.arrival, self._start) - 1
+        self.waits.append(self._start - self.arrival[req])
+        self.depths.append(last - req)
+        return last
+
+    def finish(self, req: int, hit_blocks: int) -> None:
+        uncached = max(self.tokens[req] - hit_blocks * self.block_tokens, 0)
+        self.free_at = self._start + uncached / self.rate
+
+    def summary(self) -> str:
+        w = sorted(self.waits)
+        return (f"queue {statistics.mean(self.depths):.1f} deep, wait mean {statistics.mean(w):.1f} s, "
+                f"p99 {w[int(0.99 * (len(w) - 1))]:.1f} s")
+
+
 class RegistryEngine(Engine):
     """One tier on kvbm._fast.registry.BlockRegistry -- the same request semantics as the simulator:
     match (acquire) the longest prefix = hits; acquire the request's other cached runs (touched, not
@@ -105,7 +152,8 @@ class RegistryEngine(Engine):
     name = "registry"
 
     def __init__(self, capacity: int, policy: str, ghost_blocks: int | None = None,
-                 queue_depth: int = 0, chains: Sequence[Sequence[int]] | None = None):
+                 queue_depth: int = 0, chains: Sequence[Sequence[int]] | None = None,
+                 server: "PrefillServer | None" = None):
         import numpy as np
         from kvbm.policy import EvictionPolicy
         from kvbm.pools import BlockPool, Tier, WaitingHints
@@ -123,17 +171,21 @@ class RegistryEngine(Engine):
         self.tail_priority = ps.make_policy(sim_name).tail_priority
         self.queue_depth = queue_depth
         self.chains = chains
-        self.hints = WaitingHints({Tier.G1: self.pool}) if queue_depth else None
+        self.server = server
+        self.hints = WaitingHints({Tier.G1: self.pool}) if queue_depth or server else None
         self._next_hint = 1     # first request not hinted yet
-        if queue_depth and chains is None:
-            raise ValueError("queue_depth needs the trace (chains)")
+        if (queue_depth or server) and chains is None:
+            raise ValueError("a queue hint needs the trace (chains)")
 
     def _queue(self, req: int) -> None:
         # Request req leaves the queue (it is served now); requests up to req + K are waiting.
         hints = self.hints
         if req in hints.waiting:
             hints.done(req)
-        last = min(req + self.queue_depth, len(self.chains) - 1)
+        if self.server is not None:
+            last = self.server.start(req)       # what has arrived by the time req starts
+        else:
+            last = min(req + self.queue_depth, len(self.chains) - 1)
         for r in range(max(self._next_hint, req + 1), last + 1):
             hints.add(r, self.np.asarray(self.chains[r], dtype=self.np.uint64))
         self._next_hint = max(self._next_hint, last + 1)
@@ -196,6 +248,8 @@ class RegistryEngine(Engine):
                     break
         held.sort(key=lambda x: x[0])
         reg.release(np.concatenate([ids for _, ids in held]))
+        if self.server is not None:
+            self.server.finish(req, k)
         return [k]
 
 
@@ -269,7 +323,7 @@ def replay(engine: Engine, chains: Sequence[Sequence[int]]) -> tuple[int, list[i
 
 
 def make_engine(kind: str, capacities: Sequence[int], policy: str, admission: str,
-                chains, queue_depth: int = 0) -> Engine:
+                chains, queue_depth: int = 0, server: PrefillServer | None = None) -> Engine:
     if kind == "registry":
         if len(capacities) != 1:
             raise SystemExit("registry engine: one tier only (the registry is one pool)")
@@ -279,15 +333,16 @@ def make_engine(kind: str, capacities: Sequence[int], policy: str, admission: st
             # An offline reference (Belady) reads the future trace: no registry policy can be one.
             # It runs on the simulator and its row says so.
             return SimEngine(capacities, policy, admission, chains)
-        return RegistryEngine(capacities[0], policy, queue_depth=queue_depth, chains=chains)
-    if queue_depth:
-        raise SystemExit("--queue-depth needs --engine registry")
+        return RegistryEngine(capacities[0], policy, queue_depth=queue_depth, chains=chains, server=server)
+    if queue_depth or server:
+        raise SystemExit("--queue-depth and --load need --engine registry")
     return SimEngine(capacities, policy, admission, chains)
 
 
 def run_table(chains, capacities_list: list[list[int]], policies: list[str], engine: str,
               admissions: list[str], out=sys.stdout, tier_names: list[str] | None = None,
-              queue_depths: Sequence[int] = ()) -> list[dict]:
+              queue_depths: Sequence[int] = (), loads: Sequence[float] = (),
+              trace: Sequence[dict] | None = None) -> list[dict]:
     rows = []
     for caps in capacities_list:
         label = "+".join(str(c) for c in caps)
@@ -302,13 +357,15 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
               " | gap closed | writes below G1 | s |"
         print(hdr, file=out)
         print("|" + "---|" * (hdr.count("|") - 1), file=out)
-        variants = [(p, 0) for p in policies]
-        variants += [(p, k) for k in queue_depths if k for p in policies
-                     if engine == "registry" and p in REGISTRY_POLICIES]
-        for p, depth in variants:
+        variants = [(p, 0, 0.0) for p in policies]
+        hinted = [p for p in policies if engine == "registry" and p in REGISTRY_POLICIES]
+        variants += [(p, k, 0.0) for k in queue_depths if k for p in hinted]
+        variants += [(p, 0, rho) for rho in loads for p in hinted]
+        for p, depth, rho in variants:
             for adm in (admissions if tiers > 1 else ["all"]):
                 t0 = time.time()
-                eng = make_engine(engine, caps, p, adm, chains, depth)
+                server = PrefillServer(trace, rho) if rho else None
+                eng = make_engine(engine, caps, p, adm, chains, depth, server)
                 total, hits = replay(eng, chains)
                 hr = sum(hits) / total
                 g = ps.gap_closed(hr, ref["lru"], ref["belady"])
@@ -318,10 +375,13 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
                 label = p if eng.name == engine else f"{p} ({eng.name})"
                 if depth:
                     label += f"+q{depth}"
+                if server is not None:
+                    label += f"+load{rho:g} ({server.summary()})"
                 print(f"| {label} | {adm if tiers > 1 else '-'} | " + " | ".join(cells) +
                       f" | {g:+.3f} | {wtxt} | {time.time() - t0:.1f} |", file=out, flush=True)
                 rows.append(dict(caps=caps, policy=p, admission=adm, hits=hits, total=total,
-                                 hit=hr, gap=g, writes=w, queue_depth=depth))
+                                 hit=hr, gap=g, writes=w, queue_depth=depth, load=rho,
+                                 server=server.summary() if server else None))
     return rows
 
 
@@ -372,6 +432,10 @@ def main(argv=None) -> int:
     ap.add_argument("--queue-depth", type=int, nargs="+", default=[],
                     help="registry engine: also replay each registry policy with the next K "
                          "requests hinted as waiting (KvBlockManager.hint_waiting), per K")
+    ap.add_argument("--load", type=float, nargs="+", default=[],
+                    help="registry engine: also replay each registry policy behind a FIFO prefill "
+                         "server (PrefillServer) whose waiting queue is hinted; LOAD = its "
+                         "utilisation if nothing were cached, per LOAD")
     ap.add_argument("--split", type=int, default=0, help="replay only this time-split half (1 or 2)")
     ap.add_argument("--suite", action="store_true", help="print POLICY.md's validation tables")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed"], default=None,
@@ -385,9 +449,11 @@ def main(argv=None) -> int:
         tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
         ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
         return 0
-    chains = ps.chains_of(ps.load_trace(args.trace))
+    trace = ps.load_trace(args.trace)
+    chains = ps.chains_of(trace)
     if args.split:
         chains = ps.split_trace(chains, 2)[args.split - 1]
+        trace = ps.split_trace(trace, 2)[args.split - 1]
     print(f"# {args.trace}: {len(chains)} requests, {sum(map(len, chains))} blocks requested, "
           f"engine {args.engine}")
     if args.suite:
@@ -398,10 +464,11 @@ def main(argv=None) -> int:
         caps_list = [[c for _, c in named]]
     else:
         caps_list = [[c] for c in (args.capacity or [2000, 8000])]
-    if args.queue_depth and args.engine != "registry":
-        raise SystemExit("--queue-depth needs --engine registry")
+    if (args.queue_depth or args.load) and args.engine != "registry":
+        raise SystemExit("--queue-depth and --load need --engine registry")
     run_table(chains, caps_list, args.policy, args.engine, args.admission,
-              tier_names=[n for n, _ in named] or None, queue_depths=args.queue_depth)
+              tier_names=[n for n, _ in named] or None, queue_depths=args.queue_depth,
+              loads=args.load, trace=trace)
     return 0
 
 

@@ -125,3 +125,56 @@ def test_replay_queue_hint_on_the_registry_engine():
     eng = tr.RegistryEngine(300, "lineage", queue_depth=16, chains=chains)
     tr.replay(eng, chains)
     assert not eng.hints.waiting and not eng.hints.counts   # the queue drained at the end
+
+
+def _bench_modules():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import policy_sim as ps
+    import trace_replay as tr
+    return ps, tr
+
+
+def test_prefill_server_queue_timing():
+    """PrefillServer: FIFO, the rate from the trace and the load, hits shorten a request."""
+    _, tr = _bench_modules()
+    trace = [dict(timestamp=0, input_length=1000, hash_ids=[1, 2]),
+             dict(timestamp=0, input_length=1000, hash_ids=[3, 4]),
+             dict(timestamp=10_000, input_length=1000, hash_ids=[5, 6])]
+    srv = tr.PrefillServer(trace, load=1.0, block_tokens=250)
+    assert srv.rate == pytest.approx(300.0)           # 3000 tokens over 10 s, utilisation 1
+    assert srv.start(0) == 1                          # request 1 has arrived too: it waits
+    srv.finish(0, hit_blocks=0)                       # 1000 tokens at 300/s
+    assert srv.start(1) == 1                          # request 2 arrives at 10 s, not yet
+    assert srv.waits[1] == pytest.approx(1000 / 300)
+    srv.finish(1, hit_blocks=2)                       # 500 of its tokens cached
+    assert srv.free_at == pytest.approx(1500 / 300)
+    assert srv.start(2) == 2 and srv.waits[2] == 0.0  # the server was idle when it came
+    srv.finish(2, hit_blocks=9)                       # more hits than tokens: no time, not negative
+    assert srv.free_at == pytest.approx(10.0)
+    assert srv.depths == [1, 0, 0]
+    assert "queue 0.3 deep" in srv.summary()
+    with pytest.raises(ValueError, match="load"):
+        tr.PrefillServer(trace, load=0)
+    with pytest.raises(ValueError, match="timestamps"):
+        tr.PrefillServer(list(reversed(trace)), load=1.0)
+
+
+def test_replay_behind_a_prefill_server_hints_its_queue():
+    """--load: the waiting queue the server builds up is hinted; deeper under more load, more
+    hits than without the hint, deterministic, and the queue drains at the end."""
+    ps, tr = _bench_modules()
+    trace = ps.generate_trace("rag", n_requests=300, seed=3)
+    chains = ps.chains_of(trace)
+    plain = tr.replay(tr.RegistryEngine(300, "lineage"), chains)[1][0]
+    runs = {}
+    for load in (0.5, 2.0):
+        srv = tr.PrefillServer(trace, load)
+        eng = tr.RegistryEngine(300, "lineage", chains=chains, server=srv)
+        runs[load] = (tr.replay(eng, chains)[1][0], sum(srv.depths) / len(srv.depths))
+        assert not eng.hints.waiting and not eng.hints.counts
+    assert runs[0.5][1] < runs[2.0][1]
+    assert runs[2.0][0] > plain
+    again = tr.PrefillServer(trace, 2.0)
+    assert tr.replay(tr.RegistryEngine(300, "lineage", chains=chains, server=again), chains)[1][0] == runs[2.0][0]
