@@ -132,11 +132,15 @@ def timed(fn, iters: int, warmup: int, budget_s: float) -> np.ndarray:
     return np.array(times, dtype=np.float64) / 1e3   # microseconds
 
 
-def policy_kwargs(name: str) -> dict:
-    """--policies names: an EvictionPolicy member (lineage = LINEAGE with its default ghost table
-    of num_blocks entries), or lineage-noghost (LINEAGE, ghost_blocks=0)."""
-    if name == "lineage-noghost":
-        return dict(policy=int(EvictionPolicy.LINEAGE), ghost_blocks=0)
+GHOST_VARIANTS = {"lineage-noghost": 0, "lineage-ghost2": 2, "lineage-ghost4": 4}
+
+
+def policy_kwargs(name: str, n: int) -> dict:
+    """--policies names: an EvictionPolicy member (lineage = LINEAGE with its default ghost table),
+    or LINEAGE with a ghost table of 0, 2 or 4 times num_blocks entries (lineage-noghost,
+    lineage-ghost2, lineage-ghost4)."""
+    if name in GHOST_VARIANTS:
+        return dict(policy=int(EvictionPolicy.LINEAGE), ghost_blocks=GHOST_VARIANTS[name] * n)
     return dict(policy=int(EvictionPolicy[name.upper()]))
 
 
@@ -205,7 +209,7 @@ def main() -> None:
     ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
     ap.add_argument("--policies", nargs="+", default=["lru", "lineage"],
-                    choices=[p.name.lower() for p in EvictionPolicy] + ["lineage-noghost"],
+                    choices=[p.name.lower() for p in EvictionPolicy] + list(GHOST_VARIANTS),
                     help="eviction policies of the policy table (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy and size")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference table")
@@ -233,7 +237,7 @@ def policy_table(args) -> None:
         for r in range(args.rounds):
             order = args.policies if r % 2 == 0 else args.policies[::-1]
             for p in order:
-                res = bench_point(BlockRegistry, n, args, fill_pool=True, **policy_kwargs(p))
+                res = bench_point(BlockRegistry, n, args, fill_pool=True, **policy_kwargs(p, n))
                 for op in OPS:
                     med[p][op].append(float(np.median(res[op])))
                     p99[p][op].append(float(np.percentile(res[op], 99)))

@@ -25,6 +25,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 POLICIES = ("lru", "lineage")
 TRANSPORTS = ("ipc", "tcp")
+MAX_GHOST_RATIO = 16
 
 
 def parse_size(value: int | float | str, key: str) -> int:
@@ -60,6 +61,11 @@ class KvbmConfig:
     transport: str = "ipc"                 # ipc, or tcp on 127.0.0.1
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
     policy: str = "lineage"                # eviction policy of every tier: lineage (bench/POLICY.md) or lru
+    # lineage's ghost table (use counts of recently evicted hashes), in multiples of each tier's
+    # block count; 0: none. More remembers more reuse (bench/POLICY_ROUND3.md: 4 gives +0.05 hit
+    # ratio on the shared trace) but the entries share the block index, so lookups slow down on
+    # pools far beyond the CPU caches (1.3-1.6x at 10^6 blocks with 4, bench/RESULTS.md).
+    ghost_ratio: float = 1.0
     salt: str = ""                         # folded into the hash seed (model, LoRA, cache salt)
     max_inflight_bytes: int = 4 << 30      # TransferManager backpressure bound
     max_batch_blocks: int = 256            # blocks per transfer request
@@ -92,6 +98,11 @@ class KvbmConfig:
             raise ConfigError(f"transport: expected one of {TRANSPORTS}, got {self.transport!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        if isinstance(self.ghost_ratio, str):
+            object.__setattr__(self, "ghost_ratio", _parse_float(self.ghost_ratio, "ghost_ratio"))
+        if (isinstance(self.ghost_ratio, bool) or not isinstance(self.ghost_ratio, (int, float))
+                or not 0 <= self.ghost_ratio <= MAX_GHOST_RATIO):
+            raise ConfigError(f"ghost_ratio: expected a number in [0, {MAX_GHOST_RATIO}], got {self.ghost_ratio!r}")
         if self.tcp_port > 65535:
             raise ConfigError(f"tcp_port: expected 0..65535, got {self.tcp_port}")
         if self.request_timeout_ms < 1:
@@ -143,6 +154,10 @@ class KvbmConfig:
     def host_blocks_for(self, layout: LayoutConfig) -> int:
         return _blocks(self.host_blocks, self.host_size, layout, "host")
 
+    def ghost_blocks_for(self, blocks: int) -> int:
+        """Entries of the ghost table of a tier of `blocks` blocks."""
+        return int(blocks * self.ghost_ratio)
+
     def disk_blocks_for(self, layout: LayoutConfig) -> int:
         return _blocks(self.disk_blocks, self.disk_size, layout, "disk")
 
@@ -167,7 +182,7 @@ _ENV_KEYS = {
     "KVBM_HOST_GB": "host_size", "KVBM_DISK_BLOCKS": "disk_blocks", "KVBM_DISK_SIZE": "disk_size",
     "KVBM_DISK_GB": "disk_size", "KVBM_DISK_PATH": "disk_path", "KVBM_INSTANCE_ID": "instance_id",
     "KVBM_RUNTIME_DIR": "runtime_dir", "KVBM_TRANSPORT": "transport", "KVBM_TCP_PORT": "tcp_port",
-    "KVBM_POLICY": "policy", "KVBM_SALT": "salt", "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
+    "KVBM_POLICY": "policy", "KVBM_GHOST_RATIO": "ghost_ratio", "KVBM_SALT": "salt", "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
     "KVBM_FORCE_CPU": "force_cpu", "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms",
@@ -214,6 +229,13 @@ def _parse_int(raw: str, key: str) -> int:
         return int(raw.strip())
     except ValueError as err:
         raise ConfigError(f"{key}: expected an integer, got {raw!r}") from err
+
+
+def _parse_float(raw: str, key: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError as err:
+        raise ConfigError(f"{key}: expected a number, got {raw!r}") from err
 
 
 def _parse_bool(raw: str, key: str) -> bool:

@@ -85,7 +85,8 @@ class KvBlockManager:
             sizes[Tier.G3] = config.disk_blocks if layout is None else config.disk_blocks_for(layout)
         for tier, blocks in sizes.items():
             if blocks:
-                self.pools[tier] = BlockPool(tier, blocks, config.policy)
+                self.pools[tier] = BlockPool(tier, blocks, config.policy,
+                                             ghost_blocks=config.ghost_blocks_for(blocks))
         if not self.pools:
             raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size or disk_blocks/disk_size")
         self.tiers = TierView(self.pools)

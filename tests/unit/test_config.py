@@ -54,6 +54,11 @@ def test_env_gigabytes_and_blocks():
     (dict(bogus=1), "unknown config keys"),
     (dict(host_blocks="many"), "expected an integer"),
     (dict(force_cpu="maybe"), "boolean"),
+    (dict(ghost_ratio=-1), "ghost_ratio"),
+    (dict(ghost_ratio="lots"), "ghost_ratio: expected a number"),
+    (dict(ghost_ratio="nan"), "ghost_ratio"),
+    (dict(ghost_ratio=True), "ghost_ratio"),
+    (dict(ghost_ratio=17), "ghost_ratio"),
 ])
 def test_bad_values_name_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,3 +93,23 @@ def test_direct_construction_parses_sizes():
     assert (cfg.host_size, cfg.max_inflight_bytes) == (8 * 10**6, 2**30)
     with pytest.raises(ConfigError, match="host_size"):
         KvbmConfig(host_size="lots")
+
+
+def test_ghost_ratio_sizes_each_tiers_ghost_table():
+    """ghost_ratio (kwarg, KVBM_GHOST_RATIO or file) reaches every LINEAGE pool's registry."""
+    from kvbm.manager import KvBlockManager
+    from kvbm.pools import Tier
+    assert KvbmConfig.load(env={}).ghost_ratio == 1.0
+    cfg = KvbmConfig.load(env={"KVBM_GHOST_RATIO": "4", "KVBM_HOST_BLOCKS": "100", "KVBM_DEVICE_BLOCKS": "10"})
+    assert cfg.ghost_ratio == 4.0 and cfg.ghost_blocks_for(100) == 400
+    kv = KvBlockManager(cfg)
+    try:
+        assert kv.pools[Tier.G2].registry.ghost_blocks == 400
+        assert kv.pools[Tier.G1].registry.ghost_blocks == 40
+    finally:
+        kv.close()
+    kv = KvBlockManager(KvbmConfig.load(env={}, host_blocks=100, ghost_ratio=0))
+    try:
+        assert kv.pools[Tier.G2].registry.ghost_blocks == 0
+    finally:
+        kv.close()
