@@ -5,6 +5,7 @@
     python bench/trace_replay.py --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
     python bench/trace_replay.py --engine registry --policy lru    # kvbm._fast.registry.BlockRegistry
     python bench/trace_replay.py --engine registry --policy lru lineage belady --queue-depth 4 16 96
+    python bench/trace_replay.py --engine registry --policy lru lineage --load 0.9 1.0 1.2
     python bench/trace_replay.py --suite > results.md              # POLICY.md's validation tables
     python bench/trace_replay.py --generate chat --out chat.jsonl.gz   # write a synthetic trace
 
@@ -25,6 +26,11 @@ are "waiting" -- hinted through kvbm.pools.WaitingHints, the code behind
 KvBlockManager.hint_waiting/hint_done (request i+K is hinted and request i done before i is served).
 Depth K means the engine sees K requests queued; at the shared trace's ~256 ms mean inter-arrival,
 K = 96 is ~25 s of backlog. Rows `policy+qK` for each registry policy.
+
+Queue hint behind a prefill server (`--load RHO ...`, registry engine): instead of a fixed K, a
+FIFO prefill server (PrefillServer) fed by the trace's own timestamps decides what is waiting;
+RHO is its utilisation with nothing cached. Rows `policy+loadRHO` give the mean queue depth and
+wait beside the hit ratio (bench/POLICY_ROUND3.md section 3).
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ class KvbmConfig:
     policy: str = "lineage"                # eviction policy of every tier: lineage (bench/POLICY.md) or lru
     # lineage's ghost table (use counts of recently evicted hashes), in multiples of each tier's
     # block count; 0: none. More remembers more reuse (bench/POLICY_ROUND3.md: 4 gives +0.05 hit
-    # ratio on the shared trace) but the entries share the block index, so lookups slow down on
-    # pools far beyond the CPU caches (1.3-1.6x at 10^6 blocks with 4, bench/RESULTS.md).
+    # ratio on the shared trace) but the entries share the block index, so lookups slow down
+    # (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6; bench/RESULTS.md).
     ghost_ratio: float = 1.0
     salt: str = ""                         # folded into the hash seed (model, LoRA, cache salt)
     max_inflight_bytes: int = 4 << 30      # TransferManager backpressure bound
