@@ -2,6 +2,8 @@
 through the whole pipeline (CPU mode when there is no GPU).
 
 What the driver does, per request (requests share system-prompt prefixes):
+  0. the request waits in a queue of --queue requests first; while it waits, kv.hint_waiting
+     keeps the cached blocks it will read from being evicted early (kv.hint_done when it is served)
   1. hash the token blocks (kvbm.hashing: sequence hashes chained over the prefix)
   2. match the prefix in G1 (the device pool) -> reuse those blocks
   3. match the next stretch in G2 (the host pool) -> allocate device blocks (possibly evicting old
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
 import tempfile
 import time
 
@@ -83,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-blocks", type=int, default=24)
     ap.add_argument("--device-blocks", type=int, default=160, help="G1 size (small, so that it evicts)")
     ap.add_argument("--host-blocks", type=int, default=2048)
+    ap.add_argument("--queue", type=int, default=4, help="requests waiting ahead of the one served (hinted)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
     return ap.parse_args(argv)
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         w = workers[label]
         print(f"kvbm demo: {label} worker (pid {w['pid']}, gen {w['gen']}): {w['requests']} requests, "
               f"{w['bytes'] / 1e6:.1f} MB, copy rate {_rate(w['bytes'], w['busy_s'])}")
+    print(f"kvbm demo: queue hint: {stats['requests']} requests waited behind up to {args.queue} others; "
+          f"{stats['hinted']} block hashes were hinted while waiting")
     print(f"kvbm demo: G2 holds {g2['inactive'] + g2['active']} of {g2['num_blocks']} blocks, evicted {g2['evicted']}; "
           f"{stats['wiped']} reused device blocks were wiped before use")
     print(f"kvbm demo: verified {stats['verified']} blocks byte for byte, {stats['mismatches']} mismatches; "
@@ -143,7 +149,17 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
     prompts = [rng.integers(0, 32000, size=args.prompt_blocks * page, dtype=np.uint32) for _ in range(args.prompts)]
     popularity = rng.zipf(1.3, size=args.requests) % args.prompts
     stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, computed=0, moved=0, held=0, verified=0,
-                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0)
+                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0)
+    queue: deque[tuple[int, np.ndarray]] = deque()    # (request id, its sequence hashes), oldest first
+
+    def arrive(it: int) -> None:
+        prompt = prompts[popularity[it]]
+        cut = int(rng.integers(args.prompt_blocks // 2, args.prompt_blocks + 1)) * page
+        suffix = rng.integers(0, 32000, size=int(rng.integers(2, 9)) * page, dtype=np.uint32)
+        _, hashes = hash_token_blocks(np.concatenate([prompt[:cut], suffix]), page, salt="demo-model")
+        if args.queue:                                    # --queue 0: served on arrival, never waits
+            stats["hinted"] += kv.hint_waiting(it, hashes)
+        queue.append((it, hashes))
     pending: list[tuple] = []   # (offload future, G1 blocks to release once it landed)
 
     def settle(wait: bool) -> None:
@@ -160,13 +176,15 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
                 keep.append((fut, blocks))
         pending[:] = keep
 
+    for it in range(min(args.queue, args.requests)):
+        arrive(it)
     for it in range(args.requests):
         settle(wait=False)
-        prompt = prompts[popularity[it]]
-        cut = int(rng.integers(args.prompt_blocks // 2, args.prompt_blocks + 1)) * page
-        suffix = rng.integers(0, 32000, size=int(rng.integers(2, 9)) * page, dtype=np.uint32)
-        tokens = np.concatenate([prompt[:cut], suffix])
-        _, hashes = hash_token_blocks(tokens, page, salt="demo-model")
+        if it + args.queue < args.requests:
+            arrive(it + args.queue)
+        served, hashes = queue.popleft()
+        if args.queue:
+            kv.hint_done(served)                              # scheduled: no longer waiting
         n = len(hashes)
 
         hit1 = g1.match(hashes)                               # acquired
@@ -212,6 +230,8 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
         kv.scheduler.reached(iteration=it)                    # ...so this iteration's offloads may read
         pending.append((fut, blocks))
     settle(wait=True)
+    if kv.num_waiting:
+        raise RuntimeError(f"{kv.num_waiting} requests still hinted as waiting after the run")
     g1.registry.check_invariants()
     g2.registry.check_invariants()
     return stats

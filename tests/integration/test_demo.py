@@ -1,0 +1,36 @@
+"""The README's main job (`python -m kvbm.demo`), small, in CPU mode: the whole pipeline verifies
+every block byte for byte, onboards from G2, drains its hinted waiting queue and shuts down."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+
+@pytest.mark.parametrize("queue", [0, 6])
+def test_demo_runs_the_pipeline_end_to_end(queue):
+    # a short temp dir of its own: unix socket paths are limited to 107 bytes (pytest's tmp_path is
+    # too deep), and it must be empty again afterwards
+    tmp = tempfile.mkdtemp(prefix="kvd-")
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", "--requests", "48", "--queue", str(queue)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": tmp})
+        left = os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
+    assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
+    onboarded = re.search(r"(\d+) onboarded from G2", text)
+    assert onboarded and int(onboarded.group(1)) > 0, text
+    hinted = re.search(r"queue hint: 48 requests waited behind up to (\d+) others; (\d+) block hashes", text)
+    assert hinted and int(hinted.group(1)) == queue, text
+    assert (int(hinted.group(2)) > 0) == (queue > 0), text
+    assert "everything shut down" in text
+    assert not left, f"the demo left {left} behind in its temp dir"
