@@ -58,8 +58,8 @@ FEATURES: dict[str, Callable[[int, int, int], object]] = {
 
 
 class OracleWindow(ps.Policy):
-    """Leaf-first; blocks used by fewer of the W requests after their release go first; LRU among
-    equals."""
+    """Blocks used by fewer of the W requests after their release go first; among equals, leaves
+    before blocks with a cached child, then LRU."""
     needs_future = True
     rekey_on_child = True
 
@@ -130,17 +130,31 @@ class HazardTable:
         return (self.events.get(cell, 0) + 0.5) / (x + 50) if x else 0.0
 
 
+class Cached:
+    """A cached block: its class, the request that last used it and its use count."""
+    __slots__ = ("cls", "last", "count")
+
+    def __init__(self, last: int, count: int) -> None:
+        self.cls = None
+        self.last = last
+        self.count = count
+
+
 class HazardCache:
     """One tier with policy_sim's request semantics (match -> hits, pin, insert the missing blocks,
     the partial last block in its own class that goes first, release), evicting by a hazard table.
     Within a class blocks are kept in release order; a request's blocks are released deepest first
-    so that a document is trimmed from its tail (leaf-first, as lineage does)."""
+    so that a document is trimmed from its tail (leaf-first, as lineage does).
+
+    The table is per document (its read count, the age of its last read) and is looked up per block
+    (the block's use count, the age of its last use). On this trace they agree but for the partial
+    tails and blocks of a document read only in part: the rows are reference points, not bounds."""
 
     def __init__(self, capacity: int, table: HazardTable):
         self.capacity = capacity
         self.feature = table.feature
         self.table = table
-        self.blocks: dict[int, list] = {}               # hash -> [class, last request, use count]
+        self.blocks: dict[int, Cached] = {}
         self.classes: dict[object, OrderedDict] = defaultdict(OrderedDict)
         self.history: dict[int, int] = {}               # evicted hash -> use count (unbounded)
         self.doc_last: dict[int, int] = {}
@@ -157,7 +171,7 @@ class HazardCache:
             if not members or cls == TAIL:
                 continue
             h = next(iter(members))
-            hazard = self.table.rate((q, cls, log_bucket(now - self.blocks[h][1], 13)))
+            hazard = self.table.rate((q, cls, log_bucket(now - self.blocks[h].last, 13)))
             if best is None or hazard < best[0]:
                 best = (hazard, cls, h)
         if best is None:
@@ -178,21 +192,21 @@ class HazardCache:
         for h in chain:                                  # pin: out of the eviction order
             e = self.blocks.get(h)
             if e is not None:
-                self.classes[e[0]].pop(h, None)
+                self.classes[e.cls].pop(h, None)
         for h in chain:
             if h in self.blocks:
                 continue
             while len(self.blocks) >= self.capacity:
                 v = self._victim(now)
-                self.history[v] = self.blocks.pop(v)[2]
-            self.blocks[h] = [None, now, self.history.pop(h, 0)]
+                self.history[v] = self.blocks.pop(v).count
+            self.blocks[h] = Cached(now, self.history.pop(h, 0))
         for j, h in enumerate(chain):
             e = self.blocks[h]
-            e[2] += 1
-            e[1] = now
-            e[0] = TAIL if (j == n - 1 and j >= k and e[2] == 1) else self.feature(e[2], n, gap)
+            e.count += 1
+            e.last = now
+            e.cls = TAIL if (j == n - 1 and j >= k and e.count == 1) else self.feature(e.count, n, gap)
         for h in reversed(chain):                        # release, deepest first
-            self.classes[self.blocks[h][0]][h] = None
+            self.classes[self.blocks[h].cls][h] = None
         return k
 
 

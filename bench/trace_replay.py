@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import math
 import os
 import statistics
 import sys
@@ -107,16 +108,23 @@ class PrefillServer:
     report gives its mean depth and the mean and p99 wait."""
 
     def __init__(self, trace: Sequence[dict], load: float, block_tokens: int = 512):
-        if not load > 0:
-            raise ValueError(f"load must be > 0, got {load}")
-        self.arrival = [float(r["timestamp"]) / 1000.0 for r in trace]
-        self.tokens = [int(r.get("input_length") or len(r["hash_ids"]) * block_tokens) for r in trace]
+        if not (math.isfinite(load) and load > 0):
+            raise ValueError(f"load must be a finite number > 0, got {load}")
+        try:
+            self.arrival = [float(r["timestamp"]) / 1000.0 for r in trace]
+        except KeyError:
+            raise ValueError("a prefill server needs every request's timestamp (ms)") from None
+        if not self.arrival:
+            raise ValueError("a prefill server needs at least one request")
         if any(b < a for a, b in zip(self.arrival, self.arrival[1:])):
             raise ValueError("trace timestamps must not decrease")
-        span = max(self.arrival[-1] - self.arrival[0], 1e-3)
-        self.rate = sum(self.tokens) / span / load       # prefill tokens per second
+        span = self.arrival[-1] - self.arrival[0]
+        if len(self.arrival) > 1 and span <= 0:
+            raise ValueError("trace timestamps span no time: no arrival rate to size the server by")
+        self.tokens = [int(r.get("input_length") or len(r["hash_ids"]) * block_tokens) for r in trace]
+        # one request: any rate will do (it never waits); else the offered load over the span
+        self.rate = sum(self.tokens) / (span if span > 0 else 1.0) / load   # prefill tokens per second
         self.block_tokens = block_tokens
-        self.load = load
         self.free_at = self.arrival[0]
         self._start = 0.0
         self.waits: list[float] = []
@@ -159,7 +167,7 @@ class RegistryEngine(Engine):
 
     def __init__(self, capacity: int, policy: str, ghost_blocks: int | None = None,
                  queue_depth: int = 0, chains: Sequence[Sequence[int]] | None = None,
-                 server: "PrefillServer | None" = None):
+                 server: PrefillServer | None = None):
         import numpy as np
         from kvbm.policy import EvictionPolicy
         from kvbm.pools import BlockPool, Tier, WaitingHints
@@ -370,7 +378,7 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
         for p, depth, rho in variants:
             for adm in (admissions if tiers > 1 else ["all"]):
                 t0 = time.time()
-                server = PrefillServer(trace, rho) if rho else None
+                server = PrefillServer(trace, rho) if rho > 0 else None   # rho 0.0: no server
                 eng = make_engine(engine, caps, p, adm, chains, depth, server)
                 total, hits = replay(eng, chains)
                 hr = sum(hits) / total
@@ -422,6 +430,13 @@ def suite(chains, policies: list[str], out=sys.stdout) -> None:
               f"{sum(x < -0.005 for x in g)}/{len(g)} |", file=out)
 
 
+def _positive_load(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a load is a finite number > 0, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=DEFAULT_TRACE, help="Mooncake jsonl (.gz ok)")
@@ -438,7 +453,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queue-depth", type=int, nargs="+", default=[],
                     help="registry engine: also replay each registry policy with the next K "
                          "requests hinted as waiting (KvBlockManager.hint_waiting), per K")
-    ap.add_argument("--load", type=float, nargs="+", default=[],
+    ap.add_argument("--load", type=_positive_load, nargs="+", default=[],
                     help="registry engine: also replay each registry policy behind a FIFO prefill "
                          "server (PrefillServer) whose waiting queue is hinted; LOAD = its "
                          "utilisation if nothing were cached, per LOAD")

@@ -26,6 +26,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 POLICIES = ("lru", "lineage")
 TRANSPORTS = ("ipc", "tcp")
 MAX_GHOST_RATIO = 16
+MAX_GHOST_BLOCKS = 2**31 - 2      # the registry's limit on ghost entries (and on blocks)
 
 
 def parse_size(value: int | float | str, key: str) -> int:
@@ -62,9 +63,10 @@ class KvbmConfig:
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
     policy: str = "lineage"                # eviction policy of every tier: lineage (bench/POLICY.md) or lru
     # lineage's ghost table (use counts of recently evicted hashes), in multiples of each tier's
-    # block count; 0: none. More remembers more reuse (bench/POLICY_ROUND3.md: 4 gives +0.05 hit
-    # ratio on the shared trace) but the entries share the block index, so lookups slow down
-    # (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6; bench/RESULTS.md).
+    # block count; 0: none. More remembers more reuse (bench/POLICY_ROUND3.md: 4 gives +0.01 hit
+    # ratio, +0.05 of the LRU -> Belady gap, on the shared trace) but the entries share the block
+    # index, so lookups slow down (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6;
+    # bench/RESULTS.md). The tables live in RAM for every tier, G3's included.
     ghost_ratio: float = 1.0
     salt: str = ""                         # folded into the hash seed (model, LoRA, cache salt)
     max_inflight_bytes: int = 4 << 30      # TransferManager backpressure bound
@@ -100,9 +102,9 @@ class KvbmConfig:
             raise ConfigError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
         if isinstance(self.ghost_ratio, str):
             object.__setattr__(self, "ghost_ratio", _parse_float(self.ghost_ratio, "ghost_ratio"))
-        if (isinstance(self.ghost_ratio, bool) or not isinstance(self.ghost_ratio, (int, float))
-                or not 0 <= self.ghost_ratio <= MAX_GHOST_RATIO):
-            raise ConfigError(f"ghost_ratio: expected a number in [0, {MAX_GHOST_RATIO}], got {self.ghost_ratio!r}")
+        ratio = self.ghost_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= MAX_GHOST_RATIO:
+            raise ConfigError(f"ghost_ratio: expected a number in [0, {MAX_GHOST_RATIO}], got {ratio!r}")
         if self.tcp_port > 65535:
             raise ConfigError(f"tcp_port: expected 0..65535, got {self.tcp_port}")
         if self.request_timeout_ms < 1:
@@ -156,7 +158,11 @@ class KvbmConfig:
 
     def ghost_blocks_for(self, blocks: int) -> int:
         """Entries of the ghost table of a tier of `blocks` blocks."""
-        return int(blocks * self.ghost_ratio)
+        ghosts = int(blocks * self.ghost_ratio)
+        if ghosts > MAX_GHOST_BLOCKS:
+            raise ConfigError(f"ghost_ratio {self.ghost_ratio} gives a tier of {blocks} blocks {ghosts} ghost "
+                              f"entries; the registry takes at most {MAX_GHOST_BLOCKS}: lower ghost_ratio")
+        return ghosts
 
     def disk_blocks_for(self, layout: LayoutConfig) -> int:
         return _blocks(self.disk_blocks, self.disk_size, layout, "disk")

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import deque
 import tempfile
 import time
+from collections import deque
 
 import numpy as np
 
@@ -89,7 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--queue", type=int, default=4, help="requests waiting ahead of the one served (hinted)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("requests", "prompts", "prompt_blocks", "device_blocks", "host_blocks"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.queue < 0:
+        ap.error("--queue must be >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         w = workers[label]
         print(f"kvbm demo: {label} worker (pid {w['pid']}, gen {w['gen']}): {w['requests']} requests, "
               f"{w['bytes'] / 1e6:.1f} MB, copy rate {_rate(w['bytes'], w['busy_s'])}")
-    print(f"kvbm demo: queue hint: {stats['requests']} requests waited behind up to {args.queue} others; "
+    print(f"kvbm demo: queue hint: up to {stats['max_waiting']} requests waited (hinted) while one was served; "
           f"{stats['hinted']} block hashes were hinted while waiting")
     print(f"kvbm demo: G2 holds {g2['inactive'] + g2['active']} of {g2['num_blocks']} blocks, evicted {g2['evicted']}; "
           f"{stats['wiped']} reused device blocks were wiped before use")
@@ -149,7 +155,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
     prompts = [rng.integers(0, 32000, size=args.prompt_blocks * page, dtype=np.uint32) for _ in range(args.prompts)]
     popularity = rng.zipf(1.3, size=args.requests) % args.prompts
     stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, computed=0, moved=0, held=0, verified=0,
-                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0)
+                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0, max_waiting=0)
     queue: deque[tuple[int, np.ndarray]] = deque()    # (request id, its sequence hashes), oldest first
 
     def arrive(it: int) -> None:
@@ -185,6 +191,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
         served, hashes = queue.popleft()
         if args.queue:
             kv.hint_done(served)                              # scheduled: no longer waiting
+        stats["max_waiting"] = max(stats["max_waiting"], kv.num_waiting)
         n = len(hashes)
 
         hit1 = g1.match(hashes)                               # acquired

@@ -12,8 +12,8 @@ import tempfile
 import pytest
 
 
-@pytest.mark.parametrize("queue", [0, 6])
-def test_demo_runs_the_pipeline_end_to_end(queue):
+@pytest.mark.parametrize("queue, waiting", [(0, 0), (6, 6)])
+def test_demo_runs_the_pipeline_end_to_end(queue, waiting):
     # a short temp dir of its own: unix socket paths are limited to 107 bytes (pytest's tmp_path is
     # too deep), and it must be empty again afterwards
     tmp = tempfile.mkdtemp(prefix="kvd-")
@@ -29,8 +29,16 @@ def test_demo_runs_the_pipeline_end_to_end(queue):
     assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
     onboarded = re.search(r"(\d+) onboarded from G2", text)
     assert onboarded and int(onboarded.group(1)) > 0, text
-    hinted = re.search(r"queue hint: 48 requests waited behind up to (\d+) others; (\d+) block hashes", text)
-    assert hinted and int(hinted.group(1)) == queue, text
+    # kv.num_waiting while a request is served: the queue behind it, capped by the requests left
+    hinted = re.search(r"queue hint: up to (\d+) requests waited \(hinted\) while one was served; (\d+) block", text)
+    assert hinted and int(hinted.group(1)) == waiting, text
     assert (int(hinted.group(2)) > 0) == (queue > 0), text
     assert "everything shut down" in text
     assert not left, f"the demo left {left} behind in its temp dir"
+
+
+def test_demo_refuses_bad_arguments():
+    for bad in (["--queue", "-1"], ["--requests", "0"]):
+        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", *bad], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and "must be >= " in out.stderr, out.stderr

@@ -59,6 +59,8 @@ def test_env_gigabytes_and_blocks():
     (dict(ghost_ratio="nan"), "ghost_ratio"),
     (dict(ghost_ratio=True), "ghost_ratio"),
     (dict(ghost_ratio=17), "ghost_ratio"),
+    (dict(ghost_ratio=float("inf")), "ghost_ratio"),
+    (dict(ghost_ratio=float("nan")), "ghost_ratio"),
 ])
 def test_bad_values_name_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -108,6 +110,10 @@ def test_ghost_ratio_sizes_each_tiers_ghost_table():
         assert kv.pools[Tier.G1].registry.ghost_blocks == 40
     finally:
         kv.close()
+    with pytest.raises(ConfigError, match="ghost_ratio: expected a number"):
+        KvbmConfig.load(env={"KVBM_GHOST_RATIO": "four"})
+    with pytest.raises(ConfigError, match="lower ghost_ratio"):
+        KvbmConfig(ghost_ratio=16).ghost_blocks_for(2**28)
     kv = KvBlockManager(KvbmConfig.load(env={}, host_blocks=100, ghost_ratio=0))
     try:
         assert kv.pools[Tier.G2].registry.ghost_blocks == 0

@@ -130,7 +130,9 @@ def test_replay_queue_hint_on_the_registry_engine():
 def _bench_modules():
     import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     import policy_sim as ps
     import trace_replay as tr
     return ps, tr
@@ -155,10 +157,19 @@ def test_prefill_server_queue_timing():
     assert srv.free_at == pytest.approx(10.0)
     assert srv.depths == [1, 0, 0]
     assert "queue 0.3 deep" in srv.summary()
-    with pytest.raises(ValueError, match="load"):
-        tr.PrefillServer(trace, load=0)
-    with pytest.raises(ValueError, match="timestamps"):
+    for load in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="load"):
+            tr.PrefillServer(trace, load=load)
+    with pytest.raises(ValueError, match="must not decrease"):
         tr.PrefillServer(list(reversed(trace)), load=1.0)
+    with pytest.raises(ValueError, match="span no time"):
+        tr.PrefillServer([dict(t, timestamp=5) for t in trace], load=1.0)
+    with pytest.raises(ValueError, match="timestamp"):
+        tr.PrefillServer([dict(hash_ids=[1])], load=1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        tr.PrefillServer([], load=1.0)
+    alone = tr.PrefillServer(trace[:1], load=1.0)      # one request: it never waits
+    assert alone.start(0) == 0 and alone.waits == [0.0]
 
 
 def test_replay_behind_a_prefill_server_hints_its_queue():

@@ -1,5 +1,7 @@
 """bench/policy_bounds.py: the clairvoyant window policy and the hazard-table eviction rule on
 hand-made cases (the reference points of bench/POLICY_ROUND3.md)."""
+from __future__ import annotations
+
 import os
 import sys
 
