@@ -359,3 +359,25 @@ def test_stager_that_failed_to_build_is_rebuilt_by_a_later_call():
     res = subprocess.run([sys.executable, "-c", STAGER_OOM], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_staged_call_of_one_slot_is_split_into_chunks():
+    """40 blocks of 512 KiB fit one 32 MiB slot; the call is cut into 4 chunks of 10 blocks (so its
+    gathers overlap its DMA): every block still lands, both directions, slots rotating across calls."""
+    gen = torch.Generator().manual_seed(14)
+    L, O, region = 4, 2, 65536
+    dev, dev_lay = make_buffers("outer", L, O, 96, region, torch.uint8, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", L, O, 80, region, torch.uint8, pin=True, fill="poison")
+    back, back_lay = make_buffers("outer", L, O, 96, region, torch.uint8, device="cuda", fill="poison")
+    pairs = random_pairs(gen, 80, 96, 80)
+    s = torch.cuda.Stream()
+    for half in (pairs[:40], pairs[40:]):
+        native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
+                                native.COPY_STAGED, 0, s.cuda_stream)
+    on = [(h, d) for (d, h) in pairs]
+    for half in (on[:40], on[40:]):
+        native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in half], [p[1] for p in half],
+                                native.COPY_STAGED, 0, s.cuda_stream)
+    s.synchronize()
+    assert_copied("outer", dev, "fc", host, pairs, L, O, 80)
+    assert_copied("fc", host, "outer", back, on, L, O, 96)
