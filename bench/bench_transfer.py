@@ -5,7 +5,7 @@ Measures, on one GPU, in one run:
   loop       one cudaMemcpyAsync per (block, layer, outer) region (KVBM_COPY_DMA_LOOP)
   kernel@S   the SM kernel limited to S SMs (sweep), 16-byte UVA accesses
   dma        the merged region list through cudaMemcpyBatchAsync (copy engines, no SMs)
-  staged     SM gather/scatter (8 SMs) into device staging slots + one DMA per whole G2 block
+  staged     SM gather/scatter (8 SMs) into 32 MiB device staging slots + one DMA per whole G2 block
   auto       what KVBM_COPY_AUTO picks (csrc/cuda/copy.cu's rule)
 for a model of --layers layers x --outer outer regions, region sizes --sizes, --blocks scattered
 blocks (fewer where the copy would pass --max-gib), engine layout layer-separate outer-major
@@ -202,7 +202,7 @@ def main() -> None:
             for name, method, sms in vs:
                 if only and name not in only:
                     continue
-                if name == "staged" and per_block > (8 << 20):
+                if name == "staged" and per_block > (32 << 20):
                     continue  # a block larger than a staging slot: the staged path does not apply
                 if direction == "d2h":
                     def run_once(m=method, k=sms): off(m, k)

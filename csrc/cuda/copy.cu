@@ -535,6 +535,11 @@ constexpr int kStageSlots = 4;
 // blocks) fell back to the kernel (93% H2D, 87% both ways). Cost: 4 x 32 MiB of device memory per
 // direction that uses STAGED, allocated on first use.
 constexpr int64_t kStageSlotBytes = 32 << 20;
+// A call of a few slots' worth is cut into kStageSlots chunks (none under this size), so that its
+// own gathers overlap its own DMA: a 64 x 512 KiB call filled one 32 MiB slot and ran gather then
+// DMA back to back. H100, one call of 64 such blocks, same lease: D2H 45.1-46.0 -> 48.7-50.1 GB/s,
+// H2D 42.8-43.0 -> 47.4-49.1 GB/s (bench/RESULTS.md).
+constexpr int64_t kStageMinChunkBytes = 4 << 20;
 
 struct Stager {
     std::mutex mu;
@@ -637,7 +642,10 @@ int run_staged(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t
     const int32_t L = src->num_layers, O = src->outer_dim;
     const int64_t rb = src->region_bytes;
     const int64_t bb = staged_block_bytes(src);
-    const int64_t per_slot = std::max<int64_t>(1, kStageSlotBytes / bb);
+    const int64_t fit = std::max<int64_t>(1, kStageSlotBytes / bb);
+    const int64_t spread = (n + kStageSlots - 1) / kStageSlots;
+    const int64_t least = std::max<int64_t>(1, (kStageMinChunkBytes + bb - 1) / bb);
+    const int64_t per_slot = std::min(fit, std::max(spread, least));
     if (int64_t(st->iota.size()) < per_slot) {
         st->iota.resize(size_t(per_slot));
         for (int64_t i = 0; i < per_slot; ++i) st->iota[size_t(i)] = i;

@@ -4,6 +4,10 @@ destinations, untouched blocks, both directions at once, narrow alignments, erro
 Skipped (tests/conftest.py) when kvbm.cuda_available() is False."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -276,3 +280,104 @@ def test_host_register_in_place():
         assert_copied("outer", dev, "fc", buf, [(1, 3), (2, 0)], 2, 2, 4)
     finally:
         unregister_host(buf)
+
+
+def test_pageable_middle_layer_is_refused_for_the_sm_kernel():
+    """Layers are separate allocations: a pageable one between pinned ones must be caught before
+    the kernel would fault on it (an earlier check looked at the first and last layer only)."""
+    L, O, region, nb = 3, 2, 4096, 4
+    dev, dev_lay = make_buffers("fc", L, O, nb, region, torch.uint8, device="cuda")
+    host = [torch.full((O, nb, region), 0xA5, dtype=torch.uint8) for _ in range(L)]
+    host[0], host[2] = host[0].pin_memory(), host[2].pin_memory()   # layer 1 stays pageable
+    host_lay = layer_separate_layout(host, O)
+    for src, dst in ((dev_lay, host_lay), (host_lay, dev_lay)):
+        for method in (native.COPY_KERNEL, native.COPY_AUTO):
+            with pytest.raises(LayoutError, match="layer 1 at .* is pageable host memory"):
+                native.copy_blocks_cuda(src, dst, [1], [2], method)
+    # The copy engines take pageable memory: DMA still copies every layer.
+    native.copy_blocks_cuda(dev_lay, host_lay, [1], [2], native.COPY_DMA)
+    torch.cuda.synchronize()
+    assert_copied("fc", dev, "outer", host, [(1, 2)], L, O, nb)
+
+
+def test_overflowing_layouts_are_refused_before_any_cuda_work():
+    """The CUDA entry point runs the same layout checks as the CPU one (tests/unit/test_copy.py)."""
+    one = torch.full((4, 1, 2, 4096), 0xA5, dtype=torch.uint8, device="cuda")
+    one_lay = fully_contiguous_layout(one, 1, 2)
+    huge = native.RegionLayout([one.data_ptr()], 2, 2**40, 2**30, 4096, 4096)   # 2^70 bytes of blocks
+    wraps = native.RegionLayout([2**64 - 4096], 2, 4, 8192, 4096, 4096)          # base + span wraps
+    for method in METHODS.values():
+        with pytest.raises(LayoutError, match="overflow a 64-bit offset"):
+            native.copy_blocks_cuda(huge, one_lay, [0], [0], method)
+        with pytest.raises(LayoutError, match="wraps"):
+            native.copy_blocks_cuda(one_lay, wraps, [0], [0], method)
+    torch.cuda.synchronize()
+    assert bool((one == 0xA5).all())
+
+
+STAGER_OOM = r"""
+import torch
+from copy_helpers import assert_copied, make_buffers
+from kvbm._fast import native
+from kvbm.errors import CudaError
+L, O, region, nb = 2, 2, 65536, 8
+gen = torch.Generator().manual_seed(21)
+dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", gen=gen)
+host, host_lay = make_buffers("fc", L, O, nb, region, torch.uint8, pin=True, fill="poison")
+# Leave less free device memory than the stager's 4 slots need, so its cudaMalloc fails.
+hog, step = [], 1 << 30
+while step >= (2 << 20):
+    try:
+        if torch.cuda.mem_get_info()[0] < (48 << 20):
+            break
+        hog.append(torch.empty(step, dtype=torch.uint8, device="cuda"))
+    except torch.OutOfMemoryError:
+        step //= 2
+print("free while hogged:", torch.cuda.mem_get_info()[0] >> 20, "MiB", flush=True)
+try:
+    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
+except CudaError as err:
+    print("first call:", err, flush=True)
+else:
+    raise SystemExit("staged copy succeeded with no device memory for its slots")
+del hog
+torch.cuda.empty_cache()
+for _ in range(2):   # a later call builds the stager afresh and copies
+    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
+    torch.cuda.synchronize()
+assert_copied("outer", dev, "fc", host, [(1, 0), (5, 3)], L, O, nb)
+print("ok")
+"""
+
+
+def test_stager_that_failed_to_build_is_rebuilt_by_a_later_call():
+    """A stager whose slots could not be allocated is torn down; the next call starts over.
+    In a child process: the stager is per process, and this one's is built by earlier tests."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, ".."), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", STAGER_OOM], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_staged_call_of_one_slot_is_split_into_chunks():
+    """40 blocks of 512 KiB fit one 32 MiB slot; the call is cut into 4 chunks of 10 blocks (so its
+    gathers overlap its DMA): every block still lands, both directions, slots rotating across calls."""
+    gen = torch.Generator().manual_seed(14)
+    L, O, region = 4, 2, 65536
+    dev, dev_lay = make_buffers("outer", L, O, 96, region, torch.uint8, device="cuda", gen=gen)
+    host, host_lay = make_buffers("fc", L, O, 80, region, torch.uint8, pin=True, fill="poison")
+    back, back_lay = make_buffers("outer", L, O, 96, region, torch.uint8, device="cuda", fill="poison")
+    pairs = random_pairs(gen, 80, 96, 80)
+    s = torch.cuda.Stream()
+    for half in (pairs[:40], pairs[40:]):
+        native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
+                                native.COPY_STAGED, 0, s.cuda_stream)
+    on = [(h, d) for (d, h) in pairs]
+    for half in (on[:40], on[40:]):
+        native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in half], [p[1] for p in half],
+                                native.COPY_STAGED, 0, s.cuda_stream)
+    s.synchronize()
+    assert_copied("outer", dev, "fc", host, pairs, L, O, 80)
+    assert_copied("fc", host, "outer", back, on, L, O, 96)
