@@ -12,8 +12,8 @@ Life of a submission:
               or when called on the I/O thread, e.g. from a callback; never a silent drop) -> split into requests of <= max_batch_blocks pairs
            -> held by the Scheduler while its gate is closed (failed with "gate never opened" past
               gate_timeout_s, its budget returned) -> the path's priority queue
-  I/O thread: keeps about WINDOW full requests' worth of blocks per path at the worker (so
-              priorities still matter), each tagged with the worker generation it was registered with
+  I/O thread: keeps <= WINDOW requests per path at the worker (so priorities still matter), each
+              tagged with the worker generation it was registered with
   worker   -> {layer} messages (progress) and one {done}; a request of a dead generation is failed
               when the supervisor publishes {event died, gen}; a request past its deadline makes the
               manager ask the supervisor to kill that generation, and fails on the died event (so no
@@ -48,8 +48,7 @@ from kvbm.transfer.scheduler import Gate, Scheduler
 
 logger = logging.getLogger(__name__)
 
-WINDOW = 4               # full-size requests' worth of blocks outstanding per path worker...
-WINDOW_MAX_REQUESTS = 16  # ...in at most this many requests, however small they are
+WINDOW = 4               # requests outstanding per path worker
 STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
 HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple
 SMALL_CHECK = 64         # submissions up to this many blocks are checked with plain ints
@@ -101,7 +100,6 @@ class _Wire:
     gen: int
     sent_at: float
     deadline: float
-    blocks: int = 0
     timed_out: bool = False
     stopping: bool = False   # kvbm-workers said "stopping": failed on "died", or unsafely past deadline
 
@@ -402,7 +400,7 @@ class TransferManager:
     def _pump(self, state: _PathState) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
         requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
-        while state.heap and state.registered_gen and self._window_open(state):
+        while state.heap and state.registered_gen and len(state.outstanding) < WINDOW:
             _, _, lead = heapq.heappop(state.heap)
             if lead.state != "queued":
                 continue
@@ -440,21 +438,9 @@ class TransferManager:
             now = time.monotonic()
             for m in members:
                 m.state, m.gen, m.sent_at = "sent", gen, now
-            state.outstanding[rid] = _Wire(rid, members, gen, now, now + self.request_timeout_s, blocks=total)
+            state.outstanding[rid] = _Wire(rid, members, gen, now, now + self.request_timeout_s)
             with self._lock:
                 self.counters["requests"] += 1
-
-    def _window_open(self, state: _PathState) -> bool:
-        # Counted in blocks, not requests: the first requests of a burst are small (submissions
-        # have not piled up yet), and four of them hold ~1 ms of copying, less than this thread can
-        # wait for the GIL while the engine submits (H100: worker idle, offload at 64 blocks 89-93%
-        # of the copy routine; bench/RESULTS.md, "Pipeline on the GPU, rerun after the review fixes").
-        n = len(state.outstanding)
-        if n < WINDOW:
-            return True
-        if n >= WINDOW_MAX_REQUESTS:
-            return False
-        return sum(w.blocks for w in state.outstanding.values()) < WINDOW * self.max_batch_blocks
 
     def _settle_wire(self, state: _PathState, wire: _Wire, error: str | None) -> None:
         state.outstanding.pop(wire.rid, None)

@@ -80,8 +80,7 @@ class InFlight:
 
 
 # CUDA requests kept launched at once: enough to hide one request's host-side work behind the
-# copies of the others (the engine keeps about transfer.manager.WINDOW full requests' worth of
-# blocks at a worker, in at most WINDOW_MAX_REQUESTS requests; the rest wait in this heap).
+# copies of the others (the engine keeps transfer.manager.WINDOW requests at a worker).
 MAX_IN_FLIGHT = 4
 # Copy requests waiting in the heap: what the engines' windows need many times over; past it a
 # request is answered ERROR at once instead of growing this process without bound.

@@ -348,32 +348,3 @@ def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-
-
-def _outstanding_at_rest(tm, path, expect_settled):
-    """Outstanding wire requests once the I/O thread has sent all it may (the worker holds each
-    for worker_delay_ms, so none completes meanwhile)."""
-    state = tm._paths[path]
-    wait_for(lambda: len(state.outstanding) >= expect_settled, 10, f"{expect_settled} requests outstanding")
-    time.sleep(0.1)   # the I/O thread would have sent more by now if the window allowed it
-    return len(state.outstanding), sum(w.blocks for w in state.outstanding.values())
-
-
-def test_window_counts_blocks_not_requests(make_pipeline, rng):
-    """Small requests: up to WINDOW_MAX_REQUESTS of them at the worker (four would hold almost no
-    copying); full-size requests: WINDOW of them. Distinct priorities keep them from coalescing."""
-    from kvbm.transfer import manager as M
-    # each copy takes 500 ms at the worker: 24 requests in all, so a long deadline
-    pipe = make_pipeline(device_blocks=512, host_blocks=512, worker_delay_ms=500, max_batch_blocks=8,
-                         request_timeout_ms=120_000)
-    kv, tm = pipe.kv, pipe.kv.transfers
-    small = [kv.offload([i], random_hashes(rng, 1), priority=i) for i in range(M.WINDOW_MAX_REQUESTS + 2)]
-    assert _outstanding_at_rest(tm, P.Path.D2H, M.WINDOW_MAX_REQUESTS) == (M.WINDOW_MAX_REQUESTS, M.WINDOW_MAX_REQUESTS)
-    for f in small:
-        assert f.result(DEADLINE * 4).value.moved == 1
-    hashes = random_hashes(rng, 8 * (M.WINDOW + 2))
-    big = [kv.offload(np.arange(8 * i, 8 * i + 8) + 100, hashes[8 * i:8 * i + 8], priority=i)
-           for i in range(M.WINDOW + 2)]
-    assert _outstanding_at_rest(tm, P.Path.D2H, M.WINDOW) == (M.WINDOW, 8 * M.WINDOW)
-    for f in big:
-        assert f.result(DEADLINE * 4).value.moved == 8
