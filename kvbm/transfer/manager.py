@@ -309,8 +309,12 @@ class TransferManager:
         with self._lock:
             closing = self._closing
             if not closing:
+                # Only the first item since the I/O thread last took the list wakes it: a burst of
+                # submissions costs one eventfd write and one wake-up, not one each (each wake-up
+                # makes the I/O thread contend for the GIL with the submitting thread).
+                if not self._incoming:
+                    os.eventfd_write(self._wake_fd, 1)
                 self._incoming.append(item)
-                os.eventfd_write(self._wake_fd, 1)
         if closing and item[0] == "submit":
             self._fail_submission(item[1], "transfer manager is closed")
 

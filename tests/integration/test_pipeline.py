@@ -348,3 +348,25 @@ def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_a_burst_of_submissions_wakes_the_io_thread_once(make_pipeline, rng, monkeypatch):
+    """Only the first submission queued since the I/O thread last took its list writes the
+    eventfd; the rest ride along (and none is lost: all complete once the thread takes them)."""
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    kv, tm = pipe.kv, pipe.kv.transfers
+    writes = []
+    real_write = os.eventfd_write
+
+    def counting_write(fd, value):
+        if fd == tm._wake_fd:
+            writes.append(value)
+        real_write(fd, value)
+
+    monkeypatch.setattr(os, "eventfd_write", counting_write)
+    tm._take_incoming = lambda: None          # the I/O thread wakes but leaves the list alone
+    futures = [kv.offload([i], random_hashes(rng, 1)) for i in range(10)]
+    assert len(writes) == 1
+    del tm._take_incoming                     # the real method again
+    real_write(tm._wake_fd, 1)
+    assert [f.result(DEADLINE).value.moved for f in futures] == [1] * 10
