@@ -106,6 +106,8 @@ class HazardTable:
         return (self.slice_of(now), f, log_bucket(now - self.last[doc], 13))
 
     def observe(self, chain: Sequence[int], now: int) -> None:
+        if not chain:
+            return                                       # a request with no full block reads nothing
         doc = chain[0]
         if now % self.every == 0:
             for d in self.count:
@@ -161,7 +163,7 @@ class HazardCache:
         self.hits = 0
         self.requested = 0
 
-    def _victim(self, now: int) -> int:
+    def _victim(self, now: int) -> int | None:
         tail = self.classes.get(TAIL)
         if tail:
             return tail.popitem(last=False)[0]
@@ -175,12 +177,22 @@ class HazardCache:
             if best is None or hazard < best[0]:
                 best = (hazard, cls, h)
         if best is None:
-            raise RuntimeError("nothing evictable: a request is longer than the cache")
+            return None                                  # everything cached is this request's
         del self.classes[best[1]][best[2]]
         return best[2]
 
+    def _make_room(self, now: int) -> bool:
+        while len(self.blocks) >= self.capacity:
+            v = self._victim(now)
+            if v is None:
+                return False
+            self.history[v] = self.blocks.pop(v).count
+        return True
+
     def access(self, chain: Sequence[int], now: int) -> int:
         n = len(chain)
+        if n == 0:
+            return 0
         k = 0
         while k < n and chain[k] in self.blocks:
             k += 1
@@ -196,17 +208,20 @@ class HazardCache:
         for h in chain:
             if h in self.blocks:
                 continue
-            while len(self.blocks) >= self.capacity:
-                v = self._victim(now)
-                self.history[v] = self.blocks.pop(v).count
+            if not self._make_room(now):
+                break                                    # longer than the cache: the rest is dropped
             self.blocks[h] = Cached(now, self.history.pop(h, 0))
         for j, h in enumerate(chain):
-            e = self.blocks[h]
+            e = self.blocks.get(h)
+            if e is None:
+                continue
             e.count += 1
             e.last = now
             e.cls = TAIL if (j == n - 1 and j >= k and e.count == 1) else self.feature(e.count, n, gap)
         for h in reversed(chain):                        # release, deepest first
-            self.classes[self.blocks[h].cls][h] = None
+            e = self.blocks.get(h)
+            if e is not None:
+                self.classes[e.cls][h] = None
         return k
 
 

@@ -69,3 +69,11 @@ def test_hazard_cache_evicts_the_lowest_hazard_class_head_after_tails(reused_rat
     # oldest block: the once-used document 1, or the reused 2 when reuse is rated below first use
     assert evicted[:5] == [11, 22, 23, 33, 44]
     assert evicted[5:6] == first_victims
+
+
+def test_requests_without_blocks_and_repeated_hashes_are_replayed():
+    chains = [[], [1, 2, 3], [1, 1, 2], [1, 2, 3, 4], [5]]
+    for online in (False, True):
+        h = pb.hazard_replay(chains, 3, "count*length*gap", online=online)
+        assert 0.0 <= h <= 1.0
+    assert ps.simulate(chains, 3, pb.OracleWindow(2)).requested == 11
