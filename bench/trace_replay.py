@@ -3,6 +3,7 @@
     python bench/trace_replay.py                                   # shared trace, 2000 & 8000 blocks
     python bench/trace_replay.py --capacity 1000 4000 16000 --policy lru lineage belady
     python bench/trace_replay.py --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
+    python bench/trace_replay.py --engine registry --g1 1000 --g2 4000 --g3 16000   # kvbm's own tiers
     python bench/trace_replay.py --engine registry --policy lru    # kvbm._fast.registry.BlockRegistry
     python bench/trace_replay.py --engine registry --policy lru lineage belady --queue-depth 4 16 96
     python bench/trace_replay.py --engine registry --policy lru lineage --load 0.9 1.0 1.2
@@ -12,10 +13,13 @@
 Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
 prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
 
-Engines: `sim` (bench/policy_sim.py, any number of tiers, every policy) and `registry` (one tier on
-the real kvbm._fast.registry.BlockRegistry, for the policies it implements: lru, lineage; an
-offline reference such as belady runs on the simulator there, marked "(sim)"). Both implement
-`Engine.access(chain, req) -> per-tier hits`, so a new backend only has to provide that.
+Engines: `sim` (bench/policy_sim.py, any number of tiers, every policy; tiers are exclusive, a
+block evicted from one is offered to the next) and `registry` (the real
+kvbm._fast.registry.BlockRegistry, for the policies it implements: lru, lineage; an offline
+reference such as belady runs on the simulator there, marked "(sim)"). With --g1/--g2/--g3 the
+registry engine replays kvbm's own tiering (TieredRegistryEngine): inclusive tiers, every block
+offloaded to G2, G3 as G2's victim cache. Both implement `Engine.access(chain, req) -> per-tier
+hits`, so a new backend only has to provide that.
 
 Registry policies: `lru`; `lineage` = the product's LINEAGE with its default ghost table
 (G = num_blocks; policy_research's `ghost1-lineage`); `lineage-noghost` (G = 0; the simulator's
@@ -322,6 +326,95 @@ def registry_available() -> bool:
         return False
 
 
+class TieredRegistryEngine(Engine):
+    """G1, G2 and optionally G3 on real registries, with kvbm's own data flow (the demo's), so the
+    tiers are inclusive, unlike the simulator's exclusive ones:
+
+    1. each block of the request is attributed to the highest tier holding it; the request hits
+       the longest prefix held somewhere (lookups only, before anything changes);
+    2. G1 (the engine's blocks) serves the request as RegistryEngine does: its cached blocks are
+       acquired, every other block -- onboarded from G2/G3 or computed -- is allocated and
+       registered there; the G2 and G3 blocks it read are touched where they are;
+    3. every block of the request is offloaded to G2 (HostTransfers.offload: blocks G2 holds
+       already are left alone, the rest registered and released, inactive);
+    4. G3, when given, is G2's victim cache (the disk tier): hashes G2 evicted are registered in
+       G3 (`admission` "all", or "full": not a request's partial last block; "reused" needs use
+       counts of evicted blocks, which the registry does not report, so it is refused).
+    Each tier evicts by its own registry policy."""
+    name = "registry"
+
+    def __init__(self, capacities: Sequence[int], policy: str, admission: str = "all"):
+        import numpy as np
+        if len(capacities) not in (2, 3):
+            raise SystemExit("tiered registry engine: give G1 and G2 (and G3)")
+        if admission not in ("all", "full"):
+            raise SystemExit(f"tiered registry engine: admission {admission!r} needs the use counts of evicted "
+                             "blocks, which the registry does not report; use all or full")
+        self.np = np
+        self.tiers = len(capacities)
+        self.g1 = RegistryEngine(capacities[0], policy)
+        self.lower = [RegistryEngine(c, policy).reg for c in capacities[1:]]
+        self.tail_priority = self.g1.tail_priority
+        self.admission = admission
+        self.parent: dict[int, int] = {}     # hash -> parent hash, for blocks registered below G1
+        self.tails: set[int] = set()         # hashes that were a request's partial last block
+        self.stored = [0] * self.tiers       # blocks written to each tier below G1
+
+    def _store(self, tier: int, reg, hashes) -> None:
+        """Registers the hashes `reg` does not hold (runs of consecutive ones), then releases them."""
+        np = self.np
+        if len(hashes) == 0:
+            return
+        hs = np.asarray(hashes, dtype=np.uint64)
+        missing = np.flatnonzero(reg.lookup(hs) < 0)
+        for run in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1):
+            if run.size == 0:
+                continue
+            room = int(reg.num_free) + int(reg.num_inactive)
+            run = run[:room]
+            if run.size == 0:
+                return
+            ids = reg.allocate(int(run.size))
+            reg.complete(ids)
+            part = hs[run]
+            parents = np.array([self.parent.get(int(h), 0) for h in part], dtype=np.uint64)
+            has_parent = np.array([int(h) in self.parent for h in part], dtype=bool)
+            prios = np.array([self.tail_priority if int(h) in self.tails else 0 for h in part], dtype=np.int32)
+            canon = reg.register(ids, part, parents, priorities=prios, has_parent=has_parent)
+            reg.release(canon)
+            self.stored[tier] += int(run.size)
+
+    def access(self, chain, req):
+        np = self.np
+        hs = np.asarray(chain, dtype=np.uint64)
+        n = hs.shape[0]
+        if n == 0:
+            return [0] * self.tiers
+        for j in range(1, n):
+            self.parent.setdefault(int(hs[j]), int(hs[j - 1]))
+        self.tails.add(int(hs[-1]))
+        where = np.full(n, -1)
+        for t, reg in reversed(list(enumerate([self.g1.reg] + self.lower))):
+            where[reg.lookup(hs) >= 0] = t                 # the highest tier wins
+        k = int(np.argmax(where < 0)) if (where < 0).any() else n
+        hits = [int((where[:k] == t).sum()) for t in range(self.tiers)]
+        for t, reg in enumerate(self.lower, start=1):       # read there: touched
+            ids = reg.lookup(hs[:k][where[:k] == t])
+            if ids.size:
+                reg.touch(ids)
+        self.g1.access(chain, req)                          # onboarded + computed blocks land in G1
+        self._store(1, self.lower[0], hs)                   # offload to G2
+        if len(self.lower) > 1:
+            victims = self.lower[0].drain_evicted()
+            if self.admission == "full":
+                victims = [h for h in victims.tolist() if h not in self.tails]
+            self._store(2, self.lower[1], victims)
+        return hits
+
+    def writes(self):
+        return self.stored
+
+
 # --------------------------------------------------------------------------------------------------
 # replay
 # --------------------------------------------------------------------------------------------------
@@ -339,14 +432,16 @@ def replay(engine: Engine, chains: Sequence[Sequence[int]]) -> tuple[int, list[i
 def make_engine(kind: str, capacities: Sequence[int], policy: str, admission: str,
                 chains, queue_depth: int = 0, server: PrefillServer | None = None) -> Engine:
     if kind == "registry":
-        if len(capacities) != 1:
-            raise SystemExit("registry engine: one tier only (the registry is one pool)")
         if not registry_available():
             raise SystemExit("registry engine: kvbm._fast.registry does not import (build it first)")
         if policy not in REGISTRY_POLICIES and ps.make_policy(policy).needs_future:
             # An offline reference (Belady) reads the future trace: no registry policy can be one.
             # It runs on the simulator and its row says so.
             return SimEngine(capacities, policy, admission, chains)
+        if len(capacities) > 1:
+            if queue_depth or server:
+                raise SystemExit("--queue-depth and --load: one tier only on the registry engine")
+            return TieredRegistryEngine(capacities, policy, admission)
         return RegistryEngine(capacities[0], policy, queue_depth=queue_depth, chains=chains, server=server)
     if queue_depth or server:
         raise SystemExit("--queue-depth and --load need --engine registry")
@@ -447,8 +542,9 @@ def main(argv=None) -> int:
     ap.add_argument("--g3", type=int, default=None, help="G3 (disk) capacity: tiered replay")
     ap.add_argument("--policy", nargs="+", default=["lru", "leaf-lru", "lineage", "belady"],
                     help=f"policies: {', '.join(ps.POLICIES)}")
-    ap.add_argument("--admission", nargs="+", default=["all", "reused"], choices=list(ps.ADMISSION),
-                    help="admission to the lowest tier (tiered replay)")
+    ap.add_argument("--admission", nargs="+", default=None, choices=list(ps.ADMISSION),
+                    help="admission to the lowest tier (tiered replay; default: all reused on the "
+                         "simulator, all full on the registry, which cannot tell use counts of evicted blocks)")
     ap.add_argument("--engine", choices=["sim", "registry"], default="sim")
     ap.add_argument("--queue-depth", type=int, nargs="+", default=[],
                     help="registry engine: also replay each registry policy with the next K "
@@ -481,6 +577,10 @@ def main(argv=None) -> int:
         suite(chains, [p for p in args.policy if p not in ("lru", "belady")] or ["lineage"])
         return 0
     named = [(n, c) for n, c in (("G1", args.g1), ("G2", args.g2), ("G3", args.g3)) if c]
+    if named and args.engine == "registry" and not args.g1:
+        raise SystemExit("the registry engine's tiers start at the engine's own: give --g1 (and --g2, --g3)")
+    if args.admission is None:
+        args.admission = ["all", "full"] if args.engine == "registry" else ["all", "reused"]
     if named:
         caps_list = [[c for _, c in named]]
     else:

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 
 import policy_sim as ps  # noqa: E402
+import trace_replay as tr  # noqa: E402
 
 
 def run(policy, cap, chains, tail_partial=False):
@@ -231,3 +232,41 @@ def test_registry_engine_matches_sim_lineage():
             # in the registry's allocation order
             _, ghost_hits = tr.replay(tr.RegistryEngine(cap, "lineage"), chains)
             assert ghost_hits == [tr.ghost_lineage_sim(chains, cap, cap).hits], (shape, cap)
+
+
+# ---- tiers on the real registry (trace_replay.TieredRegistryEngine) ------------------------------
+def _tiered(caps, chains, admission="all"):
+    eng = tr.TieredRegistryEngine(caps, "lru", admission)
+    hits = [eng.access(ch, i) for i, ch in enumerate(chains)]
+    return eng, hits
+
+
+@pytest.mark.skipif(not tr.registry_available(), reason="kvbm._fast.registry not built")
+def test_tiered_registry_engine_onboards_from_g2_and_keeps_g3_as_g2s_victim_cache():
+    # G1 of 2 blocks, G2 of 4: the third request finds [1, 2] in G2 only (G1 evicted them)
+    eng, hits = _tiered([2, 4], [[1, 2], [3, 4], [1, 2], [3, 4]])
+    assert hits == [[0, 0], [0, 0], [0, 2], [0, 2]]
+    assert eng.writes() == [0, 4]                       # G2 stored 1, 2, 3, 4 once each
+    # G2 of 2 blocks: [3, 4] pushes [1, 2] out of G2 into G3, where the third request finds them
+    chains = [[1, 2], [3, 4], [1, 2]]
+    eng, hits = _tiered([2, 2, 4], chains, "all")
+    assert hits[2] == [0, 0, 2]
+    eng, hits = _tiered([2, 2, 4], chains, "full")     # the partial last block 2 is not admitted
+    assert hits[2] == [0, 0, 1]
+    for reg in [eng.g1.reg] + eng.lower:
+        reg.check_invariants()
+
+
+@pytest.mark.skipif(not tr.registry_available(), reason="kvbm._fast.registry not built")
+def test_tiered_registry_engine_replays_a_trace_consistently():
+    chains = ps.chains_of(ps.generate_trace("chat", n_requests=300, seed=2))
+    eng, hits = _tiered([100, 400, 1600], chains)
+    total = sum(map(len, chains))
+    per_tier = [sum(h[t] for h in hits) for t in range(3)]
+    assert all(x > 0 for x in per_tier) and sum(per_tier) <= total
+    for reg in [eng.g1.reg] + eng.lower:
+        reg.check_invariants()
+    with pytest.raises(SystemExit, match="use counts"):
+        tr.TieredRegistryEngine([10, 20, 40], "lru", "reused")
+    with pytest.raises(SystemExit, match="G1 and G2"):
+        tr.TieredRegistryEngine([10], "lru")
