@@ -181,6 +181,29 @@ def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
 
 # Streams and events as integers (cudaStream_t / cudaEvent_t), for workers without torch.
 
+ctypedef int (*_one_handle_fn)(void *, char *, size_t) noexcept nogil
+ctypedef int (*_two_handle_fn)(void *, void *, char *, size_t) noexcept nogil
+
+
+cdef int _call_on(_one_handle_fn fn, void *handle) except -1:
+    # The shape of every C call that takes one handle: GIL released, its error raised here.
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = fn(handle, errbuf, ERRLEN)
+    return _check_rc(rc, errbuf)
+
+
+cdef int _call_on_pair(_two_handle_fn fn, void *a, void *b) except -1:
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = fn(a, b, errbuf, ERRLEN)
+    return _check_rc(rc, errbuf)
+
+
 def cuda_stream_create(int priority=0) -> int:
     """A new non-blocking stream (never waits for the legacy default stream)."""
     cdef void *s = NULL
@@ -194,21 +217,11 @@ def cuda_stream_create(int priority=0) -> int:
 
 
 def cuda_stream_destroy(size_t stream):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_stream_destroy(<void *>stream, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on(kvbm_cuda_stream_destroy, <void *>stream)
 
 
 def cuda_stream_synchronize(size_t stream):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_stream_synchronize(<void *>stream, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on(kvbm_cuda_stream_synchronize, <void *>stream)
 
 
 def cuda_event_create() -> int:
@@ -224,40 +237,20 @@ def cuda_event_create() -> int:
 
 
 def cuda_event_destroy(size_t event):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_destroy(<void *>event, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on(kvbm_cuda_event_destroy, <void *>event)
 
 
 def cuda_event_record(size_t event, size_t stream=0):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_record(<void *>event, <void *>stream, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on_pair(kvbm_cuda_event_record, <void *>event, <void *>stream)
 
 
 def cuda_stream_wait_event(size_t stream, size_t event):
     """Work enqueued on stream after this call waits for event (no host wait)."""
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_stream_wait_event(<void *>stream, <void *>event, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on_pair(kvbm_cuda_stream_wait_event, <void *>stream, <void *>event)
 
 
 def cuda_event_synchronize(size_t event):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_synchronize(<void *>event, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on(kvbm_cuda_event_synchronize, <void *>event)
 
 
 def cuda_event_query(size_t event) -> bool:
@@ -283,12 +276,7 @@ def cuda_host_register(size_t ptr, size_t nbytes):
 
 
 def cuda_host_unregister(size_t ptr):
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_host_unregister(<void *>ptr, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
+    _call_on(kvbm_cuda_host_unregister, <void *>ptr)
 
 
 def hash_blocks(tokens, int64_t block_size, uint64_t seed, parent=None):
