@@ -539,17 +539,6 @@ def hit_ratio(chains, capacity: int, policy: str) -> float:
     return simulate(chains, capacity, policy).hit_ratio
 
 
-def suite_cases(shared_chains):
-    cases = [("shared", shared_chains, c) for c in (1000, 2000, 4000, 8000, 16000)]
-    for i, part in enumerate(ps.split_trace(shared_chains, 2)):
-        cases += [(f"shared-half{i + 1}", part, c) for c in (2000, 8000)]
-    for name, kw in ps.SYNTHETIC_SUITE.items():
-        for seed in (1, 2):
-            ch = ps.chains_of(ps.generate_trace(seed=seed, **kw))
-            cases += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
-    return cases
-
-
 def _case(args):
     name, ch, cap, policies = args
     lru = hit_ratio(ch, cap, "lru")
@@ -559,7 +548,7 @@ def _case(args):
 
 def suite(shared_chains, policies, out=sys.stdout, jobs: int = 1) -> dict:
     import statistics
-    cases = [(n, ch, c, policies) for n, ch, c in suite_cases(shared_chains)]
+    cases = [(n, ch, c, policies) for n, ch, c in ps.suite_cases(shared_chains)]
     print("| trace | blocks | LRU | Belady | " + " | ".join(policies) + " |", file=out)
     print("|" + "---|" * (4 + len(policies)), file=out)
     gaps = {p: [] for p in policies}

@@ -784,3 +784,16 @@ SYNTHETIC_SUITE = {
     "mixed-z1.0": dict(shape="mixed", zipf_s=1.0),
     "mixed-z0.7-drift": dict(shape="mixed", zipf_s=0.7, drift=0.02, doc_len=40),
 }
+
+
+def suite_cases(shared_chains) -> list[tuple[str, list, int]]:
+    """The validation cases (name, chains, capacity): the shared trace at 1k-16k blocks, its time
+    halves at 2k and 8k, and SYNTHETIC_SUITE (seeds 1 and 2) at 1k and 4k."""
+    cases = [("shared", shared_chains, c) for c in (1000, 2000, 4000, 8000, 16000)]
+    for i, part in enumerate(split_trace(shared_chains, 2)):
+        cases += [(f"shared-half{i + 1}", part, c) for c in (2000, 8000)]
+    for name, kw in SYNTHETIC_SUITE.items():
+        for seed in (1, 2):
+            ch = chains_of(generate_trace(seed=seed, **kw))
+            cases += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
+    return cases

@@ -497,13 +497,7 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
 def suite(chains, policies: list[str], out=sys.stdout) -> None:
     """The validation tables of POLICY.md: shared trace at several capacities, its time-split
     halves, and the synthetic suite (seeds 1 and 2) at 1000 and 4000 blocks."""
-    cases = [("shared", chains, c) for c in (1000, 2000, 4000, 8000, 16000)]
-    for i, part in enumerate(ps.split_trace(chains, 2)):
-        cases += [(f"shared-half{i + 1}", part, c) for c in (2000, 8000)]
-    for name, kw in ps.SYNTHETIC_SUITE.items():
-        for seed in (1, 2):
-            ch = ps.chains_of(ps.generate_trace(seed=seed, **kw))
-            cases += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
+    cases = ps.suite_cases(chains)
     gaps: dict[str, list[float]] = {p: [] for p in policies}
     print("| trace | blocks | LRU | Belady | " + " | ".join(policies) + " |", file=out)
     print("|" + "---|" * (4 + len(policies)), file=out)
