@@ -117,19 +117,24 @@ def fill(reg, batches: Batches, reserve: int = 0) -> None:
         cycle_once(reg, batches)
 
 
-def timed(fn, iters: int, warmup: int, budget_s: float) -> np.ndarray:
+def timed(fn, iters: int, warmup: int, budget_s: float, after=None) -> np.ndarray:
+    """Microseconds per fn() call; after(result), when given, runs after each call, untimed."""
     gc.collect()
     for _ in range(warmup):
-        fn()
+        got = fn()
+        if after is not None:
+            after(got)
     times = []
     deadline = time.perf_counter() + budget_s
     for _ in range(iters):
         t0 = time.perf_counter_ns()
-        fn()
+        got = fn()
         times.append(time.perf_counter_ns() - t0)
+        if after is not None:
+            after(got)
         if time.perf_counter() > deadline and len(times) >= 3:
             break
-    return np.array(times, dtype=np.float64) / 1e3   # microseconds
+    return np.array(times, dtype=np.float64) / 1e3
 
 
 GHOST_VARIANTS = {"lineage-noghost": 0, "lineage-ghost2": 2, "lineage-ghost4": 4}
@@ -163,26 +168,12 @@ def bench_point(impl, n: int, args, fill_pool: bool, **reg_kwargs) -> dict[str, 
     iters = args.iters if impl is BlockRegistry else args.ref_iters
     warm = args.warmup if impl is BlockRegistry else 1
 
-    def match():
-        got = reg.match(chain)
+    def release_matched(got):
         assert got.shape[0] == prefix
-        match.held = got
+        reg.release(got)
 
     # match with acquire; the release after each timed call is outside the timing
-    gc.collect()
-    for _ in range(warm):
-        match()
-        reg.release(match.held)
-    times = []
-    deadline = time.perf_counter() + budget
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        match()
-        times.append(time.perf_counter_ns() - t0)
-        reg.release(match.held)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    res["match"] = np.array(times) / 1e3
+    res["match"] = timed(lambda: reg.match(chain), iters, warm, budget, after=release_matched)
     res["match-peek"] = timed(lambda: reg.match(chain, acquire=False), iters, warm, budget)
     probe = chain.copy()
     probe[1::2] = hs.take(probe[1::2].shape[0])   # half misses
