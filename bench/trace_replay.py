@@ -393,13 +393,14 @@ class TieredRegistryEngine(Engine):
         for j in range(1, n):
             self.parent.setdefault(int(hs[j]), int(hs[j - 1]))
         self.tails.add(int(hs[-1]))
+        found = [reg.lookup(hs) for reg in [self.g1.reg] + self.lower]   # block ids, -1 if absent
         where = np.full(n, -1)
-        for t, reg in reversed(list(enumerate([self.g1.reg] + self.lower))):
-            where[reg.lookup(hs) >= 0] = t                 # the highest tier wins
+        for t in reversed(range(self.tiers)):
+            where[found[t] >= 0] = t                        # the highest tier wins
         k = int(np.argmax(where < 0)) if (where < 0).any() else n
         hits = [int((where[:k] == t).sum()) for t in range(self.tiers)]
         for t, reg in enumerate(self.lower, start=1):       # read there: touched
-            ids = reg.lookup(hs[:k][where[:k] == t])
+            ids = found[t][:k][where[:k] == t]
             if ids.size:
                 reg.touch(ids)
         self.g1.access(chain, req)                          # onboarded + computed blocks land in G1
