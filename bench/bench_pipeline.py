@@ -31,7 +31,7 @@ from kvbm._fast import native  # noqa: E402
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType  # noqa: E402
 from kvbm.pools import Tier  # noqa: E402
 from kvbm.shm import Segment, segment_name  # noqa: E402
-from kvbm.transfer import protocol as P  # noqa: E402
+from kvbm.wire import protocol as P  # noqa: E402
 
 
 def machine(cuda: bool) -> str:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import kvbm  # noqa: E402
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType  # noqa: E402
 from kvbm.transfer import manager as M  # noqa: E402
-from kvbm.transfer import protocol as P  # noqa: E402
+from kvbm.wire import protocol as P  # noqa: E402
 
 LOG: list = []
 _make_xfer = P.make_xfer

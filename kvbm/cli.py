@@ -85,8 +85,8 @@ def host_bytes_of(config: KvbmConfig) -> int:
 def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     import zmq
 
-    from kvbm.transfer import protocol as P
-    from kvbm.transfer.channel import Endpoints, connect_socket, make_context
+    from kvbm.wire import protocol as P
+    from kvbm.wire.channel import Endpoints, connect_socket, make_context
     rundir = config.resolved_runtime_dir()
     endpoints = Endpoints.read(rundir)
     if endpoints is None:

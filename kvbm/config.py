@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from kvbm.errors import ConfigError
@@ -148,9 +148,6 @@ class KvbmConfig:
             return cls(**data)
         except TypeError as err:
             raise ConfigError(str(err)) from err
-
-    def with_layout(self, layout: LayoutConfig) -> "KvbmConfig":
-        return replace(self, layout=layout)
 
     # ---- derived -------------------------------------------------------------------------------
     def host_blocks_for(self, layout: LayoutConfig) -> int:

@@ -20,7 +20,7 @@ instance's running kvbm-workers, or starts one as a child for the embedded defau
 the engine's KV tensors with its path workers (CUDA IPC handles, or in CPU mode the shared segment
 that `create_device_tensors()` placed them in). Then `offload(device_blocks, hashes)` (G1 -> G2,
 deduplicated) and `onboard(hashes, device_blocks)` (G2 -> G1, layer progress) return futures;
-`scheduler.reached(...)` opens gated transfers. See kvbm/transfer/engine.py for the order of
+`scheduler.reached(...)` opens gated transfers. See kvbm/transfer/host_offload.py for the order of
 registry calls around each copy.
 """
 from __future__ import annotations
@@ -223,7 +223,9 @@ class KvBlockManager:
         """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
-        from kvbm.transfer.engine import HostTransfers, WorkersProcess, control_endpoint, describe_memory
+        from kvbm.transfer.host_offload import HostTransfers
+        from kvbm.transfer.launcher import WorkersProcess, control_endpoint
+        from kvbm.transfer.memory_map import describe_memory
         from kvbm.transfer.manager import TransferManager
         self._check_open()
         if Tier.G2 not in self.pools:

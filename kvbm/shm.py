@@ -333,9 +333,6 @@ class RuntimeDir:
         self._lock_fd = fd
         return removed
 
-    def socket_path(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
     def release_and_remove(self) -> None:
         """Removes every file of the folder and the folder itself, then drops the lock."""
         if os.path.isdir(self.path):
@@ -356,8 +353,8 @@ class RuntimeDir:
 class SharedBuffers:
     """CPU-mode "device" memory: a layout's buffers placed in one segment the workers can map.
 
-    `tensors` are uint8 tensors over the segment (one per layout buffer); `describe()` is the
-    register message's memory map."""
+    `tensors` are uint8 tensors over the segment (one per layout buffer); the register message
+    names them by their offsets in it (kvbm.transfer.memory_map)."""
     segment: Segment
     tensors: list
     offsets: list[int]
@@ -374,10 +371,6 @@ class SharedBuffers:
         offsets = [i * stride for i in range(nbuf)]
         tensors = [whole[o:o + size] for o in offsets]
         return cls(seg, tensors, offsets)
-
-    def describe(self) -> dict:
-        return {"kind": "shm", "segment": self.segment.name, "size": self.segment.size,
-                "buffers": [{"offset": o, "nbytes": int(t.numel())} for o, t in zip(self.offsets, self.tensors)]}
 
     def close(self) -> None:
         self.tensors = []

@@ -4,7 +4,7 @@ every process of the machine, so the engine can place worker intervals on its ow
 import time
 
 try:
-    from kvbm.transfer import protocol as _P
+    from kvbm.wire import protocol as _P
 
     _orig = _P.make_done
 

@@ -1,2 +1,11 @@
-"""Engine side of the transfer pipeline: wire protocol, ZeroMQ channels, TransferManager (queues,
-batching, backpressure, futures) and Scheduler (gates, layer progress). Never imports kvbm.workers."""
+"""Engine side of the transfer pipeline; runs in the engine's process (vLLM's scheduler process).
+
+  manager      TransferManager: submit -> queues -> path workers -> futures (see its docstring)
+  futures      TransferFuture / TransferResult, layer progress
+  scheduler    Scheduler: gates that hold a transfer until the engine's iteration/layer is done
+  host_offload HostTransfers: offload G1 -> G2 and onboard G2 -> G1 over the host pool's registry
+  launcher     WorkersProcess (an embedded kvbm-workers) and control_endpoint (find a running one)
+  memory_map   describe_memory: the engine's KV tensors as the register message names them
+
+Builds on kvbm.wire; never imports kvbm.workers.
+"""

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kvbm.transfer import protocol as P
+from kvbm.wire import protocol as P
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import numpy as np
 import zmq
 
 from kvbm.errors import BackpressureError, KvbmError, LayoutError, ProtocolError, TransferError
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import connect_socket, make_context, pending
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import connect_socket, make_context, pending
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.scheduler import Gate, Scheduler
 

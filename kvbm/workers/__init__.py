@@ -1,2 +1,9 @@
-"""Worker side of kvbm: the supervisor (kvbm-workers), path worker processes and their copy handlers.
-Imports the protocol, never the engine side (registry, pools, TransferManager)."""
+"""Worker side of kvbm; runs in the kvbm-workers processes (the supervisor and one process per
+transfer path), never in the engine's.
+
+  supervisor   kvbm-workers itself: owns the G2 segment, starts/restarts path workers, control socket
+  path_worker  one process per path (D2H, H2D): receives xfer requests, runs copies, reports done
+  copy         the engine's registered memory as this process maps it, and the Copier over it
+
+Builds on kvbm.wire; never imports the engine side (kvbm.transfer, registry, pools).
+"""

@@ -31,8 +31,8 @@ import zmq
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment, pid_alive
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import bind_socket, make_context
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import bind_socket, make_context
 from kvbm.workers.copy import Copier, DeviceMemory
 
 logger = logging.getLogger(__name__)

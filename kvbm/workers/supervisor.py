@@ -36,8 +36,8 @@ import kvbm
 from kvbm.config import KvbmConfig
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import Endpoints, bind_socket, connect_socket, make_context, pending
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
 

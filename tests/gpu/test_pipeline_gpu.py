@@ -121,7 +121,7 @@ def test_cuda_worker_killed_then_reregistered(cuda_pipeline):
     fill_random(pipe, 3)
     expected = gather(pipe, blocks)
     fut = kv.offload(blocks, hashes)
-    from kvbm.transfer import protocol as P
+    from kvbm.wire import protocol as P
     wait_for(lambda: kv.transfers._paths[P.Path.D2H].outstanding, 10, "a D2H request at the worker")
     os.kill(pids["d2h"], signal.SIGKILL)
     with pytest.raises(TransferError, match="died"):

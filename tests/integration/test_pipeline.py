@@ -12,7 +12,7 @@ import pytest
 
 from kvbm.errors import BackpressureError, TransferError
 from kvbm.layout import InnerOrder
-from kvbm.transfer import protocol as P
+from kvbm.wire import protocol as P
 from kvbm.transfer.scheduler import Gate
 from pipeline_harness import wait_for
 
@@ -224,7 +224,7 @@ def test_disk_paths_answer_not_implemented(make_pipeline):
         fut.result(5)
     import zmq
 
-    from kvbm.transfer.channel import connect_socket, make_context
+    from kvbm.wire.channel import connect_socket, make_context
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, tm.control_endpoint)
     try:

@@ -7,7 +7,7 @@ import pytest
 
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, InnerOrder, LayoutConfig, LayoutType
-from kvbm.transfer import protocol as P
+from kvbm.wire import protocol as P
 from kvbm.transfer.scheduler import Gate, Scheduler
 
 

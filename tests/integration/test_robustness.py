@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm.shm import Segment, segment_name
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import connect_socket, make_context
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import connect_socket, make_context
 from pipeline_harness import pid_alive, wait_for
 
 DEADLINE = 30.0

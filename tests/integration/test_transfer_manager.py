@@ -13,8 +13,8 @@ import zmq
 
 from kvbm.errors import BackpressureError, KvbmError, TransferError
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import bind_socket, make_context
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import bind_socket, make_context
 from kvbm.transfer.manager import REGISTER_RETRIES, TransferManager
 from kvbm.transfer.scheduler import Gate
 from pipeline_harness import wait_for
@@ -270,7 +270,7 @@ def test_died_before_stopping_is_tolerated(fake, make_tm):
 
 
 def test_stopping_without_died_fails_late_and_keeps_offload_host_blocks(fake, make_tm, caplog):
-    from kvbm.transfer.engine import HostTransfers
+    from kvbm.transfer.host_offload import HostTransfers
     tm = make_tm()
     tm.stop_grace_s = 0.3
     pool = FakePool()
@@ -401,7 +401,7 @@ def test_submissions_with_overlapping_destinations_are_not_merged(fake, make_tm)
 # ---- 7. offload finalize ------------------------------------------------------------------------
 
 def test_offload_whose_register_raises_releases_its_host_blocks(fake, make_tm):
-    from kvbm.transfer.engine import HostTransfers
+    from kvbm.transfer.host_offload import HostTransfers
     tm = make_tm()
     pool = FakePool(fail_register=True)
     fut = HostTransfers(tm, pool).offload([1, 2, 3], [11, 12, 13])

@@ -19,8 +19,8 @@ import zmq
 import kvbm
 from kvbm.errors import KvbmError
 from kvbm.layout import BlockLayout, LayoutType
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import Endpoints, connect_socket, make_context
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import Endpoints, connect_socket, make_context
 from pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
 
 DEADLINE = 30.0
@@ -151,7 +151,7 @@ def test_a_dead_engine_frees_the_slot(standalone, rng):
     kv = standalone.engine()
     layout = BlockLayout(DEFAULT_LAYOUT, LayoutType.LAYER_SEPARATE, 64)
     tensors = kv.create_device_tensors(layout, device="cpu")
-    from kvbm.transfer.engine import describe_memory
+    from kvbm.transfer.memory_map import describe_memory
     host = BlockLayout(DEFAULT_LAYOUT, LayoutType.FULLY_CONTIGUOUS, 64)
     ghost = {"t": P.MsgType.REGISTER, "id": 9, "engine": "ghost", "pid": 2**22 + 1,
              "device": P.layout_to_wire(layout), "host": P.layout_to_wire(host),

@@ -83,7 +83,6 @@ class MsgType:
     PONG = "pong"
     READY = "ready"        # path worker -> supervisor once mapped, pinned and bound
     RESTART = "restart"    # engine -> supervisor: a worker missed a deadline, replace it
-    ERROR = "error"
 
 
 # ---- encoding ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import zmq
 
 from kvbm.errors import KvbmError
 from kvbm.shm import check_private, check_private_dir
-from kvbm.transfer.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
+from kvbm.wire.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
 HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES

@@ -1,25 +1,13 @@
-"""Engine-side wiring of the transfer pipeline: start or find kvbm-workers, describe the engine's KV
-memory for registration, and offload/onboard over the host pool's registry.
-
-Parts:
-  WorkersProcess   a kvbm-workers started by this engine (the embedded default): spawned with the
-                   engine's settings, asked to exit with it (PR_SET_PDEATHSIG -> SIGTERM), stopped
-                   with SIGTERM (SIGKILL past a deadline)
-  control_endpoint where a running instance listens (ipc path or tcp port from the config, else its
-                   endpoints.json)
-  describe_memory  the register message's memory map: CUDA IPC handle fields of each KV tensor's
-                   storage (torch `_share_cuda_`, sent as msgpack bytes/ints; no pickle), or the
-                   CPU-mode shared segment the tensors were allocated in (SharedBuffers)
-  HostTransfers    offload(device_blocks, hashes) G1->G2 and onboard(hashes, device_blocks) G2->G1
-                   over a host pool with the registry API (lookup/allocate/complete/register/
-                   release/match), returning TransferFutures
+"""Host offload: offload(device_blocks, hashes) G1->G2 and onboard(hashes, device_blocks) G2->G1
+over a host pool with the registry API (lookup/allocate/complete/register/release/match), through a
+TransferManager; each returns a TransferFuture.
 
 Offload order: lookup (hashes already held move nothing) -> allocate host blocks -> D2H ->
 on success complete + register (dedup) + release (inactive, matchable); on failure release the
 host blocks unregistered (freed), except when the failure says a copy may still write them
-(MAY_STILL_BE_WRITTEN: hard deadline, kvbm-workers stopped without reporting the worker dead):
-those stay allocated and unregistered for good (leaked_host_blocks, a logged warning), the safe
-choice over a free list a late write could corrupt. A block is registered in G2 only after its
+(Outcome.MAY_STILL_BE_WRITTEN: hard deadline, kvbm-workers stopped without reporting the worker
+dead): those stay allocated and unregistered for good (leaked_host_blocks, a logged warning), the
+safe choice over a free list a late write could corrupt. A block is registered in G2 only after its
 bytes are there.
 Onboard order: match the longest held prefix (acquiring the host blocks, so eviction cannot take
 them mid-copy) -> H2D layer by layer -> release the host blocks whatever the outcome (a late read
@@ -30,142 +18,20 @@ takes it).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from kvbm.config import KvbmConfig
-from kvbm.errors import KvbmError, LayoutError
-from kvbm.shm import SharedBuffers
-from kvbm.transfer import protocol as P
-from kvbm.transfer.channel import Endpoints
-from kvbm.transfer.manager import MAY_STILL_BE_WRITTEN, TransferFuture, TransferManager, TransferResult
+from kvbm.errors import KvbmError
+from kvbm.transfer.futures import TransferFuture, TransferResult
+from kvbm.transfer.manager import MAY_STILL_BE_WRITTEN, TransferManager
 from kvbm.transfer.scheduler import Gate
+from kvbm.wire import protocol as P
 
 logger = logging.getLogger(__name__)
-
-
-def _package_root() -> str:
-    import kvbm
-    return os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
-
-
-def control_endpoint(config: KvbmConfig, timeout: float = 0.0) -> str | None:
-    rundir = config.resolved_runtime_dir()
-    deadline = time.monotonic() + timeout
-    while True:
-        found = Endpoints.read(rundir)
-        if found is not None:
-            return found.control
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.02)
-
-
-class WorkersProcess:
-    """kvbm-workers as a child of the engine."""
-
-    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str = "WARNING") -> None:
-        self.config = config
-        self.host_bytes = host_bytes
-        self.log_level = log_level
-        self.proc: subprocess.Popen | None = None
-
-    def command(self) -> list[str]:
-        c = self.config
-        cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", c.instance_id, "--host-size", str(self.host_bytes),
-               "--transport", c.transport, "--tcp-port", str(c.tcp_port), "--interval", "0",
-               "--exit-with-parent", "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
-        if c.runtime_dir:
-            cmd += ["--runtime-dir", c.runtime_dir]
-        if c.force_cpu:
-            cmd.append("--force-cpu")
-        if c.disk_path and (c.disk_blocks or c.disk_size):
-            cmd += ["--disk-path", c.disk_path, "--disk-size", str(c.disk_size or 0)]
-        return cmd
-
-    def start(self, timeout: float = 60.0) -> str:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("KVBM_CONFIG", None)  # this engine's resolved settings travel as flags and these vars
-        env.update({"KVBM_MAX_BATCH_BLOCKS": str(self.config.max_batch_blocks),
-                    "KVBM_COPY_THREADS": str(self.config.copy_threads),
-                    "KVBM_WORKER_DELAY_MS": str(self.config.worker_delay_ms)})
-        if self.config.disk_blocks:
-            env["KVBM_DISK_BLOCKS"] = str(self.config.disk_blocks)
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise KvbmError(f"kvbm-workers exited with code {self.proc.returncode} during start-up")
-            found = Endpoints.read(self.config.resolved_runtime_dir())
-            if found is not None:
-                return found.control
-            time.sleep(0.02)
-        self.stop()
-        raise KvbmError(f"kvbm-workers did not come up within {timeout} s")
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.error("kvbm-workers pid %d ignored SIGTERM for %.0f s; killing it", self.proc.pid, timeout)
-                self.proc.kill()
-                self.proc.wait(5)
-        code, self.proc = self.proc.returncode, None
-        return code
-
-
-def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None = None) -> dict:
-    """The register message's memory map for the engine's KV buffers (one per layout buffer)."""
-    tensors = list(tensors)
-    if len(tensors) != layout.num_buffers():
-        raise LayoutError(f"{len(tensors)} tensors for a layout of {layout.num_buffers()} buffers")
-    if tensors[0].is_cuda:
-        return _describe_cuda(tensors)
-    if shared is None:
-        raise LayoutError("CPU-mode device tensors must live in shared memory the workers can map: allocate "
-                          "them with KvBlockManager.create_device_tensors() (kvbm.shm.SharedBuffers)")
-    lo, hi = shared.segment.address, shared.segment.address + shared.segment.size
-    buffers = []
-    for t in tensors:
-        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-        if not (lo <= ptr and ptr + nbytes <= hi):
-            raise LayoutError(f"tensor at {ptr:#x} (+{nbytes}) is outside the shared segment {shared.segment.name}")
-        buffers.append({"offset": ptr - lo, "nbytes": nbytes})
-    return {"kind": "shm", "segment": shared.segment.name, "size": shared.segment.size, "buffers": buffers}
-
-
-def _describe_cuda(tensors: Sequence[Any]) -> dict:
-    buffers = []
-    for t in tensors:
-        storage = t.untyped_storage()
-        (device, handle, storage_size, storage_offset, ref_handle, ref_offset, event_handle,
-         event_sync) = storage._share_cuda_()
-        buffers.append({"offset": t.data_ptr() - storage.data_ptr(), "nbytes": t.numel() * t.element_size(),
-                        "ipc": {"device": int(device), "handle": bytes(handle), "storage_size": int(storage_size),
-                                "storage_offset": int(storage_offset), "ref_counter_handle": bytes(ref_handle),
-                                "ref_counter_offset": int(ref_offset),
-                                "event_handle": bytes(event_handle) if event_handle else b"",
-                                "event_sync_required": bool(event_sync)}})
-    return {"kind": "cuda_ipc", "device": int(tensors[0].device.index or 0), "buffers": buffers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,11 +186,3 @@ class HostTransfers:
             with self.lock:
                 self.pool.release(host)
             raise
-
-
-def wait_all(futures: Sequence[concurrent.futures.Future], timeout: float) -> list:
-    """Results of every future (raising the first error), with one deadline for all."""
-    done, not_done = concurrent.futures.wait(futures, timeout=timeout)
-    if not_done:
-        raise KvbmError(f"{len(not_done)} of {len(futures)} transfers still running after {timeout} s")
-    return [f.result() for f in futures]
