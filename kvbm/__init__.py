@@ -5,8 +5,8 @@ Public API. Heavy modules (torch, zmq) are imported only when the names that nee
 from __future__ import annotations
 
 from kvbm.errors import (
-    BackpressureError, ConfigError, CudaError, KvbmError, LayoutError, ProtocolError,
-    RegistryError, TransferError,
+    BackpressureError, ConfigError, CudaError, KvbmError, KvbmTimeoutError, LayoutError, LifecycleError,
+    PermissionRefusedError, ProtocolError, RegistryError, TransferError,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +47,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BackpressureError", "BlockLayout", "ConfigError", "CudaError", "KvBlockManager", "KvbmConfig",
-    "KvbmError", "LayoutConfig", "LayoutError", "LayoutType", "ProtocolError", "RegistryError",
-    "TransferError", "build_kind", "cuda_available", "hash_token_blocks", "salted_seed",
+    "KvbmError", "KvbmTimeoutError", "LayoutConfig", "LayoutError", "LayoutType", "LifecycleError",
+    "PermissionRefusedError", "ProtocolError", "RegistryError", "TransferError", "build_kind",
+    "cuda_available", "hash_token_blocks", "salted_seed",
 ]

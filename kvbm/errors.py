@@ -28,8 +28,30 @@ class ProtocolError(KvbmError):
 
 
 class TransferError(KvbmError):
-    """A transfer completed as failed; the blocks it names were not loaded."""
+    """A transfer completed as failed; the blocks it names were not loaded.
+
+    `blocks_may_be_written`: a worker that was never reported dead may still be copying into the
+    destination blocks (its request passed the hard deadline, or kvbm-workers stopped without
+    reporting it dead); the caller must not hand those blocks out again."""
+
+    def __init__(self, message: str, *, blocks_may_be_written: bool = False) -> None:
+        super().__init__(message)
+        self.blocks_may_be_written = blocks_may_be_written
 
 
 class BackpressureError(KvbmError):
     """The in-flight bound is reached and the caller asked not to wait."""
+
+
+class LifecycleError(KvbmError):
+    """A call made in a state that does not allow it: before set-up (connect, register), after
+    close, twice where once is the rule, or while another owner holds the resource."""
+
+
+class KvbmTimeoutError(KvbmError, TimeoutError):
+    """A peer (kvbm-workers, a path worker) did not answer within the stated time."""
+
+
+class PermissionRefusedError(KvbmError, PermissionError):
+    """kvbm refused a file, folder, socket or endpoint that others could reach or tamper with (wrong
+    owner or mode, a symlink, a non-loopback address)."""

@@ -2,8 +2,9 @@
 two managers in one process, or a test that builds many, never collide).
 
 Parts:
-  TransferMetrics    engine side (TransferManager): transfers and bytes by path and status, request
-                     latency histogram, in-flight bytes, queued requests per path, worker deaths
+  TransferMetrics    engine side (TransferManager): submissions, transfers and bytes by path and
+                     status, wire requests, request latency histogram, in-flight bytes, queued
+                     requests per path, worker deaths, timeouts; `totals()` is what stats() reports
   SupervisorMetrics  kvbm-workers: worker up/generation/restarts per path, G2 bytes, pre-fault and
                      pinning seconds, bytes moved per path (from the workers' stats)
   render / serve     text exposition of a registry; an HTTP endpoint on 127.0.0.1 when asked
@@ -19,6 +20,9 @@ class TransferMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.submitted = Counter("kvbm_transfer_submissions", "Transfers submitted (non-empty)", ["path"],
+                                 registry=r)
+        self.requests = Counter("kvbm_wire_requests", "Wire requests sent to path workers", ["path"], registry=r)
         self.transfers = Counter("kvbm_transfers", "Transfer submissions settled, by path and outcome",
                                  ["path", "status"], registry=r)
         self.bytes = Counter("kvbm_transfer_bytes", "Bytes moved by successful transfers", ["path"], registry=r)
@@ -30,8 +34,25 @@ class TransferMetrics:
         self.worker_deaths = Counter("kvbm_worker_deaths", "Path worker deaths seen by this engine", ["path"], registry=r)
         self.timeouts = Counter("kvbm_request_timeouts", "Requests that missed their deadline", ["path"], registry=r)
 
+    def totals(self) -> dict[str, int]:
+        """Every counter summed over its labels (transfers split by outcome), under the names
+        TransferManager.stats() reports: one accounting, read back from Prometheus."""
+        return {"submitted": _total(self.submitted), "completed": _total(self.transfers, status="ok"),
+                "failed": _total(self.transfers, status="failed"), "bytes": _total(self.bytes),
+                "requests": _total(self.requests), "worker_deaths": _total(self.worker_deaths),
+                "timeouts": _total(self.timeouts)}
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _total(counter: Counter, **labels: str) -> int:
+    total = 0.0
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return int(total)
 
 
 class SupervisorMetrics:

@@ -5,7 +5,7 @@ TransferManager; each returns a TransferFuture.
 Offload order: lookup (hashes already held move nothing) -> allocate host blocks -> D2H ->
 on success complete + register (dedup) + release (inactive, matchable); on failure release the
 host blocks unregistered (freed), except when the failure says a copy may still write them
-(Outcome.MAY_STILL_BE_WRITTEN: hard deadline, kvbm-workers stopped without reporting the worker
+(Outcome.may_still_be_written: hard deadline, kvbm-workers stopped without reporting the worker
 dead): those stay allocated and unregistered for good (leaked_host_blocks, a logged warning), the
 safe choice over a free list a late write could corrupt. A block is registered in G2 only after its
 bytes are there.
@@ -27,7 +27,8 @@ import numpy as np
 
 from kvbm.errors import KvbmError
 from kvbm.transfer.futures import TransferFuture, TransferResult
-from kvbm.transfer.manager import MAY_STILL_BE_WRITTEN, TransferManager
+from kvbm.transfer.manager import TransferManager
+from kvbm.transfer.records import Outcome
 from kvbm.transfer.scheduler import Gate
 from kvbm.wire import protocol as P
 
@@ -124,18 +125,18 @@ class HostTransfers:
         if n == 0:
             return _done_future(P.Path.D2H, OffloadResult(requested, 0, held, dropped, 0), self.tm.num_layers)
 
-        def finalize(ok: bool, error: str | None):
+        def finalize(outcome: Outcome):
             with self.lock:
                 self._offloading.difference_update(claimed)
-                if not ok:
-                    if error and MAY_STILL_BE_WRITTEN in error:
+                if not outcome.ok:
+                    if outcome.may_still_be_written:
                         # A copy may still land in these host blocks: on the free list the next
                         # offload could register them and a late write would corrupt that data.
                         # They stay allocated and unregistered (never matched, never handed out):
                         # leaked, with a warning, rather than reused unsafely.
                         self.leaked_host_blocks += n
                         logger.warning("offload failed while its copy may still run; leaving %d host blocks "
-                                       "allocated (leaked, %d in all): %s", n, self.leaked_host_blocks, error)
+                                       "allocated (leaked, %d in all): %s", n, self.leaked_host_blocks, outcome.error)
                         return None
                     self.pool.release(host)   # never registered: back to the free list
                     return None
@@ -174,10 +175,10 @@ class HostTransfers:
             return _done_future(P.Path.H2D, OnboardResult(requested, 0, 0), self.tm.num_layers)
         bytes_per_block = self.tm.block_bytes
 
-        def finalize(ok: bool, error: str | None):
+        def finalize(outcome: Outcome):
             with self.lock:
                 self.pool.release(host)
-            return OnboardResult(requested, k, k * bytes_per_block) if ok else None
+            return OnboardResult(requested, k, k * bytes_per_block) if outcome.ok else None
 
         try:
             return self.tm.submit(P.Path.H2D, host, device_blocks[:k], priority=priority, gate=gate,

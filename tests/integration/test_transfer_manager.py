@@ -15,7 +15,8 @@ from kvbm.errors import BackpressureError, KvbmError, TransferError
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import bind_socket, make_context
-from kvbm.transfer.manager import REGISTER_RETRIES, TransferManager
+from kvbm.transfer.link import REGISTER_RETRIES
+from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.scheduler import Gate
 from pipeline_harness import wait_for
 
@@ -305,9 +306,9 @@ def test_a_lock_holder_waiting_for_budget_does_not_deadlock_finalize(fake, make_
     tm = make_tm(max_inflight_bytes=16384)       # one block
     pool_lock = threading.Lock()
 
-    def finalize(ok, error):
+    def finalize(outcome):
         with pool_lock:                           # as HostTransfers' finalize takes the pool lock
-            return ok
+            return outcome.ok
 
     first = tm.submit(P.Path.D2H, [1], [2], finalize=finalize)
     xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)

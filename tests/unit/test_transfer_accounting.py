@@ -1,0 +1,58 @@
+"""The TransferManager's pieces that need no worker: the in-flight budget and the one accounting
+(Prometheus counters, which stats() reads back)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvbm.errors import BackpressureError
+from kvbm.metrics import TransferMetrics
+from kvbm.transfer.budget import InflightBudget
+
+
+def test_budget_refuses_without_waiting_and_lets_an_oversized_submission_go_alone():
+    budget = InflightBudget(100)
+    budget.take(60, block=False, timeout=None)
+    with pytest.raises(BackpressureError, match="60 bytes in flight \\+ 50 requested exceeds the bound of 100"):
+        budget.take(50, block=False, timeout=None)
+    with pytest.raises(BackpressureError, match="waited 0.01 s for 50 bytes"):
+        budget.take(50, block=True, timeout=0.01)
+    budget.give_back(60)
+    budget.take(500, block=False, timeout=None)      # larger than the bound, nothing else in flight
+    assert budget.used == 500
+
+
+def test_budget_waiter_proceeds_when_budget_comes_back():
+    budget = InflightBudget(100)
+    budget.take(100, block=False, timeout=None)
+    took = threading.Event()
+
+    def waiter():
+        budget.take(40, block=True, timeout=30)
+        took.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert not took.wait(0.05)
+    budget.give_back(100)
+    assert took.wait(30)
+    t.join(30)
+    assert budget.used == 40
+
+
+def test_totals_sum_counters_over_labels():
+    m = TransferMetrics()
+    assert m.totals() == {"submitted": 0, "completed": 0, "failed": 0, "bytes": 0, "requests": 0,
+                          "worker_deaths": 0, "timeouts": 0}
+    m.submitted.labels("d2h").inc(3)
+    m.submitted.labels("h2d").inc()
+    m.transfers.labels("d2h", "ok").inc(2)
+    m.transfers.labels("h2d", "failed").inc()
+    m.bytes.labels("d2h").inc(4096)
+    m.requests.labels("h2d").inc(5)
+    m.worker_deaths.labels("d2h").inc()
+    m.timeouts.labels("h2d").inc()
+    assert m.totals() == {"submitted": 4, "completed": 2, "failed": 1, "bytes": 4096, "requests": 5,
+                          "worker_deaths": 1, "timeouts": 1}
+    assert b'kvbm_transfers_total{path="h2d",status="failed"} 1.0' in m.render()
