@@ -3,11 +3,15 @@ thread that owns every socket.
 
 Parts (each concept in its own module):
   records.py   Submission / Request / WireRequest, RequestState, Outcome (what finalize is told)
+  path_queue   PathQueue: one path's link, socket, priority queue (coalescing) and requests at the worker
   link.py      PathLink: our registration with one path worker across its generations
   budget.py    InflightBudget: the bound on bytes in flight (backpressure)
   futures.py   TransferFuture (layer progress) and TransferResult
   metrics      kvbm.metrics.TransferMetrics: the one accounting; stats() reads it
   here         TransferManager: connect / register / submit / close, and the I/O loop
+               (about 680 lines, past the ~600 of STYLE: the loop's handlers for replies, events,
+               deadlines and settling all act on the same queues, links and submissions; cut
+               apart, they would pass that state around without separating any concept)
 
 Life of a submission:
   submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False
@@ -29,7 +33,6 @@ Life of a submission:
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
@@ -37,8 +40,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-
 import numpy as np
 import zmq
 
@@ -47,6 +48,7 @@ from kvbm.metrics import TransferMetrics
 from kvbm.transfer.budget import InflightBudget
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.link import PathLink
+from kvbm.transfer.path_queue import PathQueue
 from kvbm.transfer.records import Finalize, Request, RequestState, Submission, WireRequest
 from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.wire import protocol as P
@@ -60,20 +62,6 @@ HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is faile
 SMALL_CHECK = 64         # submissions up to this many blocks are checked with plain ints
 STOP_GRACE_S = 10.0       # after "stopping", how long requests at a worker wait for its "died" event
 QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SETTLED
-
-
-@dataclass(eq=False)
-class _PathQueue:
-    """One path worker as the I/O thread sees it: socket, link, queue and what is at the worker."""
-    link: PathLink
-    endpoint: str
-    sock: zmq.Socket
-    heap: list = field(default_factory=list)            # (-priority, seq, Request)
-    outstanding: dict[int, WireRequest] = field(default_factory=dict)
-
-    @property
-    def path(self) -> P.Path:
-        return self.link.path
 
 
 class TransferManager:
@@ -95,9 +83,8 @@ class TransferManager:
         self._ctx = make_context()
         self._control: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
-        self._paths: dict[P.Path, _PathQueue] = {}
+        self._paths: dict[P.Path, PathQueue] = {}
         self._ids = itertools.count(1)
-        self._seq = itertools.count()
         self._lock = threading.Lock()              # _incoming, _register_asked, _closing
         self._incoming: list[Submission] = []
         self._register_asked = False
@@ -127,7 +114,7 @@ class TransferManager:
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
             sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"])
-            self._paths[path] = _PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
+            self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()
         return welcome
@@ -318,9 +305,9 @@ class TransferManager:
                 continue
             for req in sub.requests:
                 req.deadline = now + self.request_timeout_s  # covers waiting for a restarted worker too
-                heapq.heappush(q.heap, (-sub.priority, next(self._seq), req))
+                q.push(req)
 
-    def _send_register(self, q: _PathQueue) -> None:
+    def _send_register(self, q: PathQueue) -> None:
         if self._register_msg is None:
             return
         rid = next(self._ids)
@@ -328,32 +315,17 @@ class TransferManager:
         # A DEALER queues this while the worker is down; the next generation gets it when it binds.
         q.sock.send(P.encode(dict(self._register_msg, id=rid)), zmq.NOBLOCK)
 
-    def _pump(self, q: _PathQueue) -> None:
+    def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
         requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
         while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW:
-            _, _, lead = heapq.heappop(q.heap)
-            if lead.state is not QUEUED:
-                continue
+            lead = q.pop_lead()
+            if lead is None:
+                return
             if lead.sub.error is not None:  # a sibling failed: do not start more of this submission
                 self._settle(lead, None)
                 continue
-            members, total = [lead], int(lead.src.shape[0])
-            dsts = set(lead.dst.tolist())
-            while q.heap:
-                _, _, nxt = q.heap[0]
-                if nxt.state is not QUEUED:
-                    heapq.heappop(q.heap)
-                    continue
-                if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
-                        or nxt.sub.error is not None or total + nxt.src.shape[0] > self.max_batch_blocks
-                        or not dsts.isdisjoint(nxt.dst.tolist())):
-                    # Overlapping destinations in one wire request are refused by the worker whole.
-                    break
-                heapq.heappop(q.heap)
-                dsts.update(nxt.dst.tolist())
-                members.append(nxt)
-                total += int(nxt.src.shape[0])
+            members = q.coalesce(lead, self.max_batch_blocks)
             gen = q.link.registered_gen
             single = len(members) == 1
             rid = lead.rid if single else next(self._ids)
@@ -365,7 +337,7 @@ class TransferManager:
                 q.sock.send(P.encode(msg), zmq.NOBLOCK)
             except zmq.Again:
                 for m in members:
-                    heapq.heappush(q.heap, (-m.sub.priority, next(self._seq), m))
+                    q.push(m)
                 return
             now = time.monotonic()
             for m in members:
@@ -374,7 +346,7 @@ class TransferManager:
             self.metrics.requests.labels(q.path.label).inc()
 
     # ---- replies and events ------------------------------------------------------------------
-    def _read_worker(self, q: _PathQueue) -> None:
+    def _read_worker(self, q: PathQueue) -> None:
         for payload in pending(q.sock):
             try:
                 msg = P.decode(payload)
@@ -391,7 +363,7 @@ class TransferManager:
             except (ProtocolError, KeyError, TypeError, ValueError) as err:
                 logger.warning("bad message from the %s worker: %s", q.path.label, err)
 
-    def _on_layer(self, q: _PathQueue, msg: dict) -> None:
+    def _on_layer(self, q: PathQueue, msg: dict) -> None:
         wire = q.outstanding.get(msg.get("id"))
         layer = msg.get("layer")
         if wire is None or not isinstance(layer, int) or isinstance(layer, bool):
@@ -402,7 +374,7 @@ class TransferManager:
             if sub.error is None:
                 self._layer_progress(sub)
 
-    def _on_done(self, q: _PathQueue, msg: dict) -> None:
+    def _on_done(self, q: PathQueue, msg: dict) -> None:
         rid = msg["id"]
         if rid == q.link.rid and rid != 0:
             q.link.rejected(msg.get("error") or "registration failed")
@@ -434,7 +406,7 @@ class TransferManager:
                     continue
                 m.requeued, m.state, m.layers_done = True, QUEUED, 0
                 m.deadline = now + self.request_timeout_s
-                heapq.heappush(q.heap, (-m.sub.priority, next(self._seq), m))
+                q.push(m)
             return
         self._settle_wire(q, wire, error)
 
@@ -460,7 +432,7 @@ class TransferManager:
                     self._stopped = False
                     self._send_register(q)
 
-    def _worker_died(self, q: _PathQueue, gen: int, msg: dict) -> None:
+    def _worker_died(self, q: PathQueue, gen: int, msg: dict) -> None:
         self.metrics.worker_deaths.labels(q.path.label).inc()
         reason = (f"{q.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
                   f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
@@ -510,11 +482,10 @@ class TransferManager:
                     self._wire_overdue(q, wire, now)
             # Queued requests waiting for a worker that does not come back.
             if q.heap and not q.link.registered_gen:
-                for _, _, req in list(q.heap):
-                    if req.state is QUEUED and now >= req.deadline:
-                        self._settle(req, f"{q.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
+                for req in q.queued_past(now):
+                    self._settle(req, f"{q.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
 
-    def _wire_overdue(self, q: _PathQueue, wire: WireRequest, now: float) -> None:
+    def _wire_overdue(self, q: PathQueue, wire: WireRequest, now: float) -> None:
         label = q.path.label
         if wire.stopping:
             logger.error("%s request %d: no died event for gen %d within %.1f s of stopping",
@@ -541,12 +512,12 @@ class TransferManager:
     def _layer_progress(self, sub: Submission) -> None:
         sub.future._advance(min(r.layers_done for r in sub.requests))
 
-    def _settle_wire(self, q: _PathQueue, wire: WireRequest, error: str | None) -> None:
+    def _settle_wire(self, q: PathQueue, wire: WireRequest, error: str | None) -> None:
         q.outstanding.pop(wire.rid, None)
         for m in wire.members:
             self._settle(m, error)
 
-    def _settle_unsafe(self, q: _PathQueue, wire: WireRequest, why: str) -> None:
+    def _settle_unsafe(self, q: PathQueue, wire: WireRequest, why: str) -> None:
         """Fails a request whose worker generation may still be copying it."""
         for m in wire.members:
             m.sub.maybe_written = True
@@ -607,10 +578,9 @@ class TransferManager:
             if req.state is not SETTLED:
                 self._settle(req, reason)
 
-    def _fail_queued(self, q: _PathQueue, reason: str) -> None:
-        for _, _, req in list(q.heap):
+    def _fail_queued(self, q: PathQueue, reason: str) -> None:
+        for req in q.drain():
             self._settle(req, reason)
-        q.heap.clear()
 
     def _fail_unsent(self, reason: str, closing: bool = False) -> None:
         """Fails held, incoming and queued work: none of it reached a worker."""

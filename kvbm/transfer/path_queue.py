@@ -1,0 +1,73 @@
+"""PathQueue: one path worker as the TransferManager's I/O thread sees it.
+
+It holds the link (our registration, kvbm.transfer.link), the socket, the priority queue of requests
+waiting to be sent and the wire requests at the worker. Sending coalesces: queued requests of the
+same priority and progress mode behind the first ride in one wire request up to max_batch_blocks
+pairs, as long as their destinations do not overlap (the worker refuses such a request whole).
+Only the I/O thread touches it.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+import zmq
+
+from kvbm.transfer.link import PathLink
+from kvbm.transfer.records import Request, RequestState, WireRequest
+from kvbm.wire.protocol import Path
+
+_seq = itertools.count()   # FIFO among equal priorities
+
+
+@dataclass(eq=False)
+class PathQueue:
+    link: PathLink
+    endpoint: str
+    sock: zmq.Socket
+    heap: list = field(default_factory=list)            # (-priority, seq, Request)
+    outstanding: dict[int, WireRequest] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.link.path
+
+    def push(self, req: Request) -> None:
+        heapq.heappush(self.heap, (-req.sub.priority, next(_seq), req))
+
+    def pop_lead(self) -> Request | None:
+        """The next request still QUEUED (settled ones are dropped lazily here)."""
+        while self.heap:
+            _, _, req = heapq.heappop(self.heap)
+            if req.state is RequestState.QUEUED:
+                return req
+        return None
+
+    def coalesce(self, lead: Request, max_blocks: int) -> list[Request]:
+        """lead and the queued requests right behind it that may share its wire request."""
+        members, total = [lead], int(lead.src.shape[0])
+        dsts = set(lead.dst.tolist())
+        while self.heap:
+            _, _, nxt = self.heap[0]
+            if nxt.state is not RequestState.QUEUED:
+                heapq.heappop(self.heap)
+                continue
+            if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
+                    or nxt.sub.error is not None or total + nxt.src.shape[0] > max_blocks
+                    or not dsts.isdisjoint(nxt.dst.tolist())):
+                break
+            heapq.heappop(self.heap)
+            dsts.update(nxt.dst.tolist())
+            members.append(nxt)
+            total += int(nxt.src.shape[0])
+        return members
+
+    def queued_past(self, now: float) -> list[Request]:
+        """Queued requests whose wait for a (re)registered worker has run out."""
+        return [req for _, _, req in self.heap if req.state is RequestState.QUEUED and now >= req.deadline]
+
+    def drain(self) -> list[Request]:
+        reqs = [req for _, _, req in self.heap]
+        self.heap.clear()
+        return reqs
