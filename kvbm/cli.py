@@ -15,7 +15,7 @@ import sys
 import time
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import KvbmError
+from kvbm.errors import ConfigError, KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.layout import LayoutConfig
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def parse_layout(spec: str) -> LayoutConfig:
     for part in filter(None, spec.split(",")):
         key, _, raw = part.partition("=")
         if key.strip() not in names:
-            raise KvbmError(f"--layout: unknown key {key!r}; expected {sorted(names)}")
+            raise ConfigError(f"--layout: unknown key {key!r}; expected {sorted(names)}")
         values[names[key.strip()]] = raw.strip() if key.strip() == "dtype" else int(raw)
     return LayoutConfig.from_dict(values)
 
@@ -77,9 +77,9 @@ def host_bytes_of(config: KvbmConfig) -> int:
         return config.host_size
     if config.host_blocks:
         if config.layout is None:
-            raise KvbmError("host_blocks needs the model layout (--layout) to size G2; or give --host-size")
+            raise ConfigError("host_blocks needs the model layout (--layout) to size G2; or give --host-size")
         return config.host_blocks * config.layout.block_stride
-    raise KvbmError("no G2 size: give --host-size (e.g. 8GB) or --host-blocks with --layout")
+    raise ConfigError("no G2 size: give --host-size (e.g. 8GB) or --host-blocks with --layout")
 
 
 def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
@@ -90,13 +90,13 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     rundir = config.resolved_runtime_dir()
     endpoints = Endpoints.read(rundir)
     if endpoints is None:
-        raise KvbmError(f"no running kvbm-workers found for instance {config.instance_id} ({rundir}/endpoints.json missing)")
+        raise LifecycleError(f"no running kvbm-workers found for instance {config.instance_id} ({rundir}/endpoints.json missing)")
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
     try:
         sock.send(P.encode({"t": P.MsgType.STATUS, "id": 1}))
         if not sock.poll(int(timeout * 1000)):
-            raise KvbmError(f"kvbm-workers at {endpoints.control} did not answer within {timeout} s")
+            raise KvbmTimeoutError(f"kvbm-workers at {endpoints.control} did not answer within {timeout} s")
         return P.decode(sock.recv())
     finally:
         sock.close(0)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import ConfigError, KvbmError
+from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
 from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,11 @@ class TierMatch:
 def _hashes(hashes) -> np.ndarray:
     arr = np.asarray(hashes)
     if arr.ndim != 1:
-        raise KvbmError(f"hashes must be a 1-D sequence of u64, got shape {arr.shape}")
+        raise LayoutError(f"hashes must be a 1-D sequence of u64, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        raise KvbmError(f"hashes must be integers, got dtype {arr.dtype}")
+        raise LayoutError(f"hashes must be integers, got dtype {arr.dtype}")
     if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
-        raise KvbmError("hashes must be non-negative u64 values")
+        raise LayoutError("hashes must be non-negative u64 values")
     return arr.astype(np.uint64, copy=False)
 
 
@@ -111,7 +111,7 @@ class KvBlockManager:
         try:
             return self.pools[Tier(tier)]
         except (KeyError, ValueError) as err:
-            raise KvbmError(f"tier {tier!r} is not configured; configured: {[t.name for t in self.pools]}") from err
+            raise ConfigError(f"tier {tier!r} is not configured; configured: {[t.name for t in self.pools]}") from err
 
     def match(self, hashes) -> TierMatch:
         """The longest prefix of `hashes` that each tier holds (nothing is acquired)."""
@@ -140,17 +140,17 @@ class KvBlockManager:
             # the blocks PARTIAL, as they were, so the caller can retry.
             hashes = _hashes(hashes)
             if len(np.atleast_1d(blocks)) != len(hashes):
-                raise KvbmError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
+                raise LayoutError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
             if parents is not None:
                 parents = _hashes(parents)
                 if len(parents) != len(hashes):
-                    raise KvbmError(f"register got {len(parents)} parents for {len(hashes)} hashes")
+                    raise LayoutError(f"register got {len(parents)} parents for {len(hashes)} hashes")
             if has_parent is not None:
                 if parents is None:
-                    raise KvbmError("register got has_parent without parents")
+                    raise LayoutError("register got has_parent without parents")
                 has_parent = np.asarray(has_parent)
                 if has_parent.shape != hashes.shape or has_parent.dtype != np.bool_:
-                    raise KvbmError(f"has_parent must be {len(hashes)} bools, got {has_parent.dtype} "
+                    raise LayoutError(f"has_parent must be {len(hashes)} bools, got {has_parent.dtype} "
                                     f"shape {has_parent.shape}")
             pool.complete(blocks)
             return pool.register(blocks, hashes, parents, has_parent)
@@ -214,7 +214,7 @@ class KvBlockManager:
         if device.startswith("cuda"):
             return layout.allocate(device=device)
         if self._shared is not None:
-            raise KvbmError("CPU-mode device tensors were already created for this manager")
+            raise LifecycleError("CPU-mode device tensors were already created for this manager")
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 
@@ -244,7 +244,7 @@ class KvBlockManager:
             endpoint = control_endpoint(self.config)
             if endpoint is None:
                 if start is False:
-                    raise KvbmError(f"no kvbm-workers runs for instance {self.config.instance_id} "
+                    raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
                                     f"({self.config.resolved_runtime_dir()})")
                 self._workers = WorkersProcess(self.config, host_layout.total_bytes)
                 endpoint = self._workers.start(timeout)
@@ -271,7 +271,7 @@ class KvBlockManager:
     def _transfer_api(self):
         self._check_open()
         if self._host is None:
-            raise KvbmError("register_device_tensors() first: no transfer runtime is connected")
+            raise LifecycleError("register_device_tensors() first: no transfer runtime is connected")
         return self._host
 
     def offload(self, device_blocks, hashes, **kwargs: Any):
@@ -289,7 +289,7 @@ class KvBlockManager:
     def scheduler(self):
         """The Scheduler of gated transfers: scheduler.reached(iteration=...) / (layer=...)."""
         if self._transfers is None:
-            raise KvbmError("register_device_tensors() first: no transfer runtime is connected")
+            raise LifecycleError("register_device_tensors() first: no transfer runtime is connected")
         return self._transfers.scheduler
 
     @property
@@ -322,7 +322,7 @@ class KvBlockManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise KvbmError("KvBlockManager is closed")
+            raise LifecycleError("KvBlockManager is closed")
 
     def __enter__(self) -> "KvBlockManager":
         return self

@@ -22,7 +22,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from kvbm.errors import ConfigError, KvbmError
+from kvbm.errors import ConfigError, KvbmError, LifecycleError
 
 
 class Tier(IntEnum):
@@ -178,7 +178,7 @@ class WaitingHints:
         except TypeError as err:
             raise KvbmError(f"request id must be hashable, got {type(request_id).__name__}") from err
         if known:
-            raise KvbmError(f"request {request_id!r} is already waiting "
+            raise LifecycleError(f"request {request_id!r} is already waiting "
                             f"({len(self.waiting[request_id])} hashes); hint_done it first")
         keys = np.unique(np.asarray(hashes, dtype=np.uint64)).tolist()
         self.waiting[request_id] = keys
@@ -197,7 +197,7 @@ class WaitingHints:
         try:
             keys = self.waiting.pop(request_id)
         except (KeyError, TypeError) as err:
-            raise KvbmError(f"request {request_id!r} is not waiting "
+            raise LifecycleError(f"request {request_id!r} is not waiting "
                             f"({len(self.waiting)} requests are)") from err
         counts = self.counts
         gone = []

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvbm.errors import KvbmError
+from kvbm.errors import KvbmError, LifecycleError, PermissionRefusedError
 
 if TYPE_CHECKING:
     import torch
@@ -69,12 +69,12 @@ def check_private(st: os.stat_result, path: str, directory: bool = False) -> Non
     kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
     mode = stat.S_IMODE(st.st_mode)
     if not kind_ok:
-        raise KvbmError(f"{path} is not a {'directory' if directory else 'regular file'} (a symlink or special "
+        raise PermissionRefusedError(f"{path} is not a {'directory' if directory else 'regular file'} (a symlink or special "
                         f"file where kvbm expects its own)")
     if st.st_uid != os.getuid():
-        raise KvbmError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); refusing it")
+        raise PermissionRefusedError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); refusing it")
     if (mode != 0o700) if directory else (mode & 0o077):
-        raise KvbmError(f"{path} has mode {mode:#o}; expected {'0700' if directory else 'no group/other access (0600)'}")
+        raise PermissionRefusedError(f"{path} has mode {mode:#o}; expected {'0700' if directory else 'no group/other access (0600)'}")
 
 
 def check_private_dir(path: str) -> bool:
@@ -118,7 +118,7 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError as err:
-            raise KvbmError(f"shared-memory segment {path} already exists (another instance, or "
+            raise LifecycleError(f"shared-memory segment {path} already exists (another instance, or "
                             "a stale one the start-up clean-up did not claim)") from err
         try:
             os.fchmod(fd, 0o600)
@@ -313,7 +313,7 @@ class RuntimeDir:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise KvbmError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
+                raise LifecycleError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
             raise
         previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
         removed = []

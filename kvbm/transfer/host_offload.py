@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import KvbmError
+from kvbm.errors import LayoutError
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.records import Outcome
@@ -84,11 +84,11 @@ class HostTransfers:
         device_blocks = np.asarray(device_blocks, dtype=np.int64).reshape(-1)
         hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
         if device_blocks.shape != hashes.shape:
-            raise KvbmError(f"offload: {device_blocks.shape[0]} device blocks but {hashes.shape[0]} hashes")
+            raise LayoutError(f"offload: {device_blocks.shape[0]} device blocks but {hashes.shape[0]} hashes")
         if parents is not None:
             parents = np.asarray(parents, dtype=np.uint64).reshape(-1)
             if parents.shape != hashes.shape:
-                raise KvbmError(f"offload: {parents.shape[0]} parents for {hashes.shape[0]} hashes")
+                raise LayoutError(f"offload: {parents.shape[0]} parents for {hashes.shape[0]} hashes")
         _, first = np.unique(hashes, return_index=True)
         first.sort()
         device_blocks, hashes = device_blocks[first], hashes[first]
@@ -166,7 +166,7 @@ class HostTransfers:
         hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
         device_blocks = np.asarray(device_blocks, dtype=np.int64).reshape(-1)
         if device_blocks.shape[0] < hashes.shape[0]:
-            raise KvbmError(f"onboard: {hashes.shape[0]} hashes but only {device_blocks.shape[0]} device blocks")
+            raise LayoutError(f"onboard: {hashes.shape[0]} hashes but only {device_blocks.shape[0]} device blocks")
         requested = int(hashes.shape[0])
         with self.lock:
             host = np.asarray(self.pool.match(hashes, acquire=True), dtype=np.int64)

@@ -20,7 +20,7 @@ import sys
 import time
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import KvbmError
+from kvbm.errors import KvbmError, KvbmTimeoutError
 from kvbm.wire.channel import Endpoints
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class WorkersProcess:
                 return found.control
             time.sleep(0.02)
         self.stop()
-        raise KvbmError(f"kvbm-workers did not come up within {timeout} s")
+        raise KvbmTimeoutError(f"kvbm-workers did not come up within {timeout} s")
 
     @property
     def pid(self) -> int | None:

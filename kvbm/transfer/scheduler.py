@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kvbm.errors import KvbmError
+from kvbm.errors import KvbmError, LifecycleError
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class Scheduler:
         with self._lock:
             if iteration is not None:
                 if iteration < self._done_iteration:
-                    raise KvbmError(f"iteration {iteration} reported after iteration {self._done_iteration}")
+                    raise LifecycleError(f"iteration {iteration} reported after iteration {self._done_iteration}")
                 self._done_iteration = iteration
                 self._layer = -1
             if layer is not None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from kvbm.errors import KvbmError
+from kvbm.errors import ConfigError, PermissionRefusedError
 from kvbm.shm import check_private, check_private_dir
 from kvbm.wire.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 
@@ -39,13 +39,13 @@ class Endpoints:
         if transport == "ipc":
             longest = os.path.join(runtime_dir, "control.sock")
             if len(longest.encode()) > IPC_PATH_MAX:
-                raise KvbmError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets take at most "
+                raise ConfigError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets take at most "
                                 f"{IPC_PATH_MAX}: use a shorter runtime_dir (or transport tcp)")
             return cls(f"ipc://{runtime_dir}/control.sock", f"ipc://{runtime_dir}/events.sock",
                        {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in WORKER_PATHS})
         ports = [tcp_port + i for i in range(2 + len(WORKER_PATHS))] if tcp_port else _free_ports(2 + len(WORKER_PATHS))
         if max(ports) > 65535:
-            raise KvbmError(f"tcp ports {ports[0]}..{ports[-1]} exceed 65535")
+            raise ConfigError(f"tcp ports {ports[0]}..{ports[-1]} exceed 65535")
         urls = [f"tcp://127.0.0.1:{p}" for p in ports]
         return cls(urls[0], urls[1], {p.label: urls[2 + i] for i, p in enumerate(WORKER_PATHS)})
 
@@ -73,7 +73,7 @@ class Endpoints:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise KvbmError(f"cannot open {path}: {err} (a symlink is refused)") from err
+            raise PermissionRefusedError(f"cannot open {path}: {err} (a symlink is refused)") from err
         with os.fdopen(fd) as fh:
             check_private(os.fstat(fd), path)
             try:
@@ -109,9 +109,9 @@ def _ipc_path(endpoint: str) -> str | None:
 
 def check_endpoint(endpoint: str) -> None:
     if endpoint.startswith("tcp://") and not endpoint.startswith("tcp://127.0.0.1:"):
-        raise KvbmError(f"refusing endpoint {endpoint}: TCP is served on loopback (127.0.0.1) only")
+        raise PermissionRefusedError(f"refusing endpoint {endpoint}: TCP is served on loopback (127.0.0.1) only")
     if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-        raise KvbmError(f"unsupported endpoint {endpoint}; expected ipc:// or tcp://127.0.0.1:PORT")
+        raise ConfigError(f"unsupported endpoint {endpoint}; expected ipc:// or tcp://127.0.0.1:PORT")
 
 
 def bind_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:

@@ -34,7 +34,7 @@ import zmq
 
 import kvbm
 from kvbm.config import KvbmConfig
-from kvbm.errors import KvbmError, ProtocolError
+from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
@@ -109,7 +109,7 @@ class Supervisor:
     def __init__(self, config: KvbmConfig, host_bytes: int, cuda: bool, interval: float = 10.0,
                  log_level: str = "INFO") -> None:
         if host_bytes <= 0:
-            raise KvbmError(f"the host pool needs a size > 0 bytes, got {host_bytes}")
+            raise ConfigError(f"the host pool needs a size > 0 bytes, got {host_bytes}")
         self.config = config
         self.host_bytes = host_bytes
         self.cuda = cuda
@@ -168,7 +168,7 @@ class Supervisor:
     def _prepare_disk(path: str) -> str:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-            raise KvbmError(f"disk tier folder {path} is not a writable directory")
+            raise ConfigError(f"disk tier folder {path} is not a writable directory")
         print(f"kvbm-workers: G3 folder {path} ready (disk I/O not implemented yet)", flush=True)
         return path
 
