@@ -1,5 +1,5 @@
 """Round 3: how much of the LRU -> Belady gap can a policy close from what it observes?
-(bench/POLICY_ROUND3.md; rounds 1 and 2 are POLICY.md and POLICY_ROUND2.md.)
+(POLICY_ROUND3.md beside this file; rounds 1 and 2 are POLICY.md and POLICY_ROUND2.md.)
 
 Two families of reference points, on policy_sim's request semantics:
 
@@ -17,10 +17,10 @@ Two families of reference points, on policy_sim's request semantics:
   it goes. So these rows are a generous ceiling for policies built on those features, not a
   policy; the point is whether even the ceiling reaches the target.
 
-Documents: a request's document is its first hash (the trace is a forest of chains, bench/POLICY.md
+Documents: a request's document is its first hash (the trace is a forest of chains, POLICY.md
 section 5). Ages and gaps are in requests.
 
-    python bench/policy_bounds.py                  # the tables of POLICY_ROUND3.md (~1 minute)
+    python -m research.eviction.policy_bounds      # the tables of POLICY_ROUND3.md (~1 minute)
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ import sys
 from collections import Counter, OrderedDict, defaultdict
 from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import policy_sim as ps  # noqa: E402
+from research.eviction import policy_sim as ps
 
 DEFAULT_TRACE = os.environ.get("KVBM_TRACE", "/work/shared/traces/mooncake_synthetic_trace.jsonl")
 TAIL = "tail"          # class of a request's partial last block (never reused: evicted first)

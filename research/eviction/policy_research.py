@@ -1,6 +1,6 @@
-"""Round-2 eviction-policy research for the prefix KV cache (see bench/POLICY_ROUND2.md).
+"""Round-2 eviction-policy research for the prefix KV cache (see POLICY_ROUND2.md).
 
-A standalone segmented simulator with the *same request semantics* as bench/policy_sim.py
+A standalone segmented simulator with the *same request semantics* as policy_sim.py
 (match the cached prefix -> hits; pin every cached block of the request; touch matched blocks in
 chain order; insert the rest in chain order (already-cached blocks are touched, not hits); release
 in chain order stamping a new tick), plus:
@@ -21,7 +21,7 @@ in chain order stamping a new tick), plus:
 * analysis helpers (`--measure`): reuse gaps by use count, what Belady keeps vs LRU.
 * `--suite`: the validation table (shared trace 1k-16k, time halves, synthetic shapes).
 
-Run: python bench/policy_research.py --suite
+Run (from the repository root): python -m research.eviction.policy_research --suite
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ import sys
 import time
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import policy_sim as ps  # noqa: E402
+from research.eviction import policy_sim as ps
 
 WINDOW, PROBATION, PROTECTED = 0, 1, 2
 SHARED_TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"

@@ -1,15 +1,10 @@
-"""bench/policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
+"""policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
 tiers and admission, the lineage key formula, and (when the registry builds) sim == registry."""
-import os
-import sys
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-
-import policy_sim as ps  # noqa: E402
-import trace_replay as tr  # noqa: E402
+from research.eviction import policy_sim as ps
+from research.eviction import trace_replay as tr
 
 
 def run(policy, cap, chains, tail_partial=False):
@@ -201,8 +196,6 @@ def test_invariants_random(paths, cap, pol):
 # ---- registry engine -----------------------------------------------------------------------------
 def test_registry_engine_matches_sim_lru():
     reg = pytest.importorskip("kvbm._fast.registry")  # noqa: F841
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    import trace_replay as tr
     chains = ps.chains_of(ps.generate_trace("mixed", n_requests=300, seed=7))
     for cap in (150, 600):
         _, sim_hits = tr.replay(tr.SimEngine([cap], "lru"), chains)
@@ -217,8 +210,6 @@ def test_registry_engine_matches_sim_lineage():
     id in the registry and by insertion version in the simulator; these traces have none that
     reaches the heap top (the shared trace has one at 1,000 blocks: 19 hits of 121,877)."""
     pytest.importorskip("kvbm._fast.registry")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    import trace_replay as tr
     for shape, seed in (("mixed", 7), ("sysprompt", 3)):
         chains = ps.chains_of(ps.generate_trace(shape, n_requests=300, seed=seed))
         for cap in (150, 600):

@@ -6,7 +6,7 @@ computed from O(1) per-block metadata -- exactly the fields kvbm/_fast/registry.
 last-use tick, use count, children count, parent link) plus constants fixed at construction -- so a
 policy ports into the registry's `_policy_key` mechanically. Keys are two words (key1, key2) like
 the registry's heap entries; here a key is the Python int key1 << 64 | key2.
-See bench/POLICY.md for the semantics, the formulas and the results.
+See POLICY.md (beside this file) for the semantics, the formulas and the results.
 
 Simulation semantics (they reproduce the issue's LRU / Belady numbers, see POLICY.md):
   for each request, in trace order:
