@@ -400,7 +400,10 @@ class GhostLineage(ps.Lineage):
     registered again while its hash is in the table gets its old count back (the ghost entry is
     consumed), so the frequency credit of a document re-read after a gap longer than the cache's
     lifetime (but within ~ghost_mult more cache turnovers) is not lost. ghost_mult = 1 is the
-    "<= num_blocks hashes" budget; the unbounded version is policy_sim's `ghost-lineage`."""
+    "<= num_blocks hashes" budget; the unbounded version is policy_sim's `ghost-lineage`. The
+    product's table (ReferenceRegistry in kvbm/_fast/_reference.py, G = ghost_mult * capacity) gives
+    these hits when the simulator allocates in the registry's order: trace_replay.ghost_lineage_sim,
+    checked in tests/test_trace_replay.py."""
     name = "ghost1-lineage"
 
     def __init__(self, *, ghost_mult: float = 1.0, name: str | None = None, **kw):
