@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import os
 import sys
 import time
 from typing import Sequence
@@ -35,7 +34,6 @@ from typing import Sequence
 from research.eviction import policy_sim as ps
 
 WINDOW, PROBATION, PROTECTED = 0, 1, 2
-SHARED_TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -669,7 +667,7 @@ def measure(chains, trace=None, capacity: int = 2000, out=sys.stdout) -> None:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trace", default=SHARED_TRACE)
+    ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--window", type=float, nargs="+", default=[0.01])
     ap.add_argument("--sketch", default="cms")
@@ -678,6 +676,10 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--measure", action="store_true", help="print the trace measurements")
     args = ap.parse_args(argv)
+    try:
+        args.trace = ps.find_trace(args.trace)
+    except FileNotFoundError as err:
+        ap.error(str(err))
     chains = ps.chains_of(ps.load_trace(args.trace))
     if args.suite:
         suite(chains, args.policy, jobs=args.jobs)

@@ -31,8 +31,10 @@ import gzip
 import heapq
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
 
@@ -42,11 +44,33 @@ from kvbm.policy import POLICY_LINEAGE
 W64 = 1 << 64
 MASK64 = W64 - 1
 PRIO_BIAS = 1 << 31          # int32 priority -> uint64, lower priority sorts first (as the registry)
+TRACE_ENV = "KVBM_TRACE"
+SHARED_TRACE = Path("shared", "traces", "mooncake_synthetic_trace.jsonl")   # the public trace
+TRACE_HELP = ("Mooncake jsonl (.gz ok); default $KVBM_TRACE, else shared/traces/"
+              "mooncake_synthetic_trace.jsonl in the checkout's parent folder")
 
 
 # --------------------------------------------------------------------------------------------------
 # traces
 # --------------------------------------------------------------------------------------------------
+def find_trace(given: str | None = None) -> str:
+    """The trace a study reads: `given` (its --trace), else $KVBM_TRACE, else the public trace
+    shared/traces/mooncake_synthetic_trace.jsonl in the folder that holds this checkout (it lives
+    in /work/shared/traces beside /work/main) or in the checkout itself. FileNotFoundError saying
+    how to give one when none is there."""
+    if given:
+        return given
+    if os.environ.get(TRACE_ENV):
+        return os.environ[TRACE_ENV]
+    root = Path(__file__).resolve().parents[2]          # research/eviction/ -> the checkout
+    places = [root.parent / SHARED_TRACE, root / SHARED_TRACE]
+    for place in places:
+        if place.is_file():
+            return str(place)
+    raise FileNotFoundError(f"no trace: give --trace PATH or set {TRACE_ENV}=PATH (a Mooncake jsonl, "
+                            f".gz ok); looked for {' and '.join(map(str, places))}")
+
+
 def load_trace(path: str) -> list[dict]:
     """Mooncake jsonl (one request a line with `hash_ids`, `timestamp`); `.gz` is read transparently."""
     opener = gzip.open if str(path).endswith(".gz") else open

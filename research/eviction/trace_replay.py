@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import os
 import statistics
 import sys
 import time
@@ -52,8 +51,6 @@ from typing import Sequence
 
 from research.eviction import policy_research as pr
 from research.eviction import policy_sim as ps
-
-DEFAULT_TRACE = os.environ.get("KVBM_TRACE", "/work/shared/traces/mooncake_synthetic_trace.jsonl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +525,7 @@ def _positive_load(text: str) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=DEFAULT_TRACE, help="Mooncake jsonl (.gz ok)")
+    ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=None,
                     help="one-tier capacities in blocks (default 2000 8000)")
     ap.add_argument("--g1", type=int, default=None, help="G1 (device) capacity: tiered replay")
@@ -560,6 +557,10 @@ def main(argv=None) -> int:
         tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
         ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
         return 0
+    try:
+        args.trace = ps.find_trace(args.trace)
+    except FileNotFoundError as err:
+        ap.error(str(err))
     trace = ps.load_trace(args.trace)
     chains = ps.chains_of(trace)
     if args.split:

@@ -119,6 +119,20 @@ def test_lineage_key_formula_matches_policy():
     assert ps.lineage_key(-1, 0, 100, 1, 1000)[0] < ps.lineage_key(0, 0, 0, 1, 1000)[0]
 
 
+def test_find_trace_takes_the_flag_then_the_environment_then_the_shared_trace(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVBM_TRACE", raising=False)
+    monkeypatch.setattr(ps, "SHARED_TRACE", tmp_path / "absent.jsonl")   # absolute: every place
+    with pytest.raises(FileNotFoundError, match="give --trace PATH or set KVBM_TRACE=PATH"):
+        ps.find_trace()
+    shared = tmp_path / "trace.jsonl"
+    shared.write_text("")
+    monkeypatch.setattr(ps, "SHARED_TRACE", shared)
+    assert ps.find_trace() == str(shared)
+    monkeypatch.setenv("KVBM_TRACE", "env.jsonl")
+    assert ps.find_trace() == "env.jsonl"
+    assert ps.find_trace("given.jsonl") == "given.jsonl"
+
+
 # ---- Belady --------------------------------------------------------------------------------------
 def test_belady_evicts_furthest_next_use():
     _, hits, ev = run("belady", 2, [[1], [2], [3], [1], [2]])
