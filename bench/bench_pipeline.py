@@ -11,6 +11,8 @@ Measures, in one run, against a kvbm-workers started for it (CPU mode without CU
   pinning     seconds per GB of cudaHostRegister over a /dev/shm segment (CUDA only), measured here
               and as reported by the workers
 Prints the machine and a table; --markdown prints the rows for bench/RESULTS.md.
+
+    python bench/bench_pipeline.py --markdown     # kvbm installed, or PYTHONPATH=. for this checkout
 """
 from __future__ import annotations
 
@@ -25,13 +27,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import kvbm  # noqa: E402
-from kvbm._fast import native  # noqa: E402
-from kvbm.layout import BlockLayout, LayoutConfig, LayoutType  # noqa: E402
-from kvbm.pools import Tier  # noqa: E402
-from kvbm.shm import Segment, segment_name  # noqa: E402
-from kvbm.wire import protocol as P  # noqa: E402
+import kvbm
+from kvbm._fast import native
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.pools import Tier
+from kvbm.shm import Segment, segment_name
+from kvbm.wire import protocol as P
 
 
 def machine(cuda: bool) -> str:

@@ -38,12 +38,9 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvbm._fast._reference import ReferenceRegistry  # noqa: E402
 from kvbm._fast.registry import BlockRegistry  # noqa: E402

@@ -13,6 +13,8 @@ blocks (fewer where the copy would pass --max-gib), engine layout layer-separate
 H2D (onboard), and both at once on two streams. Each point: warm-up, then the median (and worst)
 of --repeats timings by CUDA events; every method's copy is checked on two pairs first.
 Prints the card, a full table, and a compact table last; writes both to --out (default $OUT).
+
+    python bench/bench_transfer.py --sizes 16K,1M   # kvbm installed, or PYTHONPATH=. for this checkout
 """
 from __future__ import annotations
 
@@ -27,9 +29,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kvbm._fast import native  # noqa: E402
-from kvbm.copy import fully_contiguous_layout, layer_separate_layout  # noqa: E402
+from kvbm._fast import native
+from kvbm.copy import fully_contiguous_layout, layer_separate_layout
 
 GIB = 1 << 30
 

@@ -7,6 +7,8 @@ set -u
 OUT=${OUT:-/tmp/kvbm-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# kvbm is built in place here, not installed: the bench scripts import this checkout's.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET=${BUDGET:-570}          # seconds for every step together
 steps=${*:-build tests demo pipeline transfer}
 left() { echo $(( BUDGET - SECONDS )); }

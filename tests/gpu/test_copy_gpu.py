@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
 from kvbm._fast import native
 from kvbm.copy import BlockCopier, fully_contiguous_layout, layer_separate_layout
 from kvbm.errors import CudaError, LayoutError
+from tests.support.copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
 
 pytestmark = pytest.mark.gpu
 
@@ -317,9 +317,9 @@ def test_overflowing_layouts_are_refused_before_any_cuda_work():
 
 STAGER_OOM = r"""
 import torch
-from copy_helpers import assert_copied, make_buffers
 from kvbm._fast import native
 from kvbm.errors import CudaError
+from tests.support.copy_helpers import assert_copied, make_buffers
 L, O, region, nb = 2, 2, 65536, 8
 gen = torch.Generator().manual_seed(21)
 dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", gen=gen)
@@ -353,9 +353,9 @@ print("ok")
 def test_stager_that_failed_to_build_is_rebuilt_by_a_later_call():
     """A stager whose slots could not be allocated is torn down; the next call starts over.
     In a child process: the stager is per process, and this one's is built by earlier tests."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, ".."), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])   # for tests.support
     res = subprocess.run([sys.executable, "-c", STAGER_OOM], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stdout + res.stderr

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import uuid
 
 import numpy as np
 import pytest
 
+from kvbm.errors import TransferError
+from kvbm.layout import InnerOrder, LayoutConfig
+from kvbm.pools import Tier
+from tests.support.pipeline_harness import Pipeline, wait_for
+
 pytestmark = pytest.mark.gpu
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from pipeline_harness import Pipeline, wait_for  # noqa: E402
-
-from kvbm.errors import TransferError  # noqa: E402
-from kvbm.layout import InnerOrder, LayoutConfig  # noqa: E402
-from kvbm.pools import Tier  # noqa: E402
 
 LAYOUT = LayoutConfig(num_layers=8, outer_dim=2, page_size=16, inner_dim=256, dtype="bfloat16")  # 128 KiB blocks
 DEADLINE = 60.0

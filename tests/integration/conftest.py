@@ -1,4 +1,4 @@
-"""Fixtures of the multi-process pipeline tests (defined in conftest_shared.py, shared with tests/stress)."""
+"""Fixtures of the multi-process pipeline tests (tests/support/pipeline_fixtures.py, shared with tests/stress)."""
 from __future__ import annotations
 
-from conftest_shared import make_pipeline  # noqa: F401
+from tests.support.pipeline_fixtures import make_pipeline  # noqa: F401

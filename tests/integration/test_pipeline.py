@@ -14,7 +14,7 @@ from kvbm.errors import BackpressureError, TransferError
 from kvbm.layout import InnerOrder
 from kvbm.wire import protocol as P
 from kvbm.transfer.scheduler import Gate
-from pipeline_harness import wait_for
+from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 30.0
 
@@ -288,7 +288,7 @@ def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
 
     import kvbm
     from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
-    from pipeline_harness import pid_alive
+    from tests.support.pipeline_harness import pid_alive
 
     inst = f"x{uuid.uuid4().hex[:8]}"
     layout = LayoutConfig(num_layers=2, outer_dim=2, page_size=16, inner_dim=64)

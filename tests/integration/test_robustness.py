@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kvbm.shm import Segment, segment_name
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import connect_socket, make_context
-from pipeline_harness import pid_alive, wait_for
+from tests.support.pipeline_harness import pid_alive, wait_for
 
 DEADLINE = 30.0
 

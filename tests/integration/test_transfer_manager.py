@@ -18,7 +18,7 @@ from kvbm.wire.channel import bind_socket, make_context
 from kvbm.transfer.link import REGISTER_RETRIES
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.scheduler import Gate
-from pipeline_harness import wait_for
+from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 10.0
 LAYOUT = LayoutConfig(num_layers=4, outer_dim=2, page_size=16, inner_dim=64, dtype="bfloat16")

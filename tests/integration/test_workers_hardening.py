@@ -21,7 +21,7 @@ from kvbm.errors import KvbmError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import Endpoints, connect_socket, make_context
-from pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
+from tests.support.pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
 
 DEADLINE = 30.0
 

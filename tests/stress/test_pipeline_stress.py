@@ -15,7 +15,7 @@ import pytest
 
 from kvbm.errors import TransferError
 from kvbm.pools import Tier
-from pipeline_harness import wait_for
+from tests.support.pipeline_harness import wait_for
 
 pytestmark = pytest.mark.stress
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
 from kvbm._fast import native
 from kvbm.copy import BlockCopier, fully_contiguous_layout, layer_separate_layout
 from kvbm.errors import LayoutError
+from tests.support.copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
 
 NUM_LAYERS = 3
 

@@ -210,7 +210,7 @@ def test_parents_none_means_roots(impl):
     assert reg.info(1)["parent"] == -1 and reg.info(0)["children"] == 0
 
 
-# ---- LINEAGE policy (kvbm/policy.py, bench/POLICY.md section 2) -----------------------------------
+# ---- LINEAGE policy (kvbm/policy.py; study: research/eviction/POLICY.md section 2) ----------------
 # key1 = (priority + 2^31) << 1 | (children > 0); key2 = last_tick + C * f(use_count), C = 2 * N,
 # f(u) = 0 for u < 2 else bit_length(u). Ticks: register/match/touch take one, release to
 # refcount 0 takes one.
@@ -365,41 +365,45 @@ def test_lineage_key2_saturates_instead_of_wrapping():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_lineage_order_is_the_simulators_key(impl):
-    """Random chains, reuse and priorities; then every eviction takes the block with the smallest
-    policy_sim.lineage_key (block id breaking ties), recomputed after each eviction."""
+def test_lineage_order_is_the_reference_key(impl):
+    """Random chains, reuse and priorities, driven identically on `impl` and on the plain-Python
+    twin; then the two tables agree block for block (info()), and every eviction takes the block
+    with the smallest twin's LINEAGE key (ReferenceRegistry._key: the spec, block id last),
+    recomputed after each eviction."""
     import random
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    import policy_sim
 
-    n, rnd = 40, random.Random(5)
-    reg = impl(n, policy=POLICY_LINEAGE)
-    for _ in range(120):
-        start, k = rnd.randrange(30), rnd.randint(1, 6)
-        hashes = [100 + (start + i) % 30 for i in range(k)]
-        held = reg.match(hashes)
-        rest = hashes[len(held):]
-        if rest and reg.num_free + reg.num_inactive >= len(rest):
-            prios = [0] * (len(rest) - 1) + [rnd.choice([-1, 0, 0])]
-            blocks = reg.allocate(len(rest))
-            reg.complete(blocks)
-            parents = [hashes[len(held) - 1] if held.size else 0] + rest[:-1]
-            mask = [held.size > 0] + [True] * (len(rest) - 1)
-            held = np.concatenate([held, reg.register(blocks, np.array(rest, np.uint64),
-                                                      np.array(parents, np.uint64), prios,
-                                                      np.array(mask, bool))])
-        reg.release(held)
+    def drive(reg):
+        rnd = random.Random(5)
+        for _ in range(120):
+            start, k = rnd.randrange(30), rnd.randint(1, 6)
+            hashes = [100 + (start + i) % 30 for i in range(k)]
+            held = reg.match(hashes)
+            rest = hashes[len(held):]
+            if rest and reg.num_free + reg.num_inactive >= len(rest):
+                prios = [0] * (len(rest) - 1) + [rnd.choice([-1, 0, 0])]
+                blocks = reg.allocate(len(rest))
+                reg.complete(blocks)
+                parents = [hashes[len(held) - 1] if held.size else 0] + rest[:-1]
+                mask = [held.size > 0] + [True] * (len(rest) - 1)
+                held = np.concatenate([held, reg.register(blocks, np.array(rest, np.uint64),
+                                                          np.array(parents, np.uint64), prios,
+                                                          np.array(mask, bool))])
+            reg.release(held)
+
+    n = 40
+    reg, twin = impl(n, policy=POLICY_LINEAGE), ReferenceRegistry(n, policy=POLICY_LINEAGE)
+    drive(reg)
+    drive(twin)
     while reg.num_inactive:
         infos = {b: reg.info(b) for b in range(n)}
-        want = min((policy_sim.lineage_key(i["priority"], i["children"], i["tick"], i["use_count"], n),
-                    b) for b, i in infos.items()
+        assert infos == {b: twin.info(b) for b in range(n)}
+        want = min(twin._key(b) for b, i in infos.items()
                    if i["state"] == BlockState.REGISTERED and i["refcount"] == 0)
-        np.testing.assert_array_equal(reg.evict(1), [infos[want[1]]["hash"]])
+        np.testing.assert_array_equal(reg.evict(1), [infos[want[-1]]["hash"]])
+        twin.evict(1)
 
 
-# ---- LINEAGE ghost table (bench/POLICY_ROUND2.md section 3) --------------------------------------
+# ---- LINEAGE ghost table (kvbm/policy.py; study: research/eviction/POLICY_ROUND2.md section 3) ----
 
 def use(reg, hashes):
     """One request reading `hashes` (roots): match the cached ones, register the rest, release."""
@@ -508,29 +512,6 @@ def test_ghost_table_sizes_the_buffer_and_rejects_bad_sizes():
             BlockRegistry(n, policy=POLICY_LINEAGE, ghost_blocks=bad)
         with pytest.raises(RegistryError):
             ReferenceRegistry(n, policy=POLICY_LINEAGE, ghost_blocks=bad)
-
-
-def test_ghost_lineage_equals_the_research_simulator():
-    """The registry-engine replay of a small synthetic trace gives exactly the hits of
-    policy_research.GhostLineage with the same G (1x and 3x the capacity) in the registry's
-    allocation order (trace_replay.ghost_lineage_sim), and of plain lineage without a table."""
-    import sys
-    from pathlib import Path
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    sys.path.insert(0, str(bench))
-    import policy_sim as ps
-    import trace_replay as tr
-
-    chains = ps.chains_of(ps.generate_trace("rag", n_requests=400, seed=3))
-    for cap in (60, 200):
-        for mult in (1, 3):
-            sim = tr.ghost_lineage_sim(chains, cap, mult * cap)
-            eng = tr.RegistryEngine(cap, "lineage", ghost_blocks=mult * cap)
-            total, hits = tr.replay(eng, chains)
-            assert total == sim.requested and hits[0] == sim.hits, (cap, mult, hits, sim.hits)
-            assert eng.reg.num_ghosts == mult * cap
-        eng = tr.RegistryEngine(cap, "lineage", ghost_blocks=0)
-        assert tr.replay(eng, chains)[1][0] == ps.simulate(chains, cap, "lineage").hits
 
 
 # ---- evicted ring ---------------------------------------------------------------------------------

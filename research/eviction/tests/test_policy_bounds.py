@@ -1,16 +1,11 @@
-"""bench/policy_bounds.py: the clairvoyant window policy and the hazard-table eviction rule on
-hand-made cases (the reference points of bench/POLICY_ROUND3.md)."""
+"""policy_bounds.py: the clairvoyant window policy and the hazard-table eviction rule on
+hand-made cases (the reference points of POLICY_ROUND3.md)."""
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-
-import policy_bounds as pb  # noqa: E402
-import policy_sim as ps  # noqa: E402
+from research.eviction import policy_bounds as pb
+from research.eviction import policy_sim as ps
 
 
 def test_oracle_window_keeps_what_the_next_requests_use():

@@ -1,19 +1,21 @@
 """Replay a Mooncake-format request trace against a prefix KV cache and report prefix-hit ratios.
 
-    python bench/trace_replay.py                                   # shared trace, 2000 & 8000 blocks
-    python bench/trace_replay.py --capacity 1000 4000 16000 --policy lru lineage belady
-    python bench/trace_replay.py --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
-    python bench/trace_replay.py --engine registry --g1 1000 --g2 4000 --g3 16000   # kvbm's own tiers
-    python bench/trace_replay.py --engine registry --policy lru    # kvbm._fast.registry.BlockRegistry
-    python bench/trace_replay.py --engine registry --policy lru lineage belady --queue-depth 4 16 96
-    python bench/trace_replay.py --engine registry --policy lru lineage --load 0.9 1.0 1.2
-    python bench/trace_replay.py --suite > results.md              # POLICY.md's validation tables
-    python bench/trace_replay.py --generate chat --out chat.jsonl.gz   # write a synthetic trace
+Run from the repository root (the modules import each other as the package research.eviction):
+
+    python -m research.eviction.trace_replay                  # shared trace, 2000 & 8000 blocks
+    python -m research.eviction.trace_replay --capacity 1000 4000 16000 --policy lru lineage belady
+    python -m research.eviction.trace_replay --g2 2000 --g3 8000 --admission all reused   # tiered G2 -> G3
+    python -m research.eviction.trace_replay --engine registry --g1 1000 --g2 4000 --g3 16000  # kvbm's tiers
+    python -m research.eviction.trace_replay --engine registry --policy lru   # the real BlockRegistry
+    python -m research.eviction.trace_replay --engine registry --policy lru lineage belady --queue-depth 4 16 96
+    python -m research.eviction.trace_replay --engine registry --policy lru lineage --load 0.9 1.0 1.2
+    python -m research.eviction.trace_replay --suite > results.md   # POLICY.md's validation tables
+    python -m research.eviction.trace_replay --generate chat --out chat.jsonl.gz   # a synthetic trace
 
 Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
 prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
 
-Engines: `sim` (bench/policy_sim.py, any number of tiers, every policy; tiers are exclusive, a
+Engines: `sim` (policy_sim.py, any number of tiers, every policy; tiers are exclusive, a
 block evicted from one is offered to the next) and `registry` (the real
 kvbm._fast.registry.BlockRegistry, for the policies it implements: lru, lineage; an offline
 reference such as belady runs on the simulator there, marked "(sim)"). With --g1/--g2/--g3 the
@@ -34,7 +36,7 @@ K = 96 is ~25 s of backlog. Rows `policy+qK` for each registry policy.
 Queue hint behind a prefill server (`--load RHO ...`, registry engine): instead of a fixed K, a
 FIFO prefill server (PrefillServer) fed by the trace's own timestamps decides what is waiting;
 RHO is its utilisation with nothing cached. Rows `policy+loadRHO` give the mean queue depth and
-wait beside the hit ratio (bench/POLICY_ROUND3.md section 3).
+wait beside the hit ratio (POLICY_ROUND3.md section 3).
 """
 
 from __future__ import annotations
@@ -42,18 +44,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import os
 import statistics
 import sys
 import time
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import policy_sim as ps  # noqa: E402
-
-DEFAULT_TRACE = os.environ.get("KVBM_TRACE", "/work/shared/traces/mooncake_synthetic_trace.jsonl")
+from research.eviction import policy_research as pr
+from research.eviction import policy_sim as ps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +69,7 @@ class Engine:
 
 
 class SimEngine(Engine):
-    """bench/policy_sim.py: exclusive tiers G1 -> G2 -> G3 with demotion and admission."""
+    """policy_sim.py: exclusive tiers G1 -> G2 -> G3 with demotion and admission."""
     name = "sim"
 
     def __init__(self, capacities: Sequence[int], policy: str, admission: str = "all",
@@ -279,8 +276,7 @@ def ghost_lineage_sim(chains: Sequence[Sequence[int]], capacity: int, ghost_bloc
     one for it), so an entry that expires during the run's own evictions is restored there and
     not here; on small tables that moves hits either way (POLICY_ROUND2's ghost1 figures: 0.1464 /
     0.3923 vs 0.1466 / 0.3925 in this order at 2000 / 8000 blocks). RegistryEngine's `lineage`
-    with G = ghost_blocks gives exactly these hits (tests/unit/test_registry.py)."""
-    import policy_research as pr
+    with G = ghost_blocks gives exactly these hits (tests/test_trace_replay.py)."""
 
     class RunFirstCache(pr.HookCache):
         def access(self, chain, req=None, tail_partial=True):
@@ -529,7 +525,7 @@ def _positive_load(text: str) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=DEFAULT_TRACE, help="Mooncake jsonl (.gz ok)")
+    ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=None,
                     help="one-tier capacities in blocks (default 2000 8000)")
     ap.add_argument("--g1", type=int, default=None, help="G1 (device) capacity: tiered replay")
@@ -561,6 +557,10 @@ def main(argv=None) -> int:
         tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
         ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
         return 0
+    try:
+        args.trace = ps.find_trace(args.trace)
+    except FileNotFoundError as err:
+        ap.error(str(err))
     trace = ps.load_trace(args.trace)
     chains = ps.chains_of(trace)
     if args.split:

@@ -1,12 +1,13 @@
 """Fixtures of the multi-process pipeline tests: `make_pipeline(**kw)` starts kvbm-workers and an
-engine under tmp_path (ipc:// sockets there); every process is SIGKILLed by pid in the finalizer."""
+engine under tmp_path (ipc:// sockets there); every process is SIGKILLed by pid in the finalizer.
+The conftest files of tests/integration and tests/stress re-export it."""
 from __future__ import annotations
 
 import uuid
 
 import pytest
 
-from pipeline_harness import Pipeline
+from tests.support.pipeline_harness import Pipeline
 
 
 @pytest.fixture

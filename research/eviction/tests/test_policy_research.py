@@ -1,13 +1,8 @@
-"""bench/policy_research.py (round-2 policy research): exact eviction orders of the bounded-ghost
+"""policy_research.py (round-2 policy research): exact eviction orders of the bounded-ghost
 lineage policy, the sketch, the window-TinyLFU cache, and the simulators' agreement with
-bench/policy_sim.py's semantics. Fast (< 5 s)."""
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-
-import policy_research as pr  # noqa: E402
-import policy_sim as ps  # noqa: E402
+policy_sim.py's semantics. Fast (< 5 s)."""
+from research.eviction import policy_research as pr
+from research.eviction import policy_sim as ps
 
 
 def run(pol, cap, chains):

@@ -5,8 +5,11 @@ Every policy is a *priority key* per inactive block in a min-heap (the smallest 
 computed from O(1) per-block metadata -- exactly the fields kvbm/_fast/registry.pyx keeps (priority,
 last-use tick, use count, children count, parent link) plus constants fixed at construction -- so a
 policy ports into the registry's `_policy_key` mechanically. Keys are two words (key1, key2) like
-the registry's heap entries; here a key is the Python int key1 << 64 | key2.
-See bench/POLICY.md for the semantics, the formulas and the results.
+the registry's heap entries; here a key is the Python int key1 << 64 | key2. The product's own
+policies are specified by its twin, kvbm/_fast/_reference.py (`ReferenceRegistry._key`); `LRU` and
+`Lineage` here are their models on this simulator (parametrised for the ablations), held to the
+product by `lineage_key()` and by the replays of tests/test_policy_sim.py on the real registry.
+See POLICY.md (beside this file) for the semantics, the formulas and the results.
 
 Simulation semantics (they reproduce the issue's LRU / Belady numbers, see POLICY.md):
   for each request, in trace order:
@@ -28,18 +31,46 @@ import gzip
 import heapq
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
+
+from kvbm._fast._reference import ReferenceRegistry, _Block
+from kvbm.policy import POLICY_LINEAGE
 
 W64 = 1 << 64
 MASK64 = W64 - 1
 PRIO_BIAS = 1 << 31          # int32 priority -> uint64, lower priority sorts first (as the registry)
+TRACE_ENV = "KVBM_TRACE"
+SHARED_TRACE = Path("shared", "traces", "mooncake_synthetic_trace.jsonl")   # the public trace
+TRACE_HELP = ("Mooncake jsonl (.gz ok); default $KVBM_TRACE, else shared/traces/"
+              "mooncake_synthetic_trace.jsonl in the checkout's parent folder")
 
 
 # --------------------------------------------------------------------------------------------------
 # traces
 # --------------------------------------------------------------------------------------------------
+def find_trace(given: str | None = None) -> str:
+    """The trace a study reads: `given` (its --trace), else $KVBM_TRACE, else the public trace
+    shared/traces/mooncake_synthetic_trace.jsonl in the folder that holds this checkout (it lives
+    in /work/shared/traces beside /work/main) or in the checkout itself. FileNotFoundError saying
+    how to give one when none is there."""
+    if given:
+        return given
+    if os.environ.get(TRACE_ENV):
+        return os.environ[TRACE_ENV]
+    root = Path(__file__).resolve().parents[2]          # research/eviction/ -> the checkout
+    places = [root.parent / SHARED_TRACE, root / SHARED_TRACE]
+    for place in places:
+        if place.is_file():
+            return str(place)
+    raise FileNotFoundError(f"no trace: give --trace PATH or set {TRACE_ENV}=PATH (a Mooncake jsonl, "
+                            f".gz ok); looked for {' and '.join(map(str, places))}")
+
+
 def load_trace(path: str) -> list[dict]:
     """Mooncake jsonl (one request a line with `hash_ids`, `timestamp`); `.gz` is read transparently."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -223,12 +254,17 @@ class Lineage(Policy):
         return (k1 << 64) | ((b.last + self.C * self.steps(b.count)) & MASK64)
 
 
-def lineage_key(priority: int, children: int, last_tick: int, use_count: int, capacity: int,
-                ticks_per_use: int = 2) -> tuple[int, int]:
-    """The lineage key as the registry computes it: (key1, key2), uint64 each."""
-    k1 = ((priority + PRIO_BIAS) << 1) | (1 if children > 0 else 0)
-    k2 = (last_tick + ticks_per_use * capacity * _f_count(use_count)) & MASK64
-    return k1, k2
+def lineage_key(priority: int, children: int, last_tick: int, use_count: int, capacity: int) -> tuple[int, int]:
+    """The product's LINEAGE key of one inactive block, (key1, key2), uint64 each, for a registry of
+    `capacity` blocks. Not a copy: the product's spec computes it, ReferenceRegistry._key in
+    kvbm/_fast/_reference.py, run on a table of one block (the twin keeps the formula inside its
+    method, with no free function to call). `Lineage` with its defaults is this key as one int
+    (tests/test_policy_sim.py), so its figures are the product's."""
+    table = SimpleNamespace(_policy=POLICY_LINEAGE, _n=capacity,
+                            _blocks=[_Block(priority=priority, tick=last_tick, use_count=use_count,
+                                            children=[0] * children)])
+    key1, key2, _ = ReferenceRegistry._key(table, 0)
+    return key1, key2
 
 
 class RootStubLineage(Lineage):

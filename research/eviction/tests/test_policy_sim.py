@@ -1,15 +1,10 @@
-"""bench/policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
+"""policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
 tiers and admission, the lineage key formula, and (when the registry builds) sim == registry."""
-import os
-import sys
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-
-import policy_sim as ps  # noqa: E402
-import trace_replay as tr  # noqa: E402
+from research.eviction import policy_sim as ps
+from research.eviction import trace_replay as tr
 
 
 def run(policy, cap, chains, tail_partial=False):
@@ -124,6 +119,20 @@ def test_lineage_key_formula_matches_policy():
     assert ps.lineage_key(-1, 0, 100, 1, 1000)[0] < ps.lineage_key(0, 0, 0, 1, 1000)[0]
 
 
+def test_find_trace_takes_the_flag_then_the_environment_then_the_shared_trace(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVBM_TRACE", raising=False)
+    monkeypatch.setattr(ps, "SHARED_TRACE", tmp_path / "absent.jsonl")   # absolute: every place
+    with pytest.raises(FileNotFoundError, match="give --trace PATH or set KVBM_TRACE=PATH"):
+        ps.find_trace()
+    shared = tmp_path / "trace.jsonl"
+    shared.write_text("")
+    monkeypatch.setattr(ps, "SHARED_TRACE", shared)
+    assert ps.find_trace() == str(shared)
+    monkeypatch.setenv("KVBM_TRACE", "env.jsonl")
+    assert ps.find_trace() == "env.jsonl"
+    assert ps.find_trace("given.jsonl") == "given.jsonl"
+
+
 # ---- Belady --------------------------------------------------------------------------------------
 def test_belady_evicts_furthest_next_use():
     _, hits, ev = run("belady", 2, [[1], [2], [3], [1], [2]])
@@ -201,8 +210,6 @@ def test_invariants_random(paths, cap, pol):
 # ---- registry engine -----------------------------------------------------------------------------
 def test_registry_engine_matches_sim_lru():
     reg = pytest.importorskip("kvbm._fast.registry")  # noqa: F841
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    import trace_replay as tr
     chains = ps.chains_of(ps.generate_trace("mixed", n_requests=300, seed=7))
     for cap in (150, 600):
         _, sim_hits = tr.replay(tr.SimEngine([cap], "lru"), chains)
@@ -217,8 +224,6 @@ def test_registry_engine_matches_sim_lineage():
     id in the registry and by insertion version in the simulator; these traces have none that
     reaches the heap top (the shared trace has one at 1,000 blocks: 19 hits of 121,877)."""
     pytest.importorskip("kvbm._fast.registry")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    import trace_replay as tr
     for shape, seed in (("mixed", 7), ("sysprompt", 3)):
         chains = ps.chains_of(ps.generate_trace(shape, n_requests=300, seed=seed))
         for cap in (150, 600):

@@ -1,5 +1,5 @@
 """Round 3: how much of the LRU -> Belady gap can a policy close from what it observes?
-(bench/POLICY_ROUND3.md; rounds 1 and 2 are POLICY.md and POLICY_ROUND2.md.)
+(POLICY_ROUND3.md beside this file; rounds 1 and 2 are POLICY.md and POLICY_ROUND2.md.)
 
 Two families of reference points, on policy_sim's request semantics:
 
@@ -17,25 +17,22 @@ Two families of reference points, on policy_sim's request semantics:
   it goes. So these rows are a generous ceiling for policies built on those features, not a
   policy; the point is whether even the ceiling reaches the target.
 
-Documents: a request's document is its first hash (the trace is a forest of chains, bench/POLICY.md
+Documents: a request's document is its first hash (the trace is a forest of chains, POLICY.md
 section 5). Ages and gaps are in requests.
 
-    python bench/policy_bounds.py                  # the tables of POLICY_ROUND3.md (~1 minute)
+    python -m research.eviction.policy_bounds      # the tables of POLICY_ROUND3.md (~1 minute)
 """
 from __future__ import annotations
 
 import argparse
 import bisect
 import math
-import os
 import sys
 from collections import Counter, OrderedDict, defaultdict
 from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import policy_sim as ps  # noqa: E402
+from research.eviction import policy_sim as ps
 
-DEFAULT_TRACE = os.environ.get("KVBM_TRACE", "/work/shared/traces/mooncake_synthetic_trace.jsonl")
 TAIL = "tail"          # class of a request's partial last block (never reused: evicted first)
 
 
@@ -243,12 +240,16 @@ def hazard_replay(chains, capacity: int, feature_name: str, slices: int = 1, onl
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=DEFAULT_TRACE)
+    ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--prior", choices=["low", "mean"], default="low",
                     help="rate of a cell seen little or never: lowest (default) or the mean")
     ap.add_argument("--windows", type=int, nargs="+", default=[25, 50, 100, 200, 400, 800, 1600, 4000])
     args = ap.parse_args(argv)
+    try:
+        args.trace = ps.find_trace(args.trace)
+    except FileNotFoundError as err:
+        ap.error(str(err))
     chains = ps.chains_of(ps.load_trace(args.trace))
     print(f"# {args.trace}: {len(chains)} requests, {sum(map(len, chains))} blocks")
     for cap in args.capacity:

@@ -3,8 +3,9 @@ worker sits idle. Patches the engine's TransferManager (this process only) to re
 request sent (time, blocks) and every DONE received (time, the worker's queue_us and copy_us).
 Worker intervals are rebuilt in the engine's clock (CLOCK_MONOTONIC is system-wide):
 t_end ~ DONE receipt, t_start = t_end - copy_us, t_recv = t_start - queue_us.
-Usage: python3 bench/diag_timeline.py BATCH off|on [ROUNDS]
-  PYTHONPATH=bench/diagsite:...  the workers put their own clock (t_abs) in every DONE, so worker
+Usage, from the repository root (kvbm installed, or `.` on PYTHONPATH for this checkout's):
+  python3 tools/diag_timeline.py BATCH off|on [ROUNDS]
+  PYTHONPATH=tools/diagsite:.    the workers put their own clock (t_abs) in every DONE, so worker
                                  intervals are exact instead of estimated from the DONE's receipt
   DIAG_MIB=4096                  data per round (default 4096, the GPU benchmark's --total-mib)
   DIAG_SWITCH=0.0005             sys.setswitchinterval for this process (diagnostic only)
@@ -21,11 +22,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import kvbm  # noqa: E402
-from kvbm.layout import BlockLayout, LayoutConfig, LayoutType  # noqa: E402
-from kvbm.transfer import manager as M  # noqa: E402
-from kvbm.wire import protocol as P  # noqa: E402
+import kvbm
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.transfer import manager as M
+from kvbm.wire import protocol as P
 
 LOG: list = []
 _make_xfer = P.make_xfer

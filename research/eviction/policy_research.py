@@ -1,6 +1,6 @@
-"""Round-2 eviction-policy research for the prefix KV cache (see bench/POLICY_ROUND2.md).
+"""Round-2 eviction-policy research for the prefix KV cache (see POLICY_ROUND2.md).
 
-A standalone segmented simulator with the *same request semantics* as bench/policy_sim.py
+A standalone segmented simulator with the *same request semantics* as policy_sim.py
 (match the cached prefix -> hits; pin every cached block of the request; touch matched blocks in
 chain order; insert the rest in chain order (already-cached blocks are touched, not hits); release
 in chain order stamping a new tick), plus:
@@ -21,22 +21,19 @@ in chain order stamping a new tick), plus:
 * analysis helpers (`--measure`): reuse gaps by use count, what Belady keeps vs LRU.
 * `--suite`: the validation table (shared trace 1k-16k, time halves, synthetic shapes).
 
-Run: python bench/policy_research.py --suite
+Run (from the repository root): python -m research.eviction.policy_research --suite
 """
 from __future__ import annotations
 
 import argparse
 import heapq
-import os
 import sys
 import time
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import policy_sim as ps  # noqa: E402
+from research.eviction import policy_sim as ps
 
 WINDOW, PROBATION, PROTECTED = 0, 1, 2
-SHARED_TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +398,10 @@ class GhostLineage(ps.Lineage):
     registered again while its hash is in the table gets its old count back (the ghost entry is
     consumed), so the frequency credit of a document re-read after a gap longer than the cache's
     lifetime (but within ~ghost_mult more cache turnovers) is not lost. ghost_mult = 1 is the
-    "<= num_blocks hashes" budget; the unbounded version is policy_sim's `ghost-lineage`."""
+    "<= num_blocks hashes" budget; the unbounded version is policy_sim's `ghost-lineage`. The
+    product's table (ReferenceRegistry in kvbm/_fast/_reference.py, G = ghost_mult * capacity) gives
+    these hits when the simulator allocates in the registry's order: trace_replay.ghost_lineage_sim,
+    checked in tests/test_trace_replay.py."""
     name = "ghost1-lineage"
 
     def __init__(self, *, ghost_mult: float = 1.0, name: str | None = None, **kw):
@@ -667,7 +667,7 @@ def measure(chains, trace=None, capacity: int = 2000, out=sys.stdout) -> None:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trace", default=SHARED_TRACE)
+    ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--window", type=float, nargs="+", default=[0.01])
     ap.add_argument("--sketch", default="cms")
@@ -676,6 +676,10 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--measure", action="store_true", help="print the trace measurements")
     args = ap.parse_args(argv)
+    try:
+        args.trace = ps.find_trace(args.trace)
+    except FileNotFoundError as err:
+        ap.error(str(err))
     chains = ps.chains_of(ps.load_trace(args.trace))
     if args.suite:
         suite(chains, args.policy, jobs=args.jobs)

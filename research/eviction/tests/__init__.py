@@ -1,0 +1,1 @@
+"""Tests of research.eviction; pytest finds them through testpaths in pyproject.toml."""
