@@ -61,9 +61,9 @@ class KvbmConfig:
     runtime_dir: str | None = None         # 0700 folder for ipc:// sockets; default $XDG_RUNTIME_DIR or /tmp
     transport: str = "ipc"                 # ipc, or tcp on 127.0.0.1
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
-    policy: str = "lineage"                # eviction policy of every tier: lineage (bench/POLICY.md) or lru
+    policy: str = "lineage"                # eviction policy of every tier: lineage or lru (kvbm/policy.py)
     # lineage's ghost table (use counts of recently evicted hashes), in multiples of each tier's
-    # block count; 0: none. More remembers more reuse (bench/POLICY_ROUND3.md: 4 gives +0.01 hit
+    # block count; 0: none. More remembers more reuse (research/eviction/POLICY_ROUND3.md: 4 gives +0.01 hit
     # ratio, +0.05 of the LRU -> Belady gap, on the shared trace) but the entries share the block
     # index, so lookups slow down (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6;
     # bench/RESULTS.md). The tables live in RAM for every tier, G3's included.

@@ -9,7 +9,7 @@ Parts:
   Queue hint       `hint_waiting(request_id, hashes)` when a request enters the engine's waiting
                    queue, `hint_done(request_id)` when it is scheduled or dropped: cached blocks
                    that waiting requests will read are evicted after all others, in every tier
-                   (kvbm.pools.WaitingHints; bench/POLICY_ROUND2.md section 5).
+                   (kvbm.pools.WaitingHints; research/eviction/POLICY_ROUND2.md section 5).
 
 Workflow of one request: hash its token blocks (kvbm.hashing) -> `match` -> onboard the prefix the
 fastest tier holds -> allocate device blocks for the rest -> register them once computed -> release
