@@ -21,17 +21,12 @@ import numpy as np
 
 from kvbm._fast import native
 from kvbm.errors import LayoutError, ProtocolError
-from kvbm.layout import BlockLayout, LayoutType
+from kvbm.layout import BlockLayout
 from kvbm.shm import Segment
 
 logger = logging.getLogger(__name__)
 
 CPU_PROGRESS_BYTES = 8 << 20   # CPU mode: the smallest copy between two layer-progress reports
-
-
-def buffer_bytes(layout: BlockLayout) -> int:
-    """Bytes each buffer of the layout must hold."""
-    return layout.total_bytes if layout.layout_type is LayoutType.FULLY_CONTIGUOUS else layout.layer_bytes
 
 
 class DeviceMemory:
@@ -41,7 +36,7 @@ class DeviceMemory:
         self.kind = memory["kind"]
         self._keep: list = []
         self.segment: Segment | None = None
-        need = buffer_bytes(layout)
+        need = layout.buffer_bytes
         buffers = memory["buffers"]
         if len(buffers) != layout.num_buffers():
             raise ProtocolError(f"memory has {len(buffers)} buffers, the device layout needs {layout.num_buffers()}")
@@ -102,13 +97,6 @@ class DeviceMemory:
             self.segment = None
 
 
-def layer_region_layouts(layout: BlockLayout, ptrs: list[int]) -> list:
-    """One single-layer native RegionLayout per layer (for layer-by-layer copies)."""
-    bases = layout.layer_bases(ptrs)
-    return [native.RegionLayout([b], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
-                                layout.outer_stride, layout.config.region_bytes) for b in bases]
-
-
 class Copier:
     """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream."""
 
@@ -118,11 +106,12 @@ class Copier:
                 (dst.config.num_layers, dst.config.outer_dim, dst.config.region_bytes):
             raise LayoutError(f"source and destination layouts disagree: {src.config} vs {dst.config}")
         self.src, self.dst = src, dst
+        self._src_ptrs, self._dst_ptrs = list(src_ptrs), list(dst_ptrs)
         self.src_region = src.region_layout(src_ptrs)
         self.dst_region = dst.region_layout(dst_ptrs)
-        self.src_layers = layer_region_layouts(src, src_ptrs)
-        self.dst_layers = layer_region_layouts(dst, dst_ptrs)
-        self._src_bases, self._dst_bases = src.layer_bases(src_ptrs), dst.layer_bases(dst_ptrs)
+        layers = range(src.config.num_layers)
+        self.src_layers = [src.region_layout(src_ptrs, layer) for layer in layers]
+        self.dst_layers = [dst.region_layout(dst_ptrs, layer) for layer in layers]
         self.cuda = cuda
         self.threads = threads
         self.block_bytes = src.config.block_bytes
@@ -152,15 +141,11 @@ class Copier:
                 if hi - lo == 1:
                     s, d = self.src_layers[lo], self.dst_layers[lo]
                 else:
-                    s, d = self._range(self.src, self._src_bases, lo, hi), self._range(self.dst, self._dst_bases, lo, hi)
+                    s = self.src.region_layout(self._src_ptrs, range(lo, hi))
+                    d = self.dst.region_layout(self._dst_ptrs, range(lo, hi))
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
                 on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
         return int(src.shape[0]) * self.block_bytes
-
-    @staticmethod
-    def _range(layout: BlockLayout, bases: list[int], lo: int, hi: int):
-        return native.RegionLayout(bases[lo:hi], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
-                                   layout.outer_stride, layout.config.region_bytes)
 
     def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
