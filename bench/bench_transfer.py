@@ -187,17 +187,17 @@ def main() -> None:
                 if not torch.equal(host[h], want):
                     raise SystemExit(f"bench_transfer: {name} {direction} copied wrong bytes (region {region})")
 
-        variants = [("loop", native.COPY_DMA_LOOP, 0)]
-        variants += [(f"kernel@{s}", native.COPY_KERNEL, s) for s in sms_list]
-        variants += [("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
-                     ("auto", native.COPY_AUTO, 0)]
+        variants = [("loop", native.CopyMethod.DMA_LOOP, 0)]
+        variants += [(f"kernel@{s}", native.CopyMethod.KERNEL, s) for s in sms_list]
+        variants += [("dma", native.CopyMethod.DMA, 0), ("staged", native.CopyMethod.STAGED, 8),
+                     ("auto", native.CopyMethod.AUTO, 0)]
         row = {"region": region, "blocks": n, "bytes": nbytes,
                "auto": {"d2h": auto_off, "h2d": auto_on}}
         for direction in ("d2h", "h2d", "bidi"):
             vs = variants if direction != "bidi" else [
-                ("loop", native.COPY_DMA_LOOP, 0), ("kernel@8", native.COPY_KERNEL, 8),
-                ("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
-                ("auto", native.COPY_AUTO, 0)]
+                ("loop", native.CopyMethod.DMA_LOOP, 0), ("kernel@8", native.CopyMethod.KERNEL, 8),
+                ("dma", native.CopyMethod.DMA, 0), ("staged", native.CopyMethod.STAGED, 8),
+                ("auto", native.CopyMethod.AUTO, 0)]
             only = [x for x in args.only.split(",") if x]
             for name, method, sms in vs:
                 if only and name not in only:
@@ -230,7 +230,7 @@ def main() -> None:
         del dev_layers, host, dev_lay, host_lay
 
     # ---- compact table ------------------------------------------------------------------------
-    mname = {native.COPY_KERNEL: "K", native.COPY_DMA: "D", native.COPY_STAGED: "S"}
+    mname = {native.CopyMethod.KERNEL: "K", native.CopyMethod.DMA: "D", native.CopyMethod.STAGED: "S"}
     emit("")
     emit(f"card: {card}; {L} layers x {O} outer, layer-separate outer-major <-> fully contiguous G2; "
          f"GB/s (% of roofline D2H {roof['d2h']:.1f} / H2D {roof['h2d']:.1f} / both {roof['bidi']:.1f})")

@@ -6,7 +6,8 @@ Parts:
                  fields arrive as msgpack bytes/ints and go to torch's rebuild_cuda_tensor)
   Copier         one (source layout, destination layout) pair with native RegionLayouts, whole and
                  per layer; `copy(src, dst, on_layer)` runs the CPU routine (memcpy threads) or the
-                 CUDA one on the worker's own stream, layer by layer when progress is asked for
+                 CUDA one on the worker's own stream, layer by layer when progress is asked for.
+                 The one copy path: path workers, tests and bench/bench_transfer.py all copy here
 
 Order inside a worker: attach + pin G2 (supervisor args) -> an engine registers (DeviceMemory,
 Copier per path) -> copies. CUDA copies are enqueued for all layers at once with an event after
@@ -98,13 +99,22 @@ class DeviceMemory:
 
 
 class Copier:
-    """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream."""
+    """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream.
+
+    method and max_sms choose the CUDA routine (kvbm.h; the workers keep AUTO, benches and tests
+    pick each one); the CPU routine has only one and ignores them."""
 
     def __init__(self, src: BlockLayout, src_ptrs: list[int], dst: BlockLayout, dst_ptrs: list[int],
-                 cuda: bool, threads: int = 0, device: int = 0) -> None:
+                 cuda: bool, threads: int = 0, device: int = 0, method: int = native.CopyMethod.AUTO,
+                 max_sms: int = 0) -> None:
         if (src.config.num_layers, src.config.outer_dim, src.config.region_bytes) != \
                 (dst.config.num_layers, dst.config.outer_dim, dst.config.region_bytes):
             raise LayoutError(f"source and destination layouts disagree: {src.config} vs {dst.config}")
+        try:
+            self.method = native.CopyMethod(method)
+        except ValueError as err:
+            raise LayoutError(f"copy method {method!r}; expected one of {[int(m) for m in native.CopyMethod]}") from err
+        self.max_sms = max_sms
         self.src, self.dst = src, dst
         self._src_ptrs, self._dst_ptrs = list(src_ptrs), list(dst_ptrs)
         self.src_region = src.region_layout(src_ptrs)
@@ -122,6 +132,11 @@ class Copier:
             self._torch = torch
             self._device = torch.device("cuda", device)
             self._stream = torch.cuda.Stream(device=self._device)
+
+    @property
+    def stream(self):
+        """The torch CUDA stream every copy is enqueued on; None in CPU mode."""
+        return self._stream
 
     def copy(self, src: np.ndarray, dst: np.ndarray, on_layer: Callable[[int], None] | None = None) -> int:
         """Copies every region of src[i] to dst[i]; calls on_layer(l) when layers 0..l have all landed
@@ -158,7 +173,7 @@ class Copier:
         with torch.cuda.device(self._device):
             pairs = zip(self.src_layers, self.dst_layers) if layers else [(self.src_region, self.dst_region)]
             for s, d in pairs:
-                native.copy_blocks_cuda(s, d, src, dst, 0, 0, handle)
+                native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
                 # blocking: synchronize() sleeps on the event instead of spinning a whole core.
                 event = torch.cuda.Event(blocking=True)
                 event.record(self._stream)

@@ -18,8 +18,8 @@ from kvbm.errors import CudaError, LayoutError
 
 pytestmark = pytest.mark.gpu
 
-METHODS = {"auto": native.COPY_AUTO, "kernel": native.COPY_KERNEL, "dma": native.COPY_DMA,
-           "loop": native.COPY_DMA_LOOP, "staged": native.COPY_STAGED}
+METHODS = {"auto": native.CopyMethod.AUTO, "kernel": native.CopyMethod.KERNEL, "dma": native.CopyMethod.DMA,
+           "loop": native.CopyMethod.DMA_LOOP, "staged": native.CopyMethod.STAGED}
 
 
 def _round_trip(kind, dtype, outer_dim, region, method, layers=4, nb_dev=12, nb_host=10, n=6,
@@ -90,7 +90,7 @@ def test_misaligned_base_pointer():
     dev_lay = layer_separate_layout(dev, 2)
     host = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8).pin_memory()
     host_lay = fully_contiguous_layout(host, 2, 2)
-    native.copy_blocks_cuda(dev_lay, host_lay, [5, 1], [0, 3], native.COPY_KERNEL)
+    native.copy_blocks_cuda(dev_lay, host_lay, [5, 1], [0, 3], native.CopyMethod.KERNEL)
     torch.cuda.synchronize()
     assert_copied("outer", dev, "fc", host, [(5, 0), (1, 3)], 2, 2, 4)
 
@@ -107,9 +107,9 @@ def test_bidirectional_at_once():
     torch.cuda.synchronize()
     off_pairs = random_pairs(gen, 32, 64, 40)
     on_pairs = random_pairs(gen, 32, 40, 64)
-    for off_method, on_method in ((native.COPY_KERNEL, native.COPY_DMA),
-                                  (native.COPY_DMA, native.COPY_KERNEL),
-                                  (native.COPY_STAGED, native.COPY_STAGED)):
+    for off_method, on_method in ((native.CopyMethod.KERNEL, native.CopyMethod.DMA),
+                                  (native.CopyMethod.DMA, native.CopyMethod.KERNEL),
+                                  (native.CopyMethod.STAGED, native.CopyMethod.STAGED)):
         s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
         native.copy_blocks_cuda(dev_lay, out_lay, [p[0] for p in off_pairs], [p[1] for p in off_pairs],
                                 off_method, 0, s_off.cuda_stream)
@@ -153,12 +153,12 @@ def test_ring_reuse_and_growth():
     stream = torch.cuda.Stream()
     for i in range(300):
         s = torch.randperm(4096, generator=gen)[:64]
-        native.copy_blocks_cuda(dev_lay, host_lay, s.numpy(), s.numpy(), native.COPY_KERNEL, 0,
+        native.copy_blocks_cuda(dev_lay, host_lay, s.numpy(), s.numpy(), native.CopyMethod.KERNEL, 0,
                                 stream.cuda_stream)
         del s
     perm = torch.randperm(4096, generator=gen)
     native.copy_blocks_cuda(dev_lay, host_lay, perm.numpy(), torch.arange(4096).numpy(),
-                            native.COPY_KERNEL, 0, stream.cuda_stream)  # 64 KiB of block ids
+                            native.CopyMethod.KERNEL, 0, stream.cuda_stream)  # 64 KiB of block ids
     stream.synchronize()
     assert_copied("outer", dev, "fc", host, list(zip(perm.tolist(), range(4096))), 2, 2, 4096)
 
@@ -170,7 +170,7 @@ def test_ring_grows_past_its_first_size():
     dev = [torch.randint(0, 256, (1, nb, 64), dtype=torch.uint8, generator=gen).cuda()]
     host = torch.full((nb, 1, 1, 64), 0xA5, dtype=torch.uint8).pin_memory()
     perm = torch.randperm(nb, generator=gen)
-    for method in (native.COPY_KERNEL, native.COPY_DMA):
+    for method in (native.CopyMethod.KERNEL, native.CopyMethod.DMA):
         host.fill_(0xA5)
         native.copy_blocks_cuda(layer_separate_layout(dev, 1), fully_contiguous_layout(host, 1, 1),
                                 perm.numpy(), torch.arange(nb).numpy(), method)
@@ -185,9 +185,9 @@ def test_dma_merges_contiguous_runs():
     host, host_lay = make_buffers("fc", 4, 2, 32, 65536, torch.uint8, pin=True, fill="poison")
     stream = torch.cuda.Stream()
     assert native.cuda_pick_method(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
-                                   stream.cuda_stream) == native.COPY_DMA
+                                   stream.cuda_stream) == native.CopyMethod.DMA
     native.copy_blocks_cuda(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
-                            native.COPY_AUTO, 0, stream.cuda_stream)
+                            native.CopyMethod.AUTO, 0, stream.cuda_stream)
     stream.synchronize()
     assert_copied("fc", dev, "fc", host, [(8 + i, i) for i in range(16)], 4, 2, 32)
 
@@ -204,17 +204,17 @@ def test_staged_many_chunks_and_limits():
     s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
     for half in (pairs[:18], pairs[18:]):
         native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s_off.cuda_stream)
+                                native.CopyMethod.STAGED, 0, s_off.cuda_stream)
     s_on.wait_stream(s_off)
     on = [(h, d) for (d, h) in pairs]
     native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in on], [p[1] for p in on],
-                            native.COPY_STAGED, 0, s_on.cuda_stream)
+                            native.CopyMethod.STAGED, 0, s_on.cuda_stream)
     s_on.synchronize()
     assert_copied("outer", dev, "fc", host, pairs, L, O, 40)
     assert_copied("fc", host, "block", back, on, L, O, 48)
     with pytest.raises(LayoutError, match="staged copy needs"):
-        native.copy_blocks_cuda(dev_lay, back_lay, [0], [0], native.COPY_STAGED)
-    assert native.cuda_pick_method(dev_lay, back_lay, [0], [0]) == native.COPY_KERNEL
+        native.copy_blocks_cuda(dev_lay, back_lay, [0], [0], native.CopyMethod.STAGED)
+    assert native.cuda_pick_method(dev_lay, back_lay, [0], [0]) == native.CopyMethod.KERNEL
 
 
 def test_errors_before_launch():
@@ -234,16 +234,16 @@ def test_errors_before_launch():
     pageable = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8)
     with pytest.raises(LayoutError, match="pageable host memory"):
         native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1],
-                                native.COPY_KERNEL)
+                                native.CopyMethod.KERNEL)
     # ...but the copy engines take it.
-    native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1], native.COPY_DMA)
+    native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1], native.CopyMethod.DMA)
     torch.cuda.synchronize()
     assert torch.equal(pageable[1].flatten(), torch.cat([dev[l][o, 1].flatten().cpu()
                                                          for l in range(2) for o in range(2)]))
     # A CUDA failure becomes CudaError naming the call and the CUDA error; later copies still work.
     with pytest.raises(CudaError, match=r"cudaHostRegister\(.*\) failed: .* \(cuda\w+\)"):
         native.cuda_host_register(host.data_ptr(), 4096)
-    native.copy_blocks_cuda(dev_lay, host_lay, [2], [2], native.COPY_KERNEL)
+    native.copy_blocks_cuda(dev_lay, host_lay, [2], [2], native.CopyMethod.KERNEL)
     torch.cuda.synchronize()
     assert_copied("outer", dev, "fc", host, [(2, 2)], 2, 2, 4)
 
@@ -255,7 +255,7 @@ def test_stream_event_helpers():
         dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
         host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
         torch.cuda.synchronize()
-        native.copy_blocks_cuda(dev_lay, host_lay, [3], [0], native.COPY_KERNEL, 0, s)
+        native.copy_blocks_cuda(dev_lay, host_lay, [3], [0], native.CopyMethod.KERNEL, 0, s)
         native.cuda_event_record(e, s)
         native.cuda_event_synchronize(e)
         assert native.cuda_event_query(e)
@@ -275,7 +275,7 @@ def test_host_register_in_place():
         dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
         torch.cuda.synchronize()
         native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(buf, 2, 2), [1, 2], [3, 0],
-                                native.COPY_KERNEL)
+                                native.CopyMethod.KERNEL)
         torch.cuda.synchronize()
         assert_copied("outer", dev, "fc", buf, [(1, 3), (2, 0)], 2, 2, 4)
     finally:
@@ -291,11 +291,11 @@ def test_pageable_middle_layer_is_refused_for_the_sm_kernel():
     host[0], host[2] = host[0].pin_memory(), host[2].pin_memory()   # layer 1 stays pageable
     host_lay = layer_separate_layout(host, O)
     for src, dst in ((dev_lay, host_lay), (host_lay, dev_lay)):
-        for method in (native.COPY_KERNEL, native.COPY_AUTO):
+        for method in (native.CopyMethod.KERNEL, native.CopyMethod.AUTO):
             with pytest.raises(LayoutError, match="layer 1 at .* is pageable host memory"):
                 native.copy_blocks_cuda(src, dst, [1], [2], method)
     # The copy engines take pageable memory: DMA still copies every layer.
-    native.copy_blocks_cuda(dev_lay, host_lay, [1], [2], native.COPY_DMA)
+    native.copy_blocks_cuda(dev_lay, host_lay, [1], [2], native.CopyMethod.DMA)
     torch.cuda.synchronize()
     assert_copied("fc", dev, "outer", host, [(1, 2)], L, O, nb)
 
@@ -335,7 +335,7 @@ while step >= (2 << 20):
         step //= 2
 print("free while hogged:", torch.cuda.mem_get_info()[0] >> 20, "MiB", flush=True)
 try:
-    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
+    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.CopyMethod.STAGED)
 except CudaError as err:
     print("first call:", err, flush=True)
 else:
@@ -343,7 +343,7 @@ else:
 del hog
 torch.cuda.empty_cache()
 for _ in range(2):   # a later call builds the stager afresh and copies
-    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
+    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.CopyMethod.STAGED)
     torch.cuda.synchronize()
 assert_copied("outer", dev, "fc", host, [(1, 0), (5, 3)], L, O, nb)
 print("ok")
@@ -373,11 +373,11 @@ def test_staged_call_of_one_slot_is_split_into_chunks():
     s = torch.cuda.Stream()
     for half in (pairs[:40], pairs[40:]):
         native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s.cuda_stream)
+                                native.CopyMethod.STAGED, 0, s.cuda_stream)
     on = [(h, d) for (d, h) in pairs]
     for half in (on[:40], on[40:]):
         native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s.cuda_stream)
+                                native.CopyMethod.STAGED, 0, s.cuda_stream)
     s.synchronize()
     assert_copied("outer", dev, "fc", host, pairs, L, O, 80)
     assert_copied("fc", host, "outer", back, on, L, O, 96)
