@@ -149,7 +149,7 @@ class Copier:
             # One CPU call per layer costs a thread fan-out each: copy groups of layers of at least
             # CPU_PROGRESS_BYTES and report every layer of a group once it has landed.
             layers = self.src.config.num_layers
-            per_layer = int(src.shape[0]) * self.block_bytes // layers
+            per_layer = len(src) * self.block_bytes // layers
             group = max(1, min(layers, -(-CPU_PROGRESS_BYTES // max(per_layer, 1))))
             for lo in range(0, layers, group):
                 hi = min(layers, lo + group)
@@ -160,7 +160,7 @@ class Copier:
                     d = self.dst.region_layout(self._dst_ptrs, range(lo, hi))
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
                 on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
-        return int(src.shape[0]) * self.block_bytes
+        return len(src) * self.block_bytes
 
     def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
