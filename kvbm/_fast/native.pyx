@@ -11,12 +11,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from kvbm._fast.kvbm_h cimport (
     KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
-    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_event_create, kvbm_cuda_event_destroy,
-    kvbm_cuda_event_query, kvbm_cuda_event_record, kvbm_cuda_event_synchronize,
-    kvbm_cuda_host_register, kvbm_cuda_host_unregister, kvbm_cuda_kernel_sms,
-    kvbm_cuda_pick_method, kvbm_cuda_stream_create, kvbm_cuda_stream_destroy,
-    kvbm_cuda_stream_synchronize, kvbm_cuda_stream_wait_event, kvbm_hash_blocks, kvbm_layout_t,
-    kvbm_xxh3_64,
+    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
+    kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_hash_blocks, kvbm_layout_t, kvbm_xxh3_64,
 )
 
 from enum import IntEnum
@@ -185,92 +181,6 @@ def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
     return CopyMethod(rc)
 
 
-# Streams and events as integers (cudaStream_t / cudaEvent_t), for workers without torch.
-
-ctypedef int (*_one_handle_fn)(void *, char *, size_t) noexcept nogil
-ctypedef int (*_two_handle_fn)(void *, void *, char *, size_t) noexcept nogil
-
-
-cdef int _call_on(_one_handle_fn fn, void *handle) except -1:
-    # The shape of every C call that takes one handle: GIL released, its error raised here.
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = fn(handle, errbuf, ERRLEN)
-    return _check_rc(rc, errbuf)
-
-
-cdef int _call_on_pair(_two_handle_fn fn, void *a, void *b) except -1:
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = fn(a, b, errbuf, ERRLEN)
-    return _check_rc(rc, errbuf)
-
-
-def cuda_stream_create(int priority=0) -> int:
-    """A new non-blocking stream (never waits for the legacy default stream)."""
-    cdef void *s = NULL
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_stream_create(&s, priority, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
-    return <size_t>s
-
-
-def cuda_stream_destroy(size_t stream):
-    _call_on(kvbm_cuda_stream_destroy, <void *>stream)
-
-
-def cuda_stream_synchronize(size_t stream):
-    _call_on(kvbm_cuda_stream_synchronize, <void *>stream)
-
-
-def cuda_event_create() -> int:
-    """A new event without timing."""
-    cdef void *e = NULL
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_create(&e, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
-    return <size_t>e
-
-
-def cuda_event_destroy(size_t event):
-    _call_on(kvbm_cuda_event_destroy, <void *>event)
-
-
-def cuda_event_record(size_t event, size_t stream=0):
-    _call_on_pair(kvbm_cuda_event_record, <void *>event, <void *>stream)
-
-
-def cuda_stream_wait_event(size_t stream, size_t event):
-    """Work enqueued on stream after this call waits for event (no host wait)."""
-    _call_on_pair(kvbm_cuda_stream_wait_event, <void *>stream, <void *>event)
-
-
-def cuda_event_synchronize(size_t event):
-    _call_on(kvbm_cuda_event_synchronize, <void *>event)
-
-
-def cuda_event_query(size_t event) -> bool:
-    """True once the work before the event's record has finished."""
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_query(<void *>event, errbuf, ERRLEN)
-    if rc < 0:
-        _check_rc(rc, errbuf)
-    return rc == 1
-
-
 def cuda_host_register(size_t ptr, size_t nbytes):
     """Pins (page-locks) host memory already mapped at ptr, for DMA and UVA kernel access."""
     cdef char errbuf[ERRLEN]
@@ -282,7 +192,12 @@ def cuda_host_register(size_t ptr, size_t nbytes):
 
 
 def cuda_host_unregister(size_t ptr):
-    _call_on(kvbm_cuda_host_unregister, <void *>ptr)
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_host_unregister(<void *>ptr, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
 
 
 def hash_blocks(tokens, int64_t block_size, uint64_t seed, parent=None):

@@ -266,26 +266,6 @@ def test_errors_before_launch():
     assert_copied("outer", dev, "fc", host, [(2, 2)], 2, 2, 4)
 
 
-def test_stream_event_helpers():
-    s = native.cuda_stream_create()
-    e = native.cuda_event_create()
-    try:
-        dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
-        host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
-        torch.cuda.synchronize()
-        native.copy_blocks_cuda(native_layout(dev, dev_lay), native_layout(host, host_lay), [3], [0],
-                                M.KERNEL, 0, s)
-        native.cuda_event_record(e, s)
-        native.cuda_event_synchronize(e)
-        assert native.cuda_event_query(e)
-        native.cuda_stream_wait_event(torch.cuda.current_stream().cuda_stream, e)
-        native.cuda_stream_synchronize(s)
-        assert_copied("outer", dev, "fc", host, [(3, 0)], 2, 2, 4)
-    finally:
-        native.cuda_event_destroy(e)
-        native.cuda_stream_destroy(s)
-
-
 def test_copy_into_a_segment_pinned_in_place():
     """G2 as the workers hold it: a /dev/shm segment mapped, then pinned in place (Segment.pin,
     cudaHostRegister), which the SM kernel reads and writes through UVA."""
