@@ -5,9 +5,9 @@ Measures, in one run, against a kvbm-workers started for it (CPU mode without CU
               D2H and H2D
   throughput  batched offload (KvBlockManager.offload: lookup, allocate, D2H, register) and onboard
               (match, H2D, release) of --total-mib per point in batches of B blocks, all submitted at
-              once; GB/s as the median of --repeats, and as a ratio to the plain copy routine alone
-              (native.copy_blocks_cpu / copy_blocks_cuda on the same layouts, same scattered blocks,
-              same batches, in this process), the goal being >= 90% for B >= 64
+              once; GB/s as the median of --repeats, and as a ratio to the copy alone (the path
+              workers' Copier on the same layouts, same scattered blocks, same batches, in this
+              process, without the pipeline around it), the goal being >= 90% for B >= 64
   pinning     seconds per GB of cudaHostRegister over a /dev/shm segment (CUDA only), measured here
               and as reported by the workers
 Prints the machine and a table; --markdown prints the rows for bench/RESULTS.md.
@@ -28,11 +28,11 @@ import time
 import numpy as np
 
 import kvbm
-from kvbm._fast import native
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
 from kvbm.pools import Tier
 from kvbm.shm import Segment, segment_name
 from kvbm.wire import protocol as P
+from kvbm.workers.copy import Copier
 
 
 def machine(cuda: bool) -> str:
@@ -73,7 +73,7 @@ def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int) -> l
 
 
 class Baseline:
-    """The plain copy routine on the same memory, in this process."""
+    """The path workers' copy (kvbm.workers.copy.Copier) on the same memory, in this process."""
 
     def __init__(self, kv, device_layout: BlockLayout, host_layout: BlockLayout, tensors, cuda: bool, threads: int):
         welcome = kv.transfers.welcome
@@ -84,25 +84,22 @@ class Baseline:
         else:
             base = kv._shared.segment.address
             ptrs = [base + off for off in kv._shared.offsets]
-        self.dev = device_layout.region_layout(ptrs)
-        self.host = host_layout.region_layout([self.segment.address])
+        host_ptrs = [self.segment.address]
+        self.offload = Copier(device_layout, ptrs, host_layout, host_ptrs, cuda, threads)
+        self.onboard = Copier(host_layout, host_ptrs, device_layout, ptrs, cuda, threads)
         self.cuda = cuda
-        self.threads = threads
-        if cuda:
-            import torch
-            self.stream = torch.cuda.Stream()
 
     def run(self, batches: list[tuple[np.ndarray, np.ndarray]], offload: bool) -> float:
+        copier = self.offload if offload else self.onboard
         t0 = time.perf_counter()
         for dev_blocks, host_blocks in batches:
-            src, dst, s, d = (self.dev, self.host, dev_blocks, host_blocks) if offload else \
-                (self.host, self.dev, host_blocks, dev_blocks)
+            s, d = (dev_blocks, host_blocks) if offload else (host_blocks, dev_blocks)
             if self.cuda:
-                native.copy_blocks_cuda(src, dst, s, d, 0, 0, self.stream.cuda_stream)
+                copier.launch(s, d, layers=False)  # enqueued back to back, as a worker keeps several in flight
             else:
-                native.copy_blocks_cpu(src, dst, s, d, self.threads)
+                copier.copy(s, d)
         if self.cuda:
-            self.stream.synchronize()
+            copier.stream.synchronize()
         return time.perf_counter() - t0
 
     def close(self) -> None:

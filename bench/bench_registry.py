@@ -41,9 +41,9 @@ import subprocess
 import time
 
 import numpy as np
+from kvbm._fast.registry import BlockRegistry  # noqa: E402
 
 from kvbm._fast._reference import ReferenceRegistry  # noqa: E402
-from kvbm._fast.registry import BlockRegistry  # noqa: E402
 from kvbm.policy import EvictionPolicy  # noqa: E402
 
 OPS = ("cycle", "match", "match-peek", "lookup")
@@ -241,8 +241,8 @@ def policy_table(args) -> None:
 
 
 def reference_table(args) -> None:
-    header = (f"| op | pool | fast median | fast p99 | ref median | ref p99 | ref iters | "
-              f"fast ns/block | speedup |")
+    header = ("| op | pool | fast median | fast p99 | ref median | ref p99 | ref iters | "
+              "fast ns/block | speedup |")
     print(header)
     print("|" + "---|" * 9)
     for n in args.sizes:

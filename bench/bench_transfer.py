@@ -1,4 +1,5 @@
-"""G1 <-> G2 block transfer benchmark: kvbm_cuda_copy_blocks against the bulk-copy roofline.
+"""G1 <-> G2 block transfer benchmark: the path workers' Copier (kvbm_cuda_copy_blocks) against the
+bulk-copy roofline.
 
 Measures, on one GPU, in one run:
   roofline   one 1 GiB pinned<->device `copy_` each way, and both at once on two streams
@@ -10,11 +11,12 @@ Measures, on one GPU, in one run:
 for a model of --layers layers x --outer outer regions, region sizes --sizes, --blocks scattered
 blocks (fewer where the copy would pass --max-gib), engine layout layer-separate outer-major
 ([outer, blocks, region] per layer, vLLM) <-> G2 fully contiguous. Directions: D2H (offload),
-H2D (onboard), and both at once on two streams. Each point: warm-up, then the median (and worst)
-of --repeats timings by CUDA events; every method's copy is checked on two pairs first.
+H2D (onboard), and both at once on two streams. Every copy goes through kvbm.workers.copy.Copier,
+as the D2H and H2D path workers run it (one Copier per direction and method, each on its own
+stream, one launch and one event per copy), over layouts built by kvbm.layout.BlockLayout. Each
+point: warm-up, then the median (and worst) of --repeats timings by CUDA events; every method's
+copy is checked on two pairs first.
 Prints the card, a full table, and a compact table last; writes both to --out (default $OUT).
-
-    python bench/bench_transfer.py --sizes 16K,1M   # kvbm installed, or PYTHONPATH=. for this checkout
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ import time
 import torch
 
 from kvbm._fast import native
-from kvbm.copy import fully_contiguous_layout, layer_separate_layout
+from kvbm.layout import BlockLayout, InnerOrder, LayoutConfig, LayoutType
+from kvbm.workers.copy import Copier
+
+M = native.CopyMethod
 
 GIB = 1 << 30
 
@@ -149,22 +154,36 @@ def main() -> None:
         layer_bytes = O * nb * region
         dev_layers = [dev_raw[l * layer_bytes:(l + 1) * layer_bytes].view(O, nb, region) for l in range(L)]
         host = host_raw[:nb * per_block].view(nb, L, O, region)
-        dev_lay = layer_separate_layout(dev_layers, O)
-        host_lay = fully_contiguous_layout(host, L, O)
+        config = LayoutConfig(L, O, 1, region, "uint8")
+        dev_lay = BlockLayout(config, LayoutType.LAYER_SEPARATE, nb, InnerOrder.OUTER_MAJOR)
+        host_lay = BlockLayout(config, LayoutType.FULLY_CONTIGUOUS, nb)
+        dev_ptrs, host_ptrs = [lt.data_ptr() for lt in dev_layers], [host.data_ptr()]
+        copiers: dict = {}
+
+        def copiers_for(method, sms):
+            """(offload, onboard) Copiers for one method, made once per region size."""
+            if (method, sms) not in copiers:
+                copiers[method, sms] = (
+                    Copier(dev_lay, dev_ptrs, host_lay, host_ptrs, True, method=method, max_sms=sms),
+                    Copier(host_lay, host_ptrs, dev_lay, dev_ptrs, True, method=method, max_sms=sms))
+            return copiers[method, sms]
+
         perm_d = torch.randperm(nb, generator=gen)
         perm_h = torch.randperm(nb, generator=gen)
         off_src, on_dst = perm_d[:n].numpy().copy(), perm_d[n:].numpy().copy()
         off_dst, on_src = perm_h[:n].numpy().copy(), perm_h[n:].numpy().copy()
         nbytes = n * per_block
-        s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
-        auto_off = native.cuda_pick_method(dev_lay, host_lay, off_src, off_dst, s_off.cuda_stream)
-        auto_on = native.cuda_pick_method(host_lay, dev_lay, on_src, on_dst, s_on.cuda_stream)
+        auto_c_off, auto_c_on = copiers_for(M.AUTO, 0)
+        auto_off = native.cuda_pick_method(auto_c_off.src_region, auto_c_off.dst_region, off_src, off_dst,
+                                           auto_c_off.stream.cuda_stream)
+        auto_on = native.cuda_pick_method(auto_c_on.src_region, auto_c_on.dst_region, on_src, on_dst,
+                                          auto_c_on.stream.cuda_stream)
 
         def off(method, sms=0):
-            native.copy_blocks_cuda(dev_lay, host_lay, off_src, off_dst, method, sms, s_off.cuda_stream)
+            copiers_for(method, sms)[0].launch(off_src, off_dst, layers=False)
 
         def on(method, sms=0):
-            native.copy_blocks_cuda(host_lay, dev_lay, on_src, on_dst, method, sms, s_on.cuda_stream)
+            copiers_for(method, sms)[1].launch(on_src, on_dst, layers=False)
 
         def check(direction, name, run_once):
             # Two pairs, poisoned first, compared after one copy.
@@ -188,33 +207,31 @@ def main() -> None:
                 if not torch.equal(host[h], want):
                     raise SystemExit(f"bench_transfer: {name} {direction} copied wrong bytes (region {region})")
 
-        variants = [("loop", native.COPY_DMA_LOOP, 0)]
-        variants += [(f"kernel@{s}", native.COPY_KERNEL, s) for s in sms_list]
-        variants += [("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
-                     ("auto", native.COPY_AUTO, 0)]
+        variants = [("loop", M.DMA_LOOP, 0)]
+        variants += [(f"kernel@{s}", M.KERNEL, s) for s in sms_list]
+        variants += [("dma", M.DMA, 0), ("staged", M.STAGED, 8), ("auto", M.AUTO, 0)]
         row = {"region": region, "blocks": n, "bytes": nbytes,
                "auto": {"d2h": auto_off, "h2d": auto_on}}
         for direction in ("d2h", "h2d", "bidi"):
             vs = variants if direction != "bidi" else [
-                ("loop", native.COPY_DMA_LOOP, 0), ("kernel@8", native.COPY_KERNEL, 8),
-                ("dma", native.COPY_DMA, 0), ("staged", native.COPY_STAGED, 8),
-                ("auto", native.COPY_AUTO, 0)]
+                ("loop", M.DMA_LOOP, 0), ("kernel@8", M.KERNEL, 8), ("dma", M.DMA, 0),
+                ("staged", M.STAGED, 8), ("auto", M.AUTO, 0)]
             only = [x for x in args.only.split(",") if x]
             for name, method, sms in vs:
                 if only and name not in only:
                     continue
                 if name == "staged" and per_block > (32 << 20):
                     continue  # a block larger than a staging slot: the staged path does not apply
+                c_off, c_on = copiers_for(method, sms)
                 if direction == "d2h":
                     def run_once(m=method, k=sms): off(m, k)
-                    streams, moved = [s_off], nbytes
+                    streams, moved = [c_off.stream], nbytes
                 elif direction == "h2d":
                     def run_once(m=method, k=sms): on(m, k)
-                    streams, moved = [s_on], nbytes
+                    streams, moved = [c_on.stream], nbytes
                 else:
-                    mo, mi = method if isinstance(method, tuple) else (method, method)
-                    def run_once(a=mo, b=mi, k=sms): (off(a, k), on(b, k))
-                    streams, moved = [s_off, s_on], 2 * nbytes
+                    def run_once(m=method, k=sms): (off(m, k), on(m, k))
+                    streams, moved = [c_off.stream, c_on.stream], 2 * nbytes
                 gc.collect()
                 check(direction, name, run_once)
                 ts = time_events(run_once, streams, args.warmup, args.repeats)
@@ -228,10 +245,10 @@ def main() -> None:
                 emit(line)
         full_rows.append(row)
         results["points"].append(row)
-        del dev_layers, host, dev_lay, host_lay
+        del dev_layers, host, copiers
 
     # ---- compact table ------------------------------------------------------------------------
-    mname = {native.COPY_KERNEL: "K", native.COPY_DMA: "D", native.COPY_STAGED: "S"}
+    mname = {M.KERNEL: "K", M.DMA: "D", M.STAGED: "S"}
     emit("")
     emit(f"card: {card}; {L} layers x {O} outer, layer-separate outer-major <-> fully contiguous G2; "
          f"GB/s (% of roofline D2H {roof['d2h']:.1f} / H2D {roof['h2d']:.1f} / both {roof['bidi']:.1f})")

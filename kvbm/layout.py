@@ -5,7 +5,8 @@ Parts:
   LayoutType     FULLY_CONTIGUOUS [block][layer][outer][page*inner], or LAYER_SEPARATE (one region
                  per layer, ordered OUTER_MAJOR [outer][block] like vLLM, or BLOCK_MAJOR [block][outer])
   BlockLayout    a LayoutConfig placed over num_blocks: strides, byte offset and size of every region,
-                 views of a block over real tensors, and the native RegionLayout the copy routines take
+                 bytes per buffer, views of a block over real tensors, and the native RegionLayout the
+                 copy routines take (all layers, one layer or a range of them): the only builder of it
   detect_layout  builds the BlockLayout of an engine's KV tensors, refusing shapes, dtypes, strides
                  or alignments it does not understand with a LayoutError that names what it expected.
 
@@ -162,6 +163,11 @@ class BlockLayout:
             return self.num_blocks * self.config.block_stride
         return self.config.num_layers * self.layer_bytes
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes each of the num_buffers() buffers must hold: the whole layout, or one layer tensor."""
+        return self.total_bytes if self.layout_type is LayoutType.FULLY_CONTIGUOUS else self.layer_bytes
+
     def num_buffers(self) -> int:
         return 1 if self.layout_type is LayoutType.FULLY_CONTIGUOUS else self.config.num_layers
 
@@ -176,7 +182,7 @@ class BlockLayout:
             return 0, block * self.block_stride + layer * self.layer_stride + outer * self.outer_stride, cfg.region_bytes
         return layer, block * self.block_stride + outer * self.outer_stride, cfg.region_bytes
 
-    def layer_bases(self, buffer_ptrs: Sequence[int]) -> list[int]:
+    def _layer_bases(self, buffer_ptrs: Sequence[int]) -> list[int]:
         """Base address of every layer, given the address of each buffer (1 or num_layers)."""
         if len(buffer_ptrs) != self.num_buffers():
             raise LayoutError(f"{self.layout_type.name} layout needs {self.num_buffers()} buffer(s), "
@@ -185,18 +191,31 @@ class BlockLayout:
             return [int(buffer_ptrs[0]) + layer * self.layer_stride for layer in range(self.config.num_layers)]
         return [int(p) for p in buffer_ptrs]
 
-    def region_layout(self, buffer_ptrs: Sequence[int]):
-        """The native kvbm_layout_t over buffers at these addresses (see kvbm.h)."""
+    def region_layout(self, buffer_ptrs: Sequence[int], layers: int | slice | range | None = None):
+        """The native kvbm_layout_t over buffers at these addresses (see kvbm.h): every layer, or
+        only `layers` (one index, a slice or a range), for copies that go layer by layer. The one
+        place a BlockLayout becomes the native description the copy routines take."""
         from kvbm._fast.native import RegionLayout
-        return RegionLayout(self.layer_bases(buffer_ptrs), self.config.outer_dim, self.num_blocks,
+        n = self.config.num_layers
+        if layers is None:
+            picked = range(n)
+        elif isinstance(layers, int):
+            picked = range(layers, layers + 1)
+        elif isinstance(layers, slice):
+            picked = range(n)[layers]
+        else:
+            picked = layers
+        if len(picked) == 0 or min(picked) < 0 or max(picked) >= n:
+            raise LayoutError(f"layers {layers!r} select none or some outside the {n} layers of the layout")
+        bases = self._layer_bases(buffer_ptrs)
+        return RegionLayout([bases[layer] for layer in picked], self.config.outer_dim, self.num_blocks,
                             self.block_stride, self.outer_stride, self.config.region_bytes)
 
     # ---- views over real tensors ---------------------------------------------------------------
     def allocate(self, device: str = "cpu", pin_memory: bool = False) -> list["torch.Tensor"]:
         """Fresh uint8 buffers in this layout (tests, CPU-mode engines, benchmarks)."""
         import torch
-        size = self.total_bytes if self.layout_type is LayoutType.FULLY_CONTIGUOUS else self.layer_bytes
-        return [torch.empty(size, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+        return [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
                 for _ in range(self.num_buffers())]
 
     def region_view(self, buffers: Sequence["torch.Tensor"], block: int, layer: int, outer: int) -> "torch.Tensor":

@@ -361,9 +361,8 @@ class SharedBuffers:
 
     @classmethod
     def allocate(cls, layout: "BlockLayout", instance_id: str) -> "SharedBuffers":
-        from kvbm.layout import LayoutType
         nbuf = layout.num_buffers()
-        size = layout.total_bytes if layout.layout_type is LayoutType.FULLY_CONTIGUOUS else layout.layer_bytes
+        size = layout.buffer_bytes
         stride = (size + 4095) // 4096 * 4096
         seq = next(_segment_seq)
         seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * nbuf)

@@ -32,12 +32,3 @@ extern "C" int kvbm_cuda_host_unregister(void *, char *errbuf, size_t errlen) {
 KVBM_NO_CUDA_STUB(kvbm_cuda_kernel_sms, int)
 KVBM_NO_CUDA_STUB(kvbm_cuda_pick_method, const kvbm_layout_t *, const kvbm_layout_t *, const int64_t *,
                   const int64_t *, int64_t, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_stream_create, void **, int)
-KVBM_NO_CUDA_STUB(kvbm_cuda_stream_destroy, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_stream_synchronize, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_event_create, void **)
-KVBM_NO_CUDA_STUB(kvbm_cuda_event_destroy, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_event_record, void *, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_stream_wait_event, void *, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_event_synchronize, void *)
-KVBM_NO_CUDA_STUB(kvbm_cuda_event_query, void *)

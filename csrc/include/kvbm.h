@@ -120,19 +120,6 @@ int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst,
 int kvbm_cuda_host_register(void *ptr, size_t bytes, char *errbuf, size_t errlen);
 int kvbm_cuda_host_unregister(void *ptr, char *errbuf, size_t errlen);
 
-/* Streams and events for callers without a framework (cudaStream_t / cudaEvent_t as void*).
- * Streams are created non-blocking (they never wait for the legacy default stream); events
- * without timing. kvbm_cuda_event_query returns 1 when done, 0 when pending, <0 on error. */
-int kvbm_cuda_stream_create(void **stream, int priority, char *errbuf, size_t errlen);
-int kvbm_cuda_stream_destroy(void *stream, char *errbuf, size_t errlen);
-int kvbm_cuda_stream_synchronize(void *stream, char *errbuf, size_t errlen);
-int kvbm_cuda_event_create(void **event, char *errbuf, size_t errlen);
-int kvbm_cuda_event_destroy(void *event, char *errbuf, size_t errlen);
-int kvbm_cuda_event_record(void *event, void *stream, char *errbuf, size_t errlen);
-int kvbm_cuda_stream_wait_event(void *stream, void *event, char *errbuf, size_t errlen);
-int kvbm_cuda_event_synchronize(void *event, char *errbuf, size_t errlen);
-int kvbm_cuda_event_query(void *event, char *errbuf, size_t errlen);
-
 #ifdef __cplusplus
 }
 #endif

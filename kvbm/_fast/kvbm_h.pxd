@@ -43,12 +43,3 @@ cdef extern from "kvbm.h" nogil:
     int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                               const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                               void *stream, char *errbuf, size_t errlen)
-    int kvbm_cuda_stream_create(void **stream, int priority, char *errbuf, size_t errlen)
-    int kvbm_cuda_stream_destroy(void *stream, char *errbuf, size_t errlen)
-    int kvbm_cuda_stream_synchronize(void *stream, char *errbuf, size_t errlen)
-    int kvbm_cuda_event_create(void **event, char *errbuf, size_t errlen)
-    int kvbm_cuda_event_destroy(void *event, char *errbuf, size_t errlen)
-    int kvbm_cuda_event_record(void *event, void *stream, char *errbuf, size_t errlen)
-    int kvbm_cuda_stream_wait_event(void *stream, void *event, char *errbuf, size_t errlen)
-    int kvbm_cuda_event_synchronize(void *event, char *errbuf, size_t errlen)
-    int kvbm_cuda_event_query(void *event, char *errbuf, size_t errlen)

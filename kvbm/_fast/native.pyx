@@ -3,19 +3,19 @@
 
 Each wrapper checks its arguments at the edge (typed memoryviews, equal lengths), drops the GIL for
 the native call, and turns a non-zero return code into a KvbmError subclass through `_check_rc`,
-the one place that maps codes to exceptions (pyzmq's `_check_rc`).
+the one place that maps codes to exceptions (pyzmq's `_check_rc`). CopyMethod names kvbm.h's
+KVBM_COPY_* values; nothing else in Python spells them.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from kvbm._fast.kvbm_h cimport (
+    KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
-    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_event_create, kvbm_cuda_event_destroy,
-    kvbm_cuda_event_query, kvbm_cuda_event_record, kvbm_cuda_event_synchronize,
-    kvbm_cuda_host_register, kvbm_cuda_host_unregister, kvbm_cuda_kernel_sms,
-    kvbm_cuda_pick_method, kvbm_cuda_stream_create, kvbm_cuda_stream_destroy,
-    kvbm_cuda_stream_synchronize, kvbm_cuda_stream_wait_event, kvbm_hash_blocks, kvbm_layout_t,
-    kvbm_xxh3_64,
+    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
+    kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_hash_blocks, kvbm_layout_t, kvbm_xxh3_64,
 )
+
+from enum import IntEnum
 
 import numpy as np
 
@@ -24,11 +24,14 @@ from kvbm.errors import CudaError, KvbmError, LayoutError
 cdef enum:
     ERRLEN = 512
 
-COPY_AUTO = 0
-COPY_KERNEL = 1
-COPY_DMA = 2
-COPY_DMA_LOOP = 3  # baseline: one cudaMemcpyAsync per region (bench only)
-COPY_STAGED = 4  # SM gather/scatter in device staging + one DMA per whole G2 block
+
+class CopyMethod(IntEnum):
+    """How kvbm_cuda_copy_blocks moves the bytes: kvbm.h's KVBM_COPY_* values, named once here."""
+    AUTO = KVBM_COPY_AUTO          # the measured rule in csrc/cuda/copy.cu picks KERNEL, DMA or STAGED
+    KERNEL = KVBM_COPY_KERNEL      # SM kernel (at most max_sms SMs), UVA access to pinned host memory
+    DMA = KVBM_COPY_DMA            # copy engines: one batched DMA call over the merged regions
+    DMA_LOOP = KVBM_COPY_DMA_LOOP  # baseline: one cudaMemcpyAsync per region (bench only)
+    STAGED = KVBM_COPY_STAGED      # SM gather/scatter in device staging + one DMA per whole G2 block
 
 
 cdef int _check_rc(int rc, const char *errbuf) except -1:
@@ -123,14 +126,13 @@ def copy_blocks_cpu(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, 
     _check_rc(rc, errbuf)
 
 
-def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, int method=0,
-                     int max_sms=0, size_t stream=0):
+def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
+                     int method=KVBM_COPY_AUTO, int max_sms=0, size_t stream=0):
     """Enqueues the same copy on a CUDA stream (a cudaStream_t as an integer; 0 = default).
 
-    method: COPY_AUTO, COPY_KERNEL (SM kernel on at most max_sms SMs, 0 = 8), COPY_DMA (copy
-    engines), COPY_STAGED (kernel into device staging + whole-block DMA) or COPY_DMA_LOOP. Returns once enqueued; the block lists may be dropped at once.
-    Bad layouts or block ids raise LayoutError before anything is enqueued; CUDA failures raise
-    CudaError naming the call.
+    method: a CopyMethod; max_sms bounds the SM kernel (0 = 8). Returns once enqueued; the block
+    lists may be dropped at once. Bad layouts, block ids or methods raise LayoutError before
+    anything is enqueued; CUDA failures raise CudaError naming the call.
     """
     s, d = _pairs(src_blocks, dst_blocks)
     cdef const int64_t[::1] sv = s
@@ -161,7 +163,7 @@ def cuda_kernel_sms(int max_sms=0) -> int:
 
 def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
                      size_t stream=0) -> int:
-    """COPY_KERNEL, COPY_DMA or COPY_STAGED: what COPY_AUTO would do for this copy (rule in csrc/cuda/copy.cu)."""
+    """CopyMethod.KERNEL, DMA or STAGED: what AUTO would do for this copy (rule in csrc/cuda/copy.cu)."""
     s, d = _pairs(src_blocks, dst_blocks)
     cdef const int64_t[::1] sv = s
     cdef const int64_t[::1] dv = d
@@ -170,99 +172,13 @@ def cuda_pick_method(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
     cdef int rc
     errbuf[0] = 0
     if n == 0:
-        return COPY_KERNEL
+        return CopyMethod.KERNEL
     with nogil:
         rc = kvbm_cuda_pick_method(&src.c, &dst.c, &sv[0], &dv[0], n, <void *>stream, errbuf,
                                    ERRLEN)
     if rc < 0:
         _check_rc(rc, errbuf)
-    return rc
-
-
-# Streams and events as integers (cudaStream_t / cudaEvent_t), for workers without torch.
-
-ctypedef int (*_one_handle_fn)(void *, char *, size_t) noexcept nogil
-ctypedef int (*_two_handle_fn)(void *, void *, char *, size_t) noexcept nogil
-
-
-cdef int _call_on(_one_handle_fn fn, void *handle) except -1:
-    # The shape of every C call that takes one handle: GIL released, its error raised here.
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = fn(handle, errbuf, ERRLEN)
-    return _check_rc(rc, errbuf)
-
-
-cdef int _call_on_pair(_two_handle_fn fn, void *a, void *b) except -1:
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = fn(a, b, errbuf, ERRLEN)
-    return _check_rc(rc, errbuf)
-
-
-def cuda_stream_create(int priority=0) -> int:
-    """A new non-blocking stream (never waits for the legacy default stream)."""
-    cdef void *s = NULL
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_stream_create(&s, priority, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
-    return <size_t>s
-
-
-def cuda_stream_destroy(size_t stream):
-    _call_on(kvbm_cuda_stream_destroy, <void *>stream)
-
-
-def cuda_stream_synchronize(size_t stream):
-    _call_on(kvbm_cuda_stream_synchronize, <void *>stream)
-
-
-def cuda_event_create() -> int:
-    """A new event without timing."""
-    cdef void *e = NULL
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_create(&e, errbuf, ERRLEN)
-    _check_rc(rc, errbuf)
-    return <size_t>e
-
-
-def cuda_event_destroy(size_t event):
-    _call_on(kvbm_cuda_event_destroy, <void *>event)
-
-
-def cuda_event_record(size_t event, size_t stream=0):
-    _call_on_pair(kvbm_cuda_event_record, <void *>event, <void *>stream)
-
-
-def cuda_stream_wait_event(size_t stream, size_t event):
-    """Work enqueued on stream after this call waits for event (no host wait)."""
-    _call_on_pair(kvbm_cuda_stream_wait_event, <void *>stream, <void *>event)
-
-
-def cuda_event_synchronize(size_t event):
-    _call_on(kvbm_cuda_event_synchronize, <void *>event)
-
-
-def cuda_event_query(size_t event) -> bool:
-    """True once the work before the event's record has finished."""
-    cdef char errbuf[ERRLEN]
-    cdef int rc
-    errbuf[0] = 0
-    with nogil:
-        rc = kvbm_cuda_event_query(<void *>event, errbuf, ERRLEN)
-    if rc < 0:
-        _check_rc(rc, errbuf)
-    return rc == 1
+    return CopyMethod(rc)
 
 
 def cuda_host_register(size_t ptr, size_t nbytes):
@@ -276,7 +192,12 @@ def cuda_host_register(size_t ptr, size_t nbytes):
 
 
 def cuda_host_unregister(size_t ptr):
-    _call_on(kvbm_cuda_host_unregister, <void *>ptr)
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_cuda_host_unregister(<void *>ptr, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
 
 
 def hash_blocks(tokens, int64_t block_size, uint64_t seed, parent=None):

@@ -6,7 +6,8 @@ Parts:
                  fields arrive as msgpack bytes/ints and go to torch's rebuild_cuda_tensor)
   Copier         one (source layout, destination layout) pair with native RegionLayouts, whole and
                  per layer; `copy(src, dst, on_layer)` runs the CPU routine (memcpy threads) or the
-                 CUDA one on the worker's own stream, layer by layer when progress is asked for
+                 CUDA one on the worker's own stream, layer by layer when progress is asked for.
+                 The one copy path: path workers, tests and bench/bench_transfer.py all copy here
 
 Order inside a worker: attach + pin G2 (supervisor args) -> an engine registers (DeviceMemory,
 Copier per path) -> copies. CUDA copies are enqueued for all layers at once with an event after
@@ -21,17 +22,12 @@ import numpy as np
 
 from kvbm._fast import native
 from kvbm.errors import LayoutError, ProtocolError
-from kvbm.layout import BlockLayout, LayoutType
+from kvbm.layout import BlockLayout
 from kvbm.shm import Segment
 
 logger = logging.getLogger(__name__)
 
 CPU_PROGRESS_BYTES = 8 << 20   # CPU mode: the smallest copy between two layer-progress reports
-
-
-def buffer_bytes(layout: BlockLayout) -> int:
-    """Bytes each buffer of the layout must hold."""
-    return layout.total_bytes if layout.layout_type is LayoutType.FULLY_CONTIGUOUS else layout.layer_bytes
 
 
 class DeviceMemory:
@@ -41,7 +37,7 @@ class DeviceMemory:
         self.kind = memory["kind"]
         self._keep: list = []
         self.segment: Segment | None = None
-        need = buffer_bytes(layout)
+        need = layout.buffer_bytes
         buffers = memory["buffers"]
         if len(buffers) != layout.num_buffers():
             raise ProtocolError(f"memory has {len(buffers)} buffers, the device layout needs {layout.num_buffers()}")
@@ -102,27 +98,30 @@ class DeviceMemory:
             self.segment = None
 
 
-def layer_region_layouts(layout: BlockLayout, ptrs: list[int]) -> list:
-    """One single-layer native RegionLayout per layer (for layer-by-layer copies)."""
-    bases = layout.layer_bases(ptrs)
-    return [native.RegionLayout([b], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
-                                layout.outer_stride, layout.config.region_bytes) for b in bases]
-
-
 class Copier:
-    """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream."""
+    """Copies blocks from one registered layout to another, on the CPU or on a CUDA stream.
+
+    method and max_sms choose the CUDA routine (kvbm.h; the workers keep AUTO, benches and tests
+    pick each one); the CPU routine has only one and ignores them."""
 
     def __init__(self, src: BlockLayout, src_ptrs: list[int], dst: BlockLayout, dst_ptrs: list[int],
-                 cuda: bool, threads: int = 0, device: int = 0) -> None:
+                 cuda: bool, threads: int = 0, device: int = 0, method: int = native.CopyMethod.AUTO,
+                 max_sms: int = 0) -> None:
         if (src.config.num_layers, src.config.outer_dim, src.config.region_bytes) != \
                 (dst.config.num_layers, dst.config.outer_dim, dst.config.region_bytes):
             raise LayoutError(f"source and destination layouts disagree: {src.config} vs {dst.config}")
+        try:
+            self.method = native.CopyMethod(method)
+        except ValueError as err:
+            raise LayoutError(f"copy method {method!r}; expected one of {[int(m) for m in native.CopyMethod]}") from err
+        self.max_sms = max_sms
         self.src, self.dst = src, dst
+        self._src_ptrs, self._dst_ptrs = list(src_ptrs), list(dst_ptrs)
         self.src_region = src.region_layout(src_ptrs)
         self.dst_region = dst.region_layout(dst_ptrs)
-        self.src_layers = layer_region_layouts(src, src_ptrs)
-        self.dst_layers = layer_region_layouts(dst, dst_ptrs)
-        self._src_bases, self._dst_bases = src.layer_bases(src_ptrs), dst.layer_bases(dst_ptrs)
+        layers = range(src.config.num_layers)
+        self.src_layers = [src.region_layout(src_ptrs, layer) for layer in layers]
+        self.dst_layers = [dst.region_layout(dst_ptrs, layer) for layer in layers]
         self.cuda = cuda
         self.threads = threads
         self.block_bytes = src.config.block_bytes
@@ -133,6 +132,11 @@ class Copier:
             self._torch = torch
             self._device = torch.device("cuda", device)
             self._stream = torch.cuda.Stream(device=self._device)
+
+    @property
+    def stream(self):
+        """The torch CUDA stream every copy is enqueued on; None in CPU mode."""
+        return self._stream
 
     def copy(self, src: np.ndarray, dst: np.ndarray, on_layer: Callable[[int], None] | None = None) -> int:
         """Copies every region of src[i] to dst[i]; calls on_layer(l) when layers 0..l have all landed
@@ -145,22 +149,18 @@ class Copier:
             # One CPU call per layer costs a thread fan-out each: copy groups of layers of at least
             # CPU_PROGRESS_BYTES and report every layer of a group once it has landed.
             layers = self.src.config.num_layers
-            per_layer = int(src.shape[0]) * self.block_bytes // layers
+            per_layer = len(src) * self.block_bytes // layers
             group = max(1, min(layers, -(-CPU_PROGRESS_BYTES // max(per_layer, 1))))
             for lo in range(0, layers, group):
                 hi = min(layers, lo + group)
                 if hi - lo == 1:
                     s, d = self.src_layers[lo], self.dst_layers[lo]
                 else:
-                    s, d = self._range(self.src, self._src_bases, lo, hi), self._range(self.dst, self._dst_bases, lo, hi)
+                    s = self.src.region_layout(self._src_ptrs, range(lo, hi))
+                    d = self.dst.region_layout(self._dst_ptrs, range(lo, hi))
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
                 on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
-        return int(src.shape[0]) * self.block_bytes
-
-    @staticmethod
-    def _range(layout: BlockLayout, bases: list[int], lo: int, hi: int):
-        return native.RegionLayout(bases[lo:hi], layout.config.outer_dim, layout.num_blocks, layout.block_stride,
-                                   layout.outer_stride, layout.config.region_bytes)
+        return len(src) * self.block_bytes
 
     def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
@@ -173,7 +173,7 @@ class Copier:
         with torch.cuda.device(self._device):
             pairs = zip(self.src_layers, self.dst_layers) if layers else [(self.src_region, self.dst_region)]
             for s, d in pairs:
-                native.copy_blocks_cuda(s, d, src, dst, 0, 0, handle)
+                native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
                 # blocking: synchronize() sleeps on the event instead of spinning a whole core.
                 event = torch.cuda.Event(blocking=True)
                 event.record(self._stream)

@@ -1,48 +1,68 @@
-"""CUDA block copy (kvbm_cuda_copy_blocks): device tensors <-> pinned host tensors for the SM kernel,
-the batched DMA, the per-region loop and AUTO; region sizes 4 KiB .. 2 MiB, every layout, poisoned
-destinations, untouched blocks, both directions at once, narrow alignments, error mapping.
+"""CUDA block copy (kvbm_cuda_copy_blocks) through the path workers' Copier: device tensors <-> pinned
+host tensors for the SM kernel, the batched DMA, the per-region loop, STAGED and AUTO; region sizes
+4 KiB .. 2 MiB, every layout, whole and layer by layer, poisoned destinations, untouched blocks, both
+directions at once, narrow alignments, a pinned /dev/shm segment, error mapping (the native entry
+points directly where the test is about them).
 Skipped (tests/conftest.py) when kvbm.cuda_available() is False."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
 
+import numpy as np
 import pytest
 import torch
 
 from kvbm._fast import native
-from kvbm.copy import BlockCopier, fully_contiguous_layout, layer_separate_layout
 from kvbm.errors import CudaError, LayoutError
-from tests.support.copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.shm import Segment, segment_name
+from tests.support.copy_helpers import (
+    DTYPES,
+    KINDS,
+    assert_copied,
+    block_layout,
+    copier,
+    make_buffers,
+    native_layout,
+    random_pairs,
+    split,
+)
 
 pytestmark = pytest.mark.gpu
 
-METHODS = {"auto": native.COPY_AUTO, "kernel": native.COPY_KERNEL, "dma": native.COPY_DMA,
-           "loop": native.COPY_DMA_LOOP, "staged": native.COPY_STAGED}
+M = native.CopyMethod
+METHODS = {"auto": M.AUTO, "kernel": M.KERNEL, "dma": M.DMA, "loop": M.DMA_LOOP, "staged": M.STAGED}
 
 
 def _round_trip(kind, dtype, outer_dim, region, method, layers=4, nb_dev=12, nb_host=10, n=6,
-                max_sms=0, seed=0):
+                max_sms=0, seed=0, layered=False):
+    """Offload then onboard through two Copiers (the D2H and H2D workers' own streams); `layered`
+    copies layer by layer as a worker does when the engine asks for layer progress."""
     gen = torch.Generator().manual_seed(seed)
     dev, dev_lay = make_buffers(kind, layers, outer_dim, nb_dev, region, dtype, device="cuda", gen=gen)
     host, host_lay = make_buffers("fc", layers, outer_dim, nb_host, region, dtype, pin=True, fill="poison")
     pairs = random_pairs(gen, n, nb_dev, nb_host)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in pairs], [p[1] for p in pairs],
-                            METHODS[method], max_sms, stream.cuda_stream)
-    stream.synchronize()
+    off = copier(dev, dev_lay, host, host_lay, cuda=True, method=METHODS[method], max_sms=max_sms)
+    landed: list[int] = []
+    moved = off.copy(*split(pairs), on_layer=landed.append if layered else None)
+    assert moved == n * layers * outer_dim * region
     assert_copied(kind, dev, "fc", host, pairs, layers, outer_dim, nb_host)
+    if layered:
+        assert landed[-1] == layers - 1 and landed == sorted(set(landed)), landed
 
     back, back_lay = make_buffers(kind, layers, outer_dim, nb_dev, region, dtype, device="cuda",
                                   fill="poison")
     torch.cuda.synchronize()
     onboard = [(h, int(d)) for (_, h), d in zip(pairs, torch.randperm(nb_dev, generator=gen)[:n])]
-    native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in onboard], [p[1] for p in onboard],
-                            METHODS[method], max_sms, stream.cuda_stream)
-    stream.synchronize()
+    on = copier(host, host_lay, back, back_lay, cuda=True, method=METHODS[method], max_sms=max_sms)
+    landed = []
+    on.copy(*split(onboard), on_layer=landed.append if layered else None)
     assert_copied("fc", host, kind, back, onboard, layers, outer_dim, nb_dev)
+    if layered:
+        assert landed[-1] == layers - 1 and landed == sorted(set(landed)), landed
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -50,6 +70,12 @@ def _round_trip(kind, dtype, outer_dim, region, method, layers=4, nb_dev=12, nb_
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip(kind, region, method):
     _round_trip(kind, torch.bfloat16, 2, region, method, seed=region)
+
+
+@pytest.mark.parametrize("method", ["kernel", "dma", "staged", "auto"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_by_layer_round_trip(kind, method):
+    _round_trip(kind, torch.bfloat16, 2, 16384, method, seed=17, layered=True)
 
 
 @pytest.mark.parametrize("method", ["kernel", "dma", "auto", "staged"])
@@ -87,11 +113,10 @@ def test_misaligned_base_pointer():
     raw = [torch.randint(0, 256, (2 * 6 * 4096 + 2,), dtype=torch.uint8, generator=gen).cuda()
            for _ in range(2)]
     dev = [r[2:].view(2, 6, 4096) for r in raw]
-    dev_lay = layer_separate_layout(dev, 2)
     host = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8).pin_memory()
-    host_lay = fully_contiguous_layout(host, 2, 2)
-    native.copy_blocks_cuda(dev_lay, host_lay, [5, 1], [0, 3], native.COPY_KERNEL)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()  # the Copier's stream does not wait for the current one
+    copier(dev, block_layout("outer", 2, 2, 6, 4096, torch.uint8), host,
+           block_layout("fc", 2, 2, 4, 4096, torch.uint8), cuda=True, method=M.KERNEL).copy([5, 1], [0, 3])
     assert_copied("outer", dev, "fc", host, [(5, 0), (1, 3)], 2, 2, 4)
 
 
@@ -107,36 +132,40 @@ def test_bidirectional_at_once():
     torch.cuda.synchronize()
     off_pairs = random_pairs(gen, 32, 64, 40)
     on_pairs = random_pairs(gen, 32, 40, 64)
-    for off_method, on_method in ((native.COPY_KERNEL, native.COPY_DMA),
-                                  (native.COPY_DMA, native.COPY_KERNEL),
-                                  (native.COPY_STAGED, native.COPY_STAGED)):
-        s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
-        native.copy_blocks_cuda(dev_lay, out_lay, [p[0] for p in off_pairs], [p[1] for p in off_pairs],
-                                off_method, 0, s_off.cuda_stream)
-        native.copy_blocks_cuda(in_lay, dev_in_lay, [p[0] for p in on_pairs], [p[1] for p in on_pairs],
-                                on_method, 0, s_on.cuda_stream)
+    for off_method, on_method in ((M.KERNEL, M.DMA), (M.DMA, M.KERNEL), (M.STAGED, M.STAGED)):
+        off = copier(dev, dev_lay, host_out, out_lay, cuda=True, method=off_method)
+        on = copier(host_in, in_lay, dev_in, dev_in_lay, cuda=True, method=on_method)
+        assert off.stream != on.stream
+        off.launch(*split(off_pairs), layers=False)
+        on.launch(*split(on_pairs), layers=True)
         torch.cuda.synchronize()
         assert_copied("outer", dev, "fc", host_out, off_pairs, L, O, 40)
         assert_copied("fc", host_in, "outer", dev_in, on_pairs, L, O, 64)
 
 
-def test_block_copier_orders_after_engine_work():
-    """The engine writes blocks on its stream and offloads without syncing; the copier's stream
-    must wait for that work (default `after`), and wait_on orders the engine behind an onboard."""
+def test_copier_stream_orders_behind_engine_work():
+    """The engine writes blocks on its stream and offloads without syncing the host: the copier's
+    stream made to wait for that work must see it (every copy is enqueued on Copier.stream), and an
+    engine stream that waits on the last event of an onboard reads the onboarded blocks."""
     L, O, region = 4, 2, 16384
     dev = [torch.zeros(O, 16, region // 2, dtype=torch.bfloat16, device="cuda") for _ in range(L)]
     host = torch.full((8, L, O, region // 2), 7.0, dtype=torch.bfloat16).pin_memory()
+    config = LayoutConfig(L, O, 1, region // 2, "bfloat16")
+    dev_lay = BlockLayout(config, LayoutType.LAYER_SEPARATE, 16)
+    host_lay = BlockLayout(config, LayoutType.FULLY_CONTIGUOUS, 8)
+    engine = torch.cuda.current_stream()
+    torch.cuda.synchronize()
     for method in ("kernel", "dma", "auto", "staged"):
-        copier = BlockCopier.from_tensors(dev, host, num_layers=L, outer_dim=O, method=method)
-        assert copier.use_cuda
+        off = copier(dev, dev_lay, host, host_lay, cuda=True, method=METHODS[method])
+        on = copier(host, host_lay, dev, dev_lay, cuda=True, method=METHODS[method])
+        assert off.cuda and off.stream is not None
         torch.cuda._sleep(20_000_000)  # keep the engine stream busy so a missing wait shows
         for t in dev:
             t[:, 3].fill_(3.0)
-        h = copier.offload([3], [5])
-        h.wait()
+        off.stream.wait_stream(engine)
+        off.launch(np.array([3]), np.array([5]), layers=False)[-1].synchronize()
         assert bool((host[5] == 3.0).all()), method
-        h2 = copier.onboard([0], [9])
-        h2.wait_on()
+        engine.wait_event(on.launch(np.array([0]), np.array([9]), layers=True)[-1])
         got = torch.stack([t[:, 9] for t in dev]).float().cpu()
         assert bool((got == 7.0).all()), method
         for t in dev:
@@ -150,16 +179,14 @@ def test_ring_reuse_and_growth():
     gen = torch.Generator().manual_seed(9)
     dev, dev_lay = make_buffers("outer", 2, 2, 4096, 4096, torch.uint8, device="cuda", gen=gen)
     host, host_lay = make_buffers("fc", 2, 2, 4096, 4096, torch.uint8, pin=True, fill="poison")
-    stream = torch.cuda.Stream()
+    off = copier(dev, dev_lay, host, host_lay, cuda=True, method=M.KERNEL)
     for i in range(300):
         s = torch.randperm(4096, generator=gen)[:64]
-        native.copy_blocks_cuda(dev_lay, host_lay, s.numpy(), s.numpy(), native.COPY_KERNEL, 0,
-                                stream.cuda_stream)
+        off.launch(s.numpy(), s.numpy(), layers=False)
         del s
     perm = torch.randperm(4096, generator=gen)
-    native.copy_blocks_cuda(dev_lay, host_lay, perm.numpy(), torch.arange(4096).numpy(),
-                            native.COPY_KERNEL, 0, stream.cuda_stream)  # 64 KiB of block ids
-    stream.synchronize()
+    off.launch(perm.numpy(), torch.arange(4096).numpy(), layers=False)  # 64 KiB of block ids
+    off.stream.synchronize()
     assert_copied("outer", dev, "fc", host, list(zip(perm.tolist(), range(4096))), 2, 2, 4096)
 
 
@@ -170,11 +197,12 @@ def test_ring_grows_past_its_first_size():
     dev = [torch.randint(0, 256, (1, nb, 64), dtype=torch.uint8, generator=gen).cuda()]
     host = torch.full((nb, 1, 1, 64), 0xA5, dtype=torch.uint8).pin_memory()
     perm = torch.randperm(nb, generator=gen)
-    for method in (native.COPY_KERNEL, native.COPY_DMA):
+    torch.cuda.synchronize()
+    for method in (M.KERNEL, M.DMA):
         host.fill_(0xA5)
-        native.copy_blocks_cuda(layer_separate_layout(dev, 1), fully_contiguous_layout(host, 1, 1),
-                                perm.numpy(), torch.arange(nb).numpy(), method)
-        torch.cuda.synchronize()
+        copier(dev, block_layout("outer", 1, 1, nb, 64, torch.uint8), host,
+               block_layout("fc", 1, 1, nb, 64, torch.uint8), cuda=True, method=method).copy(
+            perm.numpy(), torch.arange(nb).numpy())
         assert torch.equal(host.view(nb, 64), dev[0][0, perm].cpu())
 
 
@@ -183,12 +211,11 @@ def test_dma_merges_contiguous_runs():
     gen = torch.Generator().manual_seed(12)
     dev, dev_lay = make_buffers("fc", 4, 2, 32, 65536, torch.uint8, device="cuda", gen=gen)
     host, host_lay = make_buffers("fc", 4, 2, 32, 65536, torch.uint8, pin=True, fill="poison")
-    stream = torch.cuda.Stream()
-    assert native.cuda_pick_method(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
-                                   stream.cuda_stream) == native.COPY_DMA
-    native.copy_blocks_cuda(dev_lay, host_lay, list(range(8, 24)), list(range(0, 16)),
-                            native.COPY_AUTO, 0, stream.cuda_stream)
-    stream.synchronize()
+    off = copier(dev, dev_lay, host, host_lay, cuda=True)  # AUTO, as the workers run it
+    assert off.method is M.AUTO
+    assert native.cuda_pick_method(off.src_region, off.dst_region, list(range(8, 24)), list(range(0, 16)),
+                                   off.stream.cuda_stream) == M.DMA
+    off.copy(np.arange(8, 24), np.arange(0, 16))
     assert_copied("fc", dev, "fc", host, [(8 + i, i) for i in range(16)], 4, 2, 32)
 
 
@@ -201,85 +228,67 @@ def test_staged_many_chunks_and_limits():
     host, host_lay = make_buffers("fc", L, O, 40, region, torch.uint8, pin=True, fill="poison")
     back, back_lay = make_buffers("block", L, O, 48, region, torch.uint8, device="cuda", fill="poison")
     pairs = random_pairs(gen, 36, 48, 40)
-    s_off, s_on = torch.cuda.Stream(), torch.cuda.Stream()
+    off = copier(dev, dev_lay, host, host_lay, cuda=True, method=M.STAGED)
+    on = copier(host, host_lay, back, back_lay, cuda=True, method=M.STAGED)
     for half in (pairs[:18], pairs[18:]):
-        native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s_off.cuda_stream)
-    s_on.wait_stream(s_off)
-    on = [(h, d) for (d, h) in pairs]
-    native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in on], [p[1] for p in on],
-                            native.COPY_STAGED, 0, s_on.cuda_stream)
-    s_on.synchronize()
+        off.launch(*split(half), layers=False)
+    on.stream.wait_stream(off.stream)
+    on_pairs = [(h, d) for (d, h) in pairs]
+    on.launch(*split(on_pairs), layers=False)[-1].synchronize()
     assert_copied("outer", dev, "fc", host, pairs, L, O, 40)
-    assert_copied("fc", host, "block", back, on, L, O, 48)
+    assert_copied("fc", host, "block", back, on_pairs, L, O, 48)
     with pytest.raises(LayoutError, match="staged copy needs"):
-        native.copy_blocks_cuda(dev_lay, back_lay, [0], [0], native.COPY_STAGED)
-    assert native.cuda_pick_method(dev_lay, back_lay, [0], [0]) == native.COPY_KERNEL
+        copier(dev, dev_lay, back, back_lay, cuda=True, method=M.STAGED).copy([0], [0])
+    assert native.cuda_pick_method(native_layout(dev, dev_lay), native_layout(back, back_lay), [0], [0]) == M.KERNEL
 
 
 def test_errors_before_launch():
     dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda", fill="poison")
     host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
     for method in METHODS.values():
+        c = copier(dev, dev_lay, host, host_lay, cuda=True, method=method)
         with pytest.raises(LayoutError, match=r"destination block 4 \(pair 0\) outside \[0, 4\)"):
-            native.copy_blocks_cuda(dev_lay, host_lay, [0], [4], method)
+            c.copy([0], [4])
         with pytest.raises(LayoutError, match=r"source block -2"):
-            native.copy_blocks_cuda(dev_lay, host_lay, [-2], [0], method)
+            c.copy([-2], [0], on_layer=lambda layer: None)
     with pytest.raises(LayoutError, match="copy method 7"):
-        native.copy_blocks_cuda(dev_lay, host_lay, [0], [0], 7)
-    _, other = make_buffers("fc", 3, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
+        native.copy_blocks_cuda(native_layout(dev, dev_lay), native_layout(host, host_lay), [0], [0], 7)
+    with pytest.raises(LayoutError, match="copy method 7"):
+        copier(dev, dev_lay, host, host_lay, cuda=True, method=7)
+    other, other_lay = make_buffers("fc", 3, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
     with pytest.raises(LayoutError, match="layouts disagree"):
-        native.copy_blocks_cuda(dev_lay, other, [0], [0])
+        native.copy_blocks_cuda(native_layout(dev, dev_lay), native_layout(other, other_lay), [0], [0])
+    with pytest.raises(LayoutError, match="layouts disagree"):
+        copier(dev, dev_lay, other, other_lay, cuda=True)
     # Pageable host memory would fault inside the kernel: refused before launch...
     pageable = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8)
     with pytest.raises(LayoutError, match="pageable host memory"):
-        native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1],
-                                native.COPY_KERNEL)
+        copier(dev, dev_lay, pageable, host_lay, cuda=True, method=M.KERNEL).copy([1], [1])
     # ...but the copy engines take it.
-    native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(pageable, 2, 2), [1], [1], native.COPY_DMA)
-    torch.cuda.synchronize()
+    copier(dev, dev_lay, pageable, host_lay, cuda=True, method=M.DMA).copy([1], [1])
     assert torch.equal(pageable[1].flatten(), torch.cat([dev[l][o, 1].flatten().cpu()
                                                          for l in range(2) for o in range(2)]))
     # A CUDA failure becomes CudaError naming the call and the CUDA error; later copies still work.
     with pytest.raises(CudaError, match=r"cudaHostRegister\(.*\) failed: .* \(cuda\w+\)"):
         native.cuda_host_register(host.data_ptr(), 4096)
-    native.copy_blocks_cuda(dev_lay, host_lay, [2], [2], native.COPY_KERNEL)
-    torch.cuda.synchronize()
+    copier(dev, dev_lay, host, host_lay, cuda=True, method=M.KERNEL).copy([2], [2])
     assert_copied("outer", dev, "fc", host, [(2, 2)], 2, 2, 4)
 
 
-def test_stream_event_helpers():
-    s = native.cuda_stream_create()
-    e = native.cuda_event_create()
-    try:
+def test_copy_into_a_segment_pinned_in_place():
+    """G2 as the workers hold it: a /dev/shm segment mapped, then pinned in place (Segment.pin,
+    cudaHostRegister), which the SM kernel reads and writes through UVA."""
+    host_lay = block_layout("fc", 2, 2, 4, 4096, torch.uint8)
+    name = segment_name(f"t{uuid.uuid4().hex[:8]}", f"g2-{os.getpid()}")
+    with Segment.create(name, host_lay.total_bytes) as seg:
+        seg.pin()
+        buf = seg.tensor()[:host_lay.total_bytes].view(4, 2, 2, 4096)
+        buf.fill_(0xA5)
         dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
-        host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.uint8, pin=True, fill="poison")
-        torch.cuda.synchronize()
-        native.copy_blocks_cuda(dev_lay, host_lay, [3], [0], native.COPY_KERNEL, 0, s)
-        native.cuda_event_record(e, s)
-        native.cuda_event_synchronize(e)
-        assert native.cuda_event_query(e)
-        native.cuda_stream_wait_event(torch.cuda.current_stream().cuda_stream, e)
-        native.cuda_stream_synchronize(s)
-        assert_copied("outer", dev, "fc", host, [(3, 0)], 2, 2, 4)
-    finally:
-        native.cuda_event_destroy(e)
-        native.cuda_stream_destroy(s)
-
-
-def test_host_register_in_place():
-    buf = torch.full((4, 2, 2, 4096), 0xA5, dtype=torch.uint8)
-    from kvbm.copy import register_host, unregister_host
-    register_host(buf)
-    try:
-        dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.uint8, device="cuda")
-        torch.cuda.synchronize()
-        native.copy_blocks_cuda(dev_lay, fully_contiguous_layout(buf, 2, 2), [1, 2], [3, 0],
-                                native.COPY_KERNEL)
-        torch.cuda.synchronize()
+        assert buf.data_ptr() == seg.address
+        copier(dev, dev_lay, buf, host_lay, cuda=True, method=M.KERNEL).copy([1, 2], [3, 0])
         assert_copied("outer", dev, "fc", buf, [(1, 3), (2, 0)], 2, 2, 4)
-    finally:
-        unregister_host(buf)
+        del buf
 
 
 def test_pageable_middle_layer_is_refused_for_the_sm_kernel():
@@ -289,21 +298,20 @@ def test_pageable_middle_layer_is_refused_for_the_sm_kernel():
     dev, dev_lay = make_buffers("fc", L, O, nb, region, torch.uint8, device="cuda")
     host = [torch.full((O, nb, region), 0xA5, dtype=torch.uint8) for _ in range(L)]
     host[0], host[2] = host[0].pin_memory(), host[2].pin_memory()   # layer 1 stays pageable
-    host_lay = layer_separate_layout(host, O)
-    for src, dst in ((dev_lay, host_lay), (host_lay, dev_lay)):
-        for method in (native.COPY_KERNEL, native.COPY_AUTO):
+    host_lay = block_layout("outer", L, O, nb, region, torch.uint8)
+    for src, src_lay, dst, dst_lay in ((dev, dev_lay, host, host_lay), (host, host_lay, dev, dev_lay)):
+        for method in (M.KERNEL, M.AUTO):
             with pytest.raises(LayoutError, match="layer 1 at .* is pageable host memory"):
-                native.copy_blocks_cuda(src, dst, [1], [2], method)
+                copier(src, src_lay, dst, dst_lay, cuda=True, method=method).copy([1], [2])
     # The copy engines take pageable memory: DMA still copies every layer.
-    native.copy_blocks_cuda(dev_lay, host_lay, [1], [2], native.COPY_DMA)
-    torch.cuda.synchronize()
+    copier(dev, dev_lay, host, host_lay, cuda=True, method=M.DMA).copy([1], [2])
     assert_copied("fc", dev, "outer", host, [(1, 2)], L, O, nb)
 
 
 def test_overflowing_layouts_are_refused_before_any_cuda_work():
     """The CUDA entry point runs the same layout checks as the CPU one (tests/unit/test_copy.py)."""
     one = torch.full((4, 1, 2, 4096), 0xA5, dtype=torch.uint8, device="cuda")
-    one_lay = fully_contiguous_layout(one, 1, 2)
+    one_lay = native_layout(one, block_layout("fc", 1, 2, 4, 4096, torch.uint8))
     huge = native.RegionLayout([one.data_ptr()], 2, 2**40, 2**30, 4096, 4096)   # 2^70 bytes of blocks
     wraps = native.RegionLayout([2**64 - 4096], 2, 4, 8192, 4096, 4096)          # base + span wraps
     for method in METHODS.values():
@@ -319,11 +327,12 @@ STAGER_OOM = r"""
 import torch
 from kvbm._fast import native
 from kvbm.errors import CudaError
-from tests.support.copy_helpers import assert_copied, make_buffers
+from tests.support.copy_helpers import assert_copied, copier, make_buffers
 L, O, region, nb = 2, 2, 65536, 8
 gen = torch.Generator().manual_seed(21)
 dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", gen=gen)
 host, host_lay = make_buffers("fc", L, O, nb, region, torch.uint8, pin=True, fill="poison")
+off = copier(dev, dev_lay, host, host_lay, cuda=True, method=native.CopyMethod.STAGED)
 # Leave less free device memory than the stager's 4 slots need, so its cudaMalloc fails.
 hog, step = [], 1 << 30
 while step >= (2 << 20):
@@ -335,7 +344,7 @@ while step >= (2 << 20):
         step //= 2
 print("free while hogged:", torch.cuda.mem_get_info()[0] >> 20, "MiB", flush=True)
 try:
-    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
+    off.copy([1, 5], [0, 3])
 except CudaError as err:
     print("first call:", err, flush=True)
 else:
@@ -343,8 +352,7 @@ else:
 del hog
 torch.cuda.empty_cache()
 for _ in range(2):   # a later call builds the stager afresh and copies
-    native.copy_blocks_cuda(dev_lay, host_lay, [1, 5], [0, 3], native.COPY_STAGED)
-    torch.cuda.synchronize()
+    off.copy([1, 5], [0, 3])
 assert_copied("outer", dev, "fc", host, [(1, 0), (5, 3)], L, O, nb)
 print("ok")
 """
@@ -370,14 +378,14 @@ def test_staged_call_of_one_slot_is_split_into_chunks():
     host, host_lay = make_buffers("fc", L, O, 80, region, torch.uint8, pin=True, fill="poison")
     back, back_lay = make_buffers("outer", L, O, 96, region, torch.uint8, device="cuda", fill="poison")
     pairs = random_pairs(gen, 80, 96, 80)
-    s = torch.cuda.Stream()
+    off = copier(dev, dev_lay, host, host_lay, cuda=True, method=M.STAGED)
+    on = copier(host, host_lay, back, back_lay, cuda=True, method=M.STAGED)
     for half in (pairs[:40], pairs[40:]):
-        native.copy_blocks_cuda(dev_lay, host_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s.cuda_stream)
-    on = [(h, d) for (d, h) in pairs]
-    for half in (on[:40], on[40:]):
-        native.copy_blocks_cuda(host_lay, back_lay, [p[0] for p in half], [p[1] for p in half],
-                                native.COPY_STAGED, 0, s.cuda_stream)
-    s.synchronize()
+        off.launch(*split(half), layers=False)
+    on.stream.wait_stream(off.stream)
+    on_pairs = [(h, d) for (d, h) in pairs]
+    for half in (on_pairs[:40], on_pairs[40:]):
+        events = on.launch(*split(half), layers=False)
+    events[-1].synchronize()
     assert_copied("outer", dev, "fc", host, pairs, L, O, 80)
-    assert_copied("fc", host, "outer", back, on, L, O, 96)
+    assert_copied("fc", host, "outer", back, on_pairs, L, O, 96)

@@ -414,6 +414,7 @@ def test_cuda_copy_events_are_blocking(monkeypatch):
     copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event, device=lambda d: contextlib.nullcontext()))
     copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
     copier.src_layers = copier.dst_layers = [object(), object()]
+    copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0
     monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: None)
     assert len(copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)) == 2
     assert made == [{"blocking": True}, {"blocking": True}]

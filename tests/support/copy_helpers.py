@@ -1,7 +1,8 @@
 """Shared by tests/unit/test_copy.py and tests/gpu/test_copy_gpu.py: build KV buffers in every layout,
-fill them with random bytes, poison destinations, and read one (block, layer, outer) region back.
+fill them with random bytes, poison destinations, copy through the path workers' Copier, and read one
+(block, layer, outer) region back.
 
-Layout kinds:
+Layout kinds (each one a kvbm.layout.BlockLayout, whose region_layout is the only native description):
   "fc"        one [num_blocks, num_layers, outer, region] tensor (G2, or a fully contiguous engine)
   "outer"     per-layer [outer, num_blocks, page, inner] tensors (vLLM)
   "block"     per-layer [num_blocks, outer, page, inner] tensors
@@ -9,9 +10,11 @@ Kept free of hypothesis/pyzmq: the GPU machine has neither.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from kvbm.copy import fully_contiguous_layout, layer_separate_layout
+from kvbm.layout import BlockLayout, InnerOrder, LayoutConfig, LayoutType, dtype_name
+from kvbm.workers.copy import Copier
 
 POISON = 0xA5
 KINDS = ("fc", "outer", "block")
@@ -24,19 +27,52 @@ def region_shape(region_bytes: int, dtype: torch.dtype) -> tuple[int, int]:
     return page, elems // page
 
 
+def block_layout(kind: str, num_layers: int, outer_dim: int, num_blocks: int, region_bytes: int,
+                 dtype: torch.dtype) -> BlockLayout:
+    """The BlockLayout of a `kind` buffer set (the shapes make_buffers gives)."""
+    page, inner = region_shape(region_bytes, dtype)
+    config = LayoutConfig(num_layers, outer_dim, page, inner, dtype_name(dtype))
+    if kind == "fc":
+        return BlockLayout(config, LayoutType.FULLY_CONTIGUOUS, num_blocks)
+    if kind not in ("outer", "block"):
+        raise ValueError(kind)
+    order = InnerOrder.OUTER_MAJOR if kind == "outer" else InnerOrder.BLOCK_MAJOR
+    return BlockLayout(config, LayoutType.LAYER_SEPARATE, num_blocks, order)
+
+
+def ptrs_of(tensors) -> list[int]:
+    """Buffer addresses, one per layout buffer (one tensor, or one per layer)."""
+    return [tensors.data_ptr()] if isinstance(tensors, torch.Tensor) else [t.data_ptr() for t in tensors]
+
+
+def native_layout(tensors, layout: BlockLayout):
+    """The native RegionLayout of these buffers, for tests of the kvbm_*_copy_blocks entry points."""
+    return layout.region_layout(ptrs_of(tensors))
+
+
+def copier(src, src_layout: BlockLayout, dst, dst_layout: BlockLayout, *, cuda: bool = False,
+           **kwargs) -> Copier:
+    """The path workers' Copier from src's buffers to dst's (the caller keeps the tensors alive)."""
+    return Copier(src_layout, ptrs_of(src), dst_layout, ptrs_of(dst), cuda, **kwargs)
+
+
+def split(pairs) -> tuple[np.ndarray, np.ndarray]:
+    """(source blocks, destination blocks) of (source, destination) pairs, as a worker gets them."""
+    return (np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
+
+
 def make_buffers(kind: str, num_layers: int, outer_dim: int, num_blocks: int, region_bytes: int,
                  dtype: torch.dtype, device: str = "cpu", pin: bool = False, fill: str = "random",
                  gen: torch.Generator | None = None):
-    """(tensors, RegionLayout); tensors is a list (per layer) or one tensor (fc)."""
+    """(tensors, BlockLayout); tensors is a list (per layer) or one tensor (fc)."""
+    layout = block_layout(kind, num_layers, outer_dim, num_blocks, region_bytes, dtype)
     page, inner = region_shape(region_bytes, dtype)
     if kind == "fc":
         shapes = [(num_blocks, num_layers, outer_dim, page * inner)]
     elif kind == "outer":
         shapes = [(outer_dim, num_blocks, page, inner)] * num_layers
-    elif kind == "block":
-        shapes = [(num_blocks, outer_dim, page, inner)] * num_layers
     else:
-        raise ValueError(kind)
+        shapes = [(num_blocks, outer_dim, page, inner)] * num_layers
     es = torch.empty((), dtype=dtype).element_size()
     tensors = []
     for shape in shapes:
@@ -53,9 +89,7 @@ def make_buffers(kind: str, num_layers: int, outer_dim: int, num_blocks: int, re
         tensors.append(raw.view(dtype).view(shape))
     if device != "cpu":
         torch.cuda.synchronize()  # copies run on other streams: the fill must be done first
-    if kind == "fc":
-        return tensors[0], fully_contiguous_layout(tensors[0], num_layers, outer_dim)
-    return tensors, layer_separate_layout(tensors, outer_dim, block_major=(kind == "block"))
+    return (tensors[0] if kind == "fc" else tensors), layout
 
 
 def region_bytes_of(kind: str, tensors, block: int, layer: int, outer: int) -> torch.Tensor:

@@ -1,15 +1,29 @@
-"""CPU block copy (kvbm_cpu_copy_blocks through kvbm._fast.native and kvbm.copy): byte-exact round
-trips G1 -> G2 -> G1 for every layout, dtype (as raw bytes), outer_dim and region size, with
-destinations poisoned first and untouched blocks checked; bad input raises LayoutError with numbers."""
+"""CPU block copy (kvbm_cpu_copy_blocks through the path workers' Copier, and kvbm._fast.native
+directly): byte-exact round trips G1 -> G2 -> G1 for every layout, dtype (as raw bytes), outer_dim
+and region size, whole and layer by layer, with destinations poisoned first and untouched blocks
+checked; bad input raises LayoutError with numbers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from kvbm._fast import native
-from kvbm.copy import BlockCopier, fully_contiguous_layout, layer_separate_layout
 from kvbm.errors import LayoutError
-from tests.support.copy_helpers import DTYPES, KINDS, assert_copied, make_buffers, random_pairs
+from kvbm.layout import BlockLayout, LayoutType, detect_layout
+from kvbm.workers.copy import Copier
+from tests.support.copy_helpers import (
+    DTYPES,
+    KINDS,
+    assert_copied,
+    block_layout,
+    copier,
+    make_buffers,
+    native_layout,
+    ptrs_of,
+    random_pairs,
+    split,
+)
 
 NUM_LAYERS = 3
 
@@ -24,13 +38,15 @@ def test_round_trip(kind, dtype, outer_dim, region):
     dev, dev_lay = make_buffers(kind, NUM_LAYERS, outer_dim, nb_dev, region, dtype, gen=gen)
     host, host_lay = make_buffers("fc", NUM_LAYERS, outer_dim, nb_host, region, dtype, fill="poison")
     pairs = random_pairs(gen, n, nb_dev, nb_host)
-    native.copy_blocks_cpu(dev_lay, host_lay, [p[0] for p in pairs], [p[1] for p in pairs])
+    moved = copier(dev, dev_lay, host, host_lay).copy(*split(pairs))
+    assert moved == n * NUM_LAYERS * outer_dim * region
     assert_copied(kind, dev, "fc", host, pairs, NUM_LAYERS, outer_dim, nb_host)
 
     back, back_lay = make_buffers(kind, NUM_LAYERS, outer_dim, nb_dev, region, dtype, fill="poison")
     onboard = [(h, int(d)) for (_, h), d in zip(pairs, torch.randperm(nb_dev, generator=gen)[:n])]
-    native.copy_blocks_cpu(host_lay, back_lay, [p[0] for p in onboard], [p[1] for p in onboard],
-                           num_threads=2)
+    landed: list[int] = []
+    copier(host, host_lay, back, back_lay, threads=2).copy(*split(onboard), on_layer=landed.append)
+    assert landed == [NUM_LAYERS - 1]  # a small copy: every layer in one group, reported once
     assert_copied("fc", host, kind, back, onboard, NUM_LAYERS, outer_dim, nb_dev)
 
 
@@ -41,23 +57,23 @@ def test_two_mib_regions(kind):
     dev, dev_lay = make_buffers(kind, 2, 2, 3, region, torch.bfloat16, gen=gen)
     host, host_lay = make_buffers("fc", 2, 2, 3, region, torch.bfloat16, fill="poison")
     pairs = [(2, 0), (0, 2)]
-    native.copy_blocks_cpu(dev_lay, host_lay, [2, 0], [0, 2], num_threads=4)
+    landed: list[int] = []
+    copier(dev, dev_lay, host, host_lay, threads=4).copy(np.array([2, 0]), np.array([0, 2]),
+                                                        on_layer=landed.append)
+    assert landed == [0, 1]  # 8 MiB a layer: one copy call and one report per layer
     assert_copied(kind, dev, "fc", host, pairs, 2, 2, 3)
 
 
-def test_block_copier_cpu_mode():
+def test_copier_cpu_mode():
     gen = torch.Generator().manual_seed(3)
-    dev, _ = make_buffers("outer", 4, 2, 10, 8192, torch.float16, gen=gen)
-    host, _ = make_buffers("fc", 4, 2, 6, 8192, torch.float16, fill="poison")
-    copier = BlockCopier.from_tensors(dev, host, num_layers=4, outer_dim=2)
-    assert not copier.use_cuda
-    h = copier.offload([9, 0, 4], [5, 1, 2])
-    assert h.done() and h.bytes == 3 * 4 * 2 * 8192
-    h.wait()
+    dev, dev_lay = make_buffers("outer", 4, 2, 10, 8192, torch.float16, gen=gen)
+    host, host_lay = make_buffers("fc", 4, 2, 6, 8192, torch.float16, fill="poison")
+    off = copier(dev, dev_lay, host, host_lay)
+    assert not off.cuda and off.stream is None
+    assert off.copy(np.array([9, 0, 4]), np.array([5, 1, 2])) == 3 * 4 * 2 * 8192
     assert_copied("outer", dev, "fc", host, [(9, 5), (0, 1), (4, 2)], 4, 2, 6)
-    back, _ = make_buffers("outer", 4, 2, 10, 8192, torch.float16, fill="poison")
-    copier2 = BlockCopier.from_tensors(back, host, num_layers=4, outer_dim=2)
-    copier2.onboard([5, 1, 2], [3, 8, 6]).wait()
+    back, back_lay = make_buffers("outer", 4, 2, 10, 8192, torch.float16, fill="poison")
+    copier(host, host_lay, back, back_lay).copy(np.array([5, 1, 2]), np.array([3, 8, 6]))
     assert_copied("fc", host, "outer", back, [(5, 3), (1, 8), (2, 6)], 4, 2, 10)
 
 
@@ -65,29 +81,41 @@ def test_fully_contiguous_engine_and_mla():
     gen = torch.Generator().manual_seed(4)
     dev = torch.randint(0, 256, (6, 2, 1, 4096), dtype=torch.uint8, generator=gen)
     host = torch.full((4, 2, 1, 4096), 0xA5, dtype=torch.uint8)
-    copier = BlockCopier.from_tensors(dev, host, num_layers=2, outer_dim=1)
-    copier.offload([5, 2], [0, 3]).wait()
+    dev_lay = detect_layout(dev.view(6, 2, 1, 16, 256))  # [blocks, layers, outer, page, inner]
+    assert dev_lay.layout_type is LayoutType.FULLY_CONTIGUOUS
+    host_lay = BlockLayout(dev_lay.config, LayoutType.FULLY_CONTIGUOUS, 4)
+    copier(dev, dev_lay, host, host_lay).copy(np.array([5, 2]), np.array([0, 3]))
     assert_copied("fc", dev, "fc", host, [(5, 0), (2, 3)], 2, 1, 4)
     # MLA layer tensors without an outer dim: [num_blocks, page, dim]
     mla = [torch.randint(0, 256, (5, 16, 64), dtype=torch.uint8, generator=gen) for _ in range(2)]
-    lay = layer_separate_layout(mla, 1)
+    mla_lay = detect_layout(mla)
+    lay = native_layout(mla, mla_lay)
     assert (lay.num_blocks, lay.outer_dim, lay.region_bytes) == (5, 1, 1024)
     assert lay.region_address(3, 1, 0) == mla[1][3].data_ptr()
+    mla_host = torch.full((3, 2, 1, 1024), 0xA5, dtype=torch.uint8)
+    copier(mla, mla_lay, mla_host, BlockLayout(mla_lay.config, LayoutType.FULLY_CONTIGUOUS, 3)).copy(
+        np.array([4, 1]), np.array([2, 0]))
+    for d, h in ((4, 2), (1, 0)):
+        for layer in range(2):
+            assert torch.equal(mla_host[h, layer, 0], mla[layer][d].flatten())
+    assert bool((mla_host[1] == 0xA5).all())
 
 
 def test_layout_addresses_match_tensors():
     dev, lay = make_buffers("outer", 2, 2, 5, 4096, torch.bfloat16, fill="poison")
-    assert lay.region_address(3, 1, 1) == dev[1][1, 3].data_ptr()
+    assert native_layout(dev, lay).region_address(3, 1, 1) == dev[1][1, 3].data_ptr()
     dev, lay = make_buffers("block", 2, 2, 5, 4096, torch.bfloat16, fill="poison")
-    assert lay.region_address(3, 1, 1) == dev[1][3, 1].data_ptr()
+    assert native_layout(dev, lay).region_address(3, 1, 1) == dev[1][3, 1].data_ptr()
     host, lay = make_buffers("fc", 2, 2, 5, 4096, torch.bfloat16, fill="poison")
-    assert lay.region_address(4, 1, 0) == host[4, 1, 0].data_ptr()
+    assert native_layout(host, lay).region_address(4, 1, 0) == host[4, 1, 0].data_ptr()
 
 
 def _pair():
-    _, a = make_buffers("outer", 2, 2, 4, 4096, torch.float16, fill="poison")
-    _, b = make_buffers("fc", 2, 2, 4, 4096, torch.float16, fill="poison")
-    return a, b
+    """A 2-layer outer-major device and a fully contiguous host, 4 blocks each: the Copier between
+    them, their native layouts, and the tensors (kept alive by the caller)."""
+    dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.float16, fill="poison")
+    host, host_lay = make_buffers("fc", 2, 2, 4, 4096, torch.float16, fill="poison")
+    return copier(dev, dev_lay, host, host_lay), native_layout(dev, dev_lay), native_layout(host, host_lay), (dev, host)
 
 
 @pytest.mark.parametrize("other,needle", [
@@ -96,59 +124,67 @@ def _pair():
     (("fc", 2, 2, 4, 8192), "destination 2 x 2 x 8192"),
 ])
 def test_mismatched_layouts(other, needle):
-    a, _ = _pair()
+    dev, dev_lay = make_buffers("outer", 2, 2, 4, 4096, torch.float16, fill="poison")
     kind, L, O, nb, region = other
-    _, b = make_buffers(kind, L, O, nb, region, torch.float16, fill="poison")
+    dst, dst_lay = make_buffers(kind, L, O, nb, region, torch.float16, fill="poison")
     with pytest.raises(LayoutError, match="layouts disagree") as err:
-        native.copy_blocks_cpu(a, b, [0], [0])
+        native.copy_blocks_cpu(native_layout(dev, dev_lay), native_layout(dst, dst_lay), [0], [0])
     assert needle in str(err.value)
+    with pytest.raises(LayoutError, match="source and destination layouts disagree"):
+        copier(dev, dev_lay, dst, dst_lay)  # refused when the engine registers, before any copy
 
 
 def test_out_of_range_and_negative_blocks():
-    a, b = _pair()
+    c, _, _, _keep = _pair()
     with pytest.raises(LayoutError, match=r"source block 4 \(pair 1\) outside \[0, 4\)"):
-        native.copy_blocks_cpu(a, b, [0, 4], [0, 1])
+        c.copy(np.array([0, 4]), np.array([0, 1]))
     with pytest.raises(LayoutError, match=r"destination block 9 \(pair 0\) outside \[0, 4\)"):
-        native.copy_blocks_cpu(a, b, [0], [9])
+        c.copy(np.array([0]), np.array([9]))
     with pytest.raises(LayoutError, match=r"source block -1 \(pair 0\) outside \[0, 4\)"):
-        native.copy_blocks_cpu(a, b, [-1], [0])
+        c.copy(np.array([-1]), np.array([0]), on_layer=lambda layer: None)
 
 
 def test_unequal_lists():
-    a, b = _pair()
+    c, _, _, _keep = _pair()
     with pytest.raises(LayoutError, match=r"equally long, got \(2,\) and \(3,\)"):
-        native.copy_blocks_cpu(a, b, [0, 1], [0, 1, 2])
+        c.copy(np.array([0, 1]), np.array([0, 1, 2]))
 
 
-def test_bad_tensors():
-    with pytest.raises(LayoutError, match="does not split into 3 layers x 2 outer"):
-        fully_contiguous_layout(torch.empty(4, 100, dtype=torch.uint8), 3, 2)
+def test_bad_tensors_and_buffers():
+    # What the one detection (kvbm.layout.detect_layout) refuses, and a layout given too few buffers.
+    with pytest.raises(LayoutError, match="fully contiguous KV tensor shape .* not understood"):
+        detect_layout(torch.empty(4, 100, dtype=torch.uint8))
     t = torch.empty(2, 4, 16, 8)[:, :, :, :4]
     with pytest.raises(LayoutError, match="not contiguous"):
-        layer_separate_layout([t], 2)
-    with pytest.raises(LayoutError, match="expected outer_dim 2"):
-        layer_separate_layout([torch.empty(3, 4, 16, 8)], 2)
-    with pytest.raises(LayoutError, match="differs from layer 0"):
-        layer_separate_layout([torch.empty(2, 4, 16, 8), torch.empty(2, 5, 16, 8)], 2)
-    with pytest.raises(LayoutError, match="num_layers 2"):
-        BlockCopier.from_tensors([torch.empty(2, 4, 16, 8)], torch.empty(4, 2, 2, 128),
-                                 num_layers=2, outer_dim=2)
+        detect_layout([t])
+    with pytest.raises(LayoutError, match=r"per-layer KV tensor shape \(3, 4, 16, 8\) not understood"):
+        detect_layout([torch.empty(3, 4, 16, 8)])
+    with pytest.raises(LayoutError, match="like layer 0"):
+        detect_layout([torch.empty(2, 4, 16, 8), torch.empty(2, 5, 16, 8)])
+    two = detect_layout([torch.empty(2, 4, 16, 8)] * 2)
+    one = torch.empty(2, 4, 16, 8)
+    host = block_layout("fc", 2, 2, 4, two.region_bytes, torch.float32)
+    with pytest.raises(LayoutError, match=r"needs 2 buffer\(s\), got 1"):
+        Copier(two, ptrs_of([one]), host, [one.data_ptr()], False)
+    with pytest.raises(LayoutError, match=r"copy method 7; expected one of \[0, 1, 2, 3, 4\]"):
+        Copier(two, ptrs_of([one, one]), host, [one.data_ptr()], False, method=7)
 
 
 def test_cuda_entry_points_in_cpu_build():
     if native.build_kind() != "cpu" or native.cuda_available():
         pytest.skip("CPU build only")
-    a, b = _pair()
+    _, a, b, _keep = _pair()
     from kvbm.errors import CudaError
     with pytest.raises(CudaError, match="built without CUDA"):
         native.copy_blocks_cuda(a, b, [0], [0])
     with pytest.raises(CudaError, match="built without CUDA"):
-        native.cuda_stream_create()
-    for call in (native.cuda_stream_destroy, native.cuda_stream_synchronize, native.cuda_event_destroy,
-                 native.cuda_event_synchronize, native.cuda_host_unregister,
-                 lambda h: native.cuda_event_record(h, 0), lambda h: native.cuda_stream_wait_event(0, h)):
-        with pytest.raises(CudaError, match="built without CUDA"):
-            call(1)
+        native.cuda_pick_method(a, b, [0], [0])
+    with pytest.raises(CudaError, match="built without CUDA"):
+        native.cuda_kernel_sms()
+    with pytest.raises(CudaError, match="built without CUDA"):
+        native.cuda_host_register(4096, 4096)
+    with pytest.raises(CudaError, match="built without CUDA"):
+        native.cuda_host_unregister(1)
 
 
 def test_layouts_whose_offsets_overflow_are_refused_before_any_copy():

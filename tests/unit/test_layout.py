@@ -63,6 +63,37 @@ def test_native_region_address_matches_python_offsets(layout_type, order):
                 assert native_layout.region_address(block, layer, outer) == bufs[index].data_ptr() + offset
 
 
+@pytest.mark.parametrize("layout_type, order", [
+    (LayoutType.FULLY_CONTIGUOUS, InnerOrder.OUTER_MAJOR),
+    (LayoutType.LAYER_SEPARATE, InnerOrder.OUTER_MAJOR),
+    (LayoutType.LAYER_SEPARATE, InnerOrder.BLOCK_MAJOR),
+])
+def test_region_layout_of_one_layer_or_a_range(layout_type, order):
+    lay = BlockLayout(CFG, layout_type, 5, order)
+    bufs = lay.allocate()
+    ptrs = [b.data_ptr() for b in bufs]
+    for layers in (1, slice(1, 3), range(0, 2), range(2, 3)):
+        picked = [layers] if isinstance(layers, int) else list(range(3)[layers] if isinstance(layers, slice) else layers)
+        part = lay.region_layout(ptrs, layers)
+        assert (part.num_layers, part.outer_dim, part.num_blocks, part.region_bytes) == (len(picked), 2, 5, 64)
+        for i, layer in enumerate(picked):
+            for block in range(5):
+                for outer in range(2):
+                    index, offset, _ = lay.region(block, layer, outer)
+                    assert part.region_address(block, i, outer) == ptrs[index] + offset
+    for bad in (3, -1, slice(3, 5), range(2, 4), range(0)):
+        with pytest.raises(LayoutError, match="outside the 3 layers"):
+            lay.region_layout(ptrs, bad)
+
+
+def test_buffer_bytes_is_what_each_buffer_holds():
+    full = BlockLayout(LayoutConfig(3, 2, 4, 8, "float16", alignment=512), LayoutType.FULLY_CONTIGUOUS, 4)
+    assert full.buffer_bytes == full.total_bytes == 4 * 512
+    separate = BlockLayout(CFG, LayoutType.LAYER_SEPARATE, 5)
+    assert separate.buffer_bytes == separate.layer_bytes == 5 * 2 * 64
+    assert [b.numel() for b in separate.allocate()] == [5 * 2 * 64] * 3
+
+
 def test_views_cover_the_tensor_exactly_once():
     lay = BlockLayout(CFG, LayoutType.LAYER_SEPARATE, 5, InnerOrder.OUTER_MAJOR)
     bufs = lay.allocate()
