@@ -8,10 +8,8 @@ Parts (each concept in its own module):
   budget.py    InflightBudget: the bound on bytes in flight (backpressure)
   futures.py   TransferFuture (layer progress) and TransferResult
   metrics      kvbm.metrics.TransferMetrics: the one accounting; stats() reads it
+  settle.py    Settlement: a request settles, its submission resolves (budget, finalize, future)
   here         TransferManager: connect / register / submit / close, and the I/O loop
-               (about 680 lines, past the ~600 of STYLE: the loop's handlers for replies, events,
-               deadlines and settling all act on the same queues, links and submissions; cut
-               apart, they would pass that state around without separating any concept)
 
 Life of a submission:
   submit   -> in-flight byte budget taken (wait with timeout, or BackpressureError when block=False
@@ -46,11 +44,12 @@ import zmq
 from kvbm.errors import KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
 from kvbm.metrics import TransferMetrics
 from kvbm.transfer.budget import InflightBudget
-from kvbm.transfer.futures import TransferFuture, TransferResult
+from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.link import PathLink
 from kvbm.transfer.path_queue import PathQueue
 from kvbm.transfer.records import Finalize, Request, RequestState, Submission, WireRequest
 from kvbm.transfer.scheduler import Gate, Scheduler
+from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import connect_socket, make_context, pending
 
@@ -78,6 +77,7 @@ class TransferManager:
         self.num_layers = 0
         self.budget = InflightBudget(max_inflight_bytes)
         self.metrics = TransferMetrics()
+        self._settlement = Settlement(self.budget, self.metrics)
         self.scheduler = Scheduler(self._release_gated, hold_timeout_s=gate_timeout_s)
         self.stop_grace_s = STOP_GRACE_S
         self._ctx = make_context()
@@ -128,7 +128,7 @@ class TransferManager:
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         self.block_bytes = device_layout.config.block_bytes
-        self.num_layers = device_layout.config.num_layers
+        self.num_layers = self._settlement.num_layers = device_layout.config.num_layers
         # Index bounds of each path's (source, destination), checked by submit().
         dev, host = int(device_layout.num_blocks), int(host_layout.num_blocks)
         self._limits = {P.Path.D2H: (dev, host), P.Path.H2D: (host, dev)}
@@ -169,11 +169,11 @@ class TransferManager:
         nbytes = n * self.block_bytes
         sub = Submission(path, future, nbytes, priority, layers, gate, finalize, time.monotonic())
         if n == 0:
-            self._resolve(sub)
+            self._settlement.resolve(sub)
             return future
         if path in P.DISK_PATHS:
             sub.error = P.DISK_NOT_IMPLEMENTED
-            self._resolve(sub)
+            self._settlement.resolve(sub)
             return future
         if path not in self._paths:
             raise LifecycleError(f"no worker for path {path.label}; connect() first")
@@ -229,7 +229,7 @@ class TransferManager:
                     os.eventfd_write(self._wake_fd, 1)
                 self._incoming.append(sub)
         if closing:
-            self._fail_submission(sub, "transfer manager is closed")
+            self._settlement.fail_submission(sub, "transfer manager is closed")
 
     def _wake(self) -> None:
         with self._lock:
@@ -298,10 +298,10 @@ class TransferManager:
         for sub in subs:
             q = self._paths[sub.path]
             if self._stopped:
-                self._fail_submission(sub, "kvbm-workers stopped")
+                self._settlement.fail_submission(sub, "kvbm-workers stopped")
                 continue
             if q.link.refuses_work:
-                self._fail_submission(sub, q.link.error)
+                self._settlement.fail_submission(sub, q.link.error)
                 continue
             for req in sub.requests:
                 req.deadline = now + self.request_timeout_s  # covers waiting for a restarted worker too
@@ -323,7 +323,7 @@ class TransferManager:
             if lead is None:
                 return
             if lead.sub.error is not None:  # a sibling failed: do not start more of this submission
-                self._settle(lead, None)
+                self._settlement.settle(lead, None)
                 continue
             members = q.coalesce(lead, self.max_batch_blocks)
             gen = q.link.registered_gen
@@ -372,7 +372,7 @@ class TransferManager:
             m.layers_done = max(m.layers_done, min(layer + 1, self.num_layers))
         for sub in {id(m.sub): m.sub for m in wire.members}.values():
             if sub.error is None:
-                self._layer_progress(sub)
+                self._settlement.layer_progress(sub)
 
     def _on_done(self, q: PathQueue, msg: dict) -> None:
         rid = msg["id"]
@@ -390,7 +390,7 @@ class TransferManager:
             for m in wire.members:
                 m.sub.moved += int(m.src.shape[0]) * self.block_bytes
                 m.layers_done = self.num_layers
-            self._settle_wire(q, wire, None)
+            self._settlement.settle_wire(q, wire, None)
             return
         error = f"{q.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}"
         if status is P.Status.STALE:
@@ -402,13 +402,13 @@ class TransferManager:
             now = time.monotonic()
             for m in wire.members:
                 if m.requeued or m.sub.error is not None:
-                    self._settle(m, error if m.requeued else None)
+                    self._settlement.settle(m, error if m.requeued else None)
                     continue
                 m.requeued, m.state, m.layers_done = True, QUEUED, 0
                 m.deadline = now + self.request_timeout_s
                 q.push(m)
             return
-        self._settle_wire(q, wire, error)
+        self._settlement.settle_wire(q, wire, error)
 
     def _read_events(self) -> None:
         for payload in pending(self._events):
@@ -437,7 +437,7 @@ class TransferManager:
         reason = (f"{q.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
                   f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
         for wire in [w for w in q.outstanding.values() if w.gen == gen]:
-            self._settle_wire(q, wire, ("timed out, then " if wire.timed_out else "") + reason)
+            self._settlement.settle_wire(q, wire, ("timed out, then " if wire.timed_out else "") + reason)
         if q.link.died(gen):
             self._send_register(q)
         logger.error("%s", reason)
@@ -471,7 +471,7 @@ class TransferManager:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for sub in self.scheduler.expire(now):
-            self._fail_submission(sub, f"{sub.path.label} transfer held for {self.scheduler.hold_timeout_s:.1f} s: "
+            self._settlement.fail_submission(sub, f"{sub.path.label} transfer held for {self.scheduler.hold_timeout_s:.1f} s: "
                                        f"gate {sub.gate} never opened (scheduler at iteration "
                                        f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
         for q in self._paths.values():
@@ -483,14 +483,14 @@ class TransferManager:
             # Queued requests waiting for a worker that does not come back.
             if q.heap and not q.link.registered_gen:
                 for req in q.queued_past(now):
-                    self._settle(req, f"{q.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
+                    self._settlement.settle(req, f"{q.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
 
     def _wire_overdue(self, q: PathQueue, wire: WireRequest, now: float) -> None:
         label = q.path.label
         if wire.stopping:
             logger.error("%s request %d: no died event for gen %d within %.1f s of stopping",
                          label, wire.rid, wire.gen, self.stop_grace_s)
-            self._settle_unsafe(q, wire, f"kvbm-workers stopped and gen {wire.gen} was not reported "
+            self._settlement.settle_unsafe(q, wire, f"kvbm-workers stopped and gen {wire.gen} was not reported "
                                          f"dead within {self.stop_grace_s:.1f} s")
         elif not wire.timed_out:
             # Ask for the worker to be replaced; fail on its death event, so that no late write
@@ -506,90 +506,21 @@ class TransferManager:
         else:
             logger.error("%s request %d: worker gen %d neither answered nor died; failing it",
                          label, wire.rid, wire.gen)
-            self._settle_unsafe(q, wire, f"timed out after {self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
+            self._settlement.settle_unsafe(q, wire, f"timed out after {self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
 
-    # ---- settling ----------------------------------------------------------------------------
-    def _layer_progress(self, sub: Submission) -> None:
-        sub.future._advance(min(r.layers_done for r in sub.requests))
-
-    def _settle_wire(self, q: PathQueue, wire: WireRequest, error: str | None) -> None:
-        q.outstanding.pop(wire.rid, None)
-        for m in wire.members:
-            self._settle(m, error)
-
-    def _settle_unsafe(self, q: PathQueue, wire: WireRequest, why: str) -> None:
-        """Fails a request whose worker generation may still be copying it."""
-        for m in wire.members:
-            m.sub.maybe_written = True
-        self._settle_wire(q, wire, f"{q.path.label} request {wire.rid}: {why}; worker generation "
-                                   f"{wire.gen} may still be running the copy: the destination blocks "
-                                   f"may still be written")
-
-    def _settle(self, req: Request, error: str | None) -> None:
-        if req.state is SETTLED:
-            return
-        req.state = SETTLED
-        sub = req.sub
-        if error is not None and sub.error is None:
-            sub.error = error
-            # Siblings not yet sent will never be: settle them now (lazy removal from the heap).
-            for other in sub.requests:
-                if other.state is QUEUED and other is not req:
-                    other.state = SETTLED
-                    sub.pending -= 1
-        sub.pending -= 1
-        if sub.pending <= 0:
-            self._resolve(sub)
-        elif sub.layers and sub.error is None:
-            self._layer_progress(sub)
-
-    def _resolve(self, sub: Submission) -> None:
-        if sub.future.done():
-            return
-        outcome = sub.outcome()
-        ok, error, value = outcome.ok, outcome.error, None
-        if sub.requests:
-            # Before finalize: it takes the pool lock, and a thread holding that lock may be
-            # waiting in submit() for exactly this budget.
-            self.budget.give_back(sub.nbytes)
-        if sub.finalize is not None:
-            try:
-                value = sub.finalize(outcome)
-            except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
-                logger.error("finalize of a %s transfer failed", sub.path.label, exc_info=True)
-                ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
-        label = sub.path.label
-        self.metrics.transfers.labels(label, "ok" if ok else "failed").inc()
-        self.metrics.inflight.set(self.budget.used)
-        if ok:
-            self.metrics.bytes.labels(label).inc(sub.moved)
-            self.metrics.blocks.labels(label).inc(sub.future.num_blocks)
-            sub.future._advance(self.num_layers if sub.layers else 0)
-            sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
-                                                 time.monotonic() - sub.t_submit, value))
-        else:
-            # Callers must not reuse the destination blocks blindly.
-            sub.future.set_exception(TransferError(error or "transfer failed",
-                                                   blocks_may_be_written=sub.maybe_written))
-            sub.future._wake_layers()
-
-    def _fail_submission(self, sub: Submission, reason: str) -> None:
-        for req in sub.requests:
-            if req.state is not SETTLED:
-                self._settle(req, reason)
-
+    # ---- failing what waits -----------------------------------------------------------------
     def _fail_queued(self, q: PathQueue, reason: str) -> None:
         for req in q.drain():
-            self._settle(req, reason)
+            self._settlement.settle(req, reason)
 
     def _fail_unsent(self, reason: str, closing: bool = False) -> None:
         """Fails held, incoming and queued work: none of it reached a worker."""
         for sub in (self.scheduler.close() if closing else self.scheduler.drop_all()):
-            self._fail_submission(sub, reason)
+            self._settlement.fail_submission(sub, reason)
         with self._lock:
             subs, self._incoming = self._incoming, []
         for sub in subs:
-            self._fail_submission(sub, reason)
+            self._settlement.fail_submission(sub, reason)
         for q in self._paths.values():
             self._fail_queued(q, reason)
 
@@ -598,7 +529,7 @@ class TransferManager:
         self._fail_unsent(reason, closing=True)
         for q in self._paths.values():
             for wire in list(q.outstanding.values()):
-                self._settle_unsafe(q, wire, reason)
+                self._settlement.settle_unsafe(q, wire, reason)
             q.link.stopped()
 
     # ---- inspection and shutdown -----------------------------------------------------------
