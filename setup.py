@@ -7,7 +7,8 @@ way uvloop links libuv.a. The build log says which library was built.
 
 Environment:
   KVBM_NO_CUDA=1        build the CPU library even where nvcc exists
-  KVBM_CUDA_ARCHS="90"  semicolon/comma separated SM targets for nvcc (default: 90)
+  KVBM_CUDA_ARCHS="90"  semicolon/comma separated SM targets for nvcc (default: 90): SASS for each,
+                        plus PTX of the highest, which the driver JIT-compiles on newer GPUs
   KVBM_DEBUG=1          compile the registry invariant checks in (-DKVBM_DEBUG, Cython asserts)
   CUDA_HOME             where to look for nvcc (default: PATH, then /usr/local/cuda)
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,10 +58,19 @@ def find_cudart_dirs(nvcc: str) -> list[str]:
 
 
 def cuda_arch_flags() -> list[str]:
-    archs = os.environ.get("KVBM_CUDA_ARCHS", "90").replace(",", ";").split(";")
-    flags = []
-    for arch in (a.strip() for a in archs if a.strip()):
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    """SASS for each arch of KVBM_CUDA_ARCHS, plus PTX of the highest one: a newer GPU than any
+    listed then JIT-compiles that PTX at first load instead of failing with "no kernel image".
+    An arch-specific target (90a, 100f) has PTX that only its own arch runs, so the PTX is of its
+    plain number (compute_90)."""
+    raw = (os.environ.get("KVBM_CUDA_ARCHS") or "90").replace(",", ";").split(";")
+    archs = [a.strip() for a in raw if a.strip()]
+    bad = [a for a in archs if not re.fullmatch(r"\d+[af]?", a)]
+    if not archs or bad:
+        raise SystemExit(f"KVBM_CUDA_ARCHS={os.environ.get('KVBM_CUDA_ARCHS')!r}: expected SM numbers "
+                         f"such as '80;90' (optionally with an a/f suffix), got {bad or 'none'}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    top = max(int(a.rstrip("af")) for a in archs)
+    flags.append(f"-gencode=arch=compute_{top},code=compute_{top}")
     return flags
 
 
