@@ -3,7 +3,9 @@
 Order: `build_ext` first compiles csrc/ into one static library, `libkvbm_native.a` under the build
 temp folder (nvcc for csrc/cuda/*.cu when nvcc is found and KVBM_NO_CUDA is unset; otherwise
 csrc/cpu/cuda_absent.cpp stands in), then links it into every extension of kvbm/_fast/*.pyx, the
-way uvloop links libuv.a. The build log says which library was built.
+way uvloop links libuv.a. The build log says which library was built; _build_info.py beside the
+built extensions (build/lib*/kvbm/_fast, and so the wheel) records it and KVBM_DEBUG, and a change
+of either rebuilds them.
 
 Environment:
   KVBM_NO_CUDA=1        build the CPU library even where nvcc exists
@@ -115,8 +117,16 @@ class BuildNative(build_ext):
         run(["ar", "rcs", lib, *objects])
         kind = "CUDA (" + ", ".join(cuda_arch_flags()) + ")" if nvcc else "CPU (no nvcc or KVBM_NO_CUDA=1)"
         print(f"kvbm build: native library = {kind}", flush=True)
-        with open(os.path.join(HERE, "kvbm", "_fast", "_build_info.py"), "w") as fh:
-            fh.write(f'"""Written by setup.py."""\nBUILD_KIND = {"cuda" if nvcc else "cpu"!r}\n')
+        # build_ext rebuilds an extension only when its .pyx/.cpp is newer than the .so, so after a
+        # switch of KVBM_DEBUG or of the library an in-place .so would silently keep the old build.
+        # _build_info.py beside the .so files records the configuration they were built with; a
+        # change forces the rebuild; it is written once they are built.
+        info = (f'"""Written by setup.py: the configuration the extensions here were built with."""\n'
+                f'BUILD_KIND = {"cuda" if nvcc else "cpu"!r}\nDEBUG = {DEBUG!r}\nNATIVE = {kind!r}\n')
+        info_path = os.path.join(os.path.dirname(self.get_ext_fullpath(self.extensions[0].name)),
+                                 "_build_info.py")
+        if not os.path.exists(info_path) or open(info_path).read() != info:
+            self.force = True
         for ext in self.extensions:
             ext.extra_objects = [lib]
             # Static cudart: no run-time search for libcudart; it shares the driver's primary
@@ -124,6 +134,8 @@ class BuildNative(build_ext):
             ext.library_dirs = cuda_lib_dirs
             ext.libraries = (["cudart_static", "rt", "dl"] if nvcc else []) + ["pthread"]
         super().build_extensions()
+        with open(info_path, "w") as fh:
+            fh.write(info)
 
 
 def extensions() -> list[Extension]:
