@@ -3,11 +3,14 @@
 Order: `build_ext` first compiles csrc/ into one static library, `libkvbm_native.a` under the build
 temp folder (nvcc for csrc/cuda/*.cu when nvcc is found and KVBM_NO_CUDA is unset; otherwise
 csrc/cpu/cuda_absent.cpp stands in), then links it into every extension of kvbm/_fast/*.pyx, the
-way uvloop links libuv.a. The build log says which library was built.
+way uvloop links libuv.a. The build log says which library was built; _build_info.py beside the
+built extensions (build/lib*/kvbm/_fast, and so the wheel) records it and KVBM_DEBUG, and a change
+of either rebuilds them.
 
 Environment:
   KVBM_NO_CUDA=1        build the CPU library even where nvcc exists
-  KVBM_CUDA_ARCHS="90"  semicolon/comma separated SM targets for nvcc (default: 90)
+  KVBM_CUDA_ARCHS="90"  semicolon/comma separated SM targets for nvcc (default: 90): SASS for each,
+                        plus PTX of the highest, which the driver JIT-compiles on newer GPUs
   KVBM_DEBUG=1          compile the registry invariant checks in (-DKVBM_DEBUG, Cython asserts)
   CUDA_HOME             where to look for nvcc (default: PATH, then /usr/local/cuda)
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,10 +60,19 @@ def find_cudart_dirs(nvcc: str) -> list[str]:
 
 
 def cuda_arch_flags() -> list[str]:
-    archs = os.environ.get("KVBM_CUDA_ARCHS", "90").replace(",", ";").split(";")
-    flags = []
-    for arch in (a.strip() for a in archs if a.strip()):
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    """SASS for each arch of KVBM_CUDA_ARCHS, plus PTX of the highest one: a newer GPU than any
+    listed then JIT-compiles that PTX at first load instead of failing with "no kernel image".
+    An arch-specific target (90a, 100f) has PTX that only its own arch runs, so the PTX is of its
+    plain number (compute_90)."""
+    raw = (os.environ.get("KVBM_CUDA_ARCHS") or "90").replace(",", ";").split(";")
+    archs = [a.strip() for a in raw if a.strip()]
+    bad = [a for a in archs if not re.fullmatch(r"\d+[af]?", a)]
+    if not archs or bad:
+        raise SystemExit(f"KVBM_CUDA_ARCHS={os.environ.get('KVBM_CUDA_ARCHS')!r}: expected SM numbers "
+                         f"such as '80;90' (optionally with an a/f suffix), got {bad or 'none'}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    top = max(int(a.rstrip("af")) for a in archs)
+    flags.append(f"-gencode=arch=compute_{top},code=compute_{top}")
     return flags
 
 
@@ -104,8 +117,16 @@ class BuildNative(build_ext):
         run(["ar", "rcs", lib, *objects])
         kind = "CUDA (" + ", ".join(cuda_arch_flags()) + ")" if nvcc else "CPU (no nvcc or KVBM_NO_CUDA=1)"
         print(f"kvbm build: native library = {kind}", flush=True)
-        with open(os.path.join(HERE, "kvbm", "_fast", "_build_info.py"), "w") as fh:
-            fh.write(f'"""Written by setup.py."""\nBUILD_KIND = {"cuda" if nvcc else "cpu"!r}\n')
+        # build_ext rebuilds an extension only when its .pyx/.cpp is newer than the .so, so after a
+        # switch of KVBM_DEBUG or of the library an in-place .so would silently keep the old build.
+        # _build_info.py beside the .so files records the configuration they were built with; a
+        # change forces the rebuild; it is written once they are built.
+        info = (f'"""Written by setup.py: the configuration the extensions here were built with."""\n'
+                f'BUILD_KIND = {"cuda" if nvcc else "cpu"!r}\nDEBUG = {DEBUG!r}\nNATIVE = {kind!r}\n')
+        info_path = os.path.join(os.path.dirname(self.get_ext_fullpath(self.extensions[0].name)),
+                                 "_build_info.py")
+        if not os.path.exists(info_path) or open(info_path).read() != info:
+            self.force = True
         for ext in self.extensions:
             ext.extra_objects = [lib]
             # Static cudart: no run-time search for libcudart; it shares the driver's primary
@@ -113,6 +134,8 @@ class BuildNative(build_ext):
             ext.library_dirs = cuda_lib_dirs
             ext.libraries = (["cudart_static", "rt", "dl"] if nvcc else []) + ["pthread"]
         super().build_extensions()
+        with open(info_path, "w") as fh:
+            fh.write(info)
 
 
 def extensions() -> list[Extension]:
