@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy
 from Cython.Build import cythonize

@@ -5,8 +5,17 @@ Public API. Heavy modules (torch, zmq) are imported only when the names that nee
 from __future__ import annotations
 
 from kvbm.errors import (
-    BackpressureError, ConfigError, CudaError, KvbmError, KvbmTimeoutError, LayoutError, LifecycleError,
-    PermissionRefusedError, ProtocolError, RegistryError, TransferError,
+    BackpressureError,
+    ConfigError,
+    CudaError,
+    KvbmError,
+    KvbmTimeoutError,
+    LayoutError,
+    LifecycleError,
+    PermissionRefusedError,
+    ProtocolError,
+    RegistryError,
+    TransferError,
 )
 
 __version__ = "0.1.0"

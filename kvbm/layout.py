@@ -16,9 +16,10 @@ G2 and G3 are always FULLY_CONTIGUOUS, so one block is one contiguous run of byt
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from kvbm.errors import LayoutError
 
@@ -94,7 +95,7 @@ class LayoutConfig:
         """Bytes between consecutive blocks of a FULLY_CONTIGUOUS buffer (payload rounded up to alignment)."""
         return _align_up(self.block_bytes, self.alignment)
 
-    def torch_dtype(self) -> "torch.dtype":
+    def torch_dtype(self) -> torch.dtype:
         import torch
         return getattr(torch, self.dtype)
 
@@ -103,7 +104,7 @@ class LayoutConfig:
                 "inner_dim": self.inner_dim, "dtype": self.dtype, "alignment": self.alignment}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LayoutConfig":
+    def from_dict(cls, data: dict) -> LayoutConfig:
         try:
             return cls(**{k: data[k] for k in ("num_layers", "outer_dim", "page_size", "inner_dim",
                                                "dtype", "alignment")})
@@ -212,24 +213,24 @@ class BlockLayout:
                             self.block_stride, self.outer_stride, self.config.region_bytes)
 
     # ---- views over real tensors ---------------------------------------------------------------
-    def allocate(self, device: str = "cpu", pin_memory: bool = False) -> list["torch.Tensor"]:
+    def allocate(self, device: str = "cpu", pin_memory: bool = False) -> list[torch.Tensor]:
         """Fresh uint8 buffers in this layout (tests, CPU-mode engines, benchmarks)."""
         import torch
         return [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
                 for _ in range(self.num_buffers())]
 
-    def region_view(self, buffers: Sequence["torch.Tensor"], block: int, layer: int, outer: int) -> "torch.Tensor":
+    def region_view(self, buffers: Sequence[torch.Tensor], block: int, layer: int, outer: int) -> torch.Tensor:
         """The [page_size, inner_dim] tensor of region (block, layer, outer), typed with the KV dtype."""
         index, offset, size = self.region(block, layer, outer)
         raw = _as_bytes(buffers[index])[offset:offset + size]
         return raw.view(self.config.torch_dtype()).view(self.config.page_size, self.config.inner_dim)
 
-    def block_views(self, buffers: Sequence["torch.Tensor"], block: int) -> list[list["torch.Tensor"]]:
+    def block_views(self, buffers: Sequence[torch.Tensor], block: int) -> list[list[torch.Tensor]]:
         """views[layer][outer] of one block."""
         return [[self.region_view(buffers, block, layer, outer) for outer in range(self.config.outer_dim)]
                 for layer in range(self.config.num_layers)]
 
-    def block_bytes_of(self, buffers: Sequence["torch.Tensor"], block: int) -> bytes:
+    def block_bytes_of(self, buffers: Sequence[torch.Tensor], block: int) -> bytes:
         """All regions of a block, concatenated in (layer, outer) order: the block's G2 image."""
         parts = []
         for layer in range(self.config.num_layers):
@@ -239,14 +240,14 @@ class BlockLayout:
         return b"".join(parts)
 
 
-def _as_bytes(tensor: "torch.Tensor") -> "torch.Tensor":
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     import torch
     if not tensor.is_contiguous():
         raise LayoutError(f"tensor of shape {tuple(tensor.shape)} strides {tensor.stride()} is not contiguous")
     return tensor.reshape(-1).view(torch.uint8)
 
 
-def detect_layout(tensors: "torch.Tensor | Sequence[torch.Tensor]", page_size: int | None = None,
+def detect_layout(tensors: torch.Tensor | Sequence[torch.Tensor], page_size: int | None = None,
                   order: InnerOrder | None = None, alignment: int = 1) -> BlockLayout:
     """The BlockLayout of an engine's KV cache.
 
@@ -294,7 +295,7 @@ def detect_layout(tensors: "torch.Tensor | Sequence[torch.Tensor]", page_size: i
     return BlockLayout(config, LayoutType.LAYER_SEPARATE, num_blocks, detected)
 
 
-def _detect_fully_contiguous(tensor: "torch.Tensor", page_size: int | None, alignment: int) -> BlockLayout:
+def _detect_fully_contiguous(tensor: torch.Tensor, page_size: int | None, alignment: int) -> BlockLayout:
     shape = tuple(tensor.shape)
     if len(shape) < 5 or shape[2] not in (1, 2):
         raise LayoutError(f"fully contiguous KV tensor shape {shape} not understood; expected "
@@ -310,7 +311,7 @@ def _detect_fully_contiguous(tensor: "torch.Tensor", page_size: int | None, alig
     return BlockLayout(config, LayoutType.FULLY_CONTIGUOUS, shape[0])
 
 
-def _check_tensor(tensor: "torch.Tensor", what: str, alignment: int) -> None:
+def _check_tensor(tensor: torch.Tensor, what: str, alignment: int) -> None:
     dtype_name(tensor.dtype)
     if not tensor.is_contiguous():
         raise LayoutError(f"{what}: strides {tensor.stride()} for shape {tuple(tensor.shape)} are not "

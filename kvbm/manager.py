@@ -225,8 +225,8 @@ class KvBlockManager:
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint
-        from kvbm.transfer.memory_map import describe_memory
         from kvbm.transfer.manager import TransferManager
+        from kvbm.transfer.memory_map import describe_memory
         self._check_open()
         if Tier.G2 not in self.pools:
             raise ConfigError("transfers need a host tier: set host_blocks or host_size")
@@ -324,7 +324,7 @@ class KvBlockManager:
         if self._closed:
             raise LifecycleError("KvBlockManager is closed")
 
-    def __enter__(self) -> "KvBlockManager":
+    def __enter__(self) -> KvBlockManager:
         return self
 
     def __exit__(self, *exc) -> None:

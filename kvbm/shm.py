@@ -109,7 +109,7 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, name: str, size: int, replace: bool = False) -> "Segment":
+    def create(cls, name: str, size: int, replace: bool = False) -> Segment:
         if size <= 0:
             raise KvbmError(f"segment {name}: size must be > 0, got {size}")
         path = os.path.join(SHM_DIR, name)
@@ -141,7 +141,7 @@ class Segment:
             raise
 
     @classmethod
-    def attach(cls, name: str, size: int | None = None, populate: bool = False) -> "Segment":
+    def attach(cls, name: str, size: int | None = None, populate: bool = False) -> Segment:
         path = os.path.join(SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -203,7 +203,7 @@ class Segment:
         self._pinned = True
         return time.perf_counter() - t0
 
-    def tensor(self) -> "torch.Tensor":
+    def tensor(self) -> torch.Tensor:
         """A uint8 torch tensor over the whole segment (shares the memory)."""
         import torch
         if self._view is None:
@@ -239,7 +239,7 @@ class Segment:
     def unlink(self) -> None:
         _unlink_quiet(self.path)
 
-    def __enter__(self) -> "Segment":
+    def __enter__(self) -> Segment:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -360,7 +360,7 @@ class SharedBuffers:
     offsets: list[int]
 
     @classmethod
-    def allocate(cls, layout: "BlockLayout", instance_id: str) -> "SharedBuffers":
+    def allocate(cls, layout: BlockLayout, instance_id: str) -> SharedBuffers:
         nbuf = layout.num_buffers()
         size = layout.buffer_bytes
         stride = (size + 4095) // 4096 * 4096

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+
 import numpy as np
 import zmq
 

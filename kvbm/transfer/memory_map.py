@@ -7,7 +7,8 @@ workers map by name.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kvbm.errors import LayoutError
 from kvbm.shm import SharedBuffers

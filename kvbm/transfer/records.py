@@ -14,9 +14,10 @@ not yet sent are settled with it and never sent).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -35,7 +35,7 @@ class Endpoints:
     workers: dict[str, str]  # path label -> endpoint
 
     @classmethod
-    def for_config(cls, runtime_dir: str, transport: str, tcp_port: int) -> "Endpoints":
+    def for_config(cls, runtime_dir: str, transport: str, tcp_port: int) -> Endpoints:
         if transport == "ipc":
             longest = os.path.join(runtime_dir, "control.sock")
             if len(longest.encode()) > IPC_PATH_MAX:
@@ -61,7 +61,7 @@ class Endpoints:
         os.replace(tmp, target)
 
     @classmethod
-    def read(cls, runtime_dir: str) -> "Endpoints | None":
+    def read(cls, runtime_dir: str) -> Endpoints | None:
         """The endpoints a running supervisor wrote; None while there are none. KvbmError when the
         runtime dir (ours, 0700, not a symlink) or the file (ours, 0600, not a symlink) could have
         been written by someone else: their endpoints would receive our engine's KV handles."""

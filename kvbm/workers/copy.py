@@ -16,7 +16,7 @@ each layer; the worker waits on the events in order and reports each layer as it
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -29,7 +29,7 @@ import bisect
 import math
 import sys
 from collections import Counter, OrderedDict, defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from research.eviction import policy_sim as ps
 

@@ -29,7 +29,7 @@ import argparse
 import heapq
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from research.eviction import policy_sim as ps
 
@@ -411,7 +411,7 @@ class GhostLineage(ps.Lineage):
     def reset(self, cache):
         super().reset(cache)
         from collections import OrderedDict
-        self.gtab: "OrderedDict[int, int]" = OrderedDict()   # (policy_sim's `ghost` is a flag)
+        self.gtab: OrderedDict[int, int] = OrderedDict()   # (policy_sim's `ghost` is a flag)
         self.ghost_cap = max(1, int(self.ghost_mult * cache.capacity))
 
     def on_evict(self, b, key, cache):

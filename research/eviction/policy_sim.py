@@ -33,10 +33,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterable, Sequence
 
 from kvbm._fast._reference import ReferenceRegistry, _Block
 from kvbm.policy import POLICY_LINEAGE
@@ -139,13 +139,13 @@ class Policy:
     ghost = False            # bound only: use counts survive eviction (unbounded history)
     stub = 0                 # child memory: 0 off, 1 the re-registered child, 2 and the rest of its run
 
-    def reset(self, cache: "PrefixCache") -> None:
+    def reset(self, cache: PrefixCache) -> None:
         pass
 
-    def key(self, b: Block, cache: "PrefixCache") -> int:
+    def key(self, b: Block, cache: PrefixCache) -> int:
         raise NotImplementedError
 
-    def on_evict(self, b: Block, key: int, cache: "PrefixCache") -> None:
+    def on_evict(self, b: Block, key: int, cache: PrefixCache) -> None:
         pass
 
 

@@ -47,7 +47,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from research.eviction import policy_research as pr
 from research.eviction import policy_sim as ps
@@ -170,6 +170,7 @@ class RegistryEngine(Engine):
                  queue_depth: int = 0, chains: Sequence[Sequence[int]] | None = None,
                  server: PrefillServer | None = None):
         import numpy as np
+
         from kvbm.policy import EvictionPolicy
         from kvbm.pools import BlockPool, Tier, WaitingHints
 
@@ -268,7 +269,7 @@ class RegistryEngine(Engine):
         return [k]
 
 
-def ghost_lineage_sim(chains: Sequence[Sequence[int]], capacity: int, ghost_blocks: int) -> "ps.Stats":
+def ghost_lineage_sim(chains: Sequence[Sequence[int]], capacity: int, ghost_blocks: int) -> ps.Stats:
     """policy_research.GhostLineage (its OrderedDict ghost table of `ghost_blocks` entries) on the
     simulator, in the registry's allocation order: the blocks a missing run needs are evicted
     before any of them registers (allocate, then register: the order of an engine and of
@@ -459,7 +460,7 @@ def run_table(chains, capacities_list: list[list[int]], policies: list[str], eng
         names = (tier_names or ["G1", "G2", "G3"])[:tiers] if tiers > 1 else ["hit"]
         print(f"\n## capacity {label} blocks  (one tier of {sum(caps)}: LRU {ref['lru']:.4f}, "
               f"Belady {ref['belady']:.4f})", file=out)
-        hdr = f"| policy | admission | " + " | ".join(names) + (" | overall" if tiers > 1 else "") + \
+        hdr = "| policy | admission | " + " | ".join(names) + (" | overall" if tiers > 1 else "") + \
               " | gap closed | writes below G1 | s |"
         print(hdr, file=out)
         print("|" + "---|" * (hdr.count("|") - 1), file=out)

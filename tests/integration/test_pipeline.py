@@ -12,8 +12,8 @@ import pytest
 
 from kvbm.errors import BackpressureError, TransferError
 from kvbm.layout import InnerOrder
-from kvbm.wire import protocol as P
 from kvbm.transfer.scheduler import Gate
+from kvbm.wire import protocol as P
 from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 30.0

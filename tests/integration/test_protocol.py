@@ -7,8 +7,8 @@ import pytest
 
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, InnerOrder, LayoutConfig, LayoutType
-from kvbm.wire import protocol as P
 from kvbm.transfer.scheduler import Gate, Scheduler
+from kvbm.wire import protocol as P
 
 
 def test_blocks_are_packed_little_endian_int64():

@@ -13,11 +13,11 @@ import zmq
 
 from kvbm.errors import BackpressureError, KvbmError, TransferError
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
-from kvbm.wire import protocol as P
-from kvbm.wire.channel import bind_socket, make_context
 from kvbm.transfer.link import REGISTER_RETRIES
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.scheduler import Gate
+from kvbm.wire import protocol as P
+from kvbm.wire.channel import bind_socket, make_context
 from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 10.0

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import uuid
 
-import msgpack
 import numpy as np
 import pytest
 import zmq

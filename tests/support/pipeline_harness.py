@@ -59,7 +59,7 @@ class Pipeline:
         self.tensors: list = []
 
     # ---- life ----------------------------------------------------------------------------------
-    def start(self) -> "Pipeline":
+    def start(self) -> Pipeline:
         self.kv = kvbm.KvBlockManager(self.config)
         self.tensors = self.kv.create_device_tensors(self.device_layout, device=self.device)
         try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast import registry as registry_mod
+from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import POLICY_LRU, BlockRegistry
 from kvbm.errors import RegistryError
 from kvbm.policy import POLICY_LINEAGE, BlockState, EvictionPolicy

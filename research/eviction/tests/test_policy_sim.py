@@ -1,7 +1,8 @@
 """policy_sim.py: exact eviction order of each policy on hand-made cases, LRU/Belady sanity,
 tiers and admission, the lineage key formula, and (when the registry builds) sim == registry."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from research.eviction import policy_sim as ps
 from research.eviction import trace_replay as tr
