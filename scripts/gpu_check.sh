@@ -36,9 +36,12 @@ step() {  # step NAME MAX_SECONDS CMD...: runs CMD with the smaller of MAX_SECON
 for s in $steps; do
     case $s in
         build)
-            rm -rf build kvbm/_fast/*.so kvbm/_fast/native.cpp kvbm/_fast/registry.cpp
+            rm -rf build kvbm/_fast/*.so kvbm/_fast/*.cpp
             step build 240 python3 setup.py build_ext --inplace
-            grep -q "native library = CUDA" "$OUT/build.log" || { echo "=== build is not CUDA: stop"; exit 1; } ;;
+            grep -q "native library = CUDA" "$OUT/build.log" || { echo "=== build is not CUDA: stop"; exit 1; }
+            # SASS for each arch and PTX of the highest, so newer GPUs JIT the kernels.
+            cuobjdump --list-elf --list-ptx kvbm/_fast/native*.so >>"$OUT/build.log" 2>&1 \
+                && grep -E "ELF file|PTX file" "$OUT/build.log" | sed 's/^/    /' ;;
         tests)
             TAILN=25 step tests 240 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_copy.py ;;
         demo)
