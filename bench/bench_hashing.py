@@ -53,9 +53,11 @@ def main() -> None:
           f"{args.tokens} tokens ({tokens.nbytes / 2**20:.1f} MiB)")
     print(f"{'block':>6} {'kvbm GB/s':>10} {'xxhash-py GB/s':>15} {'ratio':>7}")
     for block_size in args.block_sizes:
-        assert list(map(int, hash_token_blocks(tokens, block_size)[1])) == python_per_block(tokens, block_size, BASE_SEED)
+        assert (list(map(int, hash_token_blocks(tokens, block_size)[1]))
+                == python_per_block(tokens, block_size, BASE_SEED))
         fast = statistics.median(timed(lambda: hash_token_blocks(tokens, block_size), args.repeats))
-        slow = statistics.median(timed(lambda: python_per_block(tokens, block_size, BASE_SEED), max(3, args.repeats // 2)))
+        slow = statistics.median(timed(lambda: python_per_block(tokens, block_size, BASE_SEED),
+                                       max(3, args.repeats // 2)))
         print(f"{block_size:>6} {gbytes / fast:>10.2f} {gbytes / slow:>15.2f} {slow / fast:>6.1f}x")
 
 

@@ -29,7 +29,6 @@ import numpy as np
 
 import kvbm
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
-from kvbm.pools import Tier
 from kvbm.shm import Segment, segment_name
 from kvbm.wire import protocol as P
 from kvbm.workers.copy import Copier
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(b) for b in args.batches.split(",")]
     nblocks = max(per_point, max(sizes))
     print(f"machine: {machine(cuda)}")
-    print(f"model: {lc.num_layers} layers x 2 x {lc.page_size} tokens x {lc.inner_dim} bf16 = {block // 1024} KiB per block "
+    print(f"model: {lc.num_layers} layers x 2 x {lc.page_size} tokens x {lc.inner_dim} bf16 "
+          f"= {block // 1024} KiB per block "
           f"({lc.num_layers * 2} regions of {lc.region_bytes // 1024} KiB); {nblocks} blocks "
           f"({nblocks * block / 2**20:.0f} MiB) per point; G1 and G2 {nblocks} blocks each")
     rows = []
@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---- throughput -----------------------------------------------------------------
             rng = np.random.default_rng(1)
-            host_pool = kv.pool(Tier.G2)
             print(f"{'batch':>6} {'dir':>14} {'pipeline GB/s':>14} {'copy GB/s':>10} {'ratio':>7} {'min pipe':>9} "
                   f"{'worker GB/s':>11} {'submitted at':>12}")
             for b in sizes:
@@ -214,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     wrate = moved / busy / 1e9 if busy > 0 else 0.0
                     pm, cm = statistics.median(pipe_t), statistics.median(copy_t)
                     name = "offload" if offload else ("onboard+layers" if layers else "onboard")
-                    print(f"{b:>6} {name:>14} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f} {wrate:>11.2f} "
-                          f"{statistics.median(sub_frac):>12.0%}")
+                    print(f"{b:>6} {name:>14} {pm:>14.2f} {cm:>10.2f} {pm / cm:>7.1%} {min(pipe_t):>9.2f} "
+                          f"{wrate:>11.2f} {statistics.median(sub_frac):>12.0%}")
                     rows.append((f"batch {b} {name}", f"{pm:.2f} GB/s", f"copy alone {cm:.2f} GB/s; copy inside the "
                                  f"worker {wrate:.2f} GB/s", f"{pm / cm:.0%}"))
 
@@ -226,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 for label in ("d2h", "h2d"):
                     pin = st["workers"][label]["pin_s"]
                     rows.append((f"pin G2 in {label} worker", f"{pin / g2_gb:.3f} s/GB", f"{g2_gb:.2f} GB", ""))
-                seg = Segment.create(segment_name(config.instance_id, f"pinbench-{os.getpid()}"), int(args.pin_gib * 2**30))
+                seg = Segment.create(segment_name(config.instance_id, f"pinbench-{os.getpid()}"),
+                                     int(args.pin_gib * 2**30))
                 try:
                     fault = seg.prefault()
                     pin = seg.pin()
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 gb = args.pin_gib * 2**30 / 1e9
                 print(f"pinning: {gb:.2f} GB pre-faulted in {fault:.2f} s, cudaHostRegister {pin:.3f} s "
                       f"= {pin / gb:.3f} s/GB ({gb / pin:.1f} GB/s)")
-                rows.append(("cudaHostRegister", f"{pin / gb:.3f} s/GB", f"{gb:.1f} GB segment", f"{gb / pin:.0f} GB/s"))
+                rows.append(("cudaHostRegister", f"{pin / gb:.3f} s/GB", f"{gb:.1f} GB segment",
+                             f"{gb / pin:.0f} GB/s"))
             base.close()
     if args.markdown:
         print("\n| measurement | value | baseline / detail | ratio |\n|---|---|---|---|")

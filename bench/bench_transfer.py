@@ -91,7 +91,8 @@ def main() -> None:
     sms_list = [int(s) for s in args.sms.split(",")]
     props = torch.cuda.get_device_properties(0)
     card = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / GIB:.0f} GiB"
-    header = (f"{args.tag + '; ' if args.tag else ''}card: {card}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+    header = (f"{args.tag + '; ' if args.tag else ''}card: {card}; "
+              f"torch {torch.__version__} (CUDA {torch.version.cuda}); "
               f"host {platform.node()} {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(header, flush=True)
     lines = [header]
@@ -125,7 +126,7 @@ def main() -> None:
     emit(f"roofline (1 GiB pinned copy_): D2H {roof['d2h']:.1f} GB/s, H2D {roof['h2d']:.1f} GB/s, "
          f"both at once {roof['bidi']:.1f} GB/s")
     results["roofline"] = roof
-    del d_big2, h_big2
+    d_big2 = h_big2 = None
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -137,14 +138,13 @@ def main() -> None:
     if pool_bytes > GIB:
         host_raw.copy_(dev_raw)
     torch.cuda.synchronize()
-    del d_big
+    d_big = None
     sm_used = {s: native.cuda_kernel_sms(s) for s in sms_list}
     emit("kernel SMs used for max_sms " + ", ".join(f"{s} -> {u}" for s, u in sm_used.items()) +
          f" (default {native.cuda_kernel_sms(0)})")
 
     gen = torch.Generator().manual_seed(0)
     full_rows = []
-    compact = []
     for region in sizes:
         per_block = L * O * region
         n = min(args.blocks, int(args.max_gib * GIB) // per_block)
@@ -245,7 +245,7 @@ def main() -> None:
                 emit(line)
         full_rows.append(row)
         results["points"].append(row)
-        del dev_layers, host, copiers
+        dev_layers = host = copiers = None
 
     # ---- compact table ------------------------------------------------------------------------
     mname = {M.KERNEL: "K", M.DMA: "D", M.STAGED: "S"}

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "workers that engines send block transfers to over ZeroMQ.")
     ap.add_argument("--config", help="TOML or YAML config file (KvbmConfig keys)")
     ap.add_argument("--instance-id", help="names the runtime dir, sockets and shared-memory segments")
-    ap.add_argument("--runtime-dir", help="parent of the 0700 kvbm-<instance> folder (default $XDG_RUNTIME_DIR or /tmp)")
+    ap.add_argument("--runtime-dir",
+                    help="parent of the 0700 kvbm-<instance> folder (default $XDG_RUNTIME_DIR or /tmp)")
     ap.add_argument("--host-size", help="G2 size, e.g. 64GB or 512MiB")
     ap.add_argument("--host-blocks", type=int, help="G2 size in blocks (needs --layout)")
     ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
@@ -90,7 +91,8 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     rundir = config.resolved_runtime_dir()
     endpoints = Endpoints.read(rundir)
     if endpoints is None:
-        raise LifecycleError(f"no running kvbm-workers found for instance {config.instance_id} ({rundir}/endpoints.json missing)")
+        raise LifecycleError(f"no running kvbm-workers found for instance {config.instance_id} "
+                             f"({rundir}/endpoints.json missing)")
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
     try:

@@ -180,7 +180,8 @@ class BlockLayout:
             raise LayoutError(f"region ({block}, {layer}, {outer}) outside {self.num_blocks} blocks x "
                               f"{cfg.num_layers} layers x {cfg.outer_dim} outer")
         if self.layout_type is LayoutType.FULLY_CONTIGUOUS:
-            return 0, block * self.block_stride + layer * self.layer_stride + outer * self.outer_stride, cfg.region_bytes
+            return (0, block * self.block_stride + layer * self.layer_stride + outer * self.outer_stride,
+                    cfg.region_bytes)
         return layer, block * self.block_stride + outer * self.outer_stride, cfg.region_bytes
 
     def _layer_bases(self, buffer_ptrs: Sequence[int]) -> list[int]:

@@ -88,7 +88,8 @@ class KvBlockManager:
                 self.pools[tier] = BlockPool(tier, blocks, config.policy,
                                              ghost_blocks=config.ghost_blocks_for(blocks))
         if not self.pools:
-            raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size or disk_blocks/disk_size")
+            raise ConfigError("no tier has any blocks: set device_blocks, host_blocks/host_size "
+                              "or disk_blocks/disk_size")
         self.tiers = TierView(self.pools)
         self._hints = WaitingHints(self.pools)
         for pool in self.pools.values():

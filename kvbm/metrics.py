@@ -31,7 +31,8 @@ class TransferMetrics:
                                  ["path"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("kvbm_inflight_bytes", "Bytes of submitted, unsettled transfers", registry=r)
         self.queued = Gauge("kvbm_queued_requests", "Requests waiting in the engine-side queue", ["path"], registry=r)
-        self.worker_deaths = Counter("kvbm_worker_deaths", "Path worker deaths seen by this engine", ["path"], registry=r)
+        self.worker_deaths = Counter("kvbm_worker_deaths", "Path worker deaths seen by this engine", ["path"],
+                                     registry=r)
         self.timeouts = Counter("kvbm_request_timeouts", "Requests that missed their deadline", ["path"], registry=r)
 
     def totals(self) -> dict[str, int]:

@@ -69,12 +69,14 @@ def check_private(st: os.stat_result, path: str, directory: bool = False) -> Non
     kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
     mode = stat.S_IMODE(st.st_mode)
     if not kind_ok:
-        raise PermissionRefusedError(f"{path} is not a {'directory' if directory else 'regular file'} (a symlink or special "
-                        f"file where kvbm expects its own)")
+        raise PermissionRefusedError(f"{path} is not a {'directory' if directory else 'regular file'} "
+                                     f"(a symlink or special file where kvbm expects its own)")
     if st.st_uid != os.getuid():
-        raise PermissionRefusedError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); refusing it")
+        raise PermissionRefusedError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                                     f"refusing it")
     if (mode != 0o700) if directory else (mode & 0o077):
-        raise PermissionRefusedError(f"{path} has mode {mode:#o}; expected {'0700' if directory else 'no group/other access (0600)'}")
+        raise PermissionRefusedError(f"{path} has mode {mode:#o}; "
+                                     f"expected {'0700' if directory else 'no group/other access (0600)'}")
 
 
 def check_private_dir(path: str) -> bool:

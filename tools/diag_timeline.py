@@ -70,19 +70,21 @@ def analyse(t0: float, t1: float) -> None:
     print(f"  switch interval {sys.getswitchinterval() * 1e3:.1f} ms; I/O thread took submissions "
           f"{len(takes)} times, first at +{(takes[0] - t0) * 1e3:.2f} ms" if takes else "  no takes")
     st = sorted((s[1], s[3]) for s in sends.values())
-    print("  first sends (ms after the first submit, blocks): " + ", ".join(f"+{(t - t0) * 1e3:.2f}/{n}" for t, n in st[:6]))
+    print("  first sends (ms after the first submit, blocks): "
+          + ", ".join(f"+{(t - t0) * 1e3:.2f}/{n}" for t, n in st[:6]))
     iv = []
     lag = [d[1] - d[5] for d in dones if d[5]]
     if lag:
-        print(f"  worker DONE -> engine _on_done: median {statistics.median(lag) * 1e6:.0f} us, max {max(lag) * 1e6:.0f} us "
-              f"(worker clock: t_abs)")
+        print(f"  worker DONE -> engine _on_done: median {statistics.median(lag) * 1e6:.0f} us, "
+              f"max {max(lag) * 1e6:.0f} us (worker clock: t_abs)")
     for d in dones:
         t_end = d[5] or d[1]
         t_start = t_end - d[4] / 1e6
         t_recv = t_start - d[3] / 1e6
         iv.append((t_start, t_end, t_recv, d[2]))
     recv_lat = sorted((t_recv - sends[rid][1], t_recv - t0) for _, _, t_recv, rid in iv if rid in sends)
-    print("  engine send -> worker recv (us, at +ms): " + ", ".join(f"{a * 1e6:.0f}@+{b * 1e3:.1f}" for a, b in recv_lat[-4:])
+    print("  engine send -> worker recv (us, at +ms): "
+          + ", ".join(f"{a * 1e6:.0f}@+{b * 1e3:.1f}" for a, b in recv_lat[-4:])
           + f"; median {statistics.median(a for a, _ in recv_lat) * 1e6:.0f} us")
     first_recv = min(t_recv for _, _, t_recv, _ in iv)
     print(f"  first request received by the worker at +{(first_recv - t0) * 1e3:.2f} ms")
@@ -112,14 +114,13 @@ def analyse(t0: float, t1: float) -> None:
           f"max {max(handle) * 1e6:.0f} us, sum {sum(handle) * 1e3:.1f} ms")
     # For each idle gap: what the engine did around it (last DONE received before it, next send)
     done_times = sorted(d[1] for d in dones)
-    send_times = sorted(s[1] for s in sends.values())
     shown = 0
-    recvs = sorted((t_recv, rid) for _, _, t_recv, rid in iv)
     for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:6]:
         last_done = max([t for t in done_times if t <= a + 0.003] or [t0])
         nxt = min(((abs(st - b), (rv, rid)) for st, _, rv, rid in iv), key=lambda x: x[0])[1]
         sent = sends[nxt[1]][1] if nxt[1] in sends else t1
-        print(f"    gap +{(a - t0) * 1e3:7.2f} ms .. +{(b - t0) * 1e3:7.2f} ms ({(b - a) * 1e6:6.0f} us): engine saw the DONE "
+        print(f"    gap +{(a - t0) * 1e3:7.2f} ms .. +{(b - t0) * 1e3:7.2f} ms ({(b - a) * 1e6:6.0f} us): "
+              f"engine saw the DONE "
               f"at +{(last_done - t0) * 1e3:7.2f}, sent the next request at +{(sent - t0) * 1e3:7.2f}, worker got it "
               f"+{(nxt[0] - t0) * 1e3:7.2f}")
         shown += 1
@@ -158,7 +159,8 @@ def main() -> None:
                 for f in fs:
                     f.result(120)
                 t1 = time.monotonic()
-                print(f"{'offload' if offload else 'onboard'} batch {b} round {rep}: {nb * lc.block_bytes / (t1 - t0) / 1e9:.2f} GB/s, "
+                print(f"{'offload' if offload else 'onboard'} batch {b} round {rep}: "
+                      f"{nb * lc.block_bytes / (t1 - t0) / 1e9:.2f} GB/s, "
                       f"submitted at +{(t_sub - t0) * 1e3:.1f} ms")
                 if rep:
                     analyse(t0, t1)

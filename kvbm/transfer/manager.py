@@ -472,9 +472,10 @@ class TransferManager:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for sub in self.scheduler.expire(now):
-            self._settlement.fail_submission(sub, f"{sub.path.label} transfer held for {self.scheduler.hold_timeout_s:.1f} s: "
-                                       f"gate {sub.gate} never opened (scheduler at iteration "
-                                       f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
+            self._settlement.fail_submission(sub, f"{sub.path.label} transfer held for "
+                                             f"{self.scheduler.hold_timeout_s:.1f} s: "
+                                             f"gate {sub.gate} never opened (scheduler at iteration "
+                                             f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
         for q in self._paths.values():
             if q.link.retry_due(now):
                 self._send_register(q)
@@ -484,7 +485,8 @@ class TransferManager:
             # Queued requests waiting for a worker that does not come back.
             if q.heap and not q.link.registered_gen:
                 for req in q.queued_past(now):
-                    self._settlement.settle(req, f"{q.path.label} worker unavailable for {self.request_timeout_s:.1f} s")
+                    self._settlement.settle(req, f"{q.path.label} worker unavailable for "
+                                                 f"{self.request_timeout_s:.1f} s")
 
     def _wire_overdue(self, q: PathQueue, wire: WireRequest, now: float) -> None:
         label = q.path.label
@@ -507,7 +509,8 @@ class TransferManager:
         else:
             logger.error("%s request %d: worker gen %d neither answered nor died; failing it",
                          label, wire.rid, wire.gen)
-            self._settlement.settle_unsafe(q, wire, f"timed out after {self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
+            self._settlement.settle_unsafe(q, wire,
+                                           f"timed out after {self.request_timeout_s * HARD_DEADLINE_FACTOR:.1f} s")
 
     # ---- failing what waits -----------------------------------------------------------------
     def _fail_queued(self, q: PathQueue, reason: str) -> None:

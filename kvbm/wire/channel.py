@@ -39,8 +39,8 @@ class Endpoints:
         if transport == "ipc":
             longest = os.path.join(runtime_dir, "control.sock")
             if len(longest.encode()) > IPC_PATH_MAX:
-                raise ConfigError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets take at most "
-                                f"{IPC_PATH_MAX}: use a shorter runtime_dir (or transport tcp)")
+                raise ConfigError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets "
+                                  f"take at most {IPC_PATH_MAX}: use a shorter runtime_dir (or transport tcp)")
             return cls(f"ipc://{runtime_dir}/control.sock", f"ipc://{runtime_dir}/events.sock",
                        {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in WORKER_PATHS})
         ports = [tcp_port + i for i in range(2 + len(WORKER_PATHS))] if tcp_port else _free_ports(2 + len(WORKER_PATHS))

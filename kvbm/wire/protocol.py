@@ -254,7 +254,7 @@ def validate_register(msg: dict) -> tuple[dict, dict, dict]:
     _int(msg, "pid", 0, 2**31, 0)
     device = _map(msg, "device")
     host = _map(msg, "host")
-    for name, lay in (("device", device), ("host", host)):
+    for _, lay in (("device", device), ("host", host)):
         _int(_map(lay, "config"), "num_layers", 1, MAX_LAYERS)
         _int(lay, "type", 0, 1)
         _int(lay, "order", 0, 1, 0)

@@ -8,7 +8,8 @@ Order of things:
   3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
-     layouts (one live engine per instance: each maps its host layout over all of G2); XFER requests are validated against those (block indices in range, counts, caps) and
+     layouts (one live engine per instance: each maps its host layout over all of G2); XFER
+     requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
@@ -173,7 +174,8 @@ class PathWorker:
                 logger.warning("%s worker: dropped a message of %d frames (expected identity + payload)",
                                self.path.label, len(frames))
                 if len(frames) >= 2:
-                    self._reply(frames[0], P.make_done(-1, P.Status.ERROR, f"expected 1 payload frame, got {len(frames) - 1}"))
+                    self._reply(frames[0], P.make_done(-1, P.Status.ERROR,
+                                                       f"expected 1 payload frame, got {len(frames) - 1}"))
                 continue
             ident, payload = frames
             try:
@@ -205,8 +207,8 @@ class PathWorker:
                     self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
                                         "dropped": reg is not None})
                 elif kind == P.MsgType.STATS:
-                    self._reply(ident, {"t": P.MsgType.STATS, "id": P.request_id_of(msg), "path": int(self.path), "gen": self.gen,
-                                        "queue": len(self._queue), "pid": os.getpid(),
+                    self._reply(ident, {"t": P.MsgType.STATS, "id": P.request_id_of(msg), "path": int(self.path),
+                                        "gen": self.gen, "queue": len(self._queue), "pid": os.getpid(),
                                         "engines": len(self.engines), **self.stats.as_dict()})
                 elif kind == P.MsgType.PING:
                     self._reply(ident, {"t": P.MsgType.PONG, "gen": self.gen, "id": P.request_id_of(msg)})
@@ -350,7 +352,8 @@ class PathWorker:
                 self._in_flight.pop(0)
                 self.stats.errors += 1
                 logger.error("%s worker gen %d: request %d failed", self.path.label, self.gen, req.rid, exc_info=True)
-                self._reply(req.ident, P.make_done(req.rid, P.Status.ERROR, f"{type(err).__name__}: {err}", gen=self.gen))
+                self._reply(req.ident, P.make_done(req.rid, P.Status.ERROR, f"{type(err).__name__}: {err}",
+                                                   gen=self.gen))
                 continue
             if req.layers and landed > req.landed:
                 self._reply(req.ident, P.make_layer(req.rid, landed - 1))  # every layer <= landed-1 is there

@@ -305,7 +305,8 @@ class Supervisor:
             raise ProtocolError(f"READY from an unknown path {path!r:.40}")
         slot = self.slots[P.Path(path)]
         gen, pid = msg.get("gen"), msg.get("pid")
-        if gen != slot.gen or isinstance(gen, bool) or slot.proc is None or pid != slot.proc.pid or isinstance(pid, bool):
+        if (gen != slot.gen or isinstance(gen, bool) or slot.proc is None or pid != slot.proc.pid
+                or isinstance(pid, bool)):
             raise ProtocolError(f"READY from {slot.path.label} gen {gen!r:.40} pid {pid!r:.40}; expected gen "
                                 f"{slot.gen} pid {slot.proc.pid if slot.proc else None}")
         pin_s, pinned = msg.get("pin_s", 0.0), msg.get("pinned_bytes", 0)
@@ -340,7 +341,8 @@ class Supervisor:
         self._stats_seq += 1
         want = {}
         for slot in self.slots.values():
-            if slot.ready and slot.dealer is not None and self._ask_stats(slot, {"t": P.MsgType.STATS, "id": self._stats_seq}):
+            if (slot.ready and slot.dealer is not None
+                    and self._ask_stats(slot, {"t": P.MsgType.STATS, "id": self._stats_seq})):
                 want[slot.path] = slot
         deadline = time.monotonic() + timeout
         while want and time.monotonic() < deadline:

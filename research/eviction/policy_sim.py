@@ -625,7 +625,8 @@ class TieredCache:
         self.admission = admission
         self.tiers: list[PrefixCache] = []
         for lvl, cap in enumerate(capacities):
-            cb = (lambda b, lvl=lvl: self._demote(lvl, b))
+            def cb(b, lvl=lvl):  # lvl bound now (a default), not looked up when called
+                return self._demote(lvl, b)
             self.tiers.append(PrefixCache(cap, policy_factory(), future=future, on_evict=cb))
         n = len(capacities)
         self.stats = TierStats(hits=[0] * n, writes=[0] * n, rejected=[0] * n)
@@ -788,7 +789,8 @@ def generate_trace(shape: str = "mixed", n_requests: int = 4000, seed: int = 0, 
             s = sess_perm[pick_sess()]
             sp = s % n_system
             if s not in sessions or rng.random() < 0.1:   # a new conversation in that slot
-                sessions[s] = [("s", sp, i) for i in range(sys_lens[sp])] + fresh(_lognormal_len(rng, turn_len * 3, 0.8))
+                sessions[s] = ([("s", sp, i) for i in range(sys_lens[sp])]
+                               + fresh(_lognormal_len(rng, turn_len * 3, 0.8)))
             else:
                 sessions[s] = sessions[s] + fresh(_lognormal_len(rng, turn_len, 0.7))
                 if len(sessions[s]) > 350:

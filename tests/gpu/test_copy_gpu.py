@@ -180,7 +180,7 @@ def test_ring_reuse_and_growth():
     dev, dev_lay = make_buffers("outer", 2, 2, 4096, 4096, torch.uint8, device="cuda", gen=gen)
     host, host_lay = make_buffers("fc", 2, 2, 4096, 4096, torch.uint8, pin=True, fill="poison")
     off = copier(dev, dev_lay, host, host_lay, cuda=True, method=M.KERNEL)
-    for i in range(300):
+    for _ in range(300):
         s = torch.randperm(4096, generator=gen)[:64]
         off.launch(s.numpy(), s.numpy(), layers=False)
         del s

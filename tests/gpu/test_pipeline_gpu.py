@@ -104,7 +104,8 @@ def test_cuda_workers_pin_g2(cuda_pipeline):
     for label in ("d2h", "h2d"):
         assert st["workers"][label]["pin_s"] > 0
     gb = 2048 * LAYOUT.block_stride / 1e9
-    print(f"\npinning {gb:.3f} GB: d2h {st['workers']['d2h']['pin_s']:.4f} s, h2d {st['workers']['h2d']['pin_s']:.4f} s")
+    print(f"\npinning {gb:.3f} GB: d2h {st['workers']['d2h']['pin_s']:.4f} s, "
+          f"h2d {st['workers']['h2d']['pin_s']:.4f} s")
 
 
 def test_cuda_worker_killed_then_reregistered(cuda_pipeline):

@@ -67,20 +67,24 @@ def _still_serves(pipe, client, rng) -> None:
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                      st.text(max_size=20), st.binary(max_size=64))
-_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+_values = st.recursive(_scalars, lambda inner: (st.lists(inner, max_size=4)
+                                                | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                        max_leaves=10)
 
 
 @st.composite
 def xfer_like(draw):
     """Messages close to a valid xfer, with one or more fields broken."""
-    msg = {"v": draw(st.sampled_from([1, 1, 1, 0, 2, "1"])), "t": draw(st.sampled_from(["xfer", "xfer", "register", "unregister", "stats", "ping", "nope"])),
+    msg = {"v": draw(st.sampled_from([1, 1, 1, 0, 2, "1"])),
+           "t": draw(st.sampled_from(["xfer", "xfer", "register", "unregister", "stats", "ping", "nope"])),
            "id": draw(st.one_of(st.integers(-5, 2**64 - 1), st.text(max_size=3))),
-           "engine": draw(st.one_of(st.sampled_from(["", "x" * 5000, "someone"]), _values)), "gen": draw(st.integers(-1, 3)),
+           "engine": draw(st.one_of(st.sampled_from(["", "x" * 5000, "someone"]), _values)),
+           "gen": draw(st.integers(-1, 3)),
            "path": draw(st.integers(-1, 5)), "prio": draw(st.one_of(st.integers(-2**40, 2**40), st.booleans())),
            "layers": draw(st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1))),
            "src": draw(st.one_of(st.binary(max_size=80), st.just(np.arange(8, dtype="<i8").tobytes()),
-                                 st.just(np.array([-1, 10**9], dtype="<i8").tobytes()), st.integers(-2**63, 2**63 - 1))),
+                                 st.just(np.array([-1, 10**9], dtype="<i8").tobytes()),
+                                 st.integers(-2**63, 2**63 - 1))),
            "dst": draw(st.one_of(st.binary(max_size=80), st.just(np.arange(8, dtype="<i8").tobytes()),
                                  st.just(np.zeros(8, dtype="<i8").tobytes()))),
            "gate": draw(st.one_of(st.none(), _values))}
@@ -91,7 +95,8 @@ def xfer_like(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(frames=st.lists(st.one_of(st.binary(max_size=200), st.builds(lambda v: msgpack.packb(v, use_bin_type=True), _values),
+@given(frames=st.lists(st.one_of(st.binary(max_size=200),
+                                 st.builds(lambda v: msgpack.packb(v, use_bin_type=True), _values),
                                  xfer_like()), min_size=1, max_size=3))
 def test_fuzzed_frames_get_answers_and_the_worker_survives(fuzz_target, frames):
     pipe, client = fuzz_target

@@ -199,7 +199,8 @@ def test_validate_register_checks_device_and_layer_count():
     def msg(**mem):
         return {"t": "register", "engine": "e", "pid": 1, "device": P.layout_to_wire(layout),
                 "host": P.layout_to_wire(host),
-                "memory": {"kind": "shm", "segment": "kvbm-x-dev-1-1", "buffers": [{"offset": 0, "nbytes": 4096}], **mem}}
+                "memory": {"kind": "shm", "segment": "kvbm-x-dev-1-1", "buffers": [{"offset": 0, "nbytes": 4096}],
+                           **mem}}
 
     P.validate_register(msg())
     P.validate_register(msg(device=3))
@@ -234,7 +235,8 @@ def test_device_memory_closes_its_segment_when_registration_fails():
     name = f"kvbm-h{uuid.uuid4().hex[:8]}-dev-{os.getpid()}-8"
     seg = Segment.create(name, 1 << 20)
     try:
-        memory = {"kind": "shm", "segment": name, "buffers": [{"offset": (1 << 20) - 4096, "nbytes": layout.total_bytes}]}
+        memory = {"kind": "shm", "segment": name,
+                  "buffers": [{"offset": (1 << 20) - 4096, "nbytes": layout.total_bytes}]}
         before = _fds()
         with pytest.raises(KvbmError, match="outside segment"):
             DeviceMemory(memory, layout, cuda=False)
@@ -410,7 +412,8 @@ def test_cuda_copy_events_are_blocking(monkeypatch):
             pass
 
     copier = C.Copier.__new__(C.Copier)
-    copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event, device=lambda d: contextlib.nullcontext()))
+    copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event,
+                                                                     device=lambda d: contextlib.nullcontext()))
     copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
     copier.src_layers = copier.dst_layers = [object(), object()]
     copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0

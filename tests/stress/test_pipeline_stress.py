@@ -92,7 +92,8 @@ def run_stress(pipe, kill_d2h_at: int | None = None) -> dict:
                         for layer in range(cfg.num_layers):
                             layers[layer][:, b, :] = 0xA5
                     try:
-                        fut = kv.onboard(np.array(hashes, dtype=np.uint64), pipe_blocks, priority=int(rng.integers(0, 3)))
+                        fut = kv.onboard(np.array(hashes, dtype=np.uint64), pipe_blocks,
+                                         priority=int(rng.integers(0, 3)))
                         res = fut.result(30).value
                     except TransferError:
                         with fig_lock:

@@ -73,7 +73,8 @@ def test_region_layout_of_one_layer_or_a_range(layout_type, order):
     bufs = lay.allocate()
     ptrs = [b.data_ptr() for b in bufs]
     for layers in (1, slice(1, 3), range(0, 2), range(2, 3)):
-        picked = [layers] if isinstance(layers, int) else list(range(3)[layers] if isinstance(layers, slice) else layers)
+        picked = ([layers] if isinstance(layers, int)
+                  else list(range(3)[layers] if isinstance(layers, slice) else layers))
         part = lay.region_layout(ptrs, layers)
         assert (part.num_layers, part.outer_dim, part.num_blocks, part.region_bytes) == (len(picked), 2, 5, 64)
         for i, layer in enumerate(picked):
@@ -126,7 +127,8 @@ def test_detect_block_major_mla_and_fully_contiguous():
     assert (mla.config.outer_dim, mla.num_blocks, mla.config.inner_dim) == (1, 9, 576)
     full = detect_layout(torch.zeros(6, 4, 2, 16, 8, 64, dtype=torch.float8_e4m3fn))
     assert full.layout_type is LayoutType.FULLY_CONTIGUOUS
-    assert (full.num_blocks, full.config.num_layers, full.config.inner_dim, full.config.dtype) == (6, 4, 512, "float8_e4m3fn")
+    assert ((full.num_blocks, full.config.num_layers, full.config.inner_dim, full.config.dtype)
+            == (6, 4, 512, "float8_e4m3fn"))
 
 
 def test_ambiguous_two_blocks_defaults_to_vllm_order_unless_told():

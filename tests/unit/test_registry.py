@@ -420,7 +420,9 @@ def test_ghost_restores_use_count_and_outlives_one_shot_block(impl, ghost):
     # N = 2, C = 2N = 4 ticks; a request takes two ticks (register or match, release)
     reg = impl(2, policy=POLICY_LINEAGE, ghost_blocks=ghost)
     assert reg.ghost_blocks == (2 if ghost is None else 0)
-    use(reg, [10]); use(reg, [10]); use(reg, [10])  # 10: 3 uses, last tick 6
+    use(reg, [10])
+    use(reg, [10])
+    use(reg, [10])                                  # 10: 3 uses, last tick 6
     np.testing.assert_array_equal(reg.evict(1), [10])
     assert reg.num_ghosts == (1 if ghost is None else 0)
     use(reg, [11])                                  # one use, key 8
@@ -451,22 +453,32 @@ def evict_hash(reg, h):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ghost_entry_forgotten_after_g_later_evictions(impl):
     reg = impl(4, policy=POLICY_LINEAGE, ghost_blocks=3)
-    use(reg, [10]); use(reg, [10]); use(reg, [11]); use(reg, [12]); use(reg, [13])
+    use(reg, [10])
+    use(reg, [10])
+    use(reg, [11])
+    use(reg, [12])
+    use(reg, [13])
     evict_hash(reg, 10)                             # ghost (oldest first) [10:2]
-    evict_hash(reg, 11); evict_hash(reg, 12)        # [10:2, 11:1, 12:1], full
+    evict_hash(reg, 11)
+    evict_hash(reg, 12)                             # [10:2, 11:1, 12:1], full
     use(reg, [10])                                  # restored: 2 + the registration
     assert reg.info(int(reg.lookup([10])[0]))["use_count"] == 3 and reg.num_ghosts == 2
     use(reg, [10])                                  # 10: 4 uses
     evict_hash(reg, 13)                             # [11, 12, 13]
     evict_hash(reg, 10)                             # [12, 13, 10:4]: 11 forgotten
-    use(reg, [20]); use(reg, [21])
-    evict_hash(reg, 20); evict_hash(reg, 21)        # [10:4, 20, 21]: two later evictions
+    use(reg, [20])
+    use(reg, [21])
+    evict_hash(reg, 20)
+    evict_hash(reg, 21)                             # [10:4, 20, 21]: two later evictions
     use(reg, [10])
     assert reg.info(int(reg.lookup([10])[0]))["use_count"] == 5
     use(reg, [10])
     evict_hash(reg, 10)                             # [20, 21, 10:6]
-    use(reg, [30]); use(reg, [31]); use(reg, [32])
-    evict_hash(reg, 30); evict_hash(reg, 31)        # [10:6, 30, 31]
+    use(reg, [30])
+    use(reg, [31])
+    use(reg, [32])
+    evict_hash(reg, 30)
+    evict_hash(reg, 31)                             # [10:6, 30, 31]
     evict_hash(reg, 32)                             # G = 3 later evictions: [30, 31, 32]
     assert reg.num_ghosts == 3
     use(reg, [10])
@@ -482,7 +494,10 @@ def test_ghost_entry_forgotten_after_g_later_evictions(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ghost_dedup_hit_keeps_count_and_lru_has_no_table(impl):
     reg = impl(2, policy=POLICY_LINEAGE, ghost_blocks=4)
-    use(reg, [10]); use(reg, [10]); use(reg, [11]); use(reg, [12])   # evicts 10 (count 2)
+    use(reg, [10])
+    use(reg, [10])
+    use(reg, [11])
+    use(reg, [12])  # evicts 10 (count 2)
     b = reg.allocate(1)
     reg.complete(b)
     got = reg.register(np.concatenate([b, b[:0]]), np.array([12], np.uint64))   # dedup hit
