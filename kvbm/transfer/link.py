@@ -53,7 +53,6 @@ class PathLink:
         self.attempts = 0              # rejections since the last accepted registration
         self.retry_at = 0.0            # when to send the next registration after a rejection (0: none)
         self.accepted_once = False     # a first registration is answered by register(); later ones retry
-        self.down_since = 0.0          # when the registered generation died (0: up)
         self.ready = threading.Event()  # the first registration was answered (accepted or rejected)
 
     @property
@@ -98,7 +97,6 @@ class PathLink:
         self.accepted_once = True
         self.registered_gen = gen
         self.gen = max(self.gen, gen)
-        self.down_since = 0.0
         self.ready.set()
         return False
 
@@ -132,10 +130,9 @@ class PathLink:
         self.error = None
         return True
 
-    def died(self, gen: int, now: float | None = None) -> bool:
+    def died(self, gen: int) -> bool:
         if self.registered_gen == gen:
             self.registered_gen = 0
-            self.down_since = time.monotonic() if now is None else now
             return True
         # The registration may have gone to the generation that just died: send it again.
         return self.pending and not self.registered_gen

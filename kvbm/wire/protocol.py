@@ -63,8 +63,6 @@ class Status(IntEnum):
     OK = 0
     ERROR = 1        # the copy failed or the request was invalid; no destination block is valid
     STALE = 2        # the request names another worker generation; nothing was copied
-    DIED = 3         # synthesized by the engine: the worker died with the request in flight
-    TIMEOUT = 4      # synthesized by the engine: the request passed its deadline
 
 
 class MsgType:
