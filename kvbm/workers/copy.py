@@ -180,6 +180,13 @@ class Copier:
                 events.append(event)
         return events
 
+    def enqueue(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """CUDA only: the copy of every layer enqueued on this copier's stream with nothing recorded
+        after it, i.e. the bare copy routine; a benchmark's baseline (bench_pipeline) enqueues its
+        batches back to back and then synchronizes the stream."""
+        native.copy_blocks_cuda(self.src_region, self.dst_region, src, dst, self.method, self.max_sms,
+                                self._stream.cuda_stream)
+
     def drain(self) -> None:
         """CUDA only: waits until nothing this worker enqueued is still running. After a launch
         that failed part-way, the layers already enqueued must land before the request is
