@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
+from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState, EvictionPolicy
 
-_KNOWN_POLICIES = {POLICY_LRU, POLICY_LINEAGE}
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 
@@ -66,7 +65,7 @@ class ReferenceRegistry:
                  ghost_blocks: int | None = None) -> None:
         if not isinstance(num_blocks, int) or not 1 <= num_blocks <= _MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {_MAX_BLOCKS}], got {num_blocks}")
-        if policy not in _KNOWN_POLICIES:
+        if policy not in tuple(EvictionPolicy):
             raise RegistryError(f"unknown eviction policy {policy}")
         g = num_blocks if ghost_blocks is None else self._count(ghost_blocks, "ghost_blocks")
         if g > _MAX_BLOCKS:

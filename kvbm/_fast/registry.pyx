@@ -86,8 +86,12 @@ cdef extern from *:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 DEBUG = bool(KVBM_REGISTRY_DEBUG)
-_KNOWN_POLICIES = frozenset({POLICY_LRU_ID, POLICY_LINEAGE_ID})
-assert POLICY_LRU == POLICY_LRU_ID and POLICY_LINEAGE == POLICY_LINEAGE_ID
+# The policy ids come from kvbm.policy.EvictionPolicy; `_policy_key` has a case for each id of the
+# .pxd's enum, so a member without one (or the reverse) stops the import here.
+_POLICY_IDS = tuple(int(p) for p in EvictionPolicy)
+if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID):
+    raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
+                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID})")
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
 cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
@@ -276,8 +280,8 @@ cdef class BlockRegistry:
             pol = policy.__index__()
         except AttributeError as err:
             raise RegistryError(f"policy must be an int, got {type(policy).__name__}") from err
-        if pol not in _KNOWN_POLICIES:
-            raise RegistryError(f"unknown eviction policy {pol}; known: {sorted(_KNOWN_POLICIES)}")
+        if pol not in _POLICY_IDS:
+            raise RegistryError(f"unknown eviction policy {pol}; known: {list(_POLICY_IDS)}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
         if pol != POLICY_LINEAGE_ID:
             g = 0
