@@ -53,9 +53,10 @@ Size: bytes_needed(N, G) is 97 bytes per block, 24 per ghost entry and 12 per in
 of two >= 2(N + G)), e.g. 122 MB for 10**6 blocks without a ghost table (LRU), 171 MB with G = N
 (LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy).
 
-Every public call validates the whole batch first and raises RegistryError with the numbers before
-changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
-runs in a `noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
+Inputs are converted by kvbm._fast._convert (shared with native.pyx). Every public call validates
+the whole batch first and raises RegistryError with the numbers before changing anything, so a
+failed call leaves the buffer byte for byte as it was. The batch loop then runs in a
+`noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
 bounds checked, so each core routine says which validation made its indices safe. The loops are
 called with the GIL held: a whole call is then atomic for other Python threads (a call is
 microseconds), and nothing here needs a lock. With KVBM_DEBUG, check_invariants() runs after every
@@ -64,6 +65,8 @@ mutating call.
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
+
+from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 
 import numpy as np
 
@@ -155,96 +158,11 @@ cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
     return off
 
 
-# ---- input conversion (the edge: dtypes, shapes) -------------------------------------------------
-
-cdef object _array(x, str what):
-    try:
-        arr = np.asarray(x)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise RegistryError(f"{what}: cannot convert to an array ({err})") from err
-    if arr.ndim != 1:
-        raise RegistryError(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind == "f" and not isinstance(x, np.ndarray):
-        # numpy turns a list mixing ints >= 2**63 and smaller ones into float64 (lossy); keep
-        # the Python ints and let the caller check them one by one.
-        arr = np.array(x, dtype=object)
-    return arr
-
-
-cdef object _as_i64(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.int64)
-    kind = arr.dtype.kind
-    if kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > 0x7FFFFFFFFFFFFFFF:
-        raise RegistryError(f"{what}: value {int(arr.max())} does not fit int64")
-    if kind != "i" and kind != "u":
-        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-cdef object _as_u64(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.uint64)
-    kind = arr.dtype.kind
-    if kind == "u":
-        return np.ascontiguousarray(arr, dtype=np.uint64)
-    if kind == "i":
-        lo = int(arr.min())
-        if lo < 0:
-            raise RegistryError(f"{what}: value {lo} is negative, hashes are uint64")
-        return np.ascontiguousarray(arr, dtype=np.uint64)
-    if kind == "O":
-        values = arr.tolist()
-        for v in values:
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise RegistryError(f"{what}: {v!r} is not an integer")
-        try:
-            return np.array(values, dtype=np.uint64)
-        except (TypeError, ValueError, OverflowError) as err:
-            raise RegistryError(f"{what}: not all values are uint64 ({err})") from err
-    raise RegistryError(f"{what} must be uint64 integers, got dtype {arr.dtype}")
-
-
-cdef object _as_i32(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.int32)
-    if arr.dtype.kind != "i" and arr.dtype.kind != "u":
-        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < -2147483648 or hi > 2147483647:
-        raise RegistryError(f"{what}: values [{lo}, {hi}] do not fit int32")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-cdef object _as_mask(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.uint8)
-    if arr.dtype.kind != "b":
-        raise RegistryError(f"{what} must be bool, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
-
-
-cdef int64_t _as_count(n, str what) except -1:
-    try:
-        v = n.__index__()
-    except AttributeError as err:
-        raise RegistryError(f"{what} must be an integer, got {type(n).__name__}") from err
-    if v < 0:
-        raise RegistryError(f"{what} must be >= 0, got {v}")
-    if v > 0x7FFFFFFFFFFFFFFF:
-        raise RegistryError(f"{what} = {v} is too large")
-    return v
-
-
 cdef int64_t _ghost_count_arg(g, int64_t n) except -1:
     # ghost_blocks argument: None -> n (POLICY_ROUND2.md: as many evicted hashes as cached blocks)
     if g is None:
         return n
-    cdef int64_t v = _as_count(g, "ghost_blocks")
+    cdef int64_t v = as_count(g, "ghost_blocks", RegistryError)
     if v > MAX_BLOCKS:
         raise RegistryError(f"ghost_blocks must be in [0, {MAX_BLOCKS}], got {v}")
     return v
@@ -273,7 +191,7 @@ cdef class BlockRegistry:
 
     def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None):
         # __cinit__, not __init__: no instance can exist without its table (no NULL pointers).
-        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        cdef int64_t n = as_count(num_blocks, "num_blocks", RegistryError)
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
         try:
@@ -311,7 +229,7 @@ cdef class BlockRegistry:
         """Bytes a buffer must have for `num_blocks` blocks and a ghost table of `ghost_blocks`
         entries (None: num_blocks, the LINEAGE default), alignment slack included."""
         cdef int64_t offsets[NUM_ARRAYS]
-        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        cdef int64_t n = as_count(num_blocks, "num_blocks", RegistryError)
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
@@ -1012,7 +930,7 @@ cdef class BlockRegistry:
     def allocate(self, n):
         """`n` blocks as PARTIAL with refcount 1 (int64 ids), free blocks first, then inactive
         blocks evicted in policy order; None (and no change) if free + inactive < n."""
-        cdef int64_t k = _as_count(n, "allocate: n")
+        cdef int64_t k = as_count(n, "allocate: n", RegistryError)
         if k > self.h.num_free + self.h.num_inactive:
             return None
         out = np.empty(k, dtype=np.int64)
@@ -1024,7 +942,7 @@ cdef class BlockRegistry:
 
     def complete(self, blocks):
         """PARTIAL -> COMPLETE."""
-        arr = _as_i64(blocks, "complete: blocks")
+        arr = as_i64(blocks, "complete: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         cdef Py_ssize_t i
         self._check_ids(bs, "complete")
@@ -1051,28 +969,28 @@ cdef class BlockRegistry:
         the free list tail); the existing block keeps its priority and parent.
         Every returned block is touched. Returns the canonical block per slot (int64).
         """
-        barr = _as_i64(blocks, "register: blocks")
-        harr = _as_u64(hashes, "register: hashes")
+        barr = as_i64(blocks, "register: blocks", RegistryError)
+        harr = as_u64(hashes, "register: hashes", RegistryError)
         cdef Py_ssize_t n = barr.shape[0], i
         if harr.shape[0] != n:
             raise RegistryError(f"register: {n} blocks but {harr.shape[0]} hashes")
         parr = None
         marr = None
         if parents is not None:
-            parr = _as_u64(parents, "register: parents")
+            parr = as_u64(parents, "register: parents", RegistryError)
             if parr.shape[0] != n:
                 raise RegistryError(f"register: {n} blocks but {parr.shape[0]} parents")
             if has_parent is None:
                 marr = np.ones(n, dtype=np.uint8)
             else:
-                marr = _as_mask(has_parent, "register: has_parent")
+                marr = as_mask(has_parent, "register: has_parent", RegistryError)
                 if marr.shape[0] != n:
                     raise RegistryError(f"register: {n} blocks but {marr.shape[0]} has_parent")
         elif has_parent is not None:
             raise RegistryError("register: has_parent given without parents")
         parr_i32 = None
         if priorities is not None:
-            parr_i32 = _as_i32(priorities, "register: priorities")
+            parr_i32 = as_i32(priorities, "register: priorities", RegistryError)
             if parr_i32.shape[0] != n:
                 raise RegistryError(f"register: {n} blocks but {parr_i32.shape[0]} priorities")
         cdef const int64_t[::1] bs = barr
@@ -1111,7 +1029,7 @@ cdef class BlockRegistry:
     def match(self, hashes, acquire=True):
         """Blocks of the longest registered prefix of `hashes` (stops at the first miss).
         acquire=True: refcount + 1 and touch each (an inactive block becomes active)."""
-        harr = _as_u64(hashes, "match: hashes")
+        harr = as_u64(hashes, "match: hashes", RegistryError)
         cdef const uint64_t[::1] hs = harr
         cdef Py_ssize_t n = hs.shape[0]
         out = np.empty(n, dtype=np.int64)
@@ -1126,7 +1044,7 @@ cdef class BlockRegistry:
 
     def lookup(self, hashes):
         """Block per hash, -1 where not registered; changes nothing."""
-        harr = _as_u64(hashes, "lookup: hashes")
+        harr = as_u64(hashes, "lookup: hashes", RegistryError)
         cdef const uint64_t[::1] hs = harr
         cdef Py_ssize_t n = hs.shape[0]
         out = np.empty(n, dtype=np.int64)
@@ -1137,7 +1055,7 @@ cdef class BlockRegistry:
 
     def touch(self, blocks):
         """last-use tick := ++tick, use count + 1, policy key refreshed; per occurrence."""
-        arr = _as_i64(blocks, "touch: blocks")
+        arr = as_i64(blocks, "touch: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         self._check_ids(bs, "touch")
         self._check_not_reset(bs, "touch")
@@ -1148,7 +1066,7 @@ cdef class BlockRegistry:
     def release(self, blocks):
         """refcount - 1 per occurrence; at 0 a REGISTERED block becomes inactive (stamped with a
         new tick, still matchable), any other block is RESET and goes to the free list tail."""
-        arr = _as_i64(blocks, "release: blocks")
+        arr = as_i64(blocks, "release: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         cdef Py_ssize_t i, n = bs.shape[0], bad = -1
         cdef int64_t b
@@ -1175,7 +1093,7 @@ cdef class BlockRegistry:
 
     def evict(self, n):
         """Evict up to `n` inactive blocks in policy order (to the free list); their hashes."""
-        cdef int64_t k = _as_count(n, "evict: n")
+        cdef int64_t k = as_count(n, "evict: n", RegistryError)
         if k > self.h.num_inactive:
             k = self.h.num_inactive
         out = np.empty(k, dtype=np.uint64)
@@ -1199,8 +1117,8 @@ cdef class BlockRegistry:
 
     def set_priority(self, blocks, priorities):
         """Set eviction priority (int32, lower is evicted first) of allocated blocks."""
-        arr = _as_i64(blocks, "set_priority: blocks")
-        parr = _as_i32(priorities, "set_priority: priorities")
+        arr = as_i64(blocks, "set_priority: blocks", RegistryError)
+        parr = as_i32(priorities, "set_priority: priorities", RegistryError)
         if parr.shape[0] != arr.shape[0]:
             raise RegistryError(f"set_priority: {arr.shape[0]} blocks but {parr.shape[0]} priorities")
         cdef const int64_t[::1] bs = arr
@@ -1213,7 +1131,7 @@ cdef class BlockRegistry:
 
     def info(self, block) -> dict:
         """Metadata of one block (tests, debugging)."""
-        cdef int64_t b = _as_count(block, "info: block")
+        cdef int64_t b = as_count(block, "info: block", RegistryError)
         if b >= self.h.num_blocks:
             raise RegistryError(f"info: block {b} is out of range [0, {self.h.num_blocks})")
         return dict(state=BlockState(self.state[b]), refcount=self.refcount[b], hash=self.hash[b],
