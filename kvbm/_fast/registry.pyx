@@ -4,36 +4,32 @@ an indexed min-heap of inactive blocks (the eviction order), an open-addressing 
 index, lineage links, a ring of evicted hashes, and (LINEAGE) a ghost table of the use counts of
 recently evicted hashes. No Python object per block.
 
-Parts (field by field in registry.pxd):
+Files: registry.pxd is the contract (every array, field by field, and every routine); the class
+here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
+over inline helpers on plain pointers: _table.pxd (header and entry structs, ids, layout),
+_index.pxd (index and ghost table), _heap.pxd (the heap). _convert turns the inputs into arrays
+(shared with native.pyx).
+
+Parts:
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
            (counts, tick, ring cursor) then every array, so the table can move to shared memory.
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
-  heap     inactive blocks (REGISTERED, refcount 0) in a 4-ary min-heap (half the depth of a
-           binary one: fewer cache misses per pop), entries (key1, key2, block) popped smallest
-           first, block id breaking ties; the key is computed by `_policy_key` (switch on the
-           policy id: LRU, or LINEAGE = leaves first, frequency-credited recency, see
+  heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
+           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE, see
            kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
-           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded
+           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
   index    sequence hash -> block for every REGISTERED block (and -> ghost slot for each ghost
-           entry); linear probing, Fibonacci hashing
-           (after folding the high half into the low),
-           backward-shift deletion (no tombstones), capacity a power of two >= 2N.
+           entry).
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
-  ghost    LINEAGE only (bench/POLICY_ROUND2.md section 3): the last G = ghost_blocks evicted
-           (hash, use count) pairs, FIFO by eviction, in a doubly linked list of G slots; each
-           entry keeps its slot in the block index (value -2 - slot), so the table needs no
-           index of its own and no probe of its own. Every eviction (allocate or evict) turns the
-           victim's index entry into a ghost entry, forgetting the oldest entry when G are live;
-           registering a *new* block (not a dedup hit) whose hash has an entry takes the entry's
-           index slot and use count (replacing touches made while PARTIAL/COMPLETE), before the
-           registration touch; the entry is consumed. So a document read again after more than a
-           cache lifetime keeps its frequency credit. Entries are the OrderedDict of
-           policy_research.GhostLineage exactly (consumed entries leave the FIFO; a plain ring of
-           G slots would keep them as holes); the registry evicts a whole allocation before the
-           blocks register, trace_replay.ghost_lineage_sim is the simulator in that order.
+  ghost    LINEAGE only: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
+           eviction (forgetting the oldest when G are live). Registering a *new* block (not a
+           dedup hit) under a remembered hash restores its use count (replacing touches made while
+           PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
+           read again after more than a cache lifetime keeps its frequency credit. An allocation
+           evicts all it needs before its blocks register, as the twin (_reference.py) does.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
 REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
@@ -53,10 +49,9 @@ Size: bytes_needed(N, G) is 97 bytes per block, 24 per ghost entry and 12 per in
 of two >= 2(N + G)), e.g. 122 MB for 10**6 blocks without a ghost table (LRU), 171 MB with G = N
 (LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy).
 
-Inputs are converted by kvbm._fast._convert (shared with native.pyx). Every public call validates
-the whole batch first and raises RegistryError with the numbers before changing anything, so a
-failed call leaves the buffer byte for byte as it was. The batch loop then runs in a
-`noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
+Every public call validates the whole batch first and raises RegistryError with the numbers before
+changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
+runs in a `noexcept nogil` routine over raw pointers into the table. Raw pointer indexing is never
 bounds checked, so each core routine says which validation made its indices safe. The loops are
 called with the GIL held: a whole call is then atomic for other Python threads (a call is
 microseconds), and nothing here needs a lock. With KVBM_DEBUG, check_invariants() runs after every
@@ -67,6 +62,12 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
+from kvbm._fast._heap cimport heap_less, heap_push, heap_remove, heap_resift, heap_sift_down
+from kvbm._fast._index cimport (
+    ghost_init, ghost_record, ghost_unlink, index_find, index_home, index_init, index_pos,
+    index_remove,
+)
+from kvbm._fast._table cimport index_capacity, table_layout
 
 import numpy as np
 
@@ -98,68 +99,12 @@ if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID):
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
 cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
-cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
-cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
-
-cdef enum:
-    NUM_ARRAYS = 21
-
-
-cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
-    # Home slot of a key: fold the high half in, then Fibonacci hashing (top bits of key * golden).
-    # The fold keeps structured keys (counters, multiples of a constant) from clustering.
-    return <int64_t>(((key ^ (key >> 32)) * GOLDEN) >> shift)
-
-
-cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
-    return (x + a - 1) // a * a
-
-
-cdef int64_t _index_capacity(int64_t n) noexcept nogil:
-    cdef int64_t cap = 2
-    while cap < 2 * n:
-        cap <<= 1
-    return cap
-
-
-cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
-    """Offsets (from the aligned base) of the header and each array for N blocks and a ghost table
-    of G entries; returns the total size."""
-    cdef int64_t cap = _index_capacity(n + g)   # blocks and ghost entries share the index
-    cdef int64_t sizes[NUM_ARRAYS]
-    sizes[0] = sizeof(RegistryHeader)
-    sizes[1] = n * sizeof(uint8_t)        # state
-    sizes[2] = n * sizeof(uint32_t)       # refcount
-    sizes[3] = n * sizeof(uint64_t)       # hash
-    sizes[4] = n * sizeof(int32_t)        # priority
-    sizes[5] = n * sizeof(uint64_t)       # last_tick
-    sizes[6] = n * sizeof(uint32_t)       # use_count
-    sizes[7] = n * sizeof(bid_t)          # parent
-    sizes[8] = n * sizeof(uint32_t)       # children
-    sizes[9] = n * sizeof(bid_t)          # first_child
-    sizes[10] = n * sizeof(bid_t)         # next_sib
-    sizes[11] = n * sizeof(bid_t)         # prev_sib
-    sizes[12] = (n + 1) * sizeof(bid_t)   # free_prev
-    sizes[13] = (n + 1) * sizeof(bid_t)   # free_next
-    sizes[14] = n * sizeof(HeapEntry)     # heap
-    sizes[15] = n * sizeof(bid_t)         # heap_pos
-    sizes[16] = n * sizeof(uint32_t)      # mark
-    sizes[17] = cap * sizeof(uint64_t)    # ikeys
-    sizes[18] = cap * sizeof(bid_t)       # ivals
-    sizes[19] = n * sizeof(uint64_t)      # ring
-    sizes[20] = (g + 1) * sizeof(GhostEntry) if g > 0 else 0   # ghost (FIFO entries, sentinel G)
-    cdef int64_t off = 0
-    cdef int i
-    for i in range(NUM_ARRAYS):
-        offsets[i] = off
-        off += _round_up(sizes[i], ALIGN)
-    return off
 
 
 cdef int64_t _ghost_count_arg(g, int64_t n) except -1:
-    # ghost_blocks argument: None -> n (POLICY_ROUND2.md: as many evicted hashes as cached blocks)
+    # ghost_blocks argument: None -> n (as many evicted hashes as cached blocks)
     if g is None:
         return n
     cdef int64_t v = as_count(g, "ghost_blocks", RegistryError)
@@ -220,7 +165,7 @@ cdef class BlockRegistry:
         cdef unsigned char[::1] view = mem
         self._mem = mem
         cdef uintptr_t base = <uintptr_t>&view[0]
-        base = (base + <uintptr_t>(ALIGN - 1)) & ~(<uintptr_t>(ALIGN - 1))
+        base = (base + <uintptr_t>(TABLE_ALIGN - 1)) & ~(<uintptr_t>(TABLE_ALIGN - 1))
         self._carve(<unsigned char *>base, n, g)
         self._init_table(n, g, pol)
 
@@ -233,11 +178,11 @@ cdef class BlockRegistry:
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
-        return _layout(n, g, offsets) + ALIGN
+        return table_layout(n, g, offsets) + TABLE_ALIGN
 
     cdef _carve(self, unsigned char *base, int64_t n, int64_t g):
         cdef int64_t o[NUM_ARRAYS]
-        _layout(n, g, o)
+        table_layout(n, g, o)
         self.h = <RegistryHeader *>(base + o[0])
         self.state = <uint8_t *>(base + o[1])
         self.refcount = <uint32_t *>(base + o[2])
@@ -260,23 +205,14 @@ cdef class BlockRegistry:
         self.ring = <uint64_t *>(base + o[19])
         self.ghost = <GhostEntry *>(base + o[20])
 
-
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
-        cdef int64_t total = _layout(n, g, o)
-        cdef int64_t cap = _index_capacity(n + g)
-        cdef int64_t shift = 64, c = cap
+        cdef int64_t total = table_layout(n, g, o)
         cdef int64_t i
-        while c > 1:
-            c >>= 1
-            shift -= 1
         memset(<void *>self.h, 0, total)
         self.h.magic = REGISTRY_MAGIC
         self.h.version = LAYOUT_VERSION
         self.h.num_blocks = n
-        self.h.index_capacity = cap
-        self.h.index_mask = cap - 1
-        self.h.index_shift = shift
         self.h.policy = pol
         self.h.lineage_c = <uint64_t>(2 * n)
         self.h.num_free = n
@@ -290,17 +226,8 @@ cdef class BlockRegistry:
             self.free_next[i] = <bid_t>(i + 1)
         self.free_next[n] = 0
         self.free_prev[n] = <bid_t>(n - 1)
-        for i in range(cap):
-            self.ivals[i] = -1
-        # ghost table: empty FIFO (sentinel G), every slot on the unused stack
-        self.h.ghost_blocks = g
-        self.h.ghost_free = 0 if g > 0 else -1
-        if g > 0:
-            self.ghost[g].prev = <bid_t>g
-            self.ghost[g].next = <bid_t>g
-        for i in range(g):
-            self.ghost[i].prev = -1
-            self.ghost[i].next = <bid_t>(i + 1 if i + 1 < g else -1)
+        index_init(self.h, self.ivals, index_capacity(n + g))
+        ghost_init(self.h, self.ghost, g)
 
     # ---- properties -----------------------------------------------------------------------------
 
@@ -353,116 +280,27 @@ cdef class BlockRegistry:
         """The memoryview (uint8) over the whole buffer; bytes(reg.buffer) snapshots the table."""
         return self._mem
 
-    # ---- index ----------------------------------------------------------------------------------
+    # ---- index and ghost table (thin over _index.pxd) -------------------------------------------
 
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil:
-        # Block registered under key, or -1 (also for a ghost entry). Slots are masked, and the
-        # table is at most half full, so the probe ends at an empty slot.
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        cdef bid_t v
-        while True:
-            v = self.ivals[i]
-            if v == -1:
-                return -1
-            if self.ikeys[i] == key:
-                return v if v >= 0 else -1
-            i = (i + 1) & mask
+        # Block registered under key, or -1 (also for a ghost entry).
+        return index_find(self.h, self.ikeys, self.ivals, key)
 
     cdef inline int64_t _index_pos(self, uint64_t key) noexcept nogil:
         # Slot of key (a block or a ghost entry), or -1 - (the empty slot where the probe ended).
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        while True:
-            if self.ivals[i] == -1:
-                return -1 - i
-            if self.ikeys[i] == key:
-                return i
-            i = (i + 1) & mask
-
-    cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil:
-        # Caller checked that key is absent; entries (blocks + ghosts) <= N + G <= C/2.
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        while self.ivals[i] != -1:
-            i = (i + 1) & mask
-        self.ikeys[i] = key
-        self.ivals[i] = b
-        self.h.num_registered += 1
-
-    cdef void _index_erase_at(self, int64_t i) noexcept nogil:
-        # Backward-shift deletion of the entry at slot i: pull later entries of the run back over
-        # the hole unless their home slot lies cyclically in (hole, j]. Counts are the caller's.
-        cdef int64_t shift = self.h.index_shift
-        cdef int64_t mask = self.h.index_mask
-        cdef int64_t j = i, k
-        while True:
-            j = (j + 1) & mask
-            if self.ivals[j] == -1:
-                break
-            k = _home(self.ikeys[j], shift)
-            if i <= j:
-                if i < k <= j:
-                    continue
-            elif k > i or k <= j:
-                continue
-            self.ikeys[i] = self.ikeys[j]
-            self.ivals[i] = self.ivals[j]
-            i = j
-        self.ikeys[i] = 0
-        self.ivals[i] = -1
+        return index_pos(self.h, self.ikeys, self.ivals, key)
 
     cdef void _index_remove(self, uint64_t key) noexcept nogil:
-        # Caller passes the hash of a REGISTERED block, so the key is present.
-        self._index_erase_at(self._index_pos(key))
-        self.h.num_registered -= 1
-
-    # ---- ghost table (LINEAGE; bench/POLICY_ROUND2.md section 3) -------------------------------
-    # A FIFO of at most G (evicted hash, use count) entries: a doubly linked list of slots, oldest
-    # first. Each live entry also has a slot in the block index, under its hash, with value
-    # -2 - (its FIFO slot): an evicted block's index entry is turned into its ghost entry in place,
-    # and a new block registered under a ghost's hash takes that index slot back (its use count
-    # restored), so the table costs no index probe of its own; only forgetting the oldest entry
-    # (when G are live) removes one from the index. Registering takes the entry out of the FIFO
-    # (the slot goes back to the unused stack), so the live entries are exactly those of
-    # policy_research.GhostLineage's OrderedDict (a consumed entry does not hold a place in the
-    # FIFO, unlike a plain ring of G slots). Every operation is O(1) expected; nothing scans.
+        # Caller passes the hash of a REGISTERED block.
+        index_remove(self.h, self.ikeys, self.ivals, key)
 
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil:
-        # Live slot s leaves the FIFO and goes on the unused stack (its index entry is the
-        # caller's business).
-        self.ghost[self.ghost[s].prev].next = self.ghost[s].next
-        self.ghost[self.ghost[s].next].prev = self.ghost[s].prev
-        self.ghost[s].prev = -1
-        self.ghost[s].next = <bid_t>self.h.ghost_free
-        self.ghost[s].hash = 0
-        self.ghost[s].count = 0
-        self.h.ghost_free = s
-        self.h.ghost_size -= 1
+        # Live ghost slot s leaves the FIFO (its index entry is the caller's business).
+        ghost_unlink(self.h, self.ghost, s)
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block: its
-        # index entry becomes a ghost entry. A hash in the table is never REGISTERED (keys are
-        # unique in the index), so the OrderedDict's update-in-place case cannot arise.
-        cdef bid_t g = <bid_t>self.h.ghost_blocks, s
-        if self.h.ghost_size == g:
-            # full: the oldest entry is forgotten (before the victim's slot is looked up: the
-            # backward shift may move it); its FIFO slot is reused right away
-            s = self.ghost[g].next
-            self._index_erase_at(self._index_pos(self.ghost[s].hash))
-            self._ghost_unlink(s)
-        s = <bid_t>self.h.ghost_free
-        self.h.ghost_free = self.ghost[s].next
-        self.ghost[s].hash = key
-        self.ghost[s].count = count
-        self.h.ghost_size += 1
-        # append at the newest end (before the sentinel)
-        self.ghost[s].prev = self.ghost[g].prev
-        self.ghost[s].next = g
-        self.ghost[self.ghost[g].prev].next = s
-        self.ghost[g].prev = s
-        self.ivals[self._index_pos(key)] = -2 - s
-        self.h.num_registered -= 1
+        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block.
+        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count)
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -487,77 +325,25 @@ cdef class BlockRegistry:
         self.h.num_free -= 1
         return b
 
-    # ---- inactive heap --------------------------------------------------------------------------
-
-    cdef inline bint _less(self, const HeapEntry *a, const HeapEntry *b) noexcept nogil:
-        if a.key1 != b.key1:
-            return a.key1 < b.key1
-        if a.key2 != b.key2:
-            return a.key2 < b.key2
-        return a.block < b.block
-
-    cdef void _sift_up(self, int64_t i) noexcept nogil:
-        cdef HeapEntry e = self.heap[i]
-        cdef int64_t p
-        while i > 0:
-            p = (i - 1) >> 2
-            if not self._less(&e, &self.heap[p]):
-                break
-            self.heap[i] = self.heap[p]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-            i = p
-        self.heap[i] = e
-        self.heap_pos[e.block] = <bid_t>i
+    # ---- inactive heap (thin over _heap.pxd, plus the registry's zombies) ------------------------
 
     cdef void _sift_down(self, int64_t i) noexcept nogil:
-        cdef int64_t n = self.h.heap_size
-        cdef HeapEntry e = self.heap[i]
-        cdef int64_t c, first, k, last
-        while True:
-            first = 4 * i + 1
-            if first >= n:
-                break
-            c = first
-            last = first + 4 if first + 4 <= n else n
-            for k in range(first + 1, last):
-                if self._less(&self.heap[k], &self.heap[c]):
-                    c = k
-            if not self._less(&self.heap[c], &e):
-                break
-            self.heap[i] = self.heap[c]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-            i = c
-        self.heap[i] = e
-        self.heap_pos[e.block] = <bid_t>i
+        heap_sift_down(self.heap, self.heap_pos, self.h.heap_size, i)
 
     cdef inline void _resift(self, int64_t i) noexcept nogil:
-        if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
-            self._sift_up(i)
-        else:
-            self._sift_down(i)
+        heap_resift(self.heap, self.heap_pos, self.h.heap_size, i)
 
     cdef void _heap_push(self, bid_t b) noexcept nogil:
         # Caller: b is REGISTERED with refcount 0 and has no entry; heap_size < N (one per block).
-        cdef int64_t i = self.h.heap_size
-        self.h.heap_size += 1
-        self._policy_key(b, &self.heap[i])
-        self.heap[i].block = b
-        self.heap[i].pad = 0
-        self.heap_pos[b] = <bid_t>i
-        self._sift_up(i)
+        cdef HeapEntry e
+        self._policy_key(b, &e)
+        e.block = b
+        e.pad = 0
+        heap_push(self.heap, self.heap_pos, &self.h.heap_size, &e)
 
     cdef void _heap_remove(self, bid_t b) noexcept nogil:
-        # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie); the vacated slot is zeroed.
-        cdef int64_t i = self.heap_pos[b]
-        cdef int64_t last = self.h.heap_size - 1
-        self.heap_pos[b] = -1
-        self.h.heap_size = last
-        if i != last:
-            self.heap[i] = self.heap[last]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-        memset(<void *>&self.heap[last], 0, sizeof(HeapEntry))
-        if i != last:
-            self._resift(i)
+        # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie).
+        heap_remove(self.heap, self.heap_pos, &self.h.heap_size, b)
 
     cdef bid_t _heap_top_live(self) noexcept nogil:
         # Caller checked num_inactive > 0, so a live entry exists; zombies above it are dropped.
@@ -569,15 +355,15 @@ cdef class BlockRegistry:
             if self.refcount[b] == 0:
                 # The victim's index slot and lineage are needed next: start loading them now, so
                 # the misses overlap with the work in between.
-                slot = _home(self.hash[b], self.h.index_shift)
+                slot = index_home(self.hash[b], self.h.index_shift)
                 kvbm_prefetch(&self.ikeys[slot])
                 kvbm_prefetch(&self.ivals[slot])
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
                 if self.h.ghost_size == self.h.ghost_blocks and self.h.ghost_blocks > 0:
                     # the oldest ghost entry's index slot: forgotten when the victim goes in
-                    slot = _home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
-                                 self.h.index_shift)
+                    slot = index_home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
+                                       self.h.index_shift)
                     kvbm_prefetch(&self.ikeys[slot])
                     kvbm_prefetch(&self.ivals[slot])
                 return b
@@ -611,10 +397,10 @@ cdef class BlockRegistry:
             e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
             e.key2 = self.last_tick[b]
         elif self.h.policy == POLICY_LINEAGE_ID:
-            # bench/POLICY.md section 2: leaves (no registered child here) before interior blocks
-            # of the same priority; then last tick + C * f(use count), f(u) = 0 for u < 2, else
-            # bit_length(u) (1..32 for a uint32 count). key2 saturates instead of wrapping:
-            # C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
+            # kvbm.policy.EvictionPolicy.LINEAGE: leaves (no registered child here) before
+            # interior blocks of the same priority; then last tick + C * f(use count), f(u) = 0
+            # for u < 2, else bit_length(u) (1..32 for a uint32 count). key2 saturates instead of
+            # wrapping: C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
             e.key1 = ((<uint64_t>(<int64_t>self.priority[b] + 2147483648LL)) << 1) | \
                      (1 if self.children[b] > 0 else 0)
             u = self.use_count[b]
@@ -783,8 +569,8 @@ cdef class BlockRegistry:
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 # random hashes and random block ids: start the index and table misses early
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
                 kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
                 kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
@@ -828,8 +614,8 @@ cdef class BlockRegistry:
         cdef bid_t e
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
             e = self._find(hashes[i])
             if e < 0:
                 return i
@@ -843,8 +629,8 @@ cdef class BlockRegistry:
         cdef int64_t i, shift = self.h.index_shift
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
             out[i] = self._find(hashes[i])
 
     cdef void _touch_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
@@ -1223,7 +1009,7 @@ cdef class BlockRegistry:
                 if probe.key1 != self.heap[i].key1 or probe.key2 != self.heap[i].key2:
                     raise RegistryError(f"inactive block {b} has stale key ({self.heap[i].key1}, "
                                         f"{self.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
-            if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
+            if i > 0 and heap_less(&self.heap[i], &self.heap[(i - 1) >> 2]):
                 raise RegistryError(f"heap order broken at slot {i} (block {b})")
         # index: every entry is a REGISTERED block under its hash, or a live ghost entry under its
         # hash, reachable from its home slot
@@ -1245,7 +1031,7 @@ cdef class BlockRegistry:
                 if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
                     raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
                                         f"under hash {self.ikeys[i]}")
-            j = _home(self.ikeys[i], self.h.index_shift)
+            j = index_home(self.ikeys[i], self.h.index_shift)
             while j != i:
                 if self.ivals[j] == -1:
                     raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")
