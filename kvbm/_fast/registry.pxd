@@ -61,8 +61,9 @@ cdef class BlockRegistry:
     # free list and heap (callers pass checked block ids; the heap ones thin over _heap.pxd)
     cdef void _free_push(self, bid_t b) noexcept nogil
     cdef bid_t _free_pop(self) noexcept nogil
+    cdef void _sift_up(self, int64_t i) noexcept nogil
     cdef void _sift_down(self, int64_t i) noexcept nogil
-    cdef inline void _resift(self, int64_t i) noexcept nogil
+    cdef void _resift(self, int64_t i) noexcept nogil
     cdef void _heap_push(self, bid_t b) noexcept nogil
     cdef void _heap_remove(self, bid_t b) noexcept nogil
     cdef bid_t _heap_top_live(self) noexcept nogil

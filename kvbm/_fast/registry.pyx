@@ -62,7 +62,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
-from kvbm._fast._heap cimport heap_less, heap_push, heap_remove, heap_resift, heap_sift_down
+from kvbm._fast._heap cimport (
+    heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
+)
 from kvbm._fast._index cimport (
     ghost_init, ghost_record, ghost_unlink, index_find, index_home, index_init, index_pos,
     index_remove,
@@ -327,11 +329,18 @@ cdef class BlockRegistry:
 
     # ---- inactive heap (thin over _heap.pxd, plus the registry's zombies) ------------------------
 
+    cdef void _sift_up(self, int64_t i) noexcept nogil:
+        heap_sift_up(self.heap, self.heap_pos, i)
+
     cdef void _sift_down(self, int64_t i) noexcept nogil:
         heap_sift_down(self.heap, self.heap_pos, self.h.heap_size, i)
 
-    cdef inline void _resift(self, int64_t i) noexcept nogil:
-        heap_resift(self.heap, self.heap_pos, self.h.heap_size, i)
+    cdef void _resift(self, int64_t i) noexcept nogil:
+        # Out of line: the hot callers (_update_key from _touch, _deactivate) stay small.
+        if heap_rises(self.heap, i):
+            self._sift_up(i)
+        else:
+            self._sift_down(i)
 
     cdef void _heap_push(self, bid_t b) noexcept nogil:
         # Caller: b is REGISTERED with refcount 0 and has no entry; heap_size < N (one per block).
@@ -339,11 +348,13 @@ cdef class BlockRegistry:
         self._policy_key(b, &e)
         e.block = b
         e.pad = 0
-        heap_push(self.heap, self.heap_pos, &self.h.heap_size, &e)
+        self._sift_up(heap_append(self.heap, self.heap_pos, &self.h.heap_size, &e))
 
     cdef void _heap_remove(self, bid_t b) noexcept nogil:
         # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie).
-        heap_remove(self.heap, self.heap_pos, &self.h.heap_size, b)
+        cdef int64_t i = heap_take(self.heap, self.heap_pos, &self.h.heap_size, b)
+        if i >= 0:
+            self._resift(i)
 
     cdef bid_t _heap_top_live(self) noexcept nogil:
         # Caller checked num_inactive > 0, so a live entry exists; zombies above it are dropped.
