@@ -28,13 +28,13 @@ priority 1 while they wait (KvBlockManager.hint_waiting / hint_done, kvbm.pools.
 under either policy they are evicted after every priority-0 block.
 
 Adding a policy:
-  1. add a member here (next free id) and the same constant in kvbm/_fast/registry.pxd's
+  1. add a member here (next free id) and the same constant in kvbm/_fast/_table.pxd's
      `cdef enum` (the registry refuses to import when the two lists differ);
   2. add its case to `_policy_key` in registry.pyx and to `_key` in _reference.py (a tuple that
      sorts the same way, block id last), so the differential tests cover it. Per block there are:
      priority, last_tick, use_count, parent (block id or -1), children (count of registered
      children here), first_child/next_sib (the child list), hash;
-  3. any new metadata: a field in registry.pxd and in `_layout`/`_carve`, reset in `_reset`,
+  3. any new metadata: a field in registry.pxd and in `table_layout` (_table.pxd)/`_carve`, reset in `_reset`,
      and a call to `_update_key` wherever it changes.
 """
 from __future__ import annotations

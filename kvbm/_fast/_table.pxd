@@ -6,7 +6,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 ctypedef int32_t bid_t   # block id inside the table (num_blocks < 2**31 - 1); -1 = none
 
-cdef enum:
+cdef enum:   # the ids of kvbm.policy.EvictionPolicy, one each (registry.pyx checks at import)
     POLICY_LRU_ID = 0    # kvbm.policy.EvictionPolicy.LRU: priority, then least recent
     POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
                            #   last tick + lineage_c * f(use count) (_reference.py `_key`)

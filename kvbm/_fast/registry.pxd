@@ -93,11 +93,10 @@ cdef class BlockRegistry:
     cdef void _set_priority_core(self, const int64_t *blocks, const int32_t *prios,
                                  int64_t n) noexcept nogil
     cdef int64_t _evict_core(self, int64_t n, uint64_t *out) noexcept nogil
-    # setup and validation helpers (with the GIL; raise RegistryError)
+    # setup and validation helpers (with the GIL; raise RegistryError). The invariant checks are
+    # functions over the table in _invariants.pxi, included by registry.pyx.
     cdef _carve(self, unsigned char *base, int64_t n, int64_t g)
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol)
-    cdef _check_ghost(self)
-    cdef _debug_check(self)
     cdef int _check_not_reset(self, const int64_t[::1] blocks, str op) except -1
     cdef int _check_ids(self, const int64_t[::1] blocks, str op) except -1
     cdef int _check_distinct(self, const int64_t[::1] blocks, str op) except -1

@@ -8,7 +8,10 @@ Files: registry.pxd is the contract (every array, field by field, and every rout
 here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
 over inline helpers on plain pointers: _table.pxd (header and entry structs, ids, layout),
 _index.pxd (index and ghost table), _heap.pxd (the heap). _convert turns the inputs into arrays
-(shared with native.pyx).
+(shared with native.pyx); _invariants.pxi holds check_invariants. This file stays above 600 lines:
+what is left is one class body, which Cython cannot spread over files (no `include` in a class).
+Moved to another module, the nogil loops and the life cycle would call each other per block
+through the vtable; moved to an included file as free functions, they would leave the .pxd.
 
 Parts:
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
@@ -718,10 +721,6 @@ cdef class BlockRegistry:
                                     f"{op} needs an allocated block")
         return 0
 
-    cdef _debug_check(self):
-        if KVBM_REGISTRY_DEBUG:
-            self.check_invariants()
-
     # ---- public API -----------------------------------------------------------------------------
 
     def allocate(self, n):
@@ -734,7 +733,7 @@ cdef class BlockRegistry:
         cdef int64_t[::1] o = out
         if k > 0:
             self._allocate_core(k, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def complete(self, blocks):
@@ -750,7 +749,7 @@ cdef class BlockRegistry:
         self._check_distinct(bs, "complete")
         if bs.shape[0] > 0:
             self._complete_core(&bs[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def register(self, blocks, hashes, parents=None, priorities=None, has_parent=None):
         """Register COMPLETE blocks owned by the caller (refcount 1) under `hashes` (uint64).
@@ -820,7 +819,7 @@ cdef class BlockRegistry:
             pr = parr_i32
             prp = &pr[0]
         self._register_core(&bs[0], &hs[0], pp, mp, prp, n, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def match(self, hashes, acquire=True):
@@ -836,7 +835,7 @@ cdef class BlockRegistry:
         if n > 0:
             m = self._match_core(&hs[0], n, acq, &o[0])
         if acq:
-            self._debug_check()
+            _debug_check(self)
         return out[:m] if m < n else out
 
     def lookup(self, hashes):
@@ -858,7 +857,7 @@ cdef class BlockRegistry:
         self._check_not_reset(bs, "touch")
         if bs.shape[0] > 0:
             self._touch_core(&bs[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def release(self, blocks):
         """refcount - 1 per occurrence; at 0 a REGISTERED block becomes inactive (stamped with a
@@ -886,7 +885,7 @@ cdef class BlockRegistry:
                                 f"({_state_name(self.state[b])})")
         if n > 0:
             self._release_core(&bs[0], n)
-        self._debug_check()
+        _debug_check(self)
 
     def evict(self, n):
         """Evict up to `n` inactive blocks in policy order (to the free list); their hashes."""
@@ -897,7 +896,7 @@ cdef class BlockRegistry:
         cdef uint64_t[::1] o = out
         if k > 0:
             self._evict_core(k, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def drain_evicted(self):
@@ -924,7 +923,7 @@ cdef class BlockRegistry:
         self._check_not_reset(bs, "set_priority")
         if bs.shape[0] > 0:
             self._set_priority_core(&bs[0], &ps[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def info(self, block) -> dict:
         """Metadata of one block (tests, debugging)."""
@@ -937,174 +936,8 @@ cdef class BlockRegistry:
                     children=self.children[b])
 
     def check_invariants(self):
-        """Raise RegistryError (with the numbers) if the table is inconsistent."""
-        cdef int64_t n = self.h.num_blocks, cap = self.h.index_capacity, mask = self.h.index_mask
-        cdef int64_t i, j, k, b, steps, prev, nfree = 0, nactive = 0, nreg = 0, nin = 0, cnt
-        cdef int64_t s = n
-        cdef HeapEntry probe
-        cdef uint8_t st
-        cdef int64_t nchild = 0, nlinked = 0, nghost = 0
-        # per-block states and refcounts
-        for b in range(n):
-            st = self.state[b]
-            if st > ST_REGISTERED:
-                raise RegistryError(f"block {b} has bad state {st}")
-            if self.refcount[b] > 0:
-                nactive += 1
-            if st == ST_RESET:
-                nfree += 1
-                if self.refcount[b] != 0 or self.hash[b] != 0 or self.use_count[b] != 0:
-                    raise RegistryError(f"RESET block {b} has refcount {self.refcount[b]}, "
-                                        f"hash {self.hash[b]}, use_count {self.use_count[b]}")
-                if self.free_next[b] < 0 or self.free_prev[b] < 0:
-                    raise RegistryError(f"RESET block {b} is not in the free list")
-            elif self.free_next[b] >= 0 or self.free_prev[b] >= 0:
-                raise RegistryError(f"{_state_name(st)} block {b} has free-list links")
-            if (st == ST_PARTIAL or st == ST_COMPLETE) and self.refcount[b] != 1:
-                raise RegistryError(f"{_state_name(st)} block {b} has refcount {self.refcount[b]}, "
-                                    f"expected 1")
-            if st == ST_REGISTERED:
-                nreg += 1
-                if self._find(self.hash[b]) != b:
-                    raise RegistryError(f"REGISTERED block {b} (hash {self.hash[b]}) not found in "
-                                        f"the index (found {self._find(self.hash[b])})")
-                if self.refcount[b] == 0 and self.heap_pos[b] < 0:
-                    raise RegistryError(f"inactive block {b} has no heap entry")
-                if self.refcount[b] == 0:
-                    nin += 1
-            elif self.heap_pos[b] >= 0:
-                raise RegistryError(f"{_state_name(st)} block {b} is in the inactive heap")
-            if st != ST_REGISTERED and (self.parent[b] != -1 or self.children[b] != 0
-                                        or self.first_child[b] != -1):
-                raise RegistryError(f"{_state_name(st)} block {b} has lineage: parent "
-                                    f"{self.parent[b]}, children {self.children[b]}")
-            if self.mark[b] != 0:
-                raise RegistryError(f"scratch mark of block {b} is {self.mark[b]}, expected 0")
-        if nfree != self.h.num_free:
-            raise RegistryError(f"{nfree} RESET blocks but num_free = {self.h.num_free}")
-        if nin != self.h.num_inactive:
-            raise RegistryError(f"{nin} inactive blocks but num_inactive = {self.h.num_inactive}")
-        if self.h.heap_size < nin or self.h.heap_size > nreg:
-            raise RegistryError(f"heap holds {self.h.heap_size} entries for {nin} inactive and "
-                                f"{nreg} registered blocks")
-        if nfree + nin + nactive != n:
-            raise RegistryError(f"free {nfree} + inactive {nin} + active {nactive} != {n} blocks")
-        if nreg != self.h.num_registered:
-            raise RegistryError(f"{nreg} REGISTERED blocks but index holds {self.h.num_registered}")
-        # free list structure
-        prev = s
-        b = self.free_next[s]
-        steps = 0
-        while b != s:
-            if b < 0 or b > n or steps > n:
-                raise RegistryError(f"free list broken after {steps} blocks (next = {b})")
-            if self.free_prev[b] != prev:
-                raise RegistryError(f"free list: block {b} has prev {self.free_prev[b]}, expected {prev}")
-            if self.state[b] != ST_RESET:
-                raise RegistryError(f"free list holds {_state_name(self.state[b])} block {b}")
-            prev = b
-            b = self.free_next[b]
-            steps += 1
-        if steps != self.h.num_free or self.free_prev[s] != prev:
-            raise RegistryError(f"free list walk found {steps} blocks, num_free = {self.h.num_free}")
-        # heap: positions, order, and live entries carry the key the policy computes now
-        for i in range(self.h.heap_size):
-            b = self.heap[i].block
-            if b < 0 or b >= n or self.heap_pos[b] != i:
-                raise RegistryError(f"heap slot {i} holds block {b} with position "
-                                    f"{self.heap_pos[b] if 0 <= b < n else None}")
-            if self.state[b] != ST_REGISTERED:
-                raise RegistryError(f"heap slot {i} holds {_state_name(self.state[b])} block {b}")
-            if self.refcount[b] == 0:
-                self._policy_key(<bid_t>b, &probe)
-                if probe.key1 != self.heap[i].key1 or probe.key2 != self.heap[i].key2:
-                    raise RegistryError(f"inactive block {b} has stale key ({self.heap[i].key1}, "
-                                        f"{self.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
-            if i > 0 and heap_less(&self.heap[i], &self.heap[(i - 1) >> 2]):
-                raise RegistryError(f"heap order broken at slot {i} (block {b})")
-        # index: every entry is a REGISTERED block under its hash, or a live ghost entry under its
-        # hash, reachable from its home slot
-        cnt = 0
-        nghost = 0
-        for i in range(cap):
-            b = self.ivals[i]
-            if b == -1:
-                continue
-            if b <= -2:
-                nghost += 1
-                k = -2 - b
-                if k >= self.h.ghost_blocks or self.ghost[k].hash != self.ikeys[i] \
-                        or self.ghost[k].count == 0:
-                    raise RegistryError(f"index slot {i} -> ghost slot {k}, which is not a live "
-                                        f"entry of hash {self.ikeys[i]}")
-            else:
-                cnt += 1
-                if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
-                    raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
-                                        f"under hash {self.ikeys[i]}")
-            j = index_home(self.ikeys[i], self.h.index_shift)
-            while j != i:
-                if self.ivals[j] == -1:
-                    raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")
-                j = (j + 1) & mask
-        if cnt != nreg:
-            raise RegistryError(f"index has {cnt} entries, {nreg} REGISTERED blocks")
-        if nghost != self.h.ghost_size:
-            raise RegistryError(f"index has {nghost} ghost entries, ghost_size {self.h.ghost_size}")
-        # lineage: child lists agree with parent links and counts
-        for b in range(n):
-            if self.state[b] != ST_REGISTERED:
-                continue
-            if self.parent[b] >= 0 and self.state[self.parent[b]] != ST_REGISTERED:
-                raise RegistryError(f"block {b} has parent {self.parent[b]}, which is not REGISTERED")
-            if self.parent[b] >= 0:
-                nlinked += 1
-            cnt = 0
-            prev = -1
-            j = self.first_child[b]
-            while j >= 0:
-                if cnt > n or self.parent[j] != b or self.prev_sib[j] != prev:
-                    raise RegistryError(f"child list of block {b} broken at child {j}")
-                prev = j
-                j = self.next_sib[j]
-                cnt += 1
-            if cnt != self.children[b]:
-                raise RegistryError(f"block {b} lists {cnt} children, children = {self.children[b]}")
-            nchild += cnt
-        if nchild != nlinked:
-            raise RegistryError(f"{nlinked} blocks have a parent link, child lists hold {nchild}")
-        if self.h.ring_count > n or self.h.ring_head >= n:
-            raise RegistryError(f"evicted ring: count {self.h.ring_count}, head {self.h.ring_head}, "
-                                f"capacity {n}")
-        self._check_ghost()
+        """Raise RegistryError (with the numbers) if the table is inconsistent (_invariants.pxi)."""
+        _check_table(self)
 
-    cdef _check_ghost(self):
-        # FIFO list, unused stack and index agree (check_invariants counted the index's ghosts).
-        cdef int64_t g = self.h.ghost_blocks, i, j, cnt = 0, nfree = 0
-        cdef bid_t s, prev = <bid_t>g
-        if g == 0:
-            return
-        if self.h.ghost_size < 0 or self.h.ghost_size > g:
-            raise RegistryError(f"ghost table holds {self.h.ghost_size} entries, capacity {g}")
-        s = self.ghost[g].next
-        while s != g:
-            if s < 0 or s > g or cnt > g or self.ghost[s].prev != prev:
-                raise RegistryError(f"ghost FIFO broken after {cnt} entries (slot {s})")
-            if self.ghost[s].count == 0:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) has count 0")
-            i = self._index_pos(self.ghost[s].hash)
-            if i < 0 or self.ivals[i] != -2 - s:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) is not indexed")
-            prev = s
-            s = self.ghost[s].next
-            cnt += 1
-        if cnt != self.h.ghost_size or self.ghost[g].prev != prev:
-            raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {self.h.ghost_size}")
-        j = self.h.ghost_free
-        while j >= 0:
-            if j >= g or nfree > g or self.ghost[j].prev != -1 or self.ghost[j].count != 0:
-                raise RegistryError(f"ghost unused stack broken at slot {j}")
-            j = self.ghost[j].next
-            nfree += 1
-        if nfree + cnt != g:
-            raise RegistryError(f"ghost: {cnt} live + {nfree} unused slots != {g}")
+
+include "_invariants.pxi"
