@@ -1,9 +1,10 @@
 """Plain-Python twin of kvbm._fast.registry.BlockRegistry, written for clarity (dicts and lists).
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
-ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here, exactly
-bench/policy_research.GhostLineage: FIFO of at most G live (hash -> use count) entries). The differential tests drive both with the same random
-operation sequences and compare every return value. Speed is irrelevant here, except that the
+ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here: FIFO of
+at most G live (hash -> use count) entries). This file is the spec of the registry's policies
+(kvbm/policy.py); the study behind them: research/eviction/. The differential tests drive both
+with the same random operation sequences and compare every return value. Speed is irrelevant here, except that the
 inactive set is a heapq with lazy deletion so that benchmarks against it finish.
 
 Order of things inside one call mirrors the Cython loops: validate the whole batch (raise
