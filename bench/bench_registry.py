@@ -41,10 +41,10 @@ import subprocess
 import time
 
 import numpy as np
-from kvbm._fast.registry import BlockRegistry  # noqa: E402
 
-from kvbm._fast._reference import ReferenceRegistry  # noqa: E402
-from kvbm.policy import EvictionPolicy  # noqa: E402
+from kvbm._fast._reference import ReferenceRegistry
+from kvbm._fast.registry import BlockRegistry
+from kvbm.policy import EvictionPolicy, policy_names
 
 OPS = ("cycle", "match", "match-peek", "lookup")
 
@@ -143,7 +143,7 @@ def policy_kwargs(name: str, n: int) -> dict:
     lineage-ghost2, lineage-ghost4)."""
     if name in GHOST_VARIANTS:
         return dict(policy=int(EvictionPolicy.LINEAGE), ghost_blocks=GHOST_VARIANTS[name] * n)
-    return dict(policy=int(EvictionPolicy[name.upper()]))
+    return dict(policy=int(EvictionPolicy.from_name(name)))
 
 
 def bench_point(impl, n: int, args, fill_pool: bool, **reg_kwargs) -> dict[str, np.ndarray]:
@@ -197,13 +197,13 @@ def main() -> None:
     ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
     ap.add_argument("--policies", nargs="+", default=["lru", "lineage"],
-                    choices=[p.name.lower() for p in EvictionPolicy] + list(GHOST_VARIANTS),
+                    choices=[*policy_names(), *GHOST_VARIANTS],
                     help="eviction policies of the policy table (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy and size")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference table")
     args = ap.parse_args()
 
-    print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}")
+    print(f"# {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {machine()}")
     print(f"# batch {args.batch}, prefix {args.prefix}; times in microseconds per call")
     if not args.no_ref:
         reference_table(args)

@@ -13,17 +13,19 @@ import os
 import re
 import tomllib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from kvbm.errors import ConfigError
 from kvbm.layout import LayoutConfig
+from kvbm.policy import EvictionPolicy, policy_names
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
           "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
-POLICIES = ("lru", "lineage")
+POLICIES = policy_names()          # ("lru", "lineage"): kvbm.policy.EvictionPolicy's members
 TRANSPORTS = ("ipc", "tcp")
 MAX_GHOST_RATIO = 16
 MAX_GHOST_BLOCKS = 2**31 - 2      # the registry's limit on ghost entries (and on blocks)
@@ -98,8 +100,7 @@ class KvbmConfig:
             raise ConfigError("a disk tier needs disk_path")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport: expected one of {TRANSPORTS}, got {self.transport!r}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        EvictionPolicy.from_name(self.policy)   # ConfigError naming the known policies
         if isinstance(self.ghost_ratio, str):
             object.__setattr__(self, "ghost_ratio", _parse_float(self.ghost_ratio, "ghost_ratio"))
         ratio = self.ghost_ratio
@@ -117,7 +118,7 @@ class KvbmConfig:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, config_file: str | None = None, env: Mapping[str, str] | None = None,
-             **overrides: Any) -> "KvbmConfig":
+             **overrides: Any) -> KvbmConfig:
         """Defaults < file < KVBM_* env < keyword arguments."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -129,7 +130,7 @@ class KvbmConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "KvbmConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> KvbmConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

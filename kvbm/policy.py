@@ -1,13 +1,16 @@
-"""Block states and eviction policy ids shared by the registry (Cython) and its Python twin.
+"""Block states and eviction policies shared by the registry (Cython) and its Python twin.
 
 Parts:
   BlockState      RESET -> PARTIAL -> COMPLETE -> REGISTERED, the life of one block in a pool.
   EvictionPolicy  which inactive registered block gives way first; the registry takes the id as a
-                  plain int (`BlockRegistry(num_blocks, policy=POLICY_LRU)`).
+                  plain int (`BlockRegistry(num_blocks, policy=POLICY_LRU)`). The one list of
+                  policies: config names (`policy_names()`, `EvictionPolicy.from_name("lru")`), the
+                  ids the registry and its twin accept, and the bench's choices all come from it.
 
 Both are IntEnums so that they cross into Cython and over the wire as plain integers.
 
-How eviction works (kvbm/_fast/registry.pyx):
+How eviction works (kvbm/_fast/registry.pyx; the spec is its plain-Python twin,
+kvbm/_fast/_reference.py, which the differential tests hold it to):
   Inactive blocks (REGISTERED, refcount 0) sit in an indexed 4-ary min-heap whose entries carry a
   two-word key (key1, key2); the heap pops the smallest (key1, key2, block id) first. One function,
   `_policy_key(b, &entry)`, computes the key and switches on the policy id. The registry calls the
@@ -17,26 +20,28 @@ How eviction works (kvbm/_fast/registry.pyx):
   is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
 Policies: LRU (priority, then last-use tick) and LINEAGE (leaf-first, frequency-credited recency;
-the formula is at the member below and in bench/POLICY.md section 2; use counts survive eviction
-in a bounded ghost table, bench/POLICY_ROUND2.md section 3).
+the formula is at the member below and `_key` in _reference.py; use counts survive eviction in a
+bounded ghost table). The study behind them: research/eviction/.
 
 Engine hint (not a policy): blocks that requests in the engine's waiting queue will read get
 priority 1 while they wait (KvBlockManager.hint_waiting / hint_done, kvbm.pools.WaitingHints), so
 under either policy they are evicted after every priority-0 block.
 
 Adding a policy:
-  1. add a member here (next free id) and the same constant in registry.pxd's `cdef enum`;
+  1. add a member here (next free id) and the same constant in kvbm/_fast/_table.pxd's
+     `cdef enum` (the registry refuses to import when the two lists differ);
   2. add its case to `_policy_key` in registry.pyx and to `_key` in _reference.py (a tuple that
      sorts the same way, block id last), so the differential tests cover it. Per block there are:
      priority, last_tick, use_count, parent (block id or -1), children (count of registered
      children here), first_child/next_sib (the child list), hash;
-  3. add the id to `_KNOWN_POLICIES` in registry.pyx and _reference.py;
-  4. any new metadata: a field in the .pxd and in `_layout`/`_carve`, reset in `_reset`, and a
-     call to `_update_key` wherever it changes.
+  3. any new metadata: a field in registry.pxd and in `table_layout` (_table.pxd)/`_carve`, reset in `_reset`,
+     and a call to `_update_key` wherever it changes.
 """
 from __future__ import annotations
 
 from enum import IntEnum
+
+from kvbm.errors import ConfigError
 
 
 class BlockState(IntEnum):
@@ -55,7 +60,7 @@ class EvictionPolicy(IntEnum):
     # where a tick is taken by touch, match(acquire=True), register and the release that makes a
     # block inactive); then the lower block id (never reached in practice: ticks are unique).
     LRU = 0
-    # Leaf-first, frequency-credited recency ("lineage", bench/POLICY.md section 2). Two words:
+    # Leaf-first, frequency-credited recency ("lineage"). Two words:
     #   key1 = ((uint64)(priority + 2**31) << 1) | (children > 0)
     #   key2 = min(last_tick + C * f(use_count), 2**64 - 1),  C = 2 * num_blocks (fixed)
     #   f(u) = 0 if u < 2 else u.bit_length()      (2-3 uses -> 2, 4-7 -> 3, ...)
@@ -68,19 +73,35 @@ class EvictionPolicy(IntEnum):
     # at push), on touch / set_priority of an inactive block, and when the children count goes
     # 0 <-> 1 (_link_child runs _update_key on the parent; on eviction, _evict_one puts the
     # parent's new entry in the victim's place at the heap's root).
-    # Ghost table (bench/POLICY_ROUND2.md section 3, "ghost-lineage"): the registry remembers the
-    # use counts of the last G evicted hashes (BlockRegistry(..., ghost_blocks=G); None means
-    # G = num_blocks, 0 none), FIFO by eviction. A new block registered under a remembered hash
-    # starts from that count (then the registration touch adds one) and the entry is consumed; a
-    # dedup hit changes nothing. The key formula is unchanged. Memory: 24 B per entry plus its
-    # index slots (the block index grows to >= 2(N + G) slots): ~49 B per entry at G = N = 10**6.
-    # Reference: bench/policy_sim.py `Lineage` and `lineage_key()`; the ghost table is
-    # bench/policy_research.py `GhostLineage` (with the registry's allocation order:
-    # bench/trace_replay.py `ghost_lineage_sim`).
+    # Ghost table ("ghost-lineage"): the registry remembers the use counts of the last G evicted
+    # hashes (BlockRegistry(..., ghost_blocks=G); None means G = num_blocks, 0 none), FIFO by
+    # eviction. A new block registered under a remembered hash starts from that count (then the
+    # registration touch adds one) and the entry is consumed; a dedup hit changes nothing. The
+    # key formula is unchanged. Memory: 24 B per entry plus its index slots (the block index
+    # grows to >= 2(N + G) slots): ~49 B per entry at G = N = 10**6.
+    # Spec: kvbm/_fast/_reference.py (`_key`, and the ghost table in the registry's order of
+    # eviction and registration); the study behind it: research/eviction/.
     LINEAGE = 1
+
+    @classmethod
+    def from_name(cls, name: str) -> EvictionPolicy:
+        """The policy of a config name ("lru", "lineage": the member's name in lower case);
+        ConfigError naming the known ones otherwise."""
+        member = _BY_NAME.get(name) if isinstance(name, str) else None
+        if member is None:
+            raise ConfigError(f"policy: expected one of {policy_names()}, got {name!r}")
+        return member
+
+
+_BY_NAME = {p.name.lower(): p for p in EvictionPolicy}
+
+
+def policy_names() -> tuple[str, ...]:
+    """Config names of every policy, in id order: ("lru", "lineage")."""
+    return tuple(_BY_NAME)
 
 
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 
-__all__ = ["BlockState", "EvictionPolicy", "POLICY_LINEAGE", "POLICY_LRU"]
+__all__ = ["BlockState", "EvictionPolicy", "POLICY_LINEAGE", "POLICY_LRU", "policy_names"]

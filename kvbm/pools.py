@@ -23,22 +23,13 @@ from enum import IntEnum
 import numpy as np
 
 from kvbm.errors import ConfigError, KvbmError, LifecycleError
+from kvbm.policy import EvictionPolicy
 
 
 class Tier(IntEnum):
     G1 = 1  # device (the engine's KV tensors)
     G2 = 2  # pinned host, shared memory
     G3 = 3  # disk
-
-
-# Registry policy ids by config name. kvbm.policy owns the numbering.
-def policy_id(name: str) -> int:
-    from kvbm import policy
-    ids = {"lru": policy.POLICY_LRU, "lineage": getattr(policy, "POLICY_LINEAGE", None)}
-    if ids.get(name) is None:
-        raise ConfigError(f"eviction policy {name!r} is not available; known: "
-                          f"{sorted(k for k, v in ids.items() if v is not None)}")
-    return ids[name]
 
 
 @dataclass(slots=True)
@@ -63,7 +54,8 @@ class BlockPool:
         self.tier = tier
         self.policy = policy
         # ghost_blocks: LINEAGE's table of recently evicted use counts (None: num_blocks)
-        self.registry = BlockRegistry(num_blocks, buffer, policy_id(policy), ghost_blocks)
+        self.registry = BlockRegistry(num_blocks, buffer, int(EvictionPolicy.from_name(policy)),
+                                      ghost_blocks)
         self.stats = PoolStats()
         self.hints: WaitingHints | None = None   # set by the manager: new blocks of waiting hashes
 

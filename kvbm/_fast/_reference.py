@@ -1,9 +1,10 @@
 """Plain-Python twin of kvbm._fast.registry.BlockRegistry, written for clarity (dicts and lists).
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
-ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here, exactly
-bench/policy_research.GhostLineage: FIFO of at most G live (hash -> use count) entries). The differential tests drive both with the same random
-operation sequences and compare every return value. Speed is irrelevant here, except that the
+ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here: FIFO of
+at most G live (hash -> use count) entries). This file is the spec of the registry's policies
+(kvbm/policy.py); the study behind them: research/eviction/. The differential tests drive both
+with the same random operation sequences and compare every return value. Speed is irrelevant here, except that the
 inactive set is a heapq with lazy deletion so that benchmarks against it finish.
 
 Order of things inside one call mirrors the Cython loops: validate the whole batch (raise
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
+from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState, EvictionPolicy
 
-_KNOWN_POLICIES = {POLICY_LRU, POLICY_LINEAGE}
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 
@@ -66,7 +66,7 @@ class ReferenceRegistry:
                  ghost_blocks: int | None = None) -> None:
         if not isinstance(num_blocks, int) or not 1 <= num_blocks <= _MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {_MAX_BLOCKS}], got {num_blocks}")
-        if policy not in _KNOWN_POLICIES:
+        if policy not in tuple(EvictionPolicy):
             raise RegistryError(f"unknown eviction policy {policy}")
         g = num_blocks if ghost_blocks is None else self._count(ghost_blocks, "ghost_blocks")
         if g > _MAX_BLOCKS:

@@ -4,10 +4,12 @@
 Each wrapper checks its arguments at the edge (typed memoryviews, equal lengths), drops the GIL for
 the native call, and turns a non-zero return code into a KvbmError subclass through `_check_rc`,
 the one place that maps codes to exceptions (pyzmq's `_check_rc`). CopyMethod names kvbm.h's
-KVBM_COPY_* values; nothing else in Python spells them.
+KVBM_COPY_* values; nothing else in Python spells them. Block lists and token
+arrays are converted by kvbm._fast._convert, as the registry's inputs are.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
+from kvbm._fast._convert cimport as_array, as_i64
 from kvbm._fast.kvbm_h cimport (
     KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
@@ -102,10 +104,10 @@ cdef class RegionLayout:
         return int(self._ptrs[layer]) + block * self.c.block_stride + outer * self.c.outer_stride
 
 
-def _pairs(src_blocks, dst_blocks):
-    s = np.ascontiguousarray(np.asarray(src_blocks, dtype=np.int64))
-    d = np.ascontiguousarray(np.asarray(dst_blocks, dtype=np.int64))
-    if s.ndim != 1 or d.ndim != 1 or s.shape[0] != d.shape[0]:
+cdef tuple _pairs(src_blocks, dst_blocks):
+    s = as_i64(src_blocks, "src_blocks", LayoutError)
+    d = as_i64(dst_blocks, "dst_blocks", LayoutError)
+    if s.shape[0] != d.shape[0]:
         raise LayoutError(f"block lists must be 1-D and equally long, got {s.shape} and {d.shape}")
     return s, d
 
@@ -207,9 +209,7 @@ def hash_blocks(tokens, int64_t block_size, uint64_t seed, parent=None):
     """
     if block_size <= 0:
         raise KvbmError(f"block_size must be >= 1, got {block_size}")
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise KvbmError(f"tokens must be 1-D, got shape {arr.shape}")
+    arr = as_array(tokens, "tokens", KvbmError)
     if arr.dtype != np.uint32:
         if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF):
             raise KvbmError(f"tokens must be integers in [0, 2**32), got dtype {arr.dtype}")

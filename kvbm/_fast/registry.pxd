@@ -1,60 +1,17 @@
 # cython: language_level=3
-"""Contract of the block registry: the table layout (one buffer, struct of arrays) and the
-nogil routines that run the batch loops. Every array lives inside the buffer handed to
-BlockRegistry (or allocated by it), after a fixed header, so the whole table can later be placed in
-a shared-memory segment; nothing here is a Python object per block."""
+"""Contract of the block registry: the arrays of the table (one buffer, struct of arrays) and the
+routines of BlockRegistry. Every array lives inside the buffer handed to BlockRegistry (or
+allocated by it), after a fixed header, so the whole table can later be placed in a shared-memory
+segment; nothing here is a Python object per block. The header and entry structs, the ids and the
+layout are in _table.pxd; the index with its ghost table and the heap are inline helpers over
+these arrays in _index.pxd and _heap.pxd, which the methods marked "thin" call."""
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-ctypedef int32_t bid_t   # block id inside the table (num_blocks < 2**31 - 1); -1 = none
-
-cdef enum:
-    POLICY_LRU_ID = 0    # kvbm.policy.EvictionPolicy.LRU: priority, then least recent
-    POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
-                           #   last tick + lineage_c * f(use count) (bench/POLICY.md section 2)
-
-cdef enum:
-    ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
-    ST_PARTIAL = 1
-    ST_COMPLETE = 2
-    ST_REGISTERED = 3
-
-
-ctypedef struct RegistryHeader:
-    uint64_t magic            # REGISTRY_MAGIC once initialised (for a later attach-to-segment)
-    uint64_t version          # layout version of this struct and the arrays after it
-    int64_t num_blocks        # N: block ids are 0..N-1; slot N of free_prev/free_next is the sentinel
-    int64_t index_capacity    # C: power of two >= 2(N + G), slots of the open-addressing index
-    int64_t index_mask        # C - 1
-    int64_t index_shift       # 64 - log2(C): home slot = top bits of (h ^ h >> 32) * golden
-    int64_t policy            # EvictionPolicy id used by _policy_key
-    uint64_t tick             # logical clock; every touch/register/match/release-to-inactive does ++tick
-    int64_t num_free          # blocks in the free list (state RESET)
-    int64_t num_inactive      # REGISTERED blocks with refcount 0 (each has a live heap entry)
-    int64_t heap_size         # heap entries: live ones plus zombies (acquired since they went in)
-    int64_t num_registered    # entries in the index (REGISTERED blocks, active or inactive)
-    int64_t ring_head         # next slot of the evicted-hash ring to write
-    int64_t ring_count        # hashes in the ring not yet drained (<= N)
-    uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
-    uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
-    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
-    int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
-    int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
-
-
-ctypedef struct HeapEntry:
-    uint64_t key1             # policy key, first word (compared first)
-    uint64_t key2             # policy key, second word; then the block id breaks ties
-    bid_t block               # the block; its heap_pos points back here
-    uint32_t pad              # 0 (keeps the entry 24 bytes, the buffer deterministic)
-
-
-ctypedef struct GhostEntry:
-    uint64_t hash             # evicted sequence hash (0 when unused)
-    uint32_t count            # its use count at eviction (>= 1 while live, 0 when unused)
-    bid_t prev                # FIFO neighbours (slot ids, G = sentinel); prev -1 when unused
-    bid_t next                #   next also chains the unused slots (-1 ends)
-    uint32_t pad              # 0 (24-byte entries, the buffer deterministic)
+from kvbm._fast._table cimport (
+    NUM_ARRAYS, POLICY_LINEAGE_ID, POLICY_LRU_ID, ST_COMPLETE, ST_PARTIAL, ST_REGISTERED, ST_RESET,
+    TABLE_ALIGN, GhostEntry, HeapEntry, RegistryHeader, bid_t,
+)
 
 
 @cython.final
@@ -90,27 +47,23 @@ cdef class BlockRegistry:
                                    #   ghost entry in FIFO slot s (linear probing, backward-shift
                                    #   deletion: no tombstones)
     cdef uint64_t *ring            # evicted hashes not yet drained, ring of capacity N
-    # ghost table (LINEAGE only; bench/POLICY_ROUND2.md section 3): the use counts of the last G
-    # evicted hashes, FIFO by eviction; an entry is consumed when its hash registers again
+    # ghost table (LINEAGE only; _index.pxd): the use counts of the last G evicted hashes, FIFO by
+    # eviction; an entry is consumed when its hash registers again
     cdef GhostEntry *ghost         # length G+1: entries, a FIFO list of live slots (oldest first)
                                    #   with its sentinel at G; unused slots chained through next
 
-    # index (nogil, callers pass hashes only; slots are masked)
+    # index and ghost table (thin over _index.pxd; callers pass hashes only, slots are masked)
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil
     cdef inline int64_t _index_pos(self, uint64_t key) noexcept nogil
-    cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil
-    cdef void _index_erase_at(self, int64_t i) noexcept nogil
     cdef void _index_remove(self, uint64_t key) noexcept nogil
-    # ghost table (callers: LINEAGE with ghost_blocks > 0)
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil
-    # free list and heap (callers pass checked block ids)
+    # free list and heap (callers pass checked block ids; the heap ones thin over _heap.pxd)
     cdef void _free_push(self, bid_t b) noexcept nogil
     cdef bid_t _free_pop(self) noexcept nogil
-    cdef inline bint _less(self, const HeapEntry *a, const HeapEntry *b) noexcept nogil
     cdef void _sift_up(self, int64_t i) noexcept nogil
     cdef void _sift_down(self, int64_t i) noexcept nogil
-    cdef inline void _resift(self, int64_t i) noexcept nogil
+    cdef void _resift(self, int64_t i) noexcept nogil
     cdef void _heap_push(self, bid_t b) noexcept nogil
     cdef void _heap_remove(self, bid_t b) noexcept nogil
     cdef bid_t _heap_top_live(self) noexcept nogil
@@ -140,11 +93,10 @@ cdef class BlockRegistry:
     cdef void _set_priority_core(self, const int64_t *blocks, const int32_t *prios,
                                  int64_t n) noexcept nogil
     cdef int64_t _evict_core(self, int64_t n, uint64_t *out) noexcept nogil
-    # setup and validation helpers (with the GIL; raise RegistryError)
+    # setup and validation helpers (with the GIL; raise RegistryError). The invariant checks are
+    # functions over the table in _invariants.pxi, included by registry.pyx.
     cdef _carve(self, unsigned char *base, int64_t n, int64_t g)
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol)
-    cdef _check_ghost(self)
-    cdef _debug_check(self)
     cdef int _check_not_reset(self, const int64_t[::1] blocks, str op) except -1
     cdef int _check_ids(self, const int64_t[::1] blocks, str op) except -1
     cdef int _check_distinct(self, const int64_t[::1] blocks, str op) except -1

@@ -4,36 +4,35 @@ an indexed min-heap of inactive blocks (the eviction order), an open-addressing 
 index, lineage links, a ring of evicted hashes, and (LINEAGE) a ghost table of the use counts of
 recently evicted hashes. No Python object per block.
 
-Parts (field by field in registry.pxd):
+Files: registry.pxd is the contract (every array, field by field, and every routine); the class
+here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
+over inline helpers on plain pointers: _table.pxd (header and entry structs, ids, layout),
+_index.pxd (index and ghost table), _heap.pxd (the heap). _convert turns the inputs into arrays
+(shared with native.pyx); _invariants.pxi holds check_invariants. This file stays above 600 lines:
+what is left is one class body, which Cython cannot spread over files (no `include` in a class).
+Moved to another module, the nogil loops and the life cycle would call each other per block
+through the vtable; moved to an included file as free functions, they would leave the .pxd.
+
+Parts:
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
            (counts, tick, ring cursor) then every array, so the table can move to shared memory.
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
-  heap     inactive blocks (REGISTERED, refcount 0) in a 4-ary min-heap (half the depth of a
-           binary one: fewer cache misses per pop), entries (key1, key2, block) popped smallest
-           first, block id breaking ties; the key is computed by `_policy_key` (switch on the
-           policy id: LRU, or LINEAGE = leaves first, frequency-credited recency, see
+  heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
+           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE, see
            kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
-           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, discarded
+           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
   index    sequence hash -> block for every REGISTERED block (and -> ghost slot for each ghost
-           entry); linear probing, Fibonacci hashing
-           (after folding the high half into the low),
-           backward-shift deletion (no tombstones), capacity a power of two >= 2N.
+           entry).
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
-  ghost    LINEAGE only (bench/POLICY_ROUND2.md section 3): the last G = ghost_blocks evicted
-           (hash, use count) pairs, FIFO by eviction, in a doubly linked list of G slots; each
-           entry keeps its slot in the block index (value -2 - slot), so the table needs no
-           index of its own and no probe of its own. Every eviction (allocate or evict) turns the
-           victim's index entry into a ghost entry, forgetting the oldest entry when G are live;
-           registering a *new* block (not a dedup hit) whose hash has an entry takes the entry's
-           index slot and use count (replacing touches made while PARTIAL/COMPLETE), before the
-           registration touch; the entry is consumed. So a document read again after more than a
-           cache lifetime keeps its frequency credit. Entries are the OrderedDict of
-           policy_research.GhostLineage exactly (consumed entries leave the FIFO; a plain ring of
-           G slots would keep them as holes); the registry evicts a whole allocation before the
-           blocks register, trace_replay.ghost_lineage_sim is the simulator in that order.
+  ghost    LINEAGE only: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
+           eviction (forgetting the oldest when G are live). Registering a *new* block (not a
+           dedup hit) under a remembered hash restores its use count (replacing touches made while
+           PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
+           read again after more than a cache lifetime keeps its frequency credit. An allocation
+           evicts all it needs before its blocks register, as the twin (_reference.py) does.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
 REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
@@ -65,6 +64,16 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
+from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
+from kvbm._fast._heap cimport (
+    heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
+)
+from kvbm._fast._index cimport (
+    ghost_init, ghost_record, ghost_unlink, index_find, index_home, index_init, index_pos,
+    index_remove,
+)
+from kvbm._fast._table cimport index_capacity, table_layout
+
 import numpy as np
 
 from kvbm.errors import RegistryError
@@ -86,161 +95,24 @@ cdef extern from *:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 DEBUG = bool(KVBM_REGISTRY_DEBUG)
-_KNOWN_POLICIES = frozenset({POLICY_LRU_ID, POLICY_LINEAGE_ID})
-assert POLICY_LRU == POLICY_LRU_ID and POLICY_LINEAGE == POLICY_LINEAGE_ID
+# The policy ids come from kvbm.policy.EvictionPolicy; `_policy_key` has a case for each id of the
+# .pxd's enum, so a member without one (or the reverse) stops the import here.
+_POLICY_IDS = tuple(int(p) for p in EvictionPolicy)
+if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID):
+    raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
+                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID})")
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
 cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
-cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
-cdef int64_t ALIGN = 64
 cdef int64_t PREFETCH_AHEAD = 8
-
-cdef enum:
-    NUM_ARRAYS = 21
-
-
-cdef inline int64_t _home(uint64_t key, int64_t shift) noexcept nogil:
-    # Home slot of a key: fold the high half in, then Fibonacci hashing (top bits of key * golden).
-    # The fold keeps structured keys (counters, multiples of a constant) from clustering.
-    return <int64_t>(((key ^ (key >> 32)) * GOLDEN) >> shift)
-
-
-cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
-    return (x + a - 1) // a * a
-
-
-cdef int64_t _index_capacity(int64_t n) noexcept nogil:
-    cdef int64_t cap = 2
-    while cap < 2 * n:
-        cap <<= 1
-    return cap
-
-
-cdef int64_t _layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
-    """Offsets (from the aligned base) of the header and each array for N blocks and a ghost table
-    of G entries; returns the total size."""
-    cdef int64_t cap = _index_capacity(n + g)   # blocks and ghost entries share the index
-    cdef int64_t sizes[NUM_ARRAYS]
-    sizes[0] = sizeof(RegistryHeader)
-    sizes[1] = n * sizeof(uint8_t)        # state
-    sizes[2] = n * sizeof(uint32_t)       # refcount
-    sizes[3] = n * sizeof(uint64_t)       # hash
-    sizes[4] = n * sizeof(int32_t)        # priority
-    sizes[5] = n * sizeof(uint64_t)       # last_tick
-    sizes[6] = n * sizeof(uint32_t)       # use_count
-    sizes[7] = n * sizeof(bid_t)          # parent
-    sizes[8] = n * sizeof(uint32_t)       # children
-    sizes[9] = n * sizeof(bid_t)          # first_child
-    sizes[10] = n * sizeof(bid_t)         # next_sib
-    sizes[11] = n * sizeof(bid_t)         # prev_sib
-    sizes[12] = (n + 1) * sizeof(bid_t)   # free_prev
-    sizes[13] = (n + 1) * sizeof(bid_t)   # free_next
-    sizes[14] = n * sizeof(HeapEntry)     # heap
-    sizes[15] = n * sizeof(bid_t)         # heap_pos
-    sizes[16] = n * sizeof(uint32_t)      # mark
-    sizes[17] = cap * sizeof(uint64_t)    # ikeys
-    sizes[18] = cap * sizeof(bid_t)       # ivals
-    sizes[19] = n * sizeof(uint64_t)      # ring
-    sizes[20] = (g + 1) * sizeof(GhostEntry) if g > 0 else 0   # ghost (FIFO entries, sentinel G)
-    cdef int64_t off = 0
-    cdef int i
-    for i in range(NUM_ARRAYS):
-        offsets[i] = off
-        off += _round_up(sizes[i], ALIGN)
-    return off
-
-
-# ---- input conversion (the edge: dtypes, shapes) -------------------------------------------------
-
-cdef object _array(x, str what):
-    try:
-        arr = np.asarray(x)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise RegistryError(f"{what}: cannot convert to an array ({err})") from err
-    if arr.ndim != 1:
-        raise RegistryError(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind == "f" and not isinstance(x, np.ndarray):
-        # numpy turns a list mixing ints >= 2**63 and smaller ones into float64 (lossy); keep
-        # the Python ints and let the caller check them one by one.
-        arr = np.array(x, dtype=object)
-    return arr
-
-
-cdef object _as_i64(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.int64)
-    kind = arr.dtype.kind
-    if kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > 0x7FFFFFFFFFFFFFFF:
-        raise RegistryError(f"{what}: value {int(arr.max())} does not fit int64")
-    if kind != "i" and kind != "u":
-        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-cdef object _as_u64(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.uint64)
-    kind = arr.dtype.kind
-    if kind == "u":
-        return np.ascontiguousarray(arr, dtype=np.uint64)
-    if kind == "i":
-        lo = int(arr.min())
-        if lo < 0:
-            raise RegistryError(f"{what}: value {lo} is negative, hashes are uint64")
-        return np.ascontiguousarray(arr, dtype=np.uint64)
-    if kind == "O":
-        values = arr.tolist()
-        for v in values:
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise RegistryError(f"{what}: {v!r} is not an integer")
-        try:
-            return np.array(values, dtype=np.uint64)
-        except (TypeError, ValueError, OverflowError) as err:
-            raise RegistryError(f"{what}: not all values are uint64 ({err})") from err
-    raise RegistryError(f"{what} must be uint64 integers, got dtype {arr.dtype}")
-
-
-cdef object _as_i32(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.int32)
-    if arr.dtype.kind != "i" and arr.dtype.kind != "u":
-        raise RegistryError(f"{what} must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < -2147483648 or hi > 2147483647:
-        raise RegistryError(f"{what}: values [{lo}, {hi}] do not fit int32")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-cdef object _as_mask(x, str what):
-    arr = _array(x, what)
-    if arr.shape[0] == 0:
-        return np.empty(0, np.uint8)
-    if arr.dtype.kind != "b":
-        raise RegistryError(f"{what} must be bool, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
-
-
-cdef int64_t _as_count(n, str what) except -1:
-    try:
-        v = n.__index__()
-    except AttributeError as err:
-        raise RegistryError(f"{what} must be an integer, got {type(n).__name__}") from err
-    if v < 0:
-        raise RegistryError(f"{what} must be >= 0, got {v}")
-    if v > 0x7FFFFFFFFFFFFFFF:
-        raise RegistryError(f"{what} = {v} is too large")
-    return v
 
 
 cdef int64_t _ghost_count_arg(g, int64_t n) except -1:
-    # ghost_blocks argument: None -> n (POLICY_ROUND2.md: as many evicted hashes as cached blocks)
+    # ghost_blocks argument: None -> n (as many evicted hashes as cached blocks)
     if g is None:
         return n
-    cdef int64_t v = _as_count(g, "ghost_blocks")
+    cdef int64_t v = as_count(g, "ghost_blocks", RegistryError)
     if v > MAX_BLOCKS:
         raise RegistryError(f"ghost_blocks must be in [0, {MAX_BLOCKS}], got {v}")
     return v
@@ -269,15 +141,15 @@ cdef class BlockRegistry:
 
     def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None):
         # __cinit__, not __init__: no instance can exist without its table (no NULL pointers).
-        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        cdef int64_t n = as_count(num_blocks, "num_blocks", RegistryError)
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
         try:
             pol = policy.__index__()
         except AttributeError as err:
             raise RegistryError(f"policy must be an int, got {type(policy).__name__}") from err
-        if pol not in _KNOWN_POLICIES:
-            raise RegistryError(f"unknown eviction policy {pol}; known: {sorted(_KNOWN_POLICIES)}")
+        if pol not in _POLICY_IDS:
+            raise RegistryError(f"unknown eviction policy {pol}; known: {list(_POLICY_IDS)}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
         if pol != POLICY_LINEAGE_ID:
             g = 0
@@ -298,7 +170,7 @@ cdef class BlockRegistry:
         cdef unsigned char[::1] view = mem
         self._mem = mem
         cdef uintptr_t base = <uintptr_t>&view[0]
-        base = (base + <uintptr_t>(ALIGN - 1)) & ~(<uintptr_t>(ALIGN - 1))
+        base = (base + <uintptr_t>(TABLE_ALIGN - 1)) & ~(<uintptr_t>(TABLE_ALIGN - 1))
         self._carve(<unsigned char *>base, n, g)
         self._init_table(n, g, pol)
 
@@ -307,15 +179,15 @@ cdef class BlockRegistry:
         """Bytes a buffer must have for `num_blocks` blocks and a ghost table of `ghost_blocks`
         entries (None: num_blocks, the LINEAGE default), alignment slack included."""
         cdef int64_t offsets[NUM_ARRAYS]
-        cdef int64_t n = _as_count(num_blocks, "num_blocks")
+        cdef int64_t n = as_count(num_blocks, "num_blocks", RegistryError)
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
-        return _layout(n, g, offsets) + ALIGN
+        return table_layout(n, g, offsets) + TABLE_ALIGN
 
     cdef _carve(self, unsigned char *base, int64_t n, int64_t g):
         cdef int64_t o[NUM_ARRAYS]
-        _layout(n, g, o)
+        table_layout(n, g, o)
         self.h = <RegistryHeader *>(base + o[0])
         self.state = <uint8_t *>(base + o[1])
         self.refcount = <uint32_t *>(base + o[2])
@@ -338,23 +210,14 @@ cdef class BlockRegistry:
         self.ring = <uint64_t *>(base + o[19])
         self.ghost = <GhostEntry *>(base + o[20])
 
-
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
-        cdef int64_t total = _layout(n, g, o)
-        cdef int64_t cap = _index_capacity(n + g)
-        cdef int64_t shift = 64, c = cap
+        cdef int64_t total = table_layout(n, g, o)
         cdef int64_t i
-        while c > 1:
-            c >>= 1
-            shift -= 1
         memset(<void *>self.h, 0, total)
         self.h.magic = REGISTRY_MAGIC
         self.h.version = LAYOUT_VERSION
         self.h.num_blocks = n
-        self.h.index_capacity = cap
-        self.h.index_mask = cap - 1
-        self.h.index_shift = shift
         self.h.policy = pol
         self.h.lineage_c = <uint64_t>(2 * n)
         self.h.num_free = n
@@ -368,17 +231,8 @@ cdef class BlockRegistry:
             self.free_next[i] = <bid_t>(i + 1)
         self.free_next[n] = 0
         self.free_prev[n] = <bid_t>(n - 1)
-        for i in range(cap):
-            self.ivals[i] = -1
-        # ghost table: empty FIFO (sentinel G), every slot on the unused stack
-        self.h.ghost_blocks = g
-        self.h.ghost_free = 0 if g > 0 else -1
-        if g > 0:
-            self.ghost[g].prev = <bid_t>g
-            self.ghost[g].next = <bid_t>g
-        for i in range(g):
-            self.ghost[i].prev = -1
-            self.ghost[i].next = <bid_t>(i + 1 if i + 1 < g else -1)
+        index_init(self.h, self.ivals, index_capacity(n + g))
+        ghost_init(self.h, self.ghost, g)
 
     # ---- properties -----------------------------------------------------------------------------
 
@@ -431,116 +285,27 @@ cdef class BlockRegistry:
         """The memoryview (uint8) over the whole buffer; bytes(reg.buffer) snapshots the table."""
         return self._mem
 
-    # ---- index ----------------------------------------------------------------------------------
+    # ---- index and ghost table (thin over _index.pxd) -------------------------------------------
 
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil:
-        # Block registered under key, or -1 (also for a ghost entry). Slots are masked, and the
-        # table is at most half full, so the probe ends at an empty slot.
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        cdef bid_t v
-        while True:
-            v = self.ivals[i]
-            if v == -1:
-                return -1
-            if self.ikeys[i] == key:
-                return v if v >= 0 else -1
-            i = (i + 1) & mask
+        # Block registered under key, or -1 (also for a ghost entry).
+        return index_find(self.h, self.ikeys, self.ivals, key)
 
     cdef inline int64_t _index_pos(self, uint64_t key) noexcept nogil:
         # Slot of key (a block or a ghost entry), or -1 - (the empty slot where the probe ended).
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        while True:
-            if self.ivals[i] == -1:
-                return -1 - i
-            if self.ikeys[i] == key:
-                return i
-            i = (i + 1) & mask
-
-    cdef void _index_insert(self, uint64_t key, bid_t b) noexcept nogil:
-        # Caller checked that key is absent; entries (blocks + ghosts) <= N + G <= C/2.
-        cdef int64_t i = _home(key, self.h.index_shift)
-        cdef int64_t mask = self.h.index_mask
-        while self.ivals[i] != -1:
-            i = (i + 1) & mask
-        self.ikeys[i] = key
-        self.ivals[i] = b
-        self.h.num_registered += 1
-
-    cdef void _index_erase_at(self, int64_t i) noexcept nogil:
-        # Backward-shift deletion of the entry at slot i: pull later entries of the run back over
-        # the hole unless their home slot lies cyclically in (hole, j]. Counts are the caller's.
-        cdef int64_t shift = self.h.index_shift
-        cdef int64_t mask = self.h.index_mask
-        cdef int64_t j = i, k
-        while True:
-            j = (j + 1) & mask
-            if self.ivals[j] == -1:
-                break
-            k = _home(self.ikeys[j], shift)
-            if i <= j:
-                if i < k <= j:
-                    continue
-            elif k > i or k <= j:
-                continue
-            self.ikeys[i] = self.ikeys[j]
-            self.ivals[i] = self.ivals[j]
-            i = j
-        self.ikeys[i] = 0
-        self.ivals[i] = -1
+        return index_pos(self.h, self.ikeys, self.ivals, key)
 
     cdef void _index_remove(self, uint64_t key) noexcept nogil:
-        # Caller passes the hash of a REGISTERED block, so the key is present.
-        self._index_erase_at(self._index_pos(key))
-        self.h.num_registered -= 1
-
-    # ---- ghost table (LINEAGE; bench/POLICY_ROUND2.md section 3) -------------------------------
-    # A FIFO of at most G (evicted hash, use count) entries: a doubly linked list of slots, oldest
-    # first. Each live entry also has a slot in the block index, under its hash, with value
-    # -2 - (its FIFO slot): an evicted block's index entry is turned into its ghost entry in place,
-    # and a new block registered under a ghost's hash takes that index slot back (its use count
-    # restored), so the table costs no index probe of its own; only forgetting the oldest entry
-    # (when G are live) removes one from the index. Registering takes the entry out of the FIFO
-    # (the slot goes back to the unused stack), so the live entries are exactly those of
-    # policy_research.GhostLineage's OrderedDict (a consumed entry does not hold a place in the
-    # FIFO, unlike a plain ring of G slots). Every operation is O(1) expected; nothing scans.
+        # Caller passes the hash of a REGISTERED block.
+        index_remove(self.h, self.ikeys, self.ivals, key)
 
     cdef void _ghost_unlink(self, bid_t s) noexcept nogil:
-        # Live slot s leaves the FIFO and goes on the unused stack (its index entry is the
-        # caller's business).
-        self.ghost[self.ghost[s].prev].next = self.ghost[s].next
-        self.ghost[self.ghost[s].next].prev = self.ghost[s].prev
-        self.ghost[s].prev = -1
-        self.ghost[s].next = <bid_t>self.h.ghost_free
-        self.ghost[s].hash = 0
-        self.ghost[s].count = 0
-        self.h.ghost_free = s
-        self.h.ghost_size -= 1
+        # Live ghost slot s leaves the FIFO (its index entry is the caller's business).
+        ghost_unlink(self.h, self.ghost, s)
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block: its
-        # index entry becomes a ghost entry. A hash in the table is never REGISTERED (keys are
-        # unique in the index), so the OrderedDict's update-in-place case cannot arise.
-        cdef bid_t g = <bid_t>self.h.ghost_blocks, s
-        if self.h.ghost_size == g:
-            # full: the oldest entry is forgotten (before the victim's slot is looked up: the
-            # backward shift may move it); its FIFO slot is reused right away
-            s = self.ghost[g].next
-            self._index_erase_at(self._index_pos(self.ghost[s].hash))
-            self._ghost_unlink(s)
-        s = <bid_t>self.h.ghost_free
-        self.h.ghost_free = self.ghost[s].next
-        self.ghost[s].hash = key
-        self.ghost[s].count = count
-        self.h.ghost_size += 1
-        # append at the newest end (before the sentinel)
-        self.ghost[s].prev = self.ghost[g].prev
-        self.ghost[s].next = g
-        self.ghost[self.ghost[g].prev].next = s
-        self.ghost[g].prev = s
-        self.ivals[self._index_pos(key)] = -2 - s
-        self.h.num_registered -= 1
+        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block.
+        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count)
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -565,76 +330,33 @@ cdef class BlockRegistry:
         self.h.num_free -= 1
         return b
 
-    # ---- inactive heap --------------------------------------------------------------------------
-
-    cdef inline bint _less(self, const HeapEntry *a, const HeapEntry *b) noexcept nogil:
-        if a.key1 != b.key1:
-            return a.key1 < b.key1
-        if a.key2 != b.key2:
-            return a.key2 < b.key2
-        return a.block < b.block
+    # ---- inactive heap (thin over _heap.pxd, plus the registry's zombies) ------------------------
 
     cdef void _sift_up(self, int64_t i) noexcept nogil:
-        cdef HeapEntry e = self.heap[i]
-        cdef int64_t p
-        while i > 0:
-            p = (i - 1) >> 2
-            if not self._less(&e, &self.heap[p]):
-                break
-            self.heap[i] = self.heap[p]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-            i = p
-        self.heap[i] = e
-        self.heap_pos[e.block] = <bid_t>i
+        heap_sift_up(self.heap, self.heap_pos, i)
 
     cdef void _sift_down(self, int64_t i) noexcept nogil:
-        cdef int64_t n = self.h.heap_size
-        cdef HeapEntry e = self.heap[i]
-        cdef int64_t c, first, k, last
-        while True:
-            first = 4 * i + 1
-            if first >= n:
-                break
-            c = first
-            last = first + 4 if first + 4 <= n else n
-            for k in range(first + 1, last):
-                if self._less(&self.heap[k], &self.heap[c]):
-                    c = k
-            if not self._less(&self.heap[c], &e):
-                break
-            self.heap[i] = self.heap[c]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-            i = c
-        self.heap[i] = e
-        self.heap_pos[e.block] = <bid_t>i
+        heap_sift_down(self.heap, self.heap_pos, self.h.heap_size, i)
 
-    cdef inline void _resift(self, int64_t i) noexcept nogil:
-        if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
+    cdef void _resift(self, int64_t i) noexcept nogil:
+        # Out of line: the hot callers (_update_key from _touch, _deactivate) stay small.
+        if heap_rises(self.heap, i):
             self._sift_up(i)
         else:
             self._sift_down(i)
 
     cdef void _heap_push(self, bid_t b) noexcept nogil:
         # Caller: b is REGISTERED with refcount 0 and has no entry; heap_size < N (one per block).
-        cdef int64_t i = self.h.heap_size
-        self.h.heap_size += 1
-        self._policy_key(b, &self.heap[i])
-        self.heap[i].block = b
-        self.heap[i].pad = 0
-        self.heap_pos[b] = <bid_t>i
-        self._sift_up(i)
+        cdef HeapEntry e
+        self._policy_key(b, &e)
+        e.block = b
+        e.pad = 0
+        self._sift_up(heap_append(self.heap, self.heap_pos, &self.h.heap_size, &e))
 
     cdef void _heap_remove(self, bid_t b) noexcept nogil:
-        # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie); the vacated slot is zeroed.
-        cdef int64_t i = self.heap_pos[b]
-        cdef int64_t last = self.h.heap_size - 1
-        self.heap_pos[b] = -1
-        self.h.heap_size = last
-        if i != last:
-            self.heap[i] = self.heap[last]
-            self.heap_pos[self.heap[i].block] = <bid_t>i
-        memset(<void *>&self.heap[last], 0, sizeof(HeapEntry))
-        if i != last:
+        # Caller: heap_pos[b] >= 0. Drops b's entry (live or zombie).
+        cdef int64_t i = heap_take(self.heap, self.heap_pos, &self.h.heap_size, b)
+        if i >= 0:
             self._resift(i)
 
     cdef bid_t _heap_top_live(self) noexcept nogil:
@@ -647,15 +369,15 @@ cdef class BlockRegistry:
             if self.refcount[b] == 0:
                 # The victim's index slot and lineage are needed next: start loading them now, so
                 # the misses overlap with the work in between.
-                slot = _home(self.hash[b], self.h.index_shift)
+                slot = index_home(self.hash[b], self.h.index_shift)
                 kvbm_prefetch(&self.ikeys[slot])
                 kvbm_prefetch(&self.ivals[slot])
                 kvbm_prefetch(&self.first_child[b])
                 kvbm_prefetch(&self.parent[b])
                 if self.h.ghost_size == self.h.ghost_blocks and self.h.ghost_blocks > 0:
                     # the oldest ghost entry's index slot: forgotten when the victim goes in
-                    slot = _home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
-                                 self.h.index_shift)
+                    slot = index_home(self.ghost[self.ghost[self.h.ghost_blocks].next].hash,
+                                       self.h.index_shift)
                     kvbm_prefetch(&self.ikeys[slot])
                     kvbm_prefetch(&self.ivals[slot])
                 return b
@@ -689,10 +411,10 @@ cdef class BlockRegistry:
             e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
             e.key2 = self.last_tick[b]
         elif self.h.policy == POLICY_LINEAGE_ID:
-            # bench/POLICY.md section 2: leaves (no registered child here) before interior blocks
-            # of the same priority; then last tick + C * f(use count), f(u) = 0 for u < 2, else
-            # bit_length(u) (1..32 for a uint32 count). key2 saturates instead of wrapping:
-            # C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
+            # kvbm.policy.EvictionPolicy.LINEAGE: leaves (no registered child here) before
+            # interior blocks of the same priority; then last tick + C * f(use count), f(u) = 0
+            # for u < 2, else bit_length(u) (1..32 for a uint32 count). key2 saturates instead of
+            # wrapping: C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
             e.key1 = ((<uint64_t>(<int64_t>self.priority[b] + 2147483648LL)) << 1) | \
                      (1 if self.children[b] > 0 else 0)
             u = self.use_count[b]
@@ -861,8 +583,8 @@ cdef class BlockRegistry:
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 # random hashes and random block ids: start the index and table misses early
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
                 kvbm_prefetch(&self.last_tick[blocks[i + PREFETCH_AHEAD]])
                 kvbm_prefetch(&self.hash[blocks[i + PREFETCH_AHEAD]])
             b = <bid_t>blocks[i]
@@ -906,8 +628,8 @@ cdef class BlockRegistry:
         cdef bid_t e
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
             e = self._find(hashes[i])
             if e < 0:
                 return i
@@ -921,8 +643,8 @@ cdef class BlockRegistry:
         cdef int64_t i, shift = self.h.index_shift
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
-                kvbm_prefetch(&self.ivals[_home(hashes[i + PREFETCH_AHEAD], shift)])
-                kvbm_prefetch(&self.ikeys[_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ivals[index_home(hashes[i + PREFETCH_AHEAD], shift)])
+                kvbm_prefetch(&self.ikeys[index_home(hashes[i + PREFETCH_AHEAD], shift)])
             out[i] = self._find(hashes[i])
 
     cdef void _touch_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
@@ -999,28 +721,24 @@ cdef class BlockRegistry:
                                     f"{op} needs an allocated block")
         return 0
 
-    cdef _debug_check(self):
-        if KVBM_REGISTRY_DEBUG:
-            self.check_invariants()
-
     # ---- public API -----------------------------------------------------------------------------
 
     def allocate(self, n):
         """`n` blocks as PARTIAL with refcount 1 (int64 ids), free blocks first, then inactive
         blocks evicted in policy order; None (and no change) if free + inactive < n."""
-        cdef int64_t k = _as_count(n, "allocate: n")
+        cdef int64_t k = as_count(n, "allocate: n", RegistryError)
         if k > self.h.num_free + self.h.num_inactive:
             return None
         out = np.empty(k, dtype=np.int64)
         cdef int64_t[::1] o = out
         if k > 0:
             self._allocate_core(k, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def complete(self, blocks):
         """PARTIAL -> COMPLETE."""
-        arr = _as_i64(blocks, "complete: blocks")
+        arr = as_i64(blocks, "complete: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         cdef Py_ssize_t i
         self._check_ids(bs, "complete")
@@ -1031,7 +749,7 @@ cdef class BlockRegistry:
         self._check_distinct(bs, "complete")
         if bs.shape[0] > 0:
             self._complete_core(&bs[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def register(self, blocks, hashes, parents=None, priorities=None, has_parent=None):
         """Register COMPLETE blocks owned by the caller (refcount 1) under `hashes` (uint64).
@@ -1047,28 +765,28 @@ cdef class BlockRegistry:
         the free list tail); the existing block keeps its priority and parent.
         Every returned block is touched. Returns the canonical block per slot (int64).
         """
-        barr = _as_i64(blocks, "register: blocks")
-        harr = _as_u64(hashes, "register: hashes")
+        barr = as_i64(blocks, "register: blocks", RegistryError)
+        harr = as_u64(hashes, "register: hashes", RegistryError)
         cdef Py_ssize_t n = barr.shape[0], i
         if harr.shape[0] != n:
             raise RegistryError(f"register: {n} blocks but {harr.shape[0]} hashes")
         parr = None
         marr = None
         if parents is not None:
-            parr = _as_u64(parents, "register: parents")
+            parr = as_u64(parents, "register: parents", RegistryError)
             if parr.shape[0] != n:
                 raise RegistryError(f"register: {n} blocks but {parr.shape[0]} parents")
             if has_parent is None:
                 marr = np.ones(n, dtype=np.uint8)
             else:
-                marr = _as_mask(has_parent, "register: has_parent")
+                marr = as_mask(has_parent, "register: has_parent", RegistryError)
                 if marr.shape[0] != n:
                     raise RegistryError(f"register: {n} blocks but {marr.shape[0]} has_parent")
         elif has_parent is not None:
             raise RegistryError("register: has_parent given without parents")
         parr_i32 = None
         if priorities is not None:
-            parr_i32 = _as_i32(priorities, "register: priorities")
+            parr_i32 = as_i32(priorities, "register: priorities", RegistryError)
             if parr_i32.shape[0] != n:
                 raise RegistryError(f"register: {n} blocks but {parr_i32.shape[0]} priorities")
         cdef const int64_t[::1] bs = barr
@@ -1101,13 +819,13 @@ cdef class BlockRegistry:
             pr = parr_i32
             prp = &pr[0]
         self._register_core(&bs[0], &hs[0], pp, mp, prp, n, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def match(self, hashes, acquire=True):
         """Blocks of the longest registered prefix of `hashes` (stops at the first miss).
         acquire=True: refcount + 1 and touch each (an inactive block becomes active)."""
-        harr = _as_u64(hashes, "match: hashes")
+        harr = as_u64(hashes, "match: hashes", RegistryError)
         cdef const uint64_t[::1] hs = harr
         cdef Py_ssize_t n = hs.shape[0]
         out = np.empty(n, dtype=np.int64)
@@ -1117,12 +835,12 @@ cdef class BlockRegistry:
         if n > 0:
             m = self._match_core(&hs[0], n, acq, &o[0])
         if acq:
-            self._debug_check()
+            _debug_check(self)
         return out[:m] if m < n else out
 
     def lookup(self, hashes):
         """Block per hash, -1 where not registered; changes nothing."""
-        harr = _as_u64(hashes, "lookup: hashes")
+        harr = as_u64(hashes, "lookup: hashes", RegistryError)
         cdef const uint64_t[::1] hs = harr
         cdef Py_ssize_t n = hs.shape[0]
         out = np.empty(n, dtype=np.int64)
@@ -1133,18 +851,18 @@ cdef class BlockRegistry:
 
     def touch(self, blocks):
         """last-use tick := ++tick, use count + 1, policy key refreshed; per occurrence."""
-        arr = _as_i64(blocks, "touch: blocks")
+        arr = as_i64(blocks, "touch: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         self._check_ids(bs, "touch")
         self._check_not_reset(bs, "touch")
         if bs.shape[0] > 0:
             self._touch_core(&bs[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def release(self, blocks):
         """refcount - 1 per occurrence; at 0 a REGISTERED block becomes inactive (stamped with a
         new tick, still matchable), any other block is RESET and goes to the free list tail."""
-        arr = _as_i64(blocks, "release: blocks")
+        arr = as_i64(blocks, "release: blocks", RegistryError)
         cdef const int64_t[::1] bs = arr
         cdef Py_ssize_t i, n = bs.shape[0], bad = -1
         cdef int64_t b
@@ -1167,18 +885,18 @@ cdef class BlockRegistry:
                                 f"({_state_name(self.state[b])})")
         if n > 0:
             self._release_core(&bs[0], n)
-        self._debug_check()
+        _debug_check(self)
 
     def evict(self, n):
         """Evict up to `n` inactive blocks in policy order (to the free list); their hashes."""
-        cdef int64_t k = _as_count(n, "evict: n")
+        cdef int64_t k = as_count(n, "evict: n", RegistryError)
         if k > self.h.num_inactive:
             k = self.h.num_inactive
         out = np.empty(k, dtype=np.uint64)
         cdef uint64_t[::1] o = out
         if k > 0:
             self._evict_core(k, &o[0])
-        self._debug_check()
+        _debug_check(self)
         return out
 
     def drain_evicted(self):
@@ -1195,8 +913,8 @@ cdef class BlockRegistry:
 
     def set_priority(self, blocks, priorities):
         """Set eviction priority (int32, lower is evicted first) of allocated blocks."""
-        arr = _as_i64(blocks, "set_priority: blocks")
-        parr = _as_i32(priorities, "set_priority: priorities")
+        arr = as_i64(blocks, "set_priority: blocks", RegistryError)
+        parr = as_i32(priorities, "set_priority: priorities", RegistryError)
         if parr.shape[0] != arr.shape[0]:
             raise RegistryError(f"set_priority: {arr.shape[0]} blocks but {parr.shape[0]} priorities")
         cdef const int64_t[::1] bs = arr
@@ -1205,11 +923,11 @@ cdef class BlockRegistry:
         self._check_not_reset(bs, "set_priority")
         if bs.shape[0] > 0:
             self._set_priority_core(&bs[0], &ps[0], bs.shape[0])
-        self._debug_check()
+        _debug_check(self)
 
     def info(self, block) -> dict:
         """Metadata of one block (tests, debugging)."""
-        cdef int64_t b = _as_count(block, "info: block")
+        cdef int64_t b = as_count(block, "info: block", RegistryError)
         if b >= self.h.num_blocks:
             raise RegistryError(f"info: block {b} is out of range [0, {self.h.num_blocks})")
         return dict(state=BlockState(self.state[b]), refcount=self.refcount[b], hash=self.hash[b],
@@ -1218,174 +936,8 @@ cdef class BlockRegistry:
                     children=self.children[b])
 
     def check_invariants(self):
-        """Raise RegistryError (with the numbers) if the table is inconsistent."""
-        cdef int64_t n = self.h.num_blocks, cap = self.h.index_capacity, mask = self.h.index_mask
-        cdef int64_t i, j, k, b, steps, prev, nfree = 0, nactive = 0, nreg = 0, nin = 0, cnt
-        cdef int64_t s = n
-        cdef HeapEntry probe
-        cdef uint8_t st
-        cdef int64_t nchild = 0, nlinked = 0, nghost = 0
-        # per-block states and refcounts
-        for b in range(n):
-            st = self.state[b]
-            if st > ST_REGISTERED:
-                raise RegistryError(f"block {b} has bad state {st}")
-            if self.refcount[b] > 0:
-                nactive += 1
-            if st == ST_RESET:
-                nfree += 1
-                if self.refcount[b] != 0 or self.hash[b] != 0 or self.use_count[b] != 0:
-                    raise RegistryError(f"RESET block {b} has refcount {self.refcount[b]}, "
-                                        f"hash {self.hash[b]}, use_count {self.use_count[b]}")
-                if self.free_next[b] < 0 or self.free_prev[b] < 0:
-                    raise RegistryError(f"RESET block {b} is not in the free list")
-            elif self.free_next[b] >= 0 or self.free_prev[b] >= 0:
-                raise RegistryError(f"{_state_name(st)} block {b} has free-list links")
-            if (st == ST_PARTIAL or st == ST_COMPLETE) and self.refcount[b] != 1:
-                raise RegistryError(f"{_state_name(st)} block {b} has refcount {self.refcount[b]}, "
-                                    f"expected 1")
-            if st == ST_REGISTERED:
-                nreg += 1
-                if self._find(self.hash[b]) != b:
-                    raise RegistryError(f"REGISTERED block {b} (hash {self.hash[b]}) not found in "
-                                        f"the index (found {self._find(self.hash[b])})")
-                if self.refcount[b] == 0 and self.heap_pos[b] < 0:
-                    raise RegistryError(f"inactive block {b} has no heap entry")
-                if self.refcount[b] == 0:
-                    nin += 1
-            elif self.heap_pos[b] >= 0:
-                raise RegistryError(f"{_state_name(st)} block {b} is in the inactive heap")
-            if st != ST_REGISTERED and (self.parent[b] != -1 or self.children[b] != 0
-                                        or self.first_child[b] != -1):
-                raise RegistryError(f"{_state_name(st)} block {b} has lineage: parent "
-                                    f"{self.parent[b]}, children {self.children[b]}")
-            if self.mark[b] != 0:
-                raise RegistryError(f"scratch mark of block {b} is {self.mark[b]}, expected 0")
-        if nfree != self.h.num_free:
-            raise RegistryError(f"{nfree} RESET blocks but num_free = {self.h.num_free}")
-        if nin != self.h.num_inactive:
-            raise RegistryError(f"{nin} inactive blocks but num_inactive = {self.h.num_inactive}")
-        if self.h.heap_size < nin or self.h.heap_size > nreg:
-            raise RegistryError(f"heap holds {self.h.heap_size} entries for {nin} inactive and "
-                                f"{nreg} registered blocks")
-        if nfree + nin + nactive != n:
-            raise RegistryError(f"free {nfree} + inactive {nin} + active {nactive} != {n} blocks")
-        if nreg != self.h.num_registered:
-            raise RegistryError(f"{nreg} REGISTERED blocks but index holds {self.h.num_registered}")
-        # free list structure
-        prev = s
-        b = self.free_next[s]
-        steps = 0
-        while b != s:
-            if b < 0 or b > n or steps > n:
-                raise RegistryError(f"free list broken after {steps} blocks (next = {b})")
-            if self.free_prev[b] != prev:
-                raise RegistryError(f"free list: block {b} has prev {self.free_prev[b]}, expected {prev}")
-            if self.state[b] != ST_RESET:
-                raise RegistryError(f"free list holds {_state_name(self.state[b])} block {b}")
-            prev = b
-            b = self.free_next[b]
-            steps += 1
-        if steps != self.h.num_free or self.free_prev[s] != prev:
-            raise RegistryError(f"free list walk found {steps} blocks, num_free = {self.h.num_free}")
-        # heap: positions, order, and live entries carry the key the policy computes now
-        for i in range(self.h.heap_size):
-            b = self.heap[i].block
-            if b < 0 or b >= n or self.heap_pos[b] != i:
-                raise RegistryError(f"heap slot {i} holds block {b} with position "
-                                    f"{self.heap_pos[b] if 0 <= b < n else None}")
-            if self.state[b] != ST_REGISTERED:
-                raise RegistryError(f"heap slot {i} holds {_state_name(self.state[b])} block {b}")
-            if self.refcount[b] == 0:
-                self._policy_key(<bid_t>b, &probe)
-                if probe.key1 != self.heap[i].key1 or probe.key2 != self.heap[i].key2:
-                    raise RegistryError(f"inactive block {b} has stale key ({self.heap[i].key1}, "
-                                        f"{self.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
-            if i > 0 and self._less(&self.heap[i], &self.heap[(i - 1) >> 2]):
-                raise RegistryError(f"heap order broken at slot {i} (block {b})")
-        # index: every entry is a REGISTERED block under its hash, or a live ghost entry under its
-        # hash, reachable from its home slot
-        cnt = 0
-        nghost = 0
-        for i in range(cap):
-            b = self.ivals[i]
-            if b == -1:
-                continue
-            if b <= -2:
-                nghost += 1
-                k = -2 - b
-                if k >= self.h.ghost_blocks or self.ghost[k].hash != self.ikeys[i] \
-                        or self.ghost[k].count == 0:
-                    raise RegistryError(f"index slot {i} -> ghost slot {k}, which is not a live "
-                                        f"entry of hash {self.ikeys[i]}")
-            else:
-                cnt += 1
-                if b >= n or self.state[b] != ST_REGISTERED or self.hash[b] != self.ikeys[i]:
-                    raise RegistryError(f"index slot {i} -> block {b}, which is not REGISTERED "
-                                        f"under hash {self.ikeys[i]}")
-            j = _home(self.ikeys[i], self.h.index_shift)
-            while j != i:
-                if self.ivals[j] == -1:
-                    raise RegistryError(f"index slot {i} unreachable: empty slot {j} on its probe path")
-                j = (j + 1) & mask
-        if cnt != nreg:
-            raise RegistryError(f"index has {cnt} entries, {nreg} REGISTERED blocks")
-        if nghost != self.h.ghost_size:
-            raise RegistryError(f"index has {nghost} ghost entries, ghost_size {self.h.ghost_size}")
-        # lineage: child lists agree with parent links and counts
-        for b in range(n):
-            if self.state[b] != ST_REGISTERED:
-                continue
-            if self.parent[b] >= 0 and self.state[self.parent[b]] != ST_REGISTERED:
-                raise RegistryError(f"block {b} has parent {self.parent[b]}, which is not REGISTERED")
-            if self.parent[b] >= 0:
-                nlinked += 1
-            cnt = 0
-            prev = -1
-            j = self.first_child[b]
-            while j >= 0:
-                if cnt > n or self.parent[j] != b or self.prev_sib[j] != prev:
-                    raise RegistryError(f"child list of block {b} broken at child {j}")
-                prev = j
-                j = self.next_sib[j]
-                cnt += 1
-            if cnt != self.children[b]:
-                raise RegistryError(f"block {b} lists {cnt} children, children = {self.children[b]}")
-            nchild += cnt
-        if nchild != nlinked:
-            raise RegistryError(f"{nlinked} blocks have a parent link, child lists hold {nchild}")
-        if self.h.ring_count > n or self.h.ring_head >= n:
-            raise RegistryError(f"evicted ring: count {self.h.ring_count}, head {self.h.ring_head}, "
-                                f"capacity {n}")
-        self._check_ghost()
+        """Raise RegistryError (with the numbers) if the table is inconsistent (_invariants.pxi)."""
+        _check_table(self)
 
-    cdef _check_ghost(self):
-        # FIFO list, unused stack and index agree (check_invariants counted the index's ghosts).
-        cdef int64_t g = self.h.ghost_blocks, i, j, cnt = 0, nfree = 0
-        cdef bid_t s, prev = <bid_t>g
-        if g == 0:
-            return
-        if self.h.ghost_size < 0 or self.h.ghost_size > g:
-            raise RegistryError(f"ghost table holds {self.h.ghost_size} entries, capacity {g}")
-        s = self.ghost[g].next
-        while s != g:
-            if s < 0 or s > g or cnt > g or self.ghost[s].prev != prev:
-                raise RegistryError(f"ghost FIFO broken after {cnt} entries (slot {s})")
-            if self.ghost[s].count == 0:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) has count 0")
-            i = self._index_pos(self.ghost[s].hash)
-            if i < 0 or self.ivals[i] != -2 - s:
-                raise RegistryError(f"ghost slot {s} (hash {self.ghost[s].hash}) is not indexed")
-            prev = s
-            s = self.ghost[s].next
-            cnt += 1
-        if cnt != self.h.ghost_size or self.ghost[g].prev != prev:
-            raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {self.h.ghost_size}")
-        j = self.h.ghost_free
-        while j >= 0:
-            if j >= g or nfree > g or self.ghost[j].prev != -1 or self.ghost[j].count != 0:
-                raise RegistryError(f"ghost unused stack broken at slot {j}")
-            j = self.ghost[j].next
-            nfree += 1
-        if nfree + cnt != g:
-            raise RegistryError(f"ghost: {cnt} live + {nfree} unused slots != {g}")
+
+include "_invariants.pxi"
