@@ -40,7 +40,7 @@ import numpy as np
 from kvbm._fast import native
 from kvbm.errors import DiskError, DiskSpaceError, JournalMismatchError, LayoutError
 from kvbm.workers.disk.files import DataFiles, Geometry, InstanceDir, check_instance_id
-from kvbm.workers.disk.io import NixlIO
+from kvbm.workers.disk.io import NixlIO, load_nixl
 from kvbm.workers.disk.journal import Header, Journal, read_journal
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class DiskStore:
         fingerprint, model_id: u64 ids of the KV layout and of the model/salt; a journal written
         under others raises JournalMismatchError unless `cold` (discard it, with a warning).
         host_regions: (address, bytes) of host memory blocks move from and to (the G2 segment)."""
+        load_nixl()  # a missing NIXL fails here, before anything is created on disk
         folder = InstanceDir(disk_path, instance_id)
         geometry = Geometry.of(block_bytes, num_slots, num_files)
         header = Header(geometry.block_bytes, geometry.slot_bytes, geometry.num_slots, geometry.num_files,
