@@ -31,6 +31,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -182,11 +183,15 @@ class NixlIO:
         raise cls(f"disk {what}: {int((~res.ok).sum())} of {res.ok.size} blocks failed: " + "; ".join(res.errors),
                   slots=res.ok)
 
-    def transfer(self, op: str, host_addrs, slots, files: DataFiles | None = None) -> IoResult:
+    def transfer(self, op: str, host_addrs, slots, files: DataFiles | None = None,
+                 on_chunk: Callable[[int, int, np.ndarray], None] | None = None) -> IoResult:
         """Moves block i between host_addrs[i] and slots[i] ("WRITE": to the files, "READ": from them).
 
-        Argument errors raise before anything is posted; I/O failures are in the result. Returns
-        only when no request of the call is in flight any more."""
+        on_chunk(start, end, ok) is called once per request of blocks [start, end): for a WRITE as
+        soon as it is posted (its host bytes are only read, so a checksum over them runs while the
+        disk writes them), for a READ once it finished (ok[start:end] says which blocks arrived). Argument
+        errors raise before anything is posted; I/O failures are in the result. Returns, or raises
+        what on_chunk raised, only when no request of the call is in flight any more."""
         files = files or self.files
         if id(files) not in self._file_regs:
             raise DiskError(f"files of {files.paths[0]} are not registered with the NIXL agent")
@@ -206,24 +211,37 @@ class NixlIO:
         pending = list(range(0, n, k))[::-1]  # chunk starts, popped from the end
         inflight: list[tuple[object, int]] = []
         agent = self.agent
+        raised: list[BaseException] = []
+
+        def chunk_done(start: int, end: int) -> None:
+            if on_chunk is not None and not raised:
+                try:
+                    on_chunk(start, end, ok)
+                except BaseException as err:  # re-raised once nothing is in flight
+                    raised.append(err)
+
         while pending or inflight:
-            while pending and len(inflight) < self.max_inflight:
+            while pending and len(inflight) < self.max_inflight and not raised:
                 start = pending.pop()
                 end = min(start + k, n)
                 try:
                     handle = agent.initialize_xfer(op, agent.get_xfer_descs(local[start:end], "DRAM"),
                                                    agent.get_xfer_descs(remote[start:end], "FILE"), agent.name)
-                except self._errors as err:
-                    self._failed(res, op, files, fidx, offs, addrs, start, end, f"initialize_xfer: {err!r}")
-                    continue
-                try:
                     state = agent.transfer(handle)
                 except self._errors as err:
-                    state = f"ERR ({err!r})"
+                    handle, state = None, f"ERR ({err!r})"
                 if state == "PROC":
                     inflight.append((handle, start))
+                    if op == "WRITE":
+                        chunk_done(start, end)
                 else:
+                    if op == "WRITE":
+                        chunk_done(start, end)  # before the per-block retry reads the same bytes again
                     self._finish(res, handle, state, op, files, fidx, offs, addrs, start, end)
+                    if op == "READ":
+                        chunk_done(start, end)
+            if raised:
+                pending.clear()
             progressed = False
             for item in list(inflight):
                 handle, start = item
@@ -235,13 +253,19 @@ class NixlIO:
                     continue
                 inflight.remove(item)
                 progressed = True
-                self._finish(res, handle, state, op, files, fidx, offs, addrs, start, min(start + k, n))
+                end = min(start + k, n)
+                self._finish(res, handle, state, op, files, fidx, offs, addrs, start, end)
+                if op == "READ":
+                    chunk_done(start, end)
             if inflight and not progressed:
                 time.sleep(self.poll_interval_s)
+        if raised:
+            raise raised[0]
         return res
 
     def _finish(self, res: IoResult, handle, state: str, op, files, fidx, offs, addrs, start: int, end: int) -> None:
-        self._release(handle, op)
+        if handle is not None:
+            self._release(handle, op)
         if state == "DONE":
             res.ok[start:end] = True
         else:

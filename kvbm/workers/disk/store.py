@@ -253,18 +253,22 @@ class DiskStore:
         h, a = h[:n], a[:n]
         try:
             self.io.check_args(a, s, self.files)  # argument errors raise before any state changes
-            sums = self._checksums(a)
         except BaseException:
             if slots is None:
                 self._release(s)
             raise
+        sums = np.zeros(n, dtype=np.uint64)
+
+        def checksum(start: int, end: int, _ok: np.ndarray) -> None:  # while NIXL writes those blocks
+            sums[start:end] = self._checksums(a[start:end])
+
         live = s[self._state[s] == SlotState.LIVE]
         if live.size:  # overwritten: free durably first, so a crash mid-write leaves them free
             self.journal.append_deletes(live)
             self._state[live] = SlotState.RESERVED
         self._state[s] = SlotState.RESERVED
         try:
-            res = self.io.transfer("WRITE", a, s)
+            res = self.io.transfer("WRITE", a, s, on_chunk=checksum)
             done = np.flatnonzero(res.ok)
             errors, no_space = list(res.errors), res.no_space
             if done.size:
@@ -329,19 +333,21 @@ class DiskStore:
               errors: list[str]) -> ReadResult:
         ok = np.zeros(s.size, dtype=bool)
         idx = np.flatnonzero(readable)
+        bad: list[np.ndarray] = []
         if idx.size:
-            res = self.io.transfer("READ", a[idx], s[idx], files)
+            def verify(start: int, end: int, arrived: np.ndarray) -> None:  # while NIXL reads the next requests
+                moved = idx[start:end][arrived[start:end]]
+                match = self._checksums(a[moved]) == want[moved]
+                ok[moved[match]] = True
+                bad.append(s[moved[~match]])
+
+            res = self.io.transfer("READ", a[idx], s[idx], files, on_chunk=verify)
             errors.extend(res.errors)
-            moved = idx[res.ok]
-            match = self._checksums(a[moved]) == want[moved]
-            ok[moved[match]] = True
-            corrupt = s[moved[~match]]
-            if corrupt.size:
-                errors.append(f"{corrupt.size} blocks failed their checksum (slots {corrupt[:8].tolist()})")
-                logger.error("disk tier: %d blocks read from %s failed their checksum: slots %s", corrupt.size,
-                             os.path.dirname(files.paths[0]), corrupt[:8].tolist())
-        else:
-            corrupt = np.empty(0, np.int64)
+        corrupt = np.concatenate(bad) if bad else np.empty(0, np.int64)
+        if corrupt.size:
+            errors.append(f"{corrupt.size} blocks failed their checksum (slots {corrupt[:8].tolist()})")
+            logger.error("disk tier: %d blocks read from %s failed their checksum: slots %s", corrupt.size,
+                         os.path.dirname(files.paths[0]), corrupt[:8].tolist())
         failed = s[~ok & ~np.isin(s, corrupt)]
         self.stats.blocks_read += int(ok.sum())
         self.stats.checksum_failures += corrupt.size
