@@ -326,7 +326,11 @@ class DiskStore:
             readable &= ~stale
         result = self._read(s, a, want, readable, self.files, errors)
         if result.corrupt.size:
-            self.drop(result.corrupt)
+            try:
+                self.drop(result.corrupt)
+            except DiskError as err:  # the read's outcome stands; the next open's read fails them again
+                logger.error("disk tier: dropping %d corrupt blocks failed: %s", result.corrupt.size, err)
+                self._note([str(err)])
         return result
 
     def _read(self, s: np.ndarray, a: np.ndarray, want: np.ndarray, readable: np.ndarray, files: DataFiles,
