@@ -262,12 +262,11 @@ class DiskStore:
         def checksum(start: int, end: int, _ok: np.ndarray) -> None:  # while NIXL writes those blocks
             sums[start:end] = self._checksums(a[start:end])
 
-        live = s[self._state[s] == SlotState.LIVE]
-        if live.size:  # overwritten: free durably first, so a crash mid-write leaves them free
-            self.journal.append_deletes(live)
-            self._state[live] = SlotState.RESERVED
-        self._state[s] = SlotState.RESERVED
         try:
+            live = s[self._state[s] == SlotState.LIVE]
+            if live.size:  # overwritten: free durably first, so a crash mid-write leaves them free
+                self.journal.append_deletes(live)
+            self._state[s] = SlotState.RESERVED
             res = self.io.transfer("WRITE", a, s, on_chunk=checksum)
             done = np.flatnonzero(res.ok)
             errors, no_space = list(res.errors), res.no_space
