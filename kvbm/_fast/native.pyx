@@ -285,12 +285,13 @@ def checksum_buffer(buf, int64_t nbytes, int64_t stride=0):
         raise LayoutError(f"checksum_buffer: nbytes {nbytes}, stride {stride}: need nbytes >= 1, stride >= 0")
     if stride == 0:
         stride = nbytes
-    cdef const unsigned char[::1] view = memoryview(buf).cast("B")
-    cdef int64_t size = view.shape[0]
+    mv = memoryview(buf)
+    cdef int64_t size = mv.nbytes
     cdef int64_t n = 0 if size < nbytes else (size - nbytes) // stride + 1
     out = np.empty(n, dtype=np.uint64)
     if n == 0:
         return out
+    cdef const unsigned char[::1] view = mv.cast("B")
     cdef uint64_t[::1] ov = out
     cdef char errbuf[ERRLEN]
     cdef int rc
