@@ -55,3 +55,23 @@ class KvbmTimeoutError(KvbmError, TimeoutError):
 class PermissionRefusedError(KvbmError, PermissionError):
     """kvbm refused a file, folder, socket or endpoint that others could reach or tamper with (wrong
     owner or mode, a symlink, a non-loopback address)."""
+
+
+class DiskError(KvbmError):
+    """A disk tier (G3) file, journal or I/O operation failed: the message names the file, the slots
+    and the errno or NIXL status. `slots`, when given, is the call's per-block outcome (the slot
+    written or read, -1 where not), so a caller keeps what did land."""
+
+    def __init__(self, message: str, *, slots=None) -> None:
+        super().__init__(message)
+        self.slots = slots
+
+
+class DiskSpaceError(DiskError):
+    """The file system refused the disk tier's space (ENOSPC, EDQUOT, EFBIG): the message names the
+    bytes asked for and, where known, the bytes free."""
+
+
+class JournalMismatchError(DiskError):
+    """A G3 journal was written for another store geometry, layout or model: its blocks are not this
+    engine's. Starting cold (discarding them) is the caller's explicit choice."""

@@ -2,7 +2,8 @@
  * kvbm.h -- the one boundary between Python (kvbm/_fast) and the native library.
  *
  * Two builds export these symbols:
- *   - CUDA build: csrc/cuda/ (.cu files) implement kvbm_cuda_*; csrc/cpu/ (.cpp) the CPU copy and hashing.
+ *   - CUDA build: csrc/cuda/ (.cu files) implement kvbm_cuda_*; csrc/cpu/ (.cpp) the CPU copy;
+ *     csrc/common/ (.cpp) hashing and block checksums, the same code in both builds.
  *   - CPU build (no nvcc, or KVBM_NO_CUDA=1): csrc/cpu/cuda_absent.cpp provides kvbm_cuda_* that
  *     answer "not built with CUDA", so the Cython module links the same way in both.
  *
@@ -77,6 +78,12 @@ int kvbm_hash_blocks(const uint32_t *tokens, int64_t n_blocks, int64_t block_siz
 
 /* xxh3_64 of arbitrary bytes (salt -> seed derivation). */
 uint64_t kvbm_xxh3_64(const void *data, size_t len, uint64_t seed);
+
+/* Per-block checksums (the disk tier's integrity check): out[i] = xxh3_64(block i, bytes), unseeded.
+ * Block i starts at block_ptrs[i] when block_ptrs is not NULL (base is then ignored), else at
+ * base + i * stride. The blocks are host memory. Single-threaded; allocates nothing. */
+int kvbm_checksum_blocks(const void *base, int64_t stride, const uint64_t *block_ptrs, int64_t count,
+                         int64_t bytes, uint64_t *out, char *errbuf, size_t errlen);
 
 /* "cuda" or "cpu": which library this build linked. */
 const char *kvbm_build_kind(void);

@@ -32,6 +32,8 @@ cdef extern from "kvbm.h" nogil:
                          uint64_t seed, int has_parent, uint64_t parent_seq_hash,
                          uint64_t *block_hashes, uint64_t *seq_hashes, char *errbuf, size_t errlen)
     uint64_t kvbm_xxh3_64(const void *data, size_t length, uint64_t seed)
+    int kvbm_checksum_blocks(const void *base, int64_t stride, const uint64_t *block_ptrs,
+                             int64_t count, int64_t nbytes, uint64_t *out, char *errbuf, size_t errlen)
     const char *kvbm_build_kind()
     int kvbm_cuda_available()
     int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Thin, validated wrappers over csrc/include/kvbm.h: block copies (CPU and CUDA) and hashing.
+"""Thin, validated wrappers over csrc/include/kvbm.h: block copies (CPU and CUDA), hashing and
+block checksums.
 
 Each wrapper checks its arguments at the edge (typed memoryviews, equal lengths), drops the GIL for
 the native call, and turns a non-zero return code into a KvbmError subclass through `_check_rc`,
@@ -9,12 +10,13 @@ arrays are converted by kvbm._fast._convert, as the registry's inputs are.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
-from kvbm._fast._convert cimport as_array, as_i64
+from kvbm._fast._convert cimport as_array, as_i64, as_u64
 from kvbm._fast.kvbm_h cimport (
     KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
     kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
-    kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_hash_blocks, kvbm_layout_t, kvbm_xxh3_64,
+    kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_checksum_blocks, kvbm_hash_blocks, kvbm_layout_t,
+    kvbm_xxh3_64,
 )
 
 from enum import IntEnum
@@ -240,3 +242,61 @@ def xxh3_64(data: bytes, uint64_t seed=0) -> int:
     if len(data) == 0:
         return kvbm_xxh3_64(NULL, 0, seed)
     return kvbm_xxh3_64(&view[0], len(data), seed)
+
+
+def checksum_blocks(addrs, int64_t nbytes, size_t region_base, size_t region_bytes):
+    """xxh3_64 of the `nbytes` bytes at each address of `addrs` (1-D, absolute addresses), as uint64.
+
+    Every block must lie inside the mapped region [region_base, region_base + region_bytes): the
+    addresses are checked against it before the native loop runs without the GIL.
+    """
+    if nbytes <= 0:
+        raise LayoutError(f"checksum_blocks: nbytes must be >= 1, got {nbytes}")
+    a = as_u64(addrs, "addrs", LayoutError)
+    cdef int64_t n = a.shape[0]
+    out = np.empty(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    if region_base == 0 or region_bytes < <size_t>nbytes:
+        raise LayoutError(f"checksum_blocks: region at {region_base:#x} of {region_bytes} bytes "
+                          f"cannot hold a {nbytes}-byte block")
+    cdef uint64_t last = region_base + region_bytes - <size_t>nbytes
+    bad = np.flatnonzero((a < region_base) | (a > last))
+    if bad.size:
+        i = int(bad[0])
+        raise LayoutError(f"checksum_blocks: block {i} at {int(a[i]):#x} (+{nbytes} bytes) outside the "
+                          f"region [{region_base:#x}, {region_base + region_bytes:#x}); "
+                          f"{bad.size} of {n} blocks outside")
+    cdef const uint64_t[::1] av = a
+    cdef uint64_t[::1] ov = out
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_checksum_blocks(NULL, 0, &av[0], n, nbytes, &ov[0], errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+    return out
+
+
+def checksum_buffer(buf, int64_t nbytes, int64_t stride=0):
+    """xxh3_64 of consecutive blocks of a contiguous buffer (bytes, numpy array, memoryview): block i
+    is bytes [i*stride, i*stride + nbytes), stride defaulting to nbytes; as many blocks as fit."""
+    if nbytes <= 0 or stride < 0:
+        raise LayoutError(f"checksum_buffer: nbytes {nbytes}, stride {stride}: need nbytes >= 1, stride >= 0")
+    if stride == 0:
+        stride = nbytes
+    mv = memoryview(buf)
+    cdef int64_t size = mv.nbytes
+    cdef int64_t n = 0 if size < nbytes else (size - nbytes) // stride + 1
+    out = np.empty(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    cdef const unsigned char[::1] view = mv.cast("B")
+    cdef uint64_t[::1] ov = out
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    errbuf[0] = 0
+    with nogil:
+        rc = kvbm_checksum_blocks(&view[0], stride, NULL, n, nbytes, &ov[0], errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+    return out
