@@ -34,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from _common import cpu_model, pct
 
 from kvbm.workers.disk import DiskStore
 
@@ -47,21 +48,13 @@ def parse_size(text: str) -> int:
 
 
 def machine(path: str) -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     fs = subprocess.run(["df", "-T", path], capture_output=True, text=True, check=False).stdout.splitlines()[-1:]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} CPUs (load average {load}), kernel {platform.release()}; "
             f"disk: {' '.join(fs[0].split()[:2]) if fs else '?'} at {path}; Python {platform.python_version()}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 class RawFiles:

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+from _common import cpu_model, pct
 
 import kvbm
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
@@ -36,12 +37,7 @@ from kvbm.workers.copy import Copier
 
 
 def machine(cuda: bool) -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     gpu = ""
     if cuda:
         import torch
@@ -55,9 +51,6 @@ def worker_stats(config) -> dict:
     from kvbm.cli import ask_status
     return ask_status(config)["workers"]
 
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int) -> list[float]:
