@@ -266,19 +266,41 @@ def test_deadline_kills_a_stuck_worker_and_fails_on_its_death(make_pipeline, rng
 
 
 def test_priorities_overtake_queued_work(make_pipeline, rng):
-    pipe = make_pipeline(device_blocks=64, host_blocks=64, worker_delay_ms=150)
+    """A high-priority offload submitted behind queued low-priority ones is sent before them.
+
+    The D2H worker is gated (SIGSTOP) while the queue is built, so nothing depends on thread
+    timing: the engine fills its window of WINDOW wire requests with lows, the rest wait in its
+    queue, then the high one joins them; once the worker runs again, the high one takes the first
+    free place in the window (the worker may also run it before lows it already holds). The lows
+    get distinct priorities below the high one's, so that none are coalesced into one wire
+    request (that would change how many fit in the window, not the order under test)."""
+    from kvbm.transfer.manager import WINDOW
+
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
     kv = pipe.kv
+    queue = kv.transfers._paths[P.Path.D2H]
     order = []
-    low = [kv.offload([i], random_hashes(rng, 1), priority=0) for i in range(8)]
-    high = kv.offload([20], random_hashes(rng, 1), priority=10)
-    for i, f in enumerate(low):
-        f.add_done_callback(lambda _f, i=i: order.append(f"low{i}"))
-    high.add_done_callback(lambda _f: order.append("high"))
+    d2h = pipe.worker_pids()["d2h"]
+    os.kill(d2h, signal.SIGSTOP)
+    try:
+        low = [kv.offload([i], random_hashes(rng, 1), priority=-1 - i) for i in range(2 * WINDOW)]
+        wait_for(lambda: len(queue.outstanding) == WINDOW and len(queue.heap) == WINDOW, DEADLINE,
+                 "the window full of lows, the rest queued")
+        queued = {id(req.sub.future) for _, _, req in list(queue.heap)}
+        high = kv.offload([20], random_hashes(rng, 1), priority=10)
+        wait_for(lambda: len(queue.heap) == WINDOW + 1, DEADLINE, "the high offload queued")
+        for i, f in enumerate(low):
+            f.add_done_callback(lambda _f, i=i: order.append(f"low{i}"))
+        high.add_done_callback(lambda _f: order.append("high"))
+    finally:
+        os.kill(d2h, signal.SIGCONT)
     for f in low + [high]:
         f.result(DEADLINE)
-    # At most the window (4 requests) plus the one being copied were ahead of it.
-    assert order.index("high") <= 5, order
-    assert order[-1] != "high"
+    # At most the lows already at the worker were ahead of it; every low still queued came after it.
+    assert len(order) == 2 * WINDOW + 1 and len(queued) == WINDOW
+    first = order.index("high")
+    assert first <= WINDOW, order
+    assert all(order.index(f"low{i}") > first for i, f in enumerate(low) if id(f) in queued), order
 
 
 def test_engine_connects_to_a_running_kvbm_workers(tmp_path, rng):
