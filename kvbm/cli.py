@@ -86,13 +86,13 @@ def host_bytes_of(config: KvbmConfig) -> int:
 def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     import zmq
 
+    from kvbm.transfer.launcher import find_instance
     from kvbm.wire import protocol as P
-    from kvbm.wire.channel import Endpoints, connect_socket, make_context
-    rundir = config.resolved_runtime_dir()
-    endpoints = Endpoints.read(rundir)
-    if endpoints is None:
-        raise LifecycleError(f"no running kvbm-workers found for instance {config.instance_id} "
-                             f"({rundir}/endpoints.json missing)")
+    from kvbm.wire.channel import connect_socket, make_context
+    found = find_instance(config)
+    if found.state != "running":
+        raise LifecycleError(not_running(config, found))
+    endpoints = found.endpoints
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
     try:
@@ -103,6 +103,17 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     finally:
         sock.close(0)
         ctx.term()
+
+
+def not_running(config: KvbmConfig, found) -> str:
+    """Why there is no status to ask for, by the state of the instance's lock (launcher.find_instance)."""
+    rundir = config.resolved_runtime_dir()
+    if found.state == "starting":
+        return f"kvbm-workers instance {config.instance_id}: starting (pid {found.pid or '?'})"
+    if found.state == "dead":
+        return (f"kvbm-workers instance {config.instance_id} (pid {found.pid or '?'}) is dead; its leftovers in "
+                f"{rundir} are removed at the next start")
+    return f"no running kvbm-workers found for instance {config.instance_id} ({rundir})"
 
 
 def format_status(st: dict) -> str:

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
+FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progress in between)
+PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
+ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
 
 
@@ -303,20 +306,54 @@ class RuntimeDir:
         if not check_private_dir(self.path):
             raise KvbmError(f"runtime dir {self.path} vanished while it was being created")
 
+    def owner(self) -> tuple[int, bool]:
+        """(pid, alive) of the supervisor that holds, or last held, the instance lock: alive when a
+        process holds the lock now (the kernel drops it when its holder dies, SIGKILL included);
+        pid 0 when the lock file names none (no lock file, or its owner is still writing it).
+        Probes with a shared lock held for a moment, which a starting supervisor's acquire waits out."""
+        if not check_private_dir(self.path):
+            return 0, False
+        lock_path = os.path.join(self.path, self.LOCK)
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return 0, False
+        try:
+            check_private(os.fstat(fd), lock_path)
+            raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = int(raw) if raw.isdigit() else 0
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return pid, True
+                raise
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return pid, False
+        finally:
+            os.close(fd)
+
     def acquire(self) -> list[str]:
         """Takes the instance lock; returns the leftovers of a dead previous owner it removed.
         Raises KvbmError when a live supervisor holds it."""
         self.ensure()
         lock_path = os.path.join(self.path, self.LOCK)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LifecycleError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
-            raise
+        deadline = time.monotonic() + ACQUIRE_PROBE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                busy = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+                if busy and time.monotonic() < deadline:
+                    time.sleep(0.01)  # an owner() probe holds a shared lock for a moment
+                    continue
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if busy:
+                    raise LifecycleError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
+                raise
         previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
         removed = []
         for name in os.listdir(self.path):
@@ -335,8 +372,16 @@ class RuntimeDir:
         self._lock_fd = fd
         return removed
 
+    @property
+    def held(self) -> bool:
+        """This process took the lock (acquire) and has not released it."""
+        return self._lock_fd >= 0
+
     def release_and_remove(self) -> None:
-        """Removes every file of the folder and the folder itself, then drops the lock."""
+        """Removes every file of the folder and the folder itself, then drops the lock. Nothing
+        when the lock was never taken: the folder is then another supervisor's."""
+        if self._lock_fd < 0:
+            return
         if os.path.isdir(self.path):
             for name in os.listdir(self.path):
                 if name != self.LOCK:

@@ -67,7 +67,8 @@ QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SET
 class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
-                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0) -> None:
+                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
+                 supervisor_pid: int | None = None) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         self.max_batch_blocks = max_batch_blocks
@@ -94,6 +95,11 @@ class TransferManager:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False          # kvbm-workers said "stopping" and no worker started since
+        self.supervisor_pid = supervisor_pid  # None: the pid its welcome names
+        self._supervisor_fd = -1       # pidfd of the supervisor: readable once it is gone
+        self._dead: str | None = None  # "kvbm-workers (pid N) died": no new work from then on
+        self._poller: zmq.Poller | None = None
+        self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # ---- set-up ------------------------------------------------------------------------------
