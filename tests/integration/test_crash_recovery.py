@@ -76,3 +76,37 @@ def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeli
     assert not os.path.exists(rundir) and _shm(inst) == []
 
 
+def test_supervisor_kill9_fails_transfers_within_one_timeout_and_leaks_no_g2_block(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=512, host_blocks=512, worker_delay_ms=300, max_batch_blocks=16,
+                         request_timeout_ms=10000)
+    kv, tm = pipe.kv, pipe.kv.transfers
+    host = kv.pool(2).registry
+    workers = pipe.worker_pids()
+    sup = pipe.supervisor_pid
+    blocks, hashes = np.arange(512), random_hashes(rng, 512)
+    pipe.fill_random(blocks, rng)
+    assert kv.offload(blocks[:32], hashes[:32]).result(DEADLINE).value.moved == 32
+    offloads = [kv.offload(blocks[i:i + 64], hashes[i:i + 64]) for i in range(64, 512, 64)]   # 28 requests
+    onboard = kv.onboard(hashes[:32], blocks[:32])
+    wait_for(lambda: all(tm._paths[p].outstanding for p in P.WORKER_PATHS), 10, "requests at both workers")
+
+    os.kill(sup, signal.SIGKILL)
+    # Within one request timeout (10 s); the old code failed them at three (30 s).
+    deadline = time.monotonic() + 10.0
+    for fut in [*offloads, onboard]:
+        with pytest.raises(TransferError, match=rf"kvbm-workers \(pid {sup}\) died") as info:
+            fut.result(max(0.01, deadline - time.monotonic()))
+        assert not info.value.blocks_may_be_written
+        # A request at a worker fails only once that worker is gone: nothing can write its blocks.
+        assert not any(pid_alive(p) for p in workers.values())
+    with pytest.raises(LifecycleError, match=rf"kvbm-workers \(pid {sup}\) died: no new transfers"):
+        kv.offload(blocks[:4], random_hashes(rng, 4))
+    with pytest.raises(LifecycleError, match=rf"kvbm-workers \(pid {sup}\) died: no new transfers"):
+        kv.onboard(hashes[:4], blocks[:4])
+    # 0 leaked: every host block is free, or registered and inactive (the first offload's 32).
+    assert kv._host.leaked_host_blocks == 0
+    assert host.num_active == 0 and host.num_registered == 32 and host.num_free == 512 - 32
+    host.check_invariants()
+    assert tm.inflight_bytes == 0
+
+
