@@ -202,7 +202,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers
+        from kvbm.shm import SharedBuffers, clean_dead_device_segments
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -216,6 +216,9 @@ class KvBlockManager:
             return layout.allocate(device=device)
         if self._shared is not None:
             raise LifecycleError("CPU-mode device tensors were already created for this manager")
+        gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
+        if gone:
+            logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 

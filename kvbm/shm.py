@@ -9,8 +9,12 @@ Parts:
                         engine process <pid>)
   RuntimeDir            the 0700 folder holding sockets and the supervisor's lock file; `acquire`
                         takes an flock so that a second supervisor of the same instance is refused
-                        and a killed one's leftovers (sockets, segments) are found and removed
+                        and a killed one's leftovers (sockets, segments) are found and removed;
+                        `owner` tells a live owner (lock held) from a dead one (lock free)
   clean_stale_segments  removes kvbm-<id>-* segments whose owner is dead
+  clean_dead_device_segments
+                        removes every instance's device segments of dead engines (pid in the name
+                        dead and the segment's flock free), only this user's
   SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map
 
 Nothing here imports zmq or the workers: both the engine side and the worker side use it.
@@ -53,6 +57,7 @@ def segment_name(instance_id: str, kind: str = "g2") -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """False for a pid that does not exist or is a zombie (dead, not yet reaped by its parent)."""
     if pid <= 0:
         return False
     try:
@@ -61,7 +66,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True  # no /proc: kill(0) is all we know
 
 
 def check_private(st: os.stat_result, path: str, directory: bool = False) -> None:
@@ -200,6 +209,12 @@ class Segment:
             torch.set_num_threads(prev)
         return time.perf_counter() - t0
 
+    def hold(self) -> None:
+        """Takes a shared flock on the segment for as long as this process has it open: the kernel
+        drops it when the process dies, so sweeps tell a live owner from a dead one even when the
+        pid in the name belongs to another pid namespace that shares /dev/shm."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
     def pin(self) -> float:
         """cudaHostRegister over the whole mapping; returns seconds taken."""
         from kvbm._fast import native
@@ -260,9 +275,34 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
+def _remove_dead_device_segment(name: str, pid: int) -> bool:
+    """Unlinks the device segment `name` when its engine is gone: its pid is dead and nobody holds
+    the segment's flock (Segment.hold). Only our own regular files; True when removed."""
+    if pid_alive(pid):
+        return False
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live engine holds it (its pid is from another pid namespace)
+        _unlink_quiet(path)
+        return True
+    finally:
+        os.close(fd)
+
+
 def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]:
-    """Unlinks this instance's segments whose owner is dead: device segments of dead engine pids
-    and, when the caller holds the instance lock, the host pool segment of a killed supervisor."""
+    """Unlinks this instance's segments whose owner is dead: device segments of dead engines and,
+    when the caller holds the instance lock, the host pool segment of a killed supervisor. Returns
+    their names (the caller logs them)."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -273,14 +313,27 @@ def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]
         if not name.startswith(prefix):
             continue
         match = _DEV_RE.match(name)
-        stale = (match is not None and match.group("inst") == instance_id and not pid_alive(int(match.group("pid"))))
-        if name == segment_name(instance_id) and include_host_pool:
-            stale = True
-        if stale:
+        if match is not None and match.group("inst") == instance_id:
+            if _remove_dead_device_segment(name, int(match.group("pid"))):
+                removed.append(name)
+        elif name == segment_name(instance_id) and include_host_pool:
             _unlink_quiet(os.path.join(SHM_DIR, name))
             removed.append(name)
-    if removed:
-        logger.warning("removed stale shared-memory segments of instance %s: %s", instance_id, removed)
+    return removed
+
+
+def clean_dead_device_segments() -> list[str]:
+    """Unlinks the CPU-mode device segments (kvbm-<id>-dev-<pid>-<n>) of dead engines of this
+    user, whatever their instance: under the default random instance id no later start of the same
+    instance would ever find them. Called when an engine creates its device segment and when
+    kvbm-workers starts. Returns their names (the caller logs them)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = [name for name in names
+               if (match := _DEV_RE.match(name)) is not None
+               and _remove_dead_device_segment(name, int(match.group("pid")))]
     return removed
 
 
@@ -413,6 +466,7 @@ class SharedBuffers:
         stride = (size + 4095) // 4096 * 4096
         seq = next(_segment_seq)
         seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * nbuf)
+        seg.hold()  # until this process dies or closes it: sweeps leave it alone meanwhile
         whole = seg.tensor()
         offsets = [i * stride for i in range(nbuf)]
         tensors = [whole[o:o + size] for o in offsets]

@@ -492,6 +492,11 @@ class Supervisor:
             self.segment.close()
             self.segment.unlink()
             self.segment = None
+        if self.rundir.held:
+            # The engine that started us may have been killed: its device segment is ours to remove.
+            gone = clean_stale_segments(self.config.instance_id, include_host_pool=False)
+            if gone:
+                logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
         self.rundir.release_and_remove()
 
 

@@ -110,3 +110,111 @@ def test_supervisor_kill9_fails_transfers_within_one_timeout_and_leaks_no_g2_blo
     assert tm.inflight_bytes == 0
 
 
+# ---- 2. a closed output pipe -----------------------------------------------------------------------
+
+def test_closed_output_pipe_neither_kills_the_instance_nor_leaves_it_behind(tmp_path, request):
+    inst = f"c{uuid.uuid4().hex[:8]}"
+    config = kvbm.KvbmConfig(instance_id=inst, runtime_dir=str(tmp_path), host_size=1 << 20)
+    rundir = config.resolved_runtime_dir()
+    read_end, write_end = os.pipe()
+    # `kvbm-workers ... 2>&1 | head -1`: the reader takes one line and goes away.
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "--instance-id", inst, "--runtime-dir", str(tmp_path),
+                             "--host-size", "1MB", "--force-cpu", "--interval", "0.2"],
+                            stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end)
+    os.close(write_end)
+    pids = [proc.pid]
+
+    def finalize():
+        _kill(pids)
+        proc.wait(10)
+        clean_stale_segments(inst, include_host_pool=True)
+    request.addfinalizer(finalize)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.readline()
+    from kvbm.cli import ask_status
+
+    def serving_a_while():
+        assert proc.poll() is None, f"kvbm-workers exited with {proc.returncode} once its output pipe closed"
+        try:
+            st = ask_status(config)
+        except KvbmError:
+            return None
+        pids.extend(w["pid"] for w in st["workers"].values() if w.get("pid"))
+        # Up for a second: several summary lines went into the closed pipe meanwhile.
+        return st["uptime_s"] > 1.0 and all(st["workers"][p]["ready"] for p in ("d2h", "h2d"))
+    wait_for(serving_a_while, DEADLINE, "kvbm-workers serving with its output pipe closed")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(DEADLINE) == 0
+    assert not os.path.exists(rundir) and _shm(inst) == []
+
+
+def test_status_into_a_closed_pipe_exits_quietly(make_pipeline):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    read_end, write_end = os.pipe()
+    os.close(read_end)    # `kvbm-workers --status | true`: gone before the first byte
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvbm.cli", "--instance-id", pipe.config.instance_id,
+                              "--runtime-dir", pipe.runtime_dir, "--status"],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+# ---- 3. a killed engine's device segment -------------------------------------------------------------
+
+_ENGINE = r"""
+import sys, kvbm
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+lc = LayoutConfig(2, 2, 16, 64)
+cfg = kvbm.KvbmConfig(runtime_dir=sys.argv[1], layout=lc, device_blocks=64, host_blocks=64, force_cpu=True)
+kv = kvbm.KvBlockManager(cfg)      # the default instance id: random
+lay = BlockLayout(lc, LayoutType.LAYER_SEPARATE, 64)
+kv.register_device_tensors(kv.create_device_tensors(lay, device="cpu"), lay)
+print("engine", cfg.instance_id, kv.workers_process.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("killed", ["engine", "engine and kvbm-workers"])
+def test_a_killed_engines_device_segment_is_removed(tmp_path, request, killed):
+    eng = subprocess.Popen([sys.executable, "-c", _ENGINE, str(tmp_path)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    pids = [eng.pid]
+    box: dict = {}
+
+    def finalize():
+        _kill(pids)
+        eng.wait(10)
+        if "inst" in box:
+            clean_stale_segments(box["inst"], include_host_pool=True)
+    request.addfinalizer(finalize)
+    line = "-"
+    while line and not line.startswith("engine "):   # the embedded kvbm-workers shares this stdout
+        line = eng.stdout.readline()
+    _, inst, sup = line.split()
+    box["inst"], sup = inst, int(sup)
+    pids.append(sup)
+    dev = segment_name(inst, f"dev-{eng.pid}-1")
+    assert dev in _shm(inst)
+    if killed == "engine":
+        eng.kill()
+        eng.wait(10)
+        # Its kvbm-workers sees its parent gone and stops cleanly, removing the dead engine's segment too.
+        wait_for(lambda: not pid_alive(sup), DEADLINE, "the engine's kvbm-workers stopping")
+        assert _shm(inst) == []
+        return
+    os.kill(sup, signal.SIGKILL)
+    eng.kill()
+    eng.wait(10)
+    wait_for(lambda: not pid_alive(sup), DEADLINE, "kvbm-workers gone")
+    assert dev in _shm(inst)          # nobody of its (random) instance will ever start again
+    # The next engine start, under another random instance id, removes it.
+    other = kvbm.KvBlockManager(kvbm.KvbmConfig(layout=DEFAULT_LAYOUT, device_blocks=8, host_blocks=8, force_cpu=True,
+                                                runtime_dir=str(tmp_path)))
+    try:
+        other.create_device_tensors()
+        assert dev not in _shm(inst)
+    finally:
+        other.close()
+
