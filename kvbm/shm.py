@@ -32,6 +32,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,7 +124,10 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, name: str, size: int, replace: bool = False) -> Segment:
+    def create(cls, name: str, size: int, replace: bool = False,
+               progress: Callable[[int], None] | None = None) -> Segment:
+        """`progress(bytes_reserved)` is called between chunks of the reservation (seconds for a
+        pool of many GB)."""
         if size <= 0:
             raise KvbmError(f"segment {name}: size must be > 0, got {size}")
         path = os.path.join(SHM_DIR, name)
@@ -140,7 +144,11 @@ class Segment:
             try:
                 # Reserve the pages now: on a tmpfs too small for the segment this fails here with
                 # ENOSPC instead of killing the first process that touches the missing pages (SIGBUS).
-                os.posix_fallocate(fd, 0, size)
+                # In chunks, so that progress can be reported.
+                for lo in range(0, size, FALLOCATE_CHUNK):
+                    os.posix_fallocate(fd, lo, min(FALLOCATE_CHUNK, size - lo))
+                    if progress is not None:
+                        progress(min(lo + FALLOCATE_CHUNK, size))
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.ENOMEM):
                     st = os.statvfs(SHM_DIR)
@@ -182,32 +190,50 @@ class Segment:
         del buf  # the export would keep the mmap from closing
         return addr
 
-    def prefault(self, threads: int = 0) -> float:
+    def prefault(self, threads: int = 0, progress: Callable[[int], None] | None = None) -> float:
         """Touches every page on `threads` threads (faulting a huge segment on one thread takes
-        seconds; the kernel's page allocation scales with threads). Returns seconds taken."""
+        seconds; the kernel's page allocation scales with threads), PREFAULT_CHUNK bytes at a time
+        so that `progress(bytes_touched)` can be called while they run. Returns the seconds the
+        touching took (importing torch, seconds on a cold start, is not part of it)."""
         import torch
-        threads = threads or min(8, os.cpu_count() or 1)
-        t0 = time.perf_counter()
         whole = self.tensor()
-        chunk = (self.size + threads - 1) // threads
-        chunk = (chunk + PAGE - 1) // PAGE * PAGE
+        threads = threads or min(8, os.cpu_count() or 1)
+        chunks = iter(range(0, self.size, PREFAULT_CHUNK))
+        lock = threading.Lock()
+        touched = [0]
 
-        def touch(lo: int) -> None:
+        def touch() -> None:
             # zero_ is a memset in ATen, with the GIL released: real parallel page faults.
             with torch.inference_mode():
-                whole[lo:min(lo + chunk, self.size)].zero_()
+                while True:
+                    with lock:
+                        lo = next(chunks, None)
+                    if lo is None:
+                        return
+                    hi = min(lo + PREFAULT_CHUNK, self.size)
+                    whole[lo:hi].zero_()
+                    with lock:
+                        touched[0] += hi - lo
 
-        workers = [threading.Thread(target=touch, args=(lo,), daemon=True) for lo in range(0, self.size, chunk)]
+        workers = [threading.Thread(target=touch, daemon=True)
+                   for _ in range(min(threads, (self.size + PREFAULT_CHUNK - 1) // PREFAULT_CHUNK))]
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
+        t0 = time.perf_counter()
         try:
             for t in workers:
                 t.start()
             for t in workers:
-                t.join()
+                while t.is_alive():
+                    t.join(0.1)
+                    if progress is not None:
+                        progress(touched[0])
         finally:
             torch.set_num_threads(prev)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress(touched[0])
+        return elapsed
 
     def hold(self) -> None:
         """Takes a shared flock on the segment for as long as this process has it open: the kernel

@@ -75,10 +75,10 @@ def control_endpoint(config: KvbmConfig, timeout: float = 0.0) -> str | None:
 class WorkersProcess:
     """kvbm-workers as a child of the engine."""
 
-    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str = "WARNING") -> None:
+    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None) -> None:
         self.config = config
         self.host_bytes = host_bytes
-        self.log_level = log_level
+        self.log_level = log_level or config.log_level
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:

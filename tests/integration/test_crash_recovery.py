@@ -218,3 +218,44 @@ def test_a_killed_engines_device_segment_is_removed(tmp_path, request, killed):
     finally:
         other.close()
 
+
+def test_kvbm_workers_start_removes_dead_engines_device_segments(tmp_path):
+    from kvbm.shm import Segment
+    dead = 2**22 + 1   # above the default pid_max: never a live pid
+    stray = f"r{uuid.uuid4().hex[:8]}"    # another instance, never started again
+    seg = Segment.create(segment_name(stray, f"dev-{dead}-3"), 4096)
+    seg.close()
+    live = Segment.create(segment_name(stray, f"dev-{dead}-4"), 4096)
+    owner = os.open(live.path, os.O_RDONLY)
+    fcntl.flock(owner, fcntl.LOCK_SH)   # what Segment.hold takes: an engine whose pid is not ours to judge
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvbm.cli", "--instance-id", f"s{uuid.uuid4().hex[:8]}",
+                              "--runtime-dir", str(tmp_path), "--host-size", "1MB", "--force-cpu", "--duration", "0.3",
+                              "--interval", "0"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert _shm(stray) == [live.name]
+        assert f"kvbm-{stray}-dev-{dead}-3" in out.stderr
+    finally:
+        os.close(owner)
+        live.close()
+        live.unlink()
+        clean_stale_segments(stray, include_host_pool=True)
+
+
+# ---- 4. --status while an instance starts ------------------------------------------------------------
+
+def test_status_of_a_starting_instance_says_starting(tmp_path):
+    inst = f"s{uuid.uuid4().hex[:8]}"
+    rundir = RuntimeDir(os.path.join(str(tmp_path), f"kvbm-{inst}"))
+    rundir.acquire()   # what a supervisor holds from its first step until endpoints.json is written
+    base = [sys.executable, "-m", "kvbm.cli", "--instance-id", inst, "--runtime-dir", str(tmp_path), "--status"]
+    try:
+        out = subprocess.run(base, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 3 and f"kvbm-workers instance {inst}: starting (pid {os.getpid()})" in out.stdout, \
+            out.stdout + out.stderr
+        out = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 3 and '"state": "starting"' in out.stdout, out.stdout + out.stderr
+    finally:
+        rundir.release_and_remove()
+    out = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no running kvbm-workers found" in out.stderr, out.stderr
