@@ -255,7 +255,10 @@ class Supervisor:
             except zmq.Again:
                 return
             if len(frames) != 2:
-                logger.warning("control: dropped a message of %d frames", len(frames))
+                logger.warning("control: rejected a message of %d frames (expected identity + payload)", len(frames))
+                if len(frames) > 2:  # answered like the path workers do: the sender learns why
+                    self._reply(frames[0], P.make_done(-1, P.Status.ERROR,
+                                                       f"expected 1 payload frame, got {len(frames) - 1}"))
                 continue
             ident, payload = frames
             msg = None
@@ -271,10 +274,13 @@ class Supervisor:
                 reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"failed: {type(err).__name__}: {err}")
             if reply is not None:
                 reply.setdefault("id", P.request_id_of(msg))
-                try:
-                    self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
-                except zmq.Again:
-                    logger.warning("control: reply to a slow client dropped (send queue full)")
+                self._reply(ident, reply)
+
+    def _reply(self, ident: bytes, reply: dict) -> None:
+        try:
+            self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("control: reply to a slow client dropped (send queue full)")
 
     def _handle_control(self, msg: dict) -> dict | None:
         kind = msg["t"]
