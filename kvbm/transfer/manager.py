@@ -364,7 +364,7 @@ class TransferManager:
     def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
         requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
-        while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW:
+        while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW and not self._dead:
             lead = q.pop_lead()
             if lead is None:
                 return
@@ -445,13 +445,13 @@ class TransferManager:
         if status is P.Status.STALE:
             # Never executed by the new generation; our registration is stale: register again,
             # and queue the requests again (once) for the generation that accepts it.
-            if q.link.stale(wire.gen, int(msg.get("gen") or 0)):
+            if q.link.stale(wire.gen, int(msg.get("gen") or 0)) and not self._dead:
                 self._send_register(q)
             q.outstanding.pop(wire.rid, None)
             now = time.monotonic()
             for m in wire.members:
-                if m.requeued or m.sub.error is not None:
-                    self._settlement.settle(m, error if m.requeued else None)
+                if m.requeued or m.sub.error is not None or self._dead:
+                    self._settlement.settle(m, error if m.requeued or self._dead else None)
                     continue
                 m.requeued, m.state, m.layers_done = True, QUEUED, 0
                 m.deadline = now + self.request_timeout_s
@@ -584,7 +584,7 @@ class TransferManager:
                                              f"gate {sub.gate} never opened (scheduler at iteration "
                                              f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
         for q in self._paths.values():
-            if q.link.retry_due(now):
+            if q.link.retry_due(now) and not self._dead:
                 self._send_register(q)
             for wire in list(q.outstanding.values()):
                 if now >= wire.deadline:

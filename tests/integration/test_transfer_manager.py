@@ -544,3 +544,20 @@ def test_a_worker_death_says_in_flight_only_when_something_was(fake, make_tm, ca
     with pytest.raises(TransferError, match=r"generation 2 \(pid 8\) died \(exit code -9\) with this transfer in"):
         fut.result(DEADLINE)
     wait_for(lambda: "with 1 request(s) of this engine in flight" in caplog.text, DEADLINE, "the death logged")
+
+
+def test_a_stale_reply_after_the_supervisor_died_fails_at_once(fake, make_tm, stand_ins):
+    sup, d2h, h2d = stand_ins(), stand_ins(), stand_ins()
+    tm = make_tm(supervisor_pid=sup.pid, worker_pids={P.Path.D2H: d2h.pid, P.Path.H2D: h2d.pid},
+                 request_timeout_s=60.0)
+    fut = tm.submit(P.Path.D2H, [1, 2], [3, 4])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    sup.kill()
+    wait_for(lambda: tm._dead, DEADLINE, "the supervisor's death noticed")
+    # Nothing was copied (STALE): no worker generation will ever take it again, so it fails now.
+    fake.done(P.Path.D2H, xfer["id"], P.Status.STALE, "request for gen 1, this is gen 2", gen=2)
+    with pytest.raises(TransferError, match="request for gen 1, this is gen 2") as info:
+        fut.result(DEADLINE)
+    assert not info.value.blocks_may_be_written
+    assert fake.pending(P.Path.D2H) == []       # not sent again, no registration either
+    assert tm.inflight_bytes == 0
