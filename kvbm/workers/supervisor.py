@@ -156,6 +156,9 @@ class Supervisor:
         self.segment = Segment.create(name, self.host_bytes, progress=progress.update)  # fallocate'd
         progress.finish()
         alloc_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        import torch  # noqa: F401 - the pre-fault's memset; imported first so that its clock starts after it
+        logger.debug("import torch took %.2f s", time.perf_counter() - t0)
         progress = Progress(f"pre-faulting G2 ({gb:.2f} GB)", self.host_bytes, logger)
         self.prefault_s = self.segment.prefault(progress=progress.update)  # the touching only, not import torch
         progress.finish()
