@@ -49,6 +49,7 @@ def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeli
     from kvbm.transfer.launcher import find_instance
     pipe = make_pipeline(device_blocks=64, host_blocks=64)
     inst, rundir = pipe.config.instance_id, pipe.config.resolved_runtime_dir()
+    request.addfinalizer(lambda: clean_stale_segments(inst, include_host_pool=True))  # if the fresh start fails
     dead = pipe.supervisor_pid
     workers = pipe.worker_pids()
     os.kill(dead, signal.SIGKILL)
@@ -76,9 +77,11 @@ def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeli
     assert not os.path.exists(rundir) and _shm(inst) == []
 
 
-def test_supervisor_kill9_fails_transfers_within_one_timeout_and_leaks_no_g2_block(make_pipeline, rng):
+def test_supervisor_kill9_fails_transfers_within_one_timeout_and_leaks_no_g2_block(make_pipeline, request, rng):
     pipe = make_pipeline(device_blocks=512, host_blocks=512, worker_delay_ms=300, max_batch_blocks=16,
                          request_timeout_ms=10000)
+    # The killed supervisor's G2 segment: no later start of this instance removes it.
+    request.addfinalizer(lambda: clean_stale_segments(pipe.config.instance_id, include_host_pool=True))
     kv, tm = pipe.kv, pipe.kv.transfers
     host = kv.pool(2).registry
     workers = pipe.worker_pids()
