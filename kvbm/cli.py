@@ -4,6 +4,12 @@
   kvbm-workers --instance-id prod --status                       # tiers, workers, queues, throughput
 Settings come from KvbmConfig (file, KVBM_* env, then these flags). CUDA mode is used when the
 native library was built with CUDA and a device answers, unless --force-cpu.
+
+Operator messages go through `logging` to stderr (level: --log-level / KVBM_LOG_LEVEL / log_level,
+INFO by default; the path workers get the same level). stdout carries only the result of --status
+(exit status 0 serving, 3 starting, 1 not running). A closed stdout or stderr (`| head -1`) never
+stops the instance without its clean-up: everything after taking the instance lock runs inside
+the try/finally that removes the segment, sockets and runtime folder.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.layout import LayoutConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kvbm.cli" if __name__ == "__main__" else __name__)  # `python -m kvbm.cli` too
 
 
 def parse_layout(spec: str) -> LayoutConfig:
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop when the process that started this one dies (embedded mode)")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="with --exit-with-parent: the pid to follow (default: the parent at start)")
-    ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: log_level of the config, INFO)")
     return ap
 
 
@@ -70,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> KvbmConfig:
     return KvbmConfig.load(args.config, instance_id=args.instance_id, runtime_dir=args.runtime_dir,
                            host_size=args.host_size, host_blocks=args.host_blocks, layout=layout,
                            disk_path=args.disk_path, disk_size=args.disk_size, transport=args.transport,
-                           tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads)
+                           tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads,
+                           log_level=args.log_level)
 
 
 def host_bytes_of(config: KvbmConfig) -> int:
@@ -86,13 +93,13 @@ def host_bytes_of(config: KvbmConfig) -> int:
 def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     import zmq
 
+    from kvbm.transfer.launcher import find_instance
     from kvbm.wire import protocol as P
-    from kvbm.wire.channel import Endpoints, connect_socket, make_context
-    rundir = config.resolved_runtime_dir()
-    endpoints = Endpoints.read(rundir)
-    if endpoints is None:
-        raise LifecycleError(f"no running kvbm-workers found for instance {config.instance_id} "
-                             f"({rundir}/endpoints.json missing)")
+    from kvbm.wire.channel import connect_socket, make_context
+    found = find_instance(config)
+    if found.state != "running":
+        raise LifecycleError(not_running(config, found))
+    endpoints = found.endpoints
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
     try:
@@ -103,6 +110,17 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
     finally:
         sock.close(0)
         ctx.term()
+
+
+def not_running(config: KvbmConfig, found) -> str:
+    """Why there is no status to ask for, by the state of the instance's lock (launcher.find_instance)."""
+    rundir = config.resolved_runtime_dir()
+    if found.state == "starting":
+        return f"kvbm-workers instance {config.instance_id}: starting (pid {found.pid or '?'})"
+    if found.state == "dead":
+        return (f"kvbm-workers instance {config.instance_id} (pid {found.pid or '?'}) is dead; its leftovers in "
+                f"{rundir} are removed at the next start")
+    return f"no running kvbm-workers found for instance {config.instance_id} ({rundir})"
 
 
 def format_status(st: dict) -> str:
@@ -130,43 +148,72 @@ def format_status(st: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()  # first thing: the later it is read, the likelier a dead parent reads as 1
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kvbm-workers %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        logging.getLogger().setLevel(config.log_level)
         if args.status:
-            st = ask_status(config)
-            print(json.dumps(st, indent=2) if args.json else format_status(st))
-            return 0
-        from kvbm.workers.supervisor import Supervisor, install_signal_handlers
-        parent = args.parent_pid or parent
-        if args.exit_with_parent and os.getppid() != parent:
-            print(f"kvbm-workers: parent pid {parent} is gone before start; exiting", file=sys.stderr)
-            return 1
-        cuda = not config.force_cpu and _cuda_ok()
-        sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=args.log_level)
-        if args.exit_with_parent:
-            # Polled in serve() rather than PR_SET_PDEATHSIG: that fires when the parent *thread*
-            # that ran Popen exits, which kills the workers of a live engine that started us from a
-            # short-lived thread.
-            sup.parent_pid = parent
-        install_signal_handlers(sup)
-        if args.metrics_port:
-            from kvbm.metrics import serve
-            serve(sup.metrics.registry, args.metrics_port)
-        t0 = time.perf_counter()
-        sup.start()
-        print(f"kvbm-workers: instance {config.instance_id} serving ({'cuda' if cuda else 'cpu'} mode) at "
-              f"{sup.endpoints.control}; started in {time.perf_counter() - t0:.2f} s", flush=True)
-        try:
-            sup.serve(args.duration)
-        finally:
-            sup.shutdown()
-            print(f"kvbm-workers: instance {config.instance_id} stopped", flush=True)
-        return 0
+            return _status(config, args.json)
+        return _serve(config, args, args.parent_pid or parent)
     except KvbmError as err:
-        print(f"kvbm-workers: error: {err}", file=sys.stderr)
+        logger.error("%s", err)
         return 1
+    except BrokenPipeError:
+        _stdout_gone()
+        return 0
+
+
+def _status(config: KvbmConfig, as_json: bool) -> int:
+    """The one program result on stdout."""
+    from kvbm.transfer.launcher import find_instance
+    found = find_instance(config)
+    if found.state == "starting":
+        print(json.dumps({"instance": config.instance_id, "state": "starting", "pid": found.pid}) if as_json
+              else not_running(config, found), flush=True)
+        return 3
+    st = ask_status(config)
+    print(json.dumps(st, indent=2) if as_json else format_status(st), flush=True)
+    return 0
+
+
+def _serve(config: KvbmConfig, args: argparse.Namespace, parent: int) -> int:
+    from kvbm.workers.supervisor import Supervisor, install_signal_handlers
+    if args.exit_with_parent and os.getppid() != parent:
+        logger.error("parent pid %d is gone before start; exiting", parent)
+        return 1
+    cuda = not config.force_cpu and _cuda_ok()
+    sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=config.log_level)
+    if args.exit_with_parent:
+        # Polled in serve() rather than PR_SET_PDEATHSIG: that fires when the parent *thread*
+        # that ran Popen exits, which kills the workers of a live engine that started us from a
+        # short-lived thread.
+        sup.parent_pid = parent
+    install_signal_handlers(sup)
+    if args.metrics_port:
+        from kvbm.metrics import serve
+        serve(sup.metrics.registry, args.metrics_port)
+    t0 = time.perf_counter()
+    sup.start()  # on failure it has cleaned up what it made, and never touches another owner's files
+    try:
+        logger.info("instance %s serving (%s mode) at %s; started in %.2f s", config.instance_id,
+                    "cuda" if cuda else "cpu", sup.endpoints.control, time.perf_counter() - t0)
+        sup.serve(args.duration)
+    finally:
+        sup.shutdown()
+        logger.info("instance %s stopped", config.instance_id)
+    return 0
+
+
+def _stdout_gone() -> None:
+    """stdout's reader went away (`| head -1`): point stdout at /dev/null so that the interpreter's
+    final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _cuda_ok() -> bool:

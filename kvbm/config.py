@@ -26,6 +26,7 @@ _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB":
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 POLICIES = policy_names()          # ("lru", "lineage"): kvbm.policy.EvictionPolicy's members
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRANSPORTS = ("ipc", "tcp")
 MAX_GHOST_RATIO = 16
 MAX_GHOST_BLOCKS = 2**31 - 2      # the registry's limit on ghost entries (and on blocks)
@@ -77,6 +78,7 @@ class KvbmConfig:
     force_cpu: bool = False                # CPU mode even when CUDA is available
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
+    log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
 
     def __post_init__(self) -> None:
         # The one place sizes are parsed: "64GB", "512MiB" or 1.5e9 from arguments, env and files alike.
@@ -100,6 +102,10 @@ class KvbmConfig:
             raise ConfigError("a disk tier needs disk_path")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport: expected one of {TRANSPORTS}, got {self.transport!r}")
+        level = self.log_level.upper() if isinstance(self.log_level, str) else self.log_level
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"log_level: expected one of {LOG_LEVELS} (any case), got {self.log_level!r}")
+        object.__setattr__(self, "log_level", level)
         EvictionPolicy.from_name(self.policy)   # ConfigError naming the known policies
         if isinstance(self.ghost_ratio, str):
             object.__setattr__(self, "ghost_ratio", _parse_float(self.ghost_ratio, "ghost_ratio"))
@@ -190,7 +196,7 @@ _ENV_KEYS = {
     "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
     "KVBM_FORCE_CPU": "force_cpu", "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
-    "KVBM_WORKER_DELAY_MS": "worker_delay_ms",
+    "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
 }
 
 

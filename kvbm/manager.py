@@ -202,7 +202,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers
+        from kvbm.shm import SharedBuffers, clean_dead_device_segments
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -216,6 +216,9 @@ class KvBlockManager:
             return layout.allocate(device=device)
         if self._shared is not None:
             raise LifecycleError("CPU-mode device tensors were already created for this manager")
+        gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
+        if gone:
+            logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 
@@ -225,7 +228,7 @@ class KvBlockManager:
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
         from kvbm.transfer.host_offload import HostTransfers
-        from kvbm.transfer.launcher import WorkersProcess, control_endpoint
+        from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
         from kvbm.transfer.memory_map import describe_memory
         self._check_open()
@@ -242,17 +245,22 @@ class KvBlockManager:
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
         memory = describe_memory(tensors, layout, self._shared)
         if self._transfers is None:
-            endpoint = control_endpoint(self.config)
+            # A live instance (one that is starting is waited for); a dead one's leftovers are
+            # removed by the supervisor started here when it takes the instance lock.
+            endpoint = control_endpoint(self.config, timeout)
             if endpoint is None:
                 if start is False:
                     raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
                                     f"({self.config.resolved_runtime_dir()})")
                 self._workers = WorkersProcess(self.config, host_layout.total_bytes)
                 endpoint = self._workers.start(timeout)
+                supervisor_pid = self._workers.pid
+            else:
+                supervisor_pid = find_instance(self.config).pid or None  # the lock file's, not the welcome's word
             tm = TransferManager(endpoint, max_inflight_bytes=self.config.max_inflight_bytes,
                                  max_batch_blocks=self.config.max_batch_blocks,
                                  request_timeout_s=self.config.request_timeout_ms / 1000.0,
-                                 stats_fn=self._pool_report)
+                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid)
             try:
                 tm.connect(timeout)
             except BaseException:

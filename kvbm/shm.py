@@ -9,8 +9,12 @@ Parts:
                         engine process <pid>)
   RuntimeDir            the 0700 folder holding sockets and the supervisor's lock file; `acquire`
                         takes an flock so that a second supervisor of the same instance is refused
-                        and a killed one's leftovers (sockets, segments) are found and removed
+                        and a killed one's leftovers (sockets, segments) are found and removed;
+                        `owner` tells a live owner (lock held) from a dead one (lock free)
   clean_stale_segments  removes kvbm-<id>-* segments whose owner is dead
+  clean_dead_device_segments
+                        removes every instance's device segments of dead engines (pid in the name
+                        dead and the segment's flock free), only this user's
   SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map
 
 Nothing here imports zmq or the workers: both the engine side and the worker side use it.
@@ -28,6 +32,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
+FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progress in between)
+PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
+ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
 
 
@@ -50,6 +58,7 @@ def segment_name(instance_id: str, kind: str = "g2") -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """False for a pid that does not exist or is a zombie (dead, not yet reaped by its parent)."""
     if pid <= 0:
         return False
     try:
@@ -58,7 +67,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True  # no /proc: kill(0) is all we know
 
 
 def check_private(st: os.stat_result, path: str, directory: bool = False) -> None:
@@ -111,7 +124,10 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, name: str, size: int, replace: bool = False) -> Segment:
+    def create(cls, name: str, size: int, replace: bool = False,
+               progress: Callable[[int], None] | None = None) -> Segment:
+        """`progress(bytes_reserved)` is called between chunks of the reservation (seconds for a
+        pool of many GB)."""
         if size <= 0:
             raise KvbmError(f"segment {name}: size must be > 0, got {size}")
         path = os.path.join(SHM_DIR, name)
@@ -128,7 +144,11 @@ class Segment:
             try:
                 # Reserve the pages now: on a tmpfs too small for the segment this fails here with
                 # ENOSPC instead of killing the first process that touches the missing pages (SIGBUS).
-                os.posix_fallocate(fd, 0, size)
+                # In chunks, so that progress can be reported.
+                for lo in range(0, size, FALLOCATE_CHUNK):
+                    os.posix_fallocate(fd, lo, min(FALLOCATE_CHUNK, size - lo))
+                    if progress is not None:
+                        progress(min(lo + FALLOCATE_CHUNK, size))
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.ENOMEM):
                     st = os.statvfs(SHM_DIR)
@@ -170,32 +190,56 @@ class Segment:
         del buf  # the export would keep the mmap from closing
         return addr
 
-    def prefault(self, threads: int = 0) -> float:
+    def prefault(self, threads: int = 0, progress: Callable[[int], None] | None = None) -> float:
         """Touches every page on `threads` threads (faulting a huge segment on one thread takes
-        seconds; the kernel's page allocation scales with threads). Returns seconds taken."""
+        seconds; the kernel's page allocation scales with threads), PREFAULT_CHUNK bytes at a time
+        so that `progress(bytes_touched)` can be called while they run. Returns the seconds the
+        touching took (importing torch, seconds on a cold start, is not part of it)."""
         import torch
-        threads = threads or min(8, os.cpu_count() or 1)
-        t0 = time.perf_counter()
         whole = self.tensor()
-        chunk = (self.size + threads - 1) // threads
-        chunk = (chunk + PAGE - 1) // PAGE * PAGE
+        threads = threads or min(8, os.cpu_count() or 1)
+        chunks = iter(range(0, self.size, PREFAULT_CHUNK))
+        lock = threading.Lock()
+        touched = [0]
 
-        def touch(lo: int) -> None:
+        def touch() -> None:
             # zero_ is a memset in ATen, with the GIL released: real parallel page faults.
             with torch.inference_mode():
-                whole[lo:min(lo + chunk, self.size)].zero_()
+                while True:
+                    with lock:
+                        lo = next(chunks, None)
+                    if lo is None:
+                        return
+                    hi = min(lo + PREFAULT_CHUNK, self.size)
+                    whole[lo:hi].zero_()
+                    with lock:
+                        touched[0] += hi - lo
 
-        workers = [threading.Thread(target=touch, args=(lo,), daemon=True) for lo in range(0, self.size, chunk)]
+        workers = [threading.Thread(target=touch, daemon=True)
+                   for _ in range(min(threads, (self.size + PREFAULT_CHUNK - 1) // PREFAULT_CHUNK))]
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
+        t0 = time.perf_counter()
         try:
             for t in workers:
                 t.start()
             for t in workers:
-                t.join()
+                while t.is_alive():
+                    t.join(0.1)
+                    if progress is not None:
+                        progress(touched[0])
         finally:
             torch.set_num_threads(prev)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress(touched[0])
+        return elapsed
+
+    def hold(self) -> None:
+        """Takes a shared flock on the segment for as long as this process has it open: the kernel
+        drops it when the process dies, so sweeps tell a live owner from a dead one even when the
+        pid in the name belongs to another pid namespace that shares /dev/shm."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
 
     def pin(self) -> float:
         """cudaHostRegister over the whole mapping; returns seconds taken."""
@@ -257,9 +301,34 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
+def _remove_dead_device_segment(name: str, pid: int) -> bool:
+    """Unlinks the device segment `name` when its engine is gone: its pid is dead and nobody holds
+    the segment's flock (Segment.hold). Only our own regular files; True when removed."""
+    if pid_alive(pid):
+        return False
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live engine holds it (its pid is from another pid namespace)
+        _unlink_quiet(path)
+        return True
+    finally:
+        os.close(fd)
+
+
 def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]:
-    """Unlinks this instance's segments whose owner is dead: device segments of dead engine pids
-    and, when the caller holds the instance lock, the host pool segment of a killed supervisor."""
+    """Unlinks this instance's segments whose owner is dead: device segments of dead engines and,
+    when the caller holds the instance lock, the host pool segment of a killed supervisor. Returns
+    their names (the caller logs them)."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -270,14 +339,27 @@ def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]
         if not name.startswith(prefix):
             continue
         match = _DEV_RE.match(name)
-        stale = (match is not None and match.group("inst") == instance_id and not pid_alive(int(match.group("pid"))))
-        if name == segment_name(instance_id) and include_host_pool:
-            stale = True
-        if stale:
+        if match is not None and match.group("inst") == instance_id:
+            if _remove_dead_device_segment(name, int(match.group("pid"))):
+                removed.append(name)
+        elif name == segment_name(instance_id) and include_host_pool:
             _unlink_quiet(os.path.join(SHM_DIR, name))
             removed.append(name)
-    if removed:
-        logger.warning("removed stale shared-memory segments of instance %s: %s", instance_id, removed)
+    return removed
+
+
+def clean_dead_device_segments() -> list[str]:
+    """Unlinks the CPU-mode device segments (kvbm-<id>-dev-<pid>-<n>) of dead engines of this
+    user, whatever their instance: under the default random instance id no later start of the same
+    instance would ever find them. Called when an engine creates its device segment and when
+    kvbm-workers starts. Returns their names (the caller logs them)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = [name for name in names
+               if (match := _DEV_RE.match(name)) is not None
+               and _remove_dead_device_segment(name, int(match.group("pid")))]
     return removed
 
 
@@ -303,20 +385,54 @@ class RuntimeDir:
         if not check_private_dir(self.path):
             raise KvbmError(f"runtime dir {self.path} vanished while it was being created")
 
+    def owner(self) -> tuple[int, bool]:
+        """(pid, alive) of the supervisor that holds, or last held, the instance lock: alive when a
+        process holds the lock now (the kernel drops it when its holder dies, SIGKILL included);
+        pid 0 when the lock file names none (no lock file, or its owner is still writing it).
+        Probes with a shared lock held for a moment, which a starting supervisor's acquire waits out."""
+        if not check_private_dir(self.path):
+            return 0, False
+        lock_path = os.path.join(self.path, self.LOCK)
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return 0, False
+        try:
+            check_private(os.fstat(fd), lock_path)
+            raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = int(raw) if raw.isdigit() else 0
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return pid, True
+                raise
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return pid, False
+        finally:
+            os.close(fd)
+
     def acquire(self) -> list[str]:
         """Takes the instance lock; returns the leftovers of a dead previous owner it removed.
         Raises KvbmError when a live supervisor holds it."""
         self.ensure()
         lock_path = os.path.join(self.path, self.LOCK)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LifecycleError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
-            raise
+        deadline = time.monotonic() + ACQUIRE_PROBE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                busy = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+                if busy and time.monotonic() < deadline:
+                    time.sleep(0.01)  # an owner() probe holds a shared lock for a moment
+                    continue
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if busy:
+                    raise LifecycleError(f"kvbm-workers already runs for {self.path} (pid {owner or '?'})") from err
+                raise
         previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
         removed = []
         for name in os.listdir(self.path):
@@ -335,8 +451,16 @@ class RuntimeDir:
         self._lock_fd = fd
         return removed
 
+    @property
+    def held(self) -> bool:
+        """This process took the lock (acquire) and has not released it."""
+        return self._lock_fd >= 0
+
     def release_and_remove(self) -> None:
-        """Removes every file of the folder and the folder itself, then drops the lock."""
+        """Removes every file of the folder and the folder itself, then drops the lock. Nothing
+        when the lock was never taken: the folder is then another supervisor's."""
+        if self._lock_fd < 0:
+            return
         if os.path.isdir(self.path):
             for name in os.listdir(self.path):
                 if name != self.LOCK:
@@ -368,6 +492,7 @@ class SharedBuffers:
         stride = (size + 4095) // 4096 * 4096
         seq = next(_segment_seq)
         seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * nbuf)
+        seg.hold()  # until this process dies or closes it: sweeps leave it alone meanwhile
         whole = seg.tensor()
         offsets = [i * stride for i in range(nbuf)]
         tensors = [whole[o:o + size] for o in offsets]

@@ -4,11 +4,14 @@ Parts:
   WorkersProcess    a kvbm-workers started by this engine (the embedded default): spawned with the
                     engine's settings, asked to exit with it (PR_SET_PDEATHSIG -> SIGTERM), stopped
                     with SIGTERM (SIGKILL past a deadline)
-  control_endpoint  where a running instance listens (ipc path or tcp port from the config, else its
-                    endpoints.json)
+  find_instance     the state of the instance named by the config: running (its lock is held and
+                    its endpoints.json written), starting (lock held, no endpoints yet), dead (the
+                    lock's holder is gone: a killed supervisor's leftovers), or absent
+  control_endpoint  where a running instance listens (its endpoints.json); None when none runs
 
-Order: the manager asks control_endpoint() first; only when no instance answers for its
-instance_id does it start a WorkersProcess and wait for its endpoints.json.
+Order: the manager asks control_endpoint() first; only when no live instance owns its instance_id
+does it start a WorkersProcess (whose supervisor removes a dead owner's leftovers when it takes the
+lock) and wait for the endpoints.json written by that child.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import KvbmError, KvbmTimeoutError
+from kvbm.shm import RuntimeDir
 from kvbm.wire.channel import Endpoints
 
 logger = logging.getLogger(__name__)
@@ -31,14 +36,38 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    state: str                       # "running", "starting", "dead" or "absent"
+    pid: int                         # the supervisor holding (or, when dead, last holding) the lock; 0: unknown
+    endpoints: Endpoints | None      # when running
+
+
+def find_instance(config: KvbmConfig) -> InstanceState:
+    """What owns the config's instance now. The lock decides, not endpoints.json: a killed
+    supervisor leaves its endpoints.json behind, and connecting to it would wait for nobody."""
+    rundir = RuntimeDir(config.resolved_runtime_dir())
+    pid, alive = rundir.owner()
+    if alive:
+        endpoints = Endpoints.read(rundir.path)
+        return InstanceState("running" if endpoints is not None else "starting", pid, endpoints)
+    leftovers = os.path.isdir(rundir.path) and bool(os.listdir(rundir.path))
+    return InstanceState("dead" if leftovers else "absent", pid, None)
+
+
 def control_endpoint(config: KvbmConfig, timeout: float = 0.0) -> str | None:
-    rundir = config.resolved_runtime_dir()
+    """The control endpoint of the live instance of `config` (waiting up to `timeout` for one
+    that is starting to write its endpoints); None when no live supervisor owns the instance."""
     deadline = time.monotonic() + timeout
     while True:
-        found = Endpoints.read(rundir)
-        if found is not None:
-            return found.control
-        if time.monotonic() >= deadline:
+        found = find_instance(config)
+        if found.state == "running":
+            return found.endpoints.control
+        if found.state == "dead":
+            logger.warning("kvbm-workers of instance %s (pid %s) is dead; a fresh start removes its leftovers in %s",
+                           config.instance_id, found.pid or "?", config.resolved_runtime_dir())
+            return None
+        if found.state == "absent" or time.monotonic() >= deadline:
             return None
         time.sleep(0.02)
 
@@ -46,10 +75,10 @@ def control_endpoint(config: KvbmConfig, timeout: float = 0.0) -> str | None:
 class WorkersProcess:
     """kvbm-workers as a child of the engine."""
 
-    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str = "WARNING") -> None:
+    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None) -> None:
         self.config = config
         self.host_bytes = host_bytes
-        self.log_level = log_level
+        self.log_level = log_level or config.log_level
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -79,9 +108,11 @@ class WorkersProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise KvbmError(f"kvbm-workers exited with code {self.proc.returncode} during start-up")
-            found = Endpoints.read(self.config.resolved_runtime_dir())
-            if found is not None:
-                return found.control
+            # Only the endpoints our child wrote: a killed predecessor's endpoints.json stays until
+            # the child has taken the lock and removed it.
+            found = find_instance(self.config)
+            if found.state == "running" and found.pid == self.proc.pid:
+                return found.endpoints.control
             time.sleep(0.02)
         self.stop()
         raise KvbmTimeoutError(f"kvbm-workers did not come up within {timeout} s")

@@ -28,6 +28,14 @@ Life of a submission:
   settle   -> once every request of the submission is settled, the budget is returned, then
               `finalize(outcome)` runs (the host pool registers on success, releases unregistered
               on failure), and the future resolves: a result, or TransferError with the reason.
+
+Death of kvbm-workers itself: the manager holds a pidfd of the supervisor (polled by the I/O thread
+with the sockets), so a SIGKILLed supervisor is noticed at once, not by deadlines. What no worker
+holds fails then; new work is refused (LifecycleError). A request at a worker fails once that
+worker's process is seen gone too (a pidfd opened when its generation accepted our registration;
+path workers die with their supervisor, PR_SET_PDEATHSIG), so its blocks may be reused safely; a
+worker not seen gone within min(stop_grace_s, request_timeout_s) fails its requests with
+may_still_be_written.
 """
 from __future__ import annotations
 
@@ -67,7 +75,8 @@ QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SET
 class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
-                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0) -> None:
+                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
+                 supervisor_pid: int | None = None) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         self.max_batch_blocks = max_batch_blocks
@@ -94,6 +103,11 @@ class TransferManager:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False          # kvbm-workers said "stopping" and no worker started since
+        self.supervisor_pid = supervisor_pid  # None: the pid its welcome names
+        self._supervisor_fd = -1       # pidfd of the supervisor: readable once it is gone
+        self._dead: str | None = None  # "kvbm-workers (pid N) died": no new work from then on
+        self._poller: zmq.Poller | None = None
+        self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -109,6 +123,7 @@ class TransferManager:
             self.close()
             raise ProtocolError(f"expected welcome, got {welcome!r:.200}")
         self.welcome = welcome
+        self._watch_supervisor(welcome)
         cap = int(welcome.get("max_batch_blocks") or P.MAX_BATCH_BLOCKS)
         self.max_batch_blocks = max(1, min(self.max_batch_blocks, cap))
         self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"])
@@ -120,6 +135,20 @@ class TransferManager:
         self._thread.start()
         return welcome
 
+    def _watch_supervisor(self, welcome: dict) -> None:
+        pid = self.supervisor_pid or welcome.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            logger.warning("kvbm-workers did not say its pid: its death is noticed only by request deadlines")
+            return
+        self.supervisor_pid = pid
+        try:
+            self._supervisor_fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._dead = f"kvbm-workers (pid {pid}) died"  # between its welcome and now
+        except OSError as err:
+            logger.warning("cannot watch kvbm-workers pid %d (%s): its death is noticed only by request "
+                           "deadlines", pid, err)
+
     @property
     def cuda(self) -> bool:
         return bool(self.welcome and self.welcome.get("cuda"))
@@ -128,6 +157,8 @@ class TransferManager:
         """Hands every path worker the layouts and the device memory; waits for all of them."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
+        if self._dead:
+            raise LifecycleError(f"{self._dead}: close this manager and start a new one")
         self.block_bytes = device_layout.config.block_bytes
         self.num_layers = self._settlement.num_layers = device_layout.config.num_layers
         # Index bounds of each path's (source, destination), checked by submit().
@@ -164,6 +195,9 @@ class TransferManager:
             raise LayoutError(f"submit: {src.shape[0]} source blocks but {dst.shape[0]} destination blocks")
         if self._closing:
             raise TransferError("transfer manager is closed")
+        if self._dead:
+            raise LifecycleError(f"{self._dead}: no new transfers are taken; close the KvBlockManager "
+                                 f"and start a new one (its start cleans up after the dead instance)")
         future = TransferFuture(path, int(src.shape[0]), self.num_layers)
         future.set_running_or_notify_cancel()
         n = int(src.shape[0])
@@ -243,18 +277,26 @@ class TransferManager:
 
     # ---- I/O thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._wake_fd, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
         poller.register(self._control, zmq.POLLIN)
+        if self._supervisor_fd >= 0:
+            poller.register(self._supervisor_fd, zmq.POLLIN)
         by_sock = {}
         for q in self._paths.values():
             poller.register(q.sock, zmq.POLLIN)
             by_sock[q.sock] = q
         next_report = time.monotonic()
+        if self._dead:
+            self._supervisor_died()
         while not self._closing:
             try:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
+                if self._supervisor_fd in ready and not self._dead:
+                    self._supervisor_died()
+                for fd in [fd for fd in self._watched if fd in ready]:
+                    self._worker_gone(fd)
                 if self._wake_fd in ready:
                     try:
                         os.eventfd_read(self._wake_fd)
@@ -272,7 +314,7 @@ class TransferManager:
                 for q in self._paths.values():
                     self._pump(q)
                 now = time.monotonic()
-                if now >= next_report:
+                if now >= next_report and not self._dead:
                     next_report = now + STATS_REPORT_S
                     self._report()
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
@@ -298,6 +340,9 @@ class TransferManager:
         now = time.monotonic()
         for sub in subs:
             q = self._paths[sub.path]
+            if self._dead:
+                self._settlement.fail_submission(sub, f"{self._dead}; the transfer never reached a worker")
+                continue
             if self._stopped:
                 self._settlement.fail_submission(sub, "kvbm-workers stopped")
                 continue
@@ -319,7 +364,7 @@ class TransferManager:
     def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
         requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
-        while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW:
+        while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW and not self._dead:
             lead = q.pop_lead()
             if lead is None:
                 return
@@ -358,7 +403,10 @@ class TransferManager:
                 elif kind == P.MsgType.LAYER:
                     self._on_layer(q, msg)
                 elif kind == P.MsgType.REGISTERED:
-                    q.link.accepted(msg.get("id"), int(msg["gen"]))
+                    gen = int(msg["gen"])
+                    q.link.accepted(msg.get("id"), gen)
+                    if q.link.registered_gen == gen:
+                        self._track_worker(q, gen, msg.get("pid"))
                 else:
                     logger.warning("%s worker sent an unexpected %r message", q.path.label, kind)
             except (ProtocolError, KeyError, TypeError, ValueError) as err:
@@ -397,13 +445,13 @@ class TransferManager:
         if status is P.Status.STALE:
             # Never executed by the new generation; our registration is stale: register again,
             # and queue the requests again (once) for the generation that accepts it.
-            if q.link.stale(wire.gen, int(msg.get("gen") or 0)):
+            if q.link.stale(wire.gen, int(msg.get("gen") or 0)) and not self._dead:
                 self._send_register(q)
             q.outstanding.pop(wire.rid, None)
             now = time.monotonic()
             for m in wire.members:
-                if m.requeued or m.sub.error is not None:
-                    self._settlement.settle(m, error if m.requeued else None)
+                if m.requeued or m.sub.error is not None or self._dead:
+                    self._settlement.settle(m, error if m.requeued or self._dead else None)
                     continue
                 m.requeued, m.state, m.layers_done = True, QUEUED, 0
                 m.deadline = now + self.request_timeout_s
@@ -435,13 +483,72 @@ class TransferManager:
 
     def _worker_died(self, q: PathQueue, gen: int, msg: dict) -> None:
         self.metrics.worker_deaths.labels(q.path.label).inc()
-        reason = (f"{q.path.label} worker generation {gen} (pid {msg.get('pid')}) died "
-                  f"(exit code {msg.get('exitcode')}) with this transfer in flight; the blocks were not loaded")
-        for wire in [w for w in q.outstanding.values() if w.gen == gen]:
+        death = f"{q.path.label} worker generation {gen} (pid {msg.get('pid')}) died (exit code {msg.get('exitcode')})"
+        reason = f"{death} with this transfer in flight; the blocks were not loaded"
+        failed = [w for w in q.outstanding.values() if w.gen == gen]
+        for wire in failed:
             self._settlement.settle_wire(q, wire, ("timed out, then " if wire.timed_out else "") + reason)
+        self._forget_worker(q, gen)
         if q.link.died(gen):
             self._send_register(q)
-        logger.error("%s", reason)
+        if failed:
+            logger.error("%s with %d request(s) of this engine in flight; they failed, the blocks were not loaded",
+                         death, len(failed))
+        else:
+            logger.warning("%s; no request of this engine was in flight", death)
+
+    # ---- kvbm-workers' own death -------------------------------------------------------------
+    def _track_worker(self, q: PathQueue, gen: int, pid: object) -> None:
+        """Keeps a pidfd of the generation that accepted our registration: if the supervisor dies,
+        it is how we learn that this worker can no longer write (no "died" event will come)."""
+        for old in [g for g in q.worker_fds if g < gen and not any(w.gen == g for w in q.outstanding.values())]:
+            os.close(q.worker_fds.pop(old))
+        if gen in q.worker_fds or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return
+        try:
+            q.worker_fds[gen] = os.pidfd_open(pid)
+        except OSError as err:  # already gone, or no pidfd: a supervisor death then waits for the grace
+            logger.debug("cannot watch the %s worker pid %d: %s", q.path.label, pid, err)
+
+    def _forget_worker(self, q: PathQueue, gen: int) -> None:
+        fd = q.worker_fds.pop(gen, -1)
+        if fd >= 0:
+            if fd in self._watched:
+                self._watched.pop(fd)
+                self._poller.unregister(fd)
+            os.close(fd)
+
+    def _supervisor_died(self) -> None:
+        """The supervisor is gone (its pidfd is readable): no events, no restarts from now on.
+        Unsent work fails now; each request at a worker fails once that worker is seen gone (its
+        copy can no longer land), or unsafely when it is not within the grace."""
+        self._dead = self._dead or f"kvbm-workers (pid {self.supervisor_pid}) {'stopped' if self._stopped else 'died'}"
+        self._fail_unsent(f"{self._dead}; the transfer never reached a worker")
+        now = time.monotonic()
+        grace = min(self.stop_grace_s, self.request_timeout_s)
+        waiting = 0
+        for q in self._paths.values():
+            q.link.stopped()
+            for wire in q.outstanding.values():
+                wire.stopping = True
+                wire.deadline = min(wire.deadline, now + grace)
+                waiting += 1
+            for gen, fd in q.worker_fds.items():
+                self._watched[fd] = (q, gen)
+                self._poller.register(fd, zmq.POLLIN)
+        logger.error("%s; queued transfers failed, %d request(s) at workers fail once their worker is gone "
+                     "(at most %.1f s); new transfers are refused", self._dead, waiting, grace)
+
+    def _worker_gone(self, fd: int) -> None:
+        q, gen = self._watched[fd]
+        failed = [w for w in q.outstanding.values() if w.gen == gen]
+        for wire in failed:
+            self._settlement.settle_wire(q, wire, f"{self._dead}; its {q.path.label} worker generation {gen} "
+                                                  f"exited with this transfer in flight; the blocks were not loaded")
+        self._forget_worker(q, gen)
+        if failed:
+            logger.error("%s worker generation %d exited after kvbm-workers died; %d request(s) failed",
+                         q.path.label, gen, len(failed))
 
     def _read_control(self) -> None:
         while True:
@@ -477,7 +584,7 @@ class TransferManager:
                                              f"gate {sub.gate} never opened (scheduler at iteration "
                                              f"{self.scheduler.iteration}, layer {self.scheduler.layer})")
         for q in self._paths.values():
-            if q.link.retry_due(now):
+            if q.link.retry_due(now) and not self._dead:
                 self._send_register(q)
             for wire in list(q.outstanding.values()):
                 if now >= wire.deadline:
@@ -490,7 +597,13 @@ class TransferManager:
 
     def _wire_overdue(self, q: PathQueue, wire: WireRequest, now: float) -> None:
         label = q.path.label
-        if wire.stopping:
+        if wire.stopping and self._dead:
+            grace = min(self.stop_grace_s, self.request_timeout_s)
+            logger.error("%s request %d: %s and its gen %d worker was not seen exiting within %.1f s",
+                         label, wire.rid, self._dead, wire.gen, grace)
+            self._settlement.settle_unsafe(q, wire, f"{self._dead} and its gen {wire.gen} worker was not seen "
+                                                    f"exiting within {grace:.1f} s")
+        elif wire.stopping:
             logger.error("%s request %d: no died event for gen %d within %.1f s of stopping",
                          label, wire.rid, wire.gen, self.stop_grace_s)
             self._settlement.settle_unsafe(q, wire, f"kvbm-workers stopped and gen {wire.gen} was not reported "
@@ -574,7 +687,7 @@ class TransferManager:
             self._thread.join(timeout)
             alive = self._thread.is_alive()
             self._thread = None
-            if not alive and self._register_msg is not None:
+            if not alive and self._register_msg is not None and not self._dead:
                 self._unregister(min(timeout, 1.0))
                 _collect_cuda_ipc()
         for q in self._paths.values():
@@ -587,6 +700,14 @@ class TransferManager:
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
+        for q in self._paths.values():
+            for fd in q.worker_fds.values():
+                os.close(fd)
+            q.worker_fds.clear()
+        self._watched.clear()
+        if self._supervisor_fd >= 0:
+            os.close(self._supervisor_fd)
+            self._supervisor_fd = -1
 
     def _unregister(self, timeout: float) -> None:
         """Asks every worker to drop this engine's mappings; bounded wait, best effort."""

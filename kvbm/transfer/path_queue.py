@@ -28,6 +28,7 @@ class PathQueue:
     sock: zmq.Socket
     heap: list = field(default_factory=list)            # (-priority, seq, Request)
     outstanding: dict[int, WireRequest] = field(default_factory=dict)
+    worker_fds: dict[int, int] = field(default_factory=dict)  # gen -> pidfd of the worker that registered us
 
     @property
     def path(self) -> Path:

@@ -35,7 +35,8 @@ import zmq
 import kvbm
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, ProtocolError
-from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
+from kvbm.progress import PERIOD_S, Progress
+from kvbm.shm import RuntimeDir, Segment, clean_dead_device_segments, clean_stale_segments, segment_name
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
 
@@ -103,6 +104,8 @@ class WorkerSlot:
     stats: dict = field(default_factory=dict)
     dealer: zmq.Socket | None = None
     prev_bytes: int = 0
+    spawned_at: float = 0.0       # monotonic time of the last spawn: "still pinning" lines until READY
+    waiting_logged: float = 0.0   # when the last of those lines was logged
 
 
 class Supervisor:
@@ -135,25 +138,34 @@ class Supervisor:
     # ---- start -------------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.rundir.acquire()
-        removed += clean_stale_segments(self.config.instance_id, include_host_pool=True)
-        if removed:
-            print(f"kvbm-workers: cleaned up after a previous run: {', '.join(sorted(removed))}", flush=True)
         try:
+            removed += clean_stale_segments(self.config.instance_id, include_host_pool=True)
+            removed += [n for n in clean_dead_device_segments() if n not in removed]
+            if removed:
+                logger.warning("cleaned up after a previous run: %s", ", ".join(sorted(removed)))
             self._start()
         except BaseException:
             self.shutdown()
             raise
 
     def _start(self) -> None:
+        name = segment_name(self.config.instance_id)
+        gb = self.host_bytes / 1e9
         t0 = time.perf_counter()
-        self.segment = Segment.create(segment_name(self.config.instance_id), self.host_bytes)  # fallocate'd
-        self.segment.prefault()
-        self.prefault_s = time.perf_counter() - t0
+        progress = Progress(f"allocating G2 ({gb:.2f} GB)", self.host_bytes, logger)
+        self.segment = Segment.create(name, self.host_bytes, progress=progress.update)  # fallocate'd
+        progress.finish()
+        alloc_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        import torch  # noqa: F401 - the pre-fault's memset; imported first so that its clock starts after it
+        logger.debug("import torch took %.2f s", time.perf_counter() - t0)
+        progress = Progress(f"pre-faulting G2 ({gb:.2f} GB)", self.host_bytes, logger)
+        self.prefault_s = self.segment.prefault(progress=progress.update)  # the touching only, not import torch
+        progress.finish()
         self.metrics.host_bytes.set(self.host_bytes)
         self.metrics.prefault_seconds.set(self.prefault_s)
-        gb = self.host_bytes / 1e9
-        print(f"kvbm-workers: G2 host pool {gb:.3f} GB in /dev/shm/{self.segment.name}, allocated and pre-faulted in "
-              f"{self.prefault_s:.3f} s ({gb / max(self.prefault_s, 1e-9):.1f} GB/s)", flush=True)
+        logger.info("G2 host pool %.3f GB in /dev/shm/%s: allocated in %.3f s, pre-faulted in %.3f s (%.1f GB/s)",
+                    gb, self.segment.name, alloc_s, self.prefault_s, gb / max(self.prefault_s, 1e-9))
         if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
             self._disk_dir = self._prepare_disk(self.config.disk_path)
         self._ctx = make_context()
@@ -169,7 +181,7 @@ class Supervisor:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"disk tier folder {path} is not a writable directory")
-        print(f"kvbm-workers: G3 folder {path} ready (disk I/O not implemented yet)", flush=True)
+        logger.info("G3 folder %s ready (disk I/O not implemented yet)", path)
         return path
 
     def _spawn(self, slot: WorkerSlot) -> None:
@@ -188,6 +200,7 @@ class Supervisor:
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
+        slot.spawned_at = slot.waiting_logged = time.monotonic()
         logger.info("started %s worker gen %d pid %d", slot.path.label, slot.gen, slot.proc.pid)
 
     # ---- serve -------------------------------------------------------------------------------
@@ -206,7 +219,6 @@ class Supervisor:
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             if self.parent_pid and os.getppid() != self.parent_pid:
                 logger.error("the engine that started kvbm-workers (pid %d) is gone; stopping", self.parent_pid)
-                print(f"kvbm-workers: parent pid {self.parent_pid} is gone; stopping", flush=True)
                 break
             events = dict(poller.poll(50))
             if self._control in events:
@@ -221,15 +233,22 @@ class Supervisor:
                 for slot in self.slots.values():
                     if slot.ready:
                         self._ask_stats(slot, {"t": P.MsgType.STATS})
+                    elif slot.proc is not None and now - slot.waiting_logged >= PERIOD_S:
+                        slot.waiting_logged = now  # mapping (and pinning) a large G2 takes seconds
+                        logger.info("%s worker gen %d (pid %d) is still mapping%s G2 (%.0f s so far)",
+                                    slot.path.label, slot.gen, slot.proc.pid, " and pinning" if self.cuda else "",
+                                    now - slot.spawned_at)
             if now >= next_sweep:
                 # Device segments of engines that died without closing (their workers drop the
                 # mappings on their own; the names are ours to remove).
                 next_sweep = now + SWEEP_PERIOD_S
-                clean_stale_segments(self.config.instance_id, include_host_pool=False)
+                gone = clean_stale_segments(self.config.instance_id, include_host_pool=False)
+                if gone:
+                    logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
                 self._live_engines()  # drops engines that stopped reporting, status asked or not
             if self.interval > 0 and now >= next_summary:
                 next_summary = now + self.interval
-                print(self.summary_line(), flush=True)
+                logger.info("%s", self.summary_line())
 
     def _serve_control(self) -> None:
         assert self._control is not None
@@ -239,7 +258,10 @@ class Supervisor:
             except zmq.Again:
                 return
             if len(frames) != 2:
-                logger.warning("control: dropped a message of %d frames", len(frames))
+                logger.warning("control: rejected a message of %d frames (expected identity + payload)", len(frames))
+                if len(frames) > 2:  # answered like the path workers do: the sender learns why
+                    self._reply(frames[0], P.make_done(-1, P.Status.ERROR,
+                                                       f"expected 1 payload frame, got {len(frames) - 1}"))
                 continue
             ident, payload = frames
             msg = None
@@ -255,10 +277,13 @@ class Supervisor:
                 reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"failed: {type(err).__name__}: {err}")
             if reply is not None:
                 reply.setdefault("id", P.request_id_of(msg))
-                try:
-                    self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
-                except zmq.Again:
-                    logger.warning("control: reply to a slow client dropped (send queue full)")
+                self._reply(ident, reply)
+
+    def _reply(self, ident: bytes, reply: dict) -> None:
+        try:
+            self._control.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("control: reply to a slow client dropped (send queue full)")
 
     def _handle_control(self, msg: dict) -> dict | None:
         kind = msg["t"]
@@ -320,8 +345,8 @@ class Supervisor:
         self.metrics.generation.labels(slot.path.label).set(slot.gen)
         self.metrics.pin_seconds.labels(slot.path.label).set(slot.pin_s)
         if pinned:
-            print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pinned {pinned / 1e9:.3f} GB in "
-                  f"{slot.pin_s:.3f} s ({pinned / 1e9 / max(slot.pin_s, 1e-9):.1f} GB/s)", flush=True)
+            logger.info("%s worker gen %d pinned %.3f GB in %.3f s (%.1f GB/s)", slot.path.label, slot.gen,
+                        pinned / 1e9, slot.pin_s, pinned / 1e9 / max(slot.pin_s, 1e-9))
         self._publish(P.make_event("started", slot.path, slot.gen, pid=msg.get("pid"),
                                    endpoint=self.endpoints.worker(slot.path)))
 
@@ -386,8 +411,6 @@ class Supervisor:
                 continue
             logger.error("%s worker gen %d (pid %d) died with exit code %d; restarting",
                          slot.path.label, slot.gen, proc.pid, code)
-            print(f"kvbm-workers: {slot.path.label} worker gen {slot.gen} pid {proc.pid} died "
-                  f"(exit {code}); restarting", flush=True)
             self._publish(P.make_event("died", slot.path, slot.gen, pid=proc.pid, exitcode=code))
             slot.proc = None
             slot.ready = False
@@ -492,6 +515,11 @@ class Supervisor:
             self.segment.close()
             self.segment.unlink()
             self.segment = None
+        if self.rundir.held:
+            # The engine that started us may have been killed: its device segment is ours to remove.
+            gone = clean_stale_segments(self.config.instance_id, include_host_pool=False)
+            if gone:
+                logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
         self.rundir.release_and_remove()
 
 

@@ -272,8 +272,8 @@ def test_sigkilled_supervisor_leftovers_are_cleaned_at_next_start(tmp_path, make
            "--host-size", "1MB", "--force-cpu", "--duration", "1.5", "--interval", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr
-    assert "cleaned up after a previous run" in out.stdout
-    assert "control.sock" in out.stdout and f"kvbm-{inst}-dev-{2**22 + 1}-1" in out.stdout
+    assert "cleaned up after a previous run" in out.stderr
+    assert "control.sock" in out.stderr and f"kvbm-{inst}-dev-{2**22 + 1}-1" in out.stderr
     assert not os.path.exists(rundir)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{inst}-")]
 
@@ -298,4 +298,4 @@ def test_disk_tier_folder_is_created_private(tmp_path):
            "--disk-size", "1GB"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "G3 folder" in out.stdout and disk.is_dir() and _modes(disk) == 0o700
+    assert "G3 folder" in out.stderr and disk.is_dir() and _modes(disk) == 0o700

@@ -4,6 +4,8 @@ supervisor produces only by chance (a generation dying between a register and it
 before "died", a STALE reply) can be played exactly."""
 from __future__ import annotations
 
+import logging
+import subprocess
 import threading
 import time
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from kvbm.errors import BackpressureError, KvbmError, TransferError
+from kvbm.errors import BackpressureError, KvbmError, LifecycleError, TransferError
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
 from kvbm.transfer.link import REGISTER_RETRIES
 from kvbm.transfer.manager import TransferManager
@@ -69,8 +71,8 @@ class FakeWorkers:
     def reply(self, path: P.Path, msg: dict) -> None:
         self.workers[path].send_multipart([self.ident[path], P.encode(msg)])
 
-    def registered(self, path: P.Path, rid: int, gen: int) -> None:
-        self.reply(path, {"t": P.MsgType.REGISTERED, "id": rid, "gen": gen})
+    def registered(self, path: P.Path, rid: int, gen: int, pid: int | None = None) -> None:
+        self.reply(path, {"t": P.MsgType.REGISTERED, "id": rid, "gen": gen} | ({"pid": pid} if pid else {}))
 
     def done(self, path: P.Path, rid: int, status=P.Status.OK, error: str = "", gen: int = 1) -> None:
         self.reply(path, P.make_done(rid, status, error, gen=gen))
@@ -91,8 +93,9 @@ def fake(tmp_path):
     fw.close()
 
 
-def start(fake: FakeWorkers, **kw) -> TransferManager:
-    """connect() + register() against the fake; every path registered with gen 1."""
+def start(fake: FakeWorkers, worker_pids: dict[P.Path, int] | None = None, **kw) -> TransferManager:
+    """connect() + register() against the fake; every path registered with gen 1 (by the process
+    `worker_pids` names for it, if any)."""
     tm = TransferManager(fake.control_ep, **kw)
     errors: list[BaseException] = []
 
@@ -114,7 +117,7 @@ def start(fake: FakeWorkers, **kw) -> TransferManager:
     fake.events.recv()
     for path in P.WORKER_PATHS:
         reg = fake.recv(path, P.MsgType.REGISTER)
-        fake.registered(path, reg["id"], 1)
+        fake.registered(path, reg["id"], 1, (worker_pids or {}).get(path))
     th.join(DEADLINE)
     if errors:
         raise errors[0]
@@ -458,4 +461,103 @@ def test_a_stale_reply_is_sent_again_once_to_the_new_generation(fake, make_tm):
     xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
     fake.done(P.Path.D2H, xfer["id"], gen=3)
     ok.result(DEADLINE)
+    assert tm.inflight_bytes == 0
+
+
+# ---- 9. the supervisor itself dies --------------------------------------------------------------
+
+@pytest.fixture
+def stand_ins(request):
+    """`sleep` processes standing in for the supervisor and its workers (pidfds watch them);
+    killed by pid in a finalizer."""
+    procs: list[subprocess.Popen] = []
+
+    def make() -> subprocess.Popen:
+        procs.append(subprocess.Popen(["sleep", "600"]))
+        return procs[-1]
+
+    yield make
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(DEADLINE)
+
+
+def test_supervisor_death_fails_unsent_work_at_once_and_sent_work_once_its_worker_is_gone(fake, make_tm, stand_ins):
+    from kvbm.transfer.host_offload import HostTransfers
+    sup, d2h, h2d = stand_ins(), stand_ins(), stand_ins()
+    tm = make_tm(supervisor_pid=sup.pid, worker_pids={P.Path.D2H: d2h.pid, P.Path.H2D: h2d.pid},
+                 request_timeout_s=60.0)
+    pool = FakePool()
+    ht = HostTransfers(tm, pool)
+    sent = ht.offload([1, 2, 3], [11, 12, 13])
+    fake.recv(P.Path.D2H, P.MsgType.XFER)               # at the worker, never answered
+    held = tm.submit(P.Path.H2D, [1], [2], gate=Gate(iteration=9))   # never reaches a worker
+    sup.kill()
+    sup.wait(DEADLINE)
+    with pytest.raises(TransferError, match=rf"kvbm-workers \(pid {sup.pid}\) died; the transfer never reached"):
+        held.result(DEADLINE)
+    with pytest.raises(LifecycleError, match=rf"kvbm-workers \(pid {sup.pid}\) died: no new transfers"):
+        ht.offload([4], [14])
+    assert pool.released == [[3]]                        # the refused offload's host block went back
+    assert not sent.done()                               # its worker still runs: the copy may still land
+    d2h.kill()
+    with pytest.raises(TransferError, match="its d2h worker generation 1 exited with this transfer in flight") as info:
+        sent.result(DEADLINE)
+    assert not info.value.blocks_may_be_written
+    assert pool.released == [[3], [0, 1, 2]] and pool.registered == [] and ht.leaked_host_blocks == 0
+    assert tm.inflight_bytes == 0
+
+
+def test_a_worker_not_seen_exiting_after_its_supervisor_died_keeps_its_blocks(fake, make_tm, stand_ins):
+    from kvbm.transfer.host_offload import HostTransfers
+    sup, d2h, h2d = stand_ins(), stand_ins(), stand_ins()
+    tm = make_tm(supervisor_pid=sup.pid, worker_pids={P.Path.D2H: d2h.pid, P.Path.H2D: h2d.pid},
+                 request_timeout_s=60.0)
+    tm.stop_grace_s = 0.5
+    pool = FakePool()
+    ht = HostTransfers(tm, pool)
+    sent = ht.offload([1, 2], [11, 12])
+    fake.recv(P.Path.D2H, P.MsgType.XFER)
+    sup.kill()
+    with pytest.raises(TransferError, match=r"not seen exiting within 0.5 s.*may still be written") as info:
+        sent.result(DEADLINE)
+    assert info.value.blocks_may_be_written
+    assert pool.released == [] and pool.registered == [] and ht.leaked_host_blocks == 2
+    assert tm.inflight_bytes == 0
+
+
+def test_a_worker_death_says_in_flight_only_when_something_was(fake, make_tm, caplog):
+    caplog.set_level(logging.WARNING, logger="kvbm.transfer.manager")
+    tm = make_tm()
+    fake.event("died", P.Path.D2H, 1, pid=7, exitcode=-9)
+    wait_for(lambda: "d2h worker generation 1 (pid 7) died" in caplog.text, DEADLINE, "the death logged")
+    assert "in flight; the blocks were not loaded" not in caplog.text
+    assert "no request of this engine was in flight" in caplog.text
+    reg = fake.recv(P.Path.D2H, P.MsgType.REGISTER)
+    fake.registered(P.Path.D2H, reg["id"], 2)
+    wait_for(lambda: gen_of(tm, P.Path.D2H) == 2, DEADLINE, "the d2h path registered with gen 2")
+    fut = tm.submit(P.Path.D2H, [1], [2])
+    fake.recv(P.Path.D2H, P.MsgType.XFER)
+    caplog.clear()
+    fake.event("died", P.Path.D2H, 2, pid=8, exitcode=-9)
+    with pytest.raises(TransferError, match=r"generation 2 \(pid 8\) died \(exit code -9\) with this transfer in"):
+        fut.result(DEADLINE)
+    wait_for(lambda: "with 1 request(s) of this engine in flight" in caplog.text, DEADLINE, "the death logged")
+
+
+def test_a_stale_reply_after_the_supervisor_died_fails_at_once(fake, make_tm, stand_ins):
+    sup, d2h, h2d = stand_ins(), stand_ins(), stand_ins()
+    tm = make_tm(supervisor_pid=sup.pid, worker_pids={P.Path.D2H: d2h.pid, P.Path.H2D: h2d.pid},
+                 request_timeout_s=60.0)
+    fut = tm.submit(P.Path.D2H, [1, 2], [3, 4])
+    xfer = fake.recv(P.Path.D2H, P.MsgType.XFER)
+    sup.kill()
+    wait_for(lambda: tm._dead, DEADLINE, "the supervisor's death noticed")
+    # Nothing was copied (STALE): no worker generation will ever take it again, so it fails now.
+    fake.done(P.Path.D2H, xfer["id"], P.Status.STALE, "request for gen 1, this is gen 2", gen=2)
+    with pytest.raises(TransferError, match="request for gen 1, this is gen 2") as info:
+        fut.result(DEADLINE)
+    assert not info.value.blocks_may_be_written
+    assert fake.pending(P.Path.D2H) == []       # not sent again, no registration either
     assert tm.inflight_bytes == 0

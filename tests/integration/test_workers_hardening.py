@@ -271,6 +271,18 @@ def test_malformed_ready_and_stats_are_rejected_and_the_supervisor_keeps_serving
     assert all(st["workers"][label]["restarts"] == 0 for label in ("d2h", "h2d"))
 
 
+def test_a_multi_frame_control_message_is_answered_with_an_error(standalone):
+    client = Raw(standalone.endpoints.control)
+    try:
+        client.sock.send_multipart([P.encode({"t": P.MsgType.PING, "id": 3}), b"extra"])
+        assert client.sock.poll(int(DEADLINE * 1000)), "no answer to a 2-frame message"
+        reply = P.decode(client.sock.recv())
+        assert reply["status"] == P.Status.ERROR and reply["error"] == "expected 1 payload frame, got 2", reply
+        assert client.ask({"t": P.MsgType.PING, "id": 4})["t"] == P.MsgType.PONG
+    finally:
+        client.close()
+
+
 def test_summary_line_survives_any_engine_report(tmp_path):
     from kvbm.workers.supervisor import Supervisor
     cfg = kvbm.KvbmConfig(instance_id="s1", runtime_dir=str(tmp_path), host_size=1 << 20, force_cpu=True)

@@ -59,11 +59,11 @@ class Pipeline:
         self.tensors: list = []
 
     # ---- life ----------------------------------------------------------------------------------
-    def start(self) -> Pipeline:
+    def start(self, timeout: float = 60.0) -> Pipeline:
         self.kv = kvbm.KvBlockManager(self.config)
         self.tensors = self.kv.create_device_tensors(self.device_layout, device=self.device)
         try:
-            self.kv.register_device_tensors(self.tensors, self.device_layout, timeout=60)
+            self.kv.register_device_tensors(self.tensors, self.device_layout, timeout=timeout)
         finally:
             if self.kv.workers_process is not None and self.kv.workers_process.pid:
                 self.pids.add(self.kv.workers_process.pid)
