@@ -52,6 +52,7 @@ from kvbm.transfer.records import Finalize, Request, RequestState, Submission, W
 from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,11 @@ QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SET
 class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
-                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0) -> None:
+                 request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
+                 keys: ClientKeys | None = None) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
+        self._keys = keys  # CURVE keys of the instance (kvbm.wire.auth); None only for a test's plain fake server
         self.max_batch_blocks = max_batch_blocks
         self.request_timeout_s = request_timeout_s
         self.stats_fn = stats_fn
@@ -99,7 +102,7 @@ class TransferManager:
     # ---- set-up ------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> dict:
         """hello -> welcome on the control socket; connects to the event socket and every worker."""
-        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint)
+        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint, self._keys)
         self._control.send(P.encode({"t": P.MsgType.HELLO, "id": 0, "engine": self.engine_id}))
         if not self._control.poll(int(timeout * 1000)):
             self.close()
@@ -111,10 +114,10 @@ class TransferManager:
         self.welcome = welcome
         cap = int(welcome.get("max_batch_blocks") or P.MAX_BATCH_BLOCKS)
         self.max_batch_blocks = max(1, min(self.max_batch_blocks, cap))
-        self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"])
+        self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"], self._keys)
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
-            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"])
+            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()

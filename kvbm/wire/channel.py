@@ -7,7 +7,10 @@ Parts:
                  can find tcp ports picked at random
   make_context / bind_socket / connect_socket
                  every socket with linger 0, a hard receive-size cap (ZMQ drops a peer that sends
-                 more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind
+                 more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind.
+                 A server socket is a CURVE server behind its process's Gatekeeper, a client a
+                 CURVE client with the instance's client keys (kvbm.wire.auth); TCP is never
+                 served without them.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import zmq
 
 from kvbm.errors import ConfigError, PermissionRefusedError
 from kvbm.shm import check_private, check_private_dir
+from kvbm.wire.auth import ClientKeys, Gatekeeper, configure_client, configure_server
 from kvbm.wire.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
@@ -114,10 +118,18 @@ def check_endpoint(endpoint: str) -> None:
         raise ConfigError(f"unsupported endpoint {endpoint}; expected ipc:// or tcp://127.0.0.1:PORT")
 
 
-def bind_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+def bind_socket(ctx: zmq.Context, kind: int, endpoint: str, gate: Gatekeeper | None = None) -> zmq.Socket:
+    """A server socket; with `gate` (the running Gatekeeper of `ctx`) a CURVE server that admits
+    only the instance's client key. TCP without a gate is refused: any local process could drive it."""
     check_endpoint(endpoint)
+    if gate is None and endpoint.startswith("tcp://"):
+        raise PermissionRefusedError(f"refusing to serve {endpoint} without CURVE authentication")
+    if gate is not None and (gate.ctx is not ctx or not gate.running):
+        raise PermissionRefusedError("no running Gatekeeper answers ZAP for this socket's ZeroMQ context")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if gate is not None:
+        configure_server(sock, gate.keys)
     if kind != zmq.PUB:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.ROUTER:
@@ -147,10 +159,13 @@ def pending(sock: zmq.Socket) -> Iterator[bytes]:
             return
 
 
-def connect_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+def connect_socket(ctx: zmq.Context, kind: int, endpoint: str, keys: ClientKeys | None = None) -> zmq.Socket:
+    """A client socket; with `keys` a CURVE client (what every kvbm server socket requires)."""
     check_endpoint(endpoint)
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        configure_client(sock, keys)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")

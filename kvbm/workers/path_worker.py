@@ -5,7 +5,8 @@ Order of things:
      pid; asks the kernel to kill it when the supervisor dies (PR_SET_PDEATHSIG), then checks that
      pid is still its parent (it may have died before prctl) and keeps checking every second
   2. maps G2 and, in CUDA mode, pins it with cudaHostRegister (timed: reported in READY)
-  3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
+  3. reads the instance's CURVE keys from the 0600 runtime dir, starts its ZAP Gatekeeper, binds
+     its endpoint as a CURVE server (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
      layouts (one live engine per instance: each maps its host layout over all of G2); XFER
@@ -33,7 +34,8 @@ from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
-from kvbm.wire.channel import bind_socket, make_context
+from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
+from kvbm.wire.channel import bind_socket, connect_socket, make_context
 from kvbm.workers.copy import Copier, DeviceMemory
 
 logger = logging.getLogger(__name__)
@@ -114,11 +116,11 @@ class PathWorker:
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
         self.pin_s = self.host_segment.pin() if self.cuda else 0.0
+        server_keys, client_keys = _read_keys(args.keys_dir)
         self.ctx = make_context()
-        self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint)
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.connect(args.control)
+        self.gate = Gatekeeper(self.ctx, server_keys).start()
+        self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint, self.gate)
+        self.control = connect_socket(self.ctx, zmq.DEALER, args.control, client_keys)
 
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -383,8 +385,18 @@ class PathWorker:
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
+        self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
+
+
+def _read_keys(keys_dir: str) -> tuple[ServerKeys, ClientKeys]:
+    server = ServerKeys.read(keys_dir) if keys_dir else None
+    client = ClientKeys.read(keys_dir) if keys_dir else None
+    if server is None or client is None:
+        raise KvbmError(f"no CURVE keys in {keys_dir or '(no --keys-dir)'}: a path worker serves only "
+                        f"authenticated peers")
+    return server, client
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -393,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gen", type=int, required=True)
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--control", required=True)
+    ap.add_argument("--keys-dir", default="", help="the 0600 runtime dir holding the instance's CURVE keys")
     ap.add_argument("--segment", required=True)
     ap.add_argument("--segment-size", type=int, required=True)
     ap.add_argument("--cuda", type=int, default=0)

@@ -4,7 +4,9 @@ Order of things:
   1. take the instance lock in the 0700 runtime dir; leftovers of a killed predecessor (socket
      files, endpoints.json, the G2 segment, device segments of dead engines) are removed
   2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder
-  3. bind the control ROUTER and the event PUB socket, write endpoints.json
+  3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
+     the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
+     peer that read the keys from the 0600 runtime dir gets an answer or an event
   4. start one process per worker path (D2H, H2D). Each maps and, in CUDA mode, pins G2 itself and
      says READY (with its pinning time); the supervisor then publishes {event started, path, gen}.
      Disk paths have no process: the control socket answers their requests "not implemented".
@@ -37,6 +39,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.shm import RuntimeDir, Segment, clean_stale_segments, segment_name
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys, Gatekeeper, create_keys
 from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
@@ -126,6 +129,8 @@ class Supervisor:
         self._ctx: zmq.Context | None = None
         self._control: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
+        self._gate: Gatekeeper | None = None
+        self._client_keys: ClientKeys | None = None
         self._disk_dir: str | None = None
         self._stats_seq = 0
         self.parent_pid = 0     # embedded mode (--exit-with-parent): stop once this is not our parent
@@ -157,11 +162,13 @@ class Supervisor:
         if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
             self._disk_dir = self._prepare_disk(self.config.disk_path)
         self._ctx = make_context()
-        self._control = bind_socket(self._ctx, zmq.ROUTER, self.endpoints.control)
-        self._events = bind_socket(self._ctx, zmq.PUB, self.endpoints.events)
+        server_keys, self._client_keys = create_keys(self.rundir.path)  # before endpoints.json names the sockets
+        self._gate = Gatekeeper(self._ctx, server_keys).start()
+        self._control = bind_socket(self._ctx, zmq.ROUTER, self.endpoints.control, self._gate)
+        self._events = bind_socket(self._ctx, zmq.PUB, self.endpoints.events, self._gate)
         self.endpoints.write(self.rundir.path)
         for slot in self.slots.values():
-            slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path))
+            slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path), self._client_keys)
             self._spawn(slot)
 
     @staticmethod
@@ -178,7 +185,7 @@ class Supervisor:
         assert self.segment is not None
         cmd = [sys.executable, "-m", "kvbm.workers.path_worker", "--path", slot.path.label,
                "--gen", str(slot.gen), "--endpoint", self.endpoints.worker(slot.path),
-               "--control", self.endpoints.control, "--segment", self.segment.name,
+               "--control", self.endpoints.control, "--keys-dir", self.rundir.path, "--segment", self.segment.name,
                "--segment-size", str(self.segment.size), "--cuda", str(int(self.cuda)),
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
@@ -485,6 +492,9 @@ class Supervisor:
             if sock is not None:
                 sock.close(0)
         self._control = self._events = None
+        if self._gate is not None:
+            self._gate.stop()  # after the server sockets: libzmq admits anyone while no handler is bound
+            self._gate = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

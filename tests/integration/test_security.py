@@ -1,0 +1,216 @@
+"""Who may drive a kvbm instance (issue 13, security).
+
+  1. authentication: a peer without the CURVE keys of the 0600 runtime dir gets no welcome, status,
+     event, transfer, registration or restart, over TCP (and ipc, the same code path); a process of
+     another uid cannot read the keys
+
+Each test failed on the code before these changes. Processes are started through the pipeline
+harness (SIGKILLed by pid in its finalizer); every wait has a deadline; a refused peer is given
+SILENCE_MS to get the answer it must not get."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from kvbm.layout import BlockLayout, InnerOrder, LayoutType
+from kvbm.transfer.memory_map import describe_memory
+from kvbm.wire import protocol as P
+from kvbm.wire.auth import CLIENT_KEYS_FILE, ClientKeys, configure_client
+from kvbm.wire.channel import make_context
+from tests.support.pipeline_harness import wait_for
+
+DEADLINE = 30.0
+SILENCE_MS = 1500
+NOBODY = 65534
+
+
+class Client:
+    """A DEALER (or SUB) with the credentials a test picks: the instance's keys, other keys, none."""
+
+    def __init__(self, endpoint: str, keys: ClientKeys | None, kind: int = zmq.DEALER, **options: int) -> None:
+        self.ctx = make_context()
+        self.sock = self.ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for opt, value in options.items():  # before connect: a send HWM applies to pipes made after it
+            self.sock.setsockopt(getattr(zmq, opt), value)
+        if keys is not None:
+            configure_client(self.sock, keys)
+        if kind == zmq.SUB:
+            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+
+    def send(self, msg: dict | bytes) -> None:
+        self.sock.send(msg if isinstance(msg, bytes) else P.encode(msg))
+
+    def recv(self, timeout_ms: int) -> dict | None:
+        if not self.sock.poll(timeout_ms):
+            return None
+        return P.decode(self.sock.recv())
+
+    def ask(self, msg: dict, timeout_ms: int = 5000) -> dict | None:
+        self.send(msg)
+        return self.recv(timeout_ms)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _answered(clients: list[tuple[str, Client]]) -> list[str]:
+    """Which of `clients` got anything within SILENCE_MS (all waited on together)."""
+    poller = zmq.Poller()
+    for _, client in clients:
+        poller.register(client.sock, zmq.POLLIN)
+    ready = dict(poller.poll(SILENCE_MS))
+    return [label for label, client in clients if client.sock in ready]
+
+
+def _other_keys(keys: ClientKeys, know_server: bool) -> ClientKeys:
+    """A CURVE client keypair of its own, with (or without) the server's public key."""
+    public, secret = zmq.curve_keypair()
+    return ClientKeys(keys.server_public if know_server else zmq.curve_keypair()[0], public, secret)
+
+
+def random_hashes(rng, n):
+    return rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+
+
+def _register_msg(pipe, engine: str, pid: int, order: InnerOrder | None = None) -> dict:
+    lay = pipe.device_layout
+    device = BlockLayout(lay.config, lay.layout_type, lay.num_blocks, lay.order if order is None else order)
+    host = BlockLayout(lay.config, LayoutType.FULLY_CONTIGUOUS, pipe.kv.pool(2).num_blocks)
+    return {"t": P.MsgType.REGISTER, "id": 31, "engine": engine, "pid": pid, "device": P.layout_to_wire(device),
+            "host": P.layout_to_wire(host), "memory": describe_memory(pipe.tensors, lay, pipe.kv._shared)}
+
+
+def _round_trip(pipe, rng, blocks) -> None:
+    """offload -> poison -> onboard of `blocks`, byte-exact."""
+    hashes = random_hashes(rng, len(blocks))
+    pipe.fill_random(blocks, rng)
+    expected = pipe.snapshot(blocks)
+    assert pipe.kv.offload(blocks, hashes).result(DEADLINE).value.moved == len(blocks)
+    pipe.poison(blocks)
+    assert pipe.kv.onboard(hashes, blocks).result(DEADLINE).value.loaded == len(blocks)
+    assert np.array_equal(pipe.snapshot(blocks), expected)
+
+
+# ---- 1. authentication ----------------------------------------------------------------------------
+
+def test_tcp_peer_without_the_keys_gets_no_answer_no_event_and_moves_no_byte(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=128, host_blocks=64, transport="tcp", tcp_port=0)
+    tm = pipe.kv.transfers
+    assert tm.control_endpoint.startswith("tcp://127.0.0.1:")
+    workers = {p: tm._paths[p].endpoint for p in P.WORKER_PATHS}
+    gens = tm.stats()["generations"]
+    pids = pipe.worker_pids()
+    # The engine's own blocks: 0..7 offloaded to G2 (registered hashes), 100..107 on the device.
+    offloaded, resident = np.arange(8), np.arange(100, 108)
+    hashes = random_hashes(rng, 8)
+    pipe.fill_random(np.concatenate([offloaded, resident, np.arange(64, 100)]), rng)
+    expected, kept = pipe.snapshot(offloaded), pipe.snapshot(resident)
+    assert pipe.kv.offload(offloaded, hashes).result(DEADLINE).value.moved == 8
+
+    attacks = [  # what the issue's hostile peer sent, each to where it did damage
+        (tm.control_endpoint, {"t": P.MsgType.HELLO, "id": 1}),
+        (tm.control_endpoint, {"t": P.MsgType.STATUS, "id": 2}),
+        (tm.control_endpoint, {"t": P.MsgType.RESTART, "id": 3, "path": 0, "gen": gens["d2h"],
+                               "engine": tm.engine_id, "reason": "hostile"}),
+        # G2 blocks -> the engine's device blocks 100..107; other device blocks over every G2 block
+        (workers[P.Path.H2D], P.make_xfer(4, tm.engine_id, gens["h2d"], P.Path.H2D, np.arange(8), resident)),
+        (workers[P.Path.D2H], P.make_xfer(5, tm.engine_id, gens["d2h"], P.Path.D2H, np.arange(64, 128),
+                                          np.arange(64))),
+        (workers[P.Path.D2H], _register_msg(pipe, tm.engine_id, os.getpid(), InnerOrder.BLOCK_MAJOR)),
+        (workers[P.Path.H2D], {"t": P.MsgType.UNREGISTER, "id": 6, "engine": tm.engine_id}),
+    ]
+    kinds = {"no keys": None, "its own keypair": _other_keys(pipe.keys, know_server=True),
+             "no server key": _other_keys(pipe.keys, know_server=False)}
+    clients, subs = [], []
+    try:
+        for label, keys in kinds.items():
+            subs.append((label, Client(tm.welcome["events"], keys, zmq.SUB)))
+            for endpoint, msg in attacks:
+                client = Client(endpoint, keys)
+                client.send(msg)
+                clients.append((label, msg["t"], client))
+        assert _answered([(f"{label}: {kind}", client) for label, kind, client in clients]) == []
+
+        # Nothing was restarted, moved, registered or dropped.
+        st = pipe.status()
+        assert pipe.worker_pids() == pids and all(st["workers"][w]["restarts"] == 0 for w in ("d2h", "h2d"))
+        assert np.array_equal(pipe.snapshot(resident), kept)
+        pipe.poison(offloaded)
+        assert pipe.kv.onboard(hashes, offloaded).result(DEADLINE).value.loaded == 8
+        assert np.array_equal(pipe.snapshot(offloaded), expected)  # G2 blocks intact, layout order too
+        _round_trip(pipe, rng, np.arange(20, 40))
+
+        # Events: a worker death is published (the engine, subscribed with the keys, re-registers with
+        # the new generation); no subscriber without the keys hears of it.
+        os.kill(pids["d2h"], signal.SIGKILL)
+        wait_for(lambda: tm.stats()["generations"]["d2h"] == gens["d2h"] + 1, DEADLINE, "the engine on gen 2")
+        assert _answered(subs) == []
+    finally:
+        for _, _, client in clients:
+            client.close()
+        for _, sub in subs:
+            sub.close()
+
+
+def test_a_process_of_another_uid_cannot_read_the_keys_nor_get_an_answer(make_pipeline):
+    if os.geteuid() != 0:
+        pytest.skip("switching to another uid needs root (CI runs as root)")
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, transport="tcp", tcp_port=0)
+    control = pipe.kv.transfers.control_endpoint
+    keys_path = os.path.join(pipe.config.resolved_runtime_dir(), CLIENT_KEYS_FILE)
+    st_before = pipe.status()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, with only what it inherited (no exec: nobody may not run this venv)
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = {"uid": os.getuid()}
+            try:
+                with open(keys_path, "rb"):
+                    out["keys"] = "read"
+            except PermissionError:
+                out["keys"] = "denied"
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(control)
+            for msg in ({"v": 1, "t": "hello", "id": 1}, {"v": 1, "t": "status", "id": 2},
+                        {"v": 1, "t": "restart", "id": 3, "path": 0, "gen": 1, "engine": "x", "reason": "x"}):
+                sock.send(msgpack.packb(msg, use_bin_type=True))
+            out["answers"] = 0
+            while sock.poll(SILENCE_MS):
+                sock.recv()
+                out["answers"] += 1
+            sock.close(0)
+            ctx.term()
+            os.write(write_fd, json.dumps(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as fh:
+            out = json.loads(fh.read() or b"{}")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert out == {"uid": NOBODY, "keys": "denied", "answers": 0}
+    st = pipe.status()
+    assert [st["workers"][w]["pid"] for w in ("d2h", "h2d")] == [st_before["workers"][w]["pid"] for w in ("d2h", "h2d")]
