@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -72,7 +73,11 @@ class TransferManager:
                  keys: ClientKeys | None = None) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
-        self._keys = keys  # CURVE keys of the instance (kvbm.wire.auth); None only for a test's plain fake server
+        # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
+        # the routing id of every socket of ours: workers bind our registration to it, and it
+        # survives a reconnect (a made-up one would not).
+        self._keys = keys
+        self._routing_id = b"kvbm-" + secrets.token_hex(16).encode()
         self.max_batch_blocks = max_batch_blocks
         self.request_timeout_s = request_timeout_s
         self.stats_fn = stats_fn
@@ -102,7 +107,7 @@ class TransferManager:
     # ---- set-up ------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> dict:
         """hello -> welcome on the control socket; connects to the event socket and every worker."""
-        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint, self._keys)
+        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint, self._keys, self._routing_id)
         self._control.send(P.encode({"t": P.MsgType.HELLO, "id": 0, "engine": self.engine_id}))
         if not self._control.poll(int(timeout * 1000)):
             self.close()
@@ -117,7 +122,7 @@ class TransferManager:
         self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"], self._keys)
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
-            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys)
+            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, self._routing_id)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()

@@ -159,13 +159,18 @@ def pending(sock: zmq.Socket) -> Iterator[bytes]:
             return
 
 
-def connect_socket(ctx: zmq.Context, kind: int, endpoint: str, keys: ClientKeys | None = None) -> zmq.Socket:
-    """A client socket; with `keys` a CURVE client (what every kvbm server socket requires)."""
+def connect_socket(ctx: zmq.Context, kind: int, endpoint: str, keys: ClientKeys | None = None,
+                   routing_id: bytes | None = None) -> zmq.Socket:
+    """A client socket; with `keys` a CURVE client (what every kvbm server socket requires). A
+    `routing_id` (not starting with a zero byte: those are ZeroMQ's) names this connection to a
+    ROUTER across reconnects; without one the ROUTER makes up a new id per connection."""
     check_endpoint(endpoint)
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if keys is not None:
         configure_client(sock, keys)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")

@@ -13,6 +13,9 @@ Order of things:
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
+     A registration belongs to the connection (ROUTER routing id) that made it: xfer and
+     unregister naming that engine from any other connection are refused, and so is a second
+     register under its id from another connection while the engine lives.
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
 SIGTERM ends it cleanly (unpin, close); SIGINT is ignored, since the supervisor owns shutdown.
 """
@@ -49,6 +52,7 @@ class Registration:
     host: BlockLayout
     memory: DeviceMemory
     copier: Copier
+    ident: bytes        # routing id of the connection that registered: only it may use this
 
 
 @dataclass
@@ -202,6 +206,7 @@ class PathWorker:
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
                 elif kind == P.MsgType.UNREGISTER:
+                    self._check_owner(ident, self.engines.get(engine), "unregister")  # type: ignore[arg-type]
                     self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
@@ -249,6 +254,7 @@ class PathWorker:
                                 f"the G2 segment holds {self.host_segment.size}")
         engine = msg["engine"]
         self._refuse_second_engine(engine)
+        self._check_owner(ident, self.engines.get(engine), "register")
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
@@ -263,7 +269,7 @@ class PathWorker:
         except BaseException:
             mem.close()
             raise
-        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier)
+        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident)
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks, %s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
@@ -281,6 +287,13 @@ class PathWorker:
                                     f"instance (G2 segment {self.host_segment.name}); a second engine would "
                                     f"overwrite its host blocks. Close it first, or give this engine its own "
                                     f"instance_id")
+
+    def _check_owner(self, ident: bytes, reg: Registration | None, action: str) -> None:
+        """A registration is used, replaced or dropped only by the connection that made it (a
+        dead engine's is dropped first, by _drop_dead_engines, so its successor may register)."""
+        if reg is not None and reg.ident != ident:
+            raise ProtocolError(f"{action} refused: engine {reg.engine!r:.80} (pid {reg.pid}) is registered by "
+                                f"another connection")
 
     # ---- transfers -------------------------------------------------------------------------
     def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:
@@ -300,6 +313,7 @@ class PathWorker:
                 raise ProtocolError(f"engine {msg.get('engine')!r:.60} has not registered with this worker")
             copier = reg.copier
             src, dst = P.validate_xfer(msg, copier.src.num_blocks, copier.dst.num_blocks, self.max_batch)
+            self._check_owner(ident, reg, "xfer")  # after the checks that need no owner, before any copy
         except ProtocolError as err:
             self._malformed(ident, msg, err)
             return

@@ -3,6 +3,8 @@
   1. authentication: a peer without the CURVE keys of the 0600 runtime dir gets no welcome, status,
      event, transfer, registration or restart, over TCP (and ipc, the same code path); a process of
      another uid cannot read the keys
+  2. a registration belongs to the connection that made it: a re-registration, xfer or unregister
+     under a live engine's id from another connection is refused
 
 Each test failed on the code before these changes. Processes are started through the pipeline
 harness (SIGKILLed by pid in its finalizer); every wait has a deadline; a refused peer is given
@@ -27,6 +29,7 @@ from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 30.0
 SILENCE_MS = 1500
+DEAD_PID = 2**22 + 1  # above the default pid_max: never a live pid
 NOBODY = 65534
 
 
@@ -214,3 +217,67 @@ def test_a_process_of_another_uid_cannot_read_the_keys_nor_get_an_answer(make_pi
     assert out == {"uid": NOBODY, "keys": "denied", "answers": 0}
     st = pipe.status()
     assert [st["workers"][w]["pid"] for w in ("d2h", "h2d")] == [st_before["workers"][w]["pid"] for w in ("d2h", "h2d")]
+
+
+# ---- 2. a registration belongs to its connection ----------------------------------------------------
+
+def test_reregistration_under_a_live_engines_id_from_another_connection_is_refused(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    tm = pipe.kv.transfers
+    flipped = _register_msg(pipe, tm.engine_id, os.getpid(), InnerOrder.BLOCK_MAJOR)
+    for path in P.WORKER_PATHS:
+        client = Client(tm._paths[path].endpoint, pipe.keys)
+        try:
+            reply = client.ask(flipped)
+        finally:
+            client.close()
+        assert reply is not None and reply["t"] == P.MsgType.DONE and reply["status"] == P.Status.ERROR, reply
+        assert f"engine {tm.engine_id!r}" in reply["error"] and "registered by another connection" in reply["error"]
+    _round_trip(pipe, rng, np.arange(16))
+    # The engine itself registers again on its own connections (re-register()): accepted.
+    pipe.kv.register_device_tensors(pipe.tensors, pipe.device_layout, timeout=DEADLINE)
+    _round_trip(pipe, rng, np.arange(16, 32))
+
+
+def test_xfer_and_unregister_for_an_engine_from_another_connection_are_refused(make_pipeline, rng):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    tm = pipe.kv.transfers
+    gens = tm.stats()["generations"]
+    blocks = np.arange(8)
+    pipe.fill_random(blocks, rng)
+    kept = pipe.snapshot(blocks)
+    requests = {P.Path.H2D: P.make_xfer(7, tm.engine_id, gens["h2d"], P.Path.H2D, np.arange(8), blocks),
+                P.Path.D2H: P.make_xfer(8, tm.engine_id, gens["d2h"], P.Path.D2H, blocks, np.arange(8))}
+    for path, xfer in requests.items():
+        client = Client(tm._paths[path].endpoint, pipe.keys)
+        try:
+            for msg in (xfer, {"t": P.MsgType.UNREGISTER, "id": 9, "engine": tm.engine_id}):
+                reply = client.ask(msg)
+                assert reply is not None and reply["status"] == P.Status.ERROR, (path, msg["t"], reply)
+                assert "registered by another connection" in reply["error"], reply
+        finally:
+            client.close()
+    assert np.array_equal(pipe.snapshot(blocks), kept)  # H2D wrote nothing into the engine's blocks
+    _round_trip(pipe, rng, blocks)  # still registered on both paths, G2 as the engine left it
+
+
+def test_a_registration_is_freed_by_its_connection_or_by_its_engines_death(make_pipeline):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    endpoint = pipe.kv.transfers._paths[P.Path.D2H].endpoint
+    pipe.kv.transfers.close()  # the harness engine unregisters: the one-engine slot is free
+    first, second = Client(endpoint, pipe.keys), Client(endpoint, pipe.keys)
+    try:
+        live = _register_msg(pipe, "e1", os.getpid())
+        assert first.ask(live)["t"] == P.MsgType.REGISTERED
+        refused = second.ask(live)
+        assert refused["status"] == P.Status.ERROR and "registered by another connection" in refused["error"]
+        assert first.ask(live)["t"] == P.MsgType.REGISTERED  # the same connection again: fine
+        assert first.ask({"t": P.MsgType.UNREGISTER, "id": 1, "engine": "e1"})["dropped"] is True
+        assert second.ask(live)["t"] == P.MsgType.REGISTERED  # unregistered by its owner: free
+        assert second.ask({"t": P.MsgType.UNREGISTER, "id": 2, "engine": "e1"})["dropped"] is True
+        # An engine that died without unregistering: another connection may take its id.
+        assert first.ask(_register_msg(pipe, "ghost", DEAD_PID))["t"] == P.MsgType.REGISTERED
+        assert second.ask(_register_msg(pipe, "ghost", os.getpid()))["t"] == P.MsgType.REGISTERED
+    finally:
+        first.close()
+        second.close()

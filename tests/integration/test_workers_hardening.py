@@ -393,7 +393,7 @@ def test_failed_launch_drains_the_stream_before_the_error_reply():
     worker = W.PathWorker.__new__(W.PathWorker)
     worker.path, worker.gen, worker.stats, worker.delay_s, worker.max_batch = P.Path.D2H, 1, W.WorkerStats(), 0, 64
     worker._in_flight = []
-    worker.engines = {"e": types.SimpleNamespace(copier=FailingCopier())}
+    worker.engines = {"e": types.SimpleNamespace(copier=FailingCopier(), ident=b"id")}  # registered by b"id"
     worker._reply = lambda ident, msg: log.append(f"reply {P.Status(msg['status']).name}")
     worker._execute(b"id", P.make_xfer(5, "e", 1, P.Path.D2H, [0, 1], [2, 3], layers=True), time.monotonic())
     assert log == ["launch", "drain", "reply ERROR"]
