@@ -74,8 +74,8 @@ class TransferManager:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
-        # the routing id of every socket of ours: workers bind our registration to it, and it
-        # survives a reconnect (a made-up one would not).
+        # the routing id of every socket of ours: workers bind our registration to it, the supervisor
+        # our restart requests, and it survives a reconnect (a made-up one would not).
         self._keys = keys
         self._routing_id = b"kvbm-" + secrets.token_hex(16).encode()
         self.max_batch_blocks = max_batch_blocks
@@ -511,6 +511,9 @@ class TransferManager:
             self.metrics.timeouts.labels(label).inc()
             logger.error("%s request %d missed its %.1f s deadline; asking for gen %d to be replaced",
                          label, wire.rid, self.request_timeout_s, wire.gen)
+            # The supervisor takes a restart only for the generation our latest report names, from
+            # the connection we report on: report now, so that it is current (it goes every second).
+            self._report()
             self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(q.path), "gen": wire.gen,
                                          "engine": self.engine_id, "reason": f"request {wire.rid} timed out"}),
                                zmq.NOBLOCK)
@@ -554,7 +557,9 @@ class TransferManager:
         report = {"t": P.MsgType.STATS, "engine": self.engine_id, "inflight_bytes": self.budget.used,
                   "queues": {q.path.label: {"queued": len(q.heap), "outstanding": len(q.outstanding)}
                              for q in self._paths.values()},
-                  "held": len(self.scheduler), "counters": self.metrics.totals()}
+                  "held": len(self.scheduler), "counters": self.metrics.totals(),
+                  # what the supervisor checks a restart request against
+                  "generations": {q.path.label: q.link.registered_gen for q in self._paths.values()}}
         if self.stats_fn is not None:
             try:
                 report["pools"] = self.stats_fn()

@@ -4,7 +4,8 @@
      event, transfer, registration or restart, over TCP (and ipc, the same code path); a process of
      another uid cannot read the keys
   2. a registration belongs to the connection that made it: a re-registration, xfer or unregister
-     under a live engine's id from another connection is refused
+     under a live engine's id from another connection is refused; a restart is taken only from the
+     engine's own connection, for the generation its transfers use
 
 Each test failed on the code before these changes. Processes are started through the pipeline
 harness (SIGKILLed by pid in its finalizer); every wait has a deadline; a refused peer is given
@@ -281,3 +282,31 @@ def test_a_registration_is_freed_by_its_connection_or_by_its_engines_death(make_
     finally:
         first.close()
         second.close()
+
+
+def test_restart_only_from_the_engines_connection_for_the_generation_it_uses(make_pipeline):
+    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    tm = pipe.kv.transfers
+    pids = pipe.worker_pids()
+    gen = tm.stats()["generations"]["d2h"]
+    wait_for(lambda: tm.engine_id in pipe.status()["engines"], DEADLINE, "the engine's first report")
+
+    def restart(client, engine, gen_):
+        return client.ask({"t": P.MsgType.RESTART, "id": 5, "path": 0, "gen": gen_, "engine": engine,
+                           "reason": "test"})
+
+    client = Client(tm.control_endpoint, pipe.keys)
+    try:
+        reply = restart(client, tm.engine_id, gen)  # the engine's id, another connection
+        assert reply["status"] == P.Status.ERROR and "not an engine reporting on this connection" in reply["error"]
+        client.send({"t": P.MsgType.STATS, "engine": tm.engine_id, "generations": {"d2h": gen}})
+        reply = restart(client, tm.engine_id, gen)  # a report under a live engine's id moves nothing
+        assert reply["status"] == P.Status.ERROR and "not an engine reporting on this connection" in reply["error"]
+        client.send({"t": P.MsgType.STATS, "engine": "other", "generations": {"d2h": gen + 4}})
+        reply = restart(client, "other", gen)  # a generation its transfers do not use
+        assert reply["status"] == P.Status.ERROR and f"use gen {gen + 4}" in reply["error"]
+        assert restart(client, "other", gen + 4) == {"v": 1, "t": P.MsgType.PONG, "id": 5, "restarted": False}
+    finally:
+        client.close()
+    st = pipe.status()
+    assert pipe.worker_pids() == pids and st["workers"]["d2h"]["restarts"] == 0

@@ -345,6 +345,8 @@ def test_shutdown_reaps_workers_then_reports_them_died_then_stopping(standalone)
     control = Raw(standalone.endpoints.control, standalone.keys)
     try:
         # A worker restart proves the subscription is live (PUB drops what a joining SUB misses).
+        # Only an engine reporting on this connection, for the generation it uses, may ask for one.
+        control.send({"t": P.MsgType.STATS, "engine": "test", "generations": {"d2h": 1}})
         control.ask({"t": P.MsgType.RESTART, "id": 1, "path": 0, "gen": 1, "engine": "test", "reason": "test"})
         deadline = time.monotonic() + DEADLINE
         while True:
