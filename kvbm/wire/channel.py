@@ -10,7 +10,7 @@ Parts:
                  more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind.
                  A server socket is a CURVE server behind its process's Gatekeeper, a client a
                  CURVE client with the instance's client keys (kvbm.wire.auth); TCP is never
-                 served without them.
+                 served without them. A bound ROUTER queues at most RECV_HWM messages per peer.
 """
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ from kvbm.wire.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
 ENDPOINTS_FILE = "endpoints.json"
 HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES
 IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+# Messages a bound ROUTER's ZeroMQ queue holds per peer before it stops reading that peer (the
+# peer's sends then wait on its side): an engine keeps transfer.manager.WINDOW requests at a worker
+# plus a registration, the supervisor one stats request. At ZeroMQ's default (1000), a peer sending
+# large frames while the process was busy made ZeroMQ hold 60 frames of 15 MiB at once.
+RECV_HWM = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,7 @@ def bind_socket(ctx: zmq.Context, kind: int, endpoint: str, gate: Gatekeeper | N
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished engine is dropped, not raised
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
     path = _ipc_path(endpoint)
     if path is not None:
         try:

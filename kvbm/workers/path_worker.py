@@ -15,7 +15,8 @@ Order of things:
      and not executed, so nothing writes into blocks the engine already gave up on).
      A registration belongs to the connection (ROUTER routing id) that made it: xfer and
      unregister naming that engine from any other connection are refused, and so is a second
-     register under its id from another connection while the engine lives.
+     register under its id from another connection while the engine lives. The queue is bounded
+     in requests (MAX_QUEUED) and in bytes (MAX_QUEUED_BYTES); past either, ERROR at once.
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
 SIGTERM ends it cleanly (unpin, close); SIGINT is ignored, since the supervisor owns shutdown.
 """
@@ -92,6 +93,11 @@ MAX_IN_FLIGHT = 4
 # Copy requests waiting in the heap: what the engines' windows need many times over; past it a
 # request is answered ERROR at once instead of growing this process without bound.
 MAX_QUEUED = 4096
+# The same bound in bytes (frame sizes of the queued requests; a request's fields are checked
+# before it is queued, so what it keeps is about its frame's size). A normal request is
+# 16 bytes per block pair (4 KiB for 256 pairs): 64 MiB is thousands of them, while 60 frames of
+# 15 MiB once took a worker from 45 MiB to 1.47 GB.
+MAX_QUEUED_BYTES = 64 << 20
 
 
 def _die_with_parent() -> None:
@@ -115,6 +121,7 @@ class PathWorker:
         self.engines: dict[str, Registration] = {}
         self._stop = False
         self._queue: list = []
+        self._queued_bytes = 0
         self._in_flight: list[InFlight] = []
         self._busy_until = 0.0
         self._seq = 0
@@ -150,7 +157,8 @@ class PathWorker:
                 self._drop_dead_engines()
             self._drain()
             while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
-                _, _, ident, msg, t_recv = heapq.heappop(self._queue)
+                _, _, ident, msg, t_recv, nbytes = heapq.heappop(self._queue)
+                self._queued_bytes -= nbytes
                 self._execute(ident, msg, t_recv)
             if self._in_flight:
                 # Wait on the GPU only when there is nothing new to launch.
@@ -193,16 +201,21 @@ class PathWorker:
             try:
                 engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
-                    if len(self._queue) >= MAX_QUEUED:
+                    P.check_xfer_fields(msg)  # nothing but the fields of a request stays queued
+                    size = len(payload)
+                    if len(self._queue) >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
                         self.stats.errors += 1
                         self._reply(ident, P.make_done(P.request_id_of(msg), P.Status.ERROR,
-                                                       f"queue full: {len(self._queue)} requests queued "
-                                                       f"(at most {MAX_QUEUED})", gen=self.gen))
+                                                       f"worker queue full: {len(self._queue)} requests, "
+                                                       f"{self._queued_bytes} bytes queued (at most {MAX_QUEUED} "
+                                                       f"requests, {MAX_QUEUED_BYTES} bytes); this one is "
+                                                       f"{size} bytes", gen=self.gen))
                         continue
                     prio = msg.get("prio", 0)
                     prio = prio if isinstance(prio, int) and not isinstance(prio, bool) else 0
                     self._seq += 1
-                    heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv))
+                    self._queued_bytes += size
+                    heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv, size))
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
                 elif kind == P.MsgType.UNREGISTER:

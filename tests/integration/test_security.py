@@ -6,6 +6,7 @@
   2. a registration belongs to the connection that made it: a re-registration, xfer or unregister
      under a live engine's id from another connection is refused; a restart is taken only from the
      engine's own connection, for the generation its transfers use
+  3. a path worker's queue is bounded in bytes, and its memory with it
 
 Each test failed on the code before these changes. Processes are started through the pipeline
 harness (SIGKILLed by pid in its finalizer); every wait has a deadline; a refused peer is given
@@ -310,3 +311,101 @@ def test_restart_only_from_the_engines_connection_for_the_generation_it_uses(mak
         client.close()
     st = pipe.status()
     assert pipe.worker_pids() == pids and st["workers"]["d2h"]["restarts"] == 0
+
+
+# ---- 3. bounded in bytes ----------------------------------------------------------------------------
+
+class _FakeRouter:
+    def __init__(self, frames: list[list[bytes]]) -> None:
+        self.frames = frames
+
+    def recv_multipart(self, flags=0, copy=True):
+        if not self.frames:
+            raise zmq.Again()
+        return self.frames.pop(0)
+
+
+def test_path_worker_queue_is_bounded_in_bytes():
+    from kvbm.workers import path_worker as W
+    worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
+    worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
+    worker._queue, worker._seq, worker._in_flight, worker._queued_bytes = [], 0, [], 0
+    replies: list[dict] = []
+    worker._reply = lambda ident, msg: replies.append(msg)
+    half = np.zeros(512 << 10, dtype="<i8")  # 4 MiB of block indices: an 8 MiB frame
+    frame = P.encode(P.make_xfer(0, "e", 1, P.Path.D2H, half, half))
+    fits = W.MAX_QUEUED_BYTES // len(frame)
+    count = fits + 5
+    frames = [[b"id", P.encode(P.make_xfer(i, "e", 1, P.Path.D2H, half, half))] for i in range(count)]
+    # A request with a field of its own is refused before it is queued: nested lists decode to many
+    # times their frame, so only a request's own fields may stay.
+    junk = P.make_xfer(count, "e", 1, P.Path.D2H, [0], [0]) | {"pad": [[]] * 1000}
+    worker.sock = _FakeRouter(frames + [[b"id", P.encode(junk)]])
+    worker._drain()
+    assert W.MAX_QUEUED_BYTES == 64 << 20
+    assert len(worker._queue) == fits and worker._queued_bytes == fits * len(frame) <= W.MAX_QUEUED_BYTES
+    assert [r["id"] for r in replies] == list(range(fits, count + 1))
+    full, rejected = replies[:-1], replies[-1]
+    assert all(r["status"] == P.Status.ERROR and r["error"].startswith("worker queue full:") for r in full)
+    assert f"{fits * len(frame)} bytes queued" in full[0]["error"]
+    assert rejected["status"] == P.Status.ERROR and "unknown fields ['pad']" in rejected["error"]
+
+
+def _vm(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _wait_until_sleeping(pid: int, timeout: float = 5.0) -> None:
+    """Best effort: until the worker's main thread sleeps in the delay hook (so the frames that follow
+    pile up while it is busy). Kernels that hide wchan make this a no-op; no assertion rests on it."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/wchan") as fh:
+                if "nanosleep" in fh.read():
+                    return
+        except OSError:
+            return
+        time.sleep(0.01)
+
+
+def test_large_frames_past_the_byte_bound_are_refused_and_the_worker_stays_small(make_pipeline, rng):
+    from kvbm.wire.channel import RECV_HWM
+    from kvbm.workers.path_worker import MAX_QUEUED_BYTES
+    # Every copy sleeps 3 s: the frames below arrive while the worker is busy, as a flood would.
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, worker_delay_ms=3000, request_timeout_ms=120000)
+    tm = pipe.kv.transfers
+    pid = pipe.worker_pids()["d2h"]
+    base = _vm(pid, "VmHWM")
+    fut = pipe.kv.offload(np.arange(4), random_hashes(rng, 4))
+    _wait_until_sleeping(pid)
+    half = np.zeros((15 << 20) // 16, dtype="<i8")  # 7.5 MiB each for src and dst: 15 MiB frames, decodable
+    count = 60
+    # A small send queue (and a send timeout) keep the flood out of this process's memory.
+    client = Client(tm._paths[P.Path.D2H].endpoint, pipe.keys, SNDHWM=2, SNDTIMEO=int(DEADLINE * 1000))
+    try:
+        size = 0
+        for i in range(count):
+            frame = P.encode(P.make_xfer(1000 + i, "junk", 1, P.Path.D2H, half, half, priority=-1000))
+            size = len(frame)
+            client.sock.send(frame, copy=False)
+        assert P.MAX_MESSAGE_BYTES - (1 << 20) < size <= P.MAX_MESSAGE_BYTES
+        replies = [client.recv(int(DEADLINE * 1000)) for _ in range(count)]
+    finally:
+        client.close()
+    assert None not in replies
+    assert sorted(r["id"] for r in replies) == list(range(1000, 1000 + count))
+    assert all(r["status"] == P.Status.ERROR for r in replies), [r["error"] for r in replies][:3]
+    assert fut.result(DEADLINE).value.moved == 4  # the engine's transfer was not disturbed
+    grown = _vm(pid, "VmHWM") - base
+    # What may be held at once: ZeroMQ's queue of RECV_HWM frames, the queue's bound, and a few
+    # frames being copied out and decoded, plus 128 MiB for the allocator. Before the bounds the
+    # worker held every one of the 60 frames (900 MiB) at once.
+    bound = RECV_HWM * size + MAX_QUEUED_BYTES + 4 * size + (128 << 20)
+    assert grown <= bound, f"worker peak RSS grew {grown >> 20} MiB (bound {bound >> 20} MiB)"
+    assert pipe.worker_pids()["d2h"] == pid

@@ -304,7 +304,7 @@ def test_path_worker_queue_is_capped_and_the_rest_is_answered_queue_full():
     from kvbm.workers import path_worker as W
     worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
     worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
-    worker._queue, worker._seq, worker._in_flight = [], 0, []
+    worker._queue, worker._seq, worker._in_flight, worker._queued_bytes = [], 0, [], 0
     replies: list[dict] = []
     worker._reply = lambda ident, msg: replies.append(msg)
     cap = 4096
