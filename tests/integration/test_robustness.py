@@ -234,7 +234,7 @@ def _modes(path):
 
 
 def test_private_modes_and_removal_after_shutdown(make_pipeline):
-    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, transport="ipc")  # it checks the socket files
     rundir = pipe.config.resolved_runtime_dir()
     inst = pipe.config.instance_id
     assert _modes(rundir) == 0o700
@@ -254,7 +254,7 @@ def test_private_modes_and_removal_after_shutdown(make_pipeline):
 
 
 def test_sigkilled_supervisor_leftovers_are_cleaned_at_next_start(tmp_path, make_pipeline, rng):
-    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, transport="ipc")  # it checks the socket files
     inst, rundir = pipe.config.instance_id, pipe.config.resolved_runtime_dir()
     workers = pipe.worker_pids()
     os.kill(pipe.supervisor_pid, signal.SIGKILL)

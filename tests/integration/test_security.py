@@ -221,6 +221,34 @@ def test_a_process_of_another_uid_cannot_read_the_keys_nor_get_an_answer(make_pi
     assert [st["workers"][w]["pid"] for w in ("d2h", "h2d")] == [st_before["workers"][w]["pid"] for w in ("d2h", "h2d")]
 
 
+def test_key_files_are_private_written_once_and_never_read_through_a_symlink(tmp_path):
+    from kvbm.errors import KvbmError
+    from kvbm.wire.auth import SERVER_KEYS_FILE, ServerKeys, create_keys
+    rundir = tmp_path / "kvbm-k"
+    assert ClientKeys.read(str(rundir)) is None  # nothing yet: not an error
+    rundir.mkdir(mode=0o700)
+    assert ClientKeys.read(str(rundir)) is None
+    server, client = create_keys(str(rundir))
+    assert ServerKeys.read(str(rundir)) == server and ClientKeys.read(str(rundir)) == client
+    assert server.client_public == client.public and client.server_public == server.public
+    for name in (SERVER_KEYS_FILE, CLIENT_KEYS_FILE):
+        assert (rundir / name).stat().st_mode & 0o777 == 0o600, name
+    with pytest.raises(FileExistsError):
+        create_keys(str(rundir))  # never overwritten: a start removes a predecessor's first
+    assert ClientKeys.read(str(rundir)) == client
+    target = rundir / CLIENT_KEYS_FILE
+    target.chmod(0o640)
+    with pytest.raises(KvbmError, match="mode 0o640"):
+        ClientKeys.read(str(rundir))
+    target.unlink()
+    planted = tmp_path / "planted.key"
+    planted.write_text(json.dumps({"server_public": "x" * 40, "public": "y" * 40, "secret": "z" * 40}))
+    planted.chmod(0o600)
+    target.symlink_to(planted)
+    with pytest.raises(KvbmError, match="symlink"):
+        ClientKeys.read(str(rundir))
+
+
 # ---- 2. a registration belongs to its connection ----------------------------------------------------
 
 def test_reregistration_under_a_live_engines_id_from_another_connection_is_refused(make_pipeline, rng):
