@@ -21,10 +21,10 @@ DESIGN
   over TCP; CURVE refuses the connection before any handler runs, covers the PUB/SUB event socket
   (a secret in messages cannot keep a SUB from reading), and encrypts what crosses a wire.
   Why on ipc:// too: one code path, tested by the whole suite rather than by the TCP tests alone,
-  and nothing to redo when a transport crosses machines. Its cost, measured on this repo's 2-core
-  CI box (ipc round trip, pyzmq 27 / libzmq 4.3.5): +3 us for a 100 B message, +9 us for 4 KiB
-  (a 256-block xfer), +2.1 ms for 1 MiB (a 65,536-block xfer); a block copy of that batch takes
-  far longer than either.
+  and nothing to redo when a transport crosses machines. Its cost, measured on a shared 2-core
+  machine (ipc round trip, pyzmq 27 / libzmq 4.3.5): +3 us for a 100 B message, +9 us for 4 KiB
+  (a 256-block xfer), +2.1 ms for 1 MiB (a 65,536-block xfer, whose copy takes far longer); the
+  pipeline benchmark's one-block round trip stayed within its run-to-run noise (p50 ~0.4 ms).
   Why two files: the client file (client keypair and the server's public key) is all a client
   needs, so a client on another machine can later be handed that file alone; on one machine the
   same uid reads both, and the 0600 folder is the boundary.
@@ -33,10 +33,15 @@ Parts:
   ServerKeys / ClientKeys   z85 CURVE keys, `read(runtime_dir)` each (None while the file is
                             missing; PermissionRefusedError unless ours and 0600, not a symlink)
   create_keys               the supervisor's: fresh keypairs, written once (O_EXCL)
+  configure_server / configure_client
+                            CURVE options of one socket; a server also names the ZAP domain and
+                            asks libzmq to enforce it, so it admits nobody while no ZAP handler
+                            is bound (by default libzmq lets every CURVE peer in then)
   Gatekeeper                one per process that serves: a thread answering ZAP requests of its
-                            ZeroMQ context; started before the first server socket binds (libzmq
-                            lets CURVE peers in unchecked while no ZAP handler is bound), stopped
-                            after the last one closed. Refusals are logged (1st, 2nd, 4th, 8th...).
+                            ZeroMQ context; started before the first server socket binds, stopped
+                            after the last one closed (the enforced domain is the second fence).
+                            Refusals are logged (1st, 2nd, 4th, 8th...); a request it cannot
+                            answer is refused too, never left to a dead handler.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ SERVER_KEYS_FILE = "server.key"
 CLIENT_KEYS_FILE = "client.key"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"   # fixed by RFC 27: one handler per context
 ZAP_VERSION = b"1.0"
+ZAP_DOMAIN = b"kvbm"
 ZAP_POLL_MS = 100                         # how often the ZAP thread looks at its stop flag
 Z85_KEY_CHARS = 40                        # a 32-byte CURVE key in z85
 
@@ -150,6 +156,14 @@ def configure_server(sock: zmq.Socket, keys: ServerKeys) -> None:
     sock.curve_server = True
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
+    sock.zap_domain = ZAP_DOMAIN
+    try:
+        # With a domain and this option libzmq refuses peers while no ZAP handler answers;
+        # without it, it admits every CURVE peer then. A libzmq without the option still has
+        # the Gatekeeper, bound before any server socket.
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    except (AttributeError, zmq.ZMQError):
+        logger.debug("this libzmq cannot enforce the ZAP domain; relying on the Gatekeeper's start order")
 
 
 def configure_client(sock: zmq.Socket, keys: ClientKeys) -> None:
@@ -197,7 +211,13 @@ class Gatekeeper:
                 if not zap.poll(ZAP_POLL_MS):
                     continue
                 frames = zap.recv_multipart()
-                zap.send_multipart(self.answer(frames))
+                try:
+                    reply = self.answer(frames)
+                except Exception:  # noqa: BLE001 - refuse, and keep answering: no handler, no check
+                    logger.error("ZAP request of %d frames could not be answered; refused", len(frames),
+                                 exc_info=True)
+                    reply = [ZAP_VERSION, frames[1] if len(frames) > 1 else b"", b"500", b"internal error", b"", b""]
+                zap.send_multipart(reply)
         except zmq.ContextTerminated:
             pass
         finally:

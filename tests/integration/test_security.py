@@ -249,6 +249,51 @@ def test_key_files_are_private_written_once_and_never_read_through_a_symlink(tmp
         ClientKeys.read(str(rundir))
 
 
+def test_a_server_socket_admits_nobody_without_its_gatekeeper_and_only_the_client_key_with_it(tmp_path):
+    from kvbm.errors import PermissionRefusedError
+    from kvbm.wire.auth import Gatekeeper, configure_server, create_keys
+    from kvbm.wire.channel import bind_socket
+    rundir = tmp_path / "kvbm-g"
+    rundir.mkdir(mode=0o700)
+    server, client = create_keys(str(rundir))
+    ctx = make_context()
+    with pytest.raises(PermissionRefusedError, match="without CURVE"):
+        bind_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:1")  # TCP is never served unauthenticated
+
+    def router() -> tuple[zmq.Socket, str]:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        configure_server(sock, server)
+        return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    gate = None
+    sock, endpoint = router()
+    peers = [Client(endpoint, client)]
+    try:
+        # No ZAP handler answers in this context: even the client key gets nothing through (libzmq
+        # would let every CURVE peer in unless told to enforce the ZAP domain).
+        peers[0].send(b"early")
+        assert not sock.poll(SILENCE_MS)
+        sock.close(0)
+        gate = Gatekeeper(ctx, server).start()
+        sock, endpoint = router()
+        peers += [Client(endpoint, client), Client(endpoint, _other_keys(client, know_server=True))]
+        peers[1].send(b"admitted")
+        peers[2].send(b"refused")
+        assert sock.poll(int(DEADLINE * 1000))
+        assert sock.recv_multipart()[1:] == [b"admitted"]
+        assert not sock.poll(SILENCE_MS)
+        assert gate.admitted >= 1 and gate.refused >= 1
+        assert gate.answer([b"1.0", b"7"])[1:3] == [b"7", b"400"]  # a malformed request is refused
+    finally:
+        for peer in peers:
+            peer.close()
+        sock.close(0)
+        if gate is not None:
+            gate.stop()
+        ctx.term()
+
+
 # ---- 2. a registration belongs to its connection ----------------------------------------------------
 
 def test_reregistration_under_a_live_engines_id_from_another_connection_is_refused(make_pipeline, rng):
