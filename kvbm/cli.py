@@ -95,13 +95,18 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
 
     from kvbm.transfer.launcher import find_instance
     from kvbm.wire import protocol as P
+    from kvbm.wire.auth import ClientKeys
     from kvbm.wire.channel import connect_socket, make_context
     found = find_instance(config)
     if found.state != "running":
         raise LifecycleError(not_running(config, found))
     endpoints = found.endpoints
+    rundir = config.resolved_runtime_dir()
+    keys = ClientKeys.read(rundir)  # kvbm-workers answers only peers that can read its 0600 folder
+    if keys is None:
+        raise LifecycleError(f"kvbm-workers of instance {config.instance_id} left no client keys in {rundir}")
     ctx = make_context()
-    sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
+    sock = connect_socket(ctx, zmq.DEALER, endpoints.control, keys)
     try:
         sock.send(P.encode({"t": P.MsgType.STATUS, "id": 1}))
         if not sock.poll(int(timeout * 1000)):

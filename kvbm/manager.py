@@ -231,6 +231,7 @@ class KvBlockManager:
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
         from kvbm.transfer.memory_map import describe_memory
+        from kvbm.wire.auth import ClientKeys
         self._check_open()
         if Tier.G2 not in self.pools:
             raise ConfigError("transfers need a host tier: set host_blocks or host_size")
@@ -257,10 +258,15 @@ class KvBlockManager:
                 supervisor_pid = self._workers.pid
             else:
                 supervisor_pid = find_instance(self.config).pid or None  # the lock file's, not the welcome's word
+            keys = ClientKeys.read(self.config.resolved_runtime_dir())
+            if keys is None:
+                self._stop_workers()
+                raise LifecycleError(f"kvbm-workers at {endpoint} left no client keys in "
+                                     f"{self.config.resolved_runtime_dir()}; it serves only peers that have them")
             tm = TransferManager(endpoint, max_inflight_bytes=self.config.max_inflight_bytes,
                                  max_batch_blocks=self.config.max_batch_blocks,
                                  request_timeout_s=self.config.request_timeout_ms / 1000.0,
-                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid)
+                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid, keys=keys)
             try:
                 tm.connect(timeout)
             except BaseException:
