@@ -275,7 +275,7 @@ def test_malformed_ready_and_stats_are_rejected_and_the_supervisor_keeps_serving
 
 
 def test_a_multi_frame_control_message_is_answered_with_an_error(standalone):
-    client = Raw(standalone.endpoints.control)
+    client = Raw(standalone.endpoints.control, standalone.keys)
     try:
         client.sock.send_multipart([P.encode({"t": P.MsgType.PING, "id": 3}), b"extra"])
         assert client.sock.poll(int(DEADLINE * 1000)), "no answer to a 2-frame message"
