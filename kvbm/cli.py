@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
     ap.add_argument("--disk-path", help="G3 folder (created 0700)")
     ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")
+    ap.add_argument("--disk-blocks", type=int, help="G3 size in blocks")
     ap.add_argument("--transport", choices=["ipc", "tcp"])
     ap.add_argument("--tcp-port", type=int, help="first of 4 loopback ports (0: pick free ones)")
     ap.add_argument("--force-cpu", action="store_true", default=None, help="CPU copies even if CUDA is available")
@@ -75,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> KvbmConfig:
     layout = parse_layout(args.layout) if args.layout else None
     return KvbmConfig.load(args.config, instance_id=args.instance_id, runtime_dir=args.runtime_dir,
                            host_size=args.host_size, host_blocks=args.host_blocks, layout=layout,
-                           disk_path=args.disk_path, disk_size=args.disk_size, transport=args.transport,
+                           disk_path=args.disk_path, disk_size=args.disk_size, disk_blocks=args.disk_blocks,
+                           transport=args.transport,
                            tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads,
                            log_level=args.log_level)
 
