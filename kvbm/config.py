@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kvbm.errors import ConfigError
+from kvbm.errors import ConfigError, LayoutError
 from kvbm.layout import LayoutConfig
 from kvbm.policy import EvictionPolicy, policy_names
 
@@ -288,7 +288,10 @@ def _parse_source(raw: Mapping[str, Any], where: str, spelled: Mapping[str, str]
     for key, value in raw.items():
         try:
             if key == "layout" and isinstance(value, Mapping):
-                value = LayoutConfig.from_dict(dict(value))
+                try:
+                    value = LayoutConfig.from_dict(dict(value))
+                except LayoutError as err:
+                    raise ConfigError(f"layout: {err}") from err
             elif key in _SIZE_KEYS:
                 value = parse_size(value, key)
             elif key in _INT_KEYS and isinstance(value, str):

@@ -202,7 +202,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers, clean_dead_device_segments
+        from kvbm.shm import SharedBuffers, check_shm_room, clean_dead_device_segments
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -219,6 +219,8 @@ class KvBlockManager:
         gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
         if gone:
             logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
+        check_shm_room(layout.total_bytes, f"the CPU-mode emulated device ({layout.num_blocks} blocks of "
+                                           f"{layout.config.block_bytes} bytes)")
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 
@@ -227,6 +229,7 @@ class KvBlockManager:
         """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
+        from kvbm.shm import check_shm_room
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
@@ -252,6 +255,8 @@ class KvBlockManager:
                 if start is False:
                     raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
                                     f"({self.config.resolved_runtime_dir()})")
+                check_shm_room(host_layout.total_bytes, f"G2 ({host_layout.num_blocks} blocks of "
+                                                        f"{layout.config.block_bytes} bytes)")
                 self._workers = WorkersProcess(self.config, host_layout.total_bytes)
                 endpoint = self._workers.start(timeout)
                 supervisor_pid = self._workers.pid
