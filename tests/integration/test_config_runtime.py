@@ -57,6 +57,8 @@ def _round_trip(kv: KvBlockManager) -> None:
         t.copy_(__import__("torch").randint(0, 256, t.shape, dtype=__import__("torch").uint8))
     before = kv.device_layout.block_bytes_of(tensors, 3)
     assert kv.offload([3], [42]).result(DEADLINE).value.moved == 1
+    held = kv.pool(Tier.G2).lookup(np.array([42, *kv.keys([42])], np.uint64)).tolist()
+    assert (held[0] >= 0, held[1] >= 0) == (not kv.config.salt, True)   # G2 holds the salted key
     for t in tensors:
         t.zero_()
     assert kv.onboard([42], [7]).result(DEADLINE).value.loaded == 1
@@ -82,8 +84,9 @@ def embedded_env(monkeypatch, tmp_path):
                                                 ("KVBM_HOST_GB", "0.0004", 48)])
 def test_embedded_start_with_the_host_size_in_the_environment(embedded_env, monkeypatch, var, value, blocks):
     """KVBM_HOST_BLOCKS, named in the README, used to stop the child: it got --host-size from the
-    engine and KVBM_HOST_BLOCKS from the environment it inherited."""
+    engine and KVBM_HOST_BLOCKS from the environment it inherited. KVBM_SALT reaches G2's keys."""
     monkeypatch.setenv(var, value)
+    monkeypatch.setenv("KVBM_SALT", "model-a")
     with KvBlockManager(layout=LAYOUT, device_blocks=16, instance_id=f"e{uuid.uuid4().hex[:8]}") as kv:
         assert kv.pools[Tier.G2].num_blocks == blocks
         try:
