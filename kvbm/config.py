@@ -3,8 +3,8 @@
 Sources, highest first: keyword arguments (`KvbmConfig.load(**kw)`, `KvBlockManager(**kw)`, the flags
 of kvbm-workers), the environment (KVBM_*), the config file (TOML or YAML, named by `config_file=` or
 KVBM_CONFIG), then the defaults. `KvbmConfig(...)` itself takes exactly the values it is given (tests,
-and the embedded kvbm-workers, which gets its engine's resolved settings); `KvbmConfig.load(...)` is
-the constructor that applies the sources. Every value is validated once, here, with an error that
+programs that resolved their settings themselves); `KvbmConfig.load(...)` is the constructor that
+applies the sources. Every value is validated once, here, with an error that
 names the key as its source spelled it; the rest of kvbm takes a frozen KvbmConfig.
 
 Load order: read each source (file, environment, keywords) into its own map, parsing strings and
@@ -27,9 +27,10 @@ Why not pydantic-settings: what these rules need is exactly what it does not do 
 merge is per key, so `host_size` from a file and KVBM_HOST_BLOCKS would both survive (the bug this
 loader fixes); KVBM_HOST_GB's unit, the size groups, the `[kvbm]` section of a shared file and the
 warning for a misspelled variable would each be a custom source or validator. What is left for the
-library is parsing five scalar types, which is some forty lines here, against a pydantic-core binary
-wheel in every engine and in kvbm-workers (kvbm depends on none today). Frozen slotted dataclasses are
-also what the rest of kvbm uses (STYLE.md). Each precedence rule has a test in tests/unit/test_config.py.
+library is parsing five scalar types, some fifty lines here, against two new dependencies (pydantic
+and its compiled pydantic-core) in every install and in kvbm-workers, which vLLM and SGLang processes
+carry but kvbm would use for nothing else. Frozen slotted dataclasses are also what the rest of kvbm
+uses (STYLE.md). Each precedence rule has a test in tests/unit/test_config.py.
 """
 from __future__ import annotations
 
