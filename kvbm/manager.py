@@ -15,6 +15,11 @@ Workflow of one request: hash its token blocks (kvbm.hashing) -> `match` -> onbo
 fastest tier holds -> allocate device blocks for the rest -> register them once computed -> release
 when the request ends; the runtime (kvbm.transfer, kvbm.workers) moves the bytes between tiers.
 
+Keys: every hash the manager is given (match, register and its parents, hint_waiting, offload,
+onboard) becomes a key with the config's salt folded in (kvbm.hashing.salt_keys; `keys(hashes)`
+shows them), so managers of different salts never match each other's blocks; without a salt the
+keys are the hashes.
+
 Transfers (the runtime's part of this facade): `register_device_tensors(tensors)` connects to the
 instance's running kvbm-workers, or starts one as a child for the embedded default, and registers
 the engine's KV tensors with its path workers (CUDA IPC handles, or in CPU mode the shared segment
@@ -34,6 +39,7 @@ import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
+from kvbm.hashing import salt_keys
 from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
@@ -107,6 +113,11 @@ class KvBlockManager:
         self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
+    def keys(self, hashes) -> np.ndarray:
+        """The keys this manager stores for sequence hashes: the config's salt folded in
+        (kvbm.hashing.salt_keys); the hashes themselves without a salt."""
+        return salt_keys(_hashes(hashes), self.config.salt)
+
     def pool(self, tier: Tier | int) -> BlockPool:
         self._check_open()
         try:
@@ -118,7 +129,7 @@ class KvBlockManager:
         """The longest prefix of `hashes` that each tier holds (nothing is acquired)."""
         self._check_open()
         with self._lock:
-            return TierMatch(self.tiers.prefix_lengths(_hashes(hashes)))
+            return TierMatch(self.tiers.prefix_lengths(self.keys(hashes)))
 
     def allocate(self, n: int, tier: Tier | int = Tier.G1) -> np.ndarray | None:
         if not isinstance(n, (int, np.integer)) or n < 0:
@@ -139,11 +150,11 @@ class KvBlockManager:
         with self._lock:
             # Everything register could refuse is checked before complete(): a refused call leaves
             # the blocks PARTIAL, as they were, so the caller can retry.
-            hashes = _hashes(hashes)
+            hashes = self.keys(hashes)
             if len(np.atleast_1d(blocks)) != len(hashes):
                 raise LayoutError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
             if parents is not None:
-                parents = _hashes(parents)
+                parents = self.keys(parents)
                 if len(parents) != len(hashes):
                     raise LayoutError(f"register got {len(parents)} parents for {len(hashes)} hashes")
             if has_parent is not None:
@@ -172,7 +183,7 @@ class KvBlockManager:
         KvbmError and changes nothing.
         """
         self._check_open()
-        hashes = _hashes(hashes)
+        hashes = self.keys(hashes)
         with self._lock:
             return self._hints.add(request_id, hashes)
 
@@ -202,7 +213,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers, clean_dead_device_segments
+        from kvbm.shm import SharedBuffers, check_shm_room, clean_dead_device_segments
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -219,6 +230,8 @@ class KvBlockManager:
         gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
         if gone:
             logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
+        check_shm_room(layout.total_bytes, f"the CPU-mode emulated device ({layout.num_blocks} blocks of "
+                                           f"{layout.config.block_bytes} bytes)")
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 
@@ -227,6 +240,7 @@ class KvBlockManager:
         """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
+        from kvbm.shm import check_shm_room
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
@@ -253,6 +267,8 @@ class KvBlockManager:
                 if start is False:
                     raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
                                     f"({self.config.resolved_runtime_dir()})")
+                check_shm_room(host_layout.total_bytes, f"G2 ({host_layout.num_blocks} blocks of "
+                                                        f"{layout.config.block_bytes} bytes)")
                 self._workers = WorkersProcess(self.config, host_layout.total_bytes)
                 endpoint = self._workers.start(timeout)
                 supervisor_pid = self._workers.pid
@@ -293,12 +309,15 @@ class KvBlockManager:
         """G1 -> G2. A future whose result().value is an OffloadResult (moved vs already held);
         TransferError when the copy failed (nothing was registered). kwargs: parents, priority,
         gate, block, timeout."""
-        return self._transfer_api().offload(device_blocks, _hashes(hashes), **kwargs)
+        transfers = self._transfer_api()
+        if kwargs.get("parents") is not None:
+            kwargs["parents"] = self.keys(kwargs["parents"])
+        return transfers.offload(device_blocks, self.keys(hashes), **kwargs)
 
     def onboard(self, hashes, device_blocks, **kwargs: Any):
         """G2 -> G1 for the longest prefix of hashes G2 holds. A future (wait_layer(l) for layer
         progress) whose result().value is an OnboardResult. kwargs: priority, gate, layers, block, timeout."""
-        return self._transfer_api().onboard(_hashes(hashes), device_blocks, **kwargs)
+        return self._transfer_api().onboard(self.keys(hashes), device_blocks, **kwargs)
 
     @property
     def scheduler(self):
