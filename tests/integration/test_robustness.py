@@ -271,10 +271,14 @@ def test_sigkilled_supervisor_leftovers_are_cleaned_at_next_start(tmp_path, make
 
     cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", inst, "--runtime-dir", pipe.runtime_dir,
            "--host-size", "1MB", "--force-cpu", "--duration", "1.5", "--interval", "0"]
+    # Any kvbm process that starts or stops sweeps dead engines' device segments, of every
+    # instance: one running beside this test (another test run on the machine) may take it first.
+    swept_elsewhere = not os.path.exists(f"/dev/shm/{stale_dev.name}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr
     assert "cleaned up after a previous run" in out.stderr
-    assert "control.sock" in out.stderr and f"kvbm-{inst}-dev-{2**22 + 1}-1" in out.stderr
+    assert "control.sock" in out.stderr
+    assert swept_elsewhere or f"kvbm-{inst}-dev-{2**22 + 1}-1" in out.stderr
     assert not os.path.exists(rundir)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{inst}-")]
 
