@@ -27,6 +27,7 @@ from kvbm.transfer.memory_map import describe_memory
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import CLIENT_KEYS_FILE, ClientKeys, configure_client
 from kvbm.wire.channel import make_context
+from tests.support.bare_worker import bare_path_worker
 from tests.support.pipeline_harness import wait_for
 
 DEADLINE = 30.0
@@ -388,23 +389,8 @@ def test_restart_only_from_the_engines_connection_for_the_generation_it_uses(mak
 
 # ---- 3. bounded in bytes ----------------------------------------------------------------------------
 
-class _FakeRouter:
-    def __init__(self, frames: list[list[bytes]]) -> None:
-        self.frames = frames
-
-    def recv_multipart(self, flags=0, copy=True):
-        if not self.frames:
-            raise zmq.Again()
-        return self.frames.pop(0)
-
-
 def test_path_worker_queue_is_bounded_in_bytes():
     from kvbm.workers import path_worker as W
-    worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
-    worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
-    worker._queue, worker._seq, worker._in_flight, worker._queued_bytes = [], 0, [], 0
-    replies: list[dict] = []
-    worker._reply = lambda ident, msg: replies.append(msg)
     half = np.zeros(512 << 10, dtype="<i8")  # 4 MiB of block indices: an 8 MiB frame
     frame = P.encode(P.make_xfer(0, "e", 1, P.Path.D2H, half, half))
     fits = W.MAX_QUEUED_BYTES // len(frame)
@@ -413,7 +399,7 @@ def test_path_worker_queue_is_bounded_in_bytes():
     # A request with a field of its own is refused before it is queued: nested lists decode to many
     # times their frame, so only a request's own fields may stay.
     junk = P.make_xfer(count, "e", 1, P.Path.D2H, [0], [0]) | {"pad": [[]] * 1000}
-    worker.sock = _FakeRouter(frames + [[b"id", P.encode(junk)]])
+    worker, replies = bare_path_worker(frames + [[b"id", P.encode(junk)]])
     worker._drain()
     assert W.MAX_QUEUED_BYTES == 64 << 20
     assert len(worker._queue) == fits and worker._queued_bytes == fits * len(frame) <= W.MAX_QUEUED_BYTES

@@ -21,6 +21,7 @@ from kvbm.layout import BlockLayout, LayoutType
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints, connect_socket, make_context
+from tests.support.bare_worker import bare_path_worker
 from tests.support.pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
 
 DEADLINE = 30.0
@@ -300,28 +301,11 @@ def test_summary_line_survives_any_engine_report(tmp_path):
 
 # ---- 4. bounded memory ----------------------------------------------------------------------------
 
-class _FakeRouter:
-    """recv_multipart from a list of frames, then zmq.Again (what _drain reads)."""
-
-    def __init__(self, frames: list[list[bytes]]) -> None:
-        self.frames = frames
-
-    def recv_multipart(self, flags=0, copy=True):
-        if not self.frames:
-            raise zmq.Again()
-        return self.frames.pop(0)
-
-
 def test_path_worker_queue_is_capped_and_the_rest_is_answered_queue_full():
-    from kvbm.workers import path_worker as W
-    worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
-    worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
-    worker._queue, worker._seq, worker._in_flight, worker._queued_bytes = [], 0, [], 0
-    replies: list[dict] = []
-    worker._reply = lambda ident, msg: replies.append(msg)
     cap = 4096
     count = cap + 100
-    worker.sock = _FakeRouter([[b"id", P.encode(P.make_xfer(i, "e", 1, P.Path.D2H, [0], [0]))] for i in range(count)])
+    worker, replies = bare_path_worker([[b"id", P.encode(P.make_xfer(i, "e", 1, P.Path.D2H, [0], [0]))]
+                                        for i in range(count)])
     worker._drain()
     assert len(worker._queue) == cap
     assert len(replies) == 100 and all(r["status"] == P.Status.ERROR and "queue full" in r["error"] for r in replies)
