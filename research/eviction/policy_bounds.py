@@ -246,10 +246,7 @@ def main(argv=None) -> int:
                     help="rate of a cell seen little or never: lowest (default) or the mean")
     ap.add_argument("--windows", type=int, nargs="+", default=[25, 50, 100, 200, 400, 800, 1600, 4000])
     args = ap.parse_args(argv)
-    try:
-        args.trace = ps.find_trace(args.trace)
-    except FileNotFoundError as err:
-        ap.error(str(err))
+    args.trace = ps.trace_arg(ap, args.trace)
     chains = ps.chains_of(ps.load_trace(args.trace))
     print(f"# {args.trace}: {len(chains)} requests, {sum(map(len, chains))} blocks")
     for cap in args.capacity:

@@ -676,10 +676,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--measure", action="store_true", help="print the trace measurements")
     args = ap.parse_args(argv)
-    try:
-        args.trace = ps.find_trace(args.trace)
-    except FileNotFoundError as err:
-        ap.error(str(err))
+    args.trace = ps.trace_arg(ap, args.trace)
     chains = ps.chains_of(ps.load_trace(args.trace))
     if args.suite:
         suite(chains, args.policy, jobs=args.jobs)

@@ -71,6 +71,14 @@ def find_trace(given: str | None = None) -> str:
                             f".gz ok); looked for {' and '.join(map(str, places))}")
 
 
+def trace_arg(ap, given: str | None) -> str:
+    """find_trace for a study's argparse main: the missing trace is a usage error (exit 2)."""
+    try:
+        return find_trace(given)
+    except FileNotFoundError as err:
+        ap.error(str(err))
+
+
 def load_trace(path: str) -> list[dict]:
     """Mooncake jsonl (one request a line with `hash_ids`, `timestamp`); `.gz` is read transparently."""
     opener = gzip.open if str(path).endswith(".gz") else open

@@ -558,10 +558,7 @@ def main(argv=None) -> int:
         tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
         ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
         return 0
-    try:
-        args.trace = ps.find_trace(args.trace)
-    except FileNotFoundError as err:
-        ap.error(str(err))
+    args.trace = ps.trace_arg(ap, args.trace)
     trace = ps.load_trace(args.trace)
     chains = ps.chains_of(trace)
     if args.split:
