@@ -11,7 +11,7 @@ import kvbm
 
 # Bottom up, as the README names them.
 LAYERS = [
-    ("errors",),
+    ("errors", "progress"),
     ("policy", "metrics"),
     ("_fast", "layout", "pools"),
     ("config", "hashing", "shm"),
