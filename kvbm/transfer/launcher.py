@@ -91,7 +91,9 @@ class WorkersProcess:
         if c.force_cpu:
             cmd.append("--force-cpu")
         if c.disk_path and (c.disk_blocks or c.disk_size):
-            cmd += ["--disk-path", c.disk_path, "--disk-size", str(c.disk_size or 0)]
+            cmd += ["--disk-path", os.path.abspath(c.disk_path)]
+            if c.disk_size:   # else KVBM_DISK_BLOCKS (start()): the two are exclusive
+                cmd += ["--disk-size", str(c.disk_size)]
         return cmd
 
     def start(self, timeout: float = 60.0) -> str:
@@ -103,6 +105,7 @@ class WorkersProcess:
                     "KVBM_WORKER_DELAY_MS": str(self.config.worker_delay_ms)})
         if self.config.disk_blocks:
             env["KVBM_DISK_BLOCKS"] = str(self.config.disk_blocks)
+        env.update({"KVBM_GDS": self.config.gds, "KVBM_DISK_FSIZE_LIMIT": str(self.config.disk_fsize_limit)})
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
