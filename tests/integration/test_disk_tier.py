@@ -157,3 +157,33 @@ def test_disk_requests_need_a_disk_tier_on_both_sides(make_pipeline, tmp_path):
     fut = pipe.kv.transfers.submit(P.Path.DISK2H, [0], [1])
     with pytest.raises(TransferError, match="no disk tier"):
         fut.result(5)
+
+
+def test_a_disk_slower_than_recomputing_is_not_offered(make_pipeline, tmp_path, rng):
+    """prefill_tokens_per_s so high that no disk can beat it: G3 holds the blocks, match says so,
+    but neither match nor onboard offers them; the decision and its inputs are in the stats."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, prefill_tokens_per_s=1e15)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    expected = pipe.snapshot(np.arange(64))
+    offload_in_steps(kv, np.arange(64), hashes)
+    in2, in3 = where(kv, hashes)
+    q = np.concatenate([hashes[-8:], hashes[:8]])              # 8 in G2, then 8 only G3 holds
+    m = kv.match(q)
+    assert (m.prefix[Tier.G2], m.prefix[Tier.G3], m.onboardable) == (8, 0, 8)
+    assert kv.match(hashes[:8]).prefix[Tier.G3] == 8 and kv.match(hashes[:8]).onboardable == 0
+    assert m.load_rule["blocks"] == 8 and not m.load_rule["offered"]
+    assert m.load_rule["load_s"] > m.load_rule["recompute_s"]
+    pipe.poison()
+    res = kv.onboard(q, np.arange(100, 116)).result(DEADLINE)
+    assert res.path is P.Path.H2D
+    assert (res.value.loaded, res.value.from_disk) == (8, 0)  # stops at G2: the rest is recomputed
+    assert np.array_equal(pipe.snapshot(np.arange(100, 108)), expected[-8:])
+    assert (pipe.snapshot(np.arange(108, 116)) == 0xA5).all()
+    rule = kv.stats()["disk"]["load_rule"]
+    assert (rule["offered"], rule["declined"], rule["measured_reads"]) == (0, 1, 0)
+    assert rule["prefill_tokens_per_s"] == 1e15 and not rule["offers"]
+    text = kv.transfers.metrics.render().decode()
+    assert 'kvbm_g3_load_decisions_total{decision="recompute"} 1.0' in text
+    assert "kvbm_g3_prefill_tokens_per_second 1e+15" in text
