@@ -44,7 +44,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvbm.errors import ConfigError, DiskError, DiskSpaceError, KvbmError, LayoutError, ProtocolError
+from kvbm.errors import (
+    ConfigError,
+    DiskError,
+    DiskSpaceError,
+    JournalMismatchError,
+    KvbmError,
+    LayoutError,
+    ProtocolError,
+)
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.wire import protocol as P
 from kvbm.workers.path_worker import PathWorker, build_parser
@@ -143,6 +151,9 @@ class DiskWorker(PathWorker):
             self.store = DiskStore.open(self.disk_path, self.instance_id, host.config.block_bytes, blocks,
                                         fingerprint, model, cold=cold,
                                         host_regions=[(self.host_segment.address, self.host_segment.size)])
+        except JournalMismatchError as err:
+            self.store_error = f"{err} (disk_cold_start = true, or KVBM_DISK_COLD_START=1, discards them)"
+            raise JournalMismatchError(self.store_error) from err
         except KvbmError as err:
             self.store_error = str(err)
             raise

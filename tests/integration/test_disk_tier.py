@@ -187,3 +187,42 @@ def test_a_disk_slower_than_recomputing_is_not_offered(make_pipeline, tmp_path, 
     text = kv.transfers.metrics.render().decode()
     assert 'kvbm_g3_load_decisions_total{decision="recompute"} 1.0' in text
     assert "kvbm_g3_prefill_tokens_per_second 1e+15" in text
+
+
+def test_warm_restart_finds_every_block_and_another_layout_or_model_is_refused(make_pipeline, tmp_path, rng):
+    disk = str(tmp_path / "g3")
+    first = disk_pipeline(make_pipeline, tmp_path, instance="warm", disk_path=disk)
+    kv = first.kv
+    hashes = random_hashes(rng, 64)
+    first.fill_random(np.arange(64), rng)
+    expected = first.snapshot(np.arange(64))
+    offload_in_steps(kv, np.arange(64), hashes)
+    _, in3 = where(kv, hashes)
+    held = hashes[in3]
+    assert held.size >= 16
+    first.close()                                            # kvbm-workers and engine gone
+
+    second = disk_pipeline(make_pipeline, tmp_path, instance="warm", disk_path=disk)
+    kv = second.kv
+    _, in3_again = where(kv, hashes)
+    assert np.array_equal(in3_again, in3)                    # the G3 registry rebuilt from the journal
+    assert kv.pool(Tier.G3).registry.num_registered == held.size
+    assert kv.match(held).prefix[Tier.G3] == held.size
+    res = kv.onboard(held, np.arange(held.size)).result(DEADLINE).value
+    assert (res.loaded, res.from_disk) == (held.size, held.size)
+    assert np.array_equal(second.snapshot(np.arange(held.size)), expected[in3])
+    assert second.status()["tiers"]["g3"]["live"] == held.size
+    second.close()
+
+    from kvbm.layout import LayoutConfig
+    other = LayoutConfig(num_layers=4, outer_dim=2, page_size=16, inner_dim=32, dtype="bfloat16")
+    for kw, what in ((dict(layout=other), "fingerprint"), (dict(salt="another-model"), "model_id")):
+        with pytest.raises(TransferError) as info:
+            disk_pipeline(make_pipeline, tmp_path, instance="warm", disk_path=disk, **kw)
+        text = str(info.value)
+        assert f"holds {held.size} blocks of another store" in text and what in text, text
+        assert "disk_cold_start" in text, text
+    cold = disk_pipeline(make_pipeline, tmp_path, instance="warm", disk_path=disk, salt="another-model",
+                         disk_cold_start=True)
+    assert cold.kv.pool(Tier.G3).registry.num_registered == 0
+    assert cold.status()["tiers"]["g3"]["live"] == 0
