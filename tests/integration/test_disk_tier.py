@@ -101,6 +101,10 @@ def test_g2_to_g3_to_g1_round_trip_is_byte_exact(make_pipeline, tmp_path, rng, l
     g3 = pipe.status()["tiers"]["g3"]
     assert g3["live"] == kv.pool(Tier.G3).registry.num_registered > int(in3.sum())
     assert g3["read"] == 16 and g3["read_path"] == "staged"
+    from kvbm.cli import format_status  # what kvbm-workers --status prints
+    text = format_status(pipe.status())
+    assert f"  G3 {tmp_path / 'g3'} {g3['live']}/256 blocks, journal {g3['journal_bytes']} B" in text, text
+    assert "0 peer blocks read, 0 checksum failures; read path staged, GDS unavailable: CPU mode" in text, text
 
 
 def test_match_reports_the_prefix_across_g1_g2_g3(make_pipeline, tmp_path, rng):
