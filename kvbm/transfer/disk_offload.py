@@ -27,7 +27,9 @@ Order of things:
            write-through every block newly registered in G2 is written to G3 (held in G2 until written).
            A write: G3 slots allocated (evicting in G3's policy order), H2DISK with the sequence
            hashes, then per block: OK -> registered in G3 with its checksum; FAILED (ENOSPC,
-           EIO, a worker death) -> slot freed, the block stays in G2.
+           EIO, a worker death) -> slot freed, the block stays in G2 (a victim is registered in G2
+           again: its bytes are still in its block). After a write refused for space the cleaner
+           rests NO_SPACE_BACKOFF_S.
   onboard  the longest prefix across tiers: G2's prefix, then the run after it that G3 holds
            (own slots or a peer's), if LoadRule offers it. One CompositeFuture: the G2 part is H2D
            at once; the G3 part reads into G2 staging blocks (DISK2H, checksums verified by the
@@ -63,6 +65,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_READ_BPS = 0.5e9   # assumed G3 read rate before the first measured read
 READ_EWMA_ALPHA = 0.25     # weight of the newest read in the rate
 PEER_REFRESH_S = 2.0       # other instances' journals are asked for at most this often (from match)
+NO_SPACE_BACKOFF_S = 5.0   # after a write refused for space (ENOSPC, EDQUOT, EFBIG), the cleaner rests this long
 WRITE_PRIORITY = -1        # disk writes give way to everything an engine waits for
 
 
@@ -188,6 +191,7 @@ class DiskCounters:
     written: int = 0            # blocks registered in G3 after their write
     write_failed: int = 0       # blocks whose write failed (they stay in G2)
     write_skipped: int = 0      # admitted blocks not written: no G3 slot free, or the in-flight budget was full
+    no_space: int = 0           # writes the disk refused for space (the cleaner then rests a while)
     victims_lost: int = 0       # G2 victims evicted before the cleaner got to them
     loads: int = 0              # onboards with a G3 part that loaded
     loads_failed: int = 0       # onboards with a G3 part that failed (the engine recomputes)
@@ -225,6 +229,7 @@ class DiskTransfers:
         self._cleaning = 0                  # G2 blocks being written by the cleaner
         self._writing: set[int] = set()     # hashes being written to G3 (a second write is not started)
         self._synced = False
+        self._no_space_until = 0.0          # the cleaner rests until then after a disk-full write
         self._refresh_at = 0.0
         self._refreshing = False
         self._read_paths: dict[str, int] = {}
@@ -370,7 +375,9 @@ class DiskTransfers:
             return
         hashes = np.asarray(hashes, np.uint64)
         todo = hashes[self._admissible(hashes)]
-        if todo.size:
+        if todo.size and time.monotonic() < self._no_space_until:
+            self.counters.write_skipped += int(todo.size)   # the disk was full a moment ago
+        elif todo.size:
             blocks = self.g2.match(todo, acquire=True)   # every one was just registered: all of them
             self._write(blocks, todo[:len(blocks)], victims=False)
 
@@ -387,6 +394,8 @@ class DiskTransfers:
             n = int((self.g3.lookup(lost) < 0).sum())
             self.counters.victims_lost += n
             self.metrics.victims_lost.inc(n)
+        if time.monotonic() < self._no_space_until:
+            return
         free = int(reg.num_free)
         want = min(self.reserve - free - self._cleaning, int(reg.num_inactive), self.max_batch)
         if want < max(1, self.reserve // 4) and not (want > 0 and free == 0):
@@ -434,12 +443,23 @@ class DiskTransfers:
                 self._writing.difference_update(keys)
                 if victims:
                     self._cleaning -= n
-                self.g2.release(g2_blocks)
                 detail = outcome.detail or {}
                 state = detail.get("state")
                 ok = np.zeros(n, bool) if not outcome.ok or state is None else state == P.BlockState.OK
                 if outcome.may_still_be_written:
                     ok[:] = False   # a write of unknown fate: its slots hold nothing we vouch for
+                if victims and (~ok).any():
+                    # Not on disk: back into G2 (a write only reads its source block, so its bytes
+                    # are intact whatever became of the write).
+                    back = g2_blocks[~ok]
+                    self.g2.complete(back)
+                    self.g2.release(self.g2.register(back, hashes[~ok]))
+                    self.g2.release(g2_blocks[ok])
+                else:
+                    self.g2.release(g2_blocks)
+                if detail.get("no_space"):
+                    self._no_space_until = time.monotonic() + NO_SPACE_BACKOFF_S
+                    self.counters.no_space += 1
                 done = slots[ok]
                 if done.size:
                     self.g3.complete(done)
@@ -486,6 +506,9 @@ class DiskTransfers:
                 k3 = 0
             if k3:
                 parts = self._acquire(hashes, k3)
+                if not parts[1].shape[0]:   # no G2 block free for staging: the G2 prefix alone
+                    self.g2.release(parts[0])
+                    k3 = 0
         if not k3:
             return self.host.onboard(hashes, device_blocks, priority=priority, gate=gate, layers=layers,
                                      block=block, timeout=timeout)

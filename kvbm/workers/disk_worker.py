@@ -108,6 +108,7 @@ class DiskWorker(PathWorker):
         self.store_error = "no engine has registered a disk tier yet"
         self.gds_status = "off (gds=off)" if self.gds_mode == "off" else "not probed yet"
         self.counters = DiskCounters()
+        self.last_error = ""              # the last failed write's or read's reason (status)
 
     # ---- registration --------------------------------------------------------------------------
     def _register(self, ident: bytes, msg: dict) -> None:
@@ -315,6 +316,7 @@ class DiskWorker(PathWorker):
         except DiskError as err:
             outcome = err.slots if err.slots is not None else np.full(len(slots), -1, np.int64)
             error, no_space = str(err), isinstance(err, DiskSpaceError)
+            self.last_error = error
             logger.error("disk worker gen %d: write request %d: %s", self.gen, rid, err)
         ok = np.asarray(outcome) >= 0
         state = np.where(ok, P.BlockState.OK, P.BlockState.FAILED).astype(np.uint8)
@@ -359,6 +361,7 @@ class DiskWorker(PathWorker):
         if not ok.all():
             error = (f"disk read: {int((~ok).sum())} of {n} blocks not loaded ({corrupt} failed their checksum): "
                      + "; ".join(errors[:4]))
+            self.last_error = error
             logger.error("disk worker gen %d: read request %d: %s", self.gen, rid, error)
         return {"status": P.Status.OK if ok.all() else P.Status.ERROR, "error": error, "moved": int(ok.sum()),
                 "state": state, "read_path": READ_PATH}
@@ -379,8 +382,7 @@ class DiskWorker(PathWorker):
                         checksum_failures=s.checksum_failures)
         return {"disk": disk, "disk_text": {"read_path": READ_PATH, "gds": self.gds_status[:200],
                                             "backend": st.io.backend if st is not None else "",
-                                            "error": (self.store_error or (st.stats.errors[-1] if st is not None
-                                                                           and st.stats.errors else ""))[:200]}}
+                                            "error": (self.store_error or self.last_error)[:600]}}
 
     def close(self) -> None:
         if self.store is not None:

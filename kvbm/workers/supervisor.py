@@ -556,7 +556,7 @@ def _disk_stats(msg: dict) -> dict:
                        and _number(v)}
     text = msg.get("disk_text")
     if isinstance(text, dict) and len(text) <= MAX_MAP_KEYS:
-        out["disk_text"] = {k: v[:200] for k, v in text.items()
+        out["disk_text"] = {k: v[:600] for k, v in text.items()
                             if isinstance(k, str) and len(k) <= MAX_KEY_CHARS and isinstance(v, str)}
     return out
 

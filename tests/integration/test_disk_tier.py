@@ -230,3 +230,210 @@ def test_warm_restart_finds_every_block_and_another_layout_or_model_is_refused(m
                          disk_cold_start=True)
     assert cold.kv.pool(Tier.G3).registry.num_registered == 0
     assert cold.status()["tiers"]["g3"]["live"] == 0
+
+
+def slot_place(pipe, h) -> tuple[str, int]:
+    """(data file, byte offset) of the G3 slot holding hash h in this instance's store."""
+    import os
+    with pipe.kv.lock:
+        slot = int(pipe.kv.pool(Tier.G3).lookup(np.array([h], np.uint64))[0])
+    assert slot >= 0
+    bb = pipe.device_layout.config.block_bytes        # a multiple of 4 KiB here: slot = block
+    folder = os.path.join(pipe.config.disk_path, pipe.config.instance_id)
+    return os.path.join(folder, f"data.{slot % 4:03d}"), (slot // 4) * bb
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated file"])
+def test_a_damaged_block_fails_the_load_is_dropped_and_recomputed(make_pipeline, tmp_path, rng, damage):
+    pipe = disk_pipeline(make_pipeline, tmp_path)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    expected = pipe.snapshot(np.arange(64))
+    offload_in_steps(kv, np.arange(64), hashes)
+    in2, in3 = where(kv, hashes)
+    run = hashes[:8]
+    assert in3[:8].all() and not in2[:8].any()
+    path, off = slot_place(pipe, run[5])
+    if damage == "flipped byte":
+        with open(path, "r+b") as fh:
+            fh.seek(off + 4321)
+            byte = fh.read(1)[0]
+            fh.seek(off + 4321)
+            fh.write(bytes([byte ^ 0x40]))
+    else:
+        # Cuts this slot and every later one of that file. The cleaner may extend the file again
+        # with a later slot before the read: this one is then a hole of zeros, a checksum failure.
+        import os
+        os.truncate(path, off)
+    pipe.poison()
+    fut = kv.onboard(run, np.arange(100, 108))
+    with pytest.raises(TransferError, match="1 failed their checksum" if damage == "flipped byte"
+                       else "truncated|1 failed their checksum"):
+        fut.result(DEADLINE)
+    assert (pipe.snapshot(np.arange(100, 108)) == 0xA5).all()      # nothing was reported, nothing landed
+    st = kv.stats()["disk"]
+    assert (st["loads"], st["loads_failed"], st["loaded"]) == (0, 1, 0)
+    assert st["dropped_corrupt"] + st["dropped_failed"] == 1
+    assert st["dropped_corrupt"] == 1 or damage == "truncated file"
+    # Dropped from G3: match and onboard stop before it; the engine recomputes it and what follows.
+    _, still = where(kv, run)
+    assert still.tolist() == [True] * 5 + [False] + [True] * 2
+    m = kv.match(run)
+    assert (m.prefix[Tier.G3], m.onboardable) == (5, 5)
+    res = kv.onboard(run, np.arange(100, 108)).result(DEADLINE).value
+    assert (res.loaded, res.from_disk) == (5, 5)
+    assert np.array_equal(pipe.snapshot(np.arange(100, 105)), expected[:5])
+    assert (pipe.snapshot(np.arange(105, 108)) == 0xA5).all()
+    text = kv.transfers.metrics.render().decode()
+    reason = "corrupt" if st["dropped_corrupt"] else "failed"
+    assert f'kvbm_g3_blocks_dropped_total{{reason="{reason}"}} 1.0' in text
+    with kv.lock:
+        kv.pool(Tier.G3).registry.check_invariants()
+        assert kv.pool(Tier.G3).registry.num_active == 0
+
+
+def test_a_full_disk_loses_nothing_and_the_blocks_stay_in_g2(make_pipeline, tmp_path, rng):
+    """A file size limit on the disk worker (EFBIG, the ENOSPC path): slots past 32 KiB of each file
+    cannot be written. Those blocks stay in G2, nothing is journaled for them, what landed reads back."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, host_blocks=64, disk_admission="write-through",
+                         disk_fsize_limit=32768)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 24)
+    pipe.fill_random(np.arange(24), rng)
+    expected = pipe.snapshot(np.arange(24))
+    kv.offload(np.arange(24), hashes).result(DEADLINE)
+    kv.flush_disk(DEADLINE)
+    in2, in3 = where(kv, hashes)
+    assert in2.all()                                               # every block still in G2
+    with kv.lock:
+        slots = kv.pool(Tier.G3).lookup(hashes[in3])
+    assert in3.sum() == 8 and sorted(slots.tolist()) == list(range(8))   # slots 0..7: offsets < 32 KiB
+    st = kv.stats()["disk"]
+    assert (st["written"], st["write_failed"], st["no_space"]) == (8, 16, 1)
+    g3 = pipe.status()["tiers"]["g3"]
+    assert (g3["live"], g3["write_failures"], g3["journal_records"]) == (8, 16, 1 + 8)
+    assert "File too large" in g3["error"], g3["error"]
+    assert pipe.status()["workers"]["h2disk"]["restarts"] == 0    # SIGXFSZ ignored: the worker lives
+    other = random_hashes(rng, 64)                                  # G2 taken by other blocks
+    kv.offload(np.arange(100, 164), other).result(DEADLINE)
+    kv.flush_disk(DEADLINE)
+    assert kv.stats()["disk"]["write_skipped"] == 64             # the disk was full a moment ago: not tried
+    held = hashes[in3]
+    pipe.poison()
+    res = kv.onboard(held, np.arange(200, 208)).result(DEADLINE).value
+    assert (res.loaded, res.from_disk) == (8, 8)
+    assert np.array_equal(pipe.snapshot(np.arange(200, 208)), expected[in3])
+
+
+def test_a_victim_whose_write_fails_goes_back_to_g2(make_pipeline, tmp_path, rng):
+    """Victim admission under a full disk: the victims the cleaner could not write are registered
+    in G2 again (their bytes never left their blocks); the cleaner then rests."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, disk_fsize_limit=16384)  # only slots 0..3 fit
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    for i in range(0, 64, 4):
+        offload_in_steps(kv, np.arange(i, i + 4), hashes[i:i + 4])
+        st = kv.stats()["disk"]
+        if st["no_space"]:
+            break
+    assert st["no_space"] == 1 and st["write_failed"] > 0, st
+    assert 0 < st["written"] <= 4 and st["victims_lost"] == 0, st
+    in2, in3 = where(kv, hashes[:i + 4])
+    assert in3.sum() == st["written"] and (in2 | in3).all()         # nothing lost
+
+
+def test_two_instances_sharing_one_directory_onboard_each_others_blocks(make_pipeline, tmp_path, rng):
+    """Instances a and b, each with its own kvbm-workers, share disk_path: b's disk worker reads a's
+    journal (refresh_disk, or match every few seconds) and b onboards the blocks a wrote, checksums
+    verified. a's file cut: b's load fails cleanly and b forgets those entries; a is unaffected."""
+    disk = str(tmp_path / "shared")
+    a = disk_pipeline(make_pipeline, tmp_path, disk_path=disk)
+    b = disk_pipeline(make_pipeline, tmp_path, disk_path=disk)
+    hashes = random_hashes(rng, 64)
+    a.fill_random(np.arange(64), rng)
+    expected = a.snapshot(np.arange(64))
+    offload_in_steps(a.kv, np.arange(64), hashes)
+    _, in3 = where(a.kv, hashes)
+    held = hashes[in3]
+    assert held.size >= 16
+    b.kv.refresh_disk(DEADLINE)
+    m = b.kv.match(held)
+    assert (m.prefix[Tier.G2], m.prefix[Tier.G3], m.onboardable) == (0, held.size, held.size)
+    res = b.kv.onboard(held[:12], np.arange(12)).result(DEADLINE).value
+    assert (res.loaded, res.from_disk) == (12, 12)
+    assert np.array_equal(b.snapshot(np.arange(12)), expected[in3][:12])
+    st = b.kv.stats()["disk"]
+    assert (st["peers"], st["peer_blocks"], st["loaded_peer"]) == (1, held.size, 12)
+    assert b.status()["tiers"]["g3"]["peer_read"] == 12
+    assert b.kv.pool(Tier.G3).registry.num_registered == 0         # nothing of a's was copied into b's G3
+
+    # a's data files cut short: b's load of a's blocks fails cleanly, b forgets those entries.
+    import os
+    folder = os.path.join(disk, a.config.instance_id)
+    for f in range(4):
+        os.truncate(os.path.join(folder, f"data.{f:03d}"), 0)
+    b.poison()
+    with pytest.raises(TransferError, match="truncated|failed their checksum"):
+        b.kv.onboard(held[12:16], np.arange(20, 24)).result(DEADLINE)
+    assert (b.snapshot(np.arange(20, 24)) == 0xA5).all()
+    st = b.kv.stats()["disk"]
+    assert st["peer_forgotten"] == 4 and st["loads_failed"] == 1 and st["peer_blocks"] == held.size - 4
+    assert b.kv.match(held[12:16]).prefix[Tier.G3] == 0
+    assert a.kv.match(held).prefix[Tier.G3] == held.size          # a's own view is unchanged
+
+
+def test_kill_9_of_the_disk_worker_mid_write_serves_nothing_torn(make_pipeline, tmp_path, rng):
+    """The disk worker SIGKILLed with writes in flight: those writes fail (their G2 blocks stay in
+    G2), the supervisor restarts it, the engine registers again and goes on; every block G3 holds,
+    then and after a warm restart, reads back byte for byte (checksums verified on every read)."""
+    disk = str(tmp_path / "g3")
+    pipe = disk_pipeline(make_pipeline, tmp_path, instance="k9", disk_path=disk, host_blocks=96,
+                         disk_admission="write-through", worker_delay_ms=150)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    expected = pipe.snapshot(np.arange(64))
+    old = pipe.status()["workers"]["h2disk"]["pid"]
+    futs = [kv.offload(np.arange(i, i + 8), hashes[i:i + 8]) for i in range(0, 64, 8)]
+    q = kv.transfers._paths[P.Path.H2DISK]
+    from tests.support.pipeline_harness import wait_for
+    wait_for(lambda: q.outstanding, DEADLINE, "a disk write at the disk worker")
+    import os
+    import signal
+    os.kill(old, signal.SIGKILL)
+    for f in futs:
+        f.result(DEADLINE)
+    kv.flush_disk(DEADLINE)
+    st = wait_for(lambda: (s := pipe.status())["workers"]["h2disk"]["ready"] and s, DEADLINE, "the new disk worker")
+    w = st["workers"]["h2disk"]
+    assert w["pid"] != old and w["restarts"] == 1 and w["gen"] == 2
+    pipe.pids.add(w["pid"])
+    d = kv.stats()["disk"]
+    assert d["write_failed"] >= 1 and d["written"] + d["write_failed"] + d["write_skipped"] == 64, d
+    in2, in3 = where(kv, hashes)
+    assert in2.all() and in3.sum() == d["written"]                # write-through: every block still in G2
+    more = random_hashes(rng, 16)                                 # the new generation writes
+    pipe.fill_random(np.arange(64, 80), rng)
+    expected = np.concatenate([expected, pipe.snapshot(np.arange(64, 80))])
+    kv.offload(np.arange(64, 80), more).result(DEADLINE)
+    kv.flush_disk(DEADLINE)
+    hashes = np.concatenate([hashes, more])
+    in3 = where(kv, hashes)[1]
+    assert in3[64:].all()
+    pipe.close()
+
+    again = disk_pipeline(make_pipeline, tmp_path, instance="k9", disk_path=disk, host_blocks=96)
+    found = where(again.kv, hashes)[1]
+    # Everything the engine had, and possibly a block whose write was journaled just before the
+    # kill while its reply never came (the engine freed that slot; the store still vouches for it).
+    assert (found | ~in3).all() and found.sum() <= in3.sum() + 8
+    idx = np.flatnonzero(found)
+    for i in range(0, idx.size, 16):                              # staging fits in G2 16 at a time
+        part = idx[i:i + 16]
+        res = again.kv.onboard(hashes[part], part).result(DEADLINE).value
+        assert (res.loaded, res.from_disk) == (part.size, part.size)
+    assert np.array_equal(again.snapshot(idx), expected[idx])
+    g3 = again.status()["tiers"]["g3"]
+    assert g3["checksum_failures"] == 0 and g3["read"] == idx.size
