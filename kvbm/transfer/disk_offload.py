@@ -231,7 +231,7 @@ class DiskTransfers:
         self._synced = False
         self._no_space_until = 0.0          # the cleaner rests until then after a disk-full write
         self._refresh_at = 0.0
-        self._refreshing = False
+        self._refreshing = 0.0              # when the peer refresh in flight was asked (0: none)
         self._read_paths: dict[str, int] = {}
         self.worker_info: dict = {}
         host.disk = self
@@ -248,8 +248,8 @@ class DiskTransfers:
     def maybe_refresh(self) -> None:
         """From match(): asks for the peers again when PEER_REFRESH_S has passed (no waiting)."""
         now = time.monotonic()
-        if now < self._refresh_at or self._refreshing:
-            return
+        if now < self._refresh_at or (self._refreshing and now - self._refreshing < 10 * PEER_REFRESH_S):
+            return   # (a refresh unanswered that long went to a worker that died: ask again)
         self._refresh_at = now + PEER_REFRESH_S
         try:
             self._ask(own=False, timeout=None)
@@ -267,7 +267,7 @@ class DiskTransfers:
                 except Exception as err:  # noqa: BLE001 - reported to the waiter
                     got["error"] = f"{type(err).__name__}: {err}"
                     logger.error("disk tier: applying the disk worker's entries failed", exc_info=True)
-                self._refreshing = False
+                self._refreshing = 0.0
                 done.set()
                 return True
             try:
@@ -280,18 +280,18 @@ class DiskTransfers:
                 got["error"] = f"bad entries message: {err}"
             return False
 
-        self._refreshing = True
+        self._refreshing = time.monotonic()
         try:
             rid = self.tm.ask(P.Path.H2DISK, {"t": P.MsgType.ENTRIES, "own": own,
                                               "known": {} if own else self.peers.versions}, on_reply)
         except BaseException:
-            self._refreshing = False
+            self._refreshing = 0.0
             raise
         if timeout is None:
             return
         if not done.wait(timeout):
             self.tm.forget(rid)
-            self._refreshing = False
+            self._refreshing = 0.0
             raise KvbmTimeoutError(f"the disk worker did not list its G3 entries within {timeout} s")
         if got["error"]:
             raise TransferError(f"G3 entries: {got['error']}")
@@ -428,7 +428,7 @@ class DiskTransfers:
         if slots is None or fit < n:
             self.counters.write_skipped += n - (fit if slots is not None else 0)
             cut = fit if slots is not None else 0
-            self.g2.release(g2_blocks[cut:])
+            self._give_back(g2_blocks[cut:], hashes[cut:], victims)
             g2_blocks, hashes = g2_blocks[:cut], hashes[:cut]
             n = cut
             if n == 0:
@@ -448,15 +448,10 @@ class DiskTransfers:
                 ok = np.zeros(n, bool) if not outcome.ok or state is None else state == P.BlockState.OK
                 if outcome.may_still_be_written:
                     ok[:] = False   # a write of unknown fate: its slots hold nothing we vouch for
-                if victims and (~ok).any():
-                    # Not on disk: back into G2 (a write only reads its source block, so its bytes
-                    # are intact whatever became of the write).
-                    back = g2_blocks[~ok]
-                    self.g2.complete(back)
-                    self.g2.release(self.g2.register(back, hashes[~ok]))
-                    self.g2.release(g2_blocks[ok])
-                else:
-                    self.g2.release(g2_blocks)
+                # Not on disk: a victim goes back into G2 (a write only reads its source block, so
+                # its bytes are intact whatever became of the write).
+                self._give_back(g2_blocks[~ok], hashes[~ok], victims)
+                self.g2.release(g2_blocks[ok])
                 if detail.get("no_space"):
                     self._no_space_until = time.monotonic() + NO_SPACE_BACKOFF_S
                     self.counters.no_space += 1
@@ -486,10 +481,20 @@ class DiskTransfers:
             self._writing.difference_update(keys)
             if victims:
                 self._cleaning -= n
-            self.g2.release(g2_blocks)
+            self._give_back(g2_blocks, hashes, victims)
             self.g3.release(slots)
             self.counters.write_skipped += n
             logger.debug("disk tier: %d blocks not written: %s", n, err)
+
+    def _give_back(self, g2_blocks: np.ndarray, hashes: np.ndarray, victims: bool) -> None:
+        """G2 blocks a write held and did not put on disk: victims are registered in G2 again (their
+        bytes never left), write-through blocks (registered already) just released."""
+        if not g2_blocks.size:
+            return
+        if victims:
+            self.g2.complete(g2_blocks)
+            g2_blocks = self.g2.register(g2_blocks, hashes)
+        self.g2.release(g2_blocks)
 
     # ---- onboard ------------------------------------------------------------------------------
     def onboard(self, hashes, device_blocks, *, priority: int = 1, gate: Gate | None = None, layers: bool = True,
