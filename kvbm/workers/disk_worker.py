@@ -158,9 +158,14 @@ class DiskWorker(PathWorker):
         except KvbmError as err:
             self.store_error = str(err)
             raise
+        try:
+            self.gds_status = self._probe_gds()
+        except KvbmError as err:   # gds=on and no GDS: no store either, until a registration that fits
+            self.store.close()
+            self.store, self.store_error = None, str(err)
+            raise
         self.store_key = key
         self.store_error = ""
-        self.gds_status = self._probe_gds()
         if self.fsize_limit:
             # Test hook: a file size limit (the ENOSPC path) on the data files, set once they exist.
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))

@@ -57,14 +57,14 @@ class Raw:
 class DiskWorkers:
     """kvbm-workers with a disk tier, started on its own; every process SIGKILLed in the finalizer."""
 
-    def __init__(self, tmp_path, request) -> None:
+    def __init__(self, tmp_path, request, extra: list[str] = ()) -> None:
         self.instance = f"w{uuid.uuid4().hex[:8]}"
         self.disk = tmp_path / "g3"
         rundir = tmp_path / "run"
         rundir.mkdir()
         cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", self.instance, "--runtime-dir", str(rundir),
                "--host-size", str(HOST_BLOCKS * BB), "--force-cpu", "--interval", "0", "--disk-path", str(self.disk),
-               "--disk-size", "4MB"]
+               "--disk-size", "4MB", *extra]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.pids = {self.proc.pid}
         request.addfinalizer(self.kill_all)
@@ -236,3 +236,22 @@ def test_killed_worker_is_announced_for_both_paths_and_its_successor_finds_the_b
     workers.host[10:14] = 0
     got = read(raw, 5, gen + 1, [20, 21, 22, 23], range(10, 14), sums)
     assert got["status"] == P.Status.OK and np.array_equal(workers.host[10:14], workers.host[0:4])
+
+
+def test_gds_on_is_refused_without_cuda_and_the_probe_reports_why(tmp_path, request):
+    workers = DiskWorkers(tmp_path, request, ["--gds", "on"])
+    refused = register(workers.disk_worker())
+    assert refused["t"] == P.MsgType.DONE and refused["status"] == P.Status.ERROR, refused
+    assert "gds=on needs CUDA; this kvbm-workers runs in CPU mode" in refused["error"], refused
+    again = register(workers.disk_worker(), rid=2)          # refused again: the store was not kept open
+    assert again["status"] == P.Status.ERROR and "gds=on needs CUDA" in again["error"], again
+    from kvbm.workers.disk.files import DataFiles, Geometry, InstanceDir
+    from kvbm.workers.disk.io import probe_gds
+    folder = InstanceDir(str(tmp_path / "probe"), "p")
+    folder.ensure()
+    files = DataFiles.create(folder, Geometry.of(4096, 4, 1))
+    try:
+        why = probe_gds(files)        # no GPU here: a reason, never an exception
+    finally:
+        files.close()
+    assert why and isinstance(why, str)
