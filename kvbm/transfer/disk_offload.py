@@ -594,23 +594,14 @@ class DiskTransfers:
         return comp
 
     def _acquire(self, hashes: np.ndarray, k3: int):
-        """Under the lock: the G2 prefix acquired, the G3 run's own blocks acquired, its peer
-        entries looked up, and k3 staging blocks allocated in G2 (fewer when G2 is short)."""
+        """Under the lock: the G2 prefix acquired, the G3 run's own blocks acquired (before anything
+        that could evict them: the staging allocation's cleaner writes to G3), its peer entries
+        looked up, and k3 staging blocks allocated in G2 (fewer when G2 is short)."""
         host_prefix = np.asarray(self.g2.match(hashes, acquire=True), dtype=np.int64)
         k2 = int(host_prefix.shape[0])
         g3h = hashes[k2:k2 + k3]
-        staging = self.g2.allocate(k3)
-        if staging is None:
-            room = int(self.g2.registry.num_free) + int(self.g2.registry.num_inactive)
-            staging = self.g2.allocate(room) if room else np.empty(0, np.int64)
-            staging = np.empty(0, np.int64) if staging is None else staging
-        if self.admission == "victim":
-            self._clean()
-        k3 = int(staging.shape[0])
-        g3h = g3h[:k3]
         own_ids = np.full(k3, -1, np.int64)
-        ids = self.g3.lookup(g3h)
-        own = ids >= 0
+        own = self.g3.lookup(g3h) >= 0
         # Own blocks, acquired run by run (match takes a run of hashes held in order).
         i = 0
         while i < k3:
@@ -623,17 +614,29 @@ class DiskTransfers:
             got = self.g3.match(g3h[i:j], acquire=True)
             own_ids[i:i + len(got)] = got
             i = j
+        peer = own_ids < 0
+        idx = self.peers.find(g3h[peer])
+        if (idx < 0).any():   # plan() saw them under this same lock hold: cannot happen
+            self.g3.release(own_ids[own_ids >= 0])
+            self.g2.release(host_prefix)
+            raise LifecycleError("G3 onboard: a peer entry vanished under the lock")
+        staging = self.g2.allocate(k3)
+        if staging is None:
+            room = int(self.g2.registry.num_free) + int(self.g2.registry.num_inactive)
+            staging = self.g2.allocate(room) if room else np.empty(0, np.int64)
+            staging = np.empty(0, np.int64) if staging is None else staging
+        n = int(staging.shape[0])
+        if n < k3:              # G2 could stage only n of them: the run is cut there
+            self.g3.release(own_ids[n:][own_ids[n:] >= 0])
         owner = np.zeros(k3, np.uint32)
         slots = np.where(own_ids >= 0, own_ids, 0).astype(np.int64)
         sums = np.zeros(k3, np.uint64)
-        sums[own_ids >= 0] = self.sums[own_ids[own_ids >= 0]]
-        peer = own_ids < 0
+        sums[~peer] = self.sums[own_ids[~peer]]
         if peer.any():
-            idx = self.peers.find(g3h[peer])
-            if (idx < 0).any():   # vanished between plan and here: cannot happen under one lock hold
-                raise LifecycleError("G3 onboard: a peer entry vanished under the lock")
             owner[peer], slots[peer], sums[peer] = self.peers.entries(idx)
-        return host_prefix, g3h, own_ids, owner, slots, sums, staging
+        if self.admission == "victim":
+            self._clean()       # the staging allocation may have taken G2's free reserve
+        return host_prefix, g3h[:n], own_ids[:n], owner[:n], slots[:n], sums[:n], staging
 
     def _unwind(self, own_ids: np.ndarray, staging: np.ndarray) -> None:
         self.g3.release(own_ids[own_ids >= 0])

@@ -437,3 +437,31 @@ def test_kill_9_of_the_disk_worker_mid_write_serves_nothing_torn(make_pipeline, 
     assert np.array_equal(again.snapshot(idx), expected[idx])
     g3 = again.status()["tiers"]["g3"]
     assert g3["checksum_failures"] == 0 and g3["read"] == idx.size
+
+
+def test_a_full_g3_evicts_by_its_own_policy_and_rewrites_slots(make_pipeline, tmp_path, rng):
+    """G3 of 16 slots behind a G2 of 48: G3 evicts its oldest blocks to take G2's newer victims and
+    the disk worker rewrites those slots (a durable DELETE first); whatever G3 holds at the end reads
+    back byte for byte, and after a warm restart exactly that is found."""
+    disk = str(tmp_path / "g3")
+    pipe = disk_pipeline(make_pipeline, tmp_path, instance="full3", disk_path=disk, disk_blocks=16)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 96)
+    pipe.fill_random(np.arange(96), rng)
+    expected = pipe.snapshot(np.arange(96))
+    offload_in_steps(kv, np.arange(96), hashes)
+    in2, in3 = where(kv, hashes)
+    st = kv.stats()
+    assert in3.sum() == 16 and st["G3"]["evicted"] > 0 and st["disk"]["written"] > 16
+    assert not in3[:8].any()                                      # the oldest victims gave way
+    idx = np.flatnonzero(in3)
+    res = kv.onboard(hashes[idx], idx).result(DEADLINE).value    # (a run of G3 only: none of it in G2)
+    assert (res.loaded, res.from_disk) == (16, 16)
+    assert np.array_equal(pipe.snapshot(idx), expected[idx])
+    kv.flush_disk(DEADLINE)
+    held = where(kv, hashes)[1]
+    pipe.close()
+    again = disk_pipeline(make_pipeline, tmp_path, instance="full3", disk_path=disk, disk_blocks=16)
+    assert np.array_equal(where(again.kv, hashes)[1], held)
+    g3 = again.status()["tiers"]["g3"]
+    assert g3["live"] == 16 and g3["journal_records"] <= 1 + 2 * st["disk"]["written"] + 16
