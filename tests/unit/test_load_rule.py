@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvbm.transfer.disk_offload import DEFAULT_READ_BPS, READ_EWMA_ALPHA, LoadRule
+from kvbm.transfer.disk_index import DEFAULT_READ_BPS, READ_EWMA_ALPHA, LoadRule
 
 MIB = 1 << 20
 
