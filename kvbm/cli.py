@@ -7,7 +7,9 @@ native library was built with CUDA and a device answers, unless --force-cpu.
 
 Operator messages go through `logging` to stderr (level: --log-level / KVBM_LOG_LEVEL / log_level,
 INFO by default; the path workers get the same level). stdout carries only the result of --status
-(exit status 0 serving, 3 starting, 1 not running). A closed stdout or stderr (`| head -1`) never
+(exit status 0 serving, 3 starting, 1 not running). A usage or configuration error (a bad flag or
+value, a metrics port in use) is one line on stderr and exit status 2, as argparse's own are; any
+other kvbm error exits 1. A closed stdout or stderr (`| head -1`) never
 stops the instance without its clean-up: everything after taking the instance lock runs inside
 the try/finally that removes the segment, sockets and runtime folder.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -34,10 +37,35 @@ def parse_layout(spec: str) -> LayoutConfig:
     values: dict = {"dtype": "bfloat16", "alignment": 1}
     for part in filter(None, spec.split(",")):
         key, _, raw = part.partition("=")
-        if key.strip() not in names:
+        key = key.strip()
+        if key not in names:
             raise ConfigError(f"--layout: unknown key {key!r}; expected {sorted(names)}")
-        values[names[key.strip()]] = raw.strip() if key.strip() == "dtype" else int(raw)
-    return LayoutConfig.from_dict(values)
+        if key == "dtype":
+            values["dtype"] = raw.strip()
+            continue
+        try:
+            values[names[key]] = int(raw)
+        except ValueError:
+            raise ConfigError(f"--layout: {key} expects an integer, got {raw.strip()!r} in {spec!r}") from None
+    missing = sorted(k for k, v in names.items() if v not in values)
+    if missing:
+        raise ConfigError(f"--layout: {spec!r} lacks {', '.join(missing)}; e.g. "
+                          "layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
+    try:
+        return LayoutConfig.from_dict(values)
+    except KvbmError as err:
+        raise ConfigError(f"--layout {spec!r}: {err}") from err
+
+
+def _seconds(raw: str) -> float:
+    """A finite, non-negative number of seconds (argparse answers anything else with exit status 2)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {raw!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
     ap.add_argument("--disk-path", help="G3 folder (created 0700)")
     ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")
+    ap.add_argument("--disk-blocks", type=int, help="G3 size in blocks")
     ap.add_argument("--gds", choices=["auto", "on", "off"],
                     help="GPUDirect Storage for G3 reads: auto (probe, else staged through G2), on, off")
     ap.add_argument("--transport", choices=["ipc", "tcp"])
     ap.add_argument("--tcp-port", type=int, help="first of 5 loopback ports (0: pick free ones)")
     ap.add_argument("--force-cpu", action="store_true", default=None, help="CPU copies even if CUDA is available")
     ap.add_argument("--copy-threads", type=int, help="CPU copy threads per worker (0: library default)")
-    ap.add_argument("--interval", type=float, default=10.0, help="seconds between summary lines (0: none)")
-    ap.add_argument("--duration", type=float, help="exit after this many seconds (tests, benchmarks)")
+    ap.add_argument("--interval", type=_seconds, default=10.0, help="seconds between summary lines (0: none)")
+    ap.add_argument("--duration", type=_seconds, help="exit after this many seconds (tests, benchmarks)")
     ap.add_argument("--status", action="store_true", help="ask the running instance for its status and exit")
     ap.add_argument("--json", action="store_true", help="with --status: print the raw JSON")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -77,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> KvbmConfig:
     layout = parse_layout(args.layout) if args.layout else None
     return KvbmConfig.load(args.config, instance_id=args.instance_id, runtime_dir=args.runtime_dir,
                            host_size=args.host_size, host_blocks=args.host_blocks, layout=layout,
-                           disk_path=args.disk_path, disk_size=args.disk_size, transport=args.transport,
+                           disk_path=args.disk_path, disk_size=args.disk_size, disk_blocks=args.disk_blocks,
+                           transport=args.transport,
                            tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads,
                            log_level=args.log_level, gds=args.gds)
 
@@ -97,13 +127,18 @@ def ask_status(config: KvbmConfig, timeout: float = 3.0) -> dict:
 
     from kvbm.transfer.launcher import find_instance
     from kvbm.wire import protocol as P
+    from kvbm.wire.auth import ClientKeys
     from kvbm.wire.channel import connect_socket, make_context
     found = find_instance(config)
     if found.state != "running":
         raise LifecycleError(not_running(config, found))
     endpoints = found.endpoints
+    rundir = config.resolved_runtime_dir()
+    keys = ClientKeys.read(rundir)  # kvbm-workers answers only peers that can read its 0600 folder
+    if keys is None:
+        raise LifecycleError(f"kvbm-workers of instance {config.instance_id} left no client keys in {rundir}")
     ctx = make_context()
-    sock = connect_socket(ctx, zmq.DEALER, endpoints.control)
+    sock = connect_socket(ctx, zmq.DEALER, endpoints.control, keys)
     try:
         sock.send(P.encode({"t": P.MsgType.STATUS, "id": 1}))
         if not sock.poll(int(timeout * 1000)):
@@ -174,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             return _status(config, args.json)
         return _serve(config, args, args.parent_pid or parent)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
     except KvbmError as err:
         logger.error("%s", err)
         return 1
@@ -201,7 +239,13 @@ def _serve(config: KvbmConfig, args: argparse.Namespace, parent: int) -> int:
         logger.error("parent pid %d is gone before start; exiting", parent)
         return 1
     cuda = not config.force_cpu and _cuda_ok()
-    sup = Supervisor(config, host_bytes_of(config), cuda, interval=args.interval, log_level=config.log_level)
+    host_bytes = host_bytes_of(config)
+    if not args.exit_with_parent:   # an engine that starts kvbm-workers checked before it did
+        from kvbm.shm import check_shm_room
+        from kvbm.transfer.launcher import find_instance
+        if find_instance(config).state == "absent":   # else start() refuses, or frees a dead one's segment first
+            check_shm_room(host_bytes, "G2")
+    sup = Supervisor(config, host_bytes, cuda, interval=args.interval, log_level=config.log_level)
     if args.exit_with_parent:
         # Polled in serve() rather than PR_SET_PDEATHSIG: that fires when the parent *thread*
         # that ran Popen exits, which kills the workers of a live engine that started us from a

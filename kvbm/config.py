@@ -1,14 +1,42 @@
 """KvbmConfig: the one place that reads KVBM_* environment variables and config files.
 
-Precedence, highest first: keyword arguments, environment (KVBM_*), the config file (TOML or YAML,
-named by `config_file=` or KVBM_CONFIG), then defaults. Every value is validated once, here, with an
-error that names the key and what was expected; the rest of kvbm takes a frozen KvbmConfig.
+Sources, highest first: keyword arguments (`KvbmConfig.load(**kw)`, `KvBlockManager(**kw)`, the flags
+of kvbm-workers), the environment (KVBM_*), the config file (TOML or YAML, named by `config_file=` or
+KVBM_CONFIG), then the defaults. `KvbmConfig(...)` itself takes exactly the values it is given (tests,
+programs that resolved their settings themselves); `KvbmConfig.load(...)` is the constructor that
+applies the sources. Every value is validated once, here, with an error that
+names the key as its source spelled it; the rest of kvbm takes a frozen KvbmConfig.
 
-Tier sizes are given in blocks (`host_blocks=4096`) or bytes (`host_size="64GB"`, also "512MiB",
-"1.5G"); `host_blocks_for(layout)` resolves bytes to whole blocks once the block size is known.
+Load order: read each source (file, environment, keywords) into its own map, parsing strings and
+sizes under the source's own names -> refuse two spellings of one setting within one source ->
+merge low to high -> construct and validate (__post_init__: types, bounds, cross-field rules).
+
+Precedence is by source, not by key. A tier size is one setting, whether in blocks or in bytes and
+whatever its spelling (`host_blocks`, `host_size`, KVBM_HOST_BLOCKS, KVBM_HOST_SIZE, KVBM_HOST_GB;
+the same for disk): a higher source's size replaces a lower source's size entirely, and two
+spellings of one size in one source are an error that names both. Sizes in bytes take units
+("64GB", "512MiB", "1.5G"; KVBM_*_GB=64 means 64 GB); `host_blocks_for(layout)` turns bytes into
+whole blocks once the block size is known. A host tier of 0 blocks or 0 bytes is an error (leave it
+unset for a manager without one); a disk size of 0 means no disk tier.
+
+Unknown names: an unknown keyword or file key is an error (it can only be a mistake), an unknown
+KVBM_* variable a logged warning naming the closest known one (an environment is shared with other
+programs and other kvbm versions, so it cannot stop a start).
+
+Why not pydantic-settings: what these rules need is exactly what it does not do by default. Its
+merge is per key, so `host_size` from a file and KVBM_HOST_BLOCKS would both survive (the bug this
+loader fixes); KVBM_HOST_GB's unit, the size groups, the `[kvbm]` section of a shared file and the
+warning for a misspelled variable would each be a custom source or validator. What is left for the
+library is parsing five scalar types, some fifty lines here, against two new dependencies (pydantic
+and its compiled pydantic-core) in every install and in kvbm-workers, which vLLM and SGLang processes
+carry but kvbm would use for nothing else. Frozen slotted dataclasses are also what the rest of kvbm
+uses (STYLE.md). Each precedence rule has a test in tests/unit/test_config.py.
 """
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
 import re
 import tomllib
@@ -17,9 +45,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kvbm.errors import ConfigError
+from kvbm.errors import ConfigError, LayoutError
 from kvbm.layout import LayoutConfig
 from kvbm.policy import EvictionPolicy, policy_names
+
+logger = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
           "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
@@ -32,33 +62,65 @@ GDS_MODES = ("auto", "on", "off")
 TRANSPORTS = ("ipc", "tcp")
 MAX_GHOST_RATIO = 16
 MAX_GHOST_BLOCKS = 2**31 - 2      # the registry's limit on ghost entries (and on blocks)
+MAX_BLOCKS = 2**31 - 2            # the registry's limit on the blocks of one tier
+MAX_BYTES = 2**50                 # 1 PiB: past any tier or in-flight bound one machine can hold
+MAX_BATCH_BLOCKS = 1 << 16        # the wire protocol's limit on block pairs per request
+MAX_COPY_THREADS = 1024
+MAX_TIMEOUT_MS = 3_600_000        # an hour: a transfer request or a test delay longer than that is a typo
+MAX_TCP_PORT = 65535 - 3          # an instance binds 4 consecutive ports from tcp_port (control, events, 2 paths)
+
+# Every integer setting: (lowest, highest) allowed.
+_INT_BOUNDS = {
+    "device_blocks": (0, MAX_BLOCKS), "host_blocks": (1, MAX_BLOCKS), "disk_blocks": (0, MAX_BLOCKS),
+    "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
+    "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
+    "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
+    "disk_fsize_limit": (0, MAX_BYTES),
+}
+_SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
+_INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
+# One setting each, however spelled: a source gives at most one of a group, and a higher source's
+# member replaces a lower source's.
+_SIZE_GROUPS = {"host_blocks": ("host_blocks", "host_size"), "host_size": ("host_blocks", "host_size"),
+                "disk_blocks": ("disk_blocks", "disk_size"), "disk_size": ("disk_blocks", "disk_size")}
 
 
 def parse_size(value: int | float | str, key: str) -> int:
-    """Bytes from 123, "64GB", "512MiB", "1.5G" (decimal G, binary GiB)."""
-    if isinstance(value, bool):
+    """Bytes from 123, "64GB", "512MiB", "1.5G" (decimal G, binary GiB). `key` names the setting
+    as the user spelled it, in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{key}: expected a size like '64GB', got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
+    if isinstance(value, int):
+        size = value
     else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise ConfigError(f"{key}: expected a size like '64GB' or '512MiB', got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).upper()
-    if unit not in _UNITS:
-        raise ConfigError(f"{key}: unknown size unit {unit!r} in {value!r}; use B, KB, MB, GB, TB or KiB..TiB")
-    size = int(number * _UNITS[unit])
+        if isinstance(value, float):
+            number, unit = value, ""
+        else:
+            match = _SIZE.match(value)
+            if not match:
+                raise ConfigError(f"{key}: expected a size like '64GB' or '512MiB', got {value!r}")
+            number, unit = float(match.group(1)), match.group(2).upper()
+        if unit not in _UNITS:
+            raise ConfigError(f"{key}: unknown size unit {unit!r} in {value!r}; use B, KB, MB, GB, TB or KiB..TiB")
+        if not math.isfinite(number * _UNITS[unit]):
+            raise ConfigError(f"{key}: expected a finite size, got {value!r}")
+        size = int(number * _UNITS[unit])
     if size < 0:
         raise ConfigError(f"{key}: size must be >= 0, got {value!r}")
+    if size > MAX_BYTES:
+        raise ConfigError(f"{key}: {value!r} is {size} bytes, more than the {MAX_BYTES} (1 PiB) kvbm takes")
     return size
 
 
 @dataclass(frozen=True, slots=True)
 class KvbmConfig:
+    """Settings of one kvbm engine and of its kvbm-workers. `KvbmConfig(...)` takes the values as
+    given; `KvbmConfig.load(...)` applies the config file and KVBM_* variables under them."""
+
     layout: LayoutConfig | None = None     # model dims; None until an engine registers its tensors
     device_blocks: int = 0                 # G1 pool size (the engine's own KV blocks)
     host_blocks: int | None = None         # G2 size in blocks, or
-    host_size: int | None = None           #   in bytes (one of the two)
+    host_size: int | None = None           #   in bytes (one of the two; >= 1 block; unset: no G2)
     disk_blocks: int | None = None         # G3 size in blocks, or
     disk_size: int | None = None           #   in bytes; 0/None: no disk tier
     disk_path: str | None = None           # folder for the G3 files
@@ -73,7 +135,9 @@ class KvbmConfig:
     # index, so lookups slow down (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6;
     # bench/RESULTS.md). The tables live in RAM for every tier, G3's included.
     ghost_ratio: float = 1.0
-    salt: str = ""                         # folded into the hash seed (model, LoRA, cache salt)
+    # Model, LoRA or cache salt: the manager folds it into every hash it is given
+    # (kvbm.hashing.salt_keys), so managers of different salts never share a block; "" folds nothing.
+    salt: str = ""
     max_inflight_bytes: int = 4 << 30      # TransferManager backpressure bound
     max_batch_blocks: int = 256            # blocks per transfer request
     copy_threads: int = 0                  # CPU copy threads (0: the library's default)
@@ -93,19 +157,24 @@ class KvbmConfig:
     disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
 
     def __post_init__(self) -> None:
-        # The one place sizes are parsed: "64GB", "512MiB" or 1.5e9 from arguments, env and files alike.
-        for key in ("host_size", "disk_size", "max_inflight_bytes"):
+        # Sizes given directly ("64GB", 1.5e9) are parsed here; the loader has parsed its sources'.
+        for key in _SIZE_KEYS:
             value = getattr(self, key)
-            if isinstance(value, (str, float)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 object.__setattr__(self, key, parse_size(value, key))
         if self.layout is not None and not isinstance(self.layout, LayoutConfig):
             raise ConfigError(f"layout: expected a LayoutConfig, got {type(self.layout).__name__}")
-        for key in ("device_blocks", "host_blocks", "disk_blocks", "host_size", "disk_size", "tcp_port",
-                    "max_inflight_bytes", "max_batch_blocks", "copy_threads", "request_timeout_ms",
-                    "worker_delay_ms", "disk_fsize_limit"):
+        for key, (lo, hi) in _INT_BOUNDS.items():
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{key}: expected a non-negative int, got {value!r}")
+            if key in ("host_blocks", "host_size") and value == 0:
+                raise ConfigError(f"{key}: 0 gives no host tier; leave host_blocks and host_size unset for a "
+                                  "manager without one")
+            if not lo <= value <= hi:
+                raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {value!r}")
         if self.host_blocks is not None and self.host_size is not None:
             raise ConfigError("give host_blocks or host_size, not both")
         if self.disk_blocks is not None and self.disk_size is not None:
@@ -136,50 +205,49 @@ class KvbmConfig:
         ratio = self.ghost_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= MAX_GHOST_RATIO:
             raise ConfigError(f"ghost_ratio: expected a number in [0, {MAX_GHOST_RATIO}], got {ratio!r}")
-        if self.tcp_port > 65535:
-            raise ConfigError(f"tcp_port: expected 0..65535, got {self.tcp_port}")
-        if self.request_timeout_ms < 1:
-            raise ConfigError(f"request_timeout_ms: expected >= 1, got {self.request_timeout_ms}")
-        if self.max_batch_blocks < 1 or self.max_inflight_bytes < 1:
-            raise ConfigError("max_batch_blocks and max_inflight_bytes must be >= 1")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.instance_id):
+        if not isinstance(self.salt, str):
+            raise ConfigError(f"salt: expected a string, got {type(self.salt).__name__}")
+        if not isinstance(self.force_cpu, bool):
+            raise ConfigError(f"force_cpu: expected a boolean, got {self.force_cpu!r}")
+        if not isinstance(self.instance_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.instance_id):
             raise ConfigError(f"instance_id: 1-40 letters, digits, '_' or '-', got {self.instance_id!r}")
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, config_file: str | None = None, env: Mapping[str, str] | None = None,
              **overrides: Any) -> KvbmConfig:
-        """Defaults < file < KVBM_* env < keyword arguments."""
+        """Defaults < file < KVBM_* env < keyword arguments (None: not given), by source: see the
+        module docstring. `env` defaults to os.environ."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
+        _warn_unknown_env(env)
+        sources = []
         path = config_file or env.get("KVBM_CONFIG")
         if path:
-            values.update(_read_file(path))
-        values.update(_from_env(env))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+            sources.append(_parse_source(_read_file(path), f"config file {path}"))
+        sources.append(_from_env(env))
+        sources.append(_parse_source({k: v for k, v in overrides.items() if v is not None}, KEYWORDS))
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for source in sources:
+            for key, value in source.values.items():
+                for member in _SIZE_GROUPS.get(key, ()):   # the tier's size, in whichever unit
+                    values.pop(member, None)
+                    origin.pop(member, None)
+                values[key] = value
+                origin[key] = f"{source.spelled[key]} in {source.where}"
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            key = str(err).partition(":")[0]   # the messages of __post_init__ open with the key
+            if key in origin and not origin[key].endswith(f" in {KEYWORDS}"):
+                raise ConfigError(f"{err} (from {origin[key]})") from err   # where the bad value came from
+            raise
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> KvbmConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
-        data = dict(values)
-        layout = data.get("layout")
-        if isinstance(layout, Mapping):
-            data["layout"] = LayoutConfig.from_dict(layout)
-        for key in ("device_blocks", "host_blocks", "disk_blocks", "tcp_port", "max_batch_blocks", "copy_threads",
-                    "request_timeout_ms", "worker_delay_ms", "disk_fsize_limit"):
-            if isinstance(data.get(key), str):
-                data[key] = _parse_int(data[key], key)
-        for key in ("force_cpu", "disk_cold_start"):
-            if isinstance(data.get(key), str):
-                data[key] = _parse_bool(data[key], key)
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise ConfigError(str(err)) from err
+        """A config from one map of settings (a file's, say): strings and sizes parsed, no
+        environment read."""
+        return cls(**_parse_source(values, "the settings").values)
 
     # ---- derived -------------------------------------------------------------------------------
     def host_blocks_for(self, layout: LayoutConfig) -> int:
@@ -209,7 +277,61 @@ def _blocks(blocks: int | None, size: int | None, layout: LayoutConfig, tier: st
     count = size // layout.block_stride
     if size and count == 0:
         raise ConfigError(f"{tier}_size {size} bytes holds no block of {layout.block_stride} bytes")
+    if count > MAX_BLOCKS:
+        raise ConfigError(f"{tier}_size {size} bytes is {count} blocks of {layout.block_stride} bytes; "
+                          f"a tier holds at most {MAX_BLOCKS}")
     return count
+
+
+# ---- sources ------------------------------------------------------------------------------------
+KEYWORDS = "keyword arguments"
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    where: str                 # "the environment", "config file PATH", "keyword arguments"
+    values: dict[str, Any]     # field name -> parsed value
+    spelled: dict[str, str]    # field name -> the name the user gave it, for errors ("KVBM_HOST_GB")
+
+
+def _parse_source(raw: Mapping[str, Any], where: str, spelled: Mapping[str, str] | None = None) -> _Source:
+    """One source's settings, strings and sizes parsed under the names the source used. Unknown keys
+    and two spellings of one setting are errors naming them."""
+    known = [f.name for f in fields(KvbmConfig)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"unknown config keys in {where}: {', '.join(hints)}; known: {sorted(known)}")
+    spelled = {key: (spelled or {}).get(key, key) for key in raw}
+    for key in raw:
+        for other in _SIZE_GROUPS.get(key, ()):
+            if other != key and other in raw:
+                first, second = sorted((spelled[key], spelled[other]))
+                raise ConfigError(f"{first} and {second} both give the {key.split('_')[0]} tier's size in "
+                                  f"{where}; give one, not both")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            if key == "layout" and isinstance(value, Mapping):
+                try:
+                    value = LayoutConfig.from_dict(dict(value))
+                except LayoutError as err:
+                    raise ConfigError(f"layout: {err}") from err
+            elif key in _SIZE_KEYS:
+                value = parse_size(value, key)
+            elif key in _INT_KEYS and isinstance(value, str):
+                value = _parse_int(value, key)
+            elif key in ("force_cpu", "disk_cold_start") and isinstance(value, str):
+                value = _parse_bool(value, key)
+            elif key in ("ghost_ratio", "prefill_tokens_per_s") and isinstance(value, str):
+                value = _parse_float(value, key)
+        except ConfigError as err:
+            if where == KEYWORDS:
+                raise
+            raise ConfigError(f"{err} (from {spelled[key]} in {where})") from err
+        values[key] = value
+    return _Source(where, values, spelled)
 
 
 _ENV_KEYS = {
@@ -225,16 +347,35 @@ _ENV_KEYS = {
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",
     "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",
 }
+# KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
+_OTHER_VARS = ("KVBM_CONFIG", "KVBM_NO_CUDA", "KVBM_DEBUG", "KVBM_CUDA_ARCHS", "KVBM_TRACE")
+ENV_VARS = tuple(_ENV_KEYS) + _OTHER_VARS   # every KVBM_* variable kvbm knows
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def _from_env(env: Mapping[str, str]) -> _Source:
+    raw: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for var, key in _ENV_KEYS.items():
-        if var in env and env[var] != "":
-            raw = env[var]
-            # KVBM_HOST_GB=64 means 64 GB; KVBM_HOST_SIZE takes any unit.
-            values[key] = f"{raw}GB" if var.endswith("_GB") and _SIZE.match(raw) and raw.strip()[-1].isdigit() else raw
-    return values
+        value = env.get(var, "")
+        if value == "":
+            continue
+        if key in raw:   # KVBM_HOST_SIZE and KVBM_HOST_GB
+            raise ConfigError(f"{spelled[key]} and {var} both give the {key.split('_')[0]} tier's size in the "
+                              "environment; give one, not both")
+        # KVBM_HOST_GB=64 means 64 GB; KVBM_HOST_SIZE takes any unit.
+        raw[key] = f"{value}GB" if var.endswith("_GB") and _SIZE.match(value) and value.strip()[-1].isdigit() \
+            else value
+        spelled[key] = var
+    return _parse_source(raw, "the environment", spelled)
+
+
+def _warn_unknown_env(env: Mapping[str, str]) -> None:
+    """A misspelled KVBM_* variable would otherwise be ignored without a word."""
+    names = {var[5:]: var for var in ENV_VARS}   # compared without the KVBM_ every one shares
+    for var in sorted(v for v in env if v.upper().startswith("KVBM_") and v not in ENV_VARS):
+        close = difflib.get_close_matches(var[5:].upper(), names, 1)
+        logger.warning("unknown environment variable %s ignored; %s", var,
+                       f"did you mean {names[close[0]]}?" if close else "kvbm reads " + ", ".join(_ENV_KEYS))
 
 
 def _read_file(path: str) -> dict[str, Any]:

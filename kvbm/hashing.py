@@ -9,6 +9,16 @@ A sequence hash names a whole prefix, so equal hashes mean identical KV in every
 `fold_external_hash` turns a framework's own block hash (vLLM's bytes) into a 64-bit key.
 `layout_fingerprint` and `model_id` name what a G3 block on disk was written for (its journal keeps
 both): the KV layout of a block, and the model/salt its hashes were computed under.
+
+  key             = salt_keys(hashes, salt): what a KvBlockManager stores and matches for the
+                    hashes it is given, xxh3_64(hash as little-endian u64, salted_seed(salt)), or
+                    the hash itself without a salt
+
+The config's salt (KvbmConfig.salt, KVBM_SALT) is folded in at the manager's boundary, whoever
+computed the hashes (this module, with or without its own salt, or the engine), so two managers
+of different salts never hold a block under the same key: a model's or a LoRA's blocks are never
+another's, in any tier or store they share. Without one the keys are the hashes, so the golden
+values (and Dynamo's) hold.
 """
 from __future__ import annotations
 
@@ -39,6 +49,15 @@ def hash_token_blocks(tokens, block_size: int, salt: str | bytes | None = None,
     if parent is not None and not (0 <= int(parent) < 2**64):
         raise KvbmError(f"parent sequence hash must be a u64, got {parent!r}")
     return native.hash_blocks(tokens, block_size, salted_seed(salt), parent)
+
+
+def salt_keys(hashes: np.ndarray, salt: str | bytes | None) -> np.ndarray:
+    """The keys a manager of `salt` stores for `hashes` (u64 array): the hashes themselves without a
+    salt, else each hash re-hashed under the salted seed (one C call for the whole array)."""
+    if salt is None or salt == "" or salt == b"":
+        return hashes
+    words = np.ascontiguousarray(hashes, dtype="<u8").view("<u4")   # each hash as two LE u32 "tokens"
+    return native.hash_blocks(words, 2, salted_seed(salt))[0]
 
 
 def fold_external_hash(value: bytes | int, salt: str | bytes | None = None) -> int:

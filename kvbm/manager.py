@@ -15,6 +15,11 @@ Workflow of one request: hash its token blocks (kvbm.hashing) -> `match` -> onbo
 fastest tier holds -> allocate device blocks for the rest -> register them once computed -> release
 when the request ends; the runtime (kvbm.transfer, kvbm.workers) moves the bytes between tiers.
 
+Keys: every hash the manager is given (match, register and its parents, hint_waiting, offload,
+onboard) becomes a key with the config's salt folded in (kvbm.hashing.salt_keys; `keys(hashes)`
+shows them), so managers of different salts never match each other's blocks; without a salt the
+keys are the hashes.
+
 Transfers (the runtime's part of this facade): `register_device_tensors(tensors)` connects to the
 instance's running kvbm-workers, or starts one as a child for the embedded default, and registers
 the engine's KV tensors with its path workers (CUDA IPC handles, or in CPU mode the shared segment
@@ -34,6 +39,7 @@ import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
+from kvbm.hashing import salt_keys
 from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
@@ -111,6 +117,11 @@ class KvBlockManager:
         self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
+    def keys(self, hashes) -> np.ndarray:
+        """The keys this manager stores for sequence hashes: the config's salt folded in
+        (kvbm.hashing.salt_keys); the hashes themselves without a salt."""
+        return salt_keys(_hashes(hashes), self.config.salt)
+
     def pool(self, tier: Tier | int) -> BlockPool:
         self._check_open()
         try:
@@ -123,14 +134,14 @@ class KvBlockManager:
         onboard would load: G2's prefix, then the run G3 holds after it, where the load rule says
         reading it is faster than recomputing it."""
         self._check_open()
-        hashes = _hashes(hashes)
+        keys = self.keys(hashes)
         disk = self._disk
         with self._lock:
-            prefix = self.tiers.prefix_lengths(hashes)
+            prefix = self.tiers.prefix_lengths(keys)
             if disk is None:
                 return TierMatch(prefix, prefix.get(Tier.G2, 0))
-            prefix[Tier.G3] = disk.prefix(hashes)
-            k2, k3, offered = disk.plan(hashes)
+            prefix[Tier.G3] = disk.prefix(keys)
+            k2, k3, offered = disk.plan(keys)
             rule = {"blocks": k3, "load_s": disk.rule.load_s(k3), "recompute_s": disk.rule.recompute_s(k3),
                     "offered": offered}
         disk.maybe_refresh()
@@ -155,11 +166,11 @@ class KvBlockManager:
         with self._lock:
             # Everything register could refuse is checked before complete(): a refused call leaves
             # the blocks PARTIAL, as they were, so the caller can retry.
-            hashes = _hashes(hashes)
+            hashes = self.keys(hashes)
             if len(np.atleast_1d(blocks)) != len(hashes):
                 raise LayoutError(f"register got {len(np.atleast_1d(blocks))} blocks and {len(hashes)} hashes")
             if parents is not None:
-                parents = _hashes(parents)
+                parents = self.keys(parents)
                 if len(parents) != len(hashes):
                     raise LayoutError(f"register got {len(parents)} parents for {len(hashes)} hashes")
             if has_parent is not None:
@@ -188,7 +199,7 @@ class KvBlockManager:
         KvbmError and changes nothing.
         """
         self._check_open()
-        hashes = _hashes(hashes)
+        hashes = self.keys(hashes)
         with self._lock:
             return self._hints.add(request_id, hashes)
 
@@ -220,7 +231,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers, clean_dead_device_segments
+        from kvbm.shm import SharedBuffers, check_shm_room, clean_dead_device_segments
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -237,6 +248,8 @@ class KvBlockManager:
         gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
         if gone:
             logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
+        check_shm_room(layout.total_bytes, f"the CPU-mode emulated device ({layout.num_blocks} blocks of "
+                                           f"{layout.config.block_bytes} bytes)")
         self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
         return list(self._shared.tensors)
 
@@ -245,12 +258,14 @@ class KvBlockManager:
         """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
+        from kvbm.shm import check_shm_room
         from kvbm.transfer.disk_offload import DiskTransfers
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
         from kvbm.transfer.memory_map import describe_memory
         from kvbm.wire import protocol as P
+        from kvbm.wire.auth import ClientKeys
         self._check_open()
         if Tier.G2 not in self.pools:
             raise ConfigError("transfers need a host tier: set host_blocks or host_size")
@@ -272,15 +287,22 @@ class KvBlockManager:
                 if start is False:
                     raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
                                     f"({self.config.resolved_runtime_dir()})")
+                check_shm_room(host_layout.total_bytes, f"G2 ({host_layout.num_blocks} blocks of "
+                                                        f"{layout.config.block_bytes} bytes)")
                 self._workers = WorkersProcess(self.config, host_layout.total_bytes)
                 endpoint = self._workers.start(timeout)
                 supervisor_pid = self._workers.pid
             else:
                 supervisor_pid = find_instance(self.config).pid or None  # the lock file's, not the welcome's word
+            keys = ClientKeys.read(self.config.resolved_runtime_dir())
+            if keys is None:
+                self._stop_workers()
+                raise LifecycleError(f"kvbm-workers at {endpoint} left no client keys in "
+                                     f"{self.config.resolved_runtime_dir()}; it serves only peers that have them")
             tm = TransferManager(endpoint, max_inflight_bytes=self.config.max_inflight_bytes,
                                  max_batch_blocks=self.config.max_batch_blocks,
                                  request_timeout_s=self.config.request_timeout_ms / 1000.0,
-                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid)
+                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid, keys=keys)
             try:
                 tm.connect(timeout)
             except BaseException:
@@ -342,7 +364,10 @@ class KvBlockManager:
         """G1 -> G2. A future whose result().value is an OffloadResult (moved vs already held);
         TransferError when the copy failed (nothing was registered). kwargs: parents, priority,
         gate, block, timeout."""
-        return self._transfer_api().offload(device_blocks, _hashes(hashes), **kwargs)
+        transfers = self._transfer_api()
+        if kwargs.get("parents") is not None:
+            kwargs["parents"] = self.keys(kwargs["parents"])
+        return transfers.offload(device_blocks, self.keys(hashes), **kwargs)
 
     def onboard(self, hashes, device_blocks, **kwargs: Any):
         """G2 -> G1 for the longest prefix of hashes G2 holds, and with a disk tier G3 -> G1 for the
@@ -352,8 +377,8 @@ class KvBlockManager:
         gate, layers, block, timeout."""
         api = self._transfer_api()
         if self._disk is not None:
-            return self._disk.onboard(_hashes(hashes), device_blocks, **kwargs)
-        return api.onboard(_hashes(hashes), device_blocks, **kwargs)
+            return self._disk.onboard(self.keys(hashes), device_blocks, **kwargs)
+        return api.onboard(self.keys(hashes), device_blocks, **kwargs)
 
     @property
     def scheduler(self):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+from kvbm.errors import ConfigError
+
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
@@ -100,5 +102,12 @@ class SupervisorMetrics:
 
 
 def serve(registry: CollectorRegistry, port: int) -> None:
-    """Serves the registry at http://127.0.0.1:port/metrics (loopback only)."""
-    start_http_server(port, addr="127.0.0.1", registry=registry)
+    """Serves the registry at http://127.0.0.1:port/metrics (loopback only). A port that cannot be
+    bound (in use, out of range, privileged) is a ConfigError naming it."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"metrics port: expected 1..65535, got {port}")
+    try:
+        start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as err:
+        raise ConfigError(f"metrics port {port} on 127.0.0.1: {err.strerror or err}; pick another "
+                          "--metrics-port") from err

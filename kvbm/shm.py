@@ -16,6 +16,8 @@ Parts:
                         removes every instance's device segments of dead engines (pid in the name
                         dead and the segment's flock free), only this user's
   SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map
+  check_shm_room        before a large segment is made: refuses one /dev/shm has no room for, and
+                        warns when one takes more than half of what is free (the numbers in both)
 
 Nothing here imports zmq or the workers: both the engine side and the worker side use it.
 """
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvbm.errors import KvbmError, LifecycleError, PermissionRefusedError
+from kvbm.errors import ConfigError, KvbmError, LifecycleError, PermissionRefusedError
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +51,29 @@ SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
 FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progress in between)
 PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
+SHM_WARN_SHARE = 0.5          # check_shm_room warns above this share of /dev/shm's free bytes
 ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
+
+
+def shm_space() -> tuple[int, int]:
+    """(free, total) bytes of /dev/shm for this user."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def check_shm_room(nbytes: int, what: str) -> None:
+    """/dev/shm is RAM shared with every process of the machine (and in a container often 64 MB):
+    refuse a segment it cannot hold, before anything is started, and say so when one would take
+    most of what is left."""
+    free, total = shm_space()
+    if nbytes > free:
+        raise ConfigError(f"{what} needs {nbytes / 1e9:.3f} GB of {SHM_DIR}, which has {free / 1e9:.3f} GB free "
+                          f"of {total / 1e9:.3f} GB: shrink it, or enlarge {SHM_DIR} (e.g. docker --shm-size)")
+    if nbytes > SHM_WARN_SHARE * free:
+        logger.warning("%s takes %.3f GB of %s: %.0f%% of the %.3f GB free (%.3f GB in all); the machine's other "
+                       "processes share this memory", what, nbytes / 1e9, SHM_DIR, 100 * nbytes / free, free / 1e9,
+                       total / 1e9)
 
 
 def segment_name(instance_id: str, kind: str = "g2") -> str:

@@ -12,6 +12,12 @@ Parts:
 Order: the manager asks control_endpoint() first; only when no live instance owns its instance_id
 does it start a WorkersProcess (whose supervisor removes a dead owner's leftovers when it takes the
 lock) and wait for the endpoints.json written by that child.
+
+Settings: the child runs on the engine's resolved settings alone. They travel as flags (the G2 size
+in bytes, as the engine sized it; the disk tier in the unit it was given) and as the three KVBM_*
+variables set in child_env(); every other KVBM_* of the engine's environment, KVBM_CONFIG included,
+is removed, so the child never reads a second time what the engine already resolved (an inherited
+KVBM_HOST_BLOCKS beside the --host-size flag would give the child two host sizes).
 """
 from __future__ import annotations
 
@@ -90,23 +96,27 @@ class WorkersProcess:
             cmd += ["--runtime-dir", c.runtime_dir]
         if c.force_cpu:
             cmd.append("--force-cpu")
-        if c.disk_path and (c.disk_blocks or c.disk_size):
-            cmd += ["--disk-path", os.path.abspath(c.disk_path)]
-            if c.disk_size:   # else KVBM_DISK_BLOCKS (start()): the two are exclusive
-                cmd += ["--disk-size", str(c.disk_size)]
+        if c.disk_path and c.disk_blocks:
+            cmd += ["--disk-path", os.path.abspath(c.disk_path), "--disk-blocks", str(c.disk_blocks)]
+        elif c.disk_path and c.disk_size:
+            cmd += ["--disk-path", os.path.abspath(c.disk_path), "--disk-size", str(c.disk_size)]
+        if c.gds != "auto":
+            cmd += ["--gds", c.gds]
         return cmd
 
-    def start(self, timeout: float = 60.0) -> str:
-        env = dict(os.environ)
+    def child_env(self) -> dict[str, str]:
+        """The engine's environment without its KVBM_* settings, plus the ones set here."""
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KVBM_")}
         env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("KVBM_CONFIG", None)  # this engine's resolved settings travel as flags and these vars
         env.update({"KVBM_MAX_BATCH_BLOCKS": str(self.config.max_batch_blocks),
                     "KVBM_COPY_THREADS": str(self.config.copy_threads),
                     "KVBM_WORKER_DELAY_MS": str(self.config.worker_delay_ms)})
-        if self.config.disk_blocks:
-            env["KVBM_DISK_BLOCKS"] = str(self.config.disk_blocks)
-        env.update({"KVBM_GDS": self.config.gds, "KVBM_DISK_FSIZE_LIMIT": str(self.config.disk_fsize_limit)})
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env)
+        if self.config.disk_fsize_limit:   # a test hook, like the copy delay: no flag for it
+            env["KVBM_DISK_FSIZE_LIMIT"] = str(self.config.disk_fsize_limit)
+        return env
+
+    def start(self, timeout: float = 60.0) -> str:
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=self.child_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -67,6 +68,7 @@ from kvbm.transfer.records import Finalize, Request, RequestState, Submission, W
 from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
@@ -83,9 +85,14 @@ class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
                  request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
-                 supervisor_pid: int | None = None) -> None:
+                 supervisor_pid: int | None = None, keys: ClientKeys | None = None) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
+        # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
+        # the routing id of every socket of ours: workers bind our registration to it, the supervisor
+        # our restart requests, and it survives a reconnect (a made-up one would not).
+        self._keys = keys
+        self._routing_id = b"kvbm-" + secrets.token_hex(16).encode()
         self.max_batch_blocks = max_batch_blocks
         self.request_timeout_s = request_timeout_s
         self.stats_fn = stats_fn
@@ -122,7 +129,7 @@ class TransferManager:
     # ---- set-up ------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> dict:
         """hello -> welcome on the control socket; connects to the event socket and every worker."""
-        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint)
+        self._control = connect_socket(self._ctx, zmq.DEALER, self.control_endpoint, self._keys, self._routing_id)
         self._control.send(P.encode({"t": P.MsgType.HELLO, "id": 0, "engine": self.engine_id}))
         if not self._control.poll(int(timeout * 1000)):
             self.close()
@@ -135,10 +142,10 @@ class TransferManager:
         self._watch_supervisor(welcome)
         cap = int(welcome.get("max_batch_blocks") or P.MAX_BATCH_BLOCKS)
         self.max_batch_blocks = max(1, min(self.max_batch_blocks, cap))
-        self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"])
+        self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"], self._keys)
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
-            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"])
+            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, self._routing_id)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()
@@ -730,6 +737,9 @@ class TransferManager:
             self.metrics.timeouts.labels(label).inc()
             logger.error("%s request %d missed its %.1f s deadline; asking for gen %d to be replaced",
                          label, wire.rid, self.request_timeout_s, wire.gen)
+            # The supervisor takes a restart only for the generation our latest report names, from
+            # the connection we report on: report now, so that it is current (it goes every second).
+            self._report()
             self._control.send(P.encode({"t": P.MsgType.RESTART, "path": int(q.path), "gen": wire.gen,
                                          "engine": self.engine_id, "reason": f"request {wire.rid} timed out"}),
                                zmq.NOBLOCK)
@@ -773,7 +783,9 @@ class TransferManager:
         report = {"t": P.MsgType.STATS, "engine": self.engine_id, "inflight_bytes": self.budget.used,
                   "queues": {q.path.label: {"queued": len(q.heap), "outstanding": len(q.outstanding)}
                              for q in self._paths.values()},
-                  "held": len(self.scheduler), "counters": self.metrics.totals()}
+                  "held": len(self.scheduler), "counters": self.metrics.totals(),
+                  # what the supervisor checks a restart request against
+                  "generations": {q.path.label: q.link.registered_gen for q in self._paths.values()}}
         if self.stats_fn is not None:
             try:
                 report["pools"] = self.stats_fn()

@@ -7,7 +7,10 @@ Parts:
                  can find tcp ports picked at random
   make_context / bind_socket / connect_socket
                  every socket with linger 0, a hard receive-size cap (ZMQ drops a peer that sends
-                 more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind
+                 more than 4x the protocol's soft cap), ipc socket files chmod 0600 after bind.
+                 A server socket is a CURVE server behind its process's Gatekeeper, a client a
+                 CURVE client with the instance's client keys (kvbm.wire.auth); TCP is never
+                 served without them. A bound ROUTER queues at most RECV_HWM messages per peer.
 """
 from __future__ import annotations
 
@@ -21,11 +24,17 @@ import zmq
 
 from kvbm.errors import ConfigError, PermissionRefusedError
 from kvbm.shm import check_private, check_private_dir
+from kvbm.wire.auth import ClientKeys, Gatekeeper, configure_client, configure_server
 from kvbm.wire.protocol import MAX_MESSAGE_BYTES, PROCESS_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
 HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES
 IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+# Messages a bound ROUTER's ZeroMQ queue holds per peer before it stops reading that peer (the
+# peer's sends then wait on its side): an engine keeps transfer.manager.WINDOW requests at a worker
+# plus a registration, the supervisor one stats request. At ZeroMQ's default (1000), a peer sending
+# large frames while the process was busy made ZeroMQ hold 60 frames of 15 MiB at once.
+RECV_HWM = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +124,23 @@ def check_endpoint(endpoint: str) -> None:
         raise ConfigError(f"unsupported endpoint {endpoint}; expected ipc:// or tcp://127.0.0.1:PORT")
 
 
-def bind_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+def bind_socket(ctx: zmq.Context, kind: int, endpoint: str, gate: Gatekeeper | None = None) -> zmq.Socket:
+    """A server socket; with `gate` (the running Gatekeeper of `ctx`) a CURVE server that admits
+    only the instance's client key. TCP without a gate is refused: any local process could drive it."""
     check_endpoint(endpoint)
+    if gate is None and endpoint.startswith("tcp://"):
+        raise PermissionRefusedError(f"refusing to serve {endpoint} without CURVE authentication")
+    if gate is not None and (gate.ctx is not ctx or not gate.running):
+        raise PermissionRefusedError("no running Gatekeeper answers ZAP for this socket's ZeroMQ context")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if gate is not None:
+        configure_server(sock, gate.keys)
     if kind != zmq.PUB:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished engine is dropped, not raised
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
     path = _ipc_path(endpoint)
     if path is not None:
         try:
@@ -148,10 +166,18 @@ def pending(sock: zmq.Socket) -> Iterator[bytes]:
             return
 
 
-def connect_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+def connect_socket(ctx: zmq.Context, kind: int, endpoint: str, keys: ClientKeys | None = None,
+                   routing_id: bytes | None = None) -> zmq.Socket:
+    """A client socket; with `keys` a CURVE client (what every kvbm server socket requires). A
+    `routing_id` (not starting with a zero byte: those are ZeroMQ's) names this connection to a
+    ROUTER across reconnects; without one the ROUTER makes up a new id per connection."""
     check_endpoint(endpoint)
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        configure_client(sock, keys)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_CAP)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")

@@ -47,6 +47,7 @@ MAX_ENGINE_ID = 256                 # the "engine" field of every message
 MAX_LAYERS = 1024                   # KVBM_MAX_LAYERS of csrc/include/kvbm.h
 MAX_DEVICE = 1023                   # CUDA device ordinal in memory.device
 ENGINE_REQUIRED = frozenset({"register", "unregister", "xfer"})
+XFER_FIELDS = frozenset({"v", "t", "id", "engine", "gen", "path", "src", "dst", "prio", "layers", "gate"})
 
 
 class Path(IntEnum):
@@ -238,6 +239,27 @@ def make_xfer(rid: int, engine: str, gen: int, path: Path, src, dst, priority: i
     return msg
 
 
+def _check_gate(msg: dict) -> None:
+    gate = msg.get("gate")
+    if gate is not None and not (isinstance(gate, list) and len(gate) == 2
+                                 and all(g is None or (isinstance(g, int) and not isinstance(g, bool))
+                                         for g in gate)):
+        raise ProtocolError(f"gate: expected nil or [iteration|nil, layer|nil], got {gate!r:.80}")
+
+
+def check_xfer_fields(msg: dict) -> None:
+    """Before an xfer is queued: only its own fields, block arrays as bytes, a small gate. What a
+    queued request keeps is then about its frame's size (a map of nested lists decodes to many times
+    its frame), so a byte bound on queued frames bounds the memory they hold."""
+    extra = msg.keys() - XFER_FIELDS
+    if extra:
+        raise ProtocolError(f"xfer: unknown fields {sorted(map(str, extra))[:5]!r:.120}")
+    for key in ("src", "dst"):
+        if not isinstance(msg.get(key), (bytes, bytearray)):
+            raise ProtocolError(f"{key}: expected packed int64 bytes, got {type(msg.get(key)).__name__}")
+    _check_gate(msg)
+
+
 def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """The (src, dst) arrays of an xfer request, checked against the handshaken layouts."""
     _int(msg, "id", 0, 2**63 - 1)
@@ -247,11 +269,7 @@ def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) ->
     _str(msg, "engine")
     if not isinstance(msg.get("layers", False), bool):
         raise ProtocolError(f"layers: expected a bool, got {msg.get('layers')!r}")
-    gate = msg.get("gate")
-    if gate is not None and not (isinstance(gate, list) and len(gate) == 2
-                                 and all(g is None or (isinstance(g, int) and not isinstance(g, bool))
-                                         for g in gate)):
-        raise ProtocolError(f"gate: expected nil or [iteration|nil, layer|nil], got {gate!r:.80}")
+    _check_gate(msg)
     cap = min(max_blocks, MAX_BATCH_BLOCKS)
     src = unpack_blocks(msg.get("src"), "src", src_limit, cap)
     dst = unpack_blocks(msg.get("dst"), "dst", dst_limit, cap)

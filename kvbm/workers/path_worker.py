@@ -5,13 +5,18 @@ Order of things:
      pid; asks the kernel to kill it when the supervisor dies (PR_SET_PDEATHSIG), then checks that
      pid is still its parent (it may have died before prctl) and keeps checking every second
   2. maps G2 and, in CUDA mode, pins it with cudaHostRegister (timed: reported in READY)
-  3. binds its endpoint (ipc socket file chmod 0600), tells the supervisor READY
+  3. reads the instance's CURVE keys from the 0600 runtime dir, starts its ZAP Gatekeeper, binds
+     its endpoint as a CURVE server (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
      layouts (one live engine per instance: each maps its host layout over all of G2); XFER
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
+     A registration belongs to the connection (ROUTER routing id) that made it: xfer and
+     unregister naming that engine from any other connection are refused, and so is a second
+     register under its id from another connection while the engine lives. The queue is bounded
+     in requests (MAX_QUEUED) and in bytes (MAX_QUEUED_BYTES); past either, ERROR at once.
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
 SIGTERM ends it cleanly (unpin, close); SIGINT is ignored, since the supervisor owns shutdown.
 """
@@ -33,7 +38,8 @@ from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
-from kvbm.wire.channel import bind_socket, make_context
+from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
+from kvbm.wire.channel import bind_socket, connect_socket, make_context
 from kvbm.workers.copy import Copier, DeviceMemory
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,7 @@ class Registration:
     host: BlockLayout
     memory: DeviceMemory
     copier: Copier
+    ident: bytes        # routing id of the connection that registered: only it may use this
 
 
 @dataclass
@@ -86,6 +93,11 @@ MAX_IN_FLIGHT = 4
 # Copy requests waiting in the heap: what the engines' windows need many times over; past it a
 # request is answered ERROR at once instead of growing this process without bound.
 MAX_QUEUED = 4096
+# The same bound in bytes (frame sizes of the queued requests; a request's fields are checked
+# before it is queued, so what it keeps is about its frame's size). A normal request is
+# 16 bytes per block pair (4 KiB for 256 pairs): 64 MiB is thousands of them, while 60 frames of
+# 15 MiB once took a worker from 45 MiB to 1.47 GB.
+MAX_QUEUED_BYTES = 64 << 20
 
 
 def _die_with_parent() -> None:
@@ -111,16 +123,17 @@ class PathWorker:
         self.engines: dict[str, Registration] = {}
         self._stop = False
         self._queue: list = []
+        self._queued_bytes = 0
         self._in_flight: list[InFlight] = []
         self._busy_until = 0.0
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
         self.pin_s = self.host_segment.pin() if self.cuda and self.PIN_HOST else 0.0
+        server_keys, client_keys = _read_keys(args.keys_dir)
         self.ctx = make_context()
-        self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint)
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.connect(args.control)
+        self.gate = Gatekeeper(self.ctx, server_keys).start()
+        self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint, self.gate)
+        self.control = connect_socket(self.ctx, zmq.DEALER, args.control, client_keys)
 
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -146,7 +159,8 @@ class PathWorker:
                 self._drop_dead_engines()
             self._drain()
             while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
-                _, _, ident, msg, t_recv = heapq.heappop(self._queue)
+                _, _, ident, msg, t_recv, nbytes = heapq.heappop(self._queue)
+                self._queued_bytes -= nbytes
                 self._execute(ident, msg, t_recv)
             if self._in_flight:
                 # Wait on the GPU only when there is nothing new to launch.
@@ -189,19 +203,25 @@ class PathWorker:
             try:
                 engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
-                    if len(self._queue) >= MAX_QUEUED:
+                    P.check_xfer_fields(msg)  # nothing but the fields of a request stays queued
+                    size = len(payload)
+                    if len(self._queue) >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
                         self.stats.errors += 1
                         self._reply(ident, P.make_done(P.request_id_of(msg), P.Status.ERROR,
-                                                       f"queue full: {len(self._queue)} requests queued "
-                                                       f"(at most {MAX_QUEUED})", gen=self.gen))
+                                                       f"worker queue full: {len(self._queue)} requests, "
+                                                       f"{self._queued_bytes} bytes queued (at most {MAX_QUEUED} "
+                                                       f"requests, {MAX_QUEUED_BYTES} bytes); this one is "
+                                                       f"{size} bytes", gen=self.gen))
                         continue
                     prio = msg.get("prio", 0)
                     prio = prio if isinstance(prio, int) and not isinstance(prio, bool) else 0
                     self._seq += 1
-                    heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv))
+                    self._queued_bytes += size
+                    heapq.heappush(self._queue, (-prio, self._seq, ident, msg, t_recv, size))
                 elif kind == P.MsgType.REGISTER:
                     self._register(ident, msg)
                 elif kind == P.MsgType.UNREGISTER:
+                    self._check_owner(ident, self.engines.get(engine), "unregister")  # type: ignore[arg-type]
                     self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
@@ -257,6 +277,7 @@ class PathWorker:
                                 f"the G2 segment holds {self.host_segment.size}")
         engine = msg["engine"]
         self._refuse_second_engine(engine)
+        self._check_owner(ident, self.engines.get(engine), "register")
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
@@ -271,7 +292,7 @@ class PathWorker:
         except BaseException:
             mem.close()
             raise
-        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier)
+        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident)
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks, %s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
@@ -289,6 +310,13 @@ class PathWorker:
                                     f"instance (G2 segment {self.host_segment.name}); a second engine would "
                                     f"overwrite its host blocks. Close it first, or give this engine its own "
                                     f"instance_id")
+
+    def _check_owner(self, ident: bytes, reg: Registration | None, action: str) -> None:
+        """A registration is used, replaced or dropped only by the connection that made it (a
+        dead engine's is dropped first, by _drop_dead_engines, so its successor may register)."""
+        if reg is not None and reg.ident != ident:
+            raise ProtocolError(f"{action} refused: engine {reg.engine!r:.80} (pid {reg.pid}) is registered by "
+                                f"another connection")
 
     # ---- transfers -------------------------------------------------------------------------
     def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:
@@ -308,6 +336,7 @@ class PathWorker:
                 raise ProtocolError(f"engine {msg.get('engine')!r:.60} has not registered with this worker")
             copier = reg.copier
             src, dst = P.validate_xfer(msg, copier.src.num_blocks, copier.dst.num_blocks, self.max_batch)
+            self._check_owner(ident, reg, "xfer")  # after the checks that need no owner, before any copy
         except ProtocolError as err:
             self._malformed(ident, msg, err)
             return
@@ -393,8 +422,18 @@ class PathWorker:
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
+        self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
+
+
+def _read_keys(keys_dir: str) -> tuple[ServerKeys, ClientKeys]:
+    server = ServerKeys.read(keys_dir) if keys_dir else None
+    client = ClientKeys.read(keys_dir) if keys_dir else None
+    if server is None or client is None:
+        raise KvbmError(f"no CURVE keys in {keys_dir or '(no --keys-dir)'}: a path worker serves only "
+                        f"authenticated peers")
+    return server, client
 
 
 def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argparse.ArgumentParser:
@@ -403,6 +442,7 @@ def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argpar
     ap.add_argument("--gen", type=int, required=True)
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--control", required=True)
+    ap.add_argument("--keys-dir", default="", help="the 0600 runtime dir holding the instance's CURVE keys")
     ap.add_argument("--segment", required=True)
     ap.add_argument("--segment-size", type=int, required=True)
     ap.add_argument("--cuda", type=int, default=0)

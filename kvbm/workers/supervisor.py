@@ -4,15 +4,19 @@ Order of things:
   1. take the instance lock in the 0700 runtime dir; leftovers of a killed predecessor (socket
      files, endpoints.json, the G2 segment, device segments of dead engines) are removed
   2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder
-  3. bind the control ROUTER and the event PUB socket, write endpoints.json
+  3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
+     the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
+     peer that read the keys from the 0600 runtime dir gets an answer or an event
   4. start one process per worker path (D2H, H2D), and with a disk tier the disk worker (H2DISK and
-     DISK2H in one process, kvbm.workers.disk_worker; same restart rules). Each maps and, in CUDA
-     mode, pins G2 itself and says READY (with its pinning time); the supervisor then publishes
-     {event started, path, gen} (for each path the process serves). Without a disk tier the
-     control socket answers disk requests "no disk tier".
+     DISK2H in one process, kvbm.workers.disk_worker; same restart rules; same CURVE keys). Each
+     maps and, in CUDA mode, pins G2 itself and says READY (with its pinning time); the supervisor
+     then publishes {event started, path, gen} (for each path the process serves). Without a disk
+     tier the control socket answers disk requests "no disk tier".
   5. serve: answer hello/status/stats/restart on the control socket, poll workers for stats every
      second, log one summary line per interval; a worker that exits is reported ({event died,
-     path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1
+     path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1.
+     A restart is taken only from the connection an engine reports its stats on, for the
+     generation that engine's report says its transfers use (and that is still running).
   6. SIGINT/SIGTERM: stop workers (SIGTERM, then SIGKILL past a deadline) and reap them, publish
      {died, path, gen} for each and then stopping, unlink the segment, remove sockets, lock and folder.
 
@@ -40,6 +44,7 @@ from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.progress import PERIOD_S, Progress
 from kvbm.shm import RuntimeDir, Segment, clean_dead_device_segments, clean_stale_segments, segment_name
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys, Gatekeeper, create_keys
 from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ SWEEP_PERIOD_S = 2.0
 WORKER_FIELDS = frozenset({"id", "queue", "requests", "blocks", "bytes", "errors", "stale", "malformed", "busy_s",
                            "uptime_s", "engines", "pid"})
 ENGINE_NUMBERS = ("inflight_bytes", "held")
-ENGINE_MAPS = ("queues", "pools", "counters")
+ENGINE_MAPS = ("queues", "pools", "counters", "generations")
 MAX_ENGINES = 256
 MAX_MAP_KEYS = 16
 MAX_KEY_CHARS = 32
@@ -127,12 +132,15 @@ class Supervisor:
             self.slots[P.Path.H2DISK] = WorkerSlot(P.Path.H2DISK)  # the disk worker: H2DISK and DISK2H
         self.segment: Segment | None = None
         self.engines: dict[str, dict] = {}
+        self._engine_conn: dict[str, bytes] = {}   # engine -> routing id of the connection it reports on
         self.prefault_s = 0.0
         self.started = time.monotonic()
         self._stop = False
         self._ctx: zmq.Context | None = None
         self._control: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
+        self._gate: Gatekeeper | None = None
+        self._client_keys: ClientKeys | None = None
         self._disk_dir: str | None = None
         self._stats_seq = 0
         self.parent_pid = 0     # embedded mode (--exit-with-parent): stop once this is not our parent
@@ -173,11 +181,13 @@ class Supervisor:
         if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
             self._disk_dir = self._prepare_disk(self.config.disk_path)
         self._ctx = make_context()
-        self._control = bind_socket(self._ctx, zmq.ROUTER, self.endpoints.control)
-        self._events = bind_socket(self._ctx, zmq.PUB, self.endpoints.events)
+        server_keys, self._client_keys = create_keys(self.rundir.path)  # before endpoints.json names the sockets
+        self._gate = Gatekeeper(self._ctx, server_keys).start()
+        self._control = bind_socket(self._ctx, zmq.ROUTER, self.endpoints.control, self._gate)
+        self._events = bind_socket(self._ctx, zmq.PUB, self.endpoints.events, self._gate)
         self.endpoints.write(self.rundir.path)
         for slot in self.slots.values():
-            slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path))
+            slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path), self._client_keys)
             self._spawn(slot)
 
     @staticmethod
@@ -195,7 +205,7 @@ class Supervisor:
         module = "kvbm.workers.disk_worker" if slot.path in P.DISK_PATHS else "kvbm.workers.path_worker"
         cmd = [sys.executable, "-m", module, "--path", slot.path.label,
                "--gen", str(slot.gen), "--endpoint", self.endpoints.worker(slot.path),
-               "--control", self.endpoints.control, "--segment", self.segment.name,
+               "--control", self.endpoints.control, "--keys-dir", self.rundir.path, "--segment", self.segment.name,
                "--segment-size", str(self.segment.size), "--cuda", str(int(self.cuda)),
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
@@ -274,7 +284,7 @@ class Supervisor:
             msg = None
             try:
                 msg = P.decode(payload)
-                reply = self._handle_control(msg)
+                reply = self._handle_control(msg, ident)
             except (ProtocolError, KvbmError) as err:
                 logger.warning("control: rejected a message: %s", err)
                 reply = P.make_done(P.request_id_of(msg), P.Status.ERROR, f"rejected: {err}")
@@ -292,7 +302,7 @@ class Supervisor:
         except zmq.Again:
             logger.warning("control: reply to a slow client dropped (send queue full)")
 
-    def _handle_control(self, msg: dict) -> dict | None:
+    def _handle_control(self, msg: dict, ident: bytes = b"") -> dict | None:
         kind = msg["t"]
         if kind == P.MsgType.HELLO:
             return self.welcome()
@@ -306,11 +316,15 @@ class Supervisor:
             engine = msg.get("engine")
             if isinstance(engine, str) and 0 < len(engine) <= P.MAX_ENGINE_ID and \
                     (engine in self.engines or len(self.engines) < MAX_ENGINES):
+                if engine in self._live_engines() and self._engine_conn.get(engine) != ident:
+                    logger.warning("control: ignored a report for engine %.80r from a connection other than "
+                                   "the one it reports on", engine)
+                    return None
                 self.engines[engine] = engine_report(msg) | {"at": time.time()}
+                self._engine_conn[engine] = ident
             return None
         if kind == P.MsgType.RESTART:
-            self._restart_request(msg)
-            return {"t": P.MsgType.PONG}
+            return {"t": P.MsgType.PONG, "restarted": self._restart_request(msg, ident)}
         if kind == P.MsgType.XFER:
             path = msg.get("path")
             if path in [int(p) for p in P.DISK_PATHS] and P.Path.H2DISK not in self.slots:
@@ -359,15 +373,30 @@ class Supervisor:
             self._publish(P.make_event("started", path, slot.gen, pid=msg.get("pid"),
                                        endpoint=self.endpoints.worker(slot.path)))
 
-    def _restart_request(self, msg: dict) -> None:
+    def _restart_request(self, msg: dict, ident: bytes) -> bool:
+        """Kills the worker an engine found unresponsive. Only an engine whose transfers use that
+        worker may ask: the request comes from the connection the engine reports its stats on,
+        and names the generation its latest report says it is registered with, which must still
+        be the running one (an older one is dead already). True when a worker was killed."""
         try:
             slot = self.slots[P.Path(msg.get("path"))]
-        except (ValueError, KeyError):
-            raise ProtocolError(f"restart of an unknown path {msg.get('path')!r}") from None
-        if msg.get("gen") == slot.gen and slot.proc is not None and slot.proc.poll() is None:
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError(f"restart of an unknown path {msg.get('path')!r:.40}") from None
+        engine, gen = msg.get("engine"), msg.get("gen")
+        report = self._live_engines().get(engine) if isinstance(engine, str) else None
+        if report is None or self._engine_conn.get(engine) != ident:
+            raise ProtocolError(f"restart of the {slot.path.label} worker refused: {engine!r:.80} is not an engine "
+                                f"reporting on this connection")
+        used = report.get("generations", {}).get(slot.path.label)
+        if gen != used or isinstance(gen, bool):
+            raise ProtocolError(f"restart of the {slot.path.label} worker gen {gen!r:.40} refused: engine "
+                                f"{engine!r:.80} reports its transfers use gen {used!r}")
+        if gen == slot.gen and slot.proc is not None and slot.proc.poll() is None:
             logger.error("engine %s reports %s worker gen %d unresponsive (%s); killing it",
-                         msg.get("engine"), slot.path.label, slot.gen, msg.get("reason"))
+                         engine, slot.path.label, slot.gen, msg.get("reason"))
             slot.proc.kill()
+            return True
+        return False
 
     def _refresh_stats(self, timeout: float = 0.3) -> None:
         """Asks every ready worker for fresh stats and waits (bounded) for the answers, so that a
@@ -447,6 +476,7 @@ class Supervisor:
         cutoff = time.time() - 5 * STATS_PERIOD_S
         for name in [n for n, r in self.engines.items() if r["at"] < cutoff]:
             del self.engines[name]
+            self._engine_conn.pop(name, None)
         return self.engines
 
     def status(self) -> dict:
@@ -522,6 +552,9 @@ class Supervisor:
             if sock is not None:
                 sock.close(0)
         self._control = self._events = None
+        if self._gate is not None:
+            self._gate.stop()  # after the server sockets: libzmq admits anyone while no handler is bound
+            self._gate = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

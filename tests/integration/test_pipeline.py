@@ -228,7 +228,7 @@ def test_disk_paths_without_a_disk_tier_answer_so(make_pipeline):
 
     from kvbm.wire.channel import connect_socket, make_context
     ctx = make_context()
-    sock = connect_socket(ctx, zmq.DEALER, tm.control_endpoint)
+    sock = connect_socket(ctx, zmq.DEALER, tm.control_endpoint, pipe.keys)
     try:
         sock.send(P.encode(P.make_xfer(9, "x", 1, P.Path.DISK2H, [0], [0])))
         assert sock.poll(5000)

@@ -19,6 +19,7 @@ import kvbm
 from kvbm.errors import KvbmError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints, connect_socket, make_context
 from tests.support.pipeline_harness import DEFAULT_LAYOUT, pid_alive, wait_for
 
@@ -26,11 +27,12 @@ DEADLINE = 30.0
 
 
 class Raw:
-    """A DEALER to one endpoint, for hand-made frames."""
+    """A DEALER to one endpoint, for hand-made frames (with the instance's keys: nothing is
+    answered without them)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys: ClientKeys | None) -> None:
         self.ctx = make_context()
-        self.sock = connect_socket(self.ctx, zmq.DEALER, endpoint)
+        self.sock = connect_socket(self.ctx, zmq.DEALER, endpoint, keys)
 
     def ask(self, msg: dict | bytes, timeout_ms: int = 5000) -> dict | None:
         self.sock.send(msg if isinstance(msg, bytes) else P.encode(msg))
@@ -65,11 +67,12 @@ class Standalone:
                                       request_timeout_ms=20000)
         rundir = self.config.resolved_runtime_dir()
         self.endpoints = wait_for(lambda: Endpoints.read(rundir), DEADLINE, "endpoints.json")
+        self.keys = ClientKeys.read(rundir)
         self.status = wait_for(self._ready, DEADLINE, "both path workers ready")
         self.pids.update(w["pid"] for w in self.status["workers"].values() if w.get("pid"))
 
     def _ready(self) -> dict | None:
-        client = Raw(self.endpoints.control)
+        client = Raw(self.endpoints.control, self.keys)
         try:
             st = client.ask({"t": P.MsgType.STATUS, "id": 1}, 2000)
         finally:
@@ -156,7 +159,7 @@ def test_a_dead_engine_frees_the_slot(standalone, rng):
              "device": P.layout_to_wire(layout), "host": P.layout_to_wire(host),
              "memory": describe_memory(tensors, layout, kv._shared)}
     for label in ("d2h", "h2d"):
-        client = Raw(standalone.endpoints.workers[label])
+        client = Raw(standalone.endpoints.workers[label], standalone.keys)
         try:
             assert client.ask(ghost)["t"] == P.MsgType.REGISTERED
         finally:
@@ -178,7 +181,7 @@ BAD_ENGINES = [[1], {"a": 1}, 7, 1.5, b"bytes", None, True, "", "x" * 300]
 def test_unhashable_or_bad_engine_is_answered_and_the_worker_keeps_its_pid(standalone):
     standalone.attach(standalone.engine())  # a registered engine: {}.pop([1]) would not even hash
     before = standalone.worker_pids()
-    client = Raw(standalone.endpoints.workers["d2h"])
+    client = Raw(standalone.endpoints.workers["d2h"], standalone.keys)
     try:
         for kind in ("unregister", "register", "xfer"):
             for engine in BAD_ENGINES:
@@ -251,7 +254,7 @@ def test_device_memory_closes_its_segment_when_registration_fails():
 def test_malformed_ready_and_stats_are_rejected_and_the_supervisor_keeps_serving(standalone):
     before = standalone.worker_pids()
     gen = standalone.status["workers"]["d2h"]["gen"]
-    client = Raw(standalone.endpoints.control)
+    client = Raw(standalone.endpoints.control, standalone.keys)
     try:
         for bad in ({"pin_s": "abc"}, {"pinned_bytes": "x"}, {"pin_s": [1]}, {"pinned_bytes": 2.5},
                     {"pin_s": float("nan")}, {"pid": before["d2h"] + 1}, {"gen": gen + 1}, {"path": [0]},
@@ -272,7 +275,7 @@ def test_malformed_ready_and_stats_are_rejected_and_the_supervisor_keeps_serving
 
 
 def test_a_multi_frame_control_message_is_answered_with_an_error(standalone):
-    client = Raw(standalone.endpoints.control)
+    client = Raw(standalone.endpoints.control, standalone.keys)
     try:
         client.sock.send_multipart([P.encode({"t": P.MsgType.PING, "id": 3}), b"extra"])
         assert client.sock.poll(int(DEADLINE * 1000)), "no answer to a 2-frame message"
@@ -313,7 +316,7 @@ def test_path_worker_queue_is_capped_and_the_rest_is_answered_queue_full():
     from kvbm.workers import path_worker as W
     worker = W.PathWorker.__new__(W.PathWorker)  # no process, no sockets: just the drain step
     worker.path, worker.gen, worker.stats, worker.engines = P.Path.D2H, 1, W.WorkerStats(), {}
-    worker._queue, worker._seq, worker._in_flight = [], 0, []
+    worker._queue, worker._seq, worker._in_flight, worker._queued_bytes = [], 0, [], 0
     replies: list[dict] = []
     worker._reply = lambda ident, msg: replies.append(msg)
     cap = 4096
@@ -350,10 +353,12 @@ def test_supervisor_drops_silent_engines_without_a_status_call(tmp_path):
 def test_shutdown_reaps_workers_then_reports_them_died_then_stopping(standalone):
     import time
     ctx = make_context()
-    sub = connect_socket(ctx, zmq.SUB, standalone.endpoints.events)
-    control = Raw(standalone.endpoints.control)
+    sub = connect_socket(ctx, zmq.SUB, standalone.endpoints.events, standalone.keys)
+    control = Raw(standalone.endpoints.control, standalone.keys)
     try:
         # A worker restart proves the subscription is live (PUB drops what a joining SUB misses).
+        # Only an engine reporting on this connection, for the generation it uses, may ask for one.
+        control.send({"t": P.MsgType.STATS, "engine": "test", "generations": {"d2h": 1}})
         control.ask({"t": P.MsgType.RESTART, "id": 1, "path": 0, "gen": 1, "engine": "test", "reason": "test"})
         deadline = time.monotonic() + DEADLINE
         while True:
@@ -402,7 +407,7 @@ def test_failed_launch_drains_the_stream_before_the_error_reply():
     worker = W.PathWorker.__new__(W.PathWorker)
     worker.path, worker.gen, worker.stats, worker.delay_s, worker.max_batch = P.Path.D2H, 1, W.WorkerStats(), 0, 64
     worker._in_flight = []
-    worker.engines = {"e": types.SimpleNamespace(copier=FailingCopier())}
+    worker.engines = {"e": types.SimpleNamespace(copier=FailingCopier(), ident=b"id")}  # registered by b"id"
     worker._reply = lambda ident, msg: log.append(f"reply {P.Status(msg['status']).name}")
     worker._execute(b"id", P.make_xfer(5, "e", 1, P.Path.D2H, [0, 1], [2, 3], layers=True), time.monotonic())
     assert log == ["launch", "drain", "reply ERROR"]
@@ -560,7 +565,7 @@ def _ready_workers(rundir: str) -> list[int] | None:
     eps = Endpoints.read(rundir)
     if eps is None:
         return None
-    client = Raw(eps.control)
+    client = Raw(eps.control, ClientKeys.read(rundir))
     try:
         st = client.ask({"t": P.MsgType.STATUS, "id": 1}, 2000)
     finally:

@@ -49,8 +49,10 @@ class Pipeline:
         self.tmp_path = tmp_path
         self.runtime_dir = str(tmp_path / "run")
         self.pids: set[int] = set()
+        # KVBM_TEST_TRANSPORT=tcp runs every pipeline test over authenticated loopback TCP.
         cfg = dict(instance_id=instance, runtime_dir=self.runtime_dir, host_blocks=host_blocks, layout=layout,
-                   device_blocks=device_blocks, force_cpu=device == "cpu", request_timeout_ms=20000)
+                   device_blocks=device_blocks, force_cpu=device == "cpu", request_timeout_ms=20000,
+                   transport=os.environ.get("KVBM_TEST_TRANSPORT", "ipc"))
         cfg.update(config)
         self.config = kvbm.KvbmConfig(**cfg)
         self.device_layout = BlockLayout(layout, layout_type, device_blocks, order)
@@ -69,6 +71,12 @@ class Pipeline:
                 self.pids.add(self.kv.workers_process.pid)
         self.pids.update(self.worker_pids().values())
         return self
+
+    @property
+    def keys(self):
+        """The instance's CURVE client keys (what a raw test client needs to get any answer)."""
+        from kvbm.wire.auth import ClientKeys
+        return ClientKeys.read(self.config.resolved_runtime_dir())
 
     @property
     def supervisor_pid(self) -> int:

@@ -138,3 +138,204 @@ def test_disk_tier_settings_and_their_env_names():
                             (dict(disk_fsize_limit=-1), "disk_fsize_limit")):
         with pytest.raises(ConfigError, match=message):
             KvbmConfig.from_dict(kwargs)
+
+
+# ---- precedence: argument > environment > file > default, one test per rule ----------------------
+def _file(tmp_path, text: str) -> str:
+    path = tmp_path / "kvbm.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_default_when_no_source_gives_a_value():
+    cfg = KvbmConfig.load(env={})
+    assert (cfg.policy, cfg.host_blocks, cfg.host_size, cfg.request_timeout_ms, cfg.log_level) == \
+        ("lineage", None, None, 30000, "INFO")
+
+
+def test_file_beats_default(tmp_path):
+    cfg = KvbmConfig.load(_file(tmp_path, 'policy = "lru"\nrequest_timeout_ms = 500\n'), env={})
+    assert (cfg.policy, cfg.request_timeout_ms) == ("lru", 500)
+
+
+def test_environment_beats_default():
+    assert KvbmConfig.load(env={"KVBM_POLICY": "lru"}).policy == "lru"
+
+
+def test_environment_beats_file(tmp_path):
+    cfg = KvbmConfig.load(_file(tmp_path, 'policy = "lru"\nrequest_timeout_ms = 500\n'),
+                          env={"KVBM_POLICY": "lineage"})
+    assert (cfg.policy, cfg.request_timeout_ms) == ("lineage", 500)   # the file's other keys stay
+
+
+def test_argument_beats_environment():
+    assert KvbmConfig.load(env={"KVBM_POLICY": "lru"}, policy="lineage").policy == "lineage"
+
+
+def test_argument_beats_file(tmp_path):
+    assert KvbmConfig.load(_file(tmp_path, 'policy = "lru"\n'), env={}, policy="lineage").policy == "lineage"
+
+
+def test_none_argument_is_not_given():
+    """kvbm-workers passes every flag, None when it was not on the command line."""
+    assert KvbmConfig.load(env={"KVBM_POLICY": "lru"}, policy=None, host_size=None).policy == "lru"
+
+
+def test_config_file_argument_beats_kvbm_config(tmp_path):
+    (tmp_path / "a.toml").write_text('policy = "lru"\n')
+    (tmp_path / "b.toml").write_text('policy = "lineage"\n')
+    assert KvbmConfig.load(env={"KVBM_CONFIG": str(tmp_path / "a.toml")}).policy == "lru"
+    assert KvbmConfig.load(str(tmp_path / "b.toml"), env={"KVBM_CONFIG": str(tmp_path / "a.toml")}).policy == "lineage"
+
+
+# Each way a source can give the host tier's size, and what it gives: (host_blocks, host_size).
+FILE_SIZES = {"host_blocks": ("host_blocks = 7\n", (7, None)),
+              "host_size": ('host_size = "7MB"\n', (None, 7 * 10**6))}
+ENV_SIZES = {"KVBM_HOST_BLOCKS": ({"KVBM_HOST_BLOCKS": "9"}, (9, None)),
+             "KVBM_HOST_SIZE": ({"KVBM_HOST_SIZE": "9MiB"}, (None, 9 * 2**20)),
+             "KVBM_HOST_GB": ({"KVBM_HOST_GB": "0.5"}, (None, 5 * 10**8))}
+ARG_SIZES = {"host_blocks": ({"host_blocks": 11}, (11, None)),
+             "host_size": ({"host_size": "11MB"}, (None, 11 * 10**6))}
+
+
+def _host(cfg: KvbmConfig) -> tuple:
+    return cfg.host_blocks, cfg.host_size
+
+
+@pytest.mark.parametrize("low", FILE_SIZES)
+@pytest.mark.parametrize("high", ENV_SIZES)
+def test_environment_size_replaces_file_size_in_any_unit(tmp_path, low, high):
+    env, want = ENV_SIZES[high]
+    assert _host(KvbmConfig.load(_file(tmp_path, FILE_SIZES[low][0]), env=env)) == want
+
+
+@pytest.mark.parametrize("low", FILE_SIZES)
+@pytest.mark.parametrize("high", ARG_SIZES)
+def test_argument_size_replaces_file_size_in_any_unit(tmp_path, low, high):
+    kwargs, want = ARG_SIZES[high]
+    assert _host(KvbmConfig.load(_file(tmp_path, FILE_SIZES[low][0]), env={}, **kwargs)) == want
+
+
+@pytest.mark.parametrize("low", ENV_SIZES)
+@pytest.mark.parametrize("high", ARG_SIZES)
+def test_argument_size_replaces_environment_size_in_any_unit(tmp_path, low, high):
+    kwargs, want = ARG_SIZES[high]
+    assert _host(KvbmConfig.load(env=ENV_SIZES[low][0], **kwargs)) == want
+
+
+def test_a_size_from_one_source_alone(tmp_path):
+    for text, want in FILE_SIZES.values():
+        assert _host(KvbmConfig.load(_file(tmp_path, text), env={})) == want
+    for env, want in ENV_SIZES.values():
+        assert _host(KvbmConfig.load(env=env)) == want
+    for kwargs, want in ARG_SIZES.values():
+        assert _host(KvbmConfig.load(env={}, **kwargs)) == want
+
+
+def test_disk_size_replaces_across_sources_too(tmp_path):
+    path = _file(tmp_path, 'disk_size = "1GB"\ndisk_path = "/tmp/g3"\n')
+    cfg = KvbmConfig.load(path, env={"KVBM_DISK_BLOCKS": "5"})
+    assert (cfg.disk_blocks, cfg.disk_size, cfg.disk_path) == (5, None, "/tmp/g3")
+    cfg = KvbmConfig.load(path, env={"KVBM_DISK_BLOCKS": "5"}, disk_size="2GB")
+    assert (cfg.disk_blocks, cfg.disk_size) == (None, 2 * 10**9)
+
+
+@pytest.mark.parametrize("env, names", [
+    ({"KVBM_HOST_SIZE": "1GB", "KVBM_HOST_GB": "2"}, ("KVBM_HOST_SIZE", "KVBM_HOST_GB")),
+    ({"KVBM_HOST_BLOCKS": "3", "KVBM_HOST_GB": "2"}, ("KVBM_HOST_BLOCKS", "KVBM_HOST_GB")),
+    ({"KVBM_HOST_BLOCKS": "3", "KVBM_HOST_SIZE": "1GB"}, ("KVBM_HOST_BLOCKS", "KVBM_HOST_SIZE")),
+    ({"KVBM_DISK_SIZE": "1GB", "KVBM_DISK_GB": "2"}, ("KVBM_DISK_SIZE", "KVBM_DISK_GB")),
+    ({"KVBM_DISK_BLOCKS": "3", "KVBM_DISK_SIZE": "1GB"}, ("KVBM_DISK_BLOCKS", "KVBM_DISK_SIZE")),
+])
+def test_two_spellings_of_one_size_in_the_environment_is_an_error(env, names):
+    with pytest.raises(ConfigError) as err:
+        KvbmConfig.load(env=env | {"KVBM_DISK_PATH": "/tmp/g3"})
+    assert all(name in str(err.value) for name in names), err.value
+
+
+def test_two_spellings_of_one_size_in_a_file_or_the_arguments_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="host_blocks and host_size both give the host tier's size in config file"):
+        KvbmConfig.load(_file(tmp_path, 'host_blocks = 3\nhost_size = "1GB"\n'), env={})
+    with pytest.raises(ConfigError, match="host_blocks and host_size both give the host tier's size in keyword"):
+        KvbmConfig.load(env={}, host_blocks=3, host_size="1GB")
+
+
+def test_direct_construction_reads_no_source(monkeypatch):
+    """KvbmConfig(...) is the values given; load() and KvBlockManager(**kwargs) apply KVBM_*."""
+    from kvbm.manager import KvBlockManager
+    monkeypatch.setenv("KVBM_POLICY", "lru")
+    monkeypatch.setenv("KVBM_HOST_BLOCKS", "16")
+    assert (KvbmConfig(device_blocks=4).policy, KvbmConfig(device_blocks=4).host_blocks) == ("lineage", None)
+    assert KvbmConfig.load(device_blocks=4).policy == "lru"
+    with KvBlockManager(device_blocks=4) as kv:
+        assert (kv.config.policy, kv.config.host_blocks) == ("lru", 16)
+
+
+# ---- unknown names ---------------------------------------------------------------------------------
+def test_misspelled_environment_variable_warns_with_the_closest_name(caplog):
+    with caplog.at_level("WARNING", logger="kvbm.config"):
+        cfg = KvbmConfig.load(env={"KVBM_HOTS_GB": "4", "KVBM_LOGLEVEL": "debug", "KVBM_NO_CUDA": "1",
+                                   "KVBM_CONFIG": "", "KVBM_ZZZ": "1"})
+    assert cfg.host_size is None
+    text = caplog.text
+    assert "KVBM_HOTS_GB ignored; did you mean KVBM_HOST_GB?" in text
+    assert "KVBM_LOGLEVEL ignored; did you mean KVBM_LOG_LEVEL?" in text
+    assert "KVBM_ZZZ ignored; kvbm reads KVBM_DEVICE_BLOCKS" in text
+    assert "KVBM_NO_CUDA" not in text and "KVBM_CONFIG" not in text   # read by the build / the loader
+
+
+def test_unknown_file_key_is_an_error_with_the_closest_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"'hots_blocks' \(did you mean 'host_blocks'\?\)"):
+        KvbmConfig.load(_file(tmp_path, "hots_blocks = 3\n"), env={})
+
+
+# ---- values ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(host_size=float("nan")), "host_size: expected a finite size"),
+    (dict(host_size=float("inf")), "host_size: expected a finite size"),
+    (dict(disk_size=float("inf"), disk_path="/tmp/g3"), "disk_size: expected a finite size"),
+    (dict(max_inflight_bytes=float("inf")), "max_inflight_bytes: expected a finite size"),
+    (dict(host_size="2000TB"), "host_size: .* more than"),
+    (dict(request_timeout_ms=float("nan")), "request_timeout_ms"),
+    (dict(request_timeout_ms="inf"), "request_timeout_ms: expected an integer"),
+    (dict(request_timeout_ms=10**12), r"request_timeout_ms: expected an integer in \[1, 3600000\]"),
+    (dict(request_timeout_ms=0), "request_timeout_ms"),
+    (dict(copy_threads=10**6), r"copy_threads: expected an integer in \[0, 1024\]"),
+    (dict(max_batch_blocks=10**6), "max_batch_blocks"),
+    (dict(max_batch_blocks=0), "max_batch_blocks"),
+    (dict(worker_delay_ms=10**9), "worker_delay_ms"),
+    (dict(host_blocks=2**31), "host_blocks"),
+    (dict(tcp_port=65534), "tcp_port"),
+    (dict(host_blocks=0), "host_blocks: 0 gives no host tier"),
+    (dict(host_size="0"), "host_size: 0 gives no host tier"),
+    (dict(salt=5), "salt: expected a string"),
+])
+def test_non_finite_zero_and_absurd_values_name_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        KvbmConfig.load(env={}, **kwargs)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KVBM_HOST_GB": "nan"}, "host_size: .* got 'nan' .from KVBM_HOST_GB in the environment"),
+    ({"KVBM_HOST_GB": "0"}, "host_size: 0 gives no host tier.* .from KVBM_HOST_GB in the environment"),
+    ({"KVBM_REQUEST_TIMEOUT_MS": "1e12"}, "request_timeout_ms: expected an integer, got '1e12' .from KVBM_"),
+    ({"KVBM_COPY_THREADS": "1000000"}, r"copy_threads: expected an integer in \[0, 1024\], got 1000000 .from KVBM_"),
+])
+def test_bad_environment_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        KvbmConfig.load(env=env)
+
+
+def test_bad_file_values_name_the_file(tmp_path):
+    path = _file(tmp_path, "host_size = nan\n")
+    where = f"from host_size in config file {path}"
+    with pytest.raises(ConfigError, match=f"host_size: expected a finite size, got nan .{where}"):
+        KvbmConfig.load(path, env={})
+    path = _file(tmp_path, "request_timeout_ms = 1_000_000_000_000\n")
+    with pytest.raises(ConfigError, match="request_timeout_ms: expected an integer in .* .from request_timeout_ms in"):
+        KvbmConfig.load(path, env={})
+
+
+def test_zero_disk_size_means_no_disk_tier():
+    cfg = KvbmConfig.load(env={"KVBM_DISK_GB": "0"})
+    assert cfg.disk_size == 0 and cfg.disk_blocks_for(LAYOUT) == 0

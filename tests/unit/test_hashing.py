@@ -8,7 +8,7 @@ import pytest
 import xxhash
 
 from kvbm.errors import KvbmError
-from kvbm.hashing import BASE_SEED, fold_external_hash, hash_token_blocks, salted_seed
+from kvbm.hashing import BASE_SEED, fold_external_hash, hash_token_blocks, salt_keys, salted_seed
 
 
 def oracle(tokens: np.ndarray, block_size: int, seed: int, parent: int | None = None):
@@ -35,6 +35,19 @@ def test_golden_values_salted():
     _, sh = hash_token_blocks(np.arange(64, dtype=np.uint32), 16, salt="llama-3-8b")
     assert [hex(int(x)) for x in sh] == ["0xff92c711f88aaf08", "0x3552db409c8ec4a",
                                          "0x64ed73a0b4646a3e", "0xd5f6b64ceb58f04c"]
+
+
+def test_salt_keys_golden_and_oracle(rng):
+    """A manager's keys for hashes under a salt (KvbmConfig.salt): pinned, and equal to xxh3_64 of each
+    hash's 8 little-endian bytes under the salted seed; no salt leaves the hashes as they are."""
+    hashes = np.array([0xD47A8F41C833328A, 0xBF15DFFB16447F38], dtype=np.uint64)
+    assert [hex(int(x)) for x in salt_keys(hashes, "llama-3-8b")] == ["0xa7ea0aa9e530dd42", "0xb093dffa806f81f"]
+    many = rng.integers(0, 2**64, size=1000, dtype=np.uint64)
+    seed = salted_seed("lora-7")
+    assert salt_keys(many, "lora-7").tolist() == [xxhash.xxh3_64_intdigest(struct.pack("<Q", int(h)), seed)
+                                                  for h in many]
+    assert salt_keys(many, "") is many and salt_keys(many, None) is many
+    assert salt_keys(np.empty(0, np.uint64), "x").shape == (0,)
 
 
 def test_every_block_size_matches_oracle(rng):

@@ -137,3 +137,30 @@ def test_refused_register_leaves_blocks_partial_for_a_retry():
         canonical = kv.register(blocks, hashes, np.r_[0, hashes[:-1]], has_parent=np.arange(3) > 0)
         assert canonical.tolist() == blocks.tolist()
         assert kv.pool(Tier.G1).registry.info(int(blocks[1]))["parent"] == int(blocks[0])
+
+
+def test_same_tokens_under_different_salts_never_match():
+    """KvbmConfig.salt (KVBM_SALT) is folded into every key the manager stores and asks for: a block
+    registered under one salt is not found under another, with the same engine hashes."""
+    hashes = chain(6)
+    with KvBlockManager(device_blocks=16, salt="model-a") as a, KvBlockManager(device_blocks=16, salt="model-b") as b, \
+            KvBlockManager(device_blocks=16) as plain:
+        for kv in (a, b, plain):
+            fill(kv, hashes, Tier.G1)
+            assert kv.match(hashes).prefix == {Tier.G1: 6}          # each finds its own blocks
+        assert not set(a.keys(hashes).tolist()) & set(b.keys(hashes).tolist())
+        assert (a.pool(Tier.G1).lookup(b.keys(hashes)) == -1).all()      # b's keys are not in a's index
+        assert (a.pool(Tier.G1).lookup(hashes) == -1).all()              # nor are the bare hashes
+        assert (plain.pool(Tier.G1).lookup(hashes) >= 0).all()           # no salt: the keys are the hashes
+        assert plain.keys(hashes).tolist() == hashes.tolist()
+        assert a.keys(hashes).tolist() == KvBlockManager(device_blocks=1, salt="model-a").keys(hashes).tolist()
+        a.hint_waiting("r1", hashes[:2])                                  # hints name keys too
+        reg = a.pool(Tier.G1).registry
+        assert reg.info(int(reg.lookup(a.keys(hashes[:1]))[0]))["priority"] == 1
+
+
+def test_salt_comes_from_the_environment_too(monkeypatch):
+    monkeypatch.setenv("KVBM_SALT", "model-a")
+    with KvBlockManager(device_blocks=4) as kv, KvBlockManager(device_blocks=4, salt="model-a") as same:
+        assert kv.config.salt == "model-a"
+        assert kv.keys(chain(2)).tolist() == same.keys(chain(2)).tolist() != chain(2).tolist()
