@@ -145,7 +145,10 @@ class TransferManager:
         self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"], self._keys)
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
-            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, self._routing_id)
+            # The disk worker serves two paths at one endpoint: one socket each, and a ROUTER takes
+            # only one connection per routing id, so theirs carry the path (P.connection_of).
+            rid = self._routing_id + b"/" + path.label.encode() if path in P.DISK_PATHS else self._routing_id
+            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, rid)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()

@@ -75,6 +75,18 @@ BLOCK_FIELDS = {"hashes": "<u8",   # H2DISK: sequence hash of each block written
                 "state": "u1"}     # done of a disk request: BlockState of each block
 
 
+# The fields a disk request may carry besides a copy's: its per-block arrays and the instances its
+# reads name (a shared disk_path holds at most this many).
+def connection_of(ident: bytes) -> bytes:
+    """The engine connection a routing id belongs to: an engine's sockets to the disk worker (one
+    per disk path, at one endpoint) carry "/<path>" after the id of its other sockets."""
+    return ident.partition(b"/")[0]
+
+
+DISK_XFER_FIELDS = XFER_FIELDS | frozenset(BLOCK_FIELDS) | {"peers"}
+MAX_PEERS = 4096
+
+
 class BlockState(IntEnum):
     """Outcome of one block of a disk request (the "state" array of its done reply)."""
     OK = 0
@@ -247,16 +259,24 @@ def _check_gate(msg: dict) -> None:
         raise ProtocolError(f"gate: expected nil or [iteration|nil, layer|nil], got {gate!r:.80}")
 
 
-def check_xfer_fields(msg: dict) -> None:
-    """Before an xfer is queued: only its own fields, block arrays as bytes, a small gate. What a
-    queued request keeps is then about its frame's size (a map of nested lists decodes to many times
-    its frame), so a byte bound on queued frames bounds the memory they hold."""
-    extra = msg.keys() - XFER_FIELDS
+def check_xfer_fields(msg: dict, fields: frozenset = XFER_FIELDS) -> None:
+    """Before an xfer is queued: only its own fields (`fields`: DISK_XFER_FIELDS at the disk
+    worker), block arrays as bytes, a small gate and peer list. What a queued request keeps is then
+    about its frame's size (a map of nested lists decodes to many times its frame), so a byte bound
+    on queued frames bounds the memory they hold."""
+    extra = msg.keys() - fields
     if extra:
         raise ProtocolError(f"xfer: unknown fields {sorted(map(str, extra))[:5]!r:.120}")
     for key in ("src", "dst"):
         if not isinstance(msg.get(key), (bytes, bytearray)):
             raise ProtocolError(f"{key}: expected packed int64 bytes, got {type(msg.get(key)).__name__}")
+    for key in BLOCK_FIELDS.keys() & msg.keys():
+        if not isinstance(msg[key], (bytes, bytearray)):
+            raise ProtocolError(f"{key}: expected packed bytes, got {type(msg[key]).__name__}")
+    peers = msg.get("peers")
+    if peers is not None and (not isinstance(peers, list) or len(peers) > MAX_PEERS):
+        raise ProtocolError(f"peers: expected a list of at most {MAX_PEERS} instance ids, got "
+                            f"{type(peers).__name__} of {len(peers) if isinstance(peers, list) else '?'}")
     _check_gate(msg)
 
 

@@ -6,7 +6,10 @@ I/O through the instance's DiskStore (kvbm.workers.disk). The supervisor runs it
 Path.H2DISK and announces its `started` / `died` events for both paths.
 
 Order of things:
-  1. started like a path worker, plus the disk folder, the instance id, the GDS mode and a test
+  1. started like a path worker (its CURVE keys from --keys-dir, its ROUTER a CURVE server behind
+     the ZAP Gatekeeper; a registration belongs to the connection that made it; the queue bounded
+     in requests and bytes, its xfers allowed the per-block arrays of P.DISK_XFER_FIELDS), plus the
+     disk folder, the instance id, the GDS mode and a test
      hook (a file size limit); ignores SIGXFSZ, so a size limit fails a write with EFBIG instead of
      killing the process; maps G2 (never pins it: NIXL POSIX moves host bytes through the kernel)
   2. an engine registers: the usual layouts, plus {disk: {blocks, fingerprint, model, cold}}. The
@@ -79,6 +82,7 @@ class DiskRegistration:
     engine: str
     pid: int
     host: BlockLayout
+    ident: bytes        # routing id of the connection that registered: only it may use this
     memory: _NoMemory = field(default_factory=_NoMemory)
 
 
@@ -96,6 +100,7 @@ class DiskCounters:
 
 class DiskWorker(PathWorker):
     PIN_HOST = False
+    XFER_FIELDS = P.DISK_XFER_FIELDS
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -111,6 +116,12 @@ class DiskWorker(PathWorker):
         self.last_error = ""              # the last failed write's or read's reason (status)
 
     # ---- registration --------------------------------------------------------------------------
+    def _check_owner(self, ident: bytes, reg, action: str) -> None:
+        """As a path worker's, with the engine's two sockets here (H2DISK, DISK2H) one connection."""
+        if reg is not None and P.connection_of(reg.ident) != P.connection_of(ident):
+            raise ProtocolError(f"{action} refused: engine {reg.engine!r:.80} (pid {reg.pid}) is registered by "
+                                f"another connection")
+
     def _register(self, ident: bytes, msg: dict) -> None:
         _, host_map, _ = P.validate_register(msg)
         host = P.layout_from_wire(host_map)
@@ -121,10 +132,11 @@ class DiskWorker(PathWorker):
                                 f"the G2 segment holds {self.host_segment.size}")
         engine = msg["engine"]
         self._refuse_second_engine(engine)
+        self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
         disk = msg.get("disk")
         if disk is not None:
             self._open_store(host, disk)
-        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host)
+        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident)
         logger.info("disk worker gen %d: engine %s registered (%d host blocks, store %s)", self.gen, engine,
                     host.num_blocks, "open" if self.store is not None else "not open")
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
@@ -271,6 +283,7 @@ class DiskWorker(PathWorker):
                 if extra["owner"].size and int(extra["owner"].max()) > len(peers):
                     raise ProtocolError(f"owner {int(extra['owner'].max())} names no peer ({len(peers)} listed)")
                 extra["peers"] = peers
+            self._check_owner(ident, reg, "xfer")  # type: ignore[arg-type]  # after the checks, before any I/O
         except ProtocolError as err:
             self._malformed(ident, msg, err)
             return

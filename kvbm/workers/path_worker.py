@@ -110,6 +110,7 @@ def _die_with_parent() -> None:
 
 class PathWorker:
     PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
+    XFER_FIELDS = P.XFER_FIELDS  # what an xfer may carry (the disk worker's carry per-block arrays too)
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.path = P.Path[args.path.upper()]
@@ -203,7 +204,7 @@ class PathWorker:
             try:
                 engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
-                    P.check_xfer_fields(msg)  # nothing but the fields of a request stays queued
+                    P.check_xfer_fields(msg, self.XFER_FIELDS)  # nothing but the fields of a request stays queued
                     size = len(payload)
                     if len(self._queue) >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
                         self.stats.errors += 1
