@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--disk-path", help="G3 folder (created 0700)")
     ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")
     ap.add_argument("--disk-blocks", type=int, help="G3 size in blocks")
+    ap.add_argument("--gds", choices=["auto", "on", "off"],
+                    help="GPUDirect Storage for G3 reads: auto (probe, else staged through G2), on, off")
     ap.add_argument("--transport", choices=["ipc", "tcp"])
-    ap.add_argument("--tcp-port", type=int, help="first of 4 loopback ports (0: pick free ones)")
+    ap.add_argument("--tcp-port", type=int, help="first of 5 loopback ports (0: pick free ones)")
     ap.add_argument("--force-cpu", action="store_true", default=None, help="CPU copies even if CUDA is available")
     ap.add_argument("--copy-threads", type=int, help="CPU copy threads per worker (0: library default)")
     ap.add_argument("--interval", type=_seconds, default=10.0, help="seconds between summary lines (0: none)")
@@ -107,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> KvbmConfig:
                            disk_path=args.disk_path, disk_size=args.disk_size, disk_blocks=args.disk_blocks,
                            transport=args.transport,
                            tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads,
-                           log_level=args.log_level)
+                           log_level=args.log_level, gds=args.gds)
 
 
 def host_bytes_of(config: KvbmConfig) -> int:
@@ -163,7 +165,7 @@ def format_status(st: dict) -> str:
     lines = [f"kvbm-workers instance {st['instance']} pid {st['pid']} up {st['uptime_s']:.0f}s "
              f"mode {'cuda' if st['cuda'] else 'cpu'}",
              f"  G2 {g2['bytes'] / 1e9:.3f} GB segment {g2['segment']} (pre-fault {g2['prefault_s']:.3f}s)",
-             f"  G3 {st['tiers']['g3']['path'] or 'none'}"]
+             _g3_line(st["tiers"]["g3"])]
     for label, w in st["workers"].items():
         if "state" in w:
             lines.append(f"  {label:7s} {w['state']}")
@@ -178,6 +180,22 @@ def format_status(st: dict) -> str:
         lines.append(f"  engine {name}: pools {json.dumps(pools)} queues {json.dumps(queues)} "
                      f"inflight {eng.get('inflight_bytes', 0)} B")
     return "\n".join(lines)
+
+
+def _g3_line(g3: dict) -> str:
+    """G3 occupancy, journal, throughput and read path, from the disk worker's report."""
+    if not g3.get("path"):
+        return "  G3 none"
+    if not g3.get("open"):
+        return f"  G3 {g3['path']} (store not open: {g3.get('error') or 'no engine registered a disk tier yet'})"
+    write = g3.get("bytes_written", 0) / 1e9 / g3["write_s"] if g3.get("write_s") else 0.0
+    read = g3.get("bytes_read", 0) / 1e9 / g3["read_s"] if g3.get("read_s") else 0.0
+    return (f"  G3 {g3['path']} {g3.get('live', 0)}/{g3.get('slots', 0)} blocks, "
+            f"journal {g3.get('journal_bytes', 0)} B "
+            f"({g3.get('journal_records', 0)} records), written {g3.get('bytes_written', 0) / 1e9:.3f} GB at "
+            f"{write:.2f} GB/s, read {g3.get('bytes_read', 0) / 1e9:.3f} GB at {read:.2f} GB/s, "
+            f"{g3.get('peer_read', 0)} peer blocks read, {g3.get('checksum_failures', 0)} checksum failures; "
+            f"read path {g3.get('read_path', '?')}, GDS {g3.get('gds', '?')}, NIXL POSIX {g3.get('backend', '?')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,8 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 POLICIES = policy_names()          # ("lru", "lineage"): kvbm.policy.EvictionPolicy's members
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DISK_ADMISSIONS = ("victim", "write-through")   # research/eviction/RESULTS.md, "G3 admission"
+GDS_MODES = ("auto", "on", "off")
 TRANSPORTS = ("ipc", "tcp")
 MAX_GHOST_RATIO = 16
 MAX_GHOST_BLOCKS = 2**31 - 2      # the registry's limit on ghost entries (and on blocks)
@@ -73,6 +75,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
+    "disk_fsize_limit": (0, MAX_BYTES),
 }
 _SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
 _INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
@@ -142,6 +145,16 @@ class KvbmConfig:
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
     log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
+    # ---- disk tier (G3) ----
+    # Which G2 blocks are written to G3: "victim" (those G2 evicts, written by a cleaner ahead of
+    # need) or "write-through" (every block registered in G2). Measured: research/eviction/RESULTS.md.
+    disk_admission: str = "victim"
+    gds: str = "auto"                      # GPUDirect Storage: auto (probe), on (required), off
+    # The engine's prefill rate: a G3 prefix is offered only where reading it is expected to take
+    # less time than recomputing its tokens at this rate (kvbm.transfer.disk_offload.LoadRule).
+    prefill_tokens_per_s: float = 25000.0
+    disk_cold_start: bool = False          # a G3 journal of another layout/model: discarded (warning), not refused
+    disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
 
     def __post_init__(self) -> None:
         # Sizes given directly ("64GB", 1.5e9) are parsed here; the loader has parsed its sources'.
@@ -174,6 +187,18 @@ class KvbmConfig:
         if level not in LOG_LEVELS:
             raise ConfigError(f"log_level: expected one of {LOG_LEVELS} (any case), got {self.log_level!r}")
         object.__setattr__(self, "log_level", level)
+        if self.disk_admission not in DISK_ADMISSIONS:
+            raise ConfigError(f"disk_admission: expected one of {DISK_ADMISSIONS}, got {self.disk_admission!r}")
+        if self.gds not in GDS_MODES:
+            raise ConfigError(f"gds: expected one of {GDS_MODES}, got {self.gds!r}")
+        if isinstance(self.prefill_tokens_per_s, str):
+            object.__setattr__(self, "prefill_tokens_per_s", _parse_float(self.prefill_tokens_per_s,
+                                                                         "prefill_tokens_per_s"))
+        rate = self.prefill_tokens_per_s
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+            raise ConfigError(f"prefill_tokens_per_s: expected a number > 0, got {rate!r}")
+        if not isinstance(self.disk_cold_start, bool):
+            raise ConfigError(f"disk_cold_start: expected a bool, got {self.disk_cold_start!r}")
         EvictionPolicy.from_name(self.policy)   # ConfigError naming the known policies
         if isinstance(self.ghost_ratio, str):
             object.__setattr__(self, "ghost_ratio", _parse_float(self.ghost_ratio, "ghost_ratio"))
@@ -297,9 +322,9 @@ def _parse_source(raw: Mapping[str, Any], where: str, spelled: Mapping[str, str]
                 value = parse_size(value, key)
             elif key in _INT_KEYS and isinstance(value, str):
                 value = _parse_int(value, key)
-            elif key == "force_cpu" and isinstance(value, str):
+            elif key in ("force_cpu", "disk_cold_start") and isinstance(value, str):
                 value = _parse_bool(value, key)
-            elif key == "ghost_ratio" and isinstance(value, str):
+            elif key in ("ghost_ratio", "prefill_tokens_per_s") and isinstance(value, str):
                 value = _parse_float(value, key)
         except ConfigError as err:
             if where == KEYWORDS:
@@ -319,6 +344,8 @@ _ENV_KEYS = {
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
     "KVBM_FORCE_CPU": "force_cpu", "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
+    "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",
+    "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",
 }
 # KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
 _OTHER_VARS = ("KVBM_CONFIG", "KVBM_NO_CUDA", "KVBM_DEBUG", "KVBM_CUDA_ARCHS", "KVBM_TRACE")

@@ -6,18 +6,22 @@ What the driver does, per request (requests share system-prompt prefixes):
      keeps the cached blocks it will read from being evicted early (kv.hint_done when it is served)
   1. hash the token blocks (kvbm.hashing: sequence hashes chained over the prefix)
   2. match the prefix in G1 (the device pool) -> reuse those blocks
-  3. match the next stretch in G2 (the host pool) -> allocate device blocks (possibly evicting old
-     ones: those bytes are wiped first) and onboard them, waiting layer by layer as a model would
+  3. match the next stretch in G2 (the host pool) and then G3 (the disk tier, files under the
+     demo's temp dir; --disk-blocks 0: none) -> allocate device blocks (possibly evicting old ones:
+     those bytes are wiped first) and onboard them, one future for both tiers, waiting layer by
+     layer as a model would. G3 holds what G2 evicted (its victim cache), when reading it beats
+     recomputing it (the load rule)
   4. "prefill" the rest: KV computed from the block's sequence hash (so any block's right bytes are
      known), register everything in G1
   5. verify every block of the request byte for byte against the recomputed KV
   6. offload the request's blocks to G2, gated on the request's iteration (dedup: blocks G2 already
      holds move nothing); the device blocks are released once their offload has landed
-and at the end prints counts, hit ratios and GB/s, and shuts everything down.
+and at the end prints counts, hit ratios per tier (G3's too) and GB/s, and shuts everything down.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -85,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=8, help="distinct shared system prompts")
     ap.add_argument("--prompt-blocks", type=int, default=24)
     ap.add_argument("--device-blocks", type=int, default=160, help="G1 size (small, so that it evicts)")
-    ap.add_argument("--host-blocks", type=int, default=2048)
+    ap.add_argument("--host-blocks", type=int, default=256, help="G2 size (small, so that it evicts to G3)")
+    ap.add_argument("--disk-blocks", type=int, default=4096, help="G3 size, files under the temp dir (0: no G3)")
     ap.add_argument("--queue", type=int, default=4, help="requests waiting ahead of the one served (hinted)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
@@ -93,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("requests", "prompts", "prompt_blocks", "device_blocks", "host_blocks"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.disk_blocks < 0:
+        ap.error("--disk-blocks must be >= 0")
     if args.queue < 0:
         ap.error("--queue must be >= 0")
     return args
@@ -106,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     page = DEMO_LAYOUT.page_size
     print(f"kvbm demo: {DEMO_LAYOUT.num_layers} layers x K/V x {page}-token pages x {DEMO_LAYOUT.inner_dim} "
           f"{DEMO_LAYOUT.dtype} ({DEMO_LAYOUT.block_bytes // 1024} KiB per block); G1 {args.device_blocks} blocks "
-          f"({device}), G2 {args.host_blocks} blocks; {args.requests} requests over {args.prompts} shared prompts")
+          f"({device}), G2 {args.host_blocks} blocks, G3 {args.disk_blocks or 'none'}"
+          f"{' blocks (disk)' if args.disk_blocks else ''}; {args.requests} requests over {args.prompts} "
+          f"shared prompts")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvbm-demo-") as rundir:
+        disk = dict(disk_path=os.path.join(rundir, "g3"), disk_blocks=args.disk_blocks) if args.disk_blocks else {}
         config = kvbm.KvbmConfig(layout=DEMO_LAYOUT, device_blocks=args.device_blocks, host_blocks=args.host_blocks,
-                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64)
+                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64, **disk)
         with kvbm.KvBlockManager(config) as kv:
             layout = BlockLayout(DEMO_LAYOUT, LayoutType.LAYER_SEPARATE, args.device_blocks)
             tensors = kv.create_device_tensors(layout, device=device)
@@ -120,18 +130,21 @@ def main(argv: list[str] | None = None) -> int:
             model = Model(layout, tensors, device)
             stats = run(kv, model, args, rng)
             g2 = kv.pool(Tier.G2).snapshot()
+            disk_stats = kv.stats().get("disk")
             from kvbm.cli import ask_status
-            workers = ask_status(config)["workers"]
+            status = ask_status(config)
+            workers = status["workers"]
     wall = time.perf_counter() - t_start
     total = stats["blocks"]
     print(f"kvbm demo: {stats['requests']} requests, {total} blocks: {stats['g1_hits']} reused in G1, "
-          f"{stats['g2_hits']} onboarded from G2, {stats['computed']} computed")
-    print(f"kvbm demo: prefix hit ratio {(stats['g1_hits'] + stats['g2_hits']) / max(total, 1):.1%} "
-          f"(G1 {stats['g1_hits'] / max(total, 1):.1%}, G2 {stats['g2_hits'] / max(total, 1):.1%})")
+          f"{stats['g2_hits']} onboarded from G2, {stats['g3_hits']} onboarded from G3, {stats['computed']} computed")
+    hits = stats["g1_hits"] + stats["g2_hits"] + stats["g3_hits"]
+    print(f"kvbm demo: prefix hit ratio {hits / max(total, 1):.1%} (G1 {stats['g1_hits'] / max(total, 1):.1%}, "
+          f"G2 {stats['g2_hits'] / max(total, 1):.1%}, G3 {stats['g3_hits'] / max(total, 1):.1%})")
     print(f"kvbm demo: offloaded {stats['moved']} blocks to G2 ({stats['held']} already held: not copied), "
           f"{stats['off_bytes'] / 1e6:.1f} MB at {_rate(stats['off_bytes'], stats['off_s'])}; onboarded "
           f"{stats['on_bytes'] / 1e6:.1f} MB at {_rate(stats['on_bytes'], stats['on_s'])} (per-transfer wall time)")
-    for label in ("d2h", "h2d"):
+    for label in ("d2h", "h2d") + (("h2disk",) if args.disk_blocks else ()):
         w = workers[label]
         print(f"kvbm demo: {label} worker (pid {w['pid']}, gen {w['gen']}): {w['requests']} requests, "
               f"{w['bytes'] / 1e6:.1f} MB, copy rate {_rate(w['bytes'], w['busy_s'])}")
@@ -139,9 +152,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{stats['hinted']} block hashes were hinted while waiting")
     print(f"kvbm demo: G2 holds {g2['inactive'] + g2['active']} of {g2['num_blocks']} blocks, evicted {g2['evicted']}; "
           f"{stats['wiped']} reused device blocks were wiped before use")
+    if disk_stats is not None:
+        g3, rule = status["tiers"]["g3"], disk_stats["load_rule"]
+        print(f"kvbm demo: G3 holds {g3.get('live', 0)} of {g3.get('slots', 0)} blocks on disk: "
+              f"{disk_stats['written']} G2 victims written ({disk_stats['victims_lost']} evicted before they "
+              f"could be), "
+              f"{disk_stats['loaded']} blocks onboarded from it in {disk_stats['loads']} loads (read path "
+              f"{', '.join(disk_stats['read_paths']) or 'none'}; GDS {g3.get('gds', '?')}), "
+              f"{g3.get('checksum_failures', 0)} checksum failures")
+        print(f"kvbm demo: load rule: G3 read at {rule['read_bytes_per_s'] / 1e9:.2f} GB/s "
+              f"({rule['measured_reads']} reads measured) = {rule['load_s_per_block'] * 1e6:.0f} us per block, "
+              f"recompute at {rule['prefill_tokens_per_s']:.0f} tokens/s = {rule['recompute_s_per_block'] * 1e6:.0f} "
+              f"us per block: {rule['offered']} G3 prefixes offered, {rule['declined']} declined")
     print(f"kvbm demo: verified {stats['verified']} blocks byte for byte, {stats['mismatches']} mismatches; "
           f"finished in {wall:.1f} s, everything shut down")
-    return 0 if stats["mismatches"] == 0 and stats["g2_hits"] > 0 else 1
+    ok = stats["mismatches"] == 0 and stats["g2_hits"] > 0 and (stats["g3_hits"] > 0 or not args.disk_blocks)
+    return 0 if ok else 1
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -154,7 +180,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
     g2 = kv.pool(Tier.G2)
     prompts = [rng.integers(0, 32000, size=args.prompt_blocks * page, dtype=np.uint32) for _ in range(args.prompts)]
     popularity = rng.zipf(1.3, size=args.requests) % args.prompts
-    stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, computed=0, moved=0, held=0, verified=0,
+    stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, g3_hits=0, computed=0, moved=0, held=0, verified=0,
                  mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0, max_waiting=0)
     queue: deque[tuple[int, np.ndarray]] = deque()    # (request id, its sequence hashes), oldest first
 
@@ -197,7 +223,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
         hit1 = g1.match(hashes)                               # acquired
         k1 = len(hit1)
         rest = hashes[k1:]
-        k2 = len(g2.registry.match(rest, False))
+        k2 = kv.match(rest).onboardable                       # G2's prefix, then the run G3 holds
         need = n - k1
         new = g1.allocate(need)
         while new is None and pending:                        # G1 full of blocks still being offloaded
@@ -213,7 +239,9 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
             for layer in range(DEMO_LAYOUT.num_layers):       # a model would run layer l right here
                 fut.wait_layer(layer, timeout=60)
             res = fut.result(60)
-            stats["g2_hits"] += res.value.loaded
+            from_disk = res.value.from_disk
+            stats["g2_hits"] += res.value.loaded - from_disk
+            stats["g3_hits"] += from_disk
             stats["on_bytes"] += res.value.bytes
             stats["on_s"] += res.seconds
             k2 = res.value.loaded

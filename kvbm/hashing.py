@@ -7,6 +7,8 @@
 
 A sequence hash names a whole prefix, so equal hashes mean identical KV in every tier.
 `fold_external_hash` turns a framework's own block hash (vLLM's bytes) into a 64-bit key.
+`layout_fingerprint` and `model_id` name what a G3 block on disk was written for (its journal keeps
+both): the KV layout of a block, and the model/salt its hashes were computed under.
 
   key             = salt_keys(hashes, salt): what a KvBlockManager stores and matches for the
                     hashes it is given, xxh3_64(hash as little-endian u64, salted_seed(salt)), or
@@ -67,3 +69,15 @@ def fold_external_hash(value: bytes | int, salt: str | bytes | None = None) -> i
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise KvbmError(f"external block hash must be bytes or int, got {type(value).__name__}")
     return native.xxh3_64(bytes(value), salted_seed(salt))
+
+
+def layout_fingerprint(layout) -> int:
+    """u64 naming the bytes of one block: layers, K/V (or MLA), tokens per block, elements per token
+    and dtype (a G2/G3 block is always fully contiguous, so the engine's layout type does not count)."""
+    desc = f"kvbm-block:{layout.num_layers}/{layout.outer_dim}/{layout.page_size}/{layout.inner_dim}/{layout.dtype}"
+    return native.xxh3_64(desc.encode(), BASE_SEED)
+
+
+def model_id(salt: str | bytes | None = None) -> int:
+    """u64 naming the model/salt blocks are hashed under (the hash seed itself)."""
+    return salted_seed(salt)

@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TierMatch:
-    prefix: dict[Tier, int]  # longest prefix of the asked hashes that each tier holds
+    prefix: dict[Tier, int]  # longest prefix of the asked hashes that each tier holds (G3: own or a peer's)
+    onboardable: int = 0     # what onboard(hashes) would load now: G2's prefix, then the G3 run after it
+                             # when loading it beats recomputing it (load_rule)
+    load_rule: dict | None = None   # the G3 decision: blocks, expected load and recompute seconds, offered
 
     def best(self) -> tuple[Tier | None, int]:
         """The tier holding the longest prefix (the fastest one on ties) and its length."""
@@ -110,6 +113,7 @@ class KvBlockManager:
         self._transfers = None     # TransferManager
         self._host = None          # HostTransfers over the G2 pool
         self._shared = None        # SharedBuffers of CPU-mode device tensors
+        self._disk = None          # DiskTransfers over the G3 pool (with a disk tier)
         self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
@@ -126,10 +130,22 @@ class KvBlockManager:
             raise ConfigError(f"tier {tier!r} is not configured; configured: {[t.name for t in self.pools]}") from err
 
     def match(self, hashes) -> TierMatch:
-        """The longest prefix of `hashes` that each tier holds (nothing is acquired)."""
+        """The longest prefix of `hashes` that each tier holds (nothing is acquired), and what
+        onboard would load: G2's prefix, then the run G3 holds after it, where the load rule says
+        reading it is faster than recomputing it."""
         self._check_open()
+        keys = self.keys(hashes)
+        disk = self._disk
         with self._lock:
-            return TierMatch(self.tiers.prefix_lengths(self.keys(hashes)))
+            prefix = self.tiers.prefix_lengths(keys)
+            if disk is None:
+                return TierMatch(prefix, prefix.get(Tier.G2, 0))
+            prefix[Tier.G3] = disk.prefix(keys)
+            k2, k3, offered = disk.plan(keys)
+            rule = {"blocks": k3, "load_s": disk.rule.load_s(k3), "recompute_s": disk.rule.recompute_s(k3),
+                    "offered": offered}
+        disk.maybe_refresh()
+        return TierMatch(prefix, k2 + (k3 if offered else 0), rule)
 
     def allocate(self, n: int, tier: Tier | int = Tier.G1) -> np.ndarray | None:
         if not isinstance(n, (int, np.integer)) or n < 0:
@@ -206,6 +222,8 @@ class KvBlockManager:
             out = {tier.name: pool.snapshot() for tier, pool in self.pools.items()}
         if self._transfers is not None:
             out["transfers"] = self._transfers.stats()
+        if self._disk is not None:
+            out["disk"] = self._disk.stats()
         return out
 
     # ---- transfers (runtime) --------------------------------------------------------------------
@@ -241,10 +259,12 @@ class KvBlockManager:
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
         from kvbm.shm import check_shm_room
+        from kvbm.transfer.disk_offload import DiskTransfers
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
         from kvbm.transfer.manager import TransferManager
         from kvbm.transfer.memory_map import describe_memory
+        from kvbm.wire import protocol as P
         from kvbm.wire.auth import ClientKeys
         self._check_open()
         if Tier.G2 not in self.pools:
@@ -290,7 +310,42 @@ class KvBlockManager:
                 raise
             self._transfers = tm
             self._host = HostTransfers(tm, host_pool, self._lock)
-        self._transfers.register(layout, host_layout, memory, timeout)
+        disk = self._disk_store(layout)
+        if disk is not None and P.Path.H2DISK not in self._transfers.paths:
+            raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs without "
+                              f"one: start it with the same disk_path and disk_size/disk_blocks")
+        self._transfers.register(layout, host_layout, memory, timeout, disk=disk)
+        if disk is not None and self._disk is None:
+            self._disk = DiskTransfers(self._transfers, self._host, host_pool, self.pools[Tier.G3], self._lock,
+                                       page_size=layout.config.page_size, admission=self.config.disk_admission,
+                                       prefill_tokens_per_s=self.config.prefill_tokens_per_s,
+                                       max_batch_blocks=self._transfers.max_batch_blocks)
+            self._disk.sync(timeout)
+        if self._disk is not None:
+            self._disk.worker_info = self._transfers.worker_info(P.Path.H2DISK)
+
+    def _disk_store(self, layout) -> dict | None:
+        """What the disk worker opens for this engine's G3: slots, layout fingerprint, model id."""
+        if Tier.G3 not in self.pools:
+            return None
+        from kvbm.hashing import layout_fingerprint, model_id
+        return {"blocks": self.pools[Tier.G3].num_blocks, "fingerprint": layout_fingerprint(layout.config),
+                "model": model_id(self.config.salt), "cold": self.config.disk_cold_start}
+
+    def flush_disk(self, timeout: float = 30.0) -> None:
+        """Waits until the G3 writes in flight (admitted G2 blocks on their way to disk) have landed."""
+        self._check_open()
+        if self._disk is not None:
+            self._disk.flush(timeout)
+
+    def refresh_disk(self, timeout: float = 10.0) -> None:
+        """Reads the journals of the other instances in disk_path again (those that changed) and
+        waits; match() also does it, without waiting, every few seconds."""
+        self._check_open()
+        if self._disk is None:
+            raise LifecycleError("no disk tier is connected (disk_path and disk_size/disk_blocks, then "
+                                 "register_device_tensors)")
+        self._disk.refresh(timeout)
 
     def _pool_report(self) -> dict:
         with self._lock:
@@ -315,9 +370,15 @@ class KvBlockManager:
         return transfers.offload(device_blocks, self.keys(hashes), **kwargs)
 
     def onboard(self, hashes, device_blocks, **kwargs: Any):
-        """G2 -> G1 for the longest prefix of hashes G2 holds. A future (wait_layer(l) for layer
-        progress) whose result().value is an OnboardResult. kwargs: priority, gate, layers, block, timeout."""
-        return self._transfer_api().onboard(self.keys(hashes), device_blocks, **kwargs)
+        """G2 -> G1 for the longest prefix of hashes G2 holds, and with a disk tier G3 -> G1 for the
+        run G3 holds after it (where the load rule offers it): one future (wait_layer(l) for layer
+        progress) whose result().value is an OnboardResult (from_host, from_disk, read_path);
+        TransferError when any part failed (nothing is reported loaded then). kwargs: priority,
+        gate, layers, block, timeout."""
+        api = self._transfer_api()
+        if self._disk is not None:
+            return self._disk.onboard(self.keys(hashes), device_blocks, **kwargs)
+        return api.onboard(self.keys(hashes), device_blocks, **kwargs)
 
     @property
     def scheduler(self):
@@ -348,6 +409,7 @@ class KvBlockManager:
             self._transfers.close()
             self._transfers = None
             self._host = None
+            self._disk = None
         self._stop_workers()
         if self._shared is not None:
             self._shared.close()

@@ -5,6 +5,9 @@ Parts:
   TransferMetrics    engine side (TransferManager): submissions, transfers and bytes by path and
                      status, wire requests, request latency histogram, in-flight bytes, queued
                      requests per path, worker deaths, timeouts; `totals()` is what stats() reports
+  DiskMetrics        engine side, the disk tier (DiskTransfers): blocks written to G3 and loaded
+                     from it by read path, blocks dropped (corrupt, failed reads), victims G2 lost
+                     unwritten, load-or-recompute decisions, the read rate and prefill rate they use
   SupervisorMetrics  kvbm-workers: worker up/generation/restarts per path, G2 bytes, pre-fault and
                      pinning seconds, bytes moved per path (from the workers' stats)
   render / serve     text exposition of a registry; an HTTP endpoint on 127.0.0.1 when asked
@@ -56,6 +59,27 @@ def _total(counter: Counter, **labels: str) -> int:
             if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return int(total)
+
+
+class DiskMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.written = Counter("kvbm_g3_blocks_written", "Blocks written to G3 and registered there", registry=r)
+        self.write_failed = Counter("kvbm_g3_write_failures", "Blocks whose G3 write failed (they stay in G2)",
+                                    registry=r)
+        self.loaded = Counter("kvbm_g3_blocks_loaded", "Blocks onboarded from G3, by read path", ["read_path"],
+                              registry=r)
+        self.dropped = Counter("kvbm_g3_blocks_dropped", "G3 blocks dropped after a failed load, by reason",
+                               ["reason"], registry=r)
+        self.victims_lost = Counter("kvbm_g3_victims_lost", "G2 victims evicted before the cleaner wrote them",
+                                    registry=r)
+        self.decisions = Counter("kvbm_g3_load_decisions", "G3 prefixes offered (load) or declined (recompute)",
+                                 ["decision"], registry=r)
+        self.read_rate = Gauge("kvbm_g3_read_bytes_per_second", "Measured G3 read rate (EWMA; the default "
+                               "before any read)", registry=r)
+        self.prefill_rate = Gauge("kvbm_g3_prefill_tokens_per_second", "The engine's recompute estimate",
+                                  registry=r)
 
 
 class SupervisorMetrics:

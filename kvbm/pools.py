@@ -107,6 +107,21 @@ class BlockPool:
         self.stats.evicted += len(hashes)
         return hashes
 
+    DROP_PRIORITY = -(2**31)   # below every priority anything else sets: evicted before all of them
+
+    def drop(self, blocks) -> np.ndarray:
+        """Unregisters blocks the caller holds (each acquired once by it) whose bytes are known bad:
+        released with the lowest priority and evicted at once. A block someone else still holds
+        goes when they release it (first in line). Returns the hashes evicted now."""
+        blocks = np.unique(np.asarray(blocks, dtype=np.int64))
+        if blocks.size == 0:
+            return np.empty(0, np.uint64)
+        reg = self.registry
+        reg.set_priority(blocks, np.full(blocks.size, self.DROP_PRIORITY, np.int32))
+        reg.release(blocks)
+        idle = sum(1 for b in blocks.tolist() if reg.info(b)["refcount"] == 0)   # the failure path: rare, small
+        return self.evict(idle)
+
     def snapshot(self) -> dict[str, int | str]:
         """Occupancy and counters, for --status, metrics and tests."""
         reg = self.registry

@@ -4,6 +4,8 @@
   futures      TransferFuture / TransferResult, layer progress
   scheduler    Scheduler: gates that hold a transfer until the engine's iteration/layer is done
   host_offload HostTransfers: offload G1 -> G2 and onboard G2 -> G1 over the host pool's registry
+  disk_offload DiskTransfers: G3 (its registry, admission, onboards that read from disk); disk_index:
+               the load-or-recompute rule and other instances' blocks
   launcher     WorkersProcess (an embedded kvbm-workers) and control_endpoint (find a running one)
   memory_map   describe_memory: the engine's KV tensors as the register message names them
 

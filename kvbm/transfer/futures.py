@@ -6,6 +6,10 @@ Parts:
                    (callbacks run in layer order, one delivery at a time: layers already landed
                    on the adding thread, later ones on the TransferManager's I/O thread)
   TransferResult   what a successful future resolves to
+  CompositeFuture  one TransferFuture over several submissions ("parts"), some submitted only when
+                   an earlier one finished (a disk read, then its H2D): layer progress is the
+                   least of the parts that report layers (a part not submitted yet: none), the
+                   result comes once every part is done, and any failed part fails it
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvbm.errors import TransferError
 from kvbm.wire import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -122,3 +127,71 @@ class TransferResult:
     bytes: int
     seconds: float
     value: Any = None      # what finalize returned (offload/onboard summaries)
+
+
+class CompositeFuture(TransferFuture):
+    """A TransferFuture over `layer_parts` + other parts, attached as they are submitted.
+
+    attach(part, layers) adds a submission's future; close() says no more parts will come (a part
+    failed before the rest could be submitted). Resolves once every expected part was attached (or
+    close() was called) and every attached part is done: TransferError with the first failure
+    (blocks_may_be_written if any part's says so), else a TransferResult whose value is
+    finish(results) (an exception from finish fails it)."""
+
+    def __init__(self, path: P.Path, num_blocks: int, num_layers: int, parts: int, layer_parts: int,
+                 finish: Callable[[list[TransferResult]], Any]) -> None:
+        super().__init__(path, num_blocks, num_layers)
+        self.set_running_or_notify_cancel()
+        self._lock = threading.Lock()
+        self._expected = parts
+        self._layer_expected = layer_parts
+        self._parts: list[tuple[TransferFuture, bool]] = []
+        self._finish = finish
+        self._finishing = False
+        self._t0 = time.monotonic()
+
+    def attach(self, part: TransferFuture, layers: bool) -> None:
+        with self._lock:
+            self._parts.append((part, layers))
+        if layers:
+            part.add_layer_callback(lambda _layer: self._progress())
+        part.add_done_callback(lambda _f: self._maybe_finish())
+
+    def close(self) -> None:
+        """No further part will be attached."""
+        with self._lock:
+            self._expected = len(self._parts)
+            self._layer_expected = sum(1 for _, lay in self._parts if lay)
+        self._maybe_finish()
+
+    def _progress(self) -> None:
+        with self._lock:
+            layered = [p for p, lay in self._parts if lay]
+            ready = 0 if len(layered) < self._layer_expected or not layered else \
+                min(p.layers_ready for p in layered)
+        if not self.done():
+            self._advance(ready)
+
+    def _maybe_finish(self) -> None:
+        with self._lock:
+            if len(self._parts) < self._expected or not all(p.done() for p, _ in self._parts) or self._finishing:
+                return
+            self._finishing = True
+            parts = [p for p, _ in self._parts]
+        errors = [p.exception() for p in parts if p.exception() is not None]
+        if errors:
+            written = any(getattr(e, "blocks_may_be_written", False) for e in errors)
+            self.set_exception(TransferError(str(errors[0]), blocks_may_be_written=written))
+            self._wake_layers()
+            return
+        results = [p.result() for p in parts]
+        try:
+            value = self._finish(results)
+        except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
+            logger.error("finishing a %s transfer failed", self.path.label, exc_info=True)
+            self.set_exception(TransferError(f"finish failed: {type(err).__name__}: {err}"))
+            self._wake_layers()
+            return
+        self._advance(self.num_layers if self._layer_expected else 0)
+        self.set_result(TransferResult(self.path, self.num_blocks, sum(r.bytes for r in results),
+                                       time.monotonic() - self._t0, value))

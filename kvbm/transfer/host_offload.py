@@ -15,6 +15,9 @@ of a reused host block cannot hurt it; the device blocks of a failure with
 TransferError.blocks_may_be_written are the engine's to quarantine).
 The pool lock is never held while waiting for in-flight budget (finalize runs on the I/O thread and
 takes it).
+With a disk tier, `disk` (kvbm.transfer.disk_offload.DiskTransfers) is told, under the pool lock,
+after each G2 allocation (its victim cleaner keeps free G2 blocks ahead of need) and after each G2
+registration (write-through admission).
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ class OnboardResult:
     requested: int    # hashes asked for
     loaded: int       # leading blocks copied into the device blocks (the rest: recompute)
     bytes: int
+    from_host: int = -1   # of those, from G2 (-1: all of them, a G2-only onboard)
+    from_disk: int = 0    # of those, from G3 (read into G2 staging blocks, then H2D)
+    read_path: str = ""   # how the G3 part was read: "staged" (GDS direct reads: not in this version)
 
 
 def _done_future(path: P.Path, value: Any, num_layers: int) -> TransferFuture:
@@ -70,6 +76,7 @@ class HostTransfers:
         self._offloading: set[int] = set()
         # Host blocks of offloads failed while a copy into them may still run: never freed.
         self.leaked_host_blocks = 0
+        self.disk = None   # DiskTransfers, when there is a disk tier
 
     def _capacity(self) -> int:
         reg = getattr(self.pool, "registry", self.pool)  # a BlockPool, or a bare registry
@@ -108,6 +115,8 @@ class HostTransfers:
                 if host is None:
                     host = np.empty(0, np.int64)
             host = np.asarray(host, dtype=np.int64)
+            if self.disk is not None:
+                self.disk.host_allocated()
             n = int(host.shape[0])
             todo = todo[:n]
             claimed = [int(h) for h in hashes[todo].tolist()]
@@ -149,6 +158,8 @@ class HostTransfers:
                     # good); the error fails the submission through the manager.
                     self.pool.release(host)
                     raise
+                if self.disk is not None:
+                    self.disk.host_registered(todo_hashes)
                 self.pool.release(canonical)  # inactive and matchable; duplicates were freed by register
             return OffloadResult(requested, n, held, dropped, n * bytes_per_block)
 

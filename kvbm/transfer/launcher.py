@@ -97,9 +97,11 @@ class WorkersProcess:
         if c.force_cpu:
             cmd.append("--force-cpu")
         if c.disk_path and c.disk_blocks:
-            cmd += ["--disk-path", c.disk_path, "--disk-blocks", str(c.disk_blocks)]
+            cmd += ["--disk-path", os.path.abspath(c.disk_path), "--disk-blocks", str(c.disk_blocks)]
         elif c.disk_path and c.disk_size:
-            cmd += ["--disk-path", c.disk_path, "--disk-size", str(c.disk_size)]
+            cmd += ["--disk-path", os.path.abspath(c.disk_path), "--disk-size", str(c.disk_size)]
+        if c.gds != "auto":
+            cmd += ["--gds", c.gds]
         return cmd
 
     def child_env(self) -> dict[str, str]:
@@ -109,6 +111,8 @@ class WorkersProcess:
         env.update({"KVBM_MAX_BATCH_BLOCKS": str(self.config.max_batch_blocks),
                     "KVBM_COPY_THREADS": str(self.config.copy_threads),
                     "KVBM_WORKER_DELAY_MS": str(self.config.worker_delay_ms)})
+        if self.config.disk_fsize_limit:   # a test hook, like the copy delay: no flag for it
+            env["KVBM_DISK_FSIZE_LIMIT"] = str(self.config.disk_fsize_limit)
         return env
 
     def start(self, timeout: float = 60.0) -> str:

@@ -29,6 +29,13 @@ Life of a submission:
               `finalize(outcome)` runs (the host pool registers on success, releases unregistered
               on failure), and the future resolves: a result, or TransferError with the reason.
 
+Disk paths (H2DISK, DISK2H) go to the one disk worker, as any path does (two queues, one process):
+their requests carry per-block arrays (`extra`: sequence hashes, expected checksums, owners) and
+message fields (`meta`), and their replies per-block outcomes, which finalize finds in
+Outcome.detail. `ask(path, msg, on_reply)` sends a non-transfer request (the disk worker's
+entries) and hands every reply with its id to on_reply, on the I/O thread. A submission chained
+on another one's completion (`charge=False`) runs on its predecessor's budget.
+
 Death of kvbm-workers itself: the manager holds a pidfd of the supervisor (polled by the I/O thread
 with the sockets), so a SIGKILLed supervisor is noticed at once, not by deadlines. What no worker
 holds fails then; new work is refused (LifecycleError). A request at a worker fails once that
@@ -116,6 +123,8 @@ class TransferManager:
         self._poller: zmq.Poller | None = None
         self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._asks: dict[int, object] = {}           # rid -> on_reply of ask(), while its replies come
+        self._outgoing: list[tuple[P.Path, dict]] = []  # ask() messages for the I/O thread to send
 
     # ---- set-up ------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> dict:
@@ -136,7 +145,10 @@ class TransferManager:
         self._events = connect_socket(self._ctx, zmq.SUB, welcome["events"], self._keys)
         for info in welcome["workers"].values():
             path = P.Path(info["path"])
-            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, self._routing_id)
+            # The disk worker serves two paths at one endpoint: one socket each, and a ROUTER takes
+            # only one connection per routing id, so theirs carry the path (P.connection_of).
+            rid = self._routing_id + b"/" + path.label.encode() if path in P.DISK_PATHS else self._routing_id
+            sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, rid)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()
@@ -160,8 +172,10 @@ class TransferManager:
     def cuda(self) -> bool:
         return bool(self.welcome and self.welcome.get("cuda"))
 
-    def register(self, device_layout, host_layout, memory: dict, timeout: float = 30.0) -> None:
-        """Hands every path worker the layouts and the device memory; waits for all of them."""
+    def register(self, device_layout, host_layout, memory: dict, timeout: float = 30.0,
+                 disk: dict | None = None) -> None:
+        """Hands every path worker the layouts and the device memory; waits for all of them.
+        `disk`: the G3 store the disk worker opens ({blocks, fingerprint, model, cold})."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         if self._dead:
@@ -171,9 +185,13 @@ class TransferManager:
         # Index bounds of each path's (source, destination), checked by submit().
         dev, host = int(device_layout.num_blocks), int(host_layout.num_blocks)
         self._limits = {P.Path.D2H: (dev, host), P.Path.H2D: (host, dev)}
+        if disk is not None:   # reads name slots of other instances' stores too: checked by the worker
+            self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout),
                               "memory": memory}
+        if disk is not None:
+            self._register_msg["disk"] = dict(disk)
         for q in self._paths.values():
             q.link.reset()
         with self._lock:
@@ -191,10 +209,14 @@ class TransferManager:
     # ---- submit ------------------------------------------------------------------------------
     def submit(self, path: P.Path, src, dst, *, priority: int = 0, gate: Gate | None = None,
                layers: bool = False, block: bool = True, timeout: float | None = None,
-               finalize: Finalize | None = None) -> TransferFuture:
+               finalize: Finalize | None = None, extra: dict | None = None, meta: dict | None = None,
+               charge: bool = True) -> TransferFuture:
         """Copies block src[i] to dst[i] along `path`. The future resolves to a TransferResult, or
         fails with TransferError. `finalize(outcome)` runs before the future resolves, once every
-        byte has landed or every request has settled as failed; its return value is result.value."""
+        byte has landed or every request has settled as failed; its return value is result.value.
+        `extra`: per-block arrays sent with the blocks (protocol.BLOCK_FIELDS); `meta`: fields of
+        every wire request; `charge=False`: no in-flight budget taken (a part chained on another
+        submission's completion, within the bytes that one was charged)."""
         path = P.Path(path)
         src = np.ascontiguousarray(np.asarray(src, dtype=np.int64)).reshape(-1)
         dst = np.ascontiguousarray(np.asarray(dst, dtype=np.int64)).reshape(-1)
@@ -209,12 +231,18 @@ class TransferManager:
         future.set_running_or_notify_cancel()
         n = int(src.shape[0])
         nbytes = n * self.block_bytes
-        sub = Submission(path, future, nbytes, priority, layers, gate, finalize, time.monotonic())
+        extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in (extra or {}).items()}
+        for key, arr in extra.items():
+            if key not in P.BLOCK_FIELDS or arr.shape[0] != n:
+                raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} blocks "
+                                  f"(known: {sorted(P.BLOCK_FIELDS)})")
+        sub = Submission(path, future, nbytes if charge else 0, priority, layers, gate, finalize, time.monotonic(),
+                         meta=meta, charged=charge)
         if n == 0:
             self._settlement.resolve(sub)
             return future
-        if path in P.DISK_PATHS:
-            sub.error = P.DISK_NOT_IMPLEMENTED
+        if path in P.DISK_PATHS and path not in self._paths:
+            sub.error = P.NO_DISK_TIER
             self._settlement.resolve(sub)
             return future
         if path not in self._paths:
@@ -224,10 +252,12 @@ class TransferManager:
             # On the I/O thread (a layer or done callback, a finalize): waiting would stop the
             # very thread that returns budget.
             block = False
-        self.budget.take(nbytes, block, timeout)
+        if charge:
+            self.budget.take(nbytes, block, timeout)
         for lo in range(0, n, self.max_batch_blocks):
             hi = lo + self.max_batch_blocks
-            sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi]))
+            sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
+                                        extra={k: v[lo:hi] for k, v in extra.items()} or None))
         sub.pending = len(sub.requests)
         self.metrics.submitted.labels(path.label).inc()
         if not self.scheduler.hold(gate, sub):
@@ -273,10 +303,64 @@ class TransferManager:
         if closing:
             self._settlement.fail_submission(sub, "transfer manager is closed")
 
+    def ask(self, path: P.Path, msg: dict, on_reply) -> int:
+        """Sends `msg` (given an id here) to the worker of `path` from the I/O thread; every reply
+        carrying that id goes to on_reply(reply) on the I/O thread until it returns True (the
+        last). Returns the id. LifecycleError when there is no such worker or the manager closed."""
+        path = P.Path(path)
+        if path not in self._paths:
+            raise LifecycleError(P.NO_DISK_TIER if path in P.DISK_PATHS else f"no worker for path {path.label}")
+        if self._closing or self._dead:
+            raise LifecycleError(self._dead or "transfer manager is closed")
+        rid = next(self._ids)
+        with self._lock:
+            self._asks[rid] = on_reply
+            self._outgoing.append((path, dict(msg, id=rid, engine=self.engine_id)))
+        self._wake()
+        return rid
+
+    def forget(self, rid: int) -> None:
+        """No more replies to ask() `rid` are wanted (its caller gave up waiting)."""
+        with self._lock:
+            self._asks.pop(rid, None)
+
+    def _send_outgoing(self) -> None:
+        with self._lock:
+            out, self._outgoing = self._outgoing, []
+        for path, msg in out:
+            try:
+                self._paths[path].sock.send(P.encode(msg), zmq.NOBLOCK)
+            except zmq.ZMQError as err:
+                logger.warning("%s: a %r request could not be sent: %s", path.label, msg.get("t"), err)
+
+    def _on_answer(self, msg: dict) -> None:
+        rid = msg.get("id")
+        with self._lock:
+            on_reply = self._asks.get(rid) if isinstance(rid, int) else None
+        if on_reply is None:
+            return
+        try:
+            last = on_reply(msg)
+        except Exception:  # noqa: BLE001 - a reply handler must not kill the I/O thread
+            logger.exception("reply handler of request %s failed", rid)
+            last = True
+        if last:
+            self.forget(rid)
+
     def _wake(self) -> None:
         with self._lock:
             if not self._closing:
                 os.eventfd_write(self._wake_fd, 1)
+
+    @property
+    def paths(self) -> tuple[P.Path, ...]:
+        """The paths kvbm-workers serves (its welcome's)."""
+        return tuple(self._paths)
+
+    def worker_info(self, path: P.Path) -> dict:
+        """What the worker of `path` said of itself when it accepted our registration."""
+        q = self._paths.get(P.Path(path))
+        return dict(q.info) if q is not None else {}
 
     @property
     def inflight_bytes(self) -> int:
@@ -310,6 +394,7 @@ class TransferManager:
                     except BlockingIOError:
                         pass
                     self._take_incoming()
+                    self._send_outgoing()
                 if self._events in ready:
                     self._read_events()
                 if self._control in ready:
@@ -385,7 +470,12 @@ class TransferManager:
             src = lead.src if single else np.concatenate([m.src for m in members])
             dst = lead.dst if single else np.concatenate([m.dst for m in members])
             gate = lead.sub.gate.to_wire() if lead.sub.gate else None
-            msg = P.make_xfer(rid, self.engine_id, gen, q.path, src, dst, lead.sub.priority, lead.sub.layers, gate)
+            fields = dict(lead.sub.meta or {})
+            if lead.extra:
+                fields.update({k: v if single else np.concatenate([m.extra[k] for m in members])
+                               for k, v in lead.extra.items()})
+            msg = P.make_xfer(rid, self.engine_id, gen, q.path, src, dst, lead.sub.priority, lead.sub.layers, gate,
+                              **fields)
             try:
                 q.sock.send(P.encode(msg), zmq.NOBLOCK)
             except zmq.Again:
@@ -414,6 +504,10 @@ class TransferManager:
                     q.link.accepted(msg.get("id"), gen)
                     if q.link.registered_gen == gen:
                         self._track_worker(q, gen, msg.get("pid"))
+                        if isinstance(msg.get("disk"), dict):
+                            q.info = msg["disk"]
+                elif kind == P.MsgType.ENTRIES:
+                    self._on_answer(msg)
                 else:
                     logger.warning("%s worker sent an unexpected %r message", q.path.label, kind)
             except (ProtocolError, KeyError, TypeError, ValueError) as err:
@@ -441,6 +535,8 @@ class TransferManager:
         if wire is None:
             return  # already failed (worker death, deadline) or a stale reply
         status = P.Status(msg["status"])
+        if status is not P.Status.STALE:
+            self._attach_detail(q, wire, msg)
         if status is P.Status.OK:
             self.metrics.latency.labels(q.path.label).observe(time.monotonic() - wire.sent_at)
             for m in wire.members:
@@ -465,6 +561,27 @@ class TransferManager:
                 q.push(m)
             return
         self._settlement.settle_wire(q, wire, error)
+
+    def _attach_detail(self, q: PathQueue, wire: WireRequest, msg: dict) -> None:
+        """Per-block arrays of a reply (a disk request's), sliced to each member request."""
+        total = sum(int(m.src.shape[0]) for m in wire.members)
+        arrays = {}
+        for key in P.BLOCK_FIELDS:
+            if key in msg:
+                try:
+                    arrays[key] = P.unpack_field(msg, key, total)
+                except ProtocolError as err:
+                    logger.warning("%s reply %d: %s", q.path.label, wire.rid, err)
+        scalars = {k: msg[k] for k in ("copy_us", "bytes") if isinstance(msg.get(k), int)}
+        texts = {k: msg[k] for k in ("read_path", "error") if isinstance(msg.get(k), str)}
+        if isinstance(msg.get("no_space"), bool):
+            texts["no_space"] = msg["no_space"]
+        lo = 0
+        for i, m in enumerate(wire.members):
+            n = int(m.src.shape[0])
+            m.detail = {k: v[lo:lo + n] for k, v in arrays.items()} | texts | \
+                (scalars if i == 0 else dict.fromkeys(scalars, 0))
+            lo += n
 
     def _read_events(self) -> None:
         for payload in pending(self._events):

@@ -3,7 +3,8 @@
 It holds the link (our registration, kvbm.transfer.link), the socket, the priority queue of requests
 waiting to be sent and the wire requests at the worker. Sending coalesces: queued requests of the
 same priority and progress mode behind the first ride in one wire request up to max_batch_blocks
-pairs, as long as their destinations do not overlap (the worker refuses such a request whole).
+pairs, as long as their destinations do not overlap (the worker refuses such a request whole) and
+their message fields (Submission.meta) are equal.
 Only the I/O thread touches it.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ class PathQueue:
     heap: list = field(default_factory=list)            # (-priority, seq, Request)
     outstanding: dict[int, WireRequest] = field(default_factory=dict)
     worker_fds: dict[int, int] = field(default_factory=dict)  # gen -> pidfd of the worker that registered us
+    info: dict = field(default_factory=dict)   # what the worker's last `registered` said of itself (disk: store)
 
     @property
     def path(self) -> Path:
@@ -55,6 +57,7 @@ class PathQueue:
                 heapq.heappop(self.heap)
                 continue
             if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
+                    or nxt.sub.meta != lead.sub.meta or (nxt.extra is None) != (lead.extra is None)
                     or nxt.sub.error is not None or total + nxt.src.shape[0] > max_blocks
                     or not dsts.isdisjoint(nxt.dst.tolist())):
                 break

@@ -2,8 +2,9 @@
 
 Parts:
   RequestState   QUEUED -> SENT -> SETTLED (a STALE reply puts a SENT request back to QUEUED once)
-  Outcome        how a submission ended, handed to its `finalize` callback: ok, the error text, and
-                 whether a copy into its destination blocks may still be running
+  Outcome        how a submission ended, handed to its `finalize` callback: ok, the error text,
+                 whether a copy into its destination blocks may still be running, and what the
+                 workers said per block (a disk request's outcome and checksums)
   Submission     one submit() call: its future, byte budget, priority, gate, finalize, requests
   Request        a slice of a submission of at most max_batch_blocks pairs
   WireRequest    what one xfer message carries: one request, or several queued requests of the same
@@ -41,6 +42,9 @@ class Outcome:
     ok: bool
     error: str | None = None
     may_still_be_written: bool = False
+    # Per-block arrays of the replies (protocol.BLOCK_FIELDS, in submission order) and the sums of
+    # their numbers ("copy_us", "bytes"), when every request of the submission was answered.
+    detail: dict[str, Any] | None = None
 
 
 Finalize = Callable[[Outcome], Any]
@@ -61,9 +65,26 @@ class Submission:
     error: str | None = None        # the first failure
     moved: int = 0                  # bytes of requests that completed OK
     maybe_written: bool = False     # failed while a copy into its destination may still be running
+    meta: dict[str, Any] | None = None   # message fields every wire request of it carries (disk reads: peers)
+    charged: bool = True            # took in-flight budget (a chained part runs on its predecessor's)
 
     def outcome(self) -> Outcome:
-        return Outcome(self.error is None, self.error, self.maybe_written)
+        return Outcome(self.error is None, self.error, self.maybe_written, self._detail())
+
+    def _detail(self) -> dict[str, Any] | None:
+        parts = [r.detail for r in self.requests]
+        if not parts or any(p is None for p in parts):
+            return None
+        out: dict[str, Any] = {}
+        for key in parts[0]:
+            values = [p.get(key) for p in parts]
+            if all(isinstance(v, np.ndarray) for v in values):
+                out[key] = np.concatenate(values)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out[key] = sum(values)
+            else:
+                out[key] = values[-1]
+        return out
 
 
 @dataclass(eq=False, slots=True)
@@ -77,6 +98,8 @@ class Request:
     layers_done: int = 0
     state: RequestState = RequestState.QUEUED
     requeued: bool = False          # sent again once after a STALE reply (nothing had been copied)
+    extra: dict[str, np.ndarray] | None = None   # per-block arrays sent with it (protocol.BLOCK_FIELDS)
+    detail: dict[str, Any] | None = None         # what its reply said beyond the status (its slice)
 
 
 @dataclass(eq=False, slots=True)

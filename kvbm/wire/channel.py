@@ -25,7 +25,7 @@ import zmq
 from kvbm.errors import ConfigError, PermissionRefusedError
 from kvbm.shm import check_private, check_private_dir
 from kvbm.wire.auth import ClientKeys, Gatekeeper, configure_client, configure_server
-from kvbm.wire.protocol import MAX_MESSAGE_BYTES, WORKER_PATHS, Path
+from kvbm.wire.protocol import MAX_MESSAGE_BYTES, PROCESS_PATHS, Path
 
 ENDPOINTS_FILE = "endpoints.json"
 HARD_MESSAGE_CAP = 4 * MAX_MESSAGE_BYTES
@@ -51,12 +51,13 @@ class Endpoints:
                 raise ConfigError(f"ipc socket path {longest} is {len(longest.encode())} bytes; unix sockets "
                                   f"take at most {IPC_PATH_MAX}: use a shorter runtime_dir (or transport tcp)")
             return cls(f"ipc://{runtime_dir}/control.sock", f"ipc://{runtime_dir}/events.sock",
-                       {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in WORKER_PATHS})
-        ports = [tcp_port + i for i in range(2 + len(WORKER_PATHS))] if tcp_port else _free_ports(2 + len(WORKER_PATHS))
+                       {p.label: f"ipc://{runtime_dir}/{p.label}.sock" for p in PROCESS_PATHS})
+        ports = [tcp_port + i for i in range(2 + len(PROCESS_PATHS))] if tcp_port else \
+            _free_ports(2 + len(PROCESS_PATHS))
         if max(ports) > 65535:
             raise ConfigError(f"tcp ports {ports[0]}..{ports[-1]} exceed 65535")
         urls = [f"tcp://127.0.0.1:{p}" for p in ports]
-        return cls(urls[0], urls[1], {p.label: urls[2 + i] for i, p in enumerate(WORKER_PATHS)})
+        return cls(urls[0], urls[1], {p.label: urls[2 + i] for i, p in enumerate(PROCESS_PATHS)})
 
     def worker(self, path: Path) -> str:
         return self.workers[path.label]

@@ -19,6 +19,12 @@ conversation:
                                               has landed; landed layers are reported together)
                                            -> {t: done, id, status, error, bytes, timings}
   4. supervisor -> engines (PUB events)    {t: event, kind: started|died|stopping, path, gen, ...}
+The disk worker (one process serving H2DISK and DISK2H, when a disk tier is configured) speaks the
+same conversation. Its register carries {disk: {blocks, fingerprint, model, cold}} (the G3 store it
+opens); its xfer requests carry per-block arrays (BLOCK_FIELDS: the sequence hashes of a write, the
+expected checksums and owners of a read) and its done replies per-block outcomes ("state",
+"sums") and the read path that ran. {t: entries} asks it for the G3 blocks it holds (its own, and
+other instances' in a shared directory): answered by {t: entries, part...}* then {t: entries, last}.
 A request that cannot be parsed is answered {t: done, id: -1 or its id, status: ERROR, error: ...};
 a worker never dies of bad input.
 """
@@ -47,17 +53,45 @@ XFER_FIELDS = frozenset({"v", "t", "id", "engine", "gen", "path", "src", "dst", 
 class Path(IntEnum):
     D2H = 0       # device (G1) -> host pool (G2): offload
     H2D = 1       # host pool -> device: onboard
-    H2DISK = 2    # host pool -> disk (G3): declared, answered "not implemented: disk tier"
-    DISK2D = 3    # disk -> device: declared, answered "not implemented: disk tier"
+    H2DISK = 2    # host pool -> disk (G3): the disk worker writes G2 blocks to slots
+    DISK2D = 3    # disk -> device: what the engine's onboard future of a G3 prefix reports (staged
+                  # read then H2D); never sent on the wire by this version (no GDS direct read)
+    DISK2H = 4    # disk -> host pool: the disk worker reads slots into G2 (staging) blocks
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-WORKER_PATHS = (Path.D2H, Path.H2D)      # paths that have a worker process
-DISK_PATHS = (Path.H2DISK, Path.DISK2D)
-DISK_NOT_IMPLEMENTED = "not implemented: disk tier"
+WORKER_PATHS = (Path.D2H, Path.H2D)      # paths that have a process of their own
+DISK_PATHS = (Path.H2DISK, Path.DISK2H)  # served by the one disk worker process (H2DISK is its slot)
+PROCESS_PATHS = WORKER_PATHS + (Path.H2DISK,)  # paths naming a worker process (and an endpoint)
+NO_DISK_TIER = "no disk tier: kvbm-workers runs without one (give it disk_path and disk_size or disk_blocks)"
+
+# Per-block arrays a disk request or reply carries, packed little-endian: name -> dtype.
+BLOCK_FIELDS = {"hashes": "<u8",   # H2DISK: sequence hash of each block written
+                "sums": "<u8",     # DISK2H: expected checksum of each block; H2DISK done: checksum written
+                "owner": "<u4",    # DISK2H: 0 this instance's store, i >= 1 the store of peers[i - 1]
+                "state": "u1"}     # done of a disk request: BlockState of each block
+
+
+# The fields a disk request may carry besides a copy's: its per-block arrays and the instances its
+# reads name (a shared disk_path holds at most this many).
+def connection_of(ident: bytes) -> bytes:
+    """The engine connection a routing id belongs to: an engine's sockets to the disk worker (one
+    per disk path, at one endpoint) carry "/<path>" after the id of its other sockets."""
+    return ident.partition(b"/")[0]
+
+
+DISK_XFER_FIELDS = XFER_FIELDS | frozenset(BLOCK_FIELDS) | {"peers"}
+MAX_PEERS = 4096
+
+
+class BlockState(IntEnum):
+    """Outcome of one block of a disk request (the "state" array of its done reply)."""
+    OK = 0
+    FAILED = 1    # not written / not read: I/O error, no space, vanished or truncated file, stale
+    CORRUPT = 2   # read, but its bytes did not match its checksum (dropped from that store)
 
 
 class Status(IntEnum):
@@ -82,6 +116,7 @@ class MsgType:
     PONG = "pong"
     READY = "ready"        # path worker -> supervisor once mapped, pinned and bound
     RESTART = "restart"    # engine -> supervisor: a worker missed a deadline, replace it
+    ENTRIES = "entries"    # engine <-> disk worker: the G3 blocks its store (and its peers') hold
 
 
 # ---- encoding ---------------------------------------------------------------------------------
@@ -146,6 +181,21 @@ def unpack_blocks(data: Any, field: str, limit: int, max_count: int = MAX_BATCH_
     return arr
 
 
+def pack_field(name: str, values) -> bytes:
+    """A per-block array of BLOCK_FIELDS as packed little-endian bytes."""
+    return np.ascontiguousarray(np.asarray(values).astype(BLOCK_FIELDS[name], copy=False)).tobytes()
+
+
+def unpack_field(msg: dict, name: str, count: int) -> np.ndarray:
+    """The per-block array `name` of a message: exactly `count` items of its BLOCK_FIELDS dtype."""
+    data = msg.get(name)
+    dtype = np.dtype(BLOCK_FIELDS[name])
+    if not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+        got = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray)) else type(data).__name__
+        raise ProtocolError(f"{name}: expected {count} packed {dtype.str} values, got {got}")
+    return np.frombuffer(data, dtype=dtype)
+
+
 # ---- field checks -----------------------------------------------------------------------------
 
 def _int(msg: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -191,10 +241,14 @@ def engine_of(msg: dict) -> str | None:
 # ---- messages ---------------------------------------------------------------------------------
 
 def make_xfer(rid: int, engine: str, gen: int, path: Path, src, dst, priority: int = 0,
-              layers: bool = False, gate: list | None = None) -> dict:
-    return {"v": PROTOCOL_VERSION, "t": MsgType.XFER, "id": rid, "engine": engine, "gen": gen,
-            "path": int(path), "src": pack_blocks(src), "dst": pack_blocks(dst), "prio": priority,
-            "layers": bool(layers), "gate": gate}
+              layers: bool = False, gate: list | None = None, **fields: Any) -> dict:
+    """`fields`: per-block arrays of BLOCK_FIELDS (packed here) and plain message fields."""
+    msg = {"v": PROTOCOL_VERSION, "t": MsgType.XFER, "id": rid, "engine": engine, "gen": gen,
+           "path": int(path), "src": pack_blocks(src), "dst": pack_blocks(dst), "prio": priority,
+           "layers": bool(layers), "gate": gate}
+    for key, value in fields.items():
+        msg[key] = pack_field(key, value) if key in BLOCK_FIELDS else value
+    return msg
 
 
 def _check_gate(msg: dict) -> None:
@@ -205,16 +259,24 @@ def _check_gate(msg: dict) -> None:
         raise ProtocolError(f"gate: expected nil or [iteration|nil, layer|nil], got {gate!r:.80}")
 
 
-def check_xfer_fields(msg: dict) -> None:
-    """Before an xfer is queued: only its own fields, block arrays as bytes, a small gate. What a
-    queued request keeps is then about its frame's size (a map of nested lists decodes to many times
-    its frame), so a byte bound on queued frames bounds the memory they hold."""
-    extra = msg.keys() - XFER_FIELDS
+def check_xfer_fields(msg: dict, fields: frozenset = XFER_FIELDS) -> None:
+    """Before an xfer is queued: only its own fields (`fields`: DISK_XFER_FIELDS at the disk
+    worker), block arrays as bytes, a small gate and peer list. What a queued request keeps is then
+    about its frame's size (a map of nested lists decodes to many times its frame), so a byte bound
+    on queued frames bounds the memory they hold."""
+    extra = msg.keys() - fields
     if extra:
         raise ProtocolError(f"xfer: unknown fields {sorted(map(str, extra))[:5]!r:.120}")
     for key in ("src", "dst"):
         if not isinstance(msg.get(key), (bytes, bytearray)):
             raise ProtocolError(f"{key}: expected packed int64 bytes, got {type(msg.get(key)).__name__}")
+    for key in BLOCK_FIELDS.keys() & msg.keys():
+        if not isinstance(msg[key], (bytes, bytearray)):
+            raise ProtocolError(f"{key}: expected packed bytes, got {type(msg[key]).__name__}")
+    peers = msg.get("peers")
+    if peers is not None and (not isinstance(peers, list) or len(peers) > MAX_PEERS):
+        raise ProtocolError(f"peers: expected a list of at most {MAX_PEERS} instance ids, got "
+                            f"{type(peers).__name__} of {len(peers) if isinstance(peers, list) else '?'}")
     _check_gate(msg)
 
 
@@ -239,10 +301,14 @@ def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) ->
 
 
 def make_done(rid: int, status: Status, error: str = "", nbytes: int = 0, gen: int = 0,
-              queue_us: int = 0, copy_us: int = 0) -> dict:
-    return {"v": PROTOCOL_VERSION, "t": MsgType.DONE, "id": rid, "status": int(status),
-            "error": error[:MAX_ERROR_TEXT], "bytes": nbytes, "gen": gen, "queue_us": queue_us,
-            "copy_us": copy_us}
+              queue_us: int = 0, copy_us: int = 0, **fields: Any) -> dict:
+    """`fields`: per-block arrays of BLOCK_FIELDS (packed here) and plain fields (a disk reply's)."""
+    msg = {"v": PROTOCOL_VERSION, "t": MsgType.DONE, "id": rid, "status": int(status),
+           "error": error[:MAX_ERROR_TEXT], "bytes": nbytes, "gen": gen, "queue_us": queue_us,
+           "copy_us": copy_us}
+    for key, value in fields.items():
+        msg[key] = pack_field(key, value) if key in BLOCK_FIELDS else value
+    return msg
 
 
 def validate_done(msg: dict) -> None:

@@ -109,6 +109,9 @@ def _die_with_parent() -> None:
 
 
 class PathWorker:
+    PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
+    XFER_FIELDS = P.XFER_FIELDS  # what an xfer may carry (the disk worker's carry per-block arrays too)
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.path = P.Path[args.path.upper()]
         self.gen = args.gen
@@ -126,7 +129,7 @@ class PathWorker:
         self._busy_until = 0.0
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
-        self.pin_s = self.host_segment.pin() if self.cuda else 0.0
+        self.pin_s = self.host_segment.pin() if self.cuda and self.PIN_HOST else 0.0
         server_keys, client_keys = _read_keys(args.keys_dir)
         self.ctx = make_context()
         self.gate = Gatekeeper(self.ctx, server_keys).start()
@@ -139,7 +142,7 @@ class PathWorker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.control.send(P.encode({"t": P.MsgType.READY, "path": int(self.path), "gen": self.gen,
                                     "pid": os.getpid(), "pin_s": self.pin_s,
-                                    "pinned_bytes": self.host_segment.size if self.cuda else 0}))
+                                    "pinned_bytes": self.host_segment.size if self.cuda and self.PIN_HOST else 0}))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_check = time.monotonic() + 1.0
@@ -201,7 +204,7 @@ class PathWorker:
             try:
                 engine = P.engine_of(msg)  # before any use as a dict key (an unhashable one would raise)
                 if kind == P.MsgType.XFER:
-                    P.check_xfer_fields(msg)  # nothing but the fields of a request stays queued
+                    P.check_xfer_fields(msg, self.XFER_FIELDS)  # nothing but the fields of a request stays queued
                     size = len(payload)
                     if len(self._queue) >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
                         self.stats.errors += 1
@@ -229,15 +232,23 @@ class PathWorker:
                 elif kind == P.MsgType.STATS:
                     self._reply(ident, {"t": P.MsgType.STATS, "id": P.request_id_of(msg), "path": int(self.path),
                                         "gen": self.gen, "queue": len(self._queue), "pid": os.getpid(),
-                                        "engines": len(self.engines), **self.stats.as_dict()})
+                                        "engines": len(self.engines), **self.stats.as_dict(),
+                                        **self._stats_extra()})
                 elif kind == P.MsgType.PING:
                     self._reply(ident, {"t": P.MsgType.PONG, "gen": self.gen, "id": P.request_id_of(msg)})
                 else:
-                    raise ProtocolError(f"unknown message type {kind!r:.40} for a path worker")
+                    self._other_message(ident, kind, msg)
             except (KvbmError, OSError) as err:
                 self._malformed(ident, msg, err)
             except Exception as err:  # noqa: BLE001 - the process boundary: no message may kill the worker
                 self._failed(ident, P.request_id_of(msg), err)
+
+    # Hooks of a worker with more to say (kvbm.workers.disk_worker).
+    def _other_message(self, ident: bytes, kind: str, msg: dict) -> None:
+        raise ProtocolError(f"unknown message type {kind!r:.40} for a path worker")
+
+    def _stats_extra(self) -> dict:
+        return {}
 
     def _malformed(self, ident: bytes, msg, err: Exception) -> None:
         self.stats.malformed += 1
@@ -426,9 +437,9 @@ def _read_keys(keys_dir: str) -> tuple[ServerKeys, ClientKeys]:
     return server, client
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="kvbm-path-worker", description="kvbm path worker (started by kvbm-workers)")
-    ap.add_argument("--path", required=True, choices=[p.label for p in P.WORKER_PATHS])
+def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="kvbm path worker (started by kvbm-workers)")
+    ap.add_argument("--path", required=True, choices=[p.label for p in paths])
     ap.add_argument("--gen", type=int, required=True)
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--control", required=True)
@@ -442,12 +453,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")
-    return ap.parse_args(argv)
+    return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None, worker_cls: type[PathWorker] | None = None, parse=parse_args) -> int:
     _die_with_parent()
-    args = parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {args.path}[{os.getpid()}] gen{args.gen} %(levelname)s %(message)s")
     if args.parent_pid and os.getppid() != args.parent_pid:
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s worker: supervisor %d is gone before this worker started; exiting", args.path, args.parent_pid)
         return 0
     try:
-        worker = PathWorker(args)
+        worker = (worker_cls or PathWorker)(args)
     except (KvbmError, OSError, zmq.ZMQError):
         logger.critical("%s worker failed to start", args.path, exc_info=True)
         return 2

@@ -7,9 +7,11 @@ Order of things:
   3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
      the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
      peer that read the keys from the 0600 runtime dir gets an answer or an event
-  4. start one process per worker path (D2H, H2D). Each maps and, in CUDA mode, pins G2 itself and
-     says READY (with its pinning time); the supervisor then publishes {event started, path, gen}.
-     Disk paths have no process: the control socket answers their requests "not implemented".
+  4. start one process per worker path (D2H, H2D), and with a disk tier the disk worker (H2DISK and
+     DISK2H in one process, kvbm.workers.disk_worker; same restart rules; same CURVE keys). Each
+     maps and, in CUDA mode, pins G2 itself and says READY (with its pinning time); the supervisor
+     then publishes {event started, path, gen} (for each path the process serves). Without a disk
+     tier the control socket answers disk requests "no disk tier".
   5. serve: answer hello/status/stats/restart on the control socket, poll workers for stats every
      second, log one summary line per interval; a worker that exits is reported ({event died,
      path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1.
@@ -126,6 +128,8 @@ class Supervisor:
         self.rundir = RuntimeDir(config.resolved_runtime_dir())
         self.endpoints = Endpoints.for_config(self.rundir.path, config.transport, config.tcp_port)
         self.slots = {p: WorkerSlot(p) for p in P.WORKER_PATHS}
+        if config.disk_path and (config.disk_blocks or config.disk_size):
+            self.slots[P.Path.H2DISK] = WorkerSlot(P.Path.H2DISK)  # the disk worker: H2DISK and DISK2H
         self.segment: Segment | None = None
         self.engines: dict[str, dict] = {}
         self._engine_conn: dict[str, bytes] = {}   # engine -> routing id of the connection it reports on
@@ -191,14 +195,15 @@ class Supervisor:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"disk tier folder {path} is not a writable directory")
-        logger.info("G3 folder %s ready (disk I/O not implemented yet)", path)
-        return path
+        logger.info("G3 folder %s ready (the disk worker opens its store when an engine registers)", path)
+        return os.path.abspath(path)
 
     def _spawn(self, slot: WorkerSlot) -> None:
         slot.gen += 1
         slot.ready = False
         assert self.segment is not None
-        cmd = [sys.executable, "-m", "kvbm.workers.path_worker", "--path", slot.path.label,
+        module = "kvbm.workers.disk_worker" if slot.path in P.DISK_PATHS else "kvbm.workers.path_worker"
+        cmd = [sys.executable, "-m", module, "--path", slot.path.label,
                "--gen", str(slot.gen), "--endpoint", self.endpoints.worker(slot.path),
                "--control", self.endpoints.control, "--keys-dir", self.rundir.path, "--segment", self.segment.name,
                "--segment-size", str(self.segment.size), "--cuda", str(int(self.cuda)),
@@ -206,6 +211,8 @@ class Supervisor:
                "--max-batch-blocks", str(self.config.max_batch_blocks),
                "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level,
                "--parent-pid", str(os.getpid())]
+        if slot.path in P.DISK_PATHS:
+            cmd += _disk_worker_args(self.config, self._disk_dir)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -320,8 +327,8 @@ class Supervisor:
             return {"t": P.MsgType.PONG, "restarted": self._restart_request(msg, ident)}
         if kind == P.MsgType.XFER:
             path = msg.get("path")
-            if path in [int(p) for p in P.DISK_PATHS]:
-                return P.make_done(P.request_id_of(msg), P.Status.ERROR, P.DISK_NOT_IMPLEMENTED)
+            if path in [int(p) for p in P.DISK_PATHS] and P.Path.H2DISK not in self.slots:
+                return P.make_done(P.request_id_of(msg), P.Status.ERROR, P.NO_DISK_TIER)
             raise ProtocolError(f"xfer for path {path!r} sent to the control socket; send it to the path worker")
         if kind == P.MsgType.PING:
             return {"t": P.MsgType.PONG}
@@ -333,14 +340,15 @@ class Supervisor:
                 "cuda": self.cuda, "host": {"segment": self.segment.name, "size": self.segment.size},
                 "disk": self._disk_dir, "events": self.endpoints.events,
                 "max_batch_blocks": self.config.max_batch_blocks,
-                "workers": {s.path.label: {"path": int(s.path), "endpoint": self.endpoints.worker(s.path),
-                                           "gen": s.gen, "ready": s.ready} for s in self.slots.values()}}
+                "workers": {p.label: {"path": int(p), "endpoint": self.endpoints.worker(s.path),
+                                      "gen": s.gen, "ready": s.ready}
+                            for s in self.slots.values() for p in _served(s.path)}}
 
     def _worker_ready(self, msg: dict) -> None:
         """READY counts only from the current generation's process of that path (its pid), with
         every field of the right type; anything else is rejected before it touches the slot."""
         path = msg.get("path")
-        if not isinstance(path, int) or isinstance(path, bool) or path not in [int(p) for p in P.WORKER_PATHS]:
+        if not isinstance(path, int) or isinstance(path, bool) or path not in [int(p) for p in self.slots]:
             raise ProtocolError(f"READY from an unknown path {path!r:.40}")
         slot = self.slots[P.Path(path)]
         gen, pid = msg.get("gen"), msg.get("pid")
@@ -361,8 +369,9 @@ class Supervisor:
         if pinned:
             logger.info("%s worker gen %d pinned %.3f GB in %.3f s (%.1f GB/s)", slot.path.label, slot.gen,
                         pinned / 1e9, slot.pin_s, pinned / 1e9 / max(slot.pin_s, 1e-9))
-        self._publish(P.make_event("started", slot.path, slot.gen, pid=msg.get("pid"),
-                                   endpoint=self.endpoints.worker(slot.path)))
+        for path in _served(slot.path):
+            self._publish(P.make_event("started", path, slot.gen, pid=msg.get("pid"),
+                                       endpoint=self.endpoints.worker(slot.path)))
 
     def _restart_request(self, msg: dict, ident: bytes) -> bool:
         """Kills the worker an engine found unresponsive. Only an engine whose transfers use that
@@ -423,6 +432,7 @@ class Supervisor:
                 continue
             if msg.get("t") == P.MsgType.STATS and msg.get("gen") == slot.gen:
                 slot.stats = {k: v for k, v in msg.items() if k in WORKER_FIELDS and _number(v)}
+                slot.stats.update(_disk_stats(msg))
                 self.metrics.worker_bytes.labels(slot.path.label).set(int(slot.stats.get("bytes", 0)))
                 self.metrics.worker_queue.labels(slot.path.label).set(int(slot.stats.get("queue", 0)))
 
@@ -440,7 +450,8 @@ class Supervisor:
                 continue
             logger.error("%s worker gen %d (pid %d) died with exit code %d; restarting",
                          slot.path.label, slot.gen, proc.pid, code)
-            self._publish(P.make_event("died", slot.path, slot.gen, pid=proc.pid, exitcode=code))
+            for path in _served(slot.path):
+                self._publish(P.make_event("died", path, slot.gen, pid=proc.pid, exitcode=code))
             slot.proc = None
             slot.ready = False
             slot.restarts += 1
@@ -479,13 +490,15 @@ class Supervisor:
                 "malformed": slot.stats.get("malformed", 0), "busy_s": slot.stats.get("busy_s", 0.0),
                 "engines": slot.stats.get("engines", 0),
                 "uptime_s": slot.stats.get("uptime_s", 0.0)}
-        for label in ("h2disk", "disk2d"):
-            workers[label] = {"state": P.DISK_NOT_IMPLEMENTED}
+        disk = self.slots.get(P.Path.H2DISK)
+        if disk is None:
+            workers["h2disk"] = {"state": P.NO_DISK_TIER}
         return {"t": P.MsgType.STATUS, "instance": self.config.instance_id, "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 3), "cuda": self.cuda,
                 "tiers": {"g2": {"segment": self.segment.name if self.segment else None,
                                  "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4)},
-                          "g3": {"path": self._disk_dir}},
+                          "g3": {"path": self._disk_dir, **(disk.stats.get("disk", {}) if disk else {}),
+                                 **(disk.stats.get("disk_text", {}) if disk else {})}},
                 "workers": workers, "engines": self._live_engines()}
 
     def summary_line(self) -> str:
@@ -525,7 +538,8 @@ class Supervisor:
                 proc.kill()
                 proc.wait()  # reaped whatever it takes: a copy must not outlive the "died" event
         for slot in slots:
-            self._publish(P.make_event("died", slot.path, slot.gen, pid=slot.proc.pid, exitcode=slot.proc.returncode))
+            for path in _served(slot.path):
+                self._publish(P.make_event("died", path, slot.gen, pid=slot.proc.pid, exitcode=slot.proc.returncode))
         self._publish(P.make_event("stopping", None, 0))
         if self._events is not None:
             self._events.setsockopt(zmq.LINGER, 1000)  # let these last events reach the engines
@@ -554,6 +568,30 @@ class Supervisor:
             if gone:
                 logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
         self.rundir.release_and_remove()
+
+
+def _served(path: P.Path) -> tuple[P.Path, ...]:
+    """The wire paths one worker process serves: its own, or both disk paths for the disk worker."""
+    return P.DISK_PATHS if path in P.DISK_PATHS else (path,)
+
+
+def _disk_worker_args(config: KvbmConfig, disk_dir: str | None) -> list[str]:
+    return ["--disk-path", disk_dir or os.path.abspath(config.disk_path), "--instance-id", config.instance_id,
+            "--gds", config.gds, "--fsize-limit", str(config.disk_fsize_limit)]
+
+
+def _disk_stats(msg: dict) -> dict:
+    """The disk worker's own report ("disk": numbers, "disk_text": short strings), kept whitelisted."""
+    out = {}
+    numbers = msg.get("disk")
+    if isinstance(numbers, dict) and len(numbers) <= 2 * MAX_MAP_KEYS:
+        out["disk"] = {k: v for k, v in numbers.items() if isinstance(k, str) and len(k) <= MAX_KEY_CHARS
+                       and _number(v)}
+    text = msg.get("disk_text")
+    if isinstance(text, dict) and len(text) <= MAX_MAP_KEYS:
+        out["disk_text"] = {k: v[:600] for k, v in text.items()
+                            if isinstance(k, str) and len(k) <= MAX_KEY_CHARS and isinstance(v, str)}
+    return out
 
 
 def install_signal_handlers(sup: Supervisor) -> None:

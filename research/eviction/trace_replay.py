@@ -96,6 +96,11 @@ REGISTRY_POLICIES = {"lru": ("LRU", None, "lru"), "lineage": ("LINEAGE", None, "
                      "leaf-lru": ("LEAF_LRU", None, "leaf-lru")}
 
 
+# Admission to G3 on the tiered registry engine (TieredRegistryEngine's docstring, step 4).
+REGISTRY_ADMISSION = ("all", "full", "victim-freq2", "victim-freq3", "write-through", "write-through-full",
+                      "freq2", "freq3")
+
+
 class PrefillServer:
     """The engine in front of the cache, for the queue hint: one FIFO prefill server fed by the
     trace's own arrival times (`timestamp`, ms). A request starts when it has arrived and the one
@@ -334,9 +339,16 @@ class TieredRegistryEngine(Engine):
        registered there; the G2 and G3 blocks it read are touched where they are;
     3. every block of the request is offloaded to G2 (HostTransfers.offload: blocks G2 holds
        already are left alone, the rest registered and released, inactive);
-    4. G3, when given, is G2's victim cache (the disk tier): hashes G2 evicted are registered in
-       G3 (`admission` "all", or "full": not a request's partial last block; "reused" needs use
-       counts of evicted blocks, which the registry does not report, so it is refused).
+    4. G3, when given, takes blocks by `admission` (REGISTRY_ADMISSION; the disk tier's admission
+       rules, kvbm's `disk_admission`):
+       - victim cache: hashes G2 evicted are registered in G3 ("all"; "full": not a request's
+         partial last block; "victim-freqK": only those read by K or more requests so far);
+       - write-through on registration ("write-through"): every block newly registered in G2
+         is written to G3 too ("write-through-full": not a partial last block);
+       - frequency threshold ("freqK"): a block is written to G3 once K or more requests have read
+         it (counted per hash over the trace, as kvbm's count sketch does), from G2 where it is.
+       ("reused" of the simulator needs use counts of evicted blocks, which the registry does not
+       report, so it is refused.)
     Each tier evicts by its own registry policy."""
     name = "registry"
 
@@ -344,9 +356,10 @@ class TieredRegistryEngine(Engine):
         import numpy as np
         if len(capacities) not in (2, 3):
             raise SystemExit("tiered registry engine: give G1 and G2 (and G3)")
-        if admission not in ("all", "full"):
-            raise SystemExit(f"tiered registry engine: admission {admission!r} needs the use counts of evicted "
-                             "blocks, which the registry does not report; use all or full")
+        if admission not in REGISTRY_ADMISSION:
+            raise SystemExit(f"tiered registry engine: admission {admission!r} is not one of "
+                             f"{', '.join(REGISTRY_ADMISSION)} (\"reused\" needs the use counts of evicted "
+                             "blocks, which the registry does not report)")
         self.np = np
         self.tiers = len(capacities)
         self.g1 = RegistryEngine(capacities[0], policy)
@@ -356,12 +369,17 @@ class TieredRegistryEngine(Engine):
         self.parent: dict[int, int] = {}     # hash -> parent hash, for blocks registered below G1
         self.tails: set[int] = set()         # hashes that were a request's partial last block
         self.stored = [0] * self.tiers       # blocks written to each tier below G1
+        self.count: dict[int, int] = {}      # hash -> requests that read it (frequency admissions)
+        kind, _, k = admission.partition("freq")
+        self.threshold = int(k) if k else 0  # freqK / victim-freqK: K
 
-    def _store(self, tier: int, reg, hashes) -> None:
-        """Registers the hashes `reg` does not hold (runs of consecutive ones), then releases them."""
+    def _store(self, tier: int, reg, hashes) -> list[int]:
+        """Registers the hashes `reg` does not hold (runs of consecutive ones), then releases them;
+        returns the hashes stored."""
         np = self.np
+        stored: list[int] = []
         if len(hashes) == 0:
-            return
+            return stored
         hs = np.asarray(hashes, dtype=np.uint64)
         missing = np.flatnonzero(reg.lookup(hs) < 0)
         for run in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1):
@@ -370,7 +388,7 @@ class TieredRegistryEngine(Engine):
             room = int(reg.num_free) + int(reg.num_inactive)
             run = run[:room]
             if run.size == 0:
-                return
+                return stored
             ids = reg.allocate(int(run.size))
             reg.complete(ids)
             part = hs[run]
@@ -380,6 +398,8 @@ class TieredRegistryEngine(Engine):
             canon = reg.register(ids, part, parents, priorities=prios, has_parent=has_parent)
             reg.release(canon)
             self.stored[tier] += int(run.size)
+            stored += part.tolist()
+        return stored
 
     def access(self, chain, req):
         np = self.np
@@ -390,6 +410,9 @@ class TieredRegistryEngine(Engine):
         for j in range(1, n):
             self.parent.setdefault(int(hs[j]), int(hs[j - 1]))
         self.tails.add(int(hs[-1]))
+        count = self.count
+        for h in chain:
+            count[h] = count.get(h, 0) + 1
         found = [reg.lookup(hs) for reg in [self.g1.reg] + self.lower]   # block ids, -1 if absent
         where = np.full(n, -1)
         for t in reversed(range(self.tiers)):
@@ -401,12 +424,22 @@ class TieredRegistryEngine(Engine):
             if ids.size:
                 reg.touch(ids)
         self.g1.access(chain, req)                          # onboarded + computed blocks land in G1
-        self._store(1, self.lower[0], hs)                   # offload to G2
+        new_in_g2 = self._store(1, self.lower[0], hs)       # offload to G2
         if len(self.lower) > 1:
-            victims = self.lower[0].drain_evicted()
-            if self.admission == "full":
-                victims = [h for h in victims.tolist() if h not in self.tails]
-            self._store(2, self.lower[1], victims)
+            victims = self.lower[0].drain_evicted().tolist()
+            adm = self.admission
+            if adm in ("all", "full", "victim-freq2", "victim-freq3"):
+                if adm == "full":
+                    victims = [h for h in victims if h not in self.tails]
+                elif self.threshold:
+                    victims = [h for h in victims if count.get(h, 0) >= self.threshold]
+                self._store(2, self.lower[1], victims)
+            elif adm.startswith("write-through"):
+                if adm == "write-through-full":
+                    new_in_g2 = [h for h in new_in_g2 if h not in self.tails]
+                self._store(2, self.lower[1], new_in_g2)
+            else:                                           # freqK: from G2, where the request left them
+                self._store(2, self.lower[1], [h for h in chain if count[h] >= self.threshold])
         return hits
 
     def writes(self):
@@ -534,7 +567,8 @@ def main(argv=None) -> int:
     ap.add_argument("--g3", type=int, default=None, help="G3 (disk) capacity: tiered replay")
     ap.add_argument("--policy", nargs="+", default=["lru", "leaf-lru", "lineage", "belady"],
                     help=f"policies: {', '.join(ps.POLICIES)}")
-    ap.add_argument("--admission", nargs="+", default=None, choices=list(ps.ADMISSION),
+    ap.add_argument("--admission", nargs="+", default=None,
+                    choices=list(dict.fromkeys(list(ps.ADMISSION) + list(REGISTRY_ADMISSION))),
                     help="admission to the lowest tier (tiered replay; default: all reused on the "
                          "simulator, all full on the registry, which cannot tell use counts of evicted blocks)")
     ap.add_argument("--engine", choices=["sim", "registry"], default="sim")

@@ -1,5 +1,6 @@
 """The README's main job (`python -m kvbm.demo`), small, in CPU mode: the whole pipeline verifies
-every block byte for byte, onboards from G2, drains its hinted waiting queue and shuts down."""
+every block byte for byte, onboards from G2 and from G3 (a disk tier under its temp dir), drains its
+hinted waiting queue and shuts down, leaving nothing behind."""
 from __future__ import annotations
 
 import os
@@ -27,8 +28,11 @@ def test_demo_runs_the_pipeline_end_to_end(queue, waiting):
     text = out.stdout
     verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
     assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
-    onboarded = re.search(r"(\d+) onboarded from G2", text)
-    assert onboarded and int(onboarded.group(1)) > 0, text
+    onboarded = re.search(r"(\d+) onboarded from G2, (\d+) onboarded from G3", text)
+    assert onboarded and int(onboarded.group(1)) > 0 and int(onboarded.group(2)) > 0, text
+    g3 = re.search(r"G3 holds (\d+) of 4096 blocks on disk: (\d+) G2 victims written .* (\d+) checksum failures", text)
+    assert g3 and int(g3.group(1)) > 0 and int(g3.group(2)) > 0 and g3.group(3) == "0", text
+    assert "read path staged; GDS unavailable: CPU mode" in text
     # kv.num_waiting while a request is served: the queue behind it, capped by the requests left
     hinted = re.search(r"queue hint: up to (\d+) requests waited \(hinted\) while one was served; (\d+) block", text)
     assert hinted and int(hinted.group(1)) == waiting, text
@@ -38,7 +42,7 @@ def test_demo_runs_the_pipeline_end_to_end(queue, waiting):
 
 
 def test_demo_refuses_bad_arguments():
-    for bad in (["--queue", "-1"], ["--requests", "0"]):
+    for bad in (["--queue", "-1"], ["--requests", "0"], ["--disk-blocks", "-1"]):
         out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", *bad], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 2 and "must be >= " in out.stderr, out.stderr

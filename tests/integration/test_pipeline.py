@@ -1,6 +1,6 @@
 """The whole pipeline in CPU mode, with real processes and sockets: offload -> poison -> onboard is
 byte-exact, dedup moves nothing, a killed path worker fails what it held and comes back, gates and
-layer progress, backpressure, disk paths answered "not implemented"."""
+layer progress, backpressure, disk paths answered "no disk tier" when there is none."""
 from __future__ import annotations
 
 import os
@@ -216,11 +216,13 @@ def test_backpressure_blocks_then_raises(make_pipeline, rng):
     assert kv.pool(2).registry.num_active == 0 and kv.pool(2).registry.num_inactive == 64
 
 
-def test_disk_paths_answer_not_implemented(make_pipeline):
+def test_disk_paths_without_a_disk_tier_answer_so(make_pipeline):
+    """Without a disk tier (no disk_path), disk paths fail at once, engine side and control socket
+    alike (with one, kvbm.workers.disk_worker serves them: tests/integration/test_disk_tier.py)."""
     pipe = make_pipeline(device_blocks=64, host_blocks=64)
     tm = pipe.kv.transfers
     fut = tm.submit(P.Path.H2DISK, [1], [2])
-    with pytest.raises(TransferError, match="not implemented: disk tier"):
+    with pytest.raises(TransferError, match="no disk tier"):
         fut.result(5)
     import zmq
 
@@ -228,10 +230,10 @@ def test_disk_paths_answer_not_implemented(make_pipeline):
     ctx = make_context()
     sock = connect_socket(ctx, zmq.DEALER, tm.control_endpoint, pipe.keys)
     try:
-        sock.send(P.encode(P.make_xfer(9, "x", 1, P.Path.DISK2D, [0], [0])))
+        sock.send(P.encode(P.make_xfer(9, "x", 1, P.Path.DISK2H, [0], [0])))
         assert sock.poll(5000)
         reply = P.decode(sock.recv())
-        assert (reply["id"], reply["status"], reply["error"]) == (9, P.Status.ERROR, P.DISK_NOT_IMPLEMENTED)
+        assert (reply["id"], reply["status"], reply["error"]) == (9, P.Status.ERROR, P.NO_DISK_TIER)
     finally:
         sock.close(0)
         ctx.term()

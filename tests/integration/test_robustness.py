@@ -291,7 +291,7 @@ def test_second_instance_is_refused_and_status_answers(make_pipeline):
     assert second.returncode == 1 and "already runs" in second.stderr
     status = subprocess.run(base + ["--status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert "d2h" in status.stdout and "h2disk  not implemented: disk tier" in status.stdout
+    assert "d2h" in status.stdout and "h2disk  no disk tier" in status.stdout and "  G3 none" in status.stdout
     help_ = subprocess.run([sys.executable, "-m", "kvbm.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert help_.returncode == 0 and "--status" in help_.stdout
 

@@ -45,7 +45,7 @@ def pid_alive(pid: int) -> bool:
 class Pipeline:
     def __init__(self, tmp_path, *, instance: str = "t", layout: LayoutConfig = DEFAULT_LAYOUT,
                  device_blocks: int = 1024, host_blocks: int = 2048, order: InnerOrder = InnerOrder.OUTER_MAJOR,
-                 device: str = "cpu", **config: Any) -> None:
+                 device: str = "cpu", layout_type: LayoutType = LayoutType.LAYER_SEPARATE, **config: Any) -> None:
         self.tmp_path = tmp_path
         self.runtime_dir = str(tmp_path / "run")
         self.pids: set[int] = set()
@@ -55,7 +55,7 @@ class Pipeline:
                    transport=os.environ.get("KVBM_TEST_TRANSPORT", "ipc"))
         cfg.update(config)
         self.config = kvbm.KvbmConfig(**cfg)
-        self.device_layout = BlockLayout(layout, LayoutType.LAYER_SEPARATE, device_blocks, order)
+        self.device_layout = BlockLayout(layout, layout_type, device_blocks, order)
         self.device = device
         self.kv: kvbm.KvBlockManager | None = None
         self.tensors: list = []
@@ -140,11 +140,16 @@ class Pipeline:
         """[layers, outer, blocks, region_bytes] numpy view over the (CPU) device tensors."""
         lay = self.device_layout
         cfg = lay.config
+        if self.device != "cpu":
+            raise RuntimeError("byte helpers read CPU tensors; GPU tests copy to the host first")
+        if lay.layout_type is LayoutType.FULLY_CONTIGUOUS:   # one tensor [block][layer][outer][region]
+            whole = self.tensors[0].numpy().view(np.uint8)[:lay.total_bytes].reshape(
+                lay.num_blocks, cfg.block_stride)[:, :cfg.block_bytes].reshape(
+                lay.num_blocks, cfg.num_layers, cfg.outer_dim, cfg.region_bytes)
+            return _StackedView([whole[:, layer].transpose(1, 0, 2) for layer in range(cfg.num_layers)])  # type: ignore[return-value]
         per_layer = []
         for t in self.tensors:
-            arr = t.numpy() if self.device == "cpu" else None
-            if arr is None:
-                raise RuntimeError("byte helpers read CPU tensors; GPU tests copy to the host first")
+            arr = t.numpy()
             if lay.order is InnerOrder.OUTER_MAJOR:
                 per_layer.append(arr.reshape(cfg.outer_dim, lay.num_blocks, cfg.region_bytes))
             else:

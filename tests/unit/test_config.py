@@ -121,6 +121,25 @@ def test_ghost_ratio_sizes_each_tiers_ghost_table():
         kv.close()
 
 
+def test_disk_tier_settings_and_their_env_names():
+    cfg = KvbmConfig.load(env={"KVBM_DISK_PATH": "/tmp/g3", "KVBM_DISK_BLOCKS": "100",
+                               "KVBM_DISK_ADMISSION": "write-through", "KVBM_GDS": "off",
+                               "KVBM_PREFILL_TOKENS_PER_S": "40000", "KVBM_DISK_COLD_START": "1",
+                               "KVBM_DISK_FSIZE_LIMIT": "1048576"})
+    assert (cfg.disk_path, cfg.disk_blocks, cfg.disk_admission, cfg.gds) == ("/tmp/g3", 100, "write-through", "off")
+    assert (cfg.prefill_tokens_per_s, cfg.disk_cold_start, cfg.disk_fsize_limit) == (40000.0, True, 1 << 20)
+    default = KvbmConfig()
+    assert (default.disk_admission, default.gds, default.prefill_tokens_per_s, default.disk_cold_start) == \
+        ("victim", "auto", 25000.0, False)
+    for kwargs, message in ((dict(disk_admission="frequency"), "disk_admission"), (dict(gds="maybe"), "gds"),
+                            (dict(prefill_tokens_per_s=0), "prefill_tokens_per_s"),
+                            (dict(prefill_tokens_per_s="fast"), "prefill_tokens_per_s"),
+                            (dict(disk_cold_start="perhaps"), "boolean"),
+                            (dict(disk_fsize_limit=-1), "disk_fsize_limit")):
+        with pytest.raises(ConfigError, match=message):
+            KvbmConfig.from_dict(kwargs)
+
+
 # ---- precedence: argument > environment > file > default, one test per rule ----------------------
 def _file(tmp_path, text: str) -> str:
     path = tmp_path / "kvbm.toml"

@@ -19,6 +19,9 @@ Parts, in the order a store uses them:
                or the short read. The result says which blocks moved; `read` and `write` raise
                DiskError (DiskSpaceError for ENOSPC, EDQUOT, EFBIG) for any that did not
 
+  probe_gds    whether NIXL's GDS backend loads here and a 4 KiB read of a data file into device
+               memory through it succeeds (the disk worker's `gds` auto|on|off)
+
 Checksums and the journal are the store's (store.py): this module moves bytes and says which moved.
 """
 from __future__ import annotations
@@ -358,3 +361,44 @@ class NixlIO:
         self._host_regs.clear()
         self.regions.clear()
         self.agent = None
+
+
+GDS_PROBE_S = 5.0  # a probe read that has not finished by then counts as failed
+
+
+def probe_gds(files: DataFiles, device: int = 0) -> str:
+    """Reads the first 4 KiB of data file 0 into device memory through NIXL's GDS backend.
+    Returns "" when the read completed, else why not (the backend does not load, cuFile refuses
+    the file, the read fails or does not finish within GDS_PROBE_S)."""
+    api = load_nixl()
+    agent = buf = None
+    regs: list[tuple[object, str]] = []
+    try:
+        import torch
+        agent = api.nixl_agent(f"kvbm-gds-probe-{os.getpid()}-{next(_names)}",
+                               api.nixl_agent_config(enable_prog_thread=False, backends=[]))
+        agent.create_backend("GDS", {})
+        buf = torch.empty(ALIGN, dtype=torch.uint8, device=f"cuda:{device}")
+        ptr, fd = buf.data_ptr(), files.fds[0]
+        regs.append((agent.register_memory([(ptr, ALIGN, device, "")], "VRAM", backends=["GDS"]), "VRAM"))
+        regs.append((agent.register_memory([(0, ALIGN, fd, "")], "FILE", backends=["GDS"]), "FILE"))
+        handle = agent.initialize_xfer("READ", agent.get_xfer_descs([(ptr, ALIGN, device)], "VRAM"),
+                                       agent.get_xfer_descs([(0, ALIGN, fd)], "FILE"), agent.name)
+        state = agent.transfer(handle)
+        deadline = time.monotonic() + GDS_PROBE_S
+        while state == "PROC" and time.monotonic() < deadline:
+            state = agent.check_xfer_state(handle)
+        if state == "PROC":
+            return f"the probe read did not finish within {GDS_PROBE_S:.0f} s"
+        agent.release_xfer_handle(handle)
+        return "" if state == "DONE" else f"the probe read ended {state}"
+    except Exception as err:  # noqa: BLE001 - any failure (import, backend, cuFile) means: no GDS here
+        return f"{type(err).__name__}: {err}"
+    finally:
+        if agent is not None:
+            for reg, _ in reversed(regs):
+                try:
+                    agent.deregister_memory(reg, backends=["GDS"])
+                except Exception:  # noqa: BLE001 - best effort on a probe agent being dropped
+                    logger.debug("GDS probe: deregistering failed", exc_info=True)
+        del buf

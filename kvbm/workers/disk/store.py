@@ -222,6 +222,11 @@ class DiskStore:
     def num_free(self) -> int:
         return int((self._state == SlotState.FREE).sum())
 
+    def checksums_of(self, slots) -> np.ndarray:
+        """The recorded checksum of each slot (0 where it holds no block)."""
+        s = self._slots(slots)
+        return np.where(self._state[s] == SlotState.LIVE, self._checksum[s], np.uint64(0))
+
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sequence hashes, slots, checksums) of every LIVE block, by slot: what the engine rebuilds
         its G3 registry from after a restart."""
@@ -412,6 +417,15 @@ class DiskStore:
             if os.path.isfile(os.path.join(self.folder.disk_path, name, InstanceDir.JOURNAL)):
                 out.append(name)
         return out
+
+    def peer_version(self, instance_id: str) -> list[int] | None:
+        """(inode, size, mtime ns) of another instance's journal, None when it has none: a reader
+        re-reads its entries only when this changed."""
+        try:
+            st = os.stat(InstanceDir(self.folder.disk_path, instance_id).journal_path)
+        except (OSError, DiskError):
+            return None
+        return [st.st_ino, st.st_size, st.st_mtime_ns]
 
     def peer_entries(self, instance_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sequence hashes, slots, checksums) of another instance's blocks, from its journal read

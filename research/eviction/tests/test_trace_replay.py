@@ -89,3 +89,27 @@ def test_replay_behind_a_prefill_server_hints_its_queue():
     assert runs[2.0][0] > plain
     again = tr.PrefillServer(trace, 2.0)
     assert tr.replay(tr.RegistryEngine(300, "lineage", chains=chains, server=again), chains)[1][0] == runs[2.0][0]
+
+
+def test_g3_admission_rules_on_the_tiered_registry_engine():
+    """The admissions to G3 of TieredRegistryEngine (the disk tier's candidates): write-through
+    writes blocks newly registered in G2 (those G3 lacks), the victim cache what G2 evicts, a
+    frequency threshold only blocks read by K or more requests; G1 and G2 hits do not depend on it."""
+    import numpy as np
+    chains = ps.chains_of(ps.generate_trace("rag", n_requests=300, seed=3))
+    runs = {}
+    for adm in ("all", "write-through", "freq2", "victim-freq2"):
+        eng = tr.TieredRegistryEngine([60, 200, 800], "lineage", adm)
+        _, hits = tr.replay(eng, chains)
+        runs[adm] = (hits, eng.writes(), eng)
+    assert len({tuple(h[:2]) for h, _, _ in runs.values()}) == 1      # G1, G2 unaffected by G3's admission
+    for adm, (_, writes, _) in runs.items():
+        assert 0 < writes[2] <= writes[1], adm                         # G3 writes come from G2's blocks
+    assert runs["freq2"][1][2] < runs["all"][1][2] and runs["victim-freq2"][1][2] < runs["all"][1][2]
+    for adm in ("freq2", "victim-freq2"):
+        eng = runs[adm][2]
+        keys = np.array(list(eng.count), dtype=np.uint64)
+        held = keys[eng.lower[1].lookup(keys) >= 0]
+        assert held.size and all(eng.count[int(h)] >= 2 for h in held.tolist()), adm
+    with pytest.raises(SystemExit, match="reused"):
+        tr.TieredRegistryEngine([60, 200, 800], "lineage", "reused")

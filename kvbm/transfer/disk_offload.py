@@ -1,0 +1,569 @@
+"""The disk tier (G3) on the engine side: which blocks G3 holds, Host -> Disk admission, and onboards
+that read from disk, over the G2 and G3 pools through a TransferManager. Runs in the engine's process.
+
+Parts:
+  LoadRule, PeerIndex   (disk_index.py) load or recompute; other instances' blocks in a shared disk_path
+  DiskTransfers the G3 pool's registry is this instance's slot table (block id = slot, the tier's own
+                eviction policy); a numpy array keeps each slot's checksum.
+
+Order of things:
+  start    `sync(timeout)` asks the disk worker for the entries of its store (rebuilt from its
+           journal: a warm restart) and of its peers; the G3 registry is rebuilt from them once
+           (slot = block id). Peers are asked again at most every PEER_REFRESH_S (from `match`),
+           or at once with `refresh(timeout)`.
+  admission (disk_admission):
+           victim        G2's victim cache. A cleaner keeps `reserve` G2 blocks free ahead of need:
+                         after each G2 allocation it takes the next victims in eviction order
+                         (allocate pairs them with the evicted hashes), writes those G3 does not
+                         hold to G3 (H2DISK) and frees the blocks once written. Victims an
+                         allocation evicts before the cleaner reached them are counted as lost.
+           write-through every block newly registered in G2 is written to G3 (held in G2 until written).
+           A write: G3 slots allocated (evicting in G3's policy order), H2DISK with the sequence
+           hashes, then per block: OK -> registered in G3 with its checksum; FAILED (ENOSPC,
+           EIO, a worker death) -> slot freed, the block stays in G2 (a victim is registered in G2
+           again: its bytes are still in its block). After a write refused for space the cleaner
+           rests NO_SPACE_BACKOFF_S.
+  onboard  the longest prefix across tiers: G2's prefix, then the run after it that G3 holds
+           (own slots or a peer's), if LoadRule offers it. One CompositeFuture: the G2 part is H2D
+           at once; the G3 part reads into G2 staging blocks (DISK2H, checksums verified by the
+           worker), then H2D from them (layer progress comes from the H2D parts). Any block not
+           read intact fails the whole onboard (never reported as loaded): own blocks are dropped
+           from G3, peer blocks from the PeerIndex, and counted. A loaded G3 part is registered in
+           G2 (the staging blocks become G2 blocks), so the next hit is a G2 one.
+The pool lock (kv.lock) guards every registry call; it is never held while waiting for budget
+(submissions made under it never wait: block=False, or chained parts with charge=False).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from kvbm.errors import BackpressureError, KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
+from kvbm.metrics import DiskMetrics
+from kvbm.pools import BlockPool
+from kvbm.transfer.disk_index import LoadRule, PeerIndex
+from kvbm.transfer.futures import CompositeFuture, TransferFuture, TransferResult
+from kvbm.transfer.host_offload import HostTransfers, OnboardResult
+from kvbm.transfer.manager import TransferManager
+from kvbm.transfer.records import Outcome
+from kvbm.transfer.scheduler import Gate
+from kvbm.wire import protocol as P
+
+logger = logging.getLogger(__name__)
+
+PEER_REFRESH_S = 2.0       # other instances' journals are asked for at most this often (from match)
+NO_SPACE_BACKOFF_S = 5.0   # after a write refused for space (ENOSPC, EDQUOT, EFBIG), the cleaner rests this long
+WRITE_PRIORITY = -1        # disk writes give way to everything an engine waits for
+
+
+@dataclass(slots=True)
+class DiskCounters:
+    written: int = 0            # blocks registered in G3 after their write
+    write_failed: int = 0       # blocks whose write failed (they stay in G2)
+    write_skipped: int = 0      # admitted blocks not written: no G3 slot free, or the in-flight budget was full
+    no_space: int = 0           # writes the disk refused for space (the cleaner then rests a while)
+    victims_lost: int = 0       # G2 victims evicted before the cleaner got to them
+    loads: int = 0              # onboards with a G3 part that loaded
+    loads_failed: int = 0       # onboards with a G3 part that failed (the engine recomputes)
+    loaded: int = 0             # blocks onboarded from G3
+    loaded_peer: int = 0        # of those, from another instance's files
+    dropped_corrupt: int = 0    # own G3 blocks dropped after a checksum mismatch
+    dropped_failed: int = 0     # own G3 blocks dropped after a failed read (I/O error, truncated file)
+    peer_forgotten: int = 0     # peer entries forgotten after a failed or corrupt read
+    promoted: int = 0           # loaded G3 blocks registered in G2 from their staging blocks
+
+
+class DiskTransfers:
+    """G3 over a TransferManager: see the module docstring."""
+
+    def __init__(self, tm: TransferManager, host: HostTransfers, host_pool: BlockPool, disk_pool: BlockPool,
+                 lock: threading.RLock, *, page_size: int, admission: str, prefill_tokens_per_s: float,
+                 max_batch_blocks: int) -> None:
+        self.tm = tm
+        self.host = host
+        self.g2 = host_pool
+        self.g3 = disk_pool
+        self.lock = lock
+        self.admission = admission
+        self.max_batch = max(1, max_batch_blocks)
+        self.rule = LoadRule(tm.block_bytes, page_size, prefill_tokens_per_s)
+        self.peers = PeerIndex()
+        self.sums = np.zeros(disk_pool.num_blocks, np.uint64)   # checksum of each G3 slot's block
+        self.counters = DiskCounters()
+        self.metrics = DiskMetrics(tm.metrics.registry)
+        self.metrics.prefill_rate.set(self.rule.prefill_tokens_per_s)
+        self.metrics.read_rate.set(self.rule.read_bytes_per_s)
+        # G2 blocks the victim cleaner keeps free or being written: a few wire requests' worth, at
+        # most 1/8 of G2 (what the cache gives up for never making an offload wait on a disk write).
+        self.reserve = max(1, min(host_pool.num_blocks // 8, 4 * self.max_batch))
+        self._cleaning = 0                  # G2 blocks being written by the cleaner
+        self._writing: set[int] = set()     # hashes being written to G3 (a second write is not started)
+        self._synced = False
+        self._no_space_until = 0.0          # the cleaner rests until then after a disk-full write
+        self._refresh_at = 0.0
+        self._refreshing = 0.0              # when the peer refresh in flight was asked (0: none)
+        self._read_paths: dict[str, int] = {}
+        self.worker_info: dict = {}
+        host.disk = self
+
+    # ---- entries: warm restart and peers ------------------------------------------------------
+    def sync(self, timeout: float = 30.0) -> None:
+        """Rebuilds G3 from the disk worker's store (once) and reads the peers' journals; waits."""
+        self._ask(own=not self._synced, timeout=timeout)
+
+    def refresh(self, timeout: float = 30.0) -> None:
+        """Re-reads the peers' journals that changed; waits."""
+        self._ask(own=False, timeout=timeout)
+
+    def maybe_refresh(self) -> None:
+        """From match(): asks for the peers again when PEER_REFRESH_S has passed (no waiting)."""
+        now = time.monotonic()
+        if now < self._refresh_at or (self._refreshing and now - self._refreshing < 10 * PEER_REFRESH_S):
+            return   # (a refresh unanswered that long went to a worker that died: ask again)
+        self._refresh_at = now + PEER_REFRESH_S
+        try:
+            self._ask(own=False, timeout=None)
+        except LifecycleError:
+            pass
+
+    def _ask(self, own: bool, timeout: float | None) -> None:
+        done = threading.Event()
+        got: dict[str, Any] = {"chunks": {}, "error": None}
+
+        def on_reply(msg: dict) -> bool:
+            if msg.get("last"):
+                try:
+                    self._apply(got["chunks"], msg, own)
+                except Exception as err:  # noqa: BLE001 - reported to the waiter
+                    got["error"] = f"{type(err).__name__}: {err}"
+                    logger.error("disk tier: applying the disk worker's entries failed", exc_info=True)
+                self._refreshing = 0.0
+                done.set()
+                return True
+            try:
+                inst = msg["instance"]
+                n = len(msg["slots"]) // 8
+                chunk = (P.unpack_field(msg, "hashes", n).copy(), P.unpack_blocks(msg["slots"], "slots", 2**62, n)
+                         if n else np.empty(0, np.int64), P.unpack_field(msg, "sums", n).copy())
+                got["chunks"].setdefault(inst, (msg.get("version"), []))[1].append(chunk)
+            except (KeyError, TypeError, ProtocolError) as err:
+                got["error"] = f"bad entries message: {err}"
+            return False
+
+        self._refreshing = time.monotonic()
+        try:
+            rid = self.tm.ask(P.Path.H2DISK, {"t": P.MsgType.ENTRIES, "own": own,
+                                              "known": {} if own else self.peers.versions}, on_reply)
+        except BaseException:
+            self._refreshing = 0.0
+            raise
+        if timeout is None:
+            return
+        if not done.wait(timeout):
+            self.tm.forget(rid)
+            self._refreshing = 0.0
+            raise KvbmTimeoutError(f"the disk worker did not list its G3 entries within {timeout} s")
+        if got["error"]:
+            raise TransferError(f"G3 entries: {got['error']}")
+
+    def _apply(self, chunks: dict, last: dict, own: bool) -> None:
+        if last.get("error"):
+            raise TransferError(last["error"])
+        fresh = {}
+        for inst, (version, parts) in chunks.items():
+            hashes = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
+            slots = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+            sums = np.concatenate([p[2] for p in parts]) if parts else np.empty(0, np.uint64)
+            if inst == "":
+                if own:
+                    with self.lock:
+                        self._rebuild(hashes, slots, sums)
+            else:
+                fresh[inst] = (version, hashes, slots, sums)
+        peers = last.get("peers") or []
+        with self.lock:
+            self.peers.update(fresh, [p for p in peers if isinstance(p, str)],
+                              last.get("skipped") if isinstance(last.get("skipped"), dict) else {})
+        for name, why in self.peers.skipped.items():
+            logger.debug("disk tier: peer %s not read: %s", name, why)
+
+    def _rebuild(self, hashes: np.ndarray, slots: np.ndarray, sums: np.ndarray) -> None:
+        """G3's registry from the store's entries (a warm restart): block id = slot."""
+        if self._synced:
+            return
+        self._synced = True
+        reg = self.g3.registry
+        n = reg.num_blocks
+        if reg.num_free != n:
+            raise LifecycleError(f"G3 rebuild: the registry already holds {n - reg.num_free} blocks")
+        if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= n):
+            raise LayoutError(f"G3 rebuild: the store names slots up to {int(slots.max())}, G3 has {n}")
+        ids = reg.allocate(n)
+        if not np.array_equal(ids, np.arange(n)):
+            reg.release(ids)
+            raise LifecycleError("G3 rebuild: a fresh registry did not hand out its blocks in id order")
+        live = np.zeros(n, bool)
+        live[slots] = True
+        if len(slots):
+            self.g3.complete(slots)
+            canonical = self.g3.register(slots, hashes)
+            self.sums[slots] = sums
+            self.g3.release(canonical)
+        rest = np.flatnonzero(~live)
+        if rest.size:
+            reg.release(rest)
+        if len(slots):
+            logger.info("G3: %d blocks found on disk (warm restart)", len(slots))
+
+    # ---- what G3 holds ----------------------------------------------------------------------
+    def held(self, hashes: np.ndarray) -> np.ndarray:
+        """bool per hash: this instance's G3 or a peer's holds it (call under the lock)."""
+        return (self.g3.lookup(hashes) >= 0) | (self.peers.find(hashes) >= 0)
+
+    def prefix(self, hashes: np.ndarray) -> int:
+        h = self.held(hashes)
+        return int(h.shape[0]) if h.all() else int(np.argmin(h))
+
+    def plan(self, hashes: np.ndarray, count: bool = False) -> tuple[int, int, bool]:
+        """(G2 prefix, G3 run after it, offered): what onboard would load (call under the lock)."""
+        k2 = len(self.g2.registry.match(hashes, False))
+        k3 = self.prefix(hashes[k2:])
+        offered = self.rule.offers(k3, count) if k3 else False
+        if count and k3:
+            self.metrics.decisions.labels("load" if offered else "recompute").inc()
+        return k2, k3, offered
+
+    # ---- admission ------------------------------------------------------------------------------
+    def host_allocated(self) -> None:
+        """After a G2 allocation (under the lock): the victim cleaner's turn."""
+        if self.admission == "victim":
+            self._clean()
+
+    def host_registered(self, hashes: np.ndarray) -> None:
+        """After blocks were registered in G2 (under the lock, still held by the registrant)."""
+        if self.admission != "write-through":
+            return
+        hashes = np.asarray(hashes, np.uint64)
+        todo = hashes[self._admissible(hashes)]
+        if todo.size and time.monotonic() < self._no_space_until:
+            self.counters.write_skipped += int(todo.size)   # the disk was full a moment ago
+        elif todo.size:
+            blocks = self.g2.match(todo, acquire=True)   # every one was just registered: all of them
+            self._write(blocks, todo[:len(blocks)], victims=False)
+
+    def _admissible(self, hashes: np.ndarray) -> np.ndarray:
+        mask = self.g3.lookup(hashes) < 0
+        if self._writing:
+            mask &= np.fromiter((h not in self._writing for h in hashes.tolist()), bool, len(hashes))
+        return mask
+
+    def _clean(self) -> None:
+        reg = self.g2.registry
+        lost = reg.drain_evicted()        # evicted by an allocation before the cleaner got to them
+        if lost.size:
+            n = int((self.g3.lookup(lost) < 0).sum())
+            self.counters.victims_lost += n
+            self.metrics.victims_lost.inc(n)
+        if time.monotonic() < self._no_space_until:
+            return
+        free = int(reg.num_free)
+        want = min(self.reserve - free - self._cleaning, int(reg.num_inactive), self.max_batch)
+        if want < max(1, self.reserve // 4) and not (want > 0 and free == 0):
+            return                        # batch the writes, unless G2 has nothing free at all
+        blocks = self.g2.allocate(free + want)
+        if blocks is None:
+            return
+        victims = reg.drain_evicted()
+        vblocks = blocks[free:]
+        if free:
+            self.g2.release(blocks[:free])      # never filled: back to the free list
+        if victims.shape[0] != vblocks.shape[0]:  # pairing broken: nothing can be written safely
+            logger.error("disk tier: %d victims for %d evicted G2 blocks; not written", victims.shape[0],
+                         vblocks.shape[0])
+            self.g2.release(vblocks)
+            return
+        admit = self._admissible(victims)
+        if (~admit).any():
+            self.g2.release(vblocks[~admit])   # G3 holds them already
+        if admit.any():
+            self._write(vblocks[admit], victims[admit], victims=True)
+
+    def _write(self, g2_blocks: np.ndarray, hashes: np.ndarray, victims: bool) -> None:
+        """H2DISK of G2 blocks the caller holds (victims: PARTIAL blocks holding evicted bytes;
+        write-through: registered blocks it acquired); they are released once written."""
+        n = int(hashes.shape[0])
+        reg = self.g3.registry
+        fit = min(n, int(reg.num_free) + int(reg.num_inactive))
+        slots = self.g3.allocate(fit) if fit else None
+        if slots is None or fit < n:
+            self.counters.write_skipped += n - (fit if slots is not None else 0)
+            cut = fit if slots is not None else 0
+            self._give_back(g2_blocks[cut:], hashes[cut:], victims)
+            g2_blocks, hashes = g2_blocks[:cut], hashes[:cut]
+            n = cut
+            if n == 0:
+                return
+        keys = hashes.tolist()
+        self._writing.update(keys)
+        if victims:
+            self._cleaning += n
+
+        def finalize(outcome: Outcome):
+            with self.lock:
+                self._writing.difference_update(keys)
+                if victims:
+                    self._cleaning -= n
+                detail = outcome.detail or {}
+                state = detail.get("state")
+                ok = np.zeros(n, bool) if not outcome.ok or state is None else state == P.BlockState.OK
+                if outcome.may_still_be_written:
+                    ok[:] = False   # a write of unknown fate: its slots hold nothing we vouch for
+                # Not on disk: a victim goes back into G2 (a write only reads its source block, so
+                # its bytes are intact whatever became of the write).
+                self._give_back(g2_blocks[~ok], hashes[~ok], victims)
+                self.g2.release(g2_blocks[ok])
+                if detail.get("no_space"):
+                    self._no_space_until = time.monotonic() + NO_SPACE_BACKOFF_S
+                    self.counters.no_space += 1
+                done = slots[ok]
+                if done.size:
+                    self.g3.complete(done)
+                    canonical = self.g3.register(done, hashes[ok])
+                    self.sums[done] = detail["sums"][ok]
+                    self.g3.release(canonical)
+                if (~ok).any():
+                    self.g3.release(slots[~ok])
+                    self.counters.write_failed += int((~ok).sum())
+                    self.metrics.write_failed.inc(int((~ok).sum()))
+                self.counters.written += int(done.size)
+                self.metrics.written.inc(int(done.size))
+                if self.admission == "victim":
+                    self._clean()
+            if (~ok).any():
+                logger.warning("disk tier: %d of %d blocks not written to G3 (they stay in G2): %s",
+                               int((~ok).sum()), n, outcome.error or detail.get("error") or "see the disk worker")
+            return int(done.size)
+
+        try:
+            self.tm.submit(P.Path.H2DISK, g2_blocks, slots, priority=WRITE_PRIORITY, block=False,
+                           finalize=finalize, extra={"hashes": hashes})
+        except (BackpressureError, TransferError, LifecycleError, LayoutError) as err:
+            self._writing.difference_update(keys)
+            if victims:
+                self._cleaning -= n
+            self._give_back(g2_blocks, hashes, victims)
+            self.g3.release(slots)
+            self.counters.write_skipped += n
+            logger.debug("disk tier: %d blocks not written: %s", n, err)
+
+    def _give_back(self, g2_blocks: np.ndarray, hashes: np.ndarray, victims: bool) -> None:
+        """G2 blocks a write held and did not put on disk: victims are registered in G2 again (their
+        bytes never left), write-through blocks (registered already) just released."""
+        if not g2_blocks.size:
+            return
+        if victims:
+            self.g2.complete(g2_blocks)
+            g2_blocks = self.g2.register(g2_blocks, hashes)
+        self.g2.release(g2_blocks)
+
+    # ---- onboard ------------------------------------------------------------------------------
+    def onboard(self, hashes, device_blocks, *, priority: int = 1, gate: Gate | None = None, layers: bool = True,
+                block: bool = True, timeout: float | None = None) -> TransferFuture:
+        """The longest prefix across G2 and G3 (see the module docstring), as one future."""
+        hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
+        device_blocks = np.asarray(device_blocks, dtype=np.int64).reshape(-1)
+        if device_blocks.shape[0] < hashes.shape[0]:
+            raise LayoutError(f"onboard: {hashes.shape[0]} hashes but only {device_blocks.shape[0]} device blocks")
+        requested = int(hashes.shape[0])
+        with self.lock:
+            _, k3, offered = self.plan(hashes, count=True)
+            if not offered:
+                k3 = 0
+            if k3:
+                parts = self._acquire(hashes, k3)
+                if not parts[1].shape[0]:   # no G2 block free for staging: the G2 prefix alone
+                    self.g2.release(parts[0])
+                    k3 = 0
+        if not k3:
+            return self.host.onboard(hashes, device_blocks, priority=priority, gate=gate, layers=layers,
+                                     block=block, timeout=timeout)
+        host_prefix, g3h, own_ids, owner, slots, sums, staging = parts
+        k2, k3 = int(host_prefix.shape[0]), int(g3h.shape[0])
+        bpb = self.tm.block_bytes
+        read_path = {"path": ""}
+
+        def finish(_results: list[TransferResult]) -> OnboardResult:
+            return OnboardResult(requested, k2 + k3, (k2 + k3) * bpb, k2, k3, read_path["path"])
+
+        comp = CompositeFuture(P.Path.DISK2D, k2 + k3, self.tm.num_layers, parts=2 + (k2 > 0),
+                               layer_parts=1 + (k2 > 0), finish=finish)
+        if k2:
+            def host_done(_outcome: Outcome):
+                with self.lock:
+                    self.g2.release(host_prefix)
+                return None
+
+            try:
+                f2 = self.tm.submit(P.Path.H2D, host_prefix, device_blocks[:k2], priority=priority, gate=gate,
+                                    layers=layers, block=block, timeout=timeout, finalize=host_done)
+            except BaseException:
+                with self.lock:
+                    self.g2.release(host_prefix)
+                    self._unwind(own_ids, staging)
+                raise
+            comp.attach(f2, layers=True)
+        dst = device_blocks[k2:k2 + k3]
+
+        def staged_done(outcome: Outcome):
+            with self.lock:
+                self.g3.release(own_ids[own_ids >= 0])
+                if outcome.ok:
+                    self.g2.complete(staging)
+                    canonical = self.g2.register(staging, g3h)
+                    self.g2.release(canonical)
+                    self.counters.promoted += k3
+                else:
+                    self.g2.release(staging)
+            return None
+
+        def read_done(outcome: Outcome):
+            detail = outcome.detail or {}
+            read_path["path"] = detail.get("read_path") or "staged"
+            if outcome.ok:
+                self.rule.observe(int(detail.get("bytes") or 0), int(detail.get("copy_us") or 0) / 1e6)
+                self.metrics.read_rate.set(self.rule.read_bytes_per_s)
+                try:
+                    f3 = self.tm.submit(P.Path.H2D, staging, dst, priority=priority, gate=gate, layers=layers,
+                                        charge=False, finalize=staged_done)
+                except BaseException as err:
+                    staged_done(Outcome(False, str(err)))
+                    comp.close()
+                    raise
+                comp.attach(f3, layers=True)
+                with self.lock:
+                    self.counters.loads += 1
+                    self.counters.loaded += k3
+                    self.counters.loaded_peer += int((owner > 0).sum())
+                    self._read_paths[read_path["path"]] = self._read_paths.get(read_path["path"], 0) + k3
+                self.metrics.loaded.labels(read_path["path"]).inc(k3)
+                return None
+            self._read_failed(detail.get("state"), g3h, own_ids, owner, staging)
+            comp.close()
+            return None
+
+        try:
+            fr = self.tm.submit(P.Path.DISK2H, slots, staging, priority=priority, block=block, timeout=timeout,
+                                finalize=read_done, extra={"sums": sums, "owner": owner},
+                                meta={"peers": list(self.peers.names)})
+        except BaseException:
+            with self.lock:
+                self._unwind(own_ids, staging)
+            comp.close()
+            raise
+        comp.attach(fr, layers=False)
+        return comp
+
+    def _acquire(self, hashes: np.ndarray, k3: int):
+        """Under the lock: the G2 prefix acquired, the G3 run's own blocks acquired (before anything
+        that could evict them: the staging allocation's cleaner writes to G3), its peer entries
+        looked up, and k3 staging blocks allocated in G2 (fewer when G2 is short)."""
+        host_prefix = np.asarray(self.g2.match(hashes, acquire=True), dtype=np.int64)
+        k2 = int(host_prefix.shape[0])
+        g3h = hashes[k2:k2 + k3]
+        own_ids = np.full(k3, -1, np.int64)
+        own = self.g3.lookup(g3h) >= 0
+        # Own blocks, acquired run by run (match takes a run of hashes held in order).
+        i = 0
+        while i < k3:
+            if not own[i]:
+                i += 1
+                continue
+            j = i
+            while j < k3 and own[j]:
+                j += 1
+            got = self.g3.match(g3h[i:j], acquire=True)
+            own_ids[i:i + len(got)] = got
+            i = j
+        peer = own_ids < 0
+        idx = self.peers.find(g3h[peer])
+        if (idx < 0).any():   # plan() saw them under this same lock hold: cannot happen
+            self.g3.release(own_ids[own_ids >= 0])
+            self.g2.release(host_prefix)
+            raise LifecycleError("G3 onboard: a peer entry vanished under the lock")
+        staging = self.g2.allocate(k3)
+        if staging is None:
+            room = int(self.g2.registry.num_free) + int(self.g2.registry.num_inactive)
+            staging = self.g2.allocate(room) if room else np.empty(0, np.int64)
+            staging = np.empty(0, np.int64) if staging is None else staging
+        n = int(staging.shape[0])
+        if n < k3:              # G2 could stage only n of them: the run is cut there
+            self.g3.release(own_ids[n:][own_ids[n:] >= 0])
+        owner = np.zeros(k3, np.uint32)
+        slots = np.where(own_ids >= 0, own_ids, 0).astype(np.int64)
+        sums = np.zeros(k3, np.uint64)
+        sums[~peer] = self.sums[own_ids[~peer]]
+        if peer.any():
+            owner[peer], slots[peer], sums[peer] = self.peers.entries(idx)
+        if self.admission == "victim":
+            self._clean()       # the staging allocation may have taken G2's free reserve
+        return host_prefix, g3h[:n], own_ids[:n], owner[:n], slots[:n], sums[:n], staging
+
+    def _unwind(self, own_ids: np.ndarray, staging: np.ndarray) -> None:
+        self.g3.release(own_ids[own_ids >= 0])
+        self.g2.release(staging)
+
+    def _read_failed(self, state, g3h: np.ndarray, own_ids: np.ndarray, owner: np.ndarray,
+                     staging: np.ndarray) -> None:
+        """A G3 read did not deliver every block: drop the bad ones, free what the load held."""
+        n = int(g3h.shape[0])
+        state = np.full(n, P.BlockState.FAILED, np.uint8) if state is None or len(state) != n else state
+        bad = state != P.BlockState.OK
+        corrupt = state == P.BlockState.CORRUPT
+        with self.lock:
+            self.counters.loads_failed += 1
+            mine = bad & (own_ids >= 0)
+            if mine.any():
+                self.g3.drop(own_ids[mine])
+                nc, nf = int((mine & corrupt).sum()), int((mine & ~corrupt).sum())
+                self.counters.dropped_corrupt += nc
+                self.counters.dropped_failed += nf
+                self.metrics.dropped.labels("corrupt").inc(nc)
+                self.metrics.dropped.labels("failed").inc(nf)
+            keep = own_ids >= 0
+            keep[mine] = False
+            self.g3.release(own_ids[keep])
+            theirs = bad & (owner > 0)
+            if theirs.any():
+                forgotten = self.peers.remove(g3h[theirs])
+                self.counters.peer_forgotten += forgotten
+                self.metrics.dropped.labels("peer").inc(forgotten)
+            self.g2.release(staging)
+        logger.error("G3 load of %d blocks failed (%d corrupt, %d failed): dropped %d own blocks, forgot %d peer "
+                     "entries; the engine recomputes them", n, int(corrupt.sum()), int((bad & ~corrupt).sum()),
+                     int(mine.sum()), int(theirs.sum()))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Waits until no G3 write is in flight (tests, the demo, a clean shutdown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                busy = self._cleaning + len(self._writing)
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                raise KvbmTimeoutError(f"{busy} G3 writes still in flight after {timeout} s")
+            time.sleep(0.005)
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.lock:
+            return {**asdict(self.counters), "admission": self.admission, "reserve": self.reserve,
+                    "cleaning": self._cleaning, "writing": len(self._writing), "peers": len(self.peers.snapshots),
+                    "peer_blocks": len(self.peers), "peers_skipped": dict(self.peers.skipped),
+                    "read_paths": dict(self._read_paths), "load_rule": self.rule.describe(),
+                    "worker": dict(self.worker_info)}

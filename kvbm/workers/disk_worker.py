@@ -1,0 +1,431 @@
+"""The disk worker: one supervised process serving the disk tier's two paths, H2DISK and DISK2H.
+
+It is a PathWorker (kvbm.workers.path_worker: the same wire protocol, loop, priority heap, READY,
+generations, STALE answers, one live engine per instance, SIGTERM handling) whose copies are disk
+I/O through the instance's DiskStore (kvbm.workers.disk). The supervisor runs it in the slot of
+Path.H2DISK and announces its `started` / `died` events for both paths.
+
+Order of things:
+  1. started like a path worker (its CURVE keys from --keys-dir, its ROUTER a CURVE server behind
+     the ZAP Gatekeeper; a registration belongs to the connection that made it; the queue bounded
+     in requests and bytes, its xfers allowed the per-block arrays of P.DISK_XFER_FIELDS), plus the
+     disk folder, the instance id, the GDS mode and a test
+     hook (a file size limit); ignores SIGXFSZ, so a size limit fails a write with EFBIG instead of
+     killing the process; maps G2 (never pins it: NIXL POSIX moves host bytes through the kernel)
+  2. an engine registers: the usual layouts, plus {disk: {blocks, fingerprint, model, cold}}. The
+     first such registration opens the DiskStore of this instance under disk_path with that slot
+     count, layout fingerprint and model id: the journal is replayed (a warm restart), a journal
+     of another layout or model refuses the registration with JournalMismatchError's text unless
+     `cold`. Then the GDS probe (gds auto/on, CUDA mode only) and the size limit. Another
+     registration of the same store keeps it open; one of another store reopens it
+  3. {t: entries}: the blocks the store holds (sequence hash, slot, checksum), and those of the
+     other instances in the directory whose journal changed since the engine last saw it (peer
+     journals are re-read when asked: the engine asks at registration and then every few seconds)
+  4. xfer H2DISK: G2 blocks -> slots chosen by the engine (its G3 registry), with the blocks'
+     sequence hashes; DiskStore.put writes, fdatasyncs and journals them. The reply says, per block,
+     OK or FAILED and the checksum recorded; a request that ran is answered OK even when some
+     blocks failed (ENOSPC: those stay in G2 only), with the failure named
+  5. xfer DISK2H: slots (this instance's, or a peer's: the "owner" array) -> G2 staging blocks,
+     with the checksums the engine expects; every block is verified (DiskStore.get / read_peer).
+     The reply says, per block, OK, FAILED or CORRUPT; any block not OK makes it an ERROR, so the
+     engine never reports the load as done. Reads run before writes (their priority is higher)
+
+Only the staged read path runs here: GDS reads straight into the device would land bytes whose
+checksum nobody verified (that needs a checksum kernel on the device, not built), so the probe
+result is reported (status, metrics) and the staged path is what "read_path" says.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvbm.errors import (
+    ConfigError,
+    DiskError,
+    DiskSpaceError,
+    JournalMismatchError,
+    KvbmError,
+    LayoutError,
+    ProtocolError,
+)
+from kvbm.layout import BlockLayout, LayoutType
+from kvbm.wire import protocol as P
+from kvbm.workers.path_worker import PathWorker, build_parser
+from kvbm.workers.path_worker import main as worker_main
+
+logger = logging.getLogger(__name__)
+
+ENTRIES_PER_MESSAGE = 1 << 18    # 6 MiB of (hash, slot, checksum) per entries message, under the cap
+GDS_MODES = ("auto", "on", "off")
+READ_PATH = "staged"            # the read path this version runs (see the module docstring)
+
+
+class _NoMemory:
+    """The disk worker maps no engine memory of its own (only G2, mapped at start)."""
+
+    kind = "none"
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class DiskRegistration:
+    engine: str
+    pid: int
+    host: BlockLayout
+    ident: bytes        # routing id of the connection that registered: only it may use this
+    memory: _NoMemory = field(default_factory=_NoMemory)
+
+
+@dataclass
+class DiskCounters:
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_s: float = 0.0
+    read_s: float = 0.0
+    write_requests: int = 0
+    read_requests: int = 0
+    blocks_failed: int = 0       # blocks of requests that did not move (written or read)
+    blocks_corrupt: int = 0
+
+
+class DiskWorker(PathWorker):
+    PIN_HOST = False
+    XFER_FIELDS = P.DISK_XFER_FIELDS
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.disk_path = args.disk_path
+        self.instance_id = args.instance_id
+        self.gds_mode = args.gds
+        self.fsize_limit = args.fsize_limit
+        self.store = None                 # DiskStore, once an engine registered a disk tier
+        self.store_key: tuple | None = None
+        self.store_error = "no engine has registered a disk tier yet"
+        self.gds_status = "off (gds=off)" if self.gds_mode == "off" else "not probed yet"
+        self.counters = DiskCounters()
+        self.last_error = ""              # the last failed write's or read's reason (status)
+
+    # ---- registration --------------------------------------------------------------------------
+    def _check_owner(self, ident: bytes, reg, action: str) -> None:
+        """As a path worker's, with the engine's two sockets here (H2DISK, DISK2H) one connection."""
+        if reg is not None and P.connection_of(reg.ident) != P.connection_of(ident):
+            raise ProtocolError(f"{action} refused: engine {reg.engine!r:.80} (pid {reg.pid}) is registered by "
+                                f"another connection")
+
+    def _register(self, ident: bytes, msg: dict) -> None:
+        _, host_map, _ = P.validate_register(msg)
+        host = P.layout_from_wire(host_map)
+        if host.layout_type is not LayoutType.FULLY_CONTIGUOUS:
+            raise ProtocolError("the host layout must be FULLY_CONTIGUOUS")
+        if host.total_bytes > self.host_segment.size:
+            raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
+                                f"the G2 segment holds {self.host_segment.size}")
+        engine = msg["engine"]
+        self._refuse_second_engine(engine)
+        self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
+        disk = msg.get("disk")
+        if disk is not None:
+            self._open_store(host, disk)
+        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident)
+        logger.info("disk worker gen %d: engine %s registered (%d host blocks, store %s)", self.gen, engine,
+                    host.num_blocks, "open" if self.store is not None else "not open")
+        self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
+                            "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda,
+                            "disk": self._disk_info()})
+
+    def _open_store(self, host: BlockLayout, disk: dict) -> None:
+        from kvbm.workers.disk import DiskStore
+        if not isinstance(disk, dict):
+            raise ProtocolError(f"disk: expected a map, got {type(disk).__name__}")
+        blocks = P._int(disk, "blocks", 1, 2**40)
+        fingerprint = P._int(disk, "fingerprint", 0, 2**64 - 1)
+        model = P._int(disk, "model", 0, 2**64 - 1)
+        cold = disk.get("cold", False)
+        if not isinstance(cold, bool):
+            raise ProtocolError(f"disk.cold: expected a bool, got {cold!r:.40}")
+        key = (host.config.block_bytes, host.block_stride, blocks, fingerprint, model)
+        if self.store is not None and key == self.store_key:
+            return
+        if self.store is not None:
+            logger.info("disk worker: a registration of another store (%s, was %s); reopening", key, self.store_key)
+            self.store.close()
+            self.store = self.store_key = None
+        try:
+            self.store = DiskStore.open(self.disk_path, self.instance_id, host.config.block_bytes, blocks,
+                                        fingerprint, model, cold=cold,
+                                        host_regions=[(self.host_segment.address, self.host_segment.size)])
+        except JournalMismatchError as err:
+            self.store_error = f"{err} (disk_cold_start = true, or KVBM_DISK_COLD_START=1, discards them)"
+            raise JournalMismatchError(self.store_error) from err
+        except KvbmError as err:
+            self.store_error = str(err)
+            raise
+        try:
+            self.gds_status = self._probe_gds()
+        except KvbmError as err:   # gds=on and no GDS: no store either, until a registration that fits
+            self.store.close()
+            self.store, self.store_error = None, str(err)
+            raise
+        self.store_key = key
+        self.store_error = ""
+        if self.fsize_limit:
+            # Test hook: a file size limit (the ENOSPC path) on the data files, set once they exist.
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))
+            logger.warning("disk worker: file size limit %d bytes (test hook)", self.fsize_limit)
+
+    def _probe_gds(self) -> str:
+        if self.gds_mode == "off":
+            return "off (gds=off)"
+        if not self.cuda:
+            if self.gds_mode == "on":
+                raise ConfigError("gds=on needs CUDA; this kvbm-workers runs in CPU mode (use gds=auto or off)")
+            return "unavailable: CPU mode"
+        from kvbm.workers.disk.io import probe_gds
+        why = probe_gds(self.store.files)
+        if why and self.gds_mode == "on":
+            raise ConfigError(f"gds=on: NIXL's GDS backend failed its probe read: {why}")
+        status = (f"probe read passed; reads stay {READ_PATH} (no on-device checksum yet)" if not why
+                  else f"unavailable: {why}")
+        logger.info("disk worker: GDS %s", status)
+        return status
+
+    def _disk_info(self) -> dict:
+        st = self.store
+        info = {"open": st is not None, "read_path": READ_PATH, "gds": self.gds_status,
+                "error": self.store_error[:P.MAX_ERROR_TEXT]}
+        if st is not None:
+            info.update(slots=st.geometry.num_slots, live=st.num_live, backend=st.io.backend,
+                        direct=st.files.direct, replay_bad_records=st.stats.replay_bad_records,
+                        replay_torn_bytes=st.stats.replay_torn_bytes)
+        return info
+
+    # ---- entries ------------------------------------------------------------------------------
+    def _other_message(self, ident: bytes, kind: str, msg: dict) -> None:
+        if kind != P.MsgType.ENTRIES:
+            super()._other_message(ident, kind, msg)
+            return
+        rid = P.request_id_of(msg)
+        st = self.store
+        if st is None:
+            self._reply(ident, {"t": P.MsgType.ENTRIES, "id": rid, "gen": self.gen, "last": True,
+                                "error": f"the disk store is not open: {self.store_error}"})
+            return
+        known = msg.get("known") or {}
+        if not isinstance(known, dict):
+            raise ProtocolError(f"entries.known: expected a map, got {type(known).__name__}")
+        if msg.get("own"):
+            self._send_entries(ident, rid, "", None, *st.entries())
+        present, skipped = [], {}
+        for name in st.peers():
+            version = st.peer_version(name)
+            if version is None:
+                continue
+            present.append(name)
+            if known.get(name) == version:
+                continue  # its journal did not change since the engine read it
+            try:
+                hashes, slots, sums = st.peer_entries(name)
+            except DiskError as err:  # another model, layout or block size, or a journal being created
+                skipped[name] = str(err)[:200]
+                continue
+            self._send_entries(ident, rid, name, version, hashes, slots, sums)
+        self._reply(ident, {"t": P.MsgType.ENTRIES, "id": rid, "gen": self.gen, "last": True,
+                            "peers": present, "skipped": skipped})
+
+    def _send_entries(self, ident: bytes, rid: int, instance: str, version, hashes, slots, sums) -> None:
+        n = len(slots)
+        parts = max(1, -(-n // ENTRIES_PER_MESSAGE))
+        for part in range(parts):
+            lo, hi = part * ENTRIES_PER_MESSAGE, min(n, (part + 1) * ENTRIES_PER_MESSAGE)
+            self._reply(ident, {"t": P.MsgType.ENTRIES, "id": rid, "gen": self.gen, "instance": instance,
+                                "version": version, "part": part, "parts": parts,
+                                "hashes": P.pack_field("hashes", hashes[lo:hi]),
+                                "sums": P.pack_field("sums", sums[lo:hi]), "slots": P.pack_blocks(slots[lo:hi])})
+
+    # ---- transfers --------------------------------------------------------------------------
+    def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        rid = P.request_id_of(msg)
+        try:
+            gen = msg.get("gen")
+            if gen != self.gen:
+                self.stats.stale += 1
+                self._reply(ident, P.make_done(rid, P.Status.STALE, f"request for generation {gen!r}; this disk "
+                                               f"worker is generation {self.gen}", gen=self.gen))
+                return
+            path = msg.get("path")
+            if path not in (int(P.Path.H2DISK), int(P.Path.DISK2H)):
+                raise ProtocolError(f"path {path!r} sent to the disk worker")
+            reg = self.engines.get(msg.get("engine"))  # type: ignore[arg-type]
+            if reg is None:
+                raise ProtocolError(f"engine {msg.get('engine')!r:.60} has not registered with this worker")
+            if self.store is None:
+                raise ProtocolError(f"the disk store is not open: {self.store_error}")
+            hosts = reg.host.num_blocks
+            if path == int(P.Path.H2DISK):
+                src, dst = P.validate_xfer(msg, hosts, self.store.geometry.num_slots, self.max_batch)
+                extra = {"hashes": P.unpack_field(msg, "hashes", len(src))}
+            else:
+                src, dst = P.validate_xfer(msg, 2**62, hosts, self.max_batch)
+                extra = {"sums": P.unpack_field(msg, "sums", len(src)), "owner": P.unpack_field(msg, "owner", len(src))}
+                peers = msg.get("peers") or []
+                if not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= 64 for p in peers):
+                    raise ProtocolError("peers: expected a list of instance ids")
+                if extra["owner"].size and int(extra["owner"].max()) > len(peers):
+                    raise ProtocolError(f"owner {int(extra['owner'].max())} names no peer ({len(peers)} listed)")
+                extra["peers"] = peers
+            self._check_owner(ident, reg, "xfer")  # type: ignore[arg-type]  # after the checks, before any I/O
+        except ProtocolError as err:
+            self._malformed(ident, msg, err)
+            return
+        except Exception as err:  # noqa: BLE001 - the process boundary: no message may kill the worker
+            self._failed(ident, rid, err)
+            return
+        t_start = time.monotonic()
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
+            addrs = self.host_segment.address + src.astype(np.uint64) * np.uint64(reg.host.block_stride) \
+                if path == int(P.Path.H2DISK) else \
+                self.host_segment.address + dst.astype(np.uint64) * np.uint64(reg.host.block_stride)
+            if path == int(P.Path.H2DISK):
+                reply = self._write(rid, addrs, dst, extra["hashes"])
+            else:
+                reply = self._read(rid, src, addrs, extra["sums"], extra["owner"], extra["peers"])
+        except Exception as err:  # noqa: BLE001 - any I/O failure becomes a failed completion
+            self._failed(ident, rid, err)
+            return
+        t_end = time.monotonic()
+        moved = int(reply.pop("moved"))
+        nbytes = moved * self.store.geometry.block_bytes
+        self.stats.requests += 1
+        self.stats.blocks += moved
+        self.stats.bytes += nbytes
+        self.stats.busy_s += t_end - t_start
+        if path == int(P.Path.H2DISK):
+            self.counters.bytes_written += nbytes
+            self.counters.write_s += t_end - t_start
+            self.counters.write_requests += 1
+        else:
+            self.counters.bytes_read += nbytes
+            self.counters.read_s += t_end - t_start
+            self.counters.read_requests += 1
+        status = reply.pop("status")
+        if status is not P.Status.OK:
+            self.stats.errors += 1
+        self._reply(ident, P.make_done(rid, status, reply.pop("error"), nbytes=nbytes, gen=self.gen,
+                                       queue_us=int((t_start - t_recv) * 1e6), copy_us=int((t_end - t_start) * 1e6),
+                                       **reply))
+
+    def _write(self, rid: int, addrs: np.ndarray, slots: np.ndarray, hashes: np.ndarray) -> dict:
+        store = self.store
+        error, no_space = "", False
+        try:
+            outcome = store.put(hashes, addrs, slots)
+        except DiskError as err:
+            outcome = err.slots if err.slots is not None else np.full(len(slots), -1, np.int64)
+            error, no_space = str(err), isinstance(err, DiskSpaceError)
+            self.last_error = error
+            logger.error("disk worker gen %d: write request %d: %s", self.gen, rid, err)
+        ok = np.asarray(outcome) >= 0
+        state = np.where(ok, P.BlockState.OK, P.BlockState.FAILED).astype(np.uint8)
+        sums = np.zeros(len(slots), np.uint64)
+        if ok.any():
+            sums[ok] = store.checksums_of(slots[ok])
+        self.counters.blocks_failed += int((~ok).sum())
+        return {"status": P.Status.OK, "error": error, "moved": int(ok.sum()), "state": state, "sums": sums,
+                "no_space": no_space}
+
+    def _read(self, rid: int, slots: np.ndarray, addrs: np.ndarray, sums: np.ndarray, owner: np.ndarray,
+              peers: list[str]) -> dict:
+        store = self.store
+        n = len(slots)
+        state = np.full(n, P.BlockState.FAILED, np.uint8)
+        errors: list[str] = []
+        for who in np.unique(owner).tolist():
+            idx = np.flatnonzero(owner == who)
+            if who == 0:
+                inside = slots[idx] < store.geometry.num_slots
+                if not inside.all():
+                    errors.append(f"{int((~inside).sum())} slots outside this store's {store.geometry.num_slots}")
+                idx = idx[inside]
+                if idx.size == 0:
+                    continue
+                res = store.get(slots[idx], addrs[idx], sums[idx])
+            else:
+                name = peers[who - 1]
+                if name == self.instance_id:
+                    errors.append(f"peer {name} is this instance")
+                    continue
+                res = store.read_peer(name, slots[idx], addrs[idx], sums[idx])
+            state[idx[res.ok]] = P.BlockState.OK
+            if res.corrupt.size:
+                state[idx[~res.ok & np.isin(slots[idx], res.corrupt)]] = P.BlockState.CORRUPT
+            errors.extend(res.errors)
+        ok = state == P.BlockState.OK
+        corrupt = int((state == P.BlockState.CORRUPT).sum())
+        self.counters.blocks_failed += int((~ok).sum()) - corrupt
+        self.counters.blocks_corrupt += corrupt
+        error = ""
+        if not ok.all():
+            error = (f"disk read: {int((~ok).sum())} of {n} blocks not loaded ({corrupt} failed their checksum): "
+                     + "; ".join(errors[:4]))
+            self.last_error = error
+            logger.error("disk worker gen %d: read request %d: %s", self.gen, rid, error)
+        return {"status": P.Status.OK if ok.all() else P.Status.ERROR, "error": error, "moved": int(ok.sum()),
+                "state": state, "read_path": READ_PATH}
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def _stats_extra(self) -> dict:
+        st, c = self.store, self.counters
+        disk: dict = {"open": int(st is not None), "bytes_written": c.bytes_written, "bytes_read": c.bytes_read,
+                      "write_s": round(c.write_s, 6), "read_s": round(c.read_s, 6),
+                      "write_requests": c.write_requests, "read_requests": c.read_requests,
+                      "blocks_failed": c.blocks_failed, "blocks_corrupt": c.blocks_corrupt}
+        if st is not None:
+            s = st.stats
+            disk.update(slots=st.geometry.num_slots, live=st.num_live, journal_bytes=st.journal.size,
+                        journal_records=st.journal.records, journal_compactions=s.journal_compactions,
+                        written=s.blocks_written, read=s.blocks_read, peer_read=s.peer_blocks_read,
+                        write_failures=s.write_failures, read_failures=s.read_failures,
+                        checksum_failures=s.checksum_failures)
+        return {"disk": disk, "disk_text": {"read_path": READ_PATH, "gds": self.gds_status[:200],
+                                            "backend": st.io.backend if st is not None else "",
+                                            "error": (self.store_error or self.last_error)[:600]}}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        super().close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser(paths=(P.Path.H2DISK,), prog="kvbm-disk-worker")
+    ap.add_argument("--disk-path", required=True, help="the G3 folder (shared by instances)")
+    ap.add_argument("--instance-id", required=True, help="this instance's folder under --disk-path")
+    ap.add_argument("--gds", choices=GDS_MODES, default="auto")
+    ap.add_argument("--fsize-limit", type=int, default=0, help="test hook: RLIMIT_FSIZE once the store is open")
+    args = ap.parse_args(argv)
+    if not os.path.isabs(args.disk_path):
+        raise LayoutError(f"--disk-path must be absolute, got {args.disk_path!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A write past a file size limit then fails with EFBIG (DiskSpaceError) instead of killing us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return worker_main(argv, worker_cls=DiskWorker, parse=parse_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
