@@ -1,13 +1,19 @@
-"""Shared fixtures and marker handling. Markers (gpu, stress, slow) are declared in pyproject.toml.
+"""Shared fixtures and marker handling. Markers (gpu, stress, slow, vllm) are declared in pyproject.toml.
 
 Kept free of hypothesis and pyzmq imports: the GPU machine runs tests/gpu without them.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
 import kvbm
+
+# tests/vllm runs in vLLM's own venv (scripts/setup_vllm.sh); elsewhere it is not even imported.
+# find_spec answers without importing vLLM.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm"]
 
 
 def pytest_collection_modifyitems(config, items):
