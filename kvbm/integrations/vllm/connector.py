@@ -1,0 +1,308 @@
+"""KvbmConnector: kvbm as a vLLM V1 KV connector (KVConnectorBase_V1, vLLM 0.33's three-argument form).
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector":"KvbmConnector",
+        "kv_connector_module_path":"kvbm.integrations.vllm","kv_role":"kv_both"}'
+
+Parts:
+  KvbmConnector          one class, two roles. SCHEDULER: a SchedulerSide over a metadata-only
+                         KvBlockManager (the G2 pool). WORKER (one per TP rank): a WorkerSide over a
+                         ShardTransfers registered with the engine's kvbm-workers (rank 0 starts it
+                         when none runs).
+  KvbmConnectorMetadata  the StepPlan vLLM carries from the scheduler to every rank
+  KvbmWorkerMetadata     a rank's RankReport; vLLM merges the ranks' with `aggregate`
+  connector_settings     the KvbmConfig of an engine: KVBM_* / DYN_KVBM_* / config file, then the
+                         connector's kv_connector_extra_config (its keys are KvbmConfig fields)
+
+Loads are asynchronous (vLLM's WAITING_FOR_REMOTE_KVS): a request with a G2 hit waits until every
+rank's H2D has landed, then runs; a failed load names its device blocks (vLLM recomputes them) and
+is still reported finished, as vLLM requires. Stores run after each forward pass (wait_for_save) for
+every block that became full; vLLM keeps a finished request's blocks until its stores are done
+(request_finished -> True, then finished_sending), and waits for the stores of a preempted request
+before reusing its blocks (handle_preemptions).
+
+Keys: vLLM's block hashes (request.block_hashes, one per hash_block_size tokens; the hash at a
+block's last sub-block names the block) folded to u64 (kvbm.hashing.fold_external_hash), salted by
+the manager. They survive a restart (and match across engines sharing kvbm) only when vLLM's hash
+is reproducible: sha256 / sha256_cbor, or a fixed PYTHONHASHSEED with xxhash; the start-up log
+says so when it is not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError
+from kvbm.hashing import fold_external_hash
+from kvbm.integrations.vllm.plan import RankReport, StepPlan
+from kvbm.integrations.vllm.scheduler_side import SchedulerSide
+from kvbm.integrations.vllm.worker_side import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST_BYTES = 4 << 30   # G2 when nothing sets it (vLLM's own CPU offloading defaults to 8 GB)
+
+
+class KvbmConnectorMetadata(KVConnectorMetadata):
+    def __init__(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+
+class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
+    def __init__(self, report: RankReport) -> None:
+        self.report = report
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, KvbmWorkerMetadata):
+            return self
+        return KvbmWorkerMetadata(self.report.merge(other.report))
+
+
+def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) -> KvbmConfig:
+    """The engine's KvbmConfig. kv_connector_extra_config entries that name KvbmConfig fields are
+    keyword arguments (above the environment); the instance id defaults to one per vLLM engine,
+    so the scheduler and every rank of it meet the same kvbm-workers."""
+    fields = {f.name for f in dataclasses.fields(KvbmConfig)}
+    extra = dict(extra or {})
+    unknown = sorted(k for k in extra if k not in fields and not k.startswith("vllm_"))
+    if unknown:
+        raise ConfigError(f"kv_connector_extra_config: unknown kvbm settings {unknown}; known: {sorted(fields)}")
+    overrides = {k: v for k, v in extra.items() if k in fields}
+    if "instance_id" not in overrides and not os.environ.get("KVBM_INSTANCE_ID"):
+        engine = "".join(c for c in str(vllm_config.instance_id) if c.isalnum())[-20:] or "0"
+        overrides["instance_id"] = f"vllm-{engine}"
+    return KvbmConfig.load(**overrides)
+
+
+def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], int]:
+    """(tokens per block, layer names in order, bytes of one block of this rank, all layers)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(f"kvbm's vLLM connector supports models with one KV cache group (full attention or "
+                          f"MLA); this one has {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    layers = list(groups[0].layer_names)
+    return spec.block_size, layers, spec.page_size_bytes * len(layers)
+
+
+class KvbmConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False   # a cache: a dropped store is a later miss, never wrong output
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError("kvbm's vLLM connector does not support pipeline parallelism yet (tensor parallel only)")
+        self.world_size = parallel.tensor_parallel_size
+        self.config = connector_settings(vllm_config, self._kv_transfer_config.kv_connector_extra_config)
+        self.block_tokens, self.layer_names, self.shard_block_bytes = _attention_shape(kv_cache_config)
+        hash_tokens = kv_cache_config.hash_block_size or vllm_config.cache_config.block_size
+        if self.block_tokens % hash_tokens:
+            raise ConfigError(f"vLLM block of {self.block_tokens} tokens is not a multiple of its hash block "
+                              f"({hash_tokens} tokens)")
+        self.hashes_per_block = self.block_tokens // hash_tokens
+        self.host_blocks = self._host_blocks()
+        self._keys: dict[str, tuple[int, np.ndarray]] = {}   # req -> (hashes folded, keys)
+        self._requests: dict[str, Request] = {}
+        self.scheduler: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        self._transfers = None
+        self._collected = None
+        self._manager = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._start_scheduler(vllm_config)
+        logger.info("kvbm connector (%s): G2 %d blocks of %d bytes x %d ranks, instance %s", role.name,
+                    self.host_blocks, self.shard_block_bytes, self.world_size, self.config.instance_id)
+
+    def _host_blocks(self) -> int:
+        c = self.config
+        if c.host_blocks:
+            return c.host_blocks
+        size = c.host_size or DEFAULT_HOST_BYTES
+        blocks = size // (self.shard_block_bytes * self.world_size)
+        if blocks < 1:
+            raise ConfigError(f"G2 of {size} bytes holds no block of {self.shard_block_bytes * self.world_size} "
+                              f"bytes (all ranks)")
+        return blocks
+
+    # ---- scheduler role -------------------------------------------------------------------------
+    def _start_scheduler(self, vllm_config: VllmConfig) -> None:
+        from kvbm.manager import KvBlockManager
+        if self.config.disk_path or self.config.disk_blocks or self.config.disk_size:
+            logger.warning("kvbm connector: the disk tier (G3) is not reached through the vLLM connector in this "
+                           "version; G2 only")
+        _warn_unreproducible_hashes(vllm_config)
+        meta_config = dataclasses.replace(self.config, host_blocks=self.host_blocks, host_size=None,
+                                          device_blocks=0, disk_blocks=None, disk_size=None, disk_path=None)
+        self._manager = KvBlockManager(meta_config)
+        self.scheduler = SchedulerSide(self._manager, self.block_tokens, self.world_size)
+
+    def _request_keys(self, request: Request) -> np.ndarray:
+        """u64 keys of the request's full blocks, folded once per hash (cached per request)."""
+        hashes = request.block_hashes
+        done, keys = self._keys.get(request.request_id, (0, np.empty(0, np.uint64)))
+        step = self.hashes_per_block
+        full = len(hashes) // step
+        if full > len(keys):
+            new = [fold_external_hash(bytes(hashes[i * step + step - 1])) for i in range(len(keys), full)]
+            keys = np.concatenate([keys, self._manager.keys(np.asarray(new, dtype=np.uint64))])
+            self._keys[request.request_id] = (full, keys)
+        return keys
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self.scheduler is None or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
+        tokens = self.scheduler.lookup(self._request_keys(request), num_computed_tokens, request.num_tokens)
+        return tokens, tokens > 0
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self.scheduler is None:
+            return
+        device_blocks = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        if num_external_tokens > 0:
+            self.scheduler.allocated(request.request_id, self._request_keys(request), device_blocks,
+                                     request.num_computed_tokens, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
+        return {CacheHitSource.HOST: num_external_tokens} if num_external_tokens else {}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
+        side = self.scheduler
+        if side is None:
+            return KvbmConnectorMetadata(StepPlan())
+        for req_id in scheduler_output.preempted_req_ids or ():
+            side.preempted(req_id)
+        for req_id, new_ids, full_table in yield_req_data(scheduler_output):
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            side.scheduled(req_id, self._request_keys(request), new_ids[0] if new_ids else None, full_table,
+                           request.num_computed_tokens)
+        return KvbmConnectorMetadata(side.build())
+
+    def on_new_request(self, request: Request) -> None:
+        self._requests[request.request_id] = request   # the scheduler's object: block_hashes grow with it
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.scheduler is None:
+            return
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, KvbmWorkerMetadata):
+            self.scheduler.report(meta.report)
+        if connector_output.finished_sending:
+            self.scheduler.sent(connector_output.finished_sending)
+            for req_id in connector_output.finished_sending:
+                self._forget(req_id)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.scheduler is None:
+            return False, None
+        delay = self.scheduler.finished(request.request_id)
+        if not delay:
+            self._forget(request.request_id)
+        return delay, None
+
+    def _forget(self, req_id: str) -> None:
+        self._keys.pop(req_id, None)
+        self._requests.pop(req_id, None)
+
+    def take_events(self):
+        return ()
+
+    # ---- worker role ----------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from kvbm.transfer.shard_transfers import ShardTransfers
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        missing = [name for name in self.layer_names if name not in kv_caches]
+        if missing:
+            raise ConfigError(f"register_kv_caches: no tensor for layers {missing[:4]} of the KV cache group")
+        tensors = [kv_caches[name] for name in self.layer_names]
+        rank = get_tensor_model_parallel_rank() if self.world_size > 1 else 0
+        group = f"{self.config.instance_id}"
+        transfers = ShardTransfers(self.config, rank, self.world_size, group, self.host_blocks)
+        transfers.attach(tensors)
+        self._transfers = transfers
+        self.worker = WorkerSide(transfers)
+        self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, KvbmConnectorMetadata):
+            self.worker.bind(connector_metadata.plan)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self.worker is not None and isinstance(kv_connector_metadata, KvbmConnectorMetadata):
+            self.worker.flush(kv_connector_metadata.plan.flush_reqs)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_loads()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return   # loads are asynchronous: a request runs only after its load has landed
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return   # stores are submitted once per step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.submit_stores()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker is None:
+            return None, None
+        self._collected = self.worker.collect()
+        got = self._collected
+        return got.finished_sending or None, got.finished_recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        got = self._collected
+        return set(got.failed_blocks) if got is not None else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        got, self._collected = self._collected, None
+        if got is None or got.report.is_empty():
+            return None
+        return KvbmWorkerMetadata(got.report)
+
+    def shutdown(self) -> None:
+        if self._transfers is not None:
+            self._transfers.close()
+            self._transfers = None
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+def _warn_unreproducible_hashes(vllm_config: VllmConfig) -> None:
+    algo = getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256")
+    if str(algo).startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
+        logger.warning("kvbm connector: vLLM hashes blocks with %s and a random per-process seed "
+                       "(PYTHONHASHSEED is unset): kvbm's cached blocks are found again only by this vLLM "
+                       "process. Set PYTHONHASHSEED (or use sha256) to reuse them across restarts and engines.",
+                       algo)

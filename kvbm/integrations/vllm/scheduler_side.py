@@ -1,0 +1,293 @@
+"""The connector's scheduler side: kvbm's G2 metadata in vLLM's scheduler process (no vLLM types).
+
+Parts:
+  SchedulerSide   per request: what G2 holds beyond vLLM's own prefix (`lookup`, side-effect free),
+                  the G2 blocks acquired for a load once vLLM allocated device blocks (`allocated`),
+                  the device block table as vLLM grows it (`scheduled`), stores of newly full
+                  blocks planned each step (`build`), and jobs settled from the ranks' reports
+                  (`report`); `finished` says whether vLLM must keep a request's blocks until its
+                  stores are done.
+
+Order of one step (vLLM calls the adapter, the adapter calls this): lookup -> allocated (for each
+request vLLM schedules with an external hit) -> scheduled (every scheduled request) -> build ->
+[workers run the plan] -> report / sent -> finished (when vLLM ends a request).
+
+A block of G2 is one vLLM block of every rank (kvbm block = vLLM block: the device layout has no
+bigger contiguous unit, and a 16-token block of an 8B model is already 2 MiB). Keys are vLLM's block
+hashes folded to u64 and salted by the manager (KvBlockManager.keys). G2 bookkeeping follows
+kvbm.transfer.host_offload: a stored block is registered only after every rank reported its copy;
+a loaded block is acquired from allocation to the last rank's report, so eviction cannot take it
+mid-copy.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvbm.integrations.vllm.plan import LoadJob, RankReport, StepPlan, StoreJob
+from kvbm.manager import KvBlockManager
+from kvbm.pools import Tier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    keys: np.ndarray                                  # u64 keys of the request's full blocks so far
+    block_table: list[int] = field(default_factory=list)
+    considered: int = 0                               # leading full blocks already stored or skipped
+    computed_tokens: int = 0
+    pending: set[int] = field(default_factory=set)    # store jobs not settled yet
+    load: LoadJob | None = None
+    finished: bool = False
+
+
+@dataclass
+class _Job:
+    req_id: str
+    kind: str                        # "load" or "store"
+    host_blocks: np.ndarray
+    keys: np.ndarray | None = None   # stores: what the blocks are registered under
+    parents: np.ndarray | None = None
+    has_parent: np.ndarray | None = None
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass
+class SideStats:
+    lookups: int = 0
+    matched_tokens: int = 0
+    loads: int = 0
+    loaded_blocks: int = 0
+    load_failures: int = 0
+    stores: int = 0
+    stored_blocks: int = 0
+    store_failures: int = 0
+    store_dropped: int = 0           # full blocks with no room in G2 (all held by transfers)
+    store_held: int = 0              # full blocks G2 already held (or another store was moving)
+
+
+class SchedulerSide:
+    def __init__(self, manager: KvBlockManager, block_tokens: int, world_size: int = 1,
+                 on_stored: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 on_evicted: Callable[[np.ndarray], None] | None = None) -> None:
+        if Tier.G2 not in manager.pools:
+            raise ValueError("the connector's scheduler side needs a G2 pool (host_blocks or host_size)")
+        self.manager = manager
+        self.pool = manager.pools[Tier.G2]
+        self.block_tokens = block_tokens
+        self.world_size = world_size
+        self.on_stored = on_stored
+        self.on_evicted = on_evicted
+        self.requests: dict[str, _Request] = {}
+        self.jobs: dict[int, _Job] = {}
+        self.storing: dict[int, int] = {}      # key -> store job moving it (not registered yet)
+        self._next_job = 1
+        self._plan = StepPlan()
+        self.stats = SideStats()
+
+    # ---- lookups and loads ----------------------------------------------------------------------
+    def lookup(self, keys: np.ndarray, num_computed_tokens: int, num_tokens: int) -> int:
+        """Tokens beyond `num_computed_tokens` whose blocks G2 holds, as whole blocks, leaving at
+        least the last token to compute (vLLM needs one to sample from). Nothing is acquired."""
+        bt = self.block_tokens
+        if num_computed_tokens % bt:
+            return 0
+        first = num_computed_tokens // bt
+        last = min(len(keys), (num_tokens - 1) // bt)
+        if last <= first:
+            return 0
+        with self.manager.lock:
+            hit = len(self.pool.registry.match(keys[first:last], False))
+        self.stats.lookups += 1
+        return hit * bt
+
+    def allocated(self, req_id: str, keys: np.ndarray, device_blocks: list[int], num_computed_tokens: int,
+                  num_external_tokens: int) -> None:
+        """vLLM allocated `device_blocks` (the request's whole table) after lookup promised
+        `num_external_tokens`: acquire the G2 blocks and plan their load. Blocks G2 lost since the
+        lookup (it cannot, within one schedule() call, but a caller may interleave) are planned as
+        failed loads: vLLM recomputes them."""
+        req = self._track(req_id, keys)
+        req.block_table = list(device_blocks)
+        if num_external_tokens <= 0:
+            return
+        bt = self.block_tokens
+        first, n = num_computed_tokens // bt, num_external_tokens // bt
+        with self.manager.lock:
+            host = np.asarray(self.pool.match(keys[first:first + n], acquire=True), dtype=np.int64)
+        job = self._new_job(req_id, "load", host)
+        got = len(host)
+        load = LoadJob(job, req_id, host.tolist(), list(device_blocks[first:first + got]))
+        req.load = load
+        self._plan.loads.append(load)
+        self.stats.loads += 1
+        self.stats.matched_tokens += num_external_tokens
+        if got < n:
+            lost = LoadJob(self._new_job(req_id, "lost", np.empty(0, np.int64)), req_id, [],
+                           list(device_blocks[first + got:first + n]))
+            self._plan.failed_loads.append(lost)
+            logger.warning("request %s: %d of %d G2 blocks went between lookup and allocation; vLLM recomputes them",
+                           req_id, n - got, n)
+
+    # ---- stores ---------------------------------------------------------------------------------
+    def scheduled(self, req_id: str, keys: np.ndarray, new_block_ids: list[int] | None, full_table: bool,
+                  computed_tokens: int) -> None:
+        """A request ran in this step: its keys so far, the device blocks vLLM added (or its whole
+        table when `full_table`: new or resumed), and its computed tokens after this step."""
+        req = self._track(req_id, keys)
+        if full_table:
+            req.block_table = []
+        if new_block_ids:
+            req.block_table.extend(new_block_ids)
+        req.computed_tokens = computed_tokens
+
+    def preempted(self, req_id: str) -> None:
+        """vLLM freed the request's blocks: its stores must finish before they are reused, and it
+        resumes with a new table."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return
+        if req.pending:
+            self._plan.flush_reqs.append(req_id)
+        req.block_table, req.considered = [], 0
+
+    def build(self) -> StepPlan:
+        """This step's plan: loads planned since the last build, and a store for every block that
+        became full (and computed) and that G2 neither holds nor is receiving."""
+        for req_id, req in self.requests.items():
+            if not req.finished:
+                self._plan_stores(req_id, req)
+        plan, self._plan = self._plan, StepPlan()
+        return plan
+
+    def _plan_stores(self, req_id: str, req: _Request) -> None:
+        full = min(len(req.keys), len(req.block_table), req.computed_tokens // self.block_tokens)
+        if full <= req.considered:
+            return
+        idx = np.arange(req.considered, full)
+        keys = req.keys[idx]
+        with self.manager.lock:
+            held = np.asarray(self.pool.lookup(keys)) >= 0
+            if self.storing:
+                held |= np.fromiter((int(k) in self.storing for k in keys.tolist()), bool, len(keys))
+            todo = idx[~held]
+            host = self.pool.allocate(len(todo)) if len(todo) else None
+            if host is None and len(todo):
+                free = self.pool.registry.num_free + self.pool.registry.num_inactive
+                host = self.pool.allocate(min(len(todo), free)) if free else None
+            self._drain_evictions()
+        req.considered = full
+        self.stats.store_held += int(held.sum())
+        if host is None or len(host) == 0:
+            self.stats.store_dropped += len(todo)
+            return
+        host = np.asarray(host, dtype=np.int64)
+        self.stats.store_dropped += len(todo) - len(host)
+        todo = todo[:len(host)]
+        has_parent = todo > 0
+        parents = np.where(has_parent, req.keys[np.maximum(todo - 1, 0)], 0).astype(np.uint64)
+        job = self._new_job(req_id, "store", host, req.keys[todo], parents, has_parent)
+        for k in req.keys[todo].tolist():
+            self.storing[k] = job
+        req.pending.add(job)
+        self._plan.stores.append(StoreJob(job, req_id, [req.block_table[i] for i in todo.tolist()], host.tolist()))
+        self.stats.stores += 1
+
+    # ---- reports from the ranks -----------------------------------------------------------------
+    def report(self, report: RankReport) -> None:
+        for jobs, ok in ((report.done, True), (report.failed, False)):
+            for job_id, n in jobs.items():
+                job = self.jobs.get(job_id)
+                if job is None:
+                    logger.warning("a rank reported job %d, which is not pending (ignored)", job_id)
+                    continue
+                if ok:
+                    job.done += n
+                else:
+                    job.failed += n
+                if job.done + job.failed >= self.world_size:
+                    self._settle(job_id, job)
+        for err in report.errors:
+            logger.warning("kvbm transfer failed on a rank: %s", err)
+
+    def _settle(self, job_id: int, job: _Job) -> None:
+        del self.jobs[job_id]
+        ok = job.failed == 0
+        req = self.requests.get(job.req_id)
+        with self.manager.lock:
+            if job.kind == "load":
+                self.pool.release(job.host_blocks)
+                if ok:
+                    self.stats.loaded_blocks += len(job.host_blocks)
+                else:
+                    self.stats.load_failures += 1
+                if req is not None and req.load is not None and req.load.job == job_id:
+                    req.load = None
+            elif job.kind == "store":
+                for k in job.keys.tolist():
+                    self.storing.pop(k, None)
+                if req is not None:
+                    req.pending.discard(job_id)
+                if not ok:
+                    self.pool.release(job.host_blocks)      # never registered: back to the free list
+                    self.stats.store_failures += 1
+                    return
+                self.pool.complete(job.host_blocks)
+                canonical = self.pool.register(job.host_blocks, job.keys, job.parents, job.has_parent)
+                self.pool.release(canonical)               # inactive and matchable
+                self.stats.stored_blocks += len(job.host_blocks)
+        if job.kind == "store" and self.on_stored is not None:
+            self.on_stored(job.keys, job.parents)
+        if req is not None and req.finished and not req.pending and req.load is None:
+            del self.requests[job.req_id]
+
+    # ---- request ends ---------------------------------------------------------------------------
+    def finished(self, req_id: str) -> bool:
+        """vLLM ends the request: True when its blocks must stay until its stores are done (the
+        ranks then report it finished_sending)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return False
+        req.finished = True
+        if req.pending:
+            self._plan.delayed_reqs.append(req_id)
+            return True
+        if req.load is None:
+            del self.requests[req_id]
+        return False
+
+    def sent(self, req_ids) -> None:
+        """vLLM freed the blocks of these delayed requests (every rank reported them)."""
+        for req_id in req_ids:
+            req = self.requests.get(req_id)
+            if req is not None and not req.pending and req.load is None:
+                del self.requests[req_id]
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _track(self, req_id: str, keys: np.ndarray) -> _Request:
+        req = self.requests.get(req_id)
+        if req is None:
+            req = self.requests[req_id] = _Request(keys)
+        else:
+            req.keys = keys
+        return req
+
+    def _new_job(self, req_id: str, kind: str, host: np.ndarray, keys=None, parents=None, has_parent=None) -> int:
+        job = self._next_job
+        self._next_job += 1
+        if kind != "lost":
+            self.jobs[job] = _Job(req_id, kind, host, keys, parents, has_parent)
+        return job
+
+    def _drain_evictions(self) -> None:
+        evicted = self.pool.registry.drain_evicted()
+        if len(evicted) and self.on_evicted is not None:
+            self.on_evicted(evicted)
+
+    def pending_jobs(self) -> int:
+        return len(self.jobs)
