@@ -12,6 +12,8 @@ Parts:
   PoolEventRecorder  pool activity -> events: registrations (BlockStored, one per hash chain),
                      evictions (BlockRemoved, from the caller or drained from a pool), clears;
                      `take()` once per engine step
+  to_vllm            events as vLLM's own structs, for a connector's take_events() (vLLM's
+                     scheduler publishes them with its own events); the module is passed in
 
 The shape (vLLM's msgspec structs; EventBatch is `array_like`, the events are `tag=True` and
 `omit_defaults=True` but not `array_like`):
@@ -441,11 +443,11 @@ class KvEventPublisher:
             return
         client, _, start = frames
         first = int.from_bytes(start, "big")
+        self.replays += 1     # before the answer: a client that has the end marker sees the count
         for seq, payload in self._buffer:
             if seq >= first:
                 self._replay.send_multipart((client, b"", self.topic, seq.to_bytes(8, "big"), payload))
         self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
-        self.replays += 1
 
     def _close_sockets(self) -> None:
         for sock in (self._pub, self._replay):
@@ -533,6 +535,24 @@ class PoolEventRecorder:
                            self._pending, self.max_pending)
             self._events = [AllBlocksCleared()]
             self._pending = 0
+
+
+def to_vllm(events: Iterable[KVEvent], kv_events) -> list[Any]:
+    """The events as vLLM's structs; `kv_events` is the module vllm.distributed.kv_events (passed
+    in: nothing here imports vLLM)."""
+    out = []
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            out.append(kv_events.BlockStored(block_hashes=ev.block_hashes, parent_block_hash=ev.parent_block_hash,
+                                             token_ids=ev.token_ids, block_size=ev.block_size, lora_id=ev.lora_id,
+                                             medium=ev.medium, lora_name=ev.lora_name, **ev.extra))
+        elif isinstance(ev, BlockRemoved):
+            out.append(kv_events.BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium, **ev.extra))
+        elif isinstance(ev, AllBlocksCleared):
+            out.append(kv_events.AllBlocksCleared())
+        else:
+            raise TypeError(f"not a KV event: {type(ev).__name__}")
+    return out
 
 
 def events_of(batches: Iterable[KVEventBatch]) -> list[KVEvent]:

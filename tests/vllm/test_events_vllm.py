@@ -27,17 +27,8 @@ BATCH = ke.KVEventBatch(1700000000.5, [
 
 
 def _as_vllm(batch: ke.KVEventBatch) -> vk.KVEventBatch:
-    out = []
-    for ev in batch.events:
-        if isinstance(ev, ke.BlockStored):
-            out.append(vk.BlockStored(block_hashes=ev.block_hashes, parent_block_hash=ev.parent_block_hash,
-                                      token_ids=ev.token_ids, block_size=ev.block_size, lora_id=ev.lora_id,
-                                      medium=ev.medium, lora_name=ev.lora_name, **ev.extra))
-        elif isinstance(ev, ke.BlockRemoved):
-            out.append(vk.BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium, **ev.extra))
-        else:
-            out.append(vk.AllBlocksCleared())
-    return vk.KVEventBatch(ts=batch.ts, events=out, data_parallel_rank=batch.data_parallel_rank)
+    return vk.KVEventBatch(ts=batch.ts, events=ke.to_vllm(batch.events, vk),
+                           data_parallel_rank=batch.data_parallel_rank)
 
 
 def test_vllm_decodes_kvbm_payloads():
@@ -58,11 +49,13 @@ def test_recorder_events_decode_in_vllm():
     rec = ke.PoolEventRecorder(block_size=4)
     rec.stored(Tier.G2, [10, 11], [9, 10], [True, True], token_ids=list(range(8)))
     rec.removed(Tier.G3, [12])
-    payload = ke.encode_batch(ke.KVEventBatch(1.0, rec.take(), 0))
+    events = rec.take()
+    payload = ke.encode_batch(ke.KVEventBatch(1.0, events, 0))
     decoded = msgspec.msgpack.Decoder(vk.KVEventBatch).decode(payload)
-    assert decoded.events == [vk.BlockStored(block_hashes=[10, 11], parent_block_hash=9, token_ids=list(range(8)),
-                                             block_size=4, lora_id=None, medium="CPU", lora_name=None),
-                              vk.BlockRemoved(block_hashes=[12], medium="STORAGE")]
+    expected = [vk.BlockStored(block_hashes=[10, 11], parent_block_hash=9, token_ids=list(range(8)), block_size=4,
+                               lora_id=None, medium="CPU", lora_name=None),
+                vk.BlockRemoved(block_hashes=[12], medium="STORAGE")]
+    assert decoded.events == expected and ke.to_vllm(events, vk) == expected
 
 
 # The array shape of earlier vLLM releases: their classes, as vLLM's own subscriber example of
