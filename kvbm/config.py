@@ -19,6 +19,17 @@ spellings of one size in one source are an error that names both. Sizes in bytes
 whole blocks once the block size is known. A host tier of 0 blocks or 0 bytes is an error (leave it
 unset for a manager without one); a disk size of 0 means no disk tier.
 
+Dynamo KVBM's variables are read as aliases, a source of their own just below the KVBM_* ones
+(so any KVBM_* setting, and any keyword argument, wins): DYN_KVBM_CPU_CACHE_GB -> host_size,
+DYN_KVBM_DISK_CACHE_GB -> disk_size (decimal GB, 10**9 bytes, fractions allowed, as Dynamo's leader
+computes `gb * 1e9 / bytes_per_block`), DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS -> host_blocks and
+DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS -> disk_blocks (Dynamo: the block count wins over the GB
+size), DYN_KVBM_DISK_CACHE_DIR -> disk_path, and DYN_KVBM_METRICS=true with DYN_KVBM_METRICS_PORT
+(Dynamo's default 6880) -> engine_metrics_port. A size of 0 means "no such tier" to Dynamo: the
+alias is then not used. The start-up log says which alias was used, and warns where a KVBM_*
+setting or a keyword replaced one with another value. Other DYN_KVBM_* variables have no kvbm
+setting (leader/worker timeouts, NIXL, object storage): logged as ignored.
+
 Unknown names: an unknown keyword or file key is an error (it can only be a mistake), an unknown
 KVBM_* variable a logged warning naming the closest known one (an environment is shared with other
 programs and other kvbm versions, so it cannot stop a start).
@@ -35,6 +46,7 @@ uses (STYLE.md). Each precedence rule has a test in tests/unit/test_config.py.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -75,7 +87,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
-    "disk_fsize_limit": (0, MAX_BYTES),
+    "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
 }
 _SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
 _INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
@@ -155,6 +167,12 @@ class KvbmConfig:
     prefill_tokens_per_s: float = 25000.0
     disk_cold_start: bool = False          # a G3 journal of another layout/model: discarded (warning), not refused
     disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
+    # ---- engine integrations (kvbm.integrations) ----
+    engine_metrics_port: int | None = None  # the engine side's Prometheus endpoint (0: a free port; None: none);
+                                            # kvbm-workers' own is its --metrics-port
+    engine_metrics_host: str = "127.0.0.1"  # its address: another than loopback is reachable from other hosts
+    events_endpoint: str | None = None      # KV events PUB socket: tcp://127.0.0.1:PORT or ipc://PATH (None: none)
+    events_replay_endpoint: str | None = None  # its replay ROUTER socket (None: no replay)
 
     def __post_init__(self) -> None:
         # Sizes given directly ("64GB", 1.5e9) are parsed here; the loader has parsed its sources'.
@@ -209,6 +227,11 @@ class KvbmConfig:
             raise ConfigError(f"salt: expected a string, got {type(self.salt).__name__}")
         if not isinstance(self.force_cpu, bool):
             raise ConfigError(f"force_cpu: expected a boolean, got {self.force_cpu!r}")
+        _check_host(self.engine_metrics_host)
+        for key in ("events_endpoint", "events_replay_endpoint"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not re.fullmatch(r"(tcp|ipc|inproc)://.+", value)):
+                raise ConfigError(f"{key}: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, got {value!r}")
         if not isinstance(self.instance_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.instance_id):
             raise ConfigError(f"instance_id: 1-40 letters, digits, '_' or '-', got {self.instance_id!r}")
 
@@ -224,17 +247,23 @@ class KvbmConfig:
         path = config_file or env.get("KVBM_CONFIG")
         if path:
             sources.append(_parse_source(_read_file(path), f"config file {path}"))
+        dynamo = _from_dynamo_env(env)
+        sources.append(dynamo)
         sources.append(_from_env(env))
         sources.append(_parse_source({k: v for k, v in overrides.items() if v is not None}, KEYWORDS))
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        winner: dict[str, _Source] = {}
         for source in sources:
             for key, value in source.values.items():
                 for member in _SIZE_GROUPS.get(key, ()):   # the tier's size, in whichever unit
                     values.pop(member, None)
                     origin.pop(member, None)
+                    winner.pop(member, None)
                 values[key] = value
                 origin[key] = f"{source.spelled[key]} in {source.where}"
+                winner[key] = source
+        _log_aliases(dynamo, values, origin, winner)
         try:
             return cls(**values)
         except ConfigError as err:
@@ -346,8 +375,19 @@ _ENV_KEYS = {
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",
     "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",
+    "KVBM_ENGINE_METRICS_PORT": "engine_metrics_port", "KVBM_ENGINE_METRICS_HOST": "engine_metrics_host",
+    "KVBM_EVENTS_ENDPOINT": "events_endpoint", "KVBM_EVENTS_REPLAY_ENDPOINT": "events_replay_endpoint",
 }
 # KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
+# Dynamo KVBM's variables read as aliases (see the module docstring).
+_DYN_KEYS = {
+    "DYN_KVBM_CPU_CACHE_GB": "host_size", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "host_blocks",
+    "DYN_KVBM_DISK_CACHE_GB": "disk_size", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "disk_blocks",
+    "DYN_KVBM_DISK_CACHE_DIR": "disk_path", "DYN_KVBM_METRICS_PORT": "engine_metrics_port",
+}
+DYN_VARS = tuple(_DYN_KEYS) + ("DYN_KVBM_METRICS",)
+DYNAMO_METRICS_PORT = 6880     # Dynamo's DYN_KVBM_METRICS_PORT default
+DYNAMO = "the environment (Dynamo KVBM aliases)"
 _OTHER_VARS = ("KVBM_CONFIG", "KVBM_NO_CUDA", "KVBM_DEBUG", "KVBM_CUDA_ARCHS", "KVBM_TRACE")
 ENV_VARS = tuple(_ENV_KEYS) + _OTHER_VARS   # every KVBM_* variable kvbm knows
 
@@ -367,6 +407,68 @@ def _from_env(env: Mapping[str, str]) -> _Source:
             else value
         spelled[key] = var
     return _parse_source(raw, "the environment", spelled)
+
+
+def _from_dynamo_env(env: Mapping[str, str]) -> _Source:
+    """DYN_KVBM_* aliases as Dynamo reads them: a block count wins over a GB size, 0 GB is no tier,
+    metrics only with DYN_KVBM_METRICS=true."""
+    raw: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    given = {var: env[var].strip() for var in DYN_VARS if env.get(var, "").strip() != ""}
+    for tier, gb_var, blocks_var in (("host", "DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"),
+                                     ("disk", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS")):
+        gb, blocks = given.get(gb_var), given.get(blocks_var)
+        if blocks is not None:
+            if gb is not None:
+                logger.info("%s=%s and %s=%s: the block count is used, as in Dynamo", blocks_var, blocks, gb_var, gb)
+            if blocks not in ("0", "+0"):
+                raw[f"{tier}_blocks"], spelled[f"{tier}_blocks"] = blocks, blocks_var
+        elif gb is not None:
+            if _SIZE.match(gb) and not gb[-1].isdigit():
+                raise ConfigError(f"{gb_var}: expected a number of GB (10**9 bytes) like 4 or 1.5, got {gb!r} "
+                                  f"(from {DYNAMO})")
+            if _SIZE.match(gb) and float(gb) == 0:
+                logger.info("%s=%s: no %s tier (Dynamo's meaning of 0)", gb_var, gb, tier)
+            else:
+                raw[f"{tier}_size"], spelled[f"{tier}_size"] = f"{gb}GB", gb_var
+    if "DYN_KVBM_DISK_CACHE_DIR" in given:
+        raw["disk_path"], spelled["disk_path"] = given["DYN_KVBM_DISK_CACHE_DIR"], "DYN_KVBM_DISK_CACHE_DIR"
+    metrics = given.get("DYN_KVBM_METRICS")
+    if metrics is not None and _parse_bool(metrics, "DYN_KVBM_METRICS"):
+        port = given.get("DYN_KVBM_METRICS_PORT")
+        raw["engine_metrics_port"] = port if port is not None else DYNAMO_METRICS_PORT
+        spelled["engine_metrics_port"] = "DYN_KVBM_METRICS_PORT" if port is not None else "DYN_KVBM_METRICS"
+    elif "DYN_KVBM_METRICS_PORT" in given:
+        logger.info("DYN_KVBM_METRICS_PORT ignored: Dynamo serves metrics only with DYN_KVBM_METRICS=true")
+    ignored = sorted(v for v in env if v.startswith("DYN_KVBM_") and v not in DYN_VARS)
+    if ignored:
+        logger.info("Dynamo KVBM variables with no kvbm setting, ignored: %s", ", ".join(ignored))
+    return _parse_source(raw, DYNAMO, spelled)
+
+
+def _log_aliases(dynamo: _Source, values: Mapping[str, Any], origin: Mapping[str, str],
+                 winner: Mapping[str, _Source]) -> None:
+    """Says which Dynamo alias was used, and warns where a higher source replaced one with another
+    value (a tier size in blocks against one in bytes counts as another value)."""
+    for key, value in dynamo.values.items():
+        var = dynamo.spelled[key]
+        if winner.get(key) is dynamo:
+            logger.info("%s: %s from Dynamo KVBM's %s", key, value, var)
+            continue
+        kept = next((k for k in _SIZE_GROUPS.get(key, (key,)) if k in values), key)
+        if kept == key and values.get(key) == value:
+            logger.info("%s: Dynamo KVBM's %s and %s agree (%s)", key, var, origin[key], value)
+        else:
+            logger.warning("%s: %s from Dynamo KVBM's %s is replaced by %s %s from %s (a KVBM_* setting or a "
+                           "keyword argument wins over a Dynamo alias)", key, value, var, kept, values.get(kept),
+                           origin.get(kept))
+
+
+def _check_host(host: Any) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"engine_metrics_host: expected an IP address like 127.0.0.1, got {host!r}") from err
 
 
 def _warn_unknown_env(env: Mapping[str, str]) -> None:

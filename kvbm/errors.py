@@ -75,3 +75,8 @@ class DiskSpaceError(DiskError):
 class JournalMismatchError(DiskError):
     """A G3 journal was written for another store geometry, layout or model: its blocks are not this
     engine's. Starting cold (discarding them) is the caller's explicit choice."""
+
+
+class EventDecodeError(ProtocolError):
+    """A KV event payload (vLLM's KVEventBatch shape) is not valid msgpack or not an event batch:
+    the message names the field, its position and what was found."""

@@ -10,13 +10,33 @@ Parts:
                      unwritten, load-or-recompute decisions, the read rate and prefill rate they use
   SupervisorMetrics  kvbm-workers: worker up/generation/restarts per path, G2 bytes, pre-fault and
                      pinning seconds, bytes moved per path (from the workers' stats)
+  EngineMetrics      engine side, what the engine's connector sees: lookups and hits per tier,
+                     matched tokens, blocks and bytes offloaded/onboarded per path, evictions per
+                     tier, load failures, transfer latency per path; plus Dynamo KVBM's series under
+                     Dynamo's exact names (DYNAMO_NAMES), so its dashboards keep working
   render / serve     text exposition of a registry; an HTTP endpoint on 127.0.0.1 when asked
+  serve_engine       the engine's endpoint: any port (0: a free one), loopback unless told, closable
+
+Dynamo KVBM's series (lib/llm/src/block_manager/metrics_kvbm.rs, names in dynamo_runtime's
+prometheus_names.rs) are Rust `IntCounter`s exposed without a `_total` suffix, which
+prometheus_client adds to every counter; EngineMetrics writes them through a collector of its own
+as untyped samples under exactly Dynamo's names. Dynamo's "h2d" in offload_blocks_h2d is host to
+disk and its "d2d" in onboard_blocks_d2d is disk to device; kvbm's path labels are those of
+kvbm.wire.protocol.Path (d2h, h2d, h2disk, disk2d, disk2h).
 """
 from __future__ import annotations
 
+import ipaddress
+import logging
+import threading
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from kvbm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
@@ -111,3 +131,169 @@ def serve(registry: CollectorRegistry, port: int) -> None:
     except OSError as err:
         raise ConfigError(f"metrics port {port} on 127.0.0.1: {err.strerror or err}; pick another "
                           "--metrics-port") from err
+
+
+# kvbm.wire.protocol.Path labels (this layer cannot import wire): which way each path moves blocks.
+OFFLOAD_PATHS = ("d2h", "h2disk")
+ONBOARD_PATHS = ("h2d", "disk2d", "disk2h")
+TIERS = ("G1", "G2", "G3")
+# Dynamo KVBM's name -> the kvbm path it counts (None: a path kvbm does not have; always 0).
+DYNAMO_NAMES = {
+    "kvbm_offload_blocks_d2h": "d2h",        # device -> host
+    "kvbm_offload_blocks_h2d": "h2disk",     # host -> disk
+    "kvbm_offload_blocks_d2d": None,         # device -> disk, bypassing host: kvbm always stages in G2
+    "kvbm_onboard_blocks_h2d": "h2d",        # host -> device
+    "kvbm_onboard_blocks_d2d": "disk2d",     # disk -> device
+}
+HIT_RATE_WINDOW = 1000     # lookups in Dynamo's sliding-window hit rates
+
+
+class EngineMetrics:
+    """What the engine's connector records, once per lookup, transfer completion or eviction batch
+    (never per block). `registry`: share the TransferManager's (`kv.transfers.metrics.registry`) so
+    one endpoint serves both."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, window: int = HIT_RATE_WINDOW) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.lookup_blocks = Counter("kvbm_lookup_blocks", "Blocks asked for by prefix lookups", registry=r)
+        self.hit_blocks = Counter("kvbm_hit_blocks", "Blocks of matched prefixes, by the tier that held them",
+                                  ["tier"], registry=r)
+        self.offloaded_blocks = Counter("kvbm_offloaded_blocks", "Blocks offloaded, by path", ["path"], registry=r)
+        self.offloaded_bytes = Counter("kvbm_offloaded_bytes", "Bytes offloaded, by path", ["path"], registry=r)
+        self.onboarded_blocks = Counter("kvbm_onboarded_blocks", "Blocks onboarded, by path", ["path"], registry=r)
+        self.onboarded_bytes = Counter("kvbm_onboarded_bytes", "Bytes onboarded, by path", ["path"], registry=r)
+        self.evicted_blocks = Counter("kvbm_evicted_blocks", "Registered blocks evicted, by tier", ["tier"],
+                                      registry=r)
+        self.load_failures = Counter("kvbm_load_failures", "Blocks whose load failed (the engine recomputes "
+                                     "them), by the tier read", ["tier"], registry=r)
+        self.transfer_latency = Histogram("kvbm_transfer_latency_seconds", "Transfer job, submitted to completed "
+                                          "as the connector sees it, by path", ["path"], buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self._lock = threading.Lock()
+        self._dynamo = dict.fromkeys(DYNAMO_NAMES, 0)
+        self._matched_tokens = 0
+        self._window: deque[tuple[int, int, int]] = deque(maxlen=window)   # (queried, host hits, disk hits)
+        self._sums = [0, 0, 0]
+        r.register(_DynamoCollector(self))
+
+    def record_match(self, queried_blocks: int, matched_tokens: int, *, device: int = 0, host: int = 0,
+                     disk: int = 0) -> None:
+        """One lookup: `queried_blocks` asked for, the prefix found per tier, the tokens it covers."""
+        self.lookup_blocks.inc(queried_blocks)
+        for tier, n in (("G1", device), ("G2", host), ("G3", disk)):
+            if n:
+                self.hit_blocks.labels(tier).inc(n)
+        with self._lock:
+            self._matched_tokens += matched_tokens
+            if len(self._window) == self._window.maxlen:
+                old = self._window[0]
+                self._sums = [a - b for a, b in zip(self._sums, old)]
+            self._window.append((queried_blocks, host, disk))
+            self._sums = [self._sums[0] + queried_blocks, self._sums[1] + host, self._sums[2] + disk]
+
+    def record_transfer(self, path: str, blocks: int, nbytes: int, seconds: float | None = None) -> None:
+        """A completed transfer job on `path` (kvbm.wire.protocol.Path.label)."""
+        if path in OFFLOAD_PATHS:
+            self.offloaded_blocks.labels(path).inc(blocks)
+            self.offloaded_bytes.labels(path).inc(nbytes)
+        elif path in ONBOARD_PATHS:
+            self.onboarded_blocks.labels(path).inc(blocks)
+            self.onboarded_bytes.labels(path).inc(nbytes)
+        else:
+            raise ConfigError(f"transfer path: expected one of {OFFLOAD_PATHS + ONBOARD_PATHS}, got {path!r}")
+        if seconds is not None:
+            self.transfer_latency.labels(path).observe(seconds)
+        with self._lock:
+            for name, counted in DYNAMO_NAMES.items():
+                if counted == path:
+                    self._dynamo[name] += blocks
+
+    def record_eviction(self, tier: str, blocks: int) -> None:
+        if blocks:
+            self.evicted_blocks.labels(_tier(tier)).inc(blocks)
+
+    def record_load_failure(self, tier: str, blocks: int) -> None:
+        if blocks:
+            self.load_failures.labels(_tier(tier)).inc(blocks)
+
+    def hit_rates(self) -> tuple[float, float]:
+        """(host, disk) hit rate over the last `window` lookups; 0 before any."""
+        with self._lock:
+            queried, host, disk = self._sums
+        return (host / queried, disk / queried) if queried else (0.0, 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _tier(tier) -> str:
+    name = getattr(tier, "name", tier)   # kvbm.pools.Tier or its name
+    if name not in TIERS:
+        raise ConfigError(f"tier: expected one of {TIERS}, got {tier!r}")
+    return name
+
+
+class _DynamoCollector:
+    """Dynamo KVBM's series under its exact names (see the module docstring)."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        with m._lock:
+            values = dict(m._dynamo)
+            values["kvbm_matched_tokens"] = m._matched_tokens
+        for name, value in values.items():
+            path = DYNAMO_NAMES.get(name)
+            help_ = "The number of matched tokens" if name == "kvbm_matched_tokens" else \
+                f"Blocks moved on kvbm path {path} (Dynamo KVBM's name)" if path else \
+                "Device to disk bypassing host: kvbm has no such path (always 0)"
+            metric = Metric(name, help_, "unknown")
+            metric.add_sample(name, {}, float(value))
+            yield metric
+        host, disk = m.hit_rates()
+        yield GaugeMetricFamily("kvbm_host_cache_hit_rate", "Host cache hit rate (0.0-1.0) over the last "
+                                f"{m._window.maxlen} lookups", value=host)
+        yield GaugeMetricFamily("kvbm_disk_cache_hit_rate", "Disk cache hit rate (0.0-1.0) over the last "
+                                f"{m._window.maxlen} lookups", value=disk)
+
+    def describe(self):
+        return list(self.collect())
+
+
+class MetricsServer:
+    """A running metrics endpoint: `url`, `port` (the bound one), `close()`."""
+
+    def __init__(self, server, thread, host: str) -> None:
+        self._server, self._thread = server, thread
+        self.host = host
+        self.port = server.server_port
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def serve_engine(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serves the registry at http://host:port/metrics from a thread of this process (port 0: a
+    free one). A host other than loopback is logged (Dynamo's endpoint listens on every address;
+    kvbm's only when told). An unbindable port or host is a ConfigError naming it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise ConfigError(f"engine metrics port: expected 0..65535, got {port!r}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError as err:
+        raise ConfigError(f"engine metrics host: expected an IP address, got {host!r}") from err
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise ConfigError(f"engine metrics port {port} on {host}: {err.strerror or err}; pick another "
+                          "engine_metrics_port") from err
+    served = MetricsServer(server, thread, host)
+    (logger.info if loopback else logger.warning)("engine metrics at %s%s", served.url,
+                                                  "" if loopback else " (reachable from other hosts)")
+    return served

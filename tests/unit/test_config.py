@@ -339,3 +339,84 @@ def test_bad_file_values_name_the_file(tmp_path):
 def test_zero_disk_size_means_no_disk_tier():
     cfg = KvbmConfig.load(env={"KVBM_DISK_GB": "0"})
     assert cfg.disk_size == 0 and cfg.disk_blocks_for(LAYOUT) == 0
+
+
+# ---- Dynamo KVBM drop-in variables --------------------------------------------------------------
+def test_dynamo_aliases_read_as_dynamo_means_them(caplog):
+    env = {"DYN_KVBM_CPU_CACHE_GB": "4", "DYN_KVBM_DISK_CACHE_GB": "1.5", "DYN_KVBM_DISK_CACHE_DIR": "/tmp/g3"}
+    with caplog.at_level("INFO", logger="kvbm.config"):
+        cfg = KvbmConfig.load(env=env)
+    # decimal GB, as Dynamo's leader computes gb * 1e9 / bytes_per_block
+    assert (cfg.host_size, cfg.disk_size, cfg.disk_path) == (4 * 10**9, 1_500_000_000, "/tmp/g3")
+    assert cfg.host_blocks_for(LAYOUT) == 4 * 10**9 // LAYOUT.block_stride
+    assert "host_size: 4000000000 from Dynamo KVBM's DYN_KVBM_CPU_CACHE_GB" in caplog.text
+    assert "disk_path: '/tmp/g3' from Dynamo KVBM's DYN_KVBM_DISK_CACHE_DIR" not in caplog.text   # %s, not %r
+    assert "disk_path: /tmp/g3 from Dynamo KVBM's DYN_KVBM_DISK_CACHE_DIR" in caplog.text
+
+
+def test_dynamo_block_override_wins_over_gb_and_zero_is_no_tier(caplog):
+    with caplog.at_level("INFO", logger="kvbm.config"):
+        cfg = KvbmConfig.load(env={"DYN_KVBM_CPU_CACHE_GB": "4", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "100",
+                                   "DYN_KVBM_DISK_CACHE_GB": "0"})
+    assert (cfg.host_blocks, cfg.host_size, cfg.disk_size, cfg.disk_blocks) == (100, None, None, None)
+    assert "the block count is used, as in Dynamo" in caplog.text
+    assert "DYN_KVBM_DISK_CACHE_GB=0: no disk tier" in caplog.text
+    assert KvbmConfig.load(env={"DYN_KVBM_CPU_CACHE_GB": "0"}).host_size is None
+
+
+def test_kvbm_settings_win_over_dynamo_aliases_with_a_warning(caplog):
+    env = {"DYN_KVBM_CPU_CACHE_GB": "4", "KVBM_HOST_GB": "8", "DYN_KVBM_DISK_CACHE_DIR": "/d", "KVBM_DISK_PATH": "/d"}
+    with caplog.at_level("INFO", logger="kvbm.config"):
+        cfg = KvbmConfig.load(env=env)
+    assert (cfg.host_size, cfg.disk_path) == (8 * 10**9, "/d")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["host_size: 4000000000 from Dynamo KVBM's DYN_KVBM_CPU_CACHE_GB is replaced by host_size "
+                        "8000000000 from KVBM_HOST_GB in the environment (a KVBM_* setting or a keyword argument "
+                        "wins over a Dynamo alias)"]
+    assert "disk_path: Dynamo KVBM's DYN_KVBM_DISK_CACHE_DIR and KVBM_DISK_PATH in the environment agree (/d)" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvbm.config"):   # blocks against bytes: another value; keywords win too
+        cfg = KvbmConfig.load(env={"DYN_KVBM_CPU_CACHE_GB": "4", "KVBM_HOST_BLOCKS": "7"})
+        assert cfg.host_blocks == 7 and cfg.host_size is None
+        assert KvbmConfig.load(env={"DYN_KVBM_CPU_CACHE_GB": "4"}, host_size="2GB").host_size == 2 * 10**9
+    assert len(caplog.records) == 2 and "replaced by host_blocks 7 from KVBM_HOST_BLOCKS in the environment" in \
+        caplog.records[0].getMessage()
+    assert "replaced by host_size 2000000000 from host_size in keyword arguments" in caplog.records[1].getMessage()
+
+
+def test_dynamo_metrics_variables_map_to_the_engine_metrics_port(caplog):
+    assert KvbmConfig.load(env={}).engine_metrics_port is None
+    assert KvbmConfig.load(env={"DYN_KVBM_METRICS": "true"}).engine_metrics_port == 6880
+    assert KvbmConfig.load(env={"DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": "7000"}).engine_metrics_port == 7000
+    assert KvbmConfig.load(env={"DYN_KVBM_METRICS": "1", "KVBM_ENGINE_METRICS_PORT": "0"}).engine_metrics_port == 0
+    with caplog.at_level("INFO", logger="kvbm.config"):
+        cfg = KvbmConfig.load(env={"DYN_KVBM_METRICS_PORT": "7000", "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "9"})
+    assert cfg.engine_metrics_port is None
+    assert "Dynamo serves metrics only with DYN_KVBM_METRICS=true" in caplog.text
+    assert "no kvbm setting, ignored: DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS" in caplog.text
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DYN_KVBM_CPU_CACHE_GB": "4GB"}, "DYN_KVBM_CPU_CACHE_GB: expected a number of GB"),
+    ({"DYN_KVBM_CPU_CACHE_GB": "lots"}, "host_size: .*from DYN_KVBM_CPU_CACHE_GB in the environment .Dynamo"),
+    ({"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "x"}, "host_blocks: expected an integer, got 'x' .from DYN_KVBM_"),
+    ({"DYN_KVBM_DISK_CACHE_GB": "2"}, "a disk tier needs disk_path"),
+    ({"DYN_KVBM_METRICS": "yes", "DYN_KVBM_METRICS_PORT": "70000"}, "engine_metrics_port: expected an integer in"),
+    ({"DYN_KVBM_METRICS": "maybe"}, "DYN_KVBM_METRICS: expected a boolean"),
+])
+def test_bad_dynamo_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        KvbmConfig.load(env=env)
+
+
+def test_engine_integration_settings():
+    cfg = KvbmConfig.load(env={"KVBM_ENGINE_METRICS_PORT": "9100", "KVBM_ENGINE_METRICS_HOST": "0.0.0.0",
+                               "KVBM_EVENTS_ENDPOINT": "tcp://127.0.0.1:5557",
+                               "KVBM_EVENTS_REPLAY_ENDPOINT": "ipc:///tmp/replay"})
+    assert (cfg.engine_metrics_port, cfg.engine_metrics_host) == (9100, "0.0.0.0")
+    assert (cfg.events_endpoint, cfg.events_replay_endpoint) == ("tcp://127.0.0.1:5557", "ipc:///tmp/replay")
+    with pytest.raises(ConfigError, match="engine_metrics_host: expected an IP address"):
+        KvbmConfig(engine_metrics_host="metrics.example")
+    with pytest.raises(ConfigError, match="events_endpoint: expected tcp://HOST:PORT"):
+        KvbmConfig(events_endpoint="127.0.0.1:5557")
