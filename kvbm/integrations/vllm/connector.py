@@ -13,16 +13,21 @@ Parts:
   connector_settings     the KvbmConfig of an engine: KVBM_* / DYN_KVBM_* / config file, then the
                          connector's kv_connector_extra_config (its keys are KvbmConfig fields)
 
-Loads are asynchronous (vLLM's WAITING_FOR_REMOTE_KVS): a request with a G2 hit waits until every
-rank's H2D has landed, then runs; a failed load names its device blocks (vLLM recomputes them) and
-is still reported finished, as vLLM requires. Stores run after each forward pass (wait_for_save) for
+Loads are asynchronous by default (vLLM's WAITING_FOR_REMOTE_KVS): a request with a G2 hit waits
+until every rank's H2D has landed, then runs; a failed load names its device blocks (vLLM recomputes
+them) and is still reported finished, as vLLM requires. With `"vllm_load": "layerwise"` in
+kv_connector_extra_config the request runs in the step its load starts: the H2D is submitted in
+start_load_kv and each attention layer waits in wait_for_layer_load for that layer only (kvbm's
+per-layer progress), so the copy of layer l+1 overlaps the compute of layer l; a failed layer-wise
+load names its blocks in the same step. Stores run after each forward pass (wait_for_save) for
 every block that became full; vLLM keeps a finished request's blocks until its stores are done
 (request_finished -> True, then finished_sending), and waits for the stores of a preempted request
 before reusing its blocks (handle_preemptions).
 
 Keys: vLLM's block hashes (request.block_hashes, one per hash_block_size tokens; the hash at a
-block's last sub-block names the block) folded to u64 (kvbm.hashing.fold_external_hash), salted by
-the manager. They survive a restart (and match across engines sharing kvbm) only when vLLM's hash
+block's last sub-block names the block) folded to u64 the way vLLM folds them for its own KV events
+(the low 64 bits, big-endian: `vllm_key`), so without a salt kvbm's events name blocks as vLLM's
+do; salted by the manager. They survive a restart (and match across engines sharing kvbm) only when vLLM's hash
 is reproducible: sha256 / sha256_cbor, or a fixed PYTHONHASHSEED with xxhash; the start-up log
 says so when it is not.
 """
@@ -44,7 +49,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
-from kvbm.hashing import fold_external_hash
+from kvbm.integrations.events import KvEventPublisher, PoolEventRecorder, to_vllm
 from kvbm.integrations.vllm.plan import RankReport, StepPlan
 from kvbm.integrations.vllm.scheduler_side import SchedulerSide
 from kvbm.integrations.vllm.worker_side import WorkerSide
@@ -78,6 +83,11 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
         return KvbmWorkerMetadata(self.report.merge(other.report))
 
 
+def vllm_key(block_hash: bytes) -> int:
+    """vLLM's block hash as the u64 vLLM's KV events use (maybe_convert_block_hash)."""
+    return int.from_bytes(block_hash[-8:], "big")
+
+
 def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) -> KvbmConfig:
     """The engine's KvbmConfig. kv_connector_extra_config entries that name KvbmConfig fields are
     keyword arguments (above the environment); the instance id defaults to one per vLLM engine,
@@ -105,8 +115,19 @@ def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], in
     return spec.block_size, layers, spec.page_size_bytes * len(layers)
 
 
+def _load_mode(extra: dict) -> str:
+    mode = str(extra.get("vllm_load", "async"))
+    if mode not in ("async", "layerwise"):
+        raise ConfigError(f"kv_connector_extra_config.vllm_load: 'async' or 'layerwise', got {mode!r}")
+    return mode
+
+
 class KvbmConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return _load_mode(extra_config or {}) == "layerwise"   # wait_for_layer_load runs between graph pieces
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -118,7 +139,9 @@ class KvbmConnector(KVConnectorBase_V1):
         if parallel.pipeline_parallel_size > 1:
             raise ConfigError("kvbm's vLLM connector does not support pipeline parallelism yet (tensor parallel only)")
         self.world_size = parallel.tensor_parallel_size
-        self.config = connector_settings(vllm_config, self._kv_transfer_config.kv_connector_extra_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.layerwise = _load_mode(extra) == "layerwise"
+        self.config = connector_settings(vllm_config, extra)
         self.block_tokens, self.layer_names, self.shard_block_bytes = _attention_shape(kv_cache_config)
         hash_tokens = kv_cache_config.hash_block_size or vllm_config.cache_config.block_size
         if self.block_tokens % hash_tokens:
@@ -128,11 +151,16 @@ class KvbmConnector(KVConnectorBase_V1):
         self.host_blocks = self._host_blocks()
         self._keys: dict[str, tuple[int, np.ndarray]] = {}   # req -> (hashes folded, keys)
         self._requests: dict[str, Request] = {}
+        self._local_tokens: dict[str, int] = {}     # req -> vLLM's own prefix at the last lookup
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         self._transfers = None
         self._collected = None
         self._manager = None
+        self._metrics_server = None
+        self._publisher = None
+        self.metrics = None
+        self.events = None
         if role == KVConnectorRole.SCHEDULER:
             self._start_scheduler(vllm_config)
         logger.info("kvbm connector (%s): G2 %d blocks of %d bytes x %d ranks, instance %s", role.name,
@@ -159,7 +187,19 @@ class KvbmConnector(KVConnectorBase_V1):
         meta_config = dataclasses.replace(self.config, host_blocks=self.host_blocks, host_size=None,
                                           device_blocks=0, disk_blocks=None, disk_size=None, disk_path=None)
         self._manager = KvBlockManager(meta_config)
-        self.scheduler = SchedulerSide(self._manager, self.block_tokens, self.world_size)
+        from kvbm.metrics import EngineMetrics, serve_engine
+        self.metrics = EngineMetrics()
+        self.events = PoolEventRecorder(self.block_tokens)
+        self.scheduler = SchedulerSide(self._manager, self.block_tokens, self.world_size,
+                                       self.shard_block_bytes * self.world_size, self.events, self.metrics)
+        c = self.config
+        if c.engine_metrics_port is not None:
+            self._metrics_server = serve_engine(self.metrics.registry, c.engine_metrics_port, c.engine_metrics_host)
+            logger.info("kvbm connector: engine metrics at %s", self._metrics_server.url)
+        if c.events_endpoint:
+            self._publisher = KvEventPublisher(c.events_endpoint, c.events_replay_endpoint)
+            logger.info("kvbm connector: KV events on %s (replay %s)", self._publisher.endpoint,
+                        self._publisher.replay_endpoint)
 
     def _request_keys(self, request: Request) -> np.ndarray:
         """u64 keys of the request's full blocks, folded once per hash (cached per request)."""
@@ -168,7 +208,7 @@ class KvbmConnector(KVConnectorBase_V1):
         step = self.hashes_per_block
         full = len(hashes) // step
         if full > len(keys):
-            new = [fold_external_hash(bytes(hashes[i * step + step - 1])) for i in range(len(keys), full)]
+            new = [vllm_key(hashes[i * step + step - 1]) for i in range(len(keys), full)]
             keys = np.concatenate([keys, self._manager.keys(np.asarray(new, dtype=np.uint64))])
             self._keys[request.request_id] = (full, keys)
         return keys
@@ -177,15 +217,22 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.scheduler is None or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
         tokens = self.scheduler.lookup(self._request_keys(request), num_computed_tokens, request.num_tokens)
-        return tokens, tokens > 0
+        self._local_tokens[request.request_id] = num_computed_tokens   # where the load starts
+        return tokens, tokens > 0 and not self.layerwise
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self.scheduler is None:
             return
-        device_blocks = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
-        if num_external_tokens > 0:
-            self.scheduler.allocated(request.request_id, self._request_keys(request), device_blocks,
-                                     request.num_computed_tokens, num_external_tokens)
+        local = self._local_tokens.pop(request.request_id, None)
+        if num_external_tokens <= 0:
+            return
+        if local is None:
+            logger.warning("kvbm connector: request %s was allocated %d external tokens without a lookup; "
+                           "nothing loaded", request.request_id, num_external_tokens)
+            return
+        # `blocks` is the request's whole table (its local prefix, then the blocks to load into).
+        self.scheduler.allocated(request.request_id, self._request_keys(request), blocks.get_block_ids()[0],
+                                 local, num_external_tokens, self.layerwise)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         return {CacheHitSource.HOST: num_external_tokens} if num_external_tokens else {}
@@ -229,23 +276,40 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def _forget(self, req_id: str) -> None:
         self._keys.pop(req_id, None)
+        self._local_tokens.pop(req_id, None)
         self._requests.pop(req_id, None)
 
     def take_events(self):
-        return ()
+        """G2's BlockStored / BlockRemoved since the last call, as vLLM's structs (vLLM publishes
+        them with its own; kvbm's publisher, when configured, sends them too)."""
+        if self.events is None:
+            return ()
+        events = self.events.take()
+        if not events:
+            return ()
+        if self._publisher is not None:
+            self._publisher.publish(events)
+        from vllm.distributed import kv_events
+        return to_vllm(events, kv_events)
 
     # ---- worker role ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from kvbm.transfer.shard_transfers import ShardTransfers
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        from kvbm.transfer.shard_transfers import ShardTransfers
         missing = [name for name in self.layer_names if name not in kv_caches]
         if missing:
             raise ConfigError(f"register_kv_caches: no tensor for layers {missing[:4]} of the KV cache group")
         tensors = [kv_caches[name] for name in self.layer_names]
         rank = get_tensor_model_parallel_rank() if self.world_size > 1 else 0
-        group = f"{self.config.instance_id}"
-        transfers = ShardTransfers(self.config, rank, self.world_size, group, self.host_blocks)
-        transfers.attach(tensors)
+        transfers = ShardTransfers(self.config, rank, self.world_size, self.config.instance_id, self.host_blocks)
+        try:
+            if not tensors[0].is_cuda:
+                _rehome_into_shared_memory(transfers, tensors)
+            transfers.attach(tensors)
+        except BaseException:
+            transfers.close()
+            raise
         self._transfers = transfers
         self.worker = WorkerSide(transfers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
@@ -264,13 +328,18 @@ class KvbmConnector(KVConnectorBase_V1):
             self.worker.start_loads()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return   # loads are asynchronous: a request runs only after its load has landed
+        """Layer-wise loads: this layer has landed in every block loaded this step (asynchronous
+        loads land before their request runs: nothing to wait for)."""
+        if self.worker is not None and self.layerwise:
+            self.worker.wait_layer(self._layer_index[layer_name], self.worker.flush_timeout_s)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return   # stores are submitted once per step, in wait_for_save
 
     def wait_for_save(self) -> None:
         if self.worker is not None:
+            if self.layerwise:
+                self.worker.finish_layerwise()
             self.worker.submit_stores()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -297,6 +366,24 @@ class KvbmConnector(KVConnectorBase_V1):
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+        for closable in (self._metrics_server, self._publisher):
+            if closable is not None:
+                closable.close()
+        self._metrics_server = self._publisher = None
+
+
+def _rehome_into_shared_memory(transfers, tensors: list) -> None:
+    """CPU mode: vLLM's KV tensors are private memory kvbm-workers cannot reach. Each tensor is
+    moved, in place (Tensor.set_), into a shared segment of the same shapes: vLLM's model runner
+    holds these very tensor objects, so it reads and writes the shared copy from now on."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() for t in tensors):
+        raise ConfigError("kvbm connector (CPU mode): the per-layer KV tensors must be contiguous and of one "
+                          "shape and dtype")
+    shared = transfers.shared_tensors(tuple(first.shape), first.dtype, len(tensors))
+    for tensor, home in zip(tensors, shared):
+        home.copy_(tensor)
+        tensor.set_(home)
 
 
 def _warn_unreproducible_hashes(vllm_config: VllmConfig) -> None:

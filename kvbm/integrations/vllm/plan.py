@@ -22,6 +22,7 @@ class LoadJob:
     req_id: str
     host_blocks: list[int]
     device_blocks: list[int]
+    layerwise: bool = False   # the request runs in this very step: its layers are waited for one by one
 
 
 @dataclass

@@ -22,13 +22,15 @@ mid-copy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvbm.integrations.events import PoolEventRecorder
 from kvbm.integrations.vllm.plan import LoadJob, RankReport, StepPlan, StoreJob
 from kvbm.manager import KvBlockManager
+from kvbm.metrics import EngineMetrics
 from kvbm.pools import Tier
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class _Job:
     has_parent: np.ndarray | None = None
     done: int = 0
     failed: int = 0
+    started: float = 0.0
 
 
 @dataclass
@@ -72,17 +75,17 @@ class SideStats:
 
 
 class SchedulerSide:
-    def __init__(self, manager: KvBlockManager, block_tokens: int, world_size: int = 1,
-                 on_stored: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 on_evicted: Callable[[np.ndarray], None] | None = None) -> None:
+    def __init__(self, manager: KvBlockManager, block_tokens: int, world_size: int = 1, block_bytes: int = 0,
+                 events: PoolEventRecorder | None = None, metrics: EngineMetrics | None = None) -> None:
         if Tier.G2 not in manager.pools:
             raise ValueError("the connector's scheduler side needs a G2 pool (host_blocks or host_size)")
         self.manager = manager
         self.pool = manager.pools[Tier.G2]
         self.block_tokens = block_tokens
         self.world_size = world_size
-        self.on_stored = on_stored
-        self.on_evicted = on_evicted
+        self.block_bytes = block_bytes          # one G2 block, every rank's shard
+        self.events = events                    # BlockStored / BlockRemoved of G2, taken by vLLM each step
+        self.metrics = metrics
         self.requests: dict[str, _Request] = {}
         self.jobs: dict[int, _Job] = {}
         self.storing: dict[int, int] = {}      # key -> store job moving it (not registered yet)
@@ -107,7 +110,7 @@ class SchedulerSide:
         return hit * bt
 
     def allocated(self, req_id: str, keys: np.ndarray, device_blocks: list[int], num_computed_tokens: int,
-                  num_external_tokens: int) -> None:
+                  num_external_tokens: int, layerwise: bool = False) -> None:
         """vLLM allocated `device_blocks` (the request's whole table) after lookup promised
         `num_external_tokens`: acquire the G2 blocks and plan their load. Blocks G2 lost since the
         lookup (it cannot, within one schedule() call, but a caller may interleave) are planned as
@@ -122,14 +125,17 @@ class SchedulerSide:
             host = np.asarray(self.pool.match(keys[first:first + n], acquire=True), dtype=np.int64)
         job = self._new_job(req_id, "load", host)
         got = len(host)
-        load = LoadJob(job, req_id, host.tolist(), list(device_blocks[first:first + got]))
+        load = LoadJob(job, req_id, host.tolist(), list(device_blocks[first:first + got]), layerwise)
+        self.jobs[job].started = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.record_match(len(keys), num_external_tokens, host=got)
         req.load = load
         self._plan.loads.append(load)
         self.stats.loads += 1
         self.stats.matched_tokens += num_external_tokens
         if got < n:
             lost = LoadJob(self._new_job(req_id, "lost", np.empty(0, np.int64)), req_id, [],
-                           list(device_blocks[first + got:first + n]))
+                           list(device_blocks[first + got:first + n]), layerwise)
             self._plan.failed_loads.append(lost)
             logger.warning("request %s: %d of %d G2 blocks went between lookup and allocation; vLLM recomputes them",
                            req_id, n - got, n)
@@ -192,6 +198,7 @@ class SchedulerSide:
         has_parent = todo > 0
         parents = np.where(has_parent, req.keys[np.maximum(todo - 1, 0)], 0).astype(np.uint64)
         job = self._new_job(req_id, "store", host, req.keys[todo], parents, has_parent)
+        self.jobs[job].started = time.monotonic()
         for k in req.keys[todo].tolist():
             self.storing[k] = job
         req.pending.add(job)
@@ -220,12 +227,16 @@ class SchedulerSide:
         ok = job.failed == 0
         req = self.requests.get(job.req_id)
         with self.manager.lock:
+            n = len(job.host_blocks)
             if job.kind == "load":
                 self.pool.release(job.host_blocks)
                 if ok:
-                    self.stats.loaded_blocks += len(job.host_blocks)
+                    self.stats.loaded_blocks += n
+                    self._record("h2d", n, job)
                 else:
                     self.stats.load_failures += 1
+                    if self.metrics is not None:
+                        self.metrics.record_load_failure("G2", n)
                 if req is not None and req.load is not None and req.load.job == job_id:
                     req.load = None
             elif job.kind == "store":
@@ -240,25 +251,27 @@ class SchedulerSide:
                 self.pool.complete(job.host_blocks)
                 canonical = self.pool.register(job.host_blocks, job.keys, job.parents, job.has_parent)
                 self.pool.release(canonical)               # inactive and matchable
-                self.stats.stored_blocks += len(job.host_blocks)
-        if job.kind == "store" and self.on_stored is not None:
-            self.on_stored(job.keys, job.parents)
+                self.stats.stored_blocks += n
+                self._record("d2h", n, job)
+                if self.events is not None:
+                    self.events.stored(Tier.G2, job.keys, job.parents, job.has_parent)
         if req is not None and req.finished and not req.pending and req.load is None:
             del self.requests[job.req_id]
 
     # ---- request ends ---------------------------------------------------------------------------
     def finished(self, req_id: str) -> bool:
-        """vLLM ends the request: True when its blocks must stay until its stores are done (the
+        """vLLM ends the request: True when its blocks must stay until its transfers are done (the
         ranks then report it finished_sending)."""
         req = self.requests.get(req_id)
         if req is None:
             return False
         req.finished = True
-        if req.pending:
+        if req.pending or req.load is not None:
+            # A store still reads its device blocks, or a load still writes them (an abort while
+            # it waited for its load): vLLM keeps them until the ranks report the request sent.
             self._plan.delayed_reqs.append(req_id)
             return True
-        if req.load is None:
-            del self.requests[req_id]
+        del self.requests[req_id]
         return False
 
     def sent(self, req_ids) -> None:
@@ -286,8 +299,15 @@ class SchedulerSide:
 
     def _drain_evictions(self) -> None:
         evicted = self.pool.registry.drain_evicted()
-        if len(evicted) and self.on_evicted is not None:
-            self.on_evicted(evicted)
+        if len(evicted):
+            if self.events is not None:
+                self.events.removed(Tier.G2, evicted)
+            if self.metrics is not None:
+                self.metrics.record_eviction("G2", len(evicted))
+
+    def _record(self, path: str, n: int, job: _Job) -> None:
+        if self.metrics is not None:
+            self.metrics.record_transfer(path, n, n * self.block_bytes, time.monotonic() - job.started)
 
     def pending_jobs(self) -> int:
         return len(self.jobs)

@@ -92,12 +92,24 @@ class WorkerSide:
         load is collected and reported, never raised into vLLM's forward pass)."""
         for job in self.plan.loads:
             pending = self.loads.get(job.job)
-            if pending is None or pending.future is None:
+            if not job.layerwise or pending is None or pending.future is None:
                 continue
             try:
                 pending.future.wait_layer(layer, timeout)
             except Exception:  # noqa: BLE001 - collect reports the failure with its blocks
                 pass
+
+    def finish_layerwise(self) -> None:
+        """The forward pass is over: this step's layer-wise loads have landed (their last layer was
+        waited for) or failed; wait out the rest of each (bounded) so collect reports them now, in
+        the step that used them, as vLLM requires of synchronous loads."""
+        for job in self.plan.loads:
+            pending = self.loads.get(job.job)
+            if job.layerwise and pending is not None and pending.future is not None:
+                try:
+                    pending.future.result(self.flush_timeout_s)
+                except Exception as err:  # noqa: BLE001 - collect reports it
+                    pending.error = pending.error or f"{type(err).__name__}: {err}"
 
     def collect(self) -> Collected:
         report = RankReport()
@@ -108,7 +120,8 @@ class WorkerSide:
             if ok is None:
                 continue
             del self.loads[job_id]
-            recving.add(pending.job.req_id)
+            if not pending.job.layerwise:
+                recving.add(pending.job.req_id)   # an asynchronous load: vLLM waits for this word
             if not pending.job.host_blocks and not pending.error:
                 continue          # nothing to load (a lost-only plan is reported through failed_blocks)
             if ok:
@@ -130,7 +143,7 @@ class WorkerSide:
             else:
                 report.failed[job_id] = 1
                 report.errors.append(f"store of {pending.job.req_id}: {pending.error}")
-        busy = {p.job.req_id for p in self.stores.values()}
+        busy = {p.job.req_id for p in self.stores.values()} | {p.job.req_id for p in self.loads.values()}
         sending = {r for r in self.awaiting_finish if r not in busy}
         self.awaiting_finish -= sending
         return Collected(sending, recving, failed, report)
@@ -149,7 +162,8 @@ class WorkerSide:
         return not pending.error
 
     def _bytes(self, pending: _Pending) -> int:
-        return len(pending.job.host_blocks) * getattr(self.transfers, "block_bytes", 0)
+        layout = getattr(self.transfers, "device_layout", None)
+        return len(pending.job.host_blocks) * (layout.config.block_bytes if layout is not None else 0)
 
     def busy(self) -> bool:
         return bool(self.loads or self.stores)
