@@ -43,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -343,11 +344,18 @@ class KvbmConnector(KVConnectorBase_V1):
             self.worker.submit_stores()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending or None, results.finished_recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """What ended since the last call: stores of delayed requests (finished_sending), async loads
+        (finished_recving), and among those the failed ones (failed_recving: vLLM recomputes those
+        requests from scratch; their blocks are also named by get_block_ids_with_load_errors)."""
         if self.worker is None:
-            return None, None
-        self._collected = self.worker.collect()
-        got = self._collected
-        return got.finished_sending or None, got.finished_recving or None
+            return KVConnectorTransferResults()
+        got = self._collected = self.worker.collect()
+        return KVConnectorTransferResults(finished_sending=got.finished_sending, finished_recving=got.finished_recving,
+                                          failed_recving=got.failed_recving)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         got = self._collected

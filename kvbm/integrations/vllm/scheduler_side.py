@@ -266,12 +266,14 @@ class SchedulerSide:
         if req is None:
             return False
         req.finished = True
-        if req.pending or req.load is not None:
-            # A store still reads its device blocks, or a load still writes them (an abort while
-            # it waited for its load): vLLM keeps them until the ranks report the request sent.
+        if req.pending:
+            # A store still reads its device blocks: vLLM keeps them until the ranks report the
+            # request sent. (An asynchronous load still writing them needs nothing here: vLLM
+            # frees an aborted request's blocks only once the ranks report it received.)
             self._plan.delayed_reqs.append(req_id)
             return True
-        del self.requests[req_id]
+        if req.load is None:
+            del self.requests[req_id]
         return False
 
     def sent(self, req_ids) -> None:

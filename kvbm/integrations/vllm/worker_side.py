@@ -33,7 +33,8 @@ class _Pending:
 @dataclass
 class Collected:
     finished_sending: set[str]
-    finished_recving: set[str]
+    finished_recving: set[str]     # every asynchronous load that ended, failed ones included
+    failed_recving: set[str]       # of those, the ones that failed (vLLM recomputes the request)
     failed_blocks: set[int]
     report: RankReport
 
@@ -114,6 +115,7 @@ class WorkerSide:
     def collect(self) -> Collected:
         report = RankReport()
         recving: set[str] = set()
+        failed_reqs: set[str] = set()
         failed, self.failed_blocks = self.failed_blocks, set()
         for job_id, pending in list(self.loads.items()):
             ok = self._settled(pending)
@@ -129,6 +131,8 @@ class WorkerSide:
                 report.loaded_bytes += self._bytes(pending)
             else:
                 failed.update(pending.job.device_blocks)
+                if not pending.job.layerwise:
+                    failed_reqs.add(pending.job.req_id)
                 if pending.job.host_blocks:
                     report.failed[job_id] = 1
                 report.errors.append(f"load of {pending.job.req_id}: {pending.error}")
@@ -143,10 +147,10 @@ class WorkerSide:
             else:
                 report.failed[job_id] = 1
                 report.errors.append(f"store of {pending.job.req_id}: {pending.error}")
-        busy = {p.job.req_id for p in self.stores.values()} | {p.job.req_id for p in self.loads.values()}
+        busy = {p.job.req_id for p in self.stores.values()}
         sending = {r for r in self.awaiting_finish if r not in busy}
         self.awaiting_finish -= sending
-        return Collected(sending, recving, failed, report)
+        return Collected(sending, recving, failed_reqs, failed, report)
 
     @staticmethod
     def _settled(pending: _Pending) -> bool | None:
