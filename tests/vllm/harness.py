@@ -49,6 +49,7 @@ from vllm.config import (  # noqa: E402
     DeviceConfig,
     KVTransferConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     VllmConfig,
 )
@@ -116,6 +117,7 @@ def make_vllm_config(
     max_model_len: int = 2048,
     enable_prefix_caching: bool = True,
     prefix_caching_hash_algo: str = "sha256",
+    tensor_parallel_size: int = 1,
 ) -> VllmConfig:
     """The engine's VllmConfig on CPU with the given connector (`--kv-transfer-config` as objects).
 
@@ -154,6 +156,7 @@ def make_vllm_config(
         cache_config=cache_config,
         kv_transfer_config=kv_transfer_config,
         device_config=DeviceConfig("cpu"),
+        parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
     )
 
 
