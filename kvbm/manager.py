@@ -231,7 +231,7 @@ class KvBlockManager:
         """KV buffers the workers can reach: CUDA tensors on `device`, or, in CPU mode (no CUDA,
         or force_cpu), uint8 tensors in a 0600 shared segment (the emulated device)."""
         from kvbm.layout import BlockLayout, LayoutType
-        from kvbm.shm import SharedBuffers, check_shm_room, clean_dead_device_segments
+        from kvbm.shm import SharedBuffers
         self._check_open()
         if layout is None:
             if self.config.layout is None or not self.config.device_blocks:
@@ -245,12 +245,9 @@ class KvBlockManager:
             return layout.allocate(device=device)
         if self._shared is not None:
             raise LifecycleError("CPU-mode device tensors were already created for this manager")
-        gone = clean_dead_device_segments()  # killed engines': under random instance ids nobody else would
-        if gone:
-            logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
-        check_shm_room(layout.total_bytes, f"the CPU-mode emulated device ({layout.num_blocks} blocks of "
-                                           f"{layout.config.block_bytes} bytes)")
-        self._shared = SharedBuffers.allocate(layout, self.config.instance_id)
+        self._shared = SharedBuffers.emulated_device(
+            (layout.buffer_bytes,), "uint8", layout.num_buffers(), self.config.instance_id,
+            f"the CPU-mode emulated device ({layout.num_blocks} blocks of {layout.config.block_bytes} bytes)")
         return list(self._shared.tensors)
 
     def register_device_tensors(self, tensors, layout=None, start: bool | None = None,
@@ -258,14 +255,11 @@ class KvBlockManager:
         """Connects to kvbm-workers (starting one unless start=False, when none runs) and registers
         the engine's KV tensors with every path worker."""
         from kvbm.layout import BlockLayout, LayoutType, detect_layout
-        from kvbm.shm import check_shm_room
         from kvbm.transfer.disk_offload import DiskTransfers
         from kvbm.transfer.host_offload import HostTransfers
-        from kvbm.transfer.launcher import WorkersProcess, control_endpoint, find_instance
-        from kvbm.transfer.manager import TransferManager
+        from kvbm.transfer.launcher import connect_workers
         from kvbm.transfer.memory_map import describe_memory
         from kvbm.wire import protocol as P
-        from kvbm.wire.auth import ClientKeys
         self._check_open()
         if Tier.G2 not in self.pools:
             raise ConfigError("transfers need a host tier: set host_blocks or host_size")
@@ -280,34 +274,10 @@ class KvBlockManager:
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
         memory = describe_memory(tensors, layout, self._shared)
         if self._transfers is None:
-            # A live instance (one that is starting is waited for); a dead one's leftovers are
-            # removed by the supervisor started here when it takes the instance lock.
-            endpoint = control_endpoint(self.config, timeout)
-            if endpoint is None:
-                if start is False:
-                    raise LifecycleError(f"no kvbm-workers runs for instance {self.config.instance_id} "
-                                    f"({self.config.resolved_runtime_dir()})")
-                check_shm_room(host_layout.total_bytes, f"G2 ({host_layout.num_blocks} blocks of "
-                                                        f"{layout.config.block_bytes} bytes)")
-                self._workers = WorkersProcess(self.config, host_layout.total_bytes)
-                endpoint = self._workers.start(timeout)
-                supervisor_pid = self._workers.pid
-            else:
-                supervisor_pid = find_instance(self.config).pid or None  # the lock file's, not the welcome's word
-            keys = ClientKeys.read(self.config.resolved_runtime_dir())
-            if keys is None:
-                self._stop_workers()
-                raise LifecycleError(f"kvbm-workers at {endpoint} left no client keys in "
-                                     f"{self.config.resolved_runtime_dir()}; it serves only peers that have them")
-            tm = TransferManager(endpoint, max_inflight_bytes=self.config.max_inflight_bytes,
-                                 max_batch_blocks=self.config.max_batch_blocks,
-                                 request_timeout_s=self.config.request_timeout_ms / 1000.0,
-                                 stats_fn=self._pool_report, supervisor_pid=supervisor_pid, keys=keys)
-            try:
-                tm.connect(timeout)
-            except BaseException:
-                self._stop_workers()
-                raise
+            tm, self._workers = connect_workers(
+                self.config, host_layout.total_bytes,
+                f"G2 ({host_layout.num_blocks} blocks of {layout.config.block_bytes} bytes)",
+                start=start is not False, timeout=timeout, stats_fn=self._pool_report)
             self._transfers = tm
             self._host = HostTransfers(tm, host_pool, self._lock)
         disk = self._disk_store(layout)

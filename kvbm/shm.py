@@ -15,7 +15,11 @@ Parts:
   clean_dead_device_segments
                         removes every instance's device segments of dead engines (pid in the name
                         dead and the segment's flock free), only this user's
-  SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map
+  SharedBuffers         CPU-mode engine tensors placed in a segment the workers can map: a layout's
+                        uint8 buffers (`allocate`), or tensors of the shape and dtype the engine
+                        allocates itself, e.g. vLLM's per-layer [2, num_blocks, block_size, heads,
+                        head_dim] (`allocate_like`); `emulated_device` first removes dead engines'
+                        segments and checks /dev/shm has room
   check_shm_room        before a large segment is made: refuses one /dev/shm has no room for, and
                         warns when one takes more than half of what is free (the numbers in both)
 
@@ -510,16 +514,34 @@ class SharedBuffers:
 
     @classmethod
     def allocate(cls, layout: BlockLayout, instance_id: str) -> SharedBuffers:
-        nbuf = layout.num_buffers()
-        size = layout.buffer_bytes
-        stride = (size + 4095) // 4096 * 4096
+        """One uint8 tensor per layout buffer."""
+        return cls.allocate_like((layout.buffer_bytes,), "uint8", layout.num_buffers(), instance_id)
+
+    @classmethod
+    def allocate_like(cls, shape: tuple[int, ...], dtype, count: int, instance_id: str) -> SharedBuffers:
+        """`count` contiguous tensors of `shape` and `dtype` (a torch dtype or its name), each
+        starting on a page boundary of one segment."""
+        torch_dtype, size = _tensor_bytes(shape, dtype)
+        if count < 1:
+            raise ConfigError(f"shared tensors: count {count}, expected >= 1")
+        stride = (size + PAGE - 1) // PAGE * PAGE
         seq = next(_segment_seq)
-        seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * nbuf)
+        seg = Segment.create(segment_name(instance_id, f"dev-{os.getpid()}-{seq}"), stride * count)
         seg.hold()  # until this process dies or closes it: sweeps leave it alone meanwhile
         whole = seg.tensor()
-        offsets = [i * stride for i in range(nbuf)]
-        tensors = [whole[o:o + size] for o in offsets]
+        offsets = [i * stride for i in range(count)]
+        tensors = [whole[o:o + size].view(torch_dtype).view(tuple(int(d) for d in shape)) for o in offsets]
         return cls(seg, tensors, offsets)
+
+    @classmethod
+    def emulated_device(cls, shape: tuple[int, ...], dtype, count: int, instance_id: str, what: str) -> SharedBuffers:
+        """allocate_like for an engine's CPU-mode KV cache: the segments of dead engines (under
+        random instance ids nobody else would) are removed first, and /dev/shm must have room."""
+        gone = clean_dead_device_segments()
+        if gone:
+            logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
+        check_shm_room(count * _tensor_bytes(shape, dtype)[1], what)
+        return cls.allocate_like(shape, dtype, count, instance_id)
 
     def close(self) -> None:
         self.tensors = []
@@ -528,3 +550,16 @@ class SharedBuffers:
 
 
 _segment_seq = itertools.count(1)  # per-process sequence of device segment names
+
+
+def _tensor_bytes(shape: tuple[int, ...], dtype) -> tuple[torch.dtype, int]:
+    """(torch dtype, bytes) of a tensor of `shape` and `dtype` (a torch dtype or its name)."""
+    import torch
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype) or not shape or any(int(d) < 1 for d in shape):
+        raise ConfigError(f"shared tensors need a torch dtype and a shape of positive sizes; got {dtype!r}, "
+                          f"{tuple(shape)}")
+    size = torch_dtype.itemsize
+    for dim in shape:
+        size *= int(dim)
+    return torch_dtype, size

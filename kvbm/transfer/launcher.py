@@ -8,10 +8,14 @@ Parts:
                     its endpoints.json written), starting (lock held, no endpoints yet), dead (the
                     lock's holder is gone: a killed supervisor's leftovers), or absent
   control_endpoint  where a running instance listens (its endpoints.json); None when none runs
+  connect_workers   what an engine (KvBlockManager) or a TP rank (ShardTransfers) does to reach its
+                    instance: find it or start it (or wait for another process to start it), read
+                    its client keys, connect a TransferManager
 
 Order: the manager asks control_endpoint() first; only when no live instance owns its instance_id
 does it start a WorkersProcess (whose supervisor removes a dead owner's leftovers when it takes the
-lock) and wait for the endpoints.json written by that child.
+lock) and wait for the endpoints.json written by that child. A TP rank other than 0 starts nothing:
+it waits for rank 0's instance to run.
 
 Settings: the child runs on the engine's resolved settings alone. They travel as flags (the G2 size
 in bytes, as the engine sized it; the disk tier in the unit it was given) and as the three KVBM_*
@@ -30,8 +34,10 @@ import time
 from dataclasses import dataclass
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import KvbmError, KvbmTimeoutError
-from kvbm.shm import RuntimeDir
+from kvbm.errors import KvbmError, KvbmTimeoutError, LifecycleError
+from kvbm.shm import RuntimeDir, check_shm_room
+from kvbm.transfer.manager import TransferManager
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,61 @@ def control_endpoint(config: KvbmConfig, timeout: float = 0.0) -> str | None:
         if found.state == "absent" or time.monotonic() >= deadline:
             return None
         time.sleep(0.02)
+
+
+def await_instance(config: KvbmConfig, timeout: float) -> str:
+    """The control endpoint of the instance another process starts (TP rank 0 for the other
+    ranks), waiting up to `timeout` while none runs yet; LifecycleError naming the instance past it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find_instance(config)
+        if found.state == "running":
+            return found.endpoints.control
+        if time.monotonic() >= deadline:
+            raise LifecycleError(f"no kvbm-workers came up for instance {config.instance_id} within {timeout} s "
+                                 f"({config.resolved_runtime_dir()}: {found.state}); rank 0 starts it")
+        time.sleep(0.05)
+
+
+def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bool = True, wait: bool = False,
+                    timeout: float = 60.0, engine_id: str | None = None,
+                    stats_fn=None) -> tuple[TransferManager, WorkersProcess | None]:
+    """A TransferManager connected to the instance of `config`, and the WorkersProcess started for
+    it (None when one ran already). With `start`, an instance that does not run is started with a
+    G2 of `host_bytes` (`what` names it in a /dev/shm shortage); with `wait`, it is waited for
+    (another process starts it); with neither, LifecycleError. The caller stops the process."""
+    workers = None
+    if wait:
+        endpoint = await_instance(config, timeout)
+    else:
+        # A live instance (one that is starting is waited for); a dead one's leftovers are removed
+        # by the supervisor started here when it takes the instance lock.
+        endpoint = control_endpoint(config, timeout)
+    if endpoint is None:
+        if not start:
+            raise LifecycleError(f"no kvbm-workers runs for instance {config.instance_id} "
+                                 f"({config.resolved_runtime_dir()})")
+        check_shm_room(host_bytes, what)
+        workers = WorkersProcess(config, host_bytes)
+        endpoint = workers.start(timeout)
+        supervisor_pid = workers.pid
+    else:
+        supervisor_pid = find_instance(config).pid or None  # the lock file's, not the welcome's word
+    try:
+        keys = ClientKeys.read(config.resolved_runtime_dir())
+        if keys is None:
+            raise LifecycleError(f"kvbm-workers at {endpoint} left no client keys in "
+                                 f"{config.resolved_runtime_dir()}; it serves only peers that have them")
+        tm = TransferManager(endpoint, engine_id=engine_id, max_inflight_bytes=config.max_inflight_bytes,
+                             max_batch_blocks=config.max_batch_blocks,
+                             request_timeout_s=config.request_timeout_ms / 1000.0,
+                             stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys)
+        tm.connect(timeout)
+    except BaseException:
+        if workers is not None:
+            workers.stop()
+        raise
+    return tm, workers
 
 
 class WorkersProcess:

@@ -173,9 +173,11 @@ class TransferManager:
         return bool(self.welcome and self.welcome.get("cuda"))
 
     def register(self, device_layout, host_layout, memory: dict, timeout: float = 30.0,
-                 disk: dict | None = None) -> None:
+                 disk: dict | None = None, *, group: str = "", host_offset: int = 0) -> None:
         """Hands every path worker the layouts and the device memory; waits for all of them.
-        `disk`: the G3 store the disk worker opens ({blocks, fingerprint, model, cold})."""
+        `disk`: the G3 store the disk worker opens ({blocks, fingerprint, model, cold}).
+        `group`: the engine this is a TP rank of (its ranks share the workers); `host_offset`: the
+        byte of the G2 segment where this registration's host layout starts."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         if self._dead:
@@ -192,6 +194,8 @@ class TransferManager:
                               "memory": memory}
         if disk is not None:
             self._register_msg["disk"] = dict(disk)
+        if group or host_offset:
+            self._register_msg.update(group=group, host_offset=int(host_offset))
         for q in self._paths.values():
             q.link.reset()
         with self._lock:

@@ -14,6 +14,9 @@ conversation:
   1. engine -> supervisor control socket   {t: hello}            -> {t: welcome, workers, host, ...}
   2. engine -> each path worker            {t: register, ...}    -> {t: registered, gen, ...}
      (and {t: unregister} at close; a worker also drops the registration of an engine pid that died)
+     The TP ranks of one engine register one by one, each with {group: the engine's name,
+     host_offset: where its region of G2 starts}; one engine's ranks may share the workers, their
+     G2 ranges disjoint.
   3. engine -> path worker                 {t: xfer, id, gen, src, dst, ...}
                                            -> {t: layer, id, layer}* (layers=True: every layer <= layer
                                               has landed; landed layers are reported together)
@@ -330,10 +333,23 @@ def make_event(kind: str, path: Path | None, gen: int, **extra: Any) -> dict:
     return msg
 
 
+def register_placement(msg: dict) -> tuple[str, int]:
+    """(group, host_offset) of a register request: the engine a TP rank belongs to ("" when the
+    registration is an engine of its own), and the byte in the G2 segment where its host layout
+    starts (0 by default)."""
+    group = msg.get("group", "")
+    if not isinstance(group, str) or len(group) > MAX_ENGINE_ID:
+        raise ProtocolError(f"group: expected a string of <= {MAX_ENGINE_ID} chars, got "
+                            f"{type(group).__name__} {group!r:.80}")
+    return group, _int(msg, "host_offset", 0, 2**48, 0)
+
+
 def validate_register(msg: dict) -> tuple[dict, dict, dict]:
-    """(device layout map, host layout map, device memory map) of a register request."""
+    """(device layout map, host layout map, device memory map) of a register request; its
+    placement fields (group, host_offset) are checked too and read with register_placement."""
     _str(msg, "engine")
     _int(msg, "pid", 0, 2**31, 0)
+    register_placement(msg)
     device = _map(msg, "device")
     host = _map(msg, "host")
     for _, lay in (("device", device), ("host", host)):

@@ -17,7 +17,9 @@ Order of things:
      count, layout fingerprint and model id: the journal is replayed (a warm restart), a journal
      of another layout or model refuses the registration with JournalMismatchError's text unless
      `cold`. Then the GDS probe (gds auto/on, CUDA mode only) and the size limit. Another
-     registration of the same store keeps it open; one of another store reopens it
+     registration of the same store keeps it open; one of another store reopens it. The TP ranks
+     of one engine (one `group`) are refused past the first: the disk tier with tensor
+     parallelism is not built yet
   3. {t: entries}: the blocks the store holds (sequence hash, slot, checksum), and those of the
      other instances in the directory whose journal changed since the engine last saw it (peer
      journals are re-read when asked: the engine asks at registration and then every few seconds)
@@ -56,7 +58,7 @@ from kvbm.errors import (
     LayoutError,
     ProtocolError,
 )
-from kvbm.layout import BlockLayout, LayoutType
+from kvbm.layout import BlockLayout
 from kvbm.wire import protocol as P
 from kvbm.workers.path_worker import PathWorker, build_parser
 from kvbm.workers.path_worker import main as worker_main
@@ -84,6 +86,8 @@ class DiskRegistration:
     host: BlockLayout
     ident: bytes        # routing id of the connection that registered: only it may use this
     memory: _NoMemory = field(default_factory=_NoMemory)
+    group: str = ""     # the engine this registration is a rank of (one rank at most here, see below)
+    host_offset: int = 0  # byte of the G2 segment where its host layout starts
 
 
 @dataclass
@@ -124,24 +128,35 @@ class DiskWorker(PathWorker):
 
     def _register(self, ident: bytes, msg: dict) -> None:
         _, host_map, _ = P.validate_register(msg)
-        host = P.layout_from_wire(host_map)
-        if host.layout_type is not LayoutType.FULLY_CONTIGUOUS:
-            raise ProtocolError("the host layout must be FULLY_CONTIGUOUS")
-        if host.total_bytes > self.host_segment.size:
-            raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
-                                f"the G2 segment holds {self.host_segment.size}")
+        host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
-        self._refuse_second_engine(engine)
+        self._refuse_second_engine(engine, group, host_offset, host)
+        self._refuse_ranks(engine, group, host_offset)
         self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
         disk = msg.get("disk")
         if disk is not None:
             self._open_store(host, disk)
-        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident)
+        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident, group=group,
+                                                host_offset=host_offset)
         logger.info("disk worker gen %d: engine %s registered (%d host blocks, store %s)", self.gen, engine,
                     host.num_blocks, "open" if self.store is not None else "not open")
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
                             "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda,
                             "disk": self._disk_info()})
+
+    def _refuse_ranks(self, engine: str, group: str, host_offset: int) -> None:
+        """One store holds one block per sequence hash, and a TP rank's block is only its shard: the
+        store of a TP engine needs every rank's shard under one hash (not built). A group with one
+        rank is an engine as before; a second rank, or a rank past the first (its G2 range starts
+        past byte 0), is refused."""
+        if not group:
+            return
+        ranks = sorted(other for other, reg in self.engines.items() if reg.group == group and other != engine)
+        if ranks or host_offset:
+            raise ProtocolError(f"the disk tier with tensor parallelism is not supported yet: {engine!r:.80} is a "
+                                f"rank of group {group!r:.80} (G2 byte {host_offset}, {len(ranks)} other rank(s) "
+                                f"registered: {', '.join(ranks)[:200]}); run the disk tier with one rank, or "
+                                f"without a disk tier")
 
     def _open_store(self, host: BlockLayout, disk: dict) -> None:
         from kvbm.workers.disk import DiskStore
@@ -294,9 +309,9 @@ class DiskWorker(PathWorker):
         try:
             if self.delay_s:
                 time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
-            addrs = self.host_segment.address + src.astype(np.uint64) * np.uint64(reg.host.block_stride) \
-                if path == int(P.Path.H2DISK) else \
-                self.host_segment.address + dst.astype(np.uint64) * np.uint64(reg.host.block_stride)
+            host_blocks = src if path == int(P.Path.H2DISK) else dst
+            addrs = self.host_segment.address + reg.host_offset + \
+                host_blocks.astype(np.uint64) * np.uint64(reg.host.block_stride)
             if path == int(P.Path.H2DISK):
                 reply = self._write(rid, addrs, dst, extra["hashes"])
             else:

@@ -9,7 +9,8 @@ Order of things:
      its endpoint as a CURVE server (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
-     layouts (one live engine per instance: each maps its host layout over all of G2); XFER
+     layouts (one live engine per instance: its host layout starts at host_offset of G2; the TP
+     ranks of one engine register under one `group`, each over its own disjoint G2 range); XFER
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
@@ -54,6 +55,8 @@ class Registration:
     memory: DeviceMemory
     copier: Copier
     ident: bytes        # routing id of the connection that registered: only it may use this
+    group: str = ""     # the engine this registration is a TP rank of ("": an engine of its own)
+    host_offset: int = 0  # byte of the G2 segment where its host layout starts
 
 
 @dataclass
@@ -270,14 +273,9 @@ class PathWorker:
     def _register(self, ident: bytes, msg: dict) -> None:
         device_map, host_map, memory = P.validate_register(msg)
         device = P.layout_from_wire(device_map)
-        host = P.layout_from_wire(host_map)
-        if host.layout_type is not LayoutType.FULLY_CONTIGUOUS:
-            raise ProtocolError("the host layout must be FULLY_CONTIGUOUS")
-        if host.total_bytes > self.host_segment.size:
-            raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes; "
-                                f"the G2 segment holds {self.host_segment.size}")
+        host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
-        self._refuse_second_engine(engine)
+        self._refuse_second_engine(engine, group, host_offset, host)
         self._check_owner(ident, self.engines.get(engine), "register")
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
@@ -285,7 +283,7 @@ class PathWorker:
             old.memory.close()
         mem = DeviceMemory(memory, device, self.cuda)
         try:
-            host_ptrs = [self.host_segment.address]
+            host_ptrs = [self.host_segment.address + host_offset]
             if self.path is P.Path.D2H:
                 copier = Copier(device, mem.ptrs, host, host_ptrs, self.cuda, self.threads, memory.get("device", 0))
             else:
@@ -293,24 +291,48 @@ class PathWorker:
         except BaseException:
             mem.close()
             raise
-        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident)
-        logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks, %s)",
-                    self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, mem.kind)
+        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident,
+                                            group, host_offset)
+        logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s)",
+                    self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind)
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
                             "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda})
 
-    def _refuse_second_engine(self, engine: str) -> None:
-        """Every engine maps its host layout over the whole G2 segment and its registry manages all
-        of it, so two engines on one instance would overwrite each other's blocks. Until a shared
-        registry exists, one live engine per instance: a dead one (pid gone) or one that
-        unregistered frees the slot; the same engine registering again (worker restart) is fine."""
+    def _host_placement(self, msg: dict, host_map: dict) -> tuple[BlockLayout, str, int]:
+        """(host layout, group, host_offset) of a register request, the layout checked to fit in
+        G2 from host_offset on."""
+        host = P.layout_from_wire(host_map)
+        if host.layout_type is not LayoutType.FULLY_CONTIGUOUS:
+            raise ProtocolError("the host layout must be FULLY_CONTIGUOUS")
+        group, host_offset = P.register_placement(msg)
+        if host_offset + host.total_bytes > self.host_segment.size:
+            raise ProtocolError(f"host layout of {host.num_blocks} blocks needs {host.total_bytes} bytes from G2 "
+                                f"byte {host_offset} (to {host_offset + host.total_bytes}); the G2 segment holds "
+                                f"{self.host_segment.size}")
+        return host, group, host_offset
+
+    def _refuse_second_engine(self, engine: str, group: str, host_offset: int, host: BlockLayout) -> None:
+        """An engine's registry manages every G2 block its host layout covers, so two engines on one
+        instance would overwrite each other's blocks. Until a shared registry exists, one live
+        engine per instance: a dead one (pid gone) or one that unregistered frees the slot; the same
+        engine registering again (worker restart) is fine. The TP ranks of one engine (registrations
+        sharing one non-empty `group`) are one engine: they coexist, each over its own G2 range, and
+        ranges that overlap are refused."""
         self._drop_dead_engines()
         for other, reg in self.engines.items():
-            if other != engine:
+            if other == engine:
+                continue
+            if not group or reg.group != group:
                 raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is already attached to this kvbm "
                                     f"instance (G2 segment {self.host_segment.name}); a second engine would "
                                     f"overwrite its host blocks. Close it first, or give this engine its own "
                                     f"instance_id")
+            lo, hi = host_offset, host_offset + host.total_bytes
+            other_lo, other_hi = reg.host_offset, reg.host_offset + reg.host.total_bytes
+            if lo < other_hi and other_lo < hi:
+                raise ProtocolError(f"{engine!r:.80} of group {group!r:.80} asks for G2 bytes [{lo}, {hi}), which "
+                                    f"overlap [{other_lo}, {other_hi}) of {other!r:.80}: the ranks of one engine "
+                                    f"need disjoint host ranges")
 
     def _check_owner(self, ident: bytes, reg: Registration | None, action: str) -> None:
         """A registration is used, replaced or dropped only by the connection that made it (a

@@ -1,0 +1,188 @@
+"""ShardTransfers: the transfer runtime of one tensor-parallel rank (runs in that rank's worker process).
+
+vLLM's KV connector has a worker-role object per TP rank, each owning that rank's shard of the KV
+cache (its heads). The block metadata lives elsewhere (the scheduler side's KvBlockManager, which
+chooses G2 host block ids and device block ids); this moves the bytes of this rank's shard between
+them, with raw block ids and no registry.
+
+G2 with TP ranks: one G2 segment of `world_size` regions, one per rank, each `host_blocks` blocks of
+this rank's shard: rank r's FULLY_CONTIGUOUS host layout starts at byte r * host_blocks * (shard
+block stride). Host block id h names block h of every rank's region, so the scheduler's one registry
+manages every rank's shard of a block at once.
+
+Order:
+  1. ShardTransfers(config, rank, world_size, group, host_blocks): `group` names the engine (its
+     ranks register as "<group>/r<rank>" under that group, and the workers let them coexist)
+  2. CPU engines and tests: shared_tensors(shape, dtype, count) places the KV tensors in a shared
+     segment the workers can map (CUDA tensors need nothing: they go as CUDA IPC handles)
+  3. attach(tensors): the layout is detected (vLLM's per-layer [2, num_blocks, block_size, heads,
+     head_dim] list, or one cross-layer tensor); rank 0 finds the instance's kvbm-workers or starts
+     one with a G2 of world_size regions, the other ranks wait for it; then a TransferManager
+     connects and registers the tensors at the rank's host offset
+  4. store(device_blocks, host_blocks) -> D2H future; load(host_blocks, device_blocks) -> H2D future
+     with per-layer progress (future.wait_layer(l)); bad block ids raise LayoutError and submit nothing
+  5. close(): unregisters, stops the kvbm-workers this rank started (rank 0 only: close it last),
+     frees the shared tensors
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError, LayoutError, LifecycleError
+from kvbm.layout import BlockLayout, LayoutType, detect_layout
+from kvbm.shm import SharedBuffers
+from kvbm.transfer.futures import TransferFuture
+from kvbm.transfer.launcher import WorkersProcess, connect_workers
+from kvbm.transfer.manager import TransferManager
+from kvbm.transfer.memory_map import describe_memory
+from kvbm.wire import protocol as P
+
+logger = logging.getLogger(__name__)
+
+
+class ShardTransfers:
+    """D2H / H2D copies between one TP rank's KV shard and its region of the instance's G2."""
+
+    def __init__(self, config: KvbmConfig, rank: int, world_size: int, group: str, host_blocks: int) -> None:
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ConfigError(f"rank {rank!r} of world_size {world_size!r}: expected 0 <= rank < world_size")
+        if not isinstance(group, str) or not 0 < len(group) <= P.MAX_ENGINE_ID - 16:
+            raise ConfigError(f"group must name the engine in 1..{P.MAX_ENGINE_ID - 16} chars, got {group!r:.80}")
+        if not isinstance(host_blocks, int) or host_blocks < 1:
+            raise ConfigError(f"host_blocks must be a positive block count, got {host_blocks!r}")
+        if world_size > 1 and config.disk_path and (config.disk_blocks or config.disk_size):
+            raise ConfigError(f"the disk tier with tensor parallelism is not supported yet (world_size "
+                              f"{world_size}, disk_path {config.disk_path}): run without a disk tier")
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self.host_blocks = host_blocks
+        self.engine_id = f"{group}/r{rank}"
+        self.device_layout: BlockLayout | None = None
+        self.host_layout: BlockLayout | None = None
+        self._tm: TransferManager | None = None
+        self._workers: WorkersProcess | None = None   # the kvbm-workers this rank started (rank 0)
+        self._shared: SharedBuffers | None = None     # CPU-mode tensors made by shared_tensors()
+        self._closed = False
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def shared_tensors(self, shape: tuple[int, ...], dtype, count: int = 1) -> list:
+        """`count` CPU tensors of `shape` and `dtype` in a shared segment the workers can map: what a
+        CPU-mode rank registers (vLLM's per-layer cache: count = layers, shape [2, num_blocks,
+        block_size, heads, head_dim]; a cross-layer cache: count 1). Freed by close()."""
+        self._check_open()
+        if self._shared is not None:
+            raise LifecycleError(f"rank {self.rank} already made its shared tensors")
+        self._shared = SharedBuffers.emulated_device(tuple(shape), dtype, count, self.config.instance_id,
+                                                     f"the CPU-mode KV shard of rank {self.rank} ({count} x "
+                                                     f"{tuple(shape)} {dtype})")
+        return list(self._shared.tensors)
+
+    def attach(self, tensors, layout: BlockLayout | None = None, timeout: float = 60.0,
+               shared: SharedBuffers | None = None) -> None:
+        """Registers this rank's KV tensors (a list of per-layer tensors, or one cross-layer tensor)
+        with the instance's kvbm-workers: rank 0 starts it when none runs, the others wait up to
+        `timeout` for it. CPU tensors must live in `shared` (default: those of shared_tensors())."""
+        self._check_open()
+        if self._tm is not None:
+            raise LifecycleError(f"rank {self.rank} of {self.group!r} is attached already")
+        if layout is None:
+            layout = detect_layout(tensors)
+        buffers = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+        memory = describe_memory(buffers, layout, shared if shared is not None else self._shared)
+        host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, self.host_blocks)
+        g2_bytes = self.world_size * host_layout.total_bytes
+        tm, workers = connect_workers(
+            self.config, g2_bytes, f"G2 ({self.world_size} ranks x {self.host_blocks} blocks of "
+                                   f"{layout.config.block_bytes} bytes)",
+            start=self.rank == 0, wait=self.rank != 0, timeout=timeout, engine_id=self.engine_id)
+        try:
+            tm.register(layout, host_layout, memory, timeout, group=self.group,
+                        host_offset=self.rank * host_layout.total_bytes)
+        except BaseException:
+            tm.close()
+            if workers is not None:
+                workers.stop()
+            raise
+        self._tm, self._workers = tm, workers
+        self.device_layout, self.host_layout = layout, host_layout
+        logger.info("rank %d/%d of %s attached: %d device blocks, G2 blocks %d at byte %d (%d bytes a block)",
+                    self.rank, self.world_size, self.group, layout.num_blocks, self.host_blocks, self.host_offset,
+                    layout.config.block_bytes)
+
+    @property
+    def host_offset(self) -> int:
+        """The byte of the G2 segment where this rank's region starts."""
+        if self.host_layout is None:
+            raise LifecycleError("attach() first: the region's size comes from the tensors' layout")
+        return self.rank * self.host_layout.total_bytes
+
+    @property
+    def transfers(self) -> TransferManager:
+        if self._tm is None:
+            raise LifecycleError(f"rank {self.rank} of {self.group!r}: attach() first")
+        return self._tm
+
+    @property
+    def workers_process(self) -> WorkersProcess | None:
+        return self._workers
+
+    # ---- transfers ---------------------------------------------------------------------------
+    def store(self, device_blocks, host_blocks, *, priority: int = 0) -> TransferFuture:
+        """Device blocks -> this rank's G2 region (D2H): device_blocks[i] to host block host_blocks[i]."""
+        src, dst = self._pairs("store", device_blocks, host_blocks)
+        return self.transfers.submit(P.Path.D2H, src, dst, priority=priority)
+
+    def load(self, host_blocks, device_blocks, *, layers: bool = True, priority: int = 1) -> TransferFuture:
+        """This rank's G2 region -> device blocks (H2D); with `layers`, future.wait_layer(l) returns
+        once layer l has landed in every destination block."""
+        src, dst = self._pairs("load", host_blocks, device_blocks)
+        return self.transfers.submit(P.Path.H2D, src, dst, priority=priority, layers=layers)
+
+    def _pairs(self, what: str, src, dst) -> tuple[np.ndarray, np.ndarray]:
+        """1-D integer block id arrays of one length; the ranges and distinct destinations are
+        checked by TransferManager.submit against the registered layouts, before it takes anything."""
+        self._check_open()
+        arrays = []
+        for name, ids in (("source", src), ("destination", dst)):
+            arr = np.asarray(ids)
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+                raise LayoutError(f"{what}: {name} block ids must be a 1-D sequence of integers, got "
+                                  f"{arr.dtype} of shape {arr.shape}")
+            arrays.append(arr.astype(np.int64, copy=False))
+        if arrays[0].shape != arrays[1].shape:
+            raise LayoutError(f"{what}: {arrays[0].shape[0]} source blocks but {arrays[1].shape[0]} destination blocks")
+        return arrays[0], arrays[1]
+
+    def stats(self) -> dict[str, Any]:
+        return self.transfers.stats()
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LifecycleError(f"rank {self.rank} of {self.group!r} is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._tm is not None:
+            self._tm.close()
+            self._tm = None
+        if self._workers is not None:
+            self._workers.stop()
+            self._workers = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+
+    def __enter__(self) -> ShardTransfers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,56 @@
+"""ShardTransfers on CUDA (kvbm/transfer/shard_transfers.py): one rank's KV shard on the GPU shaped
+as vLLM allocates it (per-layer [2, num_blocks, block_size, heads, head_dim], and one cross-layer
+tensor), reached by kvbm-workers in CUDA mode through CUDA IPC handles; store -> poison -> load
+byte for byte with layer progress. The CPU twin is tests/integration/test_shard_transfers.py; both
+use tests/support/shard_helpers.py.
+
+Needs pyzmq and msgpack; no hypothesis. Run: python -m pytest -q tests/gpu/test_shard_gpu.py
+"""
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+import torch
+
+from kvbm.transfer.shard_transfers import ShardTransfers
+from tests.support.pipeline_harness import pid_alive
+from tests.support.shard_helpers import KINDS, fill, make_shard, round_trip, shard_config
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda_rank(tmp_path, request):
+    made: list[ShardTransfers] = []
+
+    def make(host_blocks: int = 16) -> ShardTransfers:
+        cfg = shard_config(str(tmp_path / "run"), f"g{uuid.uuid4().hex[:8]}", device="cuda")
+        st = ShardTransfers(cfg, 0, 1, "eng", host_blocks)
+        made.append(st)
+        return st
+
+    def finish():
+        for st in made:
+            pid = st.workers_process.pid if st.workers_process is not None else None
+            st.close()
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    request.addfinalizer(finish)
+    return make
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_rank_round_trip(cuda_rank, kind, dtype):
+    st = cuda_rank()
+    tensors = make_shard(st, kind, dtype, num_blocks=32, device="cuda")
+    fill(tensors, kind, seed=11)
+    st.attach(tensors)
+    assert st.transfers.cuda
+    out = round_trip(st, tensors, kind, [3, 0, 31, 8, 17], [7, 2, 5, 0, 15], into=[1, 4, 9, 12, 30])
+    assert out["after"] == out["before"]
+    assert out["layers"] == st.device_layout.config.num_layers

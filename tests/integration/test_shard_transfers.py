@@ -1,0 +1,251 @@
+"""ShardTransfers (kvbm/transfer/shard_transfers.py) against real kvbm-workers processes, CPU mode:
+one rank's store -> poison -> load byte for byte (vLLM's per-layer shape and the cross-layer one),
+layer progress, bad inputs refused before anything is submitted, TP 2 as two processes sharing
+one kvbm-workers (their G2 regions checked in the segment), and what the workers refuse: a second
+engine, overlapping ranks, a range past G2, a disk tier under a group of several ranks."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm.errors import ConfigError, LayoutError, LifecycleError, TransferError
+from kvbm.shm import Segment
+from kvbm.transfer.launcher import WorkersProcess
+from kvbm.transfer.shard_transfers import ShardTransfers
+from tests.support.pipeline_harness import pid_alive
+from tests.support.shard_helpers import KINDS, fill, make_shard, round_trip, shard_config
+from tests.support.shard_rank import DEVICE_BLOCKS, HOST_BLOCKS_USED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def ranks(tmp_path, request):
+    """make(rank, world, group, host_blocks, **config) -> a ShardTransfers of one instance per
+    test (its runtime dir under tmp_path); each closed, and every kvbm-workers killed by pid, at
+    the end."""
+    instance = f"s{uuid.uuid4().hex[:8]}"
+    made: list[ShardTransfers] = []
+
+    def make(rank=0, world=1, group="eng", host_blocks=8, **config) -> ShardTransfers:
+        st = ShardTransfers(shard_config(str(tmp_path / "run"), instance, **config), rank, world, group, host_blocks)
+        made.append(st)
+        return st
+
+    def finish():
+        pids = [st.workers_process.pid for st in made if st.workers_process is not None]
+        for st in reversed(made):
+            st.close()
+        for pid in pids:
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    request.addfinalizer(finish)
+    return make
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_rank_round_trip(ranks, kind, dtype):
+    st = ranks()
+    tensors = make_shard(st, kind, dtype, num_blocks=16)
+    fill(tensors, kind, seed=7)
+    st.attach(tensors)
+    assert st.engine_id == "eng/r0" and st.host_offset == 0
+    assert st.device_layout.config.dtype == str(dtype).removeprefix("torch.")
+    out = round_trip(st, tensors, kind, [3, 0, 15, 8], [7, 2, 5, 0], into=[1, 4, 9, 12])
+    assert out["after"] == out["before"]
+    assert out["layers"] == st.device_layout.config.num_layers == 3
+    assert out["blocks"] == 4
+    assert st.stats()["failed"] == 0
+
+
+def test_bad_inputs_are_refused_and_nothing_is_submitted(ranks):
+    st = ranks(host_blocks=8)
+    tensors = make_shard(st, "layer", torch.bfloat16, num_blocks=16)
+    with pytest.raises(LifecycleError):
+        st.store([0], [0])                       # not attached
+    st.attach(tensors)
+    submitted = st.stats()["submitted"]
+    bad = [(st.store, [0, 1], [0]),              # unequal lengths
+           (st.store, [0], [8]),                 # host block past host_blocks
+           (st.store, [16], [0]),                # device block past num_blocks
+           (st.store, [-1], [0]),
+           (st.store, [[0, 1]], [[0, 1]]),       # not 1-D
+           (st.store, [0.0], [1.0]),             # not integers
+           (st.store, [0, 1], [2, 2]),           # a destination twice
+           (st.load, [0], [16]),
+           (st.load, [9], [0]),
+           (st.load, [0, 1], [3])]
+    for call, src, dst in bad:
+        with pytest.raises(LayoutError):
+            call(src, dst)
+    assert st.stats()["submitted"] == submitted
+    assert st.store([], []).result(10).blocks == 0
+
+
+def test_ranks_other_than_zero_wait_for_rank_zero_and_name_the_instance(ranks):
+    st = ranks(rank=1, world=2)
+    tensors = make_shard(st, "layer", torch.bfloat16, num_blocks=4)
+    with pytest.raises(LifecycleError, match=st.config.instance_id):
+        st.attach(tensors, timeout=0.3)
+    assert st.workers_process is None
+
+
+def test_bad_construction():
+    cfg = shard_config("/tmp/unused", "x")
+    for rank, world, group, blocks in ((2, 2, "g", 4), (-1, 1, "g", 4), (0, 0, "g", 4), (0, 1, "", 4), (0, 1, "g", 0)):
+        with pytest.raises(ConfigError):
+            ShardTransfers(cfg, rank, world, group, blocks)
+    with pytest.raises(ConfigError, match="tensor parallelism"):
+        ShardTransfers(shard_config("/tmp/unused", "x", disk_path="/tmp/d", disk_blocks=8), 0, 2, "g", 4)
+
+
+def test_second_engine_overlap_and_range_past_g2_are_refused(ranks):
+    rank0 = ranks(rank=0, world=2, group="eng", host_blocks=8)
+    rank0.attach(make_shard(rank0, "layer", torch.bfloat16, num_blocks=8))
+    block = rank0.host_layout.config.block_stride
+    # G2: 2 ranks x 8 blocks; rank 0 holds bytes [0, 8 blocks).
+    other = ranks(rank=1, world=2, group="other", host_blocks=8)
+    with pytest.raises(TransferError, match="already attached"):
+        other.attach(make_shard(other, "layer", torch.bfloat16, num_blocks=8))
+    overlap = ranks(rank=1, world=2, group="eng", host_blocks=4)        # [4, 8) blocks: inside rank 0's
+    with pytest.raises(TransferError, match=f"overlap \\[0, {8 * block}\\)"):
+        overlap.attach(make_shard(overlap, "layer", torch.bfloat16, num_blocks=8))
+    past = ranks(rank=1, world=2, group="eng", host_blocks=9)           # [9, 18) blocks of a 16-block G2
+    with pytest.raises(TransferError, match=f"segment holds {16 * block}"):
+        past.attach(make_shard(past, "layer", torch.bfloat16, num_blocks=8))
+    # rank 0 is untouched by all that
+    tensors = rank0._shared.tensors
+    fill(tensors, "layer", seed=3)
+    out = round_trip(rank0, tensors, "layer", [0, 1], [6, 7], into=[5, 4])
+    assert out["after"] == out["before"]
+
+
+def test_disk_worker_refuses_a_group_of_several_ranks(ranks, tmp_path):
+    """kvbm-workers with a disk tier (started here, as a shared instance would be); the ranks come
+    with a config without one (ShardTransfers itself refuses TP with a disk tier)."""
+    rank0 = ranks(rank=0, world=2, group="eng", host_blocks=8)
+    disk_cfg = shard_config(rank0.config.runtime_dir, rank0.config.instance_id, disk_path=str(tmp_path / "disk"),
+                            disk_blocks=16)
+    tensors0 = make_shard(rank0, "layer", torch.bfloat16, num_blocks=8)
+    from kvbm.layout import detect_layout
+    g2 = 2 * 8 * detect_layout(tensors0).config.block_stride
+    workers = WorkersProcess(disk_cfg, g2)
+    try:
+        workers.start(60)
+        rank0.attach(tensors0)                 # offset 0, alone in its group: accepted, as an engine
+        assert "h2disk" in {p.label for p in rank0.transfers.paths}
+        rank1 = ranks(rank=1, world=2, group="eng", host_blocks=8)
+        with pytest.raises(TransferError, match="disk tier with tensor parallelism is not supported"):
+            rank1.attach(make_shard(rank1, "layer", torch.bfloat16, num_blocks=8))
+    finally:
+        for st in (rank0,):
+            st.close()
+        workers.stop()
+
+
+# ---- TP 2 as two processes ----------------------------------------------------------------------
+
+class Rank:
+    """A rank process (tests/support/shard_rank.py); its JSON lines come through a queue."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.shard_rank", *args], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.lines.put(json.loads(line))
+        self.lines.put({"error": f"exited with {self.proc.wait()}"})
+
+    def next(self, timeout: float = 90.0) -> dict:
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"rank pid {self.proc.pid} said nothing within {timeout} s") from None
+        assert "error" not in msg, msg["error"]
+        return msg
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def test_tp2_two_processes_share_one_kvbm_workers(tmp_path, request):
+    instance = f"s{uuid.uuid4().hex[:8]}"
+    run_dir = str(tmp_path / "run")
+    pids: list[int] = []
+
+    def kill():
+        for pid in pids:
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    request.addfinalizer(kill)
+    host_blocks = 8
+    # Rank 1 first: it waits for the kvbm-workers rank 0 starts.
+    procs = {}
+    for rank in (1, 0):
+        procs[rank] = Rank([run_dir, instance, "eng", str(rank), "2", str(host_blocks), "layer", "bfloat16",
+                            str(100 + rank), str(tmp_path)])
+        pids.append(procs[rank].proc.pid)
+    stored = {rank: p.next() for rank, p in procs.items()}
+    pids.append(stored[0]["workers_pid"])
+    assert stored[1]["workers_pid"] is None
+    stride, nbytes = stored[0]["stride"], stored[0]["block_bytes"]
+    assert stored[0]["offset"] == 0 and stored[1]["offset"] == host_blocks * stride
+    assert stored[0]["size"] == 2 * host_blocks * stride
+
+    # Both ranks stored to host blocks HOST_BLOCKS_USED; each one's bytes are in its own region.
+    images = {rank: np.load(tmp_path / f"rank{rank}.npy") for rank in procs}
+    assert not np.array_equal(images[0], images[1])
+    seg = Segment.attach(stored[0]["segment"], stored[0]["size"])
+    try:
+        g2 = seg.tensor().numpy()
+        for rank in procs:
+            base = stored[rank]["offset"]
+            for i, h in enumerate(HOST_BLOCKS_USED):
+                at = base + h * stride
+                assert np.array_equal(g2[at:at + nbytes], images[rank][i]), (rank, h)
+            unused = sorted(set(range(host_blocks)) - set(HOST_BLOCKS_USED))
+            assert unused and all(not g2[base + h * stride:base + h * stride + nbytes].any() for h in unused)
+        del g2
+    finally:
+        seg.close()
+
+    for p in procs.values():
+        p.send("load")
+    for rank, p in procs.items():
+        loaded = p.next()
+        assert loaded["equal"] and loaded["layers"] == 3 and loaded["blocks"] == len(DEVICE_BLOCKS), (rank, loaded)
+    for rank in (1, 0):                          # rank 0 last: it stops kvbm-workers
+        procs[rank].send("close")
+        assert procs[rank].proc.wait(60) == 0
+        procs[rank].proc.stdin.close()
+    assert not pid_alive(stored[0]["workers_pid"])
+
+
+def test_register_placement_fields_are_checked():
+    from kvbm.errors import ProtocolError
+    from kvbm.wire import protocol as P
+    assert P.register_placement({}) == ("", 0)
+    assert P.register_placement({"group": "eng", "host_offset": 4096}) == ("eng", 4096)
+    for bad in ({"group": 3}, {"group": "g" * (P.MAX_ENGINE_ID + 1)}, {"host_offset": -1},
+                {"host_offset": 1.0}, {"host_offset": True}, {"host_offset": 2**49}):
+        with pytest.raises(ProtocolError):
+            P.register_placement(bad)
