@@ -23,6 +23,7 @@ from kvbm.errors import DiskError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints, connect_socket, make_context
 from kvbm.workers.disk.io import load_nixl
 from tests.support.disk_helpers import content
@@ -40,10 +41,10 @@ FP, MODEL = 0xF1F1, 0xA0A0
 
 
 class Raw:
-    def __init__(self, ctx, endpoint: str, kind=zmq.DEALER) -> None:
-        self.sock = connect_socket(ctx, kind, endpoint)
-        if kind == zmq.SUB:
-            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+    """A client socket with the instance's keys (kvbm's servers answer CURVE clients only)."""
+
+    def __init__(self, ctx, endpoint: str, keys: ClientKeys, kind=zmq.DEALER) -> None:
+        self.sock = connect_socket(ctx, kind, endpoint, keys)
 
     def ask(self, msg: dict, timeout_ms: int = 10000) -> dict:
         self.sock.send(P.encode(msg))
@@ -67,11 +68,13 @@ class DiskWorkers:
                "--disk-size", "4MB", *extra]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.pids = {self.proc.pid}
-        request.addfinalizer(self.kill_all)
+        self.segment = None
         self.ctx = make_context()
-        self.endpoints = wait_for(lambda: Endpoints.read(str(rundir / f"kvbm-{self.instance}")), DEADLINE,
-                                  "endpoints.json")
-        self.control = Raw(self.ctx, self.endpoints.control)
+        request.addfinalizer(self.kill_all)
+        instance_dir = str(rundir / f"kvbm-{self.instance}")
+        self.endpoints = wait_for(lambda: Endpoints.read(instance_dir), DEADLINE, "endpoints.json")
+        self.keys = ClientKeys.read(instance_dir)
+        self.control = Raw(self.ctx, self.endpoints.control, self.keys)
         self.welcome = wait_for(self._ready, DEADLINE, "every worker ready")
         self.segment = Segment.attach(self.welcome["host"]["segment"])
         self.host = np.frombuffer(self.segment.map, dtype=np.uint8, count=HOST_BLOCKS * BB).reshape(HOST_BLOCKS, BB)
@@ -87,11 +90,15 @@ class DiskWorkers:
         return self.control.ask({"t": P.MsgType.STATUS, "id": 1})
 
     def disk_worker(self) -> Raw:
-        return Raw(self.ctx, self.welcome["workers"]["h2disk"]["endpoint"])
+        return Raw(self.ctx, self.welcome["workers"]["h2disk"]["endpoint"], self.keys)
 
     def kill_all(self) -> None:
+        # The context first: one left open (a failed setup) blocks in Context.__del__ at a later
+        # garbage collection, hanging whichever test runs then.
+        self.ctx.destroy(0)
         self.host = None   # the view's export would keep the mapping from closing
-        self.segment.close()
+        if self.segment is not None:
+            self.segment.close()
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -101,7 +108,6 @@ class DiskWorkers:
         for pid in self.pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        self.ctx.destroy(0)
 
 
 @pytest.fixture
@@ -215,7 +221,7 @@ def test_a_journal_of_another_layout_is_refused_unless_cold(workers):
 
 
 def test_killed_worker_is_announced_for_both_paths_and_its_successor_finds_the_blocks(workers):
-    events = Raw(workers.ctx, workers.welcome["events"], zmq.SUB)
+    events = Raw(workers.ctx, workers.welcome["events"], workers.keys, zmq.SUB)
     raw = workers.disk_worker()
     gen = register(raw)["gen"]
     hashes = np.arange(1, 5, dtype=np.uint64)
