@@ -16,6 +16,20 @@ bytes); median and p99 (the slow end) of the passes. ratio = store median / best
 paired ratio = the median over passes of (best raw time / store time) in the same pass, which a
 shared disk's drift moves less. The disk here may be shared with other jobs: compare ratios, not
 absolute figures.
+
+Disk -> Device end to end (--mode device), per block size and per --e2e-inflight value (NIXL read
+requests in flight in the disk worker: KvbmConfig.disk_read_inflight, one kvbm-workers each):
+  a KvBlockManager (CUDA when available, else CPU mode: the same code) with G2 and G3, admission
+  write-through. Two sets of --total-mib of blocks, A and B, are offloaded and flushed to G3; G2
+  holds --total-mib, so B's offload evicts A from G2. Each timed onboard then asks
+  for the set G2 does not hold (A, B, A, ...): kv.onboard sees a G3-only prefix and returns one
+  future (NIXL reads into G2 staging blocks, checksums verified, then H2D); the onboard that
+  promoted it evicts the other set from G2. e2e = kv.onboard() to result(), every block of every
+  pass checked to come from G3, the device bytes checked once per point. disk = the disk worker's
+  own DISK2H time (NIXL reads and checksums, no messaging or H2D). The baseline: raw@T threads of
+  os.preadv on O_DIRECT fds of the store's own data files, at the slots holding those blocks, into
+  page-aligned host memory, interleaved with the onboards in the same passes. The load rule is
+  disabled (prefill rate 1 token/s): the bench measures the load, not the decision.
 """
 from __future__ import annotations
 
@@ -36,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from _common import cpu_model, pct
 
+from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT
 from kvbm.workers.disk import DiskStore
 
 MIB = 1 << 20
@@ -183,6 +198,173 @@ def bench_size(folder: str, bb: int, args) -> list[dict]:
     return rows
 
 
+class StoreSlots:
+    """Raw O_DIRECT reads of given slots of a store's own data files (the e2e baseline)."""
+
+    def __init__(self, folder: str, geometry) -> None:
+        self.geometry = geometry
+        self.fds = [os.open(os.path.join(folder, f"data.{f:03d}"), os.O_RDONLY | os.O_DIRECT)
+                    for f in range(geometry.num_files)]
+
+    def read(self, slots: np.ndarray, dst: np.ndarray, threads: int) -> None:
+        fidx, offs = self.geometry.locate(slots)
+        n, bb = len(slots), self.geometry.block_bytes
+
+        def run(t: int) -> None:
+            for i in range(t, n, threads):
+                done = os.preadv(self.fds[int(fidx[i])], [dst[i]], int(offs[i]))
+                if done != bb:
+                    raise OSError(f"short read: {done} of {bb} bytes")
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, range(threads)))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def e2e_layout(bb: int, layers: int, inner: int):
+    """A Llama-3-8B-shaped layout (32 layers, K and V, 8 KV heads x 128, bf16) whose block is bb bytes."""
+    from kvbm.layout import LayoutConfig
+    page, rest = divmod(bb, layers * 2 * inner * 2)
+    if rest or page < 1:
+        raise SystemExit(f"a {bb}-byte block is not a whole number of {layers}x2x{inner} bf16 tokens")
+    return LayoutConfig(num_layers=layers, outer_dim=2, page_size=page, inner_dim=inner, dtype="bfloat16")
+
+
+def bench_e2e(folder: str, bb: int, inflight: int, args) -> list[dict]:
+    import torch
+
+    import kvbm
+    from kvbm.cli import ask_status
+    from kvbm.layout import BlockLayout, LayoutType
+    from kvbm.pools import Tier
+    from kvbm.workers.disk.files import Geometry
+
+    cfg = e2e_layout(bb, args.e2e_layers, args.e2e_inner)
+    n = max(1, args.total_mib * MIB // bb)
+    cuda = kvbm.cuda_available() and not args.cpu
+    device = "cuda" if cuda else "cpu"
+    disk_blocks = 2 * n + 8
+    inst = f"bench-e2e-{bb >> 10}k-q{inflight}-{os.getpid()}"
+    config = kvbm.KvbmConfig(instance_id=inst, runtime_dir=os.path.join(folder, "run"), layout=cfg,
+                             device_blocks=2 * n, host_blocks=n, disk_blocks=disk_blocks,
+                             disk_path=os.path.join(folder, "g3"), disk_admission="write-through",
+                             force_cpu=not cuda, prefill_tokens_per_s=1.0, disk_read_inflight=inflight,
+                             disk_read_blocks=args.e2e_read_blocks, request_timeout_ms=600_000, log_level="WARNING")
+    lay = BlockLayout(cfg, LayoutType.LAYER_SEPARATE, 2 * n)
+    kv = kvbm.KvBlockManager(config)
+    threads = [int(t) for t in args.threads.split(",")]
+    times: dict[tuple, list[float]] = {}
+    disk_s: list[float] = []
+    raw = None
+    try:
+        tensors = kv.create_device_tensors(lay, device=device)
+        kv.register_device_tensors(tensors, lay, timeout=120)
+
+        def view(t):   # [outer, blocks, region bytes] of one layer's buffer (OUTER_MAJOR)
+            return t[:lay.config.outer_dim * 2 * n * cfg.region_bytes].view(cfg.outer_dim, 2 * n, cfg.region_bytes)
+
+        def snapshot(blocks):
+            idx = torch.as_tensor(blocks, device=device)
+            return [view(t).index_select(1, idx).clone() for t in tensors]
+
+        src, dst = np.arange(n), np.arange(n, 2 * n)
+        gen = torch.Generator(device=device).manual_seed(bb + inflight)
+        sets, expected = [], []
+        for k in range(2):   # sets A and B: filled, offloaded, written through to G3
+            for t in tensors:
+                view(t)[:, :n] = torch.randint(0, 256, (cfg.outer_dim, n, cfg.region_bytes), dtype=torch.uint8,
+                                               device=device, generator=gen)
+            hashes = np.arange(1, n + 1, dtype=np.uint64) + np.uint64(k * (1 << 40) + bb)
+            for lo in range(0, n, 32):
+                kv.offload(src[lo:lo + 32], hashes[lo:lo + 32]).result(600)
+            kv.flush_disk(600)
+            sets.append(hashes)
+            expected.append(snapshot(src))
+        with kv.lock:
+            in2 = [kv.pool(Tier.G2).lookup(h) >= 0 for h in sets]
+            in3 = [kv.pool(Tier.G3).lookup(h) for h in sets]
+        if in2[0].any() or not all((s >= 0).all() for s in in3):
+            raise SystemExit(f"set-up: A in G2 {int(in2[0].sum())}/{n}, in G3 {[int((s >= 0).sum()) for s in in3]}")
+        geometry = Geometry.of(bb, disk_blocks, 4)
+        raw = StoreSlots(os.path.join(config.disk_path, inst), geometry)
+        mm = mmap.mmap(-1, n * bb)
+        host = np.frombuffer(mm, dtype=np.uint8).reshape(n, bb)
+        turn = [0]
+        checked = [False]
+
+        def disk_counters():
+            g3 = ask_status(config, timeout=10.0)["tiers"]["g3"]
+            return g3.get("bytes_read", 0), g3.get("read_s", 0.0)
+
+        def e2e(_):
+            k = turn[0] % 2          # the set G2 does not hold now
+            if device != "cpu":
+                torch.cuda.synchronize()
+            b0, s0 = disk_counters()
+            t0 = time.perf_counter()
+            res = kv.onboard(sets[k], dst).result(600).value
+            seconds = time.perf_counter() - t0
+            b1, s1 = disk_counters()
+            if (res.loaded, res.from_disk) != (n, n):
+                raise SystemExit(f"onboard loaded {res.loaded}, {res.from_disk} from G3, of {n}")
+            if b1 - b0 != n * bb:
+                raise SystemExit(f"the disk worker read {b1 - b0} bytes for {n * bb}")
+            disk_s.append(s1 - s0)
+            if not checked[0]:
+                got = snapshot(dst)
+                if not all(torch.equal(a, b) for a, b in zip(got, expected[k])):
+                    raise SystemExit("the device holds other bytes than were offloaded")
+                checked[0] = True
+            turn[0] += 1
+            return seconds
+
+        def raw_read(t):
+            host[:] = 0
+            return timed(lambda: raw.read(in3[turn[0] % 2], host, t))
+
+        points = [(("raw", t), raw_read, t) for t in threads] + [(("e2e", inflight), e2e, None)]
+        for rep in range(args.repeats + 1):
+            gc.collect()
+            for key, fn, arg in points[rep % len(points):] + points[:rep % len(points)]:
+                seconds = fn(arg)
+                if rep > 0:
+                    times.setdefault(key, []).append(seconds)
+        host = None   # the view's export would keep the mmap from closing
+        mm.close()
+        read_path = kv.stats()["disk"]["read_paths"]
+    finally:
+        if raw is not None:
+            raw.close()
+        kv.close()
+    total = n * bb
+    raw_rows = [(t, times[("raw", t)]) for t in threads]
+    best_t, best = min(raw_rows, key=lambda r: statistics.median(r[1]))
+    rows = [dict(block=bb, op="read", who=f"raw@{t} (q={inflight} run)", gbs=total / statistics.median(ts) / 1e9,
+                 p99=total / pct(ts, 99) / 1e9, ratio=None, paired=None, best=(t == best_t)) for t, ts in raw_rows]
+    disk_times = disk_s[-args.repeats:]
+    rows.append(dict(block=bb, op="read", who=f"disk worker DISK2H q={inflight} k={args.e2e_read_blocks}",
+                     gbs=total / statistics.median(disk_times) / 1e9, p99=total / pct(disk_times, 99) / 1e9,
+                     ratio=statistics.median(best) / statistics.median(disk_times),
+                     paired=statistics.median([b / x for b, x in zip(best, disk_times)]), best=False))
+    ts = times[("e2e", inflight)]
+    rows.append(dict(block=bb, op="disk->device", who=f"onboard G3->{device} q={inflight} ({'/'.join(read_path)})",
+                     gbs=total / statistics.median(ts) / 1e9, p99=total / pct(ts, 99) / 1e9,
+                     ratio=statistics.median(best) / statistics.median(ts),
+                     paired=statistics.median([b / x for b, x in zip(best, ts)]), best=False))
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        mark = " (best raw)" if r["best"] else ""
+        ratio = f"{r['ratio']:.2f} | {r['paired']:.2f}" if r["ratio"] is not None else " | "
+        print(f"| {r['block'] >> 10} KiB | {r['op']} | {r['who']}{mark} | {r['gbs']:.2f} | {r['p99']:.2f} "
+              f"| {ratio} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=None, help="folder on the disk to measure (default: a new one under /tmp)")
@@ -194,7 +376,18 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--backend", default="auto", help="auto, uring, aio or posix_aio")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mode", default="host,device",
+                    help="host: Host<->Disk through DiskStore; device: Disk->Device through a KvBlockManager")
+    ap.add_argument("--e2e-inflight", default=str(DISK_READ_INFLIGHT),
+                    help="device mode: NIXL read requests in flight in the disk worker (one kvbm-workers each)")
+    ap.add_argument("--e2e-read-blocks", type=int, default=DISK_READ_BLOCKS, help="device mode: blocks per NIXL read")
+    ap.add_argument("--e2e-layers", type=int, default=32)
+    ap.add_argument("--e2e-inner", type=int, default=1024, help="KV heads x head dim")
+    ap.add_argument("--cpu", action="store_true", help="device mode: CPU mode even with a GPU")
     args = ap.parse_args()
+    modes = set(args.mode.split(","))
+    if not modes or modes - {"host", "device"}:
+        ap.error("--mode: host, device or both")
     logging.basicConfig(level=logging.WARNING)
     folder = tempfile.mkdtemp(prefix="kvbm-bench-disk-", dir=args.dir or "/tmp")
     try:
@@ -204,11 +397,11 @@ def main() -> None:
         print("| block | op | who | median GB/s | p99 GB/s | ratio to raw | paired ratio |")
         print("|---|---|---|---|---|---|---|")
         for size in args.block_sizes.split(","):
-            for r in bench_size(folder, parse_size(size), args):
-                mark = " (best raw)" if r["best"] else ""
-                ratio = f"{r['ratio']:.2f} | {r['paired']:.2f}" if r["ratio"] is not None else " | "
-                print(f"| {r['block'] >> 10} KiB | {r['op']} | {r['who']}{mark} | {r['gbs']:.2f} | {r['p99']:.2f} "
-                      f"| {ratio} |", flush=True)
+            if "host" in modes:
+                print_rows(bench_size(folder, parse_size(size), args))
+            if "device" in modes:
+                for q in args.e2e_inflight.split(","):
+                    print_rows(bench_e2e(folder, parse_size(size), int(q), args))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     sys.stdout.flush()

@@ -81,6 +81,10 @@ MAX_COPY_THREADS = 1024
 MAX_TIMEOUT_MS = 3_600_000        # an hour: a transfer request or a test delay longer than that is a typo
 MAX_TCP_PORT = 65535 - 3          # an instance binds 4 consecutive ports from tcp_port (control, events, 2 paths)
 
+# NIXL reads of G3 (DISK2H): blocks per request, requests in flight (see KvbmConfig.disk_read_*).
+DISK_READ_BLOCKS = 16
+DISK_READ_INFLIGHT = 4
+
 # Every integer setting: (lowest, highest) allowed.
 _INT_BOUNDS = {
     "device_blocks": (0, MAX_BLOCKS), "host_blocks": (1, MAX_BLOCKS), "disk_blocks": (0, MAX_BLOCKS),
@@ -88,6 +92,7 @@ _INT_BOUNDS = {
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
+    "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
 }
 _SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
 _INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
@@ -165,6 +170,12 @@ class KvbmConfig:
     # The engine's prefill rate: a G3 prefix is offered only where reading it is expected to take
     # less time than recomputing its tokens at this rate (kvbm.transfer.disk_offload.LoadRule).
     prefill_tokens_per_s: float = 25000.0
+    # NIXL reads of the disk worker (DISK2H): blocks per NIXL request and requests in flight. A
+    # sweep of 1/4/16 blocks x 1-16 in flight on the CPU machine (bench/RESULTS.md, "Disk -> Device")
+    # found none clearly above the others on its shared disk, so the defaults stay the store's
+    # (16 x 4); a machine whose disk wants more concurrency sets them from its own sweep.
+    disk_read_blocks: int = DISK_READ_BLOCKS
+    disk_read_inflight: int = DISK_READ_INFLIGHT
     disk_cold_start: bool = False          # a G3 journal of another layout/model: discarded (warning), not refused
     disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
     # ---- engine integrations (kvbm.integrations) ----
@@ -377,6 +388,7 @@ _ENV_KEYS = {
     "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",
     "KVBM_ENGINE_METRICS_PORT": "engine_metrics_port", "KVBM_ENGINE_METRICS_HOST": "engine_metrics_host",
     "KVBM_EVENTS_ENDPOINT": "events_endpoint", "KVBM_EVENTS_REPLAY_ENDPOINT": "events_replay_endpoint",
+    "KVBM_DISK_READ_BLOCKS": "disk_read_blocks", "KVBM_DISK_READ_INFLIGHT": "disk_read_inflight",
 }
 # KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
 # Dynamo KVBM's variables read as aliases (see the module docstring).

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvbm.config import KvbmConfig
+from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig
 from kvbm.errors import KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.shm import RuntimeDir, check_shm_room
 from kvbm.transfer.manager import TransferManager
@@ -172,6 +172,10 @@ class WorkersProcess:
         env.update({"KVBM_MAX_BATCH_BLOCKS": str(self.config.max_batch_blocks),
                     "KVBM_COPY_THREADS": str(self.config.copy_threads),
                     "KVBM_WORKER_DELAY_MS": str(self.config.worker_delay_ms)})
+        for var, value, default in (("KVBM_DISK_READ_BLOCKS", self.config.disk_read_blocks, DISK_READ_BLOCKS),
+                                    ("KVBM_DISK_READ_INFLIGHT", self.config.disk_read_inflight, DISK_READ_INFLIGHT)):
+            if value != default:   # the disk worker's NIXL reads, when not the defaults: no flag for them
+                env[var] = str(value)
         if self.config.disk_fsize_limit:   # a test hook, like the copy delay: no flag for it
             env["KVBM_DISK_FSIZE_LIMIT"] = str(self.config.disk_fsize_limit)
         return env

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT
 from kvbm.errors import (
     ConfigError,
     DiskError,
@@ -112,6 +113,7 @@ class DiskWorker(PathWorker):
         self.instance_id = args.instance_id
         self.gds_mode = args.gds
         self.fsize_limit = args.fsize_limit
+        self.read_blocks, self.read_inflight = args.read_blocks, args.read_inflight
         self.store = None                 # DiskStore, once an engine registered a disk tier
         self.store_key: tuple | None = None
         self.store_error = "no engine has registered a disk tier yet"
@@ -178,7 +180,8 @@ class DiskWorker(PathWorker):
         try:
             self.store = DiskStore.open(self.disk_path, self.instance_id, host.config.block_bytes, blocks,
                                         fingerprint, model, cold=cold,
-                                        host_regions=[(self.host_segment.address, self.host_segment.size)])
+                                        host_regions=[(self.host_segment.address, self.host_segment.size)],
+                                        read_blocks_per_request=self.read_blocks, read_inflight=self.read_inflight)
         except JournalMismatchError as err:
             self.store_error = f"{err} (disk_cold_start = true, or KVBM_DISK_COLD_START=1, discards them)"
             raise JournalMismatchError(self.store_error) from err
@@ -430,6 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--instance-id", required=True, help="this instance's folder under --disk-path")
     ap.add_argument("--gds", choices=GDS_MODES, default="auto")
     ap.add_argument("--fsize-limit", type=int, default=0, help="test hook: RLIMIT_FSIZE once the store is open")
+    ap.add_argument("--read-blocks", type=int, default=DISK_READ_BLOCKS, help="blocks per NIXL read request")
+    ap.add_argument("--read-inflight", type=int, default=DISK_READ_INFLIGHT, help="NIXL read requests in flight")
     args = ap.parse_args(argv)
     if not os.path.isabs(args.disk_path):
         raise LayoutError(f"--disk-path must be absolute, got {args.disk_path!r}")

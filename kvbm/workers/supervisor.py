@@ -33,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -192,9 +193,18 @@ class Supervisor:
 
     @staticmethod
     def _prepare_disk(path: str) -> str:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"disk tier folder {path} is not a writable directory")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            if not os.path.isdir(path):
+                raise NotADirectoryError(20, "not a directory")
+            # A file made and removed: access() misses what only a write finds (root on a mode-0500
+            # folder may pass, an immutable folder or a read-only mount does not).
+            fd, probe = tempfile.mkstemp(prefix=".kvbm-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise ConfigError(f"disk tier folder {path} is not a writable directory: {err.strerror or err} "
+                              f"(disk_path; give a folder this user can write, or no disk tier)") from err
         logger.info("G3 folder %s ready (the disk worker opens its store when an engine registers)", path)
         return os.path.abspath(path)
 
@@ -577,7 +587,8 @@ def _served(path: P.Path) -> tuple[P.Path, ...]:
 
 def _disk_worker_args(config: KvbmConfig, disk_dir: str | None) -> list[str]:
     return ["--disk-path", disk_dir or os.path.abspath(config.disk_path), "--instance-id", config.instance_id,
-            "--gds", config.gds, "--fsize-limit", str(config.disk_fsize_limit)]
+            "--gds", config.gds, "--fsize-limit", str(config.disk_fsize_limit),
+            "--read-blocks", str(config.disk_read_blocks), "--read-inflight", str(config.disk_read_inflight)]
 
 
 def _disk_stats(msg: dict) -> dict:

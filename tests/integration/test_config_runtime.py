@@ -50,6 +50,29 @@ def test_child_environment_holds_no_setting_of_the_engines(monkeypatch, tmp_path
     assert (child.max_batch_blocks, child.copy_threads, child.worker_delay_ms) == (32, 2, 5)
 
 
+def test_the_disk_read_settings_reach_the_disk_worker(monkeypatch, tmp_path):
+    """disk_read_blocks / disk_read_inflight (not the defaults) reach an embedded kvbm-workers
+    through its environment, and its supervisor hands them to the disk worker's flags."""
+    from kvbm.workers.supervisor import _disk_worker_args
+    cfg = KvbmConfig(layout=LAYOUT, host_blocks=64, disk_blocks=8, disk_path=str(tmp_path / "g3"),
+                     disk_read_blocks=4, disk_read_inflight=12, instance_id="readtest")
+    proc = WorkersProcess(cfg, 64 * LAYOUT.block_bytes)
+    env = proc.child_env()
+    assert (env["KVBM_DISK_READ_BLOCKS"], env["KVBM_DISK_READ_INFLIGHT"]) == ("4", "12")
+    for var in [v for v in os.environ if v.startswith("KVBM_")]:
+        monkeypatch.delenv(var)
+    for var in [v for v in env if v.startswith("KVBM_")]:
+        monkeypatch.setenv(var, env[var])
+    child = config_from_args(build_parser().parse_args(proc.command()[3:]))
+    assert (child.disk_read_blocks, child.disk_read_inflight) == (4, 12)
+    flags = _disk_worker_args(child, str(tmp_path / "g3"))
+    assert flags[flags.index("--read-blocks") + 1] == "4" and flags[flags.index("--read-inflight") + 1] == "12"
+    from kvbm.workers.disk_worker import parse_args
+    worker = parse_args(["--path", "h2disk", "--gen", "1", "--endpoint", "ipc:///x", "--control", "ipc:///y",
+                         "--keys-dir", str(tmp_path), "--segment", "s", "--segment-size", "1", *flags])
+    assert (worker.read_blocks, worker.read_inflight) == (4, 12)
+
+
 def _round_trip(kv: KvBlockManager) -> None:
     tensors = kv.create_device_tensors()
     kv.register_device_tensors(tensors, timeout=DEADLINE)

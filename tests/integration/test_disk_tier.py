@@ -465,3 +465,49 @@ def test_a_full_g3_evicts_by_its_own_policy_and_rewrites_slots(make_pipeline, tm
     assert np.array_equal(where(again.kv, hashes)[1], held)
     g3 = again.status()["tiers"]["g3"]
     assert g3["live"] == 16 and g3["journal_records"] <= 1 + 2 * st["disk"]["written"] + 16
+
+
+def test_a_g3_run_longer_than_g2_can_stage_is_cut_there_and_the_rest_recomputed(make_pipeline, tmp_path, rng):
+    """A G3 run of 32 blocks while only 8 G2 blocks can take its bytes (the rest of G2 held by
+    other loads): the onboard reads the first 8 into G2 and stops, one future, no wait for room;
+    the device blocks after them stay untouched (the engine recomputes them). With no G2 block free
+    at all it stops before G3. Once G2 has room again, the whole run loads."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, host_blocks=48, disk_admission="write-through")
+    kv = pipe.kv
+    hashes = random_hashes(rng, 96)
+    pipe.fill_random(np.arange(96), rng)
+    expected = pipe.snapshot(np.arange(96))
+    offload_in_steps(kv, np.arange(96), hashes, step=8)
+    in2, in3 = where(kv, hashes)
+    assert in3.all() and not in2[:48].any() and in2[48:].all()    # write-through: all on disk, G2 the newest
+    run = hashes[:32]
+    with kv.lock:
+        g2 = kv.pool(Tier.G2)
+        held = np.asarray(g2.match(hashes[56:], acquire=True))        # 40 of G2's 48 blocks in use
+        assert held.size == 40 and g2.registry.num_free + g2.registry.num_inactive == 8
+    m = kv.match(run)
+    assert (m.prefix[Tier.G2], m.prefix[Tier.G3], m.onboardable) == (0, 32, 32)   # match cannot know G2's room
+    pipe.poison()
+    res = kv.onboard(run, np.arange(100, 132)).result(DEADLINE)
+    assert res.path is P.Path.DISK2D
+    assert (res.value.requested, res.value.loaded, res.value.from_disk) == (32, 8, 8)
+    assert np.array_equal(pipe.snapshot(np.arange(100, 108)), expected[:8])
+    assert (pipe.snapshot(np.arange(108, 132)) == 0xA5).all()
+    with kv.lock:
+        assert (g2.lookup(run[:8]) >= 0).all()                       # the staged 8 are G2's now
+        more = np.asarray(g2.match(run[:8], acquire=True))           # ... and now in use as well
+        assert g2.registry.num_free + g2.registry.num_inactive == 0
+    res = kv.onboard(run[8:], np.arange(140, 164)).result(DEADLINE)
+    assert (res.value.loaded, res.value.from_disk) == (0, 0)         # no G2 room at all: stops before G3
+    assert (pipe.snapshot(np.arange(140, 164)) == 0xA5).all()
+    with kv.lock:
+        g2.release(np.concatenate([held, more]))
+    res = kv.onboard(run, np.arange(100, 132)).result(DEADLINE).value
+    assert (res.loaded, res.from_host, res.from_disk) == (32, 8, 24)
+    assert np.array_equal(pipe.snapshot(np.arange(100, 132)), expected[:32])
+    st = kv.stats()["disk"]
+    assert (st["loads"], st["loaded"], st["loads_failed"]) == (2, 32, 0)
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0

@@ -23,6 +23,7 @@ from kvbm.errors import DiskError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment
 from kvbm.wire import protocol as P
+from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints, connect_socket, make_context
 from kvbm.workers.disk.io import load_nixl
 from tests.support.disk_helpers import content
@@ -40,10 +41,10 @@ FP, MODEL = 0xF1F1, 0xA0A0
 
 
 class Raw:
-    def __init__(self, ctx, endpoint: str, kind=zmq.DEALER) -> None:
-        self.sock = connect_socket(ctx, kind, endpoint)
-        if kind == zmq.SUB:
-            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+    """A client socket with the instance's keys (kvbm's servers answer CURVE clients only)."""
+
+    def __init__(self, ctx, endpoint: str, keys: ClientKeys, kind=zmq.DEALER) -> None:
+        self.sock = connect_socket(ctx, kind, endpoint, keys)
 
     def ask(self, msg: dict, timeout_ms: int = 10000) -> dict:
         self.sock.send(P.encode(msg))
@@ -67,11 +68,13 @@ class DiskWorkers:
                "--disk-size", "4MB", *extra]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.pids = {self.proc.pid}
-        request.addfinalizer(self.kill_all)
+        self.segment = None
         self.ctx = make_context()
-        self.endpoints = wait_for(lambda: Endpoints.read(str(rundir / f"kvbm-{self.instance}")), DEADLINE,
-                                  "endpoints.json")
-        self.control = Raw(self.ctx, self.endpoints.control)
+        request.addfinalizer(self.kill_all)
+        instance_dir = str(rundir / f"kvbm-{self.instance}")
+        self.endpoints = wait_for(lambda: Endpoints.read(instance_dir), DEADLINE, "endpoints.json")
+        self.keys = ClientKeys.read(instance_dir)
+        self.control = Raw(self.ctx, self.endpoints.control, self.keys)
         self.welcome = wait_for(self._ready, DEADLINE, "every worker ready")
         self.segment = Segment.attach(self.welcome["host"]["segment"])
         self.host = np.frombuffer(self.segment.map, dtype=np.uint8, count=HOST_BLOCKS * BB).reshape(HOST_BLOCKS, BB)
@@ -87,11 +90,15 @@ class DiskWorkers:
         return self.control.ask({"t": P.MsgType.STATUS, "id": 1})
 
     def disk_worker(self) -> Raw:
-        return Raw(self.ctx, self.welcome["workers"]["h2disk"]["endpoint"])
+        return Raw(self.ctx, self.welcome["workers"]["h2disk"]["endpoint"], self.keys)
 
     def kill_all(self) -> None:
+        # The context first: one left open (a failed setup) blocks in Context.__del__ at a later
+        # garbage collection, hanging whichever test runs then.
+        self.ctx.destroy(0)
         self.host = None   # the view's export would keep the mapping from closing
-        self.segment.close()
+        if self.segment is not None:
+            self.segment.close()
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -101,7 +108,6 @@ class DiskWorkers:
         for pid in self.pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        self.ctx.destroy(0)
 
 
 @pytest.fixture
@@ -215,7 +221,7 @@ def test_a_journal_of_another_layout_is_refused_unless_cold(workers):
 
 
 def test_killed_worker_is_announced_for_both_paths_and_its_successor_finds_the_blocks(workers):
-    events = Raw(workers.ctx, workers.welcome["events"], zmq.SUB)
+    events = Raw(workers.ctx, workers.welcome["events"], workers.keys, zmq.SUB)
     raw = workers.disk_worker()
     gen = register(raw)["gen"]
     hashes = np.arange(1, 5, dtype=np.uint64)
@@ -255,3 +261,65 @@ def test_gds_on_is_refused_without_cuda_and_the_probe_reports_why(tmp_path, requ
     finally:
         files.close()
     assert why and isinstance(why, str)
+
+
+def test_a_second_engine_and_another_connection_are_refused(workers):
+    """One live engine per instance, and a registration belongs to the connection that made it:
+    another connection can neither register the same engine again, nor register a second engine,
+    nor move blocks in its name; the first connection goes on unharmed."""
+    first = workers.disk_worker()
+    gen = register(first)["gen"]
+    other = workers.disk_worker()                       # another DEALER: another connection
+    again = register(other, rid=2)
+    assert again["t"] == P.MsgType.DONE and again["status"] == P.Status.ERROR, again
+    assert "registered by another connection" in again["error"], again
+    second = other.ask({"t": P.MsgType.REGISTER, "id": 3, "engine": "e2", "pid": os.getpid(),
+                        "device": P.layout_to_wire(BlockLayout(DEFAULT_LAYOUT, LayoutType.LAYER_SEPARATE, 64)),
+                        "host": P.layout_to_wire(BlockLayout(DEFAULT_LAYOUT, LayoutType.FULLY_CONTIGUOUS,
+                                                             HOST_BLOCKS)),
+                        "memory": {"kind": "shm", "segment": "kvbm-none", "buffers": [{"nbytes": 1}]},
+                        "disk": {"blocks": 64, "fingerprint": FP, "model": MODEL, "cold": False}})
+    assert second["status"] == P.Status.ERROR and "is already attached to this kvbm instance" in second["error"]
+    hashes = np.array([11, 12], np.uint64)
+    fill(workers, [0, 1], hashes)
+    stolen = write(other, 4, gen, [0, 1], [5, 6], hashes)
+    assert stolen["status"] == P.Status.ERROR and "registered by another connection" in stolen["error"], stolen
+    stolen = read(other, 5, gen, [5], [2], [0])
+    assert stolen["status"] == P.Status.ERROR and "registered by another connection" in stolen["error"], stolen
+    assert entries(first, 6) == {}                     # nothing was written for the other connection
+    done = write(first, 7, gen, [0, 1], [5, 6], hashes)
+    assert done["status"] == P.Status.OK and P.unpack_field(done, "state", 2).tolist() == [P.BlockState.OK] * 2
+    workers.host[2:4] = 0
+    got = read(first, 8, gen, [5, 6], [2, 3], P.unpack_field(done, "sums", 2))
+    assert got["status"] == P.Status.OK and np.array_equal(workers.host[2:4], workers.host[0:2])
+
+
+def read_only_folder(path):
+    """Makes `path` a folder nobody can write into, root included, or skips: mode 0500 for a user;
+    for root (whom modes do not stop) the immutable attribute, where the file system has one.
+    Returns the undo."""
+    import shutil
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        return lambda: path.chmod(0o700)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i here: no folder is read-only to this user")
+    return lambda: subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+def test_a_read_only_disk_path_is_refused_at_start_with_the_reason(tmp_path):
+    ro = tmp_path / "ro"
+    undo = read_only_folder(ro)
+    try:
+        cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", f"ro{uuid.uuid4().hex[:8]}", "--runtime-dir",
+               str(tmp_path), "--host-size", str(HOST_BLOCKS * BB), "--force-cpu", "--interval", "0",
+               "--duration", "30", "--disk-path", str(ro), "--disk-size", "4MB"]
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    finally:
+        undo()
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert f"disk tier folder {ro} is not a writable directory" in out.stderr, out.stderr
+    assert "Permission denied" in out.stderr or "Operation not permitted" in out.stderr, out.stderr
+    assert os.listdir(ro) == []

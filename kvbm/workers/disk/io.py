@@ -86,9 +86,13 @@ class NixlIO:
     MAX_DIAGNOSED = 8  # failed blocks per call whose errno is looked for (and named in the errors)
 
     def __init__(self, name: str, files: DataFiles, host_regions: list[tuple[int, int]], backend: str = "auto",
-                 blocks_per_request: int = 16, max_inflight: int = 4, poll_interval_s: float = 50e-6) -> None:
-        if blocks_per_request < 1 or max_inflight < 1:
-            raise DiskError(f"blocks_per_request {blocks_per_request}, max_inflight {max_inflight}: each >= 1")
+                 blocks_per_request: int = 16, max_inflight: int = 4, poll_interval_s: float = 50e-6,
+                 read_blocks_per_request: int | None = None, read_inflight: int | None = None) -> None:
+        read_blocks_per_request = blocks_per_request if read_blocks_per_request is None else read_blocks_per_request
+        read_inflight = max_inflight if read_inflight is None else read_inflight
+        if min(blocks_per_request, max_inflight, read_blocks_per_request, read_inflight) < 1:
+            raise DiskError(f"blocks_per_request {blocks_per_request}, max_inflight {max_inflight}, read_blocks_per_"
+                            f"request {read_blocks_per_request}, read_inflight {read_inflight}: each >= 1")
         self.api = load_nixl()
         self._errors = tuple(getattr(self.api.nixlBind, n) for n in dir(self.api.nixlBind)
                              if n.startswith("nixl") and n.endswith("Error"))
@@ -96,6 +100,8 @@ class NixlIO:
         self.block_bytes = files.geometry.block_bytes
         self.blocks_per_request = blocks_per_request
         self.max_inflight = max_inflight
+        self.read_blocks_per_request = read_blocks_per_request   # reads (DISK2H) are sized apart from writes
+        self.read_inflight = read_inflight
         self.poll_interval_s = poll_interval_s
         self.regions: list[tuple[int, int]] = []
         self._file_regs: dict[int, object] = {}
@@ -210,7 +216,8 @@ class NixlIO:
         fds = np.asarray(files.fds, dtype=np.uint64)[fidx]
         local = np.stack([addrs, np.full(n, self.block_bytes, np.uint64), np.zeros(n, np.uint64)], axis=1)
         remote = np.stack([offs.astype(np.uint64), np.full(n, self.block_bytes, np.uint64), fds], axis=1)
-        k = self.blocks_per_request
+        k, limit = ((self.read_blocks_per_request, self.read_inflight) if op == "READ"
+                    else (self.blocks_per_request, self.max_inflight))
         pending = list(range(0, n, k))[::-1]  # chunk starts, popped from the end
         inflight: list[tuple[object, int]] = []
         agent = self.agent
@@ -224,7 +231,7 @@ class NixlIO:
                     raised.append(err)
 
         while pending or inflight:
-            while pending and len(inflight) < self.max_inflight and not raised:
+            while pending and len(inflight) < limit and not raised:
                 start = pending.pop()
                 end = min(start + k, n)
                 try:

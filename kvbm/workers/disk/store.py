@@ -117,13 +117,16 @@ class DiskStore:
     def open(cls, disk_path: str, instance_id: str, block_bytes: int, num_slots: int, fingerprint: int,
              model_id: int, *, host_regions: list[tuple[int, int]] = (), cold: bool = False, num_files: int = 4,
              direct: bool = True, backend: str = "auto", blocks_per_request: int = 16,
-             max_inflight: int = 4) -> DiskStore:
+             max_inflight: int = 4, read_blocks_per_request: int | None = None,
+             read_inflight: int | None = None) -> DiskStore:
         """Opens (creating where missing) the store of `instance_id` under `disk_path` and rebuilds
         its slot table from the journal: every block a previous process wrote durably is LIVE again.
 
         fingerprint, model_id: u64 ids of the KV layout and of the model/salt; a journal written
         under others raises JournalMismatchError unless `cold` (discard it, with a warning).
-        host_regions: (address, bytes) of host memory blocks move from and to (the G2 segment)."""
+        host_regions: (address, bytes) of host memory blocks move from and to (the G2 segment).
+        blocks_per_request, max_inflight: NIXL requests of writes; read_blocks_per_request,
+        read_inflight: those of reads (default: the same)."""
         load_nixl()  # a missing NIXL fails here, before anything is created on disk
         folder = InstanceDir(disk_path, instance_id)
         geometry = Geometry.of(block_bytes, num_slots, num_files)
@@ -136,7 +139,8 @@ class DiskStore:
             journal, replay = Journal.open(folder.journal_path, header, cold=cold)
             files = DataFiles.create(folder, geometry, direct=direct)
             io = NixlIO(f"kvbm-g3-{instance_id}-{os.getpid()}", files, list(host_regions), backend=backend,
-                        blocks_per_request=blocks_per_request, max_inflight=max_inflight)
+                        blocks_per_request=blocks_per_request, max_inflight=max_inflight,
+                        read_blocks_per_request=read_blocks_per_request, read_inflight=read_inflight)
         except BaseException:
             for part in (io, files, journal):
                 if part is not None:
