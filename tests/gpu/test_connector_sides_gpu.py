@@ -1,0 +1,38 @@
+"""The vLLM connector's scheduler and worker sides without vLLM, over kvbm-workers in CUDA mode
+(tensors on the GPU, shaped like vLLM's): a store planned and settled into G2, then a load into poisoned blocks, asynchronous and layer-wise
+(each layer whole once its wait returns), byte for byte. The CPU twin is
+tests/integration/test_connector_sides.py; both use tests/support/connector_sides.py.
+Needs pyzmq and msgpack (no vLLM, no hypothesis)."""
+from __future__ import annotations
+
+import pytest
+
+import kvbm
+from tests.support.connector_sides import Sides, store_then_load
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not kvbm.cuda_available(), reason="needs CUDA: kvbm.cuda_available() is False")]
+
+
+@pytest.fixture
+def sides(tmp_path, request):
+    made = []
+
+    def make(kind: str) -> Sides:
+        made.append(Sides(tmp_path / f"s{len(made)}", "cuda", kind))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["async", "layerwise"])
+@pytest.mark.parametrize("kind", ["layer", "cross"])
+def test_store_then_load_through_both_sides(sides, kind, layerwise):
+    out = store_then_load(sides(kind), layerwise)
+    assert out["got"] == out["want"] and not out["failed"]
+    assert out["recving"] == (set() if layerwise else {"B"})   # only an asynchronous load is "received"
+    assert out["active"] == 0 and out["loaded"] == 4            # the G2 blocks are released once loaded
+    if layerwise and kind == "layer":
+        assert out["layers_ok"] == [True, True, True]
