@@ -1,6 +1,6 @@
 """The vLLM connector's scheduler and worker sides without vLLM, over kvbm-workers in CUDA mode
-(tensors on the GPU, shaped like vLLM's): a store planned and settled into G2, then a load into poisoned blocks, asynchronous and layer-wise
-(each layer whole once its wait returns), byte for byte. The CPU twin is
+(tensors on the GPU, shaped like vLLM's): a store planned and settled into G2, then a load into
+poisoned blocks, asynchronous and layer-wise (each layer whole once its wait returns), byte for byte. The CPU twin is
 tests/integration/test_connector_sides.py; both use tests/support/connector_sides.py.
 Needs pyzmq and msgpack (no vLLM, no hypothesis)."""
 from __future__ import annotations

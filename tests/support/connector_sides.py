@@ -21,7 +21,16 @@ from kvbm.integrations.vllm.scheduler_side import SchedulerSide
 from kvbm.integrations.vllm.worker_side import WorkerSide
 from kvbm.manager import KvBlockManager
 from kvbm.transfer.shard_transfers import ShardTransfers
-from tests.support.shard_helpers import BLOCK_SIZE, DEADLINE, LAYERS, block_bytes, fill, make_shard, poison, shard_config
+from tests.support.shard_helpers import (
+    BLOCK_SIZE,
+    DEADLINE,
+    LAYERS,
+    block_bytes,
+    fill,
+    make_shard,
+    poison,
+    shard_config,
+)
 
 NUM_BLOCKS, HOST_BLOCKS = 32, 16
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("wire",),
     ("transfer", "workers"),
     ("manager",),
-    ("integrations", "cli", "demo"),
+    ("integrations", "vllm_integration", "cli", "demo"),   # vllm_integration: the Dynamo KVBM module path
 ]
 SIDES = ("transfer", "workers")   # same layer, but never each other
 ROOT = Path(kvbm.__file__).parent
