@@ -80,6 +80,7 @@ _INT_BOUNDS = {
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
     "disk_fsize_limit": (0, MAX_BYTES), "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
+    "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
 }
 _SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
 _INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
@@ -163,6 +164,9 @@ class KvbmConfig:
     # (16 x 4); a machine whose disk wants more concurrency sets them from its own sweep.
     disk_read_blocks: int = DISK_READ_BLOCKS
     disk_read_inflight: int = DISK_READ_INFLIGHT
+    # An onboard's G3 run is read in chunks of this many blocks, each chunk's H2D starting once it
+    # has landed (0: disk_read_blocks x disk_read_inflight, what keeps the disk worker's reads full).
+    disk_onboard_chunk_blocks: int = 0
     disk_cold_start: bool = False          # a G3 journal of another layout/model: discarded (warning), not refused
     disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
 
@@ -357,6 +361,7 @@ _ENV_KEYS = {
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",
     "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",
     "KVBM_DISK_READ_BLOCKS": "disk_read_blocks", "KVBM_DISK_READ_INFLIGHT": "disk_read_inflight",
+    "KVBM_DISK_ONBOARD_CHUNK_BLOCKS": "disk_onboard_chunk_blocks",
 }
 # KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
 _OTHER_VARS = ("KVBM_CONFIG", "KVBM_NO_CUDA", "KVBM_DEBUG", "KVBM_CUDA_ARCHS", "KVBM_TRACE")
