@@ -30,6 +30,9 @@ requests in flight in the disk worker: KvbmConfig.disk_read_inflight, one kvbm-w
   os.preadv on O_DIRECT fds of the store's own data files, at the slots holding those blocks, into
   page-aligned host memory, interleaved with the onboards in the same passes. The load rule is
   disabled (prefill rate 1 token/s): the bench measures the load, not the decision.
+  --e2e-chunk-blocks: KvbmConfig.disk_onboard_chunk_blocks (the G3 run is read in chunks of that
+  many blocks, each chunk's H2D starting when it has landed; 0: the default, read blocks x in
+  flight; 256: one chunk, the unpipelined onboard), one kvbm-workers per value too.
 """
 from __future__ import annotations
 
@@ -233,7 +236,7 @@ def e2e_layout(bb: int, layers: int, inner: int):
     return LayoutConfig(num_layers=layers, outer_dim=2, page_size=page, inner_dim=inner, dtype="bfloat16")
 
 
-def bench_e2e(folder: str, bb: int, inflight: int, args) -> list[dict]:
+def bench_e2e(folder: str, bb: int, inflight: int, chunk: int, args) -> list[dict]:
     import torch
 
     import kvbm
@@ -247,12 +250,13 @@ def bench_e2e(folder: str, bb: int, inflight: int, args) -> list[dict]:
     cuda = kvbm.cuda_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
     disk_blocks = 2 * n + 8
-    inst = f"bench-e2e-{bb >> 10}k-q{inflight}-{os.getpid()}"
+    inst = f"bench-e2e-{bb >> 10}k-q{inflight}-c{chunk}-{os.getpid()}"
     config = kvbm.KvbmConfig(instance_id=inst, runtime_dir=os.path.join(folder, "run"), layout=cfg,
                              device_blocks=2 * n, host_blocks=n, disk_blocks=disk_blocks,
                              disk_path=os.path.join(folder, "g3"), disk_admission="write-through",
                              force_cpu=not cuda, prefill_tokens_per_s=1.0, disk_read_inflight=inflight,
-                             disk_read_blocks=args.e2e_read_blocks, request_timeout_ms=600_000, log_level="WARNING")
+                             disk_read_blocks=args.e2e_read_blocks, disk_onboard_chunk_blocks=chunk,
+                             request_timeout_ms=600_000, log_level="WARNING")
     lay = BlockLayout(cfg, LayoutType.LAYER_SEPARATE, 2 * n)
     kv = kvbm.KvBlockManager(config)
     threads = [int(t) for t in args.threads.split(",")]
@@ -350,7 +354,9 @@ def bench_e2e(folder: str, bb: int, inflight: int, args) -> list[dict]:
                      ratio=statistics.median(best) / statistics.median(disk_times),
                      paired=statistics.median([b / x for b, x in zip(best, disk_times)]), best=False))
     ts = times[("e2e", inflight)]
-    rows.append(dict(block=bb, op="disk->device", who=f"onboard G3->{device} q={inflight} ({'/'.join(read_path)})",
+    chunks = chunk or args.e2e_read_blocks * inflight
+    rows.append(dict(block=bb, op="disk->device",
+                     who=f"onboard G3->{device} q={inflight} chunk={chunks} ({'/'.join(read_path)})",
                      gbs=total / statistics.median(ts) / 1e9, p99=total / pct(ts, 99) / 1e9,
                      ratio=statistics.median(best) / statistics.median(ts),
                      paired=statistics.median([b / x for b, x in zip(best, ts)]), best=False))
@@ -381,6 +387,8 @@ def main() -> None:
     ap.add_argument("--e2e-inflight", default=str(DISK_READ_INFLIGHT),
                     help="device mode: NIXL read requests in flight in the disk worker (one kvbm-workers each)")
     ap.add_argument("--e2e-read-blocks", type=int, default=DISK_READ_BLOCKS, help="device mode: blocks per NIXL read")
+    ap.add_argument("--e2e-chunk-blocks", default="0",
+                    help="device mode: blocks per chunk of an onboard's G3 run (0: read blocks x in flight)")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-inner", type=int, default=1024, help="KV heads x head dim")
     ap.add_argument("--cpu", action="store_true", help="device mode: CPU mode even with a GPU")
@@ -401,7 +409,8 @@ def main() -> None:
                 print_rows(bench_size(folder, parse_size(size), args))
             if "device" in modes:
                 for q in args.e2e_inflight.split(","):
-                    print_rows(bench_e2e(folder, parse_size(size), int(q), args))
+                    for c in args.e2e_chunk_blocks.split(","):
+                        print_rows(bench_e2e(folder, parse_size(size), int(q), int(c), args))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     sys.stdout.flush()

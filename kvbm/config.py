@@ -93,6 +93,7 @@ _INT_BOUNDS = {
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
     "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
+    "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
 }
 _SIZE_KEYS = ("host_size", "disk_size", "max_inflight_bytes")   # bytes, with units
 _INT_KEYS = tuple(k for k in _INT_BOUNDS if k not in _SIZE_KEYS)
@@ -176,6 +177,9 @@ class KvbmConfig:
     # (16 x 4); a machine whose disk wants more concurrency sets them from its own sweep.
     disk_read_blocks: int = DISK_READ_BLOCKS
     disk_read_inflight: int = DISK_READ_INFLIGHT
+    # An onboard's G3 run is read in chunks of this many blocks, each chunk's H2D starting once it
+    # has landed (0: disk_read_blocks x disk_read_inflight, what keeps the disk worker's reads full).
+    disk_onboard_chunk_blocks: int = 0
     disk_cold_start: bool = False          # a G3 journal of another layout/model: discarded (warning), not refused
     disk_fsize_limit: int = 0              # test hook: RLIMIT_FSIZE of the disk worker once its store is open (0: none)
     # ---- engine integrations (kvbm.integrations) ----
@@ -389,6 +393,7 @@ _ENV_KEYS = {
     "KVBM_ENGINE_METRICS_PORT": "engine_metrics_port", "KVBM_ENGINE_METRICS_HOST": "engine_metrics_host",
     "KVBM_EVENTS_ENDPOINT": "events_endpoint", "KVBM_EVENTS_REPLAY_ENDPOINT": "events_replay_endpoint",
     "KVBM_DISK_READ_BLOCKS": "disk_read_blocks", "KVBM_DISK_READ_INFLIGHT": "disk_read_inflight",
+    "KVBM_DISK_ONBOARD_CHUNK_BLOCKS": "disk_onboard_chunk_blocks",
 }
 # KVBM_* variables read elsewhere: the config file's name, the build's (setup.py), the eviction studies'.
 # Dynamo KVBM's variables read as aliases (see the module docstring).

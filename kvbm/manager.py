@@ -289,7 +289,9 @@ class KvBlockManager:
             self._disk = DiskTransfers(self._transfers, self._host, host_pool, self.pools[Tier.G3], self._lock,
                                        page_size=layout.config.page_size, admission=self.config.disk_admission,
                                        prefill_tokens_per_s=self.config.prefill_tokens_per_s,
-                                       max_batch_blocks=self._transfers.max_batch_blocks)
+                                       max_batch_blocks=self._transfers.max_batch_blocks,
+                                       chunk_blocks=self.config.disk_onboard_chunk_blocks
+                                       or self.config.disk_read_blocks * self.config.disk_read_inflight)
             self._disk.sync(timeout)
         if self._disk is not None:
             self._disk.worker_info = self._transfers.worker_info(P.Path.H2DISK)

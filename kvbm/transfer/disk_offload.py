@@ -25,11 +25,17 @@ Order of things:
            rests NO_SPACE_BACKOFF_S.
   onboard  the longest prefix across tiers: G2's prefix, then the run after it that G3 holds
            (own slots or a peer's), if LoadRule offers it. One CompositeFuture: the G2 part is H2D
-           at once; the G3 part reads into G2 staging blocks (DISK2H, checksums verified by the
-           worker), then H2D from them (layer progress comes from the H2D parts). Any block not
-           read intact fails the whole onboard (never reported as loaded): own blocks are dropped
-           from G3, peer blocks from the PeerIndex, and counted. A loaded G3 part is registered in
-           G2 (the staging blocks become G2 blocks), so the next hit is a G2 one.
+           at once; the G3 part is read in chunks (chunk_blocks each, evenly split), each a DISK2H
+           into G2 staging blocks (checksums verified by the worker) that is never coalesced with
+           another, all submitted at once: the disk worker reads them back to back, and each
+           chunk's H2D is submitted as soon as its read has landed, so the copy of one chunk
+           overlaps the read of the next (layer progress is the least over the H2D parts, none
+           until every chunk's H2D is submitted). Any block not read intact fails the whole
+           onboard (never reported as loaded, even when the chunks before it were copied): own
+           blocks are dropped from G3, peer blocks from the PeerIndex, and counted (one failed
+           load); chunks whose reads land after a failure are not copied to the device. The
+           onboard resolves only once every chunk has settled. A chunk read intact is registered
+           in G2 (its staging blocks become G2 blocks), so the next hit is a G2 one.
 The pool lock (kv.lock) guards every registry call; it is never held while waiting for budget
 (submissions made under it never wait: block=False, or chained parts with charge=False).
 """
@@ -78,12 +84,62 @@ class DiskCounters:
     promoted: int = 0           # loaded G3 blocks registered in G2 from their staging blocks
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """One chunk [lo, hi) of a G3 onboard's run: its hashes, G3 blocks held (-1: a peer's), owners,
+    G2 staging blocks and device blocks."""
+    lo: int
+    hi: int
+    g3h: np.ndarray
+    own_ids: np.ndarray
+    owner: np.ndarray
+    staging: np.ndarray
+    dst: np.ndarray
+
+
+class _G3Load:
+    """One G3 onboard's chunks as their reads settle (on the I/O thread, or a submitter's)."""
+
+    def __init__(self, chunks: int) -> None:
+        self._lock = threading.Lock()
+        self._left = chunks
+        self.failed = False
+        self.blocks = 0          # blocks of the reads that landed
+        self.peer_blocks = 0
+        self.read_path = ""
+
+    def fail(self) -> bool:
+        """Marks the onboard failed; True the first time (one failed load is counted)."""
+        with self._lock:
+            first, self.failed = not self.failed, True
+            return first
+
+    def landed(self, blocks: int, peer_blocks: int) -> bool:
+        """A chunk's read landed; True once every chunk's has and none failed."""
+        with self._lock:
+            self.blocks += blocks
+            self.peer_blocks += peer_blocks
+            self._left -= 1
+            return self._left == 0 and not self.failed
+
+
+def _settled_part(error: str | None = None) -> TransferFuture:
+    """A part of a G3 onboard that will not run, settled: failed with `error`, or empty."""
+    fut = TransferFuture(P.Path.DISK2D, 0, 0)
+    fut.set_running_or_notify_cancel()
+    if error is None:
+        fut.set_result(TransferResult(P.Path.DISK2D, 0, 0, 0.0))
+    else:
+        fut.set_exception(TransferError(error))
+    return fut
+
+
 class DiskTransfers:
     """G3 over a TransferManager: see the module docstring."""
 
     def __init__(self, tm: TransferManager, host: HostTransfers, host_pool: BlockPool, disk_pool: BlockPool,
                  lock: threading.RLock, *, page_size: int, admission: str, prefill_tokens_per_s: float,
-                 max_batch_blocks: int) -> None:
+                 max_batch_blocks: int, chunk_blocks: int = 0) -> None:
         self.tm = tm
         self.host = host
         self.g2 = host_pool
@@ -91,6 +147,9 @@ class DiskTransfers:
         self.lock = lock
         self.admission = admission
         self.max_batch = max(1, max_batch_blocks)
+        # Blocks per chunk of an onboard's G3 run (0: one chunk); each chunk is its own DISK2H
+        # request (at most one wire request), so its H2D can start while the next is read.
+        self.chunk_blocks = min(chunk_blocks, self.max_batch) if chunk_blocks > 0 else self.max_batch
         self.rule = LoadRule(tm.block_bytes, page_size, prefill_tokens_per_s)
         self.peers = PeerIndex()
         self.sums = np.zeros(disk_pool.num_blocks, np.uint64)   # checksum of each G3 slot's block
@@ -395,13 +454,15 @@ class DiskTransfers:
         host_prefix, g3h, own_ids, owner, slots, sums, staging = parts
         k2, k3 = int(host_prefix.shape[0]), int(g3h.shape[0])
         bpb = self.tm.block_bytes
-        read_path = {"path": ""}
+        chunks = self.chunks(k3)
+        load = _G3Load(len(chunks))
 
         def finish(_results: list[TransferResult]) -> OnboardResult:
-            return OnboardResult(requested, k2 + k3, (k2 + k3) * bpb, k2, k3, read_path["path"])
+            return OnboardResult(requested, k2 + k3, (k2 + k3) * bpb, k2, k3, load.read_path)
 
-        comp = CompositeFuture(P.Path.DISK2D, k2 + k3, self.tm.num_layers, parts=2 + (k2 > 0),
-                               layer_parts=1 + (k2 > 0), finish=finish)
+        # Parts: the G2 prefix's H2D, then per chunk its read and its H2D (or a stand-in, see _chunk_read_done).
+        comp = CompositeFuture(P.Path.DISK2D, k2 + k3, self.tm.num_layers, parts=2 * len(chunks) + (k2 > 0),
+                               layer_parts=len(chunks) + (k2 > 0), finish=finish)
         if k2:
             def host_done(_outcome: Outcome):
                 with self.lock:
@@ -418,55 +479,112 @@ class DiskTransfers:
                 raise
             comp.attach(f2, layers=True)
         dst = device_blocks[k2:k2 + k3]
-
-        def staged_done(outcome: Outcome):
-            with self.lock:
-                self.g3.release(own_ids[own_ids >= 0])
-                if outcome.ok:
-                    self.g2.complete(staging)
-                    canonical = self.g2.register(staging, g3h)
-                    self.g2.release(canonical)
-                    self.counters.promoted += k3
-                else:
-                    self.g2.release(staging)
-            return None
-
-        def read_done(outcome: Outcome):
-            detail = outcome.detail or {}
-            read_path["path"] = detail.get("read_path") or "staged"
-            if outcome.ok:
-                self.rule.observe(int(detail.get("bytes") or 0), int(detail.get("copy_us") or 0) / 1e6)
-                self.metrics.read_rate.set(self.rule.read_bytes_per_s)
-                try:
-                    f3 = self.tm.submit(P.Path.H2D, staging, dst, priority=priority, gate=gate, layers=layers,
-                                        charge=False, finalize=staged_done)
-                except BaseException as err:
-                    staged_done(Outcome(False, str(err)))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i, (lo, hi) in enumerate(chunks):
+            part = _Chunk(lo, hi, g3h[lo:hi], own_ids[lo:hi], owner[lo:hi], staging[lo:hi], dst[lo:hi])
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                fr = self.tm.submit(P.Path.DISK2H, slots[lo:hi], part.staging, priority=priority, block=block,
+                                    timeout=left, alone=len(chunks) > 1,
+                                    finalize=lambda outcome, part=part: self._chunk_read_done(
+                                        outcome, part, load, comp, priority=priority, gate=gate, layers=layers),
+                                    extra={"sums": sums[lo:hi], "owner": part.owner},
+                                    meta={"peers": list(self.peers.names)})
+            except BaseException as err:
+                with self.lock:
+                    self._unwind(own_ids[lo:], staging[lo:])
+                if i == 0:
                     comp.close()
                     raise
-                comp.attach(f3, layers=True)
-                with self.lock:
-                    self.counters.loads += 1
-                    self.counters.loaded += k3
-                    self.counters.loaded_peer += int((owner > 0).sum())
-                    self._read_paths[read_path["path"]] = self._read_paths.get(read_path["path"], 0) + k3
-                self.metrics.loaded.labels(read_path["path"]).inc(k3)
-                return None
-            self._read_failed(detail.get("state"), g3h, own_ids, owner, staging)
-            comp.close()
-            return None
+                # Chunks before this one are in flight: the onboard fails once they have settled.
+                if load.fail():
+                    self._count_failed_load()
+                logger.error("G3 load: chunk %d of %d (%d blocks) not submitted: %s; the onboard fails",
+                             i + 1, len(chunks), k3 - lo, err)
+                comp.attach(_settled_part(f"G3 load: chunk {i + 1} of {len(chunks)} not submitted: "
+                                          f"{type(err).__name__}: {err}"), layers=False)
+                for _ in range(2 * (len(chunks) - i) - 1):
+                    comp.attach(_settled_part(), layers=False)
+                break
+            comp.attach(fr, layers=False)
+        return comp
+
+    def chunks(self, k3: int) -> list[tuple[int, int]]:
+        """[lo, hi) of each chunk of a G3 run of k3 blocks: about chunk_blocks each, evenly split."""
+        n = max(1, -(-k3 // self.chunk_blocks))
+        cuts = [k3 * i // n for i in range(n + 1)]
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def _chunk_read_done(self, outcome: Outcome, part: _Chunk, load: _G3Load, comp: CompositeFuture, *,
+                         priority: int, gate: Gate | None, layers: bool) -> None:
+        """A chunk's read settled (finalize of its DISK2H): its H2D starts now, while later chunks
+        are still read. Attaches exactly one more part to `comp` (the H2D, or a stand-in), so the
+        onboard resolves once every chunk has settled, however they end (a bug here included)."""
+        attached: list[bool] = []
+
+        def attach(fut: TransferFuture, layered: bool) -> None:
+            comp.attach(fut, layers=layered)
+            attached.append(True)
 
         try:
-            fr = self.tm.submit(P.Path.DISK2H, slots, staging, priority=priority, block=block, timeout=timeout,
-                                finalize=read_done, extra={"sums": sums, "owner": owner},
-                                meta={"peers": list(self.peers.names)})
-        except BaseException:
+            self._chunk_landed(outcome, part, load, attach, priority=priority, gate=gate, layers=layers)
+        except Exception as err:  # noqa: BLE001 - the onboard must still resolve
+            logger.error("G3 load: handling a chunk's read failed", exc_info=True)
+            if load.fail():
+                self._count_failed_load()
+            if not attached:
+                attach(_settled_part(f"G3 load: {type(err).__name__}: {err}"), False)
+
+    def _chunk_landed(self, outcome: Outcome, part: _Chunk, load: _G3Load, attach, *,
+                      priority: int, gate: Gate | None, layers: bool) -> None:
+        detail = outcome.detail or {}
+        n = part.hi - part.lo
+        if not outcome.ok:
+            first = load.fail()
+            self._read_failed(detail.get("state"), part.g3h, part.own_ids, part.owner, part.staging, count=first)
+            attach(_settled_part(), False)   # its H2D never runs; the failed read fails the onboard
+            return None
+        load.read_path = detail.get("read_path") or "staged"
+        self.rule.observe(int(detail.get("bytes") or 0), int(detail.get("copy_us") or 0) / 1e6)
+        self.metrics.read_rate.set(self.rule.read_bytes_per_s)
+        if load.failed:
+            # Another chunk failed: the onboard fails, so nothing more is copied into the engine's
+            # blocks. The bytes read are verified: they still become G2 blocks.
+            self._staged_done(Outcome(True), part)
+            attach(_settled_part(), False)
+            return None
+        try:
+            f3 = self.tm.submit(P.Path.H2D, part.staging, part.dst, priority=priority, gate=gate, layers=layers,
+                                charge=False, finalize=lambda outcome: self._staged_done(outcome, part))
+        except BaseException as err:  # noqa: BLE001 - fails the onboard through its future
+            self._staged_done(Outcome(False, str(err)), part)
+            if load.fail():
+                self._count_failed_load()
+            attach(_settled_part(f"G3 load: H2D of {n} staged blocks not submitted: "
+                                 f"{type(err).__name__}: {err}"), False)
+            return None
+        attach(f3, True)
+        if load.landed(n, int((part.owner > 0).sum())):
             with self.lock:
-                self._unwind(own_ids, staging)
-            comp.close()
-            raise
-        comp.attach(fr, layers=False)
-        return comp
+                self.counters.loads += 1
+                self.counters.loaded += load.blocks
+                self.counters.loaded_peer += load.peer_blocks
+                self._read_paths[load.read_path] = self._read_paths.get(load.read_path, 0) + load.blocks
+            self.metrics.loaded.labels(load.read_path).inc(load.blocks)
+        return None
+
+    def _staged_done(self, outcome: Outcome, part: _Chunk) -> None:
+        """A chunk's H2D settled: its staging blocks become G2 blocks (loaded) or go back (failed)."""
+        with self.lock:
+            self.g3.release(part.own_ids[part.own_ids >= 0])
+            if outcome.ok:
+                self.g2.complete(part.staging)
+                canonical = self.g2.register(part.staging, part.g3h)
+                self.g2.release(canonical)
+                self.counters.promoted += part.hi - part.lo
+            else:
+                self.g2.release(part.staging)
+        return None
 
     def _acquire(self, hashes: np.ndarray, k3: int):
         """Under the lock: the G2 prefix acquired, the G3 run's own blocks acquired (before anything
@@ -517,15 +635,21 @@ class DiskTransfers:
         self.g3.release(own_ids[own_ids >= 0])
         self.g2.release(staging)
 
+    def _count_failed_load(self) -> None:
+        with self.lock:
+            self.counters.loads_failed += 1
+
     def _read_failed(self, state, g3h: np.ndarray, own_ids: np.ndarray, owner: np.ndarray,
-                     staging: np.ndarray) -> None:
-        """A G3 read did not deliver every block: drop the bad ones, free what the load held."""
+                     staging: np.ndarray, count: bool) -> None:
+        """A G3 read did not deliver every block: drop the bad ones, free what the load held
+        (`count`: the onboard's first failure, counted as a failed load)."""
         n = int(g3h.shape[0])
         state = np.full(n, P.BlockState.FAILED, np.uint8) if state is None or len(state) != n else state
         bad = state != P.BlockState.OK
         corrupt = state == P.BlockState.CORRUPT
         with self.lock:
-            self.counters.loads_failed += 1
+            if count:
+                self.counters.loads_failed += 1
             mine = bad & (own_ids >= 0)
             if mine.any():
                 self.g3.drop(own_ids[mine])

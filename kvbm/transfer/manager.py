@@ -214,13 +214,14 @@ class TransferManager:
     def submit(self, path: P.Path, src, dst, *, priority: int = 0, gate: Gate | None = None,
                layers: bool = False, block: bool = True, timeout: float | None = None,
                finalize: Finalize | None = None, extra: dict | None = None, meta: dict | None = None,
-               charge: bool = True) -> TransferFuture:
+               charge: bool = True, alone: bool = False) -> TransferFuture:
         """Copies block src[i] to dst[i] along `path`. The future resolves to a TransferResult, or
         fails with TransferError. `finalize(outcome)` runs before the future resolves, once every
         byte has landed or every request has settled as failed; its return value is result.value.
         `extra`: per-block arrays sent with the blocks (protocol.BLOCK_FIELDS); `meta`: fields of
         every wire request; `charge=False`: no in-flight budget taken (a part chained on another
-        submission's completion, within the bytes that one was charged)."""
+        submission's completion, within the bytes that one was charged); `alone=True`: its requests
+        are never coalesced with other submissions' (each chunk of a pipelined read lands on its own)."""
         path = P.Path(path)
         src = np.ascontiguousarray(np.asarray(src, dtype=np.int64)).reshape(-1)
         dst = np.ascontiguousarray(np.asarray(dst, dtype=np.int64)).reshape(-1)
@@ -241,7 +242,7 @@ class TransferManager:
                 raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} blocks "
                                   f"(known: {sorted(P.BLOCK_FIELDS)})")
         sub = Submission(path, future, nbytes if charge else 0, priority, layers, gate, finalize, time.monotonic(),
-                         meta=meta, charged=charge)
+                         meta=meta, charged=charge, alone=alone)
         if n == 0:
             self._settlement.resolve(sub)
             return future

@@ -4,7 +4,8 @@ It holds the link (our registration, kvbm.transfer.link), the socket, the priori
 waiting to be sent and the wire requests at the worker. Sending coalesces: queued requests of the
 same priority and progress mode behind the first ride in one wire request up to max_batch_blocks
 pairs, as long as their destinations do not overlap (the worker refuses such a request whole) and
-their message fields (Submission.meta) are equal.
+their message fields (Submission.meta) are equal, and neither submission asked to go alone
+(Submission.alone: the chunks of a pipelined G3 onboard, each of which must land on its own).
 Only the I/O thread touches it.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ class PathQueue:
             if nxt.state is not RequestState.QUEUED:
                 heapq.heappop(self.heap)
                 continue
-            if (nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
+            if (lead.sub.alone or nxt.sub.alone
+                    or nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
                     or nxt.sub.meta != lead.sub.meta or (nxt.extra is None) != (lead.extra is None)
                     or nxt.sub.error is not None or total + nxt.src.shape[0] > max_blocks
                     or not dsts.isdisjoint(nxt.dst.tolist())):

@@ -67,6 +67,7 @@ class Submission:
     maybe_written: bool = False     # failed while a copy into its destination may still be running
     meta: dict[str, Any] | None = None   # message fields every wire request of it carries (disk reads: peers)
     charged: bool = True            # took in-flight budget (a chained part runs on its predecessor's)
+    alone: bool = False             # never coalesced with another submission's requests (a pipelined chunk)
 
     def outcome(self) -> Outcome:
         return Outcome(self.error is None, self.error, self.maybe_written, self._detail())

@@ -511,3 +511,193 @@ def test_a_g3_run_longer_than_g2_can_stage_is_cut_there_and_the_rest_recomputed(
         for tier in (Tier.G2, Tier.G3):
             kv.pool(tier).registry.check_invariants()
             assert kv.pool(tier).registry.num_active == 0
+
+
+def spy_submissions(kv, monkeypatch, fail_read: int | None = None):
+    """Records the G3 onboard's submissions in order: ("read", n) when a DISK2H is submitted,
+    ("landed", n) when its read settled (its finalize, before it runs), ("h2d", n) when an H2D is
+    submitted. fail_read: the DISK2H submission of that index raises BackpressureError instead."""
+    from kvbm.errors import BackpressureError
+    events: list[tuple[str, int]] = []
+    tm = kv.transfers
+    submit = tm.submit
+
+    def spy(path, src, dst, **kw):
+        n = len(src)
+        if path == P.Path.DISK2H:
+            if fail_read is not None and sum(e[0] == "read" for e in events) == fail_read:
+                events.append(("refused", n))
+                raise BackpressureError("test: no budget for this chunk")
+            events.append(("read", n))
+            fin = kw["finalize"]
+
+            def landed(outcome, fin=fin, n=n):
+                events.append(("landed", n))
+                return fin(outcome)
+            kw["finalize"] = landed
+        elif path == P.Path.H2D:
+            events.append(("h2d", n))
+        return submit(path, src, dst, **kw)
+    monkeypatch.setattr(tm, "submit", spy)
+    return events
+
+
+def test_a_g3_run_is_read_in_chunks_each_copied_to_the_device_as_it_lands(make_pipeline, tmp_path, rng,
+                                                                         monkeypatch):
+    """disk_onboard_chunk_blocks=3: a run of 16 G3 blocks behind 8 of G2 is read as 6 chunks (3 or
+    2 blocks), all submitted by onboard() and each its own request at the disk worker; each chunk's
+    H2D is submitted as its read lands (before any later chunk's has), the G2 prefix's first. One
+    future, layer progress, byte for byte, every staging block promoted, nothing left held."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, disk_onboard_chunk_blocks=3)
+    kv = pipe.kv
+    n = 64
+    hashes = random_hashes(rng, n)
+    pipe.fill_random(np.arange(n), rng)
+    expected = pipe.snapshot(np.arange(n))
+    offload_in_steps(kv, np.arange(n), hashes)
+    in2, in3 = where(kv, hashes)
+    assert in2[-8:].all() and in3[:16].all() and not in2[:16].any()
+    reads_before = pipe.status()["tiers"]["g3"]["read_requests"]
+    events = spy_submissions(kv, monkeypatch)
+    q = np.concatenate([hashes[-8:], hashes[:16]])
+    pipe.poison()
+    dst = np.arange(100, 124)
+    fut = kv.onboard(q, dst)
+    sizes = [2, 3, 3, 2, 3, 3]                       # 16 blocks in 6 chunks, evenly split
+    assert events[:7] == [("h2d", 8)] + [("read", s) for s in sizes]   # every read submitted at once
+    for layer in range(pipe.device_layout.config.num_layers):
+        assert fut.wait_layer(layer, DEADLINE)
+    res = fut.result(DEADLINE)
+    assert (res.value.loaded, res.value.from_host, res.value.from_disk, res.value.read_path) == (24, 8, 16, "staged")
+    after = [e for e in events[1:] if e[0] != "read"]
+    assert after == [e for s in sizes for e in (("landed", s), ("h2d", s))]   # each H2D as its read landed
+    assert np.array_equal(pipe.snapshot(dst), expected[np.r_[n - 8:n, 0:16]])
+    assert (pipe.snapshot(np.arange(124, 140)) == 0xA5).all()
+    from tests.support.pipeline_harness import wait_for
+    wait_for(lambda: pipe.status()["tiers"]["g3"]["read_requests"] == reads_before + 6, DEADLINE,
+             "6 read requests at the disk worker (the chunks were not coalesced)")
+    st = kv.stats()["disk"]
+    assert (st["loads"], st["loaded"], st["promoted"], st["loads_failed"]) == (1, 16, 16, 0)
+    assert where(kv, hashes[:16])[0].all()
+    kv.flush_disk(DEADLINE)
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0
+
+
+def test_a_corrupt_block_in_a_middle_chunk_fails_the_whole_onboard(make_pipeline, tmp_path, rng, monkeypatch):
+    """Chunks of 2; block 5 of an 8-block G3 run flipped (chunk 3 of 4): the onboard fails (nothing
+    reported loaded, one failed load), the last chunk, read after the failure, is not copied to the
+    device; the chunks read intact are G2's now, the corrupt block is dropped from G3, every staging
+    block is released, and the next onboard loads the 5 blocks before the dropped one."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, disk_onboard_chunk_blocks=2)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    expected = pipe.snapshot(np.arange(64))
+    offload_in_steps(kv, np.arange(64), hashes)
+    run = hashes[:8]
+    assert where(kv, run)[1].all() and not where(kv, run)[0].any()
+    path, off = slot_place(pipe, run[5])
+    with open(path, "r+b") as fh:
+        fh.seek(off + 99)
+        byte = fh.read(1)[0]
+        fh.seek(off + 99)
+        fh.write(bytes([byte ^ 0x01]))
+    events = spy_submissions(kv, monkeypatch)
+    pipe.poison()
+    fut = kv.onboard(run, np.arange(100, 108))
+    with pytest.raises(TransferError, match="1 failed their checksum"):
+        fut.result(DEADLINE)
+    assert events == [("read", 2)] * 4 + [("landed", 2), ("h2d", 2)] * 2 + [("landed", 2)] * 2
+    assert (pipe.snapshot(np.arange(106, 108)) == 0xA5).all()      # read after the failure: not copied
+    st = kv.stats()["disk"]
+    assert (st["loads"], st["loads_failed"], st["loaded"], st["dropped_corrupt"]) == (0, 1, 0, 1)
+    in2, in3 = where(kv, run)
+    assert in2.tolist() == [True] * 4 + [False] * 2 + [True] * 2   # the intact chunks were promoted
+    assert in3.tolist() == [True] * 5 + [False] + [True] * 2
+    kv.flush_disk(DEADLINE)
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0
+    m = kv.match(run)
+    assert m.onboardable == 5
+    res = kv.onboard(run, np.arange(110, 118)).result(DEADLINE).value
+    assert (res.loaded, res.from_host, res.from_disk) == (5, 4, 1)
+    assert np.array_equal(pipe.snapshot(np.arange(110, 115)), expected[:5])
+
+
+def test_a_chunk_not_submitted_fails_the_onboard_after_the_ones_in_flight(make_pipeline, tmp_path, rng,
+                                                                        monkeypatch):
+    """The third chunk's read refused at submission (the first two in flight): onboard() still
+    returns its future, which fails once the first two have settled (never before: their bytes may
+    still be landing), one failed load counted; the refused chunks' staging and G3 blocks are
+    released at once, the others' as they settle (read intact: promoted to G2)."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, disk_onboard_chunk_blocks=2)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 64)
+    pipe.fill_random(np.arange(64), rng)
+    offload_in_steps(kv, np.arange(64), hashes)
+    run = hashes[:8]
+    events = spy_submissions(kv, monkeypatch, fail_read=2)
+    fut = kv.onboard(run, np.arange(100, 108))
+    with pytest.raises(TransferError, match="chunk 3 of 4 not submitted: BackpressureError"):
+        fut.result(DEADLINE)
+    assert events[:3] == [("read", 2), ("read", 2), ("refused", 2)]
+    # The first two ran to the end; each copied to the device only if it landed before the refusal.
+    assert events[3:].count(("landed", 2)) == 2 and len(events) - 3 - 2 == events[3:].count(("h2d", 2))
+    st = kv.stats()["disk"]
+    assert (st["loads"], st["loads_failed"], st["loaded"]) == (0, 1, 0)
+    assert where(kv, run)[0].tolist() == [True] * 4 + [False] * 4
+    kv.flush_disk(DEADLINE)
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0
+
+
+def test_the_disk_worker_killed_with_chunks_in_flight_fails_the_onboard_without_a_hang(make_pipeline, tmp_path,
+                                                                                     rng):
+    """Chunks of 2 at a slow disk worker (each request held 0.5 s), SIGKILLed while they are there:
+    the onboard settles (no hang); if it failed (the kill came before the last chunk landed, as it
+    does unless this machine stalls a second), nothing is reported loaded and one load counted
+    failed (the chunks that failed are dropped from G3, as any failed read's blocks are); either way
+    every staging and G3 block is released and the restarted worker serves what is left byte for
+    byte."""
+    pipe = disk_pipeline(make_pipeline, tmp_path, instance="k9r", host_blocks=16, disk_admission="write-through",
+                         disk_onboard_chunk_blocks=2, worker_delay_ms=500)
+    kv = pipe.kv
+    hashes = random_hashes(rng, 32)
+    pipe.fill_random(np.arange(32), rng)
+    expected = pipe.snapshot(np.arange(32))
+    offload_in_steps(kv, np.arange(32), hashes, step=8)
+    in2, in3 = where(kv, hashes)
+    assert in3.all() and not in2[:6].any()
+    run = hashes[:6]
+    old = pipe.status()["workers"]["h2disk"]["pid"]
+    fut = kv.onboard(run, np.arange(100, 106))
+    q = kv.transfers._paths[P.Path.DISK2H]
+    from tests.support.pipeline_harness import wait_for
+    wait_for(lambda: q.outstanding, DEADLINE, "a chunk's read at the disk worker")
+    import os
+    import signal
+    os.kill(old, signal.SIGKILL)
+    try:
+        res = fut.result(DEADLINE)
+    except TransferError:
+        st = kv.stats()["disk"]
+        assert (st["loads"], st["loads_failed"], st["loaded"]) == (0, 1, 0)
+    else:
+        assert res.value.from_disk == 6
+    st = wait_for(lambda: (s := pipe.status())["workers"]["h2disk"]["ready"] and s, DEADLINE, "the new disk worker")
+    pipe.pids.add(st["workers"]["h2disk"]["pid"])
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0
+    m = kv.match(run)
+    res = kv.onboard(run, np.arange(110, 116)).result(DEADLINE).value
+    assert res.loaded == m.onboardable
+    assert np.array_equal(pipe.snapshot(np.arange(110, 110 + res.loaded)), expected[:res.loaded])
