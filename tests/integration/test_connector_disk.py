@@ -7,7 +7,8 @@ of G2; B, with A's keys, finds them in G3 only: stage() reads them into G2, then
 copies them to poisoned device blocks, byte for byte. A flipped byte in the G3 file: the stage
 fails, B's blocks are planned as a failed load (never copied), the bad block leaves G3. Each side
 registers only its paths: a submission to another path is refused with a clear error, and the
-disk worker's register takes no device memory (the D2H/H2D workers still require it).
+disk worker's register takes no device memory (the D2H/H2D workers still require it). G3's writes are
+announced as BlockStored events of medium STORAGE.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from kvbm.errors import DiskError, LifecycleError, ProtocolError
+from kvbm.integrations.events import BlockStored, PoolEventRecorder
 from kvbm.integrations.vllm.scheduler_side import SchedulerSide
 from kvbm.integrations.vllm.worker_side import WorkerSide
 from kvbm.manager import KvBlockManager
@@ -57,7 +59,8 @@ class DiskSides:
         except BaseException:
             self.close()
             raise
-        self.side = SchedulerSide(self.manager, BLOCK_SIZE, world_size=1, disk=self.disk)
+        self.events = PoolEventRecorder(BLOCK_SIZE)
+        self.side = SchedulerSide(self.manager, BLOCK_SIZE, world_size=1, events=self.events, disk=self.disk)
         self.worker = WorkerSide(self.transfers)
 
     def run_step(self, plan):
@@ -153,6 +156,10 @@ def test_g3_blocks_are_staged_into_g2_then_loaded_byte_for_byte(sides, kind):
     assert s.manager.pool(Tier.G2).registry.num_active == 0
     assert s.where(keys)[0].all()                                # registered in G2 by the stage
     assert s.disk.stats()["loaded"] == 4
+    # G3's writes were announced as BlockStored of medium STORAGE (taken by the builds since).
+    stored = {h for e in s.events.take() if isinstance(e, BlockStored) and e.medium == "STORAGE"
+              for h in e.block_hashes}
+    assert set(keys.tolist()) <= stored
 
 
 def test_a_corrupt_g3_block_fails_the_stage_and_nothing_is_copied(sides):
