@@ -296,6 +296,52 @@ class KvBlockManager:
         if self._disk is not None:
             self._disk.worker_info = self._transfers.worker_info(P.Path.H2DISK)
 
+    def attach_disk_tier(self, layout, *, engine_id: str, group: str = "", timeout: float = 60.0):
+        """Metadata-only engines (the vLLM connector's scheduler side): connects to the instance's
+        running kvbm-workers (waiting up to `timeout` for it; never starts one: the engine's device
+        side did) and registers with its disk worker only, over this manager's G2 (FULLY_CONTIGUOUS,
+        G2's block count, `layout`'s block bytes: the layout the device side registered, whose
+        fingerprint the disk store checks) without device memory. Returns the DiskTransfers over
+        G2 and G3, synced with the store (a warm restart's blocks are in G3): stage() reads G3 into
+        G2; whoever copies G2 to the device is not this manager."""
+        from kvbm.layout import BlockLayout, LayoutType
+        from kvbm.transfer.disk_offload import DiskTransfers
+        from kvbm.transfer.launcher import connect_workers
+        from kvbm.wire import protocol as P
+        self._check_open()
+        if Tier.G2 not in self.pools or Tier.G3 not in self.pools:
+            raise ConfigError("attach_disk_tier needs a host tier (host_blocks) and a disk tier (disk_path and "
+                              "disk_blocks/disk_size)")
+        if self._transfers is not None:
+            raise LifecycleError("this manager already has a transfer runtime")
+        host_pool = self.pools[Tier.G2]
+        host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
+        tm, _ = connect_workers(self.config, host_layout.total_bytes, "G2", start=False, wait=True,
+                                timeout=timeout, engine_id=engine_id, stats_fn=self._pool_report)
+        try:
+            if P.Path.H2DISK not in tm.paths:
+                raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs "
+                                  f"without one: start it with the same disk_path and disk_size/disk_blocks")
+            tm.register(layout, host_layout, None, timeout, disk=self._disk_store(layout), group=group,
+                        paths=P.DISK_PATHS)
+            disk = DiskTransfers(tm, None, host_pool, self.pools[Tier.G3], self._lock,
+                                 page_size=layout.config.page_size, admission=self.config.disk_admission,
+                                 prefill_tokens_per_s=self.config.prefill_tokens_per_s,
+                                 max_batch_blocks=tm.max_batch_blocks)
+            disk.sync(timeout)
+            disk.worker_info = tm.worker_info(P.Path.H2DISK)
+        except BaseException:
+            tm.close()
+            raise
+        self._transfers, self._disk = tm, disk
+        self.device_layout = layout
+        return disk
+
+    @property
+    def disk(self):
+        """The DiskTransfers of this manager's G3 (None without a connected disk tier)."""
+        return self._disk
+
     def _disk_store(self, layout) -> dict | None:
         """What the disk worker opens for this engine's G3: slots, layout fingerprint, model id."""
         if Tier.G3 not in self.pools:

@@ -36,6 +36,10 @@ Order of things:
            load); chunks whose reads land after a failure are not copied to the device. The
            onboard resolves only once every chunk has settled. A chunk read intact is registered
            in G2 (its staging blocks become G2 blocks), so the next hit is a G2 one.
+  stage    (no device: the vLLM connector's scheduler side, `host` None) the G3 run of the given
+           hashes read into G2 staging blocks and registered in G2 there, handed to the caller
+           acquired; its workers then copy G2 to the device. A read not intact fails as onboard's.
+           `stored_log`, when a list, collects the hashes each write put in G3 (for KV events).
 The pool lock (kv.lock) guards every registry call; it is never held while waiting for budget
 (submissions made under it never wait: block=False, or chained parts with charge=False).
 """
@@ -137,7 +141,7 @@ def _settled_part(error: str | None = None) -> TransferFuture:
 class DiskTransfers:
     """G3 over a TransferManager: see the module docstring."""
 
-    def __init__(self, tm: TransferManager, host: HostTransfers, host_pool: BlockPool, disk_pool: BlockPool,
+    def __init__(self, tm: TransferManager, host: HostTransfers | None, host_pool: BlockPool, disk_pool: BlockPool,
                  lock: threading.RLock, *, page_size: int, admission: str, prefill_tokens_per_s: float,
                  max_batch_blocks: int, chunk_blocks: int = 0) -> None:
         self.tm = tm
@@ -168,7 +172,9 @@ class DiskTransfers:
         self._refreshing = 0.0              # when the peer refresh in flight was asked (0: none)
         self._read_paths: dict[str, int] = {}
         self.worker_info: dict = {}
-        host.disk = self
+        self.stored_log: list[np.ndarray] | None = None   # hashes newly written to G3, kept for events when a list
+        if host is not None:      # None: metadata only (the vLLM connector's scheduler side): stage(), no onboard()
+            host.disk = self
 
     # ---- entries: warm restart and peers ------------------------------------------------------
     def sync(self, timeout: float = 30.0) -> None:
@@ -395,6 +401,8 @@ class DiskTransfers:
                     canonical = self.g3.register(done, hashes[ok])
                     self.sums[done] = detail["sums"][ok]
                     self.g3.release(canonical)
+                    if self.stored_log is not None:
+                        self.stored_log.append(hashes[ok])
                 if (~ok).any():
                     self.g3.release(slots[~ok])
                     self.counters.write_failed += int((~ok).sum())
@@ -439,6 +447,9 @@ class DiskTransfers:
         if device_blocks.shape[0] < hashes.shape[0]:
             raise LayoutError(f"onboard: {hashes.shape[0]} hashes but only {device_blocks.shape[0]} device blocks")
         requested = int(hashes.shape[0])
+        if self.host is None:
+            raise LifecycleError("onboard: this disk tier has no host transfers (a metadata-only engine stages "
+                                 "G3 into G2 with stage(); its workers copy G2 to the device)")
         with self.lock:
             _, k3, offered = self.plan(hashes, count=True)
             if not offered:
@@ -592,7 +603,18 @@ class DiskTransfers:
         looked up, and k3 staging blocks allocated in G2 (fewer when G2 is short)."""
         host_prefix = np.asarray(self.g2.match(hashes, acquire=True), dtype=np.int64)
         k2 = int(host_prefix.shape[0])
-        g3h = hashes[k2:k2 + k3]
+        try:
+            staged = self._acquire_run(hashes[k2:k2 + k3])
+        except BaseException:
+            self.g2.release(host_prefix)
+            raise
+        return (host_prefix, *staged)
+
+    def _acquire_run(self, g3h: np.ndarray):
+        """Under the lock: a run of hashes G3 holds (own or a peer's) acquired for a read into G2
+        staging blocks: (hashes, own ids, owners, slots, checksums, staging), cut to the staging
+        blocks G2 could give."""
+        k3 = int(g3h.shape[0])
         own_ids = np.full(k3, -1, np.int64)
         own = self.g3.lookup(g3h) >= 0
         # Own blocks, acquired run by run (match takes a run of hashes held in order).
@@ -611,7 +633,6 @@ class DiskTransfers:
         idx = self.peers.find(g3h[peer])
         if (idx < 0).any():   # plan() saw them under this same lock hold: cannot happen
             self.g3.release(own_ids[own_ids >= 0])
-            self.g2.release(host_prefix)
             raise LifecycleError("G3 onboard: a peer entry vanished under the lock")
         staging = self.g2.allocate(k3)
         if staging is None:
@@ -629,7 +650,57 @@ class DiskTransfers:
             owner[peer], slots[peer], sums[peer] = self.peers.entries(idx)
         if self.admission == "victim":
             self._clean()       # the staging allocation may have taken G2's free reserve
-        return host_prefix, g3h[:n], own_ids[:n], owner[:n], slots[:n], sums[:n], staging
+        return g3h[:n], own_ids[:n], owner[:n], slots[:n], sums[:n], staging
+
+    def stage(self, hashes, *, priority: int = 1, timeout: float | None = None) -> TransferFuture:
+        """G3 -> G2 without a device: the longest run of `hashes` (from the first) that G3 holds is
+        read into G2 staging blocks (DISK2H, checksums verified by the worker) and registered in G2
+        there, as onboard's G3 part does before its H2D. The future's result().value is the G2 block
+        of each staged hash, in order (fewer than asked when G3 or G2's staging room ran short; none
+        when G3 holds no first block), each ACQUIRED for the caller, who releases them once its own
+        copy out of G2 is over. A read that is not intact fails the future (TransferError): bad own
+        blocks are dropped from G3, bad peer entries forgotten, nothing is registered in G2. The
+        caller decided to load (LoadRule, through plan()); stage() does not ask again."""
+        hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
+        with self.lock:
+            k3 = self.prefix(hashes)
+            parts = self._acquire_run(hashes[:k3]) if k3 else None
+            if parts is not None and not parts[5].shape[0]:
+                parts = None         # no G2 block free for staging
+        if parts is None:
+            return self.tm.submit(P.Path.DISK2H, np.empty(0, np.int64), np.empty(0, np.int64),
+                                  finalize=lambda _o: np.empty(0, np.int64))
+        g3h, own_ids, owner, slots, sums, staging = parts
+        k3 = int(g3h.shape[0])
+
+        def read_done(outcome: Outcome):
+            detail = outcome.detail or {}
+            path = detail.get("read_path") or "staged"
+            if not outcome.ok:
+                self._read_failed(detail.get("state"), g3h, own_ids, owner, staging, count=True)
+                return None
+            self.rule.observe(int(detail.get("bytes") or 0), int(detail.get("copy_us") or 0) / 1e6)
+            self.metrics.read_rate.set(self.rule.read_bytes_per_s)
+            with self.lock:
+                self.g3.release(own_ids[own_ids >= 0])
+                self.g2.complete(staging)
+                canonical = self.g2.register(staging, g3h)    # held: the caller releases them
+                self.counters.promoted += k3
+                self.counters.loads += 1
+                self.counters.loaded += k3
+                self.counters.loaded_peer += int((owner > 0).sum())
+                self._read_paths[path] = self._read_paths.get(path, 0) + k3
+            self.metrics.loaded.labels(path).inc(k3)
+            return np.asarray(canonical, dtype=np.int64)
+
+        try:
+            return self.tm.submit(P.Path.DISK2H, slots, staging, priority=priority, block=False, timeout=timeout,
+                                  finalize=read_done, extra={"sums": sums, "owner": owner},
+                                  meta={"peers": list(self.peers.names)})
+        except BaseException:
+            with self.lock:
+                self._unwind(own_ids, staging)
+            raise
 
     def _unwind(self, own_ids: np.ndarray, staging: np.ndarray) -> None:
         self.g3.release(own_ids[own_ids >= 0])

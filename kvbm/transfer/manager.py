@@ -113,6 +113,7 @@ class TransferManager:
         self._incoming: list[Submission] = []
         self._register_asked = False
         self._register_msg: dict | None = None
+        self._registered: frozenset[P.Path] = frozenset()   # the paths register() registered with
         self._limits: dict[P.Path, tuple[int, int]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -172,16 +173,29 @@ class TransferManager:
     def cuda(self) -> bool:
         return bool(self.welcome and self.welcome.get("cuda"))
 
-    def register(self, device_layout, host_layout, memory: dict, timeout: float = 30.0,
-                 disk: dict | None = None, *, group: str = "", host_offset: int = 0) -> None:
+    def register(self, device_layout, host_layout, memory: dict | None, timeout: float = 30.0,
+                 disk: dict | None = None, *, group: str = "", host_offset: int = 0,
+                 paths=None) -> None:
         """Hands every path worker the layouts and the device memory; waits for all of them.
         `disk`: the G3 store the disk worker opens ({blocks, fingerprint, model, cold}).
         `group`: the engine this is a TP rank of (its ranks share the workers); `host_offset`: the
-        byte of the G2 segment where this registration's host layout starts."""
+        byte of the G2 segment where this registration's host layout starts. `paths`: register with
+        these paths' workers only (default: every path kvbm-workers serves); a submission to another
+        path is refused. `memory` None: no device memory (only for the disk paths, whose worker
+        maps none: a metadata-only engine, such as the vLLM connector's scheduler side)."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         if self._dead:
             raise LifecycleError(f"{self._dead}: close this manager and start a new one")
+        chosen = tuple(self._paths) if paths is None else tuple(P.Path(p) for p in paths)
+        missing = [p.label for p in chosen if p not in self._paths]
+        if missing or not chosen:
+            raise LifecycleError(f"register: kvbm-workers serves {[p.label for p in self._paths]}, not "
+                                 f"{missing or 'an empty set of paths'}")
+        if memory is None and any(p not in P.DISK_PATHS for p in chosen):
+            raise LayoutError(f"register: the {', '.join(p.label for p in chosen if p not in P.DISK_PATHS)} "
+                              f"worker(s) copy device memory, and none was given")
+        self._registered = frozenset(chosen)
         self.block_bytes = device_layout.config.block_bytes
         self.num_layers = self._settlement.num_layers = device_layout.config.num_layers
         # Index bounds of each path's (source, destination), checked by submit().
@@ -190,19 +204,20 @@ class TransferManager:
         if disk is not None:   # reads name slots of other instances' stores too: checked by the worker
             self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
-                              "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout),
-                              "memory": memory}
+                              "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
+        if memory is not None:
+            self._register_msg["memory"] = memory
         if disk is not None:
             self._register_msg["disk"] = dict(disk)
         if group or host_offset:
             self._register_msg.update(group=group, host_offset=int(host_offset))
-        for q in self._paths.values():
+        for q in self._registered_queues():
             q.link.reset()
         with self._lock:
             self._register_asked = True
         self._wake()
         deadline = time.monotonic() + timeout
-        for q in self._paths.values():
+        for q in self._registered_queues():
             link = q.link
             if not link.ready.wait(max(0.0, deadline - time.monotonic())):
                 raise KvbmTimeoutError(f"{link.path.label} worker did not accept the registration within {timeout} s"
@@ -252,6 +267,8 @@ class TransferManager:
             return future
         if path not in self._paths:
             raise LifecycleError(f"no worker for path {path.label}; connect() first")
+        if self._register_msg is not None and path not in self._registered:
+            raise LifecycleError(self._unregistered_text(path))
         self._check_blocks(path, src, dst)
         if threading.current_thread() is self._thread:
             # On the I/O thread (a layer or done callback, a finalize): waiting would stop the
@@ -315,6 +332,8 @@ class TransferManager:
         path = P.Path(path)
         if path not in self._paths:
             raise LifecycleError(P.NO_DISK_TIER if path in P.DISK_PATHS else f"no worker for path {path.label}")
+        if self._register_msg is not None and path not in self._registered:
+            raise LifecycleError(self._unregistered_text(path))
         if self._closing or self._dead:
             raise LifecycleError(self._dead or "transfer manager is closed")
         rid = next(self._ids)
@@ -356,6 +375,13 @@ class TransferManager:
         with self._lock:
             if not self._closing:
                 os.eventfd_write(self._wake_fd, 1)
+
+    def _registered_queues(self) -> list[PathQueue]:
+        return [q for p, q in self._paths.items() if p in self._registered]
+
+    def _unregistered_text(self, path: P.Path) -> str:
+        return (f"{path.label}: this transfer manager registered with {sorted(p.label for p in self._registered)} "
+                f"only (register(paths=...)); it cannot submit to {path.label}")
 
     @property
     def paths(self) -> tuple[P.Path, ...]:
@@ -451,7 +477,7 @@ class TransferManager:
                 q.push(req)
 
     def _send_register(self, q: PathQueue) -> None:
-        if self._register_msg is None:
+        if self._register_msg is None or q.path not in self._registered:
             return
         rid = next(self._ids)
         q.link.begin_register(rid)
@@ -846,7 +872,7 @@ class TransferManager:
     def _unregister(self, timeout: float) -> None:
         """Asks every worker to drop this engine's mappings; bounded wait, best effort."""
         deadline = time.monotonic() + timeout
-        for q in self._paths.values():
+        for q in self._registered_queues():
             try:
                 q.sock.send(P.encode({"t": P.MsgType.UNREGISTER, "id": 0, "engine": self.engine_id}), zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -18,7 +18,8 @@ Order:
   3. attach(tensors): the layout is detected (vLLM's per-layer [2, num_blocks, block_size, heads,
      head_dim] list, or one cross-layer tensor); rank 0 finds the instance's kvbm-workers or starts
      one with a G2 of world_size regions, the other ranks wait for it; then a TransferManager
-     connects and registers the tensors at the rank's host offset
+     connects and registers the tensors at the rank's host offset with the D2H and H2D workers
+     (not the disk worker: the engine's G2 registry, which decides what goes to G3, registers there)
   4. store(device_blocks, host_blocks) -> D2H future; load(host_blocks, device_blocks) -> H2D future
      with per-layer progress (future.wait_layer(l)); bad block ids raise LayoutError and submit nothing
   5. close(): unregisters, stops the kvbm-workers this rank started (rank 0 only: close it last),
@@ -56,7 +57,8 @@ class ShardTransfers:
             raise ConfigError(f"host_blocks must be a positive block count, got {host_blocks!r}")
         if world_size > 1 and config.disk_path and (config.disk_blocks or config.disk_size):
             raise ConfigError(f"the disk tier with tensor parallelism is not supported yet (world_size "
-                              f"{world_size}, disk_path {config.disk_path}): run without a disk tier")
+                              f"{world_size}, disk_path {config.disk_path}): a G3 block would hold one rank's "
+                              f"shard only; run TP > 1 without a disk tier (G2 only), or the disk tier with TP 1")
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -102,8 +104,11 @@ class ShardTransfers:
                                    f"{layout.config.block_bytes} bytes)",
             start=self.rank == 0, wait=self.rank != 0, timeout=timeout, engine_id=self.engine_id)
         try:
+            # D2H and H2D only: a rank copies between its device and G2. The disk worker sees one
+            # engine of the group, the one that owns the G2 registry (the vLLM connector's
+            # scheduler side, through KvBlockManager.attach_disk_tier).
             tm.register(layout, host_layout, memory, timeout, group=self.group,
-                        host_offset=self.rank * host_layout.total_bytes)
+                        host_offset=self.rank * host_layout.total_bytes, paths=(P.Path.D2H, P.Path.H2D))
         except BaseException:
             tm.close()
             if workers is not None:

@@ -24,8 +24,9 @@ conversation:
   4. supervisor -> engines (PUB events)    {t: event, kind: started|died|stopping, path, gen, ...}
 The disk worker (one process serving H2DISK and DISK2H, when a disk tier is configured) speaks the
 same conversation. Its register carries {disk: {blocks, fingerprint, model, cold}} (the G3 store it
-opens); its xfer requests carry per-block arrays (BLOCK_FIELDS: the sequence hashes of a write, the
-expected checksums and owners of a read) and its done replies per-block outcomes ("state",
+opens) and may leave out `memory` (it maps no engine memory; the D2H/H2D workers require it); its
+xfer requests carry per-block arrays (BLOCK_FIELDS: the sequence hashes of a write, the expected
+checksums and owners of a read) and its done replies per-block outcomes ("state",
 "sums") and the read path that ran. {t: entries} asks it for the G3 blocks it holds (its own, and
 other instances' in a shared directory): answered by {t: entries, part...}* then {t: entries, last}.
 A request that cannot be parsed is answered {t: done, id: -1 or its id, status: ERROR, error: ...};
@@ -344,9 +345,12 @@ def register_placement(msg: dict) -> tuple[str, int]:
     return group, _int(msg, "host_offset", 0, 2**48, 0)
 
 
-def validate_register(msg: dict) -> tuple[dict, dict, dict]:
+def validate_register(msg: dict, need_memory: bool = True) -> tuple[dict, dict, dict | None]:
     """(device layout map, host layout map, device memory map) of a register request; its
-    placement fields (group, host_offset) are checked too and read with register_placement."""
+    placement fields (group, host_offset) are checked too and read with register_placement.
+    `memory` may be absent only where the worker maps no engine memory (the disk worker: a
+    metadata-only engine, the vLLM connector's scheduler side, registers without tensors); the
+    memory map is None then."""
     _str(msg, "engine")
     _int(msg, "pid", 0, 2**31, 0)
     register_placement(msg)
@@ -357,6 +361,12 @@ def validate_register(msg: dict) -> tuple[dict, dict, dict]:
         _int(lay, "type", 0, 1)
         _int(lay, "order", 0, 1, 0)
         _int(lay, "num_blocks", 1, 2**40)
+    if msg.get("memory") is None:
+        if need_memory:
+            raise ProtocolError("memory: this worker copies to and from the engine's device memory, and the "
+                                "register request names none (only the disk worker takes a registration "
+                                "without memory)")
+        return device, host, None
     mem = _map(msg, "memory")
     kind = _str(mem, "kind")
     if kind not in ("shm", "cuda_ipc"):

@@ -12,7 +12,9 @@ Order of things:
      disk folder, the instance id, the GDS mode and a test
      hook (a file size limit); ignores SIGXFSZ, so a size limit fails a write with EFBIG instead of
      killing the process; maps G2 (never pins it: NIXL POSIX moves host bytes through the kernel)
-  2. an engine registers: the usual layouts, plus {disk: {blocks, fingerprint, model, cold}}. The
+  2. an engine registers: the usual layouts (no device memory needed: a metadata-only engine, such
+     as the vLLM connector's scheduler side, registers with this worker alone), plus {disk:
+     {blocks, fingerprint, model, cold}}. The
      first such registration opens the DiskStore of this instance under disk_path with that slot
      count, layout fingerprint and model id: the journal is replayed (a warm restart), a journal
      of another layout or model refuses the registration with JournalMismatchError's text unless
@@ -129,7 +131,7 @@ class DiskWorker(PathWorker):
                                 f"another connection")
 
     def _register(self, ident: bytes, msg: dict) -> None:
-        _, host_map, _ = P.validate_register(msg)
+        _, host_map, _ = P.validate_register(msg, need_memory=False)
         host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
         self._refuse_second_engine(engine, group, host_offset, host)

@@ -134,7 +134,12 @@ def test_second_engine_overlap_and_range_past_g2_are_refused(ranks):
 
 def test_disk_worker_refuses_a_group_of_several_ranks(ranks, tmp_path):
     """kvbm-workers with a disk tier (started here, as a shared instance would be); the ranks come
-    with a config without one (ShardTransfers itself refuses TP with a disk tier)."""
+    with a config without one (ShardTransfers itself refuses TP with a disk tier). The ranks register
+    with the D2H/H2D workers only (the disk worker sees the engine's scheduler side), so both attach;
+    registrations of one group that do reach the disk worker are refused past the first."""
+    from kvbm.hashing import layout_fingerprint, model_id
+    from kvbm.transfer.launcher import connect_workers
+    from kvbm.wire import protocol as P
     rank0 = ranks(rank=0, world=2, group="eng", host_blocks=8)
     disk_cfg = shard_config(rank0.config.runtime_dir, rank0.config.instance_id, disk_path=str(tmp_path / "disk"),
                             disk_blocks=16)
@@ -142,14 +147,25 @@ def test_disk_worker_refuses_a_group_of_several_ranks(ranks, tmp_path):
     from kvbm.layout import detect_layout
     g2 = 2 * 8 * detect_layout(tensors0).config.block_stride
     workers = WorkersProcess(disk_cfg, g2)
+    tms = []
     try:
         workers.start(60)
         rank0.attach(tensors0)                 # offset 0, alone in its group: accepted, as an engine
         assert "h2disk" in {p.label for p in rank0.transfers.paths}
         rank1 = ranks(rank=1, world=2, group="eng", host_blocks=8)
+        rank1.attach(make_shard(rank1, "layer", torch.bfloat16, num_blocks=8))   # D2H/H2D only: accepted
+        layout, host = rank0.device_layout, rank0.host_layout
+        store = {"blocks": 16, "fingerprint": layout_fingerprint(layout.config), "model": model_id(None),
+                 "cold": False}
+        for r in range(2):
+            tms.append(connect_workers(disk_cfg, g2, "G2", start=False, engine_id=f"eng/d{r}")[0])
+        tms[0].register(layout, host, None, 30, disk=store, group="eng", paths=P.DISK_PATHS)
         with pytest.raises(TransferError, match="disk tier with tensor parallelism is not supported"):
-            rank1.attach(make_shard(rank1, "layer", torch.bfloat16, num_blocks=8))
+            tms[1].register(layout, host, None, 30, disk=store, group="eng", host_offset=host.total_bytes,
+                            paths=P.DISK_PATHS)
     finally:
+        for tm in tms:
+            tm.close()
         for st in (rank0,):
             st.close()
         workers.stop()

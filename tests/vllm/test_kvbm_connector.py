@@ -45,12 +45,19 @@ class Engine:
                                               kv_connector_module_path="kvbm.integrations.vllm",
                                               kv_connector_extra_config=settings)
         kv_cache_config = H.make_kv_cache_config(self.vllm_config, num_blocks)
-        self.scheduler = H.make_scheduler(self.vllm_config, kv_cache_config)
-        self.worker = H.make_connector(self.vllm_config, KVConnectorRole.WORKER, kv_cache_config)
-        assert isinstance(self.scheduler.connector, KvbmConnector) and isinstance(self.worker, KvbmConnector)
         shape = (2, num_blocks, BS, H.NUM_KV_HEADS, H.HEAD_SIZE)
         self.kv = {name: torch.zeros(shape, dtype=torch.float16) for name in H.LAYER_NAMES}   # vLLM's own tensors
-        self.worker.register_kv_caches(self.kv)
+        if settings.get("disk_path"):
+            # As vLLM's EngineCore: the workers register their KV caches, then the scheduler is
+            # built (its connector connects to the running kvbm-workers' disk worker).
+            self.worker = H.make_connector(self.vllm_config, KVConnectorRole.WORKER, kv_cache_config)
+            self.worker.register_kv_caches(self.kv)
+            self.scheduler = H.make_scheduler(self.vllm_config, kv_cache_config)
+        else:
+            self.scheduler = H.make_scheduler(self.vllm_config, kv_cache_config)
+            self.worker = H.make_connector(self.vllm_config, KVConnectorRole.WORKER, kv_cache_config)
+            self.worker.register_kv_caches(self.kv)
+        assert isinstance(self.scheduler.connector, KvbmConnector) and isinstance(self.worker, KvbmConnector)
         self.settle = settle
 
     @property
@@ -118,6 +125,11 @@ class Engine:
                                  kv_connector_worker_meta=worker_meta)
 
     def wait_transfers(self) -> None:
+        for staging in list(getattr(self.side, "_staging", ())):   # G3 reads into G2 (disk tier)
+            try:
+                staging.future.result(DEADLINE)
+            except Exception:  # noqa: BLE001 - the scheduler side plans the failure
+                pass
         side = self.worker.worker
         for pending in list(side.loads.values()) + list(side.stores.values()):
             if pending.future is not None:

@@ -5,7 +5,8 @@
 
 Parts:
   KvbmConnector          one class, two roles. SCHEDULER: a SchedulerSide over a metadata-only
-                         KvBlockManager (the G2 pool). WORKER (one per TP rank): a WorkerSide over a
+                         KvBlockManager (the G2 pool; with a disk tier also G3, registered with the
+                         engine's disk worker). WORKER (one per TP rank): a WorkerSide over a
                          ShardTransfers registered with the engine's kvbm-workers (rank 0 starts it
                          when none runs).
   KvbmConnectorMetadata  the StepPlan vLLM carries from the scheduler to every rank
@@ -23,6 +24,16 @@ load names its blocks in the same step. Stores run after each forward pass (wait
 every block that became full; vLLM keeps a finished request's blocks until its stores are done
 (request_finished -> True, then finished_sending), and waits for the stores of a preempted request
 before reusing its blocks (handle_preemptions).
+
+The disk tier (G3: disk_path and disk_size/disk_blocks, e.g. in kv_connector_extra_config; TP 1):
+the workers' kvbm-workers runs the disk worker; the scheduler side, created after the workers
+registered (vLLM builds its scheduler once the KV caches exist), connects to it, registers with
+the disk worker only (KvBlockManager.attach_disk_tier, over G2's layout from kv_cache_config's
+spec: the layout the rank registered, which the rank checks) and keeps G3's registry. G2 blocks go
+to G3 by the admission rule (disk_admission); a lookup offers G3's run after G2's prefix (when the
+LoadRule says loading beats recomputing); such a load waits asynchronously for the G3 read into
+G2 (checksums verified), then runs as a G2 load. A G3 read that is not intact is never loaded:
+vLLM recomputes those blocks.
 
 Keys: vLLM's block hashes (request.block_hashes, one per hash_block_size tokens; the hash at a
 block's last sub-block names the block) folded to u64 the way vLLM folds them for its own KV events
@@ -54,6 +65,7 @@ from kvbm.integrations.events import KvEventPublisher, PoolEventRecorder, to_vll
 from kvbm.integrations.vllm.plan import RankReport, StepPlan
 from kvbm.integrations.vllm.scheduler_side import SchedulerSide
 from kvbm.integrations.vllm.worker_side import WorkerSide
+from kvbm.pools import Tier
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +128,22 @@ def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], in
     return spec.block_size, layers, spec.page_size_bytes * len(layers)
 
 
+def _spec_layout(kv_cache_config: KVCacheConfig):
+    """The LayoutConfig of one block of this rank, from the KV cache group's spec: what
+    kvbm.layout.detect_layout finds in the tensors vLLM allocates for it (per layer [2, num_blocks,
+    block_size, heads, head_dim], or MLA's [num_blocks, block_size, dim])."""
+    from kvbm.layout import LayoutConfig, dtype_name
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+    mla = type(spec).__name__.startswith("MLA")
+    return LayoutConfig(num_layers=layers, outer_dim=1 if mla else 2, page_size=spec.block_size,
+                        inner_dim=spec.num_kv_heads * spec.head_size, dtype=dtype_name(spec.dtype))
+
+
+def _has_disk(config: KvbmConfig) -> bool:
+    return bool(config.disk_path and (config.disk_blocks or config.disk_size))
+
+
 def _load_mode(extra: dict) -> str:
     mode = str(extra.get("vllm_load", "async"))
     if mode not in ("async", "layerwise"):
@@ -149,10 +177,17 @@ class KvbmConnector(KVConnectorBase_V1):
             raise ConfigError(f"vLLM block of {self.block_tokens} tokens is not a multiple of its hash block "
                               f"({hash_tokens} tokens)")
         self.hashes_per_block = self.block_tokens // hash_tokens
+        self.device_blocks = kv_cache_config.num_blocks
+        self.disk = _has_disk(self.config)
+        if self.disk and self.world_size > 1:
+            raise ConfigError(f"kvbm connector: the disk tier (disk_path {self.config.disk_path}) with tensor "
+                              f"parallelism is not supported yet (tensor_parallel_size {self.world_size}: a G3 "
+                              f"block would hold one rank's shard); run TP > 1 without a disk tier (G2 only)")
+        self.layout = _spec_layout(kv_cache_config) if self.disk else None
         self.host_blocks = self._host_blocks()
         self._keys: dict[str, tuple[int, np.ndarray]] = {}   # req -> (hashes folded, keys)
         self._requests: dict[str, Request] = {}
-        self._local_tokens: dict[str, int] = {}     # req -> vLLM's own prefix at the last lookup
+        self._local_tokens: dict[str, tuple[int, bool]] = {}  # req -> (vLLM's own prefix, G3 part?) at the last lookup
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         self._transfers = None
@@ -181,19 +216,33 @@ class KvbmConnector(KVConnectorBase_V1):
     # ---- scheduler role -------------------------------------------------------------------------
     def _start_scheduler(self, vllm_config: VllmConfig) -> None:
         from kvbm.manager import KvBlockManager
-        if self.config.disk_path or self.config.disk_blocks or self.config.disk_size:
-            logger.warning("kvbm connector: the disk tier (G3) is not reached through the vLLM connector in this "
-                           "version; G2 only")
         _warn_unreproducible_hashes(vllm_config)
-        meta_config = dataclasses.replace(self.config, host_blocks=self.host_blocks, host_size=None,
-                                          device_blocks=0, disk_blocks=None, disk_size=None, disk_path=None)
+        c = self.config
+        if self.disk:
+            meta_config = dataclasses.replace(c, host_blocks=self.host_blocks, host_size=None, device_blocks=0,
+                                              disk_blocks=c.disk_blocks_for(self.layout), disk_size=None)
+        else:
+            meta_config = dataclasses.replace(c, host_blocks=self.host_blocks, host_size=None, device_blocks=0,
+                                              disk_blocks=None, disk_size=None, disk_path=None)
         self._manager = KvBlockManager(meta_config)
+        disk = None
+        try:
+            if self.disk:
+                from kvbm.layout import BlockLayout, LayoutType
+                device = BlockLayout(self.layout, LayoutType.LAYER_SEPARATE, self.device_blocks)
+                disk = self._manager.attach_disk_tier(device, engine_id=f"{c.instance_id}/sched",
+                                                      group=c.instance_id)
+                logger.info("kvbm connector: G3 %d blocks in %s (%s admission), %d found on disk",
+                            self._manager.pools[Tier.G3].num_blocks, c.disk_path, c.disk_admission,
+                            self._manager.pools[Tier.G3].registry.num_inactive)
+        except BaseException:
+            self._manager.close()
+            raise
         from kvbm.metrics import EngineMetrics, serve_engine
         self.metrics = EngineMetrics()
         self.events = PoolEventRecorder(self.block_tokens)
         self.scheduler = SchedulerSide(self._manager, self.block_tokens, self.world_size,
-                                       self.shard_block_bytes * self.world_size, self.events, self.metrics)
-        c = self.config
+                                       self.shard_block_bytes * self.world_size, self.events, self.metrics, disk)
         if c.engine_metrics_port is not None:
             self._metrics_server = serve_engine(self.metrics.registry, c.engine_metrics_port, c.engine_metrics_host)
             logger.info("kvbm connector: engine metrics at %s", self._metrics_server.url)
@@ -217,26 +266,33 @@ class KvbmConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.scheduler is None or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
-        tokens = self.scheduler.lookup(self._request_keys(request), num_computed_tokens, request.num_tokens)
-        self._local_tokens[request.request_id] = num_computed_tokens   # where the load starts
-        return tokens, tokens > 0 and not self.layerwise
+        host, disk = self.scheduler.lookup_tiers(self._request_keys(request), num_computed_tokens,
+                                                 request.num_tokens)
+        tokens = host + disk
+        self._local_tokens[request.request_id] = (num_computed_tokens, disk > 0)   # where the load starts
+        # A G3 part is read into G2 before its copy: always an asynchronous load.
+        return tokens, tokens > 0 and (disk > 0 or not self.layerwise)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self.scheduler is None:
             return
-        local = self._local_tokens.pop(request.request_id, None)
+        looked = self._local_tokens.pop(request.request_id, None)
         if num_external_tokens <= 0:
             return
-        if local is None:
+        if looked is None:
             logger.warning("kvbm connector: request %s was allocated %d external tokens without a lookup; "
                            "nothing loaded", request.request_id, num_external_tokens)
             return
+        local, from_disk = looked
         # `blocks` is the request's whole table (its local prefix, then the blocks to load into).
         self.scheduler.allocated(request.request_id, self._request_keys(request), blocks.get_block_ids()[0],
-                                 local, num_external_tokens, self.layerwise)
+                                 local, num_external_tokens, self.layerwise and not from_disk)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
-        return {CacheHitSource.HOST: num_external_tokens} if num_external_tokens else {}
+        if not num_external_tokens or self.scheduler is None:
+            return {}
+        host, disk = self.scheduler.hit_tiers(request.request_id, num_external_tokens)
+        return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
@@ -281,8 +337,9 @@ class KvbmConnector(KVConnectorBase_V1):
         self._requests.pop(req_id, None)
 
     def take_events(self):
-        """G2's BlockStored / BlockRemoved since the last call, as vLLM's structs (vLLM publishes
-        them with its own; kvbm's publisher, when configured, sends them too)."""
+        """G2's and G3's BlockStored / BlockRemoved since the last call (media CPU, STORAGE), as
+        vLLM's structs (vLLM publishes them with its own; kvbm's publisher, when configured, sends
+        them too)."""
         if self.events is None:
             return ()
         events = self.events.take()
@@ -302,6 +359,16 @@ class KvbmConnector(KVConnectorBase_V1):
         if missing:
             raise ConfigError(f"register_kv_caches: no tensor for layers {missing[:4]} of the KV cache group")
         tensors = [kv_caches[name] for name in self.layer_names]
+        if self.disk:
+            # The scheduler side registers G2 with the disk worker in the layout of the spec; the
+            # store checks its fingerprint, so the tensors must be in that very layout.
+            from kvbm.hashing import layout_fingerprint
+            from kvbm.layout import detect_layout
+            found = detect_layout(tensors).config
+            if layout_fingerprint(found) != layout_fingerprint(self.layout) or \
+                    found.block_bytes != self.layout.block_bytes:
+                raise ConfigError(f"kvbm connector: the KV tensors hold blocks of {found}, the KV cache spec "
+                                  f"says {self.layout}; the disk tier needs them to agree")
         rank = get_tensor_model_parallel_rank() if self.world_size > 1 else 0
         transfers = ShardTransfers(self.config, rank, self.world_size, self.config.instance_id, self.host_blocks)
         try:

@@ -23,6 +23,8 @@ class LoadJob:
     host_blocks: list[int]
     device_blocks: list[int]
     layerwise: bool = False   # the request runs in this very step: its layers are waited for one by one
+    failed_blocks: list[int] = field(default_factory=list)   # device blocks of the request this load will
+    #   not fill (a G3 part that failed to stage): reported failed with the job, vLLM recomputes from there
 
 
 @dataclass

@@ -12,6 +12,21 @@ Order of one step (vLLM calls the adapter, the adapter calls this): lookup -> al
 request vLLM schedules with an external hit) -> scheduled (every scheduled request) -> build ->
 [workers run the plan] -> report / sent -> finished (when vLLM ends a request).
 
+With a disk tier (`disk`: the DiskTransfers of the manager's G3, registered with the disk worker by
+KvBlockManager.attach_disk_tier; TP 1 only): lookup answers G2's prefix, then the run after it that
+G3 holds when the LoadRule offers it. allocated() acquires the G2 part and starts `disk.stage()`
+for the G3 part (DISK2H into G2 staging blocks, checksums verified); the request's LoadJob waits
+in `_staging` until that future is done, checked by each build(): staged -> one LoadJob over the
+G2 part and the staged blocks (all acquired in G2); not intact (a flipped byte, a vanished file) ->
+the LoadJob of the G2 part alone, the G3 part's device blocks named in its `failed_blocks` (vLLM
+recomputes from there), or, with no G2 part, a failed load (vLLM recomputes the request). Such a
+request always loads asynchronously. Admission as kvbm.transfer.host_offload does it: after each
+G2 allocation `disk.host_allocated()` (the victim cleaner), after each G2 registration
+`disk.host_registered(keys)` (write-through), under the manager's lock. Events: G3's writes and
+evictions as medium STORAGE; G2's evictions are drained here only when the disk tier is not in
+victim admission (then its cleaner drains G2's eviction ring, which pairs victims with their
+blocks: a second drain would steal them; G2 BlockRemoved are not sent then).
+
 A block of G2 is one vLLM block of every rank (kvbm block = vLLM block: the device layout has no
 bigger contiguous unit, and a 16-token block of an 8B model is already 2 MiB). Keys are vLLM's block
 hashes folded to u64 and salted by the manager (KvBlockManager.keys). G2 bookkeeping follows
@@ -23,10 +38,12 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvbm.errors import KvbmError
 from kvbm.integrations.events import PoolEventRecorder
 from kvbm.integrations.vllm.plan import LoadJob, RankReport, StepPlan, StoreJob
 from kvbm.manager import KvBlockManager
@@ -45,6 +62,20 @@ class _Request:
     pending: set[int] = field(default_factory=set)    # store jobs not settled yet
     load: LoadJob | None = None
     finished: bool = False
+    staging: bool = False                             # a G3 part is being read into G2 (its load waits)
+    disk_blocks: int = 0                              # blocks of the last load that came from G3
+
+    def idle(self) -> bool:
+        return not self.pending and self.load is None and not self.staging
+
+
+@dataclass
+class _Staging:
+    req_id: str
+    host: np.ndarray                 # the G2 part, acquired at allocation
+    device: list[int]                # device blocks of the whole external range
+    future: object                   # DiskTransfers.stage(): the staged G2 blocks, acquired
+    started: float
 
 
 @dataclass
@@ -72,11 +103,14 @@ class SideStats:
     store_failures: int = 0
     store_dropped: int = 0           # full blocks with no room in G2 (all held by transfers)
     store_held: int = 0              # full blocks G2 already held (or another store was moving)
+    staged_blocks: int = 0           # G3 blocks read into G2 for a load
+    stage_failures: int = 0          # G3 reads that were not intact (their blocks recomputed)
 
 
 class SchedulerSide:
     def __init__(self, manager: KvBlockManager, block_tokens: int, world_size: int = 1, block_bytes: int = 0,
-                 events: PoolEventRecorder | None = None, metrics: EngineMetrics | None = None) -> None:
+                 events: PoolEventRecorder | None = None, metrics: EngineMetrics | None = None,
+                 disk=None) -> None:
         if Tier.G2 not in manager.pools:
             raise ValueError("the connector's scheduler side needs a G2 pool (host_blocks or host_size)")
         self.manager = manager
@@ -86,6 +120,12 @@ class SchedulerSide:
         self.block_bytes = block_bytes          # one G2 block, every rank's shard
         self.events = events                    # BlockStored / BlockRemoved of G2, taken by vLLM each step
         self.metrics = metrics
+        self.disk = disk                        # DiskTransfers over G2 and G3, or None (G2 only)
+        if disk is not None:
+            if world_size != 1:
+                raise ValueError(f"the disk tier through the connector needs TP 1, got world_size {world_size}")
+            disk.stored_log = []                # G3 writes, taken by each build() (events, metrics)
+        self._staging: list[_Staging] = []
         self.requests: dict[str, _Request] = {}
         self.jobs: dict[int, _Job] = {}
         self.storing: dict[int, int] = {}      # key -> store job moving it (not registered yet)
@@ -95,24 +135,39 @@ class SchedulerSide:
 
     # ---- lookups and loads ----------------------------------------------------------------------
     def lookup(self, keys: np.ndarray, num_computed_tokens: int, num_tokens: int) -> int:
-        """Tokens beyond `num_computed_tokens` whose blocks G2 holds, as whole blocks, leaving at
-        least the last token to compute (vLLM needs one to sample from). Nothing is acquired."""
+        """Tokens beyond `num_computed_tokens` whose blocks G2 (then G3) holds, as whole blocks,
+        leaving at least the last token to compute (vLLM needs one to sample from). Nothing is
+        acquired."""
+        host, disk = self.lookup_tiers(keys, num_computed_tokens, num_tokens)
+        return host + disk
+
+    def lookup_tiers(self, keys: np.ndarray, num_computed_tokens: int, num_tokens: int) -> tuple[int, int]:
+        """lookup() split: (tokens G2 holds, tokens of the G3 run after them that the LoadRule offers)."""
         bt = self.block_tokens
         if num_computed_tokens % bt:
-            return 0
+            return 0, 0
         first = num_computed_tokens // bt
         last = min(len(keys), (num_tokens - 1) // bt)
         if last <= first:
-            return 0
+            return 0, 0
+        k3 = 0
         with self.manager.lock:
-            hit = len(self.pool.registry.match(keys[first:last], False))
+            if self.disk is None:
+                k2 = len(self.pool.registry.match(keys[first:last], False))
+            else:
+                k2, k3, offered = self.disk.plan(keys[first:last])
+                k3 = k3 if offered else 0
+        if self.disk is not None:
+            self.disk.maybe_refresh()
         self.stats.lookups += 1
-        return hit * bt
+        return k2 * bt, k3 * bt
 
     def allocated(self, req_id: str, keys: np.ndarray, device_blocks: list[int], num_computed_tokens: int,
                   num_external_tokens: int, layerwise: bool = False) -> None:
         """vLLM allocated `device_blocks` (the request's whole table) after lookup promised
-        `num_external_tokens`: acquire the G2 blocks and plan their load. Blocks G2 lost since the
+        `num_external_tokens`: acquire the G2 blocks and plan their load; with a disk tier, blocks
+        past G2's prefix are staged from G3 first (asynchronous loads only: the caller passes
+        layerwise=False for a request whose lookup had a G3 part). Blocks G2 lost since the
         lookup (it cannot, within one schedule() call, but a caller may interleave) are planned as
         failed loads: vLLM recomputes them."""
         req = self._track(req_id, keys)
@@ -123,22 +178,99 @@ class SchedulerSide:
         first, n = num_computed_tokens // bt, num_external_tokens // bt
         with self.manager.lock:
             host = np.asarray(self.pool.match(keys[first:first + n], acquire=True), dtype=np.int64)
-        job = self._new_job(req_id, "load", host)
         got = len(host)
-        load = LoadJob(job, req_id, host.tolist(), list(device_blocks[first:first + got]), layerwise)
-        self.jobs[job].started = time.monotonic()
+        if got < n and self.disk is not None and not layerwise:   # (a layer-wise load runs now: no waiting)
+            self._stage(req, req_id, keys[first + got:first + n], host, list(device_blocks[first:first + n]))
+            self.stats.matched_tokens += num_external_tokens
+            return
+        req.disk_blocks = 0
+        self.stats.matched_tokens += num_external_tokens
         if self.metrics is not None:
             self.metrics.record_match(len(keys), num_external_tokens, host=got)
+        lost = list(device_blocks[first + got:first + n])
+        if lost:
+            logger.warning("request %s: %d of %d G2 blocks went between lookup and allocation; vLLM recomputes them",
+                           req_id, n - got, n)
+        if not got:
+            self._plan.failed_loads.append(LoadJob(self._new_job(req_id, "lost", host), req_id, [], lost, layerwise))
+            return
+        # One job per request (the lost blocks ride along as failed_blocks): vLLM hears of the
+        # request's load once, when all of it is over.
+        job = self._new_job(req_id, "load", host)
+        load = LoadJob(job, req_id, host.tolist(), list(device_blocks[first:first + got]), layerwise, lost)
+        self.jobs[job].started = time.monotonic()
         req.load = load
         self._plan.loads.append(load)
         self.stats.loads += 1
-        self.stats.matched_tokens += num_external_tokens
-        if got < n:
-            lost = LoadJob(self._new_job(req_id, "lost", np.empty(0, np.int64)), req_id, [],
-                           list(device_blocks[first + got:first + n]), layerwise)
+
+    def _stage(self, req: _Request, req_id: str, g3_keys: np.ndarray, host: np.ndarray, device: list[int]) -> None:
+        """The G3 part of a load: read into G2 (DiskTransfers.stage); the LoadJob waits for it."""
+        try:
+            future = self.disk.stage(g3_keys)
+        except KvbmError as err:   # refused at submission (budget full, disk worker gone): recomputed
+            logger.warning("request %s: the G3 read of %d blocks was not started (%s); vLLM recomputes them",
+                           req_id, len(g3_keys), err)
+            future = _failed_future(err)
+        req.staging = True
+        req.disk_blocks = len(g3_keys)   # what the lookup offered; the staged count once read
+        self._staging.append(_Staging(req_id, host, device, future, time.monotonic()))
+
+    def _finish_staging(self) -> None:
+        """Loads whose G3 part is over (see the module docstring): planned now."""
+        still = []
+        for st in self._staging:
+            if not st.future.done():
+                still.append(st)
+                continue
+            err = st.future.exception()
+            staged = np.empty(0, np.int64)
+            if err is None:
+                value = st.future.result().value
+                staged = np.asarray(value if value is not None else (), dtype=np.int64)
+            self._plan_staged(st, staged, err)
+        self._staging = still
+
+    def _plan_staged(self, st: _Staging, staged: np.ndarray, err) -> None:
+        req = self.requests.get(st.req_id)
+        k2, m, n = len(st.host), len(staged), len(st.device)
+        host = np.concatenate([st.host, staged]).astype(np.int64)
+        rest = list(st.device[k2 + m:])
+        if err is not None:
+            self.stats.stage_failures += 1
+            if self.metrics is not None:
+                self.metrics.record_load_failure("G3", n - k2)
+            logger.warning("request %s: the G3 read of %d blocks failed (%s); vLLM recomputes them", st.req_id,
+                           n - k2, err)
+        else:
+            self.stats.staged_blocks += m
+            if m:
+                self._record("disk2h", m, _Job(st.req_id, "stage", staged, started=st.started))
+        if self.metrics is not None:
+            queried = len(req.keys) if req is not None else n
+            self.metrics.record_match(queried, (k2 + m) * self.block_tokens, host=k2, disk=m)
+        if req is not None:
+            req.staging = False
+            req.disk_blocks = m
+        if not len(host):
+            lost = LoadJob(self._new_job(st.req_id, "lost", host), st.req_id, [], rest)
             self._plan.failed_loads.append(lost)
-            logger.warning("request %s: %d of %d G2 blocks went between lookup and allocation; vLLM recomputes them",
-                           req_id, n - got, n)
+            if req is not None and req.finished and req.idle():
+                del self.requests[st.req_id]
+            return
+        job = self._new_job(st.req_id, "load", host)
+        self.jobs[job].started = st.started
+        load = LoadJob(job, st.req_id, host.tolist(), list(st.device[:k2 + m]), False, rest)
+        if req is not None:
+            req.load = load
+        self._plan.loads.append(load)
+        self.stats.loads += 1
+
+    def hit_tiers(self, req_id: str, num_external_tokens: int) -> tuple[int, int]:
+        """(tokens from G2, tokens from G3) of the request's last load (the G3 share known once staged:
+        until then, what the lookup said)."""
+        req = self.requests.get(req_id)
+        disk = min(num_external_tokens, req.disk_blocks * self.block_tokens) if req is not None else 0
+        return num_external_tokens - disk, disk
 
     # ---- stores ---------------------------------------------------------------------------------
     def scheduled(self, req_id: str, keys: np.ndarray, new_block_ids: list[int] | None, full_table: bool,
@@ -165,9 +297,13 @@ class SchedulerSide:
     def build(self) -> StepPlan:
         """This step's plan: loads planned since the last build, and a store for every block that
         became full (and computed) and that G2 neither holds nor is receiving."""
+        if self._staging:
+            self._finish_staging()
         for req_id, req in self.requests.items():
             if not req.finished:
                 self._plan_stores(req_id, req)
+        if self.disk is not None:
+            self._disk_events()
         plan, self._plan = self._plan, StepPlan()
         return plan
 
@@ -186,6 +322,8 @@ class SchedulerSide:
             if host is None and len(todo):
                 free = self.pool.registry.num_free + self.pool.registry.num_inactive
                 host = self.pool.allocate(min(len(todo), free)) if free else None
+            if self.disk is not None and len(todo):
+                self.disk.host_allocated()
             self._drain_evictions()
         req.considered = full
         self.stats.store_held += int(held.sum())
@@ -250,12 +388,14 @@ class SchedulerSide:
                     return
                 self.pool.complete(job.host_blocks)
                 canonical = self.pool.register(job.host_blocks, job.keys, job.parents, job.has_parent)
+                if self.disk is not None:
+                    self.disk.host_registered(job.keys)    # write-through admission (held until written)
                 self.pool.release(canonical)               # inactive and matchable
                 self.stats.stored_blocks += n
                 self._record("d2h", n, job)
                 if self.events is not None:
                     self.events.stored(Tier.G2, job.keys, job.parents, job.has_parent)
-        if req is not None and req.finished and not req.pending and req.load is None:
+        if req is not None and req.finished and req.idle():
             del self.requests[job.req_id]
 
     # ---- request ends ---------------------------------------------------------------------------
@@ -272,7 +412,7 @@ class SchedulerSide:
             # frees an aborted request's blocks only once the ranks report it received.)
             self._plan.delayed_reqs.append(req_id)
             return True
-        if req.load is None:
+        if req.idle():
             del self.requests[req_id]
         return False
 
@@ -280,7 +420,7 @@ class SchedulerSide:
         """vLLM freed the blocks of these delayed requests (every rank reported them)."""
         for req_id in req_ids:
             req = self.requests.get(req_id)
-            if req is not None and not req.pending and req.load is None:
+            if req is not None and req.idle():
                 del self.requests[req_id]
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -300,6 +440,8 @@ class SchedulerSide:
         return job
 
     def _drain_evictions(self) -> None:
+        if self.disk is not None and self.disk.admission == "victim":
+            return    # the disk cleaner drains G2's eviction ring (see the module docstring)
         evicted = self.pool.registry.drain_evicted()
         if len(evicted):
             if self.events is not None:
@@ -307,9 +449,33 @@ class SchedulerSide:
             if self.metrics is not None:
                 self.metrics.record_eviction("G2", len(evicted))
 
+    def _disk_events(self) -> None:
+        """G3's writes since the last step (BlockStored, STORAGE) and its evictions (BlockRemoved)."""
+        disk = self.disk
+        with self.manager.lock:
+            written, disk.stored_log = (disk.stored_log, []) if disk.stored_log else (None, disk.stored_log)
+            evicted = disk.g3.registry.drain_evicted()
+        if written:
+            hashes = np.concatenate(written)
+            if self.events is not None:
+                self.events.stored(Tier.G3, hashes)
+            if self.metrics is not None:
+                self.metrics.record_transfer("h2disk", len(hashes), len(hashes) * self.block_bytes)
+        if len(evicted):
+            if self.events is not None:
+                self.events.removed(Tier.G3, evicted)
+            if self.metrics is not None:
+                self.metrics.record_eviction("G3", len(evicted))
+
     def _record(self, path: str, n: int, job: _Job) -> None:
         if self.metrics is not None:
             self.metrics.record_transfer(path, n, n * self.block_bytes, time.monotonic() - job.started)
 
     def pending_jobs(self) -> int:
-        return len(self.jobs)
+        return len(self.jobs) + len(self._staging)
+
+
+def _failed_future(err: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(err)
+    return future

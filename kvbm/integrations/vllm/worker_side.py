@@ -126,6 +126,7 @@ class WorkerSide:
                 recving.add(pending.job.req_id)   # an asynchronous load: vLLM waits for this word
             if not pending.job.host_blocks and not pending.error:
                 continue          # nothing to load (a lost-only plan is reported through failed_blocks)
+            failed.update(pending.job.failed_blocks)   # a part planned as failed (G3 read not intact)
             if ok:
                 report.done[job_id] = 1
                 report.loaded_bytes += self._bytes(pending)
