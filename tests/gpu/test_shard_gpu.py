@@ -18,6 +18,7 @@ import torch
 from kvbm.transfer.shard_transfers import ShardTransfers
 from tests.support.pipeline_harness import pid_alive
 from tests.support.shard_helpers import KINDS, fill, make_shard, round_trip, shard_config
+from tests.support.shard_tp2 import tp2_two_processes
 
 pytestmark = pytest.mark.gpu
 
@@ -54,3 +55,8 @@ def test_cuda_rank_round_trip(cuda_rank, kind, dtype):
     out = round_trip(st, tensors, kind, [3, 0, 31, 8, 17], [7, 2, 5, 0, 15], into=[1, 4, 9, 12, 30])
     assert out["after"] == out["before"]
     assert out["layers"] == st.device_layout.config.num_layers
+
+
+def test_cuda_tp2_two_processes_share_one_kvbm_workers(tmp_path, request):
+    """TP 2 on the GPU: two rank processes, each its shard on the device, one kvbm-workers."""
+    tp2_two_processes(tmp_path, request, "cuda")

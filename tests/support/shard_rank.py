@@ -1,6 +1,6 @@
 """One TP rank in a process of its own, for tests/integration/test_shard_transfers.py.
 
-    python -m tests.support.shard_rank RUN_DIR INSTANCE GROUP RANK WORLD HOST_BLOCKS KIND DTYPE SEED OUT_DIR
+    python -m tests.support.shard_rank RUN_DIR INSTANCE GROUP RANK WORLD HOST_BLOCKS KIND DTYPE SEED OUT_DIR [DEVICE]
 
 Makes its shard (tests/support/shard_helpers.py, contents from SEED), attaches (rank 0 starts
 kvbm-workers, the others wait for it), stores DEVICE_BLOCKS into HOST_BLOCKS_USED, saves the G2
@@ -31,11 +31,12 @@ def say(**fields) -> None:
 
 
 def main(argv: list[str]) -> int:
-    run_dir, instance, group, rank, world, host_blocks, kind, dtype, seed, out_dir = argv
+    run_dir, instance, group, rank, world, host_blocks, kind, dtype, seed, out_dir, *rest = argv
     rank, world, host_blocks, seed = int(rank), int(world), int(host_blocks), int(seed)
-    st = ShardTransfers(shard_config(run_dir, instance), rank, world, group, host_blocks)
+    device = rest[0] if rest else "cpu"     # "cuda": the shard on the GPU, reached through CUDA IPC
+    st = ShardTransfers(shard_config(run_dir, instance, device=device), rank, world, group, host_blocks)
     try:
-        tensors = make_shard(st, kind, getattr(torch, dtype), NUM_BLOCKS)
+        tensors = make_shard(st, kind, getattr(torch, dtype), NUM_BLOCKS, device=device)
         fill(tensors, kind, seed)
         st.attach(tensors, timeout=60.0)
         image = host_image(st, tensors, DEVICE_BLOCKS)
