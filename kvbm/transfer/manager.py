@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import uuid
+from array import array
 
 import numpy as np
 import zmq
@@ -64,7 +65,7 @@ from kvbm.transfer.budget import InflightBudget
 from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.link import PathLink
 from kvbm.transfer.path_queue import PathQueue
-from kvbm.transfer.records import Finalize, Request, RequestState, Submission, WireRequest
+from kvbm.transfer.records import Blocks, Finalize, Request, RequestState, Submission, WireRequest
 from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
@@ -217,25 +218,25 @@ class TransferManager:
         `extra`: per-block arrays sent with the blocks (protocol.BLOCK_FIELDS); `meta`: fields of
         every wire request; `charge=False`: no in-flight budget taken (a part chained on another
         submission's completion, within the bytes that one was charged)."""
-        path = P.Path(path)
-        src = np.ascontiguousarray(np.asarray(src, dtype=np.int64)).reshape(-1)
-        dst = np.ascontiguousarray(np.asarray(dst, dtype=np.int64)).reshape(-1)
-        if src.shape != dst.shape:
-            raise LayoutError(f"submit: {src.shape[0]} source blocks but {dst.shape[0]} destination blocks")
+        path = path if type(path) is P.Path else P.Path(path)
+        src, dst = _blocks(src), _blocks(dst)
+        n = len(src)
+        if len(dst) != n:
+            raise LayoutError(f"submit: {n} source blocks but {len(dst)} destination blocks")
         if self._closing:
             raise TransferError("transfer manager is closed")
         if self._dead:
             raise LifecycleError(f"{self._dead}: no new transfers are taken; close the KvBlockManager "
                                  f"and start a new one (its start cleans up after the dead instance)")
-        future = TransferFuture(path, int(src.shape[0]), self.num_layers)
+        future = TransferFuture(path, n, self.num_layers)
         future.set_running_or_notify_cancel()
-        n = int(src.shape[0])
         nbytes = n * self.block_bytes
-        extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in (extra or {}).items()}
-        for key, arr in extra.items():
-            if key not in P.BLOCK_FIELDS or arr.shape[0] != n:
-                raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} blocks "
-                                  f"(known: {sorted(P.BLOCK_FIELDS)})")
+        if extra:
+            extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in extra.items()}
+            for key, arr in extra.items():
+                if key not in P.BLOCK_FIELDS or arr.shape[0] != n:
+                    raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} "
+                                      f"blocks (known: {sorted(P.BLOCK_FIELDS)})")
         sub = Submission(path, future, nbytes if charge else 0, priority, layers, gate, finalize, time.monotonic(),
                          meta=meta, charged=charge)
         if n == 0:
@@ -254,22 +255,25 @@ class TransferManager:
             block = False
         if charge:
             self.budget.take(nbytes, block, timeout)
-        for lo in range(0, n, self.max_batch_blocks):
-            hi = lo + self.max_batch_blocks
-            sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
-                                        extra={k: v[lo:hi] for k, v in extra.items()} or None))
+        if n <= self.max_batch_blocks and not extra:
+            sub.requests.append(Request(next(self._ids), sub, src, dst))
+        else:
+            for lo in range(0, n, self.max_batch_blocks):
+                hi = lo + self.max_batch_blocks
+                sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
+                                            extra={k: v[lo:hi] for k, v in (extra or {}).items()} or None))
         sub.pending = len(sub.requests)
-        self.metrics.submitted.labels(path.label).inc()
+        self.metrics.of(path.label).submitted.inc()
         if not self.scheduler.hold(gate, sub):
             self._enqueue(sub)
         return future
 
-    def _check_blocks(self, path: P.Path, src: np.ndarray, dst: np.ndarray) -> None:
+    def _check_blocks(self, path: P.Path, src: Blocks, dst: Blocks) -> None:
         """Before anything is queued: a bad index would make the worker reject the whole wire
         request, and with it the unrelated submissions coalesced into it."""
         # Small submissions are the common case and numpy's per-call cost would dominate them
         # (a 1-block submit paid ~4 array reductions): plain ints below SMALL_CHECK elements.
-        small = src.shape[0] <= SMALL_CHECK
+        small = len(src) <= SMALL_CHECK
         limits = self._limits.get(path)
         if limits is not None:
             for name, arr, limit in (("source", src, limits[0]), ("destination", dst, limits[1])):
@@ -279,8 +283,8 @@ class TransferManager:
                     bad = lo if lo < 0 else hi
                     raise LayoutError(f"submit {path.label}: {name} block {bad} out of range [0, {limit})")
         distinct = len(set(dst.tolist())) if small else int(np.unique(dst).shape[0])
-        if distinct != dst.shape[0]:
-            raise LayoutError(f"submit {path.label}: {dst.shape[0] - distinct} destination "
+        if distinct != len(dst):
+            raise LayoutError(f"submit {path.label}: {len(dst) - distinct} destination "
                               f"block(s) named more than once; destinations must be distinct")
 
     def _release_gated(self, subs: list[Submission]) -> None:
@@ -486,7 +490,7 @@ class TransferManager:
             for m in members:
                 m.state, m.gen = SENT, gen
             q.outstanding[rid] = WireRequest(rid, members, gen, now, now + self.request_timeout_s)
-            self.metrics.requests.labels(q.path.label).inc()
+            self.metrics.of(q.path.label).requests.inc()
 
     # ---- replies and events ------------------------------------------------------------------
     def _read_worker(self, q: PathQueue) -> None:
@@ -538,9 +542,9 @@ class TransferManager:
         if status is not P.Status.STALE:
             self._attach_detail(q, wire, msg)
         if status is P.Status.OK:
-            self.metrics.latency.labels(q.path.label).observe(time.monotonic() - wire.sent_at)
+            self.metrics.of(q.path.label).latency.observe(time.monotonic() - wire.sent_at)
             for m in wire.members:
-                m.sub.moved += int(m.src.shape[0]) * self.block_bytes
+                m.sub.moved += len(m.src) * self.block_bytes
                 m.layers_done = self.num_layers
             self._settlement.settle_wire(q, wire, None)
             return
@@ -564,7 +568,7 @@ class TransferManager:
 
     def _attach_detail(self, q: PathQueue, wire: WireRequest, msg: dict) -> None:
         """Per-block arrays of a reply (a disk request's), sliced to each member request."""
-        total = sum(int(m.src.shape[0]) for m in wire.members)
+        total = sum(len(m.src) for m in wire.members)
         arrays = {}
         for key in P.BLOCK_FIELDS:
             if key in msg:
@@ -578,7 +582,7 @@ class TransferManager:
             texts["no_space"] = msg["no_space"]
         lo = 0
         for i, m in enumerate(wire.members):
-            n = int(m.src.shape[0])
+            n = len(m.src)
             m.detail = {k: v[lo:lo + n] for k, v in arrays.items()} | texts | \
                 (scalars if i == 0 else dict.fromkeys(scalars, 0))
             lo += n
@@ -859,6 +863,17 @@ class TransferManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _blocks(values) -> Blocks:
+    """Block indices of a submit: a short list or tuple of ints becomes an array('q') (numpy's
+    per-call cost would be most of a 1-block submit), anything else a flat int64 ndarray."""
+    if type(values) in (list, tuple) and len(values) <= SMALL_CHECK:
+        try:
+            return array("q", values)
+        except (TypeError, OverflowError):
+            pass   # floats, nested lists, ...: numpy's conversion (and its errors), as before
+    return np.ascontiguousarray(np.asarray(values, dtype=np.int64)).reshape(-1)
 
 
 def _collect_cuda_ipc() -> None:

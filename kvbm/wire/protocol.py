@@ -30,6 +30,8 @@ a worker never dies of bad input.
 """
 from __future__ import annotations
 
+import sys
+from array import array
 from enum import IntEnum
 from typing import Any
 
@@ -159,6 +161,8 @@ def request_id_of(msg: Any) -> int:
 # ---- block arrays -----------------------------------------------------------------------------
 
 def pack_blocks(blocks) -> bytes:
+    if type(blocks) is array and blocks.typecode == "q" and sys.byteorder == "little":
+        return blocks.tobytes()   # the engine's short submissions (kvbm.transfer.records.Blocks)
     arr = np.ascontiguousarray(np.asarray(blocks, dtype="<i8"))
     if arr.ndim != 1:
         raise ProtocolError(f"block array must be 1-D, got shape {arr.shape}")
