@@ -124,6 +124,7 @@ class TransferManager:
         self._poller: zmq.Poller | None = None
         self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._next_tick = 0.0          # I/O thread: when _check_deadlines runs next (_soonest, _due)
         self._asks: dict[int, object] = {}           # rid -> on_reply of ask(), while its replies come
         self._outgoing: list[tuple[P.Path, dict]] = []  # ask() messages for the I/O thread to send
 
@@ -383,11 +384,12 @@ class TransferManager:
             poller.register(q.sock, zmq.POLLIN)
             by_sock[q.sock] = q
         next_report = time.monotonic()
+        self._next_tick = 0.0
         if self._dead:
             self._supervisor_died()
         while not self._closing:
             try:
-                ready = dict(poller.poll(self._poll_timeout_ms()))
+                ready = dict(poller.poll(max(0, int((self._next_tick - time.monotonic()) * 1000) + 1)))
                 if self._supervisor_fd in ready and not self._dead:
                     self._supervisor_died()
                 for fd in [fd for fd in self._watched if fd in ready]:
@@ -406,10 +408,14 @@ class TransferManager:
                 for sock, q in by_sock.items():
                     if sock in ready:
                         self._read_worker(q)
-                self._check_deadlines()
+                now = time.monotonic()
+                if now >= self._next_tick:
+                    # Deadlines are checked when the soonest one is due (at least every 0.25 s),
+                    # not on every wake-up: a 1-block round trip wakes this loop twice.
+                    self._check_deadlines()
+                    self._next_tick = self._soonest()
                 for q in self._paths.values():
                     self._pump(q)
-                now = time.monotonic()
                 if now >= next_report and not self._dead:
                     next_report = now + STATS_REPORT_S
                     self._report()
@@ -417,14 +423,21 @@ class TransferManager:
                 logger.exception("transfer manager I/O loop error")
         self._fail_everything("transfer manager closed")
 
-    def _poll_timeout_ms(self) -> int:
+    def _soonest(self) -> float:
+        """When _check_deadlines must run next: the soonest wire deadline or registration retry,
+        and at least every 0.25 s (held gates, queued requests waiting for a worker). Whatever
+        sets an earlier deadline between two checks lowers _next_tick itself (_due)."""
         soonest = time.monotonic() + 0.25
         for q in self._paths.values():
             if q.link.retry_at:
                 soonest = min(soonest, q.link.retry_at)
             for wire in q.outstanding.values():
                 soonest = min(soonest, wire.deadline)
-        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+        return soonest
+
+    def _due(self, when: float) -> None:
+        if when < self._next_tick:
+            self._next_tick = when
 
     def _take_incoming(self) -> None:
         with self._lock:
@@ -490,6 +503,7 @@ class TransferManager:
             for m in members:
                 m.state, m.gen = SENT, gen
             q.outstanding[rid] = WireRequest(rid, members, gen, now, now + self.request_timeout_s)
+            self._due(now + self.request_timeout_s)
             self.metrics.of(q.path.label).requests.inc()
 
     # ---- replies and events ------------------------------------------------------------------
@@ -532,6 +546,7 @@ class TransferManager:
         rid = msg["id"]
         if rid == q.link.rid and rid != 0:
             q.link.rejected(msg.get("error") or "registration failed")
+            self._due(0.0)   # its retry time is set now
             if q.link.refuses_work:
                 self._fail_queued(q, q.link.error)
             return
@@ -664,6 +679,7 @@ class TransferManager:
             for gen, fd in q.worker_fds.items():
                 self._watched[fd] = (q, gen)
                 self._poller.register(fd, zmq.POLLIN)
+        self._due(0.0)
         logger.error("%s; queued transfers failed, %d request(s) at workers fail once their worker is gone "
                      "(at most %.1f s); new transfers are refused", self._dead, waiting, grace)
 
@@ -700,6 +716,7 @@ class TransferManager:
                 wire.stopping = True
                 wire.deadline = min(wire.deadline, now + self.stop_grace_s)
                 waiting += 1
+        self._due(0.0)
         logger.error("kvbm-workers is stopping; failed what no worker held, %d request(s) at workers wait "
                      "for their worker's death (at most %.1f s)", waiting, self.stop_grace_s)
 

