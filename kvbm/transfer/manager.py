@@ -125,6 +125,7 @@ class TransferManager:
         self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._next_tick = 0.0          # I/O thread: when _check_deadlines runs next (_soonest, _due)
+        self.unregistered = False      # close(): every worker said it dropped this engine's mappings
         self._asks: dict[int, object] = {}           # rid -> on_reply of ask(), while its replies come
         self._outgoing: list[tuple[P.Path, dict]] = []  # ask() messages for the I/O thread to send
 
@@ -838,7 +839,7 @@ class TransferManager:
             alive = self._thread.is_alive()
             self._thread = None
             if not alive and self._register_msg is not None and not self._dead:
-                self._unregister(min(timeout, 1.0))
+                self.unregistered = self._unregister(min(timeout, 1.0))
                 _collect_cuda_ipc()
         for q in self._paths.values():
             q.sock.close(0)
@@ -859,21 +860,36 @@ class TransferManager:
             os.close(self._supervisor_fd)
             self._supervisor_fd = -1
 
-    def _unregister(self, timeout: float) -> None:
-        """Asks every worker to drop this engine's mappings; bounded wait, best effort."""
+    def _unregister(self, timeout: float) -> bool:
+        """Asks every worker to drop this engine's mappings, all at once, and waits (bounded) for
+        each to say it did; True when every one answered (best effort: False is logged, not raised)."""
         deadline = time.monotonic() + timeout
+        waiting = {}
         for q in self._paths.values():
             try:
                 q.sock.send(P.encode({"t": P.MsgType.UNREGISTER, "id": 0, "engine": self.engine_id}), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                continue
-            while (left := deadline - time.monotonic()) > 0 and q.sock.poll(int(left * 1000) + 1):
-                try:
-                    reply = P.decode(q.sock.recv(zmq.NOBLOCK))
-                except (zmq.Again, ProtocolError):
-                    continue
-                if reply.get("t") == P.MsgType.PONG and "dropped" in reply:
-                    break
+                waiting[q.sock] = q
+            except zmq.ZMQError as err:
+                logger.warning("%s: unregister not sent: %s", q.path.label, err)
+        poller = zmq.Poller()
+        for sock in waiting:
+            poller.register(sock, zmq.POLLIN)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                for payload in pending(sock):
+                    try:
+                        reply = P.decode(payload)
+                    except ProtocolError:
+                        continue
+                    if reply.get("t") == P.MsgType.PONG and "dropped" in reply and sock in waiting:
+                        del waiting[sock]
+                        poller.unregister(sock)
+                        break
+        if waiting:
+            logger.warning("unregister: no answer from the %s worker(s) within %.1f s; their mappings of this "
+                           "engine's memory go when they exit", ", ".join(q.path.label for q in waiting.values()),
+                           timeout)
+        return not waiting
 
     def __enter__(self) -> TransferManager:
         return self

@@ -227,7 +227,7 @@ class PathWorker:
                     self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
-                        reg.memory.close()
+                        _drop(reg)
                     self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
                                         "dropped": reg is not None})
                 elif kind == P.MsgType.STATS:
@@ -416,17 +416,29 @@ class PathWorker:
                 self._finish_in_flight()
                 logger.warning("%s worker: engine %s (pid %d) is gone; dropping its registration",
                                self.path.label, engine, reg.pid)
-                self.engines.pop(engine).memory.close()
+                _drop(self.engines.pop(engine))
 
     def close(self) -> None:
         for reg in self.engines.values():
-            reg.memory.close()
+            _drop(reg)
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
         self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
+
+
+def _drop(reg: Registration) -> None:
+    """An engine's mappings go, in order: nothing of ours may still run on its memory (the copier's
+    stream drained: torch's release of an IPC mapping waits only for the current stream, and ours
+    is another), then the CUDA IPC tensors are dropped (which tells the engine's torch, through its
+    ref counters, that this consumer is done) or the CPU-mode segment unmapped. The disk worker's
+    registrations have no copier and no device memory (a _NoMemory)."""
+    copier = getattr(reg, "copier", None)
+    if copier is not None:
+        copier.drain()
+    reg.memory.close()
 
 
 def _read_keys(keys_dir: str) -> tuple[ServerKeys, ClientKeys]:
