@@ -305,9 +305,11 @@ def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) ->
     dst = unpack_blocks(msg.get("dst"), "dst", dst_limit, cap)
     if src.shape[0] != dst.shape[0]:
         raise ProtocolError(f"src has {src.shape[0]} blocks, dst {dst.shape[0]}; expected equal counts")
-    count = dst.shape[0]
-    distinct = len(set(dst.tolist())) if count <= SMALL_ARRAY else np.unique(dst).shape[0]
-    if distinct != count:
+    # np.unique even for a short dst: otherwise the disk worker's first read pays numpy's one-off
+    # first-call cost of np.unique (its read groups blocks by owner with it) inside its timed I/O
+    # (~9 ms here), which the load-or-recompute rule then takes for a slow disk (the two-instance
+    # test of tests/integration/test_disk_tier.py caught it).
+    if np.unique(dst).shape[0] != dst.shape[0]:
         raise ProtocolError("dst names a block twice; destinations must be distinct")
     return src, dst
 
