@@ -2,7 +2,12 @@
 
 Measures, in one run, against a kvbm-workers started for it (CPU mode without CUDA):
   latency     round trip of a one-block transfer (TransferManager.submit -> future resolved), p50/p99,
-              D2H and H2D
+              D2H and H2D, as a ratio to the floor of its transport measured in the same run, in
+              interleaved chunks: a bare pyzmq DEALER/ROUTER ping-pong over ipc:// with another
+              process, msgpack messages the size of a 1-block xfer and its done (and the same with
+              CURVE on, as kvbm's sockets are)
+  submit      engine-side cost of one 1-block submit: bursts of 64 TransferManager.submit (and
+              KvBlockManager.offload) calls timed on the engine's thread without waiting, per call
   throughput  batched offload (KvBlockManager.offload: lookup, allocate, D2H, register) and onboard
               (match, H2D, release) of --total-mib per point in batches of B blocks, all submitted at
               once; GB/s as the median of --repeats, and as a ratio to the copy alone (the path
@@ -53,16 +58,131 @@ def worker_stats(config) -> dict:
 
 
 
-def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int) -> list[float]:
+def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int, start: int = 0,
+            warmup: int = 50) -> list[float]:
     tm = kv.transfers
     out = []
-    for i in range(n + 50):
+    for i in range(start, start + n + warmup):
         src, dst = (i % device_blocks, i % host_blocks) if path is P.Path.D2H else (i % host_blocks, i % device_blocks)
         t0 = time.perf_counter()
         tm.submit(path, [src], [dst]).result(30)
-        if i >= 50:
+        if i >= start + warmup:
             out.append(time.perf_counter() - t0)
     return out
+
+
+# ---- the transport's floor: a bare ZeroMQ + msgpack ping-pong between two processes -------------
+
+def _pong_server(endpoint: str, reply: bytes, curve: tuple | None) -> None:
+    """The worker's half of the floor: receive, decode, answer a reply of a done message's size."""
+    import msgpack
+    import zmq
+    ctx = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = curve[1]
+    sock.bind(endpoint)
+    while True:
+        ident, payload = sock.recv_multipart()
+        if msgpack.unpackb(payload, raw=False).get("t") == "quit":
+            break
+        sock.send_multipart([ident, reply])
+    sock.close(0)
+    ctx.term()
+
+
+class PingPong:
+    """A pyzmq DEALER (here) / ROUTER (another process) ping-pong over ipc://, msgpack both ways,
+    with a request the size of a 1-block xfer and a reply the size of its done: what a 1-block round
+    trip would cost if kvbm added nothing to its transport. `curve`: the same with CURVE on, as
+    kvbm's sockets are (the issue's floor is the bare one)."""
+
+    def __init__(self, rundir: str, request: dict, reply: dict, curve: bool = False) -> None:
+        import multiprocessing
+
+        import msgpack
+        import zmq
+        self.msgpack = msgpack
+        self.request = request
+        self.endpoint = f"ipc://{rundir}/pingpong-{'curve' if curve else 'bare'}.sock"
+        keys = None
+        if curve:
+            server_pub, server_sec = zmq.curve_keypair()
+            client_pub, client_sec = zmq.curve_keypair()
+            keys = (server_pub, server_sec)
+        # The bench's parent is not forked: spawn (the child imports this file as __mp_main__).
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(target=_pong_server, args=(self.endpoint, msgpack.packb(reply, use_bin_type=True), keys),
+                               daemon=True)
+        self.proc.start()
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve:
+            self.sock.curve_serverkey = server_pub
+            self.sock.curve_publickey = client_pub
+            self.sock.curve_secretkey = client_sec
+        self.sock.connect(self.endpoint)
+        self.run(50)   # connects (the server may still be starting) and warms up
+
+    def run(self, n: int) -> list[float]:
+        out = []
+        sock, packb, unpackb = self.sock, self.msgpack.packb, self.msgpack.unpackb
+        for i in range(n):
+            msg = dict(self.request, id=i + 1)
+            t0 = time.perf_counter()
+            sock.send(packb(msg, use_bin_type=True))
+            unpackb(sock.recv(), raw=False)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def close(self) -> None:
+        self.sock.send(self.msgpack.packb({"t": "quit"}, use_bin_type=True))
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def wire_sizes(engine_id: str, block: int) -> tuple[dict, dict]:
+    """A 1-block xfer and its done, as the pipeline sends them (same fields, same sizes)."""
+    request = P.make_xfer(1, engine_id, 1, P.Path.D2H, [12345], [23456])
+    reply = P.make_done(1, P.Status.OK, nbytes=block, gen=1, queue_us=12, copy_us=345)
+    return request, reply
+
+
+def submit_cost(kv, n: int, nblocks: int, burst: int = 64) -> tuple[list[float], list[float]]:
+    """Engine-side cost of one 1-block submit: bursts of `burst` submits timed on the engine's thread
+    without waiting for any of them (then all are waited for, untimed). Per call, one value per
+    burst: TransferManager.submit alone, and KvBlockManager.offload (registry lookup, allocation,
+    submit)."""
+    tm = kv.transfers
+    raw, full = [], []
+    rng = np.random.default_rng(2)
+    burst = min(burst, nblocks)
+    for r in range(max(30, n // burst) + 2):
+        dev = rng.permutation(nblocks)[:burst].tolist()
+        host = rng.permutation(nblocks)[:burst].tolist()
+        gc.collect()
+        t0 = time.perf_counter()
+        futs = [tm.submit(P.Path.D2H, [dev[i]], [host[i]]) for i in range(burst)]
+        t1 = time.perf_counter()
+        for f in futs:
+            f.result(30)
+        hashes = rng.integers(1, 2**63, size=burst, dtype=np.int64).astype(np.uint64).tolist()
+        gc.collect()
+        t2 = time.perf_counter()
+        futs = [kv.offload([dev[i]], [hashes[i]]) for i in range(burst)]
+        t3 = time.perf_counter()
+        for f in futs:
+            f.result(30)
+        if r >= 2:   # two warm-up bursts
+            raw.append((t1 - t0) / burst)
+            full.append((t3 - t2) / burst)
+    return raw, full
 
 
 class Baseline:
@@ -81,6 +201,11 @@ class Baseline:
         self.offload = Copier(device_layout, ptrs, host_layout, host_ptrs, cuda, threads)
         self.onboard = Copier(host_layout, host_ptrs, device_layout, ptrs, cuda, threads)
         self.cuda = cuda
+        # Touch every block both ways once (G2's pages fault in this process's mapping on first use;
+        # the workers' mappings are populated): there and back leaves the bytes as they were.
+        every = np.arange(device_layout.num_blocks, dtype=np.int64)
+        self.run([(every, every)], True)
+        self.run([(every, every)], False)
 
     def run(self, batches: list[tuple[np.ndarray, np.ndarray]], offload: bool) -> float:
         copier = self.offload if offload else self.onboard
@@ -94,6 +219,21 @@ class Baseline:
         if self.cuda:
             copier.stream.synchronize()
         return time.perf_counter() - t0
+
+    def single(self, offload: bool, n: int, nblocks: int, start: int = 0) -> list[float]:
+        """Seconds of each of n 1-block copies (the same blocks as latency()'s), one at a time."""
+        copier = self.offload if offload else self.onboard
+        out = []
+        for i in range(start, start + n):
+            s, d = np.array([i % nblocks], dtype=np.int64), np.array([i % nblocks], dtype=np.int64)
+            t0 = time.perf_counter()
+            if self.cuda:
+                copier.enqueue(s, d)
+                copier.stream.synchronize()
+            else:
+                copier.copy(s, d)
+            out.append(time.perf_counter() - t0)
+        return out
 
     def close(self) -> None:
         self.segment.close()
@@ -158,13 +298,52 @@ def main(argv: list[str] | None = None) -> int:
             base = Baseline(kv, dev_layout, host_layout, tensors, cuda, args.copy_threads)
             gc.collect()
 
-            # ---- latency --------------------------------------------------------------------
-            for path in (P.Path.D2H, P.Path.H2D):
-                lat = latency(kv, path, args.latency_n, nblocks, nblocks)
-                rows.append((f"1-block round trip {path.label}", f"p50 {pct(lat, 50) * 1e6:.0f} us",
-                             f"p99 {pct(lat, 99) * 1e6:.0f} us", ""))
-                print(f"latency {path.label}: p50 {pct(lat, 50) * 1e6:.0f} us  p99 {pct(lat, 99) * 1e6:.0f} us  "
-                      f"(n={len(lat)}, one {block // 1024} KiB block)")
+            # ---- latency, against the transport's floor in the same run -----------------------
+            # Chunks of each, interleaved: the machine's noise falls on the floor and the pipeline
+            # alike.
+            request, reply = wire_sizes(kv.transfers.engine_id, block)
+            floors = {"bare": PingPong(rundir, request, reply), "curve": PingPong(rundir, request, reply, curve=True)}
+            lats: dict[str, list[float]] = {k: [] for k in ("bare", "curve", "d2h", "h2d", "d2h copy", "h2d copy")}
+            chunk = 100
+            for lo in range(0, args.latency_n, chunk):
+                n = min(chunk, args.latency_n - lo)
+                for name, pp in floors.items():
+                    lats[name] += pp.run(n)
+                for path in (P.Path.D2H, P.Path.H2D):
+                    lats[path.label] += latency(kv, path, n, nblocks, nblocks, start=lo, warmup=50 if lo == 0 else 5)
+                    lats[path.label + " copy"] += base.single(path is P.Path.D2H, n, nblocks, lo)
+            for pp in floors.values():
+                pp.close()
+            us = {k: (pct(v, 50) * 1e6, pct(v, 99) * 1e6) for k, v in lats.items()}
+            fb50, fb99 = us["bare"]
+            print(f"floor: bare pyzmq DEALER/ROUTER ping-pong over ipc://, msgpack, two processes, "
+                  f"{len(P.encode(dict(request)))} B request / {len(P.encode(dict(reply)))} B reply: "
+                  f"p50 {fb50:.0f} us  p99 {fb99:.0f} us; with CURVE (as kvbm's sockets): "
+                  f"p50 {us['curve'][0]:.0f} us  p99 {us['curve'][1]:.0f} us  (n={len(lats['bare'])})")
+            rows.append(("zmq ping-pong floor (bare)", f"p50 {fb50:.0f} us", f"p99 {fb99:.0f} us", ""))
+            rows.append(("zmq ping-pong floor (CURVE)", f"p50 {us['curve'][0]:.0f} us",
+                         f"p99 {us['curve'][1]:.0f} us", f"{us['curve'][0] / fb50:.2f}x"))
+            for label in ("d2h", "h2d"):
+                p50, p99 = us[label]
+                rows.append((f"1-block round trip {label}", f"p50 {p50:.0f} us",
+                             f"p99 {p99:.0f} us; p50 / floor p50", f"{p50 / fb50:.2f}x"))
+                rows.append((f"1-block round trip {label} p99", f"{p99:.0f} us", "p99 / floor p99",
+                             f"{p99 / fb99:.2f}x"))
+                c50 = us[label + " copy"][0]
+                rows.append((f"1-block copy alone {label}", f"p50 {c50:.1f} us",
+                             "the copy routine in this process, same blocks; round trip minus it / floor p50",
+                             f"{(p50 - c50) / fb50:.2f}x"))
+                print(f"latency {label}: p50 {p50:.0f} us ({p50 / fb50:.2f}x floor)  p99 {p99:.0f} us "
+                      f"({p99 / fb99:.2f}x floor)  (n={len(lats[label])}, one {block // 1024} KiB block)")
+
+            # ---- engine-side cost of a 1-block submit -----------------------------------------
+            raw, full = submit_cost(kv, args.latency_n, nblocks)
+            for name, vals in (("submit", raw), ("offload", full)):
+                rows.append((f"engine cost of a 1-block {name}", f"{statistics.median(vals) * 1e6:.1f} us",
+                             f"per call, bursts of 64 without waiting, on the engine's thread; "
+                             f"max {max(vals) * 1e6:.1f} us", ""))
+                print(f"engine cost of a 1-block {name}: {statistics.median(vals) * 1e6:.1f} us per call "
+                      f"(median of {len(vals)} bursts of 64; min {min(vals) * 1e6:.1f}, max {max(vals) * 1e6:.1f})")
 
             # ---- throughput -----------------------------------------------------------------
             rng = np.random.default_rng(1)

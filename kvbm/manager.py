@@ -31,6 +31,7 @@ registry calls around each copy.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ from kvbm.hashing import salt_keys
 from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
+# CUDA IPC shares (with the engine storages they alias) that a worker may still map after close:
+# kept until the process exits (KvBlockManager._release_ipc_shares).
+_UNRELEASED: list = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,7 @@ class KvBlockManager:
         self._transfers = None     # TransferManager
         self._host = None          # HostTransfers over the G2 pool
         self._shared = None        # SharedBuffers of CPU-mode device tensors
+        self._ipc_shares: list = []  # CUDA: the aliases the workers map (memory_map); dropped after them
         self._disk = None          # DiskTransfers over the G3 pool (with a disk tier)
         self.device_layout = None
 
@@ -272,7 +277,8 @@ class KvBlockManager:
         self.device_layout = layout
         host_pool = self.pools[Tier.G2]
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
-        memory = describe_memory(tensors, layout, self._shared)
+        shares: list = []
+        memory = describe_memory(tensors, layout, self._shared, keep=shares)
         if self._transfers is None:
             tm, self._workers = connect_workers(
                 self.config, host_layout.total_bytes,
@@ -284,7 +290,15 @@ class KvBlockManager:
         if disk is not None and P.Path.H2DISK not in self._transfers.paths:
             raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs without "
                               f"one: start it with the same disk_path and disk_size/disk_blocks")
-        self._transfers.register(layout, host_layout, memory, timeout, disk=disk)
+        try:
+            self._transfers.register(layout, host_layout, memory, timeout, disk=disk)
+        except BaseException:
+            self._ipc_shares.extend(shares)   # a worker may have opened them: dropped at close, in order
+            raise
+        # Every worker now maps the new shares and has dropped the previous ones (a worker closes
+        # an engine's old memory before opening the new; a later generation gets only the new).
+        self._ipc_shares, old = shares, self._ipc_shares
+        del old
         if disk is not None and self._disk is None:
             self._disk = DiskTransfers(self._transfers, self._host, host_pool, self.pools[Tier.G3], self._lock,
                                        page_size=layout.config.page_size, admission=self.config.disk_admission,
@@ -423,16 +437,40 @@ class KvBlockManager:
         if self._closed:
             return
         self._closed = True
+        dropped = False
         if self._transfers is not None:
             self._transfers.close()
+            dropped = self._transfers.unregistered
             self._transfers = None
             self._host = None
             self._disk = None
+        stopped = self._workers is not None   # ours: stopped below, so no worker maps our memory after
         self._stop_workers()
+        self._release_ipc_shares(dropped or stopped)
         if self._shared is not None:
             self._shared.close()
             self._shared = None
         logger.debug("KvBlockManager %s closed", self.config.instance_id)
+
+    def _release_ipc_shares(self, safe: bool) -> None:
+        """CUDA: the last step of the IPC order. Once the workers dropped their mappings
+        (unregister) or exited (`safe`), the shared aliases go, which frees torch's records of them
+        and their ref-counter offsets (none is left for torch to warn about at exit), and
+        ipc_collect frees any that a worker killed before its release left pending. Not safe (a
+        worker of an instance we did not start did not answer): they stay referenced until exit,
+        with the engine's storages, so that memory is never handed out again while mapped."""
+        shares, self._ipc_shares = self._ipc_shares, []
+        if not shares:
+            return
+        if not safe:
+            _UNRELEASED.extend(shares)
+            logger.warning("%d CUDA IPC share(s) kept until exit: a worker did not confirm it dropped them",
+                           len(shares))
+            return
+        del shares
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
 
     def _check_open(self) -> None:
         if self._closed:

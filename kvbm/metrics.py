@@ -59,6 +59,15 @@ class TransferMetrics:
         self.worker_deaths = Counter("kvbm_worker_deaths", "Path worker deaths seen by this engine", ["path"],
                                      registry=r)
         self.timeouts = Counter("kvbm_request_timeouts", "Requests that missed their deadline", ["path"], registry=r)
+        self._of: dict[str, PathMetrics] = {}
+
+    def of(self, label: str) -> PathMetrics:
+        """The hot-path children of one path, looked up once: `labels()` takes a lock and builds a
+        key on every call, a cost a 1-block transfer pays several times."""
+        m = self._of.get(label)
+        if m is None:
+            m = self._of[label] = PathMetrics(self, label)
+        return m
 
     def totals(self) -> dict[str, int]:
         """Every counter summed over its labels (transfers split by outcome), under the names
@@ -70,6 +79,21 @@ class TransferMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PathMetrics:
+    """TransferMetrics' children for one path label (created on first use, as labels() would)."""
+
+    __slots__ = ("submitted", "requests", "latency", "ok", "failed", "bytes", "blocks")
+
+    def __init__(self, m: TransferMetrics, label: str) -> None:
+        self.submitted = m.submitted.labels(label)
+        self.requests = m.requests.labels(label)
+        self.latency = m.latency.labels(label)
+        self.ok = m.transfers.labels(label, "ok")
+        self.failed = m.transfers.labels(label, "failed")
+        self.bytes = m.bytes.labels(label)
+        self.blocks = m.blocks.labels(label)
 
 
 def _total(counter: Counter, **labels: str) -> int:

@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import uuid
+from array import array
 
 import numpy as np
 import zmq
@@ -64,7 +65,7 @@ from kvbm.transfer.budget import InflightBudget
 from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.link import PathLink
 from kvbm.transfer.path_queue import PathQueue
-from kvbm.transfer.records import Finalize, Request, RequestState, Submission, WireRequest
+from kvbm.transfer.records import Blocks, Finalize, Request, RequestState, Submission, WireRequest
 from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
@@ -124,6 +125,8 @@ class TransferManager:
         self._poller: zmq.Poller | None = None
         self._watched: dict[int, tuple[PathQueue, int]] = {}  # worker pidfd -> (path, gen), once the supervisor died
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._next_tick = 0.0          # I/O thread: when _check_deadlines runs next (_soonest, _due)
+        self.unregistered = False      # close(): every worker said it dropped this engine's mappings
         self._asks: dict[int, object] = {}           # rid -> on_reply of ask(), while its replies come
         self._outgoing: list[tuple[P.Path, dict]] = []  # ask() messages for the I/O thread to send
 
@@ -237,25 +240,25 @@ class TransferManager:
         every wire request; `charge=False`: no in-flight budget taken (a part chained on another
         submission's completion, within the bytes that one was charged); `alone=True`: its requests
         are never coalesced with other submissions' (each chunk of a pipelined read lands on its own)."""
-        path = P.Path(path)
-        src = np.ascontiguousarray(np.asarray(src, dtype=np.int64)).reshape(-1)
-        dst = np.ascontiguousarray(np.asarray(dst, dtype=np.int64)).reshape(-1)
-        if src.shape != dst.shape:
-            raise LayoutError(f"submit: {src.shape[0]} source blocks but {dst.shape[0]} destination blocks")
+        path = path if type(path) is P.Path else P.Path(path)
+        src, dst = _blocks(src), _blocks(dst)
+        n = len(src)
+        if len(dst) != n:
+            raise LayoutError(f"submit: {n} source blocks but {len(dst)} destination blocks")
         if self._closing:
             raise TransferError("transfer manager is closed")
         if self._dead:
             raise LifecycleError(f"{self._dead}: no new transfers are taken; close the KvBlockManager "
                                  f"and start a new one (its start cleans up after the dead instance)")
-        future = TransferFuture(path, int(src.shape[0]), self.num_layers)
+        future = TransferFuture(path, n, self.num_layers)
         future.set_running_or_notify_cancel()
-        n = int(src.shape[0])
         nbytes = n * self.block_bytes
-        extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in (extra or {}).items()}
-        for key, arr in extra.items():
-            if key not in P.BLOCK_FIELDS or arr.shape[0] != n:
-                raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} blocks "
-                                  f"(known: {sorted(P.BLOCK_FIELDS)})")
+        if extra:
+            extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in extra.items()}
+            for key, arr in extra.items():
+                if key not in P.BLOCK_FIELDS or arr.shape[0] != n:
+                    raise LayoutError(f"submit {path.label}: extra {key!r} of {arr.shape[0]} values for {n} "
+                                      f"blocks (known: {sorted(P.BLOCK_FIELDS)})")
         sub = Submission(path, future, nbytes if charge else 0, priority, layers, gate, finalize, time.monotonic(),
                          meta=meta, charged=charge, alone=alone)
         if n == 0:
@@ -276,22 +279,25 @@ class TransferManager:
             block = False
         if charge:
             self.budget.take(nbytes, block, timeout)
-        for lo in range(0, n, self.max_batch_blocks):
-            hi = lo + self.max_batch_blocks
-            sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
-                                        extra={k: v[lo:hi] for k, v in extra.items()} or None))
+        if n <= self.max_batch_blocks and not extra:
+            sub.requests.append(Request(next(self._ids), sub, src, dst))
+        else:
+            for lo in range(0, n, self.max_batch_blocks):
+                hi = lo + self.max_batch_blocks
+                sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
+                                            extra={k: v[lo:hi] for k, v in (extra or {}).items()} or None))
         sub.pending = len(sub.requests)
-        self.metrics.submitted.labels(path.label).inc()
+        self.metrics.of(path.label).submitted.inc()
         if not self.scheduler.hold(gate, sub):
             self._enqueue(sub)
         return future
 
-    def _check_blocks(self, path: P.Path, src: np.ndarray, dst: np.ndarray) -> None:
+    def _check_blocks(self, path: P.Path, src: Blocks, dst: Blocks) -> None:
         """Before anything is queued: a bad index would make the worker reject the whole wire
         request, and with it the unrelated submissions coalesced into it."""
         # Small submissions are the common case and numpy's per-call cost would dominate them
         # (a 1-block submit paid ~4 array reductions): plain ints below SMALL_CHECK elements.
-        small = src.shape[0] <= SMALL_CHECK
+        small = len(src) <= SMALL_CHECK
         limits = self._limits.get(path)
         if limits is not None:
             for name, arr, limit in (("source", src, limits[0]), ("destination", dst, limits[1])):
@@ -301,8 +307,8 @@ class TransferManager:
                     bad = lo if lo < 0 else hi
                     raise LayoutError(f"submit {path.label}: {name} block {bad} out of range [0, {limit})")
         distinct = len(set(dst.tolist())) if small else int(np.unique(dst).shape[0])
-        if distinct != dst.shape[0]:
-            raise LayoutError(f"submit {path.label}: {dst.shape[0] - distinct} destination "
+        if distinct != len(dst):
+            raise LayoutError(f"submit {path.label}: {len(dst) - distinct} destination "
                               f"block(s) named more than once; destinations must be distinct")
 
     def _release_gated(self, subs: list[Submission]) -> None:
@@ -410,11 +416,12 @@ class TransferManager:
             poller.register(q.sock, zmq.POLLIN)
             by_sock[q.sock] = q
         next_report = time.monotonic()
+        self._next_tick = 0.0
         if self._dead:
             self._supervisor_died()
         while not self._closing:
             try:
-                ready = dict(poller.poll(self._poll_timeout_ms()))
+                ready = dict(poller.poll(max(0, int((self._next_tick - time.monotonic()) * 1000) + 1)))
                 if self._supervisor_fd in ready and not self._dead:
                     self._supervisor_died()
                 for fd in [fd for fd in self._watched if fd in ready]:
@@ -433,10 +440,14 @@ class TransferManager:
                 for sock, q in by_sock.items():
                     if sock in ready:
                         self._read_worker(q)
-                self._check_deadlines()
+                now = time.monotonic()
+                if now >= self._next_tick:
+                    # Deadlines are checked when the soonest one is due (at least every 0.25 s),
+                    # not on every wake-up: a 1-block round trip wakes this loop twice.
+                    self._check_deadlines()
+                    self._next_tick = self._soonest()
                 for q in self._paths.values():
                     self._pump(q)
-                now = time.monotonic()
                 if now >= next_report and not self._dead:
                     next_report = now + STATS_REPORT_S
                     self._report()
@@ -444,14 +455,21 @@ class TransferManager:
                 logger.exception("transfer manager I/O loop error")
         self._fail_everything("transfer manager closed")
 
-    def _poll_timeout_ms(self) -> int:
+    def _soonest(self) -> float:
+        """When _check_deadlines must run next: the soonest wire deadline or registration retry,
+        and at least every 0.25 s (held gates, queued requests waiting for a worker). Whatever
+        sets an earlier deadline between two checks lowers _next_tick itself (_due)."""
         soonest = time.monotonic() + 0.25
         for q in self._paths.values():
             if q.link.retry_at:
                 soonest = min(soonest, q.link.retry_at)
             for wire in q.outstanding.values():
                 soonest = min(soonest, wire.deadline)
-        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+        return soonest
+
+    def _due(self, when: float) -> None:
+        if when < self._next_tick:
+            self._next_tick = when
 
     def _take_incoming(self) -> None:
         with self._lock:
@@ -517,7 +535,8 @@ class TransferManager:
             for m in members:
                 m.state, m.gen = SENT, gen
             q.outstanding[rid] = WireRequest(rid, members, gen, now, now + self.request_timeout_s)
-            self.metrics.requests.labels(q.path.label).inc()
+            self._due(now + self.request_timeout_s)
+            self.metrics.of(q.path.label).requests.inc()
 
     # ---- replies and events ------------------------------------------------------------------
     def _read_worker(self, q: PathQueue) -> None:
@@ -559,6 +578,7 @@ class TransferManager:
         rid = msg["id"]
         if rid == q.link.rid and rid != 0:
             q.link.rejected(msg.get("error") or "registration failed")
+            self._due(0.0)   # its retry time is set now
             if q.link.refuses_work:
                 self._fail_queued(q, q.link.error)
             return
@@ -569,9 +589,9 @@ class TransferManager:
         if status is not P.Status.STALE:
             self._attach_detail(q, wire, msg)
         if status is P.Status.OK:
-            self.metrics.latency.labels(q.path.label).observe(time.monotonic() - wire.sent_at)
+            self.metrics.of(q.path.label).latency.observe(time.monotonic() - wire.sent_at)
             for m in wire.members:
-                m.sub.moved += int(m.src.shape[0]) * self.block_bytes
+                m.sub.moved += len(m.src) * self.block_bytes
                 m.layers_done = self.num_layers
             self._settlement.settle_wire(q, wire, None)
             return
@@ -595,7 +615,7 @@ class TransferManager:
 
     def _attach_detail(self, q: PathQueue, wire: WireRequest, msg: dict) -> None:
         """Per-block arrays of a reply (a disk request's), sliced to each member request."""
-        total = sum(int(m.src.shape[0]) for m in wire.members)
+        total = sum(len(m.src) for m in wire.members)
         arrays = {}
         for key in P.BLOCK_FIELDS:
             if key in msg:
@@ -609,7 +629,7 @@ class TransferManager:
             texts["no_space"] = msg["no_space"]
         lo = 0
         for i, m in enumerate(wire.members):
-            n = int(m.src.shape[0])
+            n = len(m.src)
             m.detail = {k: v[lo:lo + n] for k, v in arrays.items()} | texts | \
                 (scalars if i == 0 else dict.fromkeys(scalars, 0))
             lo += n
@@ -691,6 +711,7 @@ class TransferManager:
             for gen, fd in q.worker_fds.items():
                 self._watched[fd] = (q, gen)
                 self._poller.register(fd, zmq.POLLIN)
+        self._due(0.0)
         logger.error("%s; queued transfers failed, %d request(s) at workers fail once their worker is gone "
                      "(at most %.1f s); new transfers are refused", self._dead, waiting, grace)
 
@@ -727,6 +748,7 @@ class TransferManager:
                 wire.stopping = True
                 wire.deadline = min(wire.deadline, now + self.stop_grace_s)
                 waiting += 1
+        self._due(0.0)
         logger.error("kvbm-workers is stopping; failed what no worker held, %d request(s) at workers wait "
                      "for their worker's death (at most %.1f s)", waiting, self.stop_grace_s)
 
@@ -848,7 +870,7 @@ class TransferManager:
             alive = self._thread.is_alive()
             self._thread = None
             if not alive and self._register_msg is not None and not self._dead:
-                self._unregister(min(timeout, 1.0))
+                self.unregistered = self._unregister(min(timeout, 1.0))
                 _collect_cuda_ipc()
         for q in self._paths.values():
             q.sock.close(0)
@@ -869,27 +891,53 @@ class TransferManager:
             os.close(self._supervisor_fd)
             self._supervisor_fd = -1
 
-    def _unregister(self, timeout: float) -> None:
-        """Asks every worker to drop this engine's mappings; bounded wait, best effort."""
+    def _unregister(self, timeout: float) -> bool:
+        """Asks every worker to drop this engine's mappings, all at once, and waits (bounded) for
+        each to say it did; True when every one answered (best effort: False is logged, not raised)."""
         deadline = time.monotonic() + timeout
+        waiting = {}
         for q in self._registered_queues():
             try:
                 q.sock.send(P.encode({"t": P.MsgType.UNREGISTER, "id": 0, "engine": self.engine_id}), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                continue
-            while (left := deadline - time.monotonic()) > 0 and q.sock.poll(int(left * 1000) + 1):
-                try:
-                    reply = P.decode(q.sock.recv(zmq.NOBLOCK))
-                except (zmq.Again, ProtocolError):
-                    continue
-                if reply.get("t") == P.MsgType.PONG and "dropped" in reply:
-                    break
+                waiting[q.sock] = q
+            except zmq.ZMQError as err:
+                logger.warning("%s: unregister not sent: %s", q.path.label, err)
+        poller = zmq.Poller()
+        for sock in waiting:
+            poller.register(sock, zmq.POLLIN)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                for payload in pending(sock):
+                    try:
+                        reply = P.decode(payload)
+                    except ProtocolError:
+                        continue
+                    if reply.get("t") == P.MsgType.PONG and "dropped" in reply and sock in waiting:
+                        del waiting[sock]
+                        poller.unregister(sock)
+                        break
+        if waiting:
+            logger.warning("unregister: no answer from the %s worker(s) within %.1f s; their mappings of this "
+                           "engine's memory go when they exit", ", ".join(q.path.label for q in waiting.values()),
+                           timeout)
+        return not waiting
 
     def __enter__(self) -> TransferManager:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _blocks(values) -> Blocks:
+    """Block indices of a submit: a short list or tuple of ints becomes an array('q') (numpy's
+    per-call cost would be most of a 1-block submit), anything else a flat int64 ndarray."""
+    if type(values) in (list, tuple) and len(values) <= SMALL_CHECK:
+        try:
+            return array("q", values)
+        except (TypeError, OverflowError):
+            pass   # floats, nested lists, ...: numpy's conversion (and its errors), as before
+    return np.ascontiguousarray(np.asarray(values, dtype=np.int64)).reshape(-1)
 
 
 def _collect_cuda_ipc() -> None:

@@ -4,23 +4,40 @@ describe_memory gives one entry per layout buffer: CUDA IPC handle fields of eac
 storage (torch `_share_cuda_`, sent as msgpack bytes/ints; no pickle), or, in CPU mode, the offset
 of each tensor in the shared segment it was allocated in (kvbm.shm.SharedBuffers), which the
 workers map by name.
+
+CUDA shares and shutdown. `_share_cuda_` wraps the shared storage's memory in a torch
+CudaIPCSentData that holds an offset of a ref-counter file until that storage is freed; a
+producer that exits with one still held prints "Producer process has been terminated before all
+shared CUDA tensors released". An engine's KV tensors live until its exit, so sharing them directly
+printed it at every exit. What is shared instead is an alias: a second, non-owning storage over
+the same bytes (torch._C._construct_storage_from_data_pointer: no deleter, so whenever torch frees
+its record, nothing else is freed with it), kept in `keep` by the caller with the engine's storage
+(the memory must outlive every mapping) and dropped once the workers have dropped their mappings
+(KvBlockManager.close: the workers unregister and exit, then the aliases go, then
+torch.cuda.ipc_collect()). Where torch lacks that call or refuses the alias (memory its caching
+allocator did not hand out as one block), the storage itself is shared, as before.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from kvbm.errors import LayoutError
 from kvbm.shm import SharedBuffers
 
+logger = logging.getLogger(__name__)
 
-def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None = None) -> dict:
-    """The register message's memory map for the engine's KV buffers (one per layout buffer)."""
+
+def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None = None,
+                    keep: list | None = None) -> dict:
+    """The register message's memory map for the engine's KV buffers (one per layout buffer).
+    CUDA: the shared aliases are appended to `keep`, which must outlive the workers' mappings."""
     tensors = list(tensors)
     if len(tensors) != layout.num_buffers():
         raise LayoutError(f"{len(tensors)} tensors for a layout of {layout.num_buffers()} buffers")
     if tensors[0].is_cuda:
-        return _describe_cuda(tensors)
+        return _describe_cuda(tensors, keep)
     if shared is None:
         raise LayoutError("CPU-mode device tensors must live in shared memory the workers can map: allocate "
                           "them with KvBlockManager.create_device_tensors() (kvbm.shm.SharedBuffers)")
@@ -34,12 +51,29 @@ def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None
     return {"kind": "shm", "segment": shared.segment.name, "size": shared.segment.size, "buffers": buffers}
 
 
-def _describe_cuda(tensors: Sequence[Any]) -> dict:
+def _share(storage, keep: list | None) -> tuple:
+    """_share_cuda_ of a non-owning alias of `storage` ((alias, storage) kept in `keep`), or of
+    the storage itself."""
+    if keep is not None:
+        import torch
+        construct = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+        try:
+            if construct is not None:
+                alias = construct(storage.data_ptr(), storage.device, storage.nbytes())
+                fields = alias._share_cuda_()
+                keep.append((alias, storage))
+                return fields
+        except (RuntimeError, TypeError, ValueError) as err:
+            logger.debug("CUDA IPC through an alias refused (%s); sharing the storage itself", err)
+    return storage._share_cuda_()
+
+
+def _describe_cuda(tensors: Sequence[Any], keep: list | None = None) -> dict:
     buffers = []
     for t in tensors:
         storage = t.untyped_storage()
         (device, handle, storage_size, storage_offset, ref_handle, ref_offset, event_handle,
-         event_sync) = storage._share_cuda_()
+         event_sync) = _share(storage, keep)
         buffers.append({"offset": t.data_ptr() - storage.data_ptr(), "nbytes": t.numel() * t.element_size(),
                         "ipc": {"device": int(device), "handle": bytes(handle), "storage_size": int(storage_size),
                                 "storage_offset": int(storage_offset), "ref_counter_handle": bytes(ref_handle),

@@ -50,7 +50,7 @@ class PathQueue:
 
     def coalesce(self, lead: Request, max_blocks: int) -> list[Request]:
         """lead and the queued requests right behind it that may share its wire request."""
-        members, total = [lead], int(lead.src.shape[0])
+        members, total = [lead], len(lead.src)
         dsts = set(lead.dst.tolist())
         while self.heap:
             _, _, nxt = self.heap[0]
@@ -60,13 +60,13 @@ class PathQueue:
             if (lead.sub.alone or nxt.sub.alone
                     or nxt.sub.priority != lead.sub.priority or nxt.sub.layers != lead.sub.layers
                     or nxt.sub.meta != lead.sub.meta or (nxt.extra is None) != (lead.extra is None)
-                    or nxt.sub.error is not None or total + nxt.src.shape[0] > max_blocks
+                    or nxt.sub.error is not None or total + len(nxt.src) > max_blocks
                     or not dsts.isdisjoint(nxt.dst.tolist())):
                 break
             heapq.heappop(self.heap)
             dsts.update(nxt.dst.tolist())
             members.append(nxt)
-            total += int(nxt.src.shape[0])
+            total += len(nxt.src)
         return members
 
     def queued_past(self, now: float) -> list[Request]:

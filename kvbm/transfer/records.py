@@ -15,6 +15,7 @@ not yet sent are settled with it and never sent).
 """
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -48,6 +49,9 @@ class Outcome:
 
 
 Finalize = Callable[[Outcome], Any]
+# Block indices of a request: a flat int64 ndarray, or an array('q') for a short list (cheaper to
+# build, check and pack than a numpy array of a few items).
+Blocks = np.ndarray | array
 
 
 @dataclass(eq=False, slots=True)
@@ -92,8 +96,8 @@ class Submission:
 class Request:
     rid: int
     sub: Submission
-    src: np.ndarray
-    dst: np.ndarray
+    src: Blocks
+    dst: Blocks
     gen: int = 0                    # worker generation it was sent to
     deadline: float = 0.0           # while queued: when waiting for a worker fails it
     layers_done: int = 0

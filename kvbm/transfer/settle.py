@@ -80,12 +80,12 @@ class Settlement:
             except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
                 logger.error("finalize of a %s transfer failed", sub.path.label, exc_info=True)
                 ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
-        label = sub.path.label
-        self.metrics.transfers.labels(label, "ok" if ok else "failed").inc()
+        m = self.metrics.of(sub.path.label)
+        (m.ok if ok else m.failed).inc()
         self.metrics.inflight.set(self.budget.used)
         if ok:
-            self.metrics.bytes.labels(label).inc(sub.moved)
-            self.metrics.blocks.labels(label).inc(sub.future.num_blocks)
+            m.bytes.inc(sub.moved)
+            m.blocks.inc(sub.future.num_blocks)
             sub.future._advance(self.num_layers if sub.layers else 0)
             sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
                                                  time.monotonic() - sub.t_submit, value))

@@ -34,6 +34,8 @@ a worker never dies of bad input.
 """
 from __future__ import annotations
 
+import sys
+from array import array
 from enum import IntEnum
 from typing import Any
 
@@ -50,6 +52,8 @@ MAX_ERROR_TEXT = 2000
 MAX_ENGINE_ID = 256                 # the "engine" field of every message
 MAX_LAYERS = 1024                   # KVBM_MAX_LAYERS of csrc/include/kvbm.h
 MAX_DEVICE = 1023                   # CUDA device ordinal in memory.device
+SMALL_ARRAY = 64                    # block arrays up to this many are checked with plain ints (numpy's
+                                    # reductions cost ~10 us a request, most of a 1-block request's checks)
 ENGINE_REQUIRED = frozenset({"register", "unregister", "xfer"})
 XFER_FIELDS = frozenset({"v", "t", "id", "engine", "gen", "path", "src", "dst", "prio", "layers", "gate"})
 
@@ -163,6 +167,8 @@ def request_id_of(msg: Any) -> int:
 # ---- block arrays -----------------------------------------------------------------------------
 
 def pack_blocks(blocks) -> bytes:
+    if type(blocks) is array and blocks.typecode == "q" and sys.byteorder == "little":
+        return blocks.tobytes()   # the engine's short submissions (kvbm.transfer.records.Blocks)
     arr = np.ascontiguousarray(np.asarray(blocks, dtype="<i8"))
     if arr.ndim != 1:
         raise ProtocolError(f"block array must be 1-D, got shape {arr.shape}")
@@ -179,7 +185,11 @@ def unpack_blocks(data: Any, field: str, limit: int, max_count: int = MAX_BATCH_
     if count == 0 or count > max_count:
         raise ProtocolError(f"{field}: {count} blocks, expected 1..{max_count}")
     arr = np.frombuffer(data, dtype="<i8").astype(np.int64, copy=False)
-    lo, hi = int(arr.min()), int(arr.max())
+    if count <= SMALL_ARRAY:
+        values = arr.tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= limit:
         raise ProtocolError(f"{field}: block index range [{lo}, {hi}] outside [0, {limit})")
     return arr
@@ -299,6 +309,10 @@ def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) ->
     dst = unpack_blocks(msg.get("dst"), "dst", dst_limit, cap)
     if src.shape[0] != dst.shape[0]:
         raise ProtocolError(f"src has {src.shape[0]} blocks, dst {dst.shape[0]}; expected equal counts")
+    # np.unique even for a short dst: otherwise the disk worker's first read pays numpy's one-off
+    # first-call cost of np.unique (its read groups blocks by owner with it) inside its timed I/O
+    # (~9 ms here), which the load-or-recompute rule then takes for a slow disk (the two-instance
+    # test of tests/integration/test_disk_tier.py caught it).
     if np.unique(dst).shape[0] != dst.shape[0]:
         raise ProtocolError("dst names a block twice; destinations must be distinct")
     return src, dst

@@ -122,6 +122,7 @@ class Copier:
         layers = range(src.config.num_layers)
         self.src_layers = [src.region_layout(src_ptrs, layer) for layer in layers]
         self.dst_layers = [dst.region_layout(dst_ptrs, layer) for layer in layers]
+        self._groups: dict[tuple[int, int], tuple] = {}   # (lo, hi) -> layouts of layers lo..hi-1 (CPU progress)
         self.cuda = cuda
         self.threads = threads
         self.block_bytes = src.config.block_bytes
@@ -156,11 +157,18 @@ class Copier:
                 if hi - lo == 1:
                     s, d = self.src_layers[lo], self.dst_layers[lo]
                 else:
-                    s = self.src.region_layout(self._src_ptrs, range(lo, hi))
-                    d = self.dst.region_layout(self._dst_ptrs, range(lo, hi))
+                    s, d = self._group(lo, hi)
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
                 on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
         return len(src) * self.block_bytes
+
+    def _group(self, lo: int, hi: int) -> tuple:
+        """Region layouts of layers lo..hi-1, built once (~14 us each to build, per copy before)."""
+        pair = self._groups.get((lo, hi))
+        if pair is None:
+            pair = self._groups[(lo, hi)] = (self.src.region_layout(self._src_ptrs, range(lo, hi)),
+                                             self.dst.region_layout(self._dst_ptrs, range(lo, hi)))
+        return pair
 
     def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
