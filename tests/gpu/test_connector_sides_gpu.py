@@ -8,31 +8,13 @@ from __future__ import annotations
 import pytest
 
 import kvbm
-from tests.support.connector_sides import Sides, store_then_load
+from tests.support.connector_sides import check_store_then_load
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not kvbm.cuda_available(), reason="needs CUDA: kvbm.cuda_available() is False")]
 
 
-@pytest.fixture
-def sides(tmp_path, request):
-    made = []
-
-    def make(kind: str) -> Sides:
-        made.append(Sides(tmp_path / f"s{len(made)}", "cuda", kind))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
-
-
 @pytest.mark.parametrize("layerwise", [False, True], ids=["async", "layerwise"])
 @pytest.mark.parametrize("kind", ["layer", "cross"])
-def test_store_then_load_through_both_sides(sides, kind, layerwise):
-    out = store_then_load(sides(kind), layerwise)
-    assert out["got"] == out["want"] and not out["failed"]
-    assert out["recving"] == (set() if layerwise else {"B"})   # only an asynchronous load is "received"
-    assert out["active"] == 0 and out["loaded"] == 4            # the G2 blocks are released once loaded
-    if layerwise and kind == "layer":
-        assert out["layers_ok"] == [True, True, True]
+def test_store_then_load_through_both_sides(tmp_path, kind, layerwise):
+    check_store_then_load(tmp_path, "cuda", kind, layerwise)

@@ -105,3 +105,18 @@ def store_then_load(sides: Sides, layerwise: bool) -> dict:
     return {"want": want, "got": block_bytes(sides.tensors, sides.kind, b_blocks[:4]), "layers_ok": seen,
             "recving": sides.collected.finished_recving, "failed": sides.collected.failed_blocks,
             "active": side.pool.registry.num_active, "loaded": side.stats.loaded_blocks}
+
+
+def check_store_then_load(tmp_path, device: str, kind: str, layerwise: bool) -> None:
+    """The whole test, for either device: both sides over a fresh kvbm-workers, closed after."""
+    sides = Sides(tmp_path, device, kind)
+    try:
+        out = store_then_load(sides, layerwise)
+    finally:
+        sides.close()
+    assert out["got"] == out["want"] and not out["failed"]
+    assert out["recving"] == (set() if layerwise else {"B"})   # only an asynchronous load is "received"
+    assert out["active"] == 0 and out["loaded"] == 4            # the G2 blocks are released once loaded
+    if layerwise and kind == "layer":
+        assert out["layers_ok"] == [True] * LAYERS               # each layer whole when its wait returned
+

@@ -27,3 +27,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.vllm import harness  # here, not at the top: this conftest loads without vLLM
 
     return harness.write_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def engine(model_dir, tmp_path):
+    """make(**settings) -> an Engine of tests/vllm/test_kvbm_connector.py (vLLM's scheduler with
+    kvbm's connector, one worker-side connector, a kvbm-workers); every one closed after the test."""
+    from tests.vllm.test_kvbm_connector import Engine  # here: this conftest loads without vLLM
+    made = []
+
+    def make(**kw):
+        e = Engine(model_dir, tmp_path / f"e{len(made)}", **kw)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.close()
+

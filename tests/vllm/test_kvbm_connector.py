@@ -156,20 +156,6 @@ class Engine:
         return request
 
 
-@pytest.fixture
-def engine(model_dir, tmp_path, request):
-    made = []
-
-    def make(**kw) -> Engine:
-        e = Engine(model_dir, tmp_path / f"e{len(made)}", **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
-
-
 def first_run(steps, req_id: str) -> int:
     """Tokens vLLM computed for the request the first time it ran: the prompt less what it loaded."""
     return next(st.scheduled[req_id] for st in steps if req_id in st.scheduled)

@@ -46,18 +46,6 @@ def disk_settings(tmp_path, **kw) -> dict:
             **kw}
 
 
-@pytest.fixture
-def engine(model_dir, tmp_path):
-    made = []
-
-    def make(**kw) -> Engine:
-        e = Engine(model_dir, tmp_path / f"e{len(made)}", **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
 
 
 def keys_of(e: Engine, request, n: int) -> np.ndarray:
