@@ -413,3 +413,42 @@ def test_unknown_extra_settings_are_refused(model_dir, tmp_path):
                                 kv_connector_extra_config={"host_blokcs": 8})
     with pytest.raises(Exception, match="host_blokcs"):
         H.make_scheduler(config, H.make_kv_cache_config(config, 16))
+
+
+def test_vllms_fail_policy_becomes_recompute(model_dir, tmp_path):
+    # vLLM's default ends a request whose load failed; for a cache that is a miss to recompute.
+    config = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
+                                kv_connector_module_path="kvbm.integrations.vllm", kv_load_failure_policy="fail",
+                                kv_connector_extra_config={"host_blocks": 8, "force_cpu": True,
+                                                           "runtime_dir": str(tmp_path)})
+    scheduler = H.make_scheduler(config, H.make_kv_cache_config(config, 16))
+    try:
+        assert scheduler.recompute_kv_load_failures
+        assert not KvbmConnector.supports_sleep_mode(config.kv_transfer_config)    # IPC mappings cannot follow
+        assert KvbmConnector.get_required_kvcache_layout(config) == "NHD"
+    finally:
+        scheduler.connector.shutdown()
+
+
+def test_reset_with_the_connector_forgets_g2(engine):
+    e = engine()
+    tokens = H.prompt(4 * BS + 5, seed=19)
+    e.add(tokens, "A")
+    e.run()
+    assert e.side.pool.registry.num_registered == 4
+    assert e.scheduler.reset_prefix_cache(reset_connector=True)     # e.g. new weights: old KV is wrong now
+    assert e.side.pool.registry.num_registered == 0
+    e.add(tokens, "B")
+    assert first_run(e.run(), "B") == 4 * BS + 5                    # nothing loaded: recomputed
+
+
+def test_keys_follow_block_hashes_that_vllm_recomputes(engine):
+    e = engine()
+    connector = e.scheduler.connector
+    req = H.make_request(e.scheduler, H.prompt(3 * BS, seed=20), "R")
+    first = connector._request_keys(req).copy()
+    other = H.make_request(e.scheduler, H.prompt(3 * BS, seed=21), "S")
+    req.block_hashes[:] = other.block_hashes        # vLLM cleared and rebuilt them (other tokens now)
+    again = connector._request_keys(req)
+    assert len(first) == len(again) == 3 and not np.array_equal(first, again)
+    assert [vllm_key(h) for h in other.block_hashes] == again.tolist()

@@ -113,6 +113,9 @@ def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) ->
     overrides = {k: v for k, v in extra.items() if k in fields}
     if "instance_id" not in overrides and not os.environ.get("KVBM_INSTANCE_ID"):
         engine = "".join(c for c in str(vllm_config.instance_id) if c.isalnum())[-20:] or "0"
+        parallel = vllm_config.parallel_config
+        if parallel.data_parallel_size > 1:   # DP engines share vLLM's instance id: one kvbm each
+            engine += f"-dp{parallel.data_parallel_rank}"
         overrides["instance_id"] = f"vllm-{engine}"
     return KvbmConfig.load(**overrides)
 
@@ -158,6 +161,21 @@ class KvbmConnector(KVConnectorBase_V1):
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         return _load_mode(extra_config or {}) == "layerwise"   # wait_for_layer_load runs between graph pieces
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        return False   # kvbm-workers map the KV tensors through CUDA IPC: a remap behind them is not followed
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config) -> str | None:
+        return "NHD"   # contiguous per-layer tensors [2, blocks, block_size, heads, head_dim]: whole blocks copy
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's reset_prefix_cache(reset_connector=True): G2 forgets every block (False while a
+        transfer runs, or with a disk tier: see SchedulerSide.reset)."""
+        if self.scheduler is None:
+            return None
+        return self.scheduler.reset()
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False   # a cache: a dropped store is a later miss, never wrong output
@@ -168,6 +186,12 @@ class KvbmConnector(KVConnectorBase_V1):
         if parallel.pipeline_parallel_size > 1:
             raise ConfigError("kvbm's vLLM connector does not support pipeline parallelism yet (tensor parallel only)")
         self.world_size = parallel.tensor_parallel_size
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # vLLM's default ("fail") ends a request whose load failed; for a cache a failed load
+            # (a corrupt or vanished G3 block, a dead worker) is a miss: recompute it.
+            logger.warning("kvbm connector: kv_load_failure_policy %r -> 'recompute' (a failed load is recomputed, "
+                           "never an error to the client)", self._kv_transfer_config.kv_load_failure_policy)
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.layerwise = _load_mode(extra) == "layerwise"
         self.config = connector_settings(vllm_config, extra)
@@ -193,6 +217,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self._transfers = None
         self._collected = None
         self._manager = None
+        self._cuda = False
         self._metrics_server = None
         self._publisher = None
         self.metrics = None
@@ -254,13 +279,17 @@ class KvbmConnector(KVConnectorBase_V1):
     def _request_keys(self, request: Request) -> np.ndarray:
         """u64 keys of the request's full blocks, folded once per hash (cached per request)."""
         hashes = request.block_hashes
-        done, keys = self._keys.get(request.request_id, (0, np.empty(0, np.uint64)))
         step = self.hashes_per_block
+        last, keys = self._keys.get(request.request_id, (None, np.empty(0, np.uint64)))
+        # vLLM recomputes a request's hashes at times (block_hashes cleared and rebuilt): the cache
+        # holds only while the hash of its last folded block is still there.
+        if len(keys) and (len(hashes) < len(keys) * step or hashes[len(keys) * step - 1] != last):
+            keys = np.empty(0, np.uint64)
         full = len(hashes) // step
         if full > len(keys):
             new = [vllm_key(hashes[i * step + step - 1]) for i in range(len(keys), full)]
             keys = np.concatenate([keys, self._manager.keys(np.asarray(new, dtype=np.uint64))])
-            self._keys[request.request_id] = (full, keys)
+            self._keys[request.request_id] = (hashes[full * step - 1], keys)
         return keys
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -379,6 +408,7 @@ class KvbmConnector(KVConnectorBase_V1):
             transfers.close()
             raise
         self._transfers = transfers
+        self._cuda = tensors[0].is_cuda
         self.worker = WorkerSide(transfers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
 
@@ -399,16 +429,28 @@ class KvbmConnector(KVConnectorBase_V1):
         """Layer-wise loads: this layer has landed in every block loaded this step (asynchronous
         loads land before their request runs: nothing to wait for)."""
         if self.worker is not None and self.layerwise:
-            self.worker.wait_layer(self._layer_index[layer_name], self.worker.flush_timeout_s)
+            layer = self._layer_index.get(layer_name)
+            if layer is not None:   # a layer sharing another's KV (not in the group) loads nothing of its own
+                self.worker.wait_layer(layer, self.worker.flush_timeout_s)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return   # stores are submitted once per step, in wait_for_save
 
     def wait_for_save(self) -> None:
-        if self.worker is not None:
-            if self.layerwise:
-                self.worker.finish_layerwise()
-            self.worker.submit_stores()
+        if self.worker is None:
+            return
+        if self.layerwise:
+            self.worker.finish_layerwise()
+        if self.worker.plan.stores and self._cuda:
+            # The forward pass was only launched: its kernels may still be writing the blocks this
+            # step stores, and the D2H runs in another process, unordered with vLLM's stream. The
+            # stores go once the stream's work so far is done (vLLM's own offloading makes its copy
+            # stream wait for the compute stream the same way).
+            import torch
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        self.worker.submit_stores()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         results = self.get_transfer_results(finished_req_ids)

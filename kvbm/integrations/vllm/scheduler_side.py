@@ -172,6 +172,10 @@ class SchedulerSide:
         failed loads: vLLM recomputes them."""
         req = self._track(req_id, keys)
         req.block_table = list(device_blocks)
+        # What is computed in this table is vLLM's local prefix only (a preempted request's
+        # earlier count is stale): the blocks being loaded must not be planned as stores.
+        req.computed_tokens = num_computed_tokens
+        req.considered = min(req.considered, num_computed_tokens // self.block_tokens)
         if num_external_tokens <= 0:
             return
         bt = self.block_tokens
@@ -292,7 +296,8 @@ class SchedulerSide:
             return
         if req.pending:
             self._plan.flush_reqs.append(req_id)
-        req.block_table, req.considered = [], 0
+        # Its new table is empty until vLLM gives it one; nothing of it is computed until it runs again.
+        req.block_table, req.considered, req.computed_tokens = [], 0, 0
 
     def build(self) -> StepPlan:
         """This step's plan: loads planned since the last build, and a store for every block that
@@ -308,6 +313,8 @@ class SchedulerSide:
         return plan
 
     def _plan_stores(self, req_id: str, req: _Request) -> None:
+        if req.load is not None or req.staging:
+            return   # its device blocks are being loaded: none of them is stored before it has run
         full = min(len(req.keys), len(req.block_table), req.computed_tokens // self.block_tokens)
         if full <= req.considered:
             return
@@ -406,6 +413,10 @@ class SchedulerSide:
         if req is None:
             return False
         req.finished = True
+        if req.load is not None or req.staging:
+            # An asynchronous load still writes its blocks: vLLM frees them only once the ranks
+            # report it received; a finished_sending too would free them twice.
+            return False
         if req.pending:
             # A store still reads its device blocks: vLLM keeps them until the ranks report the
             # request sent. (An asynchronous load still writing them needs nothing here: vLLM
@@ -415,6 +426,22 @@ class SchedulerSide:
         if req.idle():
             del self.requests[req_id]
         return False
+
+    def reset(self) -> bool:
+        """vLLM's reset_prefix_cache(reset_connector=True) (e.g. new weights): G2 forgets every
+        block. Refused (False) while a transfer runs or with a disk tier (G3's blocks outlive this
+        process; clear disk_path or change the salt instead)."""
+        if self.jobs or self._staging or self.disk is not None:
+            return False
+        with self.manager.lock:
+            registry = self.pool.registry
+            if registry.num_active:
+                return False
+            self.pool.evict(registry.num_inactive)
+            self._drain_evictions()
+        if self.events is not None:
+            self.events.cleared()
+        return True
 
     def sent(self, req_ids) -> None:
         """vLLM freed the blocks of these delayed requests (every rank reported them)."""

@@ -28,6 +28,7 @@ class _Pending:
     job: LoadJob | StoreJob
     future: object      # TransferFuture (None: failed at submission)
     error: str = ""
+    reported: bool = False   # its device blocks were already named as failed (a layer-wise timeout)
 
 
 @dataclass
@@ -96,9 +97,16 @@ class WorkerSide:
             if not job.layerwise or pending is None or pending.future is None:
                 continue
             try:
-                pending.future.wait_layer(layer, timeout)
+                landed = pending.future.wait_layer(layer, timeout)
             except Exception:  # noqa: BLE001 - collect reports the failure with its blocks
-                pass
+                landed = True
+            if not landed and not pending.error:
+                # Past the bound the forward pass goes on without this layer: vLLM must hear of the
+                # blocks in this very step (the job stays tracked until its future settles, so
+                # its G2 blocks are released then).
+                pending.error = f"layer {layer} not landed within {timeout} s"
+                pending.reported = True
+                self.failed_blocks.update(pending.job.device_blocks)
 
     def finish_layerwise(self) -> None:
         """The forward pass is over: this step's layer-wise loads have landed (their last layer was
@@ -131,7 +139,8 @@ class WorkerSide:
                 report.done[job_id] = 1
                 report.loaded_bytes += self._bytes(pending)
             else:
-                failed.update(pending.job.device_blocks)
+                if not pending.reported:   # (named again later, the blocks may be another request's)
+                    failed.update(pending.job.device_blocks)
                 if not pending.job.layerwise:
                     failed_reqs.add(pending.job.req_id)
                 if pending.job.host_blocks:
@@ -148,7 +157,7 @@ class WorkerSide:
             else:
                 report.failed[job_id] = 1
                 report.errors.append(f"store of {pending.job.req_id}: {pending.error}")
-        busy = {p.job.req_id for p in self.stores.values()}
+        busy = {p.job.req_id for p in self.stores.values()} | {p.job.req_id for p in self.loads.values()}
         sending = {r for r in self.awaiting_finish if r not in busy}
         self.awaiting_finish -= sending
         return Collected(sending, recving, failed_reqs, failed, report)
