@@ -46,6 +46,7 @@ class PathLink:
     def __init__(self, path: Path, gen: int = 0) -> None:
         self.path = path
         self.gen = gen                 # newest generation announced by the supervisor
+        self.sent_gen = 0              # self.gen when the pending registration was sent
         self.registered_gen = 0        # generation our registration was accepted by (0: none)
         self.rid = 0                   # id of the registration last sent
         self.pending = False           # that registration has not been answered yet
@@ -84,6 +85,7 @@ class PathLink:
     def begin_register(self, rid: int) -> None:
         self.rid = rid
         self.pending = True
+        self.sent_gen = self.gen        # the newest generation known when it was sent
 
     # ---- events: each returns True when a registration must be sent now --------------------
     def accepted(self, rid: int, gen: int) -> bool:
@@ -121,9 +123,12 @@ class PathLink:
         return False
 
     def started(self, gen: int) -> bool:
-        """A new generation is up. Always (re)send, even with one pending: the generation it went to
-        may have died unanswered; only a reply to the latest rid counts, so a duplicate is harmless."""
-        if gen <= self.registered_gen:
+        """A new generation is up: (re)send, even with one pending, unless the pending one was sent
+        when this generation was already known (the supervisor's `started` of the generation the
+        welcome named arrives after connect: a second registration would make the worker open the
+        engine's memory twice, and with CUDA IPC its second open of a handle releases torch's ref
+        counter early). A generation that died unanswered is died()'s to resend."""
+        if gen <= self.registered_gen or (self.pending and gen <= self.sent_gen):
             return False
         self.gen = max(self.gen, gen)
         self.attempts = 0

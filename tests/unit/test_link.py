@@ -71,6 +71,15 @@ def test_started_resends_only_for_a_newer_generation(link):
     assert link.state is LinkState.READY      # generation 2 still holds our registration until 3 answers
 
 
+def test_the_started_event_of_the_known_generation_sends_no_second_registration(link):
+    link.reset()
+    link.begin_register(7)                    # sent to generation 1, which the welcome named
+    assert link.started(1) is False           # its `started` event arrives late: the same worker
+    assert link.started(2) is True            # a newer one: send again
+    link.begin_register(8)
+    assert link.died(2) is True               # it died unanswered: died() sends again
+
+
 def test_stale_reply_drops_the_registration_it_names(link):
     registered(link, gen=2)
     assert link.stale(wire_gen=1, worker_gen=3) is False   # sent under an older registration
