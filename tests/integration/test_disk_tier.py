@@ -31,6 +31,13 @@ def random_hashes(rng, n):
     return rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
 
 
+def filled(pipe, rng, n: int):
+    """Device blocks 0..n-1 filled with random bytes: (a random sequence hash each, their bytes)."""
+    hashes = random_hashes(rng, n)
+    pipe.fill_random(np.arange(n), rng)
+    return hashes, pipe.snapshot(np.arange(n))
+
+
 def disk_pipeline(make_pipeline, tmp_path, **kw):
     kw.setdefault("device_blocks", 256)
     kw.setdefault("host_blocks", 48)
@@ -131,9 +138,7 @@ def test_match_reports_the_prefix_across_g1_g2_g3(make_pipeline, tmp_path, rng):
 def test_write_through_writes_every_block_registered_in_g2(make_pipeline, tmp_path, rng):
     pipe = disk_pipeline(make_pipeline, tmp_path, host_blocks=64, disk_admission="write-through")
     kv = pipe.kv
-    hashes = random_hashes(rng, 24)
-    pipe.fill_random(np.arange(24), rng)
-    expected = pipe.snapshot(np.arange(24))
+    hashes, expected = filled(pipe, rng, 24)
     kv.offload(np.arange(24), hashes).result(DEADLINE)
     kv.flush_disk(DEADLINE)
     in2, in3 = where(kv, hashes)
@@ -168,9 +173,7 @@ def test_a_disk_slower_than_recomputing_is_not_offered(make_pipeline, tmp_path, 
     but neither match nor onboard offers them; the decision and its inputs are in the stats."""
     pipe = disk_pipeline(make_pipeline, tmp_path, prefill_tokens_per_s=1e15)
     kv = pipe.kv
-    hashes = random_hashes(rng, 64)
-    pipe.fill_random(np.arange(64), rng)
-    expected = pipe.snapshot(np.arange(64))
+    hashes, expected = filled(pipe, rng, 64)
     offload_in_steps(kv, np.arange(64), hashes)
     in2, in3 = where(kv, hashes)
     q = np.concatenate([hashes[-8:], hashes[:8]])              # 8 in G2, then 8 only G3 holds
@@ -247,9 +250,7 @@ def slot_place(pipe, h) -> tuple[str, int]:
 def test_a_damaged_block_fails_the_load_is_dropped_and_recomputed(make_pipeline, tmp_path, rng, damage):
     pipe = disk_pipeline(make_pipeline, tmp_path)
     kv = pipe.kv
-    hashes = random_hashes(rng, 64)
-    pipe.fill_random(np.arange(64), rng)
-    expected = pipe.snapshot(np.arange(64))
+    hashes, expected = filled(pipe, rng, 64)
     offload_in_steps(kv, np.arange(64), hashes)
     in2, in3 = where(kv, hashes)
     run = hashes[:8]
@@ -299,9 +300,7 @@ def test_a_full_disk_loses_nothing_and_the_blocks_stay_in_g2(make_pipeline, tmp_
     pipe = disk_pipeline(make_pipeline, tmp_path, host_blocks=64, disk_admission="write-through",
                          disk_fsize_limit=32768)
     kv = pipe.kv
-    hashes = random_hashes(rng, 24)
-    pipe.fill_random(np.arange(24), rng)
-    expected = pipe.snapshot(np.arange(24))
+    hashes, expected = filled(pipe, rng, 24)
     kv.offload(np.arange(24), hashes).result(DEADLINE)
     kv.flush_disk(DEADLINE)
     in2, in3 = where(kv, hashes)
@@ -392,9 +391,7 @@ def test_kill_9_of_the_disk_worker_mid_write_serves_nothing_torn(make_pipeline, 
     pipe = disk_pipeline(make_pipeline, tmp_path, instance="k9", disk_path=disk, host_blocks=96,
                          disk_admission="write-through", worker_delay_ms=150)
     kv = pipe.kv
-    hashes = random_hashes(rng, 64)
-    pipe.fill_random(np.arange(64), rng)
-    expected = pipe.snapshot(np.arange(64))
+    hashes, expected = filled(pipe, rng, 64)
     old = pipe.status()["workers"]["h2disk"]["pid"]
     futs = [kv.offload(np.arange(i, i + 8), hashes[i:i + 8]) for i in range(0, 64, 8)]
     q = kv.transfers._paths[P.Path.H2DISK]
@@ -446,9 +443,7 @@ def test_a_full_g3_evicts_by_its_own_policy_and_rewrites_slots(make_pipeline, tm
     disk = str(tmp_path / "g3")
     pipe = disk_pipeline(make_pipeline, tmp_path, instance="full3", disk_path=disk, disk_blocks=16)
     kv = pipe.kv
-    hashes = random_hashes(rng, 96)
-    pipe.fill_random(np.arange(96), rng)
-    expected = pipe.snapshot(np.arange(96))
+    hashes, expected = filled(pipe, rng, 96)
     offload_in_steps(kv, np.arange(96), hashes)
     in2, in3 = where(kv, hashes)
     st = kv.stats()
@@ -474,9 +469,7 @@ def test_a_g3_run_longer_than_g2_can_stage_is_cut_there_and_the_rest_recomputed(
     at all it stops before G3. Once G2 has room again, the whole run loads."""
     pipe = disk_pipeline(make_pipeline, tmp_path, host_blocks=48, disk_admission="write-through")
     kv = pipe.kv
-    hashes = random_hashes(rng, 96)
-    pipe.fill_random(np.arange(96), rng)
-    expected = pipe.snapshot(np.arange(96))
+    hashes, expected = filled(pipe, rng, 96)
     offload_in_steps(kv, np.arange(96), hashes, step=8)
     in2, in3 = where(kv, hashes)
     assert in3.all() and not in2[:48].any() and in2[48:].all()    # write-through: all on disk, G2 the newest
@@ -551,9 +544,7 @@ def test_a_g3_run_is_read_in_chunks_each_copied_to_the_device_as_it_lands(make_p
     pipe = disk_pipeline(make_pipeline, tmp_path, disk_onboard_chunk_blocks=3)
     kv = pipe.kv
     n = 64
-    hashes = random_hashes(rng, n)
-    pipe.fill_random(np.arange(n), rng)
-    expected = pipe.snapshot(np.arange(n))
+    hashes, expected = filled(pipe, rng, n)
     offload_in_steps(kv, np.arange(n), hashes)
     in2, in3 = where(kv, hashes)
     assert in2[-8:].all() and in3[:16].all() and not in2[:16].any()
@@ -593,9 +584,7 @@ def test_a_corrupt_block_in_a_middle_chunk_fails_the_whole_onboard(make_pipeline
     block is released, and the next onboard loads the 5 blocks before the dropped one."""
     pipe = disk_pipeline(make_pipeline, tmp_path, disk_onboard_chunk_blocks=2)
     kv = pipe.kv
-    hashes = random_hashes(rng, 64)
-    pipe.fill_random(np.arange(64), rng)
-    expected = pipe.snapshot(np.arange(64))
+    hashes, expected = filled(pipe, rng, 64)
     offload_in_steps(kv, np.arange(64), hashes)
     run = hashes[:8]
     assert where(kv, run)[1].all() and not where(kv, run)[0].any()
@@ -669,9 +658,7 @@ def test_the_disk_worker_killed_with_chunks_in_flight_fails_the_onboard_without_
     pipe = disk_pipeline(make_pipeline, tmp_path, instance="k9r", host_blocks=16, disk_admission="write-through",
                          disk_onboard_chunk_blocks=2, worker_delay_ms=500)
     kv = pipe.kv
-    hashes = random_hashes(rng, 32)
-    pipe.fill_random(np.arange(32), rng)
-    expected = pipe.snapshot(np.arange(32))
+    hashes, expected = filled(pipe, rng, 32)
     offload_in_steps(kv, np.arange(32), hashes, step=8)
     in2, in3 = where(kv, hashes)
     assert in3.all() and not in2[:6].any()
