@@ -278,7 +278,14 @@ class KvBlockManager:
         host_pool = self.pools[Tier.G2]
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
         shares: list = []
-        memory = describe_memory(tensors, layout, self._shared, keep=shares)
+        if getattr(tensors[0], "is_cuda", False):
+            if len(tensors) != layout.num_buffers():   # describe_memory's check, before anything is shared
+                raise LayoutError(f"{len(tensors)} tensors for a layout of {layout.num_buffers()} buffers")
+
+            def memory():   # one share per worker that opens it (TransferManager.register)
+                return describe_memory(tensors, layout, self._shared, keep=shares)
+        else:
+            memory = describe_memory(tensors, layout, self._shared)
         if self._transfers is None:
             tm, self._workers = connect_workers(
                 self.config, host_layout.total_bytes,

@@ -115,6 +115,7 @@ class TransferManager:
         self._register_asked = False
         self._register_msg: dict | None = None
         self._registered: frozenset[P.Path] = frozenset()   # the paths register() registered with
+        self._path_memory: dict[P.Path, dict] = {}   # a device path's own memory description (CUDA IPC)
         self._limits: dict[P.Path, tuple[int, int]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -185,7 +186,10 @@ class TransferManager:
         byte of the G2 segment where this registration's host layout starts. `paths`: register with
         these paths' workers only (default: every path kvbm-workers serves); a submission to another
         path is refused. `memory` None: no device memory (only for the disk paths, whose worker
-        maps none: a metadata-only engine, such as the vLLM connector's scheduler side)."""
+        maps none: a metadata-only engine, such as the vLLM connector's scheduler side). `memory` a
+        callable: called once per device path for a description of its own (CUDA IPC: torch counts one
+        consumer per share, and each worker releases what it opened: one share read by two workers
+        is released twice, its counter wraps below zero and torch holds it for good)."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         if self._dead:
@@ -208,7 +212,10 @@ class TransferManager:
             self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
-        if memory is not None:
+        self._path_memory = {}
+        if callable(memory):
+            self._path_memory = {p: memory() for p in chosen if p not in P.DISK_PATHS}
+        elif memory is not None:
             self._register_msg["memory"] = memory
         if disk is not None:
             self._register_msg["disk"] = dict(disk)
@@ -499,8 +506,11 @@ class TransferManager:
             return
         rid = next(self._ids)
         q.link.begin_register(rid)
+        msg = dict(self._register_msg, id=rid)
+        if q.path in self._path_memory:
+            msg["memory"] = self._path_memory[q.path]
         # A DEALER queues this while the worker is down; the next generation gets it when it binds.
-        q.sock.send(P.encode(dict(self._register_msg, id=rid)), zmq.NOBLOCK)
+        q.sock.send(P.encode(msg), zmq.NOBLOCK)
 
     def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
