@@ -8,16 +8,10 @@ Needs pyzmq and msgpack; no hypothesis. Run: python -m pytest -q tests/gpu/test_
 """
 from __future__ import annotations
 
-import os
-import signal
-import uuid
-
 import pytest
 import torch
 
-from kvbm.transfer.shard_transfers import ShardTransfers
-from tests.support.pipeline_harness import pid_alive
-from tests.support.shard_helpers import KINDS, fill, make_shard, round_trip, shard_config
+from tests.support.shard_helpers import KINDS, fill, make_shard, rank_factory, round_trip
 from tests.support.shard_tp2 import tp2_two_processes
 
 pytestmark = pytest.mark.gpu
@@ -25,23 +19,9 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture
 def cuda_rank(tmp_path, request):
-    made: list[ShardTransfers] = []
-
-    def make(host_blocks: int = 16) -> ShardTransfers:
-        cfg = shard_config(str(tmp_path / "run"), f"g{uuid.uuid4().hex[:8]}", device="cuda")
-        st = ShardTransfers(cfg, 0, 1, "eng", host_blocks)
-        made.append(st)
-        return st
-
-    def finish():
-        for st in made:
-            pid = st.workers_process.pid if st.workers_process is not None else None
-            st.close()
-            if pid and pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    request.addfinalizer(finish)
-    return make
+    """make(host_blocks=...) -> a rank 0 of 1 on the GPU (shard_helpers.rank_factory)."""
+    make = rank_factory(tmp_path, request, device="cuda")
+    return lambda host_blocks=16: make(host_blocks=host_blocks)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

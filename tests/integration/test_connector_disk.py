@@ -68,12 +68,7 @@ class DiskSides:
         w.bind(plan)
         w.start_loads()
         w.submit_stores()
-        for pending in list(w.stores.values()) + list(w.loads.values()):
-            if pending.future is not None:
-                try:
-                    pending.future.result(DEADLINE)
-                except Exception:  # noqa: BLE001 - collect reports it
-                    pass
+        w.wait_all(DEADLINE)
         got = w.collect()
         self.side.report(got.report)
         return got

@@ -6,8 +6,6 @@ engine, overlapping ranks, a range past G2, a disk tier under a group of several
 from __future__ import annotations
 
 import os
-import signal
-import uuid
 
 import pytest
 import torch
@@ -15,8 +13,7 @@ import torch
 from kvbm.errors import ConfigError, LayoutError, LifecycleError, TransferError
 from kvbm.transfer.launcher import WorkersProcess
 from kvbm.transfer.shard_transfers import ShardTransfers
-from tests.support.pipeline_harness import pid_alive
-from tests.support.shard_helpers import KINDS, fill, make_shard, round_trip, shard_config
+from tests.support.shard_helpers import KINDS, fill, make_shard, rank_factory, round_trip, shard_config
 from tests.support.shard_tp2 import tp2_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,27 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def ranks(tmp_path, request):
-    """make(rank, world, group, host_blocks, **config) -> a ShardTransfers of one instance per
-    test (its runtime dir under tmp_path); each closed, and every kvbm-workers killed by pid, at
-    the end."""
-    instance = f"s{uuid.uuid4().hex[:8]}"
-    made: list[ShardTransfers] = []
-
-    def make(rank=0, world=1, group="eng", host_blocks=8, **config) -> ShardTransfers:
-        st = ShardTransfers(shard_config(str(tmp_path / "run"), instance, **config), rank, world, group, host_blocks)
-        made.append(st)
-        return st
-
-    def finish():
-        pids = [st.workers_process.pid for st in made if st.workers_process is not None]
-        for st in reversed(made):
-            st.close()
-        for pid in pids:
-            if pid and pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    request.addfinalizer(finish)
-    return make
+    """make(rank, world, group, host_blocks, **config) -> a ShardTransfers (shard_helpers.rank_factory)."""
+    return rank_factory(tmp_path, request)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])

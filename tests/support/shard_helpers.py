@@ -98,3 +98,33 @@ def round_trip(st: ShardTransfers, tensors, kind: str, device_blocks, host_block
         torch.cuda.synchronize()
     return {"before": before, "after": block_bytes(tensors, kind, into), "layers": fut.layers_ready,
             "blocks": result.blocks}
+
+
+def rank_factory(tmp_path, request, device: str = "cpu"):
+    """make(rank, world, group, host_blocks, **config) -> a ShardTransfers of one instance per
+    test (its runtime dir under tmp_path, on `device`); each closed, and every kvbm-workers killed
+    by pid, at the end. What the CPU and the CUDA tests' fixtures return."""
+    import signal
+    import uuid
+
+    from tests.support.pipeline_harness import pid_alive
+    instance = f"s{uuid.uuid4().hex[:8]}"
+    made: list[ShardTransfers] = []
+
+    def make(rank=0, world=1, group="eng", host_blocks=8, **config) -> ShardTransfers:
+        cfg = shard_config(str(tmp_path / "run"), instance, device=device, **config)
+        st = ShardTransfers(cfg, rank, world, group, host_blocks)
+        made.append(st)
+        return st
+
+    def finish():
+        pids = [st.workers_process.pid for st in made if st.workers_process is not None]
+        for st in reversed(made):
+            st.close()
+        for pid in pids:
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    request.addfinalizer(finish)
+    return make
+

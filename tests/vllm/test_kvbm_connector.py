@@ -130,13 +130,7 @@ class Engine:
                 staging.future.result(DEADLINE)
             except Exception:  # noqa: BLE001 - the scheduler side plans the failure
                 pass
-        side = self.worker.worker
-        for pending in list(side.loads.values()) + list(side.stores.values()):
-            if pending.future is not None:
-                try:
-                    pending.future.result(DEADLINE)
-                except Exception:  # noqa: BLE001 - reported by collect
-                    pass
+        self.worker.worker.wait_all(DEADLINE)
 
     def step(self):
         return H.step(self.scheduler, self.run_worker)

@@ -81,13 +81,7 @@ def _serve(rank, world_size, port, model_dir, extra, num_blocks, conn) -> None:
                         for block, key in writes:
                             kv[name][:, block] = content(key, layer, rank, H.NUM_KV_HEADS, H.HEAD_SIZE)
                     worker.wait_for_save()
-                    side = worker.worker
-                    for pending in list(side.loads.values()) + list(side.stores.values()):
-                        if pending.future is not None:
-                            try:
-                                pending.future.result(30)
-                            except Exception:  # noqa: BLE001 - reported below
-                                pass
+                    worker.worker.wait_all(30)
                     results = worker.get_transfer_results(finished)
                     out = KVConnectorOutput(finished_sending=results.finished_sending,
                                             finished_recving=results.finished_recving,

@@ -209,7 +209,7 @@ class KvbmConnector(KVConnectorBase_V1):
                               f"block would hold one rank's shard); run TP > 1 without a disk tier (G2 only)")
         self.layout = _spec_layout(kv_cache_config) if self.disk else None
         self.host_blocks = self._host_blocks()
-        self._keys: dict[str, tuple[int, np.ndarray]] = {}   # req -> (hashes folded, keys)
+        self._keys: dict[str, tuple[bytes, np.ndarray]] = {}   # req -> (hash of its last folded block, keys)
         self._requests: dict[str, Request] = {}
         self._local_tokens: dict[str, tuple[int, bool]] = {}  # req -> (vLLM's own prefix, G3 part?) at the last lookup
         self.scheduler: SchedulerSide | None = None

@@ -89,6 +89,17 @@ class WorkerSide:
                 except Exception as err:  # noqa: BLE001 - recorded; collect reports it
                     pending.error = pending.error or f"{type(err).__name__}: {err}"
 
+    def wait_all(self, timeout: float) -> None:
+        """Wait (each bounded by `timeout`) for every load and store in flight to settle; a
+        failure is left for collect to report. For a caller that must not step on (tests that
+        settle each step, an idle engine)."""
+        for pending in list(self.loads.values()) + list(self.stores.values()):
+            if pending.future is not None:
+                try:
+                    pending.future.result(timeout)
+                except Exception:  # noqa: BLE001 - collect reports it
+                    pass
+
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Synchronous loads: wait until `layer` has landed for every load of this step (a failed
         load is collected and reported, never raised into vLLM's forward pass)."""
