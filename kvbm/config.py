@@ -91,6 +91,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
+    "lane_spin_us": (-1, 100_000),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
     "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
     "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
@@ -160,6 +161,13 @@ class KvbmConfig:
     max_batch_blocks: int = 256            # blocks per transfer request
     copy_threads: int = 0                  # CPU copy threads (0: the library's default)
     force_cpu: bool = False                # CPU mode even when CUDA is available
+    # Small transfers through a shared-memory lane per path (kvbm.transfer.lane) instead of a
+    # ZeroMQ message each way; off: every request goes over ZeroMQ (as before issue 12).
+    lanes: bool = True
+    # How long an idle path worker keeps polling its lanes before it sleeps on its doorbell: a
+    # request that comes within it starts without a wake-up, for a core kept busy that long.
+    # -1: 50 us on a machine of 8 CPUs or more, 0 (never spin) on a smaller one.
+    lane_spin_us: int = -1
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
     log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
@@ -242,6 +250,8 @@ class KvbmConfig:
             raise ConfigError(f"salt: expected a string, got {type(self.salt).__name__}")
         if not isinstance(self.force_cpu, bool):
             raise ConfigError(f"force_cpu: expected a boolean, got {self.force_cpu!r}")
+        if not isinstance(self.lanes, bool):
+            raise ConfigError(f"lanes: expected a boolean, got {self.lanes!r}")
         _check_host(self.engine_metrics_host)
         for key in ("events_endpoint", "events_replay_endpoint"):
             value = getattr(self, key)
@@ -366,7 +376,7 @@ def _parse_source(raw: Mapping[str, Any], where: str, spelled: Mapping[str, str]
                 value = parse_size(value, key)
             elif key in _INT_KEYS and isinstance(value, str):
                 value = _parse_int(value, key)
-            elif key in ("force_cpu", "disk_cold_start") and isinstance(value, str):
+            elif key in ("force_cpu", "disk_cold_start", "lanes") and isinstance(value, str):
                 value = _parse_bool(value, key)
             elif key in ("ghost_ratio", "prefill_tokens_per_s") and isinstance(value, str):
                 value = _parse_float(value, key)
@@ -386,7 +396,8 @@ _ENV_KEYS = {
     "KVBM_POLICY": "policy", "KVBM_GHOST_RATIO": "ghost_ratio", "KVBM_SALT": "salt",
     "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
-    "KVBM_FORCE_CPU": "force_cpu", "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
+    "KVBM_FORCE_CPU": "force_cpu", "KVBM_LANES": "lanes", "KVBM_LANE_SPIN_US": "lane_spin_us",
+    "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",
     "KVBM_DISK_COLD_START": "disk_cold_start", "KVBM_DISK_FSIZE_LIMIT": "disk_fsize_limit",

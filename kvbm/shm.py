@@ -6,7 +6,7 @@ Parts:
                         cudaHostRegister, a torch/numpy view, close and unlink
   segment_name          names derived from the instance id: kvbm-<id>-g2 (host pool, owned by the
                         supervisor), kvbm-<id>-dev-<pid>-<n> (CPU-mode "device" memory owned by an
-                        engine process <pid>)
+                        engine process <pid>), kvbm-<id>-lane-<pid>-<n> (its transfer lanes)
   RuntimeDir            the 0700 folder holding sockets and the supervisor's lock file; `acquire`
                         takes an flock so that a second supervisor of the same instance is refused
                         and a killed one's leftovers (sockets, segments) are found and removed;
@@ -57,7 +57,8 @@ FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progres
 PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
 SHM_WARN_SHARE = 0.5          # check_shm_room warns above this share of /dev/shm's free bytes
 ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
-_DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
+# Segments an engine process owns: CPU-mode device memory (dev) and its transfer lanes (lane).
+_DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-(?:dev|lane)-(?P<pid>\d+)-\d+$")
 
 
 def shm_space() -> tuple[int, int]:

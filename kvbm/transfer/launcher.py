@@ -130,7 +130,7 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
         tm = TransferManager(endpoint, engine_id=engine_id, max_inflight_bytes=config.max_inflight_bytes,
                              max_batch_blocks=config.max_batch_blocks,
                              request_timeout_s=config.request_timeout_ms / 1000.0,
-                             stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys)
+                             stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys, lanes=config.lanes)
         tm.connect(timeout)
     except BaseException:
         if workers is not None:

@@ -59,10 +59,12 @@ from array import array
 import numpy as np
 import zmq
 
-from kvbm.errors import KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
+from kvbm._fast.lane import DONE_LAYER, DONE_OK, LaneError
+from kvbm.errors import KvbmError, KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
 from kvbm.metrics import TransferMetrics
 from kvbm.transfer.budget import InflightBudget
 from kvbm.transfer.futures import TransferFuture
+from kvbm.transfer.lane import EngineLane
 from kvbm.transfer.link import PathLink
 from kvbm.transfer.path_queue import PathQueue
 from kvbm.transfer.records import Blocks, Finalize, Request, RequestState, Submission, WireRequest
@@ -70,6 +72,7 @@ from kvbm.transfer.scheduler import Gate, Scheduler
 from kvbm.transfer.settle import Settlement
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys
+from kvbm.wire.bell import Bell, Ringer, bell_dir, check_bell_path
 from kvbm.wire.channel import connect_socket, make_context, pending
 
 logger = logging.getLogger(__name__)
@@ -86,7 +89,7 @@ class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
                  request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
-                 supervisor_pid: int | None = None, keys: ClientKeys | None = None) -> None:
+                 supervisor_pid: int | None = None, keys: ClientKeys | None = None, lanes: bool = True) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
@@ -130,6 +133,12 @@ class TransferManager:
         self.unregistered = False      # close(): every worker said it dropped this engine's mappings
         self._asks: dict[int, object] = {}           # rid -> on_reply of ask(), while its replies come
         self._outgoing: list[tuple[P.Path, dict]] = []  # ask() messages for the I/O thread to send
+        # Shared-memory lanes (kvbm.transfer.lane): one per device path, offered at register();
+        # our doorbell (the workers ring it while the I/O thread sleeps) and the socket that rings theirs.
+        self.use_lanes = lanes
+        self._bell: Bell | None = None
+        self._ringer: Ringer | None = None
+        self._bell_dir: str | None = None
 
     # ---- set-up ------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> dict:
@@ -155,9 +164,26 @@ class TransferManager:
             rid = self._routing_id + b"/" + path.label.encode() if path in P.DISK_PATHS else self._routing_id
             sock = connect_socket(self._ctx, zmq.DEALER, info["endpoint"], self._keys, rid)
             self._paths[path] = PathQueue(PathLink(path, gen=int(info["gen"])), info["endpoint"], sock)
+        self._open_bell(welcome)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-transfer-{self.engine_id}", daemon=True)
         self._thread.start()
         return welcome
+
+    def _open_bell(self, welcome: dict) -> None:
+        """Our doorbell beside the workers' ipc endpoints (no lanes over TCP: no shared memory)."""
+        if not self.use_lanes or not isinstance(welcome.get("instance"), str):
+            return
+        dirs = {bell_dir(info["endpoint"]) for info in welcome["workers"].values()
+                if P.Path(info["path"]) in P.WORKER_PATHS}
+        if len(dirs) != 1 or None in dirs:
+            return
+        self._bell_dir = dirs.pop()
+        try:
+            self._bell = Bell(os.path.join(self._bell_dir, f"bell-e{os.getpid()}-{secrets.token_hex(4)}.sock"))
+        except OSError as err:
+            logger.warning("no transfer lanes: cannot bind a doorbell in %s (%s)", self._bell_dir, err)
+            return
+        self._ringer = Ringer()
 
     def _watch_supervisor(self, welcome: dict) -> None:
         pid = self.supervisor_pid or welcome.get("pid")
@@ -223,6 +249,13 @@ class TransferManager:
             self._register_msg.update(group=group, host_offset=int(host_offset))
         for q in self._registered_queues():
             q.link.reset()
+            if q.lane is not None:
+                q.lane.gen = 0
+            elif self._bell is not None and q.path in P.WORKER_PATHS:
+                try:
+                    q.lane = EngineLane(self.welcome["instance"], self.engine_id, self.max_batch_blocks)
+                except (OSError, KvbmError) as err:
+                    logger.warning("%s: no transfer lane (%s); its requests go over ZeroMQ", q.path.label, err)
         with self._lock:
             self._register_asked = True
         self._wake()
@@ -286,6 +319,10 @@ class TransferManager:
             block = False
         if charge:
             self.budget.take(nbytes, block, timeout)
+        q = self._paths[path]
+        if (q.lane is not None and gate is None and not extra and not meta and not alone
+                and n <= q.lane.max_blocks and self._post_lane(q, sub, src, dst)):
+            return future
         if n <= self.max_batch_blocks and not extra:
             sub.requests.append(Request(next(self._ids), sub, src, dst))
         else:
@@ -298,6 +335,27 @@ class TransferManager:
         if not self.scheduler.hold(gate, sub):
             self._enqueue(sub)
         return future
+
+    def _post_lane(self, q: PathQueue, sub: Submission, src: Blocks, dst: Blocks) -> bool:
+        """Straight into the lane from this thread (kvbm.transfer.lane): only while nothing of this
+        path waits in the queue and the window has room (so priorities still order what waits at
+        the engine, as with ZeroMQ), for the generation that mapped the lane. False: the queue's
+        way (the I/O thread sends it, through the lane too when it can)."""
+        lane = q.lane
+        gen = lane.gen
+        if not gen or gen != q.link.registered_gen or q.heap or self._incoming or lane.broken or self._stopped:
+            return False
+        req = Request(next(self._ids), sub, src, dst)
+        sub.requests.append(req)
+        sub.pending = 1
+        now = time.monotonic()
+        req.deadline = now + self.request_timeout_s
+        if not lane.post(WireRequest(req.rid, [req], gen, now, req.deadline), self._ringer, q.outstanding, WINDOW):
+            sub.requests.clear()
+            sub.pending = 0
+            return False
+        self.metrics.of(q.path.label).submitted.inc()   # its wire request is counted by _absorb_posted
+        return True
 
     def _check_blocks(self, path: P.Path, src: Blocks, dst: Blocks) -> None:
         """Before anything is queued: a bad index would make the worker reject the whole wire
@@ -418,6 +476,9 @@ class TransferManager:
         poller.register(self._control, zmq.POLLIN)
         if self._supervisor_fd >= 0:
             poller.register(self._supervisor_fd, zmq.POLLIN)
+        bell_fd = self._bell.fileno() if self._bell is not None else -1
+        if bell_fd >= 0:
+            poller.register(bell_fd, zmq.POLLIN)
         by_sock = {}
         for q in self._paths.values():
             poller.register(q.sock, zmq.POLLIN)
@@ -428,7 +489,15 @@ class TransferManager:
             self._supervisor_died()
         while not self._closing:
             try:
-                ready = dict(poller.poll(max(0, int((self._next_tick - time.monotonic()) * 1000) + 1)))
+                lanes = [q for q in self._paths.values() if q.lane is not None]
+                ready = dict(poller.poll(self._sleep_lanes(lanes, max(0, int((self._next_tick - time.monotonic())
+                                                                                * 1000) + 1))))
+                for q in lanes:
+                    q.lane.ring.engine_wake()
+                    # Before any event: a death fails what its worker held, lane requests included.
+                    self._absorb_posted(q)
+                if bell_fd in ready:
+                    self._bell.drain()
                 if self._supervisor_fd in ready and not self._dead:
                     self._supervisor_died()
                 for fd in [fd for fd in self._watched if fd in ready]:
@@ -447,6 +516,8 @@ class TransferManager:
                 for sock, q in by_sock.items():
                     if sock in ready:
                         self._read_worker(q)
+                for q in lanes:
+                    self._read_lane(q)
                 now = time.monotonic()
                 if now >= self._next_tick:
                     # Deadlines are checked when the soonest one is due (at least every 0.25 s),
@@ -461,6 +532,78 @@ class TransferManager:
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
         self._fail_everything("transfer manager closed")
+
+    # ---- lanes -------------------------------------------------------------------------------
+    def _sleep_lanes(self, lanes: list[PathQueue], timeout_ms: int) -> int:
+        """The poll timeout: 0 when a lane has completions, else `timeout_ms` once every lane knows
+        we sleep (its worker rings our bell on its next completion). Wires posted meanwhile are
+        taken first, so that a completion always finds its request."""
+        for q in lanes:
+            self._absorb_posted(q)
+        if timeout_ms and not all([q.lane.ring.engine_sleep() for q in lanes]):
+            return 0
+        return timeout_ms
+
+    def _absorb_posted(self, q: PathQueue) -> None:
+        """Lane requests the submitting threads posted become outstanding requests of the path,
+        as a ZeroMQ request does when it is sent. One posted to a generation that has gone since
+        (died, stale) was never run by any other (a new generation drops what its predecessor
+        left in the lane, or answers it STALE): it goes to the queue again, once. (The loop takes
+        them after every poll, before reading events, so a death fails every request posted
+        before it was read, as it fails ZeroMQ ones; only one posted since then is requeued.)"""
+        posted = q.lane.take_posted(q.outstanding)
+        if posted:
+            self.metrics.of(q.path.label).requests.inc(len(posted))
+        for wire in posted:
+            if wire.gen == q.link.registered_gen or self._stopped or self._dead or wire.members[0].requeued:
+                if self._stopped or self._dead:
+                    grace = min(self.stop_grace_s, self.request_timeout_s)
+                    wire.stopping = True
+                    wire.deadline = min(wire.deadline, time.monotonic() + grace)
+                continue
+            q.outstanding.pop(wire.rid, None)
+            req = wire.members[0]
+            req.requeued, req.state, req.layers_done = True, QUEUED, 0
+            q.push(req)
+
+    def _read_lane(self, q: PathQueue) -> None:
+        lane = q.lane
+        if lane.broken:
+            return
+        try:
+            completions = lane.ring.take_done()
+        except LaneError as err:
+            lane.broken = str(err)
+            logger.error("%s lane: %s; its requests in flight fail by their deadline, new ones go over ZeroMQ",
+                         q.path.label, err)
+            return
+        for rid, kind, layer, _nbytes, _queue_us, _copy_us in completions:
+            wire = q.outstanding.get(rid)
+            if wire is None:
+                self._absorb_posted(q)   # posted after this loop last took them
+                wire = q.outstanding.get(rid)
+                if wire is None:
+                    continue             # already failed (a death, a deadline), or not ours
+            if kind == DONE_OK:
+                self._wire_ok(q, wire)
+            elif kind == DONE_LAYER:
+                self._layer_landed(wire, layer)
+
+    def _lane_accepted(self, q: PathQueue, gen: int, msg: dict) -> None:
+        lane = q.lane
+        if lane is None:
+            return
+        lane.gen = 0
+        if msg.get("lane") is True:
+            try:
+                lane.worker_bell = check_bell_path(msg.get("bell"), self._bell_dir or "")
+            except (ValueError, OSError) as err:
+                logger.warning("%s worker gen %d named an unusable doorbell (%s): no lane", q.path.label, gen, err)
+                return
+            lane.gen = gen
+        elif msg.get("lane_error"):
+            logger.warning("%s worker gen %d refused our transfer lane (%.200s); requests go over ZeroMQ",
+                           q.path.label, gen, msg.get("lane_error"))
 
     def _soonest(self) -> float:
         """When _check_deadlines must run next: the soonest wire deadline or registration retry,
@@ -509,13 +652,25 @@ class TransferManager:
         msg = dict(self._register_msg, id=rid)
         if q.path in self._path_memory:
             msg["memory"] = self._path_memory[q.path]
+        if q.lane is not None and self._bell is not None:
+            msg["lane"] = q.lane.offer(self._bell.path)
         # A DEALER queues this while the worker is down; the next generation gets it when it binds.
         q.sock.send(P.encode(msg), zmq.NOBLOCK)
 
     def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
-        requests of the same priority behind the first are coalesced into it up to max_batch_blocks."""
-        while q.heap and q.link.registered_gen and len(q.outstanding) < WINDOW and not self._dead:
+        requests of the same priority behind the first are coalesced into it up to max_batch_blocks.
+        Under the lane's lock, if there is a lane: submitting threads check the same window."""
+        if q.lane is None:
+            self._pump_locked(q)
+            return
+        if q.heap:
+            with q.lane.lock:
+                self._pump_locked(q)
+
+    def _pump_locked(self, q: PathQueue) -> None:
+        posted = q.lane.posted if q.lane is not None else ()   # lane wires not yet absorbed are in the window
+        while q.heap and q.link.registered_gen and len(q.outstanding) + len(posted) < WINDOW and not self._dead:
             lead = q.pop_lead()
             if lead is None:
                 return
@@ -533,20 +688,32 @@ class TransferManager:
             if lead.extra:
                 fields.update({k: v if single else np.concatenate([m.extra[k] for m in members])
                                for k, v in lead.extra.items()})
-            msg = P.make_xfer(rid, self.engine_id, gen, q.path, src, dst, lead.sub.priority, lead.sub.layers, gate,
-                              **fields)
-            try:
-                q.sock.send(P.encode(msg), zmq.NOBLOCK)
-            except zmq.Again:
-                for m in members:
-                    q.push(m)
-                return
             now = time.monotonic()
+            wire = WireRequest(rid, members, gen, now, now + self.request_timeout_s)
+            if not self._pump_lane(q, wire, src, dst, gate, fields):
+                msg = P.make_xfer(rid, self.engine_id, gen, q.path, src, dst, lead.sub.priority, lead.sub.layers,
+                                  gate, **fields)
+                try:
+                    q.sock.send(P.encode(msg), zmq.NOBLOCK)
+                except zmq.Again:
+                    for m in members:
+                        q.push(m)
+                    return
             for m in members:
                 m.state, m.gen = SENT, gen
-            q.outstanding[rid] = WireRequest(rid, members, gen, now, now + self.request_timeout_s)
+            q.outstanding[rid] = wire
             self._due(now + self.request_timeout_s)
             self.metrics.of(q.path.label).requests.inc()
+
+    def _pump_lane(self, q: PathQueue, wire: WireRequest, src: Blocks, dst: Blocks, gate, fields: dict) -> bool:
+        """Sends a wire request through the lane when it can carry it (no gate, no extra fields);
+        the I/O thread reads completions only after this returns, so the wire is outstanding by then."""
+        lane = q.lane
+        if (lane is None or gate is not None or fields or lane.broken or lane.gen != wire.gen
+                or len(src) > lane.max_blocks):
+            return False
+        lead = wire.members[0]
+        return lane.post_wire(wire.rid, wire.gen, lead.sub.priority, lead.sub.layers, src, dst, self._ringer)
 
     # ---- replies and events ------------------------------------------------------------------
     def _read_worker(self, q: PathQueue) -> None:
@@ -564,6 +731,7 @@ class TransferManager:
                     q.link.accepted(msg.get("id"), gen)
                     if q.link.registered_gen == gen:
                         self._track_worker(q, gen, msg.get("pid"))
+                        self._lane_accepted(q, gen, msg)
                         if isinstance(msg.get("disk"), dict):
                             q.info = msg["disk"]
                 elif kind == P.MsgType.ENTRIES:
@@ -578,6 +746,9 @@ class TransferManager:
         layer = msg.get("layer")
         if wire is None or not isinstance(layer, int) or isinstance(layer, bool):
             return
+        self._layer_landed(wire, layer)
+
+    def _layer_landed(self, wire: WireRequest, layer: int) -> None:
         for m in wire.members:
             m.layers_done = max(m.layers_done, min(layer + 1, self.num_layers))
         for sub in {id(m.sub): m.sub for m in wire.members}.values():
@@ -599,11 +770,7 @@ class TransferManager:
         if status is not P.Status.STALE:
             self._attach_detail(q, wire, msg)
         if status is P.Status.OK:
-            self.metrics.of(q.path.label).latency.observe(time.monotonic() - wire.sent_at)
-            for m in wire.members:
-                m.sub.moved += len(m.src) * self.block_bytes
-                m.layers_done = self.num_layers
-            self._settlement.settle_wire(q, wire, None)
+            self._wire_ok(q, wire)
             return
         error = f"{q.path.label} worker gen {wire.gen}: {msg.get('error') or status.name}"
         if status is P.Status.STALE:
@@ -622,6 +789,13 @@ class TransferManager:
                 q.push(m)
             return
         self._settlement.settle_wire(q, wire, error)
+
+    def _wire_ok(self, q: PathQueue, wire: WireRequest) -> None:
+        self.metrics.of(q.path.label).latency.observe(time.monotonic() - wire.sent_at)
+        for m in wire.members:
+            m.sub.moved += len(m.src) * self.block_bytes
+            m.layers_done = self.num_layers
+        self._settlement.settle_wire(q, wire, None)
 
     def _attach_detail(self, q: PathQueue, wire: WireRequest, msg: dict) -> None:
         """Per-block arrays of a reply (a disk request's), sliced to each member request."""
@@ -835,6 +1009,8 @@ class TransferManager:
         """At close: nothing will read replies any more."""
         self._fail_unsent(reason, closing=True)
         for q in self._paths.values():
+            if q.lane is not None:
+                q.lane.take_posted(q.outstanding)
             for wire in list(q.outstanding.values()):
                 self._settlement.settle_unsafe(q, wire, reason)
             q.link.stopped()
@@ -867,7 +1043,10 @@ class TransferManager:
             "inflight_bytes": self.budget.used, "held": len(self.scheduler),
             "queued": {q.path.label: len(q.heap) for q in self._paths.values()},
             "generations": {q.path.label: q.link.registered_gen for q in self._paths.values()},
-            "links": {q.path.label: q.link.state.name.lower() for q in self._paths.values()}}
+            "links": {q.path.label: q.link.state.name.lower() for q in self._paths.values()},
+            # requests that went through each path's shared-memory lane, and whether it serves now
+            "lanes": {q.path.label: {"requests": q.lane.ring.counts[0], "gen": q.lane.gen,
+                                     "broken": q.lane.broken} for q in self._paths.values() if q.lane is not None}}
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -884,6 +1063,15 @@ class TransferManager:
                 _collect_cuda_ipc()
         for q in self._paths.values():
             q.sock.close(0)
+            if q.lane is not None:
+                for wire in q.lane.take_posted():   # posted while the I/O thread stopped
+                    self._settlement.settle_unsafe(q, wire, "transfer manager closed")
+                q.lane.close()
+                q.lane = None
+        for end in (self._bell, self._ringer):
+            if end is not None:
+                end.close()
+        self._bell = self._ringer = None
         for sock in (self._control, self._events):
             if sock is not None:
                 sock.close(0)

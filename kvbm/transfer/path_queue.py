@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from kvbm.transfer.lane import EngineLane
 from kvbm.transfer.link import PathLink
 from kvbm.transfer.records import Request, RequestState, WireRequest
 from kvbm.wire.protocol import Path
@@ -32,6 +33,7 @@ class PathQueue:
     outstanding: dict[int, WireRequest] = field(default_factory=dict)
     worker_fds: dict[int, int] = field(default_factory=dict)  # gen -> pidfd of the worker that registered us
     info: dict = field(default_factory=dict)   # what the worker's last `registered` said of itself (disk: store)
+    lane: EngineLane | None = None    # the shared-memory lane to this worker (kvbm.transfer.lane)
 
     @property
     def path(self) -> Path:

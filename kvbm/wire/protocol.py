@@ -359,6 +359,21 @@ def register_placement(msg: dict) -> tuple[str, int]:
     return group, _int(msg, "host_offset", 0, 2**48, 0)
 
 
+def register_lane(msg: dict) -> dict | None:
+    """The shared-memory lane a register request offers (kvbm._fast.lane): {segment, size, bell},
+    or None. Its contents are checked again by whoever maps it (the segment's owner and mode, the
+    header, the bell's place)."""
+    lane = msg.get("lane")
+    if lane is None:
+        return None
+    lane = _map(msg, "lane")
+    if not _str(lane, "segment").startswith("kvbm-"):
+        raise ProtocolError(f"lane.segment: expected a kvbm segment name, got {lane['segment']!r:.80}")
+    _int(lane, "size", 1, 1 << 30)
+    _str(lane, "bell")
+    return lane
+
+
 def validate_register(msg: dict, need_memory: bool = True) -> tuple[dict, dict, dict | None]:
     """(device layout map, host layout map, device memory map) of a register request; its
     placement fields (group, host_offset) are checked too and read with register_placement.

@@ -107,6 +107,7 @@ class DiskCounters:
 
 class DiskWorker(PathWorker):
     PIN_HOST = False
+    LANES = False   # its requests carry per-block arrays and message fields: ZeroMQ only
     XFER_FIELDS = P.DISK_XFER_FIELDS
 
     def __init__(self, args: argparse.Namespace) -> None:

@@ -42,6 +42,7 @@ from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
 from kvbm.wire.channel import bind_socket, connect_socket, make_context
 from kvbm.workers.copy import Copier, DeviceMemory
+from kvbm.workers.lanes import LaneItem, WorkerBell, WorkerLane
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Registration:
     ident: bytes        # routing id of the connection that registered: only it may use this
     group: str = ""     # the engine this registration is a TP rank of ("": an engine of its own)
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
+    lane: WorkerLane | None = None   # its shared-memory lane, when it offered one we could map
 
 
 @dataclass
@@ -88,6 +90,7 @@ class InFlight:
     t_recv: float
     t_start: float
     landed: int = 0     # events known complete
+    lane: WorkerLane | None = None   # answered through this lane (None: over ZeroMQ)
 
 
 # CUDA requests kept launched at once: enough to hide one request's host-side work behind the
@@ -113,6 +116,7 @@ def _die_with_parent() -> None:
 
 class PathWorker:
     PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
+    LANES = True     # takes small requests through shared-memory lanes (the disk worker's carry per-block arrays)
     XFER_FIELDS = P.XFER_FIELDS  # what an xfer may carry (the disk worker's carry per-block arrays too)
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -122,6 +126,7 @@ class PathWorker:
         self.threads = args.copy_threads
         self.max_batch = min(args.max_batch_blocks, P.MAX_BATCH_BLOCKS)
         self.delay_s = args.delay_ms / 1000.0
+        self.spin_s = max(0, getattr(args, "lane_spin_us", 0)) / 1e6
         self.parent = args.parent_pid or os.getppid()
         self.stats = WorkerStats()
         self.engines: dict[str, Registration] = {}
@@ -138,6 +143,7 @@ class PathWorker:
         self.gate = Gatekeeper(self.ctx, server_keys).start()
         self.sock = bind_socket(self.ctx, zmq.ROUTER, args.endpoint, self.gate)
         self.control = connect_socket(self.ctx, zmq.DEALER, args.control, client_keys)
+        self.bells = WorkerBell(args.endpoint, self.path.label) if self.LANES else None
 
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -146,13 +152,19 @@ class PathWorker:
         self.control.send(P.encode({"t": P.MsgType.READY, "path": int(self.path), "gen": self.gen,
                                     "pid": os.getpid(), "pin_s": self.pin_s,
                                     "pinned_bytes": self.host_segment.size if self.cuda and self.PIN_HOST else 0}))
-        # One socket: zmq_poll over a list built once costs less than a Poller (~1.4 against ~3 us a
-        # call, paid on every request).
+        # One socket and the lanes' doorbell: zmq_poll over a list built once costs less than a
+        # Poller (~1.4 against ~3 us a call, paid on every request).
         items = [(self.sock, zmq.POLLIN)]
+        bell = self.bells.bell if self.bells is not None else None
+        if bell is not None:
+            items.append((bell.fileno(), zmq.POLLIN))
         next_check = time.monotonic() + 1.0
         while not self._stop:
             if not self._queue and not self._in_flight:
-                if not zmq.zmq_poll(items, 200):
+                ready = self._sleep(items)
+                if bell is not None:
+                    bell.drain()
+                if not ready:
                     if self._parent_gone():
                         break
                     continue
@@ -163,15 +175,55 @@ class PathWorker:
                     break
                 self._drop_dead_engines()
             self._drain()
+            self._take_lanes()
             while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
                 _, _, ident, msg, t_recv, nbytes = heapq.heappop(self._queue)
                 self._queued_bytes -= nbytes
                 self._execute(ident, msg, t_recv)
             if self._in_flight:
                 # Wait on the GPU only when there is nothing new to launch.
-                self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT or not zmq.zmq_poll(items, 0))
+                self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT
+                               or not (zmq.zmq_poll(items[:1], 0) or self._lanes_pending()))
         self._finish_in_flight()
         self.close()
+
+    def _sleep(self, items: list) -> bool:
+        """Blocks until a message, a doorbell or 200 ms; False on the timeout. Each lane is told
+        first that we sleep (its engine rings our bell on its next post), and a lane posted to in
+        between is not slept on at all."""
+        lanes = [reg.lane for reg in self.engines.values() if reg.lane is not None and not reg.lane.broken]
+        if lanes and self.spin_s:
+            # Work that comes within the spin starts without a wake-up (the engine's next request
+            # of a step usually does).
+            until = time.monotonic() + self.spin_s
+            while time.monotonic() < until:
+                if any([lane.ring.has_requests() for lane in lanes]) or zmq.zmq_poll(items[:1], 0):
+                    return True
+        if not all([lane.ring.worker_sleep() for lane in lanes]):
+            for lane in lanes:
+                lane.ring.worker_wake()
+            return True
+        try:
+            return bool(zmq.zmq_poll(items, 200))
+        finally:
+            for lane in lanes:
+                lane.ring.worker_wake()
+
+    def _lanes_pending(self) -> bool:
+        return any(reg.lane is not None and not reg.lane.broken and reg.lane.ring.has_requests()
+                   for reg in self.engines.values())
+
+    def _take_lanes(self) -> None:
+        """Moves the lanes' requests into the heap beside ZeroMQ's, priorities and all."""
+        for reg in self.engines.values():
+            if reg.lane is None:
+                continue
+            items = reg.lane.take()
+            if items:
+                t_recv = time.monotonic()
+                for item in items:
+                    self._seq += 1
+                    heapq.heappush(self._queue, (-item.prio, self._seq, reg.ident, item, t_recv, 0))
 
     def _parent_gone(self) -> bool:
         if os.getppid() == self.parent:
@@ -292,12 +344,33 @@ class PathWorker:
         except BaseException:
             mem.close()
             raise
+        lane, lane_error = self._attach_lane(msg, engine)
         self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident,
-                                            group, host_offset)
-        logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s)",
-                    self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind)
-        self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
-                            "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda})
+                                            group, host_offset, lane)
+        logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s%s)",
+                    self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind,
+                    ", lane" if lane else "")
+        reply = {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
+                 "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda}
+        if lane is not None:
+            reply.update(lane=True, bell=self.bells.path)
+        elif lane_error:
+            reply["lane_error"] = lane_error
+        self._reply(ident, reply)
+
+    def _attach_lane(self, msg: dict, engine: str) -> tuple[WorkerLane | None, str]:
+        """The lane the engine offers, mapped and checked; (None, why) when it cannot be used: the
+        registration itself stands, and that engine's requests all go over ZeroMQ."""
+        offer = P.register_lane(msg)
+        if offer is None:
+            return None, ""
+        if self.bells is None:
+            return None, f"the {self.path.label} worker takes no lanes"
+        try:
+            return WorkerLane.attach(offer, engine, self.bells), ""
+        except (KvbmError, OSError, ValueError) as err:
+            logger.warning("%s worker: the lane engine %s offered is refused: %s", self.path.label, engine, err)
+            return None, str(err)
 
     def _host_placement(self, msg: dict, host_map: dict) -> tuple[BlockLayout, str, int]:
         """(host layout, group, host_offset) of a register request, the layout checked to fit in
@@ -343,7 +416,10 @@ class PathWorker:
                                 f"another connection")
 
     # ---- transfers -------------------------------------------------------------------------
-    def _execute(self, ident: bytes, msg: dict, t_recv: float) -> None:
+    def _execute(self, ident: bytes, msg: dict | LaneItem, t_recv: float) -> None:
+        if type(msg) is LaneItem:
+            self._execute_lane(ident, msg, t_recv)
+            return
         rid = P.request_id_of(msg)
         try:
             gen = msg.get("gen")
@@ -367,27 +443,69 @@ class PathWorker:
         except Exception as err:  # noqa: BLE001 - the process boundary: no message may kill the worker
             self._failed(ident, rid, err)
             return
+        self._run_copy(ident, rid, copier, src, dst, bool(msg.get("layers")), t_recv)
+
+    def _execute_lane(self, ident: bytes, item: LaneItem, t_recv: float) -> None:
+        """A lane request: the same checks as an xfer's (generation, owner, indices, distinct
+        destinations), from fixed-size fields instead of msgpack. A failure is answered over
+        ZeroMQ with its text, as any request's."""
+        rid = item.rid
+        reg = next((r for r in self.engines.values() if r.lane is item.lane), None)
+        if reg is None:
+            return   # its engine unregistered or died since: nobody waits for the answer
+        try:
+            if item.gen != self.gen:
+                self.stats.stale += 1
+                self._reply(ident, P.make_done(rid, P.Status.STALE,
+                                               f"request for generation {item.gen}; this {self.path.label} worker "
+                                               f"is generation {self.gen}", gen=self.gen))
+                return
+            copier = reg.copier
+            src, dst = item.src, item.dst
+            n = int(src.shape[0])
+            if n > self.max_batch:
+                raise ProtocolError(f"lane request of {n} blocks; this worker takes at most {self.max_batch}")
+            for name, arr, limit in (("src", src, copier.src.num_blocks), ("dst", dst, copier.dst.num_blocks)):
+                lo, hi = (int(arr[0]), int(arr[0])) if n == 1 else (int(arr.min()), int(arr.max()))
+                if lo < 0 or hi >= limit:
+                    raise ProtocolError(f"{name} block {lo if lo < 0 else hi} out of range [0, {limit})")
+            if n > 1 and len(set(dst.tolist())) != n:
+                raise ProtocolError("dst names a block twice; destinations must be distinct")
+        except ProtocolError as err:
+            self._malformed(ident, {"id": rid}, err)
+            return
+        self._run_copy(ident, rid, copier, src, dst, bool(item.flags & 1), t_recv, item.lane)
+
+    def _run_copy(self, ident: bytes, rid: int, copier: Copier, src, dst, layers: bool, t_recv: float,
+                  lane: WorkerLane | None = None) -> None:
         t_start = time.monotonic()
         try:
             if self.delay_s:
                 time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
             if copier.cuda:
                 try:
-                    events = copier.launch(src, dst, bool(msg.get("layers")))
+                    events = copier.launch(src, dst, layers)
                 except BaseException:
                     copier.drain()  # layers enqueued before the failure must not land after the ERROR
                     raise
                 self._in_flight.append(InFlight(ident, rid, int(src.shape[0]), int(src.shape[0]) * copier.block_bytes,
-                                                events, bool(msg.get("layers")), t_recv, t_start))
+                                                events, layers, t_recv, t_start, lane=lane))
                 return
-            on_layer = (lambda layer: self._reply(ident, P.make_layer(rid, layer))) if msg.get("layers") else None
+            on_layer = (lambda layer: self._layer(ident, rid, layer, lane)) if layers else None
             nbytes = copier.copy(src, dst, on_layer)
         except Exception as err:  # noqa: BLE001 - any copy failure becomes a failed completion
             self._failed(ident, rid, err)
             return
-        self._done(ident, rid, int(src.shape[0]), nbytes, t_recv, t_start)
+        self._done(ident, rid, int(src.shape[0]), nbytes, t_recv, t_start, lane)
 
-    def _done(self, ident: bytes, rid: int, blocks: int, nbytes: int, t_recv: float, t_start: float) -> None:
+    def _layer(self, ident: bytes, rid: int, layer: int, lane: WorkerLane | None) -> None:
+        if lane is not None:
+            lane.layer(rid, layer)
+        else:
+            self._reply(ident, P.make_layer(rid, layer))
+
+    def _done(self, ident: bytes, rid: int, blocks: int, nbytes: int, t_recv: float, t_start: float,
+              lane: WorkerLane | None = None) -> None:
         t_end = time.monotonic()
         self.stats.requests += 1
         self.stats.blocks += blocks
@@ -395,8 +513,11 @@ class PathWorker:
         # Launched copies overlap: count only the part of this one that no earlier one covered.
         self.stats.busy_s += max(0.0, t_end - max(t_start, self._busy_until))
         self._busy_until = t_end
+        queue_us, copy_us = int((t_start - t_recv) * 1e6), int((t_end - t_start) * 1e6)
+        if lane is not None and lane.complete(rid, nbytes, queue_us, copy_us):
+            return
         self._reply(ident, P.make_done(rid, P.Status.OK, nbytes=nbytes, gen=self.gen,
-                                       queue_us=int((t_start - t_recv) * 1e6), copy_us=int((t_end - t_start) * 1e6)))
+                                       queue_us=queue_us, copy_us=copy_us))
 
     def _progress(self, wait: bool) -> None:
         """Answers launched requests in launch order (one stream: they complete in that order):
@@ -418,13 +539,13 @@ class PathWorker:
                 self._reply(req.ident, P.make_done(req.rid, P.Status.ERROR, f"{type(err).__name__}: {err}",
                                                    gen=self.gen))
                 continue
-            if req.layers and landed > req.landed:
-                self._reply(req.ident, P.make_layer(req.rid, landed - 1))  # every layer <= landed-1 is there
+            if req.layers and landed > req.landed and landed < len(req.events):
+                self._layer(req.ident, req.rid, landed - 1, req.lane)  # every layer <= landed-1 is there
             req.landed = landed
             if landed < len(req.events):
                 return
             self._in_flight.pop(0)
-            self._done(req.ident, req.rid, req.blocks, req.nbytes, req.t_recv, req.t_start)
+            self._done(req.ident, req.rid, req.blocks, req.nbytes, req.t_recv, req.t_start, req.lane)
 
     def _finish_in_flight(self) -> None:
         while self._in_flight:
@@ -446,6 +567,8 @@ class PathWorker:
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
+        if self.bells is not None:
+            self.bells.close()
         self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
@@ -461,6 +584,9 @@ def _drop(reg: Registration) -> None:
     if copier is not None:
         copier.drain()
     reg.memory.close()
+    lane = getattr(reg, "lane", None)
+    if lane is not None:
+        lane.close()
 
 
 def _read_keys(keys_dir: str) -> tuple[ServerKeys, ClientKeys]:
@@ -485,6 +611,8 @@ def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argpar
     ap.add_argument("--copy-threads", type=int, default=0)
     ap.add_argument("--max-batch-blocks", type=int, default=P.MAX_BATCH_BLOCKS)
     ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("--lane-spin-us", type=int, default=0,
+                    help="keep polling the lanes this long before sleeping on the doorbell")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")

@@ -220,6 +220,7 @@ class Supervisor:
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
                "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level,
+               "--lane-spin-us", str(_lane_spin_us(self.config.lane_spin_us)),
                "--parent-pid", str(os.getpid())]
         if slot.path in P.DISK_PATHS:
             cmd += _disk_worker_args(self.config, self._disk_dir)
@@ -583,6 +584,14 @@ class Supervisor:
 def _served(path: P.Path) -> tuple[P.Path, ...]:
     """The wire paths one worker process serves: its own, or both disk paths for the disk worker."""
     return P.DISK_PATHS if path in P.DISK_PATHS else (path,)
+
+
+def _lane_spin_us(configured: int) -> int:
+    """-1 (auto): spin where cores are plenty (a spinning worker on a 2-core machine takes the
+    engine's own CPU), not where they are few."""
+    if configured >= 0:
+        return configured
+    return 50 if (os.cpu_count() or 1) >= 8 else 0
 
 
 def _disk_worker_args(config: KvbmConfig, disk_dir: str | None) -> list[str]:

@@ -239,13 +239,18 @@ def test_private_modes_and_removal_after_shutdown(make_pipeline):
     inst = pipe.config.instance_id
     assert _modes(rundir) == 0o700
     sockets = [n for n in os.listdir(rundir) if n.endswith(".sock")]
-    assert sorted(sockets) == ["control.sock", "d2h.sock", "events.sock", "h2d.sock"]
+    bells = [n for n in sockets if n.startswith("bell-e")]    # the engine's lane doorbell (kvbm.wire.bell)
+    assert len(bells) == 1
+    assert sorted(set(sockets) - set(bells)) == ["bell-d2h.sock", "bell-h2d.sock", "control.sock", "d2h.sock",
+                                                 "events.sock", "h2d.sock"]
     for name in os.listdir(rundir):
         assert _modes(os.path.join(rundir, name)) == 0o600, name
     g2 = f"/dev/shm/{segment_name(inst)}"
     assert _modes(g2) == 0o600
     dev = [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{inst}-dev-")]
     assert len(dev) == 1 and _modes(f"/dev/shm/{dev[0]}") == 0o600
+    lanes = [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{inst}-lane-")]
+    assert len(lanes) == 2 and all(_modes(f"/dev/shm/{n}") == 0o600 for n in lanes)
     pids = list(pipe.worker_pids().values()) + [pipe.supervisor_pid]
     pipe.close()
     assert not os.path.exists(rundir)

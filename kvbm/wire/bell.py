@@ -1,0 +1,121 @@
+"""Doorbells of the shared-memory lanes (kvbm._fast.lane): a Unix datagram socket a process sleeps
+on (its fd sits in the same zmq_poll as its ZeroMQ sockets) and another process rings with one
+empty datagram. A bell carries no data: whoever rings it only wakes the sleeper, who then reads its
+lane. Kernel to kernel, a ring wakes the sleeper in a few microseconds, where a ZeroMQ message
+passes through two ZeroMQ I/O threads.
+
+Parts:
+  Bell        bind(path): the socket file is created 0600 inside the instance's 0700 runtime dir
+              (umask), unlinked by close(); fileno() for the poller; drain() empties it
+  Ringer      ring(path): sends from one unbound socket; a full receive buffer means the sleeper
+              has bells pending already, so EAGAIN is not an error
+  bell_dir    the runtime dir an ipc:// endpoint lives in (lanes exist only beside ipc endpoints:
+              a TCP peer shares no memory with us)
+  check_bell_path   a peer names a bell to ring: only a socket file in our runtime dir is rung
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+
+def bell_dir(endpoint: str) -> str | None:
+    if not endpoint.startswith("ipc://"):
+        return None
+    return os.path.dirname(endpoint[len("ipc://"):]) or None
+
+
+def _reachable(path: str) -> tuple[str, int]:
+    """A name bind/sendto accept for `path`: the path itself, or, past the 107 bytes a Unix socket
+    address holds (deep runtime dirs, e.g. pytest's), /proc/self/fd/<fd of its folder>/<name>, with
+    that folder's O_PATH fd (the caller closes it; -1 when none was needed)."""
+    if len(path.encode()) < 100:
+        return path, -1
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+
+def check_bell_path(path: object, directory: str) -> str:
+    """`path` if it names a socket file of ours inside `directory`; ValueError otherwise."""
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        raise ValueError(f"bell path {path!r:.120}: expected a socket path")
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(directory):
+        raise ValueError(f"bell {path!r:.120} is not in the runtime dir {directory}")
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"bell {path!r:.120} is not a socket of this user")
+    return path
+
+
+class Bell:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            os.unlink(path)   # left by a killed predecessor of the same name
+        except FileNotFoundError:
+            pass
+        name, dir_fd = _reachable(path)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(name)
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            os.umask(old)
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> int:
+        n = 0
+        while True:
+            try:
+                self.sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return n
+            n += 1
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Ringer:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self._names: dict[str, tuple[str, int]] = {}   # bell path -> (address to send to, folder fd)
+
+    def ring(self, path: str) -> bool:
+        """False when the bell is gone (its owner exited): nothing to wake."""
+        name = self._names.get(path)
+        if name is None:
+            name = self._names[path] = _reachable(path)
+        try:
+            self.sock.sendto(b"", name[0])
+        except (BlockingIOError, InterruptedError):
+            return True    # bells already pending: the sleeper wakes anyway
+        except OSError as err:
+            if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                _, fd = self._names.pop(path)
+                if fd >= 0:
+                    os.close(fd)
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        for _, fd in self._names.values():
+            if fd >= 0:
+                os.close(fd)
+        self._names.clear()

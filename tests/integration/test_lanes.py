@@ -1,0 +1,222 @@
+"""Shared-memory lanes (issue 12) through real processes: small transfers go through the lane byte
+for byte, layer progress comes back through it, a worker killed with lane requests in flight fails
+them (never reported loaded) and the next generation maps the lane again, a lane a worker must not
+trust is refused while the registration stands, a corrupt lane makes the engine fall back to
+ZeroMQ, and lane segments are private and swept when their engine dies."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kvbm.errors import KvbmError, PermissionRefusedError, TransferError
+from kvbm.shm import SHM_DIR, clean_stale_segments
+from kvbm.transfer.lane import EngineLane
+from kvbm.wire import protocol as P
+from kvbm.wire.bell import Bell, Ringer
+from kvbm.workers.lanes import WorkerBell, WorkerLane
+from tests.support.pipeline_harness import wait_for
+
+DEADLINE = 30.0
+DONE_TAIL = 384      # byte offset of the completion cursor in a lane segment (tests/unit/test_lane.py)
+
+
+def _lane_pipeline(make_pipeline, **kw):
+    kw.setdefault("device_blocks", 64)
+    kw.setdefault("host_blocks", 64)
+    pipe = make_pipeline(transport="ipc", **kw)    # lanes need shared memory: never over TCP
+    tm = pipe.kv.transfers
+    wait_for(lambda: all(lane["gen"] for lane in tm.stats()["lanes"].values()) and len(tm.stats()["lanes"]) == 2,
+             DEADLINE, "both workers mapping their lane")
+    return pipe, tm
+
+
+def test_single_block_transfers_ride_the_lane_byte_for_byte(make_pipeline, rng):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    blocks = list(range(16))
+    pipe.fill_random(blocks, rng)
+    expected = pipe.snapshot(blocks)
+    for b in blocks:   # one at a time: each goes straight into the lane
+        tm.submit(P.Path.D2H, [b], [40 + b]).result(DEADLINE)
+    pipe.poison()
+    for b in blocks:
+        tm.submit(P.Path.H2D, [40 + b], [b]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot(blocks), expected)
+    assert (pipe.snapshot([20, 30]) == 0xA5).all()
+    lanes = tm.stats()["lanes"]
+    assert lanes["d2h"]["requests"] >= 16 and lanes["h2d"]["requests"] >= 16
+
+
+def test_bursts_past_the_window_queue_and_still_go_through_the_lane(make_pipeline, rng):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    pipe.fill_random(range(64), rng)
+    expected = pipe.snapshot(range(64))
+    futures = [tm.submit(P.Path.D2H, [b], [63 - b]) for b in range(64)]   # 4 straight in, the rest coalesced
+    for f in futures:
+        f.result(DEADLINE)
+    pipe.poison()
+    futures = [tm.submit(P.Path.H2D, [63 - b], [b], layers=True) for b in range(64)]
+    for f in futures:
+        f.result(DEADLINE)
+        assert f.layers_ready == pipe.device_layout.config.num_layers
+    assert np.array_equal(pipe.snapshot(range(64)), expected)
+
+
+def test_layer_progress_comes_back_through_the_lane(make_pipeline, rng):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    pipe.fill_random([3], rng)
+    expected = pipe.snapshot([3])
+    tm.submit(P.Path.D2H, [3], [9]).result(DEADLINE)
+    pipe.poison()
+    fut = tm.submit(P.Path.H2D, [9], [3], layers=True)
+    seen = []
+    fut.add_layer_callback(seen.append)
+    assert fut.wait_layer(pipe.device_layout.config.num_layers - 1, DEADLINE)
+    fut.result(DEADLINE)
+    assert seen == list(range(pipe.device_layout.config.num_layers))
+    assert np.array_equal(pipe.snapshot([3]), expected)
+
+
+def test_lanes_off_sends_everything_over_zeromq(make_pipeline, rng):
+    pipe = make_pipeline(transport="ipc", device_blocks=64, host_blocks=64, lanes=False)
+    tm = pipe.kv.transfers
+    pipe.fill_random([1], rng)
+    expected = pipe.snapshot([1])
+    tm.submit(P.Path.D2H, [1], [2]).result(DEADLINE)
+    pipe.poison()
+    tm.submit(P.Path.H2D, [2], [1]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot([1]), expected)
+    assert tm.stats()["lanes"] == {}
+
+
+def test_a_worker_killed_with_lane_requests_in_flight_fails_them_then_maps_the_lane_again(make_pipeline, rng):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    d2h = pipe.worker_pids()["d2h"]
+    os.kill(d2h, signal.SIGSTOP)        # gate it: the requests are surely in the lane, not run
+    futures = [tm.submit(P.Path.D2H, [b], [b]) for b in range(3)]
+    wait_for(lambda: tm.stats()["lanes"]["d2h"]["requests"] >= 3, DEADLINE, "three lane requests posted")
+    os.kill(d2h, signal.SIGKILL)
+    for f in futures:
+        with pytest.raises(TransferError, match="died"):
+            f.result(DEADLINE)
+    wait_for(lambda: pipe.worker_pids().get("d2h") not in (None, d2h), DEADLINE, "a new d2h generation")
+    wait_for(lambda: tm.stats()["lanes"]["d2h"]["gen"] > 1, DEADLINE, "the new generation mapping the lane")
+    pipe.fill_random([5], rng)
+    expected = pipe.snapshot([5])
+    before = tm.stats()["lanes"]["d2h"]["requests"]
+    tm.submit(P.Path.D2H, [5], [6]).result(DEADLINE)
+    assert tm.stats()["lanes"]["d2h"]["requests"] == before + 1
+    pipe.poison()
+    tm.submit(P.Path.H2D, [6], [5]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot([5]), expected)
+
+
+def test_a_corrupt_completion_ring_falls_back_to_zeromq(make_pipeline, rng, caplog):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    lane = tm._paths[P.Path.D2H].lane
+    struct.pack_into("<Q", lane.segment.map, DONE_TAIL, 10**6)   # what no worker of ours writes
+    with caplog.at_level("ERROR", logger="kvbm.transfer.manager"):
+        wait_for(lambda: tm.stats()["lanes"]["d2h"]["broken"], DEADLINE, "the engine noticing the corrupt lane")
+    assert "ahead" in tm.stats()["lanes"]["d2h"]["broken"]
+    pipe.fill_random([7], rng)
+    expected = pipe.snapshot([7])
+    posted = tm.stats()["lanes"]["d2h"]["requests"]
+    tm.submit(P.Path.D2H, [7], [8]).result(DEADLINE)          # over ZeroMQ now
+    assert tm.stats()["lanes"]["d2h"]["requests"] == posted
+    pipe.poison()
+    tm.submit(P.Path.H2D, [8], [7]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot([7]), expected)
+
+
+def test_malformed_lane_records_get_an_error_and_the_worker_goes_on(make_pipeline, rng):
+    """A record out of the engine's layout (written past submit()'s checks) is answered ERROR over
+    ZeroMQ, with its text; the worker and the lane go on serving."""
+    pipe, tm = _lane_pipeline(make_pipeline)
+    lane = tm._paths[P.Path.D2H].lane
+    with lane.lock:
+        assert lane.ring.post(987654, lane.gen, 0, 0, np.array([10**6]), np.array([1])) in (1, 2)
+    if lane.worker_bell:
+        Ringer().ring(lane.worker_bell)
+    wait_for(lambda: pipe.status()["workers"]["d2h"].get("malformed", 0) >= 1, DEADLINE, "the worker refusing it")
+    pipe.fill_random([2], rng)
+    expected = pipe.snapshot([2])
+    tm.submit(P.Path.D2H, [2], [3]).result(DEADLINE)
+    pipe.poison()
+    tm.submit(P.Path.H2D, [3], [2]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot([2]), expected)
+
+
+def test_lane_segments_are_private_and_removed_at_close(make_pipeline):
+    pipe, tm = _lane_pipeline(make_pipeline)
+    names = [q.lane.segment.name for q in tm._paths.values() if q.lane is not None]
+    for name in names:
+        st = os.stat(os.path.join(SHM_DIR, name))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and name.startswith(f"kvbm-{pipe.config.instance_id}-lane-")
+    rundir = pipe.config.resolved_runtime_dir()
+    bells = [p for p in os.listdir(rundir) if p.startswith("bell-")]
+    assert len(bells) == 3   # the engine's and each path worker's
+    assert all(stat.S_IMODE(os.stat(os.path.join(rundir, p)).st_mode) == 0o600 for p in bells)
+    pipe.close()
+    assert not any(os.path.exists(os.path.join(SHM_DIR, n)) for n in names)
+    assert not os.path.exists(rundir) or not [p for p in os.listdir(rundir) if p.startswith("bell-e")]
+
+
+def test_a_dead_engines_lanes_are_swept(tmp_path):
+    """By the instance's start-up sweep (clean_stale_segments), scoped to a test instance: the
+    user-wide sweep would also take what concurrent tests planted."""
+    inst = f"tsweep{os.getpid()}"
+    code = ("import os, time; from kvbm.transfer.lane import EngineLane; "
+            f"lane = EngineLane('{inst}', 'eng-x', 8); print(lane.segment.name, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        name = proc.stdout.readline().strip()
+        assert os.path.exists(os.path.join(SHM_DIR, name))
+        assert name not in clean_stale_segments(inst, include_host_pool=False)   # its engine lives: kept
+        proc.kill()
+        proc.wait(10)
+        assert name in clean_stale_segments(inst, include_host_pool=False)
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_worker_refuses_lanes_it_must_not_trust(tmp_path):
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    bells = WorkerBell(f"ipc://{rundir}/d2h.sock", "d2h")
+    engine_bell = Bell(str(rundir / "bell-e1.sock"))
+    lane = EngineLane("tlanes", "eng-a", 8)
+    try:
+        offer = lane.offer(engine_bell.path)
+        attached = WorkerLane.attach(offer, "eng-a", bells)            # the engine that made it: fine
+        attached.close()
+        with pytest.raises(KvbmError, match="belongs to engine 'eng-a'"):
+            WorkerLane.attach(offer, "eng-b", bells)                   # another engine's lane
+        elsewhere = Bell(str(tmp_path / "bell-x.sock"))
+        with pytest.raises(ValueError, match="not in the runtime dir"):
+            WorkerLane.attach(dict(offer, bell=elsewhere.path), "eng-a", bells)
+        elsewhere.close()
+        (rundir / "d2h.sock.lock").write_text("")
+        with pytest.raises(ValueError, match="not a socket"):
+            WorkerLane.attach(dict(offer, bell=str(rundir / "d2h.sock.lock")), "eng-a", bells)
+        os.chmod(lane.segment.path, 0o644)
+        with pytest.raises(PermissionRefusedError):
+            WorkerLane.attach(offer, "eng-a", bells)                   # not private: never trusted
+        with pytest.raises(KvbmError):
+            WorkerLane.attach(dict(offer, segment="kvbm-nonexistent-lane-1-0"), "eng-a", bells)
+        tcp = WorkerBell("tcp://127.0.0.1:5555", "d2h")
+        with pytest.raises(KvbmError, match="TCP"):
+            WorkerLane.attach(offer, "eng-a", tcp)
+        tcp.close()
+    finally:
+        lane.close()
+        engine_bell.close()
+        bells.close()
