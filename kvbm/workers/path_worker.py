@@ -191,7 +191,7 @@ class PathWorker:
         """Blocks until a message, a doorbell or 200 ms; False on the timeout. Each lane is told
         first that we sleep (its engine rings our bell on its next post), and a lane posted to in
         between is not slept on at all."""
-        lanes = [reg.lane for reg in self.engines.values() if reg.lane is not None and not reg.lane.broken]
+        lanes = self._lanes()
         if lanes and self.spin_s:
             # Work that comes within the spin starts without a wake-up (the engine's next request
             # of a step usually does).
@@ -209,12 +209,20 @@ class PathWorker:
             for lane in lanes:
                 lane.ring.worker_wake()
 
+    def _lanes(self) -> list[WorkerLane]:
+        """The lanes in service (none in a worker that takes none: the disk worker's registrations
+        have no lane)."""
+        if self.bells is None:
+            return []
+        return [reg.lane for reg in self.engines.values() if reg.lane is not None and not reg.lane.broken]
+
     def _lanes_pending(self) -> bool:
-        return any(reg.lane is not None and not reg.lane.broken and reg.lane.ring.has_requests()
-                   for reg in self.engines.values())
+        return any(lane.ring.has_requests() for lane in self._lanes())
 
     def _take_lanes(self) -> None:
         """Moves the lanes' requests into the heap beside ZeroMQ's, priorities and all."""
+        if self.bells is None:
+            return
         for reg in self.engines.values():
             if reg.lane is None:
                 continue
