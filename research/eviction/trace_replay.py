@@ -9,6 +9,8 @@ Run from the repository root (the modules import each other as the package resea
     python -m research.eviction.trace_replay --engine registry --policy lru   # the real BlockRegistry
     python -m research.eviction.trace_replay --engine registry --policy lru lineage belady --queue-depth 4 16 96
     python -m research.eviction.trace_replay --engine registry --policy lru lineage --load 0.9 1.0 1.2
+    python -m research.eviction.trace_replay --engines 2 4 8 --route round-robin prefix --policy lru lineage
+    python -m research.eviction.trace_replay --engine registry --engines 8 --g1 1000 --g2 8000   # shared G2
     python -m research.eviction.trace_replay --suite > results.md   # POLICY.md's validation tables
     python -m research.eviction.trace_replay --generate chat --out chat.jsonl.gz   # a synthetic trace
 
@@ -32,6 +34,12 @@ are "waiting" -- hinted through kvbm.pools.WaitingHints, the code behind
 KvBlockManager.hint_waiting/hint_done (request i+K is hinted and request i done before i is served).
 Depth K means the engine sees K requests queued; at the shared trace's ~256 ms mean inter-arrival,
 K = 96 is ~25 s of backlog. Rows `policy+qK` for each registry policy.
+
+Engine replicas (`--engines N ... --route RULE ...`, routing.py): N engines on one node, each
+request routed to one of them; the hit ratio of one cache of C shared by all against N private
+caches of C/N each, per policy and route (`round-robin`, `prefix`, `first-block`: routing.Router).
+One tier on both engines; with --g1/--g2/--g3 (registry engine) each engine has its own G1 and the
+tiers below are shared or split.
 
 Queue hint behind a prefill server (`--load RHO ...`, registry engine): instead of a fixed K, a
 FIFO prefill server (PrefillServer) fed by the trace's own timestamps decides what is waiting;
@@ -67,6 +75,11 @@ class Engine:
     def writes(self) -> list[int] | None:
         return None
 
+    def prefix_held(self, chain: Sequence[int]) -> int:
+        """The longest prefix of `chain` held in the engine's own tiers; changes nothing (what a
+        prefix-aware router asks, routing.Router)."""
+        raise NotImplementedError
+
 
 class SimEngine(Engine):
     """policy_sim.py: exclusive tiers G1 -> G2 -> G3 with demotion and admission."""
@@ -86,6 +99,15 @@ class SimEngine(Engine):
 
     def writes(self):
         return list(self.tc.stats.writes)
+
+    def prefix_held(self, chain):
+        where = self.tc.where
+        k = 0
+        for h in chain:
+            if where(h) < 0:
+                break
+            k += 1
+        return k
 
 
 # name -> (EvictionPolicy member, ghost table size in multiples of num_blocks (None: default),
@@ -273,6 +295,20 @@ class RegistryEngine(Engine):
             self.server.finish(req, k)
         return [k]
 
+    def prefix_held(self, chain):
+        return _held(self.np, [self.reg], chain)
+
+
+def _held(np, regs, chain) -> int:
+    """Longest prefix of `chain` registered in any of `regs` (lookups only)."""
+    if len(chain) == 0:
+        return 0
+    hs = np.asarray(chain, dtype=np.uint64)
+    held = np.zeros(hs.shape[0], dtype=bool)
+    for reg in regs:
+        held |= reg.lookup(hs) >= 0
+    return int(np.argmin(held)) if not held.all() else int(hs.shape[0])
+
 
 def ghost_lineage_sim(chains: Sequence[Sequence[int]], capacity: int, ghost_blocks: int) -> ps.Stats:
     """policy_research.GhostLineage (its OrderedDict ghost table of `ghost_blocks` entries) on the
@@ -349,10 +385,18 @@ class TieredRegistryEngine(Engine):
          it (counted per hash over the trace, as kvbm's count sketch does), from G2 where it is.
        ("reused" of the simulator needs use counts of evicted blocks, which the registry does not
        report, so it is refused.)
-    Each tier evicts by its own registry policy."""
+    Each tier evicts by its own registry policy.
+
+    `share_below` (another TieredRegistryEngine): this engine has its own G1 and uses the other's
+    G2 and G3 -- their registries and what they know of the trace (parents, tails, read counts,
+    writes) --, as engine replicas sharing one node's host and disk tiers (routing.py).
+    `own_tiers`: the tiers a prefix-aware router may count as this engine's (prefix_held): all of
+    them, or G1 alone where G2 and G3 are shared (set to 1 here, and by routing.shared_node on the
+    engine whose tiers the others share)."""
     name = "registry"
 
-    def __init__(self, capacities: Sequence[int], policy: str, admission: str = "all"):
+    def __init__(self, capacities: Sequence[int], policy: str, admission: str = "all",
+                 share_below: TieredRegistryEngine | None = None):
         import numpy as np
         if len(capacities) not in (2, 3):
             raise SystemExit("tiered registry engine: give G1 and G2 (and G3)")
@@ -363,13 +407,24 @@ class TieredRegistryEngine(Engine):
         self.np = np
         self.tiers = len(capacities)
         self.g1 = RegistryEngine(capacities[0], policy)
-        self.lower = [RegistryEngine(c, policy).reg for c in capacities[1:]]
         self.tail_priority = self.g1.tail_priority
         self.admission = admission
-        self.parent: dict[int, int] = {}     # hash -> parent hash, for blocks registered below G1
-        self.tails: set[int] = set()         # hashes that were a request's partial last block
-        self.stored = [0] * self.tiers       # blocks written to each tier below G1
-        self.count: dict[int, int] = {}      # hash -> requests that read it (frequency admissions)
+        if share_below is None:
+            self.lower = [RegistryEngine(c, policy).reg for c in capacities[1:]]
+            self.parent: dict[int, int] = {}     # hash -> parent hash, for blocks registered below G1
+            self.tails: set[int] = set()         # hashes that were a request's partial last block
+            self.stored = [0] * self.tiers       # blocks written to each tier below G1
+            self.count: dict[int, int] = {}      # hash -> requests that read it (frequency admissions)
+            self.own_tiers = self.tiers
+        else:
+            other = share_below
+            below = [int(r.num_blocks) for r in other.lower]
+            if below != list(capacities[1:]) or other.admission != admission:
+                raise ValueError(f"share_below: the shared tiers hold {below} blocks with admission "
+                                 f"{other.admission!r}, asked {list(capacities[1:])} and {admission!r}")
+            self.lower, self.parent, self.tails = other.lower, other.parent, other.tails
+            self.stored, self.count = other.stored, other.count
+            self.own_tiers = 1
         kind, _, k = admission.partition("freq")
         self.threshold = int(k) if k else 0  # freqK / victim-freqK: K
 
@@ -444,6 +499,9 @@ class TieredRegistryEngine(Engine):
 
     def writes(self):
         return self.stored
+
+    def prefix_held(self, chain):
+        return _held(self.np, ([self.g1.reg] + self.lower)[:self.own_tiers], chain)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,6 +616,8 @@ def _positive_load(text: str) -> float:
 
 
 def main(argv=None) -> int:
+    # routing.py builds on this module's engines, so it is imported here, not at the top
+    from research.eviction import routing
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--capacity", type=int, nargs="+", default=None,
@@ -565,8 +625,9 @@ def main(argv=None) -> int:
     ap.add_argument("--g1", type=int, default=None, help="G1 (device) capacity: tiered replay")
     ap.add_argument("--g2", type=int, default=None, help="G2 (host) capacity: tiered replay")
     ap.add_argument("--g3", type=int, default=None, help="G3 (disk) capacity: tiered replay")
-    ap.add_argument("--policy", nargs="+", default=["lru", "leaf-lru", "lineage", "belady"],
-                    help=f"policies: {', '.join(ps.POLICIES)}")
+    ap.add_argument("--policy", nargs="+", default=None,
+                    help=f"policies: {', '.join(ps.POLICIES)} (default lru leaf-lru lineage belady; "
+                         "with --engines lru lineage)")
     ap.add_argument("--admission", nargs="+", default=None,
                     choices=list(dict.fromkeys(list(ps.ADMISSION) + list(REGISTRY_ADMISSION))),
                     help="admission to the lowest tier (tiered replay; default: all reused on the "
@@ -579,6 +640,11 @@ def main(argv=None) -> int:
                     help="registry engine: also replay each registry policy behind a FIFO prefill "
                          "server (PrefillServer) whose waiting queue is hinted; LOAD = its "
                          "utilisation if nothing were cached, per LOAD")
+    ap.add_argument("--engines", type=int, nargs="+", default=[],
+                    help="replay N engine replicas, per N: one shared cache of the capacity against N "
+                         "private caches of capacity / N (routing.py)")
+    ap.add_argument("--route", nargs="+", choices=routing.ROUTES, default=["round-robin", "prefix"],
+                    help="with --engines: how requests are routed to engines, per rule (routing.Router)")
     ap.add_argument("--split", type=int, default=0, help="replay only this time-split half (1 or 2)")
     ap.add_argument("--suite", action="store_true", help="print POLICY.md's validation tables")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed"], default=None,
@@ -587,6 +653,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, default=4000)
     args = ap.parse_args(argv)
+    if args.policy is None:
+        args.policy = ["lru", "lineage"] if args.engines else ["lru", "leaf-lru", "lineage", "belady"]
 
     if args.generate:
         tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
@@ -614,6 +682,14 @@ def main(argv=None) -> int:
         caps_list = [[c] for c in (args.capacity or [2000, 8000])]
     if (args.queue_depth or args.load) and args.engine != "registry":
         raise SystemExit("--queue-depth and --load need --engine registry")
+    if args.engines:
+        if args.queue_depth or args.load:
+            raise SystemExit("--engines: give no --queue-depth or --load (one queue per engine is not modelled)")
+        if min(args.engines) < 1:
+            raise SystemExit(f"--engines: at least 1 engine, got {min(args.engines)}")
+        routing.run_node_table(chains, args.engines, caps_list, args.policy, args.engine, args.route,
+                               admissions=args.admission)
+        return 0
     run_table(chains, caps_list, args.policy, args.engine, args.admission,
               tier_names=[n for n, _ in named] or None, queue_depths=args.queue_depth,
               loads=args.load, trace=trace)
