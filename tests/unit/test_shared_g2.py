@@ -4,7 +4,7 @@ engine may not do to another's, leave and reap (pid reuse is not life), the repa
 holder left half-changed, and BlockRegistry.attach/rebuild underneath.
 
 The dead engines here are slots whose recorded start time is not their pid's: the liveness check
-treats them exactly as a process that is gone (tests/integration/test_shared_g2.py kills real
+treats them exactly as a process that is gone (tests/integration/test_shared_g2_processes.py kills real
 processes)."""
 from __future__ import annotations
 
