@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,25 +128,26 @@ class SharedG2:
         self.max_engines = int(hdr["max_engines"])
         self.max_namespaces = int(hdr["max_namespaces"])
         self.policy = int(hdr["policy"])
-        self.ghost_blocks = int(hdr["ghost_blocks"])
+        self.ghost_per_mille = int(hdr["ghost_per_mille"])
 
     # ---- create / attach / close ----------------------------------------------------------------
 
     @classmethod
     def create(cls, name: str, total_blocks: int, *, max_engines: int = DEFAULT_MAX_ENGINES,
                max_namespaces: int = DEFAULT_MAX_NAMESPACES, policy: str = "lru",
-               ghost_blocks: int | None = None, replace: bool = False) -> SharedG2:
+               ghost_ratio: float = 1.0, replace: bool = False) -> SharedG2:
         """A new segment `name` (0600) for `total_blocks` G2 blocks. Only its tables are reserved
-        now; each namespace's table and each engine's pins claim their memory when made."""
+        now; each namespace's table and each engine's pins claim their memory when made. policy,
+        ghost_ratio: every namespace's registry (kvbm.config's `policy` and `ghost_ratio`)."""
         if not 1 <= max_engines <= MAX_ENGINES or not 1 <= max_namespaces <= MAX_NAMESPACES:
             raise ConfigError(f"shared G2: max_engines {max_engines} must be in [1, {MAX_ENGINES}], "
                               f"max_namespaces {max_namespaces} in [1, {MAX_NAMESPACES}]")
         if total_blocks < 1 or total_blocks > 2147483646:
             raise ConfigError(f"shared G2: total_blocks must be in [1, 2147483646], got {total_blocks}")
-        if ghost_blocks is not None and ghost_blocks < 0:
-            raise ConfigError(f"shared G2: ghost_blocks must be >= 0 or None, got {ghost_blocks}")
+        if not 0 <= ghost_ratio <= 64:
+            raise ConfigError(f"shared G2: ghost_ratio must be in [0, 64], got {ghost_ratio}")
         pol = int(EvictionPolicy.from_name(policy))
-        ghost = -1 if ghost_blocks is None else int(ghost_blocks)
+        ghost = round(ghost_ratio * 1000)        # LINEAGE's ghost entries, thousandths of a quota
         lay = S.layout(total_blocks, max_engines, max_namespaces, pol, ghost)
         check_shm_room(lay["reserved_bytes"], "the shared G2 registry's tables")
         seg = Segment.create(name, lay["segment_bytes"], replace=replace, reserve=lay["reserved_bytes"])
@@ -374,7 +374,7 @@ class SharedG2:
             raise ConfigError(f"join: G2 has no room for a namespace of {quota} blocks: {free_blocks} "
                               f"of {self.total_blocks} blocks are free, the largest free range has "
                               f"{largest}")
-        g = S.ghost_blocks_for(quota, self.policy, self.ghost_blocks)
+        g = S.ghost_blocks_for(quota, self.policy, self.ghost_per_mille)
         t.mark(S.OTHER, ns)
         nss["state"][ns] = S.INIT          # a half-made namespace is freed by the recovery
         nss["key0"][ns], nss["key1"][ns] = key

@@ -62,6 +62,7 @@ FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progres
 PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
 SHM_WARN_SHARE = 0.5          # check_shm_room warns above this share of /dev/shm's free bytes
 ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
+REGISTRY_KIND = "g2reg"      # segment_name kind of the shared G2 registry (kvbm.shared_g2)
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-dev-(?P<pid>\d+)-\d+$")
 
 
@@ -408,8 +409,8 @@ def _remove_dead_device_segment(name: str, pid: int) -> bool:
 
 def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]:
     """Unlinks this instance's segments whose owner is dead: device segments of dead engines and,
-    when the caller holds the instance lock, the host pool segment of a killed supervisor. Returns
-    their names (the caller logs them)."""
+    when the caller holds the instance lock, the host pool and shared registry segments of a killed
+    supervisor. Returns their names (the caller logs them)."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -423,7 +424,7 @@ def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]
         if match is not None and match.group("inst") == instance_id:
             if _remove_dead_device_segment(name, int(match.group("pid"))):
                 removed.append(name)
-        elif name == segment_name(instance_id) and include_host_pool:
+        elif name in (segment_name(instance_id), segment_name(instance_id, REGISTRY_KIND)) and include_host_pool:
             _unlink_quiet(os.path.join(SHM_DIR, name))
             removed.append(name)
     return removed

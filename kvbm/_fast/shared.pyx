@@ -79,16 +79,17 @@ cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
     return (x + a - 1) // a * a
 
 
-def layout(total_blocks, max_engines, max_namespaces, policy, ghost_blocks) -> dict:
-    """Offsets and sizes of a segment (see shared.pxd). ghost_blocks: LINEAGE's ghost entries per
-    namespace, -1 for its quota; the registry slot of each namespace fits the largest quota (all
-    of G2)."""
+def layout(total_blocks, max_engines, max_namespaces, policy, ghost_per_mille) -> dict:
+    """Offsets and sizes of a segment (see shared.pxd). ghost_per_mille: LINEAGE's ghost entries
+    per namespace, in thousandths of its quota; the registry slot of each namespace fits the
+    largest quota (all of G2)."""
     cdef int64_t n = as_count(total_blocks, "total_blocks", RegistryError)
     cdef int64_t e = as_count(max_engines, "max_engines", RegistryError)
     cdef int64_t m = as_count(max_namespaces, "max_namespaces", RegistryError)
+    as_count(ghost_per_mille, "ghost_per_mille", RegistryError)
     if n < 1 or e < 1 or m < 1:
         raise RegistryError(f"shared G2 needs >= 1 block, engine and namespace; got {n}, {e}, {m}")
-    g = ghost_blocks_for(n, policy, ghost_blocks)
+    g = ghost_blocks_for(n, policy, ghost_per_mille)
     from kvbm._fast.registry import BlockRegistry
     out = {}
     out["lock_off"] = _round_up(sizeof(G2Header), 64)
@@ -103,12 +104,12 @@ def layout(total_blocks, max_engines, max_namespaces, policy, ghost_blocks) -> d
     return out
 
 
-def ghost_blocks_for(quota, policy, ghost_blocks) -> int:
-    """Ghost entries of a namespace's registry: 0 unless LINEAGE, else its quota (ghost_blocks
-    -1) or ghost_blocks."""
+def ghost_blocks_for(quota, policy, ghost_per_mille) -> int:
+    """Ghost entries of a namespace's registry: 0 unless LINEAGE, else quota * ghost_per_mille /
+    1000 (kvbm.config's ghost_ratio, in thousandths)."""
     if int(policy) != POLICY_LINEAGE:
         return 0
-    return int(quota) if int(ghost_blocks) < 0 else int(ghost_blocks)
+    return int(quota) * int(ghost_per_mille) // 1000
 
 
 # numpy views of the structs: field offsets taken from the C structs themselves
@@ -121,14 +122,14 @@ cdef inline Py_ssize_t _off(const void *field, const void *base) noexcept:
 
 HEADER_DTYPE = np.dtype({
     "names": ["magic", "version", "segment_bytes", "reserved_bytes", "total_blocks", "max_engines",
-              "max_namespaces", "policy", "ghost_blocks", "lock_off", "ns_off", "engine_off",
+              "max_namespaces", "policy", "ghost_per_mille", "lock_off", "ns_off", "engine_off",
               "pins_off", "pins_stride", "regs_off", "reg_stride", "generation", "repairs",
               "reaped", "created_ns"],
     "formats": ["u8", "u8"] + ["i8"] * 14 + ["u8"] * 4,
     "offsets": [_off(&_h0.magic, &_h0), _off(&_h0.version, &_h0), _off(&_h0.segment_bytes, &_h0),
                 _off(&_h0.reserved_bytes, &_h0), _off(&_h0.total_blocks, &_h0),
                 _off(&_h0.max_engines, &_h0), _off(&_h0.max_namespaces, &_h0),
-                _off(&_h0.policy, &_h0), _off(&_h0.ghost_blocks, &_h0), _off(&_h0.lock_off, &_h0),
+                _off(&_h0.policy, &_h0), _off(&_h0.ghost_per_mille, &_h0), _off(&_h0.lock_off, &_h0),
                 _off(&_h0.ns_off, &_h0), _off(&_h0.engine_off, &_h0), _off(&_h0.pins_off, &_h0),
                 _off(&_h0.pins_stride, &_h0), _off(&_h0.regs_off, &_h0),
                 _off(&_h0.reg_stride, &_h0), _off(&_h0.generation, &_h0),
@@ -186,7 +187,7 @@ cdef class SharedTables:
     valid one and the sizes are read from it."""
 
     def __cinit__(self, buffer, bint create=False, total_blocks=0, max_engines=0,
-                  max_namespaces=0, policy=0, ghost_blocks=-1, created_ns=0):
+                  max_namespaces=0, policy=0, ghost_per_mille=1000, created_ns=0):
         mem = memoryview(buffer).cast("B")
         if mem.readonly:
             raise RegistryError("shared G2 segment is mapped read-only")
@@ -198,7 +199,7 @@ cdef class SharedTables:
         self.h = <G2Header *>self.base
         cdef int64_t nbytes = mem.nbytes
         if create:
-            lay = layout(total_blocks, max_engines, max_namespaces, policy, ghost_blocks)
+            lay = layout(total_blocks, max_engines, max_namespaces, policy, ghost_per_mille)
             if nbytes < lay["segment_bytes"]:
                 raise RegistryError(f"shared G2 segment has {nbytes} bytes, needs "
                                     f"{lay['segment_bytes']}")
@@ -208,7 +209,7 @@ cdef class SharedTables:
             self.h.max_engines = max_engines
             self.h.max_namespaces = max_namespaces
             self.h.policy = policy
-            self.h.ghost_blocks = ghost_blocks if ghost_blocks >= 0 else -1
+            self.h.ghost_per_mille = ghost_per_mille
             self.h.created_ns = created_ns
             self.h.segment_bytes = lay["segment_bytes"]
             self.h.reserved_bytes = lay["reserved_bytes"]
@@ -232,7 +233,7 @@ cdef class SharedTables:
                                     f"{self.h.version if nbytes >= 16 else 0}; expected "
                                     f"{G2_MAGIC:#x}, {G2_VERSION})")
             lay = layout(self.h.total_blocks, self.h.max_engines, self.h.max_namespaces,
-                         self.h.policy, self.h.ghost_blocks)
+                         self.h.policy, self.h.ghost_per_mille)
             hdr = np.frombuffer(mem[:sizeof(G2Header)], dtype=HEADER_DTYPE)[0]
             got = {k: int(hdr[k]) for k in lay}
             del hdr

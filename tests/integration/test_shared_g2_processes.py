@@ -284,3 +284,79 @@ def _registered(reg, hashes):
     blocks = reg.allocate(len(hashes))
     reg.complete(blocks)
     return reg.register(blocks, np.asarray(hashes, np.uint64))
+
+
+def test_supervisor_makes_names_reaps_and_removes_the_registry(tmp_path):
+    """kvbm-workers with a layout creates the registry segment (0600), names it in the welcome,
+    reaps a dead engine on its own within a sweep, lists engines and namespaces in --status, and
+    unlinks the segment when it stops."""
+    import subprocess
+    import sys
+
+    import zmq
+
+    from kvbm.cli import format_status
+    from kvbm.shm import REGISTRY_KIND, segment_name
+    from kvbm.wire import protocol as P
+    from kvbm.wire.auth import ClientKeys
+    from kvbm.wire.channel import Endpoints, connect_socket, make_context
+    from tests.support.pipeline_harness import wait_for
+
+    class Client:
+        def __init__(self, endpoint: str, keys: ClientKeys) -> None:
+            self.ctx = make_context()
+            self.sock = connect_socket(self.ctx, zmq.DEALER, endpoint, keys)
+
+        def ask(self, msg: dict, timeout_ms: int) -> dict:
+            self.sock.send(P.encode(msg))
+            assert self.sock.poll(timeout_ms), f"no answer to {msg}"
+            return P.decode(self.sock.recv())
+
+        def close(self) -> None:
+            self.sock.close(0)
+            self.ctx.term()
+
+    instance = f"r{uuid.uuid4().hex[:8]}"
+    rundir_parent = tmp_path / "run"
+    rundir_parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "--instance-id", instance, "--runtime-dir",
+                             str(rundir_parent), "--host-blocks", "64", "--layout", "layers=2,outer=2,page=16,inner=64",
+                             "--force-cpu", "--interval", "0"], stdin=subprocess.DEVNULL)
+    client = None
+    g2 = None
+    try:
+        rundir = str(rundir_parent / f"kvbm-{instance}")
+        def started():
+            assert proc.poll() is None, f"kvbm-workers exited with {proc.returncode}"
+            return Endpoints.read(rundir)
+
+        endpoints = wait_for(started, WAIT_S, "endpoints.json")
+        client = Client(endpoints.control, ClientKeys.read(rundir))
+        welcome = client.ask({"t": P.MsgType.HELLO, "id": 1}, int(WAIT_S * 1000))
+        reg = welcome["registry"]
+        assert reg["segment"] == segment_name(instance, REGISTRY_KIND) and reg["blocks"] == 64
+        assert reg["block_bytes"] == 2 * 2 * 16 * 64 * 2          # layers * outer * page * inner * bf16
+        assert os.stat(f"/dev/shm/{reg['segment']}").st_mode & 0o777 == 0o600
+        g2 = SharedG2.attach(reg["segment"])
+        live = g2.join("live", os.getpid(), "m")
+        start = process_start_time(os.getpid())
+        ghost = g2.join("ghost", os.getpid(), "m", start_time=start - 1)    # a gone engine
+        ghost.registry.allocate(4)
+        assert len(g2.engines()) == 2
+        wait_for(lambda: [e["engine_id"] for e in g2.engines()] == ["live"], WAIT_S, "the supervisor's reap")
+        st = client.ask({"t": P.MsgType.STATUS, "id": 2}, int(WAIT_S * 1000))
+        shown = st["tiers"]["g2"]["registry"]
+        assert [e["engine_id"] for e in shown["engines"]] == ["live"] and shown["reaped"] == 1
+        assert [(ns["label"], ns["num_blocks"], ns["free"]) for ns in shown["namespaces"]] == [("m", 16, 16)]
+        text = format_status(st)
+        assert "G2 registry" in text and "namespace 0 m: blocks [0, 16) quota 16, 1 engines" in text, text
+        assert "engine live pid" in text
+        live.leave()
+    finally:
+        if client is not None:
+            client.close()
+        if g2 is not None:
+            g2.close()
+        proc.terminate()
+        proc.wait(WAIT_S)
+    assert not os.path.exists(f"/dev/shm/{segment_name(instance, REGISTRY_KIND)}")

@@ -276,7 +276,7 @@ def test_single_engine_matches_block_registry_op_for_op(make_g2, rng):
             return reg.register(blocks, hashes)
         except RegistryError as err:
             return type(err)
-    for step in range(400):
+    for _ in range(400):
         op = rng.integers(6)
         if op == 0:
             n = int(rng.integers(0, 6))
@@ -500,3 +500,13 @@ def test_rebuild_refuses_a_held_free_block():
     with pytest.raises(RegistryError, match="refcounts for 4 blocks"):
         reg.rebuild(np.zeros(3, np.uint32))
 
+
+
+def test_lineage_namespaces_get_their_ghost_tables(make_g2):
+    g2 = make_g2(total=64, max_namespaces=2, policy="lineage", ghost_ratio=0.5)
+    a = g2.join("a", PID, "m")
+    assert (a.registry.policy, a.registry.ghost_blocks) == (int(EvictionPolicy.LINEAGE), 16)
+    for lo in range(1, 100, 8):
+        fill(a.registry, list(range(lo, lo + 8)), parents=[0] + list(range(lo, lo + 7)))
+    assert a.registry.num_ghosts > 0
+    g2.check_invariants()
