@@ -67,6 +67,7 @@ DEFAULT_MAX_NAMESPACES = 4
 MAX_ENGINES = 1024
 MAX_NAMESPACES = 256
 MAX_NAME_BYTES = 63       # engine ids and fingerprint labels, NUL-padded to 64 in the tables
+DIED_HOLDING_LOCK = 2**64 - 1   # start time written over an engine's that died holding the lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,8 +464,11 @@ class SharedG2:
         nss["engines"][:] = 0
         for slot in live:
             nss["engines"][int(eng["ns"][slot])] += 1
-        # EOWNERDEAD says the holder died even while /proc still shows its process exiting
+        # EOWNERDEAD says the holder died even while /proc still shows its process exiting; the
+        # mark on its slot keeps saying so should this repair be cut short and repeated
         gone = holder if owner_died and holder >= 0 and holder in live else -1
+        if gone >= 0:
+            eng["start_time"][gone] = DIED_HOLDING_LOCK
         if dirty >= 0 and nss["state"][dirty] == S.LIVE:
             off, n = int(nss["block_offset"][dirty]), int(nss["num_blocks"][dirty])
             members = [s for s in live if int(eng["ns"][s]) == dirty]

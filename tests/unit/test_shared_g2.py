@@ -394,6 +394,28 @@ def test_a_mark_left_by_a_dead_holder_is_repaired_by_the_next_locker(make_g2):
     del theirs
 
 
+def test_a_holder_that_died_holding_the_lock_is_reaped_though_proc_shows_it(make_g2):
+    """EOWNERDEAD names the holder dead while its process may still be exiting (its /proc entry
+    alive): the recovery reaps it anyway (here: called as the locker that got EOWNERDEAD)."""
+    g2 = make_g2()
+    a = g2.join("a", PID, "m")
+    x = g2.join("x", PID, "m")                     # alive as far as /proc can tell
+    fill(a.registry, [1, 2])
+    x.registry.match([1, 2])
+    t = g2.tables
+    t.acquire()
+    try:
+        t.mark(x.slot, x.namespace)
+        g2._recover(True)
+    finally:
+        t.release()
+    assert [e["engine_id"] for e in g2.engines()] == ["a"]
+    assert a.registry.num_inactive == 2 and g2.tables.header[0]["reaped"] == 1
+    with pytest.raises(LifecycleError):
+        x.registry.lookup([1])
+    g2.check_invariants()
+
+
 def test_recovery_failure_leaves_the_mark_for_the_next_locker(make_g2, monkeypatch):
     g2 = make_g2()
     a = g2.join("a", PID, "m")
