@@ -165,6 +165,7 @@ def format_status(st: dict) -> str:
     lines = [f"kvbm-workers instance {st['instance']} pid {st['pid']} up {st['uptime_s']:.0f}s "
              f"mode {'cuda' if st['cuda'] else 'cpu'}",
              f"  G2 {g2['bytes'] / 1e9:.3f} GB segment {g2['segment']} (pre-fault {g2['prefault_s']:.3f}s)",
+             *_registry_lines(g2.get("registry")),
              _g3_line(st["tiers"]["g3"])]
     for label, w in st["workers"].items():
         if "state" in w:
@@ -180,6 +181,27 @@ def format_status(st: dict) -> str:
         lines.append(f"  engine {name}: pools {json.dumps(pools)} queues {json.dumps(queues)} "
                      f"inflight {eng.get('inflight_bytes', 0)} B")
     return "\n".join(lines)
+
+
+def _registry_lines(reg: dict | None) -> list[str]:
+    """The shared G2 registry: its namespaces (partition, quota, occupancy, hits) and engines."""
+    if not reg:
+        return ["  G2 registry: per engine (no shared registry)"]
+    if "error" in reg:
+        return [f"  G2 registry {reg['segment']}: {reg['error']}"]
+    lines = [f"  G2 registry {reg['segment']}: {reg['total_blocks']} blocks, {reg['unpartitioned']} in no "
+             f"namespace, {len(reg['engines'])} engines, {reg['repairs']} repairs, {reg['reaped']} reaped"]
+    for ns in reg["namespaces"]:
+        hit = ns["match_hits"] / ns["match_queries"] if ns["match_queries"] else 0.0
+        lines.append(f"    namespace {ns['namespace']} {ns['label']}: blocks [{ns['block_offset']}, "
+                     f"{ns['block_offset'] + ns['num_blocks']}) quota {ns['num_blocks']}, {ns['engines']} engines, "
+                     f"free {ns['free']} inactive {ns['inactive']} active {ns['active']}, hits {ns['match_hits']}/"
+                     f"{ns['match_queries']} ({hit:.3f})")
+    for e in reg["engines"]:
+        lines.append(f"    engine {e['engine_id']} pid {e['pid']}{'' if e['alive'] else ' (gone)'} namespace "
+                     f"{e['namespace']}: holds {e['pinned']}, hits {e['match_hits']}/{e['match_queries']}, "
+                     f"registered {e['registered']} (+{e['deduplicated']} deduplicated)")
+    return lines
 
 
 def _g3_line(g3: dict) -> str:

@@ -59,6 +59,18 @@ class BlockPool:
         self.stats = PoolStats()
         self.hints: WaitingHints | None = None   # set by the manager: new blocks of waiting hashes
 
+    @classmethod
+    def over(cls, tier: Tier, registry, policy: str = "lru") -> BlockPool:
+        """A pool over a registry made elsewhere: a shared G2 namespace's SharedBlockRegistry
+        (kvbm.shared_g2), which has BlockRegistry's API."""
+        pool = cls.__new__(cls)
+        pool.tier = tier
+        pool.policy = policy
+        pool.registry = registry
+        pool.stats = PoolStats()
+        pool.hints = None
+        return pool
+
     @property
     def num_blocks(self) -> int:
         return self.registry.num_blocks

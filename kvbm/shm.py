@@ -1,12 +1,18 @@
 """Private shared-memory segments (/dev/shm, mode 0600) and the per-instance runtime directory.
 
 Parts:
-  Segment               one /dev/shm file mapped read/write: create (O_EXCL, 0600, ftruncate),
-                        attach by name, prefault (threads touching every page), pin/unpin with
-                        cudaHostRegister, a torch/numpy view, close and unlink
+  Segment               one /dev/shm file mapped read/write: create (O_EXCL, 0600, ftruncate,
+                        all of it reserved or only a prefix: the rest stays sparse until
+                        `reserve`d, and `discard` gives pages back), attach by name, prefault
+                        (threads touching every page), pin/unpin with cudaHostRegister, a
+                        torch/numpy view, close and unlink
   segment_name          names derived from the instance id: kvbm-<id>-g2 (host pool, owned by the
-                        supervisor), kvbm-<id>-dev-<pid>-<n> (CPU-mode "device" memory owned by an
-                        engine process <pid>), kvbm-<id>-lane-<pid>-<n> (its transfer lanes)
+                        supervisor), kvbm-<id>-g2reg (the shared G2 registry, kvbm.shared_g2,
+                        owned by the supervisor), kvbm-<id>-dev-<pid>-<n> (CPU-mode "device"
+                        memory owned by an engine process <pid>), kvbm-<id>-lane-<pid>-<n> (its
+                        transfer lanes)
+  process_start_time    a pid's start time (field 22 of /proc/<pid>/stat): with the pid, it tells a
+                        live process from a later one that reused its pid
   RuntimeDir            the 0700 folder holding sockets and the supervisor's lock file; `acquire`
                         takes an flock so that a second supervisor of the same instance is refused
                         and a killed one's leftovers (sockets, segments) are found and removed;
@@ -57,6 +63,7 @@ FALLOCATE_CHUNK = 256 << 20   # bytes reserved per posix_fallocate call (progres
 PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking the next chunk
 SHM_WARN_SHARE = 0.5          # check_shm_room warns above this share of /dev/shm's free bytes
 ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
+REGISTRY_KIND = "g2reg"      # segment_name kind of the shared G2 registry (kvbm.shared_g2)
 # Segments an engine process owns: CPU-mode device memory (dev) and its transfer lanes (lane).
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-(?:dev|lane)-(?P<pid>\d+)-\d+$")
 
@@ -100,6 +107,22 @@ def pid_alive(pid: int) -> bool:
             return fh.read().rpartition(b")")[2].split()[:1] != [b"Z"]
     except OSError:
         return True  # no /proc: kill(0) is all we know
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks after boot (field 22 of /proc/<pid>/stat), or
+    None when it does not exist or is a zombie. A pid reused by a later process has a later one."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    # fields[0] is field 3 (state), so field 22 (starttime) is fields[19]
+    if len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return int(fields[19])
 
 
 def check_private(st: os.stat_result, path: str, directory: bool = False) -> None:
@@ -153,9 +176,10 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, size: int, replace: bool = False,
-               progress: Callable[[int], None] | None = None) -> Segment:
+               progress: Callable[[int], None] | None = None, reserve: int | None = None) -> Segment:
         """`progress(bytes_reserved)` is called between chunks of the reservation (seconds for a
-        pool of many GB)."""
+        pool of many GB). `reserve`: bytes reserved from the start (None: all); the rest is a hole
+        that takes no memory until `reserve(offset, length)` claims a part of it."""
         if size <= 0:
             raise KvbmError(f"segment {name}: size must be > 0, got {size}")
         path = os.path.join(SHM_DIR, name)
@@ -173,8 +197,9 @@ class Segment:
                 # Reserve the pages now: on a tmpfs too small for the segment this fails here with
                 # ENOSPC instead of killing the first process that touches the missing pages (SIGBUS).
                 # In chunks, so that progress can be reported.
-                for lo in range(0, size, FALLOCATE_CHUNK):
-                    os.posix_fallocate(fd, lo, min(FALLOCATE_CHUNK, size - lo))
+                upto = size if reserve is None else min(size, reserve)
+                for lo in range(0, upto, FALLOCATE_CHUNK):
+                    os.posix_fallocate(fd, lo, min(FALLOCATE_CHUNK, upto - lo))
                     if progress is not None:
                         progress(min(lo + FALLOCATE_CHUNK, size))
             except OSError as err:
@@ -210,6 +235,37 @@ class Segment:
         except BaseException:
             os.close(fd)
             raise
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Claims the memory of [offset, offset + length) now (posix_fallocate), so that a full
+        /dev/shm fails here with a KvbmError, not later with SIGBUS in whoever touches it."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise KvbmError(f"segment {self.name}: reserve [{offset}, {offset + length}) outside "
+                            f"its {self.size} bytes")
+        if length == 0:
+            return
+        try:
+            os.posix_fallocate(self._fd, offset, length)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.ENOMEM):
+                free, _ = shm_space()
+                raise KvbmError(f"segment {self.name}: cannot reserve {length} bytes of {SHM_DIR} "
+                                f"({free} bytes free)") from err
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def discard(self, offset: int, length: int) -> None:
+        """Gives the memory of the whole pages in [offset, offset + length) back (MADV_REMOVE):
+        they read as zeros afterwards, in every process that maps the segment."""
+        lo = (offset + PAGE - 1) // PAGE * PAGE
+        hi = (offset + length) // PAGE * PAGE
+        if hi <= lo or self.map is None:
+            return
+        try:
+            self.map.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+        except (AttributeError, OSError):
+            # not Linux, or not tmpfs: zeros are what the caller needs; the memory stays claimed
+            self.map[lo:hi] = bytes(hi - lo)
 
     def _address(self) -> int:
         import ctypes
@@ -355,8 +411,8 @@ def _remove_dead_device_segment(name: str, pid: int) -> bool:
 
 def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]:
     """Unlinks this instance's segments whose owner is dead: device segments of dead engines and,
-    when the caller holds the instance lock, the host pool segment of a killed supervisor. Returns
-    their names (the caller logs them)."""
+    when the caller holds the instance lock, the host pool and shared registry segments of a killed
+    supervisor. Returns their names (the caller logs them)."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -370,7 +426,7 @@ def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]
         if match is not None and match.group("inst") == instance_id:
             if _remove_dead_device_segment(name, int(match.group("pid"))):
                 removed.append(name)
-        elif name == segment_name(instance_id) and include_host_pool:
+        elif name in (segment_name(instance_id), segment_name(instance_id, REGISTRY_KIND)) and include_host_pool:
             _unlink_quiet(os.path.join(SHM_DIR, name))
             removed.append(name)
     return removed

@@ -8,14 +8,17 @@ Files: registry.pxd is the contract (every array, field by field, and every rout
 here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
 over inline helpers on plain pointers: _table.pxd (header and entry structs, ids, layout),
 _index.pxd (index and ghost table), _heap.pxd (the heap). _convert turns the inputs into arrays
-(shared with native.pyx); _invariants.pxi holds check_invariants. This file stays above 600 lines:
+(shared with native.pyx); _invariants.pxi holds check_invariants, _repair.pxi rebuild. This file stays above 600 lines:
 what is left is one class body, which Cython cannot spread over files (no `include` in a class).
 Moved to another module, the nogil loops and the life cycle would call each other per block
 through the vtable; moved to an included file as free functions, they would leave the .pxd.
 
 Parts:
   buffer   one writable buffer (handed in, or allocated here) of `bytes_needed(N)` bytes: a header
-           (counts, tick, ring cursor) then every array, so the table can move to shared memory.
+           (counts, tick, ring cursor) then every array, so the table can live in shared memory:
+           `BlockRegistry.attach(buffer)` uses a table made in another process (kvbm.shared_g2
+           locks around the calls), and `rebuild(refcounts)` repairs one whose mutation was cut
+           short by the death of its process (_repair.pxi).
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
   heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
            key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE, see
@@ -139,8 +142,11 @@ cdef class BlockRegistry:
     passed), so `bytes_needed(num_blocks)` (G = num_blocks) fits every policy.
     """
 
-    def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None):
+    def __cinit__(self, num_blocks, buffer=None, policy=POLICY_LRU, ghost_blocks=None,
+                  bint attach=False):
         # __cinit__, not __init__: no instance can exist without its table (no NULL pointers).
+        # attach=True (BlockRegistry.attach): the buffer already holds this table; its header
+        # must agree with the arguments, and nothing is reinitialised.
         cdef int64_t n = as_count(num_blocks, "num_blocks", RegistryError)
         if n < 1 or n > MAX_BLOCKS:
             raise RegistryError(f"num_blocks must be in [1, {MAX_BLOCKS}], got {n}")
@@ -172,7 +178,41 @@ cdef class BlockRegistry:
         cdef uintptr_t base = <uintptr_t>&view[0]
         base = (base + <uintptr_t>(TABLE_ALIGN - 1)) & ~(<uintptr_t>(TABLE_ALIGN - 1))
         self._carve(<unsigned char *>base, n, g)
-        self._init_table(n, g, pol)
+        if not attach:
+            self._init_table(n, g, pol)
+            return
+        cdef RegistryHeader *h = self.h
+        if h.magic != REGISTRY_MAGIC or h.version != LAYOUT_VERSION:
+            raise RegistryError(f"attach: buffer holds no registry table (magic {h.magic:#x}, "
+                                f"version {h.version}; expected {REGISTRY_MAGIC:#x}, {LAYOUT_VERSION})")
+        if h.num_blocks != n or h.policy != pol or h.ghost_blocks != g \
+                or h.index_capacity != index_capacity(n + g):
+            raise RegistryError(f"attach: the table holds {h.num_blocks} blocks, policy {h.policy}, "
+                                f"{h.ghost_blocks} ghost entries, index {h.index_capacity}; expected "
+                                f"{n}, {pol}, {g}, {index_capacity(n + g)}")
+
+    @staticmethod
+    def attach(buffer):
+        """The registry whose table `buffer` already holds (made by BlockRegistry(n, buffer) in
+        this or another process, e.g. in a shared-memory segment at the same 64-byte alignment):
+        its size, policy and ghost table come from the table's header; nothing is reinitialised.
+        Calls on it change the same table, so processes sharing one need a lock around them
+        (kvbm.shared_g2)."""
+        try:
+            mem = memoryview(buffer).cast("B")
+        except TypeError as err:
+            raise RegistryError(f"attach: buffer does not support the buffer protocol: "
+                                f"{type(buffer).__name__}") from err
+        if mem.nbytes < sizeof(RegistryHeader) + TABLE_ALIGN:
+            raise RegistryError(f"attach: buffer has {mem.nbytes} bytes, too few for a table")
+        cdef const unsigned char[::1] view = mem
+        cdef uintptr_t base = <uintptr_t>&view[0]
+        base = (base + <uintptr_t>(TABLE_ALIGN - 1)) & ~(<uintptr_t>(TABLE_ALIGN - 1))
+        cdef const RegistryHeader *h = <const RegistryHeader *>base
+        if h.magic != REGISTRY_MAGIC or h.version != LAYOUT_VERSION:
+            raise RegistryError(f"attach: buffer holds no registry table (magic {h.magic:#x}, "
+                                f"version {h.version}; expected {REGISTRY_MAGIC:#x}, {LAYOUT_VERSION})")
+        return BlockRegistry(h.num_blocks, buffer, h.policy, h.ghost_blocks, attach=True)
 
     @staticmethod
     def bytes_needed(num_blocks, ghost_blocks=None) -> int:
@@ -939,5 +979,17 @@ cdef class BlockRegistry:
         """Raise RegistryError (with the numbers) if the table is inconsistent (_invariants.pxi)."""
         _check_table(self)
 
+    def rebuild(self, refcounts) -> dict:
+        """Repairs a table whose mutation was cut short (its process died mid-call, kvbm.shared_g2):
+        `refcounts` (uint32 per block) replace the refcounts, and every derived structure (free
+        list, heap, index, lineage lists, counts, ghost table) is rebuilt from the per-block
+        fields. The rules are in _repair.pxi. Returns what changed (counts)."""
+        arr = np.ascontiguousarray(np.asarray(refcounts), dtype=np.uint32)
+        if arr.ndim != 1 or arr.shape[0] != self.h.num_blocks:
+            raise RegistryError(f"rebuild: {arr.shape} refcounts for {self.h.num_blocks} blocks")
+        cdef const uint32_t[::1] rc = arr
+        return _rebuild_table(self, &rc[0])
+
 
 include "_invariants.pxi"
+include "_repair.pxi"

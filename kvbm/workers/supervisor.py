@@ -3,7 +3,10 @@
 Order of things:
   1. take the instance lock in the 0700 runtime dir; leftovers of a killed predecessor (socket
      files, endpoints.json, the G2 segment, device segments of dead engines) are removed
-  2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder
+  2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder;
+     with the model layout known (--layout), the shared G2 registry's segment too
+     (kvbm.shared_g2: host_bytes // block_stride blocks, partitioned among the engines' namespaces),
+     named in the welcome; engines do not join it yet
   3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
      the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
      peer that read the keys from the 0600 runtime dir gets an answer or an event
@@ -13,12 +16,13 @@ Order of things:
      then publishes {event started, path, gen} (for each path the process serves). Without a disk
      tier the control socket answers disk requests "no disk tier".
   5. serve: answer hello/status/stats/restart on the control socket, poll workers for stats every
-     second, log one summary line per interval; a worker that exits is reported ({event died,
-     path, gen, exitcode}: engines fail what they sent to that generation) and restarted as gen+1.
+     second, reap the shared registry's dead engines every sweep, log one summary line per
+     interval; a worker that exits is reported ({event died, path, gen, exitcode}: engines fail
+     what they sent to that generation) and restarted as gen+1.
      A restart is taken only from the connection an engine reports its stats on, for the
      generation that engine's report says its transfers use (and that is still running).
   6. SIGINT/SIGTERM: stop workers (SIGTERM, then SIGKILL past a deadline) and reap them, publish
-     {died, path, gen} for each and then stopping, unlink the segment, remove sockets, lock and folder.
+     {died, path, gen} for each and then stopping, unlink the segments, remove sockets, lock and folder.
 
 Why D2H and H2D are separate processes: each has its own CUDA stream and queue, so an offload
 burst never delays an onboard the engine is waiting on; a CUDA context per process costs
@@ -43,7 +47,15 @@ import kvbm
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.progress import PERIOD_S, Progress
-from kvbm.shm import RuntimeDir, Segment, clean_dead_device_segments, clean_stale_segments, segment_name
+from kvbm.shared_g2 import SharedG2
+from kvbm.shm import (
+    REGISTRY_KIND,
+    RuntimeDir,
+    Segment,
+    clean_dead_device_segments,
+    clean_stale_segments,
+    segment_name,
+)
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, create_keys
 from kvbm.wire.channel import Endpoints, bind_socket, connect_socket, make_context, pending
@@ -132,6 +144,7 @@ class Supervisor:
         if config.disk_path and (config.disk_blocks or config.disk_size):
             self.slots[P.Path.H2DISK] = WorkerSlot(P.Path.H2DISK)  # the disk worker: H2DISK and DISK2H
         self.segment: Segment | None = None
+        self.registry: SharedG2 | None = None      # the shared G2 registry, when the layout is known
         self.engines: dict[str, dict] = {}
         self._engine_conn: dict[str, bytes] = {}   # engine -> routing id of the connection it reports on
         self.prefault_s = 0.0
@@ -179,6 +192,7 @@ class Supervisor:
         self.metrics.prefault_seconds.set(self.prefault_s)
         logger.info("G2 host pool %.3f GB in /dev/shm/%s: allocated in %.3f s, pre-faulted in %.3f s (%.1f GB/s)",
                     gb, self.segment.name, alloc_s, self.prefault_s, gb / max(self.prefault_s, 1e-9))
+        self._make_registry()
         if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
             self._disk_dir = self._prepare_disk(self.config.disk_path)
         self._ctx = make_context()
@@ -190,6 +204,19 @@ class Supervisor:
         for slot in self.slots.values():
             slot.dealer = connect_socket(self._ctx, zmq.DEALER, self.endpoints.worker(slot.path), self._client_keys)
             self._spawn(slot)
+
+    def _make_registry(self) -> None:
+        """The shared G2 registry's segment: one block of G2 is one block_stride of the layout, so
+        it needs the layout; without one there is none (engines keep their own registries)."""
+        layout = self.config.layout
+        if layout is None:
+            logger.info("no shared G2 registry: the G2 block size is unknown without the model layout (--layout)")
+            return
+        blocks = self.host_bytes // layout.block_stride
+        if blocks < 1:
+            raise ConfigError(f"G2 of {self.host_bytes} bytes holds no block of {layout.block_stride} bytes")
+        self.registry = SharedG2.create(segment_name(self.config.instance_id, REGISTRY_KIND), blocks,
+                                        policy=self.config.policy, ghost_ratio=self.config.ghost_ratio)
 
     @staticmethod
     def _prepare_disk(path: str) -> str:
@@ -274,9 +301,22 @@ class Supervisor:
                 if gone:
                     logger.warning("removed the device segments of dead engines: %s", ", ".join(gone))
                 self._live_engines()  # drops engines that stopped reporting, status asked or not
+                self._reap_registry()
             if self.interval > 0 and now >= next_summary:
                 next_summary = now + self.interval
                 logger.info("%s", self.summary_line())
+
+    def _reap_registry(self) -> None:
+        """Frees the shared registry's slots (and holds) of engines whose process is gone: an
+        engine that dies without calling into the registry again is found here (shared_g2 logs
+        each)."""
+        if self.registry is None:
+            return
+        try:
+            self.registry.reap()
+        except KvbmError:
+            # A repair that fails is retried by the next locker; the supervisor goes on serving.
+            logger.error("shared G2 registry: reaping failed", exc_info=True)
 
     def _serve_control(self) -> None:
         assert self._control is not None
@@ -349,6 +389,9 @@ class Supervisor:
         assert self.segment is not None
         return {"t": P.MsgType.WELCOME, "instance": self.config.instance_id, "pid": os.getpid(),
                 "cuda": self.cuda, "host": {"segment": self.segment.name, "size": self.segment.size},
+                "registry": None if self.registry is None else {
+                    "segment": self.registry.name, "blocks": self.registry.total_blocks,
+                    "block_bytes": self.config.layout.block_stride if self.config.layout else 0},
                 "disk": self._disk_dir, "events": self.endpoints.events,
                 "max_batch_blocks": self.config.max_batch_blocks,
                 "workers": {p.label: {"path": int(p), "endpoint": self.endpoints.worker(s.path),
@@ -507,10 +550,20 @@ class Supervisor:
         return {"t": P.MsgType.STATUS, "instance": self.config.instance_id, "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 3), "cuda": self.cuda,
                 "tiers": {"g2": {"segment": self.segment.name if self.segment else None,
-                                 "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4)},
+                                 "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4),
+                                 "registry": self._registry_status()},
                           "g3": {"path": self._disk_dir, **(disk.stats.get("disk", {}) if disk else {}),
                                  **(disk.stats.get("disk_text", {}) if disk else {})}},
                 "workers": workers, "engines": self._live_engines()}
+
+    def _registry_status(self) -> dict | None:
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.status()
+        except KvbmError as err:
+            logger.error("shared G2 registry: status failed", exc_info=True)
+            return {"segment": self.registry.name, "error": str(err)}
 
     def summary_line(self) -> str:
         parts = []
@@ -573,6 +626,9 @@ class Supervisor:
             self.segment.close()
             self.segment.unlink()
             self.segment = None
+        if self.registry is not None:
+            self.registry.close()      # the creator: unlinks it
+            self.registry = None
         if self.rundir.held:
             # The engine that started us may have been killed: its device segment is ours to remove.
             gone = clean_stale_segments(self.config.instance_id, include_host_pool=False)

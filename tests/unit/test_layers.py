@@ -14,7 +14,7 @@ LAYERS = [
     ("errors", "progress"),
     ("policy", "metrics"),
     ("_fast", "layout", "pools"),
-    ("config", "hashing", "shm"),
+    ("config", "hashing", "shm", "shared_g2"),
     ("wire",),
     ("transfer", "workers"),
     ("manager",),

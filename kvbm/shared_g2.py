@@ -1,0 +1,592 @@
+"""One G2 registry for every engine of a node, in a shared-memory segment.
+
+Parts:
+  SharedG2   the registry segment (kvbm.shm.Segment, 0600): `create` (the supervisor) sizes and
+             initialises it, `attach` (engines, workers) maps it. `join` makes an engine a member
+             of its namespace and hands back a Lease; `leave`, `reap` (engines whose process is
+             gone), `engines`/`namespaces`/`status` (for `kvbm-workers --status`) and
+             `check_invariants`.
+  Lease      an engine's membership: its engine slot, its namespace's partition of G2 (block
+             offset, number of blocks) and `registry`, a SharedBlockRegistry with BlockRegistry's
+             API over that partition (kvbm/_fast/shared.pyx; block ids are local to the partition:
+             G2 block = block_offset + id).
+
+Namespaces are partitions. A namespace is (model/layout fingerprint, salt): engines that may share
+blocks. The first engine of a namespace fixes its quota (the blocks it asks for, by default
+total // max_namespaces) and gets a contiguous range of G2 blocks for it (first fit; ConfigError
+when no range is free) with one BlockRegistry over it, whose table lives in the segment. Every later
+engine of the namespace shares that table and those blocks fully; engines of other namespaces never
+see them and can never evict them. The range is freed, and its table discarded, when the last
+engine of the namespace leaves or is reaped.
+
+Order of things:
+  create -> attach (each process) -> join (reaps the dead first; makes the namespace if needed) ->
+  registry calls (each under the lock) -> leave, or death -> reap (by the next join, by `reap`
+  (the supervisor, periodically), or by the recovery below) -> the last engine gone frees the
+  namespace.
+
+Liveness: an engine slot records its pid and that pid's start time (kvbm.shm.process_start_time);
+it is alive while /proc shows a process with that pid and that start time, so a reused pid is not
+mistaken for the engine. Reaping an engine releases its holds (kvbm._fast.shared: per-engine pins):
+blocks it allocated and never registered go back to the free list, registered ones become
+inactive (still matchable), then its slot is freed. Blocks a dead engine's transfer may still be
+writing are the integration's concern (a path worker must drop the engine's transfers before its
+blocks are reused); this module releases them at once.
+
+Recovery. One process-shared robust mutex guards the whole segment (kvbm/_fast/shared.pyx says
+why one lock and how it is taken). A mutation marks what it changes (a namespace, or the tables)
+before its first write and clears the mark after its last. A locker that finds the mark set, or
+gets EOWNERDEAD from the mutex, runs `_recover`: the tables are made consistent (a namespace left
+half-made is freed, engine counts recounted), the marked namespace's table is rebuilt from its
+per-block fields with refcounts recomputed from the live engines' pins (the dead holder's dropped:
+BlockRegistry.rebuild, kvbm/_fast/_repair.pxi), its invariants are checked, and the dead engines
+are reaped. A repair cut short by another death leaves the mark set, so the next locker repeats it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvbm._fast import shared as S
+from kvbm._fast.registry import BlockRegistry
+from kvbm.errors import ConfigError, LifecycleError, RegistryError
+from kvbm.policy import EvictionPolicy
+from kvbm.shm import Segment, check_shm_room, process_start_time
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ENGINES = 16
+DEFAULT_MAX_NAMESPACES = 4
+MAX_ENGINES = 1024
+MAX_NAMESPACES = 256
+MAX_NAME_BYTES = 63       # engine ids and fingerprint labels, NUL-padded to 64 in the tables
+DIED_HOLDING_LOCK = 2**64 - 1   # start time written over an engine's that died holding the lock
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An engine's membership of the shared G2 (SharedG2.join)."""
+    engine_id: str
+    slot: int             # engine slot in the segment's table
+    generation: int       # the slot's generation at join: calls after a leave or reap are refused
+    namespace: int        # namespace slot
+    block_offset: int     # first G2 block of the namespace's partition
+    num_blocks: int       # the partition's length (the namespace's quota)
+    registry: S.SharedBlockRegistry
+    g2: SharedG2 = field(repr=False)
+
+    def leave(self) -> bool:
+        """SharedG2.leave(self)."""
+        return self.g2.leave(self)
+
+
+def namespace_key(fingerprint: str, salt: bytes | str = b"") -> tuple[int, int]:
+    """The namespace of (fingerprint, salt) as two uint64: blake2b-128 over both."""
+    if isinstance(salt, str):
+        salt = salt.encode()
+    digest = hashlib.blake2b(fingerprint.encode() + b"\0" + bytes(salt), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def _map_pages(view) -> None:
+    """Reads a byte of every page of `view` (memory the namespace reserved): this process maps
+    them now, instead of taking a page fault inside the first calls that reach each one."""
+    np.frombuffer(view, np.uint8)[::mmap.PAGESIZE].sum()
+
+
+def _name_bytes(value: str, what: str) -> bytes:
+    raw = value.encode()
+    if not 1 <= len(raw) <= MAX_NAME_BYTES or b"\0" in raw:
+        raise ConfigError(f"{what} must be 1 to {MAX_NAME_BYTES} bytes without NUL, got "
+                          f"{len(raw)} bytes: {value!r:.80}")
+    return raw
+
+
+class SharedG2:
+    """The shared G2 registry segment of one kvbm instance. See the module docstring."""
+
+    def __init__(self, segment: Segment, tables: S.SharedTables, owner: bool) -> None:
+        self.segment = segment
+        self.tables = tables
+        self.owner = owner
+        self._regs: dict[int, tuple[int, BlockRegistry]] = {}   # namespace -> (generation, table)
+        tables.on_recover = self._recover
+        try:
+            # Huge pages for the tables where /dev/shm allows them (shmem_enabled "advise"): a
+            # match walks random index slots, and on 4 KiB pages its TLB misses cost ~15% of it.
+            segment.map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            logger.debug("shared G2 %s: no MADV_HUGEPAGE here", segment.name)
+        hdr = tables.header[0]
+        self.total_blocks = int(hdr["total_blocks"])
+        self.max_engines = int(hdr["max_engines"])
+        self.max_namespaces = int(hdr["max_namespaces"])
+        self.policy = int(hdr["policy"])
+        self.ghost_per_mille = int(hdr["ghost_per_mille"])
+
+    # ---- create / attach / close ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, total_blocks: int, *, max_engines: int = DEFAULT_MAX_ENGINES,
+               max_namespaces: int = DEFAULT_MAX_NAMESPACES, policy: str = "lru",
+               ghost_ratio: float = 1.0, replace: bool = False) -> SharedG2:
+        """A new segment `name` (0600) for `total_blocks` G2 blocks. Only its tables are reserved
+        now; each namespace's table and each engine's pins claim their memory when made. policy,
+        ghost_ratio: every namespace's registry (kvbm.config's `policy` and `ghost_ratio`)."""
+        if not 1 <= max_engines <= MAX_ENGINES or not 1 <= max_namespaces <= MAX_NAMESPACES:
+            raise ConfigError(f"shared G2: max_engines {max_engines} must be in [1, {MAX_ENGINES}], "
+                              f"max_namespaces {max_namespaces} in [1, {MAX_NAMESPACES}]")
+        if total_blocks < 1 or total_blocks > 2147483646:
+            raise ConfigError(f"shared G2: total_blocks must be in [1, 2147483646], got {total_blocks}")
+        if not 0 <= ghost_ratio <= 64:
+            raise ConfigError(f"shared G2: ghost_ratio must be in [0, 64], got {ghost_ratio}")
+        pol = int(EvictionPolicy.from_name(policy))
+        ghost = round(ghost_ratio * 1000)        # LINEAGE's ghost entries, thousandths of a quota
+        lay = S.layout(total_blocks, max_engines, max_namespaces, pol, ghost)
+        check_shm_room(lay["reserved_bytes"], "the shared G2 registry's tables")
+        seg = Segment.create(name, lay["segment_bytes"], replace=replace, reserve=lay["reserved_bytes"])
+        try:
+            tables = S.SharedTables(seg.map, True, total_blocks, max_engines, max_namespaces, pol,
+                                    ghost, time.time_ns())
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+        logger.info("shared G2 registry %s: %d blocks, %d engine and %d namespace slots, %s; "
+                    "%.1f MB of address space, %.3f MB reserved", name, total_blocks, max_engines,
+                    max_namespaces, policy, lay["segment_bytes"] / 1e6, lay["reserved_bytes"] / 1e6)
+        return cls(seg, tables, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> SharedG2:
+        """Maps an existing segment (made by `create`, in another process)."""
+        seg = Segment.attach(name)
+        try:
+            tables = S.SharedTables(seg.map)
+        except BaseException:
+            seg.close()
+            raise
+        return cls(seg, tables, owner=False)
+
+    def close(self) -> None:
+        """Unmaps the segment (leases of this process stop working); the creator also unlinks it."""
+        self._regs.clear()
+        if self.tables is not None:
+            self.tables.on_recover = None
+            self.tables = None   # type: ignore[assignment]
+        if self.segment is not None:
+            self.segment.close()
+            if self.owner:
+                self.segment.unlink()
+            self.segment = None   # type: ignore[assignment]
+
+    def __enter__(self) -> SharedG2:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    # ---- the lock -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[S.SharedTables]:
+        """The segment's lock, recovery included. A body that raises after marking a mutation
+        leaves the mark, so that the next locker repairs what it half did."""
+        t = self.tables
+        if t is None:
+            raise LifecycleError("shared G2: used after close")
+        t.acquire()
+        t.mark(S.OTHER, t.holder_ns)
+        clean = False
+        try:
+            yield t
+            clean = True
+        finally:
+            t.release(clean)
+
+    # ---- join / leave / reap --------------------------------------------------------------------
+
+    def join(self, engine_id: str, pid: int, fingerprint: str, salt: bytes | str = b"",
+             blocks: int | None = None, *, start_time: int | None = None) -> Lease:
+        """Makes engine `engine_id` (process `pid`) a member of the namespace (fingerprint, salt),
+        making the namespace (with a quota of `blocks`, default total // max_namespaces) when it is
+        the first. `start_time`: the pid's start time (default: read from /proc now). Raises
+        ConfigError when no engine slot, namespace slot or range of G2 blocks is free, and
+        LifecycleError when `engine_id` is already a live member or `pid` is not running."""
+        eid = _name_bytes(engine_id, "engine id")
+        label = fingerprint.encode()[:MAX_NAME_BYTES]
+        if start_time is None:
+            start_time = process_start_time(pid)
+            if start_time is None:
+                raise LifecycleError(f"join: engine {engine_id!r}: pid {pid} is not a running process")
+        key = namespace_key(fingerprint, salt)
+        with self._locked() as t:
+            self._reap_locked()
+            eng, nss = t.engines, t.namespaces
+            live = eng["state"] == S.ENGINE_LIVE
+            same = np.flatnonzero(live & (eng["engine_id"] == eid))
+            if same.size:
+                s = int(same[0])
+                raise LifecycleError(f"join: engine {engine_id!r} is already a member (slot {s}, "
+                                     f"pid {int(eng['pid'][s])}); leave first")
+            free = np.flatnonzero(~live)
+            if free.size == 0:
+                raise ConfigError(f"join: all {self.max_engines} engine slots of the shared G2 are taken")
+            slot = int(free[0])
+            ns = self._find_namespace(key)
+            if ns < 0:
+                ns = self._make_namespace(t, key, label, blocks)
+            elif blocks is not None and blocks != int(nss["num_blocks"][ns]):
+                logger.info("join: engine %s asked for %d blocks; namespace %d (%s) has its quota of "
+                            "%d already", engine_id, blocks, ns, label.decode(errors="replace"),
+                            int(nss["num_blocks"][ns]))
+            off, n = int(nss["block_offset"][ns]), int(nss["num_blocks"][ns])
+            t.mark(S.OTHER, S.TABLES)
+            h = t.header[0]
+            self.segment.reserve(int(h["pins_off"]) + slot * int(h["pins_stride"]) + 4 * off, 4 * n)
+            t.pins[slot, off:off + n] = 0     # writing maps the pages of this process's row, too
+            for name in ("match_calls", "match_queries", "match_hits", "allocated", "registered",
+                         "deduplicated", "released", "pinned"):
+                eng[name][slot] = 0
+            eng["ns"][slot] = ns
+            eng["pid"][slot] = pid
+            eng["start_time"][slot] = start_time
+            eng["joined_ns"][slot] = time.time_ns()
+            eng["engine_id"][slot] = eid
+            eng["generation"][slot] += 1
+            eng["state"][slot] = S.ENGINE_LIVE       # last: a slot is live only once filled in
+            nss["engines"][ns] += 1
+            t.header["generation"] += 1
+            t.mark(-1, S.CLEAN)
+            gen = int(eng["generation"][slot])
+            reg = self._registry(ns)
+        logger.info("shared G2 %s: engine %s (pid %d) joined as slot %d, namespace %d (%s): "
+                    "blocks [%d, %d)", self.name, engine_id, pid, slot, ns,
+                    label.decode(errors="replace"), off, off + n)
+        return Lease(engine_id, slot, gen, ns, off, n, S.SharedBlockRegistry(t, slot, gen, reg, self), self)
+
+    def leave(self, lease: Lease) -> bool:
+        """Ends a membership: the engine's remaining holds are released (logged when there are
+        any), its slot freed, and its namespace with it when it was the last. False (nothing done)
+        when the lease had already ended (left, or reaped)."""
+        with self._locked() as t:
+            eng = t.engines
+            if int(eng["state"][lease.slot]) != S.ENGINE_LIVE or \
+                    int(eng["generation"][lease.slot]) != lease.generation:
+                return False
+            info = self._retire(t, lease.slot, dead=False)
+        if info["released"]:
+            logger.warning("shared G2 %s: engine %s left holding %d blocks; released them", self.name,
+                           lease.engine_id, info["released"])
+        return True
+
+    def reap(self) -> list[dict]:
+        """Reaps every engine whose process is gone; returns what each was (engines() entries,
+        plus `released`: its holds given back)."""
+        with self._locked():
+            return self._reap_locked()
+
+    def _reap_locked(self) -> list[dict]:
+        t = self.tables
+        out = []
+        for slot in np.flatnonzero(t.engines["state"] == S.ENGINE_LIVE).tolist():
+            if not self._alive(slot):
+                info = self._retire(t, slot, dead=True)
+                out.append(info)
+                logger.warning("shared G2 %s: reaped engine %s (slot %d, pid %d, gone): released "
+                               "%d holds", self.name, info["engine_id"], slot, info["pid"],
+                               info["released"])
+        return out
+
+    def _alive(self, slot: int) -> bool:
+        eng = self.tables.engines
+        return process_start_time(int(eng["pid"][slot])) == int(eng["start_time"][slot])
+
+    def _retire(self, t: S.SharedTables, slot: int, dead: bool) -> dict:
+        # Lock held. Releases the slot's holds through the namespace's table, frees the slot and,
+        # with its last engine, the namespace.
+        eng, nss = t.engines, t.namespaces
+        ns = int(eng["ns"][slot])
+        off, n = int(nss["block_offset"][ns]), int(nss["num_blocks"][ns])
+        info = self._engine_info(slot)
+        t.mark(S.OTHER, ns)
+        held = t.pins[slot, off:off + n]
+        released = int(held.sum(dtype=np.uint64))
+        if released:
+            self._registry(ns).release(np.repeat(np.arange(n, dtype=np.int64), held))
+            held[:] = 0
+        info["released"] = released
+        nss["retired_hits"][ns] += eng["match_hits"][slot]
+        nss["retired_queries"][ns] += eng["match_queries"][slot]
+        self._free_engine(t, slot)
+        if nss["engines"][ns] > 0:
+            nss["engines"][ns] -= 1
+        if nss["engines"][ns] == 0:
+            self._free_namespace(t, ns)
+        t.header["generation"] += 1
+        if dead:
+            t.header["reaped"] += 1
+        t.mark(-1, S.CLEAN)      # consistent again
+        return info
+
+    def _free_engine(self, t: S.SharedTables, slot: int) -> None:
+        eng = t.engines
+        eng["state"][slot] = S.ENGINE_FREE
+        eng["generation"][slot] += 1
+        eng["pid"][slot] = 0
+        eng["start_time"][slot] = 0
+        eng["engine_id"][slot] = b""
+        h = t.header[0]
+        self.segment.discard(int(h["pins_off"]) + slot * int(h["pins_stride"]), int(h["pins_stride"]))
+
+    # ---- namespaces -----------------------------------------------------------------------------
+
+    def _find_namespace(self, key: tuple[int, int]) -> int:
+        nss = self.tables.namespaces
+        hit = np.flatnonzero((nss["state"] == S.LIVE) & (nss["key0"] == key[0]) & (nss["key1"] == key[1]))
+        return int(hit[0]) if hit.size else -1
+
+    def _make_namespace(self, t: S.SharedTables, key: tuple[int, int], label: bytes,
+                        blocks: int | None) -> int:
+        nss = t.namespaces
+        quota = blocks if blocks is not None else max(1, self.total_blocks // self.max_namespaces)
+        if not 1 <= quota <= self.total_blocks:
+            raise ConfigError(f"join: a namespace of {quota} blocks does not fit a G2 of "
+                              f"{self.total_blocks} blocks")
+        free = np.flatnonzero(nss["state"] == S.FREE)
+        if free.size == 0:
+            labels = [x.decode(errors="replace") for x in nss["label"].tolist()]
+            raise ConfigError(f"join: all {self.max_namespaces} namespaces of the shared G2 are in "
+                              f"use ({', '.join(labels)})")
+        ns = int(free[0])
+        offset, free_blocks, largest = self._first_fit(quota)
+        if offset < 0:
+            raise ConfigError(f"join: G2 has no room for a namespace of {quota} blocks: {free_blocks} "
+                              f"of {self.total_blocks} blocks are free, the largest free range has "
+                              f"{largest}")
+        g = S.ghost_blocks_for(quota, self.policy, self.ghost_per_mille)
+        t.mark(S.OTHER, ns)
+        nss["state"][ns] = S.INIT          # a half-made namespace is freed by the recovery
+        nss["key0"][ns], nss["key1"][ns] = key
+        nss["block_offset"][ns] = offset
+        nss["num_blocks"][ns] = quota
+        nss["ghost_blocks"][ns] = g
+        nss["engines"][ns] = 0
+        nss["retired_hits"][ns] = 0
+        nss["retired_queries"][ns] = 0
+        nss["created_ns"][ns] = time.time_ns()
+        nss["label"][ns] = label
+        nss["generation"][ns] += 1
+        h = t.header[0]
+        self.segment.reserve(int(h["regs_off"]) + ns * int(h["reg_stride"]),
+                             BlockRegistry.bytes_needed(quota, g))
+        BlockRegistry(quota, t.registry_buffer(ns), self.policy, g)
+        nss["state"][ns] = S.LIVE
+        t.mark(-1, S.CLEAN)
+        logger.info("shared G2 %s: namespace %d (%s) made: blocks [%d, %d)", self.name, ns,
+                    label.decode(errors="replace"), offset, offset + quota)
+        return ns
+
+    def _first_fit(self, quota: int) -> tuple[int, int, int]:
+        """(offset of the first free range of `quota` blocks or -1, free blocks, largest range)."""
+        nss = self.tables.namespaces
+        used = sorted((int(nss["block_offset"][i]), int(nss["num_blocks"][i]))
+                      for i in np.flatnonzero(nss["state"] != S.FREE).tolist())
+        pos, found, largest, free = 0, -1, 0, 0
+        for off, n in [*used, (self.total_blocks, 0)]:
+            gap = off - pos
+            free += gap
+            largest = max(largest, gap)
+            if found < 0 and gap >= quota:
+                found = pos
+            pos = max(pos, off + n)
+        return found, free, largest
+
+    def _free_namespace(self, t: S.SharedTables, ns: int) -> None:
+        nss = t.namespaces
+        nss["state"][ns] = S.FREE
+        nss["key0"][ns] = nss["key1"][ns] = 0
+        nss["engines"][ns] = 0
+        nss["generation"][ns] += 1
+        self._regs.pop(ns, None)
+        h = t.header[0]
+        self.segment.discard(int(h["regs_off"]) + ns * int(h["reg_stride"]), int(h["reg_stride"]))
+        logger.info("shared G2 %s: namespace %d (%s) freed: blocks [%d, %d)", self.name, ns,
+                    nss["label"][ns].decode(errors="replace"), int(nss["block_offset"][ns]),
+                    int(nss["block_offset"][ns]) + int(nss["num_blocks"][ns]))
+
+    def _registry(self, ns: int) -> BlockRegistry:
+        """This process's BlockRegistry over namespace `ns`'s table (attached once per generation
+        of the namespace)."""
+        nss = self.tables.namespaces
+        gen = int(nss["generation"][ns])
+        cached = self._regs.get(ns)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        buf = self.tables.registry_buffer(ns)
+        _map_pages(buf[:BlockRegistry.bytes_needed(int(nss["num_blocks"][ns]), int(nss["ghost_blocks"][ns]))])
+        reg = BlockRegistry.attach(buf)
+        if reg.num_blocks != int(nss["num_blocks"][ns]):
+            raise RegistryError(f"namespace {ns}: its table has {reg.num_blocks} blocks, its entry "
+                                f"{int(nss['num_blocks'][ns])}")
+        self._regs[ns] = (gen, reg)
+        return reg
+
+    # ---- recovery -------------------------------------------------------------------------------
+
+    def _recover(self, owner_died: bool) -> None:
+        # Run by SharedTables with the lock held (and the mutex made consistent), when the last
+        # holder died or left its mark. Idempotent: a repair cut short is repeated from scratch.
+        t = self.tables
+        holder, dirty = t.holder, t.holder_ns
+        t.header["repairs"] += 1
+        logger.warning("shared G2 %s: %s (holder %d, mark %d); repairing", self.segment.name,
+                       "the lock's holder died" if owner_died else "a holder left its mark", holder, dirty)
+        eng, nss = t.engines, t.namespaces
+        for ns in np.flatnonzero(nss["state"] == S.INIT).tolist():
+            self._free_namespace(t, ns)      # half-made: nobody can have used it
+        live = np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist()
+        for slot in live:
+            if nss["state"][int(eng["ns"][slot])] != S.LIVE:
+                self._free_engine(t, slot)
+        live = np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist()
+        nss["engines"][:] = 0
+        for slot in live:
+            nss["engines"][int(eng["ns"][slot])] += 1
+        # EOWNERDEAD says the holder died even while /proc still shows its process exiting; the
+        # mark on its slot keeps saying so should this repair be cut short and repeated
+        gone = holder if owner_died and holder >= 0 and holder in live else -1
+        if gone >= 0:
+            eng["start_time"][gone] = DIED_HOLDING_LOCK
+        if dirty >= 0 and nss["state"][dirty] == S.LIVE:
+            off, n = int(nss["block_offset"][dirty]), int(nss["num_blocks"][dirty])
+            members = [s for s in live if int(eng["ns"][s]) == dirty]
+            dead = [s for s in members if s == gone or not self._alive(s)]
+            keep = [s for s in members if s not in dead]
+            counts = t.pins[keep, off:off + n].sum(axis=0, dtype=np.uint64) if keep \
+                else np.zeros(n, np.uint64)
+            if counts.size and int(counts.max()) > 0xFFFFFFFF:
+                raise RegistryError(f"recover: namespace {dirty}: a block is held {int(counts.max())} times")
+            reg = self._registry(dirty)
+            summary = reg.rebuild(counts.astype(np.uint32))
+            reg.check_invariants()
+            for s in dead:
+                t.pins[s, off:off + n] = 0     # their holds are not in the rebuilt refcounts
+            for s in keep:
+                eng["pinned"][s] = int(t.pins[s, off:off + n].sum(dtype=np.uint64))
+            logger.warning("shared G2 %s: namespace %d rebuilt without the holds of dead engine "
+                           "slots %s: %s", self.segment.name, dirty, dead, summary)
+        t.mark(-1, S.CLEAN)
+        if gone >= 0:
+            info = self._retire(t, gone, dead=True)
+            logger.warning("shared G2 %s: reaped engine %s (slot %d, pid %d, died holding the lock): "
+                           "released %d holds", self.segment.name, info["engine_id"], gone, info["pid"],
+                           info["released"])
+        self._reap_locked()     # the other dead engines (their namespaces are consistent)
+
+    # ---- status and checks ----------------------------------------------------------------------
+
+    def _engine_info(self, slot: int) -> dict:
+        e = self.tables.engines[slot]
+        ns = int(e["ns"])
+        return {"slot": slot, "engine_id": e["engine_id"].decode(errors="replace"), "pid": int(e["pid"]),
+                "namespace": ns, "label": self.tables.namespaces["label"][ns].decode(errors="replace"),
+                "pinned": int(e["pinned"]), "match_calls": int(e["match_calls"]),
+                "match_queries": int(e["match_queries"]), "match_hits": int(e["match_hits"]),
+                "allocated": int(e["allocated"]), "registered": int(e["registered"]),
+                "deduplicated": int(e["deduplicated"]), "released": int(e["released"]),
+                "joined_ns": int(e["joined_ns"])}
+
+    def engines(self) -> list[dict]:
+        """The live engine slots (counters, holds, and whether the process is alive now)."""
+        with self._locked() as t:
+            out = []
+            for slot in np.flatnonzero(t.engines["state"] == S.ENGINE_LIVE).tolist():
+                info = self._engine_info(slot)
+                info["alive"] = self._alive(slot)
+                out.append(info)
+            return out
+
+    def namespaces(self) -> list[dict]:
+        """The live namespaces: partition, quota, occupancy and hits."""
+        with self._locked() as t:
+            nss, eng = t.namespaces, t.engines
+            out = []
+            for ns in np.flatnonzero(nss["state"] == S.LIVE).tolist():
+                reg = self._registry(ns)
+                members = (eng["state"] == S.ENGINE_LIVE) & (eng["ns"] == ns)
+                hits = int(nss["retired_hits"][ns]) + int(eng["match_hits"][members].sum())
+                queries = int(nss["retired_queries"][ns]) + int(eng["match_queries"][members].sum())
+                out.append({"namespace": ns, "label": nss["label"][ns].decode(errors="replace"),
+                            "key": f"{int(nss['key0'][ns]):016x}", "block_offset": int(nss["block_offset"][ns]),
+                            "num_blocks": int(nss["num_blocks"][ns]), "engines": int(nss["engines"][ns]),
+                            "free": reg.num_free, "inactive": reg.num_inactive, "active": reg.num_active,
+                            "registered": reg.num_registered, "match_queries": queries, "match_hits": hits})
+            return out
+
+    def status(self) -> dict:
+        """What `kvbm-workers --status` shows of the shared G2."""
+        namespaces = self.namespaces()
+        h = self.tables.header[0]
+        return {"segment": self.name, "total_blocks": self.total_blocks,
+                "unpartitioned": self.total_blocks - sum(ns["num_blocks"] for ns in namespaces),
+                "namespaces": namespaces, "engines": self.engines(), "repairs": int(h["repairs"]),
+                "reaped": int(h["reaped"]), "lock": self.tables.lock_stats}
+
+    def check_invariants(self) -> None:
+        """Raises RegistryError (with the numbers) unless: partitions lie in G2 without overlap,
+        engine counts and live engines agree, every live namespace's table passes its own checks,
+        and each block's refcount is the sum of its holds over the namespace's live engines (the
+        pins of each engine summing to its `pinned`)."""
+        with self._locked() as t:
+            nss, eng = t.namespaces, t.engines
+            if t.holder_ns != S.CLEAN:
+                raise RegistryError(f"mark {t.holder_ns} left set after recovery")
+            spans = []
+            for ns in np.flatnonzero(nss["state"] != S.FREE).tolist():
+                if nss["state"][ns] != S.LIVE:
+                    raise RegistryError(f"namespace {ns} is in state {int(nss['state'][ns])} outside a mutation")
+                off, n = int(nss["block_offset"][ns]), int(nss["num_blocks"][ns])
+                if off < 0 or n < 1 or off + n > self.total_blocks:
+                    raise RegistryError(f"namespace {ns}: blocks [{off}, {off + n}) outside G2's {self.total_blocks}")
+                spans.append((off, off + n, ns))
+                members = np.flatnonzero((eng["state"] == S.ENGINE_LIVE) & (eng["ns"] == ns)).tolist()
+                if len(members) != int(nss["engines"][ns]) or not members:
+                    raise RegistryError(f"namespace {ns}: {len(members)} live engines, its count says "
+                                        f"{int(nss['engines'][ns])}")
+                reg = self._registry(ns)
+                reg.check_invariants()
+                total = np.zeros(n, np.uint64)
+                for s in members:
+                    row = t.pins[s, off:off + n]
+                    if int(row.sum(dtype=np.uint64)) != int(eng["pinned"][s]):
+                        raise RegistryError(f"engine slot {s}: pins sum to {int(row.sum(dtype=np.uint64))}, "
+                                            f"pinned says {int(eng['pinned'][s])}")
+                    total += row
+                refc = S.table_refcounts(reg)
+                bad = np.flatnonzero(refc != total)
+                if bad.size:
+                    b = int(bad[0])
+                    raise RegistryError(f"namespace {ns}: block {b} has refcount {int(refc[b])} but its "
+                                        f"engines hold it {int(total[b])} times ({bad.size} such blocks)")
+            spans.sort()
+            for (_, hi, a), (lo, _, b) in zip(spans, spans[1:]):
+                if lo < hi:
+                    raise RegistryError(f"namespaces {a} and {b} overlap at block {lo}")
+            for s in np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist():
+                if nss["state"][int(eng["ns"][s])] != S.LIVE:
+                    raise RegistryError(f"engine slot {s} is in namespace {int(eng['ns'][s])}, which is not live")
+
+
+__all__ = ["Lease", "SharedG2", "namespace_key"]
