@@ -59,15 +59,22 @@ def worker_stats(config) -> dict:
 
 
 def latency(kv, path: P.Path, n: int, device_blocks: int, host_blocks: int, start: int = 0,
-            warmup: int = 50) -> list[float]:
+            warmup: int = 50, cpu: list[float] | None = None) -> list[float]:
+    """Round trips; `cpu` gets the engine thread's CPU seconds inside each submit() call
+    (time.thread_time: what the submit costs the engine, not the time it is descheduled)."""
     tm = kv.transfers
     out = []
     for i in range(start, start + n + warmup):
         src, dst = (i % device_blocks, i % host_blocks) if path is P.Path.D2H else (i % host_blocks, i % device_blocks)
+        c0 = time.thread_time()
         t0 = time.perf_counter()
-        tm.submit(path, [src], [dst]).result(30)
+        fut = tm.submit(path, [src], [dst])
+        c1 = time.thread_time()
+        fut.result(30)
         if i >= start + warmup:
             out.append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.append(c1 - c0)
     return out
 
 
@@ -309,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             request, reply = wire_sizes(kv.transfers.engine_id, block)
             floors = {"bare": PingPong(rundir, request, reply), "curve": PingPong(rundir, request, reply, curve=True)}
             lats: dict[str, list[float]] = {k: [] for k in ("bare", "curve", "d2h", "h2d", "d2h copy", "h2d copy")}
+            submit_cpu: list[float] = []
             chunk = 100
             for lo in range(0, args.latency_n, chunk):
                 n = min(chunk, args.latency_n - lo)
                 for name, pp in floors.items():
                     lats[name] += pp.run(n)
                 for path in (P.Path.D2H, P.Path.H2D):
-                    lats[path.label] += latency(kv, path, n, nblocks, nblocks, start=lo, warmup=50 if lo == 0 else 5)
+                    lats[path.label] += latency(kv, path, n, nblocks, nblocks, start=lo, warmup=50 if lo == 0 else 5,
+                                                cpu=submit_cpu)
                     lats[path.label + " copy"] += base.single(path is P.Path.D2H, n, nblocks, lo)
             for pp in floors.values():
                 pp.close()
@@ -342,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"({p99 / fb99:.2f}x floor)  (n={len(lats[label])}, one {block // 1024} KiB block)")
 
             # ---- engine-side cost of a 1-block submit -----------------------------------------
+            c50 = statistics.median(submit_cpu) * 1e6
+            rows.append(("engine CPU of a 1-block submit", f"{c50:.1f} us",
+                         f"time.thread_time inside each submit() of the round trips above (n={len(submit_cpu)}); "
+                         f"p90 {pct(submit_cpu, 90) * 1e6:.1f} us", ""))
+            print(f"engine CPU of a 1-block submit: {c50:.1f} us (thread_time per call of the round trips; "
+                  f"p90 {pct(submit_cpu, 90) * 1e6:.1f} us)")
             raw, full = submit_cost(kv, args.latency_n, nblocks)
             for name, vals in (("submit", raw), ("offload", full)):
                 rows.append((f"engine cost of a 1-block {name}", f"{statistics.median(vals) * 1e6:.1f} us",

@@ -164,9 +164,10 @@ class KvbmConfig:
     # Small transfers through a shared-memory lane per path (kvbm.transfer.lane) instead of a
     # ZeroMQ message each way; off: every request goes over ZeroMQ (as before issue 12).
     lanes: bool = True
-    # How long an idle path worker keeps polling its lanes before it sleeps on its doorbell: a
-    # request that comes within it starts without a wake-up, for a core kept busy that long.
-    # -1: 50 us on a machine of 8 CPUs or more, 0 (never spin) on a smaller one.
+    # How long an idle path worker keeps polling its lanes before it sleeps on its doorbell, and
+    # the engine's I/O thread its lanes' completions while requests are out: a record that comes
+    # within it is taken without a doorbell (a syscall and a wake-up, ~15-20 us each measured),
+    # for a core kept busy that long. -1: lane_spin_default (200 us with 8 CPUs or more, else 0).
     lane_spin_us: int = -1
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
@@ -545,6 +546,14 @@ def _parse_float(raw: str, key: str) -> float:
         return float(raw.strip())
     except ValueError as err:
         raise ConfigError(f"{key}: expected a number, got {raw!r}") from err
+
+
+def lane_spin_default(configured: int) -> int:
+    """lane_spin_us resolved: -1 (auto) spins where cores are plenty, not where a spinning worker
+    would take the engine's own CPU (a 2-core machine)."""
+    if configured >= 0:
+        return configured
+    return 200 if (os.cpu_count() or 1) >= 8 else 0
 
 
 def _parse_bool(raw: str, key: str) -> bool:

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig
+from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig, lane_spin_default
 from kvbm.errors import KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.shm import RuntimeDir, check_shm_room
 from kvbm.transfer.manager import TransferManager
@@ -130,7 +130,8 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
         tm = TransferManager(endpoint, engine_id=engine_id, max_inflight_bytes=config.max_inflight_bytes,
                              max_batch_blocks=config.max_batch_blocks,
                              request_timeout_s=config.request_timeout_ms / 1000.0,
-                             stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys, lanes=config.lanes)
+                             stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys, lanes=config.lanes,
+                             lane_spin_us=lane_spin_default(config.lane_spin_us))
         tm.connect(timeout)
     except BaseException:
         if workers is not None:

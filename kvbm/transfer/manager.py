@@ -60,6 +60,7 @@ import numpy as np
 import zmq
 
 from kvbm._fast.lane import DONE_LAYER, DONE_OK, LaneError
+from kvbm._fast.lane import spin as spin_lanes
 from kvbm.errors import KvbmError, KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
 from kvbm.metrics import TransferMetrics
 from kvbm.transfer.budget import InflightBudget
@@ -89,7 +90,8 @@ class TransferManager:
     def __init__(self, control_endpoint: str, *, engine_id: str | None = None,
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
                  request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
-                 supervisor_pid: int | None = None, keys: ClientKeys | None = None, lanes: bool = True) -> None:
+                 supervisor_pid: int | None = None, keys: ClientKeys | None = None, lanes: bool = True,
+                 lane_spin_us: int = 0) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
@@ -136,6 +138,7 @@ class TransferManager:
         # Shared-memory lanes (kvbm.transfer.lane): one per device path, offered at register();
         # our doorbell (the workers ring it while the I/O thread sleeps) and the socket that rings theirs.
         self.use_lanes = lanes
+        self.lane_spin_us = max(0, lane_spin_us)   # the I/O thread's spin on completions (KvbmConfig)
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
         self._bell_dir: str | None = None
@@ -540,7 +543,13 @@ class TransferManager:
         taken first, so that a completion always finds its request."""
         for q in lanes:
             self._absorb_posted(q)
-        if timeout_ms and not all([q.lane.ring.engine_sleep() for q in lanes]):
+        if not timeout_ms or not lanes:
+            return timeout_ms
+        # Requests out: catch their completions spinning (no GIL held) rather than be rung awake.
+        if self.lane_spin_us and any(q.outstanding for q in lanes) and \
+                spin_lanes([q.lane.ring for q in lanes], True, self.lane_spin_us):
+            return 0
+        if not all([q.lane.ring.engine_sleep() for q in lanes]):
             return 0
         return timeout_ms
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from kvbm._fast.lane import spin as spin_lanes
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shm import Segment, pid_alive
@@ -104,6 +105,7 @@ MAX_QUEUED = 4096
 # 16 bytes per block pair (4 KiB for 256 pairs): 64 MiB is thousands of them, while 60 frames of
 # 15 MiB once took a worker from 45 MiB to 1.47 GB.
 MAX_QUEUED_BYTES = 64 << 20
+SPIN_SLICE_US = 20.0   # an idle worker's lane spin checks ZeroMQ this often
 
 
 def _die_with_parent() -> None:
@@ -194,10 +196,12 @@ class PathWorker:
         lanes = self._lanes()
         if lanes and self.spin_s:
             # Work that comes within the spin starts without a wake-up (the engine's next request
-            # of a step usually does).
+            # of a step usually does): the rings are polled without the GIL in slices, ZeroMQ
+            # between them.
+            rings = [lane.ring for lane in lanes]
             until = time.monotonic() + self.spin_s
             while time.monotonic() < until:
-                if any([lane.ring.has_requests() for lane in lanes]) or zmq.zmq_poll(items[:1], 0):
+                if spin_lanes(rings, False, SPIN_SLICE_US) or zmq.zmq_poll(items[:1], 0):
                     return True
         if not all([lane.ring.worker_sleep() for lane in lanes]):
             for lane in lanes:

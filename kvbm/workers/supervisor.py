@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import zmq
 
 import kvbm
-from kvbm.config import KvbmConfig
+from kvbm.config import KvbmConfig, lane_spin_default
 from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.progress import PERIOD_S, Progress
 from kvbm.shared_g2 import SharedG2
@@ -643,11 +643,7 @@ def _served(path: P.Path) -> tuple[P.Path, ...]:
 
 
 def _lane_spin_us(configured: int) -> int:
-    """-1 (auto): spin where cores are plenty (a spinning worker on a 2-core machine takes the
-    engine's own CPU), not where they are few."""
-    if configured >= 0:
-        return configured
-    return 50 if (os.cpu_count() or 1) >= 8 else 0
+    return lane_spin_default(configured)
 
 
 def _disk_worker_args(config: KvbmConfig, disk_dir: str | None) -> list[str]:
