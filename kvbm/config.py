@@ -167,7 +167,7 @@ class KvbmConfig:
     # How long an idle path worker keeps polling its lanes before it sleeps on its doorbell, and
     # the engine's I/O thread its lanes' completions while requests are out: a record that comes
     # within it is taken without a doorbell (a syscall and a wake-up, ~15-20 us each measured),
-    # for a core kept busy that long. -1: lane_spin_default (200 us with 8 CPUs or more, else 0).
+    # for a core kept busy that long. -1: lane_spin_default (AUTO_LANE_SPIN_US with 8 CPUs or more, else 0).
     lane_spin_us: int = -1
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
@@ -548,12 +548,18 @@ def _parse_float(raw: str, key: str) -> float:
         raise ConfigError(f"{key}: expected a number, got {raw!r}") from err
 
 
+# The auto spin where cores are plenty. 0: on the H200 machine (16 CPUs) a 200 us spin on both sides
+# measured no better round trip than none (173/190 against 159/145 us p50, same lease) and slowed
+# the per-layer onboard (49% against 65% of the copy alone): bench/RESULTS.md, "Lanes".
+AUTO_LANE_SPIN_US = 0
+
+
 def lane_spin_default(configured: int) -> int:
     """lane_spin_us resolved: -1 (auto) spins where cores are plenty, not where a spinning worker
     would take the engine's own CPU (a 2-core machine)."""
     if configured >= 0:
         return configured
-    return 200 if (os.cpu_count() or 1) >= 8 else 0
+    return 0 if (os.cpu_count() or 1) < 8 else AUTO_LANE_SPIN_US
 
 
 def _parse_bool(raw: str, key: str) -> bool:
