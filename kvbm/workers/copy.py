@@ -27,7 +27,10 @@ from kvbm.shm import Segment
 
 logger = logging.getLogger(__name__)
 
-CPU_PROGRESS_BYTES = 8 << 20   # CPU mode: the smallest copy between two layer-progress reports
+# The smallest copy between two layer-progress reports. CPU mode: one call per layer costs a thread
+# fan-out each. CUDA: one call and one event per layer left 64-block onboards at 33 GB/s inside the
+# H200 worker against 51 GB/s in one call (2 MiB a layer; bench/RESULTS.md "Lanes").
+PROGRESS_BYTES = 8 << 20
 
 
 class DeviceMemory:
@@ -147,20 +150,23 @@ class Copier:
         elif on_layer is None:
             native.copy_blocks_cpu(self.src_region, self.dst_region, src, dst, self.threads)
         else:
-            # One CPU call per layer costs a thread fan-out each: copy groups of layers of at least
-            # CPU_PROGRESS_BYTES and report every layer of a group once it has landed.
-            layers = self.src.config.num_layers
-            per_layer = len(src) * self.block_bytes // layers
-            group = max(1, min(layers, -(-CPU_PROGRESS_BYTES // max(per_layer, 1))))
-            for lo in range(0, layers, group):
-                hi = min(layers, lo + group)
-                if hi - lo == 1:
-                    s, d = self.src_layers[lo], self.dst_layers[lo]
-                else:
-                    s, d = self._group(lo, hi)
+            for s, d, last in self._progress_groups(len(src)):
                 native.copy_blocks_cpu(s, d, src, dst, self.threads)
-                on_layer(hi - 1)  # layers lo..hi-1 have landed (progress is "every layer <= l")
+                on_layer(last)  # every layer <= last has landed
         return len(src) * self.block_bytes
+
+    def _progress_groups(self, nblocks: int) -> list[tuple]:
+        """(source layout, destination layout, last layer) of each group of layers copied between
+        two progress reports: consecutive layers of at least PROGRESS_BYTES together."""
+        layers = len(self.src_layers)
+        per_layer = nblocks * self.block_bytes // layers
+        group = max(1, min(layers, -(-PROGRESS_BYTES // max(per_layer, 1))))
+        out = []
+        for lo in range(0, layers, group):
+            hi = min(layers, lo + group)
+            s, d = (self.src_layers[lo], self.dst_layers[lo]) if hi - lo == 1 else self._group(lo, hi)
+            out.append((s, d, hi - 1))
+        return out
 
     def _group(self, lo: int, hi: int) -> tuple:
         """Region layouts of layers lo..hi-1, built once (~14 us each to build, per copy before)."""
@@ -170,22 +176,24 @@ class Copier:
                                              self.dst.region_layout(self._dst_ptrs, range(lo, hi)))
         return pair
 
-    def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
+    def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list[tuple]:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
-        to wait on, one per layer when `layers`, else one for the whole copy. The worker keeps
-        several launched requests in flight so its own per-request work (receive, validate, reply)
-        overlaps the copies instead of leaving the copy engines idle between requests."""
+        to wait on, as (event, last layer landed when it fires): one per group of layers
+        (_progress_groups) when `layers`, else one for the whole copy. The worker keeps several
+        launched requests in flight so its own per-request work (receive, validate, reply) overlaps
+        the copies instead of leaving the copy engines idle between requests."""
         torch = self._torch
         handle = self._stream.cuda_stream
         events = []
         with torch.cuda.device(self._device):
-            pairs = zip(self.src_layers, self.dst_layers) if layers else [(self.src_region, self.dst_region)]
-            for s, d in pairs:
+            groups = self._progress_groups(len(src)) if layers else \
+                [(self.src_region, self.dst_region, len(self.src_layers) - 1)]
+            for s, d, last in groups:
                 native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
                 # blocking: synchronize() sleeps on the event instead of spinning a whole core.
                 event = torch.cuda.Event(blocking=True)
                 event.record(self._stream)
-                events.append(event)
+                events.append((event, last))
         return events
 
     def enqueue(self, src: np.ndarray, dst: np.ndarray) -> None:
@@ -210,12 +218,12 @@ class Copier:
     def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
         events = self.launch(src, dst, on_layer is not None)
         if on_layer is None:
-            events[0].synchronize()
+            events[0][0].synchronize()
             return
-        layer = 0
-        while layer < len(events):
-            events[layer].synchronize()
-            while layer + 1 < len(events) and events[layer + 1].query():
-                layer += 1  # report every layer that has landed in one message
-            on_layer(layer)
-            layer += 1
+        i = 0
+        while i < len(events):
+            events[i][0].synchronize()
+            while i + 1 < len(events) and events[i + 1][0].query():
+                i += 1  # report every group that has landed in one message
+            on_layer(events[i][1])
+            i += 1

@@ -86,7 +86,7 @@ class InFlight:
     rid: int
     blocks: int
     nbytes: int
-    events: list        # one per layer (progress asked for) or one for the whole copy
+    events: list        # (event, last layer landed when it fires): per group of layers, or one
     layers: bool
     t_recv: float
     t_start: float
@@ -539,10 +539,10 @@ class PathWorker:
             req = self._in_flight[0]
             try:
                 if wait and req.landed < len(req.events):
-                    req.events[req.landed].synchronize()
+                    req.events[req.landed][0].synchronize()
                     wait = False
                 landed = req.landed
-                while landed < len(req.events) and req.events[landed].query():
+                while landed < len(req.events) and req.events[landed][0].query():
                     landed += 1
             except Exception as err:  # noqa: BLE001 - an asynchronous CUDA error fails the request
                 self._in_flight.pop(0)
@@ -552,7 +552,7 @@ class PathWorker:
                                                    gen=self.gen))
                 continue
             if req.layers and landed > req.landed and landed < len(req.events):
-                self._layer(req.ident, req.rid, landed - 1, req.lane)  # every layer <= landed-1 is there
+                self._layer(req.ident, req.rid, req.events[landed - 1][1], req.lane)  # every layer <= it is there
             req.landed = landed
             if landed < len(req.events):
                 return

@@ -417,9 +417,10 @@ def test_cuda_copy_events_are_blocking(monkeypatch):
                                                                      device=lambda d: contextlib.nullcontext()))
     copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
     copier.src_layers = copier.dst_layers = [object(), object()]
-    copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0
+    copier.method, copier.max_sms, copier.block_bytes = C.native.CopyMethod.AUTO, 0, 1 << 20
     monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: None)
-    assert len(copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)) == 2
+    monkeypatch.setattr(C, "PROGRESS_BYTES", 1)   # an event per layer
+    assert [last for _, last in copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)] == [0, 1]
     assert made == [{"blocking": True}, {"blocking": True}]
 
 
