@@ -176,7 +176,12 @@ class Copier:
                                              self.dst.region_layout(self._dst_ptrs, range(lo, hi)))
         return pair
 
-    def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list[tuple]:
+    def launch(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list:
+        """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
+        to wait on (launch_groups without the layers)."""
+        return [event for event, _ in self.launch_groups(src, dst, layers)]
+
+    def launch_groups(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list[tuple]:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
         to wait on, as (event, last layer landed when it fires): one per group of layers
         (_progress_groups) when `layers`, else one for the whole copy. The worker keeps several
@@ -216,7 +221,7 @@ class Copier:
             logger.warning("stream synchronize after a failed launch failed too", exc_info=True)
 
     def _copy_cuda(self, src: np.ndarray, dst: np.ndarray, on_layer) -> None:
-        events = self.launch(src, dst, on_layer is not None)
+        events = self.launch_groups(src, dst, on_layer is not None)
         if on_layer is None:
             events[0][0].synchronize()
             return

@@ -496,7 +496,7 @@ class PathWorker:
                 time.sleep(self.delay_s)  # test hook (KvbmConfig.worker_delay_ms): widen the in-flight window
             if copier.cuda:
                 try:
-                    events = copier.launch(src, dst, layers)
+                    events = copier.launch_groups(src, dst, layers)
                 except BaseException:
                     copier.drain()  # layers enqueued before the failure must not land after the ERROR
                     raise
