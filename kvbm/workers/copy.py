@@ -27,9 +27,10 @@ from kvbm.shm import Segment
 
 logger = logging.getLogger(__name__)
 
-# The smallest copy between two layer-progress reports. CPU mode: one call per layer costs a thread
-# fan-out each. CUDA: one call and one event per layer left 64-block onboards at 33 GB/s inside the
-# H200 worker against 51 GB/s in one call (2 MiB a layer; bench/RESULTS.md "Lanes").
+# CPU mode: the smallest copy between two layer-progress reports (one call per layer costs a
+# thread fan-out each). CUDA keeps an event per layer: groups of >= 8 MiB were tried on the H200 and
+# the 64-block onboard with progress stayed at 58% of the copy alone (bench/RESULTS.md, "Lanes"),
+# so the finer progress that layer-wise loading wants costs nothing measurable.
 PROGRESS_BYTES = 8 << 20
 
 
@@ -183,16 +184,16 @@ class Copier:
 
     def launch_groups(self, src: np.ndarray, dst: np.ndarray, layers: bool) -> list[tuple]:
         """CUDA only: enqueues the copy on this worker's stream and returns at once with the events
-        to wait on, as (event, last layer landed when it fires): one per group of layers
-        (_progress_groups) when `layers`, else one for the whole copy. The worker keeps several
+        to wait on, as (event, last layer landed when it fires): one per layer when `layers`, else
+        one for the whole copy. The worker keeps several
         launched requests in flight so its own per-request work (receive, validate, reply) overlaps
         the copies instead of leaving the copy engines idle between requests."""
         torch = self._torch
         handle = self._stream.cuda_stream
         events = []
         with torch.cuda.device(self._device):
-            groups = self._progress_groups(len(src)) if layers else \
-                [(self.src_region, self.dst_region, len(self.src_layers) - 1)]
+            groups = [(s, d, i) for i, (s, d) in enumerate(zip(self.src_layers, self.dst_layers))] if layers \
+                else [(self.src_region, self.dst_region, len(self.src_layers) - 1)]
             for s, d, last in groups:
                 native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
                 # blocking: synchronize() sleeps on the event instead of spinning a whole core.
