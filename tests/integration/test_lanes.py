@@ -37,6 +37,16 @@ def _lane_pipeline(make_pipeline, **kw):
     return pipe, tm
 
 
+def _round_trip(pipe, tm, dev: int, host: int, rng) -> None:
+    """Random bytes in device block `dev` go to host block `host` and back over a poisoned G1."""
+    pipe.fill_random([dev], rng)
+    expected = pipe.snapshot([dev])
+    tm.submit(P.Path.D2H, [dev], [host]).result(DEADLINE)
+    pipe.poison()
+    tm.submit(P.Path.H2D, [host], [dev]).result(DEADLINE)
+    assert np.array_equal(pipe.snapshot([dev]), expected)
+
+
 def test_single_block_transfers_ride_the_lane_byte_for_byte(make_pipeline, rng):
     pipe, tm = _lane_pipeline(make_pipeline)
     blocks = list(range(16))
@@ -86,12 +96,7 @@ def test_layer_progress_comes_back_through_the_lane(make_pipeline, rng):
 def test_lanes_off_sends_everything_over_zeromq(make_pipeline, rng):
     pipe = make_pipeline(transport="ipc", device_blocks=64, host_blocks=64, lanes=False)
     tm = pipe.kv.transfers
-    pipe.fill_random([1], rng)
-    expected = pipe.snapshot([1])
-    tm.submit(P.Path.D2H, [1], [2]).result(DEADLINE)
-    pipe.poison()
-    tm.submit(P.Path.H2D, [2], [1]).result(DEADLINE)
-    assert np.array_equal(pipe.snapshot([1]), expected)
+    _round_trip(pipe, tm, 1, 2, rng)
     assert tm.stats()["lanes"] == {}
 
 
@@ -107,14 +112,9 @@ def test_a_worker_killed_with_lane_requests_in_flight_fails_them_then_maps_the_l
             f.result(DEADLINE)
     wait_for(lambda: pipe.worker_pids().get("d2h") not in (None, d2h), DEADLINE, "a new d2h generation")
     wait_for(lambda: tm.stats()["lanes"]["d2h"]["gen"] > 1, DEADLINE, "the new generation mapping the lane")
-    pipe.fill_random([5], rng)
-    expected = pipe.snapshot([5])
     before = tm.stats()["lanes"]["d2h"]["requests"]
-    tm.submit(P.Path.D2H, [5], [6]).result(DEADLINE)
+    _round_trip(pipe, tm, 5, 6, rng)
     assert tm.stats()["lanes"]["d2h"]["requests"] == before + 1
-    pipe.poison()
-    tm.submit(P.Path.H2D, [6], [5]).result(DEADLINE)
-    assert np.array_equal(pipe.snapshot([5]), expected)
 
 
 def test_a_corrupt_completion_ring_falls_back_to_zeromq(make_pipeline, rng, caplog):
@@ -124,14 +124,9 @@ def test_a_corrupt_completion_ring_falls_back_to_zeromq(make_pipeline, rng, capl
     with caplog.at_level("ERROR", logger="kvbm.transfer.manager"):
         wait_for(lambda: tm.stats()["lanes"]["d2h"]["broken"], DEADLINE, "the engine noticing the corrupt lane")
     assert "ahead" in tm.stats()["lanes"]["d2h"]["broken"]
-    pipe.fill_random([7], rng)
-    expected = pipe.snapshot([7])
     posted = tm.stats()["lanes"]["d2h"]["requests"]
-    tm.submit(P.Path.D2H, [7], [8]).result(DEADLINE)          # over ZeroMQ now
+    _round_trip(pipe, tm, 7, 8, rng)                          # over ZeroMQ now (d2h's lane is broken)
     assert tm.stats()["lanes"]["d2h"]["requests"] == posted
-    pipe.poison()
-    tm.submit(P.Path.H2D, [8], [7]).result(DEADLINE)
-    assert np.array_equal(pipe.snapshot([7]), expected)
 
 
 def test_malformed_lane_records_get_an_error_and_the_worker_goes_on(make_pipeline, rng):
@@ -144,12 +139,7 @@ def test_malformed_lane_records_get_an_error_and_the_worker_goes_on(make_pipelin
     if lane.worker_bell:
         Ringer().ring(lane.worker_bell)
     wait_for(lambda: pipe.status()["workers"]["d2h"].get("malformed", 0) >= 1, DEADLINE, "the worker refusing it")
-    pipe.fill_random([2], rng)
-    expected = pipe.snapshot([2])
-    tm.submit(P.Path.D2H, [2], [3]).result(DEADLINE)
-    pipe.poison()
-    tm.submit(P.Path.H2D, [3], [2]).result(DEADLINE)
-    assert np.array_equal(pipe.snapshot([2]), expected)
+    _round_trip(pipe, tm, 2, 3, rng)
 
 
 def test_lane_segments_are_private_and_removed_at_close(make_pipeline):
