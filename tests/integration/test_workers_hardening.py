@@ -381,7 +381,7 @@ def test_failed_launch_drains_the_stream_before_the_error_reply():
         src = dst = types.SimpleNamespace(num_blocks=8)
         block_bytes = 16
 
-        def launch(self, src, dst, layers):
+        def launch_groups(self, src, dst, layers):   # what the worker launches with
             log.append("launch")
             raise RuntimeError("CUDA error: an illegal memory access (layer 3 of 4)")
 
