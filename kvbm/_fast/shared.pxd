@@ -102,7 +102,10 @@ ctypedef struct EngineEntry:
     uint64_t released         # pins given back by release
     int64_t pinned            # pins held now (the sum of its pins row)
     char engine_id[64]        # the engine's name, NUL padded
-    uint64_t pad[3]           # 0 (keeps the entry 192 bytes: three cache lines)
+    uint64_t workers          # bit per path worker (1 << Path) holding this engine's registration:
+                              #   a transfer of it may still touch its blocks (set and cleared by
+                              #   the workers; a RETIRED slot is freed when it reaches 0)
+    uint64_t pad[2]           # 0 (keeps the entry 192 bytes: three cache lines)
 
 
 cdef enum:
@@ -111,6 +114,8 @@ cdef enum:
     NS_LIVE = 2
     ENG_FREE = 0
     ENG_LIVE = 1
+    ENG_RETIRED = 2               # left or dead while a worker held its registration: its holds
+                                  #   stay (quarantined) until no worker does
     MARK_CLEAN = -1
     MARK_TABLES = -3
     HOLDER_OTHER = -2

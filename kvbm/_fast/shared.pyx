@@ -61,13 +61,13 @@ cdef extern from "<sys/file.h>" nogil:
         LOCK_UN
 
 cdef uint64_t G2_MAGIC = 0x6B76626D47325331ULL    # "kvbmG2S1"
-cdef uint64_t G2_VERSION = 1
+cdef uint64_t G2_VERSION = 2    # 2: EngineEntry.workers, ENG_RETIRED
 cdef int64_t PAGE = sysconf(_SC_PAGESIZE)
 
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 NS_STATES = {NS_FREE: "free", NS_INIT: "init", NS_LIVE: "live"}
 FREE, INIT, LIVE = NS_FREE, NS_INIT, NS_LIVE
-ENGINE_FREE, ENGINE_LIVE = ENG_FREE, ENG_LIVE
+ENGINE_FREE, ENGINE_LIVE, ENGINE_RETIRED = ENG_FREE, ENG_LIVE, ENG_RETIRED
 CLEAN, TABLES, OTHER = MARK_CLEAN, MARK_TABLES, HOLDER_OTHER
 
 if sizeof(LockLine) > 128 or sizeof(EngineEntry) != 192 or sizeof(NsEntry) != 160:
@@ -151,16 +151,16 @@ NS_DTYPE = np.dtype({
 ENGINE_DTYPE = np.dtype({
     "names": ["state", "ns", "pid", "start_time", "generation", "joined_ns", "match_calls",
               "match_queries", "match_hits", "allocated", "registered", "deduplicated",
-              "released", "pinned", "engine_id"],
+              "released", "pinned", "engine_id", "workers"],
     "formats": ["u4", "i4", "i8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8",
-                "i8", "S64"],
+                "i8", "S64", "u8"],
     "offsets": [_off(&_e0.state, &_e0), _off(&_e0.ns, &_e0), _off(&_e0.pid, &_e0),
                 _off(&_e0.start_time, &_e0), _off(&_e0.generation, &_e0),
                 _off(&_e0.joined_ns, &_e0), _off(&_e0.match_calls, &_e0),
                 _off(&_e0.match_queries, &_e0), _off(&_e0.match_hits, &_e0),
                 _off(&_e0.allocated, &_e0), _off(&_e0.registered, &_e0),
                 _off(&_e0.deduplicated, &_e0), _off(&_e0.released, &_e0),
-                _off(&_e0.pinned, &_e0), _off(&_e0.engine_id, &_e0)],
+                _off(&_e0.pinned, &_e0), _off(&_e0.engine_id, &_e0), _off(&_e0.workers, &_e0)],
     "itemsize": sizeof(EngineEntry)})
 
 
@@ -318,6 +318,16 @@ cdef class SharedTables:
     @property
     def lock_stats(self) -> dict:
         return {"acquired": self.lk.acquired, "contended": self.lk.contended}
+
+
+def table_states(BlockRegistry reg):
+    """A copy of the registry's block states (uint8 per block: kvbm._fast.registry's ST_*)."""
+    out = np.empty(reg.h.num_blocks, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    cdef int64_t b
+    for b in range(reg.h.num_blocks):
+        o[b] = reg.state[b]
+    return out
 
 
 def table_refcounts(BlockRegistry reg):
