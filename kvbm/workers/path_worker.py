@@ -9,8 +9,14 @@ Order of things:
      its endpoint as a CURVE server (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
-     layouts (one live engine per instance: its host layout starts at host_offset of G2; the TP
-     ranks of one engine register under one `group`, each over its own disjoint G2 range); XFER
+     layouts, their host layout starting at host_offset of G2. Who may register beside whom
+     (`_admit`): with the shared G2 registry (--registry), an engine that is a live member of it
+     (its id and pid in the registry's engine table, which the worker reads itself: the message
+     is not trusted) registers exactly its namespace's range of G2, and engines of one namespace
+     share theirs; every other engine is alone on the instance (the TP ranks of one engine
+     register under one `group`, each over its own disjoint G2 range). A member's registration is
+     held in its engine slot (`worker_hold`) until it is dropped with no copy of it left running
+     (`worker_let_go`): a dead engine's G2 blocks are not reused while a copy may write them. XFER
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
@@ -37,6 +43,7 @@ import zmq
 
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
+from kvbm.shared_g2 import SharedG2
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
@@ -59,6 +66,15 @@ class Registration:
     group: str = ""     # the engine this registration is a TP rank of ("": an engine of its own)
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
     lane: WorkerLane | None = None   # its shared-memory lane, when it offered one we could map
+    member: Member | None = None     # its membership of the shared G2 (None: an engine of its own)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """An engine's membership of the shared G2, as its engine table says (SharedG2.member)."""
+    slot: int
+    generation: int
+    namespace: int
 
 
 @dataclass
@@ -116,6 +132,7 @@ def _die_with_parent() -> None:
 
 class PathWorker:
     PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
+    SHARED_ENGINES = True  # members of one shared G2 namespace register side by side (the disk worker: one store)
     LANES = True     # takes small requests through shared-memory lanes (the disk worker's carry per-block arrays)
     XFER_FIELDS = P.XFER_FIELDS  # what an xfer may carry (the disk worker's carry per-block arrays too)
 
@@ -137,6 +154,10 @@ class PathWorker:
         self._busy_until = 0.0
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
+        registry = getattr(args, "registry", "")
+        self.g2 = SharedG2.attach(registry) if registry else None   # the shared G2's engine table
+        self.g2_block_bytes = getattr(args, "registry_block_bytes", 0)
+        self.worker_bit = 1 << int(self.path)   # this worker's bit in an engine slot's `workers`
         self.pin_s = self.host_segment.pin() if self.cuda and self.PIN_HOST else 0.0
         server_keys, client_keys = _read_keys(args.keys_dir)
         self.ctx = make_context()
@@ -290,7 +311,7 @@ class PathWorker:
                     self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
-                        _drop(reg)
+                        self._forget(reg)
                     self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
                                         "dropped": reg is not None})
                 elif kind == P.MsgType.STATS:
@@ -336,12 +357,12 @@ class PathWorker:
         device = P.layout_from_wire(device_map)
         host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
-        self._refuse_second_engine(engine, group, host_offset, host)
+        member = self._admit(engine, int(msg.get("pid", 0)), group, host_offset, host)
         self._check_owner(ident, self.engines.get(engine), "register")
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
-            _drop(old)     # a re-registration: the old mappings go in the same order as any other's
+            self._forget(old)     # a re-registration: the old mappings go in the same order as any other's
         mem = DeviceMemory(memory, device, self.cuda)
         try:
             host_ptrs = [self.host_segment.address + host_offset]
@@ -353,8 +374,10 @@ class PathWorker:
             mem.close()
             raise
         lane, lane_error = self._attach_lane(msg, engine)
-        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident,
-                                            group, host_offset, lane)
+        reg = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident, group, host_offset,
+                           lane, member)
+        self._hold(reg)
+        self.engines[engine] = reg
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s%s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind,
                     ", lane" if lane else "")
@@ -393,9 +416,83 @@ class PathWorker:
                                 f"{self.host_segment.size}")
         return host, group, host_offset
 
+    def _admit(self, engine: str, pid: int, group: str, host_offset: int, host: BlockLayout) -> Member | None:
+        """Whether `engine` may register now, beside the engines registered already; its shared G2
+        membership (None: an engine with a registry of its own). A member registers exactly its
+        namespace's G2 range (_membership), and may overlap another registration only when the
+        engine table says both are live members of one namespace (they share that namespace's
+        registry); a member and an engine of its own never coexist. Anything else: ProtocolError,
+        nothing registered."""
+        self._drop_dead_engines()
+        member = self._membership(engine, pid, host_offset, host)
+        if member is None or not self.SHARED_ENGINES:
+            self._refuse_second_engine(engine, group, host_offset, host)
+            return member
+        lo, hi = host_offset, host_offset + host.total_bytes
+        for other, reg in self.engines.items():
+            if other == engine:
+                continue
+            theirs = getattr(reg, "member", None)
+            if theirs is None:
+                raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is attached to this kvbm instance with a "
+                                    f"G2 registry of its own (G2 segment {self.host_segment.name}); {engine!r:.80} "
+                                    f"of the shared G2 would overwrite its host blocks. Close it first, or give "
+                                    f"this engine its own instance_id")
+            other_lo, other_hi = reg.host_offset, reg.host_offset + reg.host.total_bytes
+            if lo < other_hi and other_lo < hi:
+                ns = self.g2.namespace_of(theirs.slot, theirs.generation)
+                if ns != member.namespace:
+                    raise ProtocolError(f"{engine!r:.80} (shared G2 namespace {member.namespace}) asks for G2 "
+                                        f"bytes [{lo}, {hi}), which overlap [{other_lo}, {other_hi}) of "
+                                        f"{other!r:.80}, " + (f"of namespace {ns}" if ns >= 0 else
+                                                              "no longer a live member of the shared G2")
+                                        + ": only engines of one namespace share G2 blocks")
+        return member
+
+    def _membership(self, engine: str, pid: int, host_offset: int, host: BlockLayout) -> Member | None:
+        """`engine`'s membership of the shared G2 from its engine table (None without a shared G2,
+        or when the engine did not join it), checked against the registration: the same live pid,
+        and a host layout that is exactly its namespace's partition of G2."""
+        if self.g2 is None:
+            return None
+        m = self.g2.member(engine)
+        if m is None:
+            return None
+        if pid <= 0 or pid != m["pid"] or not m["alive"]:
+            raise ProtocolError(f"engine {engine!r:.80} registers as pid {pid}; the shared G2 has it as pid "
+                                f"{m['pid']} ({'alive' if m['alive'] else 'gone'})")
+        stride, lo = self.g2_block_bytes, m["block_offset"] * self.g2_block_bytes
+        if host.block_stride != stride or host.num_blocks != m["num_blocks"] or host_offset != lo:
+            raise ProtocolError(f"engine {engine!r:.80}: a host layout of {host.num_blocks} blocks of "
+                                f"{host.block_stride} bytes at G2 byte {host_offset}; its shared G2 namespace "
+                                f"{m['namespace']} is blocks [{m['block_offset']}, "
+                                f"{m['block_offset'] + m['num_blocks']}) of {stride} bytes (G2 bytes [{lo}, "
+                                f"{lo + m['num_blocks'] * stride}))")
+        return Member(m["slot"], m["generation"], m["namespace"])
+
+    def _hold(self, reg) -> None:
+        """A member's registration is marked in its engine slot before it is used (ProtocolError,
+        its mappings dropped, when the engine left the shared G2 meanwhile)."""
+        member = getattr(reg, "member", None)
+        if member is not None and not self.g2.worker_hold(member.slot, member.generation, self.worker_bit):
+            _drop(reg)
+            raise ProtocolError(f"engine {reg.engine!r:.80} left the shared G2 while registering")
+
+    def _forget(self, reg) -> None:
+        """Drops a registration (no copy of it may still run: the caller finished them) and lets go
+        of its engine slot: a retired engine's blocks go back to the pool once no worker holds it."""
+        _drop(reg)
+        member = getattr(reg, "member", None)
+        if member is not None and self.g2 is not None:
+            try:
+                self.g2.worker_let_go(member.slot, member.generation, self.worker_bit)
+            except KvbmError:
+                logger.error("%s worker: letting go of engine %s in the shared G2 failed", self.path.label,
+                             reg.engine, exc_info=True)
+
     def _refuse_second_engine(self, engine: str, group: str, host_offset: int, host: BlockLayout) -> None:
         """An engine's registry manages every G2 block its host layout covers, so two engines on one
-        instance would overwrite each other's blocks. Until a shared registry exists, one live
+        instance that do not share the G2 registry would overwrite each other's blocks: one live
         engine per instance: a dead one (pid gone) or one that unregistered frees the slot; the same
         engine registering again (worker restart) is fine. The TP ranks of one engine (registrations
         sharing one non-empty `group`) are one engine: they coexist, each over its own G2 range, and
@@ -567,11 +664,11 @@ class PathWorker:
                 self._finish_in_flight()
                 logger.warning("%s worker: engine %s (pid %d) is gone; dropping its registration",
                                self.path.label, engine, reg.pid)
-                _drop(self.engines.pop(engine))
+                self._forget(self.engines.pop(engine))
 
     def close(self) -> None:
         for reg in self.engines.values():
-            _drop(reg)
+            self._forget(reg)
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
@@ -580,6 +677,9 @@ class PathWorker:
         self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
+        if self.g2 is not None:
+            self.g2.close()
+            self.g2 = None
 
 
 def _drop(reg: Registration) -> None:
@@ -621,6 +721,8 @@ def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argpar
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--lane-spin-us", type=int, default=0,
                     help="keep polling the lanes this long before sleeping on the doorbell")
+    ap.add_argument("--registry", default="", help="the shared G2 registry's segment (its engine table)")
+    ap.add_argument("--registry-block-bytes", type=int, default=0, help="bytes of one G2 block of the shared registry")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")
