@@ -448,6 +448,9 @@ class SharedG2:
         eng["start_time"][slot] = 0
         eng["engine_id"][slot] = b""
         eng["workers"][slot] = 0
+        ns = int(eng["ns"][slot])
+        if int(t.namespaces["drainer"][ns]) == slot + 1:
+            t.namespaces["drainer"][ns] = 0       # the next engine to drain takes the ring over
         h = t.header[0]
         self.segment.discard(int(h["pins_off"]) + slot * int(h["pins_stride"]), int(h["pins_stride"]))
 
@@ -488,6 +491,7 @@ class SharedG2:
         nss["retired_queries"][ns] = 0
         nss["created_ns"][ns] = time.time_ns()
         nss["label"][ns] = label
+        nss["drainer"][ns] = 0
         nss["generation"][ns] += 1
         h = t.header[0]
         self.segment.reserve(int(h["regs_off"]) + ns * int(h["reg_stride"]),

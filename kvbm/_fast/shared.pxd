@@ -83,7 +83,9 @@ ctypedef struct NsEntry:
     uint64_t retired_hits     # match hits of engines that left it (for status)
     uint64_t retired_queries  # match queries of engines that left it
     char label[64]            # the fingerprint, cut to 63 bytes, NUL padded (status only)
-    uint64_t pad[2]           # 0 (keeps the entry 160 bytes)
+    int64_t drainer           # engine slot + 1 that drains its evicted ring (0: none yet): one per
+                              #   namespace, so that no engine's drain takes another's evictions
+    uint64_t pad[1]           # 0 (keeps the entry 160 bytes)
 
 
 ctypedef struct EngineEntry:

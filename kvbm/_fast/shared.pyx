@@ -61,7 +61,7 @@ cdef extern from "<sys/file.h>" nogil:
         LOCK_UN
 
 cdef uint64_t G2_MAGIC = 0x6B76626D47325331ULL    # "kvbmG2S1"
-cdef uint64_t G2_VERSION = 2    # 2: EngineEntry.workers, ENG_RETIRED
+cdef uint64_t G2_VERSION = 2    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer
 cdef int64_t PAGE = sysconf(_SC_PAGESIZE)
 
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
@@ -138,14 +138,14 @@ HEADER_DTYPE = np.dtype({
 
 NS_DTYPE = np.dtype({
     "names": ["key0", "key1", "state", "engines", "block_offset", "num_blocks", "ghost_blocks",
-              "generation", "created_ns", "retired_hits", "retired_queries", "label"],
-    "formats": ["u8", "u8", "u4", "u4", "i8", "i8", "i8", "u8", "u8", "u8", "u8", "S64"],
+              "generation", "created_ns", "retired_hits", "retired_queries", "label", "drainer"],
+    "formats": ["u8", "u8", "u4", "u4", "i8", "i8", "i8", "u8", "u8", "u8", "u8", "S64", "i8"],
     "offsets": [_off(&_n0.key0, &_n0), _off(&_n0.key1, &_n0), _off(&_n0.state, &_n0),
                 _off(&_n0.engines, &_n0), _off(&_n0.block_offset, &_n0),
                 _off(&_n0.num_blocks, &_n0), _off(&_n0.ghost_blocks, &_n0),
                 _off(&_n0.generation, &_n0), _off(&_n0.created_ns, &_n0),
                 _off(&_n0.retired_hits, &_n0), _off(&_n0.retired_queries, &_n0),
-                _off(&_n0.label, &_n0)],
+                _off(&_n0.label, &_n0), _off(&_n0.drainer, &_n0)],
     "itemsize": sizeof(NsEntry)})
 
 ENGINE_DTYPE = np.dtype({
@@ -655,10 +655,21 @@ cdef class SharedBlockRegistry:
             self._exit()
 
     def drain_evicted(self):
-        """BlockRegistry.drain_evicted: the namespace's ring, shared by its engines (one drains
-        for all)."""
+        """BlockRegistry.drain_evicted of the namespace's ring. The ring is the namespace's, not
+        this engine's: an eviction by any engine's allocation lands in it, and a drain takes them
+        all. So one engine per namespace drains it: the first to call (its `drainer`, until it
+        leaves or is reaped); another engine's call is a RegistryError. Its users are the disk
+        tier's cleaner (G2 victims to write to G3, one engine per kvbm-workers instance with a disk
+        tier) and KV events (their BlockRemoved of G2 come from that one engine)."""
         self._enter(True)
+        cdef NsEntry *ns = &self.t.nss[self.namespace]
         try:
+            if ns.drainer == 0:
+                ns.drainer = self.slot + 1
+            elif ns.drainer != self.slot + 1:
+                raise RegistryError(f"drain_evicted: namespace {self.namespace}'s evicted blocks are "
+                                    f"drained by engine slot {ns.drainer - 1}, not {self.slot}: one "
+                                    f"drainer per namespace")
             return self.reg.drain_evicted()
         finally:
             self._exit()

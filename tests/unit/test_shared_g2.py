@@ -618,3 +618,21 @@ def test_a_holder_that_died_mid_call_keeps_its_unregistered_blocks_while_a_worke
     g2.worker_let_go(d.slot, d.generation, D2H_BIT)
     assert a.registry.num_free == 14 and a.registry.num_inactive == 2
     g2.check_invariants()
+
+
+def test_one_engine_drains_a_namespaces_evicted_ring(make_g2):
+    """The ring holds every engine's evictions: the first engine to drain it is its drainer, another
+    engine's drain is refused, and the ring passes on when the drainer leaves."""
+    g2 = make_g2(total=4, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    b = g2.join("b", PID, "m")
+    fill(a.registry, [1, 2, 3, 4])
+    assert a.registry.drain_evicted().tolist() == []
+    fill(b.registry, [5, 6])                      # b's allocation evicts two of a's blocks
+    with pytest.raises(RegistryError, match="one drainer per namespace"):
+        b.registry.drain_evicted()
+    assert sorted(a.registry.drain_evicted().tolist()) == [1, 2]
+    a.leave()
+    fill(b.registry, [7])
+    assert b.registry.drain_evicted().tolist() == [3]
+    g2.check_invariants()
