@@ -505,7 +505,9 @@ class PathWorker:
                 raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is already attached to this kvbm "
                                     f"instance (G2 segment {self.host_segment.name}); a second engine would "
                                     f"overwrite its host blocks. Close it first, or give this engine its own "
-                                    f"instance_id")
+                                    f"instance_id" + ("" if self.g2 is not None else
+                                                      " (engines share an instance whose kvbm-workers runs with "
+                                                      "the model's --layout: the shared G2 registry)"))
             lo, hi = host_offset, host_offset + host.total_bytes
             other_lo, other_hi = reg.host_offset, reg.host_offset + reg.host.total_bytes
             if lo < other_hi and other_lo < hi:
