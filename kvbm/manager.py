@@ -303,9 +303,8 @@ class KvBlockManager:
                 self._transfers = None
                 self._stop_workers()
                 raise
-            host_pool = self.pools[Tier.G2]
-            self._host = HostTransfers(tm, host_pool, self._lock)
-        host_pool = self.pools[Tier.G2]
+            self._host = HostTransfers(tm, self.pools[Tier.G2], self._lock)
+        host_pool = self.pools[Tier.G2]      # the shared G2's namespace, when it joined one
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
         host_offset = self._lease.block_offset * host_layout.block_stride if self._lease is not None else 0
         disk = self._disk_store(layout)
