@@ -27,6 +27,14 @@ that `create_device_tensors()` placed them in). Then `offload(device_blocks, has
 deduplicated) and `onboard(hashes, device_blocks)` (G2 -> G1, layer progress) return futures;
 `scheduler.reached(...)` opens gated transfers. See kvbm/transfer/host_offload.py for the order of
 registry calls around each copy.
+
+Shared G2: when kvbm-workers has the shared G2 registry (it runs with the model's layout; the
+embedded default does), register_device_tensors joins it right after connecting (`shared_g2` is the
+Lease): the namespace is the layout's fingerprint (kvbm.hashing.layout_fingerprint, the disk tier's)
+and the salt, the G2 pool becomes the namespace's registry, shared with the other engines of the
+namespace, and the host layout its part of G2 (host_offset = block_offset x block stride). close()
+leaves it after the workers dropped this engine's registration. An instance with a disk tier serves
+one engine (kvbm.shared_g2: one drainer per namespace's evicted ring; one G3 store per instance).
 """
 from __future__ import annotations
 
