@@ -25,7 +25,7 @@ import uuid
 import pytest
 
 import kvbm
-from kvbm.cli import ask_status
+from kvbm.cli import ask_status, format_status
 from kvbm.layout import BlockLayout, LayoutType
 from kvbm.shared_g2 import SharedG2
 from kvbm.transfer.launcher import WorkersProcess
@@ -203,6 +203,9 @@ def test_a_dead_engines_blocks_stay_out_of_the_pool_while_its_copy_may_run(node)
             return e is not None and e["state"] == "retired" and e
         e = wait_for("A reaped (by the supervisor's sweep) and retired", retired)
         assert e["pinned"] == 4 and 0 in e["workers"]
+        text = format_status(n.status())
+        assert f"engine {info_a['engine_id']} pid {victim.pid} (gone) RETIRED namespace 0: holds 4" in text, text
+        assert "workers d2h" in text, text
         n.g2.check_invariants()
         # B fills G2: it gets the 12 blocks A does not hold, never A's 4
         assert ask(b, "offload", E.prompt_hashes(2, 16), list(range(16)), False, tag="submitted") is None
