@@ -63,7 +63,8 @@ from kvbm.errors import (
 )
 from kvbm.layout import BlockLayout
 from kvbm.wire import protocol as P
-from kvbm.workers.path_worker import Member, PathWorker, build_parser
+from kvbm.workers.admission import Member
+from kvbm.workers.path_worker import PathWorker, build_parser
 from kvbm.workers.path_worker import main as worker_main
 
 logger = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ Order of things:
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
      layouts, their host layout starting at host_offset of G2. Who may register beside whom
-     (`_admit`): with the shared G2 registry (--registry), an engine that is a live member of it
-     (its id and pid in the registry's engine table, which the worker reads itself: the message
-     is not trusted) registers exactly its namespace's range of G2, and engines of one namespace
-     share theirs; every other engine is alone on the instance (the TP ranks of one engine
-     register under one `group`, each over its own disjoint G2 range). A member's registration is
-     held in its engine slot (`worker_hold`) until it is dropped with no copy of it left running
-     (`worker_let_go`): a dead engine's G2 blocks are not reused while a copy may write them. XFER
+     (kvbm.workers.admission): with the shared G2 registry (--registry), an engine that is a live
+     member of it (its id and pid in the registry's engine table, which the worker reads itself:
+     the message is not trusted) registers exactly its namespace's range of G2, and engines of one
+     namespace share theirs; every other engine is alone on the instance (the TP ranks of one
+     engine register under one `group`, each over its own disjoint G2 range). A member's
+     registration is held in its engine slot until it is dropped with no copy of it left running:
+     a dead engine's G2 blocks are not reused while a copy may write them. XFER
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
@@ -48,6 +48,7 @@ from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
 from kvbm.wire.channel import bind_socket, connect_socket, make_context
+from kvbm.workers.admission import Admission, Member
 from kvbm.workers.copy import Copier, DeviceMemory
 from kvbm.workers.lanes import LaneItem, WorkerBell, WorkerLane
 
@@ -67,14 +68,6 @@ class Registration:
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
     lane: WorkerLane | None = None   # its shared-memory lane, when it offered one we could map
     member: Member | None = None     # its membership of the shared G2 (None: an engine of its own)
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """An engine's membership of the shared G2, as its engine table says (SharedG2.member)."""
-    slot: int
-    generation: int
-    namespace: int
 
 
 @dataclass
@@ -130,7 +123,7 @@ def _die_with_parent() -> None:
         logger.debug("prctl unavailable; relying on the parent-pid check")
 
 
-class PathWorker:
+class PathWorker(Admission):
     PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
     SHARED_ENGINES = True  # members of one shared G2 namespace register side by side (the disk worker: one store)
     LANES = True     # takes small requests through shared-memory lanes (the disk worker's carry per-block arrays)
@@ -376,7 +369,11 @@ class PathWorker:
         lane, lane_error = self._attach_lane(msg, engine)
         reg = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident, group, host_offset,
                            lane, member)
-        self._hold(reg)
+        try:
+            self._hold(reg)
+        except ProtocolError:
+            _drop(reg)
+            raise
         self.engines[engine] = reg
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s%s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind,
@@ -416,79 +413,11 @@ class PathWorker:
                                 f"{self.host_segment.size}")
         return host, group, host_offset
 
-    def _admit(self, engine: str, pid: int, group: str, host_offset: int, host: BlockLayout) -> Member | None:
-        """Whether `engine` may register now, beside the engines registered already; its shared G2
-        membership (None: an engine with a registry of its own). A member registers exactly its
-        namespace's G2 range (_membership), and may overlap another registration only when the
-        engine table says both are live members of one namespace (they share that namespace's
-        registry); a member and an engine of its own never coexist. Anything else: ProtocolError,
-        nothing registered."""
-        self._drop_dead_engines()
-        member = self._membership(engine, pid, host_offset, host)
-        if member is None or not self.SHARED_ENGINES:
-            self._refuse_second_engine(engine, group, host_offset, host)
-            return member
-        lo, hi = host_offset, host_offset + host.total_bytes
-        for other, reg in self.engines.items():
-            if other == engine:
-                continue
-            theirs = getattr(reg, "member", None)
-            if theirs is None:
-                raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is attached to this kvbm instance with a "
-                                    f"G2 registry of its own (G2 segment {self.host_segment.name}); {engine!r:.80} "
-                                    f"of the shared G2 would overwrite its host blocks. Close it first, or give "
-                                    f"this engine its own instance_id")
-            other_lo, other_hi = reg.host_offset, reg.host_offset + reg.host.total_bytes
-            if lo < other_hi and other_lo < hi:
-                ns = self.g2.namespace_of(theirs.slot, theirs.generation)
-                if ns != member.namespace:
-                    raise ProtocolError(f"{engine!r:.80} (shared G2 namespace {member.namespace}) asks for G2 "
-                                        f"bytes [{lo}, {hi}), which overlap [{other_lo}, {other_hi}) of "
-                                        f"{other!r:.80}, " + (f"of namespace {ns}" if ns >= 0 else
-                                                              "no longer a live member of the shared G2")
-                                        + ": only engines of one namespace share G2 blocks")
-        return member
-
-    def _membership(self, engine: str, pid: int, host_offset: int, host: BlockLayout) -> Member | None:
-        """`engine`'s membership of the shared G2 from its engine table (None without a shared G2,
-        or when the engine did not join it), checked against the registration: the same live pid,
-        and a host layout that is exactly its namespace's partition of G2."""
-        if self.g2 is None:
-            return None
-        m = self.g2.member(engine)
-        if m is None:
-            return None
-        if pid <= 0 or pid != m["pid"] or not m["alive"]:
-            raise ProtocolError(f"engine {engine!r:.80} registers as pid {pid}; the shared G2 has it as pid "
-                                f"{m['pid']} ({'alive' if m['alive'] else 'gone'})")
-        stride, lo = self.g2_block_bytes, m["block_offset"] * self.g2_block_bytes
-        if host.block_stride != stride or host.num_blocks != m["num_blocks"] or host_offset != lo:
-            raise ProtocolError(f"engine {engine!r:.80}: a host layout of {host.num_blocks} blocks of "
-                                f"{host.block_stride} bytes at G2 byte {host_offset}; its shared G2 namespace "
-                                f"{m['namespace']} is blocks [{m['block_offset']}, "
-                                f"{m['block_offset'] + m['num_blocks']}) of {stride} bytes (G2 bytes [{lo}, "
-                                f"{lo + m['num_blocks'] * stride}))")
-        return Member(m["slot"], m["generation"], m["namespace"])
-
-    def _hold(self, reg) -> None:
-        """A member's registration is marked in its engine slot before it is used (ProtocolError,
-        its mappings dropped, when the engine left the shared G2 meanwhile)."""
-        member = getattr(reg, "member", None)
-        if member is not None and not self.g2.worker_hold(member.slot, member.generation, self.worker_bit):
-            _drop(reg)
-            raise ProtocolError(f"engine {reg.engine!r:.80} left the shared G2 while registering")
-
     def _forget(self, reg) -> None:
         """Drops a registration (no copy of it may still run: the caller finished them) and lets go
-        of its engine slot: a retired engine's blocks go back to the pool once no worker holds it."""
+        of its engine slot in the shared G2."""
         _drop(reg)
-        member = getattr(reg, "member", None)
-        if member is not None and self.g2 is not None:
-            try:
-                self.g2.worker_let_go(member.slot, member.generation, self.worker_bit)
-            except KvbmError:
-                logger.error("%s worker: letting go of engine %s in the shared G2 failed", self.path.label,
-                             reg.engine, exc_info=True)
+        self._let_go(reg)
 
     def _refuse_second_engine(self, engine: str, group: str, host_offset: int, host: BlockLayout) -> None:
         """An engine's registry manages every G2 block its host layout covers, so two engines on one
