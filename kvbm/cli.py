@@ -26,6 +26,7 @@ import time
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.layout import LayoutConfig
+from kvbm.wire import protocol as P
 
 logger = logging.getLogger("kvbm.cli" if __name__ == "__main__" else __name__)  # `python -m kvbm.cli` too
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host-size", help="G2 size, e.g. 64GB or 512MiB")
     ap.add_argument("--host-blocks", type=int, help="G2 size in blocks (needs --layout)")
     ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
+    ap.add_argument("--policy", help="eviction policy of the shared G2 registry's namespaces (lru, lineage)")
+    ap.add_argument("--ghost-ratio", type=float, help="LINEAGE ghost entries per block of a namespace")
     ap.add_argument("--disk-path", help="G3 folder (created 0700)")
     ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")
     ap.add_argument("--disk-blocks", type=int, help="G3 size in blocks")
@@ -109,7 +112,8 @@ def config_from_args(args: argparse.Namespace) -> KvbmConfig:
                            disk_path=args.disk_path, disk_size=args.disk_size, disk_blocks=args.disk_blocks,
                            transport=args.transport,
                            tcp_port=args.tcp_port, force_cpu=args.force_cpu, copy_threads=args.copy_threads,
-                           log_level=args.log_level, gds=args.gds)
+                           log_level=args.log_level, gds=args.gds, policy=args.policy,
+                           ghost_ratio=args.ghost_ratio)
 
 
 def host_bytes_of(config: KvbmConfig) -> int:
@@ -198,10 +202,20 @@ def _registry_lines(reg: dict | None) -> list[str]:
                      f"free {ns['free']} inactive {ns['inactive']} active {ns['active']}, hits {ns['match_hits']}/"
                      f"{ns['match_queries']} ({hit:.3f})")
     for e in reg["engines"]:
-        lines.append(f"    engine {e['engine_id']} pid {e['pid']}{'' if e['alive'] else ' (gone)'} namespace "
-                     f"{e['namespace']}: holds {e['pinned']}, hits {e['match_hits']}/{e['match_queries']}, "
-                     f"registered {e['registered']} (+{e['deduplicated']} deduplicated)")
+        retired = e.get("state") == "retired"   # left or dead, its holds kept while a worker holds it
+        workers = ",".join(_path_label(p) for p in e.get("workers", [])) or "none"
+        lines.append(f"    engine {e['engine_id']} pid {e['pid']}{'' if e['alive'] else ' (gone)'}"
+                     f"{' RETIRED' if retired else ''} namespace {e['namespace']}: holds {e['pinned']}, hits "
+                     f"{e['match_hits']}/{e['match_queries']}, registered {e['registered']} "
+                     f"(+{e['deduplicated']} deduplicated), workers {workers}")
     return lines
+
+
+def _path_label(path: int) -> str:
+    try:
+        return P.Path(path).label
+    except ValueError:
+        return str(path)
 
 
 def _g3_line(g3: dict) -> str:

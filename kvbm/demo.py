@@ -17,6 +17,12 @@ What the driver does, per request (requests share system-prompt prefixes):
   6. offload the request's blocks to G2, gated on the request's iteration (dedup: blocks G2 already
      holds move nothing); the device blocks are released once their offload has landed
 and at the end prints counts, hit ratios per tier (G3's too) and GB/s, and shuts everything down.
+
+`--engines N` (N > 1): N engine processes (data-parallel replicas of one model) against one
+kvbm-workers that the demo starts first, sharing its G2 and its registry (kvbm.shared_g2: one
+namespace, the same layout and salt). Each serves its own requests over the same shared prompts;
+a block one engine offloaded is onboarded by another: those are the cross-engine hits. No G3 then
+(a disk tier serves one engine per kvbm-workers instance).
 """
 from __future__ import annotations
 
@@ -94,8 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--queue", type=int, default=4, help="requests waiting ahead of the one served (hinted)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cpu", action="store_true", help="CPU mode even with a GPU")
+    ap.add_argument("--engines", type=int, default=1,
+                    help="engine processes sharing one kvbm-workers and its G2 (> 1: no G3)")
     args = ap.parse_args(argv)
-    for name in ("requests", "prompts", "prompt_blocks", "device_blocks", "host_blocks"):
+    for name in ("requests", "prompts", "prompt_blocks", "device_blocks", "host_blocks", "engines"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.disk_blocks < 0:
@@ -107,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.engines > 1:
+        return main_engines(args)
     rng = np.random.default_rng(args.seed)
     cuda = kvbm.cuda_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
@@ -170,18 +180,123 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def main_engines(args: argparse.Namespace) -> int:
+    """--engines N: kvbm-workers first (with the demo's layout: the shared G2 registry), then N
+    engine processes; each prints its own line, engine 0 the shared registry's view."""
+    import multiprocessing as mp
+
+    from kvbm.transfer.launcher import WorkersProcess
+    cuda = kvbm.cuda_available() and not args.cpu
+    print(f"kvbm demo: {args.engines} engines (processes) share one kvbm-workers: G2 {args.host_blocks} blocks and "
+          f"its registry; G1 {args.device_blocks} blocks each ({'cuda' if cuda else 'cpu'}); {args.requests} requests "
+          f"each over {args.prompts} shared prompts; no G3 (a disk tier serves one engine per instance)")
+    t_start = time.perf_counter()
+    results: dict[int, tuple] = {}
+    with tempfile.TemporaryDirectory(prefix="kvbm-demo-") as rundir:
+        config = kvbm.KvbmConfig(layout=DEMO_LAYOUT, device_blocks=args.device_blocks, host_blocks=args.host_blocks,
+                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64)
+        workers = WorkersProcess(config, args.host_blocks * DEMO_LAYOUT.block_stride, layout=DEMO_LAYOUT)
+        workers.start(60)
+        ctx = mp.get_context("spawn")
+        barrier, out = ctx.Barrier(args.engines), ctx.Queue()
+        procs = [ctx.Process(target=_engine_main, args=(i, args, config, cuda, barrier, out), daemon=True)
+                 for i in range(args.engines)]
+        try:
+            for proc in procs:
+                proc.start()
+            deadline = time.monotonic() + 600
+            while len(results) < args.engines and time.monotonic() < deadline:
+                if not any(p.is_alive() for p in procs) and out.empty():
+                    break
+                try:
+                    i, stats, status = out.get(timeout=1.0)
+                except Exception:   # noqa: BLE001 - queue.Empty: check the processes again
+                    continue
+                results[i] = (stats, status)
+            for proc in procs:
+                proc.join(60)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+            workers.stop()
+    wall = time.perf_counter() - t_start
+    ok = len(results) == args.engines
+    cross = verified = mismatches = 0
+    for i in range(args.engines):
+        if i not in results:
+            print(f"kvbm demo: engine {i} did not report")
+            continue
+        stats, _ = results[i]
+        if "error" in stats:
+            print(f"kvbm demo: engine {i} failed: {stats['error']}")
+            ok = False
+            continue
+        cross += stats["cross_hits"]
+        verified += stats["verified"]
+        mismatches += stats["mismatches"]
+        total = max(stats["blocks"], 1)
+        print(f"kvbm demo: engine {i}: {stats['requests']} requests, {stats['blocks']} blocks: {stats['g1_hits']} "
+              f"reused in G1, {stats['g2_hits']} onboarded from G2 ({stats['cross_hits']} of them offloaded by "
+              f"another engine), {stats['computed']} computed; G2 hit ratio {stats['g2_hits'] / total:.1%}")
+    status = results.get(0, ({}, None))[1]
+    reg = (status or {}).get("tiers", {}).get("g2", {}).get("registry") or {}
+    for ns in reg.get("namespaces", []):
+        print(f"kvbm demo: shared G2 namespace {ns['namespace']}: {ns['engines']} engines, quota {ns['num_blocks']} "
+              f"blocks, holds {ns['inactive'] + ns['active']}; matched {ns['match_hits']} of "
+              f"{ns['match_queries']} hashes asked")
+    for e in reg.get("engines", []):
+        print(f"kvbm demo: shared G2 engine {e['engine_id']} (pid {e['pid']}): {e['registered']} blocks registered "
+              f"(+{e['deduplicated']} another engine had), {e['match_hits']} matched")
+    print(f"kvbm demo: {cross} cross-engine hits: blocks onboarded by an engine that never offloaded them")
+    print(f"kvbm demo: verified {verified} blocks byte for byte, {mismatches} mismatches; finished in {wall:.1f} s, "
+          f"everything shut down")
+    return 0 if ok and mismatches == 0 and cross > 0 else 1
+
+
+def _engine_main(index: int, args: argparse.Namespace, config: kvbm.KvbmConfig, cuda: bool, barrier, out) -> None:
+    """One engine process of --engines: its requests through the shared kvbm-workers; engine 0
+    asks for the status once every engine is done (their registry slots still live)."""
+    status = None
+    try:
+        with kvbm.KvBlockManager(config) as kv:
+            layout = BlockLayout(DEMO_LAYOUT, LayoutType.LAYER_SEPARATE, args.device_blocks)
+            device = "cuda" if cuda else "cpu"
+            tensors = kv.create_device_tensors(layout, device=device)
+            kv.register_device_tensors(tensors, layout, start=False)
+            stats = run(kv, Model(layout, tensors, device), args, np.random.default_rng(args.seed), engine=index)
+            barrier.wait(300)
+            if index == 0:
+                from kvbm.cli import ask_status
+                status = ask_status(config)
+            barrier.wait(300)
+    except BaseException as err:   # noqa: BLE001 - reported to the parent, which prints it
+        out.put((index, {"error": f"{type(err).__name__}: {err}"}, None))
+        barrier.abort()
+        return
+    out.put((index, stats, status))
+
+
 def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / 1e9 / seconds:.2f} GB/s" if seconds > 0 else "n/a"
 
 
-def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np.random.Generator,
+        engine: int = 0) -> dict:
+    """`engine`: which of --engines this is: the prompts are every engine's (drawn first from
+    `rng`), the requests over them its own (engine 0 keeps drawing from `rng`)."""
     page = DEMO_LAYOUT.page_size
     g1 = kv.pool(Tier.G1)
     g2 = kv.pool(Tier.G2)
     prompts = [rng.integers(0, 32000, size=args.prompt_blocks * page, dtype=np.uint32) for _ in range(args.prompts)]
+    if engine:
+        rng = np.random.default_rng([args.seed, engine])
     popularity = rng.zipf(1.3, size=args.requests) % args.prompts
     stats = dict(requests=0, blocks=0, g1_hits=0, g2_hits=0, g3_hits=0, computed=0, moved=0, held=0, verified=0,
-                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0, max_waiting=0)
+                 mismatches=0, wiped=0, off_bytes=0, off_s=0.0, on_bytes=0, on_s=0.0, hinted=0, max_waiting=0,
+                 cross_hits=0)
+    offered: set[int] = set()   # hashes this engine offloaded: a G2 hit outside it is another engine's block
     queue: deque[tuple[int, np.ndarray]] = deque()    # (request id, its sequence hashes), oldest first
 
     def arrive(it: int) -> None:
@@ -241,6 +356,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
             res = fut.result(60)
             from_disk = res.value.from_disk
             stats["g2_hits"] += res.value.loaded - from_disk
+            stats["cross_hits"] += sum(1 for h in rest[:res.value.loaded - from_disk].tolist() if h not in offered)
             stats["g3_hits"] += from_disk
             stats["on_bytes"] += res.value.bytes
             stats["on_s"] += res.seconds
@@ -260,6 +376,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
         stats["g1_hits"] += k1
         stats["computed"] += n - k1 - k2
 
+        offered.update(hashes.tolist())
         fut = kv.offload(blocks, hashes, gate=Gate(iteration=it))
         model.sync()                                          # the forward pass's writes are done...
         kv.scheduler.reached(iteration=it)                    # ...so this iteration's offloads may read

@@ -27,10 +27,19 @@ that `create_device_tensors()` placed them in). Then `offload(device_blocks, has
 deduplicated) and `onboard(hashes, device_blocks)` (G2 -> G1, layer progress) return futures;
 `scheduler.reached(...)` opens gated transfers. See kvbm/transfer/host_offload.py for the order of
 registry calls around each copy.
+
+Shared G2: when kvbm-workers has the shared G2 registry (it runs with the model's layout; the
+embedded default does), register_device_tensors joins it right after connecting (`shared_g2` is the
+Lease): the namespace is the layout's fingerprint (kvbm.hashing.layout_fingerprint, the disk tier's)
+and the salt, the G2 pool becomes the namespace's registry, shared with the other engines of the
+namespace, and the host layout its part of G2 (host_offset = block_offset x block stride). close()
+leaves it after the workers dropped this engine's registration. An instance with a disk tier serves
+one engine (kvbm.shared_g2: one drainer per namespace's evicted ring; one G3 store per instance).
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -119,6 +128,8 @@ class KvBlockManager:
         self._shared = None        # SharedBuffers of CPU-mode device tensors
         self._ipc_shares: list = []  # CUDA: the aliases the workers map (memory_map); dropped after them
         self._disk = None          # DiskTransfers over the G3 pool (with a disk tier)
+        self._g2 = None            # the shared G2 registry (SharedG2), when kvbm-workers has one
+        self._lease = None         # this engine's membership of it: its G2 pool is the namespace's
         self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
@@ -290,15 +301,26 @@ class KvBlockManager:
             tm, self._workers = connect_workers(
                 self.config, host_layout.total_bytes,
                 f"G2 ({host_layout.num_blocks} blocks of {layout.config.block_bytes} bytes)",
-                start=start is not False, timeout=timeout, stats_fn=self._pool_report)
+                start=start is not False, timeout=timeout, stats_fn=self._pool_report, layout=layout.config)
             self._transfers = tm
-            self._host = HostTransfers(tm, host_pool, self._lock)
+            try:
+                self._join_shared_g2(tm, layout.config)
+            except BaseException:
+                self._leave_shared_g2()
+                tm.close()
+                self._transfers = None
+                self._stop_workers()
+                raise
+            self._host = HostTransfers(tm, self.pools[Tier.G2], self._lock)
+        host_pool = self.pools[Tier.G2]      # the shared G2's namespace, when it joined one
+        host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
+        host_offset = self._lease.block_offset * host_layout.block_stride if self._lease is not None else 0
         disk = self._disk_store(layout)
         if disk is not None and P.Path.H2DISK not in self._transfers.paths:
             raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs without "
                               f"one: start it with the same disk_path and disk_size/disk_blocks")
         try:
-            self._transfers.register(layout, host_layout, memory, timeout, disk=disk)
+            self._transfers.register(layout, host_layout, memory, timeout, disk=disk, host_offset=host_offset)
         except BaseException:
             self._ipc_shares.extend(shares)   # a worker may have opened them: dropped at close, in order
             raise
@@ -316,6 +338,52 @@ class KvBlockManager:
             self._disk.sync(timeout)
         if self._disk is not None:
             self._disk.worker_info = self._transfers.worker_info(P.Path.H2DISK)
+
+    def _join_shared_g2(self, tm, layout) -> None:
+        """With the shared G2 registry (named in kvbm-workers' welcome), this engine joins the
+        namespace of its layout and salt, and its G2 pool becomes that namespace's registry: the
+        blocks, and the cache, that every engine of the namespace shares (kvbm.shared_g2). Without
+        one, the engine keeps its own G2 registry and is alone on the instance."""
+        from kvbm.hashing import layout_fingerprint
+        from kvbm.shared_g2 import SharedG2
+        info = (tm.welcome or {}).get("registry")
+        if not info:
+            return
+        if info.get("block_bytes") != layout.block_stride:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
+                              f"blocks; this engine's are {layout.block_stride} bytes: start it with this model's "
+                              f"--layout, or give this engine its own instance_id")
+        own = self.pools[Tier.G2]
+        fingerprint = (f"{layout.num_layers}x{layout.outer_dim}x{layout.page_size}x{layout.inner_dim} {layout.dtype} "
+                       f"{layout_fingerprint(layout):016x}")
+        g2 = SharedG2.attach(info["segment"])
+        try:
+            lease = g2.join(tm.engine_id, os.getpid(), fingerprint, self.config.salt, own.num_blocks)
+        except BaseException:
+            g2.close()
+            raise
+        self._g2, self._lease = g2, lease
+        # The disk tier is one store written by one engine's G2 registry (its cleaner alone drains
+        # the namespace's evicted ring): an instance with a disk tier serves one engine.
+        others = [e for e in g2.engines() if e["slot"] != lease.slot and e["state"] == "live"]
+        if (tm.welcome or {}).get("disk") and others:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} has a disk tier, which serves one engine per "
+                              f"instance; engine {others[0]['engine_id']} (pid {others[0]['pid']}) is attached "
+                              f"already: give this engine its own instance_id, or run the instance without a "
+                              f"disk tier")
+        if own.registry.num_free != own.num_blocks:
+            logger.warning("engine %s: its own G2 registry held %d blocks; they are dropped for the shared G2's",
+                           tm.engine_id, own.num_blocks - own.registry.num_free)
+        pool = BlockPool.over(Tier.G2, lease.registry, self.config.policy)
+        pool.hints = self._hints
+        self.pools[Tier.G2] = pool     # the same dict as self.tiers' and self._hints'
+        logger.info("engine %s shares G2 %s: namespace %d, blocks [%d, %d)", tm.engine_id, g2.name, lease.namespace,
+                    lease.block_offset, lease.block_offset + lease.num_blocks)
+
+    @property
+    def shared_g2(self):
+        """This engine's Lease of the shared G2 (kvbm.shared_g2), or None."""
+        return self._lease
 
     def attach_disk_tier(self, layout, *, engine_id: str, group: str = "", timeout: float = 60.0):
         """Metadata-only engines (the vLLM connector's scheduler side): connects to the instance's
@@ -451,6 +519,7 @@ class KvBlockManager:
             self._transfers = None
             self._host = None
             self._disk = None
+        self._leave_shared_g2()   # after the workers dropped our registration: nothing is quarantined
         stopped = self._workers is not None   # ours: stopped below, so no worker maps our memory after
         self._stop_workers()
         self._release_ipc_shares(dropped or stopped)
@@ -458,6 +527,18 @@ class KvBlockManager:
             self._shared.close()
             self._shared = None
         logger.debug("KvBlockManager %s closed", self.config.instance_id)
+
+    def _leave_shared_g2(self) -> None:
+        lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
+        if lease is None:
+            return
+        try:
+            lease.leave()
+        except KvbmError:
+            logger.error("leaving the shared G2 failed (its supervisor reaps this engine when it exits)",
+                         exc_info=True)
+        finally:
+            g2.close()
 
     def _release_ipc_shares(self, safe: bool) -> None:
         """CUDA: the last step of the IPC order. Once the workers dropped their mappings

@@ -90,11 +90,12 @@ class BlockPool:
         self.registry.complete(blocks)
 
     def register(self, blocks, hashes, parents=None, has_parent=None) -> np.ndarray:
-        before = self.registry.num_free
         canonical = self.registry.register(blocks, hashes, parents, has_parent=has_parent)
         if self.hints is not None:
             self.hints.registered(self.registry, hashes, canonical)
-        duplicates = self.registry.num_free - before
+        # a slot answered by another block (not num_free's change: other engines of a shared G2
+        # allocate and free at the same time)
+        duplicates = int(np.count_nonzero(np.asarray(canonical) != np.asarray(blocks)))
         self.stats.deduplicated += duplicates
         self.stats.registered += len(canonical) - duplicates
         return canonical

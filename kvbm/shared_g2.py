@@ -21,17 +21,26 @@ engine of the namespace leaves or is reaped.
 
 Order of things:
   create -> attach (each process) -> join (reaps the dead first; makes the namespace if needed) ->
-  registry calls (each under the lock) -> leave, or death -> reap (by the next join, by `reap`
-  (the supervisor, periodically), or by the recovery below) -> the last engine gone frees the
-  namespace.
+  path workers check its registration against its membership (`member`) and hold it
+  (`worker_hold`) -> registry calls (each under the lock) -> leave, or death -> reap (by the next
+  join, by `reap` (the supervisor, periodically), or by the recovery below), retired while a worker
+  holds it -> workers let go -> the last engine gone frees the namespace (its cache with it).
 
 Liveness: an engine slot records its pid and that pid's start time (kvbm.shm.process_start_time);
 it is alive while /proc shows a process with that pid and that start time, so a reused pid is not
 mistaken for the engine. Reaping an engine releases its holds (kvbm._fast.shared: per-engine pins):
 blocks it allocated and never registered go back to the free list, registered ones become
-inactive (still matchable), then its slot is freed. Blocks a dead engine's transfer may still be
-writing are the integration's concern (a path worker must drop the engine's transfers before its
-blocks are reused); this module releases them at once.
+inactive (still matchable), then its slot is freed.
+
+Quarantine (a dead engine's copies). An offload's G2 blocks are allocated before its D2H copy and
+registered after it: were they freed when the engine dies, another engine could be handed them
+while a path worker still copies the dead engine's bytes into them. So each path worker that takes
+an engine's registration marks itself in the engine's slot (`worker_hold`, a bit per worker in
+`workers`) and clears its bit (`worker_let_go`) only once it has dropped the registration with no
+copy of it left running; the supervisor clears a dead worker's bit (`worker_gone`). An engine that
+leaves or is reaped while any bit is set is RETIRED, not freed: its holds stay, so none of its
+blocks can be allocated, evicted or freed, until the last bit goes; then they are released as
+above. Its namespace stays while it has retired engines.
 
 Recovery. One process-shared robust mutex guards the whole segment (kvbm/_fast/shared.pyx says
 why one lock and how it is taken). A mutation marks what it changes (a namespace, or the tables)
@@ -57,7 +66,7 @@ import numpy as np
 from kvbm._fast import shared as S
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import ConfigError, LifecycleError, RegistryError
-from kvbm.policy import EvictionPolicy
+from kvbm.policy import BlockState, EvictionPolicy
 from kvbm.shm import Segment, check_shm_room, process_start_time
 
 logger = logging.getLogger(__name__)
@@ -85,6 +94,11 @@ class Lease:
     def leave(self) -> bool:
         """SharedG2.leave(self)."""
         return self.g2.leave(self)
+
+
+def _paths_of(mask: int) -> list[int]:
+    """The worker bits of an engine slot's `workers` mask, as path numbers (kvbm.wire.protocol.Path)."""
+    return [i for i in range(64) if mask >> i & 1]
 
 
 def namespace_key(fingerprint: str, salt: bytes | str = b"") -> tuple[int, int]:
@@ -240,7 +254,7 @@ class SharedG2:
                 s = int(same[0])
                 raise LifecycleError(f"join: engine {engine_id!r} is already a member (slot {s}, "
                                      f"pid {int(eng['pid'][s])}); leave first")
-            free = np.flatnonzero(~live)
+            free = np.flatnonzero(eng["state"] == S.ENGINE_FREE)
             if free.size == 0:
                 raise ConfigError(f"join: all {self.max_engines} engine slots of the shared G2 are taken")
             slot = int(free[0])
@@ -257,7 +271,7 @@ class SharedG2:
             self.segment.reserve(int(h["pins_off"]) + slot * int(h["pins_stride"]) + 4 * off, 4 * n)
             t.pins[slot, off:off + n] = 0     # writing maps the pages of this process's row, too
             for name in ("match_calls", "match_queries", "match_hits", "allocated", "registered",
-                         "deduplicated", "released", "pinned"):
+                         "deduplicated", "released", "pinned", "workers"):
                 eng[name][slot] = 0
             eng["ns"][slot] = ns
             eng["pid"][slot] = pid
@@ -309,6 +323,74 @@ class SharedG2:
                                info["released"])
         return out
 
+    # ---- path workers ---------------------------------------------------------------------------
+
+    def member(self, engine_id: str) -> dict | None:
+        """The live membership of `engine_id`: {slot, generation, pid, alive, namespace,
+        block_offset, num_blocks}; None when no live slot has that id. What a path worker checks
+        an engine's registration against (the table, never the engine's message)."""
+        eid = engine_id.encode()
+        with self._locked() as t:
+            eng, nss = t.engines, t.namespaces
+            hit = np.flatnonzero((eng["state"] == S.ENGINE_LIVE) & (eng["engine_id"] == eid))
+            if hit.size == 0:
+                return None
+            slot = int(hit[0])
+            ns = int(eng["ns"][slot])
+            return {"slot": slot, "generation": int(eng["generation"][slot]), "pid": int(eng["pid"][slot]),
+                    "alive": self._alive(slot), "namespace": ns,
+                    "block_offset": int(nss["block_offset"][ns]), "num_blocks": int(nss["num_blocks"][ns])}
+
+    def namespace_of(self, slot: int, generation: int) -> int:
+        """The namespace of engine slot `slot` while it is live at `generation`; -1 otherwise."""
+        with self._locked() as t:
+            eng = t.engines
+            if int(eng["state"][slot]) != S.ENGINE_LIVE or int(eng["generation"][slot]) != generation:
+                return -1
+            return int(eng["ns"][slot])
+
+    def worker_hold(self, slot: int, generation: int, worker_bit: int) -> bool:
+        """A path worker (bit `worker_bit`) holds the registration of engine slot `slot`: from now
+        on the slot's holds outlive the engine until the worker lets go (worker_let_go). False
+        (nothing done) when the slot is no longer live at `generation`."""
+        with self._locked() as t:
+            eng = t.engines
+            if int(eng["state"][slot]) != S.ENGINE_LIVE or int(eng["generation"][slot]) != generation:
+                return False
+            eng["workers"][slot] |= np.uint64(worker_bit)
+            return True
+
+    def worker_let_go(self, slot: int, generation: int, worker_bit: int) -> dict | None:
+        """The worker dropped the registration, with no copy of it left running: a retired slot
+        that no worker holds any more gives its holds back (returned, as `_retire` says)."""
+        with self._locked() as t:
+            return self._let_go(t, slot, generation, worker_bit)
+
+    def worker_gone(self, worker_bit: int) -> list[dict]:
+        """The worker of `worker_bit` died (the supervisor saw it exit): none of its copies runs
+        any more, so it holds no registration; the retired slots it was the last to hold are freed."""
+        with self._locked() as t:
+            eng = t.engines
+            out = []
+            for slot in np.flatnonzero((eng["state"] != S.ENGINE_FREE)
+                                       & ((eng["workers"] & np.uint64(worker_bit)) != 0)).tolist():
+                info = self._let_go(t, slot, int(eng["generation"][slot]), worker_bit)
+                if info is not None:
+                    out.append(info)
+            return out
+
+    def _let_go(self, t: S.SharedTables, slot: int, generation: int, worker_bit: int) -> dict | None:
+        eng = t.engines
+        if int(eng["state"][slot]) == S.ENGINE_FREE or int(eng["generation"][slot]) != generation:
+            return None
+        eng["workers"][slot] &= ~np.uint64(worker_bit)
+        if int(eng["state"][slot]) != S.ENGINE_RETIRED or int(eng["workers"][slot]):
+            return None
+        info = self._retire(t, slot, dead=True)
+        logger.info("shared G2 %s: retired engine %s (slot %d): no worker holds its registration; "
+                    "released its %d holds", self.name, info["engine_id"], slot, info["released"])
+        return info
+
     def _alive(self, slot: int) -> bool:
         eng = self.tables.engines
         return process_start_time(int(eng["pid"][slot])) == int(eng["start_time"][slot])
@@ -320,6 +402,23 @@ class SharedG2:
         ns = int(eng["ns"][slot])
         off, n = int(nss["block_offset"][ns]), int(nss["num_blocks"][ns])
         info = self._engine_info(slot)
+        if int(eng["workers"][slot]) and int(eng["state"][slot]) == S.ENGINE_LIVE:
+            # A path worker still holds its registration: a copy of its may still write the blocks
+            # it holds (an offload's G2 blocks, allocated and not yet registered). They stay held
+            # (quarantined) until the last such worker has dropped it (worker_detach, or
+            # worker_gone when that worker died), and only then go back to the pool.
+            t.mark(S.OTHER, S.TABLES)
+            eng["state"][slot] = S.ENGINE_RETIRED
+            t.header["generation"] += 1
+            if dead:
+                t.header["reaped"] += 1
+            t.mark(-1, S.CLEAN)
+            info["released"] = 0
+            info["quarantined"] = info["pinned"]
+            logger.info("shared G2 %s: engine %s (slot %d) retired while path workers %s hold its "
+                        "registration: its %d holds stay until they drop it", self.name,
+                        info["engine_id"], slot, _paths_of(int(eng["workers"][slot])), info["pinned"])
+            return info
         t.mark(S.OTHER, ns)
         held = t.pins[slot, off:off + n]
         released = int(held.sum(dtype=np.uint64))
@@ -329,13 +428,14 @@ class SharedG2:
         info["released"] = released
         nss["retired_hits"][ns] += eng["match_hits"][slot]
         nss["retired_queries"][ns] += eng["match_queries"][slot]
+        retired = int(eng["state"][slot]) == S.ENGINE_RETIRED   # counted when it retired
         self._free_engine(t, slot)
         if nss["engines"][ns] > 0:
             nss["engines"][ns] -= 1
         if nss["engines"][ns] == 0:
             self._free_namespace(t, ns)
         t.header["generation"] += 1
-        if dead:
+        if dead and not retired:
             t.header["reaped"] += 1
         t.mark(-1, S.CLEAN)      # consistent again
         return info
@@ -347,6 +447,10 @@ class SharedG2:
         eng["pid"][slot] = 0
         eng["start_time"][slot] = 0
         eng["engine_id"][slot] = b""
+        eng["workers"][slot] = 0
+        ns = int(eng["ns"][slot])
+        if int(t.namespaces["drainer"][ns]) == slot + 1:
+            t.namespaces["drainer"][ns] = 0       # the next engine to drain takes the ring over
         h = t.header[0]
         self.segment.discard(int(h["pins_off"]) + slot * int(h["pins_stride"]), int(h["pins_stride"]))
 
@@ -387,6 +491,7 @@ class SharedG2:
         nss["retired_queries"][ns] = 0
         nss["created_ns"][ns] = time.time_ns()
         nss["label"][ns] = label
+        nss["drainer"][ns] = 0
         nss["generation"][ns] += 1
         h = t.header[0]
         self.segment.reserve(int(h["regs_off"]) + ns * int(h["reg_stride"]),
@@ -456,13 +561,14 @@ class SharedG2:
         eng, nss = t.engines, t.namespaces
         for ns in np.flatnonzero(nss["state"] == S.INIT).tolist():
             self._free_namespace(t, ns)      # half-made: nobody can have used it
-        live = np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist()
-        for slot in live:
+        used = np.flatnonzero(eng["state"] != S.ENGINE_FREE).tolist()
+        for slot in used:
             if nss["state"][int(eng["ns"][slot])] != S.LIVE:
                 self._free_engine(t, slot)
+        used = np.flatnonzero(eng["state"] != S.ENGINE_FREE).tolist()
         live = np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist()
         nss["engines"][:] = 0
-        for slot in live:
+        for slot in used:
             nss["engines"][int(eng["ns"][slot])] += 1
         # EOWNERDEAD says the holder died even while /proc still shows its process exiting; the
         # mark on its slot keeps saying so should this repair be cut short and repeated
@@ -471,14 +577,27 @@ class SharedG2:
             eng["start_time"][gone] = DIED_HOLDING_LOCK
         if dirty >= 0 and nss["state"][dirty] == S.LIVE:
             off, n = int(nss["block_offset"][dirty]), int(nss["num_blocks"][dirty])
-            members = [s for s in live if int(eng["ns"][s]) == dirty]
-            dead = [s for s in members if s == gone or not self._alive(s)]
+            # Only a dead holder's pins are in doubt (it died mid-call): every other engine's,
+            # dead or alive, are whole; the dead ones are reaped after, quarantine and all.
+            members = [s for s in used if int(eng["ns"][s]) == dirty]
+            suspect = holder if holder in live and holder in members and \
+                (holder == gone or not self._alive(holder)) else -1
+            dead = [suspect] if suspect >= 0 else []
             keep = [s for s in members if s not in dead]
             counts = t.pins[keep, off:off + n].sum(axis=0, dtype=np.uint64) if keep \
                 else np.zeros(n, np.uint64)
+            reg = self._registry(dirty)
+            if suspect >= 0 and int(eng["workers"][suspect]):
+                # Blocks the holder allocated by calls that finished may be under a copy: its holds
+                # on allocated, unregistered blocks stay (its other holds are dropped: a cut call
+                # may have half-moved them, and nothing writes a registered block).
+                states = S.table_states(reg)
+                row = t.pins[suspect, off:off + n]
+                row[(states != BlockState.PARTIAL) & (states != BlockState.COMPLETE)] = 0
+                counts += row
+                dead, keep = [], members
             if counts.size and int(counts.max()) > 0xFFFFFFFF:
                 raise RegistryError(f"recover: namespace {dirty}: a block is held {int(counts.max())} times")
-            reg = self._registry(dirty)
             summary = reg.rebuild(counts.astype(np.uint32))
             reg.check_invariants()
             for s in dead:
@@ -506,13 +625,16 @@ class SharedG2:
                 "match_queries": int(e["match_queries"]), "match_hits": int(e["match_hits"]),
                 "allocated": int(e["allocated"]), "registered": int(e["registered"]),
                 "deduplicated": int(e["deduplicated"]), "released": int(e["released"]),
-                "joined_ns": int(e["joined_ns"])}
+                "joined_ns": int(e["joined_ns"]), "workers": _paths_of(int(e["workers"])),
+                "state": "retired" if int(e["state"]) == S.ENGINE_RETIRED else "live"}
 
     def engines(self) -> list[dict]:
-        """The live engine slots (counters, holds, and whether the process is alive now)."""
+        """The engine slots in use (counters, holds, the path workers holding its registration,
+        whether the process is alive now, and `state`: live, or retired: left or dead, its holds
+        kept until no worker holds its registration)."""
         with self._locked() as t:
             out = []
-            for slot in np.flatnonzero(t.engines["state"] == S.ENGINE_LIVE).tolist():
+            for slot in np.flatnonzero(t.engines["state"] != S.ENGINE_FREE).tolist():
                 info = self._engine_info(slot)
                 info["alive"] = self._alive(slot)
                 out.append(info)
@@ -525,7 +647,7 @@ class SharedG2:
             out = []
             for ns in np.flatnonzero(nss["state"] == S.LIVE).tolist():
                 reg = self._registry(ns)
-                members = (eng["state"] == S.ENGINE_LIVE) & (eng["ns"] == ns)
+                members = (eng["state"] != S.ENGINE_FREE) & (eng["ns"] == ns)
                 hits = int(nss["retired_hits"][ns]) + int(eng["match_hits"][members].sum())
                 queries = int(nss["retired_queries"][ns]) + int(eng["match_queries"][members].sum())
                 out.append({"namespace": ns, "label": nss["label"][ns].decode(errors="replace"),
@@ -561,9 +683,9 @@ class SharedG2:
                 if off < 0 or n < 1 or off + n > self.total_blocks:
                     raise RegistryError(f"namespace {ns}: blocks [{off}, {off + n}) outside G2's {self.total_blocks}")
                 spans.append((off, off + n, ns))
-                members = np.flatnonzero((eng["state"] == S.ENGINE_LIVE) & (eng["ns"] == ns)).tolist()
+                members = np.flatnonzero((eng["state"] != S.ENGINE_FREE) & (eng["ns"] == ns)).tolist()
                 if len(members) != int(nss["engines"][ns]) or not members:
-                    raise RegistryError(f"namespace {ns}: {len(members)} live engines, its count says "
+                    raise RegistryError(f"namespace {ns}: {len(members)} engines (live or retired), its count says "
                                         f"{int(nss['engines'][ns])}")
                 reg = self._registry(ns)
                 reg.check_invariants()
@@ -584,7 +706,7 @@ class SharedG2:
             for (_, hi, a), (lo, _, b) in zip(spans, spans[1:]):
                 if lo < hi:
                     raise RegistryError(f"namespaces {a} and {b} overlap at block {lo}")
-            for s in np.flatnonzero(eng["state"] == S.ENGINE_LIVE).tolist():
+            for s in np.flatnonzero(eng["state"] != S.ENGINE_FREE).tolist():
                 if nss["state"][int(eng["ns"][s])] != S.LIVE:
                     raise RegistryError(f"engine slot {s} is in namespace {int(eng['ns'][s])}, which is not live")
 

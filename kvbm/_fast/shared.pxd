@@ -83,7 +83,9 @@ ctypedef struct NsEntry:
     uint64_t retired_hits     # match hits of engines that left it (for status)
     uint64_t retired_queries  # match queries of engines that left it
     char label[64]            # the fingerprint, cut to 63 bytes, NUL padded (status only)
-    uint64_t pad[2]           # 0 (keeps the entry 160 bytes)
+    int64_t drainer           # engine slot + 1 that drains its evicted ring (0: none yet): one per
+                              #   namespace, so that no engine's drain takes another's evictions
+    uint64_t pad[1]           # 0 (keeps the entry 160 bytes)
 
 
 ctypedef struct EngineEntry:
@@ -102,7 +104,10 @@ ctypedef struct EngineEntry:
     uint64_t released         # pins given back by release
     int64_t pinned            # pins held now (the sum of its pins row)
     char engine_id[64]        # the engine's name, NUL padded
-    uint64_t pad[3]           # 0 (keeps the entry 192 bytes: three cache lines)
+    uint64_t workers          # bit per path worker (1 << Path) holding this engine's registration:
+                              #   a transfer of it may still touch its blocks (set and cleared by
+                              #   the workers; a RETIRED slot is freed when it reaches 0)
+    uint64_t pad[2]           # 0 (keeps the entry 192 bytes: three cache lines)
 
 
 cdef enum:
@@ -111,6 +116,8 @@ cdef enum:
     NS_LIVE = 2
     ENG_FREE = 0
     ENG_LIVE = 1
+    ENG_RETIRED = 2               # left or dead while a worker held its registration: its holds
+                                  #   stay (quarantined) until no worker does
     MARK_CLEAN = -1
     MARK_TABLES = -3
     HOLDER_OTHER = -2

@@ -61,13 +61,13 @@ cdef extern from "<sys/file.h>" nogil:
         LOCK_UN
 
 cdef uint64_t G2_MAGIC = 0x6B76626D47325331ULL    # "kvbmG2S1"
-cdef uint64_t G2_VERSION = 1
+cdef uint64_t G2_VERSION = 2    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer
 cdef int64_t PAGE = sysconf(_SC_PAGESIZE)
 
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 NS_STATES = {NS_FREE: "free", NS_INIT: "init", NS_LIVE: "live"}
 FREE, INIT, LIVE = NS_FREE, NS_INIT, NS_LIVE
-ENGINE_FREE, ENGINE_LIVE = ENG_FREE, ENG_LIVE
+ENGINE_FREE, ENGINE_LIVE, ENGINE_RETIRED = ENG_FREE, ENG_LIVE, ENG_RETIRED
 CLEAN, TABLES, OTHER = MARK_CLEAN, MARK_TABLES, HOLDER_OTHER
 
 if sizeof(LockLine) > 128 or sizeof(EngineEntry) != 192 or sizeof(NsEntry) != 160:
@@ -138,29 +138,29 @@ HEADER_DTYPE = np.dtype({
 
 NS_DTYPE = np.dtype({
     "names": ["key0", "key1", "state", "engines", "block_offset", "num_blocks", "ghost_blocks",
-              "generation", "created_ns", "retired_hits", "retired_queries", "label"],
-    "formats": ["u8", "u8", "u4", "u4", "i8", "i8", "i8", "u8", "u8", "u8", "u8", "S64"],
+              "generation", "created_ns", "retired_hits", "retired_queries", "label", "drainer"],
+    "formats": ["u8", "u8", "u4", "u4", "i8", "i8", "i8", "u8", "u8", "u8", "u8", "S64", "i8"],
     "offsets": [_off(&_n0.key0, &_n0), _off(&_n0.key1, &_n0), _off(&_n0.state, &_n0),
                 _off(&_n0.engines, &_n0), _off(&_n0.block_offset, &_n0),
                 _off(&_n0.num_blocks, &_n0), _off(&_n0.ghost_blocks, &_n0),
                 _off(&_n0.generation, &_n0), _off(&_n0.created_ns, &_n0),
                 _off(&_n0.retired_hits, &_n0), _off(&_n0.retired_queries, &_n0),
-                _off(&_n0.label, &_n0)],
+                _off(&_n0.label, &_n0), _off(&_n0.drainer, &_n0)],
     "itemsize": sizeof(NsEntry)})
 
 ENGINE_DTYPE = np.dtype({
     "names": ["state", "ns", "pid", "start_time", "generation", "joined_ns", "match_calls",
               "match_queries", "match_hits", "allocated", "registered", "deduplicated",
-              "released", "pinned", "engine_id"],
+              "released", "pinned", "engine_id", "workers"],
     "formats": ["u4", "i4", "i8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8", "u8",
-                "i8", "S64"],
+                "i8", "S64", "u8"],
     "offsets": [_off(&_e0.state, &_e0), _off(&_e0.ns, &_e0), _off(&_e0.pid, &_e0),
                 _off(&_e0.start_time, &_e0), _off(&_e0.generation, &_e0),
                 _off(&_e0.joined_ns, &_e0), _off(&_e0.match_calls, &_e0),
                 _off(&_e0.match_queries, &_e0), _off(&_e0.match_hits, &_e0),
                 _off(&_e0.allocated, &_e0), _off(&_e0.registered, &_e0),
                 _off(&_e0.deduplicated, &_e0), _off(&_e0.released, &_e0),
-                _off(&_e0.pinned, &_e0), _off(&_e0.engine_id, &_e0)],
+                _off(&_e0.pinned, &_e0), _off(&_e0.engine_id, &_e0), _off(&_e0.workers, &_e0)],
     "itemsize": sizeof(EngineEntry)})
 
 
@@ -318,6 +318,16 @@ cdef class SharedTables:
     @property
     def lock_stats(self) -> dict:
         return {"acquired": self.lk.acquired, "contended": self.lk.contended}
+
+
+def table_states(BlockRegistry reg):
+    """A copy of the registry's block states (uint8 per block: kvbm._fast.registry's ST_*)."""
+    out = np.empty(reg.h.num_blocks, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    cdef int64_t b
+    for b in range(reg.h.num_blocks):
+        o[b] = reg.state[b]
+    return out
 
 
 def table_refcounts(BlockRegistry reg):
@@ -645,10 +655,21 @@ cdef class SharedBlockRegistry:
             self._exit()
 
     def drain_evicted(self):
-        """BlockRegistry.drain_evicted: the namespace's ring, shared by its engines (one drains
-        for all)."""
+        """BlockRegistry.drain_evicted of the namespace's ring. The ring is the namespace's, not
+        this engine's: an eviction by any engine's allocation lands in it, and a drain takes them
+        all. So one engine per namespace drains it: the first to call (its `drainer`, until it
+        leaves or is reaped); another engine's call is a RegistryError. Its users are the disk
+        tier's cleaner (G2 victims to write to G3, one engine per kvbm-workers instance with a disk
+        tier) and KV events (their BlockRemoved of G2 come from that one engine)."""
         self._enter(True)
+        cdef NsEntry *ns = &self.t.nss[self.namespace]
         try:
+            if ns.drainer == 0:
+                ns.drainer = self.slot + 1
+            elif ns.drainer != self.slot + 1:
+                raise RegistryError(f"drain_evicted: namespace {self.namespace}'s evicted blocks are "
+                                    f"drained by engine slot {ns.drainer - 1}, not {self.slot}: one "
+                                    f"drainer per namespace")
             return self.reg.drain_evicted()
         finally:
             self._exit()

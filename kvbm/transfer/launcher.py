@@ -17,6 +17,10 @@ does it start a WorkersProcess (whose supervisor removes a dead owner's leftover
 lock) and wait for the endpoints.json written by that child. A TP rank other than 0 starts nothing:
 it waits for rank 0's instance to run.
 
+The embedded default gets the shared G2 registry too (--layout, from the engine's layout): engines
+that connect to it later (data-parallel replicas of one model) share its G2 and its cache. It
+lives as long as the engine that started it.
+
 Settings: the child runs on the engine's resolved settings alone. They travel as flags (the G2 size
 in bytes, as the engine sized it; the disk tier in the unit it was given) and as the three KVBM_*
 variables set in child_env(); every other KVBM_* of the engine's environment, KVBM_CONFIG included,
@@ -35,12 +39,19 @@ from dataclasses import dataclass
 
 from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig, lane_spin_default
 from kvbm.errors import KvbmError, KvbmTimeoutError, LifecycleError
+from kvbm.layout import LayoutConfig
 from kvbm.shm import RuntimeDir, check_shm_room
 from kvbm.transfer.manager import TransferManager
 from kvbm.wire.auth import ClientKeys
 from kvbm.wire.channel import Endpoints
 
 logger = logging.getLogger(__name__)
+
+
+def layout_spec(layout: LayoutConfig) -> str:
+    """The --layout flag of kvbm-workers for `layout` (kvbm.cli.parse_layout reads it back)."""
+    return (f"layers={layout.num_layers},outer={layout.outer_dim},page={layout.page_size},"
+            f"inner={layout.inner_dim},dtype={layout.dtype},alignment={layout.alignment}")
 
 
 def _package_root() -> str:
@@ -99,12 +110,14 @@ def await_instance(config: KvbmConfig, timeout: float) -> str:
 
 
 def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bool = True, wait: bool = False,
-                    timeout: float = 60.0, engine_id: str | None = None,
-                    stats_fn=None) -> tuple[TransferManager, WorkersProcess | None]:
+                    timeout: float = 60.0, engine_id: str | None = None, stats_fn=None,
+                    layout: LayoutConfig | None = None) -> tuple[TransferManager, WorkersProcess | None]:
     """A TransferManager connected to the instance of `config`, and the WorkersProcess started for
     it (None when one ran already). With `start`, an instance that does not run is started with a
-    G2 of `host_bytes` (`what` names it in a /dev/shm shortage); with `wait`, it is waited for
-    (another process starts it); with neither, LifecycleError. The caller stops the process."""
+    G2 of `host_bytes` (`what` names it in a /dev/shm shortage) and, given the engine's `layout`,
+    the shared G2 registry over it (kvbm.shared_g2: one block of G2 is one block of that layout);
+    with `wait`, it is waited for (another process starts it); with neither, LifecycleError. The
+    caller stops the process."""
     workers = None
     if wait:
         endpoint = await_instance(config, timeout)
@@ -117,7 +130,7 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
             raise LifecycleError(f"no kvbm-workers runs for instance {config.instance_id} "
                                  f"({config.resolved_runtime_dir()})")
         check_shm_room(host_bytes, what)
-        workers = WorkersProcess(config, host_bytes)
+        workers = WorkersProcess(config, host_bytes, layout=layout)
         endpoint = workers.start(timeout)
         supervisor_pid = workers.pid
     else:
@@ -143,9 +156,11 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
 class WorkersProcess:
     """kvbm-workers as a child of the engine."""
 
-    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None) -> None:
+    def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None,
+                 layout: LayoutConfig | None = None) -> None:
         self.config = config
         self.host_bytes = host_bytes
+        self.layout = layout if layout is not None else config.layout   # G2's blocks: the shared registry's
         self.log_level = log_level or config.log_level
         self.proc: subprocess.Popen | None = None
 
@@ -156,6 +171,8 @@ class WorkersProcess:
                "--exit-with-parent", "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
         if c.runtime_dir:
             cmd += ["--runtime-dir", c.runtime_dir]
+        if self.layout is not None:
+            cmd += ["--layout", layout_spec(self.layout), "--policy", c.policy, "--ghost-ratio", str(c.ghost_ratio)]
         if c.force_cpu:
             cmd.append("--force-cpu")
         if c.disk_path and c.disk_blocks:

@@ -63,6 +63,7 @@ from kvbm.errors import (
 )
 from kvbm.layout import BlockLayout
 from kvbm.wire import protocol as P
+from kvbm.workers.admission import Member
 from kvbm.workers.path_worker import PathWorker, build_parser
 from kvbm.workers.path_worker import main as worker_main
 
@@ -91,6 +92,7 @@ class DiskRegistration:
     memory: _NoMemory = field(default_factory=_NoMemory)
     group: str = ""     # the engine this registration is a rank of (one rank at most here, see below)
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
+    member: Member | None = None   # its shared G2 membership (held: its staging blocks wait for our reads)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class DiskCounters:
 
 class DiskWorker(PathWorker):
     PIN_HOST = False
+    SHARED_ENGINES = False   # one store, written by one engine's registry: one engine per instance
     LANES = False   # its requests carry per-block arrays and message fields: ZeroMQ only
     XFER_FIELDS = P.DISK_XFER_FIELDS
 
@@ -135,14 +138,19 @@ class DiskWorker(PathWorker):
         _, host_map, _ = P.validate_register(msg, need_memory=False)
         host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
-        self._refuse_second_engine(engine, group, host_offset, host)
+        member = self._admit(engine, int(msg.get("pid", 0)), group, host_offset, host)
         self._refuse_ranks(engine, group, host_offset)
         self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
         disk = msg.get("disk")
         if disk is not None:
             self._open_store(host, disk)
-        self.engines[engine] = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident, group=group,
-                                                host_offset=host_offset)
+        old = self.engines.pop(engine, None)
+        if old is not None:
+            self._forget(old)
+        reg = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident, group=group, host_offset=host_offset,
+                               member=member)
+        self._hold(reg)
+        self.engines[engine] = reg
         logger.info("disk worker gen %d: engine %s registered (%d host blocks, store %s)", self.gen, engine,
                     host.num_blocks, "open" if self.store is not None else "not open")
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,

@@ -9,8 +9,14 @@ Order of things:
      its endpoint as a CURVE server (ipc socket file chmod 0600), tells the supervisor READY
   4. serves: drains every waiting message into a priority heap, answers control messages at once,
      runs the highest-priority copy, repeats. Engines first REGISTER their device memory and
-     layouts (one live engine per instance: its host layout starts at host_offset of G2; the TP
-     ranks of one engine register under one `group`, each over its own disjoint G2 range); XFER
+     layouts, their host layout starting at host_offset of G2. Who may register beside whom
+     (kvbm.workers.admission): with the shared G2 registry (--registry), an engine that is a live
+     member of it (its id and pid in the registry's engine table, which the worker reads itself:
+     the message is not trusted) registers exactly its namespace's range of G2, and engines of one
+     namespace share theirs; every other engine is alone on the instance (the TP ranks of one
+     engine register under one `group`, each over its own disjoint G2 range). A member's
+     registration is held in its engine slot until it is dropped with no copy of it left running:
+     a dead engine's G2 blocks are not reused while a copy may write them. XFER
      requests are validated against those (block indices in range, counts, caps) and
      against this worker's generation (a request meant for a dead predecessor is answered STALE
      and not executed, so nothing writes into blocks the engine already gave up on).
@@ -38,10 +44,12 @@ import zmq
 from kvbm._fast.lane import spin as spin_lanes
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
+from kvbm.shared_g2 import SharedG2
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
 from kvbm.wire.channel import bind_socket, connect_socket, make_context
+from kvbm.workers.admission import Admission, Member
 from kvbm.workers.copy import Copier, DeviceMemory
 from kvbm.workers.lanes import LaneItem, WorkerBell, WorkerLane
 
@@ -60,6 +68,7 @@ class Registration:
     group: str = ""     # the engine this registration is a TP rank of ("": an engine of its own)
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
     lane: WorkerLane | None = None   # its shared-memory lane, when it offered one we could map
+    member: Member | None = None     # its membership of the shared G2 (None: an engine of its own)
 
 
 @dataclass
@@ -116,8 +125,9 @@ def _die_with_parent() -> None:
         logger.debug("prctl unavailable; relying on the parent-pid check")
 
 
-class PathWorker:
+class PathWorker(Admission):
     PIN_HOST = True  # CUDA mode pins G2 in this process (the disk worker's NIXL POSIX I/O does not need it)
+    SHARED_ENGINES = True  # members of one shared G2 namespace register side by side (the disk worker: one store)
     LANES = True     # takes small requests through shared-memory lanes (the disk worker's carry per-block arrays)
     XFER_FIELDS = P.XFER_FIELDS  # what an xfer may carry (the disk worker's carry per-block arrays too)
 
@@ -139,6 +149,10 @@ class PathWorker:
         self._busy_until = 0.0
         self._seq = 0
         self.host_segment = Segment.attach(args.segment, args.segment_size, populate=True)
+        registry = getattr(args, "registry", "")
+        self.g2 = SharedG2.attach(registry) if registry else None   # the shared G2's engine table
+        self.g2_block_bytes = getattr(args, "registry_block_bytes", 0)
+        self.worker_bit = 1 << int(self.path)   # this worker's bit in an engine slot's `workers`
         self.pin_s = self.host_segment.pin() if self.cuda and self.PIN_HOST else 0.0
         server_keys, client_keys = _read_keys(args.keys_dir)
         self.ctx = make_context()
@@ -294,7 +308,7 @@ class PathWorker:
                     self._finish_in_flight()  # no copy may still read or write the mappings
                     reg = self.engines.pop(engine, None)  # type: ignore[arg-type]
                     if reg is not None:
-                        _drop(reg)
+                        self._forget(reg)
                     self._reply(ident, {"t": P.MsgType.PONG, "id": P.request_id_of(msg), "gen": self.gen,
                                         "dropped": reg is not None})
                 elif kind == P.MsgType.STATS:
@@ -340,12 +354,12 @@ class PathWorker:
         device = P.layout_from_wire(device_map)
         host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
-        self._refuse_second_engine(engine, group, host_offset, host)
+        member = self._admit(engine, int(msg.get("pid", 0)), group, host_offset, host)
         self._check_owner(ident, self.engines.get(engine), "register")
         self._finish_in_flight()
         old = self.engines.pop(engine, None)
         if old is not None:
-            _drop(old)     # a re-registration: the old mappings go in the same order as any other's
+            self._forget(old)     # a re-registration: the old mappings go in the same order as any other's
         mem = DeviceMemory(memory, device, self.cuda)
         try:
             host_ptrs = [self.host_segment.address + host_offset]
@@ -357,8 +371,14 @@ class PathWorker:
             mem.close()
             raise
         lane, lane_error = self._attach_lane(msg, engine)
-        self.engines[engine] = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident,
-                                            group, host_offset, lane)
+        reg = Registration(engine, int(msg.get("pid", 0)), device, host, mem, copier, ident, group, host_offset,
+                           lane, member)
+        try:
+            self._hold(reg)
+        except ProtocolError:
+            _drop(reg)
+            raise
+        self.engines[engine] = reg
         logger.info("%s worker gen %d: engine %s registered (%d device blocks, %d host blocks at G2 byte %d, %s%s)",
                     self.path.label, self.gen, engine, device.num_blocks, host.num_blocks, host_offset, mem.kind,
                     ", lane" if lane else "")
@@ -397,9 +417,15 @@ class PathWorker:
                                 f"{self.host_segment.size}")
         return host, group, host_offset
 
+    def _forget(self, reg) -> None:
+        """Drops a registration (no copy of it may still run: the caller finished them) and lets go
+        of its engine slot in the shared G2."""
+        _drop(reg)
+        self._let_go(reg)
+
     def _refuse_second_engine(self, engine: str, group: str, host_offset: int, host: BlockLayout) -> None:
         """An engine's registry manages every G2 block its host layout covers, so two engines on one
-        instance would overwrite each other's blocks. Until a shared registry exists, one live
+        instance that do not share the G2 registry would overwrite each other's blocks: one live
         engine per instance: a dead one (pid gone) or one that unregistered frees the slot; the same
         engine registering again (worker restart) is fine. The TP ranks of one engine (registrations
         sharing one non-empty `group`) are one engine: they coexist, each over its own G2 range, and
@@ -412,7 +438,9 @@ class PathWorker:
                 raise ProtocolError(f"engine {other!r:.80} (pid {reg.pid}) is already attached to this kvbm "
                                     f"instance (G2 segment {self.host_segment.name}); a second engine would "
                                     f"overwrite its host blocks. Close it first, or give this engine its own "
-                                    f"instance_id")
+                                    f"instance_id" + ("" if self.g2 is not None else
+                                                      " (engines share an instance whose kvbm-workers runs with "
+                                                      "the model's --layout: the shared G2 registry)"))
             lo, hi = host_offset, host_offset + host.total_bytes
             other_lo, other_hi = reg.host_offset, reg.host_offset + reg.host.total_bytes
             if lo < other_hi and other_lo < hi:
@@ -571,11 +599,11 @@ class PathWorker:
                 self._finish_in_flight()
                 logger.warning("%s worker: engine %s (pid %d) is gone; dropping its registration",
                                self.path.label, engine, reg.pid)
-                _drop(self.engines.pop(engine))
+                self._forget(self.engines.pop(engine))
 
     def close(self) -> None:
         for reg in self.engines.values():
-            _drop(reg)
+            self._forget(reg)
         self.engines.clear()
         self.sock.close(0)
         self.control.close(0)
@@ -584,6 +612,9 @@ class PathWorker:
         self.gate.stop()  # after the server socket: libzmq admits anyone while no handler is bound
         self.ctx.term()
         self.host_segment.close()
+        if self.g2 is not None:
+            self.g2.close()
+            self.g2 = None
 
 
 def _drop(reg: Registration) -> None:
@@ -625,6 +656,8 @@ def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argpar
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--lane-spin-us", type=int, default=0,
                     help="keep polling the lanes this long before sleeping on the doorbell")
+    ap.add_argument("--registry", default="", help="the shared G2 registry's segment (its engine table)")
+    ap.add_argument("--registry-block-bytes", type=int, default=0, help="bytes of one G2 block of the shared registry")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")

@@ -6,7 +6,7 @@ Order of things:
   2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder;
      with the model layout known (--layout), the shared G2 registry's segment too
      (kvbm.shared_g2: host_bytes // block_stride blocks, partitioned among the engines' namespaces),
-     named in the welcome; engines do not join it yet
+     named in the welcome and given to every worker (each checks engines against its engine table)
   3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
      the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
      peer that read the keys from the 0600 runtime dir gets an answer or an event
@@ -251,6 +251,8 @@ class Supervisor:
                "--parent-pid", str(os.getpid())]
         if slot.path in P.DISK_PATHS:
             cmd += _disk_worker_args(self.config, self._disk_dir)
+        if self.registry is not None:
+            cmd += ["--registry", self.registry.name, "--registry-block-bytes", str(self.config.layout.block_stride)]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -305,6 +307,16 @@ class Supervisor:
             if self.interval > 0 and now >= next_summary:
                 next_summary = now + self.interval
                 logger.info("%s", self.summary_line())
+
+    def _worker_gone(self, path: P.Path) -> None:
+        """A dead worker runs no copy any more: it holds no engine's registration in the shared
+        registry (retired engines it was the last to hold give their blocks back)."""
+        if self.registry is None:
+            return
+        try:
+            self.registry.worker_gone(1 << int(path))
+        except KvbmError:
+            logger.error("shared G2 registry: clearing the %s worker's holds failed", path.label, exc_info=True)
 
     def _reap_registry(self) -> None:
         """Frees the shared registry's slots (and holds) of engines whose process is gone: an
@@ -506,6 +518,7 @@ class Supervisor:
                          slot.path.label, slot.gen, proc.pid, code)
             for path in _served(slot.path):
                 self._publish(P.make_event("died", path, slot.gen, pid=proc.pid, exitcode=code))
+            self._worker_gone(slot.path)
             slot.proc = None
             slot.ready = False
             slot.restarts += 1

@@ -42,7 +42,30 @@ def test_demo_runs_the_pipeline_end_to_end(queue, waiting):
 
 
 def test_demo_refuses_bad_arguments():
-    for bad in (["--queue", "-1"], ["--requests", "0"], ["--disk-blocks", "-1"]):
+    for bad in (["--queue", "-1"], ["--requests", "0"], ["--disk-blocks", "-1"], ["--engines", "0"]):
         out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", *bad], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 2 and "must be >= " in out.stderr, out.stderr
+
+
+def test_demo_with_two_engines_shares_one_g2():
+    """--engines 2: two engine processes against one kvbm-workers and its shared G2 registry; each
+    onboards blocks the other offloaded (cross-engine hits), every block verified."""
+    tmp = tempfile.mkdtemp(prefix="kvd-")
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", "--engines", "2", "--requests", "32"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
+        left = os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    engines = re.findall(r"engine (\d): 32 requests, \d+ blocks: .* onboarded from G2 \((\d+) of them offloaded by "
+                         r"another engine\)", text)
+    assert [e for e, _ in engines] == ["0", "1"], text
+    cross = re.search(r"(\d+) cross-engine hits", text)
+    assert cross and int(cross.group(1)) == sum(int(c) for _, c in engines) > 0, text
+    assert re.search(r"shared G2 namespace 0: 2 engines, quota 256 blocks", text), text
+    verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
+    assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
+    assert not left, f"the demo left {left} behind in its temp dir"

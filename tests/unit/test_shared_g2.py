@@ -532,3 +532,107 @@ def test_lineage_namespaces_get_their_ghost_tables(make_g2):
         fill(a.registry, list(range(lo, lo + 8)), parents=[0] + list(range(lo, lo + 7)))
     assert a.registry.num_ghosts > 0
     g2.check_invariants()
+
+
+# ---- quarantine: a dead engine's blocks while a path worker holds its registration --------------
+
+D2H_BIT, H2D_BIT = 1 << 1, 1 << 2
+
+
+def test_a_dead_engine_held_by_a_worker_keeps_its_blocks_until_the_worker_lets_go(make_g2):
+    """An offload's G2 blocks (allocated, not registered: a D2H may still write them) of an engine
+    that died are not handed out while a worker holds its registration; the worker letting go frees
+    them, and the last engine of the namespace then frees it."""
+    g2 = make_g2(total=16, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    d = dead_join(g2, "d")
+    fill(a.registry, [1, 2])
+    writing = d.registry.allocate(4)                 # the dead engine's offload, copy in flight
+    member = g2.member("d")
+    assert member["slot"] == d.slot and member["namespace"] == a.namespace and not member["alive"]
+    assert g2.worker_hold(d.slot, d.generation, D2H_BIT) and g2.worker_hold(d.slot, d.generation, H2D_BIT)
+    assert g2.reap()[0]["quarantined"] == 4
+    info = {e["engine_id"]: e for e in g2.engines()}
+    assert info["d"]["state"] == "retired" and info["d"]["pinned"] == 4 and info["d"]["workers"] == [1, 2]
+    assert g2.member("d") is None and g2.namespace_of(d.slot, d.generation) == -1
+    with pytest.raises(LifecycleError):
+        d.registry.allocate(1)                       # a retired slot makes no calls
+    got = a.registry.allocate(16 - 4)                # everything but the quarantined blocks
+    assert got is not None and not set(got.tolist()) & set(writing.tolist())
+    assert a.registry.allocate(1) is None
+    g2.check_invariants()
+    assert g2.worker_let_go(d.slot, d.generation, D2H_BIT) is None     # H2D still holds it
+    assert g2.worker_let_go(d.slot, d.generation, H2D_BIT)["released"] == 4
+    assert [e["engine_id"] for e in g2.engines()] == ["a"] and a.registry.num_free == 4
+    a.registry.release(got)
+    g2.check_invariants()
+    assert a.leave() and g2.namespaces() == []
+
+
+def test_a_dead_worker_lets_go_of_every_registration_and_a_retired_namespace_lives_on(make_g2):
+    """worker_gone (the supervisor saw the worker exit) clears its bit everywhere; a namespace whose
+    only engine is retired stays until the slot is freed, so a new engine of it shares its blocks."""
+    g2 = make_g2(total=16, max_namespaces=1)
+    d = dead_join(g2, "d")
+    fill(d.registry, [7])
+    held = d.registry.match([7])
+    assert g2.worker_hold(d.slot, d.generation, D2H_BIT)
+    g2.reap()
+    b = g2.join("b", PID, "m")                       # joins the retired engine's namespace
+    assert b.namespace == d.namespace and b.registry.lookup([7])[0] == held[0]
+    assert g2.worker_gone(D2H_BIT)[0]["released"] == 1
+    assert [e["engine_id"] for e in g2.engines()] == ["b"]
+    assert b.registry.match([7]).tolist() == held.tolist()   # still cached, now inactive -> held by b
+    g2.check_invariants()
+
+
+def test_leave_while_a_worker_holds_the_registration_retires_the_engine(make_g2):
+    g2 = make_g2(total=8, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    blocks = a.registry.allocate(2)
+    assert g2.worker_hold(a.slot, a.generation, D2H_BIT)
+    assert a.leave()
+    assert g2.engines()[0]["state"] == "retired" and g2.namespaces()[0]["free"] == 6
+    assert not g2.worker_hold(a.slot, a.generation, H2D_BIT)    # not live: no new holds
+    assert g2.worker_let_go(a.slot, a.generation, D2H_BIT)["released"] == 2
+    assert g2.engines() == [] and g2.namespaces() == []
+    del blocks
+
+
+def test_a_holder_that_died_mid_call_keeps_its_unregistered_blocks_while_a_worker_holds_it(make_g2):
+    """The recovery drops a dead holder's holds (it may have half-moved them), except those on
+    allocated, unregistered blocks while a worker holds its registration: a copy may write them."""
+    g2 = make_g2(total=16, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    d = dead_join(g2, "d")
+    fill(d.registry, [1, 2])
+    d.registry.match([1, 2])                         # registered holds: dropped by the repair
+    writing = d.registry.allocate(3)                 # unregistered: kept
+    assert g2.worker_hold(d.slot, d.generation, D2H_BIT)
+    g2.tables.mark(d.slot, d.namespace)              # died mid-call
+    a.registry.lookup([1])                           # the next locker repairs
+    e = {x["engine_id"]: x for x in g2.engines()}["d"]
+    assert e["state"] == "retired" and e["pinned"] == 3
+    assert sorted(np.flatnonzero(S.table_refcounts(g2._registry(a.namespace))).tolist()) == sorted(writing.tolist())
+    g2.check_invariants()
+    g2.worker_let_go(d.slot, d.generation, D2H_BIT)
+    assert a.registry.num_free == 14 and a.registry.num_inactive == 2
+    g2.check_invariants()
+
+
+def test_one_engine_drains_a_namespaces_evicted_ring(make_g2):
+    """The ring holds every engine's evictions: the first engine to drain it is its drainer, another
+    engine's drain is refused, and the ring passes on when the drainer leaves."""
+    g2 = make_g2(total=4, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    b = g2.join("b", PID, "m")
+    fill(a.registry, [1, 2, 3, 4])
+    assert a.registry.drain_evicted().tolist() == []
+    fill(b.registry, [5, 6])                      # b's allocation evicts two of a's blocks
+    with pytest.raises(RegistryError, match="one drainer per namespace"):
+        b.registry.drain_evicted()
+    assert sorted(a.registry.drain_evicted().tolist()) == [1, 2]
+    a.leave()
+    fill(b.registry, [7])
+    assert b.registry.drain_evicted().tolist() == [3]
+    g2.check_invariants()

@@ -1,0 +1,124 @@
+"""KvBlockManager engines in processes of their own, against one kvbm-workers and its shared G2,
+for tests/integration/test_shared_g2_engines.py (multiprocessing's spawn context: a fresh
+interpreter per engine, nothing inherited).
+
+  serve   an engine driven over a pipe. It connects (start=False: the test started kvbm-workers),
+          says ("ready", lease info) or ("error", text), then answers one message per command:
+            ("offload", hashes, blocks, wait)  writes content(hash) into the device blocks and
+                                               offloads them (wait: for the result; else at once)
+            ("onboard", hashes, blocks)        poisons the device blocks, onboards, compares every
+                                               loaded block with content(hash): (loaded, mismatches)
+            ("match", hashes)                  G2's prefix length
+            ("load", seed, iterations, prompts, length)  seeded requests over shared prompts:
+                                               match -> onboard (checked) -> offload the rest,
+                                               a ("progress", i) after each; then ("done", stats)
+            ("pinned",)                        this engine's holds in the shared G2
+            ("close",)                         closes the manager (leaves the shared G2)
+
+Device blocks hold content(hash) = the demo's Model.kv_of (a pure function of the hash): a block
+onboarded under a hash whose bytes differ was served wrong.
+"""
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+
+from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+from kvbm.pools import Tier
+
+LAYOUT = LayoutConfig(num_layers=2, outer_dim=2, page_size=4, inner_dim=32, dtype="float16")  # 1 KiB blocks
+DEVICE_BLOCKS = 32
+WAIT_S = 120.0
+
+
+def _lease_info(kv) -> dict:
+    lease = kv.shared_g2
+    return {"engine_id": lease.engine_id, "slot": lease.slot, "namespace": lease.namespace,
+            "block_offset": lease.block_offset, "num_blocks": lease.num_blocks}
+
+
+def serve(conn, config) -> None:
+    import kvbm
+    from kvbm.demo import Model
+    try:
+        kv = kvbm.KvBlockManager(config)
+        layout = BlockLayout(LAYOUT, LayoutType.LAYER_SEPARATE, DEVICE_BLOCKS)
+        tensors = kv.create_device_tensors(layout, device="cpu")
+        kv.register_device_tensors(tensors, layout, start=False, timeout=WAIT_S)
+    except BaseException as err:   # noqa: BLE001 - the test reads the reason
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    model = Model(layout, tensors, "cpu")
+    conn.send(("ready", _lease_info(kv)))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        try:
+            op = msg[0]
+            if op == "offload":
+                _, hashes, blocks, wait = msg
+                model.write(blocks, hashes)
+                fut = kv.offload(blocks, hashes)
+                if wait:
+                    res = fut.result(WAIT_S).value
+                    conn.send(("offloaded", {"moved": res.moved, "held": res.held, "dropped": res.dropped}))
+                else:
+                    conn.send(("submitted", None))
+            elif op == "onboard":
+                _, hashes, blocks = msg
+                conn.send(("onboarded", _onboard(kv, model, hashes, blocks)))
+            elif op == "match":
+                conn.send(("matched", int(kv.match(msg[1]).prefix.get(Tier.G2, 0))))
+            elif op == "load":
+                _, seed, iterations, prompts, length = msg
+                conn.send(("done", _load(conn, kv, model, seed, iterations, prompts, length)))
+            elif op == "pinned":
+                conn.send(("pinned", int(kv.shared_g2.registry.pinned)))
+            elif op == "close":
+                kv.close()
+                conn.send(("closed", None))
+                return
+            else:
+                conn.send(("error", f"unknown op {op!r}"))
+        except BaseException:   # noqa: BLE001 - the test reads the reason
+            conn.send(("error", traceback.format_exc()))
+
+
+def _onboard(kv, model, hashes, blocks) -> tuple[int, int]:
+    """Onboards into poisoned device blocks; (blocks loaded, loaded blocks whose bytes are wrong)."""
+    blocks = np.asarray(blocks, np.int64)
+    model.wipe(blocks)
+    res = kv.onboard(hashes, blocks).result(WAIT_S).value
+    k = res.loaded
+    if k == 0:
+        return 0, 0
+    got = model.read(blocks[:k])
+    wrong = sum(1 for i in range(k) if not np.array_equal(got[i], model.kv_of(int(hashes[i]))))
+    return k, wrong
+
+
+def prompt_hashes(prompt: int, length: int) -> list[int]:
+    """The hashes of shared prompt `prompt` (every engine's): distinct, never 0."""
+    return [(prompt + 1) << 20 | j for j in range(length)]
+
+
+def _load(conn, kv, model, seed, iterations, prompts, length) -> dict:
+    rng = np.random.default_rng(seed)
+    stats = {"requests": 0, "onboarded": 0, "mismatches": 0, "offloaded": 0}
+    blocks = np.arange(length, dtype=np.int64)
+    for i in range(iterations):
+        hashes = prompt_hashes(int(rng.integers(prompts)), length)[:int(rng.integers(length // 2, length + 1))]
+        loaded, wrong = _onboard(kv, model, hashes, blocks[:len(hashes)])
+        stats["onboarded"] += loaded
+        stats["mismatches"] += wrong
+        rest = hashes[loaded:]
+        if rest:
+            model.write(blocks[loaded:len(hashes)], rest)
+            res = kv.offload(blocks[loaded:len(hashes)], rest).result(WAIT_S).value
+            stats["offloaded"] += res.moved
+        stats["requests"] += 1
+        conn.send(("progress", i))
+    return stats
