@@ -26,7 +26,6 @@ import time
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.layout import LayoutConfig
-from kvbm.wire import protocol as P
 
 logger = logging.getLogger("kvbm.cli" if __name__ == "__main__" else __name__)  # `python -m kvbm.cli` too
 
@@ -212,6 +211,7 @@ def _registry_lines(reg: dict | None) -> list[str]:
 
 
 def _path_label(path: int) -> str:
+    from kvbm.wire import protocol as P  # lazily: `kvbm-workers --help` needs no msgpack (package smoke test)
     try:
         return P.Path(path).label
     except ValueError:

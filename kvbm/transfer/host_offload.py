@@ -96,11 +96,12 @@ class HostTransfers:
             parents = np.asarray(parents, dtype=np.uint64).reshape(-1)
             if parents.shape != hashes.shape:
                 raise LayoutError(f"offload: {parents.shape[0]} parents for {hashes.shape[0]} hashes")
-        _, first = np.unique(hashes, return_index=True)
-        first.sort()
-        device_blocks, hashes = device_blocks[first], hashes[first]
-        if parents is not None:
-            parents = parents[first]
+        if hashes.shape[0] > 1:   # one hash is unique: np.unique is most of a 1-block offload's numpy
+            _, first = np.unique(hashes, return_index=True)
+            first.sort()
+            device_blocks, hashes = device_blocks[first], hashes[first]
+            if parents is not None:
+                parents = parents[first]
         with self.lock:
             in_flight = np.zeros(len(hashes), bool)
             if self._offloading:
@@ -123,8 +124,10 @@ class HostTransfers:
             self._offloading.update(claimed)
             # Making room may have evicted blocks counted as held a moment ago: they are neither
             # held nor copied now, so they are reported as dropped, never as held.
-            still_held = (np.asarray(self.pool.lookup(hashes)) >= 0) | in_flight
-            lost = int((held_mask & ~still_held).sum())
+            lost = 0
+            if held_mask.any():
+                still_held = (np.asarray(self.pool.lookup(hashes)) >= 0) | in_flight
+                lost = int((held_mask & ~still_held).sum())
         held = int(held_mask.sum()) - lost
         dropped = want - n + lost
         todo_hashes = hashes[todo]
