@@ -4,6 +4,9 @@ thread that owns every socket.
 Parts (each concept in its own module):
   records.py   Submission / Request / WireRequest, RequestState, Outcome (what finalize is told)
   path_queue   PathQueue: one path's link, socket, priority queue (coalescing) and requests at the worker
+  lane.py      EngineLane: the path's shared-memory lane (small requests posted from the submitting
+               thread while the queue is empty and the window has room; completions read by the
+               I/O thread, which sleeps on its doorbell only after telling every lane)
   link.py      PathLink: our registration with one path worker across its generations
   budget.py    InflightBudget: the bound on bytes in flight (backpressure)
   futures.py   TransferFuture (layer progress) and TransferResult

@@ -22,7 +22,11 @@ Order of things:
      and not executed, so nothing writes into blocks the engine already gave up on).
      A registration belongs to the connection (ROUTER routing id) that made it: xfer and
      unregister naming that engine from any other connection are refused, and so is a second
-     register under its id from another connection while the engine lives. The queue is bounded
+     register under its id from another connection while the engine lives. An engine may offer a
+     shared-memory lane with its registration (kvbm.workers.lanes): its small requests then come
+     through the lane's ring into the same heap, get the same checks, and are answered through
+     its completion ring (errors and STALE still over ZeroMQ); an idle worker sleeps on its lanes'
+     doorbell beside the socket (or polls them for lane_spin_us first). The queue is bounded
      in requests (MAX_QUEUED) and in bytes (MAX_QUEUED_BYTES); past either, ERROR at once.
 Every failure inside a request becomes an ERROR completion, logged with exc_info; the loop goes on.
 SIGTERM ends it cleanly (unpin, close); SIGINT is ignored, since the supervisor owns shutdown.
