@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 
-from kvbm._fast.lane import FLAG_LAYERS, Lane, bytes_needed
+from kvbm._fast.lane import FLAG_LAYERS, Lane, LaneError, bytes_needed
 from kvbm.shm import Segment, segment_name
 from kvbm.transfer.records import RequestState, WireRequest
 from kvbm.wire.bell import Ringer
@@ -71,7 +71,12 @@ class EngineLane:
             if len(outstanding) + len(self.posted) >= window:
                 return False
             self.posted.append(wire)
-            rc = self.ring.post(wire.rid, wire.gen, sub.priority, FLAG_LAYERS if sub.layers else 0, req.src, req.dst)
+            try:
+                rc = self.ring.post(wire.rid, wire.gen, sub.priority, FLAG_LAYERS if sub.layers else 0, req.src,
+                                    req.dst)
+            except (LaneError, ValueError) as err:   # blocks the ring cannot hold: the queue's way
+                logger.debug("lane post refused: %s", err)
+                rc = 0
             if rc == 0:
                 self.posted.pop()
                 return False
@@ -83,7 +88,11 @@ class EngineLane:
     def post_wire(self, rid: int, gen: int, priority: int, layers: bool, src, dst, ringer: Ringer) -> bool:
         """The I/O thread's send of a (possibly coalesced) queued request; False: the ring is full."""
         with self.lock:
-            rc = self.ring.post(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
+            try:
+                rc = self.ring.post(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
+            except (LaneError, ValueError) as err:
+                logger.debug("lane post refused: %s", err)
+                return False
         if rc == 2 and self.worker_bell is not None:
             ringer.ring(self.worker_bell)
         return rc != 0

@@ -210,3 +210,23 @@ def test_a_worker_refuses_lanes_it_must_not_trust(tmp_path):
         lane.close()
         engine_bell.close()
         bells.close()
+
+
+def test_a_record_the_ring_cannot_hold_is_refused_without_a_trace():
+    """post() answers False (the caller takes the queue's way) for blocks the ring cannot take, and
+    leaves nothing posted: no wire waits for a completion that can never come."""
+    import time as _time
+
+    from kvbm.transfer.futures import TransferFuture
+    from kvbm.transfer.records import Request, RequestState, Submission, WireRequest
+
+    lane = EngineLane("tpost", "eng-p", 4)
+    try:
+        sub = Submission(P.Path.D2H, TransferFuture(P.Path.D2H, 5, 1), 0, 0, False, None, None, _time.monotonic())
+        for src in (np.arange(5, dtype=np.int64), np.arange(2, dtype=np.int32)):   # too many; not int64
+            req = Request(1, sub, src, src)
+            assert not lane.post(WireRequest(1, [req], 1, 0.0, 1.0), Ringer(), {}, 4)
+            assert lane.posted == [] and req.state is RequestState.QUEUED
+        assert lane.ring.counts == (0, 0, 0, 0)
+    finally:
+        lane.close()
