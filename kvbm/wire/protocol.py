@@ -181,10 +181,15 @@ def unpack_blocks(data: Any, field: str, limit: int, max_count: int = MAX_BATCH_
         raise ProtocolError(f"{field}: expected packed int64 bytes, got {type(data).__name__}")
     if len(data) % 8:
         raise ProtocolError(f"{field}: {len(data)} bytes is not a whole number of int64")
-    count = len(data) // 8
+    return check_blocks(np.frombuffer(data, dtype="<i8").astype(np.int64, copy=False), field, limit, max_count)
+
+
+def check_blocks(arr: np.ndarray, field: str, limit: int, max_count: int = MAX_BATCH_BLOCKS) -> np.ndarray:
+    """`arr` (int64) when it holds 1..max_count block indices, every one in [0, limit): what an
+    xfer's packed bytes unpack to, or a lane record's arrays (kvbm.workers.lanes)."""
+    count = arr.shape[0]
     if count == 0 or count > max_count:
         raise ProtocolError(f"{field}: {count} blocks, expected 1..{max_count}")
-    arr = np.frombuffer(data, dtype="<i8").astype(np.int64, copy=False)
     if count <= SMALL_ARRAY:
         values = arr.tolist()
         lo, hi = min(values), max(values)
@@ -305,8 +310,13 @@ def validate_xfer(msg: dict, src_limit: int, dst_limit: int, max_blocks: int) ->
         raise ProtocolError(f"layers: expected a bool, got {msg.get('layers')!r}")
     _check_gate(msg)
     cap = min(max_blocks, MAX_BATCH_BLOCKS)
-    src = unpack_blocks(msg.get("src"), "src", src_limit, cap)
-    dst = unpack_blocks(msg.get("dst"), "dst", dst_limit, cap)
+    return check_pair(unpack_blocks(msg.get("src"), "src", src_limit, cap),
+                      unpack_blocks(msg.get("dst"), "dst", dst_limit, cap))
+
+
+def check_pair(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) of checked block arrays (check_blocks) when they pair up: equal counts, no
+    destination named twice."""
     if src.shape[0] != dst.shape[0]:
         raise ProtocolError(f"src has {src.shape[0]} blocks, dst {dst.shape[0]}; expected equal counts")
     # np.unique even for a short dst: otherwise the disk worker's first read pays numpy's one-off

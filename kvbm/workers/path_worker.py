@@ -99,7 +99,7 @@ class InFlight:
     rid: int
     blocks: int
     nbytes: int
-    events: list        # (event, last layer landed when it fires): per group of layers, or one
+    events: list        # (event, last layer landed when it fires): one per layer, or one in all
     layers: bool
     t_recv: float
     t_start: float
@@ -505,16 +505,8 @@ class PathWorker(Admission):
                                                f"is generation {self.gen}", gen=self.gen))
                 return
             copier = reg.copier
-            src, dst = item.src, item.dst
-            n = int(src.shape[0])
-            if n > self.max_batch:
-                raise ProtocolError(f"lane request of {n} blocks; this worker takes at most {self.max_batch}")
-            for name, arr, limit in (("src", src, copier.src.num_blocks), ("dst", dst, copier.dst.num_blocks)):
-                lo, hi = (int(arr[0]), int(arr[0])) if n == 1 else (int(arr.min()), int(arr.max()))
-                if lo < 0 or hi >= limit:
-                    raise ProtocolError(f"{name} block {lo if lo < 0 else hi} out of range [0, {limit})")
-            if n > 1 and len(set(dst.tolist())) != n:
-                raise ProtocolError("dst names a block twice; destinations must be distinct")
+            src, dst = P.check_pair(P.check_blocks(item.src, "src", copier.src.num_blocks, self.max_batch),
+                                    P.check_blocks(item.dst, "dst", copier.dst.num_blocks, self.max_batch))
         except ProtocolError as err:
             self._malformed(ident, {"id": rid}, err)
             return
