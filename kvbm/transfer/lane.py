@@ -71,31 +71,34 @@ class EngineLane:
             if len(outstanding) + len(self.posted) >= window:
                 return False
             self.posted.append(wire)
-            try:
-                rc = self.ring.post(wire.rid, wire.gen, sub.priority, FLAG_LAYERS if sub.layers else 0, req.src,
-                                    req.dst)
-            except (LaneError, ValueError) as err:   # blocks the ring cannot hold: the queue's way
-                logger.debug("lane post refused: %s", err)
-                rc = 0
+            rc = self._write(wire.rid, wire.gen, sub.priority, sub.layers, req.src, req.dst)
             if rc == 0:
                 self.posted.pop()
                 return False
             req.state, req.gen = RequestState.SENT, wire.gen
-        if rc == 2 and self.worker_bell is not None:
-            ringer.ring(self.worker_bell)
+        self._wake(rc, ringer)
         return True
 
     def post_wire(self, rid: int, gen: int, priority: int, layers: bool, src, dst, ringer: Ringer) -> bool:
         """The I/O thread's send of a (possibly coalesced) queued request; False: the ring is full."""
         with self.lock:
-            try:
-                rc = self.ring.post(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
-            except (LaneError, ValueError) as err:
-                logger.debug("lane post refused: %s", err)
-                return False
+            rc = self._write(rid, gen, priority, layers, src, dst)
+        self._wake(rc, ringer)
+        return rc != 0
+
+    def _write(self, rid: int, gen: int, priority: int, layers: bool, src, dst) -> int:
+        """The ring's answer to one record (under the lock): 0 full, or blocks it cannot hold (the
+        queue's way then), 1 posted, 2 posted while the worker sleeps."""
+        try:
+            return self.ring.post(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
+        except (LaneError, ValueError) as err:
+            logger.debug("lane post refused: %s", err)
+            return 0
+
+    def _wake(self, rc: int, ringer: Ringer) -> None:
+        """Rings the worker's bell after a post it slept through (outside the lock: a syscall)."""
         if rc == 2 and self.worker_bell is not None:
             ringer.ring(self.worker_bell)
-        return rc != 0
 
     def take_posted(self, into: dict | None = None) -> list[WireRequest]:
         """The wires posted since the last call, moved into `into` (the path's outstanding
