@@ -542,14 +542,12 @@ class TransferManager:
     # ---- lanes -------------------------------------------------------------------------------
     def _sleep_lanes(self, lanes: list[PathQueue], timeout_ms: int) -> int:
         """The poll timeout: 0 when a lane has completions, else `timeout_ms` once every lane knows
-        we sleep (its worker rings our bell on its next completion). Wires posted meanwhile are
-        taken first, so that a completion always finds its request."""
-        for q in lanes:
-            self._absorb_posted(q)
+        we sleep (its worker rings our bell on its next completion). Posted wires are taken after
+        the poll (the loop's _absorb_posted, and _read_lane for a completion that comes first)."""
         if not timeout_ms or not lanes:
             return timeout_ms
         # Requests out: catch their completions spinning (no GIL held) rather than be rung awake.
-        if self.lane_spin_us and any(q.outstanding for q in lanes) and \
+        if self.lane_spin_us and any(q.outstanding or q.lane.posted for q in lanes) and \
                 spin_lanes([q.lane.ring for q in lanes], True, self.lane_spin_us):
             return 0
         if not all([q.lane.ring.engine_sleep() for q in lanes]):
