@@ -15,15 +15,7 @@ import pytest
 
 @pytest.mark.parametrize("queue, waiting", [(0, 0), (6, 6)])
 def test_demo_runs_the_pipeline_end_to_end(queue, waiting):
-    # a short temp dir of its own: unix socket paths are limited to 107 bytes (pytest's tmp_path is
-    # too deep), and it must be empty again afterwards
-    tmp = tempfile.mkdtemp(prefix="kvd-")
-    try:
-        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", "--requests", "48", "--queue", str(queue)],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": tmp})
-        left = os.listdir(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out, left = _run_demo(["--requests", "48", "--queue", str(queue)], timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
@@ -51,13 +43,7 @@ def test_demo_refuses_bad_arguments():
 def test_demo_with_two_engines_shares_one_g2():
     """--engines 2: two engine processes against one kvbm-workers and its shared G2 registry; each
     onboards blocks the other offloaded (cross-engine hits), every block verified."""
-    tmp = tempfile.mkdtemp(prefix="kvd-")
-    try:
-        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", "--engines", "2", "--requests", "32"],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
-        left = os.listdir(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out, left = _run_demo(["--engines", "2", "--requests", "32"], timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     engines = re.findall(r"engine (\d): 32 requests, \d+ blocks: .* onboarded from G2 \((\d+) of them offloaded by "
@@ -69,3 +55,16 @@ def test_demo_with_two_engines_shares_one_g2():
     verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
     assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
     assert not left, f"the demo left {left} behind in its temp dir"
+
+
+def _run_demo(args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The demo in CPU mode with `args`, and what it left in its temp dir: a short one of its own
+    (unix socket paths are limited to 107 bytes; pytest's tmp_path is too deep), which must be
+    empty again afterwards."""
+    tmp = tempfile.mkdtemp(prefix="kvd-")
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvbm.demo", "--cpu", *args], capture_output=True, text=True,
+                             timeout=timeout, env={**os.environ, "TMPDIR": tmp})
+        return out, os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
