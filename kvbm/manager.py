@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +52,6 @@ from kvbm.hashing import salt_keys
 from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
 
 logger = logging.getLogger(__name__)
-# CUDA IPC shares (with the engine storages they alias) that a worker may still map after close:
-# kept until the process exits (KvBlockManager._release_ipc_shares).
-_UNRELEASED: list = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +518,8 @@ class KvBlockManager:
         self._leave_shared_g2()   # after the workers dropped our registration: nothing is quarantined
         stopped = self._workers is not None   # ours: stopped below, so no worker maps our memory after
         self._stop_workers()
-        self._release_ipc_shares(dropped or stopped)
+        from kvbm.transfer.memory_map import release_ipc_shares
+        release_ipc_shares(self._ipc_shares, dropped or stopped)
         if self._shared is not None:
             self._shared.close()
             self._shared = None
@@ -539,26 +536,6 @@ class KvBlockManager:
                          exc_info=True)
         finally:
             g2.close()
-
-    def _release_ipc_shares(self, safe: bool) -> None:
-        """CUDA: the last step of the IPC order. Once the workers dropped their mappings
-        (unregister) or exited (`safe`), the shared aliases go, which frees torch's records of them
-        and their ref-counter offsets (none is left for torch to warn about at exit), and
-        ipc_collect frees any that a worker killed before its release left pending. Not safe (a
-        worker of an instance we did not start did not answer): they stay referenced until exit,
-        with the engine's storages, so that memory is never handed out again while mapped."""
-        shares, self._ipc_shares = self._ipc_shares, []
-        if not shares:
-            return
-        if not safe:
-            _UNRELEASED.extend(shares)
-            logger.warning("%d CUDA IPC share(s) kept until exit: a worker did not confirm it dropped them",
-                           len(shares))
-            return
-        del shares
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
-            torch.cuda.ipc_collect()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -13,13 +13,15 @@ printed it at every exit. What is shared instead is an alias: a second, non-owni
 the same bytes (torch._C._construct_storage_from_data_pointer: no deleter, so whenever torch frees
 its record, nothing else is freed with it), kept in `keep` by the caller with the engine's storage
 (the memory must outlive every mapping) and dropped once the workers have dropped their mappings
-(KvBlockManager.close: the workers unregister and exit, then the aliases go, then
-torch.cuda.ipc_collect()). Where torch lacks that call or refuses the alias (memory its caching
-allocator did not hand out as one block), the storage itself is shared, as before.
+(release_ipc_shares, from KvBlockManager.close and ShardTransfers.close: the workers unregister and
+exit, then the aliases go, then torch.cuda.ipc_collect()). Where torch lacks that call or refuses
+the alias (memory its caching allocator did not hand out as one block), the storage itself is
+shared, as before.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,9 @@ from kvbm.errors import LayoutError
 from kvbm.shm import SharedBuffers
 
 logger = logging.getLogger(__name__)
+# Shares a worker may still map after its engine closed: kept (with the storages they alias) until
+# the process exits.
+_UNRELEASED: list = []
 
 
 def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None = None,
@@ -81,3 +86,23 @@ def _describe_cuda(tensors: Sequence[Any], keep: list | None = None) -> dict:
                                 "event_handle": bytes(event_handle) if event_handle else b"",
                                 "event_sync_required": bool(event_sync)}})
     return {"kind": "cuda_ipc", "device": int(tensors[0].device.index or 0), "buffers": buffers}
+
+
+def release_ipc_shares(shares: list, safe: bool) -> None:
+    """The last step of the IPC order. Once the workers dropped their mappings (unregister) or
+    exited (`safe`), the shared aliases go, which frees torch's records of them and their
+    ref-counter offsets (none is left for torch to warn about at exit), and ipc_collect frees any
+    that a worker killed before its release left pending. Not safe (a worker of an instance we did
+    not start did not answer): they stay referenced until exit, with the engine's storages, so
+    that memory is never handed out again while mapped. Empties `shares`."""
+    if not shares:
+        return
+    if not safe:
+        _UNRELEASED.extend(shares)
+        logger.warning("%d CUDA IPC share(s) kept until exit: a worker did not confirm it dropped them", len(shares))
+        shares.clear()
+        return
+    shares.clear()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()

@@ -23,7 +23,9 @@ Order:
   4. store(device_blocks, host_blocks) -> D2H future; load(host_blocks, device_blocks) -> H2D future
      with per-layer progress (future.wait_layer(l)); bad block ids raise LayoutError and submit nothing
   5. close(): unregisters, stops the kvbm-workers this rank started (rank 0 only: close it last),
-     frees the shared tensors
+     then drops the CUDA IPC shares of the tensors (memory_map: each path worker maps a share of
+     its own, dropped only once the workers dropped their mappings, so torch has nothing to warn
+     about at exit), frees the shared tensors
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from kvbm.shm import SharedBuffers
 from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.launcher import WorkersProcess, connect_workers
 from kvbm.transfer.manager import TransferManager
-from kvbm.transfer.memory_map import describe_memory
+from kvbm.transfer.memory_map import describe_memory, release_ipc_shares
 from kvbm.wire import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class ShardTransfers:
         self._tm: TransferManager | None = None
         self._workers: WorkersProcess | None = None   # the kvbm-workers this rank started (rank 0)
         self._shared: SharedBuffers | None = None     # CPU-mode tensors made by shared_tensors()
+        self._ipc_shares: list = []   # CUDA: the aliases the workers map (memory_map); dropped after them
         self._closed = False
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -96,7 +99,15 @@ class ShardTransfers:
         if layout is None:
             layout = detect_layout(tensors)
         buffers = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
-        memory = describe_memory(buffers, layout, shared if shared is not None else self._shared)
+        shares: list = []
+        if getattr(buffers[0], "is_cuda", False):
+            if len(buffers) != layout.num_buffers():   # describe_memory's check, before anything is shared
+                raise LayoutError(f"{len(buffers)} tensors for a layout of {layout.num_buffers()} buffers")
+
+            def memory():   # one share per path worker that opens it (TransferManager.register)
+                return describe_memory(buffers, layout, keep=shares)
+        else:
+            memory = describe_memory(buffers, layout, shared if shared is not None else self._shared)
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, self.host_blocks)
         g2_bytes = self.world_size * host_layout.total_bytes
         tm, workers = connect_workers(
@@ -113,8 +124,10 @@ class ShardTransfers:
             tm.close()
             if workers is not None:
                 workers.stop()
+            release_ipc_shares(shares, tm.unregistered or workers is not None)
             raise
         self._tm, self._workers = tm, workers
+        self._ipc_shares = shares
         self.device_layout, self.host_layout = layout, host_layout
         logger.info("rank %d/%d of %s attached: %d device blocks, G2 blocks %d at byte %d (%d bytes a block)",
                     self.rank, self.world_size, self.group, layout.num_blocks, self.host_blocks, self.host_offset,
@@ -176,12 +189,16 @@ class ShardTransfers:
         if self._closed:
             return
         self._closed = True
+        dropped = stopped = False
         if self._tm is not None:
             self._tm.close()
+            dropped = self._tm.unregistered
             self._tm = None
         if self._workers is not None:
             self._workers.stop()
             self._workers = None
+            stopped = True   # no worker maps our memory any more
+        release_ipc_shares(self._ipc_shares, dropped or stopped)
         if self._shared is not None:
             self._shared.close()
             self._shared = None
