@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lanes", choices=["on", "off"], default="on",
                     help="small transfers through shared-memory lanes (KvbmConfig.lanes), or all over ZeroMQ")
     ap.add_argument("--lane-spin-us", type=int, default=-1, help="KvbmConfig.lane_spin_us (-1: auto)")
+    ap.add_argument("--wait-spin-us", type=int, default=-1,
+                    help="KvbmConfig.wait_spin_us: a result() waiter settles its own small request (-1: default)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
 
@@ -293,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
           f"= {block // 1024} KiB per block "
           f"({lc.num_layers * 2} regions of {lc.region_bytes // 1024} KiB); {nblocks} blocks "
           f"({nblocks * block / 2**20:.0f} MiB) per point; G1 and G2 {nblocks} blocks each; lanes {args.lanes}"
-          f" (spin {args.lane_spin_us} us)")
+          f" (spin {args.lane_spin_us} us, wait spin {args.wait_spin_us} us)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbm-bench-") as rundir:
         config = kvbm.KvbmConfig(layout=lc, device_blocks=nblocks, host_blocks=nblocks, runtime_dir=rundir,
                                  force_cpu=not cuda, max_batch_blocks=max(sizes), copy_threads=args.copy_threads,
                                  max_inflight_bytes=2 * nblocks * block, lanes=args.lanes == "on",
-                                 lane_spin_us=args.lane_spin_us)
+                                 lane_spin_us=args.lane_spin_us,
+                                 **({"wait_spin_us": args.wait_spin_us} if args.wait_spin_us >= 0 else {}))
         with kvbm.KvBlockManager(config) as kv:
             dev_layout = BlockLayout(lc, LayoutType.LAYER_SEPARATE, nblocks)
             host_layout = BlockLayout(lc, LayoutType.FULLY_CONTIGUOUS, nblocks)

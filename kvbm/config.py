@@ -84,6 +84,9 @@ MAX_TCP_PORT = 65535 - 3          # an instance binds 4 consecutive ports from t
 # NIXL reads of G3 (DISK2H): blocks per request, requests in flight (see KvbmConfig.disk_read_*).
 DISK_READ_BLOCKS = 16
 DISK_READ_INFLIGHT = 4
+# bench/RESULTS.md, "Waiters settle": the spin that covers a small request's copy and its worker's
+# wake-up on the machines measured (1-block round trip 200-350 us with lanes, before).
+WAIT_SPIN_US = 500
 
 # Every integer setting: (lowest, highest) allowed.
 _INT_BOUNDS = {
@@ -91,7 +94,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
-    "lane_spin_us": (-1, 100_000),
+    "lane_spin_us": (-1, 100_000), "wait_spin_us": (0, 100_000),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
     "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
     "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
@@ -169,6 +172,11 @@ class KvbmConfig:
     # within it is taken without a doorbell (a syscall and a wake-up, ~15-20 us each measured),
     # for a core kept busy that long. -1: lane_spin_default (AUTO_LANE_SPIN_US with 8 CPUs or more, else 0).
     lane_spin_us: int = -1
+    # How long result() of a small lane request (<= 4 MiB) spins on its lane, without the GIL,
+    # before it sleeps: a completion that comes within it is settled by the waiting thread itself
+    # (TransferManager._settle_waiting), without the doorbell, the I/O thread's wake-up and the
+    # hand-off back. 0: the waiter sleeps at once and the I/O thread settles everything.
+    wait_spin_us: int = WAIT_SPIN_US
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
     log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
@@ -398,6 +406,7 @@ _ENV_KEYS = {
     "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
     "KVBM_FORCE_CPU": "force_cpu", "KVBM_LANES": "lanes", "KVBM_LANE_SPIN_US": "lane_spin_us",
+    "KVBM_WAIT_SPIN_US": "wait_spin_us",
     "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",

@@ -4,7 +4,8 @@ Parts:
   TransferFuture   a concurrent.futures.Future for one submission, plus layer progress for onboards
                    that asked for it: `layers_ready`, `wait_layer(l, timeout)`, `add_layer_callback`
                    (callbacks run in layer order, one delivery at a time: layers already landed
-                   on the adding thread, later ones on the TransferManager's I/O thread)
+                   on the adding thread, later ones on the TransferManager's I/O thread, or on
+                   the thread whose result() settled a small lane request itself)
   TransferResult   what a successful future resolves to
   CompositeFuture  one TransferFuture over several submissions ("parts"), some submitted only when
                    an earlier one finished (a disk read, then its H2D): layer progress is the
@@ -45,6 +46,15 @@ class TransferFuture(concurrent.futures.Future):
         self._delivering = False
         self._delivered = 0     # layers every active callback has been called for
         self._new_callbacks: list[Callable[[int], None]] = []
+        # A small lane request's waiter settles its own completion (TransferManager._settle_waiting):
+        # fn(future, timeout), called once by the first result() that finds it not done.
+        self._settle_here: Callable[[TransferFuture, float | None], None] | None = None
+
+    def result(self, timeout: float | None = None):
+        settle, self._settle_here = self._settle_here, None
+        if settle is not None and not self.done():
+            settle(self, timeout)
+        return super().result(timeout)
 
     @property
     def layers_ready(self) -> int:

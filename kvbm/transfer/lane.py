@@ -15,7 +15,8 @@ Parts and order:
              then the record into the ring, so that the I/O thread, which moves `posted` into the
              path's outstanding requests before it reads completions, always finds it; a full ring
              posts nothing (the caller takes the ZeroMQ way)
-  completions  the I/O thread's take_done(); it sleeps only after telling the lane (engine_sleep)
+  completions  the I/O thread's take_done(); it sleeps only after telling the lane (engine_sleep); or
+             a thread waiting on a small request's result(), between the I/O thread's turns
   close      unlink; a killed engine's lanes are swept with its device segments (kvbm.shm)
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ class EngineLane:
         self.gen = 0                  # worker generation that mapped this lane (0: none yet)
         self.worker_bell: str | None = None
         self.broken: str | None = None   # a completion ring we could not read: no more posts
+        self.waiter_settled = 0          # results settled by their waiting thread (TransferManager._settle_waiting)
 
     def offer(self, bell: str) -> dict:
         return {"segment": self.segment.name, "size": self.segment.size, "bell": bell}

@@ -144,7 +144,7 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
                              max_batch_blocks=config.max_batch_blocks,
                              request_timeout_s=config.request_timeout_ms / 1000.0,
                              stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys, lanes=config.lanes,
-                             lane_spin_us=lane_spin_default(config.lane_spin_us))
+                             lane_spin_us=lane_spin_default(config.lane_spin_us), wait_spin_us=config.wait_spin_us)
         tm.connect(timeout)
     except BaseException:
         if workers is not None:

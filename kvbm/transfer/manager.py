@@ -6,7 +6,8 @@ Parts (each concept in its own module):
   path_queue   PathQueue: one path's link, socket, priority queue (coalescing) and requests at the worker
   lane.py      EngineLane: the path's shared-memory lane (small requests posted from the submitting
                thread while the queue is empty and the window has room; completions read by the
-               I/O thread, which sleeps on its doorbell only after telling every lane)
+               I/O thread, which sleeps on its doorbell only after telling every lane, or by a
+               thread waiting on a small request's result(), see _settle_waiting)
   link.py      PathLink: our registration with one path worker across its generations
   budget.py    InflightBudget: the bound on bytes in flight (backpressure)
   futures.py   TransferFuture (layer progress) and TransferResult
@@ -58,6 +59,7 @@ import threading
 import time
 import uuid
 from array import array
+from functools import partial
 
 import numpy as np
 import zmq
@@ -85,6 +87,9 @@ WINDOW = 4               # wire requests outstanding per path worker
 STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
 HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple
 SMALL_CHECK = 64         # submissions up to this many blocks are checked with plain ints
+# A result() waiter settles its own lane request (_settle_waiting) only for requests up to this
+# size: a copy of it takes tens of microseconds, what the spin is for; a larger one's waiter sleeps.
+WAIT_SPIN_BYTES = 4 << 20
 STOP_GRACE_S = 10.0       # after "stopping", how long requests at a worker wait for its "died" event
 QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SETTLED
 
@@ -94,7 +99,7 @@ class TransferManager:
                  max_inflight_bytes: int = 4 << 30, max_batch_blocks: int = 256,
                  request_timeout_s: float = 30.0, stats_fn=None, gate_timeout_s: float = 120.0,
                  supervisor_pid: int | None = None, keys: ClientKeys | None = None, lanes: bool = True,
-                 lane_spin_us: int = 0) -> None:
+                 lane_spin_us: int = 0, wait_spin_us: int = 0) -> None:
         self.engine_id = engine_id or f"eng-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_endpoint = control_endpoint
         # CURVE keys of the instance (kvbm.wire.auth; None only for a test's plain fake server), and
@@ -142,6 +147,11 @@ class TransferManager:
         # our doorbell (the workers ring it while the I/O thread sleeps) and the socket that rings theirs.
         self.use_lanes = lanes
         self.lane_spin_us = max(0, lane_spin_us)   # the I/O thread's spin on completions (KvbmConfig)
+        self.wait_spin_us = max(0, wait_spin_us)   # a result() waiter's spin on its lane (KvbmConfig)
+        # Held by the I/O thread for every turn of its loop but the poll: a waiting thread that
+        # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
+        self._io_lock = threading.Lock()
+        self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
         self._bell_dir: str | None = None
@@ -319,9 +329,9 @@ class TransferManager:
         if self._register_msg is not None and path not in self._registered:
             raise LifecycleError(self._unregistered_text(path))
         self._check_blocks(path, src, dst)
-        if threading.current_thread() is self._thread:
-            # On the I/O thread (a layer or done callback, a finalize): waiting would stop the
-            # very thread that returns budget.
+        if threading.current_thread() in (self._thread, self._settler):
+            # On the I/O thread, or a waiter settling in its place (a layer or done callback, a
+            # finalize): waiting would stop the very thread that returns budget.
             block = False
         if charge:
             self.budget.take(nbytes, block, timeout)
@@ -361,7 +371,38 @@ class TransferManager:
             sub.pending = 0
             return False
         self.metrics.of(q.path.label).submitted.inc()   # its wire request is counted by _absorb_posted
+        if self.wait_spin_us and len(src) * self.block_bytes <= WAIT_SPIN_BYTES:
+            sub.future._settle_here = partial(self._settle_waiting, q)
         return True
+
+    def _settle_waiting(self, q: PathQueue, future: TransferFuture, timeout: float | None) -> None:
+        """result() of a small lane request: the waiting thread spins on the lane (without the GIL)
+        and, once a completion is there and the I/O thread is between turns, reads the lane and
+        settles what it finds as the I/O thread would (under _io_lock: callbacks and finalize run
+        here then). The result comes without the bell, the I/O thread's wake-up and the hand-off
+        back to this thread. Gives up, leaving it to the I/O thread, after wait_spin_us (or the
+        timeout), or when the I/O thread is in a turn."""
+        lane = q.lane
+        spin_us = self.wait_spin_us if timeout is None else min(self.wait_spin_us, max(0.0, timeout) * 1e6)
+        end = time.monotonic() + spin_us / 1e6
+        while not future.done():
+            left_us = (end - time.monotonic()) * 1e6
+            if (left_us <= 0 or lane is None or lane.broken or q.lane is not lane
+                    or not spin_lanes([lane.ring], True, left_us)):
+                return
+            if not self._io_lock.acquire(blocking=False):
+                return
+            try:
+                if self._closing or q.lane is not lane:
+                    return
+                self._settler = threading.current_thread()
+                self._read_lane(q)
+                lane.waiter_settled += future.done()
+                if q.heap:
+                    self._wake()   # the window has room again: the I/O thread sends what waits
+            finally:
+                self._settler = None
+                self._io_lock.release()
 
     def _check_blocks(self, path: P.Path, src: Blocks, dst: Blocks) -> None:
         """Before anything is queued: a bad index would make the worker reject the whole wire
@@ -498,46 +539,53 @@ class TransferManager:
                 lanes = [q for q in self._paths.values() if q.lane is not None]
                 ready = dict(poller.poll(self._sleep_lanes(lanes, max(0, int((self._next_tick - time.monotonic())
                                                                                 * 1000) + 1))))
-                for q in lanes:
-                    q.lane.ring.engine_wake()
-                    # Before any event: a death fails what its worker held, lane requests included.
-                    self._absorb_posted(q)
-                if bell_fd in ready:
-                    self._bell.drain()
-                if self._supervisor_fd in ready and not self._dead:
-                    self._supervisor_died()
-                for fd in [fd for fd in self._watched if fd in ready]:
-                    self._worker_gone(fd)
-                if self._wake_fd in ready:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
-                    self._take_incoming()
-                    self._send_outgoing()
-                if self._events in ready:
-                    self._read_events()
-                if self._control in ready:
-                    self._read_control()
-                for sock, q in by_sock.items():
-                    if sock in ready:
-                        self._read_worker(q)
-                for q in lanes:
-                    self._read_lane(q)
-                now = time.monotonic()
-                if now >= self._next_tick:
-                    # Deadlines are checked when the soonest one is due (at least every 0.25 s),
-                    # not on every wake-up: a 1-block round trip wakes this loop twice.
-                    self._check_deadlines()
-                    self._next_tick = self._soonest()
-                for q in self._paths.values():
-                    self._pump(q)
-                if now >= next_report and not self._dead:
-                    next_report = now + STATS_REPORT_S
-                    self._report()
+                with self._io_lock:
+                    next_report = self._turn(ready, lanes, by_sock, bell_fd, next_report)
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
-        self._fail_everything("transfer manager closed")
+        with self._io_lock:
+            self._fail_everything("transfer manager closed")
+
+    def _turn(self, ready: dict, lanes: list[PathQueue], by_sock: dict, bell_fd: int, next_report: float) -> float:
+        """One turn of the I/O loop after its poll (under _io_lock); returns when to report next."""
+        for q in lanes:
+            q.lane.ring.engine_wake()
+            # Before any event: a death fails what its worker held, lane requests included.
+            self._absorb_posted(q)
+        if bell_fd in ready:
+            self._bell.drain()
+        if self._supervisor_fd in ready and not self._dead:
+            self._supervisor_died()
+        for fd in [fd for fd in self._watched if fd in ready]:
+            self._worker_gone(fd)
+        if self._wake_fd in ready:
+            try:
+                os.eventfd_read(self._wake_fd)
+            except BlockingIOError:
+                pass
+            self._take_incoming()
+            self._send_outgoing()
+        if self._events in ready:
+            self._read_events()
+        if self._control in ready:
+            self._read_control()
+        for sock, q in by_sock.items():
+            if sock in ready:
+                self._read_worker(q)
+        for q in lanes:
+            self._read_lane(q)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            # Deadlines are checked when the soonest one is due (at least every 0.25 s),
+            # not on every wake-up: a 1-block round trip wakes this loop twice.
+            self._check_deadlines()
+            self._next_tick = self._soonest()
+        for q in self._paths.values():
+            self._pump(q)
+        if now >= next_report and not self._dead:
+            next_report = now + STATS_REPORT_S
+            self._report()
+        return next_report
 
     # ---- lanes -------------------------------------------------------------------------------
     def _sleep_lanes(self, lanes: list[PathQueue], timeout_ms: int) -> int:
@@ -1056,7 +1104,8 @@ class TransferManager:
             "links": {q.path.label: q.link.state.name.lower() for q in self._paths.values()},
             # requests that went through each path's shared-memory lane, and whether it serves now
             "lanes": {q.path.label: {"requests": q.lane.ring.counts[0], "gen": q.lane.gen,
-                                     "broken": q.lane.broken} for q in self._paths.values() if q.lane is not None}}
+                                     "broken": q.lane.broken, "waiter_settled": q.lane.waiter_settled}
+                      for q in self._paths.values() if q.lane is not None}}
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -1071,13 +1120,14 @@ class TransferManager:
             if not alive and self._register_msg is not None and not self._dead:
                 self.unregistered = self._unregister(min(timeout, 1.0))
                 _collect_cuda_ipc()
-        for q in self._paths.values():
-            q.sock.close(0)
-            if q.lane is not None:
-                for wire in q.lane.take_posted():   # posted while the I/O thread stopped
-                    self._settlement.settle_unsafe(q, wire, "transfer manager closed")
-                q.lane.close()
-                q.lane = None
+        with self._io_lock:   # a waiter settling its own lane request (_settle_waiting) is done first
+            for q in self._paths.values():
+                q.sock.close(0)
+                if q.lane is not None:
+                    for wire in q.lane.take_posted():   # posted while the I/O thread stopped
+                        self._settlement.settle_unsafe(q, wire, "transfer manager closed")
+                    q.lane.close()
+                    q.lane = None
         for end in (self._bell, self._ringer):
             if end is not None:
                 end.close()

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 # the 64-block onboard with progress stayed at 58% of the copy alone (bench/RESULTS.md, "Lanes"),
 # so the finer progress that layer-wise loading wants costs nothing measurable.
 PROGRESS_BYTES = 8 << 20
+# CUDA copies up to this size are waited on by spinning (the event's default sync): they land within
+# tens of microseconds, less than a blocking event's sleep and wake-up costs the round trip; larger
+# ones sleep on a blocking event rather than keep a core busy for milliseconds.
+SPIN_WAIT_BYTES = 4 << 20
 
 
 class DeviceMemory:
@@ -190,6 +194,7 @@ class Copier:
         the copies instead of leaving the copy engines idle between requests."""
         torch = self._torch
         handle = self._stream.cuda_stream
+        blocking = len(src) * self.block_bytes > SPIN_WAIT_BYTES
         events = []
         with torch.cuda.device(self._device):
             groups = [(s, d, i) for i, (s, d) in enumerate(zip(self.src_layers, self.dst_layers))] if layers \
@@ -197,7 +202,7 @@ class Copier:
             for s, d, last in groups:
                 native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
                 # blocking: synchronize() sleeps on the event instead of spinning a whole core.
-                event = torch.cuda.Event(blocking=True)
+                event = torch.cuda.Event(blocking=blocking)
                 event.record(self._stream)
                 events.append((event, last))
         return events
