@@ -6,11 +6,14 @@ This takes the pipeline out: one kvbm.workers.copy.Copier (G2 fully contiguous, 
 engine's layer-separate layout on the GPU, bench_pipeline's model), requests of --blocks scattered
 blocks, --inflight of them launched at once as the H2D worker keeps them, for each variant:
 
-  whole          one call per request, one event (the baseline: what "copy alone" runs)
-  layers         one call and one event per layer (what the worker runs for layers=True)
-  layers@S       the same with the kernel on S SMs (method KERNEL, max_sms S)
-  layers-dma     one batched DMA call per layer
-  layers-sync    `layers`, waited on as the worker waits: each event synchronized in turn
+  whole            one call per request, one event (the baseline: what "copy alone" runs)
+  layers           what the worker runs for layers=True: one call staging the block ids once,
+                   a kernel and an event per layer (kvbm_cuda_copy_layers)
+  layers@S         the same with the kernel on S SMs
+  layers-sync      `layers`, waited on as the worker waits: each event synchronized in turn
+  percall-auto     before: a call of its own per layer (AUTO), an event after each
+  percall-kernel   the same with method KERNEL
+  percall-dma      the same with the batched DMA
 
 GB/s of each (median of --repeats rounds of --requests requests) and its ratio to `whole` in the
 same run. CUDA only.
@@ -60,12 +63,29 @@ def main() -> None:
         return Copier(host_layout, [host.data_ptr()], dev_layout, [t.data_ptr() for t in dev], cuda=True,
                       method=method, max_sms=sms)
 
-    variants = {"whole": (copier(), False, False), "layers": (copier(), True, False),
-                "layers-sync": (copier(), True, True), "layers-dma": (copier(M.DMA), True, False)}
-    for s in [int(x) for x in args.sms.split(",") if x]:
-        variants[f"layers@{s}"] = (copier(M.KERNEL, s), True, False)
+    def percall(cp: Copier, method) -> callable:
+        def launch(src, dst):   # the Copier's per-layer way before kvbm_cuda_copy_layers
+            events = []
+            for s_lay, d_lay in zip(cp.src_layers, cp.dst_layers):
+                native.copy_blocks_cuda(s_lay, d_lay, src, dst, method, 0, cp.stream.cuda_stream)
+                ev = torch.cuda.Event(blocking=True)
+                ev.record(cp.stream)
+                events.append(ev)
+            return events
+        return launch
 
-    def one_round(cp: Copier, layers: bool, sync_each: bool) -> float:
+    auto = copier()
+    variants = {"whole": (lambda s, d: auto.launch(s, d, False), False),
+                "layers": (lambda s, d: auto.launch(s, d, True), False),
+                "layers-sync": (lambda s, d: auto.launch(s, d, True), True)}
+    for sms in [int(x) for x in args.sms.split(",") if x]:
+        cp = copier(M.KERNEL, sms)
+        variants[f"layers@{sms}"] = ((lambda c: lambda s, d: c.launch(s, d, True))(cp), False)
+    variants["percall-auto"] = (percall(copier(), M.AUTO), False)
+    variants["percall-kernel"] = (percall(copier(), M.KERNEL), False)
+    variants["percall-dma"] = (percall(copier(), M.DMA), False)
+
+    def one_round(launch, sync_each: bool) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         launched: list[list] = []
@@ -77,14 +97,25 @@ def main() -> None:
                         ev.synchronize()
                 else:
                     events[-1].synchronize()
-            launched.append(cp.launch(src, dst, layers))
+            launched.append(launch(src, dst))
         for events in launched:
             events[-1].synchronize()
         return time.perf_counter() - t0
 
+    # every variant's copy lands byte for byte (a poisoned destination, one request)
+    src0, dst0 = reqs[0]
+    for name, (launch, _) in variants.items():
+        for t in dev:
+            t.fill_(0xA5)
+        launch(src0, dst0)[-1].synchronize()
+        want = [host_layout.block_bytes_of([host], int(b)) for b in src0[:3]]
+        got = [dev_layout.block_bytes_of(dev, int(b)) for b in dst0[:3]]
+        assert got == want, f"{name}: copied bytes differ"
+
     print(f"GPU {torch.cuda.get_device_name()}; {args.requests} requests of {args.blocks} blocks of "
           f"{lc.block_bytes >> 10} KiB ({nbytes >> 20} MiB a round), {args.inflight} in flight, "
-          f"{lc.num_layers} layers; AUTO picks {native.CopyMethod(variants['whole'][0].method).name} as asked, "
+          f"{lc.num_layers} layers; whole copy: AUTO picks "
+          f"{M(native.cuda_pick_method(auto.src_region, auto.dst_region, src0, dst0, auto.stream.cuda_stream)).name}; "
           f"median of {args.repeats}")
     rates = {}
     order = list(variants)

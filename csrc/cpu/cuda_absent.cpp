@@ -32,3 +32,5 @@ extern "C" int kvbm_cuda_host_unregister(void *, char *errbuf, size_t errlen) {
 KVBM_NO_CUDA_STUB(kvbm_cuda_kernel_sms, int)
 KVBM_NO_CUDA_STUB(kvbm_cuda_pick_method, const kvbm_layout_t *, const kvbm_layout_t *, const int64_t *,
                   const int64_t *, int64_t, void *)
+KVBM_NO_CUDA_STUB(kvbm_cuda_copy_layers, const kvbm_layout_t *, const kvbm_layout_t *, const int64_t *,
+                  const int64_t *, int64_t, int, void *, void *const *, int32_t)

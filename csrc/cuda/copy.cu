@@ -59,13 +59,17 @@ constexpr int kMaxDevices = 64;
 // most of all with both directions at once. The copy engines pay ~1-2.5 us per copy, so they
 // reach the roofline only with copies of >= 512 KiB. Hence:
 //   1. average copy (after merging) >= kDmaMinOpBytes -> DMA (no SMs at all);
-//   2. else, when G2's blocks are contiguous and fit a staging slot -> STAGED: the scattered part
-//      runs at device-memory speed on <= 8 SMs, the PCIe part is whole-block DMA;
+//   2. else, when G2's blocks are contiguous, fit a staging slot and are >= kStagedMinBlockBytes
+//      -> STAGED: the scattered part runs at device-memory speed on <= 8 SMs, the PCIe part is
+//      whole-block DMA (of blocks big enough for the copy engines: one layer of a block, as a
+//      per-layer call copies, is 32 KiB, and STAGED ran 64 such blocks a call at 22.5 GB/s on the
+//      H200 against 35.8 for the kernel and 43.5 for the whole block staged: bench_layer_copy.py);
 //   3. else the SM kernel.
 // The legacy NULL stream refuses the batch call; its per-copy loop needs >= 2 MiB copies to keep up.
 constexpr int64_t kDmaMinOpBytes = 512 << 10;
 constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
 constexpr bool kAutoStaged = true;
+constexpr int64_t kStagedMinBlockBytes = 256 << 10;   // DMA of 256 KiB ops: ~50 of ~54 GB/s (table)
 
 struct KernelParams {
     const uint64_t *src_layers;  // device copy of src layer_ptrs
@@ -330,10 +334,14 @@ int check_kernel_args(const kvbm_layout_t *src, const kvbm_layout_t *dst, int *d
     return device_sms(*dev, sms, errbuf, errlen);
 }
 
-// One launch of copy_regions for n pairs (arguments already checked).
+// copy_regions for n pairs (arguments already checked): one launch, or with `layer_events` one
+// launch per layer with layer_events[l] recorded after layer l's. The metadata (every layer's
+// pointers and the block ids) is staged once either way: per-layer calls of their own each staged
+// it again and launched two kernels, and ran at 82 % of one call (bench/bench_layer_copy.py).
 int launch_copy(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
                 const int64_t *dst_blocks, int64_t n, int max_sms, int dev, int sms,
-                cudaStream_t stream, char *errbuf, size_t errlen) {
+                cudaStream_t stream, char *errbuf, size_t errlen,
+                void *const *layer_events = nullptr) {
     int rc = KVBM_OK;
     const int width = vector_width(src, dst);
     const int64_t chunk = 32 * kUnroll * int64_t(width);
@@ -380,18 +388,39 @@ int launch_copy(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_
         ring->abandon(stream);
         return kvbm::cuda_fail(errbuf, errlen, "stage_meta launch (block ids to device)", err);
     }
-    switch (width) {
-        case 16: copy_regions<int4><<<ctas, kThreads, 0, stream>>>(p); break;
-        case 8: copy_regions<int2><<<ctas, kThreads, 0, stream>>>(p); break;
-        case 4: copy_regions<int><<<ctas, kThreads, 0, stream>>>(p); break;
-        default: copy_regions<char><<<ctas, kThreads, 0, stream>>>(p); break;
+    const int32_t launches = layer_events != nullptr ? L : 1;
+    KernelParams lp = p;
+    int lctas = ctas;
+    if (layer_events != nullptr) {   // one layer a launch: its slice of the staged layer pointers
+        lp.num_layers = 1;
+        lp.total_items = n * src->outer_dim * p.chunks_per_region;
+        lctas = int(std::min<int64_t>(ctas, (lp.total_items + warps_per_cta - 1) / warps_per_cta));
     }
-    err = cudaGetLastError();
-    if (err != cudaSuccess) {
-        ring->abandon(stream);
-        return kvbm::fail(errbuf, errlen, KVBM_ECUDA,
-                          "copy_regions<%d-byte> launch (%d CTAs x %d threads) failed: %s (%s)", width,
-                          ctas, kThreads, cudaGetErrorString(err), cudaGetErrorName(err));
+    for (int32_t l = 0; l < launches; ++l) {
+        if (layer_events != nullptr) {
+            lp.src_layers = p.src_layers + l;
+            lp.dst_layers = p.dst_layers + l;
+        }
+        switch (width) {
+            case 16: copy_regions<int4><<<lctas, kThreads, 0, stream>>>(lp); break;
+            case 8: copy_regions<int2><<<lctas, kThreads, 0, stream>>>(lp); break;
+            case 4: copy_regions<int><<<lctas, kThreads, 0, stream>>>(lp); break;
+            default: copy_regions<char><<<lctas, kThreads, 0, stream>>>(lp); break;
+        }
+        err = cudaGetLastError();
+        if (err != cudaSuccess) {
+            ring->abandon(stream);
+            return kvbm::fail(errbuf, errlen, KVBM_ECUDA,
+                              "copy_regions<%d-byte> launch (%d CTAs x %d threads) failed: %s (%s)", width,
+                              lctas, kThreads, cudaGetErrorString(err), cudaGetErrorName(err));
+        }
+        if (layer_events != nullptr) {
+            err = cudaEventRecord(static_cast<cudaEvent_t>(layer_events[l]), stream);
+            if (err != cudaSuccess) {
+                ring->abandon(stream);
+                return kvbm::cuda_fail(errbuf, errlen, "cudaEventRecord (layer event)", err);
+            }
+        }
     }
     return ring->commit(stream, errbuf, errlen);
 }
@@ -751,7 +780,7 @@ int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_
     const int64_t total = n * staged_block_bytes(src);
     const int64_t avg = total / std::max<int64_t>(1, estimate_ops(src, dst, sb, db, n));
     if (avg >= (legacy ? kDmaLoopMinOpBytes : kDmaMinOpBytes)) return KVBM_COPY_DMA;
-    if (kAutoStaged && staged_mode(src, dst) >= 0 &&
+    if (kAutoStaged && staged_mode(src, dst) >= 0 && staged_block_bytes(src) >= kStagedMinBlockBytes &&
         (!legacy || staged_block_bytes(src) >= kDmaLoopMinOpBytes))
         return KVBM_COPY_STAGED;
     return KVBM_COPY_KERNEL;
@@ -773,6 +802,29 @@ extern "C" int kvbm_cuda_pick_method(const kvbm_layout_t *src, const kvbm_layout
     int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
     if (rc != KVBM_OK) return rc;
     return pick_method(src, dst, src_blocks, dst_blocks, n, static_cast<cudaStream_t>(stream));
+}
+
+extern "C" int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                                     const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                                     int max_sms, void *stream, void *const *layer_events,
+                                     int32_t num_events, char *errbuf, size_t errlen) {
+    int rc = kvbm::check_copy_args(src, dst, src_blocks, dst_blocks, n, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    if (max_sms < 0)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "max_sms %d is negative", max_sms);
+    if (layer_events == nullptr || num_events != src->num_layers)
+        return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "%d layer events for %d layers", int(num_events),
+                          int(src->num_layers));
+    for (int32_t l = 0; l < num_events; ++l)
+        if (layer_events[l] == nullptr)
+            return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "layer event %d is null (not created)", int(l));
+    if (n == 0) return KVBM_OK;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    int dev = 0, sms = 0;
+    rc = check_kernel_args(src, dst, &dev, &sms, errbuf, errlen);
+    if (rc != KVBM_OK) return rc;
+    return launch_copy(src, dst, src_blocks, dst_blocks, n, max_sms, dev, sms, s, errbuf, errlen,
+                       layer_events);
 }
 
 extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,

@@ -112,8 +112,18 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
  *  - STAGED (and AUTO when it picks it) allocates, on first use, 4 x 32 MiB of device staging and
  *    one internal stream per device and direction, kept for the life of the process.
  *  - AUTO: DMA when the average merged copy is >= 512 KiB, else STAGED when one side keeps whole
- *    blocks contiguous and a block fits 32 MiB, else KERNEL (measurements in csrc/cuda/copy.cu).
+ *    blocks contiguous and a block is 256 KiB to 32 MiB, else KERNEL (measurements in
+ *    csrc/cuda/copy.cu).
  *  - Argument errors (KVBM_EINVAL / KVBM_ERANGE) are reported before anything is enqueued. */
+
+/* The SM kernel's copy (KVBM_COPY_KERNEL) with layer progress: one launch per layer, with
+ * layer_events[l] (cudaEvent_t, created by the caller) recorded on `stream` after layer l's;
+ * num_events must equal the layouts' layer count. The block ids and layer pointers are staged
+ * once for all layers. Errors as kvbm_cuda_copy_blocks's. */
+int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                          const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                          int max_sms, void *stream, void *const *layer_events, int32_t num_events,
+                          char *errbuf, size_t errlen);
 
 /* Number of SMs (CTAs) the kernel uses for this max_sms on the current device (>0), or an error. */
 int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen);

@@ -39,6 +39,10 @@ cdef extern from "kvbm.h" nogil:
     int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                               const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                               int method, int max_sms, void *stream, char *errbuf, size_t errlen)
+    int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout_t *dst,
+                              const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
+                              int max_sms, void *stream, void *const *layer_events, int32_t num_events,
+                              char *errbuf, size_t errlen)
     int kvbm_cuda_host_register(void *ptr, size_t nbytes, char *errbuf, size_t errlen)
     int kvbm_cuda_host_unregister(void *ptr, char *errbuf, size_t errlen)
     int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen)

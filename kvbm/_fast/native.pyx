@@ -8,13 +8,14 @@ the one place that maps codes to exceptions (pyzmq's `_check_rc`). CopyMethod na
 KVBM_COPY_* values; nothing else in Python spells them. Block lists and token
 arrays are converted by kvbm._fast._convert, as the registry's inputs are.
 """
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libcpp.vector cimport vector
 
 from kvbm._fast._convert cimport as_array, as_i64, as_u64
 from kvbm._fast.kvbm_h cimport (
     KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
-    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
+    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_copy_layers, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
     kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_checksum_blocks, kvbm_hash_blocks, kvbm_layout_t,
     kvbm_xxh3_64,
 )
@@ -150,6 +151,31 @@ def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
     with nogil:
         rc = kvbm_cuda_copy_blocks(&src.c, &dst.c, &sv[0], &dv[0], n, method, max_sms,
                                    <void *>stream, errbuf, ERRLEN)
+    _check_rc(rc, errbuf)
+
+
+def copy_layers_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, events,
+                     int max_sms=0, size_t stream=0):
+    """The SM kernel's copy with layer progress: one launch per layer on the stream, with
+    events[l] (a created cudaEvent_t as an integer) recorded after layer l's. Block ids and layer
+    pointers are staged once for every layer. Errors as copy_blocks_cuda's."""
+    s, d = _pairs(src_blocks, dst_blocks)
+    cdef const int64_t[::1] sv = s
+    cdef const int64_t[::1] dv = d
+    cdef int64_t n = s.shape[0]
+    cdef char errbuf[ERRLEN]
+    cdef int rc
+    cdef Py_ssize_t i
+    cdef int32_t count = len(events)
+    cdef vector[void *] handles
+    for i in range(count):
+        handles.push_back(<void *><size_t>events[i])
+    errbuf[0] = 0
+    if n == 0:
+        return
+    with nogil:
+        rc = kvbm_cuda_copy_layers(&src.c, &dst.c, &sv[0], &dv[0], n, max_sms, <void *>stream,
+                                   handles.data() if count else NULL, count, errbuf, ERRLEN)
     _check_rc(rc, errbuf)
 
 

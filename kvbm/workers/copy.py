@@ -197,6 +197,18 @@ class Copier:
         blocking = len(src) * self.block_bytes > SPIN_WAIT_BYTES
         events = []
         with torch.cuda.device(self._device):
+            if layers and self.method in (native.CopyMethod.AUTO, native.CopyMethod.KERNEL):
+                # One call, a kernel and an event per layer (kvbm_cuda_copy_layers): 16 calls of
+                # their own ran at 52 % (AUTO) / 82 % (kernel) of the whole copy on the H200.
+                # An event must exist before the library records it: torch creates it at its
+                # first record.
+                for layer in range(len(self.src_layers)):
+                    event = torch.cuda.Event(blocking=blocking)
+                    event.record(self._stream)
+                    events.append((event, layer))
+                native.copy_layers_cuda(self.src_region, self.dst_region, src, dst,
+                                        [event.cuda_event for event, _ in events], self.max_sms, handle)
+                return events
             groups = [(s, d, i) for i, (s, d) in enumerate(zip(self.src_layers, self.dst_layers))] if layers \
                 else [(self.src_region, self.dst_region, len(self.src_layers) - 1)]
             for s, d, last in groups:

@@ -78,6 +78,49 @@ def test_layer_by_layer_round_trip(kind, method):
     _round_trip(kind, torch.bfloat16, 2, 16384, method, seed=17, layered=True)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_layered_launch_lands_each_layer_by_its_event(kind):
+    """kvbm_cuda_copy_layers (the Copier's layered AUTO/KERNEL launch): once event l has fired,
+    layers 0..l of every pair are in place byte for byte; the rest of the copy lands by the last."""
+    L, O, region, nb = 6, 2, 16384, 24
+    gen = torch.Generator().manual_seed(31)
+    host, host_lay = make_buffers("fc", L, O, nb, region, torch.bfloat16, pin=True, gen=gen)
+    dev, dev_lay = make_buffers(kind, L, O, nb, region, torch.bfloat16, device="cuda", fill="poison")
+    pairs = random_pairs(gen, 16, nb, nb)
+    on = copier(host, host_lay, dev, dev_lay, cuda=True)
+    groups = on.launch_groups(*split(pairs), layers=True)
+    assert [last for _, last in groups] == list(range(L))
+    tensors = dev if isinstance(dev, list) else [dev]
+    for event, layer in groups:
+        event.synchronize()
+        landed = (layer + 1) * O * region   # a block's bytes are in (layer, outer) order
+        for h, d in pairs:
+            assert dev_lay.block_bytes_of(tensors, d)[:landed] == host_lay.block_bytes_of([host], h)[:landed], \
+                (h, d, layer)
+    assert_copied("fc", host, kind, dev, pairs, L, O, nb)
+
+
+def test_layered_launch_refuses_bad_events_before_any_work():
+    L, O, region, nb = 3, 2, 4096, 4
+    gen = torch.Generator().manual_seed(5)
+    host, host_lay = make_buffers("fc", L, O, nb, region, torch.uint8, pin=True, gen=gen)
+    dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", fill="poison")
+    on = copier(host, host_lay, dev, dev_lay, cuda=True)
+    events = []
+    for _ in range(L):
+        e = torch.cuda.Event()
+        e.record(on.stream)
+        events.append(e.cuda_event)
+    with pytest.raises(LayoutError, match="3 layers"):
+        native.copy_layers_cuda(on.src_region, on.dst_region, [0], [1], events[:2], 0, on.stream.cuda_stream)
+    with pytest.raises(LayoutError, match="not created"):
+        native.copy_layers_cuda(on.src_region, on.dst_region, [0], [1], events[:2] + [0], 0, on.stream.cuda_stream)
+    with pytest.raises(LayoutError):
+        native.copy_layers_cuda(on.src_region, on.dst_region, [nb], [1], events, 0, on.stream.cuda_stream)
+    torch.cuda.synchronize()
+    assert_copied("fc", host, "outer", dev, [], L, O, nb)   # nothing was written
+
+
 @pytest.mark.parametrize("method", ["kernel", "dma", "auto", "staged"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_mib_regions(kind, method):
