@@ -16,7 +16,9 @@ blocks, --inflight of them launched at once as the H2D worker keeps them, for ea
   percall-dma      the same with the batched DMA
 
 GB/s of each (median of --repeats rounds of --requests requests) and its ratio to `whole` in the
-same run. CUDA only.
+same run. Then small copies, one at a time as a 1-block round trip issues them: microseconds from
+launch to the event's completion (spin-waited, as the worker waits for copies this small) for
+--small-blocks blocks by method (KERNEL, STAGED, DMA, AUTO). CUDA only.
 
     python3 bench/bench_layer_copy.py [--blocks 64] [--requests 64] [--repeats 5]
 """
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=4, help="requests launched at once (the worker's MAX_IN_FLIGHT)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sms", default="8,16,32")
+    ap.add_argument("--small-blocks", default="1,2,4,8,16,32", help="blocks per copy for the latency table")
+    ap.add_argument("--small-n", type=int, default=300, help="copies per latency point")
     args = ap.parse_args()
 
     lc = LayoutConfig(num_layers=args.layers, outer_dim=2, page_size=16, inner_dim=args.inner, dtype="bfloat16")
@@ -130,6 +134,38 @@ def main() -> None:
     print(f"{'variant':<14} {'GB/s':>7} {'/ whole':>8}")
     for name in order:
         print(f"{name:<14} {rates[name]:7.2f} {rates[name] / rates['whole']:8.1%}")
+    small_copies(args, host_layout, dev_layout, host, dev)
+
+
+def small_copies(args, host_layout, dev_layout, host, dev) -> None:
+    """Launch -> event complete, one copy at a time, median and p90 in microseconds (H2D and D2H)."""
+    nblocks = dev_layout.num_blocks
+    sizes = [int(x) for x in args.small_blocks.split(",") if x]
+    methods = {"kernel": M.KERNEL, "staged": M.STAGED, "dma": M.DMA, "auto": M.AUTO}
+    dev_ptrs = [t.data_ptr() for t in dev]
+    print(f"\nsmall copies: launch -> event complete, one at a time (median / p90 us of {args.small_n})")
+    print(f"{'blocks':>6} {'dir':>4} " + " ".join(f"{m:>13}" for m in methods) + "   AUTO picks")
+    rng = np.random.default_rng(5)
+    for n in sizes:
+        for label, (sl, sp, dl, dp) in (("h2d", (host_layout, [host.data_ptr()], dev_layout, dev_ptrs)),
+                                        ("d2h", (dev_layout, dev_ptrs, host_layout, [host.data_ptr()]))):
+            cells, picked = [], ""
+            for method in methods.values():
+                cp = Copier(sl, sp, dl, dp, cuda=True, method=method)
+                times = []
+                for i in range(args.small_n + 20):
+                    src = rng.choice(nblocks, n, replace=False).astype(np.int64)
+                    dst = rng.choice(nblocks, n, replace=False).astype(np.int64)
+                    t0 = time.perf_counter()
+                    cp.launch(src, dst, False)[-1].synchronize()
+                    if i >= 20:
+                        times.append((time.perf_counter() - t0) * 1e6)
+                times.sort()
+                cells.append(f"{times[len(times) // 2]:6.0f} / {times[len(times) * 9 // 10]:4.0f}")
+                if method == M.AUTO:
+                    picked = M(native.cuda_pick_method(cp.src_region, cp.dst_region, src, dst,
+                                                       cp.stream.cuda_stream)).name
+            print(f"{n:>6} {label:>4} " + " ".join(f"{c:>13}" for c in cells) + f"   {picked}")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="small transfers through shared-memory lanes (KvbmConfig.lanes), or all over ZeroMQ")
     ap.add_argument("--lane-spin-us", type=int, default=-1, help="KvbmConfig.lane_spin_us (-1: auto)")
     ap.add_argument("--wait-spin-us", type=int, default=-1,
-                    help="KvbmConfig.wait_spin_us: a result() waiter settles its own small request (-1: default)")
+                    help="KvbmConfig.wait_spin_us: a result() waiter settles its own small request (-1: auto)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                                  force_cpu=not cuda, max_batch_blocks=max(sizes), copy_threads=args.copy_threads,
                                  max_inflight_bytes=2 * nblocks * block, lanes=args.lanes == "on",
                                  lane_spin_us=args.lane_spin_us,
-                                 **({"wait_spin_us": args.wait_spin_us} if args.wait_spin_us >= 0 else {}))
+                                 wait_spin_us=args.wait_spin_us)
         with kvbm.KvBlockManager(config) as kv:
             dev_layout = BlockLayout(lc, LayoutType.LAYER_SEPARATE, nblocks)
             host_layout = BlockLayout(lc, LayoutType.FULLY_CONTIGUOUS, nblocks)

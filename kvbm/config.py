@@ -85,7 +85,9 @@ MAX_TCP_PORT = 65535 - 3          # an instance binds 4 consecutive ports from t
 DISK_READ_BLOCKS = 16
 DISK_READ_INFLIGHT = 4
 # bench/RESULTS.md, "Waiters settle": the spin that covers a small request's copy and its worker's
-# wake-up on the machines measured (1-block round trip 200-350 us with lanes, before).
+# wake-up on the machines measured (1-block round trip 200-350 us with lanes, before). Auto (-1):
+# this with 4 CPUs or more; on fewer, a spinning waiter takes the core its worker needs to wake on
+# (2-core machine: the worker's wake-up went from 50 to 90-113 us, the round trip no faster).
 WAIT_SPIN_US = 500
 
 # Every integer setting: (lowest, highest) allowed.
@@ -94,7 +96,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
-    "lane_spin_us": (-1, 100_000), "wait_spin_us": (0, 100_000),
+    "lane_spin_us": (-1, 100_000), "wait_spin_us": (-1, 100_000),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
     "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
     "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
@@ -175,8 +177,9 @@ class KvbmConfig:
     # How long result() of a small lane request (<= 4 MiB) spins on its lane, without the GIL,
     # before it sleeps: a completion that comes within it is settled by the waiting thread itself
     # (TransferManager._settle_waiting), without the doorbell, the I/O thread's wake-up and the
-    # hand-off back. 0: the waiter sleeps at once and the I/O thread settles everything.
-    wait_spin_us: int = WAIT_SPIN_US
+    # hand-off back. 0: the waiter sleeps at once and the I/O thread settles everything; -1:
+    # wait_spin_default (WAIT_SPIN_US with 4 CPUs or more, else 0).
+    wait_spin_us: int = -1
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
     log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
@@ -569,6 +572,14 @@ def lane_spin_default(configured: int) -> int:
     if configured >= 0:
         return configured
     return 0 if (os.cpu_count() or 1) < 8 else AUTO_LANE_SPIN_US
+
+
+def wait_spin_default(configured: int) -> int:
+    """wait_spin_us resolved: -1 (auto) spins only where a spinning waiter leaves cores to the
+    worker it waits for."""
+    if configured >= 0:
+        return configured
+    return WAIT_SPIN_US if (os.cpu_count() or 1) >= 4 else 0
 
 
 def _parse_bool(raw: str, key: str) -> bool:

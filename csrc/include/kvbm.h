@@ -117,9 +117,12 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
  *  - Argument errors (KVBM_EINVAL / KVBM_ERANGE) are reported before anything is enqueued. */
 
 /* The SM kernel's copy (KVBM_COPY_KERNEL) with layer progress: one launch per layer, with
- * layer_events[l] (cudaEvent_t, created by the caller) recorded on `stream` after layer l's;
- * num_events must equal the layouts' layer count. The block ids and layer pointers are staged
- * once for all layers. Errors as kvbm_cuda_copy_blocks's. */
+ * layer_events[l] (cudaEvent_t, created by the caller) recorded after layer l's; num_events must
+ * equal the layouts' layer count. The block ids and layer pointers are staged once for all layers.
+ * Odd layers run on a second stream of the library's, forked from `stream` and joined back into it
+ * (so neighbouring layers overlap): events of the two streams may fire out of order, and layer l
+ * has landed once events 0..l have all fired; the last event fires after every layer, on `stream`.
+ * Errors as kvbm_cuda_copy_blocks's. */
 int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                           const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                           int max_sms, void *stream, void *const *layer_events, int32_t num_events,

@@ -156,9 +156,10 @@ def copy_blocks_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks,
 
 def copy_layers_cuda(RegionLayout src, RegionLayout dst, src_blocks, dst_blocks, events,
                      int max_sms=0, size_t stream=0):
-    """The SM kernel's copy with layer progress: one launch per layer on the stream, with
-    events[l] (a created cudaEvent_t as an integer) recorded after layer l's. Block ids and layer
-    pointers are staged once for every layer. Errors as copy_blocks_cuda's."""
+    """The SM kernel's copy with layer progress: one launch per layer, with events[l] (a created
+    cudaEvent_t as an integer) recorded after layer l's. Odd layers run on a second stream forked
+    from `stream` and joined back (kvbm.h): layer l has landed once events 0..l have all fired.
+    Block ids and layer pointers are staged once for every layer. Errors as copy_blocks_cuda's."""
     s, d = _pairs(src_blocks, dst_blocks)
     cdef const int64_t[::1] sv = s
     cdef const int64_t[::1] dv = d

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig, lane_spin_default
+from kvbm.config import DISK_READ_BLOCKS, DISK_READ_INFLIGHT, KvbmConfig, lane_spin_default, wait_spin_default
 from kvbm.errors import KvbmError, KvbmTimeoutError, LifecycleError
 from kvbm.layout import LayoutConfig
 from kvbm.shm import RuntimeDir, check_shm_room
@@ -144,7 +144,8 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
                              max_batch_blocks=config.max_batch_blocks,
                              request_timeout_s=config.request_timeout_ms / 1000.0,
                              stats_fn=stats_fn, supervisor_pid=supervisor_pid, keys=keys, lanes=config.lanes,
-                             lane_spin_us=lane_spin_default(config.lane_spin_us), wait_spin_us=config.wait_spin_us)
+                             lane_spin_us=lane_spin_default(config.lane_spin_us),
+                             wait_spin_us=wait_spin_default(config.wait_spin_us))
         tm.connect(timeout)
     except BaseException:
         if workers is not None:
