@@ -34,3 +34,4 @@ KVBM_NO_CUDA_STUB(kvbm_cuda_pick_method, const kvbm_layout_t *, const kvbm_layou
                   const int64_t *, int64_t, void *)
 KVBM_NO_CUDA_STUB(kvbm_cuda_copy_layers, const kvbm_layout_t *, const kvbm_layout_t *, const int64_t *,
                   const int64_t *, int64_t, int, void *, void *const *, int32_t)
+KVBM_NO_CUDA_STUB(kvbm_cuda_check_uva, const kvbm_layout_t *)

@@ -46,7 +46,13 @@ typedef struct kvbm_layout {
     int64_t block_stride;       /* bytes between block b and b+1 inside a layer */
     int64_t outer_stride;       /* bytes between outer o and o+1 inside a layer */
     int64_t region_bytes;       /* bytes of one (block, layer, outer) region */
+    int32_t flags;              /* KVBM_LAYOUT_*; 0 unless the caller knows better */
 } kvbm_layout_t;
+
+/* kvbm_layout_t.flags. UVA_CHECKED: kvbm_cuda_check_uva passed for these layer pointers and they
+ * stay device or pinned memory while the layout is used, so the SM kernel's copies skip the
+ * per-call check (cudaPointerGetAttributes per layer and side, most of a small copy's host time). */
+#define KVBM_LAYOUT_UVA_CHECKED 1
 
 /* Copy methods for the CUDA path (kvbm_cuda_copy_blocks). */
 #define KVBM_COPY_AUTO 0     /* pick by the measured rule in csrc/cuda */
@@ -111,9 +117,9 @@ int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
  *    after the event behind their kernel fired), so the caller may free them on return.
  *  - STAGED (and AUTO when it picks it) allocates, on first use, 4 x 32 MiB of device staging and
  *    one internal stream per device and direction, kept for the life of the process.
- *  - AUTO: DMA when the average merged copy is >= 512 KiB, else STAGED when one side keeps whole
- *    blocks contiguous and a block is 256 KiB to 32 MiB, else KERNEL (measurements in
- *    csrc/cuda/copy.cu).
+ *  - AUTO: DMA when the average merged copy is >= 512 KiB, else KERNEL under 16 MiB in all, else
+ *    STAGED when one side keeps whole blocks contiguous and a block is 256 KiB to 32 MiB, else
+ *    KERNEL (measurements in csrc/cuda/copy.cu).
  *  - Argument errors (KVBM_EINVAL / KVBM_ERANGE) are reported before anything is enqueued. */
 
 /* The SM kernel's copy (KVBM_COPY_KERNEL) with layer progress: one launch per layer, with
@@ -127,6 +133,11 @@ int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                           const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                           int max_sms, void *stream, void *const *layer_events, int32_t num_events,
                           char *errbuf, size_t errlen);
+
+/* Checks that every layer pointer of `lay` is device or pinned host memory (what the SM kernel
+ * dereferences); KVBM_OK, or KVBM_EINVAL naming the pageable layer. The caller may then set
+ * KVBM_LAYOUT_UVA_CHECKED in lay->flags for as long as that memory stays as it is. */
+int kvbm_cuda_check_uva(const kvbm_layout_t *lay, char *errbuf, size_t errlen);
 
 /* Number of SMs (CTAs) the kernel uses for this max_sms on the current device (>0), or an error. */
 int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen);

@@ -15,6 +15,7 @@ cdef extern from "kvbm.h" nogil:
     int KVBM_COPY_DMA
     int KVBM_COPY_DMA_LOOP
     int KVBM_COPY_STAGED
+    int KVBM_LAYOUT_UVA_CHECKED
 
     ctypedef struct kvbm_layout_t:
         const uint64_t *layer_ptrs    # num_layers base addresses (host array)
@@ -24,6 +25,7 @@ cdef extern from "kvbm.h" nogil:
         int64_t block_stride          # bytes between block b and b+1 in a layer
         int64_t outer_stride          # bytes between outer o and o+1 in a layer
         int64_t region_bytes          # bytes of one (block, layer, outer) region
+        int32_t flags                 # KVBM_LAYOUT_* (UVA_CHECKED: the kernel skips its per-call check)
 
     int kvbm_cpu_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,
                              const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
@@ -43,6 +45,7 @@ cdef extern from "kvbm.h" nogil:
                               const int64_t *src_blocks, const int64_t *dst_blocks, int64_t n,
                               int max_sms, void *stream, void *const *layer_events, int32_t num_events,
                               char *errbuf, size_t errlen)
+    int kvbm_cuda_check_uva(const kvbm_layout_t *lay, char *errbuf, size_t errlen)
     int kvbm_cuda_host_register(void *ptr, size_t nbytes, char *errbuf, size_t errlen)
     int kvbm_cuda_host_unregister(void *ptr, char *errbuf, size_t errlen)
     int kvbm_cuda_kernel_sms(int max_sms, char *errbuf, size_t errlen)

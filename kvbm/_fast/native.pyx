@@ -13,9 +13,10 @@ from libcpp.vector cimport vector
 
 from kvbm._fast._convert cimport as_array, as_i64, as_u64
 from kvbm._fast.kvbm_h cimport (
-    KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED,
+    KVBM_COPY_AUTO, KVBM_COPY_DMA, KVBM_COPY_DMA_LOOP, KVBM_COPY_KERNEL, KVBM_COPY_STAGED, KVBM_LAYOUT_UVA_CHECKED,
     KVBM_ECUDA, KVBM_EINVAL, KVBM_ENOCUDA, KVBM_ERANGE, kvbm_build_kind, kvbm_cpu_copy_blocks,
-    kvbm_cuda_available, kvbm_cuda_copy_blocks, kvbm_cuda_copy_layers, kvbm_cuda_host_register, kvbm_cuda_host_unregister,
+    kvbm_cuda_available, kvbm_cuda_check_uva, kvbm_cuda_copy_blocks, kvbm_cuda_copy_layers,
+    kvbm_cuda_host_register, kvbm_cuda_host_unregister,
     kvbm_cuda_kernel_sms, kvbm_cuda_pick_method, kvbm_checksum_blocks, kvbm_hash_blocks, kvbm_layout_t,
     kvbm_xxh3_64,
 )
@@ -81,6 +82,24 @@ cdef class RegionLayout:
         self.c.block_stride = block_stride
         self.c.outer_stride = outer_stride
         self.c.region_bytes = region_bytes
+        self.c.flags = 0
+
+    def vouch_uva(self) -> None:
+        """CUDA: checks once that every layer pointer is device or pinned memory, so that the SM
+        kernel's copies over this layout skip that check on every call (most of a small copy's
+        host time: a pointer lookup per layer and side). The owner keeps the memory as it is for
+        the layout's life (a Copier's registered buffers). LayoutError names a pageable layer."""
+        cdef char errbuf[ERRLEN]
+        cdef int rc
+        errbuf[0] = 0
+        with nogil:
+            rc = kvbm_cuda_check_uva(&self.c, errbuf, ERRLEN)
+        _check_rc(rc, errbuf)
+        self.c.flags |= KVBM_LAYOUT_UVA_CHECKED
+
+    @property
+    def uva_checked(self) -> bool:
+        return bool(self.c.flags & KVBM_LAYOUT_UVA_CHECKED)
 
     @property
     def num_layers(self) -> int:

@@ -137,6 +137,15 @@ class Copier:
         self._stream = None
         if cuda:
             import torch
+            # The SM kernel checks every layer pointer on every call unless the layout was vouched
+            # for once (kvbm.h, KVBM_LAYOUT_UVA_CHECKED): a registration's buffers stay as they are
+            # for this Copier's life. Pageable memory stays unvouched: the kernel refuses it per
+            # call, as before, and the DMA methods take it.
+            for lay in (self.src_region, self.dst_region, *self.src_layers, *self.dst_layers):
+                try:
+                    lay.vouch_uva()
+                except LayoutError:
+                    pass
             # Each path worker has its own stream: D2H and H2D overlap on the two copy directions.
             self._torch = torch
             self._device = torch.device("cuda", device)

@@ -100,6 +100,44 @@ def test_layered_launch_lands_each_layer_by_its_event(kind):
     assert_copied("fc", host, kind, dev, pairs, L, O, nb)
 
 
+def test_vouched_layouts_skip_the_per_call_check_and_pageable_ones_are_not_vouched():
+    """vouch_uva (KVBM_LAYOUT_UVA_CHECKED): a Copier vouches for its device and pinned layouts
+    once; a pageable one is refused the vouch and the kernel still refuses it per call."""
+    L, O, region, nb = 3, 2, 4096, 4
+    gen = torch.Generator().manual_seed(8)
+    dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", gen=gen)
+    pinned, pin_lay = make_buffers("fc", L, O, nb, region, torch.uint8, pin=True, fill="poison")
+    pageable, page_lay = make_buffers("fc", L, O, nb, region, torch.uint8, fill="poison")
+    ok = copier(dev, dev_lay, pinned, pin_lay, cuda=True, method=M.KERNEL)
+    assert ok.src_region.uva_checked and ok.dst_region.uva_checked
+    assert all(lay.uva_checked for lay in ok.src_layers + ok.dst_layers)
+    ok.copy([1, 2], [3, 0])
+    assert_copied("outer", dev, "fc", pinned, [(1, 3), (2, 0)], L, O, nb)
+    bad = copier(dev, dev_lay, pageable, page_lay, cuda=True, method=M.KERNEL)
+    assert bad.src_region.uva_checked and not bad.dst_region.uva_checked
+    with pytest.raises(LayoutError, match="pageable"):
+        bad.dst_region.vouch_uva()
+    with pytest.raises(LayoutError, match="pageable"):
+        bad.copy([0], [0])
+    copier(dev, dev_lay, pageable, page_lay, cuda=True, method=M.DMA).copy([0], [1])   # DMA takes it
+    torch.cuda.synchronize()
+    assert_copied("outer", dev, "fc", pageable, [(0, 1)], L, O, nb)
+
+
+def test_auto_takes_the_kernel_for_small_copies_and_single_layers():
+    """AUTO (csrc/cuda/copy.cu): under 16 MiB in all, the kernel; a single layer of a block (too
+    small a unit for staging's DMA), the kernel; 64 whole 512 KiB blocks, staging."""
+    L, O, region, nb = 16, 2, 16384, 64
+    dev, dev_lay = make_buffers("outer", L, O, nb, region, torch.uint8, device="cuda", fill="poison")
+    host, host_lay = make_buffers("fc", L, O, nb, region, torch.uint8, pin=True, fill="poison")
+    on = copier(host, host_lay, dev, dev_lay, cuda=True)
+    h = on.stream.cuda_stream
+    every = list(range(nb))
+    assert native.cuda_pick_method(on.src_region, on.dst_region, [3], [5], h) == M.KERNEL
+    assert native.cuda_pick_method(on.src_region, on.dst_region, every, every[::-1], h) == M.STAGED
+    assert native.cuda_pick_method(on.src_layers[0], on.dst_layers[0], every, every[::-1], h) == M.KERNEL
+
+
 def test_layered_launch_refuses_bad_events_before_any_work():
     L, O, region, nb = 3, 2, 4096, 4
     gen = torch.Generator().manual_seed(5)

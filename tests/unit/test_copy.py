@@ -185,6 +185,11 @@ def test_cuda_entry_points_in_cpu_build():
         native.cuda_host_register(4096, 4096)
     with pytest.raises(CudaError, match="built without CUDA"):
         native.cuda_host_unregister(1)
+    with pytest.raises(CudaError, match="built without CUDA"):
+        native.copy_layers_cuda(a, b, [0], [0], [1] * a.num_layers)
+    with pytest.raises(CudaError, match="built without CUDA"):
+        a.vouch_uva()
+    assert not a.uva_checked
 
 
 def test_layouts_whose_offsets_overflow_are_refused_before_any_copy():
