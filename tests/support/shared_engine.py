@@ -16,7 +16,9 @@ interpreter per engine, nothing inherited).
             ("close",)                         closes the manager (leaves the shared G2)
 
 Device blocks hold content(hash) = the demo's Model.kv_of (a pure function of the hash): a block
-onboarded under a hash whose bytes differ was served wrong.
+onboarded under a hash whose bytes differ was served wrong. CPU mode (the config's force_cpu, or no
+CUDA), or CUDA: the engine's tensors on the GPU, shared with the workers through CUDA IPC
+(tests/gpu/test_shared_g2_gpu.py).
 """
 from __future__ import annotations
 
@@ -42,14 +44,15 @@ def serve(conn, config) -> None:
     import kvbm
     from kvbm.demo import Model
     try:
+        device = "cpu" if config.force_cpu or not kvbm.cuda_available() else "cuda"
         kv = kvbm.KvBlockManager(config)
         layout = BlockLayout(LAYOUT, LayoutType.LAYER_SEPARATE, DEVICE_BLOCKS)
-        tensors = kv.create_device_tensors(layout, device="cpu")
+        tensors = kv.create_device_tensors(layout, device=device)
         kv.register_device_tensors(tensors, layout, start=False, timeout=WAIT_S)
     except BaseException as err:   # noqa: BLE001 - the test reads the reason
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
-    model = Model(layout, tensors, "cpu")
+    model = Model(layout, tensors, device)
     conn.send(("ready", _lease_info(kv)))
     while True:
         try:
@@ -61,6 +64,7 @@ def serve(conn, config) -> None:
             if op == "offload":
                 _, hashes, blocks, wait = msg
                 model.write(blocks, hashes)
+                model.sync()   # CUDA: the bytes are there before a worker's stream copies them
                 fut = kv.offload(blocks, hashes)
                 if wait:
                     res = fut.result(WAIT_S).value
@@ -91,6 +95,7 @@ def _onboard(kv, model, hashes, blocks) -> tuple[int, int]:
     """Onboards into poisoned device blocks; (blocks loaded, loaded blocks whose bytes are wrong)."""
     blocks = np.asarray(blocks, np.int64)
     model.wipe(blocks)
+    model.sync()   # CUDA: the poison lands before the onboard's copy, never after
     res = kv.onboard(hashes, blocks).result(WAIT_S).value
     k = res.loaded
     if k == 0:
@@ -117,6 +122,7 @@ def _load(conn, kv, model, seed, iterations, prompts, length) -> dict:
         rest = hashes[loaded:]
         if rest:
             model.write(blocks[loaded:len(hashes)], rest)
+            model.sync()
             res = kv.offload(blocks[loaded:len(hashes)], rest).result(WAIT_S).value
             stats["offloaded"] += res.moved
         stats["requests"] += 1
