@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,16 @@ def _name_bytes(value: str, what: str) -> bytes:
     return raw
 
 
+# A waiter for the registry's lock retries for this long before it blocks (kvbm._fast.shared: the
+# woken waiter otherwise loses the lock to an engine calling in a loop). Only with cores to spare: on
+# fewer than 4, a spinning waiter takes the core a preempted holder needs.
+LOCK_SPIN_NS = 200_000
+
+
+def lock_spin_ns() -> int:
+    return LOCK_SPIN_NS if (os.cpu_count() or 1) >= 4 else 0
+
+
 class SharedG2:
     """The shared G2 registry segment of one kvbm instance. See the module docstring."""
 
@@ -132,6 +143,7 @@ class SharedG2:
         self.owner = owner
         self._regs: dict[int, tuple[int, BlockRegistry]] = {}   # namespace -> (generation, table)
         tables.on_recover = self._recover
+        tables.lock_spin_ns = lock_spin_ns()
         try:
             # Huge pages for the tables where /dev/shm allows them (shmem_enabled "advise"): a
             # match walks random index slots, and on 4 KiB pages its TLB misses cost ~15% of it.

@@ -135,6 +135,7 @@ cdef class SharedTables:
     cdef readonly object engines
     cdef readonly object pins      # uint32 [E, pins_stride / 4]
     cdef public object on_recover  # callable(owner_died): repairs, run with the lock held
+    cdef public int64_t lock_spin_ns   # a waiter retries trylock this long before blocking
 
     cdef int _acquire(self) except -1
     cdef void _unlock(self, bint clean) noexcept nogil

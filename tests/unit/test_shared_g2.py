@@ -636,3 +636,28 @@ def test_one_engine_drains_a_namespaces_evicted_ring(make_g2):
     fill(b.registry, [7])
     assert b.registry.drain_evicted().tolist() == [3]
     g2.check_invariants()
+
+
+@pytest.mark.parametrize("spin_ns", [0, 100_000, 2_000_000_000])
+def test_a_waiter_spins_then_blocks_and_gets_the_lock_when_it_is_let_go(make_g2, spin_ns):
+    """The lock's waiters retry trylock for lock_spin_ns (without the GIL), then block: either way
+    a call made while another thread holds the lock completes once it is released, with the
+    wait counted; a spin longer than the hold ends with the lock, not with a block."""
+    import threading
+    g2 = make_g2()
+    a = g2.join("a", PID, "m")
+    fill(a.registry, [5, 6])
+    t = g2.tables
+    t.lock_spin_ns = spin_ns
+    before = t.lock_stats["contended"]
+    got = []
+    t.acquire()
+    waiter = threading.Thread(target=lambda: got.append(a.registry.lookup([5, 6, 7]).tolist()))
+    waiter.start()
+    waiter.join(0.05)            # it is waiting (spinning or blocked), the GIL free for us
+    assert waiter.is_alive() and not got
+    t.release()
+    waiter.join(30)
+    assert len(got) == 1 and got[0][2] == -1 and min(got[0][:2]) >= 0
+    assert t.lock_stats["contended"] == before + 1
+    g2.check_invariants()
