@@ -340,8 +340,6 @@ class KvBlockManager:
         namespace of its layout and salt, and its G2 pool becomes that namespace's registry: the
         blocks, and the cache, that every engine of the namespace shares (kvbm.shared_g2). Without
         one, the engine keeps its own G2 registry and is alone on the instance."""
-        from kvbm.hashing import layout_fingerprint
-        from kvbm.shared_g2 import SharedG2
         info = (tm.welcome or {}).get("registry")
         if not info:
             return
@@ -349,12 +347,41 @@ class KvBlockManager:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
                               f"blocks; this engine's are {layout.block_stride} bytes: start it with this model's "
                               f"--layout, or give this engine its own instance_id")
-        own = self.pools[Tier.G2]
-        fingerprint = (f"{layout.num_layers}x{layout.outer_dim}x{layout.page_size}x{layout.inner_dim} {layout.dtype} "
-                       f"{layout_fingerprint(layout):016x}")
-        g2 = SharedG2.attach(info["segment"])
+        self._join_registry(info["segment"], tm.engine_id, layout, bool((tm.welcome or {}).get("disk")))
+
+    def join_shared_g2(self, layout, *, engine_id: str, timeout: float = 60.0) -> None:
+        """Metadata-only engines (the vLLM connector's scheduler side of a data-parallel replica):
+        joins the shared G2 of the instance's running kvbm-workers (waiting up to `timeout` for it:
+        the engine's device side starts it) in the namespace of `layout` (the model's LayoutConfig)
+        and the salt, so that this manager's G2 pool is the namespace's registry, as a device-side
+        engine's is after register_device_tensors. ConfigError when the instance has no shared
+        registry (it was started without the model's layout)."""
+        from kvbm.transfer.launcher import connect_workers
+        self._check_open()
+        if self._lease is not None:
+            raise LifecycleError(f"engine {self._lease.engine_id} has joined the shared G2 already")
+        # The welcome names the registry; this manager moves no bytes, so the connection goes again.
+        tm, _ = connect_workers(self.config, 0, "G2", start=False, wait=True, timeout=timeout,
+                                engine_id=f"{engine_id}/hello")
         try:
-            lease = g2.join(tm.engine_id, os.getpid(), fingerprint, self.config.salt, own.num_blocks)
+            welcome = dict(tm.welcome or {})
+        finally:
+            tm.close()
+        info = welcome.get("registry")
+        if not info:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
+                              f"without the model's layout): engines cannot share its G2")
+        if info.get("block_bytes") != layout.block_stride:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
+                              f"blocks; this engine's are {layout.block_stride} bytes")
+        self._join_registry(info["segment"], engine_id, layout, bool(welcome.get("disk")))
+
+    def _join_registry(self, segment: str, engine_id: str, layout, disk: bool) -> None:
+        from kvbm.shared_g2 import SharedG2, layout_namespace
+        own = self.pools[Tier.G2]
+        g2 = SharedG2.attach(segment)
+        try:
+            lease = g2.join(engine_id, os.getpid(), layout_namespace(layout), self.config.salt, own.num_blocks)
         except BaseException:
             g2.close()
             raise
@@ -362,18 +389,18 @@ class KvBlockManager:
         # The disk tier is one store written by one engine's G2 registry (its cleaner alone drains
         # the namespace's evicted ring): an instance with a disk tier serves one engine.
         others = [e for e in g2.engines() if e["slot"] != lease.slot and e["state"] == "live"]
-        if (tm.welcome or {}).get("disk") and others:
+        if disk and others:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} has a disk tier, which serves one engine per "
                               f"instance; engine {others[0]['engine_id']} (pid {others[0]['pid']}) is attached "
                               f"already: give this engine its own instance_id, or run the instance without a "
                               f"disk tier")
         if own.registry.num_free != own.num_blocks:
             logger.warning("engine %s: its own G2 registry held %d blocks; they are dropped for the shared G2's",
-                           tm.engine_id, own.num_blocks - own.registry.num_free)
+                           engine_id, own.num_blocks - own.registry.num_free)
         pool = BlockPool.over(Tier.G2, lease.registry, self.config.policy)
         pool.hints = self._hints
         self.pools[Tier.G2] = pool     # the same dict as self.tiers' and self._hints'
-        logger.info("engine %s shares G2 %s: namespace %d, blocks [%d, %d)", tm.engine_id, g2.name, lease.namespace,
+        logger.info("engine %s shares G2 %s: namespace %d, blocks [%d, %d)", engine_id, g2.name, lease.namespace,
                     lease.block_offset, lease.block_offset + lease.num_blocks)
 
     @property

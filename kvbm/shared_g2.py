@@ -110,6 +110,15 @@ def namespace_key(fingerprint: str, salt: bytes | str = b"") -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
+def layout_namespace(layout) -> str:
+    """The fingerprint string a model's layout (kvbm.layout.LayoutConfig) joins under: engines of
+    one model and salt share a namespace, whichever process computes it (KvBlockManager, a vLLM
+    rank's ShardTransfers, the vLLM scheduler side)."""
+    from kvbm.hashing import layout_fingerprint
+    return (f"{layout.num_layers}x{layout.outer_dim}x{layout.page_size}x{layout.inner_dim} {layout.dtype} "
+            f"{layout_fingerprint(layout):016x}")
+
+
 def _map_pages(view) -> None:
     """Reads a byte of every page of `view` (memory the namespace reserved): this process maps
     them now, instead of taking a page fault inside the first calls that reach each one."""

@@ -22,6 +22,14 @@ Order:
      (not the disk worker: the engine's G2 registry, which decides what goes to G3, registers there)
   4. store(device_blocks, host_blocks) -> D2H future; load(host_blocks, device_blocks) -> H2D future
      with per-layer progress (future.wait_layer(l)); bad block ids raise LayoutError and submit nothing
+Data-parallel replicas (shared_g2=True, TP 1): several engines' ranks on one kvbm-workers and one
+G2. The instance is started with the model's layout (so it has the shared G2 registry, kvbm.shared_g2)
+by whichever replica comes first, the others find it (a replica that lost the race to start it waits
+for the winner's); the rank joins the namespace of its layout and salt as an engine of its own (its
+pid, for the path workers' admission) and registers that namespace's part of G2, where its replica's
+scheduler side (KvBlockManager.join_shared_g2) picks block ids: every replica's blocks are then every
+replica's hits.
+
   5. close(): unregisters, stops the kvbm-workers this rank started (rank 0 only: close it last),
      then drops the CUDA IPC shares of the tensors (memory_map: each path worker maps a share of
      its own, dropped only once the workers dropped their mappings, so torch has nothing to warn
@@ -30,16 +38,17 @@ Order:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import ConfigError, LayoutError, LifecycleError
+from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
 from kvbm.layout import BlockLayout, LayoutType, detect_layout
 from kvbm.shm import SharedBuffers
 from kvbm.transfer.futures import TransferFuture
-from kvbm.transfer.launcher import WorkersProcess, connect_workers
+from kvbm.transfer.launcher import WorkersProcess, connect_workers, find_instance
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.memory_map import describe_memory, release_ipc_shares
 from kvbm.wire import protocol as P
@@ -50,7 +59,8 @@ logger = logging.getLogger(__name__)
 class ShardTransfers:
     """D2H / H2D copies between one TP rank's KV shard and its region of the instance's G2."""
 
-    def __init__(self, config: KvbmConfig, rank: int, world_size: int, group: str, host_blocks: int) -> None:
+    def __init__(self, config: KvbmConfig, rank: int, world_size: int, group: str, host_blocks: int,
+                 shared_g2: bool = False) -> None:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ConfigError(f"rank {rank!r} of world_size {world_size!r}: expected 0 <= rank < world_size")
         if not isinstance(group, str) or not 0 < len(group) <= P.MAX_ENGINE_ID - 16:
@@ -61,7 +71,13 @@ class ShardTransfers:
             raise ConfigError(f"the disk tier with tensor parallelism is not supported yet (world_size "
                               f"{world_size}, disk_path {config.disk_path}): a G3 block would hold one rank's "
                               f"shard only; run TP > 1 without a disk tier (G2 only), or the disk tier with TP 1")
+        if shared_g2 and world_size != 1:
+            raise ConfigError(f"a shared G2 across engines takes ranks of tensor-parallel size 1 (world_size "
+                              f"{world_size}): give each replica its own instance_id")
         self.config = config
+        self.shared_g2 = shared_g2
+        self._g2 = None      # the shared G2 (SharedG2) and this rank's Lease of it, with shared_g2
+        self._lease = None
         self.rank = rank
         self.world_size = world_size
         self.group = group
@@ -74,6 +90,7 @@ class ShardTransfers:
         self._shared: SharedBuffers | None = None     # CPU-mode tensors made by shared_tensors()
         self._ipc_shares: list = []   # CUDA: the aliases the workers map (memory_map); dropped after them
         self._closed = False
+        self._host_offset = 0
 
     # ---- set-up ------------------------------------------------------------------------------
     def shared_tensors(self, shape: tuple[int, ...], dtype, count: int = 1) -> list:
@@ -110,24 +127,26 @@ class ShardTransfers:
             memory = describe_memory(buffers, layout, shared if shared is not None else self._shared)
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, self.host_blocks)
         g2_bytes = self.world_size * host_layout.total_bytes
-        tm, workers = connect_workers(
-            self.config, g2_bytes, f"G2 ({self.world_size} ranks x {self.host_blocks} blocks of "
-                                   f"{layout.config.block_bytes} bytes)",
-            start=self.rank == 0, wait=self.rank != 0, timeout=timeout, engine_id=self.engine_id)
+        tm, workers = self._connect(layout, g2_bytes, timeout)
+        host_offset = self.rank * host_layout.total_bytes
         try:
+            if self.shared_g2:
+                host_layout, host_offset = self._join(tm, layout, host_layout)
             # D2H and H2D only: a rank copies between its device and G2. The disk worker sees one
             # engine of the group, the one that owns the G2 registry (the vLLM connector's
             # scheduler side, through KvBlockManager.attach_disk_tier).
             tm.register(layout, host_layout, memory, timeout, group=self.group,
-                        host_offset=self.rank * host_layout.total_bytes, paths=(P.Path.D2H, P.Path.H2D))
+                        host_offset=host_offset, paths=(P.Path.D2H, P.Path.H2D))
         except BaseException:
             tm.close()
             if workers is not None:
                 workers.stop()
             release_ipc_shares(shares, tm.unregistered or workers is not None)
+            self._leave()
             raise
         self._tm, self._workers = tm, workers
         self._ipc_shares = shares
+        self._host_offset = host_offset
         self.device_layout, self.host_layout = layout, host_layout
         logger.info("rank %d/%d of %s attached: %d device blocks, G2 blocks %d at byte %d (%d bytes a block)",
                     self.rank, self.world_size, self.group, layout.num_blocks, self.host_blocks, self.host_offset,
@@ -135,10 +154,67 @@ class ShardTransfers:
 
     @property
     def host_offset(self) -> int:
-        """The byte of the G2 segment where this rank's region starts."""
+        """The byte of the G2 segment where this rank's region starts (with shared_g2: where its
+        namespace's part of G2 does)."""
         if self.host_layout is None:
             raise LifecycleError("attach() first: the region's size comes from the tensors' layout")
-        return self.rank * self.host_layout.total_bytes
+        return self._host_offset
+
+    def _connect(self, layout: BlockLayout, g2_bytes: int, timeout: float):
+        what = f"G2 ({self.world_size} ranks x {self.host_blocks} blocks of {layout.config.block_bytes} bytes)"
+        if not self.shared_g2:
+            return connect_workers(self.config, g2_bytes, what, start=self.rank == 0, wait=self.rank != 0,
+                                   timeout=timeout, engine_id=self.engine_id)
+        # Replicas start at once: one of them starts the instance (with the model's layout, for the
+        # shared registry), one that lost the race to its lock waits for the winner's.
+        try:
+            return connect_workers(self.config, g2_bytes, what, timeout=timeout, engine_id=self.engine_id,
+                                   layout=layout.config)
+        except KvbmError as err:
+            if find_instance(self.config).state not in ("running", "starting"):
+                raise
+            logger.info("rank %s: another replica started kvbm-workers %s first (%s); joining it", self.engine_id,
+                        self.config.instance_id, err)
+            return connect_workers(self.config, g2_bytes, what, start=False, wait=True, timeout=timeout,
+                                   engine_id=self.engine_id)
+
+    def _join(self, tm: TransferManager, layout: BlockLayout, host_layout: BlockLayout) -> tuple[BlockLayout, int]:
+        """shared_g2: joins the namespace of this model's layout and salt (as an engine of its own:
+        the path workers admit a registration that the engine table backs) and returns the host
+        layout and G2 offset of that namespace's part of G2."""
+        from kvbm.shared_g2 import SharedG2, layout_namespace
+        info = (tm.welcome or {}).get("registry")
+        if not info:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
+                              f"without the model's layout, or by an engine that shares nothing): data-parallel "
+                              f"replicas cannot share its G2; give each replica its own instance_id")
+        if info.get("block_bytes") != host_layout.block_stride:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
+                              f"blocks; this rank's are {host_layout.block_stride} bytes")
+        g2 = SharedG2.attach(info["segment"])
+        try:
+            lease = g2.join(self.engine_id, os.getpid(), layout_namespace(layout.config), self.config.salt,
+                            self.host_blocks)
+        except BaseException:
+            g2.close()
+            raise
+        self._g2, self._lease = g2, lease
+        part = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, lease.num_blocks)
+        logger.info("rank %s shares G2 %s: namespace %d, blocks [%d, %d)", self.engine_id, g2.name, lease.namespace,
+                    lease.block_offset, lease.block_offset + lease.num_blocks)
+        return part, lease.block_offset * part.block_stride
+
+    def _leave(self) -> None:
+        lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
+        if lease is None:
+            return
+        try:
+            lease.leave()
+        except KvbmError:
+            logger.error("rank %s: leaving the shared G2 failed (its supervisor reaps it when it exits)",
+                         self.engine_id, exc_info=True)
+        finally:
+            g2.close()
 
     @property
     def transfers(self) -> TransferManager:
@@ -194,6 +270,7 @@ class ShardTransfers:
             self._tm.close()
             dropped = self._tm.unregistered
             self._tm = None
+        self._leave()   # after the workers dropped the registration: nothing is held for it
         if self._workers is not None:
             self._workers.stop()
             self._workers = None

@@ -398,7 +398,10 @@ def test_failed_launch_drains_the_stream_before_the_error_reply():
     assert worker._in_flight == []
 
 
-def test_cuda_copy_events_are_blocking(monkeypatch):
+def test_cuda_copy_events_block_for_large_copies_and_spin_for_small_ones(monkeypatch):
+    """A worker waits on a large CUDA copy by sleeping on a blocking event (a core is not spun for
+    milliseconds) and on a small one (<= SPIN_WAIT_BYTES) by spinning (tens of microseconds, less
+    than a blocking event's wake-up); a layered AUTO copy is one library call with an event per layer."""
     import contextlib
     import types
 
@@ -408,20 +411,33 @@ def test_cuda_copy_events_are_blocking(monkeypatch):
     class Event:
         def __init__(self, **kw):
             made.append(kw)
+            self.cuda_event = len(made)
 
         def record(self, stream):
             pass
 
+    calls: list[tuple] = []
     copier = C.Copier.__new__(C.Copier)
     copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event,
                                                                      device=lambda d: contextlib.nullcontext()))
     copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
     copier.src_layers = copier.dst_layers = [object(), object()]
-    copier.method, copier.max_sms, copier.block_bytes = C.native.CopyMethod.AUTO, 0, 1 << 20
-    monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: None)
-    assert len(copier.launch(np.zeros(1, np.int64), np.zeros(1, np.int64), layers=True)) == 2
-    assert made == [{"blocking": True}, {"blocking": True}]
-    assert [last for _, last in copier.launch_groups(np.zeros(1, np.int64), np.zeros(1, np.int64), True)] == [0, 1]
+    copier.src_region = copier.dst_region = object()
+    copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0
+    monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: calls.append(("blocks",)))
+    monkeypatch.setattr(C.native, "copy_layers_cuda", lambda *args: calls.append(("layers", tuple(args[4]))))
+    one = np.zeros(1, np.int64)
+    copier.block_bytes = C.SPIN_WAIT_BYTES + 1
+    assert len(copier.launch(one, one, layers=True)) == 2
+    assert made == [{"blocking": True}, {"blocking": True}] and calls == [("layers", (1, 2))]
+    assert [last for _, last in copier.launch_groups(one, one, True)] == [0, 1]
+    made.clear()
+    copier.block_bytes = C.SPIN_WAIT_BYTES
+    assert len(copier.launch(one, one, layers=False)) == 1 and made == [{"blocking": False}]
+    copier.method = C.native.CopyMethod.DMA      # other methods: a call and an event per layer
+    calls.clear()
+    copier.launch(one, one, layers=True)
+    assert calls == [("blocks",), ("blocks",)]
 
 
 # ---- 7. ownership checks on what another local user could plant ------------------------------------

@@ -118,6 +118,8 @@ def make_vllm_config(
     enable_prefix_caching: bool = True,
     prefix_caching_hash_algo: str = "sha256",
     tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    data_parallel_rank: int = 0,
 ) -> VllmConfig:
     """The engine's VllmConfig on CPU with the given connector (`--kv-transfer-config` as objects).
 
@@ -156,7 +158,8 @@ def make_vllm_config(
         cache_config=cache_config,
         kv_transfer_config=kv_transfer_config,
         device_config=DeviceConfig("cpu"),
-        parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+        parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                       data_parallel_size=data_parallel_size, data_parallel_rank=data_parallel_rank),
     )
 
 

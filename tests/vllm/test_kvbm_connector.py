@@ -38,16 +38,17 @@ class Engine:
     """vLLM's scheduler + kvbm's scheduler-side connector, one worker-side connector (TP 1)."""
 
     def __init__(self, model_dir, tmp_path, *, num_blocks: int = 48, host_blocks: int = 64, settle: bool = True,
-                 **extra) -> None:
+                 dp: tuple[int, int] = (1, 0), **extra) -> None:
         settings = {"host_blocks": host_blocks, "force_cpu": True, "runtime_dir": str(tmp_path / "run"),
                     "instance_id": f"v{uuid.uuid4().hex[:8]}", **extra}
         self.vllm_config = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
                                               kv_connector_module_path="kvbm.integrations.vllm",
-                                              kv_connector_extra_config=settings)
+                                              kv_connector_extra_config=settings,
+                                              data_parallel_size=dp[0], data_parallel_rank=dp[1])
         kv_cache_config = H.make_kv_cache_config(self.vllm_config, num_blocks)
         shape = (2, num_blocks, BS, H.NUM_KV_HEADS, H.HEAD_SIZE)
         self.kv = {name: torch.zeros(shape, dtype=torch.float16) for name in H.LAYER_NAMES}   # vLLM's own tensors
-        if settings.get("disk_path"):
+        if settings.get("disk_path") or dp[0] > 1:
             # As vLLM's EngineCore: the workers register their KV caches, then the scheduler is
             # built (its connector connects to the running kvbm-workers' disk worker).
             self.worker = H.make_connector(self.vllm_config, KVConnectorRole.WORKER, kv_cache_config)

@@ -111,13 +111,25 @@ def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) ->
     if unknown:
         raise ConfigError(f"kv_connector_extra_config: unknown kvbm settings {unknown}; known: {sorted(fields)}")
     overrides = {k: v for k, v in extra.items() if k in fields}
-    if "instance_id" not in overrides and not os.environ.get("KVBM_INSTANCE_ID"):
+    derived = "instance_id" not in overrides and not os.environ.get("KVBM_INSTANCE_ID")
+    if derived:
         engine = "".join(c for c in str(vllm_config.instance_id) if c.isalnum())[-20:] or "0"
-        parallel = vllm_config.parallel_config
-        if parallel.data_parallel_size > 1:   # DP engines share vLLM's instance id: one kvbm each
-            engine += f"-dp{parallel.data_parallel_rank}"
         overrides["instance_id"] = f"vllm-{engine}"
-    return KvbmConfig.load(**overrides)
+    config = KvbmConfig.load(**overrides)
+    parallel = vllm_config.parallel_config
+    if derived and parallel.data_parallel_size > 1 and not dp_shares_g2(vllm_config, config):
+        # DP engines share vLLM's instance id; replicas that cannot share one G2 get one kvbm each
+        config = dataclasses.replace(config, instance_id=f"{config.instance_id}-dp{parallel.data_parallel_rank}")
+    return config
+
+
+def dp_shares_g2(vllm_config: VllmConfig, config: KvbmConfig) -> bool:
+    """Data-parallel replicas share one kvbm-workers, one G2 and its registry (kvbm.shared_g2): a
+    block any replica offloaded is a hit for every replica. Replicas of tensor-parallel size 1
+    without a disk tier (a rank's shard of a block is the whole block; an instance with a disk tier
+    serves one engine); others keep an instance each."""
+    parallel = vllm_config.parallel_config
+    return parallel.data_parallel_size > 1 and parallel.tensor_parallel_size == 1 and not _has_disk(config)
 
 
 def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], int]:
@@ -207,7 +219,11 @@ class KvbmConnector(KVConnectorBase_V1):
             raise ConfigError(f"kvbm connector: the disk tier (disk_path {self.config.disk_path}) with tensor "
                               f"parallelism is not supported yet (tensor_parallel_size {self.world_size}: a G3 "
                               f"block would hold one rank's shard); run TP > 1 without a disk tier (G2 only)")
-        self.layout = _spec_layout(kv_cache_config) if self.disk else None
+        self.shared_g2 = dp_shares_g2(vllm_config, self.config)
+        # Ranks register as "<group>/r<rank>": replicas that share the instance need groups of their own.
+        self.group = f"{self.config.instance_id}-dp{parallel.data_parallel_rank}" if self.shared_g2 \
+            else self.config.instance_id
+        self.layout = _spec_layout(kv_cache_config) if self.disk or self.shared_g2 else None
         self.host_blocks = self._host_blocks()
         self._keys: dict[str, tuple[bytes, np.ndarray]] = {}   # req -> (hash of its last folded block, keys)
         self._requests: dict[str, Request] = {}
@@ -260,6 +276,10 @@ class KvbmConnector(KVConnectorBase_V1):
                 logger.info("kvbm connector: G3 %d blocks in %s (%s admission), %d found on disk",
                             self._manager.pools[Tier.G3].num_blocks, c.disk_path, c.disk_admission,
                             self._manager.pools[Tier.G3].registry.num_inactive)
+            if self.shared_g2:
+                # The replica's ranks started or found the instance before vLLM builds its scheduler;
+                # this side picks G2 block ids in the namespace they registered (the same layout).
+                self._manager.join_shared_g2(self.layout, engine_id=f"{self.group}/sched")
         except BaseException:
             self._manager.close()
             raise
@@ -388,18 +408,21 @@ class KvbmConnector(KVConnectorBase_V1):
         if missing:
             raise ConfigError(f"register_kv_caches: no tensor for layers {missing[:4]} of the KV cache group")
         tensors = [kv_caches[name] for name in self.layer_names]
-        if self.disk:
+        if self.disk or self.shared_g2:
             # The scheduler side registers G2 with the disk worker in the layout of the spec; the
-            # store checks its fingerprint, so the tensors must be in that very layout.
+            # store checks its fingerprint, so the tensors must be in that very layout. A shared G2's
+            # scheduler side joins the namespace of the spec's layout, which the rank joins with its
+            # tensors' layout: they must be one.
             from kvbm.hashing import layout_fingerprint
             from kvbm.layout import detect_layout
             found = detect_layout(tensors).config
             if layout_fingerprint(found) != layout_fingerprint(self.layout) or \
                     found.block_bytes != self.layout.block_bytes:
                 raise ConfigError(f"kvbm connector: the KV tensors hold blocks of {found}, the KV cache spec "
-                                  f"says {self.layout}; the disk tier needs them to agree")
+                                  f"says {self.layout}; the disk tier and a shared G2 need them to agree")
         rank = get_tensor_model_parallel_rank() if self.world_size > 1 else 0
-        transfers = ShardTransfers(self.config, rank, self.world_size, self.config.instance_id, self.host_blocks)
+        transfers = ShardTransfers(self.config, rank, self.world_size, self.group, self.host_blocks,
+                                   shared_g2=self.shared_g2)
         try:
             if not tensors[0].is_cuda:
                 _rehome_into_shared_memory(transfers, tensors)

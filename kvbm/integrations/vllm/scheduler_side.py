@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvbm.errors import KvbmError
+from kvbm.errors import KvbmError, RegistryError
 from kvbm.integrations.events import PoolEventRecorder
 from kvbm.integrations.vllm.plan import LoadJob, RankReport, StepPlan, StoreJob
 from kvbm.manager import KvBlockManager
@@ -469,7 +469,14 @@ class SchedulerSide:
     def _drain_evictions(self) -> None:
         if self.disk is not None and self.disk.admission == "victim":
             return    # the disk cleaner drains G2's eviction ring (see the module docstring)
-        evicted = self.pool.registry.drain_evicted()
+        try:
+            evicted = self.pool.registry.drain_evicted()
+        except RegistryError:
+            # A shared G2 (data-parallel replicas, kvbm.shared_g2): its namespace's evictions are
+            # drained, and published as BlockRemoved, by one replica's scheduler side only.
+            if getattr(self.pool.registry, "namespace", None) is None:
+                raise
+            return
         if len(evicted):
             if self.events is not None:
                 self.events.removed(Tier.G2, evicted)
