@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop when the process that started this one dies (embedded mode)")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="with --exit-with-parent: the pid to follow (default: the parent at start)")
+    ap.add_argument("--exit-when-idle", type=_seconds, default=0,
+                    help="stop once no engine has been attached for this many seconds (an embedded instance "
+                         "that several engines share: it outlives the one that started it)")
     ap.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: log_level of the config, INFO)")
     return ap
 
@@ -287,6 +290,7 @@ def _serve(config: KvbmConfig, args: argparse.Namespace, parent: int) -> int:
         # that ran Popen exits, which kills the workers of a live engine that started us from a
         # short-lived thread.
         sup.parent_pid = parent
+    sup.idle_exit_s = float(args.exit_when_idle or 0)
     install_signal_handlers(sup)
     if args.metrics_port:
         from kvbm.metrics import serve

@@ -96,7 +96,7 @@ _INT_BOUNDS = {
     "host_size": (1, MAX_BYTES), "disk_size": (0, MAX_BYTES), "max_inflight_bytes": (1, MAX_BYTES),
     "tcp_port": (0, MAX_TCP_PORT), "max_batch_blocks": (1, MAX_BATCH_BLOCKS), "copy_threads": (0, MAX_COPY_THREADS),
     "request_timeout_ms": (1, MAX_TIMEOUT_MS), "worker_delay_ms": (0, MAX_TIMEOUT_MS),
-    "lane_spin_us": (-1, 100_000), "wait_spin_us": (-1, 100_000),
+    "lane_spin_us": (-1, 100_000), "wait_spin_us": (-1, 100_000), "shared_idle_exit_s": (1, 86_400),
     "disk_fsize_limit": (0, MAX_BYTES), "engine_metrics_port": (0, 65535),
     "disk_read_blocks": (1, MAX_BATCH_BLOCKS), "disk_read_inflight": (1, 256),
     "disk_onboard_chunk_blocks": (0, MAX_BATCH_BLOCKS),
@@ -180,6 +180,9 @@ class KvbmConfig:
     # hand-off back. 0: the waiter sleeps at once and the I/O thread settles everything; -1:
     # wait_spin_default (WAIT_SPIN_US with 4 CPUs or more, else 0).
     wait_spin_us: int = -1
+    # An embedded kvbm-workers that data-parallel replicas share outlives the replica that started
+    # it, and stops once no engine has been attached for this long (seconds).
+    shared_idle_exit_s: int = 30
     request_timeout_ms: int = 30000        # deadline of one transfer request (engine side safety net)
     worker_delay_ms: int = 0               # test hook: path workers sleep this long before each copy
     log_level: str = "INFO"                # kvbm-workers' log level (supervisor and path workers), any case
@@ -409,7 +412,7 @@ _ENV_KEYS = {
     "KVBM_MAX_INFLIGHT": "max_inflight_bytes",
     "KVBM_MAX_BATCH_BLOCKS": "max_batch_blocks", "KVBM_COPY_THREADS": "copy_threads",
     "KVBM_FORCE_CPU": "force_cpu", "KVBM_LANES": "lanes", "KVBM_LANE_SPIN_US": "lane_spin_us",
-    "KVBM_WAIT_SPIN_US": "wait_spin_us",
+    "KVBM_WAIT_SPIN_US": "wait_spin_us", "KVBM_SHARED_IDLE_EXIT_S": "shared_idle_exit_s",
     "KVBM_REQUEST_TIMEOUT_MS": "request_timeout_ms",
     "KVBM_WORKER_DELAY_MS": "worker_delay_ms", "KVBM_LOG_LEVEL": "log_level",
     "KVBM_DISK_ADMISSION": "disk_admission", "KVBM_GDS": "gds", "KVBM_PREFILL_TOKENS_PER_S": "prefill_tokens_per_s",

@@ -111,7 +111,8 @@ def await_instance(config: KvbmConfig, timeout: float) -> str:
 
 def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bool = True, wait: bool = False,
                     timeout: float = 60.0, engine_id: str | None = None, stats_fn=None,
-                    layout: LayoutConfig | None = None) -> tuple[TransferManager, WorkersProcess | None]:
+                    layout: LayoutConfig | None = None,
+                    idle_exit_s: float = 0.0) -> tuple[TransferManager, WorkersProcess | None]:
     """A TransferManager connected to the instance of `config`, and the WorkersProcess started for
     it (None when one ran already). With `start`, an instance that does not run is started with a
     G2 of `host_bytes` (`what` names it in a /dev/shm shortage) and, given the engine's `layout`,
@@ -130,7 +131,7 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
             raise LifecycleError(f"no kvbm-workers runs for instance {config.instance_id} "
                                  f"({config.resolved_runtime_dir()})")
         check_shm_room(host_bytes, what)
-        workers = WorkersProcess(config, host_bytes, layout=layout)
+        workers = WorkersProcess(config, host_bytes, layout=layout, idle_exit_s=idle_exit_s)
         endpoint = workers.start(timeout)
         supervisor_pid = workers.pid
     else:
@@ -158,8 +159,11 @@ class WorkersProcess:
     """kvbm-workers as a child of the engine."""
 
     def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None,
-                 layout: LayoutConfig | None = None) -> None:
+                 layout: LayoutConfig | None = None, idle_exit_s: float = 0.0) -> None:
         self.config = config
+        # > 0: an instance several engines share (data-parallel replicas): it does not follow the
+        # engine that started it, and stops after this long with no engine attached instead.
+        self.idle_exit_s = idle_exit_s
         self.host_bytes = host_bytes
         self.layout = layout if layout is not None else config.layout   # G2's blocks: the shared registry's
         self.log_level = log_level or config.log_level
@@ -169,7 +173,9 @@ class WorkersProcess:
         c = self.config
         cmd = [sys.executable, "-m", "kvbm.cli", "--instance-id", c.instance_id, "--host-size", str(self.host_bytes),
                "--transport", c.transport, "--tcp-port", str(c.tcp_port), "--interval", "0",
-               "--exit-with-parent", "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
+               "--log-level", self.log_level]
+        cmd += ["--exit-when-idle", str(self.idle_exit_s)] if self.idle_exit_s > 0 else \
+            ["--exit-with-parent", "--parent-pid", str(os.getpid())]
         if c.runtime_dir:
             cmd += ["--runtime-dir", c.runtime_dir]
         if self.layout is not None:

@@ -25,7 +25,9 @@ Order:
 Data-parallel replicas (shared_g2=True, TP 1): several engines' ranks on one kvbm-workers and one
 G2. The instance is started with the model's layout (so it has the shared G2 registry, kvbm.shared_g2)
 by whichever replica comes first, the others find it (a replica that lost the race to start it waits
-for the winner's); the rank joins the namespace of its layout and salt as an engine of its own (its
+for the winner's); it does not follow the replica that started it (a crash of that one leaves the
+others their cache), and stops shared_idle_exit_s after the last engine left, or at once when its
+starter closes last; the rank joins the namespace of its layout and salt as an engine of its own (its
 pid, for the path workers' admission) and registers that namespace's part of G2, where its replica's
 scheduler side (KvBlockManager.join_shared_g2) picks block ids: every replica's blocks are then every
 replica's hits.
@@ -169,7 +171,7 @@ class ShardTransfers:
         # shared registry), one that lost the race to its lock waits for the winner's.
         try:
             return connect_workers(self.config, g2_bytes, what, timeout=timeout, engine_id=self.engine_id,
-                                   layout=layout.config)
+                                   layout=layout.config, idle_exit_s=self.config.shared_idle_exit_s)
         except KvbmError as err:
             if find_instance(self.config).state not in ("running", "starting"):
                 raise
@@ -203,6 +205,16 @@ class ShardTransfers:
         logger.info("rank %s shares G2 %s: namespace %d, blocks [%d, %d)", self.engine_id, g2.name, lease.namespace,
                     lease.block_offset, lease.block_offset + lease.num_blocks)
         return part, lease.block_offset * part.block_stride
+
+    def _others_attached(self) -> int:
+        """shared_g2: live engines of the shared G2 besides this rank (other replicas' ranks and
+        scheduler sides, this replica's own scheduler side)."""
+        if self._g2 is None or self._lease is None:
+            return 0
+        try:
+            return sum(1 for e in self._g2.engines() if e["state"] == "live" and e["slot"] != self._lease.slot)
+        except KvbmError:
+            return 1   # cannot tell: leave it running (it stops when idle)
 
     def _leave(self) -> None:
         lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
@@ -270,11 +282,18 @@ class ShardTransfers:
             self._tm.close()
             dropped = self._tm.unregistered
             self._tm = None
+        others = self._others_attached()
         self._leave()   # after the workers dropped the registration: nothing is held for it
         if self._workers is not None:
-            self._workers.stop()
+            if others:
+                # Other replicas use it: it stays, and stops by itself once none is attached.
+                logger.info("rank %s: kvbm-workers %s stays for %d other engine(s); it stops %d s after the "
+                            "last leaves", self.engine_id, self.config.instance_id, others,
+                            self.config.shared_idle_exit_s)
+            else:
+                self._workers.stop()
+                stopped = True   # no worker maps our memory any more
             self._workers = None
-            stopped = True   # no worker maps our memory any more
         release_ipc_shares(self._ipc_shares, dropped or stopped)
         if self._shared is not None:
             self._shared.close()

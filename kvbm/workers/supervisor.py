@@ -158,6 +158,7 @@ class Supervisor:
         self._disk_dir: str | None = None
         self._stats_seq = 0
         self.parent_pid = 0     # embedded mode (--exit-with-parent): stop once this is not our parent
+        self.idle_exit_s = 0.0  # shared embedded mode (--exit-when-idle): stop after this long with no engine
         from kvbm.metrics import SupervisorMetrics
         self.metrics = SupervisorMetrics()
 
@@ -273,10 +274,18 @@ class Supervisor:
         deadline = None if duration is None else time.monotonic() + duration
         next_stats = next_summary = next_sweep = time.monotonic()
         next_summary += self.interval
+        busy_at = time.monotonic()
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             if self.parent_pid and os.getppid() != self.parent_pid:
                 logger.error("the engine that started kvbm-workers (pid %d) is gone; stopping", self.parent_pid)
                 break
+            if self.idle_exit_s:
+                now = time.monotonic()
+                if self._attached():
+                    busy_at = now
+                elif now - busy_at >= self.idle_exit_s:
+                    logger.info("no engine attached for %.0f s; stopping", now - busy_at)
+                    break
             events = dict(poller.poll(50))
             if self._control in events:
                 self._serve_control()
@@ -538,6 +547,18 @@ class Supervisor:
             self._events.send(P.encode(msg))
 
     # ---- reporting ---------------------------------------------------------------------------
+    def _attached(self) -> bool:
+        """Whether any engine uses this instance: one reported lately, or the shared G2 has one live
+        (a metadata-only engine reports nothing)."""
+        if self._live_engines():
+            return True
+        if self.registry is None:
+            return False
+        try:
+            return any(e["state"] == "live" for e in self.registry.engines())
+        except KvbmError:
+            return True   # cannot tell: stay
+
     def _live_engines(self) -> dict[str, dict]:
         """Engines that reported in the last few seconds (they report every second)."""
         cutoff = time.time() - 5 * STATS_PERIOD_S

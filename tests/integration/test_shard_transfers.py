@@ -157,3 +157,56 @@ def test_register_placement_fields_are_checked():
                 {"host_offset": 1.0}, {"host_offset": True}, {"host_offset": 2**49}):
         with pytest.raises(ProtocolError):
             P.register_placement(bad)
+
+
+def test_data_parallel_replicas_share_g2_and_the_instance_outlives_its_starter(ranks):
+    """shared_g2 (the vLLM connector's data-parallel replicas, TP 1): two replicas' ranks on one
+    kvbm-workers, each joined to the shared G2 with its scheduler side (a metadata-only
+    KvBlockManager): what replica 0 stored, replica 1 matches and loads byte for byte. Replica 0
+    closing first (it started the instance) leaves it running for replica 1; once replica 1 has
+    left too, it stops by itself (shared_idle_exit_s)."""
+    import dataclasses
+    import time
+
+    from kvbm.manager import KvBlockManager
+    from kvbm.transfer.launcher import find_instance
+    from tests.support.shard_helpers import block_bytes
+
+    sides = []
+    for dp in (0, 1):
+        st = ranks(group=f"inst-dp{dp}", host_blocks=16, shared_g2=True, shared_idle_exit_s=1)
+        tensors = make_shard(st, "layer", torch.float16, num_blocks=16)
+        fill(tensors, "layer", seed=40 + dp)
+        st.attach(tensors)
+        kv = KvBlockManager(dataclasses.replace(st.config, host_blocks=16, device_blocks=0))
+        kv.join_shared_g2(st.device_layout.config, engine_id=f"inst-dp{dp}/sched", timeout=30)
+        assert kv.shared_g2.namespace == st._lease.namespace and kv.shared_g2.block_offset == st._lease.block_offset
+        sides.append((st, tensors, kv))
+    (a, ta, ka), (b, tb, kb) = sides
+    hashes = [101, 102]
+    host = ka.shared_g2.registry.allocate(2)
+    a.store([3, 9], host).result(30)
+    ka.shared_g2.registry.complete(host)
+    ka.shared_g2.registry.register(host, hashes)
+    ka.shared_g2.registry.release(host)
+    got = kb.shared_g2.registry.match(hashes)          # replica 1 finds replica 0's blocks
+    assert len(got) == 2
+    b.load(got, [5, 6]).result(30)
+    assert block_bytes(tb, "layer", [5, 6]) == block_bytes(ta, "layer", [3, 9])
+    kb.shared_g2.registry.release(got)
+
+    a.close()                                            # the starter goes; replica 1 stays attached
+    ka.close()
+    assert find_instance(b.config).state == "running"
+    b.store([1], [0]).result(30)                        # and its transfers still run
+    b.close()
+    kb.close()
+    deadline = time.monotonic() + 30
+    while find_instance(b.config).state == "running":
+        assert time.monotonic() < deadline, "the shared instance did not stop once idle"
+        time.sleep(0.1)
+
+
+def test_shared_g2_takes_ranks_of_tensor_parallel_size_one():
+    with pytest.raises(ConfigError, match="tensor-parallel size 1"):
+        ShardTransfers(shard_config("/tmp", "x"), 0, 2, "g", 8, shared_g2=True)

@@ -111,9 +111,9 @@ def rank_factory(tmp_path, request, device: str = "cpu"):
     instance = f"s{uuid.uuid4().hex[:8]}"
     made: list[ShardTransfers] = []
 
-    def make(rank=0, world=1, group="eng", host_blocks=8, **config) -> ShardTransfers:
+    def make(rank=0, world=1, group="eng", host_blocks=8, shared_g2=False, **config) -> ShardTransfers:
         cfg = shard_config(str(tmp_path / "run"), instance, device=device, **config)
-        st = ShardTransfers(cfg, rank, world, group, host_blocks)
+        st = ShardTransfers(cfg, rank, world, group, host_blocks, shared_g2=shared_g2)
         made.append(st)
         return st
 
