@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop when the process that started this one dies (embedded mode)")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="with --exit-with-parent: the pid to follow (default: the parent at start)")
+    ap.add_argument("--g2-ranks", type=int, default=1,
+                    help="with --layout: G2 holds this many tensor-parallel ranks' regions, each a shard of every "
+                         "block of the shared registry (the layout is one rank's shard)")
     ap.add_argument("--exit-when-idle", type=_seconds, default=0,
                     help="stop once no engine has been attached for this many seconds (an embedded instance "
                          "that several engines share: it outlives the one that started it)")
@@ -291,6 +294,10 @@ def _serve(config: KvbmConfig, args: argparse.Namespace, parent: int) -> int:
         # short-lived thread.
         sup.parent_pid = parent
     sup.idle_exit_s = float(args.exit_when_idle or 0)
+    if not 1 <= args.g2_ranks <= 1024:
+        logger.error("--g2-ranks %d: expected 1..1024", args.g2_ranks)
+        return 2
+    sup.g2_ranks = args.g2_ranks
     install_signal_handlers(sup)
     if args.metrics_port:
         from kvbm.metrics import serve

@@ -111,8 +111,8 @@ def await_instance(config: KvbmConfig, timeout: float) -> str:
 
 def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bool = True, wait: bool = False,
                     timeout: float = 60.0, engine_id: str | None = None, stats_fn=None,
-                    layout: LayoutConfig | None = None,
-                    idle_exit_s: float = 0.0) -> tuple[TransferManager, WorkersProcess | None]:
+                    layout: LayoutConfig | None = None, idle_exit_s: float = 0.0,
+                    g2_ranks: int = 1) -> tuple[TransferManager, WorkersProcess | None]:
     """A TransferManager connected to the instance of `config`, and the WorkersProcess started for
     it (None when one ran already). With `start`, an instance that does not run is started with a
     G2 of `host_bytes` (`what` names it in a /dev/shm shortage) and, given the engine's `layout`,
@@ -131,7 +131,7 @@ def connect_workers(config: KvbmConfig, host_bytes: int, what: str, *, start: bo
             raise LifecycleError(f"no kvbm-workers runs for instance {config.instance_id} "
                                  f"({config.resolved_runtime_dir()})")
         check_shm_room(host_bytes, what)
-        workers = WorkersProcess(config, host_bytes, layout=layout, idle_exit_s=idle_exit_s)
+        workers = WorkersProcess(config, host_bytes, layout=layout, idle_exit_s=idle_exit_s, g2_ranks=g2_ranks)
         endpoint = workers.start(timeout)
         supervisor_pid = workers.pid
     else:
@@ -159,8 +159,9 @@ class WorkersProcess:
     """kvbm-workers as a child of the engine."""
 
     def __init__(self, config: KvbmConfig, host_bytes: int, log_level: str | None = None,
-                 layout: LayoutConfig | None = None, idle_exit_s: float = 0.0) -> None:
+                 layout: LayoutConfig | None = None, idle_exit_s: float = 0.0, g2_ranks: int = 1) -> None:
         self.config = config
+        self.g2_ranks = g2_ranks   # tensor-parallel ranks' regions of G2 under the shared registry
         # > 0: an instance several engines share (data-parallel replicas): it does not follow the
         # engine that started it, and stops after this long with no engine attached instead.
         self.idle_exit_s = idle_exit_s
@@ -180,6 +181,8 @@ class WorkersProcess:
             cmd += ["--runtime-dir", c.runtime_dir]
         if self.layout is not None:
             cmd += ["--layout", layout_spec(self.layout), "--policy", c.policy, "--ghost-ratio", str(c.ghost_ratio)]
+            if self.g2_ranks > 1:
+                cmd += ["--g2-ranks", str(self.g2_ranks)]
         if c.force_cpu:
             cmd.append("--force-cpu")
         if c.disk_path and c.disk_blocks:

@@ -22,20 +22,21 @@ Order:
      (not the disk worker: the engine's G2 registry, which decides what goes to G3, registers there)
   4. store(device_blocks, host_blocks) -> D2H future; load(host_blocks, device_blocks) -> H2D future
      with per-layer progress (future.wait_layer(l)); bad block ids raise LayoutError and submit nothing
-Data-parallel replicas (shared_g2=True, TP 1): several engines' ranks on one kvbm-workers and one
-G2. The instance is started with the model's layout (so it has the shared G2 registry, kvbm.shared_g2)
-by whichever replica comes first, the others find it (a replica that lost the race to start it waits
-for the winner's); it does not follow the replica that started it (a crash of that one leaves the
-others their cache), and stops shared_idle_exit_s after the last engine left, or at once when its
-starter closes last; the rank joins the namespace of its layout and salt as an engine of its own (its
-pid, for the path workers' admission) and registers that namespace's part of G2, where its replica's
-scheduler side (KvBlockManager.join_shared_g2) picks block ids: every replica's blocks are then every
-replica's hits.
-
   5. close(): unregisters, stops the kvbm-workers this rank started (rank 0 only: close it last),
      then drops the CUDA IPC shares of the tensors (memory_map: each path worker maps a share of
      its own, dropped only once the workers dropped their mappings, so torch has nothing to warn
      about at exit), frees the shared tensors
+
+Data-parallel replicas (shared_g2=True): several engines' ranks on one kvbm-workers and one G2 of a
+region per tensor-parallel rank, each region a shard of every block of the shared registry
+(kvbm.shared_g2). The instance is started with a rank's shard layout by whichever replica's rank 0
+comes first, the others find it (one that lost the race to start it waits for the winner's); it
+does not follow the replica that started it (a crash of that one leaves the others their cache),
+and stops shared_idle_exit_s after the last engine left, or at once when its starter closes last.
+Each rank joins the namespace of its layout and salt as an engine of its own (its pid, for the path
+workers' admission) and registers that namespace's part of its region, where its replica's
+scheduler side (KvBlockManager.join_shared_g2) picks block ids: every replica's blocks are then
+every replica's hits.
 """
 from __future__ import annotations
 
@@ -73,9 +74,6 @@ class ShardTransfers:
             raise ConfigError(f"the disk tier with tensor parallelism is not supported yet (world_size "
                               f"{world_size}, disk_path {config.disk_path}): a G3 block would hold one rank's "
                               f"shard only; run TP > 1 without a disk tier (G2 only), or the disk tier with TP 1")
-        if shared_g2 and world_size != 1:
-            raise ConfigError(f"a shared G2 across engines takes ranks of tensor-parallel size 1 (world_size "
-                              f"{world_size}): give each replica its own instance_id")
         self.config = config
         self.shared_g2 = shared_g2
         self._g2 = None      # the shared G2 (SharedG2) and this rank's Lease of it, with shared_g2
@@ -164,14 +162,16 @@ class ShardTransfers:
 
     def _connect(self, layout: BlockLayout, g2_bytes: int, timeout: float):
         what = f"G2 ({self.world_size} ranks x {self.host_blocks} blocks of {layout.config.block_bytes} bytes)"
-        if not self.shared_g2:
+        if not self.shared_g2 or self.rank != 0:
             return connect_workers(self.config, g2_bytes, what, start=self.rank == 0, wait=self.rank != 0,
                                    timeout=timeout, engine_id=self.engine_id)
-        # Replicas start at once: one of them starts the instance (with the model's layout, for the
-        # shared registry), one that lost the race to its lock waits for the winner's.
+        # Replicas start at once: one rank 0 starts the instance (with a rank's shard layout, for the
+        # shared registry, and a region per rank), one that lost the race to its lock waits for the
+        # winner's.
         try:
             return connect_workers(self.config, g2_bytes, what, timeout=timeout, engine_id=self.engine_id,
-                                   layout=layout.config, idle_exit_s=self.config.shared_idle_exit_s)
+                                   layout=layout.config, idle_exit_s=self.config.shared_idle_exit_s,
+                                   g2_ranks=self.world_size)
         except KvbmError as err:
             if find_instance(self.config).state not in ("running", "starting"):
                 raise
@@ -190,9 +190,11 @@ class ShardTransfers:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
                               f"without the model's layout, or by an engine that shares nothing): data-parallel "
                               f"replicas cannot share its G2; give each replica its own instance_id")
-        if info.get("block_bytes") != host_layout.block_stride:
+        if info.get("block_bytes") != host_layout.block_stride or info.get("ranks", 1) != self.world_size:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
-                              f"blocks; this rank's are {host_layout.block_stride} bytes")
+                              f"blocks in {info.get('ranks', 1)} rank region(s); this rank's blocks are "
+                              f"{host_layout.block_stride} bytes, of {self.world_size} rank(s): replicas of one "
+                              f"model and tensor-parallel size share an instance")
         g2 = SharedG2.attach(info["segment"])
         try:
             lease = g2.join(self.engine_id, os.getpid(), layout_namespace(layout.config), self.config.salt,
@@ -204,7 +206,10 @@ class ShardTransfers:
         part = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, lease.num_blocks)
         logger.info("rank %s shares G2 %s: namespace %d, blocks [%d, %d)", self.engine_id, g2.name, lease.namespace,
                     lease.block_offset, lease.block_offset + lease.num_blocks)
-        return part, lease.block_offset * part.block_stride
+        # G2 is a region per rank, each a shard of every registry block: this rank's part of the
+        # namespace, in its own region.
+        region = int(info["blocks"]) * part.block_stride
+        return part, self.rank * region + lease.block_offset * part.block_stride
 
     def _others_attached(self) -> int:
         """shared_g2: live engines of the shared G2 besides this rank (other replicas' ranks and

@@ -88,12 +88,18 @@ class Admission:
             raise ProtocolError(f"engine {engine!r:.80} registers as pid {pid}; the shared G2 has it as pid "
                                 f"{m['pid']} ({'alive' if m['alive'] else 'gone'})")
         stride, lo = self.g2_block_bytes, m["block_offset"] * self.g2_block_bytes
-        if host.block_stride != stride or host.num_blocks != m["num_blocks"] or host_offset != lo:
+        # With tensor-parallel ranks, G2 is g2_ranks regions of total_blocks blocks each: a rank's
+        # part of the namespace lies at the same place in its own region.
+        region = self.g2.total_blocks * stride
+        ranks = getattr(self, "g2_ranks", 1)
+        rank, rest = divmod(host_offset - lo, region) if region else (0, host_offset - lo)
+        if host.block_stride != stride or host.num_blocks != m["num_blocks"] or rest or not 0 <= rank < ranks:
             raise ProtocolError(f"engine {engine!r:.80}: a host layout of {host.num_blocks} blocks of "
                                 f"{host.block_stride} bytes at G2 byte {host_offset}; its shared G2 namespace "
                                 f"{m['namespace']} is blocks [{m['block_offset']}, "
                                 f"{m['block_offset'] + m['num_blocks']}) of {stride} bytes (G2 bytes [{lo}, "
-                                f"{lo + m['num_blocks'] * stride}))")
+                                f"{lo + m['num_blocks'] * stride})" + (f" in each of {ranks} rank regions of "
+                                                                      f"{region} bytes)" if ranks > 1 else ")"))
         return Member(m["slot"], m["generation"], m["namespace"])
 
     def _hold(self, reg) -> None:

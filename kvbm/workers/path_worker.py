@@ -156,6 +156,7 @@ class PathWorker(Admission):
         registry = getattr(args, "registry", "")
         self.g2 = SharedG2.attach(registry) if registry else None   # the shared G2's engine table
         self.g2_block_bytes = getattr(args, "registry_block_bytes", 0)
+        self.g2_ranks = max(1, getattr(args, "registry_ranks", 1))   # TP ranks' regions of G2
         self.worker_bit = 1 << int(self.path)   # this worker's bit in an engine slot's `workers`
         self.pin_s = self.host_segment.pin() if self.cuda and self.PIN_HOST else 0.0
         server_keys, client_keys = _read_keys(args.keys_dir)
@@ -654,6 +655,8 @@ def build_parser(paths=P.WORKER_PATHS, prog: str = "kvbm-path-worker") -> argpar
                     help="keep polling the lanes this long before sleeping on the doorbell")
     ap.add_argument("--registry", default="", help="the shared G2 registry's segment (its engine table)")
     ap.add_argument("--registry-block-bytes", type=int, default=0, help="bytes of one G2 block of the shared registry")
+    ap.add_argument("--registry-ranks", type=int, default=1,
+                    help="G2 regions (tensor-parallel ranks) the shared registry's blocks span")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--parent-pid", type=int, default=0,
                     help="the supervisor's pid: a worker whose parent is no longer it exits (default: getppid())")

@@ -159,6 +159,7 @@ class Supervisor:
         self._stats_seq = 0
         self.parent_pid = 0     # embedded mode (--exit-with-parent): stop once this is not our parent
         self.idle_exit_s = 0.0  # shared embedded mode (--exit-when-idle): stop after this long with no engine
+        self.g2_ranks = 1       # G2 regions of tensor-parallel ranks under the shared registry (--g2-ranks)
         from kvbm.metrics import SupervisorMetrics
         self.metrics = SupervisorMetrics()
 
@@ -213,7 +214,9 @@ class Supervisor:
         if layout is None:
             logger.info("no shared G2 registry: the G2 block size is unknown without the model layout (--layout)")
             return
-        blocks = self.host_bytes // layout.block_stride
+        # With tensor-parallel ranks (g2_ranks), G2 is g2_ranks regions, one per rank, each a
+        # shard of every block: a registry block is one block in every region.
+        blocks = self.host_bytes // (layout.block_stride * self.g2_ranks)
         if blocks < 1:
             raise ConfigError(f"G2 of {self.host_bytes} bytes holds no block of {layout.block_stride} bytes")
         self.registry = SharedG2.create(segment_name(self.config.instance_id, REGISTRY_KIND), blocks,
@@ -253,7 +256,8 @@ class Supervisor:
         if slot.path in P.DISK_PATHS:
             cmd += _disk_worker_args(self.config, self._disk_dir)
         if self.registry is not None:
-            cmd += ["--registry", self.registry.name, "--registry-block-bytes", str(self.config.layout.block_stride)]
+            cmd += ["--registry", self.registry.name, "--registry-block-bytes", str(self.config.layout.block_stride),
+                    "--registry-ranks", str(self.g2_ranks)]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -412,7 +416,8 @@ class Supervisor:
                 "cuda": self.cuda, "host": {"segment": self.segment.name, "size": self.segment.size},
                 "registry": None if self.registry is None else {
                     "segment": self.registry.name, "blocks": self.registry.total_blocks,
-                    "block_bytes": self.config.layout.block_stride if self.config.layout else 0},
+                    "block_bytes": self.config.layout.block_stride if self.config.layout else 0,
+                    "ranks": self.g2_ranks},
                 "disk": self._disk_dir, "events": self.endpoints.events,
                 "max_batch_blocks": self.config.max_batch_blocks,
                 "workers": {p.label: {"path": int(p), "endpoint": self.endpoints.worker(s.path),

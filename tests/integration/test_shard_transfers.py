@@ -207,6 +207,44 @@ def test_data_parallel_replicas_share_g2_and_the_instance_outlives_its_starter(r
         time.sleep(0.1)
 
 
-def test_shared_g2_takes_ranks_of_tensor_parallel_size_one():
-    with pytest.raises(ConfigError, match="tensor-parallel size 1"):
-        ShardTransfers(shard_config("/tmp", "x"), 0, 2, "g", 8, shared_g2=True)
+def test_data_parallel_replicas_of_two_tensor_parallel_ranks_share_g2_rank_by_rank(ranks):
+    """shared_g2 with TP 2: G2 is a region per rank; rank r of every replica registers its
+    namespace's part of region r. Replica 0's two ranks store their shards of two blocks, replica
+    1's scheduler side matches them and its two ranks load each its own shard, byte for byte; the
+    path workers refuse a rank that asks for another region's bytes."""
+    import dataclasses
+
+    from kvbm.manager import KvBlockManager
+    from tests.support.shard_helpers import block_bytes
+
+    replicas = []
+    for dp in (0, 1):
+        rank_sides = []
+        for rank in (0, 1):
+            st = ranks(rank=rank, world=2, group=f"tp-dp{dp}", host_blocks=8, shared_g2=True, shared_idle_exit_s=1)
+            tensors = make_shard(st, "layer", torch.float16, num_blocks=8)
+            fill(tensors, "layer", seed=60 + 2 * dp + rank)
+            st.attach(tensors)
+            rank_sides.append((st, tensors))
+        r0, r1 = rank_sides[0][0], rank_sides[1][0]
+        assert r1.host_offset - r0.host_offset == 8 * r0.host_layout.block_stride   # a region of 8 blocks each
+        kv = KvBlockManager(dataclasses.replace(rank_sides[0][0].config, host_blocks=8, device_blocks=0))
+        kv.join_shared_g2(rank_sides[0][0].device_layout.config, engine_id=f"tp-dp{dp}/sched", timeout=30)
+        replicas.append((rank_sides, kv))
+    (ranks_a, ka), (ranks_b, kb) = replicas
+    host = ka.shared_g2.registry.allocate(2)
+    for st, _ in ranks_a:
+        st.store([2, 6], host).result(30)
+    ka.shared_g2.registry.complete(host)
+    ka.shared_g2.registry.register(host, [7, 8])
+    got = kb.shared_g2.registry.match([7, 8])
+    assert len(got) == 2
+    for (st_b, tb), (_, ta) in zip(ranks_b, ranks_a):
+        st_b.load(got, [0, 1]).result(30)
+        assert block_bytes(tb, "layer", [0, 1]) == block_bytes(ta, "layer", [2, 6])   # its own rank's shard
+    kb.shared_g2.registry.release(got)
+    ka.shared_g2.registry.release(host)
+    for rank_sides, kv in reversed(replicas):
+        for st, _ in reversed(rank_sides):
+            st.close()
+        kv.close()

@@ -661,3 +661,28 @@ def test_a_waiter_spins_then_blocks_and_gets_the_lock_when_it_is_let_go(make_g2,
     assert len(got) == 1 and got[0][2] == -1 and min(got[0][:2]) >= 0
     assert t.lock_stats["contended"] == before + 1
     g2.check_invariants()
+
+
+def test_a_members_part_of_g2_is_admitted_in_each_rank_region_and_nowhere_else(make_g2):
+    """Path worker admission (kvbm.workers.admission) with tensor-parallel regions: a member's host
+    layout must be its namespace's part of G2 at the same place in one of the g2_ranks regions."""
+    from kvbm.errors import ProtocolError
+    from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
+    from kvbm.workers.admission import Admission
+    g2 = make_g2(total=64)
+    g2.join("other", PID, "m", blocks=16)           # takes blocks [0, 16): ours start at 16
+    lease = g2.join("e", PID, "n", blocks=8)
+    adm = Admission()
+    cfg = LayoutConfig(num_layers=1, outer_dim=2, page_size=1, inner_dim=256, dtype="float16")
+    host = BlockLayout(cfg, LayoutType.FULLY_CONTIGUOUS, lease.num_blocks)
+    adm.g2, adm.g2_block_bytes, adm.g2_ranks = g2, host.block_stride, 2
+    region, part = 64 * host.block_stride, lease.block_offset * host.block_stride
+    assert part == 16 * host.block_stride
+    for offset in (part, region + part):             # rank 0's region, rank 1's
+        assert adm._membership("e", PID, offset, host).namespace == lease.namespace
+    for offset in (2 * region + part, part + host.block_stride, region):   # no third region; misplaced
+        with pytest.raises(ProtocolError, match="rank regions"):
+            adm._membership("e", PID, offset, host)
+    adm.g2_ranks = 1
+    with pytest.raises(ProtocolError, match="shared G2 namespace"):
+        adm._membership("e", PID, region + part, host)

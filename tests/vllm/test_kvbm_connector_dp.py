@@ -1,5 +1,5 @@
 """Data-parallel vLLM replicas sharing one kvbm-workers, one G2 and its registry (issue 15): each
-replica is vLLM's scheduler with kvbm's connector and a worker-side connector (TP 1), as in
+replica is vLLM's scheduler with kvbm's connector and a worker-side connector (TP 1 here), as in
 tests/vllm/test_kvbm_connector.py, built with data_parallel_size 2 and its own data_parallel_rank;
 both name one kvbm instance. What replica 0 stored, replica 1 finds in G2 and loads byte for byte
 (its own vLLM prefix cache never saw the prompt); both replicas' ranks and scheduler sides are

@@ -125,11 +125,10 @@ def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) ->
 
 def dp_shares_g2(vllm_config: VllmConfig, config: KvbmConfig) -> bool:
     """Data-parallel replicas share one kvbm-workers, one G2 and its registry (kvbm.shared_g2): a
-    block any replica offloaded is a hit for every replica. Replicas of tensor-parallel size 1
-    without a disk tier (a rank's shard of a block is the whole block; an instance with a disk tier
-    serves one engine); others keep an instance each."""
-    parallel = vllm_config.parallel_config
-    return parallel.data_parallel_size > 1 and parallel.tensor_parallel_size == 1 and not _has_disk(config)
+    block any replica offloaded is a hit for every replica (with tensor parallelism, G2 holds a
+    region per rank, and rank r of every replica uses region r). Not with a disk tier (an instance
+    with one serves one engine): those replicas keep an instance each."""
+    return vllm_config.parallel_config.data_parallel_size > 1 and not _has_disk(config)
 
 
 def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], int]:
