@@ -39,7 +39,6 @@ one engine (kvbm.shared_g2: one drainer per namespace's evicted ring; one G3 sto
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -377,14 +376,9 @@ class KvBlockManager:
         self._join_registry(info["segment"], engine_id, layout, bool(welcome.get("disk")))
 
     def _join_registry(self, segment: str, engine_id: str, layout, disk: bool) -> None:
-        from kvbm.shared_g2 import SharedG2, layout_namespace
+        from kvbm.shared_g2 import join_segment
         own = self.pools[Tier.G2]
-        g2 = SharedG2.attach(segment)
-        try:
-            lease = g2.join(engine_id, os.getpid(), layout_namespace(layout), self.config.salt, own.num_blocks)
-        except BaseException:
-            g2.close()
-            raise
+        g2, lease = join_segment(segment, engine_id, layout, self.config.salt, own.num_blocks)
         self._g2, self._lease = g2, lease
         # The disk tier is one store written by one engine's G2 registry (its cleaner alone drains
         # the namespace's evicted ring): an instance with a disk tier serves one engine.
@@ -553,16 +547,9 @@ class KvBlockManager:
         logger.debug("KvBlockManager %s closed", self.config.instance_id)
 
     def _leave_shared_g2(self) -> None:
+        from kvbm.shared_g2 import leave_segment
         lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
-        if lease is None:
-            return
-        try:
-            lease.leave()
-        except KvbmError:
-            logger.error("leaving the shared G2 failed (its supervisor reaps this engine when it exits)",
-                         exc_info=True)
-        finally:
-            g2.close()
+        leave_segment(g2, lease, f"engine {lease.engine_id if lease is not None else ''}")
 
     def _check_open(self) -> None:
         if self._closed:

@@ -66,7 +66,7 @@ import numpy as np
 
 from kvbm._fast import shared as S
 from kvbm._fast.registry import BlockRegistry
-from kvbm.errors import ConfigError, LifecycleError, RegistryError
+from kvbm.errors import ConfigError, KvbmError, LifecycleError, RegistryError
 from kvbm.policy import BlockState, EvictionPolicy
 from kvbm.shm import Segment, check_shm_room, process_start_time
 
@@ -141,6 +141,29 @@ LOCK_SPIN_NS = 200_000
 
 def lock_spin_ns() -> int:
     return LOCK_SPIN_NS if (os.cpu_count() or 1) >= 4 else 0
+
+
+def join_segment(segment: str, engine_id: str, layout, salt: bytes | str, blocks: int) -> tuple[SharedG2, Lease]:
+    """Maps the shared G2 `segment` and joins, as this process, the namespace of `layout` (a
+    LayoutConfig) and `salt` (its quota `blocks` if it is the first); (the mapping, the lease)."""
+    g2 = SharedG2.attach(segment)
+    try:
+        return g2, g2.join(engine_id, os.getpid(), layout_namespace(layout), salt, blocks)
+    except BaseException:
+        g2.close()
+        raise
+
+
+def leave_segment(g2: SharedG2 | None, lease: Lease | None, who: str) -> None:
+    """Leaves (a failure is logged: kvbm-workers reaps the engine when it exits) and unmaps."""
+    if lease is None or g2 is None:
+        return
+    try:
+        lease.leave()
+    except KvbmError:
+        logger.error("%s: leaving the shared G2 failed (its supervisor reaps it when it exits)", who, exc_info=True)
+    finally:
+        g2.close()
 
 
 class SharedG2:

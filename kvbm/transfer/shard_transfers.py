@@ -41,7 +41,6 @@ every replica's hits.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -184,7 +183,7 @@ class ShardTransfers:
         """shared_g2: joins the namespace of this model's layout and salt (as an engine of its own:
         the path workers admit a registration that the engine table backs) and returns the host
         layout and G2 offset of that namespace's part of G2."""
-        from kvbm.shared_g2 import SharedG2, layout_namespace
+        from kvbm.shared_g2 import join_segment
         info = (tm.welcome or {}).get("registry")
         if not info:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
@@ -195,13 +194,7 @@ class ShardTransfers:
                               f"blocks in {info.get('ranks', 1)} rank region(s); this rank's blocks are "
                               f"{host_layout.block_stride} bytes, of {self.world_size} rank(s): replicas of one "
                               f"model and tensor-parallel size share an instance")
-        g2 = SharedG2.attach(info["segment"])
-        try:
-            lease = g2.join(self.engine_id, os.getpid(), layout_namespace(layout.config), self.config.salt,
-                            self.host_blocks)
-        except BaseException:
-            g2.close()
-            raise
+        g2, lease = join_segment(info["segment"], self.engine_id, layout.config, self.config.salt, self.host_blocks)
         self._g2, self._lease = g2, lease
         part = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, lease.num_blocks)
         logger.info("rank %s shares G2 %s: namespace %d, blocks [%d, %d)", self.engine_id, g2.name, lease.namespace,
@@ -222,16 +215,9 @@ class ShardTransfers:
             return 1   # cannot tell: leave it running (it stops when idle)
 
     def _leave(self) -> None:
+        from kvbm.shared_g2 import leave_segment
         lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
-        if lease is None:
-            return
-        try:
-            lease.leave()
-        except KvbmError:
-            logger.error("rank %s: leaving the shared G2 failed (its supervisor reaps it when it exits)",
-                         self.engine_id, exc_info=True)
-        finally:
-            g2.close()
+        leave_segment(g2, lease, f"rank {self.engine_id}")
 
     @property
     def transfers(self) -> TransferManager:

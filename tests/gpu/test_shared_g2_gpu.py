@@ -22,6 +22,7 @@ from kvbm.cli import ask_status
 from kvbm.shared_g2 import SharedG2
 from kvbm.transfer.launcher import WorkersProcess
 from tests.support import shared_engine as E
+from tests.support.shared_engine import ask, expect
 
 pytestmark = pytest.mark.gpu
 
@@ -55,20 +56,6 @@ def node():
     g2.close()
     workers.stop()
     shutil.rmtree(rundir, ignore_errors=True)
-
-
-def expect(conn, tag: str):
-    assert conn.poll(WAIT_S), f"no {tag!r} from the engine within {WAIT_S} s"
-    got = conn.recv()
-    if got[0] == "error":
-        pytest.fail(f"engine failed:\n{got[1]}")
-    assert got[0] == tag, got
-    return got[1]
-
-
-def ask(conn, *cmd, tag: str):
-    conn.send(cmd)
-    return expect(conn, tag)
 
 
 def test_cuda_engine_b_onboards_what_engine_a_offloaded(node):

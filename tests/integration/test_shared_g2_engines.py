@@ -31,6 +31,7 @@ from kvbm.shared_g2 import SharedG2
 from kvbm.transfer.launcher import WorkersProcess
 from kvbm.wire import protocol as P
 from tests.support import shared_engine as E
+from tests.support.shared_engine import ask, expect
 
 pytestmark = pytest.mark.slow
 
@@ -95,20 +96,6 @@ def node():
         n.close()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def expect(conn, tag: str):
-    assert conn.poll(WAIT_S), f"no {tag!r} from the engine within {WAIT_S} s"
-    got = conn.recv()
-    if got[0] == "error":
-        pytest.fail(f"engine failed:\n{got[1]}")
-    assert got[0] == tag, got
-    return got[1]
-
-
-def ask(conn, *cmd, tag: str):
-    conn.send(cmd)
-    return expect(conn, tag)
 
 
 def wait_for(what: str, cond, timeout: float = WAIT_S):

@@ -128,3 +128,19 @@ def _load(conn, kv, model, seed, iterations, prompts, length) -> dict:
         stats["requests"] += 1
         conn.send(("progress", i))
     return stats
+
+
+def expect(conn, tag: str):
+    """The engine's next answer, which must be `tag` (an "error" answer fails the test with its text)."""
+    import pytest
+    assert conn.poll(WAIT_S), f"no {tag!r} from the engine within {WAIT_S} s"
+    got = conn.recv()
+    if got[0] == "error":
+        pytest.fail(f"engine failed:\n{got[1]}")
+    assert got[0] == tag, got
+    return got[1]
+
+
+def ask(conn, *cmd, tag: str):
+    conn.send(cmd)
+    return expect(conn, tag)
