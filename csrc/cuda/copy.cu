@@ -31,6 +31,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cuda_check.cuh"
@@ -345,12 +346,15 @@ struct LayerFork {
     cudaStream_t aux = nullptr;
     cudaEvent_t fork = nullptr, join = nullptr;
 };
-std::map<cudaStream_t, LayerFork> g_forks;
+// Keyed by (device, stream): the legacy and per-thread default streams have one handle on every
+// device. Kept for the process's life (a few per worker: one per copier stream).
+std::map<std::pair<int, cudaStream_t>, LayerFork> g_forks;
 std::mutex g_forks_mu;
 
-int fork_for(cudaStream_t stream, LayerFork *out, char *errbuf, size_t errlen) {
+int fork_for(int dev, cudaStream_t stream, LayerFork *out, char *errbuf, size_t errlen) {
     std::lock_guard<std::mutex> lock(g_forks_mu);
-    auto it = g_forks.find(stream);
+    const auto key = std::make_pair(dev, stream);
+    auto it = g_forks.find(key);
     if (it != g_forks.end()) {
         *out = it->second;
         return KVBM_OK;
@@ -364,7 +368,7 @@ int fork_for(cudaStream_t stream, LayerFork *out, char *errbuf, size_t errlen) {
         if (f.aux) cudaStreamDestroy(f.aux);
         return kvbm::cuda_fail(errbuf, errlen, "creating the layered copy's second stream", err);
     }
-    g_forks[stream] = f;
+    g_forks[key] = f;
     *out = f;
     return KVBM_OK;
 }
@@ -432,7 +436,7 @@ int launch_copy(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_
         lp.total_items = n * src->outer_dim * p.chunks_per_region;
         lctas = int(std::min<int64_t>(ctas, (lp.total_items + warps_per_cta - 1) / warps_per_cta));
         if (L > 1) {
-            rc = fork_for(stream, &fork, errbuf, errlen);
+            rc = fork_for(dev, stream, &fork, errbuf, errlen);
             if (rc == KVBM_OK && (err = cudaEventRecord(fork.fork, stream)) == cudaSuccess)
                 err = cudaStreamWaitEvent(fork.aux, fork.fork, 0);
             if (rc == KVBM_OK && err != cudaSuccess)
@@ -828,6 +832,12 @@ int64_t estimate_ops(const kvbm_layout_t *src, const kvbm_layout_t *dst, const i
     return n * per_block;
 }
 
+// Whether the SM kernel may dereference every layer of `lay` (vouched for, or checked now).
+bool uva_ok(const kvbm_layout_t *lay) {
+    char scratch[8];
+    return check_uva(lay, "layout", scratch, sizeof(scratch)) == KVBM_OK;
+}
+
 int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *sb,
                 const int64_t *db, int64_t n, cudaStream_t stream) {
     const bool legacy = is_legacy(stream);
@@ -837,7 +847,7 @@ int pick_method(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_
     // Small copies are about latency: the kernel starts sooner than staging's DMA and scatter on
     // two streams (H200, one at a time, launch to event: 60 / 80 / 118 / 257 us for 2 / 4 / 8 / 16
     // blocks of 512 KiB H2D against 63 / 87 / 131 / 270 staged; equal at 1; staged ahead from 16 MiB).
-    if (total < kKernelMaxSmallBytes) return KVBM_COPY_KERNEL;
+    if (total < kKernelMaxSmallBytes && uva_ok(src) && uva_ok(dst)) return KVBM_COPY_KERNEL;
     if (kAutoStaged && staged_mode(src, dst) >= 0 && staged_block_bytes(src) >= kStagedMinBlockBytes &&
         (!legacy || staged_block_bytes(src) >= kDmaLoopMinOpBytes))
         return KVBM_COPY_STAGED;

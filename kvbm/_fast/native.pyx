@@ -70,11 +70,14 @@ cdef class RegionLayout:
 
     def __init__(self, layer_ptrs, int outer_dim, int64_t num_blocks, int64_t block_stride,
                  int64_t outer_stride, int64_t region_bytes):
-        arr = np.ascontiguousarray(np.asarray(layer_ptrs, dtype=np.uint64))
+        # Our own copy, shown read-only: the pointers are what vouch_uva checked, never changed after.
+        arr = np.array(layer_ptrs, dtype=np.uint64, copy=True, order="C")
         if arr.ndim != 1 or arr.shape[0] == 0:
             raise LayoutError(f"layer_ptrs must be a non-empty 1-D array, got shape {arr.shape}")
-        self.layer_ptrs = arr
         self._ptrs = arr
+        view = arr.view()
+        view.flags.writeable = False
+        self.layer_ptrs = view
         self.c.layer_ptrs = &self._ptrs[0]
         self.c.num_layers = <int>arr.shape[0]
         self.c.outer_dim = outer_dim

@@ -60,6 +60,7 @@ class EngineLane:
         self.worker_bell: str | None = None
         self.broken: str | None = None   # a completion ring we could not read: no more posts
         self.waiter_settled = 0          # results settled by their waiting thread (TransferManager._settle_waiting)
+        self.unread: list = []           # completions taken off the ring, not settled (an interrupted reader)
 
     def offer(self, bell: str) -> dict:
         return {"segment": self.segment.name, "size": self.segment.size, "bell": bell}

@@ -209,7 +209,10 @@ class WorkersProcess:
         return env
 
     def start(self, timeout: float = 60.0) -> str:
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=self.child_env())
+        # Shared (idle_exit_s): a session of its own, so a signal to the starting engine's process
+        # group (a Ctrl-C) does not take the other engines' instance down with it.
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=self.child_env(),
+                                     start_new_session=self.idle_exit_s > 0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

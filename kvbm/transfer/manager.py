@@ -90,6 +90,7 @@ SMALL_CHECK = 64         # submissions up to this many blocks are checked with p
 # A result() waiter settles its own lane request (_settle_waiting) only for requests up to this
 # size: a copy of it takes tens of microseconds, what the spin is for; a larger one's waiter sleeps.
 WAIT_SPIN_BYTES = 4 << 20
+WAIT_SPIN_SLICE_US = 50.0   # the waiter's spin checks its future (done by the I/O thread?) this often
 STOP_GRACE_S = 10.0       # after "stopping", how long requests at a worker wait for its "died" event
 QUEUED, SENT, SETTLED = RequestState.QUEUED, RequestState.SENT, RequestState.SETTLED
 
@@ -152,6 +153,7 @@ class TransferManager:
         # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
         self._io_lock = threading.Lock()
         self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
+        self._spinners = 0     # waiters spinning on a lane (under _lock): close() unmaps lanes after them
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
         self._bell_dir: str | None = None
@@ -381,28 +383,38 @@ class TransferManager:
         settles what it finds as the I/O thread would (under _io_lock: callbacks and finalize run
         here then). The result comes without the bell, the I/O thread's wake-up and the hand-off
         back to this thread. Gives up, leaving it to the I/O thread, after wait_spin_us (or the
-        timeout), or when the I/O thread is in a turn."""
+        timeout), or when the I/O thread is in a turn. The spin runs in slices, the future checked
+        between them, and counted in _spinners: close() unmaps no lane while one spins on it."""
         lane = q.lane
         spin_us = self.wait_spin_us if timeout is None else min(self.wait_spin_us, max(0.0, timeout) * 1e6)
         end = time.monotonic() + spin_us / 1e6
-        while not future.done():
-            left_us = (end - time.monotonic()) * 1e6
-            if (left_us <= 0 or lane is None or lane.broken or q.lane is not lane
-                    or not spin_lanes([lane.ring], True, left_us)):
+        with self._lock:
+            if self._closing:
                 return
-            if not self._io_lock.acquire(blocking=False):
-                return
-            try:
-                if self._closing or q.lane is not lane:
+            self._spinners += 1
+        try:
+            while not future.done():
+                left_us = (end - time.monotonic()) * 1e6
+                if left_us <= 0 or lane is None or lane.broken or q.lane is not lane or self._closing:
                     return
-                self._settler = threading.current_thread()
-                self._read_lane(q)
-                lane.waiter_settled += future.done()
-                if q.heap:
-                    self._wake()   # the window has room again: the I/O thread sends what waits
-            finally:
-                self._settler = None
-                self._io_lock.release()
+                if not spin_lanes([lane.ring], True, min(left_us, WAIT_SPIN_SLICE_US)):
+                    continue
+                if not self._io_lock.acquire(blocking=False):
+                    return
+                try:
+                    if self._closing or q.lane is not lane:
+                        return
+                    self._settler = threading.current_thread()
+                    self._read_lane(q)
+                    lane.waiter_settled += future.done()
+                    if q.heap:
+                        self._wake()   # the window has room again: the I/O thread sends what waits
+                finally:
+                    self._settler = None
+                    self._io_lock.release()
+        finally:
+            with self._lock:
+                self._spinners -= 1
 
     def _check_blocks(self, path: P.Path, src: Blocks, dst: Blocks) -> None:
         """Before anything is queued: a bad index would make the worker reject the whole wire
@@ -635,17 +647,25 @@ class TransferManager:
             logger.error("%s lane: %s; its requests in flight fail by their deadline, new ones go over ZeroMQ",
                          q.path.label, err)
             return
-        for rid, kind, layer, _nbytes, _queue_us, _copy_us in completions:
-            wire = q.outstanding.get(rid)
-            if wire is None:
-                self._absorb_posted(q)   # posted after this loop last took them
+        if lane.unread:
+            completions, lane.unread = lane.unread + completions, []
+        for i, (rid, kind, layer, _nbytes, _queue_us, _copy_us) in enumerate(completions):
+            try:
                 wire = q.outstanding.get(rid)
                 if wire is None:
-                    continue             # already failed (a death, a deadline), or not ours
-            if kind == DONE_OK:
-                self._wire_ok(q, wire)
-            elif kind == DONE_LAYER:
-                self._layer_landed(wire, layer)
+                    self._absorb_posted(q)   # posted after this loop last took them
+                    wire = q.outstanding.get(rid)
+                    if wire is None:
+                        continue             # already failed (a death, a deadline), or not ours
+                if kind == DONE_OK:
+                    self._wire_ok(q, wire)
+                elif kind == DONE_LAYER:
+                    self._layer_landed(wire, layer)
+            except BaseException:
+                # Taken off the ring, not settled yet (an interrupt on a settling waiter's thread):
+                # the next reader settles them first.
+                lane.unread = completions[i + 1:]
+                raise
 
     def _lane_accepted(self, q: PathQueue, gen: int, msg: dict) -> None:
         lane = q.lane
@@ -1120,14 +1140,32 @@ class TransferManager:
             if not alive and self._register_msg is not None and not self._dead:
                 self.unregistered = self._unregister(min(timeout, 1.0))
                 _collect_cuda_ipc()
-        with self._io_lock:   # a waiter settling its own lane request (_settle_waiting) is done first
+        # A waiter settling its own lane request (_settle_waiting) finishes first, and none spins on
+        # a lane when it is unmapped; bounded: a settling thread that called close() from a callback
+        # holds the lock itself, and one stuck in a callback must not hang close().
+        deadline = time.monotonic() + max(timeout, 1.0)
+        mine = self._settler is threading.current_thread()
+        locked = not mine and self._io_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        while locked and self._spinners and time.monotonic() < deadline:
+            time.sleep(0.001)   # spins last at most wait_spin_us (<= 0.1 s)
+        safe = locked and not self._spinners
+        try:
             for q in self._paths.values():
                 q.sock.close(0)
                 if q.lane is not None:
-                    for wire in q.lane.take_posted():   # posted while the I/O thread stopped
-                        self._settlement.settle_unsafe(q, wire, "transfer manager closed")
-                    q.lane.close()
+                    if locked:
+                        for wire in q.lane.take_posted():   # posted while the I/O thread stopped
+                            self._settlement.settle_unsafe(q, wire, "transfer manager closed")
+                    if safe:
+                        q.lane.close()
+                    else:
+                        logger.warning("%s lane: a thread still uses it at close; unlinked, left mapped",
+                                       q.path.label)
+                        q.lane.segment.unlink()
                     q.lane = None
+        finally:
+            if locked:
+                self._io_lock.release()
         for end in (self._bell, self._ringer):
             if end is not None:
                 end.close()

@@ -138,10 +138,11 @@ class ShardTransfers:
                         host_offset=host_offset, paths=(P.Path.D2H, P.Path.H2D))
         except BaseException:
             tm.close()
-            if workers is not None:
-                workers.stop()
-            release_ipc_shares(shares, tm.unregistered or workers is not None)
+            others = self._others_attached()
             self._leave()
+            if workers is not None and not others:
+                workers.stop()   # shared: other replicas keep it (it stops when idle)
+            release_ipc_shares(shares, tm.unregistered or (workers is not None and not others))
             raise
         self._tm, self._workers = tm, workers
         self._ipc_shares = shares
@@ -205,12 +206,13 @@ class ShardTransfers:
         return part, self.rank * region + lease.block_offset * part.block_stride
 
     def _others_attached(self) -> int:
-        """shared_g2: live engines of the shared G2 besides this rank (other replicas' ranks and
-        scheduler sides, this replica's own scheduler side)."""
+        """shared_g2: live engines of the shared G2 of other replicas (this rank's own group, its
+        other ranks and its scheduler side, goes down with it)."""
         if self._g2 is None or self._lease is None:
             return 0
+        mine = f"{self.group}/"
         try:
-            return sum(1 for e in self._g2.engines() if e["state"] == "live" and e["slot"] != self._lease.slot)
+            return sum(1 for e in self._g2.engines() if e["state"] == "live" and not e["engine_id"].startswith(mine))
         except KvbmError:
             return 1   # cannot tell: leave it running (it stops when idle)
 

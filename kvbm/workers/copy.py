@@ -206,9 +206,11 @@ class Copier:
         blocking = len(src) * self.block_bytes > SPIN_WAIT_BYTES
         events = []
         with torch.cuda.device(self._device):
-            if layers and self.method in (native.CopyMethod.AUTO, native.CopyMethod.KERNEL):
+            if layers and self.method in (native.CopyMethod.AUTO, native.CopyMethod.KERNEL) and \
+                    self.src_region.uva_checked and self.dst_region.uva_checked:
                 # One call, a kernel and an event per layer (kvbm_cuda_copy_layers): 16 calls of
-                # their own ran at 52 % (AUTO) / 82 % (kernel) of the whole copy on the H200.
+                # their own ran at 52 % (AUTO) / 82 % (kernel) of the whole copy on the H200. Only
+                # over memory the kernel may touch (vouched for): else a call per layer, AUTO's way.
                 # An event must exist before the library records it: torch creates it at its
                 # first record.
                 for layer in range(len(self.src_layers)):

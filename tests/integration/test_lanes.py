@@ -163,6 +163,30 @@ def test_waiters_on_many_threads_and_callbacks_that_submit_get_every_byte(make_p
     wait_for(lambda: tm.budget.used == 0, DEADLINE, "the budget returned")
 
 
+def test_close_while_a_waiter_spins_on_its_lane(make_pipeline):
+    """close() from one thread while another waits in result() (spinning first) on a request the
+    worker holds (gated by worker_delay_ms): the waiter's future fails, nothing hangs; close()
+    unmaps no lane a waiter still spins on (TransferManager._spinners)."""
+    import threading
+    import time
+    pipe, tm = _lane_pipeline(make_pipeline, wait_spin_us=100_000, worker_delay_ms=3000)
+    fut = tm.submit(P.Path.D2H, [1], [2])
+    out = []
+
+    def wait() -> None:
+        try:
+            out.append(fut.result(DEADLINE))
+        except Exception as err:  # noqa: BLE001 - checked below
+            out.append(err)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.02)              # inside its spin (100 ms) unless the machine is very busy
+    tm.close(timeout=1.0)
+    t.join(DEADLINE)
+    assert not t.is_alive() and len(out) == 1 and isinstance(out[0], TransferError), out
+
+
 def test_lanes_off_sends_everything_over_zeromq(make_pipeline, rng):
     pipe = make_pipeline(transport="ipc", device_blocks=64, host_blocks=64, lanes=False)
     tm = pipe.kv.transfers

@@ -422,7 +422,7 @@ def test_cuda_copy_events_block_for_large_copies_and_spin_for_small_ones(monkeyp
                                                                      device=lambda d: contextlib.nullcontext()))
     copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
     copier.src_layers = copier.dst_layers = [object(), object()]
-    copier.src_region = copier.dst_region = object()
+    copier.src_region = copier.dst_region = types.SimpleNamespace(uva_checked=True)
     copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0
     monkeypatch.setattr(C.native, "copy_blocks_cuda", lambda *args: calls.append(("blocks",)))
     monkeypatch.setattr(C.native, "copy_layers_cuda", lambda *args: calls.append(("layers", tuple(args[4]))))
@@ -435,6 +435,11 @@ def test_cuda_copy_events_block_for_large_copies_and_spin_for_small_ones(monkeyp
     copier.block_bytes = C.SPIN_WAIT_BYTES
     assert len(copier.launch(one, one, layers=False)) == 1 and made == [{"blocking": False}]
     copier.method = C.native.CopyMethod.DMA      # other methods: a call and an event per layer
+    calls.clear()
+    copier.launch(one, one, layers=True)
+    assert calls == [("blocks",), ("blocks",)]
+    copier.method = C.native.CopyMethod.AUTO     # and memory not vouched for (pageable): the same
+    copier.dst_region = types.SimpleNamespace(uva_checked=False)
     calls.clear()
     copier.launch(one, one, layers=True)
     assert calls == [("blocks",), ("blocks",)]
