@@ -111,6 +111,12 @@ def engine_report(msg: dict) -> dict:
     return report
 
 
+# Engine slots of the shared G2: data-parallel vLLM replicas take one per rank and one per scheduler
+# side (8 GPUs: DP 8 x TP 1 is 16), and a replica restarting before its dead entries are reaped
+# needs as many again.
+REGISTRY_ENGINES = 32
+
+
 @dataclass
 class WorkerSlot:
     path: P.Path
@@ -220,7 +226,8 @@ class Supervisor:
         if blocks < 1:
             raise ConfigError(f"G2 of {self.host_bytes} bytes holds no block of {layout.block_stride} bytes")
         self.registry = SharedG2.create(segment_name(self.config.instance_id, REGISTRY_KIND), blocks,
-                                        policy=self.config.policy, ghost_ratio=self.config.ghost_ratio)
+                                        max_engines=REGISTRY_ENGINES, policy=self.config.policy,
+                                        ghost_ratio=self.config.ghost_ratio)
 
     @staticmethod
     def _prepare_disk(path: str) -> str:
