@@ -269,7 +269,7 @@ class KvBlockManager:
         from kvbm.transfer.disk_offload import DiskTransfers
         from kvbm.transfer.host_offload import HostTransfers
         from kvbm.transfer.launcher import connect_workers
-        from kvbm.transfer.memory_map import describe_memory
+        from kvbm.transfer.memory_map import worker_memory
         from kvbm.wire import protocol as P
         self._check_open()
         if Tier.G2 not in self.pools:
@@ -284,14 +284,7 @@ class KvBlockManager:
         host_pool = self.pools[Tier.G2]
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
         shares: list = []
-        if getattr(tensors[0], "is_cuda", False):
-            if len(tensors) != layout.num_buffers():   # describe_memory's check, before anything is shared
-                raise LayoutError(f"{len(tensors)} tensors for a layout of {layout.num_buffers()} buffers")
-
-            def memory():   # one share per worker that opens it (TransferManager.register)
-                return describe_memory(tensors, layout, self._shared, keep=shares)
-        else:
-            memory = describe_memory(tensors, layout, self._shared)
+        memory = worker_memory(tensors, layout, self._shared, shares)
         if self._transfers is None:
             tm, self._workers = connect_workers(
                 self.config, host_layout.total_bytes,
@@ -339,14 +332,10 @@ class KvBlockManager:
         namespace of its layout and salt, and its G2 pool becomes that namespace's registry: the
         blocks, and the cache, that every engine of the namespace shares (kvbm.shared_g2). Without
         one, the engine keeps its own G2 registry and is alone on the instance."""
-        info = (tm.welcome or {}).get("registry")
-        if not info:
-            return
-        if info.get("block_bytes") != layout.block_stride:
-            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
-                              f"blocks; this engine's are {layout.block_stride} bytes: start it with this model's "
-                              f"--layout, or give this engine its own instance_id")
-        self._join_registry(info["segment"], tm.engine_id, layout, bool((tm.welcome or {}).get("disk")))
+        from kvbm.shared_g2 import welcome_registry
+        info = welcome_registry(tm.welcome, layout.block_stride, self.config.instance_id)
+        if info is not None:
+            self._join_registry(info["segment"], tm.engine_id, layout, bool((tm.welcome or {}).get("disk")))
 
     def join_shared_g2(self, layout, *, engine_id: str, timeout: float = 60.0) -> None:
         """Metadata-only engines (the vLLM connector's scheduler side of a data-parallel replica):
@@ -355,6 +344,7 @@ class KvBlockManager:
         and the salt, so that this manager's G2 pool is the namespace's registry, as a device-side
         engine's is after register_device_tensors. ConfigError when the instance has no shared
         registry (it was started without the model's layout)."""
+        from kvbm.shared_g2 import welcome_registry
         from kvbm.transfer.launcher import connect_workers
         self._check_open()
         if self._lease is not None:
@@ -366,13 +356,10 @@ class KvBlockManager:
             welcome = dict(tm.welcome or {})
         finally:
             tm.close()
-        info = welcome.get("registry")
-        if not info:
+        info = welcome_registry(welcome, layout.block_stride, self.config.instance_id)
+        if info is None:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
                               f"without the model's layout): engines cannot share its G2")
-        if info.get("block_bytes") != layout.block_stride:
-            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
-                              f"blocks; this engine's are {layout.block_stride} bytes")
         self._join_registry(info["segment"], engine_id, layout, bool(welcome.get("disk")))
 
     def _join_registry(self, segment: str, engine_id: str, layout, disk: bool) -> None:

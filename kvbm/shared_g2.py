@@ -143,6 +143,22 @@ def lock_spin_ns() -> int:
     return LOCK_SPIN_NS if (os.cpu_count() or 1) >= 4 else 0
 
 
+def welcome_registry(welcome: dict | None, block_stride: int, instance_id: str,
+                     ranks: int | None = None) -> dict | None:
+    """The shared G2 registry kvbm-workers' welcome names (None: it runs without one), checked to
+    hold blocks of `block_stride` bytes and, for a rank (`ranks` given), that many rank regions
+    (ConfigError otherwise). A metadata-only engine picks block ids for every region: no `ranks`."""
+    info = (welcome or {}).get("registry")
+    if not info:
+        return None
+    if info.get("block_bytes") != block_stride or (ranks is not None and info.get("ranks", 1) != ranks):
+        raise ConfigError(f"kvbm-workers {instance_id} shares a G2 of {info.get('block_bytes')}-byte blocks in "
+                          f"{info.get('ranks', 1)} rank region(s); this engine's blocks are {block_stride} bytes"
+                          + (f", of {ranks} rank(s)" if ranks is not None else "") + ": start it with this "
+                          "model's --layout (and --g2-ranks), or give this engine its own instance_id")
+    return info
+
+
 def join_segment(segment: str, engine_id: str, layout, salt: bytes | str, blocks: int) -> tuple[SharedG2, Lease]:
     """Maps the shared G2 `segment` and joins, as this process, the namespace of `layout` (a
     LayoutConfig) and `salt` (its quota `blocks` if it is the first); (the mapping, the lease)."""

@@ -18,8 +18,9 @@ lock) and wait for the endpoints.json written by that child. A TP rank other tha
 it waits for rank 0's instance to run.
 
 The embedded default gets the shared G2 registry too (--layout, from the engine's layout): engines
-that connect to it later (data-parallel replicas of one model) share its G2 and its cache. It
-lives as long as the engine that started it.
+that connect to it later share its G2 and its cache. It lives as long as the engine that started
+it, except one started for data-parallel replicas (idle_exit_s: ShardTransfers with shared_g2),
+which stops once no engine has been attached for that long.
 
 Settings: the child runs on the engine's resolved settings alone. They travel as flags (the G2 size
 in bytes, as the engine sized it; the disk tier in the unit it was given) and as the three KVBM_*

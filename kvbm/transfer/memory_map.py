@@ -56,6 +56,18 @@ def describe_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None
     return {"kind": "shm", "segment": shared.segment.name, "size": shared.segment.size, "buffers": buffers}
 
 
+def worker_memory(tensors: Sequence[Any], layout, shared: SharedBuffers | None, shares: list):
+    """What TransferManager.register takes for the engine's KV buffers: CPU tensors, their memory
+    description; CUDA tensors, a callable giving each path worker a share of its own (the aliases
+    go into `shares`, which the caller keeps and releases with release_ipc_shares)."""
+    tensors = list(tensors)
+    if not getattr(tensors[0], "is_cuda", False):
+        return describe_memory(tensors, layout, shared)
+    if len(tensors) != layout.num_buffers():   # describe_memory's check, before anything is shared
+        raise LayoutError(f"{len(tensors)} tensors for a layout of {layout.num_buffers()} buffers")
+    return lambda: describe_memory(tensors, layout, shared, keep=shares)
+
+
 def _share(storage, keep: list | None) -> tuple:
     """_share_cuda_ of a non-owning alias of `storage` ((alias, storage) kept in `keep`), or of
     the storage itself."""

@@ -52,7 +52,7 @@ from kvbm.shm import SharedBuffers
 from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.launcher import WorkersProcess, connect_workers, find_instance
 from kvbm.transfer.manager import TransferManager
-from kvbm.transfer.memory_map import describe_memory, release_ipc_shares
+from kvbm.transfer.memory_map import release_ipc_shares, worker_memory
 from kvbm.wire import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,7 @@ class ShardTransfers:
             layout = detect_layout(tensors)
         buffers = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
         shares: list = []
-        if getattr(buffers[0], "is_cuda", False):
-            if len(buffers) != layout.num_buffers():   # describe_memory's check, before anything is shared
-                raise LayoutError(f"{len(buffers)} tensors for a layout of {layout.num_buffers()} buffers")
-
-            def memory():   # one share per path worker that opens it (TransferManager.register)
-                return describe_memory(buffers, layout, keep=shares)
-        else:
-            memory = describe_memory(buffers, layout, shared if shared is not None else self._shared)
+        memory = worker_memory(buffers, layout, shared if shared is not None else self._shared, shares)
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, self.host_blocks)
         g2_bytes = self.world_size * host_layout.total_bytes
         tm, workers = self._connect(layout, g2_bytes, timeout)
@@ -184,17 +177,12 @@ class ShardTransfers:
         """shared_g2: joins the namespace of this model's layout and salt (as an engine of its own:
         the path workers admit a registration that the engine table backs) and returns the host
         layout and G2 offset of that namespace's part of G2."""
-        from kvbm.shared_g2 import join_segment
-        info = (tm.welcome or {}).get("registry")
-        if not info:
+        from kvbm.shared_g2 import join_segment, welcome_registry
+        info = welcome_registry(tm.welcome, host_layout.block_stride, self.config.instance_id, self.world_size)
+        if info is None:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
                               f"without the model's layout, or by an engine that shares nothing): data-parallel "
                               f"replicas cannot share its G2; give each replica its own instance_id")
-        if info.get("block_bytes") != host_layout.block_stride or info.get("ranks", 1) != self.world_size:
-            raise ConfigError(f"kvbm-workers {self.config.instance_id} shares a G2 of {info.get('block_bytes')}-byte "
-                              f"blocks in {info.get('ranks', 1)} rank region(s); this rank's blocks are "
-                              f"{host_layout.block_stride} bytes, of {self.world_size} rank(s): replicas of one "
-                              f"model and tensor-parallel size share an instance")
         g2, lease = join_segment(info["segment"], self.engine_id, layout.config, self.config.salt, self.host_blocks)
         self._g2, self._lease = g2, lease
         part = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, lease.num_blocks)
