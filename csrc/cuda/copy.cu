@@ -71,8 +71,8 @@ constexpr int kMaxDevices = 64;
 constexpr int64_t kDmaMinOpBytes = 512 << 10;
 constexpr int64_t kDmaLoopMinOpBytes = 2 << 20;
 constexpr bool kAutoStaged = true;
-constexpr int64_t kStagedMinBlockBytes = 256 << 10;
-constexpr int64_t kKernelMaxSmallBytes = 16 << 20;   // below it the kernel beats staging (pick_method)   // DMA of 256 KiB ops: ~50 of ~54 GB/s (table)
+constexpr int64_t kStagedMinBlockBytes = 256 << 10;   // DMA of 256 KiB ops: ~50 of ~54 GB/s (table)
+constexpr int64_t kKernelMaxSmallBytes = 16 << 20;   // below it the kernel beats staging (pick_method)
 
 struct KernelParams {
     const uint64_t *src_layers;  // device copy of src layer_ptrs
@@ -484,11 +484,12 @@ int launch_copy(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_
 
 int run_kernel(const kvbm_layout_t *src, const kvbm_layout_t *dst, const int64_t *src_blocks,
                const int64_t *dst_blocks, int64_t n, int max_sms, cudaStream_t stream, char *errbuf,
-               size_t errlen) {
+               size_t errlen, void *const *layer_events = nullptr) {
     int dev = 0, sms = 0;
     int rc = check_kernel_args(src, dst, &dev, &sms, errbuf, errlen);
     if (rc != KVBM_OK) return rc;
-    return launch_copy(src, dst, src_blocks, dst_blocks, n, max_sms, dev, sms, stream, errbuf, errlen);
+    return launch_copy(src, dst, src_blocks, dst_blocks, n, max_sms, dev, sms, stream, errbuf, errlen,
+                       layer_events);
 }
 
 // ---- DMA path --------------------------------------------------------------------------------
@@ -895,12 +896,8 @@ extern "C" int kvbm_cuda_copy_layers(const kvbm_layout_t *src, const kvbm_layout
         if (layer_events[l] == nullptr)
             return kvbm::fail(errbuf, errlen, KVBM_EINVAL, "layer event %d is null (not created)", int(l));
     if (n == 0) return KVBM_OK;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    int dev = 0, sms = 0;
-    rc = check_kernel_args(src, dst, &dev, &sms, errbuf, errlen);
-    if (rc != KVBM_OK) return rc;
-    return launch_copy(src, dst, src_blocks, dst_blocks, n, max_sms, dev, sms, s, errbuf, errlen,
-                       layer_events);
+    return run_kernel(src, dst, src_blocks, dst_blocks, n, max_sms, static_cast<cudaStream_t>(stream), errbuf,
+                      errlen, layer_events);
 }
 
 extern "C" int kvbm_cuda_copy_blocks(const kvbm_layout_t *src, const kvbm_layout_t *dst,

@@ -258,7 +258,7 @@ class Supervisor:
                "--copy-threads", str(self.config.copy_threads),
                "--max-batch-blocks", str(self.config.max_batch_blocks),
                "--delay-ms", str(self.config.worker_delay_ms), "--log-level", self.log_level,
-               "--lane-spin-us", str(_lane_spin_us(self.config.lane_spin_us)),
+               "--lane-spin-us", str(lane_spin_default(self.config.lane_spin_us)),
                "--parent-pid", str(os.getpid())]
         if slot.path in P.DISK_PATHS:
             cmd += _disk_worker_args(self.config, self._disk_dir)
@@ -686,10 +686,6 @@ class Supervisor:
 def _served(path: P.Path) -> tuple[P.Path, ...]:
     """The wire paths one worker process serves: its own, or both disk paths for the disk worker."""
     return P.DISK_PATHS if path in P.DISK_PATHS else (path,)
-
-
-def _lane_spin_us(configured: int) -> int:
-    return lane_spin_default(configured)
 
 
 def _disk_worker_args(config: KvbmConfig, disk_dir: str | None) -> list[str]:
