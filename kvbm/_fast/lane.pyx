@@ -19,6 +19,11 @@ reads the cursor with an acquire load, then the records, then publishes its own 
 the consumer stores sleeping = 1, fences (seq_cst), re-checks its ring and only then blocks; the
 producer publishes, fences, and rings the doorbell when it reads sleeping = 1. One of the two
 always sees the other's store, so no wake-up is lost (a spare doorbell only costs a wake-up).
+Ringing ahead: an engine that is about to post may ring a sleeping worker first (ring_ahead), so
+the worker's wake-up overlaps the rest of the engine's submit; it marks `worker_rung`, and its post
+then skips the second ring while the mark stands. The worker clears the mark after every drain of
+its doorbell (bell_drained): a mark is set only before its ring is sent, so a mark that stands
+always has a ring behind it that is not drained yet, and a post that trusts it loses no wake-up.
 Nothing read from the segment is trusted: cursors that run backwards or ahead of the ring, counts
 past `max_blocks`, kinds out of range raise LaneError; the peer then drops the lane (the engine
 falls back to ZeroMQ), it never indexes out of the segment.
@@ -41,6 +46,7 @@ cdef extern from *:
     static inline uint64_t lane_load(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void lane_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void lane_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    static inline uint64_t lane_swap(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
     #include <time.h>
     static inline double lane_now_us(void) {
         struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -57,13 +63,14 @@ cdef extern from *:
     uint64_t lane_load(uint64_t *p) nogil
     void lane_store(uint64_t *p, uint64_t v) nogil
     void lane_fence() nogil
+    uint64_t lane_swap(uint64_t *p, uint64_t v) nogil
     double lane_now_us() nogil
     void lane_relax() nogil
 
 
 cdef enum:
     LANE_MAGIC_LO = 0x4e414c4d42564b    # "KVBMLAN" (little endian), the low 56 bits
-    LANE_VERSION = 1
+    LANE_VERSION = 2     # 2: worker_rung (ringing ahead)
     ENGINE_ID_BYTES = 96
     LINE = 64
     MAX_SPIN_LANES = 64     # lanes one spin() watches (a worker serves a few engines' TP ranks)
@@ -87,7 +94,8 @@ ctypedef struct LaneHeader:
     uint64_t done_head           # engine: completions taken
     char pad4[LINE - 8]
     uint64_t worker_sleeping     # 1 while the worker blocks in its poll: post() rings its doorbell
-    char pad5[LINE - 8]
+    uint64_t worker_rung         # 1: an engine rang ahead and the worker has not drained it yet
+    char pad5[LINE - 16]
     uint64_t engine_sleeping     # 1 while the engine's I/O thread blocks: put_done() rings its doorbell
     char pad6[LINE - 8]
 
@@ -202,7 +210,12 @@ cdef class Lane:
         memcpy(blocks + self.max_blocks, &d[0], n * 8)
         lane_store(&self.h.req_tail, tail + 1)
         lane_fence()
-        return 2 if lane_load(&self.h.worker_sleeping) else 1
+        return 2 if lane_load(&self.h.worker_sleeping) and not lane_load(&self.h.worker_rung) else 1
+
+    def ring_ahead(self) -> bool:
+        """Before a post, from any engine thread: True when the worker sleeps and no ring is
+        pending, the mark now set (the caller rings its doorbell now; its post won't ring again)."""
+        return lane_load(&self.h.worker_sleeping) != 0 and lane_swap(&self.h.worker_rung, 1) == 0
 
     def take_done(self) -> list:
         """Every completion posted: [(rid, kind, layer, nbytes, queue_us, copy_us)]."""
@@ -300,8 +313,19 @@ cdef class Lane:
     def worker_wake(self) -> None:
         self.h.worker_sleeping = 0
 
+    def bell_drained(self) -> None:
+        """After each drain of the worker's doorbell: rings ahead are answered (see ring_ahead)."""
+        lane_store(&self.h.worker_rung, 0)
+        lane_fence()
+
     def has_requests(self) -> bool:
         return lane_load(&self.h.req_tail) != self.h.req_head
+
+    @property
+    def flags(self) -> tuple:
+        """(worker sleeping, worker rung ahead and not drained yet, engine sleeping), as 0/1."""
+        return (lane_load(&self.h.worker_sleeping), lane_load(&self.h.worker_rung),
+                lane_load(&self.h.engine_sleeping))
 
     @property
     def counts(self) -> tuple:

@@ -86,7 +86,8 @@ class Settlement:
         if ok:
             m.bytes.inc(sub.moved)
             m.blocks.inc(sub.future.num_blocks)
-            sub.future._advance(self.num_layers if sub.layers else 0)
+            if sub.layers:
+                sub.future._advance(self.num_layers)
             sub.future.set_result(TransferResult(sub.path, sub.future.num_blocks, sub.moved,
                                                  time.monotonic() - sub.t_submit, value))
         else:

@@ -319,11 +319,8 @@ def check_pair(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray
     destination named twice."""
     if src.shape[0] != dst.shape[0]:
         raise ProtocolError(f"src has {src.shape[0]} blocks, dst {dst.shape[0]}; expected equal counts")
-    # np.unique even for a short dst: otherwise the disk worker's first read pays numpy's one-off
-    # first-call cost of np.unique (its read groups blocks by owner with it) inside its timed I/O
-    # (~9 ms here), which the load-or-recompute rule then takes for a slow disk (the two-instance
-    # test of tests/integration/test_disk_tier.py caught it).
-    if np.unique(dst).shape[0] != dst.shape[0]:
+    count = dst.shape[0]
+    if (len(set(dst.tolist())) if count <= SMALL_ARRAY else np.unique(dst).shape[0]) != count:
         raise ProtocolError("dst names a block twice; destinations must be distinct")
     return src, dst
 

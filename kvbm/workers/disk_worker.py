@@ -126,6 +126,10 @@ class DiskWorker(PathWorker):
         self.gds_status = "off (gds=off)" if self.gds_mode == "off" else "not probed yet"
         self.counters = DiskCounters()
         self.last_error = ""              # the last failed write's or read's reason (status)
+        # numpy's one-off first-call cost of np.unique (~9 ms) paid here, not inside the first
+        # read's timed I/O (_read groups by owner with it), which the load-or-recompute rule would
+        # take for a slow disk (the two-instance test of tests/integration/test_disk_tier.py).
+        np.unique(np.zeros(2, np.int64))
 
     # ---- registration --------------------------------------------------------------------------
     def _check_owner(self, ident: bytes, reg, action: str) -> None:
