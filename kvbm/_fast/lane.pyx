@@ -24,6 +24,10 @@ the worker's wake-up overlaps the rest of the engine's submit; it marks `worker_
 then skips the second ring while the mark stands. The worker clears the mark after every drain of
 its doorbell (bell_drained): a mark is set only before its ring is sent, so a mark that stands
 always has a ring behind it that is not drained yet, and a post that trusts it loses no wake-up.
+The other way the same: a request flagged FLAG_RING_AHEAD asks the worker to ring a sleeping
+engine when its copy starts (ring_engine_ahead, `engine_rung`, engine_bell_drained), so the
+engine's wake-up overlaps the copy; the engine asks it only when no thread of its own waits on the
+lane for that completion.
 Nothing read from the segment is trusted: cursors that run backwards or ahead of the ring, counts
 past `max_blocks`, kinds out of range raise LaneError; the peer then drops the lane (the engine
 falls back to ZeroMQ), it never indexes out of the segment.
@@ -97,7 +101,8 @@ ctypedef struct LaneHeader:
     uint64_t worker_rung         # 1: an engine rang ahead and the worker has not drained it yet
     char pad5[LINE - 16]
     uint64_t engine_sleeping     # 1 while the engine's I/O thread blocks: put_done() rings its doorbell
-    char pad6[LINE - 8]
+    uint64_t engine_rung         # 1: the worker rang ahead and the engine has not drained it yet
+    char pad6[LINE - 16]
 
 
 ctypedef struct ReqHead:        # followed by src[max_blocks], dst[max_blocks] (int64 each)
@@ -118,6 +123,7 @@ ctypedef struct DoneRec:
 
 
 FLAG_LAYERS = 1
+FLAG_RING_AHEAD = 2     # ring the engine ahead of this request's completion (see ring_engine_ahead)
 DONE_OK = 1
 DONE_LAYER = 2
 
@@ -245,6 +251,11 @@ cdef class Lane:
     def engine_wake(self) -> None:
         self.h.engine_sleeping = 0
 
+    def engine_bell_drained(self) -> None:
+        """After each drain of the engine's doorbell: rings ahead are answered (ring_engine_ahead)."""
+        lane_store(&self.h.engine_rung, 0)
+        lane_fence()
+
     # ---- worker side ---------------------------------------------------------------------------
     def take(self, int64_t limit) -> list:
         """Up to `limit` requests: [(rid, gen, prio, flags, src int64 array, dst int64 array)]."""
@@ -300,7 +311,12 @@ cdef class Lane:
         rec.rid, rec.kind, rec.layer, rec.nbytes, rec.queue_us, rec.copy_us = rid, kind, layer, nbytes, queue_us, copy_us
         lane_store(&self.h.done_tail, tail + 1)
         lane_fence()
-        return 2 if lane_load(&self.h.engine_sleeping) else 1
+        return 2 if lane_load(&self.h.engine_sleeping) and not lane_load(&self.h.engine_rung) else 1
+
+    def ring_engine_ahead(self) -> bool:
+        """When a flagged request's copy starts: True when the engine sleeps and no ring is
+        pending, the mark now set (the caller rings its doorbell; the DONE won't ring again)."""
+        return lane_load(&self.h.engine_sleeping) != 0 and lane_swap(&self.h.engine_rung, 1) == 0
 
     def worker_sleep(self) -> bool:
         self.h.worker_sleeping = 1
@@ -323,9 +339,10 @@ cdef class Lane:
 
     @property
     def flags(self) -> tuple:
-        """(worker sleeping, worker rung ahead and not drained yet, engine sleeping), as 0/1."""
+        """(worker sleeping, worker rung ahead, engine sleeping, engine rung ahead), as 0/1 (a
+        ring ahead counts until its sleeper drains its doorbell)."""
         return (lane_load(&self.h.worker_sleeping), lane_load(&self.h.worker_rung),
-                lane_load(&self.h.engine_sleeping))
+                lane_load(&self.h.engine_sleeping), lane_load(&self.h.engine_rung))
 
     @property
     def counts(self) -> tuple:

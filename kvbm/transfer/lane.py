@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 
-from kvbm._fast.lane import FLAG_LAYERS, Lane, LaneError, bytes_needed
+from kvbm._fast.lane import FLAG_LAYERS, FLAG_RING_AHEAD, Lane, LaneError, bytes_needed
 from kvbm.shm import Segment, segment_name
 from kvbm.transfer.records import RequestState, WireRequest
 from kvbm.wire.bell import Ringer
@@ -67,16 +67,18 @@ class EngineLane:
     def offer(self, bell: str) -> dict:
         return {"segment": self.segment.name, "size": self.segment.size, "bell": bell}
 
-    def post(self, wire: WireRequest, ringer: Ringer, outstanding: dict, window: int) -> bool:
+    def post(self, wire: WireRequest, ringer: Ringer, outstanding: dict, window: int, ahead: bool = False) -> bool:
         """False: the window (`outstanding` requests of the path and those posted here) is full,
-        or the ring is; nothing posted, the caller queues it."""
+        or the ring is; nothing posted, the caller queues it. `ahead`: the worker rings our bell
+        when the copy starts, if the I/O thread sleeps (no thread waits on the lane for it)."""
         req = wire.members[0]
         sub = req.sub
         with self.lock:
             if len(outstanding) + len(self.posted) >= window:
                 return False
             self.posted.append(wire)
-            rc = self._write(wire.rid, wire.gen, sub.priority, sub.layers, req.src, req.dst)
+            rc = self._write(wire.rid, wire.gen, sub.priority,
+                             (FLAG_LAYERS if sub.layers else 0) | (FLAG_RING_AHEAD if ahead else 0), req.src, req.dst)
             if rc == 0:
                 self.posted.pop()
                 return False
@@ -87,15 +89,15 @@ class EngineLane:
     def post_wire(self, rid: int, gen: int, priority: int, layers: bool, src, dst, ringer: Ringer) -> bool:
         """The I/O thread's send of a (possibly coalesced) queued request; False: the ring is full."""
         with self.lock:
-            rc = self._write(rid, gen, priority, layers, src, dst)
+            rc = self._write(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
         self._wake(rc, ringer)
         return rc != 0
 
-    def _write(self, rid: int, gen: int, priority: int, layers: bool, src, dst) -> int:
+    def _write(self, rid: int, gen: int, priority: int, flags: int, src, dst) -> int:
         """The ring's answer to one record (under the lock): 0 full, or blocks it cannot hold (the
         queue's way then), 1 posted, 2 posted while the worker sleeps."""
         try:
-            return self.ring.post(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
+            return self.ring.post(rid, gen, priority, flags, src, dst)
         except (LaneError, ValueError) as err:
             logger.debug("lane post refused: %s", err)
             return 0

@@ -97,6 +97,11 @@ class WorkerLane:
             return []
         return [LaneItem(self, *rec) for rec in recs]
 
+    def ring_ahead(self) -> None:
+        """A flagged request's copy starts: ring a sleeping engine now (Lane.ring_engine_ahead)."""
+        if not self.broken and self.ring.ring_engine_ahead():
+            self.ringer.ring(self.engine_bell)
+
     def complete(self, rid: int, nbytes: int, queue_us: int, copy_us: int) -> bool:
         """False when the ring had no room (the caller answers over ZeroMQ instead)."""
         return self._put(rid, DONE_OK, 0, nbytes, min(queue_us, U32), min(copy_us, U32))

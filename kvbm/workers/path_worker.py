@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from kvbm._fast.lane import FLAG_LAYERS, FLAG_RING_AHEAD
 from kvbm._fast.lane import spin as spin_lanes
 from kvbm.errors import KvbmError, ProtocolError
 from kvbm.layout import BlockLayout, LayoutType
@@ -525,10 +526,13 @@ class PathWorker(Admission):
         except ProtocolError as err:
             self._malformed(ident, {"id": rid}, err)
             return
-        self._run_copy(ident, rid, copier, src, dst, bool(item.flags & 1), t_recv, item.lane)
+        self._run_copy(ident, rid, copier, src, dst, bool(item.flags & FLAG_LAYERS), t_recv, item.lane,
+                       bool(item.flags & FLAG_RING_AHEAD))
 
     def _run_copy(self, ident: bytes, rid: int, copier: Copier, src, dst, layers: bool, t_recv: float,
-                  lane: WorkerLane | None = None) -> None:
+                  lane: WorkerLane | None = None, ring_ahead: bool = False) -> None:
+        """`ring_ahead`: wake the engine's I/O thread as the copy starts (after the launch for CUDA,
+        before the copy on the CPU), so that its wake-up overlaps the copy (FLAG_RING_AHEAD)."""
         t_start = time.monotonic()
         try:
             if self.delay_s:
@@ -541,7 +545,11 @@ class PathWorker(Admission):
                     raise
                 self._in_flight.append(InFlight(ident, rid, int(src.shape[0]), int(src.shape[0]) * copier.block_bytes,
                                                 events, layers, t_recv, t_start, lane=lane))
+                if ring_ahead:
+                    lane.ring_ahead()
                 return
+            if ring_ahead:
+                lane.ring_ahead()
             on_layer = (lambda layer: self._layer(ident, rid, layer, lane)) if layers else None
             nbytes = copier.copy(src, dst, on_layer)
         except Exception as err:  # noqa: BLE001 - any copy failure becomes a failed completion

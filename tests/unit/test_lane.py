@@ -10,7 +10,7 @@ from array import array
 import numpy as np
 import pytest
 
-from kvbm._fast.lane import DONE_LAYER, DONE_OK, FLAG_LAYERS, Lane, LaneError, bytes_needed
+from kvbm._fast.lane import DONE_LAYER, DONE_OK, FLAG_LAYERS, FLAG_RING_AHEAD, Lane, LaneError, bytes_needed
 
 HEADER = 640          # sizeof(LaneHeader): 4 lines of fields, then six cursor lines
 REQ_TAIL, REQ_HEAD, DONE_TAIL, DONE_HEAD = 256, 320, 384, 448
@@ -99,6 +99,24 @@ def test_ring_ahead_rings_once_until_the_worker_drains_its_bell(mapped):
     assert len(worker.take(10)) == 1
     assert worker.worker_sleep() is True
     assert engine.ring_ahead() is True                       # the mark was cleared with the drain
+
+
+def test_the_worker_rings_ahead_of_a_flagged_completion_once(mapped):
+    _, engine, worker = mapped()
+    one = array("q", [1])
+    assert engine.post(1, 1, 0, FLAG_RING_AHEAD, one, one) == 1
+    assert worker.take(10)[0][3] == FLAG_RING_AHEAD           # the flag reaches the worker
+    assert worker.ring_engine_ahead() is False                # the engine is awake: nothing to ring
+    assert engine.engine_sleep() is True
+    assert worker.ring_engine_ahead() is True                 # copy starting: ring ahead, once
+    assert worker.ring_engine_ahead() is False
+    assert worker.put_done(1, DONE_OK, 0, 1, 0, 0) == 1       # that ring is pending: the DONE won't ring
+    assert engine.flags == (0, 0, 1, 1)
+    engine.engine_wake()
+    engine.engine_bell_drained()
+    assert [d[0] for d in engine.take_done()] == [1]
+    assert engine.engine_sleep() is True                      # asleep again, the ring drained:
+    assert worker.put_done(2, DONE_OK, 0, 1, 0, 0) == 2       # the next DONE must ring
 
 
 def test_skip_drops_what_a_predecessor_left(mapped):
