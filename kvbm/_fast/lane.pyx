@@ -19,15 +19,13 @@ reads the cursor with an acquire load, then the records, then publishes its own 
 the consumer stores sleeping = 1, fences (seq_cst), re-checks its ring and only then blocks; the
 producer publishes, fences, and rings the doorbell when it reads sleeping = 1. One of the two
 always sees the other's store, so no wake-up is lost (a spare doorbell only costs a wake-up).
-Ringing ahead: an engine that is about to post may ring a sleeping worker first (ring_ahead), so
-the worker's wake-up overlaps the rest of the engine's submit; it marks `worker_rung`, and its post
-then skips the second ring while the mark stands. The worker clears the mark after every drain of
-its doorbell (bell_drained): a mark is set only before its ring is sent, so a mark that stands
-always has a ring behind it that is not drained yet, and a post that trusts it loses no wake-up.
-The other way the same: a request flagged FLAG_RING_AHEAD asks the worker to ring a sleeping
-engine when its copy starts (ring_engine_ahead, `engine_rung`, engine_bell_drained), so the
-engine's wake-up overlaps the copy; the engine asks it only when no thread of its own waits on the
-lane for that completion.
+Ringing ahead: a request flagged FLAG_RING_AHEAD asks the worker to ring a sleeping engine as its
+copy starts (ring_engine_ahead), so the engine's wake-up overlaps the copy; the engine asks it only
+when no thread of its own waits on the lane for that completion. The ring marks `engine_rung`, and
+the DONE then skips a second ring while the mark stands. The engine clears the mark after every
+drain of its doorbell (engine_bell_drained): a mark is set only before its ring is sent, so a mark
+that stands always has a ring behind it that is not drained yet, and a DONE that trusts it loses
+no wake-up.
 Nothing read from the segment is trusted: cursors that run backwards or ahead of the ring, counts
 past `max_blocks`, kinds out of range raise LaneError; the peer then drops the lane (the engine
 falls back to ZeroMQ), it never indexes out of the segment.
@@ -74,7 +72,7 @@ cdef extern from *:
 
 cdef enum:
     LANE_MAGIC_LO = 0x4e414c4d42564b    # "KVBMLAN" (little endian), the low 56 bits
-    LANE_VERSION = 2     # 2: worker_rung (ringing ahead)
+    LANE_VERSION = 2     # 2: engine_rung (ringing ahead)
     ENGINE_ID_BYTES = 96
     LINE = 64
     MAX_SPIN_LANES = 64     # lanes one spin() watches (a worker serves a few engines' TP ranks)
@@ -98,8 +96,7 @@ ctypedef struct LaneHeader:
     uint64_t done_head           # engine: completions taken
     char pad4[LINE - 8]
     uint64_t worker_sleeping     # 1 while the worker blocks in its poll: post() rings its doorbell
-    uint64_t worker_rung         # 1: an engine rang ahead and the worker has not drained it yet
-    char pad5[LINE - 16]
+    char pad5[LINE - 8]
     uint64_t engine_sleeping     # 1 while the engine's I/O thread blocks: put_done() rings its doorbell
     uint64_t engine_rung         # 1: the worker rang ahead and the engine has not drained it yet
     char pad6[LINE - 16]
@@ -216,12 +213,7 @@ cdef class Lane:
         memcpy(blocks + self.max_blocks, &d[0], n * 8)
         lane_store(&self.h.req_tail, tail + 1)
         lane_fence()
-        return 2 if lane_load(&self.h.worker_sleeping) and not lane_load(&self.h.worker_rung) else 1
-
-    def ring_ahead(self) -> bool:
-        """Before a post, from any engine thread: True when the worker sleeps and no ring is
-        pending, the mark now set (the caller rings its doorbell now; its post won't ring again)."""
-        return lane_load(&self.h.worker_sleeping) != 0 and lane_swap(&self.h.worker_rung, 1) == 0
+        return 2 if lane_load(&self.h.worker_sleeping) else 1
 
     def take_done(self) -> list:
         """Every completion posted: [(rid, kind, layer, nbytes, queue_us, copy_us)]."""
@@ -329,20 +321,15 @@ cdef class Lane:
     def worker_wake(self) -> None:
         self.h.worker_sleeping = 0
 
-    def bell_drained(self) -> None:
-        """After each drain of the worker's doorbell: rings ahead are answered (see ring_ahead)."""
-        lane_store(&self.h.worker_rung, 0)
-        lane_fence()
-
     def has_requests(self) -> bool:
         return lane_load(&self.h.req_tail) != self.h.req_head
 
     @property
     def flags(self) -> tuple:
-        """(worker sleeping, worker rung ahead, engine sleeping, engine rung ahead), as 0/1 (a
-        ring ahead counts until its sleeper drains its doorbell)."""
-        return (lane_load(&self.h.worker_sleeping), lane_load(&self.h.worker_rung),
-                lane_load(&self.h.engine_sleeping), lane_load(&self.h.engine_rung))
+        """(worker sleeping, engine sleeping, engine rung ahead), as 0/1 (a ring ahead counts
+        until the engine drains its doorbell)."""
+        return (lane_load(&self.h.worker_sleeping), lane_load(&self.h.engine_sleeping),
+                lane_load(&self.h.engine_rung))
 
     @property
     def counts(self) -> tuple:

@@ -11,8 +11,6 @@ Parts and order:
              worker in the register request with the path of the engine's doorbell
   accepted   the worker's `registered` reply says it mapped the lane and names its own doorbell;
              the lane serves that worker generation only (`gen`)
-  ring_ahead from the submitting thread, before it builds its records: a sleeping worker's wake-up
-             then overlaps them (the post rings again only if the worker slept on since)
   post       from the submitting thread, under `lock`: the WireRequest goes into `posted` first,
              then the record into the ring, so that the I/O thread, which moves `posted` into the
              path's outstanding requests before it reads completions, always finds it; a full ring
@@ -101,12 +99,6 @@ class EngineLane:
         except (LaneError, ValueError) as err:
             logger.debug("lane post refused: %s", err)
             return 0
-
-    def ring_ahead(self, ringer: Ringer) -> None:
-        """Rings a sleeping worker before a post that is about to come (Lane.ring_ahead): any
-        thread, no lock (two submitters at once ring at most once between them)."""
-        if self.worker_bell is not None and not self.broken and self.ring.ring_ahead():
-            ringer.ring(self.worker_bell)
 
     def _wake(self, rc: int, ringer: Ringer) -> None:
         """Rings the worker's bell after a post it slept through (outside the lock: a syscall)."""

@@ -314,13 +314,6 @@ class TransferManager:
         if self._dead:
             raise LifecycleError(f"{self._dead}: no new transfers are taken; close the KvBlockManager "
                                  f"and start a new one (its start cleans up after the dead instance)")
-        q = self._paths.get(path)
-        lane = q.lane if q is not None else None
-        if (lane is not None and 0 < n <= lane.max_blocks and gate is None and not extra and not meta
-                and not alone and lane.gen and lane.gen == q.link.registered_gen and not q.heap):
-            # Likely a lane post: wake a sleeping worker now, so that its wake-up overlaps the
-            # rest of this submit (its checks and records) rather than follow the post.
-            lane.ring_ahead(self._ringer)
         future = TransferFuture(path, n, self.num_layers)
         future.set_running_or_notify_cancel()
         nbytes = n * self.block_bytes
@@ -350,6 +343,7 @@ class TransferManager:
             block = False
         if charge:
             self.budget.take(nbytes, block, timeout)
+        q = self._paths[path]
         if (q.lane is not None and gate is None and not extra and not meta and not alone
                 and n <= q.lane.max_blocks and self._post_lane(q, sub, src, dst)):
             return future

@@ -53,7 +53,6 @@ from kvbm.shared_g2 import SharedG2
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
-from kvbm.wire.bell import Bell
 from kvbm.wire.channel import bind_socket, connect_socket, make_context
 from kvbm.workers.admission import Admission, Member
 from kvbm.workers.copy import Copier, DeviceMemory
@@ -121,9 +120,6 @@ MAX_QUEUED = 4096
 # 15 MiB once took a worker from 45 MiB to 1.47 GB.
 MAX_QUEUED_BYTES = 64 << 20
 SPIN_SLICE_US = 20.0   # an idle worker's lane spin checks ZeroMQ this often
-# A ring ahead comes before the rest of its submit (~10-30 us of the engine's Python); a lone
-# spurious bell (a ring ahead whose submit then failed its checks) costs at most this much.
-AHEAD_SPIN_US = 200.0
 
 
 def _die_with_parent() -> None:
@@ -187,7 +183,9 @@ class PathWorker(Admission):
         next_check = time.monotonic() + 1.0
         while not self._stop:
             if not self._queue and not self._in_flight:
-                ready = self._sleep(items, bell)
+                ready = self._sleep(items)
+                if bell is not None:
+                    bell.drain()
                 if not ready:
                     if self._parent_gone():
                         break
@@ -211,23 +209,11 @@ class PathWorker(Admission):
         self._finish_in_flight()
         self.close()
 
-    def _sleep(self, items: list, bell: Bell | None) -> bool:
+    def _sleep(self, items: list) -> bool:
         """Blocks until a message, a doorbell or 200 ms; False on the timeout. Each lane is told
         first that we sleep (its engine rings our bell on its next post), and a lane posted to in
-        between is not slept on at all. A doorbell with no request behind it yet is an engine
-        ringing ahead of its post (Lane.ring_ahead): the request follows within the rest of that
-        submit, so we poll the lanes for it (up to AHEAD_SPIN_US) rather than sleep again and
-        need a second ring."""
+        between is not slept on at all."""
         lanes = self._lanes()
-        ready = self._block(items, lanes)
-        if bell is not None and bell.drain():
-            for lane in lanes:
-                lane.ring.bell_drained()
-            if lanes and not zmq.zmq_poll(items[:1], 0):
-                spin_lanes([lane.ring for lane in lanes], False, AHEAD_SPIN_US)
-        return ready
-
-    def _block(self, items: list, lanes: list[WorkerLane]) -> bool:
         if lanes and self.spin_s:
             # Work that comes within the spin starts without a wake-up (the engine's next request
             # of a step usually does): the rings are polled without the GIL in slices, ZeroMQ

@@ -63,21 +63,6 @@ def test_single_block_transfers_ride_the_lane_byte_for_byte(make_pipeline, rng):
     assert lanes["d2h"]["requests"] >= 16 and lanes["h2d"]["requests"] >= 16
 
 
-def test_a_ring_ahead_whose_submit_is_refused_leaves_the_worker_serving(make_pipeline, rng):
-    """submit() rings a sleeping worker before its checks; when they refuse it, no request
-    follows the ring: the worker polls for it a moment, drains the mark and sleeps again, and the
-    next submit still wakes it."""
-    pipe, tm = _lane_pipeline(make_pipeline)
-    _round_trip(pipe, tm, 3, 7, rng)
-    ring = tm._paths[P.Path.D2H].lane.ring
-    wait_for(lambda: ring.flags[:2] == (1, 0), DEADLINE, "the d2h worker asleep on its lane")
-    with pytest.raises(KvbmError, match="out of range"):
-        tm.submit(P.Path.D2H, [3], [10_000])
-    wait_for(lambda: ring.flags[:2] == (1, 0), DEADLINE, "the d2h worker asleep again, the ring drained")
-    for _ in range(3):
-        _round_trip(pipe, tm, 5, 9, rng)
-
-
 def test_bursts_past_the_window_queue_and_still_go_through_the_lane(make_pipeline, rng):
     pipe, tm = _lane_pipeline(make_pipeline)
     pipe.fill_random(range(64), rng)

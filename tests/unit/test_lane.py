@@ -79,28 +79,6 @@ def test_sleep_handshake_never_loses_a_wakeup(mapped):
     assert engine.engine_sleep() is False
 
 
-def test_ring_ahead_rings_once_until_the_worker_drains_its_bell(mapped):
-    _, engine, worker = mapped()
-    one = array("q", [1])
-    assert engine.ring_ahead() is False                      # the worker is awake: nothing to ring
-    assert worker.worker_sleep() is True
-    assert engine.ring_ahead() is True                       # rung ahead of the post ...
-    assert engine.ring_ahead() is False                      # ... once, whoever else asks
-    assert engine.post(1, 1, 0, 0, one, one) == 1            # that ring is pending: no second one
-    worker.worker_wake()
-    worker.bell_drained()
-    assert len(worker.take(10)) == 1
-    assert worker.worker_sleep() is True                     # asleep again, the ring drained:
-    assert engine.post(2, 1, 0, 0, one, one) == 2            # the next post must ring
-    worker.worker_wake()
-    worker.bell_drained()
-    assert worker.worker_sleep() is False                    # request 2 waits: no sleep
-    worker.worker_wake()
-    assert len(worker.take(10)) == 1
-    assert worker.worker_sleep() is True
-    assert engine.ring_ahead() is True                       # the mark was cleared with the drain
-
-
 def test_the_worker_rings_ahead_of_a_flagged_completion_once(mapped):
     _, engine, worker = mapped()
     one = array("q", [1])
@@ -111,7 +89,7 @@ def test_the_worker_rings_ahead_of_a_flagged_completion_once(mapped):
     assert worker.ring_engine_ahead() is True                 # copy starting: ring ahead, once
     assert worker.ring_engine_ahead() is False
     assert worker.put_done(1, DONE_OK, 0, 1, 0, 0) == 1       # that ring is pending: the DONE won't ring
-    assert engine.flags == (0, 0, 1, 1)
+    assert engine.flags == (0, 1, 1)
     engine.engine_wake()
     engine.engine_bell_drained()
     assert [d[0] for d in engine.take_done()] == [1]
