@@ -15,6 +15,7 @@ each layer; the worker waits on the events in order and reports each layer as it
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -36,6 +37,7 @@ PROGRESS_BYTES = 8 << 20
 # tens of microseconds, less than a blocking event's sleep and wake-up costs the round trip; larger
 # ones sleep on a blocking event rather than keep a core busy for milliseconds.
 SPIN_WAIT_BYTES = 4 << 20
+SPARE_EVENTS = 256       # events kept for reuse per kind (MAX_IN_FLIGHT layered requests' worth, and more)
 
 
 class DeviceMemory:
@@ -150,6 +152,10 @@ class Copier:
             self._torch = torch
             self._device = torch.device("cuda", device)
             self._stream = torch.cuda.Stream(device=self._device)
+        # Spare events by `blocking`, reused once their request is answered (recycle): creating
+        # one costs ~1.5 us of cudaEventCreate on its first record, and a layered request takes one
+        # per layer (16 of them were most of a 1-block layered launch's 115 us on the H200).
+        self._spare_events: dict[bool, list] = {True: [], False: []}
 
     @property
     def stream(self):
@@ -205,18 +211,15 @@ class Copier:
         handle = self._stream.cuda_stream
         blocking = len(src) * self.block_bytes > SPIN_WAIT_BYTES
         events = []
-        with torch.cuda.device(self._device):
+        # The device guard only where another device is current (~2 us a copy otherwise).
+        with (contextlib.nullcontext() if torch.cuda.current_device() == self._device.index
+              else torch.cuda.device(self._device)):
             if layers and self.method in (native.CopyMethod.AUTO, native.CopyMethod.KERNEL) and \
                     self.src_region.uva_checked and self.dst_region.uva_checked:
                 # One call, a kernel and an event per layer (kvbm_cuda_copy_layers): 16 calls of
                 # their own ran at 52 % (AUTO) / 82 % (kernel) of the whole copy on the H200. Only
                 # over memory the kernel may touch (vouched for): else a call per layer, AUTO's way.
-                # An event must exist before the library records it: torch creates it at its
-                # first record.
-                for layer in range(len(self.src_layers)):
-                    event = torch.cuda.Event(blocking=blocking)
-                    event.record(self._stream)
-                    events.append((event, layer))
+                events = [(self._event(blocking), layer) for layer in range(len(self.src_layers))]
                 native.copy_layers_cuda(self.src_region, self.dst_region, src, dst,
                                         [event.cuda_event for event, _ in events], self.max_sms, handle)
                 return events
@@ -224,11 +227,28 @@ class Copier:
                 else [(self.src_region, self.dst_region, len(self.src_layers) - 1)]
             for s, d, last in groups:
                 native.copy_blocks_cuda(s, d, src, dst, self.method, self.max_sms, handle)
-                # blocking: synchronize() sleeps on the event instead of spinning a whole core.
-                event = torch.cuda.Event(blocking=blocking)
+                event = self._event(blocking)
                 event.record(self._stream)
                 events.append((event, last))
         return events
+
+    def _event(self, blocking: bool):
+        """A spare event, or a new one (blocking: synchronize() sleeps on it instead of spinning a
+        core), recorded once so that it exists: the library records events torch created, and
+        torch creates one at its first record."""
+        spare = self._spare_events[blocking]
+        if spare:
+            return spare.pop()
+        event = self._torch.cuda.Event(blocking=blocking)
+        event.record(self._stream)
+        return event
+
+    def recycle(self, events: list[tuple], nbytes: int) -> None:
+        """The events of an answered request of `nbytes` (launch_groups'), every one fired, for
+        later copies; up to SPARE_EVENTS of each kind are kept."""
+        spare = self._spare_events[nbytes > SPIN_WAIT_BYTES]
+        if len(spare) < SPARE_EVENTS:
+            spare.extend(event for event, _ in events)
 
     def enqueue(self, src: np.ndarray, dst: np.ndarray) -> None:
         """CUDA only: the copy of every layer enqueued on this copier's stream with nothing recorded

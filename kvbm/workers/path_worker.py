@@ -104,6 +104,7 @@ class InFlight:
     layers: bool
     t_recv: float
     t_start: float
+    copier: Copier      # whose events they are (recycled once answered)
     landed: int = 0     # events known complete
     lane: WorkerLane | None = None   # answered through this lane (None: over ZeroMQ)
 
@@ -120,6 +121,7 @@ MAX_QUEUED = 4096
 # 15 MiB once took a worker from 45 MiB to 1.47 GB.
 MAX_QUEUED_BYTES = 64 << 20
 SPIN_SLICE_US = 20.0   # an idle worker's lane spin checks ZeroMQ this often
+WOKE_SOCKET, WOKE_BELL = 1, 2   # what ended a worker's sleep (_sleep)
 
 
 def _die_with_parent() -> None:
@@ -182,21 +184,27 @@ class PathWorker(Admission):
             items.append((bell.fileno(), zmq.POLLIN))
         next_check = time.monotonic() + 1.0
         while not self._stop:
+            socket_ready = True
             if not self._queue and not self._in_flight:
-                ready = self._sleep(items)
-                if bell is not None:
+                woke = self._sleep(items)
+                if bell is not None and woke & WOKE_BELL:
                     bell.drain()
-                if not ready:
+                if not woke:
                     if self._parent_gone():
                         break
                     continue
+                # Woken by a lane's bell alone: no ZeroMQ receive that would only raise Again
+                # (~3.5 us of a 1-block round trip); a message that comes meanwhile is taken on
+                # the next turn (the turn after a launch checks the socket before waiting).
+                socket_ready = bool(woke & WOKE_SOCKET)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 1.0
                 if self._parent_gone():
                     break
                 self._drop_dead_engines()
-            self._drain()
+            if socket_ready:
+                self._drain()
             self._take_lanes()
             while self._queue and len(self._in_flight) < MAX_IN_FLIGHT:
                 _, _, ident, msg, t_recv, nbytes = heapq.heappop(self._queue)
@@ -209,10 +217,12 @@ class PathWorker(Admission):
         self._finish_in_flight()
         self.close()
 
-    def _sleep(self, items: list) -> bool:
-        """Blocks until a message, a doorbell or 200 ms; False on the timeout. Each lane is told
-        first that we sleep (its engine rings our bell on its next post), and a lane posted to in
-        between is not slept on at all."""
+    def _sleep(self, items: list) -> int:
+        """Blocks until a message, a doorbell or 200 ms; returns what woke it (WOKE_* bits, the
+        socket's and the bell's from the poll; both when a lane had work before it slept), 0 on
+        the timeout. Each lane is told first that we sleep (its engine rings our bell on its next
+        post), and a lane posted to in between is not slept on at all."""
+        maybe_all = WOKE_SOCKET | WOKE_BELL
         lanes = self._lanes()
         if lanes and self.spin_s:
             # Work that comes within the spin starts without a wake-up (the engine's next request
@@ -222,13 +232,16 @@ class PathWorker(Admission):
             until = time.monotonic() + self.spin_s
             while time.monotonic() < until:
                 if spin_lanes(rings, False, SPIN_SLICE_US) or zmq.zmq_poll(items[:1], 0):
-                    return True
+                    return maybe_all
         if not all([lane.ring.worker_sleep() for lane in lanes]):
             for lane in lanes:
                 lane.ring.worker_wake()
-            return True
+            return maybe_all
         try:
-            return bool(zmq.zmq_poll(items, 200))
+            woke = 0
+            for item, _ in zmq.zmq_poll(items, 200):
+                woke |= WOKE_SOCKET if item is self.sock else WOKE_BELL
+            return woke
         finally:
             for lane in lanes:
                 lane.ring.worker_wake()
@@ -530,7 +543,7 @@ class PathWorker(Admission):
                     copier.drain()  # layers enqueued before the failure must not land after the ERROR
                     raise
                 self._in_flight.append(InFlight(ident, rid, int(src.shape[0]), int(src.shape[0]) * copier.block_bytes,
-                                                events, layers, t_recv, t_start, lane=lane))
+                                                events, layers, t_recv, t_start, copier, lane=lane))
                 if ring_ahead:
                     lane.ring_ahead()
                 return
@@ -571,10 +584,11 @@ class PathWorker(Admission):
         while self._in_flight:
             req = self._in_flight[0]
             try:
-                if wait and req.landed < len(req.events):
-                    req.events[req.landed][0].synchronize()
-                    wait = False
                 landed = req.landed
+                if wait and landed < len(req.events):
+                    req.events[landed][0].synchronize()
+                    wait = False
+                    landed += 1      # fired: no query of it again
                 while landed < len(req.events) and req.events[landed][0].query():
                     landed += 1
             except Exception as err:  # noqa: BLE001 - an asynchronous CUDA error fails the request
@@ -590,6 +604,7 @@ class PathWorker(Admission):
             if landed < len(req.events):
                 return
             self._in_flight.pop(0)
+            req.copier.recycle(req.events, req.nbytes)
             self._done(req.ident, req.rid, req.blocks, req.nbytes, req.t_recv, req.t_start, req.lane)
 
     def _finish_in_flight(self) -> None:

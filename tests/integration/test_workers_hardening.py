@@ -418,9 +418,10 @@ def test_cuda_copy_events_block_for_large_copies_and_spin_for_small_ones(monkeyp
 
     calls: list[tuple] = []
     copier = C.Copier.__new__(C.Copier)
-    copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event,
+    copier._torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event, current_device=lambda: 0,
                                                                      device=lambda d: contextlib.nullcontext()))
-    copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), None
+    copier._stream, copier._device = types.SimpleNamespace(cuda_stream=0), types.SimpleNamespace(index=0)
+    copier._spare_events = {True: [], False: []}
     copier.src_layers = copier.dst_layers = [object(), object()]
     copier.src_region = copier.dst_region = types.SimpleNamespace(uva_checked=True)
     copier.method, copier.max_sms = C.native.CopyMethod.AUTO, 0
@@ -443,6 +444,17 @@ def test_cuda_copy_events_block_for_large_copies_and_spin_for_small_ones(monkeyp
     calls.clear()
     copier.launch(one, one, layers=True)
     assert calls == [("blocks",), ("blocks",)]
+    # Events of an answered request are reused by later copies of the same kind, not created again.
+    copier.dst_region = types.SimpleNamespace(uva_checked=True)
+    made.clear()
+    events = copier.launch_groups(one, one, True)
+    assert made == [{"blocking": False}, {"blocking": False}]
+    copier.recycle(events, C.SPIN_WAIT_BYTES)
+    assert {id(e) for e, _ in copier.launch_groups(one, one, True)} == {id(e) for e, _ in events}
+    assert len(made) == 2
+    copier.block_bytes = C.SPIN_WAIT_BYTES + 1    # a blocking kind: none spare, made anew
+    copier.launch_groups(one, one, False)
+    assert made[-1] == {"blocking": True} and len(made) == 3
 
 
 # ---- 7. ownership checks on what another local user could plant ------------------------------------
