@@ -125,9 +125,8 @@ class PathLink:
     def started(self, gen: int) -> bool:
         """A new generation is up: (re)send, even with one pending, unless the pending one was sent
         when this generation was already known (the supervisor's `started` of the generation the
-        welcome named arrives after connect: a second registration would make the worker open the
-        engine's memory twice, and with CUDA IPC its second open of a handle releases torch's ref
-        counter early). A generation that died unanswered is died()'s to resend."""
+        welcome named arrives after connect: a second registration would make the worker map the
+        engine's memory twice for nothing). A generation that died unanswered is died()'s to resend."""
         if gen <= self.registered_gen or (self.pending and gen <= self.sent_gen):
             return False
         self.gen = max(self.gen, gen)

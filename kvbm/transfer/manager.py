@@ -72,6 +72,7 @@ from kvbm.transfer.budget import InflightBudget
 from kvbm.transfer.futures import TransferFuture
 from kvbm.transfer.lane import EngineLane
 from kvbm.transfer.link import PathLink
+from kvbm.transfer.memory_map import HeldShares
 from kvbm.transfer.path_queue import PathQueue
 from kvbm.transfer.records import Blocks, Finalize, Request, RequestState, Submission, WireRequest
 from kvbm.transfer.scheduler import Gate, Scheduler
@@ -135,7 +136,9 @@ class TransferManager:
         self._register_asked = False
         self._register_msg: dict | None = None
         self._registered: frozenset[P.Path] = frozenset()   # the paths register() registered with
-        self._path_memory: dict[P.Path, dict] = {}   # a device path's own memory description (CUDA IPC)
+        # CUDA: each registration message's memory description has shares of its own
+        # (memory_map.worker_memory), tracked per path until released (memory_map.HeldShares).
+        self._held_shares: dict[P.Path, HeldShares] = {}
         self._limits: dict[P.Path, tuple[int, int]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -237,9 +240,10 @@ class TransferManager:
         these paths' workers only (default: every path kvbm-workers serves); a submission to another
         path is refused. `memory` None: no device memory (only for the disk paths, whose worker
         maps none: a metadata-only engine, such as the vLLM connector's scheduler side). `memory` a
-        callable: called once per device path for a description of its own (CUDA IPC: torch counts one
-        consumer per share, and each worker releases what it opened: one share read by two workers
-        is released twice, its counter wraps below zero and torch holds it for good)."""
+        callable: called for each registration message of a device path, for a description of its
+        own (CUDA IPC: torch counts one consumer per share, and each worker releases what it opened:
+        one share read by two workers, or by two generations of one, is released twice, its counter
+        wraps below zero and torch holds it for good; memory_map.HeldShares)."""
         if self._thread is None:
             raise LifecycleError("register() before connect()")
         if self._dead:
@@ -262,9 +266,9 @@ class TransferManager:
             self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
-        self._path_memory = {}
+        self._held_shares = {}
         if callable(memory):
-            self._path_memory = {p: memory() for p in chosen if p not in P.DISK_PATHS}
+            self._held_shares = {p: HeldShares(memory) for p in chosen if p not in P.DISK_PATHS}
         elif memory is not None:
             self._register_msg["memory"] = memory
         if disk is not None:
@@ -745,8 +749,8 @@ class TransferManager:
         rid = next(self._ids)
         q.link.begin_register(rid)
         msg = dict(self._register_msg, id=rid)
-        if q.path in self._path_memory:
-            msg["memory"] = self._path_memory[q.path]
+        if q.path in self._held_shares:
+            msg["memory"] = self._held_shares[q.path].send(rid)
         if q.lane is not None and self._bell is not None:
             msg["lane"] = q.lane.offer(self._bell.path)
         # A DEALER queues this while the worker is down; the next generation gets it when it binds.
@@ -824,6 +828,8 @@ class TransferManager:
                 elif kind == P.MsgType.REGISTERED:
                     gen = int(msg["gen"])
                     q.link.accepted(msg.get("id"), gen)
+                    if q.path in self._held_shares and msg.get("id") == q.link.rid:
+                        self._held_shares[q.path].accepted(q.link.rid, gen)
                     if q.link.registered_gen == gen:
                         self._track_worker(q, gen, msg.get("pid"))
                         self._lane_accepted(q, gen, msg)
@@ -943,6 +949,8 @@ class TransferManager:
         for wire in failed:
             self._settlement.settle_wire(q, wire, ("timed out, then " if wire.timed_out else "") + reason)
         self._forget_worker(q, gen)
+        if q.path in self._held_shares:
+            self._held_shares[q.path].died(gen)   # its process is gone: nothing maps them any more
         if q.link.died(gen):
             self._send_register(q)
         if failed:

@@ -17,12 +17,18 @@ its record, nothing else is freed with it), kept in `keep` by the caller with th
 exit, then the aliases go, then torch.cuda.ipc_collect()). Where torch lacks that call or refuses
 the alias (memory its caching allocator did not hand out as one block), the storage itself is
 shared, as before.
+
+Each registration message carries shares of its own (torch counts one consumer per share: the
+worker that opens it releases it when it drops the registration, or replaces it with a later one).
+A worker killed while holding one never releases it: torch's counter stays at one, and torch keeps
+the memory and warns at exit. HeldShares tracks which generation holds which message's shares and,
+once that generation's death is confirmed, releases them in its place (release_for_dead_worker).
 """
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvbm.errors import LayoutError
@@ -98,6 +104,67 @@ def _describe_cuda(tensors: Sequence[Any], keep: list | None = None) -> dict:
                                 "event_handle": bytes(event_handle) if event_handle else b"",
                                 "event_sync_required": bool(event_sync)}})
     return {"kind": "cuda_ipc", "device": int(tensors[0].device.index or 0), "buffers": buffers}
+
+
+class HeldShares:
+    """One path's CUDA registration messages: the shares each carried, and the one the worker
+    generation that accepted it holds (the manager's I/O thread only)."""
+
+    def __init__(self, source: Callable[[], dict]) -> None:
+        self.source = source
+        self.ready: dict | None = source()    # the next message's, made where errors reach register()
+        self.sent: dict[int, dict] = {}       # register id -> its memory description
+        self.held: tuple[int, dict] | None = None   # (generation, memory) of the accepted one
+
+    def send(self, rid: int) -> dict:
+        """The memory description of registration `rid`: shares no other message carried."""
+        memory, self.ready = self.ready, None
+        if memory is None:
+            try:
+                memory = self.source()
+            except Exception:  # noqa: BLE001 - the I/O thread: a registration still goes out
+                logger.exception("new CUDA IPC shares for a re-registration failed; sending the last ones "
+                                 "again (torch may then keep that memory, and warn, at exit)")
+                memory = self.held[1] if self.held is not None else next(reversed(self.sent.values()))
+        self.sent[rid] = memory
+        return memory
+
+    def accepted(self, rid: int, gen: int) -> None:
+        """Generation `gen` took registration `rid`: a registration it held before, it released
+        on taking this one. Older unanswered ones are forgotten (released when replaced, or never
+        opened: a worker that refused one dropped what it had opened of it)."""
+        memory = self.sent.pop(rid, None)
+        self.sent = {r: m for r, m in self.sent.items() if r > rid}
+        if memory is not None:
+            self.held = (gen, memory)
+
+    def died(self, gen: int) -> None:
+        """Generation `gen` is confirmed dead: the shares it held are released in its place."""
+        if self.held is not None and self.held[0] == gen:
+            memory, self.held = self.held[1], None
+            release_for_dead_worker(memory)
+
+
+def release_for_dead_worker(memory: dict) -> None:
+    """Releases torch's consumer count of each share a dead worker opened from `memory` (one
+    message's description), as its own release would have: torch's rebuild opens a buffer whose
+    (handle, offset) it already opened for an earlier buffer of the message from its cache and
+    releases that share at once, so only the first of each is still counted."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    opened = set()
+    for buf in memory.get("buffers", ()):
+        ipc = buf["ipc"]
+        key = (ipc["handle"], ipc["storage_offset"])
+        if key in opened:
+            continue
+        opened.add(key)
+        try:
+            torch.UntypedStorage._release_ipc_counter(ipc["ref_counter_handle"], ipc["ref_counter_offset"],
+                                                      device=ipc["device"])
+        except (RuntimeError, OSError) as err:   # best effort, as torch's own release
+            logger.warning("releasing a dead worker's CUDA IPC share failed: %s", err)
 
 
 def release_ipc_shares(shares: list, safe: bool) -> None:
