@@ -37,7 +37,7 @@ class TransferFuture(concurrent.futures.Future):
         self.num_blocks = num_blocks
         self.num_layers = num_layers
         self._layers_ready = 0
-        self._layer_cond = threading.Condition()
+        self._lcond: threading.Condition | None = None   # made by the first layer user (_layer_cond)
         self._layer_callbacks: list[Callable[[int], None]] = []
         # Callbacks run one delivery at a time, so a late add_layer_callback's catch-up (on the
         # caller's thread) and the I/O thread's later layers never interleave. Whoever finds a
@@ -49,6 +49,19 @@ class TransferFuture(concurrent.futures.Future):
         # A small lane request's waiter settles its own completion (TransferManager._settle_waiting):
         # fn(future, timeout), called once by the first result() that finds it not done.
         self._settle_here: Callable[[TransferFuture, float | None], None] | None = None
+
+    @property
+    def _layer_cond(self) -> threading.Condition:
+        """Layer progress's condition, made on first use: most futures never report layers, and
+        a Condition is a measurable part of a 1-block submit. Two first users agree on one under
+        the future's own condition."""
+        cond = self._lcond
+        if cond is None:
+            with self._condition:
+                if self._lcond is None:
+                    self._lcond = threading.Condition()
+                cond = self._lcond
+        return cond
 
     def result(self, timeout: float | None = None):
         settle, self._settle_here = self._settle_here, None
@@ -126,8 +139,10 @@ class TransferFuture(concurrent.futures.Future):
             logger.exception("layer callback failed")
 
     def _wake_layers(self) -> None:
-        with self._layer_cond:
-            self._layer_cond.notify_all()
+        if self._lcond is None:
+            return    # nobody ever waited on a layer (a waiter makes it first)
+        with self._lcond:
+            self._lcond.notify_all()
 
 
 @dataclass

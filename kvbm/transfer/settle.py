@@ -68,15 +68,14 @@ class Settlement:
     def resolve(self, sub: Submission) -> None:
         if sub.future.done():
             return
-        outcome = sub.outcome()
-        ok, error, value = outcome.ok, outcome.error, None
+        ok, error, value = sub.error is None, sub.error, None
         if sub.requests:
             # Before finalize: it takes the pool lock, and a thread holding that lock may be
             # waiting in submit() for exactly this budget.
             self.budget.give_back(sub.nbytes)
         if sub.finalize is not None:
             try:
-                value = sub.finalize(outcome)
+                value = sub.finalize(sub.outcome())
             except Exception as err:  # noqa: BLE001 - surfaces to the caller through the future
                 logger.error("finalize of a %s transfer failed", sub.path.label, exc_info=True)
                 ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
