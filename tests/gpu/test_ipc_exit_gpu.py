@@ -20,32 +20,8 @@ pytestmark = pytest.mark.gpu
 
 WARNING = "Producer process has been terminated"
 
+# {kill}: what happens between registering and the checked round trip.
 ENGINE = """
-import sys, torch
-import kvbm
-from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
-from kvbm.wire import protocol as P
-lc = LayoutConfig(num_layers=4, outer_dim=2, page_size=16, inner_dim=128, dtype="bfloat16")
-cfg = kvbm.KvbmConfig(layout=lc, device_blocks=16, host_blocks=16, runtime_dir=sys.argv[1],
-                      instance_id=sys.argv[2], request_timeout_ms=20000)
-with kvbm.KvBlockManager(cfg) as kv:
-    layout = BlockLayout(lc, LayoutType.LAYER_SEPARATE, 16)
-    tensors = kv.create_device_tensors(layout, device="cuda")
-    for t in tensors:
-        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8))
-    kv.register_device_tensors(tensors, layout)
-    assert kv.transfers.cuda
-    before = layout.block_bytes_of(tensors, 3)
-    kv.transfers.submit(P.Path.D2H, [3], [5]).result(60)
-    for t in tensors:
-        t.view(torch.uint8).fill_(0xA5)
-    kv.transfers.submit(P.Path.H2D, [5], [9]).result(60)
-    torch.cuda.synchronize()
-    assert layout.block_bytes_of(tensors, 9) == before
-print("ok", flush=True)
-"""
-
-KILLED = """
 import os, signal, sys, time, torch
 import kvbm
 from kvbm.cli import ask_status
@@ -60,21 +36,27 @@ with kvbm.KvBlockManager(cfg) as kv:
     for t in tensors:
         t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8))
     kv.register_device_tensors(tensors, layout)
-    kv.transfers.submit(P.Path.D2H, [3], [5]).result(60)
-    gen = kv.transfers.stats()["generations"]["d2h"]
-    os.kill(ask_status(kv.config)["workers"]["d2h"]["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while kv.transfers.stats()["generations"]["d2h"] in (0, gen):   # the next one took our registration
-        assert time.monotonic() < deadline, "no new d2h generation registered"
-        time.sleep(0.05)
+    assert kv.transfers.cuda
+{kill}
     before = layout.block_bytes_of(tensors, 3)
-    kv.transfers.submit(P.Path.D2H, [3], [6]).result(60)
+    kv.transfers.submit(P.Path.D2H, [3], [5]).result(60)
     for t in tensors:
         t.view(torch.uint8).fill_(0xA5)
-    kv.transfers.submit(P.Path.H2D, [6], [9]).result(60)
+    kv.transfers.submit(P.Path.H2D, [5], [9]).result(60)
     torch.cuda.synchronize()
     assert layout.block_bytes_of(tensors, 9) == before
 print("ok", flush=True)
+"""
+
+# The D2H worker maps our shares, is SIGKILLed, and the next generation takes our registration.
+KILL_D2H = """
+    kv.transfers.submit(P.Path.D2H, [3], [6]).result(60)
+    gen = kv.transfers.stats()["generations"]["d2h"]
+    os.kill(ask_status(kv.config)["workers"]["d2h"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while kv.transfers.stats()["generations"]["d2h"] in (0, gen):
+        assert time.monotonic() < deadline, "no new d2h generation registered"
+        time.sleep(0.05)
 """
 
 SHARD = """
@@ -102,7 +84,8 @@ def _run(script: str, tmp_path, instance: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-SCRIPTS = {"kv_block_manager": ENGINE, "shard_transfers": SHARD, "worker_killed": KILLED}
+SCRIPTS = {"kv_block_manager": ENGINE.format(kill=""), "shard_transfers": SHARD,
+           "worker_killed": ENGINE.format(kill=KILL_D2H)}
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
