@@ -23,9 +23,11 @@ Ringing ahead: a request flagged FLAG_RING_AHEAD asks the worker to ring a sleep
 copy starts (ring_engine_ahead), so the engine's wake-up overlaps the copy; the engine asks it only
 when no thread of its own waits on the lane for that completion. The ring marks `engine_rung`, and
 the DONE then skips a second ring while the mark stands. The engine clears the mark after every
-drain of its doorbell (engine_bell_drained): a mark is set only before its ring is sent, so a mark
-that stands always has a ring behind it that is not drained yet, and a DONE that trusts it loses
-no wake-up.
+drain of its doorbell (take_engine_rung): a mark is set only before its ring is sent, so a mark
+that stands has a ring behind it that is not drained yet, and a DONE that trusts it loses no
+wake-up. A ring that was never sent (the worker killed between the mark and the ring, or its send
+failing) would leave a mark with nothing behind it: the worker clears it when its send fails, and
+the engine when a new generation takes the lane.
 Nothing read from the segment is trusted: cursors that run backwards or ahead of the ring, counts
 past `max_blocks`, kinds out of range raise LaneError; the peer then drops the lane (the engine
 falls back to ZeroMQ), it never indexes out of the segment.
@@ -243,10 +245,11 @@ cdef class Lane:
     def engine_wake(self) -> None:
         self.h.engine_sleeping = 0
 
-    def engine_bell_drained(self) -> None:
-        """After each drain of the engine's doorbell: rings ahead are answered (ring_engine_ahead)."""
-        lane_store(&self.h.engine_rung, 0)
-        lane_fence()
+    def take_engine_rung(self) -> bool:
+        """Clears the ring-ahead mark (ring_engine_ahead); True when it was set. The engine calls
+        it after each drain of its doorbell; clearing is always safe (at worst one spare ring)."""
+        cdef uint64_t was = lane_swap(&self.h.engine_rung, 0)
+        return was != 0
 
     # ---- worker side ---------------------------------------------------------------------------
     def take(self, int64_t limit) -> list:
@@ -325,7 +328,7 @@ cdef class Lane:
         return lane_load(&self.h.req_tail) != self.h.req_head
 
     @property
-    def flags(self) -> tuple:
+    def states(self) -> tuple:
         """(worker sleeping, engine sleeping, engine rung ahead), as 0/1 (a ring ahead counts
         until the engine drains its doorbell)."""
         return (lane_load(&self.h.worker_sleeping), lane_load(&self.h.engine_sleeping),

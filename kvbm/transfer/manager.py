@@ -162,6 +162,7 @@ class TransferManager:
         # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
         self._io_lock = threading.Lock()
         self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
+        self._spin_ahead = False   # _turn was rung ahead of a DONE: _run spins for it after the turn
         self._spinners = 0     # waiters spinning on a lane (under _lock): close() unmaps lanes after them
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
@@ -266,10 +267,11 @@ class TransferManager:
             self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
         self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
                               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
-        self._held_shares = {}
-        if callable(memory):
-            self._held_shares = {p: HeldShares(memory) for p in chosen if p not in P.DISK_PATHS}
-        elif memory is not None:
+        # One assignment: the I/O thread reads it meanwhile. A register() again keeps what the
+        # generations hold of the previous one's shares until they take the new one.
+        self._held_shares = {p: HeldShares(memory, self._held_shares.get(p)) for p in chosen
+                             if p not in P.DISK_PATHS} if callable(memory) else {}
+        if memory is not None and not callable(memory):
             self._register_msg["memory"] = memory
         if disk is not None:
             self._register_msg["disk"] = dict(disk)
@@ -569,6 +571,9 @@ class TransferManager:
                                                                                 * 1000) + 1))))
                 with self._io_lock:
                     next_report = self._turn(ready, lanes, by_sock, bell_fd, next_report)
+                if self._spin_ahead:
+                    self._spin_ahead = False
+                    spin_lanes([q.lane.ring for q in lanes], True, AHEAD_SPIN_US)
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
         with self._io_lock:
@@ -581,12 +586,11 @@ class TransferManager:
             # Before any event: a death fails what its worker held, lane requests included.
             self._absorb_posted(q)
         if bell_fd in ready and self._bell.drain():
-            for q in lanes:
-                q.lane.ring.engine_bell_drained()
-            if len(ready) == 1:
-                # Rung ahead of a completion (FLAG_RING_AHEAD): its copy is under way; wait for
-                # its DONE here (no GIL held) rather than sleep again and need a second ring.
-                spin_lanes([q.lane.ring for q in lanes], True, AHEAD_SPIN_US)
+            rung = [q.lane.ring.take_engine_rung() for q in lanes]   # every lane's mark, drained
+            # Rung ahead of a completion (FLAG_RING_AHEAD) and woken by nothing else: its copy is
+            # under way; _run waits for its DONE (no GIL, no _io_lock) rather than sleep again
+            # and need a second ring.
+            self._spin_ahead = any(rung) and len(ready) == 1
         if self._supervisor_fd in ready and not self._dead:
             self._supervisor_died()
         for fd in [fd for fd in self._watched if fd in ready]:
@@ -693,6 +697,7 @@ class TransferManager:
         if lane is None:
             return
         lane.gen = 0
+        lane.ring.take_engine_rung()   # a killed predecessor's mark may have no ring behind it
         if msg.get("lane") is True:
             try:
                 lane.worker_bell = check_bell_path(msg.get("bell"), self._bell_dir or "")
@@ -747,14 +752,26 @@ class TransferManager:
         if self._register_msg is None or q.path not in self._registered:
             return
         rid = next(self._ids)
-        q.link.begin_register(rid)
         msg = dict(self._register_msg, id=rid)
-        if q.path in self._held_shares:
-            msg["memory"] = self._held_shares[q.path].send(rid)
+        book = self._held_shares.get(q.path)
+        if book is not None:
+            try:
+                msg["memory"] = book.send(rid)
+            except Exception as err:  # noqa: BLE001 - the I/O thread: retried as a refused registration
+                logger.exception("%s: sharing the device memory for a registration failed", q.path.label)
+                self._registration_refused(q, f"sharing the device memory failed: {type(err).__name__}: {err}")
+                return
+        q.link.begin_register(rid)
         if q.lane is not None and self._bell is not None:
             msg["lane"] = q.lane.offer(self._bell.path)
         # A DEALER queues this while the worker is down; the next generation gets it when it binds.
         q.sock.send(P.encode(msg), zmq.NOBLOCK)
+
+    def _registration_refused(self, q: PathQueue, error: str) -> None:
+        q.link.rejected(error)
+        self._due(0.0)   # its retry time is set now
+        if q.link.refuses_work:
+            self._fail_queued(q, q.link.error)
 
     def _pump(self, q: PathQueue) -> None:
         """Sends queued requests while the worker is registered and the window has room; queued
@@ -828,8 +845,9 @@ class TransferManager:
                 elif kind == P.MsgType.REGISTERED:
                     gen = int(msg["gen"])
                     q.link.accepted(msg.get("id"), gen)
-                    if q.path in self._held_shares and msg.get("id") == q.link.rid:
-                        self._held_shares[q.path].accepted(q.link.rid, gen)
+                    book = self._held_shares.get(q.path)
+                    if book is not None and type(msg.get("id")) is int:
+                        book.accepted(msg["id"], gen)   # any message it took: it holds those shares now
                     if q.link.registered_gen == gen:
                         self._track_worker(q, gen, msg.get("pid"))
                         self._lane_accepted(q, gen, msg)
@@ -859,10 +877,10 @@ class TransferManager:
     def _on_done(self, q: PathQueue, msg: dict) -> None:
         rid = msg["id"]
         if rid == q.link.rid and rid != 0:
-            q.link.rejected(msg.get("error") or "registration failed")
-            self._due(0.0)   # its retry time is set now
-            if q.link.refuses_work:
-                self._fail_queued(q, q.link.error)
+            book = self._held_shares.get(q.path)
+            if book is not None:
+                book.refused(rid)
+            self._registration_refused(q, msg.get("error") or "registration failed")
             return
         wire = q.outstanding.get(rid)
         if wire is None:
@@ -949,8 +967,10 @@ class TransferManager:
         for wire in failed:
             self._settlement.settle_wire(q, wire, ("timed out, then " if wire.timed_out else "") + reason)
         self._forget_worker(q, gen)
-        if q.path in self._held_shares:
-            self._held_shares[q.path].died(gen)   # its process is gone: nothing maps them any more
+        book = self._held_shares.get(q.path)
+        if book is not None:   # its process is gone; killed by a signal, it released nothing itself
+            exitcode = msg.get("exitcode")
+            book.died(gen, killed=type(exitcode) is int and exitcode < 0)
         if q.link.died(gen):
             self._send_register(q)
         if failed:
@@ -1004,6 +1024,9 @@ class TransferManager:
 
     def _worker_gone(self, fd: int) -> None:
         q, gen = self._watched[fd]
+        book = self._held_shares.get(q.path)
+        if book is not None:   # kvbm-workers died: its workers are SIGKILLed with it (PR_SET_PDEATHSIG)
+            book.died(gen, killed=True)
         failed = [w for w in q.outstanding.values() if w.gen == gen]
         for wire in failed:
             self._settlement.settle_wire(q, wire, f"{self._dead}; its {q.path.label} worker generation {gen} "

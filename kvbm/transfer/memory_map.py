@@ -20,9 +20,10 @@ shared, as before.
 
 Each registration message carries shares of its own (torch counts one consumer per share: the
 worker that opens it releases it when it drops the registration, or replaces it with a later one).
-A worker killed while holding one never releases it: torch's counter stays at one, and torch keeps
-the memory and warns at exit. HeldShares tracks which generation holds which message's shares and,
-once that generation's death is confirmed, releases them in its place (release_for_dead_worker).
+A worker killed by a signal while holding one never releases it: torch's counter stays at one, and
+torch keeps the memory and warns at exit. HeldShares tracks which generation holds which message's
+shares and, once a killed generation's death is confirmed, releases them in its place
+(release_for_dead_worker); a worker that exits by itself has released them already.
 """
 from __future__ import annotations
 
@@ -107,42 +108,59 @@ def _describe_cuda(tensors: Sequence[Any], keep: list | None = None) -> dict:
 
 
 class HeldShares:
-    """One path's CUDA registration messages: the shares each carried, and the one the worker
-    generation that accepted it holds (the manager's I/O thread only)."""
+    """One path's CUDA registration messages: the shares each carried, and which worker generation
+    holds which (built on the thread that calls register(), then used by the manager's I/O thread
+    only).
 
-    def __init__(self, source: Callable[[], dict]) -> None:
+    A generation that takes a message holds its shares until it drops the registration (unregister,
+    its own exit, or a later message it takes: each releases what it held). A generation killed by
+    a signal releases nothing: its shares are released here once its death is confirmed (`died`
+    with `killed`), and those of a message it is found to have taken afterwards (its REGISTERED
+    read after the death) at once. A message never answered, or refused, is forgotten: released by
+    the worker if it opened any of it, else left counted (torch then keeps that memory and warns at
+    exit; a leak is the safe side, a second release would wrap the counter below zero).
+    Limitation: a worker that still had the same storage mapped from an earlier registration of
+    this process (an unregister it never got) releases the new share at once (torch's cache), and
+    a release here after its death counts twice."""
+
+    def __init__(self, source: Callable[[], dict], previous: HeldShares | None = None) -> None:
         self.source = source
         self.ready: dict | None = source()    # the next message's, made where errors reach register()
-        self.sent: dict[int, dict] = {}       # register id -> its memory description
-        self.held: tuple[int, dict] | None = None   # (generation, memory) of the accepted one
+        self.sent: dict[int, dict] = {}       # register id -> its memory description, not answered yet
+        # generation -> the message it took last (a register() again keeps what the old one's holds)
+        self.held: dict[int, dict] = dict(previous.held) if previous is not None else {}
+        self.killed: set[int] = set(previous.killed) if previous is not None else set()
 
     def send(self, rid: int) -> dict:
-        """The memory description of registration `rid`: shares no other message carried."""
-        memory, self.ready = self.ready, None
-        if memory is None:
-            try:
-                memory = self.source()
-            except Exception:  # noqa: BLE001 - the I/O thread: a registration still goes out
-                logger.exception("new CUDA IPC shares for a re-registration failed; sending the last ones "
-                                 "again (torch may then keep that memory, and warn, at exit)")
-                memory = self.held[1] if self.held is not None else next(reversed(self.sent.values()))
+        """The memory description of registration `rid`: shares no other message carried. Raises
+        what making them raised (nothing is recorded then)."""
+        memory = self.ready if self.ready is not None else self.source()
+        self.ready = None
         self.sent[rid] = memory
         return memory
 
-    def accepted(self, rid: int, gen: int) -> None:
-        """Generation `gen` took registration `rid`: a registration it held before, it released
-        on taking this one. Older unanswered ones are forgotten (released when replaced, or never
-        opened: a worker that refused one dropped what it had opened of it)."""
-        memory = self.sent.pop(rid, None)
-        self.sent = {r: m for r, m in self.sent.items() if r > rid}
-        if memory is not None:
-            self.held = (gen, memory)
+    def refused(self, rid: int) -> None:
+        self.sent.pop(rid, None)
 
-    def died(self, gen: int) -> None:
-        """Generation `gen` is confirmed dead: the shares it held are released in its place."""
-        if self.held is not None and self.held[0] == gen:
-            memory, self.held = self.held[1], None
+    def accepted(self, rid: int, gen: int) -> None:
+        """Generation `gen` took registration `rid` (any id this book sent; others are ignored).
+        The message it held before, it released on taking this one."""
+        memory = self.sent.pop(rid, None)
+        if memory is None:
+            return
+        if gen in self.killed:
             release_for_dead_worker(memory)
+        else:
+            self.held[gen] = memory
+
+    def died(self, gen: int, killed: bool) -> None:
+        """Generation `gen` is confirmed gone. `killed` (a signal): nothing of it ran its release, so
+        the shares it held are released in its place; otherwise it released them itself."""
+        memory = self.held.pop(gen, None)
+        if killed:
+            self.killed.add(gen)
+            if memory is not None:
+                release_for_dead_worker(memory)
 
 
 def release_for_dead_worker(memory: dict) -> None:

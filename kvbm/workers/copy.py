@@ -37,7 +37,7 @@ PROGRESS_BYTES = 8 << 20
 # tens of microseconds, less than a blocking event's sleep and wake-up costs the round trip; larger
 # ones sleep on a blocking event rather than keep a core busy for milliseconds.
 SPIN_WAIT_BYTES = 4 << 20
-SPARE_EVENTS = 256       # events kept for reuse per kind (MAX_IN_FLIGHT layered requests' worth, and more)
+SPARE_EVENTS = 256       # events kept for reuse per kind (MAX_IN_FLIGHT layered requests of up to 64 layers)
 
 
 class DeviceMemory:

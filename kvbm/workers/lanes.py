@@ -99,8 +99,8 @@ class WorkerLane:
 
     def ring_ahead(self) -> None:
         """A flagged request's copy starts: ring a sleeping engine now (Lane.ring_engine_ahead)."""
-        if not self.broken and self.ring.ring_engine_ahead():
-            self.ringer.ring(self.engine_bell)
+        if not self.broken and self.ring.ring_engine_ahead() and not self._ring_engine():
+            self.ring.take_engine_rung()   # no mark may stand without its ring: the DONE rings
 
     def complete(self, rid: int, nbytes: int, queue_us: int, copy_us: int) -> bool:
         """False when the ring had no room (the caller answers over ZeroMQ instead)."""
@@ -118,8 +118,19 @@ class WorkerLane:
             self._break(err)
             return False
         if rc == 2:
-            self.ringer.ring(self.engine_bell)
+            self._ring_engine()
         return rc != 0
+
+    def _ring_engine(self) -> bool:
+        """False when the ring could not be sent (logged): the engine finds the record at its next
+        timed turn. Never raises: a ring follows a CUDA launch, and an error there would answer a
+        request whose copy is still running."""
+        try:
+            self.ringer.ring(self.engine_bell)
+        except OSError as err:
+            logger.warning("ringing engine bell %s failed: %s", self.engine_bell, err)
+            return False
+        return True
 
     def _break(self, err: Exception) -> None:
         self.broken = str(err)

@@ -53,6 +53,7 @@ from kvbm.shared_g2 import SharedG2
 from kvbm.shm import Segment, pid_alive
 from kvbm.wire import protocol as P
 from kvbm.wire.auth import ClientKeys, Gatekeeper, ServerKeys
+from kvbm.wire.bell import Bell
 from kvbm.wire.channel import bind_socket, connect_socket, make_context
 from kvbm.workers.admission import Admission, Member
 from kvbm.workers.copy import Copier, DeviceMemory
@@ -182,6 +183,18 @@ class PathWorker(Admission):
         bell = self.bells.bell if self.bells is not None else None
         if bell is not None:
             items.append((bell.fileno(), zmq.POLLIN))
+        try:
+            self._loop(items, bell)
+        finally:
+            # Whatever ends the loop, the mappings go before the process does: an engine counts
+            # a worker that exits by itself (not by a signal) as having released its CUDA shares
+            # (kvbm.transfer.memory_map.HeldShares).
+            try:
+                self._finish_in_flight()
+            finally:
+                self.close()
+
+    def _loop(self, items: list, bell: Bell | None) -> None:
         next_check = time.monotonic() + 1.0
         while not self._stop:
             socket_ready = True
@@ -214,8 +227,6 @@ class PathWorker(Admission):
                 # Wait on the GPU only when there is nothing new to launch.
                 self._progress(wait=len(self._in_flight) >= MAX_IN_FLIGHT
                                or not (zmq.zmq_poll(items[:1], 0) or self._lanes_pending()))
-        self._finish_in_flight()
-        self.close()
 
     def _sleep(self, items: list) -> int:
         """Blocks until a message, a doorbell or 200 ms; returns what woke it (WOKE_* bits, the

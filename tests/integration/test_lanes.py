@@ -211,6 +211,22 @@ def test_a_worker_killed_with_lane_requests_in_flight_fails_them_then_maps_the_l
     assert tm.stats()["lanes"]["d2h"]["requests"] == before + 1
 
 
+def test_a_ring_ahead_mark_a_killed_worker_left_is_cleared_for_its_successor(make_pipeline, rng):
+    """A worker killed between marking a ring ahead and sending it leaves a mark with no ring
+    behind it; the DONEs of the next generation would skip their rings while it stands."""
+    pipe, tm = _lane_pipeline(make_pipeline, wait_spin_us=0)
+    _round_trip(pipe, tm, 3, 7, rng)
+    ring = tm._paths[P.Path.D2H].lane.ring
+    wait_for(lambda: ring.states[1] == 1, DEADLINE, "the engine's I/O thread asleep on its lanes")
+    assert ring.ring_engine_ahead() is True      # the dead worker's half-done ring ahead
+    d2h = pipe.worker_pids()["d2h"]
+    os.kill(d2h, signal.SIGKILL)
+    wait_for(lambda: pipe.worker_pids().get("d2h") not in (None, d2h), DEADLINE, "a new d2h generation")
+    wait_for(lambda: tm.stats()["lanes"]["d2h"]["gen"] > 1, DEADLINE, "the new generation mapping the lane")
+    assert ring.states[2] == 0
+    _round_trip(pipe, tm, 5, 6, rng)
+
+
 def test_a_corrupt_completion_ring_falls_back_to_zeromq(make_pipeline, rng, caplog):
     pipe, tm = _lane_pipeline(make_pipeline)
     lane = tm._paths[P.Path.D2H].lane
@@ -322,5 +338,21 @@ def test_a_record_the_ring_cannot_hold_is_refused_without_a_trace():
             assert not lane.post(WireRequest(1, [req], 1, 0.0, 1.0), Ringer(), {}, 4)
             assert lane.posted == [] and req.state is RequestState.QUEUED
         assert lane.ring.counts == (0, 0, 0, 0)
+    finally:
+        lane.close()
+
+
+def test_a_ring_ahead_that_cannot_be_sent_leaves_no_mark_and_raises_nothing(caplog):
+    """The worker's rings follow a CUDA launch: an error there would answer a request whose copy
+    still runs. A send that fails (here: the bell's folder is gone) is logged, a ring ahead's mark
+    is cleared (the DONE rings as usual), and nothing is raised; the DONE stays in the ring."""
+    lane = EngineLane("tring", "eng-r", 4)
+    try:
+        worker = WorkerLane(lane.segment, lane.ring, "/nonexistent-kvbm-dir/" + "b" * 120 + "/bell.sock", Ringer())
+        assert lane.ring.engine_sleep() is True
+        worker.ring_ahead()
+        assert lane.ring.states[2] == 0
+        assert "failed" in caplog.text
+        assert worker.complete(1, 8, 0, 0) is True and lane.ring.take_done()[0][0] == 1
     finally:
         lane.close()

@@ -89,9 +89,10 @@ def test_the_worker_rings_ahead_of_a_flagged_completion_once(mapped):
     assert worker.ring_engine_ahead() is True                 # copy starting: ring ahead, once
     assert worker.ring_engine_ahead() is False
     assert worker.put_done(1, DONE_OK, 0, 1, 0, 0) == 1       # that ring is pending: the DONE won't ring
-    assert engine.flags == (0, 1, 1)
+    assert engine.states == (0, 1, 1)
     engine.engine_wake()
-    engine.engine_bell_drained()
+    assert engine.take_engine_rung() is True
+    assert engine.take_engine_rung() is False
     assert [d[0] for d in engine.take_done()] == [1]
     assert engine.engine_sleep() is True                      # asleep again, the ring drained:
     assert worker.put_done(2, DONE_OK, 0, 1, 0, 0) == 2       # the next DONE must ring
