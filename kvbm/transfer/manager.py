@@ -162,7 +162,7 @@ class TransferManager:
         # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
         self._io_lock = threading.Lock()
         self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
-        self._spin_ahead = False   # _turn was rung ahead of a DONE: _run spins for it after the turn
+        self._ahead_rings: list = []   # lanes _turn was rung ahead of a DONE on: _run spins on them
         self._spinners = 0     # waiters spinning on a lane (under _lock): close() unmaps lanes after them
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
@@ -257,6 +257,12 @@ class TransferManager:
         if memory is None and any(p not in P.DISK_PATHS for p in chosen):
             raise LayoutError(f"register: the {', '.join(p.label for p in chosen if p not in P.DISK_PATHS)} "
                               f"worker(s) copy device memory, and none was given")
+        books: dict[P.Path, HeldShares] = {}
+        if callable(memory):
+            # Before any state changes (a failed share leaves the old registration whole), under
+            # _io_lock: the I/O thread updates the previous books, which the new ones carry on.
+            with self._io_lock:
+                books = {p: HeldShares(memory, self._held_shares.get(p)) for p in chosen if p not in P.DISK_PATHS}
         self._registered = frozenset(chosen)
         self.block_bytes = device_layout.config.block_bytes
         self.num_layers = self._settlement.num_layers = device_layout.config.num_layers
@@ -265,18 +271,16 @@ class TransferManager:
         self._limits = {P.Path.D2H: (dev, host), P.Path.H2D: (host, dev)}
         if disk is not None:   # reads name slots of other instances' stores too: checked by the worker
             self._limits.update({P.Path.H2DISK: (host, int(disk["blocks"])), P.Path.DISK2H: (2**62, host)})
-        self._register_msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
-                              "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
-        # One assignment: the I/O thread reads it meanwhile. A register() again keeps what the
-        # generations hold of the previous one's shares until they take the new one.
-        self._held_shares = {p: HeldShares(memory, self._held_shares.get(p)) for p in chosen
-                             if p not in P.DISK_PATHS} if callable(memory) else {}
+        msg = {"t": P.MsgType.REGISTER, "engine": self.engine_id, "pid": os.getpid(),
+               "device": P.layout_to_wire(device_layout), "host": P.layout_to_wire(host_layout)}
         if memory is not None and not callable(memory):
-            self._register_msg["memory"] = memory
+            msg["memory"] = memory
         if disk is not None:
-            self._register_msg["disk"] = dict(disk)
+            msg["disk"] = dict(disk)
         if group or host_offset:
-            self._register_msg.update(group=group, host_offset=int(host_offset))
+            msg.update(group=group, host_offset=int(host_offset))
+        with self._io_lock:   # the I/O thread sends the message with its path's book: both at once
+            self._register_msg, self._held_shares = msg, books
         for q in self._registered_queues():
             q.link.reset()
             if q.lane is not None:
@@ -569,11 +573,11 @@ class TransferManager:
                 lanes = [q for q in self._paths.values() if q.lane is not None]
                 ready = dict(poller.poll(self._sleep_lanes(lanes, max(0, int((self._next_tick - time.monotonic())
                                                                                 * 1000) + 1))))
+                self._ahead_rings = []
                 with self._io_lock:
                     next_report = self._turn(ready, lanes, by_sock, bell_fd, next_report)
-                if self._spin_ahead:
-                    self._spin_ahead = False
-                    spin_lanes([q.lane.ring for q in lanes], True, AHEAD_SPIN_US)
+                if self._ahead_rings:
+                    self._spin_ahead(self._ahead_rings)
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
         with self._io_lock:
@@ -585,16 +589,11 @@ class TransferManager:
             q.lane.ring.engine_wake()
             # Before any event: a death fails what its worker held, lane requests included.
             self._absorb_posted(q)
+        rung = [False] * len(lanes)
         if bell_fd in ready and self._bell.drain():
             rung = [q.lane.ring.take_engine_rung() for q in lanes]   # every lane's mark, drained
-            # Rung ahead of a completion (FLAG_RING_AHEAD) and woken by nothing else: its copy is
-            # under way; _run waits for its DONE (no GIL, no _io_lock) rather than sleep again
-            # and need a second ring.
-            self._spin_ahead = any(rung) and len(ready) == 1
         if self._supervisor_fd in ready and not self._dead:
             self._supervisor_died()
-        for fd in [fd for fd in self._watched if fd in ready]:
-            self._worker_gone(fd)
         if self._wake_fd in ready:
             try:
                 os.eventfd_read(self._wake_fd)
@@ -604,6 +603,10 @@ class TransferManager:
             self._send_outgoing()
         if self._events in ready:
             self._read_events()
+        # After the events: a worker's "died" (its exit code) or kvbm-workers' "stopping" says more
+        # than its process being gone, and forgets its pidfd.
+        for fd in [fd for fd in self._watched if fd in ready]:
+            self._worker_gone(fd)
         if self._control in ready:
             self._read_control()
         for sock, q in by_sock.items():
@@ -611,6 +614,11 @@ class TransferManager:
                 self._read_worker(q)
         for q in lanes:
             self._read_lane(q)
+        # Rung ahead of a completion (FLAG_RING_AHEAD) and woken by nothing else: its copy is under
+        # way; _run waits for its DONE (no GIL, no _io_lock) rather than sleep again and need a
+        # second ring. Not when the DONE came already (read just above).
+        self._ahead_rings = [q.lane.ring for q, r in zip(lanes, rung) if r and q.outstanding] \
+            if len(ready) == 1 else []
         now = time.monotonic()
         if now >= self._next_tick:
             # Deadlines are checked when the soonest one is due (at least every 0.25 s),
@@ -638,6 +646,19 @@ class TransferManager:
         if not all([q.lane.ring.engine_sleep() for q in lanes]):
             return 0
         return timeout_ms
+
+    def _spin_ahead(self, rings: list) -> None:
+        """Waits up to AHEAD_SPIN_US for a DONE rung ahead of, without _io_lock: counted in
+        _spinners like a waiter's spin, so close() unmaps no lane while it runs."""
+        with self._lock:
+            if self._closing:
+                return
+            self._spinners += 1
+        try:
+            spin_lanes(rings, True, AHEAD_SPIN_US)
+        finally:
+            with self._lock:
+                self._spinners -= 1
 
     def _absorb_posted(self, q: PathQueue) -> None:
         """Lane requests the submitting threads posted become outstanding requests of the path,
@@ -756,7 +777,7 @@ class TransferManager:
         book = self._held_shares.get(q.path)
         if book is not None:
             try:
-                msg["memory"] = book.send(rid)
+                msg["memory"] = book.send(rid, q.link.gen)
             except Exception as err:  # noqa: BLE001 - the I/O thread: retried as a refused registration
                 logger.exception("%s: sharing the device memory for a registration failed", q.path.label)
                 self._registration_refused(q, f"sharing the device memory failed: {type(err).__name__}: {err}")
@@ -879,7 +900,8 @@ class TransferManager:
         if rid == q.link.rid and rid != 0:
             book = self._held_shares.get(q.path)
             if book is not None:
-                book.refused(rid)
+                gen = msg.get("gen")
+                book.refused(rid, gen if type(gen) is int else None)
             self._registration_refused(q, msg.get("error") or "registration failed")
             return
         wire = q.outstanding.get(rid)
@@ -1025,8 +1047,10 @@ class TransferManager:
     def _worker_gone(self, fd: int) -> None:
         q, gen = self._watched[fd]
         book = self._held_shares.get(q.path)
-        if book is not None:   # kvbm-workers died: its workers are SIGKILLed with it (PR_SET_PDEATHSIG)
-            book.died(gen, killed=True)
+        if book is not None:
+            # kvbm-workers died: its workers are SIGKILLed with it (PR_SET_PDEATHSIG). After its
+            # "stopping" they were stopped with SIGTERM instead and closed their mappings.
+            book.died(gen, killed=not self._stopped)
         failed = [w for w in q.outstanding.values() if w.gen == gen]
         for wire in failed:
             self._settlement.settle_wire(q, wire, f"{self._dead}; its {q.path.label} worker generation {gen} "

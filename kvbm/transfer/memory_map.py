@@ -116,9 +116,13 @@ class HeldShares:
     its own exit, or a later message it takes: each releases what it held). A generation killed by
     a signal releases nothing: its shares are released here once its death is confirmed (`died`
     with `killed`), and those of a message it is found to have taken afterwards (its REGISTERED
-    read after the death) at once. A message never answered, or refused, is forgotten: released by
-    the worker if it opened any of it, else left counted (torch then keeps that memory and warns at
-    exit; a leak is the safe side, a second release would wrap the counter below zero).
+    read after the death) at once. Wherever the record cannot tell, it leaks rather than release
+    twice (a leak makes torch keep that memory and warn at exit; a second release wraps the counter
+    below zero, with the same result for every share of it): a message never answered; a refused
+    one (the worker dropped its previous registration before refusing: nothing of that generation
+    is released then); the held message of a generation killed while a later message to it was
+    unanswered (it may have taken that one, releasing the held one, its answer lost or still
+    unread).
     Limitation: a worker that still had the same storage mapped from an earlier registration of
     this process (an unregister it never got) releases the new share at once (torch's cache), and
     a release here after its death counts twice."""
@@ -126,28 +130,40 @@ class HeldShares:
     def __init__(self, source: Callable[[], dict], previous: HeldShares | None = None) -> None:
         self.source = source
         self.ready: dict | None = source()    # the next message's, made where errors reach register()
-        self.sent: dict[int, dict] = {}       # register id -> its memory description, not answered yet
-        # generation -> the message it took last (a register() again keeps what the old one's holds)
-        self.held: dict[int, dict] = dict(previous.held) if previous is not None else {}
-        self.killed: set[int] = set(previous.killed) if previous is not None else set()
+        # register id -> (the generation it was sent to, its memory description), not answered yet
+        self.sent: dict[int, tuple[int, dict]] = {}
+        self.held: dict[int, dict] = {}       # generation -> the message it took last
+        self.killed: set[int] = set()
+        if previous is not None:   # register() again: what the old book knows still holds
+            self.sent, self.held, self.killed = dict(previous.sent), dict(previous.held), set(previous.killed)
+            if previous.ready is not None:
+                release_for_dead_worker(previous.ready, opened=False)   # made, never sent
 
-    def send(self, rid: int) -> dict:
-        """The memory description of registration `rid`: shares no other message carried. Raises
-        what making them raised (nothing is recorded then)."""
+    def send(self, rid: int, gen: int) -> dict:
+        """The memory description of registration `rid`, sent to generation `gen` (the newest
+        known): shares no other message carried. Raises what making them raised (nothing is
+        recorded then)."""
         memory = self.ready if self.ready is not None else self.source()
         self.ready = None
-        self.sent[rid] = memory
+        self.sent[rid] = (gen, memory)
         return memory
 
-    def refused(self, rid: int) -> None:
+    def refused(self, rid: int, gen: int | None) -> None:
+        """Generation `gen` refused registration `rid`; it dropped what it held before refusing."""
         self.sent.pop(rid, None)
+        if gen is not None:
+            self.held.pop(gen, None)
 
     def accepted(self, rid: int, gen: int) -> None:
         """Generation `gen` took registration `rid` (any id this book sent; others are ignored).
         The message it held before, it released on taking this one."""
-        memory = self.sent.pop(rid, None)
-        if memory is None:
+        sent = self.sent.pop(rid, None)
+        if sent is None:
             return
+        # Older messages were handled before this one (one connection, answered in order): taken
+        # and replaced, refused, or lost with a dead generation; none is left to answer.
+        self.sent = {r: m for r, m in self.sent.items() if r > rid}
+        memory = sent[1]
         if gen in self.killed:
             release_for_dead_worker(memory)
         else:
@@ -159,25 +175,27 @@ class HeldShares:
         memory = self.held.pop(gen, None)
         if killed:
             self.killed.add(gen)
-            if memory is not None:
+            unsure = any(to == gen for to, _ in self.sent.values())
+            if memory is not None and not unsure:
                 release_for_dead_worker(memory)
 
 
-def release_for_dead_worker(memory: dict) -> None:
+def release_for_dead_worker(memory: dict, opened: bool = True) -> None:
     """Releases torch's consumer count of each share a dead worker opened from `memory` (one
     message's description), as its own release would have: torch's rebuild opens a buffer whose
     (handle, offset) it already opened for an earlier buffer of the message from its cache and
-    releases that share at once, so only the first of each is still counted."""
+    releases that share at once, so only the first of each is still counted. `opened=False`: a
+    description no worker ever got, every share of it counted."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    opened = set()
+    seen = set()
     for buf in memory.get("buffers", ()):
         ipc = buf["ipc"]
         key = (ipc["handle"], ipc["storage_offset"])
-        if key in opened:
+        if opened and key in seen:
             continue
-        opened.add(key)
+        seen.add(key)
         try:
             torch.UntypedStorage._release_ipc_counter(ipc["ref_counter_handle"], ipc["ref_counter_offset"],
                                                       device=ipc["device"])
