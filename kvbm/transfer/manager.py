@@ -50,6 +50,7 @@ may_still_be_written.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -162,7 +163,6 @@ class TransferManager:
         # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
         self._io_lock = threading.Lock()
         self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
-        self._ahead_rings: list = []   # lanes _turn was rung ahead of a DONE on: _run spins on them
         self._spinners = 0     # waiters spinning on a lane (under _lock): close() unmaps lanes after them
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
@@ -410,12 +410,8 @@ class TransferManager:
         lane = q.lane
         spin_us = self.wait_spin_us if timeout is None else min(self.wait_spin_us, max(0.0, timeout) * 1e6)
         end = time.monotonic() + spin_us / 1e6
-        with self._lock:
-            if self._closing:
-                return
-            self._spinners += 1
-        try:
-            while not future.done():
+        with self._counted_spin() as allowed:
+            while allowed and not future.done():
                 left_us = (end - time.monotonic()) * 1e6
                 if left_us <= 0 or lane is None or lane.broken or q.lane is not lane or self._closing:
                     return
@@ -434,6 +430,20 @@ class TransferManager:
                 finally:
                     self._settler = None
                     self._io_lock.release()
+
+    @contextlib.contextmanager
+    def _counted_spin(self):
+        """Counts a thread spinning on lanes in _spinners (close() unmaps no lane while one does);
+        yields False, and counts nothing, once closing."""
+        with self._lock:
+            allowed = not self._closing
+            if allowed:
+                self._spinners += 1
+        if not allowed:
+            yield False
+            return
+        try:
+            yield True
         finally:
             with self._lock:
                 self._spinners -= 1
@@ -573,18 +583,19 @@ class TransferManager:
                 lanes = [q for q in self._paths.values() if q.lane is not None]
                 ready = dict(poller.poll(self._sleep_lanes(lanes, max(0, int((self._next_tick - time.monotonic())
                                                                                 * 1000) + 1))))
-                self._ahead_rings = []
                 with self._io_lock:
-                    next_report = self._turn(ready, lanes, by_sock, bell_fd, next_report)
-                if self._ahead_rings:
-                    self._spin_ahead(self._ahead_rings)
+                    next_report, ahead = self._turn(ready, lanes, by_sock, bell_fd, next_report)
+                if ahead:
+                    self._spin_ahead(ahead)
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
         with self._io_lock:
             self._fail_everything("transfer manager closed")
 
-    def _turn(self, ready: dict, lanes: list[PathQueue], by_sock: dict, bell_fd: int, next_report: float) -> float:
-        """One turn of the I/O loop after its poll (under _io_lock); returns when to report next."""
+    def _turn(self, ready: dict, lanes: list[PathQueue], by_sock: dict, bell_fd: int,
+              next_report: float) -> tuple[float, list]:
+        """One turn of the I/O loop after its poll (under _io_lock); returns when to report next,
+        and the lanes to spin on for a DONE rung ahead of."""
         for q in lanes:
             q.lane.ring.engine_wake()
             # Before any event: a death fails what its worker held, lane requests included.
@@ -617,8 +628,7 @@ class TransferManager:
         # Rung ahead of a completion (FLAG_RING_AHEAD) and woken by nothing else: its copy is under
         # way; _run waits for its DONE (no GIL, no _io_lock) rather than sleep again and need a
         # second ring. Not when the DONE came already (read just above).
-        self._ahead_rings = [q.lane.ring for q, r in zip(lanes, rung) if r and q.outstanding] \
-            if len(ready) == 1 else []
+        ahead = [q.lane.ring for q, r in zip(lanes, rung) if r and q.outstanding] if len(ready) == 1 else []
         now = time.monotonic()
         if now >= self._next_tick:
             # Deadlines are checked when the soonest one is due (at least every 0.25 s),
@@ -630,7 +640,7 @@ class TransferManager:
         if now >= next_report and not self._dead:
             next_report = now + STATS_REPORT_S
             self._report()
-        return next_report
+        return next_report, ahead
 
     # ---- lanes -------------------------------------------------------------------------------
     def _sleep_lanes(self, lanes: list[PathQueue], timeout_ms: int) -> int:
@@ -648,17 +658,11 @@ class TransferManager:
         return timeout_ms
 
     def _spin_ahead(self, rings: list) -> None:
-        """Waits up to AHEAD_SPIN_US for a DONE rung ahead of, without _io_lock: counted in
-        _spinners like a waiter's spin, so close() unmaps no lane while it runs."""
-        with self._lock:
-            if self._closing:
-                return
-            self._spinners += 1
-        try:
-            spin_lanes(rings, True, AHEAD_SPIN_US)
-        finally:
-            with self._lock:
-                self._spinners -= 1
+        """Waits up to AHEAD_SPIN_US for a DONE rung ahead of, without _io_lock, counted like a
+        waiter's spin."""
+        with self._counted_spin() as allowed:
+            if allowed:
+                spin_lanes(rings, True, AHEAD_SPIN_US)
 
     def _absorb_posted(self, q: PathQueue) -> None:
         """Lane requests the submitting threads posted become outstanding requests of the path,

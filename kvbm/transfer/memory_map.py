@@ -23,7 +23,7 @@ worker that opens it releases it when it drops the registration, or replaces it 
 A worker killed by a signal while holding one never releases it: torch's counter stays at one, and
 torch keeps the memory and warns at exit. HeldShares tracks which generation holds which message's
 shares and, once a killed generation's death is confirmed, releases them in its place
-(release_for_dead_worker); a worker that exits by itself has released them already.
+(release_shares); a worker that exits by itself has released them already.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ class HeldShares:
         if previous is not None:   # register() again: what the old book knows still holds
             self.sent, self.held, self.killed = dict(previous.sent), dict(previous.held), set(previous.killed)
             if previous.ready is not None:
-                release_for_dead_worker(previous.ready, opened=False)   # made, never sent
+                release_shares(previous.ready, opened=False)   # made, never sent
 
     def send(self, rid: int, gen: int) -> dict:
         """The memory description of registration `rid`, sent to generation `gen` (the newest
@@ -165,7 +165,7 @@ class HeldShares:
         self.sent = {r: m for r, m in self.sent.items() if r > rid}
         memory = sent[1]
         if gen in self.killed:
-            release_for_dead_worker(memory)
+            release_shares(memory)
         else:
             self.held[gen] = memory
 
@@ -177,15 +177,15 @@ class HeldShares:
             self.killed.add(gen)
             unsure = any(to == gen for to, _ in self.sent.values())
             if memory is not None and not unsure:
-                release_for_dead_worker(memory)
+                release_shares(memory)
 
 
-def release_for_dead_worker(memory: dict, opened: bool = True) -> None:
-    """Releases torch's consumer count of each share a dead worker opened from `memory` (one
-    message's description), as its own release would have: torch's rebuild opens a buffer whose
-    (handle, offset) it already opened for an earlier buffer of the message from its cache and
-    releases that share at once, so only the first of each is still counted. `opened=False`: a
-    description no worker ever got, every share of it counted."""
+def release_shares(memory: dict, opened: bool = True) -> None:
+    """Releases torch's consumer count of each share in `memory` (one message's description) that
+    no worker will release. By default the message a dead worker opened, as its own release would
+    have: torch's rebuild opens a buffer whose (handle, offset) it already opened for an earlier
+    buffer of the message from its cache and releases that share at once, so only the first of
+    each is still counted. `opened=False`: a description no worker ever got, every share counted."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
@@ -200,7 +200,7 @@ def release_for_dead_worker(memory: dict, opened: bool = True) -> None:
             torch.UntypedStorage._release_ipc_counter(ipc["ref_counter_handle"], ipc["ref_counter_offset"],
                                                       device=ipc["device"])
         except (RuntimeError, OSError) as err:   # best effort, as torch's own release
-            logger.warning("releasing a dead worker's CUDA IPC share failed: %s", err)
+            logger.warning("releasing a CUDA IPC share no worker will release failed: %s", err)
 
 
 def release_ipc_shares(shares: list, safe: bool) -> None:
