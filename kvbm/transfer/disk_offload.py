@@ -130,7 +130,6 @@ class _G3Load:
 def _settled_part(error: str | None = None) -> TransferFuture:
     """A part of a G3 onboard that will not run, settled: failed with `error`, or empty."""
     fut = TransferFuture(P.Path.DISK2D, 0, 0)
-    fut.set_running_or_notify_cancel()
     if error is None:
         fut.set_result(TransferResult(P.Path.DISK2D, 0, 0, 0.0))
     else:

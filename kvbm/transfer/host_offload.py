@@ -59,7 +59,6 @@ class OnboardResult:
 
 def _done_future(path: P.Path, value: Any, num_layers: int) -> TransferFuture:
     fut = TransferFuture(path, 0, num_layers)
-    fut.set_running_or_notify_cancel()
     fut._advance(num_layers)
     fut.set_result(TransferResult(path, 0, 0, 0.0, value))
     return fut

@@ -60,6 +60,7 @@ import threading
 import time
 import uuid
 from array import array
+from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -325,7 +326,6 @@ class TransferManager:
             raise LifecycleError(f"{self._dead}: no new transfers are taken; close the KvBlockManager "
                                  f"and start a new one (its start cleans up after the dead instance)")
         future = TransferFuture(path, n, self.num_layers)
-        future.set_running_or_notify_cancel()
         nbytes = n * self.block_bytes
         if extra:
             extra = {k: np.ascontiguousarray(v).reshape(-1) for k, v in extra.items()}
@@ -365,7 +365,10 @@ class TransferManager:
                 sub.requests.append(Request(next(self._ids), sub, src[lo:hi], dst[lo:hi],
                                             extra={k: v[lo:hi] for k, v in (extra or {}).items()} or None))
         sub.pending = len(sub.requests)
-        self.metrics.of(path.label).submitted.inc()
+        if gate is not None:
+            # Counted here: it may wait in the scheduler. Ungated ones are counted by the I/O thread
+            # as it takes them in, one inc() per turn rather than one per submit (_take_incoming).
+            self.metrics.of(path.label).submitted.inc()
         if not self.scheduler.hold(gate, sub):
             self._enqueue(sub)
         return future
@@ -379,6 +382,8 @@ class TransferManager:
         gen = lane.gen
         if not gen or gen != q.link.registered_gen or q.heap or self._incoming or lane.broken or self._stopped:
             return False
+        if len(q.outstanding) + len(lane.posted) >= WINDOW:
+            return False   # a burst's tail: lane.post would say so under its lock, after two records built
         req = Request(next(self._ids), sub, src, dst)
         sub.requests.append(req)
         sub.pending = 1
@@ -394,7 +399,6 @@ class TransferManager:
             sub.requests.clear()
             sub.pending = 0
             return False
-        self.metrics.of(q.path.label).submitted.inc()   # its wire request is counted by _absorb_posted
         if waiter_settles:
             sub.future._settle_here = partial(self._settle_waiting, q)
         return True
@@ -673,7 +677,9 @@ class TransferManager:
         before it was read, as it fails ZeroMQ ones; only one posted since then is requeued.)"""
         posted = q.lane.take_posted(q.outstanding)
         if posted:
-            self.metrics.of(q.path.label).requests.inc(len(posted))
+            counts = self.metrics.of(q.path.label)
+            counts.requests.inc(len(posted))
+            counts.submitted.inc(len(posted))   # one submission per lane post (submit's count)
         for wire in posted:
             if wire.gen == q.link.registered_gen or self._stopped or self._dead or wire.members[0].requeued:
                 if self._stopped or self._dead:
@@ -758,6 +764,7 @@ class TransferManager:
             for q in self._paths.values():
                 self._send_register(q)
         now = time.monotonic()
+        self._count_submitted(subs)
         for sub in subs:
             q = self._paths[sub.path]
             if self._dead:
@@ -1148,12 +1155,19 @@ class TransferManager:
         for req in q.drain():
             self._settlement.settle(req, reason)
 
+    def _count_submitted(self, subs: list[Submission]) -> None:
+        """Submissions taken from _incoming, counted one inc() per path rather than one per submit
+        (submit() counted the gated ones, which may have waited in the scheduler)."""
+        for path, count in Counter(sub.path for sub in subs if sub.gate is None).items():
+            self.metrics.of(path.label).submitted.inc(count)
+
     def _fail_unsent(self, reason: str, closing: bool = False) -> None:
         """Fails held, incoming and queued work: none of it reached a worker."""
         for sub in (self.scheduler.close() if closing else self.scheduler.drop_all()):
             self._settlement.fail_submission(sub, reason)
         with self._lock:
             subs, self._incoming = self._incoming, []
+        self._count_submitted(subs)
         for sub in subs:
             self._settlement.fail_submission(sub, reason)
         for q in self._paths.values():

@@ -11,6 +11,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -93,23 +94,47 @@ def test_layer_progress_comes_back_through_the_lane(make_pipeline, rng):
     assert np.array_equal(pipe.snapshot([3]), expected)
 
 
+def _park_io_thread(tm) -> threading.Event:
+    """Parks the TransferManager's I/O thread before its next poll, outside its turn (so not
+    holding _io_lock), until the returned event is set; returns once it is parked. What a waiter
+    then finds settled, it settled itself: no race with the I/O thread to assert on."""
+    parked, go = threading.Event(), threading.Event()
+    poller = tm._poller
+    poll = poller.poll
+
+    def gated_poll(timeout=None):
+        parked.set()
+        go.wait()
+        return poll(timeout)
+
+    poller.poll = gated_poll
+    tm._wake()                     # ends the poll it may be in now: its next one parks
+    assert parked.wait(DEADLINE)
+    return go
+
+
 def test_a_waiting_thread_settles_its_own_small_request(make_pipeline, rng):
     """wait_spin_us: result() of a 1-block lane request spins on the lane and settles the
-    completion itself (no hand-off from the I/O thread); byte for byte, finalize once, budget back."""
+    completion itself (no hand-off from the I/O thread, parked here); byte for byte, finalize
+    once, budget back."""
     pipe, tm = _lane_pipeline(make_pipeline, wait_spin_us=100_000)
+    go = _park_io_thread(tm)
     finalized = []
-    for b in range(20):
-        pipe.fill_random([b], rng)
-        expected = pipe.snapshot([b])
-        fut = tm.submit(P.Path.D2H, [b], [40 + b], finalize=lambda outcome, b=b: finalized.append((b, outcome.ok)))
-        assert fut.result(DEADLINE).blocks == 1
-        pipe.poison()
-        tm.submit(P.Path.H2D, [40 + b], [b]).result(DEADLINE)
-        assert np.array_equal(pipe.snapshot([b]), expected)
+    try:
+        for b in range(20):
+            pipe.fill_random([b], rng)
+            expected = pipe.snapshot([b])
+            fut = tm.submit(P.Path.D2H, [b], [40 + b],
+                            finalize=lambda outcome, b=b: finalized.append((b, outcome.ok)))
+            assert fut.result(DEADLINE).blocks == 1
+            pipe.poison()
+            tm.submit(P.Path.H2D, [40 + b], [b]).result(DEADLINE)
+            assert np.array_equal(pipe.snapshot([b]), expected)
+        lanes = tm.stats()["lanes"]
+        assert lanes["d2h"]["waiter_settled"] == 20 and lanes["h2d"]["waiter_settled"] == 20
+    finally:
+        go.set()
     assert finalized == [(b, True) for b in range(20)]
-    lanes = tm.stats()["lanes"]
-    # Settled by the waiter unless the I/O thread was in a turn right then: most, never none.
-    assert lanes["d2h"]["waiter_settled"] + lanes["h2d"]["waiter_settled"] >= 1
     assert tm.budget.used == 0
 
 

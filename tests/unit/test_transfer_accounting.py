@@ -56,3 +56,22 @@ def test_totals_sum_counters_over_labels():
     assert m.totals() == {"submitted": 4, "completed": 2, "failed": 1, "bytes": 4096, "requests": 5,
                           "worker_deaths": 1, "timeouts": 1}
     assert b'kvbm_transfers_total{path="h2d",status="failed"} 1.0' in m.render()
+
+
+def test_budget_wakes_every_waiter_that_now_fits():
+    budget = InflightBudget(100)
+    budget.take(100, block=False, timeout=None)
+    started = threading.Barrier(3)
+
+    def waiter():
+        started.wait(30)
+        budget.take(30, block=True, timeout=30)
+
+    threads = [threading.Thread(target=waiter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    budget.give_back(100)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and budget.used == 60

@@ -1,0 +1,73 @@
+"""Doorbells (kvbm.wire.bell): a ring wakes its bell; a gone bell is reported, not an error; a bell
+bound again at the same path (a restarted worker's) is rung through a fresh connection; deep
+runtime dirs past a Unix socket address's length work; the socket file is private."""
+import os
+import select
+import stat
+
+from kvbm.wire.bell import Bell, Ringer
+
+
+def _rung(bell: Bell) -> bool:
+    return bool(select.select([bell.fileno()], [], [], 5.0)[0]) and bell.drain() > 0
+
+
+def test_a_ring_wakes_its_bell_and_the_file_is_private(tmp_path):
+    bell, ringer = Bell(str(tmp_path / "b.sock")), Ringer()
+    try:
+        assert stat.S_IMODE(os.stat(bell.path).st_mode) == 0o600
+        assert ringer.ring(bell.path) is True
+        assert _rung(bell)
+        assert bell.drain() == 0
+    finally:
+        ringer.close()
+        bell.close()
+    assert not os.path.exists(bell.path)
+
+
+def test_a_gone_bell_rings_false(tmp_path):
+    ringer = Ringer()
+    path = str(tmp_path / "b.sock")
+    assert ringer.ring(path) is False                  # never bound
+    bell = Bell(path)
+    assert ringer.ring(path) is True
+    bell.close()
+    assert ringer.ring(path) is False                  # its owner closed it
+    ringer.close()
+
+
+def test_a_bell_bound_again_at_the_same_path_is_rung(tmp_path):
+    path = str(tmp_path / "b.sock")
+    ringer = Ringer()
+    first = Bell(path)
+    assert ringer.ring(path) and _rung(first)
+    first.sock.close()                                 # killed: its file stays behind
+    second = Bell(path)                                # its successor unlinks it and binds again
+    try:
+        assert ringer.ring(path) is True               # the old connection is refused: reconnected
+        assert _rung(second)
+    finally:
+        ringer.close()
+        second.close()
+
+
+def test_a_full_bell_is_not_an_error(tmp_path):
+    bell, ringer = Bell(str(tmp_path / "b.sock")), Ringer()
+    try:
+        assert all(ringer.ring(bell.path) for _ in range(5000))   # far past its receive buffer
+        assert bell.drain() > 0
+    finally:
+        ringer.close()
+        bell.close()
+
+
+def test_deep_runtime_dirs_past_the_address_length(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    bell, ringer = Bell(str(deep / "bell.sock")), Ringer()
+    try:
+        assert len(bell.path) > 108
+        assert ringer.ring(bell.path) and _rung(bell)
+    finally:
+        ringer.close()
+        bell.close()
