@@ -32,8 +32,11 @@ Nothing read from the segment is trusted: cursors that run backwards or ahead of
 past `max_blocks`, kinds out of range raise LaneError; the peer then drops the lane (the engine
 falls back to ZeroMQ), it never indexes out of the segment.
 """
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strncpy
+
+import os
 
 import numpy as np
 
@@ -371,3 +374,32 @@ def spin(list lanes, bint completions, double max_us) -> bool:
                 break
             lane_relax()
     return found
+
+
+# ---- wake-ups that keep the GIL ----------------------------------------------------------------
+# os.eventfd_write and socket.send release the GIL around their syscall. A thread submitting a
+# burst wakes the TransferManager's I/O thread (eventfd) and rings workers (bells): each release
+# let the freshly woken I/O thread take the GIL mid-burst, and each such hand-off cost both threads
+# a futex round. These two hold it through a syscall of a few microseconds instead; the woken
+# thread runs when the submitter next blocks, or at the interpreter's switch interval.
+cdef extern from "<sys/eventfd.h>":
+    int c_eventfd_write "eventfd_write" (int fd, uint64_t value) nogil
+
+cdef extern from "<sys/socket.h>":
+    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags) nogil
+    int MSG_DONTWAIT
+
+
+def eventfd_kick(int fd) -> None:
+    """Adds 1 to an eventfd, holding the GIL; OSError as os.eventfd_write raises it."""
+    while c_eventfd_write(fd, 1) != 0:
+        if errno != EINTR:
+            raise OSError(errno, os.strerror(errno))
+
+
+def send_empty(int fd) -> int:
+    """Sends one empty datagram on a connected socket, holding the GIL: 0, or the errno."""
+    while c_send(fd, NULL, 0, MSG_DONTWAIT) < 0:
+        if errno != EINTR:
+            return errno
+    return 0

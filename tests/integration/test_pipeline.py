@@ -12,6 +12,7 @@ import pytest
 
 from kvbm.errors import BackpressureError, TransferError
 from kvbm.layout import InnerOrder
+from kvbm.transfer import manager as M
 from kvbm.transfer.scheduler import Gate
 from kvbm.wire import protocol as P
 from tests.support.pipeline_harness import wait_for
@@ -380,17 +381,17 @@ def test_a_burst_of_submissions_wakes_the_io_thread_once(make_pipeline, rng, mon
     pipe = make_pipeline(device_blocks=64, host_blocks=64)
     kv, tm = pipe.kv, pipe.kv.transfers
     writes = []
-    real_write = os.eventfd_write
+    real_kick = M.eventfd_kick
 
-    def counting_write(fd, value):
+    def counting_kick(fd):
         if fd == tm._wake_fd:
-            writes.append(value)
-        real_write(fd, value)
+            writes.append(1)
+        real_kick(fd)
 
-    monkeypatch.setattr(os, "eventfd_write", counting_write)
+    monkeypatch.setattr(M, "eventfd_kick", counting_kick)
     tm._take_incoming = lambda: None          # the I/O thread wakes but leaves the list alone
     futures = [kv.offload([i], random_hashes(rng, 1)) for i in range(10)]
     assert len(writes) == 1
     del tm._take_incoming                     # the real method again
-    real_write(tm._wake_fd, 1)
+    real_kick(tm._wake_fd)
     assert [f.result(DEADLINE).value.moved for f in futures] == [1] * 10
