@@ -169,6 +169,8 @@ class TransferManager:
         # takes it (_settle_waiting) may read a lane and settle, as the I/O thread would.
         self._io_lock = threading.Lock()
         self._settler: threading.Thread | None = None   # the waiter holding _io_lock, while it settles
+        self._settler_ident = -1       # its ident, and the I/O thread's: submit() compares idents
+        self._io_ident = -1
         self._spinners = 0     # waiters spinning on a lane (under _lock): close() unmaps lanes after them
         self._bell: Bell | None = None
         self._ringer: Ringer | None = None
@@ -352,7 +354,7 @@ class TransferManager:
         if self._register_msg is not None and path not in self._registered:
             raise LifecycleError(self._unregistered_text(path))
         self._check_blocks(path, src, dst)
-        if threading.current_thread() in (self._thread, self._settler):
+        if threading.get_ident() in (self._io_ident, self._settler_ident):
             # On the I/O thread, or a waiter settling in its place (a layer or done callback, a
             # finalize): waiting would stop the very thread that returns budget.
             block = False
@@ -432,12 +434,14 @@ class TransferManager:
                     if self._closing or q.lane is not lane:
                         return
                     self._settler = threading.current_thread()
+                    self._settler_ident = self._settler.ident
                     self._read_lane(q)
                     lane.waiter_settled += future.done()
                     if q.heap:
                         self._wake()   # the window has room again: the I/O thread sends what waits
                 finally:
                     self._settler = None
+                    self._settler_ident = -1
                     self._io_lock.release()
 
     @contextlib.contextmanager
@@ -462,6 +466,9 @@ class TransferManager:
         request, and with it the unrelated submissions coalesced into it."""
         # Small submissions are the common case and numpy's per-call cost would dominate them
         # (a 1-block submit paid ~4 array reductions): plain ints below SMALL_CHECK elements.
+        if len(src) == 1:
+            self._check_one(path, src[0], dst[0])
+            return
         small = len(src) <= SMALL_CHECK
         limits = self._limits.get(path)
         if limits is not None:
@@ -475,6 +482,14 @@ class TransferManager:
         if distinct != len(dst):
             raise LayoutError(f"submit {path.label}: {len(dst) - distinct} destination "
                               f"block(s) named more than once; destinations must be distinct")
+
+    def _check_one(self, path: P.Path, src: int, dst: int) -> None:
+        """_check_blocks of a 1-block submission (the engines' most frequent one), in plain ints."""
+        limits = self._limits.get(path)
+        if limits is not None:
+            for name, value, limit in (("source", src, limits[0]), ("destination", dst, limits[1])):
+                if not 0 <= value < limit:
+                    raise LayoutError(f"submit {path.label}: {name} block {value} out of range [0, {limit})")
 
     def _release_gated(self, subs: list[Submission]) -> None:
         for sub in subs:
@@ -570,6 +585,7 @@ class TransferManager:
 
     # ---- I/O thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        self._io_ident = threading.get_ident()
         poller = self._poller = zmq.Poller()
         poller.register(self._wake_fd, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
@@ -600,6 +616,7 @@ class TransferManager:
                 logger.exception("transfer manager I/O loop error")
         with self._io_lock:
             self._fail_everything("transfer manager closed")
+        self._io_ident = -1   # idents are reused once a thread has ended
 
     def _turn(self, ready: dict, lanes: list[PathQueue], by_sock: dict, bell_fd: int,
               next_report: float) -> tuple[float, list]:
