@@ -477,8 +477,20 @@ class KvBlockManager:
         gate, block, timeout."""
         transfers = self._transfer_api()
         if kwargs.get("parents") is not None:
-            kwargs["parents"] = self.keys(kwargs["parents"])
-        return transfers.offload(device_blocks, self.keys(hashes), **kwargs)
+            kwargs["parents"] = self._one_key(kwargs["parents"]) or self.keys(kwargs["parents"])
+        return transfers.offload(device_blocks, self._one_key(hashes) or self.keys(hashes), **kwargs)
+
+    def _one_key(self, hashes) -> list[int] | None:
+        """keys() of one hash given as a one-int list or tuple, as a one-int list (the offload's
+        plain-int path: kvbm.transfer.host_offload._one_block); None for anything else."""
+        if type(hashes) not in (list, tuple) or len(hashes) != 1:
+            return None
+        h = hashes[0]
+        if type(h) is not int or not 0 <= h < 1 << 64:
+            return None
+        if not self.config.salt:
+            return [h]
+        return [int(salt_keys(np.array((h,), np.uint64), self.config.salt)[0])]
 
     def onboard(self, hashes, device_blocks, **kwargs: Any):
         """G2 -> G1 for the longest prefix of hashes G2 holds, and with a disk tier G3 -> G1 for the

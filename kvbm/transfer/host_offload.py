@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,41 @@ class OnboardResult:
     read_path: str = ""   # how the G3 part was read: "staged" (GDS direct reads: not in this version)
 
 
+@dataclass(slots=True)
+class _Claim:
+    """What an offload found and took under the pool lock, for its submit and its finalize."""
+
+    requested: int              # hashes asked for (after removing repeats)
+    held: int
+    dropped: int
+    device_blocks: Any          # to copy from (None: nothing to copy)
+    host: Any                   # host blocks allocated for them, claimed in _offloading
+    hashes: Any                 # their sequence hashes (u64 array)
+    parents: Any                # their parents' hashes (u64 array) or None
+    hashes_claimed: Any         # the same hashes as ints (in _offloading until finalize)
+
+    @property
+    def moving(self) -> int:
+        return 0 if self.host is None else len(self.host)
+
+
+def _one_block(device_blocks, hashes, parents) -> tuple[int, int, int | None] | None:
+    """(device block, hash, parent) of a one-block offload given as plain ints in lists or tuples
+    (what engines pass most), else None: _claim's numpy conversions and checks then apply."""
+    if type(device_blocks) not in (list, tuple) or type(hashes) not in (list, tuple) \
+            or len(device_blocks) != 1 or len(hashes) != 1:
+        return None
+    d, h = device_blocks[0], hashes[0]
+    if type(d) is not int or type(h) is not int or not 0 <= h < 1 << 64:
+        return None
+    if parents is None:
+        return d, h, None
+    if type(parents) not in (list, tuple) or len(parents) != 1 or type(parents[0]) is not int \
+            or not 0 <= parents[0] < 1 << 64:
+        return None
+    return d, h, parents[0]
+
+
 def _done_future(path: P.Path, value: Any, num_layers: int) -> TransferFuture:
     fut = TransferFuture(path, 0, num_layers)
     fut._advance(num_layers)
@@ -87,6 +123,23 @@ class HostTransfers:
 
     def offload(self, device_blocks, hashes, *, parents=None, priority: int = 0, gate: Gate | None = None,
                 block: bool = True, timeout: float | None = None) -> TransferFuture:
+        one = _one_block(device_blocks, hashes, parents)
+        claim = self._claim_one(*one) if one is not None else self._claim(device_blocks, hashes, parents)
+        if claim.moving == 0:
+            return _done_future(P.Path.D2H, OffloadResult(claim.requested, 0, claim.held, claim.dropped, 0),
+                                self.tm.num_layers)
+        try:
+            return self.tm.submit(P.Path.D2H, claim.device_blocks, claim.host, priority=priority, gate=gate,
+                                  block=block, timeout=timeout, finalize=partial(self._offloaded, claim))
+        except BaseException:
+            with self.lock:
+                self._offloading.difference_update(claim.hashes_claimed)
+                self.pool.release(claim.host)
+            raise
+
+    def _claim(self, device_blocks, hashes, parents) -> _Claim:
+        """Under the pool lock: which hashes G2 holds (or another offload is moving), and host blocks
+        allocated for the rest (as many as fit), claimed in _offloading."""
         device_blocks = np.asarray(device_blocks, dtype=np.int64).reshape(-1)
         hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1)
         if device_blocks.shape != hashes.shape:
@@ -127,52 +180,55 @@ class HostTransfers:
             if held_mask.any():
                 still_held = (np.asarray(self.pool.lookup(hashes)) >= 0) | in_flight
                 lost = int((held_mask & ~still_held).sum())
-        held = int(held_mask.sum()) - lost
-        dropped = want - n + lost
-        todo_hashes = hashes[todo]
-        todo_parents = parents[todo] if parents is not None else None
-        requested = int(hashes.shape[0])
-        bytes_per_block = self.tm.block_bytes
-        if n == 0:
-            return _done_future(P.Path.D2H, OffloadResult(requested, 0, held, dropped, 0), self.tm.num_layers)
+        return _Claim(int(hashes.shape[0]), int(held_mask.sum()) - lost, want - n + lost, device_blocks[todo], host,
+                      hashes[todo], parents[todo] if parents is not None else None, claimed)
 
-        def finalize(outcome: Outcome):
-            with self.lock:
-                self._offloading.difference_update(claimed)
-                if not outcome.ok:
-                    if outcome.may_still_be_written:
-                        # A copy may still land in these host blocks: on the free list the next
-                        # offload could register them and a late write would corrupt that data.
-                        # They stay allocated and unregistered (never matched, never handed out):
-                        # leaked, with a warning, rather than reused unsafely.
-                        self.leaked_host_blocks += n
-                        logger.warning("offload failed while its copy may still run; leaving %d host blocks "
-                                       "allocated (leaked, %d in all): %s", n, self.leaked_host_blocks, outcome.error)
-                        return None
-                    self.pool.release(host)   # never registered: back to the free list
+    def _claim_one(self, device_block: int, key: int, parent: int | None) -> _Claim:
+        """_claim of one block, in plain ints where _claim's numpy would cost most of the call (the
+        registry still takes arrays: one of one element each)."""
+        hashes = np.array((key,), np.uint64)
+        with self.lock:
+            if key in self._offloading or self.pool.lookup(hashes)[0] >= 0:
+                return _Claim(1, 1, 0, None, None, None, None, ())
+            host = self.pool.allocate(1)
+            if host is None:
+                return _Claim(1, 0, 1, None, None, None, None, ())
+            if self.disk is not None:
+                self.disk.host_allocated()
+            self._offloading.add(key)
+        parents = np.array((parent,), np.uint64) if parent is not None else None
+        return _Claim(1, 0, 0, (device_block,), host, hashes, parents, (key,))
+
+    def _offloaded(self, claim: _Claim, outcome: Outcome) -> OffloadResult | None:
+        """An offload's finalize (the I/O thread): its host blocks registered, or given back."""
+        host, n = claim.host, claim.moving
+        with self.lock:
+            self._offloading.difference_update(claim.hashes_claimed)
+            if not outcome.ok:
+                if outcome.may_still_be_written:
+                    # A copy may still land in these host blocks: on the free list the next
+                    # offload could register them and a late write would corrupt that data.
+                    # They stay allocated and unregistered (never matched, never handed out):
+                    # leaked, with a warning, rather than reused unsafely.
+                    self.leaked_host_blocks += n
+                    logger.warning("offload failed while its copy may still run; leaving %d host blocks "
+                                   "allocated (leaked, %d in all): %s", n, self.leaked_host_blocks, outcome.error)
                     return None
-                try:
-                    self.pool.complete(host)
-                    canonical = self.pool.register(host, todo_hashes, todo_parents) if todo_parents is not None \
-                        else self.pool.register(host, todo_hashes)
-                except BaseException:
-                    # Not registered: hand them back (else they stay allocated, refcount 1, for
-                    # good); the error fails the submission through the manager.
-                    self.pool.release(host)
-                    raise
-                if self.disk is not None:
-                    self.disk.host_registered(todo_hashes)
-                self.pool.release(canonical)  # inactive and matchable; duplicates were freed by register
-            return OffloadResult(requested, n, held, dropped, n * bytes_per_block)
-
-        try:
-            return self.tm.submit(P.Path.D2H, device_blocks[todo], host, priority=priority, gate=gate,
-                                  block=block, timeout=timeout, finalize=finalize)
-        except BaseException:
-            with self.lock:
-                self._offloading.difference_update(claimed)
+                self.pool.release(host)   # never registered: back to the free list
+                return None
+            try:
+                self.pool.complete(host)
+                canonical = self.pool.register(host, claim.hashes, claim.parents) if claim.parents is not None \
+                    else self.pool.register(host, claim.hashes)
+            except BaseException:
+                # Not registered: hand them back (else they stay allocated, refcount 1, for
+                # good); the error fails the submission through the manager.
                 self.pool.release(host)
-            raise
+                raise
+            if self.disk is not None:
+                self.disk.host_registered(claim.hashes)
+            self.pool.release(canonical)  # inactive and matchable; duplicates were freed by register
+        return OffloadResult(claim.requested, n, claim.held, claim.dropped, n * self.tm.block_bytes)
 
     def onboard(self, hashes, device_blocks, *, priority: int = 1, gate: Gate | None = None, layers: bool = True,
                 block: bool = True, timeout: float | None = None) -> TransferFuture:

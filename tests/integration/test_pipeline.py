@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from kvbm.errors import BackpressureError, TransferError
+from kvbm.errors import BackpressureError, LayoutError, TransferError
 from kvbm.layout import InnerOrder
 from kvbm.transfer import manager as M
 from kvbm.transfer.scheduler import Gate
@@ -395,3 +395,47 @@ def test_a_burst_of_submissions_wakes_the_io_thread_once(make_pipeline, rng, mon
     del tm._take_incoming                     # the real method again
     real_kick(tm._wake_fd)
     assert [f.result(DEADLINE).value.moved for f in futures] == [1] * 10
+
+
+@pytest.mark.parametrize("salt", ["", "tenant-a"])
+def test_one_block_offloads_in_plain_ints_match_the_array_path(make_pipeline, rng, salt, monkeypatch):
+    """A one-block offload given as plain ints takes kvbm.transfer.host_offload's scalar path; it
+    keys, dedups, drops, fails and lands exactly as the array path does."""
+    pipe = make_pipeline(device_blocks=16, host_blocks=4, salt=salt)
+    kv = pipe.kv
+    scalar_claims = []
+    claim_one = kv._host._claim_one
+    monkeypatch.setattr(kv._host, "_claim_one", lambda *a: scalar_claims.append(a) or claim_one(*a))
+    hashes = [int(h) for h in random_hashes(rng, 6)]
+    pipe.fill_random(list(range(6)), rng)
+    expected = pipe.snapshot([0, 1])
+
+    def moved_held_dropped(fut):
+        res = fut.result(DEADLINE).value
+        return res.requested, res.moved, res.held, res.dropped
+
+    first = kv.offload([0], [hashes[0]])                        # scalar path
+    again = kv.offload((0,), (hashes[0],))                      # in flight or held: copies nothing
+    assert moved_held_dropped(first) == (1, 1, 0, 0) and moved_held_dropped(again) == (1, 0, 1, 0)
+    assert moved_held_dropped(kv.offload(np.array([0]), np.array([hashes[0]], np.uint64))) == (1, 0, 1, 0)
+    assert moved_held_dropped(kv.offload([1], [hashes[1]], parents=[hashes[0]])) == (1, 1, 0, 0)
+    assert kv.match(hashes[:2]).prefix[2] == 2                  # keyed as keys() keys them, salt included
+    assert np.array_equal(kv.keys(hashes[:2]), kv.keys(np.array(hashes[:2], np.uint64)))
+
+    with pytest.raises(LayoutError, match="source block 99 out of range"):
+        kv.offload([99], [hashes[2]])
+    assert kv._host._offloading == set() and kv.pool(2).registry.num_active == 0   # nothing kept
+
+    registry = kv.pool(2).registry
+    held = registry.match(kv.keys(hashes[:2]))                  # pin both: 2 of 4 blocks left
+    assert [moved_held_dropped(kv.offload([i], [hashes[i]])) for i in (2, 3)] == [(1, 1, 0, 0)] * 2
+    pinned_more = registry.match(kv.keys(hashes[2:4]))
+    assert moved_held_dropped(kv.offload([4], [hashes[4]])) == (1, 0, 0, 1)   # no room: dropped
+    registry.release(pinned_more)
+    registry.release(held)
+
+    pipe.poison()
+    res = kv.onboard(hashes[:2], [10, 11]).result(DEADLINE).value
+    assert res.loaded == 2 and np.array_equal(pipe.snapshot([10, 11]), expected)
+    registry.check_invariants()
+    assert len(scalar_claims) == 7   # every plain-int offload above; the array one took _claim
