@@ -48,7 +48,7 @@ import numpy as np
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
 from kvbm.hashing import salt_keys
-from kvbm.pools import BlockPool, Tier, TierView, WaitingHints
+from kvbm.pools import BlockPool, Tier, TierView, WaitingHints, only_int
 
 logger = logging.getLogger(__name__)
 
@@ -481,12 +481,11 @@ class KvBlockManager:
         return transfers.offload(device_blocks, self._one_key(hashes) or self.keys(hashes), **kwargs)
 
     def _one_key(self, hashes) -> list[int] | None:
-        """keys() of one hash given as a one-int list or tuple, as a one-int list (the offload's
-        plain-int path: kvbm.transfer.host_offload._one_block); None for anything else."""
-        if type(hashes) not in (list, tuple) or len(hashes) != 1:
-            return None
-        h = hashes[0]
-        if type(h) is not int or not 0 <= h < 1 << 64:
+        """keys() of one hash (a one-int list or tuple, or a one-element integer array) as a
+        one-int list: the offload's plain-int path (kvbm.transfer.host_offload._one_block); None
+        for anything else."""
+        h = only_int(hashes)
+        if h is None or not 0 <= h < 1 << 64:
             return None
         if not self.config.salt:
             return [h]

@@ -249,3 +249,17 @@ class WaitingHints:
             held = blocks[blocks >= 0]
             if held.size:
                 pool.registry.set_priority(held, np.full(held.size, priority, np.int32))
+
+
+def only_int(values) -> int | None:
+    """The one int of a one-element list or tuple of an int, or of a one-element integer ndarray;
+    None for anything else (the array paths then convert and check it)."""
+    kind = type(values)
+    if kind is list or kind is tuple:
+        if len(values) != 1:
+            return None
+        value = values[0]
+        return value if type(value) is int else None
+    if kind is np.ndarray and values.shape == (1,) and values.dtype.kind in "iu":
+        return int(values[0])
+    return None

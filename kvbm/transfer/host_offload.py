@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.errors import LayoutError
+from kvbm.pools import only_int
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.records import Outcome
@@ -77,20 +78,17 @@ class _Claim:
 
 
 def _one_block(device_blocks, hashes, parents) -> tuple[int, int, int | None] | None:
-    """(device block, hash, parent) of a one-block offload given as plain ints in lists or tuples
-    (what engines pass most), else None: _claim's numpy conversions and checks then apply."""
-    if type(device_blocks) not in (list, tuple) or type(hashes) not in (list, tuple) \
-            or len(device_blocks) != 1 or len(hashes) != 1:
-        return None
-    d, h = device_blocks[0], hashes[0]
-    if type(d) is not int or type(h) is not int or not 0 <= h < 1 << 64:
+    """(device block, hash, parent) of a one-block offload (what engines issue most), else None:
+    _claim's numpy conversions and checks then apply."""
+    d, h = only_int(device_blocks), only_int(hashes)
+    if d is None or h is None or not 0 <= h < 1 << 64:
         return None
     if parents is None:
         return d, h, None
-    if type(parents) not in (list, tuple) or len(parents) != 1 or type(parents[0]) is not int \
-            or not 0 <= parents[0] < 1 << 64:
+    p = only_int(parents)
+    if p is None or not 0 <= p < 1 << 64:
         return None
-    return d, h, parents[0]
+    return d, h, p
 
 
 def _done_future(path: P.Path, value: Any, num_layers: int) -> TransferFuture:

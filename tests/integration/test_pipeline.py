@@ -399,8 +399,9 @@ def test_a_burst_of_submissions_wakes_the_io_thread_once(make_pipeline, rng, mon
 
 @pytest.mark.parametrize("salt", ["", "tenant-a"])
 def test_one_block_offloads_in_plain_ints_match_the_array_path(make_pipeline, rng, salt, monkeypatch):
-    """A one-block offload given as plain ints takes kvbm.transfer.host_offload's scalar path; it
-    keys, dedups, drops, fails and lands exactly as the array path does."""
+    """A one-block offload given as plain ints (or one-element integer arrays) takes
+    kvbm.transfer.host_offload's scalar path; it keys, dedups, drops, fails and lands exactly as
+    the array path does."""
     pipe = make_pipeline(device_blocks=16, host_blocks=4, salt=salt)
     kv = pipe.kv
     scalar_claims = []
@@ -417,13 +418,16 @@ def test_one_block_offloads_in_plain_ints_match_the_array_path(make_pipeline, rn
     first = kv.offload([0], [hashes[0]])                        # scalar path
     again = kv.offload((0,), (hashes[0],))                      # in flight or held: copies nothing
     assert moved_held_dropped(first) == (1, 1, 0, 0) and moved_held_dropped(again) == (1, 0, 1, 0)
-    assert moved_held_dropped(kv.offload(np.array([0]), np.array([hashes[0]], np.uint64))) == (1, 0, 1, 0)
+    array_path = kv.offload([np.int64(0)], [np.uint64(hashes[0])])   # numpy scalars: the array path
+    assert moved_held_dropped(array_path) == (1, 0, 1, 0)
     assert moved_held_dropped(kv.offload([1], [hashes[1]], parents=[hashes[0]])) == (1, 1, 0, 0)
     assert kv.match(hashes[:2]).prefix[2] == 2                  # keyed as keys() keys them, salt included
     assert np.array_equal(kv.keys(hashes[:2]), kv.keys(np.array(hashes[:2], np.uint64)))
 
     with pytest.raises(LayoutError, match="source block 99 out of range"):
         kv.offload([99], [hashes[2]])
+    with pytest.raises(LayoutError, match="non-negative"):
+        kv.offload([5], [-3])                                   # not a u64: the array path's error
     assert kv._host._offloading == set() and kv.pool(2).registry.num_active == 0   # nothing kept
 
     registry = kv.pool(2).registry
@@ -437,5 +441,7 @@ def test_one_block_offloads_in_plain_ints_match_the_array_path(make_pipeline, rn
     pipe.poison()
     res = kv.onboard(hashes[:2], [10, 11]).result(DEADLINE).value
     assert res.loaded == 2 and np.array_equal(pipe.snapshot([10, 11]), expected)
+    one_element = kv.offload(np.array([5]), np.array([hashes[5]], np.uint64))   # the scalar path too
+    assert moved_held_dropped(one_element) == (1, 1, 0, 0)                     # (evicting the oldest)
     registry.check_invariants()
-    assert len(scalar_claims) == 7   # every plain-int offload above; the array one took _claim
+    assert len(scalar_claims) == 8   # every plain-int or one-element one above; not the numpy scalars'
