@@ -20,6 +20,7 @@ A second table: nanoseconds per uncontended lock+unlock pair of the robust proce
 
     .venv/bin/python bench/bench_shared_registry.py                     # about two minutes
     .venv/bin/python bench/bench_shared_registry.py --engines 1 8 --iters 500 --rounds 5
+    .venv/bin/python bench/bench_shared_registry.py --pace-us 1000   # engines with work between calls
 
 On a machine with fewer cores than engines the engines time-share the cores: a call's time then
 includes waiting for a process the scheduler preempted while it held the lock, and the p99 shows
@@ -90,8 +91,10 @@ def register_chain(reg, chain: np.ndarray) -> None:
     reg.release(reg.register(blocks, chain, priorities=np.ones(chain.shape[0], np.int32)))
 
 
-def run_loop(reg, chain: np.ndarray, source: Batches, iters: int, warmup: int) -> dict[str, np.ndarray]:
-    """The timed loop (microseconds per call)."""
+def run_loop(reg, chain: np.ndarray, source: Batches, iters: int, warmup: int,
+             pace_s: float = 0.0) -> dict[str, np.ndarray]:
+    """The timed loop (microseconds per call); `pace_s` of sleep after each iteration (an engine
+    does other work between its registry calls; 0 hammers)."""
     batches = source.take(iters + warmup)
     out = {op: np.empty(iters) for op in OPS}
     clock = time.perf_counter_ns
@@ -113,12 +116,14 @@ def run_loop(reg, chain: np.ndarray, source: Batches, iters: int, warmup: int) -
                 out["match"][k] = (t1 - t0) / 1e3
                 out["release"][k] = (t2 - t1) / 1e3
                 out["cycle"][k] = (t3 - t2) / 1e3
+            if pace_s:
+                time.sleep(pace_s)
     finally:
         gc.enable()
     return out
 
 
-def engine(conn, name: str, index: int, prefix: int, batch: int, iters: int, warmup: int) -> None:
+def engine(conn, name: str, index: int, prefix: int, batch: int, iters: int, warmup: int, pace_s: float) -> None:
     """One engine process: join, say ready, wait for go, run the loop, send the times, leave."""
     g2 = SharedG2.attach(name)
     lease = g2.join(f"bench-{index}", os.getpid(), "bench")
@@ -128,7 +133,7 @@ def engine(conn, name: str, index: int, prefix: int, batch: int, iters: int, war
         conn.send("ready")
         if not conn.poll(WAIT_S) or conn.recv() != "go":
             return
-        conn.send(run_loop(lease.registry, chain, source, iters, warmup))
+        conn.send(run_loop(lease.registry, chain, source, iters, warmup, pace_s))
     finally:
         lease.leave()
         g2.close()
@@ -144,7 +149,8 @@ def baseline(args, shm: bool) -> dict[str, np.ndarray]:
         reg = BlockRegistry(args.blocks, seg.map if seg else None)
         register_chain(reg, chain_of(0, args.prefix))
         fill(reg, Batches(1 << 56, args.batch))
-        res = run_loop(reg, chain_of(0, args.prefix), Batches(1 << 48, args.batch), args.iters, args.warmup)
+        res = run_loop(reg, chain_of(0, args.prefix), Batches(1 << 48, args.batch), args.iters, args.warmup,
+                       args.pace_us / 1e6)
         reg.check_invariants()
         del reg
         return res
@@ -168,7 +174,7 @@ def shared(args, k: int) -> tuple[dict[str, np.ndarray], float]:
         for i in range(k):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=engine, args=(child, name, i, args.prefix, args.batch, args.iters,
-                                                    args.warmup), daemon=True)
+                                                    args.warmup, args.pace_us / 1e6), daemon=True)
             proc.start()
             procs.append((proc, parent))
         for _, conn in procs:
@@ -206,6 +212,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="timed iterations per engine and round")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pace-us", type=float, default=0.0,
+                    help="sleep after each iteration, per engine (0: engines hammer the registry back to back)")
     ap.add_argument("--lock-iters", type=int, default=2_000_000)
     args = ap.parse_args()
     args.engines = sorted(set(args.engines))
@@ -214,7 +222,7 @@ def main() -> None:
 
     print(f"# {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {machine()}")
     print(f"# namespace of {args.blocks:,} blocks, match of {args.prefix} hashes, cycle of {args.batch}; "
-          f"{args.iters} iterations per engine, {args.rounds} rounds; microseconds per call")
+          f"{args.iters} iterations per engine, {args.rounds} rounds, pace {args.pace_us:g} us; microseconds per call")
     med = {(key, op): [] for key in ("base", "shm", *args.engines) for op in OPS}
     p99 = {(key, op): [] for key in ("base", "shm", *args.engines) for op in OPS}
     cont = {k: [] for k in args.engines}
