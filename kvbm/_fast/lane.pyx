@@ -392,14 +392,18 @@ cdef extern from "<sys/socket.h>":
 
 def eventfd_kick(int fd) -> None:
     """Adds 1 to an eventfd, holding the GIL; OSError as os.eventfd_write raises it."""
+    cdef int err
     while c_eventfd_write(fd, 1) != 0:
-        if errno != EINTR:
-            raise OSError(errno, os.strerror(errno))
+        err = errno     # read before any Python call can change it
+        if err != EINTR:
+            raise OSError(err, os.strerror(err))
 
 
 def send_empty(int fd) -> int:
     """Sends one empty datagram on a connected socket, holding the GIL: 0, or the errno."""
+    cdef int err
     while c_send(fd, NULL, 0, MSG_DONTWAIT) < 0:
-        if errno != EINTR:
-            return errno
+        err = errno
+        if err != EINTR:
+            return err
     return 0

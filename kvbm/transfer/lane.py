@@ -101,9 +101,15 @@ class EngineLane:
             return 0
 
     def _wake(self, rc: int, ringer: Ringer) -> None:
-        """Rings the worker's bell after a post it slept through (outside the lock: a syscall)."""
+        """Rings the worker's bell after a post it slept through (outside the lock: a syscall).
+        Never raises: the record is posted, so the request is the I/O thread's to settle whatever
+        happens here; a ring that could not be sent (logged) leaves the worker to its next wake-up
+        (another ring, a ZeroMQ message, or its timed poll), and the request its deadline."""
         if rc == 2 and self.worker_bell is not None:
-            ringer.ring(self.worker_bell)
+            try:
+                ringer.ring(self.worker_bell)
+            except OSError as err:
+                logger.warning("ringing worker bell %s failed: %s", self.worker_bell, err)
 
     def take_posted(self, into: dict | None = None) -> list[WireRequest]:
         """The wires posted since the last call, moved into `into` (the path's outstanding

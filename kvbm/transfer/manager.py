@@ -509,6 +509,7 @@ class TransferManager:
                     eventfd_kick(self._wake_fd)
                 self._incoming.append(sub)
         if closing:
+            self._count_submitted([sub])
             self._settlement.fail_submission(sub, "transfer manager is closed")
 
     def ask(self, path: P.Path, msg: dict, on_reply) -> int:
@@ -614,9 +615,11 @@ class TransferManager:
                     self._spin_ahead(ahead)
             except Exception:  # noqa: BLE001 - the I/O thread must survive anything; log and go on
                 logger.exception("transfer manager I/O loop error")
-        with self._io_lock:
-            self._fail_everything("transfer manager closed")
-        self._io_ident = -1   # idents are reused once a thread has ended
+        try:
+            with self._io_lock:
+                self._fail_everything("transfer manager closed")
+        finally:
+            self._io_ident = -1   # idents are reused once a thread has ended
 
     def _turn(self, ready: dict, lanes: list[PathQueue], by_sock: dict, bell_fd: int,
               next_report: float) -> tuple[float, list]:
@@ -697,11 +700,7 @@ class TransferManager:
         left in the lane, or answers it STALE): it goes to the queue again, once. (The loop takes
         them after every poll, before reading events, so a death fails every request posted
         before it was read, as it fails ZeroMQ ones; only one posted since then is requeued.)"""
-        posted = q.lane.take_posted(q.outstanding)
-        if posted:
-            counts = self.metrics.of(q.path.label)
-            counts.requests.inc(len(posted))
-            counts.submitted.inc(len(posted))   # one submission per lane post (submit's count)
+        posted = self._take_posted(q, q.outstanding)
         for wire in posted:
             if wire.gen == q.link.registered_gen or self._stopped or self._dead or wire.members[0].requeued:
                 if self._stopped or self._dead:
@@ -713,6 +712,16 @@ class TransferManager:
             req = wire.members[0]
             req.requeued, req.state, req.layers_done = True, QUEUED, 0
             q.push(req)
+
+    def _take_posted(self, q: PathQueue, into: dict | None = None) -> list[WireRequest]:
+        """EngineLane.take_posted, counted: each lane post is one wire request and one submission
+        (submit() leaves a lane post's count to the thread that takes it)."""
+        posted = q.lane.take_posted(into)
+        if posted:
+            counts = self.metrics.of(q.path.label)
+            counts.requests.inc(len(posted))
+            counts.submitted.inc(len(posted))
+        return posted
 
     def _read_lane(self, q: PathQueue) -> None:
         lane = q.lane
@@ -1200,7 +1209,7 @@ class TransferManager:
         self._fail_unsent(reason, closing=True)
         for q in self._paths.values():
             if q.lane is not None:
-                q.lane.take_posted(q.outstanding)
+                self._take_posted(q, q.outstanding)
             for wire in list(q.outstanding.values()):
                 self._settlement.settle_unsafe(q, wire, reason)
             q.link.stopped()
@@ -1266,7 +1275,7 @@ class TransferManager:
                 q.sock.close(0)
                 if q.lane is not None:
                     if locked:
-                        for wire in q.lane.take_posted():   # posted while the I/O thread stopped
+                        for wire in self._take_posted(q):   # posted while the I/O thread stopped
                             self._settlement.settle_unsafe(q, wire, "transfer manager closed")
                     if safe:
                         q.lane.close()

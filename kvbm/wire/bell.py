@@ -9,7 +9,8 @@ Parts:
               (umask), unlinked by close(); fileno() for the poller; drain() empties it
   Ringer      ring(path): sends on a socket connected to that bell (reconnected once when its
               owner's socket is gone: a restarted owner binds the same path); a full receive
-              buffer means the sleeper has bells pending already, so EAGAIN is not an error
+              buffer means the sleeper has bells pending already, so EAGAIN is not an error;
+              forget(path) once its owner is gone for good (else its socket stays open)
   bell_dir    the runtime dir an ipc:// endpoint lives in (lanes exist only beside ipc endpoints:
               a TCP peer shares no memory with us)
   check_bell_path   a peer names a bell to ring: only a socket file in our runtime dir is rung
@@ -20,6 +21,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 
 from kvbm._fast.lane import send_empty
 
@@ -95,37 +97,52 @@ class Bell:
 
 class Ringer:
     """Rings bells from one connected socket per bell: a send on a connected socket skips the
-    path lookup a sendto() makes each time (~2 us of the 5-7 a ring of a sleeper costs)."""
+    path lookup a sendto() makes each time (~2 us of the 5-7 a ring of a sleeper costs). Shared by
+    the threads of a process (an engine's submitting threads and its I/O thread): a lock keeps one
+    thread from closing a socket another is about to send on."""
 
     def __init__(self) -> None:
         self._socks: dict[str, socket.socket] = {}   # bell path -> a socket connected to it
+        self._lock = threading.Lock()                 # every call under it is non-blocking
 
     def ring(self, path: str) -> bool:
-        """False when the bell is gone (its owner exited): nothing to wake."""
-        for _ in (0, 1):
-            sock = self._socks.get(path) or self._connect(path)
-            if sock is None:
-                return False
-            err = send_empty(sock.fileno())   # keeps the GIL (kvbm._fast.lane says why)
-            if err == 0 or err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return True    # rung, or bells already pending: the sleeper wakes anyway
-            if err not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
-                raise OSError(err, os.strerror(err))
-            # The socket it was connected to has closed. A successor may have bound the same path
-            # (a restarted worker's bell): connect again, once.
-            self._socks.pop(path).close()
-        return False
+        """False when the bell is gone (its owner exited, or its folder): nothing to wake."""
+        with self._lock:
+            for _ in (0, 1):
+                sock = self._socks.get(path) or self._connect(path)
+                if sock is None:
+                    return False
+                err = send_empty(sock.fileno())   # keeps the GIL (kvbm._fast.lane says why)
+                if err == 0 or err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return True    # rung, or bells already pending: the sleeper wakes anyway
+                if err not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
+                    raise OSError(err, os.strerror(err))
+                # The socket it was connected to has closed. A successor may have bound the same
+                # path (a restarted worker's bell): connect again, once.
+                self._socks.pop(path).close()
+            return False
+
+    def forget(self, path: str) -> None:
+        """Closes the socket kept for `path` (its owner is gone for good: a worker's engine left)."""
+        with self._lock:
+            sock = self._socks.pop(path, None)
+        if sock is not None:
+            sock.close()
 
     def _connect(self, path: str) -> socket.socket | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        name, dir_fd = _reachable(path)
         try:
-            sock.connect(name)
-        except OSError as err:
-            sock.close()
-            if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return None
-            raise
+            name, dir_fd = _reachable(path)
+        except FileNotFoundError:
+            return None    # a deep path's folder is gone with its owner
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(name)
+            except OSError as err:
+                sock.close()
+                if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    return None
+                raise
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)   # connect() resolved the name: the folder's fd is done with
@@ -133,6 +150,7 @@ class Ringer:
         return sock
 
     def close(self) -> None:
-        for sock in self._socks.values():
+        with self._lock:
+            socks, self._socks = self._socks, {}
+        for sock in socks.values():
             sock.close()
-        self._socks.clear()

@@ -126,11 +126,13 @@ class WorkerLane:
         timed turn. Never raises: a ring follows a CUDA launch, and an error there would answer a
         request whose copy is still running."""
         try:
-            self.ringer.ring(self.engine_bell)
-        except OSError as err:
-            logger.warning("ringing engine bell %s failed: %s", self.engine_bell, err)
-            return False
-        return True
+            if self.ringer.ring(self.engine_bell):
+                return True
+            err = "no such bell (its engine is gone?)"
+        except OSError as exc:
+            err = exc
+        logger.warning("ringing engine bell %s failed: %s", self.engine_bell, err)
+        return False
 
     def _break(self, err: Exception) -> None:
         self.broken = str(err)
@@ -138,4 +140,5 @@ class WorkerLane:
                      "over ZeroMQ once it re-registers", self.segment.name, err)
 
     def close(self) -> None:
+        self.ringer.forget(self.engine_bell)   # engine bells are one per engine life: never rung again
         self.segment.close()

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 
+from kvbm._fast.lane import spin as spin_lanes
 from kvbm.errors import KvbmError, PermissionRefusedError, TransferError
 from kvbm.shm import SHM_DIR, clean_stale_segments
 from kvbm.transfer.lane import EngineLane
@@ -68,7 +69,7 @@ def test_bursts_past_the_window_queue_and_still_go_through_the_lane(make_pipelin
     pipe, tm = _lane_pipeline(make_pipeline)
     pipe.fill_random(range(64), rng)
     expected = pipe.snapshot(range(64))
-    futures = [tm.submit(P.Path.D2H, [b], [63 - b]) for b in range(64)]   # 4 straight in, the rest coalesced
+    futures = [tm.submit(P.Path.D2H, [b], [63 - b]) for b in range(64)]   # WINDOW straight in, the rest coalesced
     for f in futures:
         f.result(DEADLINE)
     pipe.poison()
@@ -109,8 +110,16 @@ def _park_io_thread(tm) -> threading.Event:
 
     poller.poll = gated_poll
     tm._wake()                     # ends the poll it may be in now: its next one parks
-    assert parked.wait(DEADLINE)
+    if not parked.wait(DEADLINE):
+        go.set()
+        raise AssertionError("the I/O thread never parked")
     return go
+
+
+def _completion_in(lane) -> None:
+    """Waits (untimed by the request) until the lane holds a completion: result()'s single spin
+    then always finds it, however late a loaded machine ran the worker."""
+    wait_for(lambda: spin_lanes([lane.ring], True, 1000.0), DEADLINE, "a completion in the lane")
 
 
 def test_a_waiting_thread_settles_its_own_small_request(make_pipeline, rng):
@@ -126,9 +135,12 @@ def test_a_waiting_thread_settles_its_own_small_request(make_pipeline, rng):
             expected = pipe.snapshot([b])
             fut = tm.submit(P.Path.D2H, [b], [40 + b],
                             finalize=lambda outcome, b=b: finalized.append((b, outcome.ok)))
+            _completion_in(tm._paths[P.Path.D2H].lane)
             assert fut.result(DEADLINE).blocks == 1
             pipe.poison()
-            tm.submit(P.Path.H2D, [40 + b], [b]).result(DEADLINE)
+            back = tm.submit(P.Path.H2D, [40 + b], [b])
+            _completion_in(tm._paths[P.Path.H2D].lane)
+            back.result(DEADLINE)
             assert np.array_equal(pipe.snapshot([b]), expected)
         lanes = tm.stats()["lanes"]
         assert lanes["d2h"]["waiter_settled"] == 20 and lanes["h2d"]["waiter_settled"] == 20

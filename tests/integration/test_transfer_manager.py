@@ -16,7 +16,7 @@ import zmq
 from kvbm.errors import BackpressureError, KvbmError, LifecycleError, TransferError
 from kvbm.layout import BlockLayout, LayoutConfig, LayoutType
 from kvbm.transfer.link import REGISTER_RETRIES
-from kvbm.transfer.manager import TransferManager
+from kvbm.transfer.manager import WINDOW, TransferManager
 from kvbm.transfer.scheduler import Gate
 from kvbm.wire import protocol as P
 from kvbm.wire.channel import bind_socket, make_context
@@ -383,7 +383,7 @@ def test_bad_block_indices_raise_before_anything_is_queued(fake, make_tm):
 def test_submissions_with_overlapping_destinations_are_not_merged(fake, make_tm):
     tm = make_tm()
     # Fill the window (distinct priorities: never coalesced), so a, b and c queue up together.
-    window = [tm.submit(P.Path.H2D, [i], [40 + i], priority=10 + i) for i in range(4)]
+    window = [tm.submit(P.Path.H2D, [i], [40 + i], priority=10 + i) for i in range(WINDOW)]
     first = [fake.recv(P.Path.H2D, P.MsgType.XFER) for _ in window]
     a = tm.submit(P.Path.H2D, [1, 2], [10, 11])
     b = tm.submit(P.Path.H2D, [3, 4], [11, 12])    # same priority, shares block 11 with a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -71,6 +72,10 @@ def test_budget_wakes_every_waiter_that_now_fits():
     for t in threads:
         t.start()
     started.wait(30)
+    deadline = time.monotonic() + 30
+    while budget._waiting < 2 and time.monotonic() < deadline:   # both wait, past the fast path
+        time.sleep(0.001)
+    assert budget._waiting == 2
     budget.give_back(100)
     for t in threads:
         t.join(30)
