@@ -130,6 +130,7 @@ class TransferManager:
         self.num_layers = 0
         self.budget = InflightBudget(max_inflight_bytes)
         self.metrics = TransferMetrics()
+        self.metrics.inflight.set_function(lambda: self.budget.used)   # read when scraped
         self._settlement = Settlement(self.budget, self.metrics)
         self.scheduler = Scheduler(self._release_gated, hold_timeout_s=gate_timeout_s)
         self.stop_grace_s = STOP_GRACE_S
@@ -1218,7 +1219,6 @@ class TransferManager:
     def _report(self) -> None:
         if self._control is None:
             return
-        self.metrics.inflight.set(self.budget.used)
         for q in self._paths.values():
             self.metrics.queued.labels(q.path.label).set(len(q.heap))
         report = {"t": P.MsgType.STATS, "engine": self.engine_id, "inflight_bytes": self.budget.used,

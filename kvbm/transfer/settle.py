@@ -81,7 +81,6 @@ class Settlement:
                 ok, error = False, f"finalize failed: {type(err).__name__}: {err}"
         m = self.metrics.of(sub.path.label)
         (m.ok if ok else m.failed).inc()
-        self.metrics.inflight.set(self.budget.used)
         if ok:
             m.bytes.inc(sub.moved)
             m.blocks.inc(sub.future.num_blocks)

@@ -80,3 +80,32 @@ def test_budget_wakes_every_waiter_that_now_fits():
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads) and budget.used == 60
+
+
+def test_labelled_families_expose_what_prometheus_client_would():
+    """kvbm.metrics.LabelledFamily (the cheap counters and histogram of the transfer path) renders
+    the samples prometheus_client's own Counter and Histogram render for the same updates."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from kvbm.metrics import LATENCY_BUCKETS, LabelledFamily
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counters = (LabelledFamily("x_total_bytes", "doc", ["path", "status"], ours),
+                Counter("x_total_bytes", "doc", ["path", "status"], registry=theirs))
+    histograms = (LabelledFamily("x_latency_seconds", "doc", ["path"], ours, buckets=LATENCY_BUCKETS),
+                  Histogram("x_latency_seconds", "doc", ["path"], buckets=LATENCY_BUCKETS, registry=theirs))
+    for family in counters:
+        family.labels("d2h", "ok").inc(3)
+        family.labels("d2h", "ok").inc()
+        family.labels("h2d", "failed").inc(2)
+    for family in histograms:
+        for value in (0.0, 50e-6, 51e-6, 0.003, 0.003, 7.5, 99.0):   # on a bound, past the last, ...
+            family.labels("d2h").observe(value)
+
+    def samples(registry):
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if line and "_created" not in line and not line.startswith("#"))
+
+    assert samples(ours) == samples(theirs)
+    with pytest.raises(ValueError, match="labels"):
+        counters[0].labels("d2h")
