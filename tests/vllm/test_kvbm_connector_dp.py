@@ -15,6 +15,7 @@ from vllm.v1.request import RequestStatus
 from kvbm.cli import ask_status
 from kvbm.config import KvbmConfig
 from kvbm.integrations.vllm.connector import connector_settings, dp_shares_g2
+from kvbm.pools import Tier
 from tests.vllm import harness as H
 from tests.vllm.test_kvbm_connector import BS, Engine, first_run
 
@@ -67,3 +68,51 @@ def test_replicas_with_a_disk_tier_keep_an_instance_each(model_dir, tmp_path):
     settings = connector_settings(plain, {})
     assert dp_shares_g2(plain, settings) and not settings.instance_id.endswith("-dp1")
     assert isinstance(settings, KvbmConfig)
+
+
+def _spy_g2_events(side) -> list[tuple[str, int]]:
+    """(kind, key) of every G2 event `side` records, as it records them (vLLM takes the recorder's
+    events each step)."""
+    log = []
+    for kind in ("stored", "removed"):
+        record = getattr(side.events, kind)
+
+        def spy(tier, hashes, *args, _record=record, _kind=kind, **kwargs):
+            if Tier(tier) is Tier.G2:
+                log.extend((_kind, int(h)) for h in hashes)
+            return _record(tier, hashes, *args, **kwargs)
+
+        setattr(side.events, kind, spy)
+    return log
+
+
+def _keys(log, kind) -> list[int]:
+    return sorted(key for k, key in log if k == kind)
+
+
+def test_each_replica_announces_removed_what_it_announced_stored(model_dir, tmp_path):
+    """KV events of a shared G2: a replica's allocation may evict another's blocks, and the
+    namespace's eviction ring is one for all; each replica still announces removed exactly the G2
+    blocks it announced stored (checked each step), never another replica's, and once."""
+    instance = f"d{uuid.uuid4().hex[:8]}"
+    replicas = []
+    try:
+        for rank in (0, 1):
+            replicas.append(Engine(model_dir, tmp_path, dp=(2, rank), instance_id=instance))
+        a, b = replicas
+        logs = {e: _spy_g2_events(e.side) for e in replicas}
+        for engine, seed, name in ((a, 21, "A"), (b, 22, "B")):
+            engine.add(H.prompt(4 * BS + 5, seed=seed), name)
+            engine.run()
+        stored = {e: _keys(logs[e], "stored") for e in replicas}
+        assert len(stored[a]) == len(stored[b]) == 4 and not set(stored[a]) & set(stored[b])
+        assert _keys(logs[a], "removed") == _keys(logs[b], "removed") == []
+        with b.side.manager.lock:   # B's side empties the namespace: A's blocks go too
+            b.side.pool.evict(b.side.pool.registry.num_inactive)
+        for _ in range(3):
+            for engine in replicas:
+                engine.step()       # idle steps: each build() checks what its replica announced
+        assert _keys(logs[a], "removed") == stored[a] and _keys(logs[b], "removed") == stored[b]
+    finally:
+        for e in reversed(replicas):
+            e.close()

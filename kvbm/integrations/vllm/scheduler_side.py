@@ -25,7 +25,9 @@ G2 allocation `disk.host_allocated()` (the victim cleaner), after each G2 regist
 `disk.host_registered(keys)` (write-through), under the manager's lock. Events: G3's writes and
 evictions as medium STORAGE; G2's evictions are drained here only when the disk tier is not in
 victim admission (then its cleaner drains G2's eviction ring, which pairs victims with their
-blocks: a second drain would steal them; G2 BlockRemoved are not sent then).
+blocks: a second drain would steal them; G2 BlockRemoved are not sent then). A replica of a shared
+G2 (data parallel, kvbm.shared_g2) does not drain the namespace's ring: it announces removed the
+keys it announced stored, once a check finds them gone (_reconcile_removed).
 
 A block of G2 is one vLLM block of every rank (kvbm block = vLLM block: the device layout has no
 bigger contiguous unit, and a 16-token block of an 8B model is already 2 MiB). Keys are vLLM's block
@@ -40,10 +42,11 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 
-from kvbm.errors import KvbmError, RegistryError
+from kvbm.errors import KvbmError
 from kvbm.integrations.events import PoolEventRecorder
 from kvbm.integrations.vllm.plan import LoadJob, RankReport, StepPlan, StoreJob
 from kvbm.manager import KvBlockManager
@@ -51,6 +54,8 @@ from kvbm.metrics import EngineMetrics
 from kvbm.pools import Tier
 
 logger = logging.getLogger(__name__)
+
+RECONCILE_KEYS = 512   # announced G2 keys a replica of a shared G2 checks per step (_reconcile_removed)
 
 
 @dataclass
@@ -132,6 +137,9 @@ class SchedulerSide:
         self._next_job = 1
         self._plan = StepPlan()
         self.stats = SideStats()
+        # A shared G2 (kvbm.shared_g2): the G2 keys this replica announced stored and has not yet
+        # announced removed, oldest check first (an ordered set; see _reconcile_removed).
+        self._announced: dict[int, None] = {}
 
     # ---- lookups and loads ----------------------------------------------------------------------
     def lookup(self, keys: np.ndarray, num_computed_tokens: int, num_tokens: int) -> int:
@@ -309,6 +317,11 @@ class SchedulerSide:
                 self._plan_stores(req_id, req)
         if self.disk is not None:
             self._disk_events()
+        if self._announced:
+            # Another replica's allocation may have evicted what this one announced: checked each
+            # step, not only when this replica allocates (as its own ring drain is).
+            with self.manager.lock:
+                self._reconcile_removed()
         plan, self._plan = self._plan, StepPlan()
         return plan
 
@@ -402,6 +415,8 @@ class SchedulerSide:
                 self._record("d2h", n, job)
                 if self.events is not None:
                     self.events.stored(Tier.G2, job.keys, job.parents, job.has_parent)
+                if (self.events is not None or self.metrics is not None) and self._shared_g2():
+                    self._announced.update(dict.fromkeys(job.keys.tolist()))
         if req is not None and req.finished and req.idle():
             del self.requests[job.req_id]
 
@@ -438,7 +453,10 @@ class SchedulerSide:
             if registry.num_active:
                 return False
             self.pool.evict(registry.num_inactive)
-            self._drain_evictions()
+            if self._shared_g2():
+                self._announced.clear()   # AllBlocksCleared below says it
+            else:
+                self._drain_evictions()
         if self.events is not None:
             self.events.cleared()
         return True
@@ -466,22 +484,46 @@ class SchedulerSide:
             self.jobs[job] = _Job(req_id, kind, host, keys, parents, has_parent)
         return job
 
+    def _shared_g2(self) -> bool:
+        return getattr(self.pool.registry, "namespace", None) is not None
+
     def _drain_evictions(self) -> None:
         if self.disk is not None and self.disk.admission == "victim":
             return    # the disk cleaner drains G2's eviction ring (see the module docstring)
-        try:
-            evicted = self.pool.registry.drain_evicted()
-        except RegistryError:
-            # A shared G2 (data-parallel replicas, kvbm.shared_g2): its namespace's evictions are
-            # drained, and published as BlockRemoved, by one replica's scheduler side only.
-            if getattr(self.pool.registry, "namespace", None) is None:
-                raise
-            return
+        if self._shared_g2():
+            return    # not the namespace's ring: build() checks this replica's announced keys
+        evicted = self.pool.registry.drain_evicted()
         if len(evicted):
             if self.events is not None:
                 self.events.removed(Tier.G2, evicted)
             if self.metrics is not None:
                 self.metrics.record_eviction("G2", len(evicted))
+
+    def _reconcile_removed(self) -> None:
+        """A shared G2's BlockRemoved, per replica. Its eviction ring is the namespace's (any
+        replica's allocation evicts any replica's blocks) and one drain takes every entry, so no
+        replica can learn its own removals from it. Instead each replica checks, a slice a step,
+        whether the keys it announced stored are still in G2, and announces the gone ones removed
+        on its own stream: every BlockRemoved follows a BlockStored of the same replica, and none
+        stays announced for good (a router would keep routing to it). Late by up to
+        len(_announced) / RECONCILE_KEYS steps; a gone key is then looked for elsewhere, which
+        costs the router a miss, never a wrong block."""
+        if not self._announced:
+            return
+        keys = list(islice(self._announced, RECONCILE_KEYS))
+        held = np.asarray(self.pool.lookup(np.fromiter(keys, np.uint64, len(keys)))) >= 0
+        gone = []
+        for key, present in zip(keys, held.tolist()):
+            del self._announced[key]
+            if present:
+                self._announced[key] = None   # checked again after the others
+            else:
+                gone.append(key)
+        if gone:
+            if self.events is not None:
+                self.events.removed(Tier.G2, np.array(gone, np.uint64))
+            if self.metrics is not None:
+                self.metrics.record_eviction("G2", len(gone))
 
     def _disk_events(self) -> None:
         """G3's writes since the last step (BlockStored, STORAGE) and its evictions (BlockRemoved)."""
