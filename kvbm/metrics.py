@@ -108,7 +108,8 @@ class LabelledFamily:
     def __init__(self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry,
                  buckets: tuple[float, ...] | None = None) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self.buckets = tuple(buckets) if buckets else None
+        # +Inf is always the last bucket (a tuple that names it gets it once, as prometheus_client)
+        self.buckets = tuple(b for b in buckets if b != float("inf")) if buckets else None
         self._children: dict[tuple[str, ...], _Count | _Histogram] = {}
         self._lock = threading.Lock()
         registry.register(self)
@@ -156,6 +157,8 @@ class _Count:
         self._lock = threading.Lock()
 
     def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError(f"a counter only goes up: inc({amount})")
         with self._lock:
             self.value += amount
 

@@ -186,13 +186,12 @@ class HostTransfers:
         registry still takes arrays: one of one element each)."""
         hashes = np.array((key,), np.uint64)
         with self.lock:
-            if key in self._offloading or self.pool.lookup(hashes)[0] >= 0:
-                return _Claim(1, 1, 0, None, None, None, None, ())
-            host = self.pool.allocate(1)
-            if host is None:
-                return _Claim(1, 0, 1, None, None, None, None, ())
+            held = key in self._offloading or self.pool.lookup(hashes)[0] >= 0
+            host = None if held else self.pool.allocate(1)
             if self.disk is not None:
-                self.disk.host_allocated()
+                self.disk.host_allocated()   # as _claim: after every offload's allocation, or its attempt
+            if host is None:
+                return _Claim(1, int(held), int(not held), None, None, None, None, ())
             self._offloading.add(key)
         parents = np.array((parent,), np.uint64) if parent is not None else None
         return _Claim(1, 0, 0, (device_block,), host, hashes, parents, (key,))

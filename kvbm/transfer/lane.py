@@ -61,6 +61,7 @@ class EngineLane:
         self.broken: str | None = None   # a completion ring we could not read: no more posts
         self.waiter_settled = 0          # results settled by their waiting thread (TransferManager._settle_waiting)
         self.unread: list = []           # completions taken off the ring, not settled (an interrupted reader)
+        self.closed = False              # the manager's last take_posted is done: nothing more is posted
 
     def offer(self, bell: str) -> dict:
         return {"segment": self.segment.name, "size": self.segment.size, "bell": bell}
@@ -72,7 +73,7 @@ class EngineLane:
         req = wire.members[0]
         sub = req.sub
         with self.lock:
-            if len(outstanding) + len(self.posted) >= window:
+            if self.closed or len(outstanding) + len(self.posted) >= window:
                 return False
             self.posted.append(wire)
             rc = self._write(wire.rid, wire.gen, sub.priority,
@@ -87,7 +88,7 @@ class EngineLane:
     def post_wire(self, rid: int, gen: int, priority: int, layers: bool, src, dst, ringer: Ringer) -> bool:
         """The I/O thread's send of a (possibly coalesced) queued request; False: the ring is full."""
         with self.lock:
-            rc = self._write(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
+            rc = 0 if self.closed else self._write(rid, gen, priority, FLAG_LAYERS if layers else 0, src, dst)
         self._wake(rc, ringer)
         return rc != 0
 
@@ -111,10 +112,13 @@ class EngineLane:
             except OSError as err:
                 logger.warning("ringing worker bell %s failed: %s", self.worker_bell, err)
 
-    def take_posted(self, into: dict | None = None) -> list[WireRequest]:
+    def take_posted(self, into: dict | None = None, final: bool = False) -> list[WireRequest]:
         """The wires posted since the last call, moved into `into` (the path's outstanding
-        requests) under the lock."""
+        requests) under the lock. `final`: the manager's last take at close; posts after it are
+        refused (they take the queue's way, which fails them as closed), so none lands in a lane
+        that no one reads any more, or that is about to be unmapped."""
         with self.lock:
+            self.closed |= final
             posted, self.posted = self.posted, []
             if into is not None:
                 into.update((w.rid, w) for w in posted)

@@ -714,10 +714,10 @@ class TransferManager:
             req.requeued, req.state, req.layers_done = True, QUEUED, 0
             q.push(req)
 
-    def _take_posted(self, q: PathQueue, into: dict | None = None) -> list[WireRequest]:
+    def _take_posted(self, q: PathQueue, into: dict | None = None, final: bool = False) -> list[WireRequest]:
         """EngineLane.take_posted, counted: each lane post is one wire request and one submission
         (submit() leaves a lane post's count to the thread that takes it)."""
-        posted = q.lane.take_posted(into)
+        posted = q.lane.take_posted(into, final)
         if posted:
             counts = self.metrics.of(q.path.label)
             counts.requests.inc(len(posted))
@@ -1274,9 +1274,14 @@ class TransferManager:
             for q in self._paths.values():
                 q.sock.close(0)
                 if q.lane is not None:
-                    if locked:
-                        for wire in self._take_posted(q):   # posted while the I/O thread stopped
+                    # The last take: posted while the I/O thread stopped (a submit racing close is
+                    # refused from here on, so nothing lands in a lane no one reads).
+                    for wire in self._take_posted(q, final=True):
+                        if locked:
                             self._settlement.settle_unsafe(q, wire, "transfer manager closed")
+                        else:
+                            logger.warning("%s lane request %d posted at close: not settled (a thread held "
+                                           "the I/O lock)", q.path.label, wire.rid)
                     if safe:
                         q.lane.close()
                     else:

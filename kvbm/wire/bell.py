@@ -104,10 +104,13 @@ class Ringer:
     def __init__(self) -> None:
         self._socks: dict[str, socket.socket] = {}   # bell path -> a socket connected to it
         self._lock = threading.Lock()                 # every call under it is non-blocking
+        self._closed = False
 
     def ring(self, path: str) -> bool:
         """False when the bell is gone (its owner exited, or its folder): nothing to wake."""
         with self._lock:
+            if self._closed:
+                return False   # its owner closed: a ring racing that close opens nothing new
             for _ in (0, 1):
                 sock = self._socks.get(path) or self._connect(path)
                 if sock is None:
@@ -151,6 +154,7 @@ class Ringer:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             socks, self._socks = self._socks, {}
         for sock in socks.values():
             sock.close()

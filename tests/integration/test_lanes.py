@@ -231,6 +231,22 @@ def test_lanes_off_sends_everything_over_zeromq(make_pipeline, rng):
     assert tm.stats()["lanes"] == {}
 
 
+def test_every_submission_is_counted_once_when_close_fails_it(make_pipeline):
+    """Submissions in the lane, in the queue and racing close are all failed by close() and each
+    counted submitted once: submitted == completed + failed afterwards."""
+    pipe, tm = _lane_pipeline(make_pipeline)
+    d2h = pipe.worker_pids()["d2h"]
+    os.kill(d2h, signal.SIGSTOP)        # gate it: nothing completes before close
+    futures = [tm.submit(P.Path.D2H, [b], [b]) for b in range(12)]   # the window's worth in the lane, the rest queued
+    tm.close(timeout=5.0)
+    os.kill(d2h, signal.SIGCONT)
+    for f in futures:
+        with pytest.raises(TransferError):
+            f.result(DEADLINE)
+    totals = tm.metrics.totals()
+    assert totals["submitted"] == 12 and totals["completed"] + totals["failed"] == 12, totals
+
+
 def test_a_worker_killed_with_lane_requests_in_flight_fails_them_then_maps_the_lane_again(make_pipeline, rng):
     pipe, tm = _lane_pipeline(make_pipeline)
     d2h = pipe.worker_pids()["d2h"]
@@ -375,6 +391,31 @@ def test_a_record_the_ring_cannot_hold_is_refused_without_a_trace():
             assert not lane.post(WireRequest(1, [req], 1, 0.0, 1.0), Ringer(), {}, 4)
             assert lane.posted == [] and req.state is RequestState.QUEUED
         assert lane.ring.counts == (0, 0, 0, 0)
+    finally:
+        lane.close()
+
+
+def test_after_the_last_take_at_close_nothing_more_is_posted():
+    """close() takes what was posted one last time (final=True): a submit racing it is refused
+    from then on (it takes the queue's way, which fails it as closed), never left in a lane that
+    no one reads, or written into one about to be unmapped."""
+    import time as _time
+
+    from kvbm.transfer.futures import TransferFuture
+    from kvbm.transfer.records import Request, RequestState, Submission, WireRequest
+
+    lane = EngineLane("tlast", "eng-l", 4)
+    try:
+        sub = Submission(P.Path.D2H, TransferFuture(P.Path.D2H, 1, 1), 0, 0, False, None, None, _time.monotonic())
+        one = np.arange(1, dtype=np.int64)
+        first = Request(1, sub, one, one)
+        assert lane.post(WireRequest(1, [first], 1, 0.0, 1.0), Ringer(), {}, 4)
+        assert [w.rid for w in lane.take_posted(final=True)] == [1]
+        late = Request(2, sub, one, one)
+        assert not lane.post(WireRequest(2, [late], 1, 0.0, 1.0), Ringer(), {}, 4)
+        assert not lane.post_wire(3, 1, 0, False, one, one, Ringer())
+        assert lane.posted == [] and late.state is RequestState.QUEUED
+        assert lane.ring.counts[0] == 1              # only the first record reached the ring
     finally:
         lane.close()
 

@@ -4,7 +4,6 @@ runtime dirs past a Unix socket address's length work; the socket file is privat
 import os
 import select
 import stat
-import sys
 import threading
 
 from kvbm.wire.bell import Bell, Ringer
@@ -102,36 +101,36 @@ def test_forget_closes_the_socket_kept_for_a_bell(tmp_path):
         bell.close()
 
 
-def test_threads_ring_while_the_bell_is_bound_again(tmp_path):
-    """One Ringer is shared by an engine's submitting threads and its I/O thread: rings racing a
-    reconnect never fail with a closed socket (or another's fd); each says rung or gone. (A race
-    detector: without Ringer's lock it failed about one run in five here.)"""
-    path = str(tmp_path / "b.sock")
-    ringer, bell = Ringer(), Bell(path)
-    errors, stop = [], threading.Event()
+def test_a_ring_in_flight_keeps_its_socket_from_another_thread(tmp_path, monkeypatch):
+    """One Ringer is shared by an engine's submitting threads and its I/O thread: a thread that
+    forgets a bell (or reconnects it) waits for a send in flight on that bell's socket instead of
+    closing the socket under it (the send then failed with EBADF, or hit a reused fd)."""
+    from kvbm.wire import bell as B
 
-    def ring_until_stopped():
-        try:
-            while not stop.is_set():
-                assert ringer.ring(path) in (True, False)
-        except BaseException as err:   # noqa: BLE001 - reported below
-            errors.append(err)
+    bell, ringer = Bell(str(tmp_path / "b.sock")), Ringer()
+    real_send, entered, go = B.send_empty, threading.Event(), threading.Event()
 
-    threads = [threading.Thread(target=ring_until_stopped) for _ in range(4)]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)          # threads switch inside ring() as often as they can
-    for t in threads:
-        t.start()
+    def parked_send(fd):
+        if not entered.is_set():
+            entered.set()
+            go.wait(30)                  # the first send waits here, its fd in hand
+        return real_send(fd)
+
+    monkeypatch.setattr(B, "send_empty", parked_send)
+    results, forgot = [], threading.Event()
+    ringing = threading.Thread(target=lambda: results.append(ringer.ring(bell.path)))
+    forgetting = threading.Thread(target=lambda: (ringer.forget(bell.path), forgot.set()))
     try:
-        for _ in range(300):
-            bell.sock.close()            # killed: its successor binds the same path
-            bell = Bell(path)
-            bell.drain()
+        ringing.start()
+        assert entered.wait(30)
+        forgetting.start()
+        assert not forgot.wait(1.0)      # blocked behind the send in flight (unlocked: done at once)
+        go.set()
+        ringing.join(30)
+        forgetting.join(30)
+        assert results == [True] and forgot.is_set()
+        assert _rung(bell)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-        sys.setswitchinterval(switch)
+        go.set()
         ringer.close()
         bell.close()
-    assert not errors
