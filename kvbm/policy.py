@@ -19,9 +19,10 @@ kvbm/_fast/_reference.py, which the differential tests hold it to):
   the victim at the root), parent link cleared (parent evicted). A block's key
   is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
-Policies: LRU (priority, then last-use tick) and LINEAGE (leaf-first, frequency-credited recency;
+Policies: LRU (priority, then last-use tick), LINEAGE (leaf-first, frequency-credited recency;
 the formula is at the member below and `_key` in _reference.py; use counts survive eviction in a
-bounded ghost table). The study behind them: research/eviction/.
+bounded ghost table) and ADAPTIVE (LINEAGE's key with a credit that ghost hits move online). The
+studies behind them: research/eviction/.
 
 Engine hint (not a policy): blocks that requests in the engine's waiting queue will read get
 priority 1 while they wait (KvBlockManager.hint_waiting / hint_done, kvbm.pools.WaitingHints), so
@@ -82,10 +83,25 @@ class EvictionPolicy(IntEnum):
     # Spec: kvbm/_fast/_reference.py (`_key`, and the ghost table in the registry's order of
     # eviction and registration); the study behind it: research/eviction/.
     LINEAGE = 1
+    # LINEAGE's key whose credit tunes itself online ("adaptive"). Two words:
+    #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
+    #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
+    #   credit = N * W ticks, W = 2**(level/256 - 4) (linear between octaves; level -1: W = 0)
+    # The registry keeps LINEAGE's ghost table (same size, same restore). A registration that hits
+    # a ghost entry is a victim that came back: one evicted after one use says the credit was too
+    # high (level - step), one evicted after two or more uses says it was too low (level + step),
+    # clamped to level 0..2304 (W = 1/16..32). ARC moves its split the same way. O(1) per ghost
+    # hit; keys already in the heap keep the credit they were computed with (no re-key). Level,
+    # credit, step and leaf_first live in the table's header, so they survive attach. Defaults
+    # (ADAPTIVE_LEVEL, ADAPTIVE_STEP; leaves first) were fitted on the shared trace's first half
+    # only; BlockRegistry.set_adaptive(level, step, leaf_first) fixes a setting (step 0) for
+    # studies: trace_replay's hindsight sweep is that family. Spec: _reference.py (`_key`,
+    # `_adapt`); the study: research/eviction/POLICY_ADAPTIVE.md.
+    ADAPTIVE = 2
 
     @classmethod
     def from_name(cls, name: str) -> EvictionPolicy:
-        """The policy of a config name ("lru", "lineage": the member's name in lower case);
+        """The policy of a config name ("lru", "lineage", "adaptive": the member's name in lower case);
         ConfigError naming the known ones otherwise."""
         member = _BY_NAME.get(name) if isinstance(name, str) else None
         if member is None:
@@ -97,11 +113,22 @@ _BY_NAME = {p.name.lower(): p for p in EvictionPolicy}
 
 
 def policy_names() -> tuple[str, ...]:
-    """Config names of every policy, in id order: ("lru", "lineage")."""
+    """Config names of every policy, in id order: ("lru", "lineage", "adaptive")."""
     return tuple(_BY_NAME)
+
+
+def has_ghost_table(policy: int) -> bool:
+    """Whether the policy keeps the ghost table of evicted use counts (LINEAGE, ADAPTIVE)."""
+    return int(policy) in (POLICY_LINEAGE, POLICY_ADAPTIVE)
 
 
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
+POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
+# ADAPTIVE's starting credit level (W = 2**(level/256 - 4)) and its step per ghost hit, in levels;
+# fitted on the shared trace's first half only (research/eviction/POLICY_ADAPTIVE.md)
+ADAPTIVE_LEVEL = 1280
+ADAPTIVE_STEP = 4
 
-__all__ = ["BlockState", "EvictionPolicy", "POLICY_LINEAGE", "POLICY_LRU", "policy_names"]
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
+           "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table", "policy_names"]

@@ -90,7 +90,8 @@ cdef int _check_table(BlockRegistry r) except -1:
         steps += 1
     if steps != r.h.num_free or r.free_prev[s] != prev:
         raise RegistryError(f"free list walk found {steps} blocks, num_free = {r.h.num_free}")
-    # heap: positions, order, and live entries carry the key the policy computes now
+    # heap: positions, order, and live entries carry the key the policy computes now (ADAPTIVE:
+    # up to the credit of a reused block's key2)
     for i in range(r.h.heap_size):
         b = r.heap[i].block
         if b < 0 or b >= n or r.heap_pos[b] != i:
@@ -100,6 +101,10 @@ cdef int _check_table(BlockRegistry r) except -1:
             raise RegistryError(f"heap slot {i} holds {_state_name(r.state[b])} block {b}")
         if r.refcount[b] == 0:
             r._policy_key(<bid_t>b, &probe)
+            if r.h.policy == POLICY_ADAPTIVE_ID and r.use_count[b] >= 2:
+                # a reused block's key keeps the credit of when it was computed (_adapt.pxd): only
+                # its first word and a key2 no earlier than its tick are checkable
+                probe.key2 = r.heap[i].key2 if r.heap[i].key2 >= r.last_tick[b] else probe.key2
             if probe.key1 != r.heap[i].key1 or probe.key2 != r.heap[i].key2:
                 raise RegistryError(f"inactive block {b} has stale key ({r.heap[i].key1}, "
                                     f"{r.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")

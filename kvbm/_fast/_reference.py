@@ -19,10 +19,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState, EvictionPolicy
+from kvbm.policy import (
+    ADAPTIVE_LEVEL, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState,
+    EvictionPolicy, has_ghost_table,
+)
 
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
+_LEVEL_MAX = 2304    # ADAPTIVE: W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
+
+
+def _credit_of(n: int, level: int) -> int:
+    """ADAPTIVE's ticks of credit per frequency step: N * 2**(level/256 - 4), linear between
+    octaves (2**q * (1 + r/256) for level = 256 q + r); 0 for level -1."""
+    if level < 0:
+        return 0
+    return (n * (256 + level % 256) << (level // 256)) >> 12
 
 
 @dataclass(slots=True)
@@ -71,7 +83,7 @@ class ReferenceRegistry:
         g = num_blocks if ghost_blocks is None else self._count(ghost_blocks, "ghost_blocks")
         if g > _MAX_BLOCKS:
             raise RegistryError(f"ghost_blocks must be in [0, {_MAX_BLOCKS}], got {g}")
-        self._ghost_cap = g if policy == POLICY_LINEAGE else 0
+        self._ghost_cap = g if has_ghost_table(policy) else 0
         self._ghost: OrderedDict[int, int] = OrderedDict()   # evicted hash -> use count, oldest first
         self._n = num_blocks
         self._policy = int(policy)
@@ -83,6 +95,13 @@ class ReferenceRegistry:
         self._tick = 0
         self._ring: deque[int] = deque(maxlen=num_blocks)
         self._dropped = 0
+        # ADAPTIVE's state (the registry's header): credit level, step per ghost hit, leaves first,
+        # ghost hits that lowered / raised the level
+        self._level = ADAPTIVE_LEVEL
+        self._step = ADAPTIVE_STEP
+        self._leaf = True
+        self._hits_once = 0
+        self._hits_reused = 0
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -96,18 +115,62 @@ class ReferenceRegistry:
     ghost_blocks = property(lambda self: self._ghost_cap)
     num_ghosts = property(lambda self: len(self._ghost))
 
+    @property
+    def adaptive(self) -> dict:
+        return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
+                    leaf_first=self._leaf, ghost_hits_once=self._hits_once,
+                    ghost_hits_reused=self._hits_reused,
+                    ghost_once=sum(1 for c in self._ghost.values() if c < 2))
+
+    def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
+        if self._policy != POLICY_ADAPTIVE:
+            raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
+        lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
+        st = self._step if step is None else self._count(step, "set_adaptive: step")
+        if lv > _LEVEL_MAX or st > _LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {_LEVEL_MAX}")
+        self._level, self._step = lv, st
+        if leaf_first is not None:
+            self._leaf = bool(leaf_first)
+        for b in list(self._inactive):     # a setting applies to every key
+            self._update_key(b)
+
     # ---- policy ----
     def _key(self, b: int) -> tuple:
         blk = self._blocks[b]
         if self._policy == POLICY_LRU:
             return (blk.priority, blk.tick, b)
-        if self._policy == POLICY_LINEAGE:
-            # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating
+        if self._policy in (POLICY_LINEAGE, POLICY_ADAPTIVE):
+            # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating.
+            # ADAPTIVE: its current credit (keys already in the heap keep theirs), leaf bit optional
+            lineage = self._policy == POLICY_LINEAGE
+            unit = 2 * self._n if lineage else _credit_of(self._n, self._level)
+            leaf = 1 if (lineage or self._leaf) and blk.children else 0
             u = blk.use_count
-            credit = 2 * self._n * u.bit_length() if u >= 2 else 0
-            return (((blk.priority + (1 << 31)) << 1) | (1 if blk.children else 0),
-                    min(blk.tick + credit, _U64), b)
+            credit = unit * u.bit_length() if u >= 2 else 0
+            return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
+
+    def _adapt(self, count: int) -> None:
+        """ADAPTIVE: a registration hit a ghost entry evicted with use count `count` (a victim
+        that came back): after one use the credit was too high (level - step), after two or more
+        too low (level + step); clamped to 0.._LEVEL_MAX, unless the step is 0 (fixed)."""
+        if count < 2:
+            self._hits_once += 1
+            level = self._level - self._step
+        else:
+            self._hits_reused += 1
+            level = self._level + self._step
+        if self._step:
+            self._level = min(max(level, 0), _LEVEL_MAX)
+
+    def _key_current(self, b: int) -> bool:
+        # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
+        # the credit of when it was computed, so only key1 and key2 >= its tick are checked
+        have, now = self._inactive[b], self._key(b)
+        if self._policy == POLICY_ADAPTIVE and self._blocks[b].use_count >= 2:
+            return have[0] == now[0] and have[1] >= self._blocks[b].tick and have[2] == b
+        return have == now
 
     def _update_key(self, b: int) -> None:
         if b in self._inactive:
@@ -256,13 +319,16 @@ class ReferenceRegistry:
             if prios is not None:
                 blk.priority = prios[i]
             self._index[h] = b
+            if h in self._ghost:
+                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; under
+                # ADAPTIVE the credit moves before the parent's key is refreshed (as the registry)
+                blk.use_count = self._ghost.pop(h)
+                if self._policy == POLICY_ADAPTIVE:
+                    self._adapt(blk.use_count)
             if p >= 0:
                 blk.parent = p
                 self._blocks[p].children.append(b)
                 self._update_key(p)
-            if h in self._ghost:
-                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed
-                blk.use_count = self._ghost.pop(h)
             self._touch(b)
             out.append(b)
         return np.array(out, dtype=np.int64)
@@ -363,7 +429,7 @@ class ReferenceRegistry:
                 if (blk.refcount == 0) != (b in self._inactive):
                     raise RegistryError(f"block {b}: refcount {blk.refcount}, inactive "
                                         f"{b in self._inactive}")
-                if b in self._inactive and self._inactive[b] != self._key(b):
+                if b in self._inactive and not self._key_current(b):
                     raise RegistryError(f"block {b} has a stale key")
                 if blk.parent >= 0 and b not in self._blocks[blk.parent].children:
                     raise RegistryError(f"block {b} missing from its parent's children")

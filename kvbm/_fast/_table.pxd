@@ -10,6 +10,8 @@ cdef enum:   # the ids of kvbm.policy.EvictionPolicy, one each (registry.pyx che
     POLICY_LRU_ID = 0    # kvbm.policy.EvictionPolicy.LRU: priority, then least recent
     POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
                            #   last tick + lineage_c * f(use count) (_reference.py `_key`)
+    POLICY_ADAPTIVE_ID = 2  # kvbm.policy.EvictionPolicy.ADAPTIVE: LINEAGE's key with the credit
+                            #   adapt_credit, moved by ghost hits (_adapt.pxd)
 
 cdef enum:
     ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
@@ -39,9 +41,17 @@ ctypedef struct RegistryHeader:
     int64_t ring_count        # hashes in the ring not yet drained (<= N)
     uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
     uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
-    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
+    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE/ADAPTIVE)
     int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
     int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
+    int64_t ghost_once        # live ghost entries of blocks evicted after one use (count < 2)
+    int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/256 - 4) blocks' worth of
+                              #   ticks (0..2304: W = 1/16..32); -1: W = 0 (_adapt.pxd)
+    uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
+    int64_t adapt_step        # ADAPTIVE: levels moved per ghost hit (0: a fixed setting)
+    int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
+    uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (each lowered W)
+    uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (each raised W)
 
 
 ctypedef struct HeapEntry:

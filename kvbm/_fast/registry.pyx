@@ -1,8 +1,8 @@
 # cython: language_level=3
 """Block registry of one pool: a struct-of-arrays block table with refcounts, a FIFO free list,
 an indexed min-heap of inactive blocks (the eviction order), an open-addressing uint64 -> block
-index, lineage links, a ring of evicted hashes, and (LINEAGE) a ghost table of the use counts of
-recently evicted hashes. No Python object per block.
+index, lineage links, a ring of evicted hashes, and (LINEAGE, ADAPTIVE) a ghost table of the use
+counts of recently evicted hashes. No Python object per block.
 
 Files: registry.pxd is the contract (every array, field by field, and every routine); the class
 here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
@@ -21,8 +21,8 @@ Parts:
            short by the death of its process (_repair.pxi).
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
   heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
-           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE, see
-           kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
+           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE and
+           ADAPTIVE, see kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
            dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
@@ -30,11 +30,12 @@ Parts:
            entry).
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
-  ghost    LINEAGE only: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
+  ghost    LINEAGE and ADAPTIVE: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
            eviction (forgetting the oldest when G are live). Registering a *new* block (not a
            dedup hit) under a remembered hash restores its use count (replacing touches made while
            PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
-           read again after more than a cache lifetime keeps its frequency credit. An allocation
+           read again after more than a cache lifetime keeps its frequency credit; under ADAPTIVE
+           the hit also moves the credit (_adapt.pxd), in the header. An allocation
            evicts all it needs before its blocks register, as the twin (_reference.py) does.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
@@ -67,6 +68,7 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
+from kvbm._fast._adapt cimport LEVEL_MAX, adapt_on_ghost_hit, credit_of
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
     heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
@@ -80,7 +82,7 @@ from kvbm._fast._table cimport index_capacity, table_layout
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import BlockState, EvictionPolicy
+from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_STEP, BlockState, EvictionPolicy
 
 cdef extern from *:
     """
@@ -97,16 +99,17 @@ cdef extern from *:
 
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
+POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 DEBUG = bool(KVBM_REGISTRY_DEBUG)
 # The policy ids come from kvbm.policy.EvictionPolicy; `_policy_key` has a case for each id of the
 # .pxd's enum, so a member without one (or the reverse) stops the import here.
 _POLICY_IDS = tuple(int(p) for p in EvictionPolicy)
-if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID):
+if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID, POLICY_ADAPTIVE_ID):
     raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
-                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID})")
+                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID}, {POLICY_ADAPTIVE_ID})")
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
+cdef uint64_t LAYOUT_VERSION = 4   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t PREFETCH_AHEAD = 8
 
@@ -135,8 +138,8 @@ cdef class BlockRegistry:
     writable, C-contiguous buffer of at least `bytes_needed(num_blocks, ghost_blocks)` bytes
     (bytearray, numpy uint8 array, mmap, shared_memory.SharedMemory.buf); it is (re)initialised, and
     kept alive (and unresizable) by the registry. Without one the registry allocates a numpy array.
-    policy: POLICY_LRU or POLICY_LINEAGE (kvbm.policy.EvictionPolicy).
-    ghost_blocks: entries of LINEAGE's ghost table (the use counts of recently evicted hashes,
+    policy: POLICY_LRU, POLICY_LINEAGE or POLICY_ADAPTIVE (kvbm.policy.EvictionPolicy).
+    ghost_blocks: entries of LINEAGE's (and ADAPTIVE's) ghost table (the use counts of recently evicted hashes,
     restored when a hash registers again); None means num_blocks ("remember as many evicted blocks
     as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
     passed), so `bytes_needed(num_blocks)` (G = num_blocks) fits every policy.
@@ -157,7 +160,7 @@ cdef class BlockRegistry:
         if pol not in _POLICY_IDS:
             raise RegistryError(f"unknown eviction policy {pol}; known: {list(_POLICY_IDS)}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
-        if pol != POLICY_LINEAGE_ID:
+        if pol != POLICY_LINEAGE_ID and pol != POLICY_ADAPTIVE_ID:
             g = 0
         cdef int64_t needed = BlockRegistry.bytes_needed(n, g)
         if buffer is None:
@@ -260,6 +263,10 @@ cdef class BlockRegistry:
         self.h.num_blocks = n
         self.h.policy = pol
         self.h.lineage_c = <uint64_t>(2 * n)
+        self.h.adapt_level = ADAPTIVE_LEVEL
+        self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
+        self.h.adapt_step = ADAPTIVE_STEP
+        self.h.adapt_leaf = 1
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -307,13 +314,51 @@ cdef class BlockRegistry:
 
     @property
     def ghost_blocks(self) -> int:
-        """Entries of the ghost table (0: none; LINEAGE only)."""
+        """Entries of the ghost table (0: none; LINEAGE and ADAPTIVE only)."""
         return self.h.ghost_blocks
 
     @property
     def num_ghosts(self) -> int:
         """Live ghost entries: evicted hashes whose use count would be restored at registration."""
         return self.h.ghost_size
+
+    @property
+    def adaptive(self) -> dict:
+        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, step per ghost
+        hit, leaf_first, and the ghost hits that lowered (once) and raised (reused) the level;
+        other policies report their fixed equivalents and no hits."""
+        return dict(level=self.h.adapt_level, credit=self.h.adapt_credit, step=self.h.adapt_step,
+                    leaf_first=bool(self.h.adapt_leaf), ghost_hits_once=self.h.ghost_hits_once,
+                    ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
+
+    def set_adaptive(self, level=None, step=None, leaf_first=None):
+        """ADAPTIVE only (studies and tests): set the credit level (-1..2304; -1 is W = 0), the
+        step per ghost hit (0..2304; 0 fixes the setting) and leaves-first; None keeps each. Every
+        inactive block is re-keyed under the new setting (O(n); ghost hits never do this)."""
+        if self.h.policy != POLICY_ADAPTIVE_ID:
+            raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
+                                f"({POLICY_ADAPTIVE_ID})")
+        cdef int64_t lv = self.h.adapt_level if level is None else \
+            as_count(level + 1, "set_adaptive: level + 1", RegistryError) - 1
+        cdef int64_t st = self.h.adapt_step if step is None else \
+            as_count(step, "set_adaptive: step", RegistryError)
+        if lv > LEVEL_MAX or st > LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}")
+        self.h.adapt_level = lv
+        self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
+        self.h.adapt_step = st
+        if leaf_first is not None:
+            self.h.adapt_leaf = 1 if leaf_first else 0
+        # a setting applies to every key: re-key the live entries, then restore the heap order
+        cdef int64_t i
+        cdef bid_t bk
+        for i in range(self.h.heap_size):
+            bk = self.heap[i].block
+            if self.refcount[bk] == 0:
+                self._policy_key(bk, &self.heap[i])
+        for i in range((self.h.heap_size - 2) // 4, -1, -1):
+            self._sift_down(i)
+        _debug_check(self)
 
     @property
     def num_evicted_dropped(self) -> int:
@@ -445,22 +490,31 @@ cdef class BlockRegistry:
         # The one place that turns block metadata into an eviction key (smaller is evicted first).
         # New policies add a case here; available: priority, last_tick, use_count, parent,
         # children (see kvbm/policy.py).
-        cdef uint64_t u, credit, t
+        cdef uint64_t u, credit, t, unit
+        cdef bint leaf
         if self.h.policy == POLICY_LRU_ID:
             # priority biased into uint64 so that lower (also negative) priorities sort first
             e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
             e.key2 = self.last_tick[b]
-        elif self.h.policy == POLICY_LINEAGE_ID:
-            # kvbm.policy.EvictionPolicy.LINEAGE: leaves (no registered child here) before
-            # interior blocks of the same priority; then last tick + C * f(use count), f(u) = 0
-            # for u < 2, else bit_length(u) (1..32 for a uint32 count). key2 saturates instead of
-            # wrapping: C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
+        else:
+            # LINEAGE (kvbm.policy.EvictionPolicy.LINEAGE): leaves (no registered child here)
+            # before interior blocks of the same priority; then last tick + C * f(use count),
+            # f(u) = 0 for u < 2, else bit_length(u) (1..32 for a uint32 count). ADAPTIVE: the
+            # same with C = adapt_credit (moved by ghost hits, _adapt.pxd) and leaves first only
+            # if adapt_leaf. key2 saturates instead of wrapping: C * f <= 2**37 * 32 for
+            # N < 2**31, so only the sum can overflow.
+            if self.h.policy == POLICY_LINEAGE_ID:
+                unit = self.h.lineage_c
+                leaf = True
+            else:
+                unit = self.h.adapt_credit
+                leaf = self.h.adapt_leaf != 0
             e.key1 = ((<uint64_t>(<int64_t>self.priority[b] + 2147483648LL)) << 1) | \
-                     (1 if self.children[b] > 0 else 0)
+                     (1 if leaf and self.children[b] > 0 else 0)
             u = self.use_count[b]
             t = self.last_tick[b]
             if u >= 2:
-                credit = self.h.lineage_c * <uint64_t>(64 - __builtin_clzll(u))
+                credit = unit * <uint64_t>(64 - __builtin_clzll(u))
                 e.key2 = t + credit if t <= 0xFFFFFFFFFFFFFFFFULL - credit else 0xFFFFFFFFFFFFFFFFULL
             else:
                 e.key2 = t
@@ -545,8 +599,9 @@ cdef class BlockRegistry:
         cdef int64_t i = -1
         cdef bid_t p = -1
         cdef HeapEntry e
-        if self.h.policy == POLICY_LINEAGE_ID:
-            # The only policy whose key reads the children count: the parent's key may change
+        if self.h.policy == POLICY_LINEAGE_ID or \
+                (self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_leaf):
+            # The only policies whose key reads the children count: the parent's key may change
             # when the victim leaves (its last child: a leaf now and, older than the victim, most
             # often the next one). Then the parent's new entry replaces the victim at the root and
             # sifts down, instead of popping the root (a sift-down from the top) and sifting the
@@ -651,6 +706,8 @@ cdef class BlockRegistry:
                 # slot and its use count (before the registration touch); the entry is consumed.
                 s = <bid_t>(-2 - self.ivals[pos])
                 self.use_count[b] = self.ghost[s].count
+                if self.h.policy == POLICY_ADAPTIVE_ID:
+                    adapt_on_ghost_hit(self.h, self.ghost[s].count)   # a victim came back
                 self._ghost_unlink(s)
                 pos = -1 - pos
             self.ikeys[-1 - pos] = hsh
