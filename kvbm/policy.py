@@ -86,11 +86,13 @@ class EvictionPolicy(IntEnum):
     # LINEAGE's key whose credit tunes itself online ("adaptive"). Two words:
     #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
-    #   credit = N * W ticks, W = 2**(level/256 - 4) (linear between octaves; level -1: W = 0)
+    #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
     # The registry keeps LINEAGE's ghost table (same size, same restore). A registration that hits
     # a ghost entry is a victim that came back: one evicted after one use says the credit was too
-    # high (level - step), one evicted after two or more uses says it was too low (level + step),
-    # clamped to level 0..2304 (W = 1/16..32). ARC moves its split the same way. O(1) per ghost
+    # high (level - step * max(R/O, 1)), one evicted after two or more uses says it was too low
+    # (level + step * max(O/R, 1)); O, R: live ghost entries evicted after one use / more. Clamped
+    # to level 0..9 * 2**16 (W = 1/16..32). ARC moves its split the same way, with the same
+    # weights: the level settles where both kinds of victims come back at the same rate per entry. O(1) per ghost
     # hit; keys already in the heap keep the credit they were computed with (no re-key). Level,
     # credit, step and leaf_first live in the table's header, so they survive attach. Defaults
     # (ADAPTIVE_LEVEL, ADAPTIVE_STEP; leaves first) were fitted on the shared trace's first half
@@ -125,10 +127,12 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/256 - 4)) and its step per ghost hit, in levels;
-# fitted on the shared trace's first half only (research/eviction/POLICY_ADAPTIVE.md)
-ADAPTIVE_LEVEL = 1280
-ADAPTIVE_STEP = 4
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 5 << 16 is W = 2, lineage's) and
+# its step per ghost hit, in levels; fitted on the shared trace's first half only
+# (research/eviction/POLICY_ADAPTIVE.md)
+ADAPTIVE_OCTAVE = 1 << 16
+ADAPTIVE_LEVEL = 7 << 16
+ADAPTIVE_STEP = 256
 
-__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
            "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table", "policy_names"]

@@ -171,7 +171,7 @@ cdef int _check_table(BlockRegistry r) except -1:
 
 cdef int _check_ghost(BlockRegistry r) except -1:
     # FIFO list, unused stack and index agree (_check_table counted the index's ghosts).
-    cdef int64_t g = r.h.ghost_blocks, i, j, cnt = 0, nfree = 0
+    cdef int64_t g = r.h.ghost_blocks, i, j, cnt = 0, nfree = 0, once = 0
     cdef bid_t s, prev = <bid_t>g
     if g == 0:
         return 0
@@ -186,11 +186,14 @@ cdef int _check_ghost(BlockRegistry r) except -1:
         i = r._index_pos(r.ghost[s].hash)
         if i < 0 or r.ivals[i] != -2 - s:
             raise RegistryError(f"ghost slot {s} (hash {r.ghost[s].hash}) is not indexed")
+        once += r.ghost[s].count < 2
         prev = s
         s = r.ghost[s].next
         cnt += 1
     if cnt != r.h.ghost_size or r.ghost[g].prev != prev:
         raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {r.h.ghost_size}")
+    if once != r.h.ghost_once:
+        raise RegistryError(f"ghost FIFO holds {once} entries of count 1, ghost_once {r.h.ghost_once}")
     j = r.h.ghost_free
     while j >= 0:
         if j >= g or nfree > g or r.ghost[j].prev != -1 or r.ghost[j].count != 0:

@@ -26,15 +26,17 @@ from kvbm.policy import (
 
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
-_LEVEL_MAX = 2304    # ADAPTIVE: W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
+_LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
+_LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
 
 
 def _credit_of(n: int, level: int) -> int:
-    """ADAPTIVE's ticks of credit per frequency step: N * 2**(level/256 - 4), linear between
-    octaves (2**q * (1 + r/256) for level = 256 q + r); 0 for level -1."""
+    """ADAPTIVE's ticks of credit per frequency step: N * 2**(level/2**16 - 4), linear between
+    octaves (2**q * (1 + r/2**16) for level = 2**16 q + r); 0 for level -1."""
     if level < 0:
         return 0
-    return (n * (256 + level % 256) << (level // 256)) >> 12
+    one = 1 << _LEVEL_BITS
+    return (n * (one + level % one) << (level >> _LEVEL_BITS)) >> (_LEVEL_BITS + 4)
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class ReferenceRegistry:
         self._leaf = True
         self._hits_once = 0
         self._hits_reused = 0
+        self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -120,7 +123,7 @@ class ReferenceRegistry:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
                     leaf_first=self._leaf, ghost_hits_once=self._hits_once,
                     ghost_hits_reused=self._hits_reused,
-                    ghost_once=sum(1 for c in self._ghost.values() if c < 2))
+                    ghost_once=self._ghost_once)
 
     def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
@@ -152,17 +155,22 @@ class ReferenceRegistry:
         raise AssertionError(self._policy)
 
     def _adapt(self, count: int) -> None:
-        """ADAPTIVE: a registration hit a ghost entry evicted with use count `count` (a victim
-        that came back): after one use the credit was too high (level - step), after two or more
-        too low (level + step); clamped to 0.._LEVEL_MAX, unless the step is 0 (fixed)."""
+        """ADAPTIVE: a registration hit a live ghost entry evicted with use count `count` (a
+        victim that came back; the entry still counted): after one use the credit was too high
+        (level - step * max(R, O) // O), after two or more too low (level + step * max(O, R) // R),
+        O and R the live entries of each kind; the move clamped to +-_LEVEL_MAX, the level to
+        0.._LEVEL_MAX, unless the step is 0 (fixed)."""
+        once = self._ghost_once
+        reused = len(self._ghost) - once
         if count < 2:
             self._hits_once += 1
-            level = self._level - self._step
+            delta = -(self._step * max(reused, once) // once)
         else:
             self._hits_reused += 1
-            level = self._level + self._step
+            delta = self._step * max(once, reused) // reused
         if self._step:
-            self._level = min(max(level, 0), _LEVEL_MAX)
+            delta = min(max(delta, -_LEVEL_MAX), _LEVEL_MAX)
+            self._level = min(max(self._level + delta, 0), _LEVEL_MAX)
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
@@ -210,15 +218,20 @@ class ReferenceRegistry:
             self._blocks[c].parent = -1
             self._update_key(c)
         if self._ghost_cap:
+            if len(self._ghost) == self._ghost_cap:
+                self._ghost_pop(next(iter(self._ghost)))      # the oldest is forgotten
             self._ghost[blk.hash] = blk.use_count
-            self._ghost.move_to_end(blk.hash)
-            while len(self._ghost) > self._ghost_cap:
-                self._ghost.popitem(last=False)
+            self._ghost_once += blk.use_count < 2
         if len(self._ring) == self._n:
             self._dropped += 1
         self._ring.append(blk.hash)
         self._blocks[b] = _Block()
         return b
+
+    def _ghost_pop(self, h: int) -> int:
+        c = self._ghost.pop(h)
+        self._ghost_once -= c < 2
+        return c
 
     def _free_block(self, b: int) -> None:
         self._blocks[b] = _Block()
@@ -321,10 +334,11 @@ class ReferenceRegistry:
             self._index[h] = b
             if h in self._ghost:
                 # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; under
-                # ADAPTIVE the credit moves before the parent's key is refreshed (as the registry)
-                blk.use_count = self._ghost.pop(h)
+                # ADAPTIVE the credit moves first (the entry still counted), then the parent's key
+                # is refreshed, as in the registry
                 if self._policy == POLICY_ADAPTIVE:
-                    self._adapt(blk.use_count)
+                    self._adapt(self._ghost[h])
+                blk.use_count = self._ghost_pop(h)
             if p >= 0:
                 blk.parent = p
                 self._blocks[p].children.append(b)

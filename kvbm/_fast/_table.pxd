@@ -45,8 +45,8 @@ ctypedef struct RegistryHeader:
     int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
     int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
     int64_t ghost_once        # live ghost entries of blocks evicted after one use (count < 2)
-    int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/256 - 4) blocks' worth of
-                              #   ticks (0..2304: W = 1/16..32); -1: W = 0 (_adapt.pxd)
+    int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/2**16 - 4) blocks' worth of
+                              #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
     int64_t adapt_step        # ADAPTIVE: levels moved per ghost hit (0: a fixed setting)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not

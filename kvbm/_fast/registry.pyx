@@ -332,8 +332,8 @@ cdef class BlockRegistry:
                     ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
 
     def set_adaptive(self, level=None, step=None, leaf_first=None):
-        """ADAPTIVE only (studies and tests): set the credit level (-1..2304; -1 is W = 0), the
-        step per ghost hit (0..2304; 0 fixes the setting) and leaves-first; None keeps each. Every
+        """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
+        2**16 - 4), -1 is W = 0), the step per ghost hit (0..9 * 2**16; 0 fixes the setting) and leaves-first; None keeps each. Every
         inactive block is re-keyed under the new setting (O(n); ghost hits never do this)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
