@@ -105,6 +105,10 @@ class ReferenceRegistry:
         self._hits_once = 0
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
+        self._dir = 1
+        self._epoch_left = max(num_blocks // 2, 1)
+        self._epoch_hits = 0
+        self._prev_hits: int | None = None
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -121,7 +125,9 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    leaf_first=self._leaf, ghost_hits_once=self._hits_once,
+                    leaf_first=self._leaf, direction=self._dir, epoch_left=self._epoch_left,
+                    epoch_hits=self._epoch_hits, previous_hits=self._prev_hits,
+                    ghost_hits_once=self._hits_once,
                     ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
@@ -154,23 +160,28 @@ class ReferenceRegistry:
             return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
 
-    def _adapt(self, count: int) -> None:
-        """ADAPTIVE: a registration hit a live ghost entry evicted with use count `count` (a
-        victim that came back; the entry still counted): after one use the credit was too high
-        (level - step * max(R, O) // O), after two or more too low (level + step * max(O, R) // R),
-        O and R the live entries of each kind; the move clamped to +-_LEVEL_MAX, the level to
-        0.._LEVEL_MAX, unless the step is 0 (fixed)."""
-        once = self._ghost_once
-        reused = len(self._ghost) - once
+    def _ghost_hit(self, count: int) -> None:
+        """ADAPTIVE: a registration hit a ghost entry evicted with use count `count` (a victim
+        that came back): counted for this epoch and by kind."""
+        self._epoch_hits += 1
         if count < 2:
             self._hits_once += 1
-            delta = -(self._step * max(reused, once) // once)
         else:
             self._hits_reused += 1
-            delta = self._step * max(once, reused) // reused
+
+    def _epoch_step(self) -> None:
+        """ADAPTIVE, after each eviction: an epoch is N // 2 evictions (at least 1). At its end,
+        turn round if it had more ghost hits than the previous one (none before the first), then
+        move the level one step, clamped to 0.._LEVEL_MAX (step 0: never moves)."""
+        self._epoch_left -= 1
+        if self._epoch_left > 0:
+            return
+        self._epoch_left = max(self._n // 2, 1)
+        if self._prev_hits is not None and self._epoch_hits > self._prev_hits:
+            self._dir = -self._dir
+        self._prev_hits, self._epoch_hits = self._epoch_hits, 0
         if self._step:
-            delta = min(max(delta, -_LEVEL_MAX), _LEVEL_MAX)
-            self._level = min(max(self._level + delta, 0), _LEVEL_MAX)
+            self._level = min(max(self._level + self._dir * self._step, 0), _LEVEL_MAX)
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
@@ -226,6 +237,8 @@ class ReferenceRegistry:
             self._dropped += 1
         self._ring.append(blk.hash)
         self._blocks[b] = _Block()
+        if self._policy == POLICY_ADAPTIVE:
+            self._epoch_step()        # last: every key of this eviction had the old credit
         return b
 
     def _ghost_pop(self, h: int) -> int:
@@ -333,11 +346,10 @@ class ReferenceRegistry:
                 blk.priority = prios[i]
             self._index[h] = b
             if h in self._ghost:
-                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; under
-                # ADAPTIVE the credit moves first (the entry still counted), then the parent's key
-                # is refreshed, as in the registry
+                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; ADAPTIVE
+                # counts the hit
                 if self._policy == POLICY_ADAPTIVE:
-                    self._adapt(self._ghost[h])
+                    self._ghost_hit(self._ghost[h])
                 blk.use_count = self._ghost_pop(h)
             if p >= 0:
                 blk.parent = p

@@ -11,7 +11,7 @@ cdef enum:   # the ids of kvbm.policy.EvictionPolicy, one each (registry.pyx che
     POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
                            #   last tick + lineage_c * f(use count) (_reference.py `_key`)
     POLICY_ADAPTIVE_ID = 2  # kvbm.policy.EvictionPolicy.ADAPTIVE: LINEAGE's key with the credit
-                            #   adapt_credit, moved by ghost hits (_adapt.pxd)
+                            #   adapt_credit, tuned online on the ghost hits (_adapt.pxd)
 
 cdef enum:
     ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
@@ -48,10 +48,14 @@ ctypedef struct RegistryHeader:
     int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/2**16 - 4) blocks' worth of
                               #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
-    int64_t adapt_step        # ADAPTIVE: levels moved per ghost hit (0: a fixed setting)
+    int64_t adapt_step        # ADAPTIVE: levels moved per epoch (0: a fixed setting)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
-    uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (each lowered W)
-    uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (each raised W)
+    int64_t adapt_dir         # ADAPTIVE: +1 or -1, the direction of the next move
+    int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
+    uint64_t adapt_hits       # ADAPTIVE: ghost hits in this epoch
+    uint64_t adapt_prev       # ADAPTIVE: ghost hits in the previous epoch (2**64 - 1: none yet)
+    uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (cumulative)
+    uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (cumulative)
 
 
 ctypedef struct HeapEntry:

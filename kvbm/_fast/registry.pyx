@@ -68,7 +68,9 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
-from kvbm._fast._adapt cimport LEVEL_MAX, adapt_on_ghost_hit, credit_of
+from kvbm._fast._adapt cimport (
+    LEVEL_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
+)
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
     heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
@@ -267,6 +269,9 @@ cdef class BlockRegistry:
         self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
         self.h.adapt_step = ADAPTIVE_STEP
         self.h.adapt_leaf = 1
+        self.h.adapt_dir = 1
+        self.h.adapt_left = epoch_length(n)
+        self.h.adapt_prev = 0xFFFFFFFFFFFFFFFFULL
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -324,16 +329,20 @@ cdef class BlockRegistry:
 
     @property
     def adaptive(self) -> dict:
-        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, step per ghost
-        hit, leaf_first, and the ghost hits that lowered (once) and raised (reused) the level;
-        other policies report their fixed equivalents and no hits."""
+        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, step per epoch,
+        leaf_first, direction, evictions left in the epoch, ghost hits in this epoch and the one
+        before (None: none yet), and the ghost hits so far of blocks evicted after one use and after
+        more; ghost_once: live ghost entries of the first kind."""
         return dict(level=self.h.adapt_level, credit=self.h.adapt_credit, step=self.h.adapt_step,
-                    leaf_first=bool(self.h.adapt_leaf), ghost_hits_once=self.h.ghost_hits_once,
+                    leaf_first=bool(self.h.adapt_leaf), direction=self.h.adapt_dir,
+                    epoch_left=self.h.adapt_left, epoch_hits=self.h.adapt_hits,
+                    previous_hits=None if self.h.adapt_prev == 0xFFFFFFFFFFFFFFFFULL else self.h.adapt_prev,
+                    ghost_hits_once=self.h.ghost_hits_once,
                     ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
 
     def set_adaptive(self, level=None, step=None, leaf_first=None):
         """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
-        2**16 - 4), -1 is W = 0), the step per ghost hit (0..9 * 2**16; 0 fixes the setting) and leaves-first; None keeps each. Every
+        2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting) and leaves-first; None keeps each. Every
         inactive block is re-keyed under the new setting (O(n); ghost hits never do this)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
@@ -642,6 +651,8 @@ cdef class BlockRegistry:
         else:
             self.h.ring_dropped += 1
         self._reset(b)
+        if self.h.policy == POLICY_ADAPTIVE_ID:
+            adapt_on_eviction(self.h)    # last: every key of this eviction had the old credit
         return b
 
     # ---- batch loops (nogil; the def methods validated every index first) ----------------------
@@ -707,7 +718,7 @@ cdef class BlockRegistry:
                 s = <bid_t>(-2 - self.ivals[pos])
                 self.use_count[b] = self.ghost[s].count
                 if self.h.policy == POLICY_ADAPTIVE_ID:
-                    adapt_on_ghost_hit(self.h, self.ghost[s].count)   # a victim came back
+                    adapt_on_ghost_hit(self.h, self.ghost[s].count)   # a victim came back: counted
                 self._ghost_unlink(s)
                 pos = -1 - pos
             self.ikeys[-1 - pos] = hsh
