@@ -132,7 +132,8 @@ POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 # (research/eviction/POLICY_ADAPTIVE.md)
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 7 << 16
-ADAPTIVE_STEP = 16384
+ADAPTIVE_STEP = 8192
+ADAPTIVE_POWER = 0
 
-__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_POWER", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
            "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table", "policy_names"]

@@ -9,15 +9,16 @@ Parts:
           1/16..32); level -1 is W = 0 (plain recency, a fixed setting only). `credit_of` turns it
           into ticks, integers only (the twin computes the same numbers): 2**q * (1 + r/2**16) for
           level = 2**16 q + r, i.e. exact at whole octaves and linear in between.
-  epoch   N/2 evictions. A registration that hits a ghost entry is a victim that came back within
-          about one cache lifetime of its eviction: a miss that a better order would have turned
-          into a hit. The ghost hits of an epoch are the cost the level is tuned to lower, by hill
-          climbing (perturb and observe): at the end of each epoch, if this epoch had more ghost
-          hits than the one before, turn round; then move the level one step in the current
-          direction (clamped to 0..LEVEL_MAX). O(1) per eviction and per ghost hit. Keys already
-          in the heap keep the credit they were computed with (no O(n) re-key); they meet the new
-          one when next re-keyed (touch, release). One step is small against the W range so that
-          the heap never mixes credits far apart.
+  epoch   N/2 evictions. A registration that hits a ghost entry is a victim that came back: ho
+          counts those evicted after one use (the credit pushed them out), hr those evicted after
+          more (the credit did not keep them). At the end of an epoch, with O and R the live ghost
+          entries of each kind: raise the level one step if hr**k * O > ho**k * R, lower it if <,
+          keep it if equal (no ghost hits); clamped to 0..LEVEL_MAX. k = 1 is ARC's rule (equal
+          return rates per ghost entry); k = 0 compares the counts (ARC without its weights); k = 2
+          lies between (adapt_power; see POLICY_ADAPTIVE.md for why and what it was fitted on).
+          Both sides are products in double precision, in the same order in the twin, so the two
+          agree exactly. O(1) per eviction and per ghost hit. Keys already in the heap keep the
+          credit they were computed with (no O(n) re-key); one step is small against the W range.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
@@ -26,6 +27,7 @@ from kvbm._fast._table cimport RegistryHeader
 cdef enum:
     LEVEL_BITS = 16        # levels per doubling of W: 2**16
     LEVEL_MAX = 589824     # 9 << 16: W = 32 (9 octaves above W = 1/16, level 0)
+    POWER_MAX = 4          # largest adapt_power accepted
 
 
 cdef inline uint64_t credit_of(int64_t n, int64_t level) noexcept nogil:
@@ -38,34 +40,49 @@ cdef inline uint64_t credit_of(int64_t n, int64_t level) noexcept nogil:
 
 
 cdef inline int64_t epoch_length(int64_t n) noexcept nogil:
-    # Evictions per epoch: half a cache turnover, so a move shows in the next epoch's ghost hits.
+    # Evictions per epoch: half a cache turnover.
     return n // 2 if n >= 2 else 1
 
 
 cdef inline void adapt_on_ghost_hit(RegistryHeader *h, uint32_t count) noexcept nogil:
     # A new block registered under a ghost entry evicted with use count `count` (>= 1).
-    h.adapt_hits += 1
     if count < 2:
+        h.adapt_once += 1
         h.ghost_hits_once += 1
     else:
+        h.adapt_reused += 1
         h.ghost_hits_reused += 1
 
 
+cdef inline int epoch_vote(uint64_t hr, uint64_t ho, int64_t once, int64_t reused,
+                           int64_t power) noexcept nogil:
+    # +1: raise the level, -1: lower it, 0: keep it (the module docstring's test).
+    cdef double a, b
+    cdef int64_t i
+    if power == 0:
+        return (hr > ho) - (hr < ho)
+    a = <double>once
+    b = <double>reused
+    for i in range(power):
+        a = a * <double>hr
+        b = b * <double>ho
+    return (a > b) - (a < b)
+
+
 cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
-    # After each eviction: at the end of an epoch, turn round if it had more ghost hits than the
-    # previous one, then move the level one step (a fixed setting, step 0, never moves).
+    # After each eviction: at the end of an epoch, move the level one step by the epoch's vote
+    # (a fixed setting, step 0, never moves) and start counting again.
     cdef int64_t level
     h.adapt_left -= 1
     if h.adapt_left > 0:
         return
     h.adapt_left = epoch_length(h.num_blocks)
-    if h.adapt_hits > h.adapt_prev:
-        h.adapt_dir = -h.adapt_dir
-    h.adapt_prev = h.adapt_hits
-    h.adapt_hits = 0
+    level = h.adapt_level + h.adapt_step * epoch_vote(
+        h.adapt_reused, h.adapt_once, h.ghost_once, h.ghost_size - h.ghost_once, h.adapt_power)
+    h.adapt_once = 0
+    h.adapt_reused = 0
     if h.adapt_step == 0:
         return
-    level = h.adapt_level + h.adapt_dir * h.adapt_step
     if level < 0:
         level = 0
     elif level > LEVEL_MAX:

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvbm.errors import RegistryError
 from kvbm.policy import (
-    ADAPTIVE_LEVEL, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState,
+    ADAPTIVE_LEVEL, ADAPTIVE_POWER, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState,
     EvictionPolicy, has_ghost_table,
 )
 
@@ -105,10 +105,10 @@ class ReferenceRegistry:
         self._hits_once = 0
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
-        self._dir = 1
+        self._power = ADAPTIVE_POWER
         self._epoch_left = max(num_blocks // 2, 1)
-        self._epoch_hits = 0
-        self._prev_hits: int | None = None
+        self._epoch_once = 0
+        self._epoch_reused = 0
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -125,20 +125,21 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    leaf_first=self._leaf, direction=self._dir, epoch_left=self._epoch_left,
-                    epoch_hits=self._epoch_hits, previous_hits=self._prev_hits,
+                    leaf_first=self._leaf, power=self._power, epoch_left=self._epoch_left,
+                    epoch_once=self._epoch_once, epoch_reused=self._epoch_reused,
                     ghost_hits_once=self._hits_once,
                     ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
+    def set_adaptive(self, level=None, step=None, leaf_first=None, power=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
             raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
         lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
         st = self._step if step is None else self._count(step, "set_adaptive: step")
-        if lv > _LEVEL_MAX or st > _LEVEL_MAX:
-            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {_LEVEL_MAX}")
-        self._level, self._step = lv, st
+        pw = self._power if power is None else self._count(power, "set_adaptive: power")
+        if lv > _LEVEL_MAX or st > _LEVEL_MAX or pw > 4:
+            raise RegistryError(f"set_adaptive: level {lv}, step {st} or power {pw} out of range")
+        self._level, self._step, self._power = lv, st, pw
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
         for b in list(self._inactive):     # a setting applies to every key
@@ -162,26 +163,35 @@ class ReferenceRegistry:
 
     def _ghost_hit(self, count: int) -> None:
         """ADAPTIVE: a registration hit a ghost entry evicted with use count `count` (a victim
-        that came back): counted for this epoch and by kind."""
-        self._epoch_hits += 1
+        that came back): counted for this epoch by kind."""
         if count < 2:
+            self._epoch_once += 1
             self._hits_once += 1
         else:
+            self._epoch_reused += 1
             self._hits_reused += 1
 
     def _epoch_step(self) -> None:
         """ADAPTIVE, after each eviction: an epoch is N // 2 evictions (at least 1). At its end,
-        turn round if it had more ghost hits than the previous one (none before the first), then
-        move the level one step, clamped to 0.._LEVEL_MAX (step 0: never moves)."""
+        with hr, ho its ghost hits of reused / once-used victims and R, O the live ghost entries of
+        each kind: level + step if hr**k * O > ho**k * R, - step if <, (k = 0: hr against ho),
+        clamped to 0.._LEVEL_MAX (step 0: never moves). The products in floats, in the
+        registry's order (its doubles), so both round alike."""
         self._epoch_left -= 1
         if self._epoch_left > 0:
             return
         self._epoch_left = max(self._n // 2, 1)
-        if self._prev_hits is not None and self._epoch_hits > self._prev_hits:
-            self._dir = -self._dir
-        self._prev_hits, self._epoch_hits = self._epoch_hits, 0
+        hr, ho = self._epoch_reused, self._epoch_once
+        if self._power == 0:
+            a, b = hr, ho
+        else:
+            a, b = float(self._ghost_once), float(len(self._ghost) - self._ghost_once)
+            for _ in range(self._power):
+                a, b = a * float(hr), b * float(ho)
+        vote = (a > b) - (a < b)
+        self._epoch_once = self._epoch_reused = 0
         if self._step:
-            self._level = min(max(self._level + self._dir * self._step, 0), _LEVEL_MAX)
+            self._level = min(max(self._level + vote * self._step, 0), _LEVEL_MAX)
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

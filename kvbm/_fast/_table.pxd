@@ -50,10 +50,11 @@ ctypedef struct RegistryHeader:
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
     int64_t adapt_step        # ADAPTIVE: levels moved per epoch (0: a fixed setting)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
-    int64_t adapt_dir         # ADAPTIVE: +1 or -1, the direction of the next move
+    int64_t adapt_power       # ADAPTIVE: k of the epoch's test hr**k * O > ho**k * R (_adapt.pxd);
+                              #   0: hr > ho
     int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
-    uint64_t adapt_hits       # ADAPTIVE: ghost hits in this epoch
-    uint64_t adapt_prev       # ADAPTIVE: ghost hits in the previous epoch (2**64 - 1: none yet)
+    uint64_t adapt_once       # ADAPTIVE: ghost hits this epoch of blocks evicted after one use (ho)
+    uint64_t adapt_reused     # ADAPTIVE: ghost hits this epoch of blocks evicted after more (hr)
     uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (cumulative)
     uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (cumulative)
 

@@ -69,7 +69,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport (
-    LEVEL_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
+    LEVEL_MAX, POWER_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
 )
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
@@ -84,7 +84,7 @@ from kvbm._fast._table cimport index_capacity, table_layout
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_STEP, BlockState, EvictionPolicy
+from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_POWER, ADAPTIVE_STEP, BlockState, EvictionPolicy
 
 cdef extern from *:
     """
@@ -269,9 +269,8 @@ cdef class BlockRegistry:
         self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
         self.h.adapt_step = ADAPTIVE_STEP
         self.h.adapt_leaf = 1
-        self.h.adapt_dir = 1
+        self.h.adapt_power = ADAPTIVE_POWER
         self.h.adapt_left = epoch_length(n)
-        self.h.adapt_prev = 0xFFFFFFFFFFFFFFFFULL
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -330,20 +329,20 @@ cdef class BlockRegistry:
     @property
     def adaptive(self) -> dict:
         """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, step per epoch,
-        leaf_first, direction, evictions left in the epoch, ghost hits in this epoch and the one
-        before (None: none yet), and the ghost hits so far of blocks evicted after one use and after
-        more; ghost_once: live ghost entries of the first kind."""
+        leaf_first, power (the epoch test's k), evictions left in the epoch, this epoch's ghost
+        hits of blocks evicted after one use (epoch_once) and after more (epoch_reused), the same
+        counted since creation, and ghost_once: live ghost entries of the first kind."""
         return dict(level=self.h.adapt_level, credit=self.h.adapt_credit, step=self.h.adapt_step,
-                    leaf_first=bool(self.h.adapt_leaf), direction=self.h.adapt_dir,
-                    epoch_left=self.h.adapt_left, epoch_hits=self.h.adapt_hits,
-                    previous_hits=None if self.h.adapt_prev == 0xFFFFFFFFFFFFFFFFULL else self.h.adapt_prev,
-                    ghost_hits_once=self.h.ghost_hits_once,
+                    leaf_first=bool(self.h.adapt_leaf), power=self.h.adapt_power,
+                    epoch_left=self.h.adapt_left, epoch_once=self.h.adapt_once,
+                    epoch_reused=self.h.adapt_reused, ghost_hits_once=self.h.ghost_hits_once,
                     ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None):
+    def set_adaptive(self, level=None, step=None, leaf_first=None, power=None):
         """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
-        2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting) and leaves-first; None keeps each. Every
-        inactive block is re-keyed under the new setting (O(n); ghost hits never do this)."""
+        2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
+        leaves-first and the epoch test's power (0..4); None keeps each. Every
+        inactive block is re-keyed under the new setting (O(n); an epoch's move never does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
                                 f"({POLICY_ADAPTIVE_ID})")
@@ -351,11 +350,15 @@ cdef class BlockRegistry:
             as_count(level + 1, "set_adaptive: level + 1", RegistryError) - 1
         cdef int64_t st = self.h.adapt_step if step is None else \
             as_count(step, "set_adaptive: step", RegistryError)
-        if lv > LEVEL_MAX or st > LEVEL_MAX:
-            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}")
+        cdef int64_t pw = self.h.adapt_power if power is None else \
+            as_count(power, "set_adaptive: power", RegistryError)
+        if lv > LEVEL_MAX or st > LEVEL_MAX or pw > POWER_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}, "
+                                f"power {pw} <= {POWER_MAX}")
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.adapt_step = st
+        self.h.adapt_power = pw
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0
         # a setting applies to every key: re-key the live entries, then restore the heap order
