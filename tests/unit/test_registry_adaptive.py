@@ -1,5 +1,5 @@
 """ADAPTIVE (kvbm.policy.EvictionPolicy.ADAPTIVE): its credit in ticks per level, exact eviction
-orders of fixed settings, leaves first on and off, the hill climb of the level epoch by epoch, and
+orders of fixed settings, leaves first on and off, the epoch vote that moves the level, and
 its state surviving attach. Both implementations (the Cython registry and its twin) must give the
 same numbers; the random-sequence comparison is in test_registry_differential.py."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import ConfigError, RegistryError
 from kvbm.policy import (
-    ADAPTIVE_LEVEL, ADAPTIVE_OCTAVE, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LRU, EvictionPolicy,
-    policy_names,
+    ADAPTIVE_LEVEL, ADAPTIVE_OCTAVE, ADAPTIVE_POWER, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LRU,
+    EvictionPolicy, policy_names,
 )
 
 IMPLS = [BlockRegistry, ReferenceRegistry]
@@ -46,6 +46,7 @@ def test_credit_per_level(impl):
     """credit = N * 2**(level / 2**16 - 4) ticks, exact at octaves, linear between; -1 is 0."""
     reg = impl(16, policy=POLICY_ADAPTIVE)
     assert reg.adaptive["level"] == ADAPTIVE_LEVEL and reg.adaptive["step"] == ADAPTIVE_STEP
+    assert reg.adaptive["power"] == ADAPTIVE_POWER
     assert reg.adaptive["credit"] == 16 * 2 ** (ADAPTIVE_LEVEL / OCT - 4)
     assert reg.ghost_blocks == 16                        # LINEAGE's ghost table, same default
     for level, credit in [(-1, 0), (0, 1), (OCT, 2), (5 * OCT, 32), (5 * OCT + OCT // 2, 48),
@@ -106,41 +107,48 @@ def test_set_adaptive_rejects(impl):
     with pytest.raises(RegistryError):
         impl(4, policy=POLICY_LRU).set_adaptive(0)
     reg = impl(4, policy=POLICY_ADAPTIVE)
-    for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1)):
+    for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1),
+               dict(power=5), dict(power=-1)):
         with pytest.raises(RegistryError):
             reg.set_adaptive(**kw)
     assert reg.adaptive["level"] == ADAPTIVE_LEVEL
 
 
-def _climb(reg):
-    """Four epochs of 2 evictions (N = 4) with 0, 2, 1, 1 ghost hits; the level after each."""
+def _epochs(reg):
+    """Four epochs of 2 evictions (N = 4, G = 4); the level after each."""
     levels = []
     reg.release(registered(reg, [1, 2, 3, 4]))
-    reg.evict(2)                                   # epoch 1: 0 hits, no previous epoch: keep going
-    levels.append((reg.adaptive["level"], reg.adaptive["direction"]))
-    reg.release(registered(reg, [1, 2]))           # 2 ghost hits (evicted after one use)
-    reg.evict(2)                                   # epoch 2: 2 > 0: turn round, step down
-    levels.append((reg.adaptive["level"], reg.adaptive["direction"]))
-    reg.release(registered(reg, [3]))              # 1 ghost hit
-    reg.evict(2)                                   # epoch 3: 1 < 2: keep going down
-    levels.append((reg.adaptive["level"], reg.adaptive["direction"]))
-    reg.release(registered(reg, [1]))              # 1 ghost hit
-    reg.evict(2)                                   # epoch 4: 1 = 1: keep going (to the floor)
-    levels.append((reg.adaptive["level"], reg.adaptive["direction"]))
+    np.testing.assert_array_equal(reg.evict(2), [1, 2])   # epoch 1: no ghost hit: the level stays
+    levels.append(reg.adaptive["level"])
+    reg.release(registered(reg, [1, 2]))           # 2 ghost hits of once-used victims
+    np.testing.assert_array_equal(reg.evict(2), [3, 4])   # epoch 2: hr 0, ho 2; O 2, R 0
+    levels.append(reg.adaptive["level"])
+    reg.release(reg.match([1, 2]))                 # use count 2
+    np.testing.assert_array_equal(reg.evict(2), [1, 2])   # epoch 3: no ghost hit
+    levels.append(reg.adaptive["level"])
+    reg.release(registered(reg, [1, 3, 2]))        # hr 2 (hashes 1, 2), ho 1 (hash 3)
+    reg.evict(2)                                   # epoch 4: two reused victims: O 1, R 2
+    levels.append(reg.adaptive["level"])
     return levels
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_hill_climb_epoch_by_epoch(impl):
+@pytest.mark.parametrize("power,levels", [
+    (0, [OCT, OCT // 2, OCT // 2, OCT]),           # hr against ho: 0 < 2 down, 2 > 1 up
+    (1, [OCT, OCT, OCT, OCT]),                     # hr * O against ho * R: 0 = 0, 2 = 2
+    (2, [OCT, OCT, OCT, OCT + OCT // 2]),          # hr**2 * O against ho**2 * R: 0 = 0, 4 > 2
+])
+def test_epoch_vote_moves_the_level(impl, power, levels):
     reg = impl(4, policy=POLICY_ADAPTIVE)
-    reg.set_adaptive(OCT, OCT // 2)
-    assert _climb(reg) == [(OCT + OCT // 2, 1), (OCT, -1), (OCT // 2, -1), (0, -1)]
+    reg.set_adaptive(OCT, OCT // 2, True, power)
+    assert _epochs(reg) == levels
     a = reg.adaptive
-    assert (a["ghost_hits_once"], a["ghost_hits_reused"], a["epoch_hits"], a["previous_hits"]) == (4, 0, 0, 1)
+    assert (a["ghost_hits_once"], a["ghost_hits_reused"], a["epoch_once"], a["epoch_reused"]) == (3, 2, 0, 0)
+    assert a["ghost_once"] == 1 and reg.num_ghosts == 3 and a["power"] == power
     reg.check_invariants()
     fixed = impl(4, policy=POLICY_ADAPTIVE)
-    fixed.set_adaptive(OCT, 0)
-    assert [lv for lv, _ in _climb(fixed)] == [OCT] * 4   # step 0: counted, never moved
+    fixed.set_adaptive(OCT, 0, True, power)
+    assert _epochs(fixed) == [OCT] * 4             # step 0: counted, never moved
 
 
 def test_adaptive_state_survives_attach():
