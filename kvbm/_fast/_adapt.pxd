@@ -17,8 +17,11 @@ Parts:
           return rates per ghost entry); k = 0 compares the counts (ARC without its weights); k = 2
           lies between (adapt_power; see POLICY_ADAPTIVE.md for why and what it was fitted on).
           Both sides are products in double precision, in the same order in the twin, so the two
-          agree exactly. O(1) per eviction and per ghost hit. Keys already in the heap keep the
-          credit they were computed with (no O(n) re-key); one step is small against the W range.
+          agree exactly. O(1) per eviction and per ghost hit.
+  sweep   keys already in the heap keep the credit they were computed with (no O(n) re-key at a
+          move); instead each eviction refreshes the key of one block, in block id order
+          (registry.pyx `_evict_one`, O(log n)), so no key is more than N evictions old. Without
+          it, keys computed while the level was high kept blocks long after it came down.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 

@@ -109,6 +109,7 @@ class ReferenceRegistry:
         self._epoch_left = max(num_blocks // 2, 1)
         self._epoch_once = 0
         self._epoch_reused = 0
+        self._sweep = 0          # the block the next eviction re-keys
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -249,6 +250,9 @@ class ReferenceRegistry:
         self._blocks[b] = _Block()
         if self._policy == POLICY_ADAPTIVE:
             self._epoch_step()        # last: every key of this eviction had the old credit
+            # the sweep: one block's key refreshed per eviction, in block id order
+            self._update_key(self._sweep)
+            self._sweep = (self._sweep + 1) % self._n
         return b
 
     def _ghost_pop(self, h: int) -> int:

@@ -53,6 +53,7 @@ ctypedef struct RegistryHeader:
     int64_t adapt_power       # ADAPTIVE: k of the epoch's test hr**k * O > ho**k * R (_adapt.pxd);
                               #   0: hr > ho
     int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
+    int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)
     uint64_t adapt_once       # ADAPTIVE: ghost hits this epoch of blocks evicted after one use (ho)
     uint64_t adapt_reused     # ADAPTIVE: ghost hits this epoch of blocks evicted after more (hr)
     uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (cumulative)

@@ -656,6 +656,10 @@ cdef class BlockRegistry:
         self._reset(b)
         if self.h.policy == POLICY_ADAPTIVE_ID:
             adapt_on_eviction(self.h)    # last: every key of this eviction had the old credit
+            # the sweep: one block's key refreshed per eviction, in block id order, so that no
+            # key keeps an old credit for more than N evictions (one cache turnover)
+            self._update_key(<bid_t>self.h.adapt_sweep)
+            self.h.adapt_sweep = self.h.adapt_sweep + 1 if self.h.adapt_sweep + 1 < n else 0
         return b
 
     # ---- batch loops (nogil; the def methods validated every index first) ----------------------
