@@ -131,9 +131,9 @@ POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 # its step per ghost hit, in levels; fitted on the shared trace's first half only
 # (research/eviction/POLICY_ADAPTIVE.md)
 ADAPTIVE_OCTAVE = 1 << 16
-ADAPTIVE_LEVEL = 7 << 16
-ADAPTIVE_STEP = 8192
-ADAPTIVE_POWER = 2
+ADAPTIVE_LEVEL = 5 << 16
+ADAPTIVE_STEP = 16384
+ADAPTIVE_POWER = 1
 
 __all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_POWER", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
            "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table", "policy_names"]

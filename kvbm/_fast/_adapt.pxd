@@ -13,7 +13,9 @@ Parts:
           counts those evicted after one use (the credit pushed them out), hr those evicted after
           more (the credit did not keep them). At the end of an epoch, with O and R the live ghost
           entries of each kind: raise the level one step if hr**k * O > ho**k * R, lower it if <,
-          keep it if equal (no ghost hits); clamped to 0..LEVEL_MAX. k = 1 is ARC's rule (equal
+          keep it if equal (no ghost hits); clamped to 0..LEVEL_MAX. The move's size follows
+          Rprop: doubled while the votes agree (up to 8 steps), halved when they turn (down to one
+          step), so a long way is covered in a few epochs and a noisy optimum is held closely. k = 1 is ARC's rule (equal
           return rates per ghost entry); k = 0 compares the counts (ARC without its weights); k = 2
           lies between (adapt_power; see POLICY_ADAPTIVE.md for why and what it was fitted on).
           Both sides are products in double precision, in the same order in the twin, so the two
@@ -31,6 +33,7 @@ cdef enum:
     LEVEL_BITS = 16        # levels per doubling of W: 2**16
     LEVEL_MAX = 589824     # 9 << 16: W = 32 (9 octaves above W = 1/16, level 0)
     POWER_MAX = 4          # largest adapt_power accepted
+    MOVE_GROWTH = 8        # the move grows to at most 8 steps
 
 
 cdef inline uint64_t credit_of(int64_t n, int64_t level) noexcept nogil:
@@ -72,20 +75,36 @@ cdef inline int epoch_vote(uint64_t hr, uint64_t ho, int64_t once, int64_t reuse
     return (a > b) - (a < b)
 
 
+cdef inline int64_t next_move(int64_t move, int vote, int64_t step) noexcept nogil:
+    # The signed size of this epoch's move (Rprop's rule): a vote the same way as the last one
+    # doubles the move (at most MOVE_GROWTH steps), a reversal halves it (at least one step).
+    cdef int64_t size = move if move >= 0 else -move
+    if size < step:
+        size = step
+    if (move >= 0) == (vote > 0):
+        size = size * 2 if size * 2 <= MOVE_GROWTH * step else MOVE_GROWTH * step
+    else:
+        size = size // 2 if size // 2 >= step else step
+    return size if vote > 0 else -size
+
+
 cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
-    # After each eviction: at the end of an epoch, move the level one step by the epoch's vote
-    # (a fixed setting, step 0, never moves) and start counting again.
+    # After each eviction: at the end of an epoch, move the level by the epoch's vote (a fixed
+    # setting, step 0, never moves; no vote, no move) and start counting again.
     cdef int64_t level
+    cdef int vote
     h.adapt_left -= 1
     if h.adapt_left > 0:
         return
     h.adapt_left = epoch_length(h.num_blocks)
-    level = h.adapt_level + h.adapt_step * epoch_vote(
-        h.adapt_reused, h.adapt_once, h.ghost_once, h.ghost_size - h.ghost_once, h.adapt_power)
+    vote = epoch_vote(h.adapt_reused, h.adapt_once, h.ghost_once, h.ghost_size - h.ghost_once,
+                      h.adapt_power)
     h.adapt_once = 0
     h.adapt_reused = 0
-    if h.adapt_step == 0:
+    if h.adapt_step == 0 or vote == 0:
         return
+    h.adapt_move = next_move(h.adapt_move, vote, h.adapt_step)
+    level = h.adapt_level + h.adapt_move
     if level < 0:
         level = 0
     elif level > LEVEL_MAX:

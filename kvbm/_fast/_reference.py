@@ -106,6 +106,7 @@ class ReferenceRegistry:
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
         self._power = ADAPTIVE_POWER
+        self._move = ADAPTIVE_STEP // 2   # signed size of the last move (Rprop)
         self._epoch_left = max(num_blocks // 2, 1)
         self._epoch_once = 0
         self._epoch_reused = 0
@@ -126,7 +127,8 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    leaf_first=self._leaf, power=self._power, epoch_left=self._epoch_left,
+                    leaf_first=self._leaf, power=self._power, move=self._move,
+                    epoch_left=self._epoch_left,
                     epoch_once=self._epoch_once, epoch_reused=self._epoch_reused,
                     ghost_hits_once=self._hits_once,
                     ghost_hits_reused=self._hits_reused,
@@ -141,6 +143,7 @@ class ReferenceRegistry:
         if lv > _LEVEL_MAX or st > _LEVEL_MAX or pw > 4:
             raise RegistryError(f"set_adaptive: level {lv}, step {st} or power {pw} out of range")
         self._level, self._step, self._power = lv, st, pw
+        self._move = st // 2
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
         for b in list(self._inactive):     # a setting applies to every key
@@ -175,8 +178,8 @@ class ReferenceRegistry:
     def _epoch_step(self) -> None:
         """ADAPTIVE, after each eviction: an epoch is N // 2 evictions (at least 1). At its end,
         with hr, ho its ghost hits of reused / once-used victims and R, O the live ghost entries of
-        each kind: level + step if hr**k * O > ho**k * R, - step if <, (k = 0: hr against ho),
-        clamped to 0.._LEVEL_MAX (step 0: never moves). The products in floats, in the
+        each kind: up if hr**k * O > ho**k * R, down if <, (k = 0: hr against ho), by a move of
+        step..8 * step (Rprop), clamped to 0.._LEVEL_MAX (step 0: never moves). The products in floats, in the
         registry's order (its doubles), so both round alike."""
         self._epoch_left -= 1
         if self._epoch_left > 0:
@@ -191,8 +194,16 @@ class ReferenceRegistry:
                 a, b = a * float(hr), b * float(ho)
         vote = (a > b) - (a < b)
         self._epoch_once = self._epoch_reused = 0
-        if self._step:
-            self._level = min(max(self._level + vote * self._step, 0), _LEVEL_MAX)
+        if not self._step or not vote:
+            return
+        # Rprop: the move doubles while votes agree (<= 8 steps), halves when they turn (>= 1 step)
+        size = max(abs(self._move), self._step)
+        if (self._move >= 0) == (vote > 0):
+            size = min(size * 2, 8 * self._step)
+        else:
+            size = max(size // 2, self._step)
+        self._move = size if vote > 0 else -size
+        self._level = min(max(self._level + self._move, 0), _LEVEL_MAX)
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

@@ -48,7 +48,8 @@ ctypedef struct RegistryHeader:
     int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/2**16 - 4) blocks' worth of
                               #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
-    int64_t adapt_step        # ADAPTIVE: levels moved per epoch (0: a fixed setting)
+    int64_t adapt_step        # ADAPTIVE: the smallest move per epoch, in levels (0: a fixed setting)
+    int64_t adapt_move        # ADAPTIVE: the next move's size (step..8 * step), signed by the last vote
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
     int64_t adapt_power       # ADAPTIVE: k of the epoch's test hr**k * O > ho**k * R (_adapt.pxd);
                               #   0: hr > ho

@@ -268,6 +268,7 @@ cdef class BlockRegistry:
         self.h.adapt_level = ADAPTIVE_LEVEL
         self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
         self.h.adapt_step = ADAPTIVE_STEP
+        self.h.adapt_move = ADAPTIVE_STEP // 2    # the first vote's move: one step either way
         self.h.adapt_leaf = 1
         self.h.adapt_power = ADAPTIVE_POWER
         self.h.adapt_left = epoch_length(n)
@@ -334,6 +335,7 @@ cdef class BlockRegistry:
         counted since creation, and ghost_once: live ghost entries of the first kind."""
         return dict(level=self.h.adapt_level, credit=self.h.adapt_credit, step=self.h.adapt_step,
                     leaf_first=bool(self.h.adapt_leaf), power=self.h.adapt_power,
+                    move=self.h.adapt_move,
                     epoch_left=self.h.adapt_left, epoch_once=self.h.adapt_once,
                     epoch_reused=self.h.adapt_reused, ghost_hits_once=self.h.ghost_hits_once,
                     ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
@@ -358,6 +360,7 @@ cdef class BlockRegistry:
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.adapt_step = st
+        self.h.adapt_move = st // 2
         self.h.adapt_power = pw
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0
