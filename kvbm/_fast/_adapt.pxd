@@ -77,11 +77,12 @@ cdef inline int epoch_vote(uint64_t hr, uint64_t ho, int64_t once, int64_t reuse
 
 cdef inline int64_t next_move(int64_t move, int vote, int64_t step) noexcept nogil:
     # The signed size of this epoch's move (Rprop's rule): a vote the same way as the last one
-    # doubles the move (at most MOVE_GROWTH steps), a reversal halves it (at least one step).
+    # doubles the move (at most MOVE_GROWTH steps), a reversal halves it (at least one step);
+    # move 0: no vote yet.
     cdef int64_t size = move if move >= 0 else -move
-    if size < step:
+    if move == 0:                      # the first vote: one step
         size = step
-    if (move >= 0) == (vote > 0):
+    elif (move > 0) == (vote > 0):
         size = size * 2 if size * 2 <= MOVE_GROWTH * step else MOVE_GROWTH * step
     else:
         size = size // 2 if size // 2 >= step else step

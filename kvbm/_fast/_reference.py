@@ -106,7 +106,7 @@ class ReferenceRegistry:
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
         self._power = ADAPTIVE_POWER
-        self._move = ADAPTIVE_STEP // 2   # signed size of the last move (Rprop)
+        self._move = 0           # signed size of the last move (Rprop); 0: no vote yet
         self._epoch_left = max(num_blocks // 2, 1)
         self._epoch_once = 0
         self._epoch_reused = 0
@@ -143,7 +143,7 @@ class ReferenceRegistry:
         if lv > _LEVEL_MAX or st > _LEVEL_MAX or pw > 4:
             raise RegistryError(f"set_adaptive: level {lv}, step {st} or power {pw} out of range")
         self._level, self._step, self._power = lv, st, pw
-        self._move = st // 2
+        self._move = 0
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
         for b in list(self._inactive):     # a setting applies to every key
@@ -197,8 +197,10 @@ class ReferenceRegistry:
         if not self._step or not vote:
             return
         # Rprop: the move doubles while votes agree (<= 8 steps), halves when they turn (>= 1 step)
-        size = max(abs(self._move), self._step)
-        if (self._move >= 0) == (vote > 0):
+        size = abs(self._move)
+        if self._move == 0:                     # the first vote: one step
+            size = self._step
+        elif (self._move > 0) == (vote > 0):
             size = min(size * 2, 8 * self._step)
         else:
             size = max(size // 2, self._step)

@@ -268,7 +268,7 @@ cdef class BlockRegistry:
         self.h.adapt_level = ADAPTIVE_LEVEL
         self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
         self.h.adapt_step = ADAPTIVE_STEP
-        self.h.adapt_move = ADAPTIVE_STEP // 2    # the first vote's move: one step either way
+        self.h.adapt_move = 0    # no vote yet: the first moves one step
         self.h.adapt_leaf = 1
         self.h.adapt_power = ADAPTIVE_POWER
         self.h.adapt_left = epoch_length(n)
@@ -360,7 +360,7 @@ cdef class BlockRegistry:
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.adapt_step = st
-        self.h.adapt_move = st // 2
+        self.h.adapt_move = 0
         self.h.adapt_power = pw
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0
