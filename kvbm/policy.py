@@ -87,18 +87,18 @@ class EvictionPolicy(IntEnum):
     #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
     #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
-    # The registry keeps LINEAGE's ghost table (same size, same restore). A registration that hits
-    # a ghost entry is a victim that came back: one evicted after one use says the credit was too
-    # high (level - step * max(R/O, 1)), one evicted after two or more uses says it was too low
-    # (level + step * max(O/R, 1)); O, R: live ghost entries evicted after one use / more. Clamped
-    # to level 0..9 * 2**16 (W = 1/16..32). ARC moves its split the same way, with the same
-    # weights: the level settles where both kinds of victims come back at the same rate per entry. O(1) per ghost
-    # hit; keys already in the heap keep the credit they were computed with (no re-key). Level,
-    # credit, step and leaf_first live in the table's header, so they survive attach. Defaults
-    # (ADAPTIVE_LEVEL, ADAPTIVE_STEP; leaves first) were fitted on the shared trace's first half
-    # only; BlockRegistry.set_adaptive(level, step, leaf_first) fixes a setting (step 0) for
-    # studies: trace_replay's hindsight sweep is that family. Spec: _reference.py (`_key`,
-    # `_adapt`); the study: research/eviction/POLICY_ADAPTIVE.md.
+    # The registry keeps LINEAGE's ghost table (same size, same restore) and counts the ghost hits
+    # (victims that came back) of blocks evicted after one use (ho) and after more (hr). Every N/2
+    # evictions (an epoch) it votes, with O and R the live ghost entries of each kind: raise W if
+    # hr**k * O > ho**k * R, lower it if < (k = ADAPTIVE_POWER; k = 1 is ARC's rule: equal return
+    # rates per ghost entry). The move doubles while votes agree and halves when they turn
+    # (Rprop; ADAPTIVE_STEP..8 steps), level clamped to 0..9 * 2**16 (W = 1/16..32). Keys already
+    # in the heap keep their credit; each eviction also re-keys one block in id order (the sweep),
+    # so no key is more than N evictions old. O(1) per ghost hit, O(log n) per eviction. The
+    # state lives in the table's header, so it survives attach. BlockRegistry.set_adaptive(level,
+    # step, leaf_first, power) sets it (step 0: a fixed setting, the family trace_replay's
+    # hindsight sweep runs). Not the default: it fails some of issue 14's checks
+    # (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`, `_epoch_step`).
     ADAPTIVE = 2
 
     @classmethod
@@ -127,13 +127,14 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 5 << 16 is W = 2, lineage's) and
-# its step per ghost hit, in levels; fitted on the shared trace's first half only
-# (research/eviction/POLICY_ADAPTIVE.md)
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 5 << 16 is W = 2, lineage's), its
+# smallest move per epoch in levels (2**14: a quarter octave) and the power k of its vote; fitted
+# on the shared trace's first half only (trace_replay --hindsight --tune; POLICY_ADAPTIVE.md)
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 5 << 16
 ADAPTIVE_STEP = 16384
 ADAPTIVE_POWER = 1
 
-__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_POWER", "ADAPTIVE_STEP", "BlockState", "EvictionPolicy", "POLICY_ADAPTIVE",
-           "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table", "policy_names"]
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_POWER", "ADAPTIVE_STEP", "BlockState",
+           "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
+           "policy_names"]

@@ -2,10 +2,11 @@
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
 ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here: FIFO of
-at most G live (hash -> use count) entries). This file is the spec of the registry's policies
-(kvbm/policy.py); the study behind them: research/eviction/. The differential tests drive both
-with the same random operation sequences and compare every return value. Speed is irrelevant here, except that the
-inactive set is a heapq with lazy deletion so that benchmarks against it finish.
+at most G live (hash -> use count) entries), ADAPTIVE's credit, epochs, votes and sweep. This file
+is the spec of the registry's policies (kvbm/policy.py); the study behind them:
+research/eviction/. The differential tests drive both with the same random operation sequences and
+compare every return value. Speed is irrelevant here, except that the inactive set is a heapq with
+lazy deletion so that benchmarks against it finish.
 
 Order of things inside one call mirrors the Cython loops: validate the whole batch (raise
 RegistryError, change nothing), then apply slot by slot.
@@ -20,8 +21,15 @@ import numpy as np
 
 from kvbm.errors import RegistryError
 from kvbm.policy import (
-    ADAPTIVE_LEVEL, ADAPTIVE_POWER, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState,
-    EvictionPolicy, has_ghost_table,
+    ADAPTIVE_LEVEL,
+    ADAPTIVE_POWER,
+    ADAPTIVE_STEP,
+    POLICY_ADAPTIVE,
+    POLICY_LINEAGE,
+    POLICY_LRU,
+    BlockState,
+    EvictionPolicy,
+    has_ghost_table,
 )
 
 _MAX_BLOCKS = 2147483646

@@ -35,7 +35,7 @@ Parts:
            dedup hit) under a remembered hash restores its use count (replacing touches made while
            PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
            read again after more than a cache lifetime keeps its frequency credit; under ADAPTIVE
-           the hit also moves the credit (_adapt.pxd), in the header. An allocation
+           the hit is also counted for the epoch's vote on the credit (_adapt.pxd). An allocation
            evicts all it needs before its blocks register, as the twin (_reference.py) does.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->

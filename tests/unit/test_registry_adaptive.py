@@ -12,8 +12,14 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import ConfigError, RegistryError
 from kvbm.policy import (
-    ADAPTIVE_LEVEL, ADAPTIVE_OCTAVE, ADAPTIVE_POWER, ADAPTIVE_STEP, POLICY_ADAPTIVE, POLICY_LRU,
-    EvictionPolicy, policy_names,
+    ADAPTIVE_LEVEL,
+    ADAPTIVE_OCTAVE,
+    ADAPTIVE_POWER,
+    ADAPTIVE_STEP,
+    POLICY_ADAPTIVE,
+    POLICY_LRU,
+    EvictionPolicy,
+    policy_names,
 )
 
 IMPLS = [BlockRegistry, ReferenceRegistry]
