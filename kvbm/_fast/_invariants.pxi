@@ -164,7 +164,26 @@ cdef int _check_table(BlockRegistry r) except -1:
     if r.h.ring_count > n or r.h.ring_head >= n:
         raise RegistryError(f"evicted ring: count {r.h.ring_count}, head {r.h.ring_head}, "
                             f"capacity {n}")
+    _check_adaptive(r)
     _check_ghost(r)
+    return 0
+
+
+cdef int _check_adaptive(BlockRegistry r) except -1:
+    # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range.
+    cdef RegistryHeader *h = r.h
+    if h.policy != POLICY_ADAPTIVE_ID:
+        return 0
+    if h.adapt_level < -1 or h.adapt_level > LEVEL_MAX \
+            or h.adapt_credit != credit_of(h.num_blocks, h.adapt_level):
+        raise RegistryError(f"adaptive: level {h.adapt_level} with credit {h.adapt_credit}, expected "
+                            f"-1..{LEVEL_MAX} with credit {credit_of(h.num_blocks, h.adapt_level)}")
+    if not 0 < h.adapt_left <= epoch_length(h.num_blocks) or not 0 <= h.adapt_sweep < h.num_blocks:
+        raise RegistryError(f"adaptive: {h.adapt_left} evictions left in the epoch, sweep at block "
+                            f"{h.adapt_sweep}, for {h.num_blocks} blocks")
+    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX or h.adapt_power < 0 or h.adapt_power > POWER_MAX \
+            or h.adapt_move < -MOVE_GROWTH * h.adapt_step or h.adapt_move > MOVE_GROWTH * h.adapt_step:
+        raise RegistryError(f"adaptive: step {h.adapt_step}, move {h.adapt_move}, power {h.adapt_power}")
     return 0
 
 

@@ -69,7 +69,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport (
-    LEVEL_MAX, POWER_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
+    LEVEL_MAX, MOVE_GROWTH, POWER_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
 )
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
