@@ -12,18 +12,18 @@ Parts:
   epoch   N/2 evictions. A registration that hits a ghost entry is a victim that came back: ho
           counts those evicted after one use (the credit pushed them out), hr those evicted after
           more (the credit did not keep them). At the end of an epoch, with O and R the live ghost
-          entries of each kind: raise the level one step if hr**k * O > ho**k * R, lower it if <,
-          keep it if equal (no ghost hits); clamped to 0..LEVEL_MAX. The move's size follows
-          Rprop: doubled while the votes agree (up to 8 steps), halved when they turn (down to one
-          step), so a long way is covered in a few epochs and a noisy optimum is held closely. k = 1 is ARC's rule (equal
-          return rates per ghost entry); k = 0 compares the counts (ARC without its weights); k = 2
-          lies between (adapt_power; see POLICY_ADAPTIVE.md for why and what it was fitted on).
-          Both sides are products in double precision, in the same order in the twin, so the two
-          agree exactly. O(1) per eviction and per ghost hit.
+          entries of each kind, the vote: up if hr**k * O > ho**k * R, down if <, none if equal
+          (no ghost hits). k = 1 is ARC's rule (equal return rates per ghost entry); k = 0
+          compares the counts (ARC without its weights); k = 2 lies between (adapt_power;
+          POLICY_ADAPTIVE.md says what it was fitted on). Both sides are products in double
+          precision, in the same order in the twin, so the two agree exactly.
+  move    Rprop: the level moves by the vote, one step the first time, doubled while the votes
+          agree (up to MOVE_GROWTH steps), halved when they turn (down to one step): a long way
+          takes a few epochs and a noisy optimum is held within a step or two. Clamped to
+          0..LEVEL_MAX. O(1) per eviction and per ghost hit.
   sweep   keys already in the heap keep the credit they were computed with (no O(n) re-key at a
           move); instead each eviction refreshes the key of one block, in block id order
-          (registry.pyx `_evict_one`, O(log n)), so no key is more than N evictions old. Without
-          it, keys computed while the level was high kept blocks long after it came down.
+          (registry.pyx `_evict_one`, O(log n)), so no key is more than N evictions old.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 

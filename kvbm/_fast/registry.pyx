@@ -22,16 +22,16 @@ Parts:
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
   heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
            key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE and
-           ADAPTIVE, see kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
-           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
+           ADAPTIVE, see kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive
+           block (match, dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
   index    sequence hash -> block for every REGISTERED block (and -> ghost slot for each ghost
            entry).
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
-  ghost    LINEAGE and ADAPTIVE: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
-           eviction (forgetting the oldest when G are live). Registering a *new* block (not a
+  ghost    LINEAGE and ADAPTIVE: the use counts of the last G = ghost_blocks evicted hashes, FIFO
+           by eviction (forgetting the oldest when G are live). Registering a *new* block (not a
            dedup hit) under a remembered hash restores its use count (replacing touches made while
            PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
            read again after more than a cache lifetime keeps its frequency credit; under ADAPTIVE
@@ -141,9 +141,9 @@ cdef class BlockRegistry:
     (bytearray, numpy uint8 array, mmap, shared_memory.SharedMemory.buf); it is (re)initialised, and
     kept alive (and unresizable) by the registry. Without one the registry allocates a numpy array.
     policy: POLICY_LRU, POLICY_LINEAGE or POLICY_ADAPTIVE (kvbm.policy.EvictionPolicy).
-    ghost_blocks: entries of LINEAGE's (and ADAPTIVE's) ghost table (the use counts of recently evicted hashes,
-    restored when a hash registers again); None means num_blocks ("remember as many evicted blocks
-    as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
+    ghost_blocks: entries of LINEAGE's (and ADAPTIVE's) ghost table (the use counts of recently
+    evicted hashes, restored when a hash registers again); None means num_blocks ("remember as
+    many evicted blocks as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
     passed), so `bytes_needed(num_blocks)` (G = num_blocks) fits every policy.
     """
 
@@ -515,8 +515,8 @@ cdef class BlockRegistry:
             # LINEAGE (kvbm.policy.EvictionPolicy.LINEAGE): leaves (no registered child here)
             # before interior blocks of the same priority; then last tick + C * f(use count),
             # f(u) = 0 for u < 2, else bit_length(u) (1..32 for a uint32 count). ADAPTIVE: the
-            # same with C = adapt_credit (moved by ghost hits, _adapt.pxd) and leaves first only
-            # if adapt_leaf. key2 saturates instead of wrapping: C * f <= 2**37 * 32 for
+            # same with C = adapt_credit (tuned per epoch from ghost hits, _adapt.pxd), leaves first
+            # only if adapt_leaf. key2 saturates instead of wrapping: C * f <= 2**37 * 32 for
             # N < 2**31, so only the sum can overflow.
             if self.h.policy == POLICY_LINEAGE_ID:
                 unit = self.h.lineage_c
