@@ -133,8 +133,7 @@ POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 5 << 16
 ADAPTIVE_STEP = 16384
-ADAPTIVE_POWER = 1
 
-__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_POWER", "ADAPTIVE_STEP", "BlockState",
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState",
            "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
            "policy_names"]

@@ -136,12 +136,13 @@ cdef inline void ghost_unlink(RegistryHeader *h, GhostEntry *ghost, bid_t s) noe
     ghost[s].next = <bid_t>h.ghost_free
     ghost[s].hash = 0
     ghost[s].count = 0
+    ghost[s].evicted_at = 0
     h.ghost_free = s
     h.ghost_size -= 1
 
 
 cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, GhostEntry *ghost,
-                              uint64_t key, uint32_t count) noexcept nogil:
+                              uint64_t key, uint32_t count, uint32_t evicted_at) noexcept nogil:
     # In place of index_remove(key) for an evicted block: its index entry becomes a ghost entry.
     # A hash in the table is never REGISTERED, so the OrderedDict's update-in-place case cannot
     # arise.
@@ -156,6 +157,7 @@ cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, Gh
     h.ghost_free = ghost[s].next
     ghost[s].hash = key
     ghost[s].count = count
+    ghost[s].evicted_at = evicted_at
     h.ghost_size += 1
     if count < 2:
         h.ghost_once += 1

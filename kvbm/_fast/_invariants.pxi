@@ -170,7 +170,8 @@ cdef int _check_table(BlockRegistry r) except -1:
 
 
 cdef int _check_adaptive(BlockRegistry r) except -1:
-    # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range.
+    # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range,
+    # the step and the move.
     cdef RegistryHeader *h = r.h
     if h.policy != POLICY_ADAPTIVE_ID:
         return 0
@@ -181,9 +182,9 @@ cdef int _check_adaptive(BlockRegistry r) except -1:
     if not 0 < h.adapt_left <= epoch_length(h.num_blocks) or not 0 <= h.adapt_sweep < h.num_blocks:
         raise RegistryError(f"adaptive: {h.adapt_left} evictions left in the epoch, sweep at block "
                             f"{h.adapt_sweep}, for {h.num_blocks} blocks")
-    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX or h.adapt_power < 0 or h.adapt_power > POWER_MAX \
+    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX \
             or h.adapt_move < -MOVE_GROWTH * h.adapt_step or h.adapt_move > MOVE_GROWTH * h.adapt_step:
-        raise RegistryError(f"adaptive: step {h.adapt_step}, move {h.adapt_move}, power {h.adapt_power}")
+        raise RegistryError(f"adaptive: step {h.adapt_step}, move {h.adapt_move}")
     return 0
 
 

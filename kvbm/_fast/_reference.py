@@ -22,7 +22,6 @@ import numpy as np
 from kvbm.errors import RegistryError
 from kvbm.policy import (
     ADAPTIVE_LEVEL,
-    ADAPTIVE_POWER,
     ADAPTIVE_STEP,
     POLICY_ADAPTIVE,
     POLICY_LINEAGE,
@@ -36,6 +35,11 @@ _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 _LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
 _LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
+
+
+def _f_of(u: int) -> int:
+    """Frequency steps of a use count: 0 below 2, else its bit length."""
+    return u.bit_length() if u >= 2 else 0
 
 
 def _credit_of(n: int, level: int) -> int:
@@ -105,20 +109,22 @@ class ReferenceRegistry:
         self._tick = 0
         self._ring: deque[int] = deque(maxlen=num_blocks)
         self._dropped = 0
-        # ADAPTIVE's state (the registry's header): credit level, step per ghost hit, leaves first,
-        # ghost hits that lowered / raised the level
+        # ADAPTIVE's state (the registry's header; kvbm/_fast/_adapt.pxd)
         self._level = ADAPTIVE_LEVEL
         self._step = ADAPTIVE_STEP
         self._leaf = True
         self._hits_once = 0
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
-        self._power = ADAPTIVE_POWER
+        self._ghost_at: dict[int, int] = {}   # ghost hash -> eviction clock's low 32 bits
         self._move = 0           # signed size of the last move (Rprop); 0: no vote yet
         self._epoch_left = max(num_blocks // 2, 1)
-        self._epoch_once = 0
-        self._epoch_reused = 0
         self._sweep = 0          # the block the next eviction re-keys
+        self._evictions = 0
+        self._frontier = self._front0 = self._rate = 0
+        self._fsum = self._fcount = self._phi = 0
+        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
+        self._victim = None      # the heap entry of the last victim
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -135,22 +141,21 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    leaf_first=self._leaf, power=self._power, move=self._move,
-                    epoch_left=self._epoch_left,
-                    epoch_once=self._epoch_once, epoch_reused=self._epoch_reused,
-                    ghost_hits_once=self._hits_once,
-                    ghost_hits_reused=self._hits_reused,
+                    move=self._move, leaf_first=self._leaf, epoch_left=self._epoch_left,
+                    evictions=self._evictions, frontier=self._frontier, rate=self._rate,
+                    phi=self._phi, gain_up=self._gain_up, loss_up=self._loss_up,
+                    gain_down=self._gain_down, loss_down=self._loss_down,
+                    ghost_hits_once=self._hits_once, ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, power=None) -> None:
+    def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
             raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
         lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
         st = self._step if step is None else self._count(step, "set_adaptive: step")
-        pw = self._power if power is None else self._count(power, "set_adaptive: power")
-        if lv > _LEVEL_MAX or st > _LEVEL_MAX or pw > 4:
-            raise RegistryError(f"set_adaptive: level {lv}, step {st} or power {pw} out of range")
-        self._level, self._step, self._power = lv, st, pw
+        if lv > _LEVEL_MAX or st > _LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} or step {st} out of range")
+        self._level, self._step = lv, st
         self._move = 0
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
@@ -173,38 +178,71 @@ class ReferenceRegistry:
             return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
 
-    def _ghost_hit(self, count: int) -> None:
-        """ADAPTIVE: a registration hit a ghost entry evicted with use count `count` (a victim
-        that came back): counted for this epoch by kind."""
+    def _one_step(self) -> tuple[float, float]:
+        """Credit ticks gained by one step up and lost by one step down (floats, as the registry)."""
+        credit = _credit_of(self._n, self._level)
+        hi = min(self._level + self._step, _LEVEL_MAX)
+        lo = max(self._level - self._step, 0)
+        return (float(_credit_of(self._n, hi)) - float(credit),
+                float(credit) - float(_credit_of(self._n, lo)))
+
+    def _inactive_hit(self, key2: int, count: int) -> None:
+        """ADAPTIVE: a match or dedup acquired an inactive block (heap key2, use count): counted
+        if a one-step change of the credit would have evicted it first (_adapt.pxd)."""
+        if not self._step:
+            return
+        up, down = self._one_step()
+        m = (float(key2) - float(self._frontier)) * 256.0
+        f = float(256 * _f_of(count))
+        phi = float(self._phi)
+        if f < phi and m < up * (phi - f):
+            self._loss_up += 1
+        if f > phi and m < down * (f - phi):
+            self._loss_down += 1
+
+    def _ghost_hit(self, count: int, evicted_at: int) -> None:
+        """ADAPTIVE: a registration hit a ghost entry (a victim that came back) evicted with use
+        count `count` when the eviction clock's low 32 bits read `evicted_at`: counted by kind,
+        and if a one-step change of the credit would have kept it (_adapt.pxd)."""
         if count < 2:
-            self._epoch_once += 1
             self._hits_once += 1
         else:
-            self._epoch_reused += 1
             self._hits_reused += 1
+        if not self._step:
+            return
+        up, down = self._one_step()
+        age = (self._evictions - evicted_at) & 0xFFFFFFFF
+        dist = float(age) * float(self._rate) / float(max(self._n // 2, 1)) * 256.0
+        f = float(256 * _f_of(count))
+        phi = float(self._phi)
+        if f > phi and dist <= up * (f - phi):
+            self._gain_up += 1
+        if f < phi and dist <= down * (phi - f):
+            self._gain_down += 1
 
-    def _epoch_step(self) -> None:
-        """ADAPTIVE, after each eviction: an epoch is N // 2 evictions (at least 1). At its end,
-        with hr, ho its ghost hits of reused / once-used victims and R, O the live ghost entries of
-        each kind: up if hr**k * O > ho**k * R, down if <, (k = 0: hr against ho), by a move of
-        step..8 * step (Rprop), clamped to 0.._LEVEL_MAX (step 0: never moves). The products in floats, in the
-        registry's order (its doubles), so both round alike."""
+    def _after_eviction(self, entry: tuple, count: int) -> None:
+        """ADAPTIVE, after each eviction (victim's heap entry and use count): the frontier, then
+        the epoch (N // 2 evictions): vote (gains - losses of a step up against a step down),
+        phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to 8 steps,
+        halved when they turn), clamped to 0.._LEVEL_MAX (step 0: never moves)."""
+        if entry[0] == 1 << 32:                 # priority 0, no registered child
+            self._frontier = entry[1]
+            self._fsum += _f_of(count)
+            self._fcount += 1
         self._epoch_left -= 1
         if self._epoch_left > 0:
             return
         self._epoch_left = max(self._n // 2, 1)
-        hr, ho = self._epoch_reused, self._epoch_once
-        if self._power == 0:
-            a, b = hr, ho
-        else:
-            a, b = float(self._ghost_once), float(len(self._ghost) - self._ghost_once)
-            for _ in range(self._power):
-                a, b = a * float(hr), b * float(ho)
-        vote = (a > b) - (a < b)
-        self._epoch_once = self._epoch_reused = 0
+        up, down = self._gain_up - self._loss_up, self._gain_down - self._loss_down
+        vote = 1 if up > 0 and up > down else (-1 if down > 0 and down > up else 0)
+        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
+        if self._fcount:
+            self._phi = 256 * self._fsum // self._fcount
+        self._fsum = self._fcount = 0
+        self._rate = max(self._frontier - self._front0, 0)
+        self._front0 = self._frontier
         if not self._step or not vote:
             return
-        # Rprop: the move doubles while votes agree (<= 8 steps), halves when they turn (>= 1 step)
         size = abs(self._move)
         if self._move == 0:                     # the first vote: one step
             size = self._step
@@ -233,6 +271,8 @@ class ReferenceRegistry:
         heapq.heappush(self._heap, entry)
 
     def _make_active(self, b: int) -> None:
+        if self._policy == POLICY_ADAPTIVE:      # a hit on an inactive block
+            self._inactive_hit(self._inactive[b][1], self._blocks[b].use_count)
         del self._inactive[b]
 
     def _pop_victim(self) -> int:
@@ -241,6 +281,7 @@ class ReferenceRegistry:
             b = entry[-1]
             if self._inactive.get(b) == entry:
                 del self._inactive[b]
+                self._victim = entry
                 return b
 
     # ---- block life cycle ----
@@ -253,6 +294,8 @@ class ReferenceRegistry:
     def _evict_one(self) -> int:
         b = self._pop_victim()
         blk = self._blocks[b]
+        if self._policy == POLICY_ADAPTIVE:
+            self._evictions += 1                 # first: the ghost entry records the new value
         del self._index[blk.hash]
         if blk.parent >= 0:
             self._blocks[blk.parent].children.remove(b)
@@ -264,19 +307,22 @@ class ReferenceRegistry:
             if len(self._ghost) == self._ghost_cap:
                 self._ghost_pop(next(iter(self._ghost)))      # the oldest is forgotten
             self._ghost[blk.hash] = blk.use_count
+            self._ghost_at[blk.hash] = self._evictions & 0xFFFFFFFF
             self._ghost_once += blk.use_count < 2
         if len(self._ring) == self._n:
             self._dropped += 1
         self._ring.append(blk.hash)
         self._blocks[b] = _Block()
         if self._policy == POLICY_ADAPTIVE:
-            self._epoch_step()        # last: every key of this eviction had the old credit
+            # last: every key of this eviction had the old credit
+            self._after_eviction(self._victim, blk.use_count)
             # the sweep: one block's key refreshed per eviction, in block id order
             self._update_key(self._sweep)
             self._sweep = (self._sweep + 1) % self._n
         return b
 
     def _ghost_pop(self, h: int) -> int:
+        self._ghost_at.pop(h)
         c = self._ghost.pop(h)
         self._ghost_once -= c < 2
         return c
@@ -384,7 +430,7 @@ class ReferenceRegistry:
                 # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; ADAPTIVE
                 # counts the hit
                 if self._policy == POLICY_ADAPTIVE:
-                    self._ghost_hit(self._ghost[h])
+                    self._ghost_hit(self._ghost[h], self._ghost_at[h])
                 blk.use_count = self._ghost_pop(h)
             if p >= 0:
                 blk.parent = p

@@ -69,7 +69,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport (
-    LEVEL_MAX, MOVE_GROWTH, POWER_MAX, adapt_on_eviction, adapt_on_ghost_hit, credit_of, epoch_length,
+    LEVEL_MAX, MOVE_GROWTH, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
+    adapt_on_victim, credit_of, epoch_length,
 )
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
@@ -84,7 +85,7 @@ from kvbm._fast._table cimport index_capacity, table_layout
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_POWER, ADAPTIVE_STEP, BlockState, EvictionPolicy
+from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_STEP, BlockState, EvictionPolicy
 
 cdef extern from *:
     """
@@ -270,7 +271,6 @@ cdef class BlockRegistry:
         self.h.adapt_step = ADAPTIVE_STEP
         self.h.adapt_move = 0    # no vote yet: the first moves one step
         self.h.adapt_leaf = 1
-        self.h.adapt_power = ADAPTIVE_POWER
         self.h.adapt_left = epoch_length(n)
         self.h.num_free = n
         for i in range(n):
@@ -329,21 +329,24 @@ cdef class BlockRegistry:
 
     @property
     def adaptive(self) -> dict:
-        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, step per epoch,
-        leaf_first, power (the epoch test's k), evictions left in the epoch, this epoch's ghost
-        hits of blocks evicted after one use (epoch_once) and after more (epoch_reused), the same
-        counted since creation, and ghost_once: live ghost entries of the first kind."""
-        return dict(level=self.h.adapt_level, credit=self.h.adapt_credit, step=self.h.adapt_step,
-                    leaf_first=bool(self.h.adapt_leaf), power=self.h.adapt_power,
-                    move=self.h.adapt_move,
-                    epoch_left=self.h.adapt_left, epoch_once=self.h.adapt_once,
-                    epoch_reused=self.h.adapt_reused, ghost_hits_once=self.h.ghost_hits_once,
-                    ghost_hits_reused=self.h.ghost_hits_reused, ghost_once=self.h.ghost_once)
+        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, the smallest
+        move (step) and the last one (move), leaf_first, evictions left in the epoch and so far,
+        the frontier, its advance over the last epoch (rate), phi (256 * mean f of the frontier's
+        victims), this epoch's marginal counts, and the ghost hits so far of blocks evicted after
+        one use and after more (ghost_once: live ghost entries of the first kind)."""
+        h = self.h
+        return dict(level=h.adapt_level, credit=h.adapt_credit, step=h.adapt_step,
+                    move=h.adapt_move, leaf_first=bool(h.adapt_leaf), epoch_left=h.adapt_left,
+                    evictions=h.adapt_evictions, frontier=h.adapt_frontier, rate=h.adapt_rate,
+                    phi=h.adapt_phi, gain_up=h.adapt_gain_up, loss_up=h.adapt_loss_up,
+                    gain_down=h.adapt_gain_down, loss_down=h.adapt_loss_down,
+                    ghost_hits_once=h.ghost_hits_once, ghost_hits_reused=h.ghost_hits_reused,
+                    ghost_once=h.ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, power=None):
+    def set_adaptive(self, level=None, step=None, leaf_first=None):
         """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
         2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
-        leaves-first and the epoch test's power (0..4); None keeps each. Every
+        and leaves-first; None keeps each. Every
         inactive block is re-keyed under the new setting (O(n); an epoch's move never does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
@@ -352,16 +355,12 @@ cdef class BlockRegistry:
             as_count(level + 1, "set_adaptive: level + 1", RegistryError) - 1
         cdef int64_t st = self.h.adapt_step if step is None else \
             as_count(step, "set_adaptive: step", RegistryError)
-        cdef int64_t pw = self.h.adapt_power if power is None else \
-            as_count(power, "set_adaptive: power", RegistryError)
-        if lv > LEVEL_MAX or st > LEVEL_MAX or pw > POWER_MAX:
-            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}, "
-                                f"power {pw} <= {POWER_MAX}")
+        if lv > LEVEL_MAX or st > LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}")
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.adapt_step = st
         self.h.adapt_move = 0
-        self.h.adapt_power = pw
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0
         # a setting applies to every key: re-key the live entries, then restore the heap order
@@ -404,8 +403,10 @@ cdef class BlockRegistry:
         ghost_unlink(self.h, self.ghost, s)
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block.
-        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count)
+        # Caller: LINEAGE or ADAPTIVE with G > 0, in place of _index_remove(key) for an evicted
+        # block; the entry keeps the eviction clock's low 32 bits (0 under LINEAGE).
+        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count,
+                     <uint32_t>self.h.adapt_evictions)
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -497,6 +498,8 @@ cdef class BlockRegistry:
         # refcount + 1; an inactive block becomes active and its entry a zombie: O(1).
         if self.refcount[b] == 0:
             self.h.num_inactive -= 1
+            if self.h.policy == POLICY_ADAPTIVE_ID:   # a hit on an inactive block
+                adapt_on_inactive_hit(self.h, self.heap[self.heap_pos[b]].key2, self.use_count[b])
         self.refcount[b] += 1
 
     # ---- policy ---------------------------------------------------------------------------------
@@ -610,6 +613,8 @@ cdef class BlockRegistry:
         # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
         cdef bid_t b = self._heap_top_live()
         cdef uint64_t hsh = self.hash[b]
+        cdef uint64_t vkey1 = self.heap[0].key1, vkey2 = self.heap[0].key2   # the victim's key
+        cdef uint32_t uses = self.use_count[b]
         cdef int64_t n = self.h.num_blocks
         cdef int64_t i = -1
         cdef bid_t p = -1
@@ -642,6 +647,8 @@ cdef class BlockRegistry:
             # prefetched by _heap_top_live.
             self._heap_remove(b)
         self.h.num_inactive -= 1
+        if self.h.policy == POLICY_ADAPTIVE_ID:
+            self.h.adapt_evictions += 1          # first: the ghost entry records the new value
         if self.h.ghost_blocks > 0:
             self._ghost_record(hsh, self.use_count[b])   # the index entry becomes a ghost entry
         else:
@@ -658,6 +665,7 @@ cdef class BlockRegistry:
             self.h.ring_dropped += 1
         self._reset(b)
         if self.h.policy == POLICY_ADAPTIVE_ID:
+            adapt_on_victim(self.h, vkey1, vkey2, uses)
             adapt_on_eviction(self.h)    # last: every key of this eviction had the old credit
             # the sweep: one block's key refreshed per eviction, in block id order, so that no
             # key keeps an old credit for more than N evictions (one cache turnover)
@@ -727,8 +735,8 @@ cdef class BlockRegistry:
                 # slot and its use count (before the registration touch); the entry is consumed.
                 s = <bid_t>(-2 - self.ivals[pos])
                 self.use_count[b] = self.ghost[s].count
-                if self.h.policy == POLICY_ADAPTIVE_ID:
-                    adapt_on_ghost_hit(self.h, self.ghost[s].count)   # a victim came back: counted
+                if self.h.policy == POLICY_ADAPTIVE_ID:   # a victim came back
+                    adapt_on_ghost_hit(self.h, self.ghost[s].count, self.ghost[s].evicted_at)
                 self._ghost_unlink(s)
                 pos = -1 - pos
             self.ikeys[-1 - pos] = hsh

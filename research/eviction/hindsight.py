@@ -62,8 +62,8 @@ def cases(shared_chains, synthetic: bool = True) -> list[tuple[str, list, int]]:
 
 
 def hit_ratio(chains, capacity: int, policy: str, setting: tuple | None = None) -> float:
-    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's (level, step, leaf_first
-    [, power]) for ADAPTIVE."""
+    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's (level, step,
+    leaf_first) for ADAPTIVE."""
     from research.eviction import trace_replay as tr
     eng = tr.RegistryEngine(capacity, policy)
     if setting is not None:
@@ -139,24 +139,22 @@ def _summary(rows: Sequence[dict], out) -> None:
               f"{below}/{len(held)} | {ratio:.3f} |", file=out)
 
 
-def tune(shared_chains, levels: Sequence[int], steps: Sequence[int], powers: Sequence[int],
-         out=sys.stdout) -> None:
-    """ADAPTIVE's (start level, step, power) on TRAINING only: per triple, the worst ratio to the
-    hindsight best and the worst margin over LRU across the training cases."""
+def tune(shared_chains, levels: Sequence[int], steps: Sequence[int], out=sys.stdout) -> None:
+    """ADAPTIVE's (start level, step) on TRAINING only: per pair, the worst ratio to the hindsight
+    best and the worst margin over LRU across the training cases."""
     train = [c for c in cases(shared_chains, synthetic=False) if c[0] in TRAINING]
     ref = {}
     for name, ch, cap in train:
         ref[name, cap] = (hit_ratio(ch, cap, "lru"), hindsight_best(ch, cap))
         print(f"# {name} {cap}: LRU {ref[name, cap][0]:.4f}, best {ref[name, cap][1][1]:.4f} "
               f"({ref[name, cap][1][0]})", file=out, flush=True)
-    print("| start level | step | power | " + " | ".join(f"{n} {c}" for n, _, c in train) +
+    print("| start level | step | " + " | ".join(f"{n} {c}" for n, _, c in train) +
           " | min ratio to best | min margin over LRU |", file=out)
-    print("|" + "---|" * (5 + len(train)), file=out)
+    print("|" + "---|" * (4 + len(train)), file=out)
     for level in levels:
         for step in steps:
-            for power in powers:
-                hs = [hit_ratio(ch, cap, "adaptive", (level, step, True, power)) for _, ch, cap in train]
-                ratios = [h / ref[n, c][1][1] for h, (n, _, c) in zip(hs, train)]
-                margins = [h - ref[n, c][0] for h, (n, _, c) in zip(hs, train)]
-                print(f"| {level} | {step} | {power} | " + " | ".join(f"{h:.4f}" for h in hs) +
-                      f" | {min(ratios):.3f} | {min(margins):+.4f} |", file=out, flush=True)
+            hs = [hit_ratio(ch, cap, "adaptive", (level, step, True)) for _, ch, cap in train]
+            ratios = [h / ref[n, c][1][1] for h, (n, _, c) in zip(hs, train)]
+            margins = [h - ref[n, c][0] for h, (n, _, c) in zip(hs, train)]
+            print(f"| {level} | {step} | " + " | ".join(f"{h:.4f}" for h in hs) +
+                  f" | {min(ratios):.3f} | {min(margins):+.4f} |", file=out, flush=True)

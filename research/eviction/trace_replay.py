@@ -687,7 +687,7 @@ def main(argv=None) -> int:
             raise SystemExit("--hindsight: its cases include both halves; give no --split")
         if args.tune:
             hindsight.tune(chains, levels=[hindsight.W_LEVELS[w] for w in ("2", "8")],
-                           steps=(4096, 8192, 16384), powers=(1, 2))
+                           steps=(4096, 8192, 16384, 32768))
         else:
             hindsight.validate(chains, synthetic=not args.shared_only)
         return 0

@@ -8,8 +8,8 @@ Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction
 frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
 run under every eviction policy (LRU, LINEAGE, ADAPTIVE); LINEAGE with its default ghost table
 (G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none;
-ADAPTIVE with its defaults, and with big steps, every epoch test (power 0..2) and a small ghost
-table, so that the level moves all the time and the heap mixes keys of many credits; the walk also
+ADAPTIVE with its defaults, and with big steps, without the leaf bit and with a small ghost table,
+so that the level moves all the time and the heap mixes keys of many credits; the walk also
 changes the setting (set_adaptive) now and then.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ POOL_SIZES = [1, 2, 3, 5, 8, 16, 64, 300, 10_000]
 POLICIES = {"lru": (POLICY_LRU, None, None), "lineage": (POLICY_LINEAGE, None, None),
             "lineage-g3": (POLICY_LINEAGE, 3, None), "lineage-g0": (POLICY_LINEAGE, 0, None),
             "adaptive": (POLICY_ADAPTIVE, None, None),
-            "adaptive-fast-p0": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True, 0)),
-            "adaptive-fast-p1": (POLICY_ADAPTIVE, None, (6 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, False, 1)),
-            "adaptive-g3-p2": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True, 2))}
+            "adaptive-fast": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)),
+            "adaptive-noleaf": (POLICY_ADAPTIVE, None, (6 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, False)),
+            "adaptive-g3": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True))}
 
 
 class Pair:
@@ -251,7 +251,7 @@ class AdaptiveMachine(RegistryMachine):
     level moves within a few operations and heap keys carry different credits."""
     policy = POLICY_ADAPTIVE
     ghost_blocks = 3
-    adaptive = (4 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True, 1)
+    adaptive = (4 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)
 
 
 _MACHINE_SETTINGS = settings(max_examples=120, stateful_step_count=40, deadline=None,
@@ -324,7 +324,7 @@ def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
             p.call("drain_evicted")
         else:                                  # a new setting: every inactive block re-keyed
             p.call("set_adaptive", rnd.randint(-1, 9 * ADAPTIVE_OCTAVE), rnd.randint(0, ADAPTIVE_OCTAVE),
-                   rnd.random() < 0.7, rnd.randint(0, 2))
+                   rnd.random() < 0.7)
         if step % 250 == 0 or step == ops - 1:
             p.fast.check_invariants()
             p.ref.check_invariants()
