@@ -131,8 +131,8 @@ POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 # smallest move per epoch in levels (2**14: a quarter octave) and the power k of its vote; fitted
 # on the shared trace's first half only (trace_replay --hindsight --tune; POLICY_ADAPTIVE.md)
 ADAPTIVE_OCTAVE = 1 << 16
-ADAPTIVE_LEVEL = 5 << 16
-ADAPTIVE_STEP = 16384
+ADAPTIVE_LEVEL = 7 << 16
+ADAPTIVE_STEP = 32768
 
 __all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState",
            "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
