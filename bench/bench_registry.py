@@ -23,8 +23,9 @@ trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent 
 and (default ghost table, G = num_blocks) records the victim in the ghost table, forgetting the
 oldest entry, while every registration probes it (fresh hashes: a miss). `lineage-noghost` is
 LINEAGE with ghost_blocks=0, to see the table's own cost. `adaptive` (ADAPTIVE, the same ghost
-table) also counts each eviction towards its epoch and refreshes one block's key per eviction
-(its sweep, kvbm/_fast/_adapt.pxd); `adaptive-fixed` is the same with the step set to 0. The
+table) also updates its frontier and epoch per eviction, refreshes one block's key per eviction
+(its sweep), and tests each hit on an inactive block against its margin (kvbm/_fast/_adapt.pxd);
+`adaptive-fixed` is the same with the step set to 0 (no marginal counting). The
 headline the issue asks for: the adaptive/lru column at 10^4, 10^5 and 10^6 blocks (<= 1.10).
 
     .venv/bin/python bench/bench_registry.py                # full sweep (about two minutes)

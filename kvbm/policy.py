@@ -87,18 +87,20 @@ class EvictionPolicy(IntEnum):
     #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
     #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
-    # The registry keeps LINEAGE's ghost table (same size, same restore) and counts the ghost hits
-    # (victims that came back) of blocks evicted after one use (ho) and after more (hr). Every N/2
-    # evictions (an epoch) it votes, with O and R the live ghost entries of each kind: raise W if
-    # hr**k * O > ho**k * R, lower it if < (k = ADAPTIVE_POWER; k = 1 is ARC's rule: equal return
-    # rates per ghost entry). The move doubles while votes agree and halves when they turn
-    # (Rprop; ADAPTIVE_STEP..8 steps), level clamped to 0..9 * 2**16 (W = 1/16..32). Keys already
-    # in the heap keep their credit; each eviction also re-keys one block in id order (the sweep),
-    # so no key is more than N evictions old. O(1) per ghost hit, O(log n) per eviction. The
-    # state lives in the table's header, so it survives attach. BlockRegistry.set_adaptive(level,
-    # step, leaf_first, power) sets it (step 0: a fixed setting, the family trace_replay's
-    # hindsight sweep runs). Not the default: it fails some of issue 14's checks
-    # (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`, `_epoch_step`).
+    # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the key2
+    # of the last victim of priority 0 without a child. Raising the credit one step moves a
+    # block's margin (key2 - frontier) by about dC * (f - phi), phi the mean f of the frontier's
+    # victims. Over each epoch (N/2 evictions) it counts the events a one-step change would flip:
+    # hits on inactive blocks it would have evicted first, and victims that came back (ghost hits)
+    # it would have kept; at the epoch's end the level moves toward the side with more net gain
+    # (Rprop move sizes: ADAPTIVE_STEP..8 steps), clamped to level 0..9 * 2**16 (W = 1/16..32).
+    # Keys already in the heap keep their credit; each eviction re-keys one block in id order
+    # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
+    # per eviction; the state lives in the table's header, so it survives attach.
+    # BlockRegistry.set_adaptive(level, step, leaf_first) sets it (step 0: a fixed setting, the
+    # family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
+    # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,
+    # `_inactive_hit`, `_ghost_hit`, `_after_eviction`).
     ADAPTIVE = 2
 
     @classmethod
@@ -127,9 +129,10 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 5 << 16 is W = 2, lineage's), its
-# smallest move per epoch in levels (2**14: a quarter octave) and the power k of its vote; fitted
-# on the shared trace's first half only (trace_replay --hindsight --tune; POLICY_ADAPTIVE.md)
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 7 << 16 is W = 8) and its
+# smallest move per epoch in levels (2**15: half an octave); fitted on the shared trace's first
+# half only (trace_replay --hindsight --tune; research/eviction/POLICY_ADAPTIVE.md, which also
+# gives the held-out figures of W = 2 and a quarter octave, chosen after seeing them)
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 7 << 16
 ADAPTIVE_STEP = 32768
