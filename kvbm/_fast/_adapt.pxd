@@ -16,9 +16,10 @@ Parts:
             the frontier by about dC * phi, phi the mean f of the frontier's victims (last epoch).
             So a block whose f is above phi gains margin dC * (f - phi), one below loses it.
   marginal  each event a one-step change would flip is counted (O(1) each, doubles computed in
-            the same order as the twin): a hit on an inactive block (match or dedup) with margin
-            m >= 0 is lost by raising if f < phi and m < dC_up * (phi - f), and by lowering if
-            f > phi and m < dC_down * (f - phi); a ghost hit (a victim that came back), whose
+            the same order as the twin): a hit on an inactive block (match or dedup; one in
+            HIT_SAMPLE by tick, weighted HIT_SAMPLE, so a long match pays for few) with margin m =
+            last tick + credit * f - frontier is lost by raising if f < phi and
+            m < dC_up * (phi - f), and by lowering if f > phi and m < dC_down * (f - phi); a ghost hit (a victim that came back), whose
             margin is -(evictions since it left) * (frontier advance per eviction, last epoch), is
             kept by raising if f > phi and -m <= dC_up * (f - phi), by lowering if f < phi and
             -m <= dC_down * (phi - f). f and phi are in 1/256.
@@ -34,8 +35,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from kvbm._fast._table cimport RegistryHeader
 
+cdef extern from *:
+    int __builtin_clzll(unsigned long long x) noexcept nogil   # x != 0
+
 cdef enum:
     LEVEL_BITS = 16        # levels per doubling of W: 2**16
+    HIT_SAMPLE = 16        # one hit on an inactive block in 16 is tested (by tick), weighted 16
     LEVEL_MAX = 589824     # 9 << 16: W = 32 (9 octaves above W = 1/16, level 0)
     MOVE_GROWTH = 8        # the move grows to at most 8 steps
 
@@ -56,13 +61,7 @@ cdef inline int64_t epoch_length(int64_t n) noexcept nogil:
 
 cdef inline uint32_t f_of(uint32_t u) noexcept nogil:
     # the frequency steps of a use count: 0 below 2, else its bit length
-    cdef uint32_t f = 0
-    if u < 2:
-        return 0
-    while u:
-        f += 1
-        u >>= 1
-    return f
+    return 0 if u < 2 else <uint32_t>(64 - __builtin_clzll(u))
 
 
 cdef inline void one_step(const RegistryHeader *h, double *up, double *down) noexcept nogil:
@@ -76,19 +75,21 @@ cdef inline void one_step(const RegistryHeader *h, double *up, double *down) noe
     down[0] = <double>h.adapt_credit - <double>credit_of(h.num_blocks, lo)
 
 
-cdef inline void adapt_on_inactive_hit(RegistryHeader *h, uint64_t key2, uint32_t count) noexcept nogil:
-    # A match or dedup acquired an inactive block with heap key2 `key2` and use count `count`.
+cdef inline void adapt_on_inactive_hit(RegistryHeader *h, uint64_t last_tick,
+                                       uint32_t count) noexcept nogil:
+    # A match or dedup acquired an inactive block with last tick `last_tick` and use count
+    # `count`; the caller tested one in HIT_SAMPLE (h.tick % HIT_SAMPLE == 0, step > 0). Its margin
+    # is taken at the current credit (its heap key may be older: reading it would cost a miss).
     cdef double up, down, m, f, phi
-    if h.adapt_step == 0:
-        return
+    cdef uint32_t steps = f_of(count)
     one_step(h, &up, &down)
-    m = (<double>key2 - <double>h.adapt_frontier) * 256.0
-    f = <double>(256 * f_of(count))
+    m = ((<double>last_tick - <double>h.adapt_frontier) + <double>h.adapt_credit * <double>steps) * 256.0
+    f = <double>(256 * steps)
     phi = <double>h.adapt_phi
     if f < phi and m < up * (phi - f):
-        h.adapt_loss_up += 1
+        h.adapt_loss_up += HIT_SAMPLE
     if f > phi and m < down * (f - phi):
-        h.adapt_loss_down += 1
+        h.adapt_loss_down += HIT_SAMPLE
 
 
 cdef inline void adapt_on_ghost_hit(RegistryHeader *h, uint32_t count, uint32_t evicted_at) noexcept nogil:

@@ -186,19 +186,22 @@ class ReferenceRegistry:
         return (float(_credit_of(self._n, hi)) - float(credit),
                 float(credit) - float(_credit_of(self._n, lo)))
 
-    def _inactive_hit(self, key2: int, count: int) -> None:
-        """ADAPTIVE: a match or dedup acquired an inactive block (heap key2, use count): counted
-        if a one-step change of the credit would have evicted it first (_adapt.pxd)."""
-        if not self._step:
+    def _inactive_hit(self, last_tick: int, count: int) -> None:
+        """ADAPTIVE: a match or dedup acquired an inactive block (last tick, use count); one in 16
+        by tick is tested (weighted 16): counted if a one-step change of the credit would have
+        evicted it first, its margin taken at the current credit (_adapt.pxd)."""
+        if not self._step or self._tick % 16:
             return
         up, down = self._one_step()
-        m = (float(key2) - float(self._frontier)) * 256.0
-        f = float(256 * _f_of(count))
+        steps = _f_of(count)
+        m = ((float(last_tick) - float(self._frontier))
+             + float(_credit_of(self._n, self._level)) * float(steps)) * 256.0
+        f = float(256 * steps)
         phi = float(self._phi)
         if f < phi and m < up * (phi - f):
-            self._loss_up += 1
+            self._loss_up += 16
         if f > phi and m < down * (f - phi):
-            self._loss_down += 1
+            self._loss_down += 16
 
     def _ghost_hit(self, count: int, evicted_at: int) -> None:
         """ADAPTIVE: a registration hit a ghost entry (a victim that came back) evicted with use
@@ -272,7 +275,7 @@ class ReferenceRegistry:
 
     def _make_active(self, b: int) -> None:
         if self._policy == POLICY_ADAPTIVE:      # a hit on an inactive block
-            self._inactive_hit(self._inactive[b][1], self._blocks[b].use_count)
+            self._inactive_hit(self._blocks[b].tick, self._blocks[b].use_count)
         del self._inactive[b]
 
     def _pop_victim(self) -> int:

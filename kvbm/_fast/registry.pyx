@@ -69,7 +69,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport (
-    LEVEL_MAX, MOVE_GROWTH, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
+    HIT_SAMPLE, LEVEL_MAX, MOVE_GROWTH, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
     adapt_on_victim, credit_of, epoch_length,
 )
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
@@ -498,8 +498,9 @@ cdef class BlockRegistry:
         # refcount + 1; an inactive block becomes active and its entry a zombie: O(1).
         if self.refcount[b] == 0:
             self.h.num_inactive -= 1
-            if self.h.policy == POLICY_ADAPTIVE_ID:   # a hit on an inactive block
-                adapt_on_inactive_hit(self.h, self.heap[self.heap_pos[b]].key2, self.use_count[b])
+            if self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_step != 0 \
+                    and self.h.tick % HIT_SAMPLE == 0:   # a hit on an inactive block, sampled
+                adapt_on_inactive_hit(self.h, self.last_tick[b], self.use_count[b])
         self.refcount[b] += 1
 
     # ---- policy ---------------------------------------------------------------------------------
