@@ -22,12 +22,17 @@ of the per-round medians, and the ratio to LRU of those. In the cycle point the 
 trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent (children 1 -> 0),
 and (default ghost table, G = num_blocks) records the victim in the ghost table, forgetting the
 oldest entry, while every registration probes it (fresh hashes: a miss). `lineage-noghost` is
-LINEAGE with ghost_blocks=0, to see the table's own cost.
+LINEAGE with ghost_blocks=0, to see the table's own cost. `adaptive` (ADAPTIVE, the same ghost
+table) also updates its frontier and epoch per eviction, refreshes one block's key per eviction
+(its sweep), and tests each hit on an inactive block against its margin (kvbm/_fast/_adapt.pxd);
+`adaptive-fixed` is the same with the step set to 0 (no marginal counting). The
+headline the issue asks for: the adaptive/lru column at 10^4, 10^5 and 10^6 blocks (<= 1.10).
 
     .venv/bin/python bench/bench_registry.py                # full sweep (about two minutes)
     .venv/bin/python bench/bench_registry.py --sizes 10000 --iters 200
     .venv/bin/python bench/bench_registry.py --no-ref --rounds 5    # policy table only
     .venv/bin/python bench/bench_registry.py --no-ref --policies lru lineage lineage-noghost
+    .venv/bin/python bench/bench_registry.py --no-ref --rounds 5 --policies lru adaptive   # issue 14
 """
 from __future__ import annotations
 
@@ -135,6 +140,7 @@ def timed(fn, iters: int, warmup: int, budget_s: float, after=None) -> np.ndarra
 
 
 GHOST_VARIANTS = {"lineage-noghost": 0, "lineage-ghost2": 2, "lineage-ghost4": 4}
+FIXED_VARIANTS = ("adaptive-fixed",)   # ADAPTIVE with step 0 (set after creation: bench_point)
 
 
 def policy_kwargs(name: str, n: int) -> dict:
@@ -143,11 +149,16 @@ def policy_kwargs(name: str, n: int) -> dict:
     lineage-ghost2, lineage-ghost4)."""
     if name in GHOST_VARIANTS:
         return dict(policy=int(EvictionPolicy.LINEAGE), ghost_blocks=GHOST_VARIANTS[name] * n)
+    if name in FIXED_VARIANTS:
+        return dict(policy=int(EvictionPolicy.ADAPTIVE), adaptive_step=0)
     return dict(policy=int(EvictionPolicy.from_name(name)))
 
 
-def bench_point(impl, n: int, args, fill_pool: bool, **reg_kwargs) -> dict[str, np.ndarray]:
+def bench_point(impl, n: int, args, fill_pool: bool, adaptive_step: int | None = None,
+                **reg_kwargs) -> dict[str, np.ndarray]:
     reg = impl(n, **reg_kwargs)
+    if adaptive_step is not None:
+        reg.set_adaptive(step=adaptive_step)
     hs = HashSource()
     prefix = min(args.prefix, n)
     res = {}
@@ -196,8 +207,8 @@ def main() -> None:
     ap.add_argument("--ref-budget", type=float, default=4.0, help="seconds per point (reference)")
     ap.add_argument("--ref-fill-limit", type=int, default=1_000_000,
                     help="larger pools: the reference skips the pre-fill (no eviction)")
-    ap.add_argument("--policies", nargs="+", default=["lru", "lineage"],
-                    choices=[*policy_names(), *GHOST_VARIANTS],
+    ap.add_argument("--policies", nargs="+", default=["lru", "lineage", "adaptive"],
+                    choices=[*policy_names(), *GHOST_VARIANTS, *FIXED_VARIANTS],
                     help="eviction policies of the policy table (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy and size")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference table")

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host-size", help="G2 size, e.g. 64GB or 512MiB")
     ap.add_argument("--host-blocks", type=int, help="G2 size in blocks (needs --layout)")
     ap.add_argument("--layout", help="model dims, e.g. layers=32,outer=2,page=16,inner=1024,dtype=bfloat16")
-    ap.add_argument("--policy", help="eviction policy of the shared G2 registry's namespaces (lru, lineage)")
+    ap.add_argument("--policy", help="eviction policy of the shared G2 registry's namespaces (lru, lineage, adaptive)")
     ap.add_argument("--ghost-ratio", type=float, help="LINEAGE ghost entries per block of a namespace")
     ap.add_argument("--disk-path", help="G3 folder (created 0700)")
     ap.add_argument("--disk-size", help="G3 size, e.g. 1TB")

@@ -67,7 +67,7 @@ _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB":
           "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
-POLICIES = policy_names()          # ("lru", "lineage"): kvbm.policy.EvictionPolicy's members
+POLICIES = policy_names()          # ("lru", "lineage", "adaptive"): kvbm.policy.EvictionPolicy's members
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DISK_ADMISSIONS = ("victim", "write-through")   # research/eviction/RESULTS.md, "G3 admission"
 GDS_MODES = ("auto", "on", "off")
@@ -152,8 +152,10 @@ class KvbmConfig:
     runtime_dir: str | None = None         # 0700 folder for ipc:// sockets; default $XDG_RUNTIME_DIR or /tmp
     transport: str = "ipc"                 # ipc, or tcp on 127.0.0.1
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
-    policy: str = "lineage"                # eviction policy of every tier: lineage or lru (kvbm/policy.py)
-    # lineage's ghost table (use counts of recently evicted hashes), in multiples of each tier's
+    policy: str = "lineage"                # eviction policy of every tier: lineage, lru or adaptive
+                                           #   (kvbm/policy.py; adaptive is not the default:
+                                           #   research/eviction/POLICY_ADAPTIVE.md says why)
+    # lineage's (and adaptive's) ghost table (use counts of recently evicted hashes), in multiples of each tier's
     # block count; 0: none. More remembers more reuse (research/eviction/POLICY_ROUND3.md: 4 gives +0.01 hit
     # ratio, +0.05 of the LRU -> Belady gap, on the shared trace) but the entries share the block
     # index, so lookups slow down (with 4: up to 1.2x LRU at 10^4-10^5 blocks, 1.2-1.6x at 10^6;

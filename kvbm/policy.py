@@ -19,9 +19,10 @@ kvbm/_fast/_reference.py, which the differential tests hold it to):
   the victim at the root), parent link cleared (parent evicted). A block's key
   is also computed when it becomes inactive (release to refcount 0). Active blocks need no key.
 
-Policies: LRU (priority, then last-use tick) and LINEAGE (leaf-first, frequency-credited recency;
+Policies: LRU (priority, then last-use tick), LINEAGE (leaf-first, frequency-credited recency;
 the formula is at the member below and `_key` in _reference.py; use counts survive eviction in a
-bounded ghost table). The study behind them: research/eviction/.
+bounded ghost table) and ADAPTIVE (LINEAGE's key with a credit that ghost hits move online). The
+studies behind them: research/eviction/.
 
 Engine hint (not a policy): blocks that requests in the engine's waiting queue will read get
 priority 1 while they wait (KvBlockManager.hint_waiting / hint_done, kvbm.pools.WaitingHints), so
@@ -82,10 +83,29 @@ class EvictionPolicy(IntEnum):
     # Spec: kvbm/_fast/_reference.py (`_key`, and the ghost table in the registry's order of
     # eviction and registration); the study behind it: research/eviction/.
     LINEAGE = 1
+    # LINEAGE's key whose credit tunes itself online ("adaptive"). Two words:
+    #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
+    #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
+    #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
+    # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the key2
+    # of the last victim of priority 0 without a child. Raising the credit one step moves a
+    # block's margin (key2 - frontier) by about dC * (f - phi), phi the mean f of the frontier's
+    # victims. Over each epoch (N/2 evictions) it counts the events a one-step change would flip:
+    # hits on inactive blocks it would have evicted first, and victims that came back (ghost hits)
+    # it would have kept; at the epoch's end the level moves toward the side with more net gain
+    # (Rprop move sizes: ADAPTIVE_STEP..8 steps), clamped to level 0..9 * 2**16 (W = 1/16..32).
+    # Keys already in the heap keep their credit; each eviction re-keys one block in id order
+    # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
+    # per eviction; the state lives in the table's header, so it survives attach.
+    # BlockRegistry.set_adaptive(level, step, leaf_first) sets it (step 0: a fixed setting, the
+    # family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
+    # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,
+    # `_inactive_hit`, `_ghost_hit`, `_after_eviction`).
+    ADAPTIVE = 2
 
     @classmethod
     def from_name(cls, name: str) -> EvictionPolicy:
-        """The policy of a config name ("lru", "lineage": the member's name in lower case);
+        """The policy of a config name ("lru", "lineage", "adaptive": the member's name in lower case);
         ConfigError naming the known ones otherwise."""
         member = _BY_NAME.get(name) if isinstance(name, str) else None
         if member is None:
@@ -97,11 +117,26 @@ _BY_NAME = {p.name.lower(): p for p in EvictionPolicy}
 
 
 def policy_names() -> tuple[str, ...]:
-    """Config names of every policy, in id order: ("lru", "lineage")."""
+    """Config names of every policy, in id order: ("lru", "lineage", "adaptive")."""
     return tuple(_BY_NAME)
+
+
+def has_ghost_table(policy: int) -> bool:
+    """Whether the policy keeps the ghost table of evicted use counts (LINEAGE, ADAPTIVE)."""
+    return int(policy) in (POLICY_LINEAGE, POLICY_ADAPTIVE)
 
 
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
+POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 7 << 16 is W = 8) and its
+# smallest move per epoch in levels (2**15: half an octave); fitted on the shared trace's first
+# half only (trace_replay --hindsight --tune; research/eviction/POLICY_ADAPTIVE.md, which also
+# gives the held-out figures of W = 2 and a quarter octave, chosen after seeing them)
+ADAPTIVE_OCTAVE = 1 << 16
+ADAPTIVE_LEVEL = 7 << 16
+ADAPTIVE_STEP = 32768
 
-__all__ = ["BlockState", "EvictionPolicy", "POLICY_LINEAGE", "POLICY_LRU", "policy_names"]
+__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState",
+           "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
+           "policy_names"]

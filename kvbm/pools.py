@@ -53,7 +53,7 @@ class BlockPool:
             raise ConfigError(f"{tier.name} pool needs at least 1 block, got {num_blocks}")
         self.tier = tier
         self.policy = policy
-        # ghost_blocks: LINEAGE's table of recently evicted use counts (None: num_blocks)
+        # ghost_blocks: LINEAGE's (and ADAPTIVE's) table of recently evicted use counts (None: num_blocks)
         self.registry = BlockRegistry(num_blocks, buffer, int(EvictionPolicy.from_name(policy)),
                                       ghost_blocks)
         self.stats = PoolStats()

@@ -11,7 +11,7 @@ Parts:
          is at most half full and every probe ends at an empty slot. vals[i]: the block id, -1 for
          an empty slot, -2 - s for the ghost entry in FIFO slot s. h.num_registered counts the
          block entries.
-  ghost  LINEAGE only: the last G = h.ghost_blocks evicted (hash, use count) pairs, FIFO by
+  ghost  LINEAGE and ADAPTIVE: the last G = h.ghost_blocks evicted (hash, use count) pairs, FIFO by
          eviction, in a doubly linked list of slots, oldest first, sentinel at slot G; unused
          slots are stacked through `next` from h.ghost_free. Each live entry keeps the evicted
          block's slot in the index (value -2 - slot): `ghost_record` rewrites the victim's slot in
@@ -20,6 +20,7 @@ Parts:
          own; only forgetting the oldest entry (when G are live) deletes an index slot. A
          consumed entry leaves the FIFO (a plain ring of G slots would keep it as a hole), so the
          live entries are exactly the twin's OrderedDict (kvbm/_fast/_reference.py).
+         h.ghost_once counts the live entries of blocks evicted after one use (ADAPTIVE's study).
 
 Callers pass what the registry checked: keys present where a slot is expected, slot ids in
 range; a key in the ghost table is never also a block's (keys are unique in the index).
@@ -108,13 +109,14 @@ cdef inline void index_remove(RegistryHeader *h, uint64_t *keys, bid_t *vals,
     h.num_registered -= 1
 
 
-# ---- ghost table (LINEAGE, G = h.ghost_blocks > 0) --------------------------------------------
+# ---- ghost table (LINEAGE, ADAPTIVE; G = h.ghost_blocks > 0) --------------------------------------------
 
 cdef inline void ghost_init(RegistryHeader *h, GhostEntry *ghost, int64_t g) noexcept nogil:
     # Empty FIFO (sentinel G), every slot on the unused stack; the entries were zeroed.
     cdef int64_t i
     h.ghost_blocks = g
     h.ghost_free = 0 if g > 0 else -1
+    h.ghost_once = 0
     if g > 0:
         ghost[g].prev = <bid_t>g
         ghost[g].next = <bid_t>g
@@ -128,16 +130,19 @@ cdef inline void ghost_unlink(RegistryHeader *h, GhostEntry *ghost, bid_t s) noe
     # business).
     ghost[ghost[s].prev].next = ghost[s].next
     ghost[ghost[s].next].prev = ghost[s].prev
+    if ghost[s].count < 2:
+        h.ghost_once -= 1
     ghost[s].prev = -1
     ghost[s].next = <bid_t>h.ghost_free
     ghost[s].hash = 0
     ghost[s].count = 0
+    ghost[s].evicted_at = 0
     h.ghost_free = s
     h.ghost_size -= 1
 
 
 cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, GhostEntry *ghost,
-                              uint64_t key, uint32_t count) noexcept nogil:
+                              uint64_t key, uint32_t count, uint32_t evicted_at) noexcept nogil:
     # In place of index_remove(key) for an evicted block: its index entry becomes a ghost entry.
     # A hash in the table is never REGISTERED, so the OrderedDict's update-in-place case cannot
     # arise.
@@ -152,7 +157,10 @@ cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, Gh
     h.ghost_free = ghost[s].next
     ghost[s].hash = key
     ghost[s].count = count
+    ghost[s].evicted_at = evicted_at
     h.ghost_size += 1
+    if count < 2:
+        h.ghost_once += 1
     # append at the newest end (before the sentinel)
     ghost[s].prev = ghost[g].prev
     ghost[s].next = g

@@ -90,7 +90,8 @@ cdef int _check_table(BlockRegistry r) except -1:
         steps += 1
     if steps != r.h.num_free or r.free_prev[s] != prev:
         raise RegistryError(f"free list walk found {steps} blocks, num_free = {r.h.num_free}")
-    # heap: positions, order, and live entries carry the key the policy computes now
+    # heap: positions, order, and live entries carry the key the policy computes now (ADAPTIVE:
+    # up to the credit of a reused block's key2)
     for i in range(r.h.heap_size):
         b = r.heap[i].block
         if b < 0 or b >= n or r.heap_pos[b] != i:
@@ -100,6 +101,10 @@ cdef int _check_table(BlockRegistry r) except -1:
             raise RegistryError(f"heap slot {i} holds {_state_name(r.state[b])} block {b}")
         if r.refcount[b] == 0:
             r._policy_key(<bid_t>b, &probe)
+            if r.h.policy == POLICY_ADAPTIVE_ID and r.use_count[b] >= 2:
+                # a reused block's key keeps the credit of when it was computed (_adapt.pxd): only
+                # its first word and a key2 no earlier than its tick are checkable
+                probe.key2 = r.heap[i].key2 if r.heap[i].key2 >= r.last_tick[b] else probe.key2
             if probe.key1 != r.heap[i].key1 or probe.key2 != r.heap[i].key2:
                 raise RegistryError(f"inactive block {b} has stale key ({r.heap[i].key1}, "
                                     f"{r.heap[i].key2}), policy says ({probe.key1}, {probe.key2})")
@@ -159,14 +164,34 @@ cdef int _check_table(BlockRegistry r) except -1:
     if r.h.ring_count > n or r.h.ring_head >= n:
         raise RegistryError(f"evicted ring: count {r.h.ring_count}, head {r.h.ring_head}, "
                             f"capacity {n}")
+    _check_adaptive(r)
     _check_ghost(r)
+    return 0
+
+
+cdef int _check_adaptive(BlockRegistry r) except -1:
+    # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range,
+    # the step and the move.
+    cdef RegistryHeader *h = r.h
+    if h.policy != POLICY_ADAPTIVE_ID:
+        return 0
+    if h.adapt_level < -1 or h.adapt_level > LEVEL_MAX \
+            or h.adapt_credit != credit_of(h.num_blocks, h.adapt_level):
+        raise RegistryError(f"adaptive: level {h.adapt_level} with credit {h.adapt_credit}, expected "
+                            f"-1..{LEVEL_MAX} with credit {credit_of(h.num_blocks, h.adapt_level)}")
+    if not 0 < h.adapt_left <= epoch_length(h.num_blocks) or not 0 <= h.adapt_sweep < h.num_blocks:
+        raise RegistryError(f"adaptive: {h.adapt_left} evictions left in the epoch, sweep at block "
+                            f"{h.adapt_sweep}, for {h.num_blocks} blocks")
+    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX \
+            or h.adapt_move < -MOVE_GROWTH * h.adapt_step or h.adapt_move > MOVE_GROWTH * h.adapt_step:
+        raise RegistryError(f"adaptive: step {h.adapt_step}, move {h.adapt_move}")
     return 0
 
 
 
 cdef int _check_ghost(BlockRegistry r) except -1:
     # FIFO list, unused stack and index agree (_check_table counted the index's ghosts).
-    cdef int64_t g = r.h.ghost_blocks, i, j, cnt = 0, nfree = 0
+    cdef int64_t g = r.h.ghost_blocks, i, j, cnt = 0, nfree = 0, once = 0
     cdef bid_t s, prev = <bid_t>g
     if g == 0:
         return 0
@@ -181,11 +206,14 @@ cdef int _check_ghost(BlockRegistry r) except -1:
         i = r._index_pos(r.ghost[s].hash)
         if i < 0 or r.ivals[i] != -2 - s:
             raise RegistryError(f"ghost slot {s} (hash {r.ghost[s].hash}) is not indexed")
+        once += r.ghost[s].count < 2
         prev = s
         s = r.ghost[s].next
         cnt += 1
     if cnt != r.h.ghost_size or r.ghost[g].prev != prev:
         raise RegistryError(f"ghost FIFO walk found {cnt} entries, ghost_size {r.h.ghost_size}")
+    if once != r.h.ghost_once:
+        raise RegistryError(f"ghost FIFO holds {once} entries of count 1, ghost_once {r.h.ghost_once}")
     j = r.h.ghost_free
     while j >= 0:
         if j >= g or nfree > g or r.ghost[j].prev != -1 or r.ghost[j].count != 0:

@@ -2,10 +2,11 @@
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
 ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here: FIFO of
-at most G live (hash -> use count) entries). This file is the spec of the registry's policies
-(kvbm/policy.py); the study behind them: research/eviction/. The differential tests drive both
-with the same random operation sequences and compare every return value. Speed is irrelevant here, except that the
-inactive set is a heapq with lazy deletion so that benchmarks against it finish.
+at most G live (hash -> use count) entries), ADAPTIVE's credit, epochs, votes and sweep. This file
+is the spec of the registry's policies (kvbm/policy.py); the study behind them:
+research/eviction/. The differential tests drive both with the same random operation sequences and
+compare every return value. Speed is irrelevant here, except that the inactive set is a heapq with
+lazy deletion so that benchmarks against it finish.
 
 Order of things inside one call mirrors the Cython loops: validate the whole batch (raise
 RegistryError, change nothing), then apply slot by slot.
@@ -19,10 +20,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState, EvictionPolicy
+from kvbm.policy import (
+    ADAPTIVE_LEVEL,
+    ADAPTIVE_STEP,
+    POLICY_ADAPTIVE,
+    POLICY_LINEAGE,
+    POLICY_LRU,
+    BlockState,
+    EvictionPolicy,
+    has_ghost_table,
+)
 
 _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
+_LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
+_LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
+
+
+def _f_of(u: int) -> int:
+    """Frequency steps of a use count: 0 below 2, else its bit length."""
+    return u.bit_length() if u >= 2 else 0
+
+
+def _credit_of(n: int, level: int) -> int:
+    """ADAPTIVE's ticks of credit per frequency step: N * 2**(level/2**16 - 4), linear between
+    octaves (2**q * (1 + r/2**16) for level = 2**16 q + r); 0 for level -1."""
+    if level < 0:
+        return 0
+    one = 1 << _LEVEL_BITS
+    return (n * (one + level % one) << (level >> _LEVEL_BITS)) >> (_LEVEL_BITS + 4)
 
 
 @dataclass(slots=True)
@@ -71,7 +97,7 @@ class ReferenceRegistry:
         g = num_blocks if ghost_blocks is None else self._count(ghost_blocks, "ghost_blocks")
         if g > _MAX_BLOCKS:
             raise RegistryError(f"ghost_blocks must be in [0, {_MAX_BLOCKS}], got {g}")
-        self._ghost_cap = g if policy == POLICY_LINEAGE else 0
+        self._ghost_cap = g if has_ghost_table(policy) else 0
         self._ghost: OrderedDict[int, int] = OrderedDict()   # evicted hash -> use count, oldest first
         self._n = num_blocks
         self._policy = int(policy)
@@ -83,6 +109,22 @@ class ReferenceRegistry:
         self._tick = 0
         self._ring: deque[int] = deque(maxlen=num_blocks)
         self._dropped = 0
+        # ADAPTIVE's state (the registry's header; kvbm/_fast/_adapt.pxd)
+        self._level = ADAPTIVE_LEVEL
+        self._step = ADAPTIVE_STEP
+        self._leaf = True
+        self._hits_once = 0
+        self._hits_reused = 0
+        self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
+        self._ghost_at: dict[int, int] = {}   # ghost hash -> eviction clock's low 32 bits
+        self._move = 0           # signed size of the last move (Rprop); 0: no vote yet
+        self._epoch_left = max(num_blocks // 2, 1)
+        self._sweep = 0          # the block the next eviction re-keys
+        self._evictions = 0
+        self._frontier = self._front0 = self._rate = 0
+        self._fsum = self._fcount = self._phi = 0
+        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
+        self._victim = None      # the heap entry of the last victim
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -96,18 +138,131 @@ class ReferenceRegistry:
     ghost_blocks = property(lambda self: self._ghost_cap)
     num_ghosts = property(lambda self: len(self._ghost))
 
+    @property
+    def adaptive(self) -> dict:
+        return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
+                    move=self._move, leaf_first=self._leaf, epoch_left=self._epoch_left,
+                    evictions=self._evictions, frontier=self._frontier, rate=self._rate,
+                    phi=self._phi, gain_up=self._gain_up, loss_up=self._loss_up,
+                    gain_down=self._gain_down, loss_down=self._loss_down,
+                    ghost_hits_once=self._hits_once, ghost_hits_reused=self._hits_reused,
+                    ghost_once=self._ghost_once)
+
+    def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
+        if self._policy != POLICY_ADAPTIVE:
+            raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
+        lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
+        st = self._step if step is None else self._count(step, "set_adaptive: step")
+        if lv > _LEVEL_MAX or st > _LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} or step {st} out of range")
+        self._level, self._step = lv, st
+        self._move = 0
+        if leaf_first is not None:
+            self._leaf = bool(leaf_first)
+        for b in list(self._inactive):     # a setting applies to every key
+            self._update_key(b)
+
     # ---- policy ----
     def _key(self, b: int) -> tuple:
         blk = self._blocks[b]
         if self._policy == POLICY_LRU:
             return (blk.priority, blk.tick, b)
-        if self._policy == POLICY_LINEAGE:
-            # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating
+        if self._policy in (POLICY_LINEAGE, POLICY_ADAPTIVE):
+            # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating.
+            # ADAPTIVE: its current credit (keys already in the heap keep theirs), leaf bit optional
+            lineage = self._policy == POLICY_LINEAGE
+            unit = 2 * self._n if lineage else _credit_of(self._n, self._level)
+            leaf = 1 if (lineage or self._leaf) and blk.children else 0
             u = blk.use_count
-            credit = 2 * self._n * u.bit_length() if u >= 2 else 0
-            return (((blk.priority + (1 << 31)) << 1) | (1 if blk.children else 0),
-                    min(blk.tick + credit, _U64), b)
+            credit = unit * u.bit_length() if u >= 2 else 0
+            return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
+
+    def _one_step(self) -> tuple[float, float]:
+        """Credit ticks gained by one step up and lost by one step down (floats, as the registry)."""
+        credit = _credit_of(self._n, self._level)
+        hi = min(self._level + self._step, _LEVEL_MAX)
+        lo = max(self._level - self._step, 0)
+        return (float(_credit_of(self._n, hi)) - float(credit),
+                float(credit) - float(_credit_of(self._n, lo)))
+
+    def _inactive_hit(self, last_tick: int, count: int) -> None:
+        """ADAPTIVE: a match or dedup acquired an inactive block (last tick, use count); one in 16
+        by tick is tested (weighted 16): counted if a one-step change of the credit would have
+        evicted it first, its margin taken at the current credit (_adapt.pxd)."""
+        if not self._step or self._tick % 16:
+            return
+        up, down = self._one_step()
+        steps = _f_of(count)
+        m = ((float(last_tick) - float(self._frontier))
+             + float(_credit_of(self._n, self._level)) * float(steps)) * 256.0
+        f = float(256 * steps)
+        phi = float(self._phi)
+        if f < phi and m < up * (phi - f):
+            self._loss_up += 16
+        if f > phi and m < down * (f - phi):
+            self._loss_down += 16
+
+    def _ghost_hit(self, count: int, evicted_at: int) -> None:
+        """ADAPTIVE: a registration hit a ghost entry (a victim that came back) evicted with use
+        count `count` when the eviction clock's low 32 bits read `evicted_at`: counted by kind,
+        and if a one-step change of the credit would have kept it (_adapt.pxd)."""
+        if count < 2:
+            self._hits_once += 1
+        else:
+            self._hits_reused += 1
+        if not self._step:
+            return
+        up, down = self._one_step()
+        age = (self._evictions - evicted_at) & 0xFFFFFFFF
+        dist = float(age) * float(self._rate) / float(max(self._n // 2, 1)) * 256.0
+        f = float(256 * _f_of(count))
+        phi = float(self._phi)
+        if f > phi and dist <= up * (f - phi):
+            self._gain_up += 1
+        if f < phi and dist <= down * (phi - f):
+            self._gain_down += 1
+
+    def _after_eviction(self, entry: tuple, count: int) -> None:
+        """ADAPTIVE, after each eviction (victim's heap entry and use count): the frontier, then
+        the epoch (N // 2 evictions): vote (gains - losses of a step up against a step down),
+        phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to 8 steps,
+        halved when they turn), clamped to 0.._LEVEL_MAX (step 0: never moves)."""
+        if entry[0] == 1 << 32:                 # priority 0, no registered child
+            self._frontier = entry[1]
+            self._fsum += _f_of(count)
+            self._fcount += 1
+        self._epoch_left -= 1
+        if self._epoch_left > 0:
+            return
+        self._epoch_left = max(self._n // 2, 1)
+        up, down = self._gain_up - self._loss_up, self._gain_down - self._loss_down
+        vote = 1 if up > 0 and up > down else (-1 if down > 0 and down > up else 0)
+        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
+        if self._fcount:
+            self._phi = 256 * self._fsum // self._fcount
+        self._fsum = self._fcount = 0
+        self._rate = max(self._frontier - self._front0, 0)
+        self._front0 = self._frontier
+        if not self._step or not vote:
+            return
+        size = abs(self._move)
+        if self._move == 0:                     # the first vote: one step
+            size = self._step
+        elif (self._move > 0) == (vote > 0):
+            size = min(size * 2, 8 * self._step)
+        else:
+            size = max(size // 2, self._step)
+        self._move = size if vote > 0 else -size
+        self._level = min(max(self._level + self._move, 0), _LEVEL_MAX)
+
+    def _key_current(self, b: int) -> bool:
+        # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
+        # the credit of when it was computed, so only key1 and key2 >= its tick are checked
+        have, now = self._inactive[b], self._key(b)
+        if self._policy == POLICY_ADAPTIVE and self._blocks[b].use_count >= 2:
+            return have[0] == now[0] and have[1] >= self._blocks[b].tick and have[2] == b
+        return have == now
 
     def _update_key(self, b: int) -> None:
         if b in self._inactive:
@@ -119,6 +274,8 @@ class ReferenceRegistry:
         heapq.heappush(self._heap, entry)
 
     def _make_active(self, b: int) -> None:
+        if self._policy == POLICY_ADAPTIVE:      # a hit on an inactive block
+            self._inactive_hit(self._blocks[b].tick, self._blocks[b].use_count)
         del self._inactive[b]
 
     def _pop_victim(self) -> int:
@@ -127,6 +284,7 @@ class ReferenceRegistry:
             b = entry[-1]
             if self._inactive.get(b) == entry:
                 del self._inactive[b]
+                self._victim = entry
                 return b
 
     # ---- block life cycle ----
@@ -139,6 +297,8 @@ class ReferenceRegistry:
     def _evict_one(self) -> int:
         b = self._pop_victim()
         blk = self._blocks[b]
+        if self._policy == POLICY_ADAPTIVE:
+            self._evictions += 1                 # first: the ghost entry records the new value
         del self._index[blk.hash]
         if blk.parent >= 0:
             self._blocks[blk.parent].children.remove(b)
@@ -147,15 +307,28 @@ class ReferenceRegistry:
             self._blocks[c].parent = -1
             self._update_key(c)
         if self._ghost_cap:
+            if len(self._ghost) == self._ghost_cap:
+                self._ghost_pop(next(iter(self._ghost)))      # the oldest is forgotten
             self._ghost[blk.hash] = blk.use_count
-            self._ghost.move_to_end(blk.hash)
-            while len(self._ghost) > self._ghost_cap:
-                self._ghost.popitem(last=False)
+            self._ghost_at[blk.hash] = self._evictions & 0xFFFFFFFF
+            self._ghost_once += blk.use_count < 2
         if len(self._ring) == self._n:
             self._dropped += 1
         self._ring.append(blk.hash)
         self._blocks[b] = _Block()
+        if self._policy == POLICY_ADAPTIVE:
+            # last: every key of this eviction had the old credit
+            self._after_eviction(self._victim, blk.use_count)
+            # the sweep: one block's key refreshed per eviction, in block id order
+            self._update_key(self._sweep)
+            self._sweep = (self._sweep + 1) % self._n
         return b
+
+    def _ghost_pop(self, h: int) -> int:
+        self._ghost_at.pop(h)
+        c = self._ghost.pop(h)
+        self._ghost_once -= c < 2
+        return c
 
     def _free_block(self, b: int) -> None:
         self._blocks[b] = _Block()
@@ -256,13 +429,16 @@ class ReferenceRegistry:
             if prios is not None:
                 blk.priority = prios[i]
             self._index[h] = b
+            if h in self._ghost:
+                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; ADAPTIVE
+                # counts the hit
+                if self._policy == POLICY_ADAPTIVE:
+                    self._ghost_hit(self._ghost[h], self._ghost_at[h])
+                blk.use_count = self._ghost_pop(h)
             if p >= 0:
                 blk.parent = p
                 self._blocks[p].children.append(b)
                 self._update_key(p)
-            if h in self._ghost:
-                # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed
-                blk.use_count = self._ghost.pop(h)
             self._touch(b)
             out.append(b)
         return np.array(out, dtype=np.int64)
@@ -363,7 +539,7 @@ class ReferenceRegistry:
                 if (blk.refcount == 0) != (b in self._inactive):
                     raise RegistryError(f"block {b}: refcount {blk.refcount}, inactive "
                                         f"{b in self._inactive}")
-                if b in self._inactive and self._inactive[b] != self._key(b):
+                if b in self._inactive and not self._key_current(b):
                     raise RegistryError(f"block {b} has a stale key")
                 if blk.parent >= 0 and b not in self._blocks[blk.parent].children:
                     raise RegistryError(f"block {b} missing from its parent's children")

@@ -10,6 +10,8 @@ cdef enum:   # the ids of kvbm.policy.EvictionPolicy, one each (registry.pyx che
     POLICY_LRU_ID = 0    # kvbm.policy.EvictionPolicy.LRU: priority, then least recent
     POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
                            #   last tick + lineage_c * f(use count) (_reference.py `_key`)
+    POLICY_ADAPTIVE_ID = 2  # kvbm.policy.EvictionPolicy.ADAPTIVE: LINEAGE's key with the credit
+                            #   adapt_credit, tuned online on the ghost hits (_adapt.pxd)
 
 cdef enum:
     ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
@@ -39,9 +41,31 @@ ctypedef struct RegistryHeader:
     int64_t ring_count        # hashes in the ring not yet drained (<= N)
     uint64_t ring_dropped     # hashes overwritten before anyone drained them (cumulative)
     uint64_t lineage_c        # LINEAGE credit unit in ticks: 2 * num_blocks (one LRU lifetime)
-    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE)
+    int64_t ghost_blocks      # G: entries of the ghost table (0: none; always 0 unless LINEAGE/ADAPTIVE)
     int64_t ghost_size        # live ghost entries (<= G), in the FIFO list
     int64_t ghost_free        # head of the stack of unused ghost slots (through ghost[s].next), -1 none
+    int64_t ghost_once        # live ghost entries of blocks evicted after one use (count < 2)
+    int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/2**16 - 4) blocks' worth of
+                              #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
+    uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
+    int64_t adapt_step        # ADAPTIVE: the smallest move per epoch, in levels (0: a fixed setting)
+    int64_t adapt_move        # ADAPTIVE: the next move's size (step..8 * step), signed by the last vote
+    int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
+    int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
+    int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)
+    uint64_t adapt_evictions  # ADAPTIVE: evictions so far (ghost entries keep its low 32 bits)
+    uint64_t adapt_frontier   # ADAPTIVE: key2 of the last victim of priority 0 without a child
+    uint64_t adapt_front0     # ADAPTIVE: adapt_frontier when this epoch began
+    uint64_t adapt_rate       # ADAPTIVE: how far the frontier moved in the last epoch (ticks)
+    uint64_t adapt_fsum       # ADAPTIVE: this epoch's frontier victims: sum of f(use count)
+    uint64_t adapt_fcount     # ADAPTIVE: this epoch's frontier victims: count
+    uint64_t adapt_phi        # ADAPTIVE: 256 * mean f of the last epoch's frontier victims
+    int64_t adapt_gain_up     # ADAPTIVE, this epoch: returns a higher credit would have kept
+    int64_t adapt_loss_up     #   hits a higher credit would have lost
+    int64_t adapt_gain_down   #   returns a lower credit would have kept
+    int64_t adapt_loss_down   #   hits a lower credit would have lost
+    uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (cumulative)
+    uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (cumulative)
 
 
 ctypedef struct HeapEntry:
@@ -56,7 +80,7 @@ ctypedef struct GhostEntry:
     uint32_t count            # its use count at eviction (>= 1 while live, 0 when unused)
     bid_t prev                # FIFO neighbours (slot ids, G = sentinel); prev -1 when unused
     bid_t next                #   next also chains the unused slots (-1 ends)
-    uint32_t pad              # 0 (24-byte entries, the buffer deterministic)
+    uint32_t evicted_at       # ADAPTIVE: low 32 bits of adapt_evictions at its eviction, else 0
 
 
 cdef inline int64_t index_capacity(int64_t n) noexcept nogil:

@@ -9,7 +9,7 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from kvbm._fast._table cimport (
-    NUM_ARRAYS, POLICY_LINEAGE_ID, POLICY_LRU_ID, ST_COMPLETE, ST_PARTIAL, ST_REGISTERED, ST_RESET,
+    NUM_ARRAYS, POLICY_ADAPTIVE_ID, POLICY_LINEAGE_ID, POLICY_LRU_ID, ST_COMPLETE, ST_PARTIAL, ST_REGISTERED, ST_RESET,
     TABLE_ALIGN, GhostEntry, HeapEntry, RegistryHeader, bid_t,
 )
 
@@ -47,7 +47,7 @@ cdef class BlockRegistry:
                                    #   ghost entry in FIFO slot s (linear probing, backward-shift
                                    #   deletion: no tombstones)
     cdef uint64_t *ring            # evicted hashes not yet drained, ring of capacity N
-    # ghost table (LINEAGE only; _index.pxd): the use counts of the last G evicted hashes, FIFO by
+    # ghost table (LINEAGE and ADAPTIVE; _index.pxd): the use counts of the last G evicted hashes, FIFO by
     # eviction; an entry is consumed when its hash registers again
     cdef GhostEntry *ghost         # length G+1: entries, a FIFO list of live slots (oldest first)
                                    #   with its sentinel at G; unused slots chained through next

@@ -1,8 +1,8 @@
 # cython: language_level=3
 """Block registry of one pool: a struct-of-arrays block table with refcounts, a FIFO free list,
 an indexed min-heap of inactive blocks (the eviction order), an open-addressing uint64 -> block
-index, lineage links, a ring of evicted hashes, and (LINEAGE) a ghost table of the use counts of
-recently evicted hashes. No Python object per block.
+index, lineage links, a ring of evicted hashes, and (LINEAGE, ADAPTIVE) a ghost table of the use
+counts of recently evicted hashes. No Python object per block.
 
 Files: registry.pxd is the contract (every array, field by field, and every routine); the class
 here keeps the policy, the block life cycle, the batch loops and the public API, with thin methods
@@ -21,20 +21,21 @@ Parts:
            short by the death of its process (_repair.pxi).
   free     RESET blocks, FIFO: freed blocks go to the tail, allocate takes from the head.
   heap     inactive blocks (REGISTERED, refcount 0), smallest (key1, key2, block id) first; the
-           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE, see
-           kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive block (match,
-           dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
+           key is computed by `_policy_key` (switch on the policy id: LRU, or LINEAGE and
+           ADAPTIVE, see kvbm/policy.py) and refreshed by `_update_key`. Acquiring an inactive
+           block (match, dedup) is O(1): its entry stays in the heap as a "zombie" with a frozen key, dropped
            when it reaches the top during eviction, or re-keyed in place when the block is
            released again. So a long prefix match never pays a heap removal per block.
   index    sequence hash -> block for every REGISTERED block (and -> ghost slot for each ghost
            entry).
   lineage  parent block (if registered here at registration) and child list/count per block.
   ring     hashes evicted since the last drain_evicted().
-  ghost    LINEAGE only: the use counts of the last G = ghost_blocks evicted hashes, FIFO by
-           eviction (forgetting the oldest when G are live). Registering a *new* block (not a
+  ghost    LINEAGE and ADAPTIVE: the use counts of the last G = ghost_blocks evicted hashes, FIFO
+           by eviction (forgetting the oldest when G are live). Registering a *new* block (not a
            dedup hit) under a remembered hash restores its use count (replacing touches made while
            PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
-           read again after more than a cache lifetime keeps its frequency credit. An allocation
+           read again after more than a cache lifetime keeps its frequency credit; under ADAPTIVE
+           the hit is also counted for the epoch's vote on the credit (_adapt.pxd). An allocation
            evicts all it needs before its blocks register, as the twin (_reference.py) does.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
@@ -67,6 +68,10 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
+from kvbm._fast._adapt cimport (
+    HIT_SAMPLE, LEVEL_MAX, MOVE_GROWTH, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
+    adapt_on_victim, credit_of, epoch_length,
+)
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
     heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
@@ -80,7 +85,7 @@ from kvbm._fast._table cimport index_capacity, table_layout
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import BlockState, EvictionPolicy
+from kvbm.policy import ADAPTIVE_LEVEL, ADAPTIVE_STEP, BlockState, EvictionPolicy
 
 cdef extern from *:
     """
@@ -97,16 +102,17 @@ cdef extern from *:
 
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
+POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 DEBUG = bool(KVBM_REGISTRY_DEBUG)
 # The policy ids come from kvbm.policy.EvictionPolicy; `_policy_key` has a case for each id of the
 # .pxd's enum, so a member without one (or the reverse) stops the import here.
 _POLICY_IDS = tuple(int(p) for p in EvictionPolicy)
-if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID):
+if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID, POLICY_ADAPTIVE_ID):
     raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
-                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID})")
+                      f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID}, {POLICY_ADAPTIVE_ID})")
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 3                       # 2: header gained lineage_c; 3: ghost table
+cdef uint64_t LAYOUT_VERSION = 4   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t PREFETCH_AHEAD = 8
 
@@ -135,10 +141,10 @@ cdef class BlockRegistry:
     writable, C-contiguous buffer of at least `bytes_needed(num_blocks, ghost_blocks)` bytes
     (bytearray, numpy uint8 array, mmap, shared_memory.SharedMemory.buf); it is (re)initialised, and
     kept alive (and unresizable) by the registry. Without one the registry allocates a numpy array.
-    policy: POLICY_LRU or POLICY_LINEAGE (kvbm.policy.EvictionPolicy).
-    ghost_blocks: entries of LINEAGE's ghost table (the use counts of recently evicted hashes,
-    restored when a hash registers again); None means num_blocks ("remember as many evicted blocks
-    as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
+    policy: POLICY_LRU, POLICY_LINEAGE or POLICY_ADAPTIVE (kvbm.policy.EvictionPolicy).
+    ghost_blocks: entries of LINEAGE's (and ADAPTIVE's) ghost table (the use counts of recently
+    evicted hashes, restored when a hash registers again); None means num_blocks ("remember as
+    many evicted blocks as are cached"), 0 disables it. Other policies have no ghost table (their G is 0 whatever is
     passed), so `bytes_needed(num_blocks)` (G = num_blocks) fits every policy.
     """
 
@@ -157,7 +163,7 @@ cdef class BlockRegistry:
         if pol not in _POLICY_IDS:
             raise RegistryError(f"unknown eviction policy {pol}; known: {list(_POLICY_IDS)}")
         cdef int64_t g = _ghost_count_arg(ghost_blocks, n)
-        if pol != POLICY_LINEAGE_ID:
+        if pol != POLICY_LINEAGE_ID and pol != POLICY_ADAPTIVE_ID:
             g = 0
         cdef int64_t needed = BlockRegistry.bytes_needed(n, g)
         if buffer is None:
@@ -260,6 +266,12 @@ cdef class BlockRegistry:
         self.h.num_blocks = n
         self.h.policy = pol
         self.h.lineage_c = <uint64_t>(2 * n)
+        self.h.adapt_level = ADAPTIVE_LEVEL
+        self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
+        self.h.adapt_step = ADAPTIVE_STEP
+        self.h.adapt_move = 0    # no vote yet: the first moves one step
+        self.h.adapt_leaf = 1
+        self.h.adapt_left = epoch_length(n)
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -307,13 +319,60 @@ cdef class BlockRegistry:
 
     @property
     def ghost_blocks(self) -> int:
-        """Entries of the ghost table (0: none; LINEAGE only)."""
+        """Entries of the ghost table (0: none; LINEAGE and ADAPTIVE only)."""
         return self.h.ghost_blocks
 
     @property
     def num_ghosts(self) -> int:
         """Live ghost entries: evicted hashes whose use count would be restored at registration."""
         return self.h.ghost_size
+
+    @property
+    def adaptive(self) -> dict:
+        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, the smallest
+        move (step) and the last one (move), leaf_first, evictions left in the epoch and so far,
+        the frontier, its advance over the last epoch (rate), phi (256 * mean f of the frontier's
+        victims), this epoch's marginal counts, and the ghost hits so far of blocks evicted after
+        one use and after more (ghost_once: live ghost entries of the first kind)."""
+        h = self.h
+        return dict(level=h.adapt_level, credit=h.adapt_credit, step=h.adapt_step,
+                    move=h.adapt_move, leaf_first=bool(h.adapt_leaf), epoch_left=h.adapt_left,
+                    evictions=h.adapt_evictions, frontier=h.adapt_frontier, rate=h.adapt_rate,
+                    phi=h.adapt_phi, gain_up=h.adapt_gain_up, loss_up=h.adapt_loss_up,
+                    gain_down=h.adapt_gain_down, loss_down=h.adapt_loss_down,
+                    ghost_hits_once=h.ghost_hits_once, ghost_hits_reused=h.ghost_hits_reused,
+                    ghost_once=h.ghost_once)
+
+    def set_adaptive(self, level=None, step=None, leaf_first=None):
+        """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
+        2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
+        and leaves-first; None keeps each. Every
+        inactive block is re-keyed under the new setting (O(n); an epoch's move never does)."""
+        if self.h.policy != POLICY_ADAPTIVE_ID:
+            raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
+                                f"({POLICY_ADAPTIVE_ID})")
+        cdef int64_t lv = self.h.adapt_level if level is None else \
+            as_count(level + 1, "set_adaptive: level + 1", RegistryError) - 1
+        cdef int64_t st = self.h.adapt_step if step is None else \
+            as_count(step, "set_adaptive: step", RegistryError)
+        if lv > LEVEL_MAX or st > LEVEL_MAX:
+            raise RegistryError(f"set_adaptive: level {lv} and step {st} must be <= {LEVEL_MAX}")
+        self.h.adapt_level = lv
+        self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
+        self.h.adapt_step = st
+        self.h.adapt_move = 0
+        if leaf_first is not None:
+            self.h.adapt_leaf = 1 if leaf_first else 0
+        # a setting applies to every key: re-key the live entries, then restore the heap order
+        cdef int64_t i
+        cdef bid_t bk
+        for i in range(self.h.heap_size):
+            bk = self.heap[i].block
+            if self.refcount[bk] == 0:
+                self._policy_key(bk, &self.heap[i])
+        for i in range((self.h.heap_size - 2) // 4, -1, -1):
+            self._sift_down(i)
+        _debug_check(self)
 
     @property
     def num_evicted_dropped(self) -> int:
@@ -344,8 +403,10 @@ cdef class BlockRegistry:
         ghost_unlink(self.h, self.ghost, s)
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
-        # Caller: LINEAGE with G > 0, in place of _index_remove(key) for an evicted block.
-        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count)
+        # Caller: LINEAGE or ADAPTIVE with G > 0, in place of _index_remove(key) for an evicted
+        # block; the entry keeps the eviction clock's low 32 bits (0 under LINEAGE).
+        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count,
+                     <uint32_t>self.h.adapt_evictions)
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -437,6 +498,9 @@ cdef class BlockRegistry:
         # refcount + 1; an inactive block becomes active and its entry a zombie: O(1).
         if self.refcount[b] == 0:
             self.h.num_inactive -= 1
+            if self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_step != 0 \
+                    and self.h.tick % HIT_SAMPLE == 0:   # a hit on an inactive block, sampled
+                adapt_on_inactive_hit(self.h, self.last_tick[b], self.use_count[b])
         self.refcount[b] += 1
 
     # ---- policy ---------------------------------------------------------------------------------
@@ -445,22 +509,31 @@ cdef class BlockRegistry:
         # The one place that turns block metadata into an eviction key (smaller is evicted first).
         # New policies add a case here; available: priority, last_tick, use_count, parent,
         # children (see kvbm/policy.py).
-        cdef uint64_t u, credit, t
+        cdef uint64_t u, credit, t, unit
+        cdef bint leaf
         if self.h.policy == POLICY_LRU_ID:
             # priority biased into uint64 so that lower (also negative) priorities sort first
             e.key1 = <uint64_t>(<int64_t>self.priority[b] + 2147483648LL)
             e.key2 = self.last_tick[b]
-        elif self.h.policy == POLICY_LINEAGE_ID:
-            # kvbm.policy.EvictionPolicy.LINEAGE: leaves (no registered child here) before
-            # interior blocks of the same priority; then last tick + C * f(use count), f(u) = 0
-            # for u < 2, else bit_length(u) (1..32 for a uint32 count). key2 saturates instead of
-            # wrapping: C * f <= 2**32 * 32 = 2**37 for N < 2**31, so only the sum can overflow.
+        else:
+            # LINEAGE (kvbm.policy.EvictionPolicy.LINEAGE): leaves (no registered child here)
+            # before interior blocks of the same priority; then last tick + C * f(use count),
+            # f(u) = 0 for u < 2, else bit_length(u) (1..32 for a uint32 count). ADAPTIVE: the
+            # same with C = adapt_credit (tuned per epoch from ghost hits, _adapt.pxd), leaves first
+            # only if adapt_leaf. key2 saturates instead of wrapping: C * f <= 2**37 * 32 for
+            # N < 2**31, so only the sum can overflow.
+            if self.h.policy == POLICY_LINEAGE_ID:
+                unit = self.h.lineage_c
+                leaf = True
+            else:
+                unit = self.h.adapt_credit
+                leaf = self.h.adapt_leaf != 0
             e.key1 = ((<uint64_t>(<int64_t>self.priority[b] + 2147483648LL)) << 1) | \
-                     (1 if self.children[b] > 0 else 0)
+                     (1 if leaf and self.children[b] > 0 else 0)
             u = self.use_count[b]
             t = self.last_tick[b]
             if u >= 2:
-                credit = self.h.lineage_c * <uint64_t>(64 - __builtin_clzll(u))
+                credit = unit * <uint64_t>(64 - __builtin_clzll(u))
                 e.key2 = t + credit if t <= 0xFFFFFFFFFFFFFFFFULL - credit else 0xFFFFFFFFFFFFFFFFULL
             else:
                 e.key2 = t
@@ -541,12 +614,15 @@ cdef class BlockRegistry:
         # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
         cdef bid_t b = self._heap_top_live()
         cdef uint64_t hsh = self.hash[b]
+        cdef uint64_t vkey1 = self.heap[0].key1, vkey2 = self.heap[0].key2   # the victim's key
+        cdef uint32_t uses = self.use_count[b]
         cdef int64_t n = self.h.num_blocks
         cdef int64_t i = -1
         cdef bid_t p = -1
         cdef HeapEntry e
-        if self.h.policy == POLICY_LINEAGE_ID:
-            # The only policy whose key reads the children count: the parent's key may change
+        if self.h.policy == POLICY_LINEAGE_ID or \
+                (self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_leaf):
+            # The only policies whose key reads the children count: the parent's key may change
             # when the victim leaves (its last child: a leaf now and, older than the victim, most
             # often the next one). Then the parent's new entry replaces the victim at the root and
             # sifts down, instead of popping the root (a sift-down from the top) and sifting the
@@ -572,6 +648,8 @@ cdef class BlockRegistry:
             # prefetched by _heap_top_live.
             self._heap_remove(b)
         self.h.num_inactive -= 1
+        if self.h.policy == POLICY_ADAPTIVE_ID:
+            self.h.adapt_evictions += 1          # first: the ghost entry records the new value
         if self.h.ghost_blocks > 0:
             self._ghost_record(hsh, self.use_count[b])   # the index entry becomes a ghost entry
         else:
@@ -587,6 +665,13 @@ cdef class BlockRegistry:
         else:
             self.h.ring_dropped += 1
         self._reset(b)
+        if self.h.policy == POLICY_ADAPTIVE_ID:
+            adapt_on_victim(self.h, vkey1, vkey2, uses)
+            adapt_on_eviction(self.h)    # last: every key of this eviction had the old credit
+            # the sweep: one block's key refreshed per eviction, in block id order, so that no
+            # key keeps an old credit for more than N evictions (one cache turnover)
+            self._update_key(<bid_t>self.h.adapt_sweep)
+            self.h.adapt_sweep = self.h.adapt_sweep + 1 if self.h.adapt_sweep + 1 < n else 0
         return b
 
     # ---- batch loops (nogil; the def methods validated every index first) ----------------------
@@ -651,6 +736,8 @@ cdef class BlockRegistry:
                 # slot and its use count (before the registration touch); the entry is consumed.
                 s = <bid_t>(-2 - self.ivals[pos])
                 self.use_count[b] = self.ghost[s].count
+                if self.h.policy == POLICY_ADAPTIVE_ID:   # a victim came back
+                    adapt_on_ghost_hit(self.h, self.ghost[s].count, self.ghost[s].evicted_at)
                 self._ghost_unlink(s)
                 pos = -1 - pos
             self.ikeys[-1 - pos] = hsh

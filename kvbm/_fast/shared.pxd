@@ -46,7 +46,7 @@ ctypedef struct G2Header:
     int64_t max_engines       # E: engine slots
     int64_t max_namespaces    # M: namespace slots
     int64_t policy            # kvbm.policy.EvictionPolicy id of every namespace's registry
-    int64_t ghost_per_mille   # LINEAGE ghost entries per namespace, thousandths of its quota
+    int64_t ghost_per_mille   # LINEAGE/ADAPTIVE ghost entries per namespace, thousandths of its quota
     int64_t lock_off          # offset of the LockLine
     int64_t ns_off            # offset of NsEntry[M]
     int64_t engine_off        # offset of EngineEntry[E]

@@ -51,7 +51,7 @@ from kvbm._fast._table cimport ST_REGISTERED
 import numpy as np
 
 from kvbm.errors import LifecycleError, RegistryError
-from kvbm.policy import EvictionPolicy
+from kvbm.policy import EvictionPolicy, has_ghost_table
 
 cdef extern from "<errno.h>":
     enum:
@@ -78,10 +78,9 @@ cdef extern from "<sys/file.h>" nogil:
         LOCK_UN
 
 cdef uint64_t G2_MAGIC = 0x6B76626D47325331ULL    # "kvbmG2S1"
-cdef uint64_t G2_VERSION = 2    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer
+cdef uint64_t G2_VERSION = 3    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer; 3: registry layout 4
 cdef int64_t PAGE = sysconf(_SC_PAGESIZE)
 
-POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 NS_STATES = {NS_FREE: "free", NS_INIT: "init", NS_LIVE: "live"}
 FREE, INIT, LIVE = NS_FREE, NS_INIT, NS_LIVE
 ENGINE_FREE, ENGINE_LIVE, ENGINE_RETIRED = ENG_FREE, ENG_LIVE, ENG_RETIRED
@@ -122,9 +121,9 @@ def layout(total_blocks, max_engines, max_namespaces, policy, ghost_per_mille) -
 
 
 def ghost_blocks_for(quota, policy, ghost_per_mille) -> int:
-    """Ghost entries of a namespace's registry: 0 unless LINEAGE, else quota * ghost_per_mille /
-    1000 (kvbm.config's ghost_ratio, in thousandths)."""
-    if int(policy) != POLICY_LINEAGE:
+    """Ghost entries of a namespace's registry: 0 unless LINEAGE or ADAPTIVE, else quota *
+    ghost_per_mille / 1000 (kvbm.config's ghost_ratio, in thousandths)."""
+    if not has_ghost_table(policy):
         return 0
     return int(quota) * int(ghost_per_mille) // 1000
 

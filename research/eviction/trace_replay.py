@@ -13,6 +13,7 @@ Run from the repository root (the modules import each other as the package resea
     python -m research.eviction.trace_replay --engine registry --engines 8 --g1 1000 --g2 8000   # shared G2
     python -m research.eviction.trace_replay --suite > results.md   # POLICY.md's validation tables
     python -m research.eviction.trace_replay --generate chat --out chat.jsonl.gz   # a synthetic trace
+    python -m research.eviction.trace_replay --hindsight   # POLICY_ADAPTIVE.md's validation table
 
 Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
 prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
@@ -26,7 +27,8 @@ offloaded to G2, G3 as G2's victim cache. Both implement `Engine.access(chain, r
 hits`, so a new backend only has to provide that.
 
 Registry policies: `lru`; `lineage` = the product's LINEAGE with its default ghost table
-(G = num_blocks; policy_research's `ghost1-lineage`); `lineage-noghost` (G = 0; the simulator's
+(G = num_blocks; policy_research's `ghost1-lineage`); `adaptive` = ADAPTIVE (same table, the
+credit tuned online; hindsight.py sweeps its fixed settings); `lineage-noghost` (G = 0; the simulator's
 round-1 `lineage`); `ghost4-lineage` (G = 4 * num_blocks).
 
 Queue hint (`--queue-depth K ...`, registry engine): while request i is served, requests i+1..i+K
@@ -57,6 +59,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from research.eviction import hindsight, workloads
 from research.eviction import policy_research as pr
 from research.eviction import policy_sim as ps
 
@@ -113,6 +116,7 @@ class SimEngine(Engine):
 # name -> (EvictionPolicy member, ghost table size in multiples of num_blocks (None: default),
 #          the simulator policy whose tail priority the engine uses)
 REGISTRY_POLICIES = {"lru": ("LRU", None, "lru"), "lineage": ("LINEAGE", None, "lineage"),
+                     "adaptive": ("ADAPTIVE", None, "lineage"),
                      "lineage-noghost": ("LINEAGE", 0, "lineage"),
                      "ghost4-lineage": ("LINEAGE", 4, "lineage"),
                      "leaf-lru": ("LEAF_LRU", None, "leaf-lru")}
@@ -647,8 +651,15 @@ def main(argv=None) -> int:
                     help="with --engines: how requests are routed to engines, per rule (routing.Router)")
     ap.add_argument("--split", type=int, default=0, help="replay only this time-split half (1 or 2)")
     ap.add_argument("--suite", action="store_true", help="print POLICY.md's validation tables")
-    ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed"], default=None,
-                    help="write a synthetic trace to --out and exit")
+    ap.add_argument("--hindsight", action="store_true",
+                    help="print POLICY_ADAPTIVE.md's validation table (hindsight.py): LRU, lineage, "
+                         "adaptive, the hindsight-best fixed setting and Belady per case, with the checks")
+    ap.add_argument("--shared-only", action="store_true",
+                    help="with --hindsight: only the shared trace and its halves")
+    ap.add_argument("--tune", action="store_true",
+                    help="with --hindsight: fit ADAPTIVE's start level and step on the training set only")
+    ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed", *workloads.SHAPES],
+                    default=None, help="write a synthetic trace to --out and exit")
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, default=4000)
@@ -657,7 +668,10 @@ def main(argv=None) -> int:
         args.policy = ["lru", "lineage"] if args.engines else ["lru", "leaf-lru", "lineage", "belady"]
 
     if args.generate:
-        tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
+        if args.generate in workloads.SHAPES:
+            tr = workloads.generate(args.generate, n_requests=args.requests, seed=args.seed)
+        else:
+            tr = ps.generate_trace(args.generate, n_requests=args.requests, seed=args.seed)
         ps.save_trace(args.out or f"{args.generate}.jsonl", tr)
         return 0
     args.trace = ps.trace_arg(ap, args.trace)
@@ -668,6 +682,15 @@ def main(argv=None) -> int:
         trace = ps.split_trace(trace, 2)[args.split - 1]
     print(f"# {args.trace}: {len(chains)} requests, {sum(map(len, chains))} blocks requested, "
           f"engine {args.engine}")
+    if args.hindsight:
+        if args.split:
+            raise SystemExit("--hindsight: its cases include both halves; give no --split")
+        if args.tune:
+            hindsight.tune(chains, levels=[hindsight.W_LEVELS[w] for w in ("2", "8")],
+                           steps=(4096, 8192, 16384, 32768))
+        else:
+            hindsight.validate(chains, synthetic=not args.shared_only)
+        return 0
     if args.suite:
         suite(chains, [p for p in args.policy if p not in ("lru", "belady")] or ["lineage"])
         return 0

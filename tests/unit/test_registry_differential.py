@@ -6,8 +6,11 @@ RegistryError and leave the Cython buffer byte for byte unchanged.
 
 Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction and ties are
 frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
-run under every eviction policy (LRU and LINEAGE); LINEAGE with its default ghost table
-(G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none.
+run under every eviction policy (LRU, LINEAGE, ADAPTIVE); LINEAGE with its default ghost table
+(G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none;
+ADAPTIVE with its defaults, and with big steps, without the leaf bit and with a small ghost table,
+so that the level moves all the time and the heap mixes keys of many credits; the walk also
+changes the setting (set_adaptive) now and then.
 """
 from __future__ import annotations
 
@@ -22,22 +25,29 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import RegistryError
-from kvbm.policy import POLICY_LINEAGE, POLICY_LRU, BlockState
+from kvbm.policy import ADAPTIVE_OCTAVE, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState
 
 POOL_SIZES = [1, 2, 3, 5, 8, 16, 64, 300, 10_000]
-# name -> (policy, ghost_blocks)
-POLICIES = {"lru": (POLICY_LRU, None), "lineage": (POLICY_LINEAGE, None),
-            "lineage-g3": (POLICY_LINEAGE, 3), "lineage-g0": (POLICY_LINEAGE, 0)}
+# name -> (policy, ghost_blocks, ADAPTIVE's set_adaptive arguments or None)
+POLICIES = {"lru": (POLICY_LRU, None, None), "lineage": (POLICY_LINEAGE, None, None),
+            "lineage-g3": (POLICY_LINEAGE, 3, None), "lineage-g0": (POLICY_LINEAGE, 0, None),
+            "adaptive": (POLICY_ADAPTIVE, None, None),
+            "adaptive-fast": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)),
+            "adaptive-noleaf": (POLICY_ADAPTIVE, None, (6 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, False)),
+            "adaptive-g3": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True))}
 
 
 class Pair:
     """Runs each call on both registries and compares the outcomes."""
 
-    def __init__(self, num_blocks: int, policy: int = POLICY_LRU, ghost_blocks: int | None = None) -> None:
+    def __init__(self, num_blocks: int, policy: int = POLICY_LRU, ghost_blocks: int | None = None,
+                 adaptive: tuple | None = None) -> None:
         self.fast = BlockRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
         self.ref = ReferenceRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
         self.n = num_blocks
         self.held: list[int] = []   # one entry per reference the driver holds
+        if adaptive is not None:
+            self.call("set_adaptive", *adaptive)
 
     def call(self, name: str, *args, **kwargs):
         before = bytes(self.fast.buffer)
@@ -56,6 +66,7 @@ class Pair:
             return fast_err
         if want is None or got is None:
             assert want is None and got is None, (name, want, got)
+            return got
         else:
             assert isinstance(got, np.ndarray) and got.dtype == want.dtype, (name, got, want)
             np.testing.assert_array_equal(got, want, err_msg=name)
@@ -66,7 +77,7 @@ class Pair:
 
     def compare(self, full: bool) -> None:
         for attr in ("num_blocks", "num_free", "num_inactive", "num_active", "num_registered",
-                     "tick", "num_evicted_dropped", "ghost_blocks", "num_ghosts"):
+                     "tick", "num_evicted_dropped", "ghost_blocks", "num_ghosts", "adaptive"):
             assert getattr(self.fast, attr) == getattr(self.ref, attr), attr
         blocks = range(self.n) if full else set(self.held[:64])
         for b in blocks:
@@ -86,10 +97,11 @@ class RegistryMachine(RuleBasedStateMachine):
     """Random operation sequences over a small hash universe (LRU; LineageMachine below)."""
     policy = POLICY_LRU
     ghost_blocks: int | None = None
+    adaptive: tuple | None = None
 
     @initialize(n=st.sampled_from(POOL_SIZES))
     def setup(self, n: int) -> None:
-        self.p = Pair(n, self.policy, self.ghost_blocks)
+        self.p = Pair(n, self.policy, self.ghost_blocks, self.adaptive)
 
     def _held_in(self, state: BlockState) -> list[int]:
         return sorted({b for b in self.p.held if self.p.state(b) == state})
@@ -234,6 +246,14 @@ class LineageGhost3Machine(RegistryMachine):
     ghost_blocks = 3
 
 
+class AdaptiveMachine(RegistryMachine):
+    """ADAPTIVE with a small ghost table and a step of one octave per epoch (N/2 evictions), so the
+    level moves within a few operations and heap keys carry different credits."""
+    policy = POLICY_ADAPTIVE
+    ghost_blocks = 3
+    adaptive = (4 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)
+
+
 _MACHINE_SETTINGS = settings(max_examples=120, stateful_step_count=40, deadline=None,
                              derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TestRegistryMachine = RegistryMachine.TestCase
@@ -242,6 +262,8 @@ TestLineageMachine = LineageMachine.TestCase
 TestLineageMachine.settings = _MACHINE_SETTINGS
 TestLineageGhost3Machine = LineageGhost3Machine.TestCase
 TestLineageGhost3Machine.settings = _MACHINE_SETTINGS
+TestAdaptiveMachine = AdaptiveMachine.TestCase
+TestAdaptiveMachine.settings = _MACHINE_SETTINGS
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -298,8 +320,11 @@ def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
                 p.call("set_priority", blocks, [rnd.randint(-3, 3) for _ in blocks])
         elif op < 0.95:
             p.call("evict", rnd.randint(0, max(1, n // 8)))
-        else:
+        elif op < 0.995 or POLICIES[policy][0] != POLICY_ADAPTIVE:
             p.call("drain_evicted")
+        else:                                  # a new setting: every inactive block re-keyed
+            p.call("set_adaptive", rnd.randint(-1, 9 * ADAPTIVE_OCTAVE), rnd.randint(0, ADAPTIVE_OCTAVE),
+                   rnd.random() < 0.7)
         if step % 250 == 0 or step == ops - 1:
             p.fast.check_invariants()
             p.ref.check_invariants()

@@ -1,0 +1,53 @@
+"""hindsight.py and workloads.py: the fixed-setting family contains LRU (with the tail hint) and
+lineage exactly, the sweep takes the best of it, and the new workload shapes are seeded and
+tree-consistent. Small traces, deterministic, no timing."""
+from __future__ import annotations
+
+import pytest
+
+from research.eviction import hindsight as hs
+from research.eviction import policy_sim as ps
+from research.eviction import trace_replay as tr
+from research.eviction import workloads
+
+
+@pytest.fixture(scope="module")
+def rag():
+    return ps.chains_of(ps.generate_trace("rag", n_requests=300, seed=3))
+
+
+def test_family_holds_lru_and_lineage_exactly(rag):
+    cap = 200
+    assert len(hs.FAMILY) == 20 and ("W=0", -1, True) in hs.FAMILY
+    lineage = tr.replay(tr.RegistryEngine(cap, "lineage"), rag)[1][0]
+    eng = tr.RegistryEngine(cap, "adaptive")
+    eng.reg.set_adaptive(hs.W_LEVELS["2"], 0, True)           # W = 2, leaves first: LINEAGE's key
+    assert eng.reg.adaptive["credit"] == 2 * cap
+    assert tr.replay(eng, rag)[1][0] == lineage
+    eng = tr.RegistryEngine(cap, "adaptive")
+    eng.reg.set_adaptive(-1, 0, False)                        # W = 0, no leaf bit: LRU + tail hint
+    assert tr.replay(eng, rag)[1][0] == ps.simulate(rag, cap, "lru+tail").hits
+
+
+def test_hindsight_best_is_the_max_of_the_sweep(rag):
+    label, best, every = hs.hindsight_best(rag, 150)
+    assert set(every) == {name for name, _, _ in hs.FAMILY}
+    assert best == max(every.values()) == every[label]
+
+
+@pytest.mark.parametrize("shape", workloads.SHAPES)
+def test_shapes_are_seeded_and_tree_consistent(shape):
+    a = workloads.generate(shape, n_requests=300, seed=7)
+    assert a == workloads.generate(shape, n_requests=300, seed=7)
+    assert a != workloads.generate(shape, n_requests=300, seed=8)
+    assert len(a) == 300
+    parent: dict[int, int | None] = {}
+    last_blocks = []
+    for r in a:
+        ids = r["hash_ids"]
+        assert ids and r["input_length"] > 512 * (len(ids) - 1)
+        for i, h in enumerate(ids):            # one prefix per id, as chained hashes
+            assert parent.setdefault(h, ids[i - 1] if i else None) == (ids[i - 1] if i else None)
+        last_blocks.append(ids[-1])
+    assert len(set(last_blocks)) == len(last_blocks)   # every request ends with its own block
+    assert [r["timestamp"] for r in a] == sorted(r["timestamp"] for r in a)

@@ -1,0 +1,209 @@
+"""ADAPTIVE (kvbm.policy.EvictionPolicy.ADAPTIVE): its credit in ticks per level, exact eviction
+orders of fixed settings, leaves first on and off, the epoch vote that moves the level, and
+its state surviving attach. Both implementations (the Cython registry and its twin) must give the
+same numbers; the random-sequence comparison is in test_registry_differential.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvbm._fast import registry as registry_mod
+from kvbm._fast._reference import ReferenceRegistry
+from kvbm._fast.registry import BlockRegistry
+from kvbm.errors import ConfigError, RegistryError
+from kvbm.policy import (
+    ADAPTIVE_LEVEL,
+    ADAPTIVE_OCTAVE,
+    ADAPTIVE_STEP,
+    POLICY_ADAPTIVE,
+    POLICY_LRU,
+    EvictionPolicy,
+    policy_names,
+)
+
+IMPLS = [BlockRegistry, ReferenceRegistry]
+OCT = ADAPTIVE_OCTAVE
+
+
+def registered(reg, hashes, parents=None, has_parent=None):
+    blocks = reg.allocate(len(hashes))
+    reg.complete(blocks)
+    return reg.register(blocks, np.asarray(hashes, np.uint64), parents=parents, has_parent=has_parent)
+
+
+def _advance(reg, k):
+    """k ticks without touching any registered block."""
+    b = reg.allocate(1)
+    reg.touch(np.repeat(b, k))
+    reg.release(b)
+
+
+def test_adaptive_constants_agree():
+    assert registry_mod.POLICY_ADAPTIVE == POLICY_ADAPTIVE == EvictionPolicy.ADAPTIVE == 2
+    assert policy_names() == ("lru", "lineage", "adaptive")
+    assert EvictionPolicy.from_name("adaptive") == EvictionPolicy.ADAPTIVE
+    with pytest.raises(ConfigError):
+        EvictionPolicy.from_name("arc")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_credit_per_level(impl):
+    """credit = N * 2**(level / 2**16 - 4) ticks, exact at octaves, linear between; -1 is 0."""
+    reg = impl(16, policy=POLICY_ADAPTIVE)
+    assert reg.adaptive["level"] == ADAPTIVE_LEVEL and reg.adaptive["step"] == ADAPTIVE_STEP
+    assert reg.adaptive["credit"] == 16 * 2 ** (ADAPTIVE_LEVEL / OCT - 4)
+    assert reg.ghost_blocks == 16                        # LINEAGE's ghost table, same default
+    for level, credit in [(-1, 0), (0, 1), (OCT, 2), (5 * OCT, 32), (5 * OCT + OCT // 2, 48),
+                          (9 * OCT, 512)]:
+        reg.set_adaptive(level, 0)
+        assert reg.adaptive["credit"] == credit, level
+    big = impl(2**20, policy=POLICY_ADAPTIVE, ghost_blocks=0)
+    big.set_adaptive(9 * OCT)
+    assert big.adaptive["credit"] == 32 * 2**20
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("level,order", [(-1, [10, 11, 12]), (0, [10, 11, 12]), (OCT, [10, 11, 12]),
+                                         (3 * OCT, [11, 12, 10]), (5 * OCT, [11, 12, 10])])
+def test_fixed_setting_orders_a_reused_block_by_its_credit(impl, level, order):
+    reg = impl(16, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(level, 0, True)
+    x = registered(reg, [10])                      # tick 1
+    reg.release(x)                                 # tick 2
+    reg.match([10])                                # tick 3: use count 2, f = 2
+    reg.release(x)                                 # tick 4: key2 = 4 + 2 * credit
+    _advance(reg, 5)                               # tick 9
+    reg.release(registered(reg, [11]))             # ticks 10, 11
+    reg.release(registered(reg, [12]))             # ticks 12, 13
+    # credit 0, 1, 2: key2 of 10 is 4, 6, 8 < 11; credit 8 (W = 1/2): 20 > 13; credit 32: 68
+    np.testing.assert_array_equal(reg.evict(3), order)
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("leaf,order", [(True, [11, 10, 20]), (False, [10, 11, 20])])
+def test_leaf_first_is_a_setting(impl, leaf, order):
+    reg = impl(16, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(5 * OCT, 0, leaf)
+    registered(reg, [10, 11], parents=np.array([0, 10], np.uint64), has_parent=np.array([False, True]))
+    registered(reg, [20])
+    reg.release([0, 1, 2])                         # 10 oldest, then 11, then 20; all used once
+    np.testing.assert_array_equal(reg.evict(3), order)
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_set_adaptive_rekeys_every_inactive_block(impl):
+    reg = impl(16, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(5 * OCT, 0)
+    x = registered(reg, [10])
+    reg.release(x)
+    reg.match([10])
+    reg.release(x)                                 # key2 4 + 64
+    reg.release(registered(reg, [11]))             # 6
+    reg.set_adaptive(-1)                           # W = 0: 10 is the oldest now
+    reg.check_invariants()
+    np.testing.assert_array_equal(reg.evict(2), [10, 11])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_set_adaptive_rejects(impl):
+    with pytest.raises(RegistryError):
+        impl(4, policy=POLICY_LRU).set_adaptive(0)
+    reg = impl(4, policy=POLICY_ADAPTIVE)
+    for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1)):
+        with pytest.raises(RegistryError):
+            reg.set_adaptive(**kw)
+    assert reg.adaptive["level"] == ADAPTIVE_LEVEL
+
+
+def _requests(reg, n_requests, seed):
+    """A small chat-like workload: sessions over a shared prefix, each request re-reading its
+    session and appending a block; the levels after each request where the level moved."""
+    rng = np.random.default_rng(seed)
+    sessions = [[1000 + 10 * i] for i in range(12)]
+    fresh = 10_000
+    path = []
+    for _ in range(n_requests):
+        s = sessions[int(rng.zipf(1.3)) % len(sessions)]
+        if len(s) > 12 or rng.random() < 0.1:
+            s[1:] = []                                  # a new conversation on the same prompt
+        fresh += 1
+        s.append(fresh)
+        hs = np.asarray(s, np.uint64)
+        got = reg.match(hs)
+        k = got.shape[0]
+        held = [got]
+        if k < len(s):
+            blocks = reg.allocate(len(s) - k)
+            if blocks is None:
+                reg.release(got)
+                continue
+            reg.complete(blocks)
+            parents = np.asarray([0] + s[k:-1] if k == 0 else s[k - 1:-1], np.uint64)
+            mask = np.ones(len(s) - k, bool)
+            mask[0] = k > 0
+            held.append(reg.register(blocks, hs[k:], parents=parents, has_parent=mask))
+        reg.release(np.concatenate(held))
+        if not path or path[-1] != reg.adaptive["level"]:
+            path.append(reg.adaptive["level"])
+    return path
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_epoch_votes_move_the_level(impl):
+    """The marginal vote moves the level both ways on a small chat-like workload; the path (the
+    twin's, which the registry must match) is pinned. Step 0 counts and never moves."""
+    reg = impl(24, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, True)
+    path = _requests(reg, 600, 3)
+    assert path == PINNED_PATH
+    assert max(path) > 4 * OCT and min(path) < 4 * OCT     # it went both ways
+    a = reg.adaptive
+    assert a["ghost_hits_once"] + a["ghost_hits_reused"] > 0 and a["evictions"] > 0
+    reg.check_invariants()
+    fixed = impl(24, policy=POLICY_ADAPTIVE)
+    fixed.set_adaptive(4 * OCT, 0, True)
+    assert _requests(fixed, 600, 3) == [4 * OCT]
+
+
+# up a quarter octave, back, up, back, up, back, then down twice as far (Rprop: the votes agreed)
+PINNED_PATH = [4 * OCT, 4 * OCT + OCT // 4, 4 * OCT, 4 * OCT + OCT // 4, 4 * OCT,
+               4 * OCT + OCT // 4, 4 * OCT, 4 * OCT - OCT // 2]
+
+
+def test_adaptive_state_survives_attach():
+    n = 32
+    buf = np.zeros(BlockRegistry.bytes_needed(n), np.uint8)
+    reg = BlockRegistry(n, buf, policy=POLICY_ADAPTIVE)
+    twin = ReferenceRegistry(n, policy=POLICY_ADAPTIVE)
+    rng = np.random.default_rng(5)
+
+    def drive(r, steps):
+        out = []
+        for _ in range(steps):
+            hs = [int(h) for h in rng.integers(0, 3 * n, size=4)]
+            blocks = r.allocate(4)
+            r.complete(blocks)
+            canon = r.register(blocks, np.asarray(hs, np.uint64))
+            again = r.match(np.asarray(hs[:2], np.uint64))   # reused: use count 2
+            r.release(np.concatenate([canon, again]))
+            out.append(r.evict(1).tolist())
+        return out
+
+    for r in (reg, twin):
+        r.set_adaptive(4 * OCT, OCT // 4)
+    state = rng.bit_generator.state
+    got = drive(reg, 60)
+    rng.bit_generator.state = state
+    assert drive(twin, 60) == got
+    attached = BlockRegistry.attach(buf)
+    assert attached.policy == POLICY_ADAPTIVE
+    assert attached.adaptive == reg.adaptive == twin.adaptive
+    assert attached.adaptive["ghost_hits_once"] + attached.adaptive["ghost_hits_reused"] > 0
+    state = rng.bit_generator.state
+    got = drive(attached, 60)
+    rng.bit_generator.state = state
+    assert drive(twin, 60) == got
+    assert attached.adaptive == twin.adaptive and attached.adaptive["level"] != 4 * OCT
+    attached.check_invariants()
