@@ -48,7 +48,7 @@ import numpy as np
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, KvbmError, LayoutError, LifecycleError
 from kvbm.hashing import salt_keys
-from kvbm.pools import BlockPool, Tier, TierView, WaitingHints, only_int
+from kvbm.pools import BlockPool, Tier, TierView, WaitingHints, only_u64
 
 logger = logging.getLogger(__name__)
 
@@ -484,8 +484,8 @@ class KvBlockManager:
         """keys() of one hash (a one-int list or tuple, or a one-element integer array) as a
         one-int list: the offload's plain-int path (kvbm.transfer.host_offload._one_block); None
         for anything else."""
-        h = only_int(hashes)
-        if h is None or not 0 <= h < 1 << 64:
+        h = only_u64(hashes)
+        if h is None:
             return None
         if not self.config.salt:
             return [h]

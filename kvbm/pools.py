@@ -263,3 +263,9 @@ def only_int(values) -> int | None:
     if kind is np.ndarray and values.shape == (1,) and values.dtype.kind in "iu":
         return int(values[0])
     return None
+
+
+def only_u64(values) -> int | None:
+    """only_int of a sequence hash: the one int if it is a u64, else None."""
+    value = only_int(values)
+    return value if value is not None and 0 <= value < 1 << 64 else None

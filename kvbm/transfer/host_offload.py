@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.errors import LayoutError
-from kvbm.pools import only_int
+from kvbm.pools import only_int, only_u64
 from kvbm.transfer.futures import TransferFuture, TransferResult
 from kvbm.transfer.manager import TransferManager
 from kvbm.transfer.records import Outcome
@@ -80,15 +80,13 @@ class _Claim:
 def _one_block(device_blocks, hashes, parents) -> tuple[int, int, int | None] | None:
     """(device block, hash, parent) of a one-block offload (what engines issue most), else None:
     _claim's numpy conversions and checks then apply."""
-    d, h = only_int(device_blocks), only_int(hashes)
-    if d is None or h is None or not 0 <= h < 1 << 64:
+    d, h = only_int(device_blocks), only_u64(hashes)
+    if d is None or h is None:
         return None
     if parents is None:
         return d, h, None
-    p = only_int(parents)
-    if p is None or not 0 <= p < 1 << 64:
-        return None
-    return d, h, p
+    p = only_u64(parents)
+    return None if p is None else (d, h, p)
 
 
 def _done_future(path: P.Path, value: Any, num_layers: int) -> TransferFuture:

@@ -89,8 +89,9 @@ logger = logging.getLogger(__name__)
 # Wire requests outstanding per path worker. 8 rather than 4: with 4, a worker copying 32 MiB
 # requests (64 blocks of 512 KiB, ~0.65 ms each on an H200) had ~2.6 ms of work queued, less than
 # the 5 ms an engine thread busy submitting may hold the GIL before the I/O thread that settles
-# DONEs and sends more gets it: batch 64 offload ran at 89-96 % of the copy alone, 95-97 % with 8
-# (bench/RESULTS.md, issue 12). The worker orders what waits by priority, so priorities still hold.
+# DONEs and sends more gets it. Batch 64 offload on an H200 read 89 and 96 % of the copy alone with
+# 4, 91-101 % over five runs with 8: weak evidence, kept because nothing read worse (bench/RESULTS.md,
+# issue 12). The worker orders what waits by priority, so priorities still hold.
 WINDOW = 8
 STATS_REPORT_S = 1.0     # engine -> supervisor occupancy reports
 HARD_DEADLINE_FACTOR = 3  # a timed-out request whose worker never dies is failed at this multiple

@@ -507,9 +507,7 @@ class SchedulerSide:
         on its own stream: every BlockRemoved follows a BlockStored of the same replica, and none
         stays announced for good (a router would keep routing to it). Late by up to
         len(_announced) / RECONCILE_KEYS steps; a gone key is then looked for elsewhere, which
-        costs the router a miss, never a wrong block."""
-        if not self._announced:
-            return
+        costs the router a miss, never a wrong block. Called by build() when any key is announced."""
         keys = list(islice(self._announced, RECONCILE_KEYS))
         held = np.asarray(self.pool.lookup(np.fromiter(keys, np.uint64, len(keys)))) >= 0
         gone = []
