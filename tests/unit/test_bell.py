@@ -62,9 +62,15 @@ def test_a_full_bell_is_not_an_error(tmp_path):
         bell.close()
 
 
-def test_deep_runtime_dirs_past_the_address_length(tmp_path):
+def _deep_dir(tmp_path):
+    """A folder whose socket paths pass the 107 bytes a Unix socket address holds."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
+    return deep
+
+
+def test_deep_runtime_dirs_past_the_address_length(tmp_path):
+    deep = _deep_dir(tmp_path)
     bell, ringer = Bell(str(deep / "bell.sock")), Ringer()
     try:
         assert len(bell.path) > 108
@@ -75,8 +81,7 @@ def test_deep_runtime_dirs_past_the_address_length(tmp_path):
 
 
 def test_a_deep_bell_whose_folder_is_gone_rings_false(tmp_path):
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    deep.mkdir(parents=True)
+    deep = _deep_dir(tmp_path)
     bell, ringer = Bell(str(deep / "bell.sock")), Ringer()
     try:
         assert ringer.ring(bell.path) and _rung(bell)

@@ -14,6 +14,7 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import POLICY_LRU, BlockRegistry
 from kvbm.errors import RegistryError
 from kvbm.policy import POLICY_LINEAGE, BlockState, EvictionPolicy
+from tests.support.registry_helpers import advance
 
 IMPLS = [BlockRegistry, ReferenceRegistry]
 
@@ -223,13 +224,6 @@ def _chain(reg, hashes, priorities=None):
                       has_parent=np.array(has_parent, bool))
 
 
-def _advance(reg, k):
-    """k ticks without touching any registered block: touch a scratch block, then free it."""
-    b = reg.allocate(1)
-    reg.touch(np.repeat(b, k))
-    reg.release(b)
-
-
 def test_lineage_constants_agree():
     assert registry_mod.POLICY_LINEAGE == POLICY_LINEAGE == EvictionPolicy.LINEAGE == 1
     assert BlockRegistry(4, policy=POLICY_LINEAGE).policy == POLICY_LINEAGE
@@ -292,7 +286,7 @@ def test_lineage_reused_block_outlives_newer_one_shot_blocks_by_its_credit(impl)
     reg.match([10])                                # tick 3, use count 2: f = 2
     reg.release(x)                                 # tick 4: key2 = 4 + 2 * 8 = 20
     assert reg.info(0)["use_count"] == 2 and reg.tick == 4
-    _advance(reg, 13)                              # tick 17
+    advance(reg, 13)                              # tick 17
     y = registered(reg, [11])                      # tick 18
     reg.release(y)                                 # tick 19: key2 19 < 20
     z = registered(reg, [12])                      # tick 20
@@ -307,7 +301,7 @@ def test_lineage_reused_block_outlives_newer_one_shot_blocks_by_its_credit(impl)
     for _ in range(3):
         reg.match([10])
         reg.release(x)                             # last release: tick 8, key2 = 8 + 24 = 32
-    _advance(reg, 21)                              # tick 29
+    advance(reg, 21)                              # tick 29
     y = registered(reg, [11])
     reg.release(y)                                 # key2 31
     z = registered(reg, [12])

@@ -20,6 +20,7 @@ from kvbm.policy import (
     EvictionPolicy,
     policy_names,
 )
+from tests.support.registry_helpers import advance
 
 IMPLS = [BlockRegistry, ReferenceRegistry]
 OCT = ADAPTIVE_OCTAVE
@@ -29,13 +30,6 @@ def registered(reg, hashes, parents=None, has_parent=None):
     blocks = reg.allocate(len(hashes))
     reg.complete(blocks)
     return reg.register(blocks, np.asarray(hashes, np.uint64), parents=parents, has_parent=has_parent)
-
-
-def _advance(reg, k):
-    """k ticks without touching any registered block."""
-    b = reg.allocate(1)
-    reg.touch(np.repeat(b, k))
-    reg.release(b)
 
 
 def test_adaptive_constants_agree():
@@ -72,7 +66,7 @@ def test_fixed_setting_orders_a_reused_block_by_its_credit(impl, level, order):
     reg.release(x)                                 # tick 2
     reg.match([10])                                # tick 3: use count 2, f = 2
     reg.release(x)                                 # tick 4: key2 = 4 + 2 * credit
-    _advance(reg, 5)                               # tick 9
+    advance(reg, 5)                               # tick 9
     reg.release(registered(reg, [11]))             # ticks 10, 11
     reg.release(registered(reg, [12]))             # ticks 12, 13
     # credit 0, 1, 2: key2 of 10 is 4, 6, 8 < 11; credit 8 (W = 1/2): 20 > 13; credit 32: 68

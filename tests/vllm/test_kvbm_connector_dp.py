@@ -9,6 +9,7 @@ instance each.
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 from vllm.v1.request import RequestStatus
 
@@ -20,13 +21,23 @@ from tests.vllm import harness as H
 from tests.vllm.test_kvbm_connector import BS, Engine, first_run
 
 
-def test_a_replica_loads_what_another_replica_stored(model_dir, tmp_path):
+@contextmanager
+def _two_replicas(model_dir, tmp_path):
+    """Two DP replicas (ranks 0 and 1) naming one kvbm instance: (instance id, replica 0, replica 1);
+    closed in reverse order."""
     instance = f"d{uuid.uuid4().hex[:8]}"
     replicas = []
     try:
         for rank in (0, 1):
             replicas.append(Engine(model_dir, tmp_path, dp=(2, rank), instance_id=instance))
-        a, b = replicas
+        yield instance, *replicas
+    finally:
+        for e in reversed(replicas):
+            e.close()
+
+
+def test_a_replica_loads_what_another_replica_stored(model_dir, tmp_path):
+    with _two_replicas(model_dir, tmp_path) as (instance, a, b):
         assert a.scheduler.connector.shared_g2 and b.scheduler.connector.shared_g2
         tokens = H.prompt(4 * BS + 5, seed=11)
         a.add(tokens, "A")
@@ -48,9 +59,6 @@ def test_a_replica_loads_what_another_replica_stored(model_dir, tmp_path):
                 f"{instance}-dp1/r0"} <= set(engines)
         assert len({e["namespace"] for e in engines.values()}) == 1
         assert engines[f"{instance}-dp1/sched"]["match_hits"] >= 4
-    finally:
-        for e in reversed(replicas):
-            e.close()
 
 
 def test_replicas_with_a_disk_tier_keep_an_instance_each(model_dir, tmp_path):
@@ -94,12 +102,8 @@ def test_each_replica_announces_removed_what_it_announced_stored(model_dir, tmp_
     """KV events of a shared G2: a replica's allocation may evict another's blocks, and the
     namespace's eviction ring is one for all; each replica still announces removed exactly the G2
     blocks it announced stored (checked each step), never another replica's, and once."""
-    instance = f"d{uuid.uuid4().hex[:8]}"
-    replicas = []
-    try:
-        for rank in (0, 1):
-            replicas.append(Engine(model_dir, tmp_path, dp=(2, rank), instance_id=instance))
-        a, b = replicas
+    with _two_replicas(model_dir, tmp_path) as (_, a, b):
+        replicas = (a, b)
         logs = {e: _spy_g2_events(e.side) for e in replicas}
         for engine, seed, name in ((a, 21, "A"), (b, 22, "B")):
             engine.add(H.prompt(4 * BS + 5, seed=seed), name)
@@ -113,6 +117,3 @@ def test_each_replica_announces_removed_what_it_announced_stored(model_dir, tmp_
             for engine in replicas:
                 engine.step()       # idle steps: each build() checks what its replica announced
         assert _keys(logs[a], "removed") == stored[a] and _keys(logs[b], "removed") == stored[b]
-    finally:
-        for e in reversed(replicas):
-            e.close()
