@@ -120,6 +120,14 @@ class BlockPool:
         self.stats.evicted += len(hashes)
         return hashes
 
+    def take_victims(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `n` inactive blocks evicted and held by the caller with their bytes, and the
+        hash each held (BlockRegistry.take_victims): the disk tier's cleaner writes them to G3."""
+        blocks, hashes = self.registry.take_victims(n)
+        self.stats.allocated += len(blocks)
+        self.stats.evicted += len(blocks)
+        return blocks, hashes
+
     DROP_PRIORITY = -(2**31)   # below every priority anything else sets: evicted before all of them
 
     def drop(self, blocks) -> np.ndarray:

@@ -498,6 +498,17 @@ class ReferenceRegistry:
             self._free.append(b)
         return np.array(out, dtype=np.uint64)
 
+    def take_victims(self, n):
+        n = min(self._count(n, "take_victims: n"), len(self._inactive))
+        blocks, hashes = [], []
+        for _ in range(n):
+            b = self._evict_one()
+            hashes.append(self._ring[-1])
+            self._blocks[b].state = BlockState.PARTIAL
+            self._blocks[b].refcount = 1
+            blocks.append(b)
+        return np.array(blocks, dtype=np.int64), np.array(hashes, dtype=np.uint64)
+
     def drain_evicted(self):
         out = np.array(list(self._ring), dtype=np.uint64)
         self._ring.clear()

@@ -1026,6 +1026,29 @@ cdef class BlockRegistry:
         _debug_check(self)
         return out
 
+    def take_victims(self, n):
+        """Up to `n` inactive blocks evicted in policy order and handed to the caller as PARTIAL
+        with refcount 1, their bytes untouched, with the hash each one held: (blocks int64,
+        hashes uint64), paired. The disk tier's cleaner writes victims out with this; unlike
+        allocate + drain_evicted, the pairing holds whoever else allocates from the table."""
+        cdef int64_t k = as_count(n, "take_victims: n", RegistryError)
+        if k > self.h.num_inactive:
+            k = self.h.num_inactive
+        blocks = np.empty(k, dtype=np.int64)
+        hashes = np.empty(k, dtype=np.uint64)
+        cdef int64_t[::1] bo = blocks
+        cdef uint64_t[::1] ho = hashes
+        cdef int64_t i
+        cdef bid_t b
+        for i in range(k):
+            b = self._evict_one()
+            ho[i] = self.ring[(self.h.ring_head - 1 + self.h.num_blocks) % self.h.num_blocks]
+            self.state[b] = ST_PARTIAL
+            self.refcount[b] = 1
+            bo[i] = b
+        _debug_check(self)
+        return blocks, hashes
+
     def drain_evicted(self):
         """Hashes evicted (by allocate or evict) since the last drain, oldest first. The ring
         holds the newest num_blocks; older ones are dropped and counted in num_evicted_dropped."""

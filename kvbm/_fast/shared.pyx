@@ -681,6 +681,20 @@ cdef class SharedBlockRegistry:
         finally:
             self._exit()
 
+    def take_victims(self, n):
+        """BlockRegistry.take_victims; the victims are held by this engine (as allocate's blocks)."""
+        cdef const int64_t[::1] o
+        self._enter(True)
+        try:
+            blocks, hashes = self.reg.take_victims(n)
+            if blocks.shape[0]:
+                o = blocks
+                self._pin(o)
+                self.me.allocated += o.shape[0]
+            return blocks, hashes
+        finally:
+            self._exit()
+
     def drain_evicted(self):
         """BlockRegistry.drain_evicted of the namespace's ring. The ring is the namespace's, not
         this engine's: an eviction by any engine's allocation lands in it, and a drain takes them

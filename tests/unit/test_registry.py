@@ -92,6 +92,26 @@ def test_allocate_takes_free_then_evicts_in_order(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_take_victims_hands_over_inactive_blocks_in_order_with_their_hashes(impl):
+    reg = impl(5)
+    registered(reg, [10, 11, 12, 13])         # blocks 0-3; block 4 free: never a victim
+    reg.release([2, 0, 3])                    # block 1 stays held
+    blocks, hashes = reg.take_victims(5)      # asks for more than the 3 inactive ones
+    np.testing.assert_array_equal(blocks, [2, 0, 3])
+    np.testing.assert_array_equal(hashes, [12, 10, 13])
+    assert all(reg.info(b)["state"] == BlockState.PARTIAL and reg.info(b)["refcount"] == 1 for b in blocks)
+    assert (reg.num_free, reg.num_inactive, reg.num_active) == (1, 0, 4)
+    np.testing.assert_array_equal(reg.lookup([10, 11, 12, 13]), [-1, 1, -1, -1])
+    np.testing.assert_array_equal(reg.drain_evicted(), [12, 10, 13])   # evictions like any other
+    empty_blocks, empty_hashes = reg.take_victims(2)
+    assert empty_blocks.dtype == np.int64 and empty_hashes.dtype == np.uint64 and empty_blocks.size == 0
+    reg.complete(blocks[:1])                  # a victim written nowhere goes back under its hash
+    np.testing.assert_array_equal(reg.register(blocks[:1], [12]), [2])
+    reg.release(blocks)
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_free_list_is_fifo(impl):
     reg = impl(4)
     a = reg.allocate(4)

@@ -638,6 +638,23 @@ def test_one_engine_drains_a_namespaces_evicted_ring(make_g2):
     g2.check_invariants()
 
 
+def test_victims_taken_by_one_engine_are_its_holds_whoever_else_evicts(make_g2):
+    """take_victims pairs each victim with its hash in one hold of the lock, so two engines' cleaners
+    never mix up victims; the victims are the taker's holds, released at its reap."""
+    g2 = make_g2(total=4, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    d = dead_join(g2, "d")
+    fill(a.registry, [1, 2, 3, 4])
+    blocks, hashes = d.registry.take_victims(2)
+    assert hashes.tolist() == [1, 2] and d.registry.pinned == 2
+    fill(a.registry, [5])                         # evicts 3: not one of d's
+    assert a.registry.lookup([3, 4, 5]).tolist()[0] == -1
+    g2.check_invariants()
+    g2.reap()                                     # d is dead: its victims go back to the free list
+    assert a.registry.num_free == 2 and a.registry.num_inactive == 2
+    g2.check_invariants()
+
+
 @pytest.mark.parametrize("spin_ns", [0, 100_000, 2_000_000_000])
 def test_a_waiter_spins_then_blocks_and_gets_the_lock_when_it_is_let_go(make_g2, spin_ns):
     """The lock's waiters retry trylock for lock_spin_ns (without the GIL), then block: either way
