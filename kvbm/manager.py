@@ -33,8 +33,9 @@ embedded default does), register_device_tensors joins it right after connecting 
 Lease): the namespace is the layout's fingerprint (kvbm.hashing.layout_fingerprint, the disk tier's)
 and the salt, the G2 pool becomes the namespace's registry, shared with the other engines of the
 namespace, and the host layout its part of G2 (host_offset = block_offset x block stride). close()
-leaves it after the workers dropped this engine's registration. An instance with a disk tier serves
-one engine (kvbm.shared_g2: one drainer per namespace's evicted ring; one G3 store per instance).
+leaves it after the workers dropped this engine's registration. With a disk tier the engine joins
+the shared G3 too (kvbm.shared_g3: the instance's one store, one slot table for every engine of the
+model), and its G3 pool becomes that table.
 """
 from __future__ import annotations
 
@@ -125,6 +126,7 @@ class KvBlockManager:
         self._disk = None          # DiskTransfers over the G3 pool (with a disk tier)
         self._g2 = None            # the shared G2 registry (SharedG2), when kvbm-workers has one
         self._lease = None         # this engine's membership of it: its G2 pool is the namespace's
+        self._g3 = None            # its membership of the shared G3 (SharedG3): its G3 pool is the store's table
         self.device_layout = None
 
     # ---- metadata API ---------------------------------------------------------------------------
@@ -322,7 +324,8 @@ class KvBlockManager:
                                        prefill_tokens_per_s=self.config.prefill_tokens_per_s,
                                        max_batch_blocks=self._transfers.max_batch_blocks,
                                        chunk_blocks=self.config.disk_onboard_chunk_blocks
-                                       or self.config.disk_read_blocks * self.config.disk_read_inflight)
+                                       or self.config.disk_read_blocks * self.config.disk_read_inflight,
+                                       shared=self._g3)
             self._disk.sync(timeout)
         if self._disk is not None:
             self._disk.worker_info = self._transfers.worker_info(P.Path.H2DISK)
@@ -335,7 +338,7 @@ class KvBlockManager:
         from kvbm.shared_g2 import welcome_registry
         info = welcome_registry(tm.welcome, layout.block_stride, self.config.instance_id)
         if info is not None:
-            self._join_registry(info["segment"], tm.engine_id, layout, bool((tm.welcome or {}).get("disk")))
+            self._join_registry(info["segment"], tm.engine_id, layout, tm.welcome or {})
 
     def join_shared_g2(self, layout, *, engine_id: str, timeout: float = 60.0) -> None:
         """Metadata-only engines (the vLLM connector's scheduler side of a data-parallel replica):
@@ -360,21 +363,15 @@ class KvBlockManager:
         if info is None:
             raise ConfigError(f"kvbm-workers {self.config.instance_id} runs without the shared G2 registry (started "
                               f"without the model's layout): engines cannot share its G2")
-        self._join_registry(info["segment"], engine_id, layout, bool(welcome.get("disk")))
+        self._join_registry(info["segment"], engine_id, layout, welcome)
 
-    def _join_registry(self, segment: str, engine_id: str, layout, disk: bool) -> None:
+    def _join_registry(self, segment: str, engine_id: str, layout, welcome: dict) -> None:
         from kvbm.shared_g2 import join_segment
         own = self.pools[Tier.G2]
         g2, lease = join_segment(segment, engine_id, layout, self.config.salt, own.num_blocks)
         self._g2, self._lease = g2, lease
-        # The disk tier is one store written by one engine's G2 registry (its cleaner alone drains
-        # the namespace's evicted ring): an instance with a disk tier serves one engine.
-        others = [e for e in g2.engines() if e["slot"] != lease.slot and e["state"] == "live"]
-        if disk and others:
-            raise ConfigError(f"kvbm-workers {self.config.instance_id} has a disk tier, which serves one engine per "
-                              f"instance; engine {others[0]['engine_id']} (pid {others[0]['pid']}) is attached "
-                              f"already: give this engine its own instance_id, or run the instance without a "
-                              f"disk tier")
+        if welcome.get("disk") and Tier.G3 in self.pools:
+            self._join_g3(welcome, engine_id, layout)
         if own.registry.num_free != own.num_blocks:
             logger.warning("engine %s: its own G2 registry held %d blocks; they are dropped for the shared G2's",
                            engine_id, own.num_blocks - own.registry.num_free)
@@ -383,6 +380,29 @@ class KvBlockManager:
         self.pools[Tier.G2] = pool     # the same dict as self.tiers' and self._hints'
         logger.info("engine %s shares G2 %s: namespace %d, blocks [%d, %d)", engine_id, g2.name, lease.namespace,
                     lease.block_offset, lease.block_offset + lease.num_blocks)
+
+    def _join_g3(self, welcome: dict, engine_id: str, layout) -> None:
+        """The disk tier of an instance with the shared G2: the engine joins its shared G3, whose
+        table becomes this engine's G3 pool (kvbm.shared_g3)."""
+        import os
+
+        from kvbm.shared_g3 import SharedG3, welcome_g3
+        info = welcome_g3(welcome)
+        if info is None:
+            raise ConfigError(f"kvbm-workers {self.config.instance_id} has a disk tier but no shared G3 slot table "
+                              f"(a kvbm-workers of another version?): restart it with this kvbm")
+        own = self.pools[Tier.G3]
+        g3 = SharedG3(info, engine_id, os.getpid(), layout, self.config.salt)
+        if g3.num_blocks != own.num_blocks:
+            g3.close()
+            raise ConfigError(f"kvbm-workers {self.config.instance_id}'s disk tier has {info.get('blocks')} slots; "
+                              f"this engine's G3 has {own.num_blocks} blocks: start both with the same "
+                              f"disk_blocks/disk_size")
+        self._g3 = g3
+        pool = BlockPool.over(Tier.G3, g3.lease.registry, self.config.policy)
+        pool.hints = self._hints
+        self.pools[Tier.G3] = pool
+        logger.info("engine %s shares G3 %s: %d slots", engine_id, info["segment"], g3.num_blocks)
 
     @property
     def shared_g2(self):
@@ -420,7 +440,7 @@ class KvBlockManager:
             disk = DiskTransfers(tm, None, host_pool, self.pools[Tier.G3], self._lock,
                                  page_size=layout.config.page_size, admission=self.config.disk_admission,
                                  prefill_tokens_per_s=self.config.prefill_tokens_per_s,
-                                 max_batch_blocks=tm.max_batch_blocks)
+                                 max_batch_blocks=tm.max_batch_blocks, shared=self._g3)
             disk.sync(timeout)
             disk.worker_info = tm.worker_info(P.Path.H2DISK)
         except BaseException:
@@ -548,6 +568,9 @@ class KvBlockManager:
         from kvbm.shared_g2 import leave_segment
         lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
         leave_segment(g2, lease, f"engine {lease.engine_id if lease is not None else ''}")
+        g3, self._g3 = self._g3, None
+        if g3 is not None:
+            g3.close()
 
     def _check_open(self) -> None:
         if self._closed:

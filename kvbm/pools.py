@@ -58,6 +58,7 @@ class BlockPool:
                                       ghost_blocks)
         self.stats = PoolStats()
         self.hints: WaitingHints | None = None   # set by the manager: new blocks of waiting hashes
+        self.shared = False    # whether other engines use this registry too (BlockPool.over)
 
     @classmethod
     def over(cls, tier: Tier, registry, policy: str = "lru") -> BlockPool:
@@ -69,6 +70,7 @@ class BlockPool:
         pool.registry = registry
         pool.stats = PoolStats()
         pool.hints = None
+        pool.shared = True
         return pool
 
     @property

@@ -64,6 +64,8 @@ PREFAULT_CHUNK = 64 << 20     # bytes one pre-fault thread touches before taking
 SHM_WARN_SHARE = 0.5          # check_shm_room warns above this share of /dev/shm's free bytes
 ACQUIRE_PROBE_WAIT_S = 0.2  # acquire retries this long: RuntimeDir.owner() probes hold the lock shared briefly
 REGISTRY_KIND = "g2reg"      # segment_name kind of the shared G2 registry (kvbm.shared_g2)
+G3_REGISTRY_KIND = "g3reg"   # ... of the shared G3 slot table and its checksums (kvbm.shared_g3)
+G3_SUMS_KIND = "g3sum"
 # Segments an engine process owns: CPU-mode device memory (dev) and its transfer lanes (lane).
 _DEV_RE = re.compile(r"^kvbm-(?P<inst>[A-Za-z0-9_-]+)-(?:dev|lane)-(?P<pid>\d+)-\d+$")
 
@@ -173,6 +175,10 @@ class Segment:
     @property
     def path(self) -> str:
         return os.path.join(SHM_DIR, self.name)
+
+    def fileno(self) -> int:
+        """The segment file's descriptor (flock: kvbm.shared_g3's build lock)."""
+        return self._fd
 
     @classmethod
     def create(cls, name: str, size: int, replace: bool = False,
@@ -426,7 +432,8 @@ def clean_stale_segments(instance_id: str, include_host_pool: bool) -> list[str]
         if match is not None and match.group("inst") == instance_id:
             if _remove_dead_device_segment(name, int(match.group("pid"))):
                 removed.append(name)
-        elif name in (segment_name(instance_id), segment_name(instance_id, REGISTRY_KIND)) and include_host_pool:
+        elif include_host_pool and name in [segment_name(instance_id, kind) for kind in
+                                             ("g2", REGISTRY_KIND, G3_REGISTRY_KIND, G3_SUMS_KIND)]:
             _unlink_quiet(os.path.join(SHM_DIR, name))
             removed.append(name)
     return removed

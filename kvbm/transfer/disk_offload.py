@@ -4,19 +4,24 @@ that read from disk, over the G2 and G3 pools through a TransferManager. Runs in
 Parts:
   LoadRule, PeerIndex   (disk_index.py) load or recompute; other instances' blocks in a shared disk_path
   DiskTransfers the G3 pool's registry is this instance's slot table (block id = slot, the tier's own
-                eviction policy); a numpy array keeps each slot's checksum.
+                eviction policy); a numpy array keeps each slot's checksum. With several engines
+                on the instance (the shared G2) both are the shared G3's (kvbm.shared_g3): every
+                engine writes and reads the one store through one table.
 
 Order of things:
   start    `sync(timeout)` asks the disk worker for the entries of its store (rebuilt from its
            journal: a warm restart) and of its peers; the G3 registry is rebuilt from them once
-           (slot = block id). Peers are asked again at most every PEER_REFRESH_S (from `match`),
+           (slot = block id; a shared G3 once per life of its namespace, by its first engine, and
+           nobody writes to it before). Peers are asked again at most every PEER_REFRESH_S (from `match`),
            or at once with `refresh(timeout)`.
   admission (disk_admission):
            victim        G2's victim cache. A cleaner keeps `reserve` G2 blocks free ahead of need:
                          after each G2 allocation it takes the next victims in eviction order
-                         (allocate pairs them with the evicted hashes), writes those G3 does not
-                         hold to G3 (H2DISK) and frees the blocks once written. Victims an
-                         allocation evicts before the cleaner reached them are counted as lost.
+                         (take_victims hands them over with their hashes), writes those G3 does
+                         not hold to G3 (H2DISK) and frees the blocks once written. Victims an
+                         allocation evicts before the cleaner reached them are counted as lost
+                         (with a private G2; a shared G2's evictions are not drained). Every engine
+                         of a shared G2 runs its own cleaner: up to one reserve each in flight.
            write-through every block newly registered in G2 is written to G3 (held in G2 until written).
            A write: G3 slots allocated (evicting in G3's policy order), H2DISK with the sequence
            hashes, then per block: OK -> registered in G3 with its checksum; FAILED (ENOSPC,
@@ -142,7 +147,7 @@ class DiskTransfers:
 
     def __init__(self, tm: TransferManager, host: HostTransfers | None, host_pool: BlockPool, disk_pool: BlockPool,
                  lock: threading.RLock, *, page_size: int, admission: str, prefill_tokens_per_s: float,
-                 max_batch_blocks: int, chunk_blocks: int = 0) -> None:
+                 max_batch_blocks: int, chunk_blocks: int = 0, shared=None) -> None:
         self.tm = tm
         self.host = host
         self.g2 = host_pool
@@ -155,7 +160,10 @@ class DiskTransfers:
         self.chunk_blocks = min(chunk_blocks, self.max_batch) if chunk_blocks > 0 else self.max_batch
         self.rule = LoadRule(tm.block_bytes, page_size, prefill_tokens_per_s)
         self.peers = PeerIndex()
-        self.sums = np.zeros(disk_pool.num_blocks, np.uint64)   # checksum of each G3 slot's block
+        # The shared G3 (kvbm.shared_g3.SharedG3) when other engines use this store too: its
+        # checksums are every engine's, and its rebuild happens once.
+        self.shared = shared
+        self.sums = shared.sums if shared is not None else np.zeros(disk_pool.num_blocks, np.uint64)
         self.counters = DiskCounters()
         self.metrics = DiskMetrics(tm.metrics.registry)
         self.metrics.prefill_rate.set(self.rule.prefill_tokens_per_s)
@@ -178,6 +186,8 @@ class DiskTransfers:
     # ---- entries: warm restart and peers ------------------------------------------------------
     def sync(self, timeout: float = 30.0) -> None:
         """Rebuilds G3 from the disk worker's store (once) and reads the peers' journals; waits."""
+        if self.shared is not None and self.shared.built:
+            self._synced = True          # another engine rebuilt the shared G3
         self._ask(own=not self._synced, timeout=timeout)
 
     def refresh(self, timeout: float = 30.0) -> None:
@@ -245,8 +255,7 @@ class DiskTransfers:
             sums = np.concatenate([p[2] for p in parts]) if parts else np.empty(0, np.uint64)
             if inst == "":
                 if own:
-                    with self.lock:
-                        self._rebuild(hashes, slots, sums)
+                    self._rebuild_once(hashes, slots, sums)
             else:
                 fresh[inst] = (version, hashes, slots, sums)
         peers = last.get("peers") or []
@@ -255,6 +264,27 @@ class DiskTransfers:
                               last.get("skipped") if isinstance(last.get("skipped"), dict) else {})
         for name, why in self.peers.skipped.items():
             logger.debug("disk tier: peer %s not read: %s", name, why)
+
+    def _rebuild_once(self, hashes: np.ndarray, slots: np.ndarray, sums: np.ndarray) -> None:
+        """The rebuild, by this engine alone, or for a shared G3 by the first of its engines (under
+        its build lock; the others find it built)."""
+        if self.shared is None:
+            with self.lock:
+                self._rebuild(hashes, slots, sums)
+            return
+        with self.shared.building() as todo:
+            if not todo:
+                self._synced = True
+                return
+            if self.g3.registry.num_free != self.g3.num_blocks:
+                # An engine died mid-rebuild: what it registered came from the store; its
+                # unregistered holds were freed when it was reaped. Kept as it is.
+                logger.warning("G3: the shared slot table was half rebuilt by an engine that died; %d slots kept",
+                               self.g3.num_blocks - int(self.g3.registry.num_free))
+                self._synced = True
+                return
+            with self.lock:
+                self._rebuild(hashes, slots, sums)
 
     def _rebuild(self, hashes: np.ndarray, slots: np.ndarray, sums: np.ndarray) -> None:
         """G3's registry from the store's entries (a warm restart): block id = slot."""
@@ -275,8 +305,8 @@ class DiskTransfers:
         live[slots] = True
         if len(slots):
             self.g3.complete(slots)
+            self.sums[slots] = sums          # before register: a shared G3's readers find it set
             canonical = self.g3.register(slots, hashes)
-            self.sums[slots] = sums
             self.g3.release(canonical)
         rest = np.flatnonzero(~live)
         if rest.size:
@@ -328,28 +358,20 @@ class DiskTransfers:
 
     def _clean(self) -> None:
         reg = self.g2.registry
-        lost = reg.drain_evicted()        # evicted by an allocation before the cleaner got to them
-        if lost.size:
-            n = int((self.g3.lookup(lost) < 0).sum())
-            self.counters.victims_lost += n
-            self.metrics.victims_lost.inc(n)
-        if time.monotonic() < self._no_space_until:
+        if self.g2.shared is None:
+            lost = reg.drain_evicted()    # evicted by an allocation before the cleaner got to them
+            if lost.size:
+                n = int((self.g3.lookup(lost) < 0).sum())
+                self.counters.victims_lost += n
+                self.metrics.victims_lost.inc(n)
+        if time.monotonic() < self._no_space_until or not self._may_write():
             return
         free = int(reg.num_free)
         want = min(self.reserve - free - self._cleaning, int(reg.num_inactive), self.max_batch)
         if want < max(1, self.reserve // 4) and not (want > 0 and free == 0):
             return                        # batch the writes, unless G2 has nothing free at all
-        blocks = self.g2.allocate(free + want)
-        if blocks is None:
-            return
-        victims = reg.drain_evicted()
-        vblocks = blocks[free:]
-        if free:
-            self.g2.release(blocks[:free])      # never filled: back to the free list
-        if victims.shape[0] != vblocks.shape[0]:  # pairing broken: nothing can be written safely
-            logger.error("disk tier: %d victims for %d evicted G2 blocks; not written", victims.shape[0],
-                         vblocks.shape[0])
-            self.g2.release(vblocks)
+        vblocks, victims = self.g2.take_victims(want)
+        if not vblocks.shape[0]:
             return
         admit = self._admissible(victims)
         if (~admit).any():
@@ -357,12 +379,16 @@ class DiskTransfers:
         if admit.any():
             self._write(vblocks[admit], victims[admit], victims=True)
 
+    def _may_write(self) -> bool:
+        """A shared G3 takes writes only once rebuilt from the store (kvbm.shared_g3)."""
+        return self.shared is None or self.shared.built
+
     def _write(self, g2_blocks: np.ndarray, hashes: np.ndarray, victims: bool) -> None:
         """H2DISK of G2 blocks the caller holds (victims: PARTIAL blocks holding evicted bytes;
         write-through: registered blocks it acquired); they are released once written."""
         n = int(hashes.shape[0])
         reg = self.g3.registry
-        fit = min(n, int(reg.num_free) + int(reg.num_inactive))
+        fit = min(n, int(reg.num_free) + int(reg.num_inactive)) if self._may_write() else 0
         slots = self.g3.allocate(fit) if fit else None
         if slots is None or fit < n:
             self.counters.write_skipped += n - (fit if slots is not None else 0)
@@ -397,8 +423,8 @@ class DiskTransfers:
                 done = slots[ok]
                 if done.size:
                     self.g3.complete(done)
+                    self.sums[done] = detail["sums"][ok]   # before register: see kvbm.shared_g3
                     canonical = self.g3.register(done, hashes[ok])
-                    self.sums[done] = detail["sums"][ok]
                     self.g3.release(canonical)
                     if self.stored_log is not None:
                         self.stored_log.append(hashes[ok])

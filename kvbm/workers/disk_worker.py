@@ -62,6 +62,7 @@ from kvbm.errors import (
     ProtocolError,
 )
 from kvbm.layout import BlockLayout
+from kvbm.shared_g2 import SharedG2
 from kvbm.wire import protocol as P
 from kvbm.workers.admission import Member
 from kvbm.workers.path_worker import PathWorker, build_parser
@@ -93,6 +94,7 @@ class DiskRegistration:
     group: str = ""     # the engine this registration is a rank of (one rank at most here, see below)
     host_offset: int = 0  # byte of the G2 segment where its host layout starts
     member: Member | None = None   # its shared G2 membership (held: its staging blocks wait for our reads)
+    g3_member: Member | None = None  # its shared G3 membership (held: its slots wait for our writes)
 
 
 @dataclass
@@ -109,7 +111,9 @@ class DiskCounters:
 
 class DiskWorker(PathWorker):
     PIN_HOST = False
-    SHARED_ENGINES = False   # one store, written by one engine's registry: one engine per instance
+    # Members of one shared G2 namespace register side by side when the slot table is shared too
+    # (--g3-registry, kvbm.shared_g3); without it one engine's registry picks the slots: one engine.
+    SHARED_ENGINES = True
     LANES = False   # its requests carry per-block arrays and message fields: ZeroMQ only
     XFER_FIELDS = P.DISK_XFER_FIELDS
 
@@ -121,6 +125,7 @@ class DiskWorker(PathWorker):
         self.fsize_limit = args.fsize_limit
         self.read_blocks, self.read_inflight = args.read_blocks, args.read_inflight
         self.store = None                 # DiskStore, once an engine registered a disk tier
+        self.g3 = SharedG2.attach(args.g3_registry) if args.g3_registry else None   # the shared G3's engine table
         self.store_key: tuple | None = None
         self.store_error = "no engine has registered a disk tier yet"
         self.gds_status = "off (gds=off)" if self.gds_mode == "off" else "not probed yet"
@@ -143,16 +148,19 @@ class DiskWorker(PathWorker):
         host, group, host_offset = self._host_placement(msg, host_map)
         engine = msg["engine"]
         member = self._admit(engine, int(msg.get("pid", 0)), group, host_offset, host)
+        if self.g3 is None and member is not None:
+            self._refuse_second_engine(engine, group, host_offset, host)
+        g3_member = self._g3_membership(engine, int(msg.get("pid", 0)))
         self._refuse_ranks(engine, group, host_offset)
         self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
         disk = msg.get("disk")
         if disk is not None:
-            self._open_store(host, disk)
+            self._open_store(host, disk, engine)
         old = self.engines.pop(engine, None)
         if old is not None:
             self._forget(old)
         reg = DiskRegistration(engine, int(msg.get("pid", 0)), host, ident, group=group, host_offset=host_offset,
-                               member=member)
+                               member=member, g3_member=g3_member)
         self._hold(reg)
         self.engines[engine] = reg
         logger.info("disk worker gen %d: engine %s registered (%d host blocks, store %s)", self.gen, engine,
@@ -160,6 +168,39 @@ class DiskWorker(PathWorker):
         self._reply(ident, {"t": P.MsgType.REGISTERED, "id": P.request_id_of(msg), "gen": self.gen,
                             "path": int(self.path), "pid": os.getpid(), "cuda": self.cuda,
                             "disk": self._disk_info()})
+
+    def _g3_membership(self, engine: str, pid: int) -> Member | None:
+        """With the shared G3 (kvbm.shared_g3), only its live members write and read the store: the
+        slots they name come from its table. None without one."""
+        if self.g3 is None:
+            return None
+        m = self.g3.member(engine)
+        if m is None:
+            raise ProtocolError(f"engine {engine!r:.80} is not a member of this instance's shared G3 "
+                                f"({self.g3.name}): an engine joins it before registering with the disk worker")
+        if pid <= 0 or pid != m["pid"] or not m["alive"]:
+            raise ProtocolError(f"engine {engine!r:.80} registers as pid {pid}; the shared G3 has it as pid "
+                                f"{m['pid']} ({'alive' if m['alive'] else 'gone'})")
+        return Member(m["slot"], m["generation"], m["namespace"])
+
+    def _hold(self, reg) -> None:
+        """As a path worker's, and the engine's G3 slots too: a write of a dead engine may still be
+        landing in them, so they are not handed to another engine until this worker lets go."""
+        super()._hold(reg)
+        g3m = getattr(reg, "g3_member", None)
+        if g3m is not None and not self.g3.worker_hold(g3m.slot, g3m.generation, self.worker_bit):
+            super()._let_go(reg)
+            raise ProtocolError(f"engine {reg.engine!r:.80} left the shared G3 while registering")
+
+    def _let_go(self, reg) -> None:
+        super()._let_go(reg)
+        g3m = getattr(reg, "g3_member", None)
+        if g3m is not None and self.g3 is not None:
+            try:
+                self.g3.worker_let_go(g3m.slot, g3m.generation, self.worker_bit)
+            except KvbmError:
+                logger.error("disk worker: letting go of engine %s in the shared G3 failed", reg.engine,
+                             exc_info=True)
 
     def _refuse_ranks(self, engine: str, group: str, host_offset: int) -> None:
         """One store holds one block per sequence hash, and a TP rank's block is only its shard: the
@@ -175,7 +216,7 @@ class DiskWorker(PathWorker):
                                 f"registered: {', '.join(ranks)[:200]}); run the disk tier with one rank, or "
                                 f"without a disk tier")
 
-    def _open_store(self, host: BlockLayout, disk: dict) -> None:
+    def _open_store(self, host: BlockLayout, disk: dict, engine: str) -> None:
         from kvbm.workers.disk import DiskStore
         if not isinstance(disk, dict):
             raise ProtocolError(f"disk: expected a map, got {type(disk).__name__}")
@@ -188,6 +229,11 @@ class DiskWorker(PathWorker):
         key = (host.config.block_bytes, host.block_stride, blocks, fingerprint, model)
         if self.store is not None and key == self.store_key:
             return
+        others = sorted(e for e in self.engines if e != engine)
+        if self.store is not None and others:
+            raise ProtocolError(f"{engine!r:.80} asks for a disk store of {key[2]} slots of {key[0]} bytes, layout "
+                                f"{key[3]:#x}, model {key[4]:#x}; the store open is {self.store_key} and serves "
+                                f"{', '.join(others)[:200]}: one store per instance")
         if self.store is not None:
             logger.info("disk worker: a registration of another store (%s, was %s); reopening", key, self.store_key)
             self.store.close()
@@ -439,7 +485,10 @@ class DiskWorker(PathWorker):
         if self.store is not None:
             self.store.close()
             self.store = None
-        super().close()
+        super().close()          # lets go of every registration, in the shared G3 too
+        if self.g3 is not None:
+            self.g3.close()
+            self.g3 = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -450,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fsize-limit", type=int, default=0, help="test hook: RLIMIT_FSIZE once the store is open")
     ap.add_argument("--read-blocks", type=int, default=DISK_READ_BLOCKS, help="blocks per NIXL read request")
     ap.add_argument("--read-inflight", type=int, default=DISK_READ_INFLIGHT, help="NIXL read requests in flight")
+    ap.add_argument("--g3-registry", default="", help="the shared G3 slot table's segment (its engine table)")
     args = ap.parse_args(argv)
     if not os.path.isabs(args.disk_path):
         raise LayoutError(f"--disk-path must be absolute, got {args.disk_path!r}")

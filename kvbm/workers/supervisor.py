@@ -48,6 +48,7 @@ from kvbm.config import KvbmConfig, lane_spin_default
 from kvbm.errors import ConfigError, KvbmError, ProtocolError
 from kvbm.progress import PERIOD_S, Progress
 from kvbm.shared_g2 import SharedG2
+from kvbm.shared_g3 import create_g3
 from kvbm.shm import (
     REGISTRY_KIND,
     RuntimeDir,
@@ -151,6 +152,8 @@ class Supervisor:
             self.slots[P.Path.H2DISK] = WorkerSlot(P.Path.H2DISK)  # the disk worker: H2DISK and DISK2H
         self.segment: Segment | None = None
         self.registry: SharedG2 | None = None      # the shared G2 registry, when the layout is known
+        self.g3: SharedG2 | None = None            # the shared G3 slot table (kvbm.shared_g3), with a disk tier
+        self._g3_sums = None                       # its checksum segment
         self.engines: dict[str, dict] = {}
         self._engine_conn: dict[str, bytes] = {}   # engine -> routing id of the connection it reports on
         self.prefault_s = 0.0
@@ -203,6 +206,7 @@ class Supervisor:
         self._make_registry()
         if self.config.disk_path and (self.config.disk_blocks or self.config.disk_size):
             self._disk_dir = self._prepare_disk(self.config.disk_path)
+            self._make_g3()
         self._ctx = make_context()
         server_keys, self._client_keys = create_keys(self.rundir.path)  # before endpoints.json names the sockets
         self._gate = Gatekeeper(self._ctx, server_keys).start()
@@ -228,6 +232,18 @@ class Supervisor:
         self.registry = SharedG2.create(segment_name(self.config.instance_id, REGISTRY_KIND), blocks,
                                         max_engines=REGISTRY_ENGINES, policy=self.config.policy,
                                         ghost_ratio=self.config.ghost_ratio)
+
+    def _make_g3(self) -> None:
+        """With the shared G2 registry, the disk tier's slot table is shared too (kvbm.shared_g3):
+        every engine of the instance writes and reads one store through one table."""
+        if self.registry is None:
+            return
+        blocks = self.config.disk_blocks_for(self.config.layout)
+        self.g3, self._g3_sums = create_g3(self.config.instance_id, blocks, max_engines=REGISTRY_ENGINES,
+                                           policy=self.config.policy, ghost_ratio=self.config.ghost_ratio)
+
+    def _registries(self) -> list[tuple[str, SharedG2]]:
+        return [(name, reg) for name, reg in (("G2", self.registry), ("G3", self.g3)) if reg is not None]
 
     @staticmethod
     def _prepare_disk(path: str) -> str:
@@ -265,6 +281,8 @@ class Supervisor:
         if self.registry is not None:
             cmd += ["--registry", self.registry.name, "--registry-block-bytes", str(self.config.layout.block_stride),
                     "--registry-ranks", str(self.g2_ranks)]
+        if self.g3 is not None and slot.path in P.DISK_PATHS:
+            cmd += ["--g3-registry", self.g3.name]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(kvbm.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -331,24 +349,23 @@ class Supervisor:
     def _worker_gone(self, path: P.Path) -> None:
         """A dead worker runs no copy any more: it holds no engine's registration in the shared
         registry (retired engines it was the last to hold give their blocks back)."""
-        if self.registry is None:
-            return
-        try:
-            self.registry.worker_gone(1 << int(path))
-        except KvbmError:
-            logger.error("shared G2 registry: clearing the %s worker's holds failed", path.label, exc_info=True)
+        for name, reg in self._registries():
+            try:
+                reg.worker_gone(1 << int(path))
+            except KvbmError:
+                logger.error("shared %s registry: clearing the %s worker's holds failed", name, path.label,
+                             exc_info=True)
 
     def _reap_registry(self) -> None:
         """Frees the shared registry's slots (and holds) of engines whose process is gone: an
         engine that dies without calling into the registry again is found here (shared_g2 logs
         each)."""
-        if self.registry is None:
-            return
-        try:
-            self.registry.reap()
-        except KvbmError:
-            # A repair that fails is retried by the next locker; the supervisor goes on serving.
-            logger.error("shared G2 registry: reaping failed", exc_info=True)
+        for name, reg in self._registries():
+            try:
+                reg.reap()
+            except KvbmError:
+                # A repair that fails is retried by the next locker; the supervisor goes on serving.
+                logger.error("shared %s registry: reaping failed", name, exc_info=True)
 
     def _serve_control(self) -> None:
         assert self._control is not None
@@ -426,6 +443,8 @@ class Supervisor:
                     "block_bytes": self.config.layout.block_stride if self.config.layout else 0,
                     "ranks": self.g2_ranks},
                 "disk": self._disk_dir, "events": self.endpoints.events,
+                "g3": None if self.g3 is None else {"segment": self.g3.name, "sums": self._g3_sums.name,
+                                                    "blocks": self.g3.total_blocks},
                 "max_batch_blocks": self.config.max_batch_blocks,
                 "workers": {p.label: {"path": int(p), "endpoint": self.endpoints.worker(s.path),
                                       "gen": s.gen, "ready": s.ready}
@@ -597,19 +616,21 @@ class Supervisor:
                 "uptime_s": round(time.monotonic() - self.started, 3), "cuda": self.cuda,
                 "tiers": {"g2": {"segment": self.segment.name if self.segment else None,
                                  "bytes": self.host_bytes, "prefault_s": round(self.prefault_s, 4),
-                                 "registry": self._registry_status()},
+                                 "registry": self._registry_status(self.registry)},
                           "g3": {"path": self._disk_dir, **(disk.stats.get("disk", {}) if disk else {}),
-                                 **(disk.stats.get("disk_text", {}) if disk else {})}},
+                                 **(disk.stats.get("disk_text", {}) if disk else {}),
+                                 "registry": self._registry_status(self.g3)}},
                 "workers": workers, "engines": self._live_engines()}
 
-    def _registry_status(self) -> dict | None:
-        if self.registry is None:
+    @staticmethod
+    def _registry_status(reg: SharedG2 | None) -> dict | None:
+        if reg is None:
             return None
         try:
-            return self.registry.status()
+            return reg.status()
         except KvbmError as err:
-            logger.error("shared G2 registry: status failed", exc_info=True)
-            return {"segment": self.registry.name, "error": str(err)}
+            logger.error("shared registry %s: status failed", reg.name, exc_info=True)
+            return {"segment": reg.name, "error": str(err)}
 
     def summary_line(self) -> str:
         parts = []
@@ -675,6 +696,11 @@ class Supervisor:
         if self.registry is not None:
             self.registry.close()      # the creator: unlinks it
             self.registry = None
+        if self.g3 is not None:
+            self.g3.close()
+            self._g3_sums.close()
+            self._g3_sums.unlink()
+            self.g3 = self._g3_sums = None
         if self.rundir.held:
             # The engine that started us may have been killed: its device segment is ours to remove.
             gone = clean_stale_segments(self.config.instance_id, include_host_pool=False)

@@ -9,7 +9,9 @@ stopped (SIGSTOP) while an engine that offloaded through it is killed keeps that
 out of the pool until it has let go of it (quarantine); another model gets its own namespace and
 quota and cannot evict the first's blocks, and a namespace that does not fit is refused; path
 workers refuse a registration that the engine table does not back (wrong pid, an engine of its own
-beside members); the disk tier with a second engine is refused.
+beside members); engines on an instance with a disk tier share one G3 slot table (kvbm.shared_g3):
+one reads from disk what another wrote, a later engine rebuilds the table from the store, and a
+kill -9 of one under load leaves the others serving right bytes.
 
 No assertion depends on timing: gating is by SIGSTOP, every wait is for a condition with a deadline.
 """
@@ -267,14 +269,81 @@ def test_path_workers_trust_the_engine_table_not_the_message(node):
     ask(a, "close", tag="closed")
 
 
-def test_a_second_engine_on_an_instance_with_a_disk_tier_is_refused(node, tmp_path):
-    n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=64)
-    _, a, _ = n.engine()
-    proc, conn = n.spawn(salt="")
-    assert conn.poll(WAIT_S)
-    tag, text = conn.recv()
-    assert tag == "error" and "has a disk tier, which serves one engine per instance" in text, text
-    proc.join(WAIT_S)
-    assert [e["state"] for e in n.g2.engines()] == ["live"]      # the refused one left
-    n.g2.check_invariants()
-    ask(a, "close", tag="closed")
+def _g3(n) -> SharedG2:
+    return SharedG2.attach(n.status()["tiers"]["g3"]["registry"]["segment"])
+
+
+def test_engines_share_one_disk_tier_and_read_each_others_blocks(node, tmp_path):
+    """Two engines on an instance with a disk tier: one G3 slot table (kvbm.shared_g3), so B reads
+    from disk, byte for byte, what A wrote; after both left, a third engine rebuilds the table from
+    the store (warm restart) once and reads it again."""
+    n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=64, disk_admission="write-through")
+    g3 = _g3(n)
+    try:
+        _, a, info_a = n.engine()
+        _, b, _ = n.engine()
+        prefix = E.prompt_hashes(0, 8)
+        assert ask(a, "offload", prefix, list(range(8)), True, tag="offloaded")["moved"] == 8
+        assert ask(a, "flush", tag="flushed")["written"] == 8
+        for p in range(1, 5):          # B fills G2 (32 blocks) with other prompts: the prefix leaves G2
+            assert ask(b, "offload", E.prompt_hashes(p, 8), list(range(8)), True, tag="offloaded")["moved"] == 8
+        assert ask(b, "flush", tag="flushed")["written"] == 32
+        assert ask(b, "tiers", prefix, tag="tiers") == {"G2": 0, "G3": 8}
+        assert ask(b, "onboard_from", prefix, list(range(20, 28)), tag="onboarded") == (8, 0, 0, 8)
+        assert ask(a, "tiers", E.prompt_hashes(4, 8), tag="tiers")["G3"] == 8    # B's writes, seen by A
+        engines = {e["engine_id"]: e for e in g3.engines()}
+        assert len(engines) == 2 and all(e["workers"] == [int(P.Path.H2DISK)] for e in engines.values())
+        assert g3.namespaces()[0]["inactive"] == 40      # one table: 8 + 32 blocks, each written once
+        g3.check_invariants()
+        n.g2.check_invariants()
+        ask(a, "close", tag="closed")
+        ask(b, "close", tag="closed")
+        assert wait_for("the G3 namespace freed", lambda: g3.namespaces() == [])
+        _, c, _ = n.engine()           # the table is gone; the store is not: C rebuilds it once
+        assert ask(c, "tiers", prefix, tag="tiers") == {"G2": 0, "G3": 8}
+        assert ask(c, "onboard_from", prefix, list(range(8)), tag="onboarded") == (8, 0, 0, 8)
+        assert g3.namespaces()[0]["registered"] == 40 and info_a["namespace"] == 0
+        g3.check_invariants()
+        ask(c, "close", tag="closed")
+    finally:
+        g3.close()
+
+
+def test_engines_with_a_disk_tier_under_load_survive_a_kill9_of_one(node, tmp_path):
+    """Three engines over a small shared G2 (victims written to the shared G3 by every engine's
+    cleaner) and G3 reads of each other's blocks, one killed mid-load: the others finish with every
+    loaded block right, the dead engine is reaped from both tables, the invariants hold."""
+    n = node(16, disk_path=str(tmp_path / "g3"), disk_blocks=256)
+    g3 = _g3(n)
+    try:
+        engines = [n.engine() for _ in range(3)]
+        for i, (_, conn, _) in enumerate(engines):
+            conn.send(("load", 200 + i, 30 if i < 2 else 10_000, 12, 8))
+        victim, vconn, vinfo = engines[2]
+        for _ in range(3):
+            assert expect(vconn, "progress") >= 0
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(WAIT_S)
+        total = {"requests": 0, "onboarded": 0, "mismatches": 0}
+        for _, conn, _ in engines[:2]:
+            while True:
+                assert conn.poll(WAIT_S), "a live engine stopped answering"
+                tag, value = conn.recv()
+                assert tag != "error", value
+                if tag == "done":
+                    break
+            for k in total:
+                total[k] += value[k]
+        assert total["requests"] == 60 and total["mismatches"] == 0 and total["onboarded"] > 0
+        written = [ask(conn, "flush", tag="flushed")["written"] for _, conn, _ in engines[:2]]
+        assert sum(written) > 0
+        gone = vinfo["engine_id"]
+        for reg in (n.g2, g3):
+            wait_for("the dead engine reaped and let go of",
+                     lambda reg=reg: gone not in {e["engine_id"] for e in reg.engines()})
+            reg.check_invariants()
+        assert g3.namespaces()[0]["active"] == 0 and g3.namespaces()[0]["engines"] == 2
+        for _, conn, _ in engines[:2]:
+            ask(conn, "close", tag="closed")
+    finally:
+        g3.close()

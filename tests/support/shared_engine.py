@@ -9,6 +9,9 @@ interpreter per engine, nothing inherited).
             ("onboard", hashes, blocks)        poisons the device blocks, onboards, compares every
                                                loaded block with content(hash): (loaded, mismatches)
             ("match", hashes)                  G2's prefix length
+            ("tiers", hashes)                  {tier name: prefix length} (G3 with a disk tier)
+            ("onboard_from", hashes, blocks)   as onboard: (loaded, mismatches, from_host, from_disk)
+            ("flush",)                         waits for the G3 writes in flight (flush_disk)
             ("load", seed, iterations, prompts, length)  seeded requests over shared prompts:
                                                match -> onboard (checked) -> offload the rest,
                                                a ("progress", i) after each; then ("done", stats)
@@ -76,6 +79,16 @@ def serve(conn, config) -> None:
                 conn.send(("onboarded", _onboard(kv, model, hashes, blocks)))
             elif op == "match":
                 conn.send(("matched", int(kv.match(msg[1]).prefix.get(Tier.G2, 0))))
+            elif op == "tiers":
+                conn.send(("tiers", {t.name: int(k) for t, k in kv.match(msg[1]).prefix.items() if t.name != "G1"}))
+            elif op == "onboard_from":
+                _, hashes, blocks = msg
+                got = {}
+                loaded, wrong = _onboard(kv, model, hashes, blocks, got)
+                conn.send(("onboarded", (loaded, wrong, got.get("from_host", 0), got.get("from_disk", 0))))
+            elif op == "flush":
+                kv.flush_disk(WAIT_S)
+                conn.send(("flushed", kv.stats().get("disk")))
             elif op == "load":
                 _, seed, iterations, prompts, length = msg
                 conn.send(("done", _load(conn, kv, model, seed, iterations, prompts, length)))
@@ -91,12 +104,15 @@ def serve(conn, config) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
-def _onboard(kv, model, hashes, blocks) -> tuple[int, int]:
-    """Onboards into poisoned device blocks; (blocks loaded, loaded blocks whose bytes are wrong)."""
+def _onboard(kv, model, hashes, blocks, tiers: dict | None = None) -> tuple[int, int]:
+    """Onboards into poisoned device blocks; (blocks loaded, loaded blocks whose bytes are wrong).
+    tiers: filled with from_host and from_disk (with a disk tier)."""
     blocks = np.asarray(blocks, np.int64)
     model.wipe(blocks)
     model.sync()   # CUDA: the poison lands before the onboard's copy, never after
     res = kv.onboard(hashes, blocks).result(WAIT_S).value
+    if tiers is not None:
+        tiers.update(from_host=res.loaded if res.from_host < 0 else res.from_host, from_disk=res.from_disk)
     k = res.loaded
     if k == 0:
         return 0, 0

@@ -27,7 +27,8 @@ evictions as medium STORAGE; G2's evictions are drained here only when the disk 
 victim admission (then its cleaner drains G2's eviction ring, which pairs victims with their
 blocks: a second drain would steal them; G2 BlockRemoved are not sent then). A replica of a shared
 G2 (data parallel, kvbm.shared_g2) does not drain the namespace's ring: it announces removed the
-keys it announced stored, once a check finds them gone (_reconcile_removed).
+keys it announced stored, once a check finds them gone (_reconcile_removed); the same for the G3
+blocks it wrote when G3 is shared too (kvbm.shared_g3).
 
 A block of G2 is one vLLM block of every rank (kvbm block = vLLM block: the device layout has no
 bigger contiguous unit, and a 16-token block of an 8B model is already 2 MiB). Keys are vLLM's block
@@ -137,9 +138,10 @@ class SchedulerSide:
         self._next_job = 1
         self._plan = StepPlan()
         self.stats = SideStats()
-        # A shared G2 (kvbm.shared_g2): the G2 keys this replica announced stored and has not yet
-        # announced removed, oldest check first (an ordered set; see _reconcile_removed).
-        self._announced: dict[int, None] = {}
+        # A shared G2 (kvbm.shared_g2) or G3 (kvbm.shared_g3): per tier, the keys this replica
+        # announced stored and has not yet announced removed, oldest check first (ordered sets;
+        # see _reconcile_removed).
+        self._announced: dict[Tier, dict[int, None]] = {Tier.G2: {}, Tier.G3: {}}
 
     # ---- lookups and loads ----------------------------------------------------------------------
     def lookup(self, keys: np.ndarray, num_computed_tokens: int, num_tokens: int) -> int:
@@ -317,11 +319,12 @@ class SchedulerSide:
                 self._plan_stores(req_id, req)
         if self.disk is not None:
             self._disk_events()
-        if self._announced:
-            # Another replica's allocation may have evicted what this one announced: checked each
-            # step, not only when this replica allocates (as its own ring drain is).
-            with self.manager.lock:
-                self._reconcile_removed()
+        for tier, announced in self._announced.items():
+            if announced:
+                # Another replica's allocation may have evicted what this one announced: checked
+                # each step, not only when this replica allocates (as its own ring drain is).
+                with self.manager.lock:
+                    self._reconcile_removed(tier)
         plan, self._plan = self._plan, StepPlan()
         return plan
 
@@ -416,7 +419,7 @@ class SchedulerSide:
                 if self.events is not None:
                     self.events.stored(Tier.G2, job.keys, job.parents, job.has_parent)
                 if (self.events is not None or self.metrics is not None) and self._shared_g2():
-                    self._announced.update(dict.fromkeys(job.keys.tolist()))
+                    self._announced[Tier.G2].update(dict.fromkeys(job.keys.tolist()))
         if req is not None and req.finished and req.idle():
             del self.requests[job.req_id]
 
@@ -454,7 +457,7 @@ class SchedulerSide:
                 return False
             self.pool.evict(registry.num_inactive)
             if self._shared_g2():
-                self._announced.clear()   # AllBlocksCleared below says it
+                self._announced[Tier.G2].clear()   # AllBlocksCleared below says it
             else:
                 self._drain_evictions()
         if self.events is not None:
@@ -499,8 +502,8 @@ class SchedulerSide:
             if self.metrics is not None:
                 self.metrics.record_eviction("G2", len(evicted))
 
-    def _reconcile_removed(self) -> None:
-        """A shared G2's BlockRemoved, per replica. Its eviction ring is the namespace's (any
+    def _reconcile_removed(self, tier: Tier) -> None:
+        """A shared G2's (or G3's) BlockRemoved, per replica. Its eviction ring is the namespace's (any
         replica's allocation evicts any replica's blocks) and one drain takes every entry, so no
         replica can learn its own removals from it. Instead each replica checks, a slice a step,
         whether the keys it announced stored are still in G2, and announces the gone ones removed
@@ -508,29 +511,34 @@ class SchedulerSide:
         stays announced for good (a router would keep routing to it). Late by up to
         len(_announced) / RECONCILE_KEYS steps; a gone key is then looked for elsewhere, which
         costs the router a miss, never a wrong block. Called by build() when any key is announced."""
-        keys = list(islice(self._announced, RECONCILE_KEYS))
-        held = np.asarray(self.pool.lookup(np.fromiter(keys, np.uint64, len(keys)))) >= 0
+        announced = self._announced[tier]
+        pool = self.pool if tier == Tier.G2 else self.disk.g3
+        keys = list(islice(announced, RECONCILE_KEYS))
+        held = np.asarray(pool.lookup(np.fromiter(keys, np.uint64, len(keys)))) >= 0
         gone = []
         for key, present in zip(keys, held.tolist()):
-            del self._announced[key]
+            del announced[key]
             if present:
-                self._announced[key] = None   # checked again after the others
+                announced[key] = None   # checked again after the others
             else:
                 gone.append(key)
         if gone:
             if self.events is not None:
-                self.events.removed(Tier.G2, np.array(gone, np.uint64))
+                self.events.removed(tier, np.array(gone, np.uint64))
             if self.metrics is not None:
-                self.metrics.record_eviction("G2", len(gone))
+                self.metrics.record_eviction(tier.name, len(gone))
 
     def _disk_events(self) -> None:
         """G3's writes since the last step (BlockStored, STORAGE) and its evictions (BlockRemoved)."""
         disk = self.disk
+        shared = disk.g3.shared     # the ring is every replica's: see _reconcile_removed
         with self.manager.lock:
             written, disk.stored_log = (disk.stored_log, []) if disk.stored_log else (None, disk.stored_log)
-            evicted = disk.g3.registry.drain_evicted()
+            evicted = np.empty(0, np.uint64) if shared else disk.g3.registry.drain_evicted()
         if written:
             hashes = np.concatenate(written)
+            if shared and (self.events is not None or self.metrics is not None):
+                self._announced[Tier.G3].update(dict.fromkeys(hashes.tolist()))
             if self.events is not None:
                 self.events.stored(Tier.G3, hashes)
             if self.metrics is not None:
