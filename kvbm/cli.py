@@ -176,6 +176,8 @@ def format_status(st: dict) -> str:
              f"  G2 {g2['bytes'] / 1e9:.3f} GB segment {g2['segment']} (pre-fault {g2['prefault_s']:.3f}s)",
              *_registry_lines(g2.get("registry")),
              _g3_line(st["tiers"]["g3"])]
+    if st["tiers"]["g3"].get("registry"):
+        lines += _registry_lines(st["tiers"]["g3"]["registry"], "G3")
     for label, w in st["workers"].items():
         if "state" in w:
             lines.append(f"  {label:7s} {w['state']}")
@@ -192,13 +194,14 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
-def _registry_lines(reg: dict | None) -> list[str]:
-    """The shared G2 registry: its namespaces (partition, quota, occupancy, hits) and engines."""
+def _registry_lines(reg: dict | None, tier: str = "G2") -> list[str]:
+    """A shared registry (G2's, or G3's slot table): its namespaces (partition, quota, occupancy,
+    hits) and engines."""
     if not reg:
-        return ["  G2 registry: per engine (no shared registry)"]
+        return [f"  {tier} registry: per engine (no shared registry)"]
     if "error" in reg:
-        return [f"  G2 registry {reg['segment']}: {reg['error']}"]
-    lines = [f"  G2 registry {reg['segment']}: {reg['total_blocks']} blocks, {reg['unpartitioned']} in no "
+        return [f"  {tier} registry {reg['segment']}: {reg['error']}"]
+    lines = [f"  {tier} registry {reg['segment']}: {reg['total_blocks']} blocks, {reg['unpartitioned']} in no "
              f"namespace, {len(reg['engines'])} engines, {reg['repairs']} repairs, {reg['reaped']} reaped"]
     for ns in reg["namespaces"]:
         hit = ns["match_hits"] / ns["match_queries"] if ns["match_queries"] else 0.0

@@ -21,8 +21,9 @@ and at the end prints counts, hit ratios per tier (G3's too) and GB/s, and shuts
 `--engines N` (N > 1): N engine processes (data-parallel replicas of one model) against one
 kvbm-workers that the demo starts first, sharing its G2 and its registry (kvbm.shared_g2: one
 namespace, the same layout and salt). Each serves its own requests over the same shared prompts;
-a block one engine offloaded is onboarded by another: those are the cross-engine hits. No G3 then
-(a disk tier serves one engine per kvbm-workers instance).
+a block one engine offloaded is onboarded by another: those are the cross-engine hits. With G3
+(the default) every engine writes its G2 victims to, and reads from, the instance's one store
+through one slot table (kvbm.shared_g3).
 """
 from __future__ import annotations
 
@@ -189,12 +190,14 @@ def main_engines(args: argparse.Namespace) -> int:
     cuda = kvbm.cuda_available() and not args.cpu
     print(f"kvbm demo: {args.engines} engines (processes) share one kvbm-workers: G2 {args.host_blocks} blocks and "
           f"its registry; G1 {args.device_blocks} blocks each ({'cuda' if cuda else 'cpu'}); {args.requests} requests "
-          f"each over {args.prompts} shared prompts; no G3 (a disk tier serves one engine per instance)")
+          f"each over {args.prompts} shared prompts; G3 {args.disk_blocks or 'none'}"
+          f"{' blocks (disk), one slot table for every engine' if args.disk_blocks else ''}")
     t_start = time.perf_counter()
     results: dict[int, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="kvbm-demo-") as rundir:
+        disk = dict(disk_path=os.path.join(rundir, "g3"), disk_blocks=args.disk_blocks) if args.disk_blocks else {}
         config = kvbm.KvbmConfig(layout=DEMO_LAYOUT, device_blocks=args.device_blocks, host_blocks=args.host_blocks,
-                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64)
+                                 runtime_dir=rundir, force_cpu=not cuda, max_batch_blocks=64, **disk)
         workers = WorkersProcess(config, args.host_blocks * DEMO_LAYOUT.block_stride, layout=DEMO_LAYOUT)
         workers.start(60)
         ctx = mp.get_context("spawn")
@@ -238,8 +241,9 @@ def main_engines(args: argparse.Namespace) -> int:
         mismatches += stats["mismatches"]
         total = max(stats["blocks"], 1)
         print(f"kvbm demo: engine {i}: {stats['requests']} requests, {stats['blocks']} blocks: {stats['g1_hits']} "
-              f"reused in G1, {stats['g2_hits']} onboarded from G2 ({stats['cross_hits']} of them offloaded by "
-              f"another engine), {stats['computed']} computed; G2 hit ratio {stats['g2_hits'] / total:.1%}")
+              f"reused in G1, {stats['g2_hits']} onboarded from G2 and {stats['g3_hits']} from G3 "
+              f"({stats['cross_hits']} of them offloaded by another engine), {stats['computed']} computed; "
+              f"G2 hit ratio {stats['g2_hits'] / total:.1%}")
     status = results.get(0, ({}, None))[1]
     reg = (status or {}).get("tiers", {}).get("g2", {}).get("registry") or {}
     for ns in reg.get("namespaces", []):
@@ -249,6 +253,11 @@ def main_engines(args: argparse.Namespace) -> int:
     for e in reg.get("engines", []):
         print(f"kvbm demo: shared G2 engine {e['engine_id']} (pid {e['pid']}): {e['registered']} blocks registered "
               f"(+{e['deduplicated']} another engine had), {e['match_hits']} matched")
+    reg3 = (status or {}).get("tiers", {}).get("g3", {}).get("registry") or {}
+    for ns in reg3.get("namespaces", []):
+        print(f"kvbm demo: shared G3 slot table: {ns['engines']} engines, {ns['inactive'] + ns['active']} of "
+              f"{ns['num_blocks']} slots hold blocks, written by " + ", ".join(
+                  f"{e['engine_id']} {e['registered']}" for e in reg3.get("engines", [])))
     print(f"kvbm demo: {cross} cross-engine hits: blocks onboarded by an engine that never offloaded them")
     print(f"kvbm demo: verified {verified} blocks byte for byte, {mismatches} mismatches; finished in {wall:.1f} s, "
           f"everything shut down")
@@ -356,7 +365,7 @@ def run(kv: kvbm.KvBlockManager, model: Model, args: argparse.Namespace, rng: np
             res = fut.result(60)
             from_disk = res.value.from_disk
             stats["g2_hits"] += res.value.loaded - from_disk
-            stats["cross_hits"] += sum(1 for h in rest[:res.value.loaded - from_disk].tolist() if h not in offered)
+            stats["cross_hits"] += sum(1 for h in rest[:res.value.loaded].tolist() if h not in offered)
             stats["g3_hits"] += from_disk
             stats["on_bytes"] += res.value.bytes
             stats["on_s"] += res.seconds

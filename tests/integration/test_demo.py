@@ -41,17 +41,19 @@ def test_demo_refuses_bad_arguments():
 
 
 def test_demo_with_two_engines_shares_one_g2():
-    """--engines 2: two engine processes against one kvbm-workers and its shared G2 registry; each
-    onboards blocks the other offloaded (cross-engine hits), every block verified."""
+    """--engines 2: two engine processes against one kvbm-workers, its shared G2 registry and its
+    shared G3 slot table; each onboards blocks the other offloaded (cross-engine hits), every block
+    verified."""
     out, left = _run_demo(["--engines", "2", "--requests", "32"], timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    engines = re.findall(r"engine (\d): 32 requests, \d+ blocks: .* onboarded from G2 \((\d+) of them offloaded by "
-                         r"another engine\)", text)
+    engines = re.findall(r"engine (\d): 32 requests, \d+ blocks: .* onboarded from G2 and \d+ from G3 \((\d+) of "
+                         r"them offloaded by another engine\)", text)
     assert [e for e, _ in engines] == ["0", "1"], text
     cross = re.search(r"(\d+) cross-engine hits", text)
     assert cross and int(cross.group(1)) == sum(int(c) for _, c in engines) > 0, text
     assert re.search(r"shared G2 namespace 0: 2 engines, quota 256 blocks", text), text
+    assert re.search(r"shared G3 slot table: 2 engines, \d+ of 4096 slots hold blocks", text), text
     verified = re.search(r"verified (\d+) blocks byte for byte, (\d+) mismatches", text)
     assert verified and int(verified.group(1)) > 0 and verified.group(2) == "0", text
     assert not left, f"the demo left {left} behind in its temp dir"
