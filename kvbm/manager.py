@@ -416,7 +416,9 @@ class KvBlockManager:
         G2's block count, `layout`'s block bytes: the layout the device side registered, whose
         fingerprint the disk store checks) without device memory. Returns the DiskTransfers over
         G2 and G3, synced with the store (a warm restart's blocks are in G3): stage() reads G3 into
-        G2; whoever copies G2 to the device is not this manager."""
+        G2; whoever copies G2 to the device is not this manager. When the instance shares its G3
+        (kvbm.shared_g3) the manager joins it as `engine_id` first, unless join_shared_g2 (call it
+        first, with the same engine_id) did; with the shared G2 it registers its namespace's part."""
         from kvbm.layout import BlockLayout, LayoutType
         from kvbm.transfer.disk_offload import DiskTransfers
         from kvbm.transfer.launcher import connect_workers
@@ -429,14 +431,19 @@ class KvBlockManager:
             raise LifecycleError("this manager already has a transfer runtime")
         host_pool = self.pools[Tier.G2]
         host_layout = BlockLayout(layout.config, LayoutType.FULLY_CONTIGUOUS, host_pool.num_blocks)
+        host_offset = self._lease.block_offset * host_layout.block_stride if self._lease is not None else 0
         tm, _ = connect_workers(self.config, host_layout.total_bytes, "G2", start=False, wait=True,
                                 timeout=timeout, engine_id=engine_id, stats_fn=self._pool_report)
+        joined = False
         try:
             if P.Path.H2DISK not in tm.paths:
                 raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs "
                                   f"without one: start it with the same disk_path and disk_size/disk_blocks")
+            if self._g3 is None and (tm.welcome or {}).get("g3"):
+                self._join_g3(tm.welcome, engine_id, layout.config)
+                joined = True
             tm.register(layout, host_layout, None, timeout, disk=self._disk_store(layout), group=group,
-                        paths=P.DISK_PATHS)
+                        paths=P.DISK_PATHS, host_offset=host_offset)
             disk = DiskTransfers(tm, None, host_pool, self.pools[Tier.G3], self._lock,
                                  page_size=layout.config.page_size, admission=self.config.disk_admission,
                                  prefill_tokens_per_s=self.config.prefill_tokens_per_s,
@@ -445,6 +452,9 @@ class KvBlockManager:
             disk.worker_info = tm.worker_info(P.Path.H2DISK)
         except BaseException:
             tm.close()
+            if joined:
+                self._g3, g3 = None, self._g3
+                g3.close()
             raise
         self._transfers, self._disk = tm, disk
         self.device_layout = layout

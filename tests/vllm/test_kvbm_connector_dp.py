@@ -3,8 +3,8 @@ replica is vLLM's scheduler with kvbm's connector and a worker-side connector (T
 tests/vllm/test_kvbm_connector.py, built with data_parallel_size 2 and its own data_parallel_rank;
 both name one kvbm instance. What replica 0 stored, replica 1 finds in G2 and loads byte for byte
 (its own vLLM prefix cache never saw the prompt); both replicas' ranks and scheduler sides are
-engines of one namespace of the shared G2; replicas that cannot share (a disk tier) keep an
-instance each.
+engines of one namespace of the shared G2; with a disk tier they share its store and slot table
+too: what one replica wrote to G3, another loads from it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kvbm.config import KvbmConfig
 from kvbm.integrations.vllm.connector import connector_settings, dp_shares_g2
 from kvbm.pools import Tier
 from tests.vllm import harness as H
-from tests.vllm.test_kvbm_connector import BS, Engine, first_run
+from tests.vllm.test_kvbm_connector import BS, DEADLINE, Engine, first_run
 
 
 @contextmanager
@@ -61,15 +61,43 @@ def test_a_replica_loads_what_another_replica_stored(model_dir, tmp_path):
         assert engines[f"{instance}-dp1/sched"]["match_hits"] >= 4
 
 
-def test_replicas_with_a_disk_tier_keep_an_instance_each(model_dir, tmp_path):
-    for rank in (0, 1):
-        config = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
-                                    kv_connector_module_path="kvbm.integrations.vllm",
-                                    data_parallel_size=2, data_parallel_rank=rank,
-                                    kv_connector_extra_config={"disk_path": str(tmp_path / "g3"),
-                                                               "disk_blocks": 8})
-        settings = connector_settings(config, config.kv_transfer_config.kv_connector_extra_config)
-        assert not dp_shares_g2(config, settings) and settings.instance_id.endswith(f"-dp{rank}")
+def test_replicas_with_a_disk_tier_share_it(model_dir, tmp_path):
+    """Replicas with a disk tier share the instance, its G2 and its G3 (kvbm.shared_g3): what replica
+    0 stored, written to disk and pushed out of G2, replica 1 loads from G3 byte for byte."""
+    from tests.vllm.test_kvbm_connector_disk import HOST_BLOCKS, disk_settings, keys_of, load_b, where
+    instance = f"d{uuid.uuid4().hex[:8]}"
+    replicas = []
+    try:
+        for rank in (0, 1):
+            replicas.append(Engine(model_dir, tmp_path, dp=(2, rank), instance_id=instance,
+                                   **disk_settings(tmp_path)))
+        a, b = replicas
+        assert a.scheduler.connector.shared_g2 and b.scheduler.connector.shared_g2
+        g3_logs = {e: _spy_g2_events(e.side, Tier.G3) for e in replicas}
+        tokens = H.prompt(4 * BS + 5, seed=12)
+        req_a = a.add(tokens, "A")
+        a.run()
+        a.side.disk.flush(DEADLINE)
+        keys = keys_of(a, req_a, 4)
+        a.add(H.prompt(HOST_BLOCKS * BS + 3, seed=98), "C")      # fills the shared G2: A's blocks leave it
+        a.run()
+        a.side.disk.flush(DEADLINE)
+        in2, in3 = where(b, keys)                  # replica 1's own view: one G2, one G3
+        assert not in2.any() and in3.all(), (in2, in3)
+        b.poison()
+        req, steps = load_b(b, tokens)
+        b.check_blocks("B", 4)                     # replica 0's bytes, read from disk by replica 1
+        steps += b.run()
+        assert first_run(steps, "B") == 5
+        assert b.side.stats.staged_blocks == 4 and b.side.disk.stats()["loaded"] == 4
+        # G3's KV events per replica: each announces the blocks it wrote, none drains the shared ring
+        assert set(keys.tolist()) <= set(_keys(g3_logs[a], "stored")) and _keys(g3_logs[b], "stored") == []
+        assert _keys(g3_logs[a], "removed") == _keys(g3_logs[b], "removed") == []
+        g3 = ask_status(a.scheduler.connector.config)["tiers"]["g3"]["registry"]
+        assert {e["engine_id"] for e in g3["engines"]} == {f"{instance}-dp0/sched", f"{instance}-dp1/sched"}
+    finally:
+        for e in reversed(replicas):
+            e.close()
     plain = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
                                kv_connector_module_path="kvbm.integrations.vllm",
                                data_parallel_size=2, data_parallel_rank=1)
@@ -78,17 +106,17 @@ def test_replicas_with_a_disk_tier_keep_an_instance_each(model_dir, tmp_path):
     assert isinstance(settings, KvbmConfig)
 
 
-def _spy_g2_events(side) -> list[tuple[str, int]]:
-    """(kind, key) of every G2 event `side` records, as it records them (vLLM takes the recorder's
-    events each step)."""
+def _spy_g2_events(side, tier: Tier = Tier.G2) -> list[tuple[str, int]]:
+    """(kind, key) of every event of `tier` that `side` records, as it records them (vLLM takes the
+    recorder's events each step)."""
     log = []
     for kind in ("stored", "removed"):
         record = getattr(side.events, kind)
 
-        def spy(tier, hashes, *args, _record=record, _kind=kind, **kwargs):
-            if Tier(tier) is Tier.G2:
+        def spy(tier_of, hashes, *args, _record=record, _kind=kind, **kwargs):
+            if Tier(tier_of) is tier:
                 log.extend((_kind, int(h)) for h in hashes)
-            return _record(tier, hashes, *args, **kwargs)
+            return _record(tier_of, hashes, *args, **kwargs)
 
         setattr(side.events, kind, spy)
     return log

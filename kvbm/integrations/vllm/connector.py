@@ -126,9 +126,9 @@ def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) ->
 def dp_shares_g2(vllm_config: VllmConfig, config: KvbmConfig) -> bool:
     """Data-parallel replicas share one kvbm-workers, one G2 and its registry (kvbm.shared_g2): a
     block any replica offloaded is a hit for every replica (with tensor parallelism, G2 holds a
-    region per rank, and rank r of every replica uses region r). Not with a disk tier (an instance
-    with one serves one engine): those replicas keep an instance each."""
-    return vllm_config.parallel_config.data_parallel_size > 1 and not _has_disk(config)
+    region per rank, and rank r of every replica uses region r). With a disk tier they share its
+    store and slot table too (kvbm.shared_g3)."""
+    return vllm_config.parallel_config.data_parallel_size > 1
 
 
 def _attention_shape(kv_cache_config: KVCacheConfig) -> tuple[int, list[str], int]:
@@ -267,18 +267,18 @@ class KvbmConnector(KVConnectorBase_V1):
         self._manager = KvBlockManager(meta_config)
         disk = None
         try:
+            if self.shared_g2:
+                # The replica's ranks started or found the instance before vLLM builds its scheduler;
+                # this side picks G2 block ids in the namespace they registered (the same layout),
+                # and with a disk tier joins its shared G3 (before registering with the disk worker).
+                self._manager.join_shared_g2(self.layout, engine_id=f"{self.group}/sched")
             if self.disk:
                 from kvbm.layout import BlockLayout, LayoutType
                 device = BlockLayout(self.layout, LayoutType.LAYER_SEPARATE, self.device_blocks)
-                disk = self._manager.attach_disk_tier(device, engine_id=f"{c.instance_id}/sched",
-                                                      group=c.instance_id)
+                disk = self._manager.attach_disk_tier(device, engine_id=f"{self.group}/sched", group=self.group)
                 logger.info("kvbm connector: G3 %d blocks in %s (%s admission), %d found on disk",
                             self._manager.pools[Tier.G3].num_blocks, c.disk_path, c.disk_admission,
                             self._manager.pools[Tier.G3].registry.num_inactive)
-            if self.shared_g2:
-                # The replica's ranks started or found the instance before vLLM builds its scheduler;
-                # this side picks G2 block ids in the namespace they registered (the same layout).
-                self._manager.join_shared_g2(self.layout, engine_id=f"{self.group}/sched")
         except BaseException:
             self._manager.close()
             raise
