@@ -113,6 +113,7 @@ class SharedG3:
         fd = self.sums_segment.fileno()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
+            self.registry_g2.reap()    # a builder that died: its holds go before the table is judged
             todo = not self.built
             yield todo
             if todo:

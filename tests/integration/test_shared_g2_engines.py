@@ -9,9 +9,9 @@ stopped (SIGSTOP) while an engine that offloaded through it is killed keeps that
 out of the pool until it has let go of it (quarantine); another model gets its own namespace and
 quota and cannot evict the first's blocks, and a namespace that does not fit is refused; path
 workers refuse a registration that the engine table does not back (wrong pid, an engine of its own
-beside members); engines on an instance with a disk tier share one G3 slot table (kvbm.shared_g3):
-one reads from disk what another wrote, a later engine rebuilds the table from the store, and a
-kill -9 of one under load leaves the others serving right bytes.
+beside members); engines on an instance with a disk tier share one G3 slot table (kvbm.shared_g3,
+another model is refused): one reads from disk what another wrote, a later engine rebuilds the
+table from the store, and a kill -9 of one under load leaves the others serving right bytes.
 
 No assertion depends on timing: gating is by SIGSTOP, every wait is for a condition with a deadline.
 """
@@ -345,5 +345,26 @@ def test_engines_with_a_disk_tier_under_load_survive_a_kill9_of_one(node, tmp_pa
         assert g3.namespaces()[0]["active"] == 0 and g3.namespaces()[0]["engines"] == 2
         for _, conn, _ in engines[:2]:
             ask(conn, "close", tag="closed")
+    finally:
+        g3.close()
+
+
+def test_another_model_on_an_instance_with_a_disk_tier_is_refused(node, tmp_path):
+    """One store holds one model's blocks: an engine of another salt is refused when it connects,
+    and leaves the shared G2 namespace it had made (nothing of it stays)."""
+    n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=64)
+    g3 = _g3(n)
+    try:
+        _, a, _ = n.engine(host_blocks=16)      # half of G2: room for another model's namespace
+        proc, conn = n.spawn(salt="another-model", host_blocks=16)
+        assert conn.poll(WAIT_S)
+        tag, text = conn.recv()
+        assert tag == "error" and "holds another model's blocks" in text, text
+        proc.join(WAIT_S)
+        assert [e["state"] for e in n.g2.engines()] == ["live"] and len(n.g2.namespaces()) == 1
+        assert len(g3.engines()) == 1
+        n.g2.check_invariants()
+        g3.check_invariants()
+        ask(a, "close", tag="closed")
     finally:
         g3.close()
