@@ -368,3 +368,42 @@ def test_another_model_on_an_instance_with_a_disk_tier_is_refused(node, tmp_path
         ask(a, "close", tag="closed")
     finally:
         g3.close()
+
+
+def test_a_dead_engines_g3_slots_stay_out_of_the_table_while_its_write_may_run(node, tmp_path):
+    """The G3 quarantine: with the disk worker stopped (SIGSTOP), engine A's write-through takes 4 of
+    the 8 G3 slots and A is killed. A is retired in the G3 table with its 4 slots held, so B's writes
+    get only the other 4; after SIGCONT the disk worker drops A and lets go, and A's slots return."""
+    n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=8, disk_admission="write-through")
+    g3 = _g3(n)
+    try:
+        _, b, _ = n.engine()
+        victim, a, info_a = n.engine()
+        disk = n.pid_of("h2disk")
+        os.kill(disk, signal.SIGSTOP)
+        try:
+            assert ask(a, "offload", E.prompt_hashes(1, 4), [0, 1, 2, 3], True, tag="offloaded")["moved"] == 4
+            wait_for("A's 4 G3 slots taken", lambda: g3.namespaces()[0]["free"] == 4)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(WAIT_S)
+
+            def retired():
+                e = {x["engine_id"]: x for x in g3.engines()}.get(info_a["engine_id"])
+                return e is not None and e["state"] == "retired" and e
+            e = wait_for("A reaped and retired in G3", retired)
+            assert e["pinned"] == 4 and e["workers"] == [int(P.Path.H2DISK)]
+            g3.check_invariants()
+            assert ask(b, "offload", E.prompt_hashes(2, 8), list(range(8)), True, tag="offloaded")["moved"] == 8
+            wait_for("B's writes take the 4 free slots", lambda: g3.namespaces()[0]["free"] == 0)
+            assert {x["engine_id"]: x for x in g3.engines()}[info_a["engine_id"]]["pinned"] == 4
+        finally:
+            os.kill(disk, signal.SIGCONT)
+        wait_for("A let go of in G3", lambda: info_a["engine_id"] not in {x["engine_id"] for x in g3.engines()})
+        st = ask(b, "flush", tag="flushed")
+        assert st["written"] == 4 and st["write_skipped"] == 4, st
+        g3.check_invariants()
+        ns = g3.namespaces()[0]
+        assert (ns["free"], ns["inactive"], ns["active"]) == (4, 4, 0)      # A's 4 back in the table
+        ask(b, "close", tag="closed")
+    finally:
+        g3.close()
