@@ -43,7 +43,7 @@ for s in $steps; do
             cuobjdump --list-elf --list-ptx kvbm/_fast/native*.so >>"$OUT/build.log" 2>&1 \
                 && grep -E "ELF file|PTX file" "$OUT/build.log" | sed 's/^/    /' ;;
         tests)
-            TAILN=25 step tests 240 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_copy.py ;;
+            TAILN=25 step tests 330 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_copy.py ;;
         demo)
             step demo 90 python3 -m kvbm.demo ;;
         pipeline)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -30,12 +31,13 @@ WAIT_S = 120.0
 CTX = multiprocessing.get_context("spawn")
 
 
-@pytest.fixture
-def node():
+@contextmanager
+def _node(host_blocks: int = 64, **extra):
     rundir = tempfile.mkdtemp(prefix="kvg-")   # short: unix socket paths have 107 bytes
     config = kvbm.KvbmConfig(instance_id=f"g{uuid.uuid4().hex[:10]}", runtime_dir=rundir, layout=E.LAYOUT,
-                             device_blocks=E.DEVICE_BLOCKS, host_blocks=64, request_timeout_ms=20000)
-    workers = WorkersProcess(config, 64 * E.LAYOUT.block_stride, layout=E.LAYOUT)
+                             device_blocks=E.DEVICE_BLOCKS, host_blocks=host_blocks, request_timeout_ms=20000,
+                             **extra)
+    workers = WorkersProcess(config, host_blocks * E.LAYOUT.block_stride, layout=E.LAYOUT)
     workers.start(WAIT_S)
     procs: list = []
     g2 = SharedG2.attach(ask_status(config)["tiers"]["g2"]["registry"]["segment"])
@@ -48,14 +50,54 @@ def node():
         procs.append(proc)
         return parent, expect(parent, "ready")
 
-    yield config, g2, engine
-    for proc in procs:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.join(WAIT_S)
-    g2.close()
-    workers.stop()
-    shutil.rmtree(rundir, ignore_errors=True)
+    try:
+        yield config, g2, engine
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.join(WAIT_S)
+        g2.close()
+        workers.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.fixture
+def node():
+    with _node() as made:
+        yield made
+
+
+def _nixl() -> bool:
+    import importlib.util
+    return any(importlib.util.find_spec(m) is not None for m in ("nixl_cu13", "nixl", "nixl_cu12"))
+
+
+@pytest.mark.skipif(not _nixl(), reason="the disk tier needs NIXL (pip install nixl-cu13==1.5.1)")
+def test_cuda_engines_share_one_disk_tier(tmp_path):
+    """Two CUDA engines on an instance with a disk tier (kvbm.shared_g3): B loads from G3, byte for
+    byte into poisoned GPU blocks, what A wrote and B's own offloads pushed out of the shared G2."""
+    with _node(32, disk_path=str(tmp_path / "g3"), disk_blocks=64, disk_admission="write-through") as made:
+        config, g2, engine = made
+        a, _ = engine()
+        b, _ = engine()
+        prefix = E.prompt_hashes(0, 8)
+        assert ask(a, "offload", prefix, list(range(8)), True, tag="offloaded")["moved"] == 8
+        assert ask(a, "flush", tag="flushed")["written"] == 8
+        for p in range(1, 5):
+            assert ask(b, "offload", E.prompt_hashes(p, 8), list(range(8)), True, tag="offloaded")["moved"] == 8
+        ask(b, "flush", tag="flushed")
+        assert ask(b, "tiers", prefix, tag="tiers") == {"G2": 0, "G3": 8}
+        assert ask(b, "onboard_from", prefix, list(range(20, 28)), tag="onboarded") == (8, 0, 0, 8)
+        g3 = SharedG2.attach(ask_status(config)["tiers"]["g3"]["registry"]["segment"])
+        try:
+            assert len(g3.engines()) == 2
+            g3.check_invariants()
+        finally:
+            g3.close()
+        g2.check_invariants()
+        ask(a, "close", tag="closed")
+        ask(b, "close", tag="closed")
 
 
 def test_cuda_engine_b_onboards_what_engine_a_offloaded(node):
