@@ -382,8 +382,9 @@ class KvBlockManager:
                     lease.block_offset, lease.block_offset + lease.num_blocks)
 
     def _join_g3(self, welcome: dict, engine_id: str, layout) -> None:
-        """The disk tier of an instance with the shared G2: the engine joins its shared G3, whose
-        table becomes this engine's G3 pool (kvbm.shared_g3)."""
+        """The disk tier of an instance with the shared G3 (kvbm-workers started with the model's
+        layout and a disk tier): the engine joins it, and its table becomes this engine's G3 pool
+        (kvbm.shared_g3)."""
         import os
 
         from kvbm.shared_g3 import SharedG3, welcome_g3
@@ -434,7 +435,7 @@ class KvBlockManager:
         host_offset = self._lease.block_offset * host_layout.block_stride if self._lease is not None else 0
         tm, _ = connect_workers(self.config, host_layout.total_bytes, "G2", start=False, wait=True,
                                 timeout=timeout, engine_id=engine_id, stats_fn=self._pool_report)
-        joined = False
+        joined, own_g3 = False, self.pools[Tier.G3]
         try:
             if P.Path.H2DISK not in tm.paths:
                 raise ConfigError(f"this engine has a disk tier but kvbm-workers {self.config.instance_id} runs "
@@ -455,6 +456,7 @@ class KvBlockManager:
             if joined:
                 self._g3, g3 = None, self._g3
                 g3.close()
+                self.pools[Tier.G3] = own_g3     # this manager's own G3 pool again
             raise
         self._transfers, self._disk = tm, disk
         self.device_layout = layout
@@ -577,10 +579,12 @@ class KvBlockManager:
     def _leave_shared_g2(self) -> None:
         from kvbm.shared_g2 import leave_segment
         lease, g2, self._lease, self._g2 = self._lease, self._g2, None, None
-        leave_segment(g2, lease, f"engine {lease.engine_id if lease is not None else ''}")
         g3, self._g3 = self._g3, None
-        if g3 is not None:
-            g3.close()
+        try:
+            leave_segment(g2, lease, f"engine {lease.engine_id if lease is not None else ''}")
+        finally:
+            if g3 is not None:
+                g3.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -409,6 +409,20 @@ class SharedG2:
                 return -1
             return int(eng["ns"][slot])
 
+    def holds(self, slot: int, generation: int, blocks) -> bool:
+        """Whether engine slot `slot`, live or retired at `generation`, holds every one of `blocks`
+        (ids within its namespace). The disk worker checks a shared G3 write's slots with it."""
+        blocks = np.asarray(blocks, np.int64)
+        with self._locked() as t:
+            eng = t.engines
+            if int(eng["state"][slot]) == S.ENGINE_FREE or int(eng["generation"][slot]) != generation:
+                return False
+            ns = int(eng["ns"][slot])
+            off, n = int(t.namespaces["block_offset"][ns]), int(t.namespaces["num_blocks"][ns])
+            if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= n):
+                return False
+            return bool((t.pins[slot, off:off + n][blocks] > 0).all())
+
     def worker_hold(self, slot: int, generation: int, worker_bit: int) -> bool:
         """A path worker (bit `worker_bit`) holds the registration of engine slot `slot`: from now
         on the slot's holds outlive the engine until the worker lets go (worker_let_go). False

@@ -23,8 +23,8 @@ Rules:
     entries under an exclusive flock of the checksum segment, then records the namespace's
     generation in the segment's header as built. Until then no engine writes G3 (kvbm.transfer.
     disk_offload checks `built`), so the entries it read are the store's. An engine killed mid-build
-    drops the flock; the next one finds a table that is not fresh, keeps what the dead one
-    registered (each entry came from the store) and marks it built.
+    drops the flock; the next one (after reaping it) keeps what the dead one registered (each entry
+    came from the store) and registers the entries whose slots are free.
   - A dead engine's G3 slots are held by it until the disk worker lets go of its registration
     (SharedG2's quarantine): a write in flight for it never lands in a slot given to another.
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -107,11 +108,22 @@ class SharedG3:
         return int(self._header[1]) == self._generation()
 
     @contextmanager
-    def building(self) -> Iterator[bool]:
+    def building(self, timeout: float) -> Iterator[bool]:
         """Holds the build flock; yields True when this engine is to rebuild (then marks built on
-        success), False when another did."""
+        success), False when another did, or still holds the lock after `timeout` seconds."""
         fd = self.sums_segment.fileno()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning("shared G3: another engine has been rebuilding the slot table for %.0f s; "
+                                   "going on without waiting (no G3 writes until it is built)", timeout)
+                    yield False
+                    return
+                time.sleep(0.01)
         try:
             self.registry_g2.reap()    # a builder that died: its holds go before the table is judged
             todo = not self.built

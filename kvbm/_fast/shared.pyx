@@ -699,9 +699,9 @@ cdef class SharedBlockRegistry:
         """BlockRegistry.drain_evicted of the namespace's ring. The ring is the namespace's, not
         this engine's: an eviction by any engine's allocation lands in it, and a drain takes them
         all. So one engine per namespace drains it: the first to call (its `drainer`, until it
-        leaves or is reaped); another engine's call is a RegistryError. Its users are the disk
-        tier's cleaner (G2 victims to write to G3, one engine per kvbm-workers instance with a disk
-        tier) and KV events (their BlockRemoved of G2 come from that one engine)."""
+        leaves or is reaped); another engine's call is a RegistryError. Its user is the disk tier's
+        cleaner of an engine alone in its namespace (it counts the victims an allocation took
+        before it; victims are taken with take_victims, paired in one call)."""
         self._enter(True)
         cdef NsEntry *ns = &self.t.nss[self.namespace]
         try:
@@ -794,6 +794,11 @@ cdef class SharedBlockRegistry:
     @property
     def num_evicted_dropped(self) -> int:
         return self.reg.h.ring_dropped
+
+    @property
+    def namespace_engines(self) -> int:
+        """Engines of this namespace (live and retired) now."""
+        return self.t.nss[self.namespace].engines
 
     @property
     def pinned(self) -> int:

@@ -463,8 +463,9 @@ class PoolEventRecorder:
     were new there: a deduplicated block was announced when it was first stored), split into
     chains where parents[i] != hashes[i - 1]; `removed(tier, hashes)` with evicted hashes;
     `drain(pool)` reads a pool's evicted-hash ring itself (only for a pool nobody else drains:
-    the disk tier's cleaner drains G2's); `cleared()` after a reset. Each call is a few numpy
-    operations and one event per chain, never a Python object per block besides the event lists.
+    the disk tier's victim cleaner drains G2's, to count the victims it lost); `cleared()` after a
+    reset. Each call is a few numpy operations and one event per chain, never a Python object per
+    block besides the event lists.
     Past `max_pending` recorded hashes without a take, the pending events are replaced by one
     AllBlocksCleared (routers forget this engine's blocks rather than believe a gap)."""
 

@@ -58,7 +58,15 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import BackpressureError, KvbmTimeoutError, LayoutError, LifecycleError, ProtocolError, TransferError
+from kvbm.errors import (
+    BackpressureError,
+    KvbmTimeoutError,
+    LayoutError,
+    LifecycleError,
+    ProtocolError,
+    RegistryError,
+    TransferError,
+)
 from kvbm.metrics import DiskMetrics
 from kvbm.pools import BlockPool
 from kvbm.transfer.disk_index import LoadRule, PeerIndex
@@ -73,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 PEER_REFRESH_S = 2.0       # other instances' journals are asked for at most this often (from match)
 NO_SPACE_BACKOFF_S = 5.0   # after a write refused for space (ENOSPC, EDQUOT, EFBIG), the cleaner rests this long
+BUILD_WAIT_S = 30.0        # a shared G3's next engine waits this long for the first one's rebuild
 WRITE_PRIORITY = -1        # disk writes give way to everything an engine waits for
 
 
@@ -267,52 +276,64 @@ class DiskTransfers:
 
     def _rebuild_once(self, hashes: np.ndarray, slots: np.ndarray, sums: np.ndarray) -> None:
         """The rebuild, by this engine alone, or for a shared G3 by the first of its engines (under
-        its build lock; the others find it built)."""
+        its build lock; the others find it built). A builder that waits longer than BUILD_WAIT_S
+        for another's lock goes on without: reads work on the table as it is, and no engine writes
+        before it is built."""
         if self.shared is None:
             with self.lock:
                 self._rebuild(hashes, slots, sums)
             return
-        with self.shared.building() as todo:
-            if not todo:
-                self._synced = True
-                return
-            if self.g3.registry.num_free != self.g3.num_blocks:
-                # An engine died mid-rebuild: what it registered came from the store; its
-                # unregistered holds were freed when it was reaped. Kept as it is.
-                logger.warning("G3: the shared slot table was half rebuilt by an engine that died; %d slots kept",
-                               self.g3.num_blocks - int(self.g3.registry.num_free))
-                self._synced = True
-                return
-            with self.lock:
-                self._rebuild(hashes, slots, sums)
+        with self.shared.building(BUILD_WAIT_S) as todo:
+            if todo:
+                with self.lock:
+                    self._rebuild(hashes, slots, sums)
+            else:
+                self._synced = True   # built by another engine (or still building: it will mark it)
 
     def _rebuild(self, hashes: np.ndarray, slots: np.ndarray, sums: np.ndarray) -> None:
-        """G3's registry from the store's entries (a warm restart): block id = slot."""
+        """G3's registry from the store's entries (a warm restart): block id = slot. Each entry
+        whose slot is free in the table is registered there; the free slots that no entry names
+        stay free. On a fresh table that is every entry; on a shared one that an engine left half
+        rebuilt (it died: what it registered came from the store, its other holds were released
+        when it was reaped) the rest. A failure gives back what this call held, so a retry (this
+        engine's next sync, or the next engine's) starts again from the table as it is."""
         if self._synced:
             return
-        self._synced = True
         reg = self.g3.registry
         n = reg.num_blocks
-        if reg.num_free != n:
-            raise LifecycleError(f"G3 rebuild: the registry already holds {n - reg.num_free} blocks")
         if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= n):
             raise LayoutError(f"G3 rebuild: the store names slots up to {int(slots.max())}, G3 has {n}")
-        ids = reg.allocate(n)
-        if not np.array_equal(ids, np.arange(n)):
-            reg.release(ids)
-            raise LifecycleError("G3 rebuild: a fresh registry did not hand out its blocks in id order")
-        live = np.zeros(n, bool)
-        live[slots] = True
-        if len(slots):
-            self.g3.complete(slots)
-            self.sums[slots] = sums          # before register: a shared G3's readers find it set
-            canonical = self.g3.register(slots, hashes)
-            self.g3.release(canonical)
-        rest = np.flatnonzero(~live)
-        if rest.size:
-            reg.release(rest)
-        if len(slots):
-            logger.info("G3: %d blocks found on disk (warm restart)", len(slots))
+        free = int(reg.num_free)
+        if free != n:
+            logger.warning("G3: the slot table was half rebuilt (%d of %d slots in use); the store's entries "
+                           "for its free slots are added", n - free, n)
+        ids = reg.allocate(free) if free else np.empty(0, np.int64)    # the free slots, none evicted
+        holding = ids
+        try:
+            ours = np.zeros(n, bool)
+            ours[ids] = True
+            take = ours[slots] if len(slots) else np.zeros(0, bool)
+            found, rest = slots[take], ids[~np.isin(ids, slots[take])]
+            if found.size:
+                self.g3.complete(found)
+                self.sums[found] = sums[take]      # before register: a shared G3's readers find it set
+                canonical = self.g3.register(found, hashes[take])
+                holding = np.concatenate([canonical, rest])
+                self.g3.release(canonical)
+            holding = rest
+            if rest.size:
+                reg.release(rest)
+            holding = np.empty(0, np.int64)
+        except BaseException:
+            if holding.size:
+                try:
+                    reg.release(holding)
+                except Exception:   # noqa: BLE001 - the first error is the one to report
+                    logger.error("G3 rebuild: giving back %d slots failed", holding.size, exc_info=True)
+            raise
+        self._synced = True
+        if found.size:
+            logger.info("G3: %d blocks found on disk (warm restart)", int(found.size))
 
     # ---- what G3 holds ----------------------------------------------------------------------
     def held(self, hashes: np.ndarray) -> np.ndarray:
@@ -358,19 +379,31 @@ class DiskTransfers:
 
     def _clean(self) -> None:
         reg = self.g2.registry
-        if self.g2.shared is None:
-            lost = reg.drain_evicted()    # evicted by an allocation before the cleaner got to them
-            if lost.size:
+        # The eviction ring says which victims an allocation took before the cleaner did, while
+        # this engine is the only one allocating: a private G2, or a shared one it is alone in
+        # (with others, their cleaners' victims are in it too; then nobody counts lost victims).
+        drains = not self.g2.shared or reg.namespace_engines == 1
+        if drains:
+            try:
+                lost = reg.drain_evicted()    # evicted by an allocation before the cleaner got to them
+            except RegistryError:             # a shared G2's ring drained by an engine that has left
+                drains, lost = False, None
+            if lost is not None and lost.size:
                 n = int((self.g3.lookup(lost) < 0).sum())
                 self.counters.victims_lost += n
                 self.metrics.victims_lost.inc(n)
         if time.monotonic() < self._no_space_until or not self._may_write():
             return
         free = int(reg.num_free)
-        want = min(self.reserve - free - self._cleaning, int(reg.num_inactive), self.max_batch)
-        if want < max(1, self.reserve // 4) and not (want > 0 and free == 0):
+        # Every engine of a shared G2 cleans for itself: each keeps its share of the reserve in
+        # flight, so that together they hold no more of G2 than one engine would.
+        reserve = self.reserve if not self.g2.shared else max(1, self.reserve // max(1, reg.namespace_engines))
+        want = min(reserve - free - self._cleaning, int(reg.num_inactive), self.max_batch)
+        if want < max(1, reserve // 4) and not (want > 0 and free == 0):
             return                        # batch the writes, unless G2 has nothing free at all
         vblocks, victims = self.g2.take_victims(want)
+        if drains:
+            reg.drain_evicted()           # the victims' own entries
         if not vblocks.shape[0]:
             return
         admit = self._admissible(victims)
@@ -654,12 +687,19 @@ class DiskTransfers:
             got = self.g3.match(g3h[i:j], acquire=True)
             own_ids[i:i + len(got)] = got
             i = j
+        # With a shared G2 or G3 the lock does not stop other engines: since plan() looked, one may
+        # have evicted a block of the run (then it is neither acquired nor a peer's) or moved the
+        # G2 prefix. The run is cut at the first such block.
+        peer_idx = np.full(k3, -1, np.int64)
+        peer_idx[own_ids < 0] = self.peers.find(g3h[own_ids < 0])
+        gone = np.flatnonzero((own_ids < 0) & (peer_idx < 0))
+        if gone.size:
+            cut = int(gone[0])
+            self.g3.release(own_ids[cut:][own_ids[cut:] >= 0])
+            g3h, own_ids, peer_idx, k3 = g3h[:cut], own_ids[:cut], peer_idx[:cut], cut
         peer = own_ids < 0
-        idx = self.peers.find(g3h[peer])
-        if (idx < 0).any():   # plan() saw them under this same lock hold: cannot happen
-            self.g3.release(own_ids[own_ids >= 0])
-            raise LifecycleError("G3 onboard: a peer entry vanished under the lock")
-        staging = self.g2.allocate(k3)
+        idx = peer_idx[peer]
+        staging = self.g2.allocate(k3) if k3 else np.empty(0, np.int64)
         if staging is None:
             room = int(self.g2.registry.num_free) + int(self.g2.registry.num_inactive)
             staging = self.g2.allocate(room) if room else np.empty(0, np.int64)

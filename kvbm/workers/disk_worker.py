@@ -1,7 +1,7 @@
 """The disk worker: one supervised process serving the disk tier's two paths, H2DISK and DISK2H.
 
 It is a PathWorker (kvbm.workers.path_worker: the same wire protocol, loop, priority heap, READY,
-generations, STALE answers, one live engine per instance, SIGTERM handling) whose copies are disk
+generations, STALE answers, SIGTERM handling) whose copies are disk
 I/O through the instance's DiskStore (kvbm.workers.disk). The supervisor runs it in the slot of
 Path.H2DISK and announces its `started` / `died` events for both paths.
 
@@ -19,16 +19,22 @@ Order of things:
      count, layout fingerprint and model id: the journal is replayed (a warm restart), a journal
      of another layout or model refuses the registration with JournalMismatchError's text unless
      `cold`. Then the GDS probe (gds auto/on, CUDA mode only) and the size limit. Another
-     registration of the same store keeps it open; one of another store reopens it. The TP ranks
+     registration of the same store keeps it open; one of another store reopens it when no other
+     engine is registered, and is refused otherwise. With the shared G3 (--g3-registry,
+     kvbm.shared_g3) every engine of the instance's model registers side by side, each a live
+     member of its table (checked there, as path workers check G2's), and this worker holds each
+     one's G3 slots until it has let go of its registration (a write of a dead engine may still
+     land); an engine without a disk tier registers without and sends no disk transfer. The TP ranks
      of one engine (one `group`) are refused past the first: the disk tier with tensor
      parallelism is not built yet
   3. {t: entries}: the blocks the store holds (sequence hash, slot, checksum), and those of the
      other instances in the directory whose journal changed since the engine last saw it (peer
      journals are re-read when asked: the engine asks at registration and then every few seconds)
-  4. xfer H2DISK: G2 blocks -> slots chosen by the engine (its G3 registry), with the blocks'
-     sequence hashes; DiskStore.put writes, fdatasyncs and journals them. The reply says, per block,
-     OK or FAILED and the checksum recorded; a request that ran is answered OK even when some
-     blocks failed (ENOSPC: those stay in G2 only), with the failure named
+  4. xfer H2DISK: G2 blocks -> slots chosen by the engine (its G3 registry; with the shared G3 only
+     slots it holds there), with the blocks' sequence hashes; DiskStore.put writes, fdatasyncs and
+     journals them. The reply says, per block, OK or FAILED and the checksum recorded; a request
+     that ran is answered OK even when some blocks failed (ENOSPC: those stay in G2 only), with the
+     failure named
   5. xfer DISK2H: slots (this instance's, or a peer's: the "owner" array) -> G2 staging blocks,
      with the checksums the engine expects; every block is verified (DiskStore.get / read_peer).
      The reply says, per block, OK, FAILED or CORRUPT; any block not OK makes it an ERROR, so the
@@ -150,8 +156,11 @@ class DiskWorker(PathWorker):
         member = self._admit(engine, int(msg.get("pid", 0)), group, host_offset, host)
         if self.g3 is None and member is not None:
             self._refuse_second_engine(engine, group, host_offset, host)
-        g3_member = self._g3_membership(engine, int(msg.get("pid", 0)))
-        self._refuse_ranks(engine, group, host_offset)
+        # Only an engine with a disk tier joins the shared G3; one without registers for nothing here.
+        g3_member = self._g3_membership(engine, int(msg.get("pid", 0))) if msg.get("disk") is not None else None
+        # A member's G2 range starts at its namespace's first block, which is rank 0's place.
+        ns_start = 0 if member is None else self.g2.member(engine)["block_offset"] * self.g2_block_bytes
+        self._refuse_ranks(engine, group, host_offset - ns_start)
         self._check_owner(ident, self.engines.get(engine), "register")  # type: ignore[arg-type]
         disk = msg.get("disk")
         if disk is not None:
@@ -206,7 +215,7 @@ class DiskWorker(PathWorker):
         """One store holds one block per sequence hash, and a TP rank's block is only its shard: the
         store of a TP engine needs every rank's shard under one hash (not built). A group with one
         rank is an engine as before; a second rank, or a rank past the first (its G2 range starts
-        past byte 0), is refused."""
+        past byte 0 of its part of G2: `host_offset` is from there), is refused."""
         if not group:
             return
         ranks = sorted(other for other, reg in self.engines.items() if reg.group == group and other != engine)
@@ -349,10 +358,19 @@ class DiskWorker(PathWorker):
                 raise ProtocolError(f"engine {msg.get('engine')!r:.60} has not registered with this worker")
             if self.store is None:
                 raise ProtocolError(f"the disk store is not open: {self.store_error}")
+            if self.g3 is not None and reg.g3_member is None:
+                raise ProtocolError(f"engine {reg.engine!r:.80} registered without a disk tier (it is no member of "
+                                    f"the shared G3): no disk transfers")
             hosts = reg.host.num_blocks
             if path == int(P.Path.H2DISK):
                 src, dst = P.validate_xfer(msg, hosts, self.store.geometry.num_slots, self.max_batch)
                 extra = {"hashes": P.unpack_field(msg, "hashes", len(src))}
+                m = reg.g3_member
+                if m is not None and not self.g3.holds(m.slot, m.generation, dst):
+                    # A write goes only to slots the writer holds in the shared table: never over a
+                    # block another engine wrote, or reads.
+                    raise ProtocolError(f"engine {reg.engine!r:.80} writes G3 slots it does not hold in the shared "
+                                        f"G3 table")
             else:
                 src, dst = P.validate_xfer(msg, 2**62, hosts, self.max_batch)
                 extra = {"sums": P.unpack_field(msg, "sums", len(src)), "owner": P.unpack_field(msg, "owner", len(src))}

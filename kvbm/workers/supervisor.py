@@ -2,11 +2,15 @@
 
 Order of things:
   1. take the instance lock in the 0700 runtime dir; leftovers of a killed predecessor (socket
-     files, endpoints.json, the G2 segment, device segments of dead engines) are removed
+     files, endpoints.json, the G2 segment and the shared registries' segments, device segments of
+     dead engines) are removed
   2. create the G2 segment (0600), pre-fault it on threads (timed), create/validate the G3 folder;
      with the model layout known (--layout), the shared G2 registry's segment too
      (kvbm.shared_g2: host_bytes // block_stride blocks, partitioned among the engines' namespaces),
-     named in the welcome and given to every worker (each checks engines against its engine table)
+     named in the welcome and given to every worker (each checks engines against its engine table);
+     with a disk tier as well, the shared G3's slot table and checksum segments (kvbm.shared_g3:
+     every engine of the model reads and writes the one store through them), named in the welcome
+     and given to the disk worker. A killed supervisor's segments go at the next start (1.)
   3. write the instance's CURVE keys (0600) and start the ZAP Gatekeeper (kvbm.wire.auth), bind
      the control ROUTER and the event PUB socket as CURVE servers, write endpoints.json: only a
      peer that read the keys from the 0600 runtime dir gets an answer or an event

@@ -14,7 +14,7 @@ LAYERS = [
     ("errors", "progress"),
     ("policy", "metrics"),
     ("_fast", "layout", "pools"),
-    ("config", "hashing", "shm", "shared_g2"),
+    ("config", "hashing", "shm", "shared_g2", "shared_g3"),
     ("wire",),
     ("transfer", "workers"),
     ("manager",),

@@ -68,16 +68,16 @@ def test_the_first_member_rebuilds_once_per_life_of_the_namespace(g3):
     reg, _, join = g3
     a, b = join("a"), join("b")
     assert not a.built and not b.built
-    with a.building() as todo:
+    with a.building(5.0) as todo:
         assert todo
     assert a.built and b.built
-    with b.building() as todo:
+    with b.building(5.0) as todo:
         assert not todo                     # a did it
     a.close()
     b.close()                               # the namespace goes with its last member...
     c = join("c")
     assert not c.built                      # ...and its next life starts unbuilt
-    with c.building() as todo:
+    with c.building(5.0) as todo:
         assert todo
     assert c.built
 
@@ -89,7 +89,18 @@ def test_a_builder_that_died_is_reaped_before_the_next_one_judges_the_table(g3):
     half = dead.registry.allocate(16)        # a rebuild that got as far as taking every slot
     dead.registry.complete(half[:3])
     dead.registry.register(half[:3], np.array([1, 2, 3], np.uint64))
-    with a.building() as todo:              # the dead one is reaped first: 3 registered slots kept
+    with a.building(5.0) as todo:              # the dead one is reaped first: 3 registered slots kept
         assert todo
         assert a.lease.registry.num_free == 13 and a.lease.registry.num_inactive == 3
     reg.check_invariants()
+
+
+def test_a_member_waiting_too_long_for_the_build_lock_goes_on_without_it(g3):
+    _, _, join = g3
+    a, b = join("a"), join("b")
+    with a.building(5.0) as todo:
+        assert todo
+        with b.building(0.05) as other:     # a holds the lock: b gives up, builds nothing
+            assert not other
+        assert not b.built
+    assert b.built

@@ -115,12 +115,7 @@ def connector_settings(vllm_config: VllmConfig, extra: dict[str, Any] | None) ->
     if derived:
         engine = "".join(c for c in str(vllm_config.instance_id) if c.isalnum())[-20:] or "0"
         overrides["instance_id"] = f"vllm-{engine}"
-    config = KvbmConfig.load(**overrides)
-    parallel = vllm_config.parallel_config
-    if derived and parallel.data_parallel_size > 1 and not dp_shares_g2(vllm_config, config):
-        # DP engines share vLLM's instance id; replicas that cannot share one G2 get one kvbm each
-        config = dataclasses.replace(config, instance_id=f"{config.instance_id}-dp{parallel.data_parallel_rank}")
-    return config
+    return KvbmConfig.load(**overrides)
 
 
 def dp_shares_g2(vllm_config: VllmConfig, config: KvbmConfig) -> bool:

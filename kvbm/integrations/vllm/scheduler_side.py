@@ -24,8 +24,8 @@ request always loads asynchronously. Admission as kvbm.transfer.host_offload doe
 G2 allocation `disk.host_allocated()` (the victim cleaner), after each G2 registration
 `disk.host_registered(keys)` (write-through), under the manager's lock. Events: G3's writes and
 evictions as medium STORAGE; G2's evictions are drained here only when the disk tier is not in
-victim admission (then its cleaner drains G2's eviction ring, which pairs victims with their
-blocks: a second drain would steal them; G2 BlockRemoved are not sent then). A replica of a shared
+victim admission (then its cleaner drains G2's eviction ring to count the victims it lost; G2
+BlockRemoved are not sent then). A replica of a shared
 G2 (data parallel, kvbm.shared_g2) does not drain the namespace's ring: it announces removed the
 keys it announced stored, once a check finds them gone (_reconcile_removed); the same for the G3
 blocks it wrote when G3 is shared too (kvbm.shared_g3).
