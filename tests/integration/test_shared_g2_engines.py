@@ -407,3 +407,28 @@ def test_a_dead_engines_g3_slots_stay_out_of_the_table_while_its_write_may_run(n
         ask(b, "close", tag="closed")
     finally:
         g3.close()
+
+
+def test_the_disk_worker_takes_writes_only_to_slots_the_writer_holds(node, tmp_path):
+    """An engine of the shared G3 that sends an H2DISK into a slot it does not hold (another
+    engine's block) is refused, the block stays readable; an engine without a disk tier on the
+    same instance registers and moves G2 blocks, and its disk transfers are refused."""
+    n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=16, disk_admission="write-through")
+    g3 = _g3(n)
+    try:
+        _, a, _ = n.engine(host_blocks=16)
+        _, b, _ = n.engine(host_blocks=16)
+        prefix = E.prompt_hashes(0, 4)
+        assert ask(a, "offload", prefix, list(range(4)), True, tag="offloaded")["moved"] == 4
+        ask(a, "flush", tag="flushed")
+        text = ask(b, "raw_write", 0, 0, tag="written")       # slot 0: A's block, held by nobody now
+        assert text and "writes G3 slots it does not hold" in text, text
+        _, plain, _ = n.engine(salt="", host_blocks=16, disk_path=None, disk_blocks=None)
+        assert ask(plain, "offload", E.prompt_hashes(5, 4), list(range(4)), True, tag="offloaded")["moved"] == 4
+        text = ask(plain, "raw_write", 0, 1, tag="written")
+        assert text and "registered without a disk tier" in text, text
+        assert len(g3.engines()) == 2                          # the plain engine never joined G3
+        assert ask(b, "onboard_from", prefix, list(range(20, 24)), tag="onboarded")[:2] == (4, 0)
+        g3.check_invariants()
+    finally:
+        g3.close()

@@ -12,6 +12,8 @@ interpreter per engine, nothing inherited).
             ("tiers", hashes)                  {tier name: prefix length} (G3 with a disk tier)
             ("onboard_from", hashes, blocks)   as onboard: (loaded, mismatches, from_host, from_disk)
             ("flush",)                         waits for the G3 writes in flight (flush_disk)
+            ("raw_write", g2_block, slot)      an H2DISK of one G2 block into G3 slot `slot`, sent as
+                                               is (the registry not asked): the error text, or None
             ("load", seed, iterations, prompts, length)  seeded requests over shared prompts:
                                                match -> onboard (checked) -> offload the rest,
                                                a ("progress", i) after each; then ("done", stats)
@@ -86,6 +88,9 @@ def serve(conn, config) -> None:
                 got = {}
                 loaded, wrong = _onboard(kv, model, hashes, blocks, got)
                 conn.send(("onboarded", (loaded, wrong, got.get("from_host", 0), got.get("from_disk", 0))))
+            elif op == "raw_write":
+                _, g2_block, slot = msg
+                conn.send(("written", _raw_write(kv, g2_block, slot)))
             elif op == "flush":
                 kv.flush_disk(WAIT_S)
                 conn.send(("flushed", kv.stats().get("disk")))
@@ -102,6 +107,17 @@ def serve(conn, config) -> None:
                 conn.send(("error", f"unknown op {op!r}"))
         except BaseException:   # noqa: BLE001 - the test reads the reason
             conn.send(("error", traceback.format_exc()))
+
+
+def _raw_write(kv, g2_block: int, slot: int) -> str | None:
+    from kvbm.errors import KvbmError
+    from kvbm.wire import protocol as P
+    try:
+        kv.transfers.submit(P.Path.H2DISK, np.array([g2_block], np.int64), np.array([slot], np.int64),
+                            extra={"hashes": np.array([12345], np.uint64)}).result(WAIT_S)
+    except KvbmError as err:
+        return str(err)
+    return None
 
 
 def _onboard(kv, model, hashes, blocks, tiers: dict | None = None) -> tuple[int, int]:

@@ -703,3 +703,16 @@ def test_a_members_part_of_g2_is_admitted_in_each_rank_region_and_nowhere_else(m
     adm.g2_ranks = 1
     with pytest.raises(ProtocolError, match="shared G2 namespace"):
         adm._membership("e", PID, region + part, host)
+
+
+def test_holds_says_whether_an_engine_holds_every_block(make_g2):
+    g2 = make_g2(total=8, max_namespaces=1)
+    a = g2.join("a", PID, "m")
+    b = g2.join("b", PID, "m")
+    mine = a.registry.allocate(2)
+    assert g2.holds(a.slot, a.generation, mine) and g2.holds(a.slot, a.generation, [])
+    assert not g2.holds(b.slot, b.generation, mine)                  # another engine's
+    assert not g2.holds(a.slot, a.generation, [int(mine[0]), 7])     # one of them not held
+    assert not g2.holds(a.slot, a.generation, [8]) and not g2.holds(a.slot, a.generation + 1, mine)
+    a.registry.release(mine)
+    assert not g2.holds(a.slot, a.generation, mine)
