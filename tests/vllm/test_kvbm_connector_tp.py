@@ -32,21 +32,32 @@ def _free_port() -> int:
 
 
 class TPEngine:
-    def __init__(self, model_dir, tmp_path) -> None:
+    """vLLM's scheduler with kvbm's connector, and WORLD ranks (tests/vllm/tp_rank.py); `dp`: this
+    engine is replica dp[1] of dp[0] data-parallel replicas (the ranks are started before the
+    scheduler then, as vLLM's EngineCore does, so that the scheduler side finds their instance)."""
+
+    def __init__(self, model_dir, tmp_path, dp: tuple[int, int] = (1, 0), instance_id: str | None = None) -> None:
         self.extra = {"host_blocks": 64, "force_cpu": True, "runtime_dir": str(tmp_path / "run"),
-                      "instance_id": f"tp{uuid.uuid4().hex[:8]}"}
+                      "instance_id": instance_id or f"tp{uuid.uuid4().hex[:8]}"}
         self.config = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
                                          kv_connector_module_path="kvbm.integrations.vllm",
-                                         kv_connector_extra_config=self.extra, tensor_parallel_size=WORLD)
+                                         kv_connector_extra_config=self.extra, tensor_parallel_size=WORLD,
+                                         data_parallel_size=dp[0], data_parallel_rank=dp[1])
+        self.pipes, self.procs = [], []
+        if dp[0] > 1:
+            self._start_ranks(model_dir, dp)
         self.scheduler = H.make_scheduler(self.config, H.make_kv_cache_config(self.config, NUM_BLOCKS))
         self.aggregator = KVOutputAggregator.from_connector(self.scheduler.connector, WORLD)
+        if dp[0] == 1:
+            self._start_ranks(model_dir, dp)
+
+    def _start_ranks(self, model_dir, dp) -> None:
         ctx = mp.get_context("spawn")
         port = _free_port()
-        self.pipes, self.procs = [], []
         for rank in range(WORLD):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=serve, args=(rank, WORLD, port, str(model_dir), self.extra, NUM_BLOCKS, theirs),
-                               daemon=True)
+            proc = ctx.Process(target=serve, args=(rank, WORLD, port, str(model_dir), self.extra, NUM_BLOCKS, theirs,
+                                                   dp), daemon=True)
             proc.start()
             self.pipes.append(mine)
             self.procs.append(proc)
@@ -134,3 +145,38 @@ def test_tp2_stores_and_loads_every_ranks_shard_byte_for_byte(tp_engine):
     assert H.finish_reasons(steps)["B"] is not None
     assert side.stats.loaded_blocks == 4 and side.stats.load_failures == 0
     H.assert_scheduler_empty(e.scheduler)
+
+
+def test_dp2_tp2_a_replica_loads_every_ranks_shard_that_another_replica_stored(model_dir, tmp_path):
+    """Data parallel 2 x tensor parallel 2 (issue 15): two vLLM schedulers with kvbm's connector,
+    each with two rank processes, one kvbm-workers and one G2 of a region per rank. What replica 0
+    stored, replica 1 loads, each of its ranks its own shard from its own region, byte for byte
+    into poisoned tensors; its own vLLM prefix cache never saw the prompt."""
+    instance = f"dt{uuid.uuid4().hex[:8]}"
+    replicas = []
+    try:
+        for k in (0, 1):
+            replicas.append(TPEngine(model_dir, tmp_path, dp=(2, k), instance_id=instance))
+        a, b = replicas
+        assert a.scheduler.connector.shared_g2 and b.scheduler.connector.shared_g2
+        tokens = H.prompt(4 * BS + 5, seed=23)
+        a.add(tokens, "A")
+        a.run()
+        assert a.scheduler.connector.scheduler.stats.stored_blocks == 4
+        b.ask_all("poison")
+        req = b.add(tokens, "B")
+        steps = [b.step()]
+        while req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            steps.append(b.step())
+            assert len(steps) < 50
+        table = b.scheduler.kv_cache_manager.get_block_ids("B")[0]
+        blocks = [(table[i], vllm_key(req.block_hashes[i])) for i in range(4)]
+        assert [r[1] for r in b.ask_all("check", blocks)] == [0, 0]   # both of replica 1's ranks
+        steps += b.run()
+        assert H.finish_reasons(steps)["B"] is not None
+        side = b.scheduler.connector.scheduler
+        assert side.stats.loaded_blocks == 4 and side.stats.load_failures == 0
+        H.assert_scheduler_empty(b.scheduler)
+    finally:
+        for e in reversed(replicas):
+            e.close()

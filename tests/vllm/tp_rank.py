@@ -25,15 +25,16 @@ def content(key: int, layer: int, rank: int, heads: int, head_size: int):
     return torch.from_numpy(data.view(np.float16))
 
 
-def serve(rank: int, world_size: int, port: int, model_dir: str, extra: dict, num_blocks: int, conn) -> None:
+def serve(rank: int, world_size: int, port: int, model_dir: str, extra: dict, num_blocks: int, conn,
+          dp: tuple[int, int] = (1, 0)) -> None:
     try:
-        _serve(rank, world_size, port, model_dir, extra, num_blocks, conn)
+        _serve(rank, world_size, port, model_dir, extra, num_blocks, conn, dp)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
 
 
-def _serve(rank, world_size, port, model_dir, extra, num_blocks, conn) -> None:
+def _serve(rank, world_size, port, model_dir, extra, num_blocks, conn, dp) -> None:
     import torch
     from vllm.config import set_current_vllm_config
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -42,14 +43,22 @@ def _serve(rank, world_size, port, model_dir, extra, num_blocks, conn) -> None:
 
     from tests.vllm import harness as H
 
-    config = H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
-                                kv_connector_module_path="kvbm.integrations.vllm",
-                                kv_connector_extra_config=extra, tensor_parallel_size=world_size)
+    def vllm_config(dp_size: int, dp_rank: int):
+        return H.make_vllm_config(model_dir, kv_connector="KvbmConnector",
+                                  kv_connector_module_path="kvbm.integrations.vllm",
+                                  kv_connector_extra_config=extra, tensor_parallel_size=world_size,
+                                  data_parallel_size=dp_size, data_parallel_rank=dp_rank)
+
+    config = vllm_config(*dp)
     kv_cache_config = H.make_kv_cache_config(config, num_blocks)
-    with set_current_vllm_config(config):
+    # A data-parallel replica's ranks form their own tensor-parallel group here: vLLM's
+    # cross-replica group (which a DP > 1 config would make init_distributed_environment build
+    # over every replica's ranks) is not run. The connector reads the replica's rank from `config`.
+    with set_current_vllm_config(vllm_config(1, 0)):
         init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
         initialize_model_parallel(tensor_model_parallel_size=world_size)
+    with set_current_vllm_config(config):
         worker = H.make_connector(config, KVConnectorRole.WORKER, kv_cache_config)
         shape = (2, num_blocks, BS, H.NUM_KV_HEADS, H.HEAD_SIZE)
         kv = {name: torch.zeros(shape, dtype=torch.float16) for name in H.LAYER_NAMES}
