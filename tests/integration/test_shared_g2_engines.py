@@ -111,6 +111,21 @@ def wait_for(what: str, cond, timeout: float = WAIT_S):
         time.sleep(0.05)
 
 
+def _load_totals(engines) -> dict:
+    """Waits for each engine's "load" to end (progress skipped); their stats summed."""
+    total = {"requests": 0, "onboarded": 0, "mismatches": 0}
+    for _, conn, _ in engines:
+        while True:
+            assert conn.poll(WAIT_S), "a live engine stopped answering"
+            tag, value = conn.recv()
+            assert tag != "error", value
+            if tag == "done":
+                break
+        for k in total:
+            total[k] += value[k]
+    return total
+
+
 def test_engine_b_onboards_what_engine_a_offloaded_byte_for_byte(node):
     n = node(64)
     _, a, info_a = n.engine()
@@ -146,16 +161,7 @@ def test_four_engines_under_load_survive_a_kill9_of_one(node):
     os.kill(victim.pid, signal.SIGKILL)       # at whatever point of an offload, onboard or match it is
     victim.join(WAIT_S)
     assert victim.exitcode == -signal.SIGKILL
-    total = {"requests": 0, "onboarded": 0, "mismatches": 0}
-    for _, conn, _ in engines[:3]:
-        while True:
-            assert conn.poll(WAIT_S), "a live engine stopped answering"
-            tag, value = conn.recv()
-            assert tag != "error", value
-            if tag == "done":
-                break
-        for k in total:
-            total[k] += value[k]
+    total = _load_totals(engines[:3])
     assert total["requests"] == 120 and total["mismatches"] == 0
     assert total["onboarded"] > 0         # their requests share prompts: each onboards the others' blocks
     gone = vinfo["engine_id"]
@@ -324,16 +330,7 @@ def test_engines_with_a_disk_tier_under_load_survive_a_kill9_of_one(node, tmp_pa
             assert expect(vconn, "progress") >= 0
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(WAIT_S)
-        total = {"requests": 0, "onboarded": 0, "mismatches": 0}
-        for _, conn, _ in engines[:2]:
-            while True:
-                assert conn.poll(WAIT_S), "a live engine stopped answering"
-                tag, value = conn.recv()
-                assert tag != "error", value
-                if tag == "done":
-                    break
-            for k in total:
-                total[k] += value[k]
+        total = _load_totals(engines[:2])
         assert total["requests"] == 60 and total["mismatches"] == 0 and total["onboarded"] > 0
         written = [ask(conn, "flush", tag="flushed")["written"] for _, conn, _ in engines[:2]]
         assert sum(written) > 0

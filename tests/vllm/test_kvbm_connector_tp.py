@@ -124,14 +124,9 @@ def tp_engine(model_dir, tmp_path):
     e.close()
 
 
-def test_tp2_stores_and_loads_every_ranks_shard_byte_for_byte(tp_engine):
-    e = tp_engine
-    tokens = H.prompt(4 * BS + 5, seed=21)
-    e.add(tokens, "A")
-    e.run()
-    side = e.scheduler.connector.scheduler
-    assert side.stats.stored_blocks == 4 and not side.jobs      # both ranks reported every store
-    assert e.scheduler.reset_prefix_cache()
+def _load_b_and_check_both_shards(e: TPEngine, tokens) -> list:
+    """Request "B" over `tokens` into poisoned tensors: its 4 blocks load (asynchronously), each
+    rank's shard is checked byte for byte, then it runs to the end; the steps."""
     e.ask_all("poison")
     req = e.add(tokens, "B")
     steps = [e.step()]
@@ -140,8 +135,19 @@ def test_tp2_stores_and_loads_every_ranks_shard_byte_for_byte(tp_engine):
         assert len(steps) < 50
     table = e.scheduler.kv_cache_manager.get_block_ids("B")[0]
     blocks = [(table[i], vllm_key(req.block_hashes[i])) for i in range(4)]
-    assert [r[1] for r in e.ask_all("check", blocks)] == [0, 0]   # both shards, from their own G2 regions
-    steps += e.run()
+    assert [r[1] for r in e.ask_all("check", blocks)] == [0, 0]
+    return steps + e.run()
+
+
+def test_tp2_stores_and_loads_every_ranks_shard_byte_for_byte(tp_engine):
+    e = tp_engine
+    tokens = H.prompt(4 * BS + 5, seed=21)
+    e.add(tokens, "A")
+    e.run()
+    side = e.scheduler.connector.scheduler
+    assert side.stats.stored_blocks == 4 and not side.jobs      # both ranks reported every store
+    assert e.scheduler.reset_prefix_cache()
+    steps = _load_b_and_check_both_shards(e, tokens)   # both shards, from their own G2 regions
     assert H.finish_reasons(steps)["B"] is not None
     assert side.stats.loaded_blocks == 4 and side.stats.load_failures == 0
     H.assert_scheduler_empty(e.scheduler)
@@ -163,16 +169,7 @@ def test_dp2_tp2_a_replica_loads_every_ranks_shard_that_another_replica_stored(m
         a.add(tokens, "A")
         a.run()
         assert a.scheduler.connector.scheduler.stats.stored_blocks == 4
-        b.ask_all("poison")
-        req = b.add(tokens, "B")
-        steps = [b.step()]
-        while req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-            steps.append(b.step())
-            assert len(steps) < 50
-        table = b.scheduler.kv_cache_manager.get_block_ids("B")[0]
-        blocks = [(table[i], vllm_key(req.block_hashes[i])) for i in range(4)]
-        assert [r[1] for r in b.ask_all("check", blocks)] == [0, 0]   # both of replica 1's ranks
-        steps += b.run()
+        steps = _load_b_and_check_both_shards(b, tokens)   # both of replica 1's ranks
         assert H.finish_reasons(steps)["B"] is not None
         side = b.scheduler.connector.scheduler
         assert side.stats.loaded_blocks == 4 and side.stats.load_failures == 0
