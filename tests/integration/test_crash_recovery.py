@@ -45,9 +45,12 @@ def _kill(pids) -> None:
 
 # ---- 1. the supervisor is SIGKILLed under an engine -------------------------------------------------
 
-def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeline, request, rng):
+@pytest.mark.parametrize("disk", [False, True], ids=["g2", "g2+g3"])
+def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeline, request, rng, tmp_path, disk):
+    """With a disk tier too: the shared G3's two segments of the killed supervisor go with the rest."""
     from kvbm.transfer.launcher import find_instance
-    pipe = make_pipeline(device_blocks=64, host_blocks=64)
+    tiers = dict(disk_path=str(tmp_path / "g3"), disk_blocks=64) if disk else {}
+    pipe = make_pipeline(device_blocks=64, host_blocks=64, **tiers)
     inst, rundir = pipe.config.instance_id, pipe.config.resolved_runtime_dir()
     request.addfinalizer(lambda: clean_stale_segments(inst, include_host_pool=True))  # if the fresh start fails
     dead = pipe.supervisor_pid
@@ -61,7 +64,9 @@ def test_engine_start_after_its_supervisor_was_killed_comes_up_fresh(make_pipeli
         pipe.status()
     pipe.close()
 
-    fresh = Pipeline(pipe.tmp_path, instance=inst, device_blocks=64, host_blocks=64)
+    if disk:
+        assert sorted(n.rsplit("-", 1)[1] for n in _shm(inst) if n.endswith(("g3reg", "g3sum"))) == ["g3reg", "g3sum"]
+    fresh = Pipeline(pipe.tmp_path, instance=inst, device_blocks=64, host_blocks=64, **tiers)
     request.addfinalizer(fresh.kill_all)
     fresh.start(timeout=20.0)   # registration included; the old start timed out here
     assert fresh.supervisor_pid != dead and fresh.status()["pid"] == fresh.supervisor_pid
