@@ -348,7 +348,8 @@ def test_engines_with_a_disk_tier_under_load_survive_a_kill9_of_one(node, tmp_pa
 
 def test_another_model_on_an_instance_with_a_disk_tier_is_refused(node, tmp_path):
     """One store holds one model's blocks: an engine of another salt is refused when it connects,
-    and leaves the shared G2 namespace it had made (nothing of it stays)."""
+    and leaves the shared G2 namespace it had made (nothing of it stays); so is an engine whose G3
+    size is not the store's."""
     n = node(32, disk_path=str(tmp_path / "g3"), disk_blocks=64)
     g3 = _g3(n)
     try:
@@ -357,6 +358,11 @@ def test_another_model_on_an_instance_with_a_disk_tier_is_refused(node, tmp_path
         assert conn.poll(WAIT_S)
         tag, text = conn.recv()
         assert tag == "error" and "holds another model's blocks" in text, text
+        proc.join(WAIT_S)
+        proc, conn = n.spawn(host_blocks=16, disk_blocks=32)     # the model's, with another G3 size
+        assert conn.poll(WAIT_S)
+        tag, text = conn.recv()
+        assert tag == "error" and "disk tier has 64 slots; this engine's G3 has 32 blocks" in text, text
         proc.join(WAIT_S)
         assert [e["state"] for e in n.g2.engines()] == ["live"] and len(n.g2.namespaces()) == 1
         assert len(g3.engines()) == 1
