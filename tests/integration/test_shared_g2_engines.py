@@ -299,6 +299,8 @@ def test_engines_share_one_disk_tier_and_read_each_others_blocks(node, tmp_path)
         assert ask(a, "tiers", E.prompt_hashes(4, 8), tag="tiers")["G3"] == 8    # B's writes, seen by A
         engines = {e["engine_id"]: e for e in g3.engines()}
         assert len(engines) == 2 and all(e["workers"] == [int(P.Path.H2DISK)] for e in engines.values())
+        text = format_status(n.status())             # kvbm-workers --status: the G3 table's engines too
+        assert f"G3 registry {g3.name}: 64 blocks" in text and "workers h2disk" in text, text
         assert g3.namespaces()[0]["inactive"] == 40      # one table: 8 + 32 blocks, each written once
         g3.check_invariants()
         n.g2.check_invariants()
