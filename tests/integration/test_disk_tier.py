@@ -688,3 +688,38 @@ def test_the_disk_worker_killed_with_chunks_in_flight_fails_the_onboard_without_
     res = kv.onboard(run, np.arange(110, 116)).result(DEADLINE).value
     assert res.loaded == m.onboardable
     assert np.array_equal(pipe.snapshot(np.arange(110, 110 + res.loaded)), expected[:res.loaded])
+
+
+def test_a_g3_block_evicted_between_plan_and_acquire_cuts_the_run(make_pipeline, tmp_path, rng, monkeypatch):
+    """With a shared G3, another engine can evict a block of the run between an onboard's plan and
+    its acquire (this engine's lock does not stop it). The eviction is made to happen right there
+    (plan wrapped); the onboard then loads the run up to that block, byte for byte, and reports that
+    many loaded, instead of failing."""
+    pipe = disk_pipeline(make_pipeline, tmp_path)
+    kv = pipe.kv
+    n = 64
+    src = np.arange(n)
+    hashes = random_hashes(rng, n)
+    pipe.fill_random(src, rng)
+    expected = pipe.snapshot(src)
+    offload_in_steps(kv, src, hashes)
+    in2, in3 = where(kv, hashes[:16])
+    assert not in2.any() and in3.all()
+    disk = kv.disk
+    plan = disk.plan
+
+    def plan_then_lose_one(q, count=False):
+        got = plan(q, count)
+        g3 = kv.pool(Tier.G3)
+        g3.drop(g3.match(q[got[0] + 5:got[0] + 6], acquire=True))   # the run's 6th block leaves G3 now
+        return got
+
+    monkeypatch.setattr(disk, "plan", plan_then_lose_one)
+    pipe.poison()
+    res = kv.onboard(hashes[:16], np.arange(100, 116)).result(DEADLINE).value
+    assert (res.loaded, res.from_host, res.from_disk) == (5, 0, 5)
+    assert np.array_equal(pipe.snapshot(np.arange(100, 105)), expected[:5])
+    with kv.lock:
+        for tier in (Tier.G2, Tier.G3):
+            kv.pool(tier).registry.check_invariants()
+            assert kv.pool(tier).registry.num_active == 0
