@@ -158,7 +158,7 @@ def test_epoch_votes_move_the_level(impl):
     """The marginal vote moves the level both ways on a small chat-like workload; the path (the
     twin's, which the registry must match) is pinned. Step 0 counts and never moves."""
     reg = impl(24, policy=POLICY_ADAPTIVE)
-    reg.set_adaptive(4 * OCT, OCT // 4, True)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8)
     path = _requests(reg, 600, 3)
     assert path == PINNED_PATH
     assert max(path) > 4 * OCT and min(path) < 4 * OCT     # it went both ways
@@ -196,13 +196,13 @@ def test_level_max_caps_the_level(impl):
     """The moves stop at level_max (here W = 2, four quarter-octave steps above the start; without
     the cap this workload reaches W = 32, test_growth_caps_the_move's workload at 16 blocks)."""
     reg = impl(16, policy=POLICY_ADAPTIVE)
-    reg.set_adaptive(4 * OCT, OCT // 4, True, level_max=5 * OCT)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8, level_max=5 * OCT)
     path = [(lv - 4 * OCT) // (OCT // 4) for lv in _requests(reg, 600, 3)]
     assert path == [0, 1, 3, 4, 0, 2, 4, 0, 2, 4, 0, 2, 1, 2, 4]
     assert reg.adaptive["level"] == reg.adaptive["level_max"] == 5 * OCT
     reg.check_invariants()
     free = impl(16, policy=POLICY_ADAPTIVE)
-    free.set_adaptive(4 * OCT, OCT // 4, True)
+    free.set_adaptive(4 * OCT, OCT // 4, True, growth=8)
     assert max(_requests(free, 600, 3)) == 9 * OCT
 
 
