@@ -93,11 +93,13 @@ class EvictionPolicy(IntEnum):
     # victims. Over each epoch (N/2 evictions) it counts the events a one-step change would flip:
     # hits on inactive blocks it would have evicted first, and victims that came back (ghost hits)
     # it would have kept; at the epoch's end the level moves toward the side with more net gain
-    # (Rprop move sizes: ADAPTIVE_STEP..8 steps), clamped to level 0..9 * 2**16 (W = 1/16..32).
+    # (Rprop move sizes: ADAPTIVE_STEP..ADAPTIVE_GROWTH steps), clamped to level
+    # 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
     # Keys already in the heap keep their credit; each eviction re-keys one block in id order
     # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
     # per eviction; the state lives in the table's header, so it survives attach.
-    # BlockRegistry.set_adaptive(level, step, leaf_first) sets it (step 0: a fixed setting, the
+    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max) sets it (step 0: a
+    # fixed setting, the
     # family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
     # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,
     # `_inactive_hit`, `_ghost_hit`, `_after_eviction`).
@@ -129,14 +131,19 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 7 << 16 is W = 8) and its
-# smallest move per epoch in levels (2**15: half an octave); fitted on the shared trace's first
-# half only (trace_replay --hindsight --tune; research/eviction/POLICY_ADAPTIVE.md, which also
-# gives the held-out figures of W = 2 and a quarter octave, chosen after seeing them)
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 7 << 16 is W = 8), its smallest
+# move per epoch in levels (2**15: half an octave), its largest move in steps (Rprop doubles the
+# move while votes agree, up to this) and the highest level the moves reach (9 << 16: W = 32, the
+# top of the scale). Round 11's fit on its training set (hindsight.TRAINING, GRID, RULE;
+# trace_replay --hindsight --tune; research/eviction/POLICY_ADAPTIVE.md §11). Version 10 had
+# growth 8 (compile-time) and the same level and step.
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 7 << 16
 ADAPTIVE_STEP = 32768
+ADAPTIVE_GROWTH = 2
+ADAPTIVE_LEVEL_MAX = 9 << 16
 
-__all__ = ["ADAPTIVE_LEVEL", "ADAPTIVE_OCTAVE", "ADAPTIVE_STEP", "BlockState",
+__all__ = ["ADAPTIVE_GROWTH", "ADAPTIVE_LEVEL", "ADAPTIVE_LEVEL_MAX", "ADAPTIVE_OCTAVE",
+           "ADAPTIVE_STEP", "BlockState",
            "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
            "policy_names"]

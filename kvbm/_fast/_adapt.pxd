@@ -25,8 +25,9 @@ Parts:
             -m <= dC_down * (phi - f). f and phi are in 1/256.
   epoch     N/2 evictions. At its end the vote: up if gains - losses of raising is positive and
             above lowering's, down in the mirror case, else none. Then the move (Rprop): one step
-            the first time, doubled while the votes agree (up to MOVE_GROWTH steps), halved when
-            they turn (down to one step); clamped to 0..LEVEL_MAX.
+            the first time, doubled while the votes agree (up to the header's adapt_growth steps),
+            halved when they turn (down to one step); clamped to 0..adapt_level_max (at most
+            LEVEL_MAX).
   sweep     keys already in the heap keep the credit they were computed with (no O(n) re-key at a
             move); instead each eviction refreshes the key of one block, in block id order
             (registry.pyx `_evict_one`, O(log n)), so no key is more than N evictions old.
@@ -42,7 +43,7 @@ cdef enum:
     LEVEL_BITS = 16        # levels per doubling of W: 2**16
     HIT_SAMPLE = 16        # one hit on an inactive block in 16 is tested (by tick), weighted 16
     LEVEL_MAX = 589824     # 9 << 16: W = 32 (9 octaves above W = 1/16, level 0)
-    MOVE_GROWTH = 8        # the move grows to at most 8 steps
+    GROWTH_MAX = 65536     # the largest adapt_growth set_adaptive accepts (moves of 2**16 steps)
 
 
 cdef inline uint64_t credit_of(int64_t n, int64_t level) noexcept nogil:
@@ -67,8 +68,8 @@ cdef inline uint32_t f_of(uint32_t u) noexcept nogil:
 cdef inline void one_step(const RegistryHeader *h, double *up, double *down) noexcept nogil:
     # Credit ticks gained by one step up and lost by one step down from the current level.
     cdef int64_t hi = h.adapt_level + h.adapt_step, lo = h.adapt_level - h.adapt_step
-    if hi > LEVEL_MAX:
-        hi = LEVEL_MAX
+    if hi > h.adapt_level_max:
+        hi = h.adapt_level_max
     if lo < 0:
         lo = 0
     up[0] = <double>credit_of(h.num_blocks, hi) - <double>h.adapt_credit
@@ -123,15 +124,15 @@ cdef inline void adapt_on_victim(RegistryHeader *h, uint64_t key1, uint64_t key2
         h.adapt_fcount += 1
 
 
-cdef inline int64_t next_move(int64_t move, int vote, int64_t step) noexcept nogil:
+cdef inline int64_t next_move(int64_t move, int vote, int64_t step, int64_t growth) noexcept nogil:
     # The signed size of this epoch's move (Rprop's rule): a vote the same way as the last one
-    # doubles the move (at most MOVE_GROWTH steps), a reversal halves it (at least one step);
+    # doubles the move (at most `growth` steps), a reversal halves it (at least one step);
     # move 0: no vote yet.
     cdef int64_t size = move if move >= 0 else -move
     if move == 0:                      # the first vote: one step
         size = step
     elif (move > 0) == (vote > 0):
-        size = size * 2 if size * 2 <= MOVE_GROWTH * step else MOVE_GROWTH * step
+        size = size * 2 if size * 2 <= growth * step else growth * step
     else:
         size = size // 2 if size // 2 >= step else step
     return size if vote > 0 else -size
@@ -164,11 +165,11 @@ cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
     h.adapt_front0 = h.adapt_frontier
     if h.adapt_step == 0 or vote == 0:
         return
-    h.adapt_move = next_move(h.adapt_move, vote, h.adapt_step)
+    h.adapt_move = next_move(h.adapt_move, vote, h.adapt_step, h.adapt_growth)
     level = h.adapt_level + h.adapt_move
     if level < 0:
         level = 0
-    elif level > LEVEL_MAX:
-        level = LEVEL_MAX
+    elif level > h.adapt_level_max:
+        level = h.adapt_level_max
     h.adapt_level = level
     h.adapt_credit = credit_of(h.num_blocks, level)

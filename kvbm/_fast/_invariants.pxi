@@ -175,16 +175,18 @@ cdef int _check_adaptive(BlockRegistry r) except -1:
     cdef RegistryHeader *h = r.h
     if h.policy != POLICY_ADAPTIVE_ID:
         return 0
-    if h.adapt_level < -1 or h.adapt_level > LEVEL_MAX \
+    if h.adapt_level_max < 0 or h.adapt_level_max > LEVEL_MAX or h.adapt_level < -1 \
+            or h.adapt_level > h.adapt_level_max \
             or h.adapt_credit != credit_of(h.num_blocks, h.adapt_level):
         raise RegistryError(f"adaptive: level {h.adapt_level} with credit {h.adapt_credit}, expected "
-                            f"-1..{LEVEL_MAX} with credit {credit_of(h.num_blocks, h.adapt_level)}")
+                            f"-1..{h.adapt_level_max} (<= {LEVEL_MAX}) with credit "
+                            f"{credit_of(h.num_blocks, h.adapt_level)}")
     if not 0 < h.adapt_left <= epoch_length(h.num_blocks) or not 0 <= h.adapt_sweep < h.num_blocks:
         raise RegistryError(f"adaptive: {h.adapt_left} evictions left in the epoch, sweep at block "
                             f"{h.adapt_sweep}, for {h.num_blocks} blocks")
-    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX \
-            or h.adapt_move < -MOVE_GROWTH * h.adapt_step or h.adapt_move > MOVE_GROWTH * h.adapt_step:
-        raise RegistryError(f"adaptive: step {h.adapt_step}, move {h.adapt_move}")
+    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX or h.adapt_growth < 1 or h.adapt_growth > GROWTH_MAX \
+            or h.adapt_move < -h.adapt_growth * h.adapt_step or h.adapt_move > h.adapt_growth * h.adapt_step:
+        raise RegistryError(f"adaptive: step {h.adapt_step}, growth {h.adapt_growth}, move {h.adapt_move}")
     return 0
 
 

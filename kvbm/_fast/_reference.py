@@ -21,7 +21,9 @@ import numpy as np
 
 from kvbm.errors import RegistryError
 from kvbm.policy import (
+    ADAPTIVE_GROWTH,
     ADAPTIVE_LEVEL,
+    ADAPTIVE_LEVEL_MAX,
     ADAPTIVE_STEP,
     POLICY_ADAPTIVE,
     POLICY_LINEAGE,
@@ -35,6 +37,7 @@ _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 _LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
 _LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
+_GROWTH_MAX = 1 << 16            # the largest growth set_adaptive accepts
 
 
 def _f_of(u: int) -> int:
@@ -112,6 +115,8 @@ class ReferenceRegistry:
         # ADAPTIVE's state (the registry's header; kvbm/_fast/_adapt.pxd)
         self._level = ADAPTIVE_LEVEL
         self._step = ADAPTIVE_STEP
+        self._growth = ADAPTIVE_GROWTH        # the largest move, in steps
+        self._level_max = ADAPTIVE_LEVEL_MAX  # the highest level a move reaches
         self._leaf = True
         self._hits_once = 0
         self._hits_reused = 0
@@ -141,21 +146,25 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    move=self._move, leaf_first=self._leaf, epoch_left=self._epoch_left,
+                    growth=self._growth, level_max=self._level_max, move=self._move,
+                    leaf_first=self._leaf, epoch_left=self._epoch_left,
                     evictions=self._evictions, frontier=self._frontier, rate=self._rate,
                     phi=self._phi, gain_up=self._gain_up, loss_up=self._loss_up,
                     gain_down=self._gain_down, loss_down=self._loss_down,
                     ghost_hits_once=self._hits_once, ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None) -> None:
+    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
             raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
         lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
         st = self._step if step is None else self._count(step, "set_adaptive: step")
-        if lv > _LEVEL_MAX or st > _LEVEL_MAX:
-            raise RegistryError(f"set_adaptive: level {lv} or step {st} out of range")
-        self._level, self._step = lv, st
+        gr = self._growth if growth is None else self._count(growth, "set_adaptive: growth")
+        top = self._level_max if level_max is None else self._count(level_max, "set_adaptive: level_max")
+        if top > _LEVEL_MAX or lv > top or st > _LEVEL_MAX or not 1 <= gr <= _GROWTH_MAX:
+            raise RegistryError(f"set_adaptive: level {lv}, level_max {top}, step {st} or growth {gr} "
+                                "out of range")
+        self._level, self._step, self._growth, self._level_max = lv, st, gr, top
         self._move = 0
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
@@ -181,7 +190,7 @@ class ReferenceRegistry:
     def _one_step(self) -> tuple[float, float]:
         """Credit ticks gained by one step up and lost by one step down (floats, as the registry)."""
         credit = _credit_of(self._n, self._level)
-        hi = min(self._level + self._step, _LEVEL_MAX)
+        hi = min(self._level + self._step, self._level_max)
         lo = max(self._level - self._step, 0)
         return (float(_credit_of(self._n, hi)) - float(credit),
                 float(credit) - float(_credit_of(self._n, lo)))
@@ -226,8 +235,8 @@ class ReferenceRegistry:
     def _after_eviction(self, entry: tuple, count: int) -> None:
         """ADAPTIVE, after each eviction (victim's heap entry and use count): the frontier, then
         the epoch (N // 2 evictions): vote (gains - losses of a step up against a step down),
-        phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to 8 steps,
-        halved when they turn), clamped to 0.._LEVEL_MAX (step 0: never moves)."""
+        phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to growth
+        steps, halved when they turn), clamped to 0..level_max (step 0: never moves)."""
         if entry[0] == 1 << 32:                 # priority 0, no registered child
             self._frontier = entry[1]
             self._fsum += _f_of(count)
@@ -250,11 +259,11 @@ class ReferenceRegistry:
         if self._move == 0:                     # the first vote: one step
             size = self._step
         elif (self._move > 0) == (vote > 0):
-            size = min(size * 2, 8 * self._step)
+            size = min(size * 2, self._growth * self._step)
         else:
             size = max(size // 2, self._step)
         self._move = size if vote > 0 else -size
-        self._level = min(max(self._level + self._move, 0), _LEVEL_MAX)
+        self._level = min(max(self._level + self._move, 0), self._level_max)
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

@@ -49,7 +49,9 @@ ctypedef struct RegistryHeader:
                               #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
     int64_t adapt_step        # ADAPTIVE: the smallest move per epoch, in levels (0: a fixed setting)
-    int64_t adapt_move        # ADAPTIVE: the next move's size (step..8 * step), signed by the last vote
+    int64_t adapt_move        # ADAPTIVE: the next move's size (step..growth * step), signed by the last vote
+    int64_t adapt_growth      # ADAPTIVE: the largest move, in steps (Rprop's growth; 1: every move one step)
+    int64_t adapt_level_max   # ADAPTIVE: the highest level the moves reach (0..9 * 2**16; 9 * 2**16: W = 32)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
     int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
     int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)

@@ -8,15 +8,20 @@ Parts, in the order a run uses them:
                 to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
                 policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k.
-                TRAINING names the one set the defaults were fitted on (the shared trace's first
-                half); its rows are marked and left out of the held-out summary.
+  TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
+                out. Training rows are marked in the table and left out of the held-out summary.
   hit_ratio()   one replay on the registry engine (trace_replay.RegistryEngine).
   validate()    the table: every case, every policy, the best setting, the checks, the means.
-  tune()        the fit of ADAPTIVE_LEVEL and ADAPTIVE_STEP: the same table on TRAINING only, for a
-                grid of (start level, step).
+  tune()        the fit of ADAPTIVE_LEVEL, ADAPTIVE_STEP, ADAPTIVE_GROWTH and ADAPTIVE_LEVEL_MAX on
+                TRAINING only: per-case references (LRU, the hindsight best, Belady) computed once,
+                then every setting of GRID, ranked by RULE.
+Both validate() and tune() spread their replays over `processes` worker processes (fork).
 """
 from __future__ import annotations
 
+import itertools
+import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -31,7 +36,6 @@ W_LEVELS = {"0": -1, **{w: (k + 1) * ADAPTIVE_OCTAVE for k, w in
                         enumerate(("1/8", "1/4", "1/2", "1", "2", "4", "8", "16", "32"))}}
 FAMILY = [(f"W={w}{'' if leaf else ' noleaf'}", level, leaf)
           for leaf in (True, False) for w, level in W_LEVELS.items()]
-TRAINING = ("shared-half1",)
 # The new shapes of the validation set: workloads.generate kwargs
 NEW_SHAPES = {
     "sessions": dict(shape="sessions"),
@@ -41,6 +45,27 @@ NEW_SHAPES = {
     "sysprompt-heavy": dict(shape="sysprompt-heavy"),
     "scan-mix": dict(shape="scan-mix"),
 }
+# The training set (round 11, fixed before any held-out result of this round was run): seed 1 of
+# every synthetic and new shape at 1,000 blocks, and the shared trace's first half at 2,000 and
+# 8,000 blocks (16 cases). Held out: seed 2 of every shape, every 4,000-block case (seed 1's at
+# 4,000 replay the same trace as a training case, at another capacity), the full shared trace and
+# its second half (49 cases). Earlier rounds trained on shared-half1 only.
+TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
+                     | {(f"{name}/s1", 1000) for name in (*ps.SYNTHETIC_SUITE, *NEW_SHAPES)})
+# tune()'s grid (round 11): start W in {1, 2, 4, 8}, step in {1/8, 1/4, 1/2} octave, growth (the
+# largest move, in steps) in {1, 2, 4, 8}, the highest level W in {4, 8, 16, 32}; settings whose
+# start is above their cap are left out (180 settings).
+GRID = dict(level=[W_LEVELS[w] for w in ("1", "2", "4", "8")],
+            step=[ADAPTIVE_OCTAVE // 8, ADAPTIVE_OCTAVE // 4, ADAPTIVE_OCTAVE // 2],
+            growth=[1, 2, 4, 8],
+            level_max=[W_LEVELS[w] for w in ("4", "8", "16", "32")])
+RULE = ("fewest training cases failing a check (adaptive < LRU - 0.002 or < 0.9 x the hindsight "
+        "best); then the largest minimum ratio to the hindsight best over the training cases, "
+        "rounded down to 0.01; then the largest mean gap closed; then grid order")
+
+
+def is_training(name: str, cap: int) -> bool:
+    return (name, cap) in TRAINING
 
 
 def cases(shared_chains, synthetic: bool = True) -> list[tuple[str, list, int]]:
@@ -61,12 +86,14 @@ def cases(shared_chains, synthetic: bool = True) -> list[tuple[str, list, int]]:
     return out
 
 
-def hit_ratio(chains, capacity: int, policy: str, setting: tuple | None = None) -> float:
-    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's (level, step,
-    leaf_first) for ADAPTIVE."""
+def hit_ratio(chains, capacity: int, policy: str, setting: tuple | dict | None = None) -> float:
+    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's arguments (a tuple:
+    level, step, leaf_first, growth, level_max; or a dict of them) for ADAPTIVE."""
     from research.eviction import trace_replay as tr
     eng = tr.RegistryEngine(capacity, policy)
-    if setting is not None:
+    if isinstance(setting, dict):
+        eng.reg.set_adaptive(**setting)
+    elif setting is not None:
         eng.reg.set_adaptive(*setting)
     total, hits = tr.replay(eng, chains)
     return hits[0] / total
@@ -79,82 +106,193 @@ def hindsight_best(chains, capacity: int) -> tuple[str, float, dict[str, float]]
     return best, every[best], every
 
 
+# ---- worker processes (fork: the cases are inherited, only indices and results travel) ----------
+
+_CASES: list = []
+
+
+def _pool(processes: int, case_list: list):
+    global _CASES
+    _CASES = case_list
+    if processes <= 1:
+        return None
+    return multiprocessing.get_context("fork").Pool(processes)
+
+
+def _map(pool, fn, items):
+    return pool.imap(fn, items) if pool is not None else map(fn, items)
+
+
 def validate(shared_chains, out=sys.stdout, synthetic: bool = True,
-             adaptive: tuple[int, int] | None = None) -> list[dict]:
-    """Prints the validation table; returns its rows. `adaptive` = (start level, step) overrides
-    the defaults (tune())."""
+             adaptive: dict | None = None, processes: int = 1) -> list[dict]:
+    """Prints the validation table; returns its rows. `adaptive` = set_adaptive keyword arguments
+    that override the defaults (kvbm/policy.py) for the adaptive column."""
     rows = []
     print("| case | blocks | LRU | lineage | adaptive (final W) | hindsight best (setting) | Belady | "
           "≥ LRU−0.002 | ≥ 0.9 × best | s |", file=out)
     print("|" + "---|" * 10, file=out)
-    for name, ch, cap in cases(shared_chains, synthetic):
-        rows.append(_case(name, ch, cap, adaptive, out))
+    all_cases = cases(shared_chains, synthetic)
+    pool = _pool(processes, all_cases)
+    try:
+        for row in _map(pool, _case_task, [(i, adaptive) for i in range(len(all_cases))]):
+            _print_row(row, out)
+            rows.append(row)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     _summary(rows, out)
     return rows
 
 
-def _case(name, ch, cap, adaptive, out) -> dict:
+def _case_task(args) -> dict:
+    i, adaptive = args
+    name, ch, cap = _CASES[i]
+    return _case(name, ch, cap, adaptive)
+
+
+def _case(name, ch, cap, adaptive) -> dict:
     t0 = time.time()
     lru = hit_ratio(ch, cap, "lru")
     lin = hit_ratio(ch, cap, "lineage")
     from research.eviction import trace_replay as tr
     eng = tr.RegistryEngine(cap, "adaptive")
     if adaptive is not None:
-        eng.reg.set_adaptive(adaptive[0], adaptive[1], True)
+        eng.reg.set_adaptive(**adaptive)
     total, hits = tr.replay(eng, ch)
     ada = hits[0] / total
     level = eng.reg.adaptive["level"]
     best_label, best, _ = hindsight_best(ch, cap)
     bel = ps.simulate(ch, cap, "belady").hit_ratio
-    ok_lru = ada >= lru - 0.002
-    ok_best = ada >= 0.9 * best
-    train = name.split("/")[0] in TRAINING
-    row = dict(case=name, cap=cap, lru=lru, lineage=lin, adaptive=ada, level=level, best=best,
-               best_setting=best_label, belady=bel, ok_lru=ok_lru, ok_best=ok_best, training=train,
-               gap={p: ps.gap_closed(v, lru, bel) for p, v in
-                    (("lineage", lin), ("adaptive", ada), ("best", best))})
-    g = row["gap"]
+    return dict(case=name, cap=cap, lru=lru, lineage=lin, adaptive=ada, level=level, best=best,
+                best_setting=best_label, belady=bel, ok_lru=ada >= lru - 0.002, ok_best=ada >= 0.9 * best,
+                training=is_training(name, cap), seconds=time.time() - t0,
+                gap={p: ps.gap_closed(v, lru, bel) for p, v in
+                     (("lineage", lin), ("adaptive", ada), ("best", best))})
+
+
+def _print_row(row: dict, out) -> None:
+    g, level, ada, best = row["gap"], row["level"], row["adaptive"], row["best"]
     w = 2 ** (level / ADAPTIVE_OCTAVE - 4) if level >= 0 else 0.0
-    print(f"| {name}{' (training)' if train else ''} | {cap} | {lru:.4f} | {lin:.4f} ({g['lineage']:+.2f}) | "
-          f"{ada:.4f} ({g['adaptive']:+.2f}; W≈{w:.2g}) | {best:.4f} ({g['best']:+.2f}; {best_label}) | "
-          f"{bel:.4f} | {'yes' if ok_lru else '**no**'} | {'yes' if ok_best else '**no**'} "
-          f"({ada / best if best else 1:.3f}) | {time.time() - t0:.1f} |", file=out, flush=True)
-    return row
+    print(f"| {row['case']}{' (training)' if row['training'] else ''} | {row['cap']} | {row['lru']:.4f} | "
+          f"{row['lineage']:.4f} ({g['lineage']:+.2f}) | {ada:.4f} ({g['adaptive']:+.2f}; W≈{w:.2g}) | "
+          f"{best:.4f} ({g['best']:+.2f}; {row['best_setting']}) | {row['belady']:.4f} | "
+          f"{'yes' if row['ok_lru'] else '**no**'} | {'yes' if row['ok_best'] else '**no**'} "
+          f"({ada / best if best else 1:.3f}) | {row['seconds']:.1f} |", file=out, flush=True)
 
 
 def _summary(rows: Sequence[dict], out) -> None:
     held = [r for r in rows if not r["training"]]
-    print(f"\nHeld-out cases: {len(held)} (training: {len(rows) - len(held)}, {', '.join(TRAINING)})", file=out)
-    print("\n| policy | mean gap closed | min | cases < LRU − 0.002 | cases < 0.9 × hindsight best | "
-          "mean ratio to hindsight best |", file=out)
-    print("|---|---|---|---|---|---|", file=out)
-    for p in ("lineage", "adaptive", "best"):
-        gaps = [r["gap"][p] for r in held]
-        vals = [r[p] for r in held]
-        worse = sum(v < r["lru"] - 0.002 for v, r in zip(vals, held))
-        below = sum(v < 0.9 * r["best"] for v, r in zip(vals, held))
-        ratio = statistics.mean(v / r["best"] if r["best"] else 1.0 for v, r in zip(vals, held))
-        label = "hindsight best" if p == "best" else p
-        print(f"| {label} | {statistics.mean(gaps):+.3f} | {min(gaps):+.3f} | {worse}/{len(held)} | "
-              f"{below}/{len(held)} | {ratio:.3f} |", file=out)
+    train = [r for r in rows if r["training"]]
+    for title, part in (("Held-out", held), ("Training", train)):
+        if not part:
+            continue
+        print(f"\n{title} cases: {len(part)} of {len(rows)}", file=out)
+        print("\n| policy | mean gap closed | min | cases < LRU − 0.002 | cases < 0.9 × hindsight best | "
+              "mean ratio to hindsight best |", file=out)
+        print("|---|---|---|---|---|---|", file=out)
+        for p in ("lineage", "adaptive", "best"):
+            gaps = [r["gap"][p] for r in part]
+            vals = [r[p] for r in part]
+            worse = sum(v < r["lru"] - 0.002 for v, r in zip(vals, part))
+            below = sum(v < 0.9 * r["best"] for v, r in zip(vals, part))
+            ratio = statistics.mean(v / r["best"] if r["best"] else 1.0 for v, r in zip(vals, part))
+            label = "hindsight best" if p == "best" else p
+            print(f"| {label} | {statistics.mean(gaps):+.3f} | {min(gaps):+.3f} | {worse}/{len(part)} | "
+                  f"{below}/{len(part)} | {ratio:.3f} |", file=out)
 
 
-def tune(shared_chains, levels: Sequence[int], steps: Sequence[int], out=sys.stdout) -> None:
-    """ADAPTIVE's (start level, step) on TRAINING only: per pair, the worst ratio to the hindsight
-    best and the worst margin over LRU across the training cases."""
-    train = [c for c in cases(shared_chains, synthetic=False) if c[0] in TRAINING]
-    ref = {}
-    for name, ch, cap in train:
-        ref[name, cap] = (hit_ratio(ch, cap, "lru"), hindsight_best(ch, cap))
-        print(f"# {name} {cap}: LRU {ref[name, cap][0]:.4f}, best {ref[name, cap][1][1]:.4f} "
-              f"({ref[name, cap][1][0]})", file=out, flush=True)
-    print("| start level | step | " + " | ".join(f"{n} {c}" for n, _, c in train) +
-          " | min ratio to best | min margin over LRU |", file=out)
-    print("|" + "---|" * (4 + len(train)), file=out)
-    for level in levels:
-        for step in steps:
-            hs = [hit_ratio(ch, cap, "adaptive", (level, step, True)) for _, ch, cap in train]
-            ratios = [h / ref[n, c][1][1] for h, (n, _, c) in zip(hs, train)]
-            margins = [h - ref[n, c][0] for h, (n, _, c) in zip(hs, train)]
-            print(f"| {level} | {step} | " + " | ".join(f"{h:.4f}" for h in hs) +
-                  f" | {min(ratios):.3f} | {min(margins):+.4f} |", file=out, flush=True)
+# ---- the fit ---------------------------------------------------------------------------------------
+
+def grid_settings(grid: dict = GRID) -> list[dict]:
+    """set_adaptive keyword arguments of every grid point (leaves first), in grid order; a start
+    above its cap is left out."""
+    return [dict(level=lv, step=st, leaf_first=True, growth=gr, level_max=top)
+            for top, lv, st, gr in itertools.product(grid["level_max"], grid["level"], grid["step"],
+                                                     grid["growth"]) if lv <= top]
+
+
+def _ref_task(i: int) -> tuple[float, str, float, float]:
+    name, ch, cap = _CASES[i]
+    label, best, _ = hindsight_best(ch, cap)
+    return hit_ratio(ch, cap, "lru"), label, best, ps.simulate(ch, cap, "belady").hit_ratio
+
+
+def _setting_task(args) -> float:
+    i, setting = args
+    name, ch, cap = _CASES[i]
+    return hit_ratio(ch, cap, "adaptive", setting)
+
+
+def score(hits: Sequence[float], refs: Sequence[tuple]) -> dict:
+    """One setting's figures over the training cases (refs: LRU, best label, best, Belady each)."""
+    ratios = [h / r[2] if r[2] else 1.0 for h, r in zip(hits, refs)]
+    below_lru = sum(h < r[0] - 0.002 for h, r in zip(hits, refs))
+    below_best = sum(h < 0.9 * r[2] for h, r in zip(hits, refs))
+    failing = sum(h < r[0] - 0.002 or h < 0.9 * r[2] for h, r in zip(hits, refs))
+    gaps = [ps.gap_closed(h, r[0], r[3]) for h, r in zip(hits, refs)]
+    return dict(failing=failing, below_lru=below_lru, below_best=below_best, min_ratio=min(ratios),
+                mean_ratio=statistics.mean(ratios), mean_gap=statistics.mean(gaps), min_gap=min(gaps))
+
+
+def rank_key(s: dict) -> tuple:
+    """RULE as a sort key (smaller first)."""
+    return (s["failing"], -math.floor(s["min_ratio"] * 100 + 1e-9), -s["mean_gap"])
+
+
+def _w(level: int) -> str:
+    w = 2 ** (level / ADAPTIVE_OCTAVE - 4)
+    return f"{w:g}" if w >= 1 else f"1/{round(1 / w)}"
+
+
+def tune(shared_chains, out=sys.stdout, grid: dict = GRID, processes: int = 1, top: int = 15) -> list[dict]:
+    """ADAPTIVE's setting on TRAINING only: every grid point's figures over the training cases,
+    then the grid's top rows by RULE and the choice. Returns the scored settings in rank order."""
+    train = [c for c in cases(shared_chains) if is_training(c[0], c[2])]
+    settings = grid_settings(grid)
+    print(f"# training: {len(train)} cases; grid: {len(settings)} settings; rule: {RULE}", file=out, flush=True)
+    pool = _pool(processes, train)
+    try:
+        refs = list(_map(pool, _ref_task, range(len(train))))
+        for (name, _, cap), (lru, label, best, bel) in zip(train, refs):
+            print(f"# {name} {cap}: LRU {lru:.4f}, best {best:.4f} ({label}), Belady {bel:.4f}", file=out, flush=True)
+        tasks = [(i, s) for s in settings for i in range(len(train))]
+        flat = list(_map(pool, _setting_task, tasks))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    scored = []
+    for k, s in enumerate(settings):
+        hits = flat[k * len(train):(k + 1) * len(train)]
+        scored.append(dict(setting=s, hits=hits, order=k, **score(hits, refs)))
+    print("\n| start W | step (octave) | growth | max W | failing | < LRU−0.002 | < 0.9 best | min ratio | "
+          "mean ratio | mean gap | min gap |", file=out)
+    print("|" + "---|" * 11, file=out)
+    for r in scored:
+        _print_score(r, out)
+    ranked = sorted(scored, key=lambda r: (rank_key(r), r["order"]))
+    print(f"\nTop {top} by the rule:\n", file=out)
+    print("| rank | start W | step (octave) | growth | max W | failing | < LRU−0.002 | < 0.9 best | min ratio | "
+          "mean ratio | mean gap | min gap |", file=out)
+    print("|" + "---|" * 12, file=out)
+    for i, r in enumerate(ranked[:top]):
+        _print_score(r, out, rank=i + 1)
+    c = ranked[0]["setting"]
+    print(f"\nChoice: start level {c['level']} (W = {_w(c['level'])}), step {c['step']} "
+          f"(1/{ADAPTIVE_OCTAVE // c['step']} octave), growth {c['growth']}, level_max {c['level_max']} "
+          f"(W = {_w(c['level_max'])})", file=out)
+    per_case = ranked[0]["hits"]
+    print("\n| training case | blocks | LRU | chosen | hindsight best | ratio |\n|---|---|---|---|---|---|", file=out)
+    for (name, _, cap), h, (lru, label, best, _) in zip(train, per_case, refs):
+        print(f"| {name} | {cap} | {lru:.4f} | {h:.4f} | {best:.4f} ({label}) | {h / best:.3f} |", file=out)
+    out.flush()
+    return ranked
+
+
+def _print_score(r: dict, out, rank: int | None = None) -> None:
+    s = r["setting"]
+    print(("" if rank is None else f"| {rank} ") +
+          f"| {_w(s['level'])} | 1/{ADAPTIVE_OCTAVE // s['step']} | {s['growth']} | {_w(s['level_max'])} | "
+          f"{r['failing']} | {r['below_lru']} | {r['below_best']} | {r['min_ratio']:.3f} | "
+          f"{r['mean_ratio']:.3f} | {r['mean_gap']:+.3f} | {r['min_gap']:+.3f} |", file=out, flush=True)

@@ -14,6 +14,7 @@ Run from the repository root (the modules import each other as the package resea
     python -m research.eviction.trace_replay --suite > results.md   # POLICY.md's validation tables
     python -m research.eviction.trace_replay --generate chat --out chat.jsonl.gz   # a synthetic trace
     python -m research.eviction.trace_replay --hindsight   # POLICY_ADAPTIVE.md's validation table
+    python -m research.eviction.trace_replay --hindsight --tune --processes 2   # its fit (training set only)
 
 Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
 prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
@@ -657,7 +658,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-only", action="store_true",
                     help="with --hindsight: only the shared trace and its halves")
     ap.add_argument("--tune", action="store_true",
-                    help="with --hindsight: fit ADAPTIVE's start level and step on the training set only")
+                    help="with --hindsight: fit ADAPTIVE's start level, step, growth and level cap on "
+                         "the training set only (hindsight.TRAINING, GRID, RULE)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="with --hindsight: worker processes for the replays (fork)")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed", *workloads.SHAPES],
                     default=None, help="write a synthetic trace to --out and exit")
     ap.add_argument("--out", default=None)
@@ -686,10 +690,9 @@ def main(argv=None) -> int:
         if args.split:
             raise SystemExit("--hindsight: its cases include both halves; give no --split")
         if args.tune:
-            hindsight.tune(chains, levels=[hindsight.W_LEVELS[w] for w in ("2", "8")],
-                           steps=(4096, 8192, 16384, 32768))
+            hindsight.tune(chains, processes=args.processes)
         else:
-            hindsight.validate(chains, synthetic=not args.shared_only)
+            hindsight.validate(chains, synthetic=not args.shared_only, processes=args.processes)
         return 0
     if args.suite:
         suite(chains, [p for p in args.policy if p not in ("lru", "belady")] or ["lineage"])

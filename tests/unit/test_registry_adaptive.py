@@ -1,6 +1,7 @@
 """ADAPTIVE (kvbm.policy.EvictionPolicy.ADAPTIVE): its credit in ticks per level, exact eviction
-orders of fixed settings, leaves first on and off, the epoch vote that moves the level, and
-its state surviving attach. Both implementations (the Cython registry and its twin) must give the
+orders of fixed settings, leaves first on and off, the epoch vote that moves the level, the
+largest move (growth) and the highest level (level_max) as settings, and its state surviving
+attach. Both implementations (the Cython registry and its twin) must give the
 same numbers; the random-sequence comparison is in test_registry_differential.py."""
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import ConfigError, RegistryError
 from kvbm.policy import (
+    ADAPTIVE_GROWTH,
     ADAPTIVE_LEVEL,
+    ADAPTIVE_LEVEL_MAX,
     ADAPTIVE_OCTAVE,
     ADAPTIVE_STEP,
     POLICY_ADAPTIVE,
@@ -45,6 +48,7 @@ def test_credit_per_level(impl):
     """credit = N * 2**(level / 2**16 - 4) ticks, exact at octaves, linear between; -1 is 0."""
     reg = impl(16, policy=POLICY_ADAPTIVE)
     assert reg.adaptive["level"] == ADAPTIVE_LEVEL and reg.adaptive["step"] == ADAPTIVE_STEP
+    assert reg.adaptive["growth"] == ADAPTIVE_GROWTH and reg.adaptive["level_max"] == ADAPTIVE_LEVEL_MAX
     assert reg.adaptive["credit"] == 16 * 2 ** (ADAPTIVE_LEVEL / OCT - 4)
     assert reg.ghost_blocks == 16                        # LINEAGE's ghost table, same default
     for level, credit in [(-1, 0), (0, 1), (OCT, 2), (5 * OCT, 32), (5 * OCT + OCT // 2, 48),
@@ -105,10 +109,15 @@ def test_set_adaptive_rejects(impl):
     with pytest.raises(RegistryError):
         impl(4, policy=POLICY_LRU).set_adaptive(0)
     reg = impl(4, policy=POLICY_ADAPTIVE)
-    for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1)):
+    for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1),
+               dict(growth=0), dict(growth=2**16 + 1), dict(level_max=9 * OCT + 1), dict(level_max=-1),
+               dict(level=5 * OCT, level_max=4 * OCT)):
         with pytest.raises(RegistryError):
             reg.set_adaptive(**kw)
-    assert reg.adaptive["level"] == ADAPTIVE_LEVEL
+    assert reg.adaptive == impl(4, policy=POLICY_ADAPTIVE).adaptive      # nothing changed
+    reg.set_adaptive(OCT, level_max=2 * OCT)
+    with pytest.raises(RegistryError):                 # a level above the kept level_max
+        reg.set_adaptive(3 * OCT)
 
 
 def _requests(reg, n_requests, seed):
@@ -149,7 +158,7 @@ def test_epoch_votes_move_the_level(impl):
     """The marginal vote moves the level both ways on a small chat-like workload; the path (the
     twin's, which the registry must match) is pinned. Step 0 counts and never moves."""
     reg = impl(24, policy=POLICY_ADAPTIVE)
-    reg.set_adaptive(4 * OCT, OCT // 4, True)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8)
     path = _requests(reg, 600, 3)
     assert path == PINNED_PATH
     assert max(path) > 4 * OCT and min(path) < 4 * OCT     # it went both ways
@@ -164,6 +173,37 @@ def test_epoch_votes_move_the_level(impl):
 # up a quarter octave, back, up, back, up, back, then down twice as far (Rprop: the votes agreed)
 PINNED_PATH = [4 * OCT, 4 * OCT + OCT // 4, 4 * OCT, 4 * OCT + OCT // 4, 4 * OCT,
                4 * OCT + OCT // 4, 4 * OCT, 4 * OCT - OCT // 2]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("growth,path", [(1, [0, -1, -2, -3, -4]),
+                                         (2, [0, -1, -3, -5, -4, -2, -3, -5]),
+                                         (8, [0, -1, -3, -7, -15])])
+def test_growth_caps_the_move(impl, growth, path):
+    """Rprop doubles the move while the votes agree, up to `growth` steps: on the same workload
+    the level goes down 1, 2, 4, 8 steps with growth 8, 1, 2, 2 with growth 2 and one step at a
+    time with growth 1 (levels in quarter-octave steps from W = 1)."""
+    reg = impl(40, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=growth)
+    assert reg.adaptive["growth"] == growth
+    assert [(lv - 4 * OCT) // (OCT // 4) for lv in _requests(reg, 600, 4)] == path
+    assert abs(reg.adaptive["move"]) <= growth * OCT // 4
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_level_max_caps_the_level(impl):
+    """The moves stop at level_max (here W = 2, four quarter-octave steps above the start; without
+    the cap this workload reaches W = 32, test_growth_caps_the_move's workload at 16 blocks)."""
+    reg = impl(16, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8, level_max=5 * OCT)
+    path = [(lv - 4 * OCT) // (OCT // 4) for lv in _requests(reg, 600, 3)]
+    assert path == [0, 1, 3, 4, 0, 2, 4, 0, 2, 4, 0, 2, 1, 2, 4]
+    assert reg.adaptive["level"] == reg.adaptive["level_max"] == 5 * OCT
+    reg.check_invariants()
+    free = impl(16, policy=POLICY_ADAPTIVE)
+    free.set_adaptive(4 * OCT, OCT // 4, True, growth=8)
+    assert max(_requests(free, 600, 3)) == 9 * OCT
 
 
 def test_adaptive_state_survives_attach():

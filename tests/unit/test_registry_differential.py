@@ -8,9 +8,10 @@ Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction
 frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
 run under every eviction policy (LRU, LINEAGE, ADAPTIVE); LINEAGE with its default ghost table
 (G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none;
-ADAPTIVE with its defaults, and with big steps, without the leaf bit and with a small ghost table,
-so that the level moves all the time and the heap mixes keys of many credits; the walk also
-changes the setting (set_adaptive) now and then.
+ADAPTIVE with its defaults, and with big steps, without the leaf bit, with a small ghost table and
+with a small growth and level cap, so that the level moves all the time and the heap mixes keys of
+many credits; the walk also changes the setting (set_adaptive: level, step, leaf bit, growth,
+level cap) now and then.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ POLICIES = {"lru": (POLICY_LRU, None, None), "lineage": (POLICY_LINEAGE, None, N
             "adaptive": (POLICY_ADAPTIVE, None, None),
             "adaptive-fast": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)),
             "adaptive-noleaf": (POLICY_ADAPTIVE, None, (6 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, False)),
-            "adaptive-g3": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True))}
+            "adaptive-g3": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True)),
+            "adaptive-capped": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True, 3,
+                                                        5 * ADAPTIVE_OCTAVE))}
 
 
 class Pair:
@@ -330,8 +333,9 @@ def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
         elif op < 0.995 or POLICIES[policy][0] != POLICY_ADAPTIVE:
             p.call("drain_evicted")
         else:                                  # a new setting: every inactive block re-keyed
-            p.call("set_adaptive", rnd.randint(-1, 9 * ADAPTIVE_OCTAVE), rnd.randint(0, ADAPTIVE_OCTAVE),
-                   rnd.random() < 0.7)
+            top = 9 * ADAPTIVE_OCTAVE if rnd.random() < 0.5 else rnd.randint(0, 9 * ADAPTIVE_OCTAVE)
+            p.call("set_adaptive", rnd.randint(-1, top), rnd.randint(0, ADAPTIVE_OCTAVE),
+                   rnd.random() < 0.7, growth=rnd.choice([1, 2, 3, 4, 8, 16]), level_max=top)
         if step % 250 == 0 or step == ops - 1:
             p.fast.check_invariants()
             p.ref.check_invariants()

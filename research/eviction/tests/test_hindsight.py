@@ -29,6 +29,28 @@ def test_family_holds_lru_and_lineage_exactly(rag):
     assert tr.replay(eng, rag)[1][0] == ps.simulate(rag, cap, "lru+tail").hits
 
 
+def test_training_set_and_grid():
+    """Round 11's training set: seed 1 of every shape at 1,000 blocks and shared-half1 at 2,000
+    and 8,000; everything else is held out. The grid leaves out starts above their cap."""
+    names = [(n, c) for n, _, c in hs.cases([[1, 2], [3]])]
+    train = [nc for nc in names if hs.is_training(*nc)]
+    assert len(names) == 65 and len(train) == 16 and set(train) == hs.TRAINING
+    assert all(n.endswith("/s1") and c == 1000 for n, c in train if not n.startswith("shared"))
+    assert not any(hs.is_training(n, c) for n, c in names if n.endswith("/s2") or c == 4000
+                   or n in ("shared", "shared-half2"))
+    settings = hs.grid_settings()
+    assert len(settings) == 180 and all(s["level"] <= s["level_max"] for s in settings)
+
+
+def test_rule_ranks_failures_then_min_ratio_then_gap():
+    refs = [(0.5, "W=1", 0.6, 0.8), (0.2, "W=32", 0.3, 0.4)]    # LRU, best label, best, Belady
+    a = hs.score([0.49, 0.29], refs)       # below LRU - 0.002 on the first case
+    b = hs.score([0.55, 0.28], refs)       # passes both; min ratio 0.916 -> 0.91
+    c = hs.score([0.59, 0.274], refs)      # passes both; min ratio 0.913 -> 0.91, larger mean gap
+    assert (a["failing"], b["failing"], c["failing"]) == (1, 0, 0)
+    assert sorted([a, b, c], key=hs.rank_key) == [c, b, a]
+
+
 def test_hindsight_best_is_the_max_of_the_sweep(rag):
     label, best, every = hs.hindsight_best(rag, 150)
     assert set(every) == {name for name, _, _ in hs.FAMILY}
