@@ -54,6 +54,17 @@ def offload_in_steps(kv, blocks, hashes, step: int = 4) -> None:
         kv.flush_disk(DEADLINE)
 
 
+def offloaded_random(pipe, rng, n: int):
+    """Device blocks 0..n-1 filled at random and offloaded in steps (offload_in_steps): (blocks,
+    their hashes, their bytes)."""
+    src = np.arange(n)
+    hashes = random_hashes(rng, n)
+    pipe.fill_random(src, rng)
+    expected = pipe.snapshot(src)
+    offload_in_steps(pipe.kv, src, hashes)
+    return src, hashes, expected
+
+
 def where(kv, hashes):
     """(in G2, in G3) masks."""
     with kv.lock:
@@ -65,11 +76,7 @@ def test_g2_to_g3_to_g1_round_trip_is_byte_exact(make_pipeline, tmp_path, rng, l
     pipe = disk_pipeline(make_pipeline, tmp_path, layout_type=layout_type)
     kv = pipe.kv
     n = 64
-    src = np.arange(n)
-    hashes = random_hashes(rng, n)
-    pipe.fill_random(src, rng)
-    expected = pipe.snapshot(src)
-    offload_in_steps(kv, src, hashes)
+    src, hashes, expected = offloaded_random(pipe, rng, n)
     in2, in3 = where(kv, hashes)
     assert (in2 | in3).all()
     assert not in2[:16].any() and in3[:16].all()           # the oldest left G2 for G3
@@ -698,11 +705,7 @@ def test_a_g3_block_evicted_between_plan_and_acquire_cuts_the_run(make_pipeline,
     pipe = disk_pipeline(make_pipeline, tmp_path)
     kv = pipe.kv
     n = 64
-    src = np.arange(n)
-    hashes = random_hashes(rng, n)
-    pipe.fill_random(src, rng)
-    expected = pipe.snapshot(src)
-    offload_in_steps(kv, src, hashes)
+    src, hashes, expected = offloaded_random(pipe, rng, n)
     in2, in3 = where(kv, hashes[:16])
     assert not in2.any() and in3.all()
     disk = kv.disk
