@@ -23,8 +23,12 @@ Parts:
             margin is -(evictions since it left) * (frontier advance per eviction, last epoch), is
             kept by raising if f > phi and -m <= dC_up * (f - phi), by lowering if f < phi and
             -m <= dC_down * (phi - f). f and phi are in 1/256.
-  epoch     N/2 evictions. At its end the vote: up if gains - losses of raising is positive and
-            above lowering's, down in the mirror case, else none. Then the move (Rprop): one step
+  epoch     N/2 evictions. At its end the vote: up if gains - losses of raising is positive,
+            above lowering's and outside the dead band, down in the mirror case, else none. The
+            band: a side's net count must reach z standard deviations of its counts (z = the
+            header's adapt_band / 4; counts taken as Poisson, a tested hit weighing HIT_SAMPLE, so
+            the variance is gains + HIT_SAMPLE * losses), so an epoch whose vote is noise, as on
+            traces where every setting scores alike, does not move the level. Then the move (Rprop): one step
             the first time, doubled while the votes agree (up to the header's adapt_growth steps),
             halved when they turn (down to one step); clamped to 0..adapt_level_max (at most
             LEVEL_MAX).
@@ -44,6 +48,7 @@ cdef enum:
     HIT_SAMPLE = 16        # one hit on an inactive block in 16 is tested (by tick), weighted 16
     LEVEL_MAX = 589824     # 9 << 16: W = 32 (9 octaves above W = 1/16, level 0)
     GROWTH_MAX = 65536     # the largest adapt_growth set_adaptive accepts (moves of 2**16 steps)
+    BAND_MAX = 64          # the largest adapt_band set_adaptive accepts (z = 16)
 
 
 cdef inline uint64_t credit_of(int64_t n, int64_t level) noexcept nogil:
@@ -138,6 +143,12 @@ cdef inline int64_t next_move(int64_t move, int vote, int64_t step, int64_t grow
     return size if vote > 0 else -size
 
 
+cdef inline bint outside_band(int64_t net, int64_t gains, int64_t losses, int64_t band) noexcept nogil:
+    # net >= (band / 4) * sqrt(gains + HIT_SAMPLE * losses), squared; doubles (the twin's order)
+    return 16.0 * <double>net * <double>net >= \
+        <double>band * <double>band * (<double>gains + <double>HIT_SAMPLE * <double>losses)
+
+
 cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
     # After each eviction: at the end of an epoch, vote, move the level (a fixed setting, step 0,
     # never moves; no vote, no move) and start the next epoch's counts.
@@ -149,9 +160,10 @@ cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
     h.adapt_left = epoch_length(h.num_blocks)
     up = h.adapt_gain_up - h.adapt_loss_up
     down = h.adapt_gain_down - h.adapt_loss_down
-    if up > 0 and up > down:
+    if up > 0 and up > down and outside_band(up, h.adapt_gain_up, h.adapt_loss_up, h.adapt_band):
         vote = 1
-    elif down > 0 and down > up:
+    elif down > 0 and down > up and outside_band(down, h.adapt_gain_down, h.adapt_loss_down,
+                                                 h.adapt_band):
         vote = -1
     h.adapt_gain_up = 0
     h.adapt_loss_up = 0

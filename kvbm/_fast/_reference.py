@@ -21,6 +21,7 @@ import numpy as np
 
 from kvbm.errors import RegistryError
 from kvbm.policy import (
+    ADAPTIVE_BAND,
     ADAPTIVE_GROWTH,
     ADAPTIVE_LEVEL,
     ADAPTIVE_LEVEL_MAX,
@@ -38,6 +39,7 @@ _U64 = (1 << 64) - 1
 _LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
 _LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
 _GROWTH_MAX = 1 << 16            # the largest growth set_adaptive accepts
+_BAND_MAX = 64                   # the largest band set_adaptive accepts (z = 16)
 
 
 def _f_of(u: int) -> int:
@@ -117,6 +119,7 @@ class ReferenceRegistry:
         self._step = ADAPTIVE_STEP
         self._growth = ADAPTIVE_GROWTH        # the largest move, in steps
         self._level_max = ADAPTIVE_LEVEL_MAX  # the highest level a move reaches
+        self._band = ADAPTIVE_BAND            # the vote's dead band, z in quarters
         self._leaf = True
         self._hits_once = 0
         self._hits_reused = 0
@@ -146,7 +149,7 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    growth=self._growth, level_max=self._level_max, move=self._move,
+                    growth=self._growth, level_max=self._level_max, band=self._band, move=self._move,
                     leaf_first=self._leaf, epoch_left=self._epoch_left,
                     evictions=self._evictions, frontier=self._frontier, rate=self._rate,
                     phi=self._phi, gain_up=self._gain_up, loss_up=self._loss_up,
@@ -154,17 +157,19 @@ class ReferenceRegistry:
                     ghost_hits_once=self._hits_once, ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None) -> None:
+    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None,
+                     band=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
             raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
         lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
         st = self._step if step is None else self._count(step, "set_adaptive: step")
         gr = self._growth if growth is None else self._count(growth, "set_adaptive: growth")
         top = self._level_max if level_max is None else self._count(level_max, "set_adaptive: level_max")
-        if top > _LEVEL_MAX or lv > top or st > _LEVEL_MAX or not 1 <= gr <= _GROWTH_MAX:
-            raise RegistryError(f"set_adaptive: level {lv}, level_max {top}, step {st} or growth {gr} "
-                                "out of range")
-        self._level, self._step, self._growth, self._level_max = lv, st, gr, top
+        bd = self._band if band is None else self._count(band, "set_adaptive: band")
+        if top > _LEVEL_MAX or lv > top or st > _LEVEL_MAX or not 1 <= gr <= _GROWTH_MAX or bd > _BAND_MAX:
+            raise RegistryError(f"set_adaptive: level {lv}, level_max {top}, step {st}, growth {gr} "
+                                f"or band {bd} out of range")
+        self._level, self._step, self._growth, self._level_max, self._band = lv, st, gr, top, bd
         self._move = 0
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
@@ -246,7 +251,9 @@ class ReferenceRegistry:
             return
         self._epoch_left = max(self._n // 2, 1)
         up, down = self._gain_up - self._loss_up, self._gain_down - self._loss_down
-        vote = 1 if up > 0 and up > down else (-1 if down > 0 and down > up else 0)
+        vote = (1 if up > 0 and up > down and self._outside_band(up, self._gain_up, self._loss_up)
+                else -1 if down > 0 and down > up and self._outside_band(down, self._gain_down, self._loss_down)
+                else 0)
         self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
         if self._fcount:
             self._phi = 256 * self._fsum // self._fcount
@@ -264,6 +271,13 @@ class ReferenceRegistry:
             size = max(size // 2, self._step)
         self._move = size if vote > 0 else -size
         self._level = min(max(self._level + self._move, 0), self._level_max)
+
+    def _outside_band(self, net: int, gains: int, losses: int) -> bool:
+        """The vote's dead band: net >= (band / 4) * sqrt(gains + 16 * losses), squared, in
+        doubles computed in the registry's order (a tested hit weighs 16, so its variance is 16
+        times its weight)."""
+        return 16.0 * float(net) * float(net) >= float(self._band) * float(self._band) * (
+            float(gains) + 16.0 * float(losses))
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

@@ -52,6 +52,8 @@ ctypedef struct RegistryHeader:
     int64_t adapt_move        # ADAPTIVE: the next move's size (step..growth * step), signed by the last vote
     int64_t adapt_growth      # ADAPTIVE: the largest move, in steps (Rprop's growth; 1: every move one step)
     int64_t adapt_level_max   # ADAPTIVE: the highest level the moves reach (0..9 * 2**16; 9 * 2**16: W = 32)
+    int64_t adapt_band        # ADAPTIVE: the vote's dead band, z in quarters: a side wins only if its net
+                              #   count is at least z standard deviations of its counts (0: any net > 0)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
     int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
     int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)

@@ -69,7 +69,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport (
-    GROWTH_MAX, HIT_SAMPLE, LEVEL_MAX, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
+    BAND_MAX, GROWTH_MAX, HIT_SAMPLE, LEVEL_MAX, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
     adapt_on_victim, credit_of, epoch_length,
 )
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
@@ -86,7 +86,7 @@ import numpy as np
 
 from kvbm.errors import RegistryError
 from kvbm.policy import (
-    ADAPTIVE_GROWTH, ADAPTIVE_LEVEL, ADAPTIVE_LEVEL_MAX, ADAPTIVE_STEP, BlockState, EvictionPolicy,
+    ADAPTIVE_BAND, ADAPTIVE_GROWTH, ADAPTIVE_LEVEL, ADAPTIVE_LEVEL_MAX, ADAPTIVE_STEP, BlockState, EvictionPolicy,
 )
 
 cdef extern from *:
@@ -114,8 +114,8 @@ if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID, POLICY_ADAPTIVE_ID):
                       f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID}, {POLICY_ADAPTIVE_ID})")
 
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 5   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state;
-                                   # 5: adapt_growth, adapt_level_max
+cdef uint64_t LAYOUT_VERSION = 6   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state;
+                                   # 5: adapt_growth, adapt_level_max; 6: adapt_band
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t PREFETCH_AHEAD = 8
 
@@ -274,6 +274,7 @@ cdef class BlockRegistry:
         self.h.adapt_step = ADAPTIVE_STEP
         self.h.adapt_growth = ADAPTIVE_GROWTH
         self.h.adapt_level_max = ADAPTIVE_LEVEL_MAX
+        self.h.adapt_band = ADAPTIVE_BAND
         self.h.adapt_move = 0    # no vote yet: the first moves one step
         self.h.adapt_leaf = 1
         self.h.adapt_left = epoch_length(n)
@@ -336,13 +337,15 @@ cdef class BlockRegistry:
     def adaptive(self) -> dict:
         """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, the smallest
         move (step), the largest in steps (growth), the last one (move), the highest level
-        (level_max), leaf_first, evictions left in the epoch and so far,
+        (level_max), the vote's dead band (band: z in quarters), leaf_first, evictions left in
+        the epoch and so far,
         the frontier, its advance over the last epoch (rate), phi (256 * mean f of the frontier's
         victims), this epoch's marginal counts, and the ghost hits so far of blocks evicted after
         one use and after more (ghost_once: live ghost entries of the first kind)."""
         h = self.h
         return dict(level=h.adapt_level, credit=h.adapt_credit, step=h.adapt_step,
-                    growth=h.adapt_growth, level_max=h.adapt_level_max, move=h.adapt_move,
+                    growth=h.adapt_growth, level_max=h.adapt_level_max, band=h.adapt_band,
+                    move=h.adapt_move,
                     leaf_first=bool(h.adapt_leaf), epoch_left=h.adapt_left,
                     evictions=h.adapt_evictions, frontier=h.adapt_frontier, rate=h.adapt_rate,
                     phi=h.adapt_phi, gain_up=h.adapt_gain_up, loss_up=h.adapt_loss_up,
@@ -350,12 +353,14 @@ cdef class BlockRegistry:
                     ghost_hits_once=h.ghost_hits_once, ghost_hits_reused=h.ghost_hits_reused,
                     ghost_once=h.ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None):
+    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None,
+                     band=None):
         """ADAPTIVE only (studies and tests): set the credit level (-1..level_max; W = 2**(level /
         2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
         leaves-first, the largest move in steps (growth, 1..2**16: Rprop doubles the move up to
-        growth * step) and the highest level the moves reach (level_max, 0..9 * 2**16); None keeps
-        each. The next move is one step again. Every inactive block is re-keyed under the new
+        growth * step), the highest level the moves reach (level_max, 0..9 * 2**16) and the vote's
+        dead band (band, z in quarters, 0..BAND_MAX: a side wins only with a net count of at least
+        z standard deviations of its counts); None keeps each. The next move is one step again. Every inactive block is re-keyed under the new
         setting (O(n); an epoch's move never does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
@@ -368,14 +373,18 @@ cdef class BlockRegistry:
             as_count(growth, "set_adaptive: growth", RegistryError)
         cdef int64_t top = self.h.adapt_level_max if level_max is None else \
             as_count(level_max, "set_adaptive: level_max", RegistryError)
-        if top > LEVEL_MAX or lv > top or st > LEVEL_MAX or gr < 1 or gr > GROWTH_MAX:
+        cdef int64_t bd = self.h.adapt_band if band is None else \
+            as_count(band, "set_adaptive: band", RegistryError)
+        if top > LEVEL_MAX or lv > top or st > LEVEL_MAX or gr < 1 or gr > GROWTH_MAX or bd > BAND_MAX:
             raise RegistryError(f"set_adaptive: level {lv} must be <= level_max {top} <= {LEVEL_MAX}, "
-                                f"step {st} <= {LEVEL_MAX}, growth {gr} in 1..{GROWTH_MAX}")
+                                f"step {st} <= {LEVEL_MAX}, growth {gr} in 1..{GROWTH_MAX}, "
+                                f"band {bd} <= {BAND_MAX}")
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.adapt_step = st
         self.h.adapt_growth = gr
         self.h.adapt_level_max = top
+        self.h.adapt_band = bd
         self.h.adapt_move = 0
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0

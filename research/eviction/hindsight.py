@@ -7,12 +7,15 @@ Parts, in the order a run uses them:
                 32}, leaves first or not; each is the registry's ADAPTIVE policy with its step set
                 to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
-                policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k.
+                policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k,
+                and seed 3 of every shape at 1k, 2k and 4k (added in round 12, before any replay
+                of it: the one part of the set no design has been looked at against).
   TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
                 out. Training rows are marked in the table and left out of the held-out summary.
   hit_ratio()   one replay on the registry engine (trace_replay.RegistryEngine).
   validate()    the table: every case, every policy, the best setting, the checks, the means.
-  tune()        the fit of ADAPTIVE_LEVEL, ADAPTIVE_STEP, ADAPTIVE_GROWTH and ADAPTIVE_LEVEL_MAX on
+  tune()        the fit of ADAPTIVE_LEVEL, ADAPTIVE_STEP, ADAPTIVE_GROWTH, ADAPTIVE_LEVEL_MAX and
+                ADAPTIVE_BAND on
                 TRAINING only: per-case references (LRU, the hindsight best, Belady) computed once,
                 then every setting of GRID, ranked by RULE.
 Both validate() and tune() spread their replays over `processes` worker processes (fork).
@@ -45,23 +48,30 @@ NEW_SHAPES = {
     "sysprompt-heavy": dict(shape="sysprompt-heavy"),
     "scan-mix": dict(shape="scan-mix"),
 }
-# The training set (round 11, fixed before any held-out result of this round was run): seed 1 of
-# every synthetic and new shape at 1,000 blocks, and the shared trace's first half at 2,000 and
-# 8,000 blocks (16 cases). Held out: seed 2 of every shape, every 4,000-block case (seed 1's at
-# 4,000 replay the same trace as a training case, at another capacity), the full shared trace and
-# its second half (49 cases). Earlier rounds trained on shared-half1 only.
+# Seeds of the synthetic and new shapes, and their capacities. Seed 3 was added in round 12 and
+# first replayed after that round's design, training set, grid and rule were fixed.
+SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000)}
+# The training set (round 12, fixed before any replay of this round): seed 1 of every synthetic and
+# new shape at 1,000 and 4,000 blocks, and the shared trace's first half at 2,000 and 8,000 blocks
+# (30 cases). Held out: seed 2 of every shape (seen by earlier rounds), the full shared trace and
+# its second half (seen), and seed 3 at 1,000, 2,000 and 4,000 blocks (never replayed before the
+# round-12 choice was made). Round 11 trained on seed 1 at 1,000 only (its 7 failures of 10 at
+# 4,000 blocks, POLICY_ADAPTIVE.md §11.2); rounds 1-10 on shared-half1 only.
 TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
-                     | {(f"{name}/s1", 1000) for name in (*ps.SYNTHETIC_SUITE, *NEW_SHAPES)})
-# tune()'s grid (round 11): start W in {1, 2, 4, 8}, step in {1/8, 1/4, 1/2} octave, growth (the
-# largest move, in steps) in {1, 2, 4, 8}, the highest level W in {4, 8, 16, 32}; settings whose
-# start is above their cap are left out (180 settings).
+                     | {(f"{name}/s1", cap) for name in (*ps.SYNTHETIC_SUITE, *NEW_SHAPES)
+                        for cap in SEED_CAPACITIES[1]})
+# tune()'s grid (round 12): start W in {1, 2, 4, 8}, step in {1/8, 1/4, 1/2} octave, growth (the
+# largest move, in steps) in {2, 8}, the highest level W in {16, 32}, the vote's dead band z in {0,
+# 1, 2, 3} (band = 4z): 192 settings.
 GRID = dict(level=[W_LEVELS[w] for w in ("1", "2", "4", "8")],
             step=[ADAPTIVE_OCTAVE // 8, ADAPTIVE_OCTAVE // 4, ADAPTIVE_OCTAVE // 2],
-            growth=[1, 2, 4, 8],
-            level_max=[W_LEVELS[w] for w in ("4", "8", "16", "32")])
+            growth=[2, 8],
+            level_max=[W_LEVELS[w] for w in ("16", "32")],
+            band=[0, 4, 8, 12])
 RULE = ("fewest training cases failing a check (adaptive < LRU - 0.002 or < 0.9 x the hindsight "
-        "best); then the largest minimum ratio to the hindsight best over the training cases, "
-        "rounded down to 0.01; then the largest mean gap closed; then grid order")
+        "best); then the largest mean ratio to the hindsight best over the training cases, rounded "
+        "down to 0.005; then the largest minimum ratio, rounded down to 0.01; then the largest mean "
+        "gap closed; then grid order")
 
 
 def is_training(name: str, cap: int) -> bool:
@@ -75,14 +85,13 @@ def cases(shared_chains, synthetic: bool = True) -> list[tuple[str, list, int]]:
         out += [(f"shared-half{i + 1}", part, c) for c in (2000, 8000)]
     if not synthetic:
         return out
-    for name, kw in ps.SYNTHETIC_SUITE.items():
-        for seed in (1, 2):
+    for seed, caps in SEED_CAPACITIES.items():
+        for name, kw in ps.SYNTHETIC_SUITE.items():
             ch = ps.chains_of(ps.generate_trace(seed=seed, **kw))
-            out += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
-    for name, kw in NEW_SHAPES.items():
-        for seed in (1, 2):
+            out += [(f"{name}/s{seed}", ch, c) for c in caps]
+        for name, kw in NEW_SHAPES.items():
             ch = ps.chains_of(workloads.generate(seed=seed, **kw))
-            out += [(f"{name}/s{seed}", ch, c) for c in (1000, 4000)]
+            out += [(f"{name}/s{seed}", ch, c) for c in caps]
     return out
 
 
@@ -183,8 +192,10 @@ def _print_row(row: dict, out) -> None:
 
 def _summary(rows: Sequence[dict], out) -> None:
     held = [r for r in rows if not r["training"]]
+    fresh = [r for r in held if r["case"].endswith("/s3")]
     train = [r for r in rows if r["training"]]
-    for title, part in (("Held-out", held), ("Training", train)):
+    for title, part in (("Held-out", held), ("Held-out, never replayed before round 12 (seed 3)", fresh),
+                        ("Training", train)):
         if not part:
             continue
         print(f"\n{title} cases: {len(part)} of {len(rows)}", file=out)
@@ -207,9 +218,10 @@ def _summary(rows: Sequence[dict], out) -> None:
 def grid_settings(grid: dict = GRID) -> list[dict]:
     """set_adaptive keyword arguments of every grid point (leaves first), in grid order; a start
     above its cap is left out."""
-    return [dict(level=lv, step=st, leaf_first=True, growth=gr, level_max=top)
-            for top, lv, st, gr in itertools.product(grid["level_max"], grid["level"], grid["step"],
-                                                     grid["growth"]) if lv <= top]
+    return [dict(level=lv, step=st, leaf_first=True, growth=gr, level_max=top, band=bd)
+            for top, lv, st, gr, bd in itertools.product(grid["level_max"], grid["level"], grid["step"],
+                                                         grid["growth"], grid.get("band", [0]))
+            if lv <= top]
 
 
 def _ref_task(i: int) -> tuple[float, str, float, float]:
@@ -237,7 +249,8 @@ def score(hits: Sequence[float], refs: Sequence[tuple]) -> dict:
 
 def rank_key(s: dict) -> tuple:
     """RULE as a sort key (smaller first)."""
-    return (s["failing"], -math.floor(s["min_ratio"] * 100 + 1e-9), -s["mean_gap"])
+    return (s["failing"], -math.floor(s["mean_ratio"] * 200 + 1e-9),
+            -math.floor(s["min_ratio"] * 100 + 1e-9), -s["mean_gap"])
 
 
 def _w(level: int) -> str:
@@ -266,22 +279,22 @@ def tune(shared_chains, out=sys.stdout, grid: dict = GRID, processes: int = 1, t
     for k, s in enumerate(settings):
         hits = flat[k * len(train):(k + 1) * len(train)]
         scored.append(dict(setting=s, hits=hits, order=k, **score(hits, refs)))
-    print("\n| start W | step (octave) | growth | max W | failing | < LRU−0.002 | < 0.9 best | min ratio | "
+    print("\n| start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | min ratio | "
           "mean ratio | mean gap | min gap |", file=out)
-    print("|" + "---|" * 11, file=out)
+    print("|" + "---|" * 12, file=out)
     for r in scored:
         _print_score(r, out)
     ranked = sorted(scored, key=lambda r: (rank_key(r), r["order"]))
     print(f"\nTop {top} by the rule:\n", file=out)
-    print("| rank | start W | step (octave) | growth | max W | failing | < LRU−0.002 | < 0.9 best | min ratio | "
+    print("| rank | start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | min ratio | "
           "mean ratio | mean gap | min gap |", file=out)
-    print("|" + "---|" * 12, file=out)
+    print("|" + "---|" * 13, file=out)
     for i, r in enumerate(ranked[:top]):
         _print_score(r, out, rank=i + 1)
     c = ranked[0]["setting"]
     print(f"\nChoice: start level {c['level']} (W = {_w(c['level'])}), step {c['step']} "
           f"(1/{ADAPTIVE_OCTAVE // c['step']} octave), growth {c['growth']}, level_max {c['level_max']} "
-          f"(W = {_w(c['level_max'])})", file=out)
+          f"(W = {_w(c['level_max'])}), band {c.get('band', 0)} (z = {c.get('band', 0) / 4:g})", file=out)
     per_case = ranked[0]["hits"]
     print("\n| training case | blocks | LRU | chosen | hindsight best | ratio |\n|---|---|---|---|---|---|", file=out)
     for (name, _, cap), h, (lru, label, best, _) in zip(train, per_case, refs):
@@ -294,5 +307,6 @@ def _print_score(r: dict, out, rank: int | None = None) -> None:
     s = r["setting"]
     print(("" if rank is None else f"| {rank} ") +
           f"| {_w(s['level'])} | 1/{ADAPTIVE_OCTAVE // s['step']} | {s['growth']} | {_w(s['level_max'])} | "
+          f"{s.get('band', 0) / 4:g} | "
           f"{r['failing']} | {r['below_lru']} | {r['below_best']} | {r['min_ratio']:.3f} | "
           f"{r['mean_ratio']:.3f} | {r['mean_gap']:+.3f} | {r['min_gap']:+.3f} |", file=out, flush=True)

@@ -13,6 +13,7 @@ from kvbm._fast._reference import ReferenceRegistry
 from kvbm._fast.registry import BlockRegistry
 from kvbm.errors import ConfigError, RegistryError
 from kvbm.policy import (
+    ADAPTIVE_BAND,
     ADAPTIVE_GROWTH,
     ADAPTIVE_LEVEL,
     ADAPTIVE_LEVEL_MAX,
@@ -49,6 +50,7 @@ def test_credit_per_level(impl):
     reg = impl(16, policy=POLICY_ADAPTIVE)
     assert reg.adaptive["level"] == ADAPTIVE_LEVEL and reg.adaptive["step"] == ADAPTIVE_STEP
     assert reg.adaptive["growth"] == ADAPTIVE_GROWTH and reg.adaptive["level_max"] == ADAPTIVE_LEVEL_MAX
+    assert reg.adaptive["band"] == ADAPTIVE_BAND
     assert reg.adaptive["credit"] == 16 * 2 ** (ADAPTIVE_LEVEL / OCT - 4)
     assert reg.ghost_blocks == 16                        # LINEAGE's ghost table, same default
     for level, credit in [(-1, 0), (0, 1), (OCT, 2), (5 * OCT, 32), (5 * OCT + OCT // 2, 48),
@@ -111,6 +113,7 @@ def test_set_adaptive_rejects(impl):
     reg = impl(4, policy=POLICY_ADAPTIVE)
     for kw in (dict(level=9 * OCT + 1), dict(level=-2), dict(step=-1), dict(step=9 * OCT + 1),
                dict(growth=0), dict(growth=2**16 + 1), dict(level_max=9 * OCT + 1), dict(level_max=-1),
+               dict(band=-1), dict(band=65), dict(band=1.5),
                dict(level=5 * OCT, level_max=4 * OCT)):
         with pytest.raises(RegistryError):
             reg.set_adaptive(**kw)
@@ -188,6 +191,21 @@ def test_growth_caps_the_move(impl, growth, path):
     assert reg.adaptive["growth"] == growth
     assert [(lv - 4 * OCT) // (OCT // 4) for lv in _requests(reg, 600, 4)] == path
     assert abs(reg.adaptive["move"]) <= growth * OCT // 4
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("band,path", [(0, [0, -1, -3, -7, -15]), (4, [0, -1, -3, -7, -15]),
+                                       (6, [0, -1]), (12, [0]), (64, [0])])
+def test_band_keeps_weak_votes_still(impl, band, path):
+    """The dead band: a side's net count must reach z = band / 4 standard deviations of its
+    counts. On test_growth_caps_the_move's workload the votes down pass z = 1; from z = 1.5 only
+    the first does (the level stops one step down), from z = 3 none (it never moves)."""
+    reg = impl(40, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8, band=band)
+    assert reg.adaptive["band"] == band
+    assert [(lv - 4 * OCT) // (OCT // 4) for lv in _requests(reg, 600, 4)] == path
+    assert reg.adaptive["evictions"] > 0
     reg.check_invariants()
 
 

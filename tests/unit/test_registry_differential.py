@@ -335,7 +335,8 @@ def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
         else:                                  # a new setting: every inactive block re-keyed
             top = 9 * ADAPTIVE_OCTAVE if rnd.random() < 0.5 else rnd.randint(0, 9 * ADAPTIVE_OCTAVE)
             p.call("set_adaptive", rnd.randint(-1, top), rnd.randint(0, ADAPTIVE_OCTAVE),
-                   rnd.random() < 0.7, growth=rnd.choice([1, 2, 3, 4, 8, 16]), level_max=top)
+                   rnd.random() < 0.7, growth=rnd.choice([1, 2, 3, 4, 8, 16]), level_max=top,
+                   band=rnd.choice([0, 0, 1, 4, 8, 12, 64]))
         if step % 250 == 0 or step == ops - 1:
             p.fast.check_invariants()
             p.ref.check_invariants()

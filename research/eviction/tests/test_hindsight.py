@@ -30,25 +30,33 @@ def test_family_holds_lru_and_lineage_exactly(rag):
 
 
 def test_training_set_and_grid():
-    """Round 11's training set: seed 1 of every shape at 1,000 blocks and shared-half1 at 2,000
-    and 8,000; everything else is held out. The grid leaves out starts above their cap."""
+    """Round 12's training set: seed 1 of every shape at 1,000 and 4,000 blocks and shared-half1
+    at 2,000 and 8,000; everything else is held out, seed 3 (1k, 2k, 4k) among it. The grid leaves
+    out starts above their cap and sweeps the dead band."""
     names = [(n, c) for n, _, c in hs.cases([[1, 2], [3]])]
     train = [nc for nc in names if hs.is_training(*nc)]
-    assert len(names) == 65 and len(train) == 16 and set(train) == hs.TRAINING
-    assert all(n.endswith("/s1") and c == 1000 for n, c in train if not n.startswith("shared"))
-    assert not any(hs.is_training(n, c) for n, c in names if n.endswith("/s2") or c == 4000
+    assert len(names) == 107 and len(train) == 30 and set(train) == hs.TRAINING
+    assert all(n.endswith("/s1") and c in (1000, 4000) for n, c in train if not n.startswith("shared"))
+    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3"))
                    or n in ("shared", "shared-half2"))
+    assert sorted({c for n, c in names if n.endswith("/s3")}) == [1000, 2000, 4000]
     settings = hs.grid_settings()
-    assert len(settings) == 180 and all(s["level"] <= s["level_max"] for s in settings)
+    assert len(settings) == 192 and all(s["level"] <= s["level_max"] for s in settings)
+    assert {s["band"] for s in settings} == {0, 4, 8, 12}
 
 
-def test_rule_ranks_failures_then_min_ratio_then_gap():
+def test_rule_ranks_failures_then_mean_ratio_then_min_ratio_then_gap():
     refs = [(0.5, "W=1", 0.6, 0.8), (0.2, "W=32", 0.3, 0.4)]    # LRU, best label, best, Belady
     a = hs.score([0.49, 0.29], refs)       # below LRU - 0.002 on the first case
-    b = hs.score([0.55, 0.28], refs)       # passes both; min ratio 0.916 -> 0.91
-    c = hs.score([0.59, 0.274], refs)      # passes both; min ratio 0.913 -> 0.91, larger mean gap
-    assert (a["failing"], b["failing"], c["failing"]) == (1, 0, 0)
-    assert sorted([a, b, c], key=hs.rank_key) == [c, b, a]
+    b = hs.score([0.55, 0.28], refs)       # mean ratio 0.925 -> 0.925, min 0.916 -> 0.91
+    c = hs.score([0.59, 0.274], refs)      # mean ratio 0.948 -> 0.945
+    d = hs.score([0.597, 0.2755], refs)    # mean ratio 0.957 -> 0.955, min ratio 0.918 -> 0.91
+    e = hs.score([0.57, 0.285], refs)      # mean ratio 0.950 -> 0.95, min 0.95 (lost on the mean)
+    assert (a["failing"], b["failing"], c["failing"], d["failing"], e["failing"]) == (1, 0, 0, 0, 0)
+    assert sorted([a, b, c, d, e], key=hs.rank_key) == [d, e, c, b, a]
+    f = hs.score([0.5986, 0.2746], refs)   # d's rounded mean ratio, larger mean gap, min 0.915
+    g = hs.score([0.582, 0.2865], refs)    # mean ratio 0.9625 -> 0.96: ahead of both
+    assert sorted([d, f, g], key=hs.rank_key) == [g, f, d]
 
 
 def test_hindsight_best_is_the_max_of_the_sweep(rag):
