@@ -87,12 +87,13 @@ class EvictionPolicy(IntEnum):
     #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
     #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
-    # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the key2
-    # of the last victim of priority 0 without a child. Raising the credit one step moves a
+    # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the
+    # highest key2 (= last tick) of the victims of priority 0 without a child used once. Raising the credit one step moves a
     # block's margin (key2 - frontier) by about dC * (f - phi), phi the mean f of the frontier's
     # victims. Over each epoch (N/2 evictions) it counts the events a one-step change would flip:
     # hits on inactive blocks it would have evicted first, and victims that came back (ghost hits)
-    # it would have kept; at the epoch's end the level moves toward the side with more net gain
+    # it would have kept; at the epoch's end the level moves toward the side with more net gain,
+    # if that gain is outside the dead band (ADAPTIVE_BAND: z standard deviations of its counts)
     # (Rprop move sizes: ADAPTIVE_STEP..ADAPTIVE_GROWTH steps), clamped to level
     # 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
     # Keys already in the heap keep their credit; each eviction re-keys one block in id order
@@ -131,18 +132,19 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 6 << 16 is W = 4), its smallest
-# move per epoch in levels (2**15: half an octave), its largest move in steps (Rprop doubles the
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 4 << 16 is W = 1), its smallest
+# move per epoch in levels (2**14: a quarter octave), its largest move in steps (Rprop doubles the
 # move while votes agree, up to this), the highest level the moves reach (9 << 16: W = 32, the
-# top of the scale) and the vote's dead band (z in quarters: 12 is z = 3, a side wins only with a
-# net count of three standard deviations). Round 12's fit on its training set (30 cases, fixed
-# with the grid and the rule before the fit; research/eviction/POLICY_ADAPTIVE.md §12).
+# top of the scale) and the vote's dead band (z in quarters: 4 is z = 1, a side wins only if its
+# net exceeds the other's by one standard deviation of the counts). Round 12's fit on its
+# training set (30 cases, fixed with the grid and the rule before the fit;
+# research/eviction/POLICY_ADAPTIVE.md §12).
 ADAPTIVE_OCTAVE = 1 << 16
-ADAPTIVE_LEVEL = 6 << 16
-ADAPTIVE_STEP = 32768
-ADAPTIVE_GROWTH = 2
+ADAPTIVE_LEVEL = 4 << 16
+ADAPTIVE_STEP = 16384
+ADAPTIVE_GROWTH = 8
 ADAPTIVE_LEVEL_MAX = 9 << 16
-ADAPTIVE_BAND = 12
+ADAPTIVE_BAND = 4
 
 __all__ = ["ADAPTIVE_BAND", "ADAPTIVE_GROWTH", "ADAPTIVE_LEVEL", "ADAPTIVE_LEVEL_MAX", "ADAPTIVE_OCTAVE",
            "ADAPTIVE_STEP", "BlockState",

@@ -10,8 +10,13 @@ Parts:
             1/16..32); level -1 is W = 0 (plain recency, a fixed setting only). `credit_of` turns
             it into ticks, integers only (the twin computes the same numbers): 2**q * (1 + r/2**16)
             for level = 2**16 q + r, i.e. exact at whole octaves and linear in between.
-  frontier  the key2 of the last victim of priority 0 without a registered child: a block of
-            that class stays while its key2 is above it. A block's margin is key2 - frontier.
+  frontier  the highest key2 (its last tick) of the victims of priority 0 without a registered
+            child that were used once: a block of that class stays while its key2 is above it. A
+            block's margin is key2 - frontier. (Version 11 took the key2 of the last victim of
+            the class, used once or not. With a large credit, a reused victim's key2 lies far
+            ahead of the ticks, so that frontier jumped forward and back; its advance over an
+            epoch often read 0, every ghost hit then counted as kept by either move, and the
+            vote climbed to W = 32 where the best W was below 1. Round 12, POLICY_ADAPTIVE.md §12.)
             Raising the credit by dC (one step) moves a block's key2 by dC * f and, to keep N blocks,
             the frontier by about dC * phi, phi the mean f of the frontier's victims (last epoch).
             So a block whose f is above phi gains margin dC * (f - phi), one below loses it.
@@ -20,15 +25,16 @@ Parts:
             HIT_SAMPLE by tick, weighted HIT_SAMPLE, so a long match pays for few) with margin m =
             last tick + credit * f - frontier is lost by raising if f < phi and
             m < dC_up * (phi - f), and by lowering if f > phi and m < dC_down * (f - phi); a ghost hit (a victim that came back), whose
-            margin is -(evictions since it left) * (frontier advance per eviction, last epoch), is
-            kept by raising if f > phi and -m <= dC_up * (f - phi), by lowering if f < phi and
+            margin is -(evictions since it left) * (frontier advance per eviction, the last epoch
+            that advanced it; ghost hits are not voted on before one has), is kept by raising if f > phi and -m <= dC_up * (f - phi), by lowering if f < phi and
             -m <= dC_down * (phi - f). f and phi are in 1/256.
   epoch     N/2 evictions. At its end the vote: up if gains - losses of raising is positive,
-            above lowering's and outside the dead band, down in the mirror case, else none. The
-            band: a side's net count must reach z standard deviations of its counts (z = the
-            header's adapt_band / 4; counts taken as Poisson, a tested hit weighing HIT_SAMPLE, so
-            the variance is gains + HIT_SAMPLE * losses), so an epoch whose vote is noise, as on
-            traces where every setting scores alike, does not move the level. Then the move (Rprop): one step
+            above lowering's by the dead band, down in the mirror case, else none. The band: the
+            difference of the two nets must reach z standard deviations of the four counts (z =
+            the header's adapt_band / 4; counts taken as Poisson, a tested hit weighing
+            HIT_SAMPLE, so the variance is the gains + HIT_SAMPLE * the losses). An epoch whose
+            vote is noise, as on traces where every setting scores alike, or where both sides
+            claim about the same gain, does not move the level. Then the move (Rprop): one step
             the first time, doubled while the votes agree (up to the header's adapt_growth steps),
             halved when they turn (down to one step); clamped to 0..adapt_level_max (at most
             LEVEL_MAX).
@@ -107,7 +113,7 @@ cdef inline void adapt_on_ghost_hit(RegistryHeader *h, uint32_t count, uint32_t 
         h.ghost_hits_once += 1
     else:
         h.ghost_hits_reused += 1
-    if h.adapt_step == 0:
+    if h.adapt_step == 0 or h.adapt_rate == 0:   # a fixed setting, or no advance known yet
         return
     one_step(h, &up, &down)
     dist = <double>age * <double>h.adapt_rate / <double>epoch_length(h.num_blocks) * 256.0
@@ -124,7 +130,8 @@ cdef inline void adapt_on_victim(RegistryHeader *h, uint64_t key1, uint64_t key2
     # A victim left with heap key (key1, key2) and use count `count`; the clock ticks first (its
     # ghost entry records the new value).
     if key1 == (<uint64_t>1 << 32):       # priority 0, no registered child: the frontier's class
-        h.adapt_frontier = key2
+        if count < 2 and key2 > h.adapt_frontier:   # used once: key2 is its last tick
+            h.adapt_frontier = key2
         h.adapt_fsum += f_of(count)
         h.adapt_fcount += 1
 
@@ -143,10 +150,11 @@ cdef inline int64_t next_move(int64_t move, int vote, int64_t step, int64_t grow
     return size if vote > 0 else -size
 
 
-cdef inline bint outside_band(int64_t net, int64_t gains, int64_t losses, int64_t band) noexcept nogil:
-    # net >= (band / 4) * sqrt(gains + HIT_SAMPLE * losses), squared; doubles (the twin's order)
-    return 16.0 * <double>net * <double>net >= \
-        <double>band * <double>band * (<double>gains + <double>HIT_SAMPLE * <double>losses)
+cdef inline bint outside_band(const RegistryHeader *h, int64_t diff) noexcept nogil:
+    # |diff| >= (band / 4) * sqrt(variance of the four counts), squared; doubles (the twin's order)
+    return 16.0 * <double>diff * <double>diff >= <double>h.adapt_band * <double>h.adapt_band * (
+        <double>h.adapt_gain_up + <double>h.adapt_gain_down
+        + <double>HIT_SAMPLE * (<double>h.adapt_loss_up + <double>h.adapt_loss_down))
 
 
 cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
@@ -160,10 +168,9 @@ cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
     h.adapt_left = epoch_length(h.num_blocks)
     up = h.adapt_gain_up - h.adapt_loss_up
     down = h.adapt_gain_down - h.adapt_loss_down
-    if up > 0 and up > down and outside_band(up, h.adapt_gain_up, h.adapt_loss_up, h.adapt_band):
+    if up > 0 and up > down and outside_band(h, up - down):
         vote = 1
-    elif down > 0 and down > up and outside_band(down, h.adapt_gain_down, h.adapt_loss_down,
-                                                 h.adapt_band):
+    elif down > 0 and down > up and outside_band(h, down - up):
         vote = -1
     h.adapt_gain_up = 0
     h.adapt_loss_up = 0
@@ -173,7 +180,8 @@ cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:
         h.adapt_phi = 256 * h.adapt_fsum // h.adapt_fcount
     h.adapt_fsum = 0
     h.adapt_fcount = 0
-    h.adapt_rate = h.adapt_frontier - h.adapt_front0 if h.adapt_frontier > h.adapt_front0 else 0
+    if h.adapt_front0 > 0 and h.adapt_frontier > h.adapt_front0:   # else keep the last known
+        h.adapt_rate = h.adapt_frontier - h.adapt_front0
     h.adapt_front0 = h.adapt_frontier
     if h.adapt_step == 0 or vote == 0:
         return

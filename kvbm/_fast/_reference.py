@@ -225,7 +225,7 @@ class ReferenceRegistry:
             self._hits_once += 1
         else:
             self._hits_reused += 1
-        if not self._step:
+        if not self._step or not self._rate:    # a fixed setting, or no frontier advance known yet
             return
         up, down = self._one_step()
         age = (self._evictions - evicted_at) & 0xFFFFFFFF
@@ -243,7 +243,8 @@ class ReferenceRegistry:
         phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to growth
         steps, halved when they turn), clamped to 0..level_max (step 0: never moves)."""
         if entry[0] == 1 << 32:                 # priority 0, no registered child
-            self._frontier = entry[1]
+            if count < 2:                       # used once: key2 is its last tick; a running max
+                self._frontier = max(self._frontier, entry[1])
             self._fsum += _f_of(count)
             self._fcount += 1
         self._epoch_left -= 1
@@ -251,14 +252,15 @@ class ReferenceRegistry:
             return
         self._epoch_left = max(self._n // 2, 1)
         up, down = self._gain_up - self._loss_up, self._gain_down - self._loss_down
-        vote = (1 if up > 0 and up > down and self._outside_band(up, self._gain_up, self._loss_up)
-                else -1 if down > 0 and down > up and self._outside_band(down, self._gain_down, self._loss_down)
+        vote = (1 if up > 0 and up > down and self._outside_band(up - down)
+                else -1 if down > 0 and down > up and self._outside_band(down - up)
                 else 0)
         self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
         if self._fcount:
             self._phi = 256 * self._fsum // self._fcount
         self._fsum = self._fcount = 0
-        self._rate = max(self._frontier - self._front0, 0)
+        if self._front0 and self._frontier > self._front0:   # else keep the last known advance
+            self._rate = self._frontier - self._front0
         self._front0 = self._frontier
         if not self._step or not vote:
             return
@@ -272,12 +274,13 @@ class ReferenceRegistry:
         self._move = size if vote > 0 else -size
         self._level = min(max(self._level + self._move, 0), self._level_max)
 
-    def _outside_band(self, net: int, gains: int, losses: int) -> bool:
-        """The vote's dead band: net >= (band / 4) * sqrt(gains + 16 * losses), squared, in
-        doubles computed in the registry's order (a tested hit weighs 16, so its variance is 16
+    def _outside_band(self, diff: int) -> bool:
+        """The vote's dead band: |diff| >= (band / 4) * sqrt(the four counts' variance), squared,
+        in doubles computed in the registry's order (a tested hit weighs 16, so its variance is 16
         times its weight)."""
-        return 16.0 * float(net) * float(net) >= float(self._band) * float(self._band) * (
-            float(gains) + 16.0 * float(losses))
+        return 16.0 * float(diff) * float(diff) >= float(self._band) * float(self._band) * (
+            float(self._gain_up) + float(self._gain_down)
+            + 16.0 * (float(self._loss_up) + float(self._loss_down)))
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

@@ -53,14 +53,16 @@ ctypedef struct RegistryHeader:
     int64_t adapt_growth      # ADAPTIVE: the largest move, in steps (Rprop's growth; 1: every move one step)
     int64_t adapt_level_max   # ADAPTIVE: the highest level the moves reach (0..9 * 2**16; 9 * 2**16: W = 32)
     int64_t adapt_band        # ADAPTIVE: the vote's dead band, z in quarters: a side wins only if its net
-                              #   count is at least z standard deviations of its counts (0: any net > 0)
+                              #   exceeds the other's by z standard deviations of the counts (0: any)
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
     int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
     int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)
     uint64_t adapt_evictions  # ADAPTIVE: evictions so far (ghost entries keep its low 32 bits)
-    uint64_t adapt_frontier   # ADAPTIVE: key2 of the last victim of priority 0 without a child
+    uint64_t adapt_frontier   # ADAPTIVE: highest key2 (last tick) of the victims of priority 0
+                              #   without a child used once (a running maximum)
     uint64_t adapt_front0     # ADAPTIVE: adapt_frontier when this epoch began
-    uint64_t adapt_rate       # ADAPTIVE: how far the frontier moved in the last epoch (ticks)
+    uint64_t adapt_rate       # ADAPTIVE: how far the frontier moved in the last epoch that moved
+                              #   it (ticks; 0: not known yet)
     uint64_t adapt_fsum       # ADAPTIVE: this epoch's frontier victims: sum of f(use count)
     uint64_t adapt_fcount     # ADAPTIVE: this epoch's frontier victims: count
     uint64_t adapt_phi        # ADAPTIVE: 256 * mean f of the last epoch's frontier victims
