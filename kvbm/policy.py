@@ -88,13 +88,14 @@ class EvictionPolicy(IntEnum):
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
     #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
     # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the
-    # highest key2 (= last tick) of the victims of priority 0 without a child used once. Raising the credit one step moves a
-    # block's margin (key2 - frontier) by about dC * (f - phi), phi the mean f of the frontier's
-    # victims. Over each epoch (N/2 evictions) it counts the events a one-step change would flip:
-    # hits on inactive blocks it would have evicted first, and victims that came back (ghost hits)
-    # it would have kept; at the epoch's end the level moves toward the side with more net gain,
-    # if that gain is outside the dead band (ADAPTIVE_BAND: z standard deviations of its counts)
-    # (Rprop move sizes: ADAPTIVE_STEP..ADAPTIVE_GROWTH steps), clamped to level
+    # highest key2 (= last tick) of the victims of priority 0 without a child used once. Raising
+    # the credit one step moves a block's margin (key2 - frontier) by about dC * (f - phi), phi
+    # the mean f of the frontier's victims. Over each epoch (N/2 evictions) it counts the events a
+    # one-step change would flip: hits on inactive blocks it would have evicted first, and victims
+    # that came back (ghost hits) it would have kept; at the epoch's end the level moves toward the
+    # side with more net gain, if it exceeds the other's by the dead band (ADAPTIVE_BAND: z
+    # standard deviations of the counts) (Rprop move sizes: ADAPTIVE_STEP..ADAPTIVE_GROWTH
+    # steps), clamped to level
     # 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
     # Keys already in the heap keep their credit; each eviction re-keys one block in id order
     # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)

@@ -197,7 +197,8 @@ def _summary(rows: Sequence[dict], out) -> None:
     seen3 = [r for r in held if r["case"].endswith("/s3")]
     fresh = [r for r in held if r["case"].endswith("/s4")]
     train = [r for r in rows if r["training"]]
-    for title, part in (("Held-out", held), ("Held-out, seed 3 (replayed once in round 12, before the frontier fix)", seen3),
+    for title, part in (("Held-out", held),
+                        ("Held-out, seed 3 (replayed once in round 12, before the frontier fix)", seen3),
                         ("Held-out, seed 4 (first replayed after round 12's choice)", fresh),
                         ("Training", train)):
         if not part:
@@ -290,8 +291,8 @@ def tune(shared_chains, out=sys.stdout, grid: dict = GRID, processes: int = 1, t
         _print_score(r, out)
     ranked = sorted(scored, key=lambda r: (rank_key(r), r["order"]))
     print(f"\nTop {top} by the rule:\n", file=out)
-    print("| rank | start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | min ratio | "
-          "mean ratio | mean gap | min gap |", file=out)
+    print("| rank | start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | "
+          "min ratio | mean ratio | mean gap | min gap |", file=out)
     print("|" + "---|" * 13, file=out)
     for i, r in enumerate(ranked[:top]):
         _print_score(r, out, rank=i + 1)
