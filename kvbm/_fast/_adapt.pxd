@@ -32,8 +32,9 @@ Parts:
             above lowering's by the dead band, down in the mirror case, else none. The band: the
             difference of the two nets must reach z standard deviations of the four counts (z =
             the header's adapt_band / 4; counts taken as Poisson, a tested hit weighing
-            HIT_SAMPLE, so the variance is the gains + HIT_SAMPLE * the losses). An epoch whose
-            vote is noise, as on traces where every setting scores alike, or where both sides
+            HIT_SAMPLE, so the variance is the gains + HIT_SAMPLE * the losses, plus a floor of
+            HIT_SAMPLE**2: a loss count sampled one in HIT_SAMPLE that reads 0 may still be
+            HIT_SAMPLE). An epoch whose vote is noise, or rests on a handful of events, as on traces where every setting scores alike, or where both sides
             claim about the same gain, does not move the level. Then the move (Rprop): one step
             the first time, doubled while the votes agree (up to the header's adapt_growth steps),
             halved when they turn (down to one step); clamped to 0..adapt_level_max (at most
@@ -151,10 +152,13 @@ cdef inline int64_t next_move(int64_t move, int vote, int64_t step, int64_t grow
 
 
 cdef inline bint outside_band(const RegistryHeader *h, int64_t diff) noexcept nogil:
-    # |diff| >= (band / 4) * sqrt(variance of the four counts), squared; doubles (the twin's order)
+    # |diff| >= (band / 4) * sqrt(variance of the four counts), squared; doubles (the twin's order).
+    # The variance has a floor of one tested hit's (HIT_SAMPLE**2): a loss count sampled one in
+    # HIT_SAMPLE that reads 0 may still be HIT_SAMPLE, so a vote of a few events stays still.
     return 16.0 * <double>diff * <double>diff >= <double>h.adapt_band * <double>h.adapt_band * (
         <double>h.adapt_gain_up + <double>h.adapt_gain_down
-        + <double>HIT_SAMPLE * (<double>h.adapt_loss_up + <double>h.adapt_loss_down))
+        + <double>HIT_SAMPLE * (<double>h.adapt_loss_up + <double>h.adapt_loss_down
+                                + <double>HIT_SAMPLE))
 
 
 cdef inline void adapt_on_eviction(RegistryHeader *h) noexcept nogil:

@@ -277,10 +277,10 @@ class ReferenceRegistry:
     def _outside_band(self, diff: int) -> bool:
         """The vote's dead band: |diff| >= (band / 4) * sqrt(the four counts' variance), squared,
         in doubles computed in the registry's order (a tested hit weighs 16, so its variance is 16
-        times its weight)."""
+        times its weight; plus one tested hit's, 256, the floor of a count sampled 1 in 16)."""
         return 16.0 * float(diff) * float(diff) >= float(self._band) * float(self._band) * (
             float(self._gain_up) + float(self._gain_down)
-            + 16.0 * (float(self._loss_up) + float(self._loss_down)))
+            + 16.0 * (float(self._loss_up) + float(self._loss_down) + 16.0))
 
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps

@@ -8,7 +8,7 @@ Parts, in the order a run uses them:
                 to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
                 policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k,
-                and seeds 3 and 4 of every shape at 1k, 2k and 4k (added in round 12; seed 4 is
+                and seeds 3-5 of every shape at 1k, 2k and 4k (added in round 12; seed 5 is
                 the one part of the set no design has been looked at against).
   TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
                 out. Training rows are marked in the table and left out of the held-out summary.
@@ -48,15 +48,17 @@ NEW_SHAPES = {
     "sysprompt-heavy": dict(shape="sysprompt-heavy"),
     "scan-mix": dict(shape="scan-mix"),
 }
-# Seeds of the synthetic and new shapes, and their capacities. Seed 3 was added in round 12 and
-# first replayed after its first design (the band alone) had been fitted; the frontier fix (§12)
-# came after seeing that table, so seed 3 is no longer clean. Seed 4 was added before the second
-# fit and first replayed after the final choice.
-SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000), 4: (1000, 2000, 4000)}
+# Seeds of the synthetic and new shapes, and their capacities, in the order round 12 added and
+# first replayed them: seed 3 after its first design (the band alone) was fitted; seed 4 after the
+# second (the frontier fix), fitted after seeing seed 3's table; seed 5 after the third (the
+# band's variance floor), fitted after seeing seed 4's. So only seed 5 is clean for the final
+# choice (POLICY_ADAPTIVE.md §12).
+SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000), 4: (1000, 2000, 4000),
+                   5: (1000, 2000, 4000)}
 # The training set (round 12, fixed before any replay of this round): seed 1 of every synthetic and
 # new shape at 1,000 and 4,000 blocks, and the shared trace's first half at 2,000 and 8,000 blocks
 # (30 cases). Held out: seed 2 of every shape (seen by earlier rounds), the full shared trace and
-# its second half (seen), seeds 3 and 4 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
+# its second half (seen), seeds 3-5 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
 # which of them had been seen). Round 11 trained on seed 1 at 1,000 only (its 7 failures of 10 at
 # 4,000 blocks, POLICY_ADAPTIVE.md §11.2); rounds 1-10 on shared-half1 only.
 TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
@@ -64,12 +66,13 @@ TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
                         for cap in SEED_CAPACITIES[1]})
 # tune()'s grid (round 12): start W in {1, 2, 4, 8}, step in {1/8, 1/4, 1/2} octave, growth (the
 # largest move, in steps) in {2, 8}, the highest level W in {16, 32}, the vote's dead band z in {0,
-# 1, 2, 3} (band = 4z): 192 settings.
+# 1/2, 1, 3/2, 2, 3} (band = 4z): 288 settings. (The first two fits of round 12 had z in {0, 1, 2,
+# 3}: 192 settings.)
 GRID = dict(level=[W_LEVELS[w] for w in ("1", "2", "4", "8")],
             step=[ADAPTIVE_OCTAVE // 8, ADAPTIVE_OCTAVE // 4, ADAPTIVE_OCTAVE // 2],
             growth=[2, 8],
             level_max=[W_LEVELS[w] for w in ("16", "32")],
-            band=[0, 4, 8, 12])
+            band=[0, 2, 4, 6, 8, 12])
 RULE = ("fewest training cases failing a check (adaptive < LRU - 0.002 or < 0.9 x the hindsight "
         "best); then the largest mean ratio to the hindsight best over the training cases, rounded "
         "down to 0.005; then the largest minimum ratio, rounded down to 0.01; then the largest mean "
@@ -194,13 +197,10 @@ def _print_row(row: dict, out) -> None:
 
 def _summary(rows: Sequence[dict], out) -> None:
     held = [r for r in rows if not r["training"]]
-    seen3 = [r for r in held if r["case"].endswith("/s3")]
-    fresh = [r for r in held if r["case"].endswith("/s4")]
     train = [r for r in rows if r["training"]]
-    for title, part in (("Held-out", held),
-                        ("Held-out, seed 3 (replayed once in round 12, before the frontier fix)", seen3),
-                        ("Held-out, seed 4 (first replayed after round 12's choice)", fresh),
-                        ("Training", train)):
+    parts = [("Held-out", held)] + [(f"Held-out, seed {s}", [r for r in held if r["case"].endswith(f"/s{s}")])
+                                    for s in SEED_CAPACITIES if s > 1] + [("Training", train)]
+    for title, part in parts:
         if not part:
             continue
         print(f"\n{title} cases: {len(part)} of {len(rows)}", file=out)

@@ -196,13 +196,13 @@ def test_growth_caps_the_move(impl, growth, path):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("band,path", [(0, [0, -1, -3, -7, -5, -6]), (4, [0, -1, -3, -7, -15]),
-                                       (8, [0, 1]), (12, [0]), (64, [0])])
+@pytest.mark.parametrize("band,path", [(0, [0, -1, -3, -7, -5, -6]), (1, [0, -1]), (3, [0, -1]),
+                                       (4, [0]), (64, [0])])
 def test_band_keeps_weak_votes_still(impl, band, path):
     """The dead band: one side's net must exceed the other's by z = band / 4 standard deviations
-    of the four counts. On test_growth_caps_the_move's workload z = 1 keeps the level still where
-    band 0 turned back up (and so lets the next votes down run on); with z = 2 the weak votes down
-    are ignored and one later vote up passes; with z = 3 none does (the level never moves)."""
+    of the four counts, with the variance's floor of one tested hit (256). This workload's votes
+    rest on a few events each: with z = 1/4 and 3/4 only the first passes (the level stops one
+    step down), from z = 1 none does (it never moves)."""
     reg = impl(40, policy=POLICY_ADAPTIVE)
     reg.set_adaptive(4 * OCT, OCT // 4, True, growth=8, band=band)
     assert reg.adaptive["band"] == band
@@ -246,11 +246,13 @@ def test_adaptive_state_survives_attach():
         return out
 
     for r in (reg, twin):
-        r.set_adaptive(4 * OCT, OCT // 4, band=4)
+        r.set_adaptive(4 * OCT, OCT // 4, band=0)
     state = rng.bit_generator.state
     got = drive(reg, 60)
     rng.bit_generator.state = state
     assert drive(twin, 60) == got
+    for r in (reg, twin):
+        r.set_adaptive(band=1)                 # the band travels with the table too
     attached = BlockRegistry.attach(buf)
     assert attached.policy == POLICY_ADAPTIVE
     assert attached.adaptive == reg.adaptive == twin.adaptive
