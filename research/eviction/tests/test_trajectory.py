@@ -1,0 +1,39 @@
+"""research/eviction/trajectory.py: ADAPTIVE's per-epoch path on a validation case."""
+from __future__ import annotations
+
+import pytest
+
+from kvbm.policy import ADAPTIVE_OCTAVE as OCT
+from research.eviction import policy_sim as ps
+from research.eviction import trace_replay as tr
+from research.eviction import trajectory
+
+pytest.importorskip("kvbm._fast.registry")
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return ps.chains_of(ps.generate_trace(seed=1, **ps.SYNTHETIC_SUITE["chat-z0.9"]))[:1500]
+
+
+def test_epochs_follow_the_registry(chat):
+    """A row per request that ended an epoch (N/2 evictions each; a long request can end two, and
+    shows once), the same hit ratio as a plain replay, and a fixed setting (step 0) never leaves
+    its level."""
+    rows, ratio = trajectory.epochs(chat, 200)
+    eng = tr.RegistryEngine(200, "adaptive")
+    total, hits = tr.replay(eng, chat)
+    assert ratio == hits[0] / total
+    ended = eng.reg.adaptive["evictions"] // 100
+    assert 0.95 * ended <= len(rows) <= ended and ended > 5
+    assert all(r["rate"] >= 0 and r["phi"] >= 0 for r in rows)
+    fixed, _ = trajectory.epochs(chat, 200, dict(level=5 * OCT, step=0))
+    assert {r["w"] for r in fixed} == {2.0}
+
+
+def test_main_prints_the_table(capsys):
+    trajectory.main(["chat-z0.9/s1", "300"])
+    out = capsys.readouterr().out
+    assert out.startswith("| request | W after |") and "chat-z0.9/s1 at 300 blocks: hit ratio" in out
+    with pytest.raises(SystemExit):
+        trajectory.main(["no-such-case", "300"])
