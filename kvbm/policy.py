@@ -136,10 +136,10 @@ POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
 # ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 4 << 16 is W = 1), its smallest
 # move per epoch in levels (2**14: a quarter octave), its largest move in steps (Rprop doubles the
 # move while votes agree, up to this), the highest level the moves reach (9 << 16: W = 32, the
-# top of the scale) and the vote's dead band (z in quarters: 4 is z = 1, a side wins only if its
-# net exceeds the other's by one standard deviation of the counts). Round 12's fit on its
-# training set (30 cases, fixed with the grid and the rule before the fit;
-# research/eviction/POLICY_ADAPTIVE.md §12).
+# top of the scale) and the vote's dead band (z in quarters; 0: none, any net difference moves).
+# Round 12's fit on its training set (30 cases, fixed with the grid and the rule before the fit;
+# research/eviction/POLICY_ADAPTIVE.md §12): of z in {0, 1/2, ..., 3} it chose 0, so the band is
+# a setting (set_adaptive(band=)) that the shipped default leaves off.
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 4 << 16
 ADAPTIVE_STEP = 16384
