@@ -100,7 +100,7 @@ class EvictionPolicy(IntEnum):
     # Keys already in the heap keep their credit; each eviction re-keys one block in id order
     # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
     # per eviction; the state lives in the table's header, so it survives attach.
-    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max) sets it (step 0: a
+    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max, band) sets it (step 0: a
     # fixed setting, the
     # family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
     # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,

@@ -171,7 +171,7 @@ cdef int _check_table(BlockRegistry r) except -1:
 
 cdef int _check_adaptive(BlockRegistry r) except -1:
     # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range,
-    # the step and the move.
+    # the step and the move, the band, the frontier never behind its epoch-start value.
     cdef RegistryHeader *h = r.h
     if h.policy != POLICY_ADAPTIVE_ID:
         return 0
@@ -187,6 +187,9 @@ cdef int _check_adaptive(BlockRegistry r) except -1:
     if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX or h.adapt_growth < 1 or h.adapt_growth > GROWTH_MAX \
             or h.adapt_move < -h.adapt_growth * h.adapt_step or h.adapt_move > h.adapt_growth * h.adapt_step:
         raise RegistryError(f"adaptive: step {h.adapt_step}, growth {h.adapt_growth}, move {h.adapt_move}")
+    if h.adapt_band < 0 or h.adapt_band > BAND_MAX or h.adapt_front0 > h.adapt_frontier:
+        raise RegistryError(f"adaptive: band {h.adapt_band} (0..{BAND_MAX}), frontier {h.adapt_frontier} "
+                            f"below its value at the epoch's start {h.adapt_front0} (a running maximum)")
     return 0
 
 

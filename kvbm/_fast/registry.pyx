@@ -359,8 +359,8 @@ cdef class BlockRegistry:
         2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
         leaves-first, the largest move in steps (growth, 1..2**16: Rprop doubles the move up to
         growth * step), the highest level the moves reach (level_max, 0..9 * 2**16) and the vote's
-        dead band (band, z in quarters, 0..BAND_MAX: a side wins only with a net count of at least
-        z standard deviations of its counts); None keeps each. The next move is one step again. Every inactive block is re-keyed under the new
+        dead band (band, z in quarters, 0..BAND_MAX: a side wins only if its net exceeds the other's
+        by z standard deviations of the four counts); None keeps each. The next move is one step again. Every inactive block is re-keyed under the new
         setting (O(n); an epoch's move never does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "

@@ -8,8 +8,8 @@ Parts, in the order a run uses them:
                 to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
                 policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k,
-                and seeds 3-5 of every shape at 1k, 2k and 4k (added in round 12; seed 5 is
-                the one part of the set no design has been looked at against).
+                and seeds 3-5 of every shape at 1k, 2k and 4k (added in round 12, each first
+                replayed after one of its fits: SEED_CAPACITIES says which).
   TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
                 out. Training rows are marked in the table and left out of the held-out summary.
   hit_ratio()   one replay on the registry engine (trace_replay.RegistryEngine).

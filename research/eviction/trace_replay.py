@@ -658,8 +658,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-only", action="store_true",
                     help="with --hindsight: only the shared trace and its halves")
     ap.add_argument("--tune", action="store_true",
-                    help="with --hindsight: fit ADAPTIVE's start level, step, growth and level cap on "
-                         "the training set only (hindsight.TRAINING, GRID, RULE)")
+                    help="with --hindsight: fit ADAPTIVE's start level, step, growth, level cap and dead "
+                         "band on the training set only (hindsight.TRAINING, GRID, RULE)")
     ap.add_argument("--processes", type=int, default=1,
                     help="with --hindsight: worker processes for the replays (fork)")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed", *workloads.SHAPES],

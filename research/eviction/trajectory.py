@@ -1,6 +1,11 @@
 """ADAPTIVE's path on one validation case, epoch by epoch: the level it moved to, the vote's four
-counts, phi, the frontier's advance and the epoch's hit ratio (POLICY_ADAPTIVE.md §12 found the
-frontier bug with it: epochs whose advance read 0 voted for both moves at once).
+counts, phi, the frontier and its advance, and the epoch's hit ratio. POLICY_ADAPTIVE.md §12 found
+the frontier bug with a first version of it: in epochs whose advance read 0, every ghost hit
+counted as kept by one move or the other, and those epochs voted up.
+
+The counts are read between requests, so they are approximate: a row shows them as they stood
+before the request that ended the epoch (that request's own events before the end are missing),
+and a request that ends two epochs shows as one row.
 
     python -m research.eviction.trajectory sessions/s3 2000
     python -m research.eviction.trajectory shared 8000 --setting '{"band": 4}'
@@ -22,8 +27,8 @@ from research.eviction import trace_replay as tr
 
 def epochs(chains: Sequence[Sequence[int]], capacity: int, setting: dict | None = None) -> tuple[list[dict], float]:
     """Replays the chains on a registry engine under ADAPTIVE; one row per request that ended an
-    epoch (the counts as they stood before that request, the state after it; a request that ends
-    two epochs shows as one row), and the hit ratio."""
+    epoch (the counts as they stood before that request, the state after it; approximate, see the
+    module docstring), and the hit ratio."""
     eng = tr.RegistryEngine(capacity, "adaptive")
     if setting:
         eng.reg.set_adaptive(**setting)
@@ -37,7 +42,8 @@ def epochs(chains: Sequence[Sequence[int]], capacity: int, setting: dict | None 
             rows.append(dict(request=i, w=2 ** (now["level"] / ADAPTIVE_OCTAVE - 4),
                              gain_up=prev["gain_up"], loss_up=prev["loss_up"],
                              gain_down=prev["gain_down"], loss_down=prev["loss_down"],
-                             phi=now["phi"] / 256, rate=now["rate"], hit_ratio=ep_hits / max(ep_total, 1)))
+                             phi=now["phi"] / 256, frontier=now["frontier"], rate=now["rate"],
+                             hit_ratio=ep_hits / max(ep_total, 1)))
             ep_hits = ep_total = 0
         prev = now
     return rows, hits / max(total, 1)
@@ -55,11 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not found:
         raise SystemExit(f"trajectory: no case {args.case!r} in hindsight.cases()")
     rows, ratio = epochs(found[0], args.capacity, json.loads(args.setting) if args.setting else None)
-    print("| request | W after | gain up | loss up | gain down | loss down | phi | advance | epoch hit ratio |")
-    print("|" + "---|" * 9)
+    print("| request | W after | gain up | loss up | gain down | loss down | phi | frontier | advance | "
+          "epoch hit ratio |")
+    print("|" + "---|" * 10)
     for r in rows:
         print(f"| {r['request']} | {r['w']:.3g} | {r['gain_up']} | {r['loss_up']} | {r['gain_down']} | "
-              f"{r['loss_down']} | {r['phi']:.2f} | {r['rate']} | {r['hit_ratio']:.3f} |")
+              f"{r['loss_down']} | {r['phi']:.2f} | {r['frontier']} | {r['rate']} | {r['hit_ratio']:.3f} |")
     print(f"\n{args.case} at {args.capacity} blocks: hit ratio {ratio:.4f} over {len(rows)} epochs")
 
 

@@ -263,3 +263,57 @@ def test_adaptive_state_survives_attach():
     assert drive(twin, 60) == got
     assert attached.adaptive == twin.adaptive and attached.adaptive["level"] != 4 * OCT
     attached.check_invariants()
+
+
+def _fill(reg, hashes, reused=()):
+    """Registers fresh leaves under `hashes` (released), then matches the `reused` ones once more."""
+    blocks = reg.allocate(len(hashes))
+    reg.complete(blocks)
+    reg.release(reg.register(blocks, np.asarray(hashes, np.uint64)))
+    for h in reused:
+        reg.release(reg.match(np.asarray([h], np.uint64)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frontier_is_the_running_max_of_once_used_victims(impl):
+    """The frontier follows the last ticks of victims used once and ignores reused ones (whose
+    key2 carries the credit); the advance (rate) is known from the second epoch that moved it on,
+    and kept through an epoch whose victims were all reused."""
+    reg = impl(4, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, band=0)         # epochs of 2 evictions
+    _fill(reg, [11, 12, 13, 14], reused=[12])
+    seen = []
+    for _ in range(4):
+        gone = reg.evict(1).tolist()
+        a = reg.adaptive
+        seen.append((gone, a["frontier"], a["rate"]))
+    assert seen == [([11], 5, 0), ([13], 7, 0), ([14], 8, 0), ([12], 8, 1)]
+    _fill(reg, [21, 22, 23, 24], reused=[21, 22, 23, 24])
+    reg.evict(2)                                        # one epoch, every victim reused
+    assert (reg.adaptive["frontier"], reg.adaptive["rate"]) == (8, 1)
+    reg.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_ghost_votes_before_the_advance_is_known(impl):
+    """A victim that comes back in the first epochs counts as a ghost hit, not as a vote: with no
+    frontier advance known its distance past the frontier cannot be told."""
+    reg = impl(4, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(4 * OCT, OCT // 4, band=0)
+    _fill(reg, [11, 12, 13, 14], reused=[11, 12, 13, 14])
+    assert reg.evict(1).tolist() == [11]
+    _fill(reg, [11])                                    # 11 comes back: a ghost hit
+    a = reg.adaptive
+    assert a["rate"] == 0 and a["ghost_hits_reused"] == 1 and a["gain_up"] == a["gain_down"] == 0
+    reg.check_invariants()
+
+
+def test_band_boundary():
+    """The twin's band test at its edge: with z = 1 and counts of variance 9 + 256 (the floor),
+    a difference of 17 passes (17^2 = 289 >= 265) and 16 does not."""
+    reg = ReferenceRegistry(4, policy=POLICY_ADAPTIVE)
+    reg.set_adaptive(band=4)
+    reg._gain_up = 9
+    assert reg._outside_band(17) and not reg._outside_band(16)
+    reg.set_adaptive(band=0)
+    assert reg._outside_band(0)
