@@ -24,18 +24,20 @@ Parts:
             the same order as the twin): a hit on an inactive block (match or dedup; one in
             HIT_SAMPLE by tick, weighted HIT_SAMPLE, so a long match pays for few) with margin m =
             last tick + credit * f - frontier is lost by raising if f < phi and
-            m < dC_up * (phi - f), and by lowering if f > phi and m < dC_down * (f - phi); a ghost hit (a victim that came back), whose
-            margin is -(evictions since it left) * (frontier advance per eviction, the last epoch
-            that advanced it; ghost hits are not voted on before one has), is kept by raising if f > phi and -m <= dC_up * (f - phi), by lowering if f < phi and
-            -m <= dC_down * (phi - f). f and phi are in 1/256.
+            m < dC_up * (phi - f), and by lowering if f > phi and m < dC_down * (f - phi); a
+            ghost hit (a victim that came back), whose margin is -(evictions since it left) *
+            (frontier advance per eviction, the last epoch that advanced it; ghost hits are not
+            voted on before one has), is kept by raising if f > phi and -m <= dC_up * (f - phi),
+            by lowering if f < phi and -m <= dC_down * (phi - f). f and phi are in 1/256.
   epoch     N/2 evictions. At its end the vote: up if gains - losses of raising is positive,
             above lowering's by the dead band, down in the mirror case, else none. The band: the
             difference of the two nets must reach z standard deviations of the four counts (z =
             the header's adapt_band / 4; counts taken as Poisson, a tested hit weighing
             HIT_SAMPLE, so the variance is the gains + HIT_SAMPLE * the losses, plus a floor of
             HIT_SAMPLE**2: a loss count sampled one in HIT_SAMPLE that reads 0 may still be
-            HIT_SAMPLE). An epoch whose vote is noise, or rests on a handful of events, as on traces where every setting scores alike, or where both sides
-            claim about the same gain, does not move the level. Then the move (Rprop): one step
+            HIT_SAMPLE). An epoch whose vote is noise, or rests on a handful of events, as on
+            traces where every setting scores alike, or where both sides claim about the same
+            gain, does not move the level. Then the move (Rprop): one step
             the first time, doubled while the votes agree (up to the header's adapt_growth steps),
             halved when they turn (down to one step); clamped to 0..adapt_level_max (at most
             LEVEL_MAX).

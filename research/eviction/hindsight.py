@@ -51,10 +51,10 @@ NEW_SHAPES = {
 # Seeds of the synthetic and new shapes, and their capacities, in the order round 12 added and
 # first replayed them: seed 3 after its first design (the band alone) was fitted; seed 4 after the
 # second (the frontier fix), fitted after seeing seed 3's table; seed 5 after the third (the
-# band's variance floor), fitted after seeing seed 4's. So only seed 5 is clean for the final
-# choice (POLICY_ADAPTIVE.md §12).
+# band's variance floor), fitted after seeing seed 4's; seed 6 after the fourth (a held-back
+# vote keeps its counts), fitted after seeing seed 5's (POLICY_ADAPTIVE.md §12).
 SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000), 4: (1000, 2000, 4000),
-                   5: (1000, 2000, 4000)}
+                   5: (1000, 2000, 4000), 6: (1000, 2000, 4000)}
 # The training set (round 12, fixed before any replay of this round): seed 1 of every synthetic and
 # new shape at 1,000 and 4,000 blocks, and the shared trace's first half at 2,000 and 8,000 blocks
 # (30 cases). Held out: seed 2 of every shape (seen by earlier rounds), the full shared trace and

@@ -35,11 +35,11 @@ def test_training_set_and_grid():
     out starts above their cap and sweeps the dead band."""
     names = [(n, c) for n, _, c in hs.cases([[1, 2], [3]])]
     train = [nc for nc in names if hs.is_training(*nc)]
-    assert len(names) == 191 and len(train) == 30 and set(train) == hs.TRAINING
+    assert len(names) == 233 and len(train) == 30 and set(train) == hs.TRAINING
     assert all(n.endswith("/s1") and c in (1000, 4000) for n, c in train if not n.startswith("shared"))
-    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3", "/s4", "/s5"))
+    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3", "/s4", "/s5", "/s6"))
                    or n in ("shared", "shared-half2"))
-    assert sorted({c for n, c in names if n.endswith(("/s3", "/s4", "/s5"))}) == [1000, 2000, 4000]
+    assert sorted({c for n, c in names if n.endswith(("/s3", "/s4", "/s5", "/s6"))}) == [1000, 2000, 4000]
     settings = hs.grid_settings()
     assert len(settings) == 288 and all(s["level"] <= s["level_max"] for s in settings)
     assert {s["band"] for s in settings} == {0, 2, 4, 6, 8, 12}
