@@ -94,15 +94,13 @@ class EvictionPolicy(IntEnum):
     # one-step change would flip: hits on inactive blocks it would have evicted first, and victims
     # that came back (ghost hits) it would have kept; at the epoch's end the level moves toward the
     # side with more net gain, if it exceeds the other's by the dead band (ADAPTIVE_BAND: z
-    # standard deviations of the counts) (Rprop move sizes: ADAPTIVE_STEP..ADAPTIVE_GROWTH
-    # steps), clamped to level
-    # 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
+    # standard deviations of the counts), by Rprop move sizes (ADAPTIVE_STEP..ADAPTIVE_GROWTH
+    # steps), clamped to level 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
     # Keys already in the heap keep their credit; each eviction re-keys one block in id order
     # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
     # per eviction; the state lives in the table's header, so it survives attach.
-    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max, band) sets it (step 0: a
-    # fixed setting, the
-    # family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
+    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max, band) sets it (step
+    # 0: a fixed setting, the family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
     # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,
     # `_inactive_hit`, `_ghost_hit`, `_after_eviction`).
     ADAPTIVE = 2

@@ -338,8 +338,7 @@ cdef class BlockRegistry:
         """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, the smallest
         move (step), the largest in steps (growth), the last one (move), the highest level
         (level_max), the vote's dead band (band: z in quarters), leaf_first, evictions left in
-        the epoch and so far,
-        the frontier, its advance over the last epoch (rate), phi (256 * mean f of the frontier's
+        the epoch and so far, the frontier, its advance over the last epoch that moved it (rate), phi (256 * mean f of the frontier's
         victims), this epoch's marginal counts, and the ghost hits so far of blocks evicted after
         one use and after more (ghost_once: live ghost entries of the first kind)."""
         h = self.h
@@ -360,8 +359,9 @@ cdef class BlockRegistry:
         leaves-first, the largest move in steps (growth, 1..2**16: Rprop doubles the move up to
         growth * step), the highest level the moves reach (level_max, 0..9 * 2**16) and the vote's
         dead band (band, z in quarters, 0..BAND_MAX: a side wins only if its net exceeds the other's
-        by z standard deviations of the four counts); None keeps each. The next move is one step again. Every inactive block is re-keyed under the new
-        setting (O(n); an epoch's move never does)."""
+        by z standard deviations of the four counts); None keeps each. The next move is one step
+        again. Every inactive block is re-keyed under the new setting (O(n); an epoch's move never
+        does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
                                 f"({POLICY_ADAPTIVE_ID})")

@@ -8,16 +8,16 @@ Parts, in the order a run uses them:
                 to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
                 policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k,
-                and seeds 3-5 of every shape at 1k, 2k and 4k (added in round 12, each first
+                and seeds 3-6 of every shape at 1k, 2k and 4k (added in round 12, each first
                 replayed after one of its fits: SEED_CAPACITIES says which).
+  shape_chains() one shape's chains at one seed (cases() and trajectory.py build them with it).
   TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
                 out. Training rows are marked in the table and left out of the held-out summary.
   hit_ratio()   one replay on the registry engine (trace_replay.RegistryEngine).
   validate()    the table: every case, every policy, the best setting, the checks, the means.
   tune()        the fit of ADAPTIVE_LEVEL, ADAPTIVE_STEP, ADAPTIVE_GROWTH, ADAPTIVE_LEVEL_MAX and
-                ADAPTIVE_BAND on
-                TRAINING only: per-case references (LRU, the hindsight best, Belady) computed once,
-                then every setting of GRID, ranked by RULE.
+                ADAPTIVE_BAND on TRAINING only: per-case references (LRU, the hindsight best,
+                Belady) computed once, then every setting of GRID, ranked by RULE.
 Both validate() and tune() spread their replays over `processes` worker processes (fork).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000), 4: (
 # The training set (round 12, fixed before any replay of this round): seed 1 of every synthetic and
 # new shape at 1,000 and 4,000 blocks, and the shared trace's first half at 2,000 and 8,000 blocks
 # (30 cases). Held out: seed 2 of every shape (seen by earlier rounds), the full shared trace and
-# its second half (seen), seeds 3-5 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
+# its second half (seen), seeds 3-6 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
 # which of them had been seen). Round 11 trained on seed 1 at 1,000 only (its 7 failures of 10 at
 # 4,000 blocks, POLICY_ADAPTIVE.md §11.2); rounds 1-10 on shared-half1 only.
 TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
@@ -91,13 +91,18 @@ def cases(shared_chains, synthetic: bool = True) -> list[tuple[str, list, int]]:
     if not synthetic:
         return out
     for seed, caps in SEED_CAPACITIES.items():
-        for name, kw in ps.SYNTHETIC_SUITE.items():
-            ch = ps.chains_of(ps.generate_trace(seed=seed, **kw))
-            out += [(f"{name}/s{seed}", ch, c) for c in caps]
-        for name, kw in NEW_SHAPES.items():
-            ch = ps.chains_of(workloads.generate(seed=seed, **kw))
+        for name in (*ps.SYNTHETIC_SUITE, *NEW_SHAPES):
+            ch = shape_chains(name, seed)
             out += [(f"{name}/s{seed}", ch, c) for c in caps]
     return out
+
+
+def shape_chains(name: str, seed: int) -> list:
+    """The chains of one shape of the validation set (policy_sim's SYNTHETIC_SUITE or NEW_SHAPES)
+    at one seed; KeyError for a name that is neither."""
+    if name in ps.SYNTHETIC_SUITE:
+        return ps.chains_of(ps.generate_trace(seed=seed, **ps.SYNTHETIC_SUITE[name]))
+    return ps.chains_of(workloads.generate(seed=seed, **NEW_SHAPES[name]))
 
 
 def hit_ratio(chains, capacity: int, policy: str, setting: tuple | dict | None = None) -> float:
@@ -225,7 +230,7 @@ def grid_settings(grid: dict = GRID) -> list[dict]:
     above its cap is left out."""
     return [dict(level=lv, step=st, leaf_first=True, growth=gr, level_max=top, band=bd)
             for top, lv, st, gr, bd in itertools.product(grid["level_max"], grid["level"], grid["step"],
-                                                         grid["growth"], grid.get("band", [0]))
+                                                         grid["growth"], grid["band"])
             if lv <= top]
 
 
@@ -299,7 +304,7 @@ def tune(shared_chains, out=sys.stdout, grid: dict = GRID, processes: int = 1, t
     c = ranked[0]["setting"]
     print(f"\nChoice: start level {c['level']} (W = {_w(c['level'])}), step {c['step']} "
           f"(1/{ADAPTIVE_OCTAVE // c['step']} octave), growth {c['growth']}, level_max {c['level_max']} "
-          f"(W = {_w(c['level_max'])}), band {c.get('band', 0)} (z = {c.get('band', 0) / 4:g})", file=out)
+          f"(W = {_w(c['level_max'])}), band {c['band']} (z = {c['band'] / 4:g})", file=out)
     per_case = ranked[0]["hits"]
     print("\n| training case | blocks | LRU | chosen | hindsight best | ratio |\n|---|---|---|---|---|---|", file=out)
     for (name, _, cap), h, (lru, label, best, _) in zip(train, per_case, refs):
@@ -312,6 +317,6 @@ def _print_score(r: dict, out, rank: int | None = None) -> None:
     s = r["setting"]
     print(("" if rank is None else f"| {rank} ") +
           f"| {_w(s['level'])} | 1/{ADAPTIVE_OCTAVE // s['step']} | {s['growth']} | {_w(s['level_max'])} | "
-          f"{s.get('band', 0) / 4:g} | "
+          f"{s['band'] / 4:g} | "
           f"{r['failing']} | {r['below_lru']} | {r['below_best']} | {r['min_ratio']:.3f} | "
           f"{r['mean_ratio']:.3f} | {r['mean_gap']:+.3f} | {r['min_gap']:+.3f} |", file=out, flush=True)

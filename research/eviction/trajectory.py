@@ -49,6 +49,23 @@ def epochs(chains: Sequence[Sequence[int]], capacity: int, setting: dict | None 
     return rows, hits / max(total, 1)
 
 
+def case_chains(ap: argparse.ArgumentParser, case: str, trace: str | None) -> list:
+    """The chains of one hindsight case name: the shared trace or one of its halves (read from
+    the trace), or `shape/sSEED` (generated alone, not the whole validation set)."""
+    if case.startswith("shared"):
+        shared = ps.chains_of(ps.load_trace(ps.trace_arg(ap, trace)))
+        found = [ch for name, ch, _ in hindsight.cases(shared, synthetic=False) if name == case]
+    else:
+        shape, _, seed = case.rpartition("/s")
+        try:
+            found = [hindsight.shape_chains(shape, int(seed))]
+        except (KeyError, ValueError):
+            found = []
+    if not found:
+        raise SystemExit(f"trajectory: no case {case!r} (hindsight.cases() names them)")
+    return found[0]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("case", help="a hindsight case name: shared, shared-half1, rag-z0.8/s2, sessions/s3, ...")
@@ -56,11 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--trace", default=None, help=ps.TRACE_HELP)
     ap.add_argument("--setting", default=None, help="set_adaptive keyword arguments as JSON")
     args = ap.parse_args(argv)
-    shared = ps.chains_of(ps.load_trace(ps.trace_arg(ap, args.trace))) if args.case.startswith("shared") else [[1]]
-    found = [ch for name, ch, _ in hindsight.cases(shared) if name == args.case]
-    if not found:
-        raise SystemExit(f"trajectory: no case {args.case!r} in hindsight.cases()")
-    rows, ratio = epochs(found[0], args.capacity, json.loads(args.setting) if args.setting else None)
+    rows, ratio = epochs(case_chains(ap, args.case, args.trace), args.capacity,
+                         json.loads(args.setting) if args.setting else None)
     print("| request | W after | gain up | loss up | gain down | loss down | phi | frontier | advance | "
           "epoch hit ratio |")
     print("|" + "---|" * 10)

@@ -1,12 +1,14 @@
 """research/eviction/trajectory.py: ADAPTIVE's per-epoch path on a validation case."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from kvbm.policy import ADAPTIVE_OCTAVE as OCT
+from research.eviction import hindsight, trajectory
 from research.eviction import policy_sim as ps
 from research.eviction import trace_replay as tr
-from research.eviction import trajectory
 
 pytest.importorskip("kvbm._fast.registry")
 
@@ -29,6 +31,17 @@ def test_epochs_follow_the_registry(chat):
     assert any(r["rate"] > 0 for r in rows) and all(a["frontier"] <= b["frontier"] for a, b in zip(rows, rows[1:]))
     fixed, _ = trajectory.epochs(chat, 200, dict(level=5 * OCT, step=0))
     assert {r["w"] for r in fixed} == {2.0}
+
+
+def test_a_shape_case_is_generated_alone():
+    """`shape/sSEED` names the same chains cases() builds, generated without the rest."""
+    ap = argparse.ArgumentParser()
+    want = ps.chains_of(ps.generate_trace(seed=2, **ps.SYNTHETIC_SUITE["chat-z0.9"]))
+    assert trajectory.case_chains(ap, "chat-z0.9/s2", None) == want
+    assert trajectory.case_chains(ap, "sessions/s3", None) == hindsight.shape_chains("sessions", 3)
+    for bad in ("chat-z0.9", "chat-z0.9/sx", "nosuch/s1"):
+        with pytest.raises(SystemExit):
+            trajectory.case_chains(ap, bad, None)
 
 
 def test_main_prints_the_table(capsys):
