@@ -87,22 +87,18 @@ class EvictionPolicy(IntEnum):
     #   key1 = ((uint64)(priority + 2**31) << 1) | (leaf_first and children > 0)
     #   key2 = min(last_tick + credit * f(use_count), 2**64 - 1),   f as LINEAGE's
     #   credit = N * W ticks, W = 2**(level/2**16 - 4) (linear between octaves; level -1: W = 0)
-    # The registry keeps LINEAGE's ghost table (same size, same restore) and a frontier: the
-    # highest key2 (= last tick) of the victims of priority 0 without a child used once. Raising
-    # the credit one step moves a block's margin (key2 - frontier) by about dC * (f - phi), phi
-    # the mean f of the frontier's victims. Over each epoch (N/2 evictions) it counts the events a
-    # one-step change would flip: hits on inactive blocks it would have evicted first, and victims
-    # that came back (ghost hits) it would have kept; at the epoch's end the level moves toward the
-    # side with more net gain, if it exceeds the other's by the dead band (ADAPTIVE_BAND: z
-    # standard deviations of the counts), by Rprop move sizes (ADAPTIVE_STEP..ADAPTIVE_GROWTH
-    # steps), clamped to level 0..ADAPTIVE_LEVEL_MAX (at most 9 * 2**16: W = 1/16..32).
-    # Keys already in the heap keep their credit; each eviction re-keys one block in id order
-    # (the sweep), so no key is more than N evictions old. O(1) per hit and ghost hit, O(log n)
-    # per eviction; the state lives in the table's header, so it survives attach.
-    # BlockRegistry.set_adaptive(level, step, leaf_first, growth, level_max, band) sets it (step
-    # 0: a fixed setting, the family trace_replay's hindsight sweep runs). Not the default: it fails some of issue 14's
-    # checks (research/eviction/POLICY_ADAPTIVE.md). Spec: _reference.py (`_key`,
-    # `_inactive_hit`, `_ghost_hit`, `_after_eviction`).
+    # The registry keeps LINEAGE's ghost table (same size, same restore) and a shadow tuner
+    # (kvbm/_fast/_shadow.pxd): one block use in R (by hash; R a power of two, M = N / R in
+    # [ADAPTIVE_MINI_BLOCKS, 2 ADAPTIVE_MINI_BLOCKS)) is replayed on ten mini caches of M
+    # blocks, one per W in {0, 1/8, 1/4, ..., 32}, keyed the same way; every M/2 evictions of the
+    # W = 0 mini (an epoch), each mini's hits of the epoch join its score, decayed by
+    # ADAPTIVE_DECAY / 2**16, and the level moves to the best score's W. Keys already in the heap
+    # keep their credit; each eviction re-keys one block in id order (the sweep), so no key is
+    # more than N evictions old. Per use: 1/R of ten index probes and heap sifts of log2(M) levels,
+    # on release only; the state lives in the table (header and arrays), so it survives attach.
+    # BlockRegistry.set_adaptive(level, leaf_first, tune, decay) sets it (tune False: a fixed
+    # setting, the family trace_replay's hindsight sweep runs). Spec: _reference.py (`_key`) and
+    # _reference_shadow.py (the tuner); the study: research/eviction/POLICY_ADAPTIVE.md §13.
     ADAPTIVE = 2
 
     @classmethod
@@ -131,21 +127,15 @@ def has_ghost_table(policy: int) -> bool:
 POLICY_LRU = int(EvictionPolicy.LRU)
 POLICY_LINEAGE = int(EvictionPolicy.LINEAGE)
 POLICY_ADAPTIVE = int(EvictionPolicy.ADAPTIVE)
-# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 4 << 16 is W = 1), its smallest
-# move per epoch in levels (2**14: a quarter octave), its largest move in steps (Rprop doubles the
-# move while votes agree, up to this), the highest level the moves reach (9 << 16: W = 32, the
-# top of the scale) and the vote's dead band (z in quarters; 0: none, any net difference moves).
-# Round 12's fit on its training set (30 cases, fixed with the grid and the rule before the fit;
-# research/eviction/POLICY_ADAPTIVE.md §12): of z in {0, 1/2, ..., 3} it chose 0, so the band is
-# a setting (set_adaptive(band=)) that the shipped default leaves off.
+# ADAPTIVE's starting credit level (W = 2**(level/2**16 - 4); 4 << 16 is W = 1, one of the
+# tuner's candidates), the tuner's mini cache size target (kvbm/_fast/_table.pxd's SHADOW_MINI,
+# which the registry checks at import) and its scores' decay per epoch (in 2**-16). Round 13's fit
+# on the training set (research/eviction/POLICY_ADAPTIVE.md §13, research/eviction/shadow.py).
 ADAPTIVE_OCTAVE = 1 << 16
 ADAPTIVE_LEVEL = 4 << 16
-ADAPTIVE_STEP = 16384
-ADAPTIVE_GROWTH = 8
-ADAPTIVE_LEVEL_MAX = 9 << 16
-ADAPTIVE_BAND = 0
+ADAPTIVE_MINI_BLOCKS = 128
+ADAPTIVE_DECAY = 62259
 
-__all__ = ["ADAPTIVE_BAND", "ADAPTIVE_GROWTH", "ADAPTIVE_LEVEL", "ADAPTIVE_LEVEL_MAX", "ADAPTIVE_OCTAVE",
-           "ADAPTIVE_STEP", "BlockState",
+__all__ = ["ADAPTIVE_DECAY", "ADAPTIVE_LEVEL", "ADAPTIVE_MINI_BLOCKS", "ADAPTIVE_OCTAVE", "BlockState",
            "EvictionPolicy", "POLICY_ADAPTIVE", "POLICY_LINEAGE", "POLICY_LRU", "has_ghost_table",
            "policy_names"]

@@ -65,11 +65,11 @@ cdef inline bid_t index_find(const RegistryHeader *h, const uint64_t *keys, cons
         i = (i + 1) & mask
 
 
-cdef inline int64_t index_pos(const RegistryHeader *h, const uint64_t *keys, const bid_t *vals,
+cdef inline int64_t probe_pos(const uint64_t *keys, const bid_t *vals, int64_t shift, int64_t mask,
                               uint64_t key) noexcept nogil:
-    # Slot of key (a block or a ghost entry), or -1 - (the empty slot where the probe ended).
-    cdef int64_t i = index_home(key, h.index_shift)
-    cdef int64_t mask = h.index_mask
+    # Slot of key in a table of mask + 1 slots, or -1 - (the empty slot where the probe ended).
+    # The registry's index and each of ADAPTIVE's mini caches (_shadow.pxd) probe with it.
+    cdef int64_t i = index_home(key, shift)
     while True:
         if vals[i] == -1:
             return -1 - i
@@ -78,12 +78,16 @@ cdef inline int64_t index_pos(const RegistryHeader *h, const uint64_t *keys, con
         i = (i + 1) & mask
 
 
-cdef inline void index_erase_at(const RegistryHeader *h, uint64_t *keys, bid_t *vals,
-                                int64_t i) noexcept nogil:
+cdef inline int64_t index_pos(const RegistryHeader *h, const uint64_t *keys, const bid_t *vals,
+                              uint64_t key) noexcept nogil:
+    # Slot of key (a block or a ghost entry), or -1 - (the empty slot where the probe ended).
+    return probe_pos(keys, vals, h.index_shift, h.index_mask, key)
+
+
+cdef inline void probe_erase(uint64_t *keys, bid_t *vals, int64_t shift, int64_t mask,
+                             int64_t i) noexcept nogil:
     # Backward-shift deletion of the entry at slot i: pull later entries of the run back over
     # the hole unless their home slot lies cyclically in (hole, j]. Counts are the caller's.
-    cdef int64_t shift = h.index_shift
-    cdef int64_t mask = h.index_mask
     cdef int64_t j = i, k
     while True:
         j = (j + 1) & mask
@@ -100,6 +104,12 @@ cdef inline void index_erase_at(const RegistryHeader *h, uint64_t *keys, bid_t *
         i = j
     keys[i] = 0
     vals[i] = -1
+
+
+cdef inline void index_erase_at(const RegistryHeader *h, uint64_t *keys, bid_t *vals,
+                                int64_t i) noexcept nogil:
+    # Backward-shift deletion of the entry at slot i of the registry's index.
+    probe_erase(keys, vals, h.index_shift, h.index_mask, i)
 
 
 cdef inline void index_remove(RegistryHeader *h, uint64_t *keys, bid_t *vals,
@@ -136,13 +146,12 @@ cdef inline void ghost_unlink(RegistryHeader *h, GhostEntry *ghost, bid_t s) noe
     ghost[s].next = <bid_t>h.ghost_free
     ghost[s].hash = 0
     ghost[s].count = 0
-    ghost[s].evicted_at = 0
     h.ghost_free = s
     h.ghost_size -= 1
 
 
 cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, GhostEntry *ghost,
-                              uint64_t key, uint32_t count, uint32_t evicted_at) noexcept nogil:
+                              uint64_t key, uint32_t count) noexcept nogil:
     # In place of index_remove(key) for an evicted block: its index entry becomes a ghost entry.
     # A hash in the table is never REGISTERED, so the OrderedDict's update-in-place case cannot
     # arise.
@@ -157,7 +166,6 @@ cdef inline void ghost_record(RegistryHeader *h, uint64_t *keys, bid_t *vals, Gh
     h.ghost_free = ghost[s].next
     ghost[s].hash = key
     ghost[s].count = count
-    ghost[s].evicted_at = evicted_at
     h.ghost_size += 1
     if count < 2:
         h.ghost_once += 1

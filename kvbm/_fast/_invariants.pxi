@@ -170,28 +170,70 @@ cdef int _check_table(BlockRegistry r) except -1:
 
 
 cdef int _check_adaptive(BlockRegistry r) except -1:
-    # ADAPTIVE's header: the level in range and its credit, the epoch and sweep cursors in range,
-    # the step and the move, the band, the frontier never behind its epoch-start value.
+    # ADAPTIVE's header (the level in range and its credit, the sweep cursor, the tuner's shape,
+    # decay, candidate and epoch count), then each mini cache (_check_mini).
     cdef RegistryHeader *h = r.h
+    cdef int64_t n = h.num_blocks, m = h.shadow_m, k
     if h.policy != POLICY_ADAPTIVE_ID:
         return 0
-    if h.adapt_level_max < 0 or h.adapt_level_max > LEVEL_MAX or h.adapt_level < -1 \
-            or h.adapt_level > h.adapt_level_max \
-            or h.adapt_credit != credit_of(h.num_blocks, h.adapt_level):
+    if h.adapt_level < -1 or h.adapt_level > LEVEL_MAX or h.adapt_credit != credit_of(n, h.adapt_level):
         raise RegistryError(f"adaptive: level {h.adapt_level} with credit {h.adapt_credit}, expected "
-                            f"-1..{h.adapt_level_max} (<= {LEVEL_MAX}) with credit "
-                            f"{credit_of(h.num_blocks, h.adapt_level)}")
-    if not 0 < h.adapt_left <= epoch_length(h.num_blocks) or not 0 <= h.adapt_sweep < h.num_blocks:
-        raise RegistryError(f"adaptive: {h.adapt_left} evictions left in the epoch, sweep at block "
-                            f"{h.adapt_sweep}, for {h.num_blocks} blocks")
-    if h.adapt_step < 0 or h.adapt_step > LEVEL_MAX or h.adapt_growth < 1 or h.adapt_growth > GROWTH_MAX \
-            or h.adapt_move < -h.adapt_growth * h.adapt_step or h.adapt_move > h.adapt_growth * h.adapt_step:
-        raise RegistryError(f"adaptive: step {h.adapt_step}, growth {h.adapt_growth}, move {h.adapt_move}")
-    if h.adapt_band < 0 or h.adapt_band > BAND_MAX or h.adapt_front0 > h.adapt_frontier:
-        raise RegistryError(f"adaptive: band {h.adapt_band} (0..{BAND_MAX}), frontier {h.adapt_frontier} "
-                            f"below its value at the epoch's start {h.adapt_front0} (a running maximum)")
+                            f"-1..{LEVEL_MAX} with credit {credit_of(n, h.adapt_level)}")
+    if not 0 <= h.adapt_sweep < n or not 0 <= h.adapt_stale <= n:
+        raise RegistryError(f"adaptive: sweep at block {h.adapt_sweep} with {h.adapt_stale} keys to "
+                            f"refresh, for {n} blocks")
+    if h.shadow_rate != shadow_rate(n) or m != n // h.shadow_rate or h.shadow_cap != shadow_capacity(m) \
+            or (<int64_t>1 << (64 - h.shadow_shift)) != h.shadow_cap:
+        raise RegistryError(f"adaptive tuner: rate {h.shadow_rate}, {m} blocks per mini cache, "
+                            f"{h.shadow_cap} index slots (shift {h.shadow_shift}) for {n} blocks")
+    if not 0 <= h.shadow_decay <= 65536 or not -1 <= h.shadow_current < SHADOW_K \
+            or h.shadow_next != (h.shadow_epochs + 1) * (m // 2 if m >= 2 else 1):
+        raise RegistryError(f"adaptive tuner: decay {h.shadow_decay}, candidate {h.shadow_current}, "
+                            f"epoch {h.shadow_epochs} ending at {h.shadow_next} evictions")
+    for k in range(SHADOW_K):
+        _check_mini(r, k)
     return 0
 
+
+cdef int _check_mini(BlockRegistry r, int64_t k) except -1:
+    # Mini cache k: its credit, its heap over slots 0..size-1 (order, positions, keys), and its
+    # index holding exactly those slots and its live ring positions, each reachable from home.
+    cdef RegistryHeader *h = r.h
+    cdef ShadowView *v = &r.sv
+    cdef ShadowMini *mini = &v.mini[k]
+    cdef int64_t m = h.shadow_m, base = k * m, ib = k * h.shadow_cap, mask = h.shadow_cap - 1
+    cdef int64_t i, s, live = 0, used = 0
+    cdef HeapEntry *heap = v.heap + base
+    if mini.credit != credit_of(m, shadow_level(k)) or not 0 <= mini.size <= m \
+            or not 0 <= mini.head < m or mini.last_hits > mini.hits:
+        raise RegistryError(f"mini cache {k}: credit {mini.credit}, size {mini.size} of {m}, ring head "
+                            f"{mini.head}, hits {mini.hits} (last epoch {mini.last_hits})")
+    for i in range(mini.size):
+        s = heap[i].block
+        if not 0 <= s < mini.size or v.pos[base + s] != i:
+            raise RegistryError(f"mini cache {k}: heap slot {i} holds slot {s} with position "
+                                f"{v.pos[base + s] if 0 <= s < m else None}")
+        if i > 0 and heap_less(&heap[i], &heap[(i - 1) >> 2]):
+            raise RegistryError(f"mini cache {k}: heap order broken at {i}")
+        if heap[i].key1 != mini_key(heap[i].key2, mini.credit, v.count[base + s], heap[i].key1 >> 63) \
+                or heap[i].key2 > h.shadow_tick or v.count[base + s] == 0:
+            raise RegistryError(f"mini cache {k}: slot {s} keyed ({heap[i].key1}, {heap[i].key2}) "
+                                f"with use count {v.count[base + s]}")
+        if v.ivals[ib + probe_pos(v.ikeys + ib, v.ivals + ib, h.shadow_shift, mask, v.hash[base + s])] != s:
+            raise RegistryError(f"mini cache {k}: slot {s}'s hash {v.hash[base + s]} is not indexed to it")
+    for i in range(m):
+        if v.ring_count[base + i] != 0:
+            live += 1
+            if v.ivals[ib + probe_pos(v.ikeys + ib, v.ivals + ib, h.shadow_shift, mask,
+                                      v.ring_hash[base + i])] != -2 - i:
+                raise RegistryError(f"mini cache {k}: ring position {i} is not indexed to it")
+    for i in range(h.shadow_cap):
+        if v.ivals[ib + i] != -1:
+            used += 1
+    if used != mini.size + live:
+        raise RegistryError(f"mini cache {k}: index holds {used} entries, {mini.size} blocks and "
+                            f"{live} ring entries live")
+    return 0
 
 
 cdef int _check_ghost(BlockRegistry r) except -1:

@@ -2,7 +2,8 @@
 
 Same API, same semantics, same results: block ids handed out, eviction order and tie-breaking,
 ticks, dedup, lineage, the evicted-hash ring, LINEAGE's ghost table (an OrderedDict here: FIFO of
-at most G live (hash -> use count) entries), ADAPTIVE's credit, epochs, votes and sweep. This file
+at most G live (hash -> use count) entries), ADAPTIVE's credit, its shadow tuner
+(_reference_shadow.py, fed at each release of a REGISTERED block) and its sweep. This file
 is the spec of the registry's policies (kvbm/policy.py); the study behind them:
 research/eviction/. The differential tests drive both with the same random operation sequences and
 compare every return value. Speed is irrelevant here, except that the inactive set is a heapq with
@@ -19,13 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvbm._fast._reference_shadow import SHADOW_LEVELS, ShadowTuner
 from kvbm.errors import RegistryError
 from kvbm.policy import (
-    ADAPTIVE_BAND,
-    ADAPTIVE_GROWTH,
+    ADAPTIVE_DECAY,
     ADAPTIVE_LEVEL,
-    ADAPTIVE_LEVEL_MAX,
-    ADAPTIVE_STEP,
+    ADAPTIVE_MINI_BLOCKS,
     POLICY_ADAPTIVE,
     POLICY_LINEAGE,
     POLICY_LRU,
@@ -38,8 +38,7 @@ _MAX_BLOCKS = 2147483646
 _U64 = (1 << 64) - 1
 _LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
 _LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
-_GROWTH_MAX = 1 << 16            # the largest growth set_adaptive accepts
-_BAND_MAX = 64                   # the largest band set_adaptive accepts (z = 16)
+_SWEEP_BURST = 16                # ADAPTIVE: keys the sweep re-keys per eviction after a move
 
 
 def _f_of(u: int) -> int:
@@ -114,25 +113,16 @@ class ReferenceRegistry:
         self._tick = 0
         self._ring: deque[int] = deque(maxlen=num_blocks)
         self._dropped = 0
-        # ADAPTIVE's state (the registry's header; kvbm/_fast/_adapt.pxd)
+        # ADAPTIVE's state (the registry's header; kvbm/_fast/_adapt.pxd, _shadow.pxd)
         self._level = ADAPTIVE_LEVEL
-        self._step = ADAPTIVE_STEP
-        self._growth = ADAPTIVE_GROWTH        # the largest move, in steps
-        self._level_max = ADAPTIVE_LEVEL_MAX  # the highest level a move reaches
-        self._band = ADAPTIVE_BAND            # the vote's dead band, z in quarters
         self._leaf = True
+        self._tune = True        # the shadow tuner moves the level
+        self._tuner = ShadowTuner(num_blocks, ADAPTIVE_MINI_BLOCKS, ADAPTIVE_DECAY, ADAPTIVE_LEVEL)
         self._hits_once = 0
         self._hits_reused = 0
         self._ghost_once = 0     # live ghost entries with count < 2 (the header's ghost_once)
-        self._ghost_at: dict[int, int] = {}   # ghost hash -> eviction clock's low 32 bits
-        self._move = 0           # signed size of the last move (Rprop); 0: no vote yet
-        self._epoch_left = max(num_blocks // 2, 1)
-        self._sweep = 0          # the block the next eviction re-keys
-        self._evictions = 0
-        self._frontier = self._front0 = self._rate = 0
-        self._fsum = self._fcount = self._phi = 0
-        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
-        self._victim = None      # the heap entry of the last victim
+        self._sweep = 0          # the block the sweep re-keys next
+        self._stale = 0          # blocks the sweep has still to re-key since the last move
 
     # ---- properties ----
     num_blocks = property(lambda self: self._n)
@@ -148,31 +138,30 @@ class ReferenceRegistry:
 
     @property
     def adaptive(self) -> dict:
-        return dict(level=self._level, credit=_credit_of(self._n, self._level), step=self._step,
-                    growth=self._growth, level_max=self._level_max, band=self._band, move=self._move,
-                    leaf_first=self._leaf, epoch_left=self._epoch_left,
-                    evictions=self._evictions, frontier=self._frontier, rate=self._rate,
-                    phi=self._phi, gain_up=self._gain_up, loss_up=self._loss_up,
-                    gain_down=self._gain_down, loss_down=self._loss_down,
+        t = self._tuner
+        return dict(level=self._level, credit=_credit_of(self._n, self._level), tune=self._tune,
+                    leaf_first=self._leaf, stale=self._stale, rate=t.rate, mini_blocks=t.m,
+                    epochs=t.epochs, decay=t.decay,
+                    current=t.current, levels=list(SHADOW_LEVELS), scores=list(t.score),
+                    hits=[m.hits for m in t.minis], evictions=[m.evictions for m in t.minis],
                     ghost_hits_once=self._hits_once, ghost_hits_reused=self._hits_reused,
                     ghost_once=self._ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None,
-                     band=None) -> None:
+    def set_adaptive(self, level=None, leaf_first=None, tune=None, decay=None) -> None:
         if self._policy != POLICY_ADAPTIVE:
             raise RegistryError(f"set_adaptive: policy {self._policy} is not ADAPTIVE")
         lv = self._level if level is None else self._count(level + 1, "set_adaptive: level + 1") - 1
-        st = self._step if step is None else self._count(step, "set_adaptive: step")
-        gr = self._growth if growth is None else self._count(growth, "set_adaptive: growth")
-        top = self._level_max if level_max is None else self._count(level_max, "set_adaptive: level_max")
-        bd = self._band if band is None else self._count(band, "set_adaptive: band")
-        if top > _LEVEL_MAX or lv > top or st > _LEVEL_MAX or not 1 <= gr <= _GROWTH_MAX or bd > _BAND_MAX:
-            raise RegistryError(f"set_adaptive: level {lv}, level_max {top}, step {st}, growth {gr} "
-                                f"or band {bd} out of range")
-        self._level, self._step, self._growth, self._level_max, self._band = lv, st, gr, top, bd
-        self._move = 0
+        dc = self._tuner.decay if decay is None else self._count(decay, "set_adaptive: decay")
+        if lv > _LEVEL_MAX or dc > 1 << 16:
+            raise RegistryError(f"set_adaptive: level {lv} or decay {dc} out of range")
+        self._level = lv
+        self._tuner.current = SHADOW_LEVELS.index(lv) if lv in SHADOW_LEVELS else -1
+        self._tuner.decay = dc
+        if tune is not None:
+            self._tune = bool(tune)
         if leaf_first is not None:
             self._leaf = bool(leaf_first)
+        self._stale = 0
         for b in list(self._inactive):     # a setting applies to every key
             self._update_key(b)
 
@@ -192,96 +181,6 @@ class ReferenceRegistry:
             return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
 
-    def _one_step(self) -> tuple[float, float]:
-        """Credit ticks gained by one step up and lost by one step down (floats, as the registry)."""
-        credit = _credit_of(self._n, self._level)
-        hi = min(self._level + self._step, self._level_max)
-        lo = max(self._level - self._step, 0)
-        return (float(_credit_of(self._n, hi)) - float(credit),
-                float(credit) - float(_credit_of(self._n, lo)))
-
-    def _inactive_hit(self, last_tick: int, count: int) -> None:
-        """ADAPTIVE: a match or dedup acquired an inactive block (last tick, use count); one in 16
-        by tick is tested (weighted 16): counted if a one-step change of the credit would have
-        evicted it first, its margin taken at the current credit (_adapt.pxd)."""
-        if not self._step or self._tick % 16:
-            return
-        up, down = self._one_step()
-        steps = _f_of(count)
-        m = ((float(last_tick) - float(self._frontier))
-             + float(_credit_of(self._n, self._level)) * float(steps)) * 256.0
-        f = float(256 * steps)
-        phi = float(self._phi)
-        if f < phi and m < up * (phi - f):
-            self._loss_up += 16
-        if f > phi and m < down * (f - phi):
-            self._loss_down += 16
-
-    def _ghost_hit(self, count: int, evicted_at: int) -> None:
-        """ADAPTIVE: a registration hit a ghost entry (a victim that came back) evicted with use
-        count `count` when the eviction clock's low 32 bits read `evicted_at`: counted by kind,
-        and if a one-step change of the credit would have kept it (_adapt.pxd)."""
-        if count < 2:
-            self._hits_once += 1
-        else:
-            self._hits_reused += 1
-        if not self._step or not self._rate:    # a fixed setting, or no frontier advance known yet
-            return
-        up, down = self._one_step()
-        age = (self._evictions - evicted_at) & 0xFFFFFFFF
-        dist = float(age) * float(self._rate) / float(max(self._n // 2, 1)) * 256.0
-        f = float(256 * _f_of(count))
-        phi = float(self._phi)
-        if f > phi and dist <= up * (f - phi):
-            self._gain_up += 1
-        if f < phi and dist <= down * (phi - f):
-            self._gain_down += 1
-
-    def _after_eviction(self, entry: tuple, count: int) -> None:
-        """ADAPTIVE, after each eviction (victim's heap entry and use count): the frontier, then
-        the epoch (N // 2 evictions): vote (gains - losses of a step up against a step down),
-        phi, rate, and the move (Rprop: one step first, doubled while votes agree, up to growth
-        steps, halved when they turn), clamped to 0..level_max (step 0: never moves)."""
-        if entry[0] == 1 << 32:                 # priority 0, no registered child
-            if count < 2:                       # used once: key2 is its last tick; a running max
-                self._frontier = max(self._frontier, entry[1])
-            self._fsum += _f_of(count)
-            self._fcount += 1
-        self._epoch_left -= 1
-        if self._epoch_left > 0:
-            return
-        self._epoch_left = max(self._n // 2, 1)
-        up, down = self._gain_up - self._loss_up, self._gain_down - self._loss_down
-        vote = (1 if up > 0 and up > down and self._outside_band(up - down)
-                else -1 if down > 0 and down > up and self._outside_band(down - up)
-                else 0)
-        self._gain_up = self._loss_up = self._gain_down = self._loss_down = 0
-        if self._fcount:
-            self._phi = 256 * self._fsum // self._fcount
-        self._fsum = self._fcount = 0
-        if self._front0 and self._frontier > self._front0:   # else keep the last known advance
-            self._rate = self._frontier - self._front0
-        self._front0 = self._frontier
-        if not self._step or not vote:
-            return
-        size = abs(self._move)
-        if self._move == 0:                     # the first vote: one step
-            size = self._step
-        elif (self._move > 0) == (vote > 0):
-            size = min(size * 2, self._growth * self._step)
-        else:
-            size = max(size // 2, self._step)
-        self._move = size if vote > 0 else -size
-        self._level = min(max(self._level + self._move, 0), self._level_max)
-
-    def _outside_band(self, diff: int) -> bool:
-        """The vote's dead band: |diff| >= (band / 4) * sqrt(the four counts' variance), squared,
-        in doubles computed in the registry's order (a tested hit weighs 16, so its variance is 16
-        times its weight; plus one tested hit's, 256, the floor of a count sampled 1 in 16)."""
-        return 16.0 * float(diff) * float(diff) >= float(self._band) * float(self._band) * (
-            float(self._gain_up) + float(self._gain_down)
-            + 16.0 * (float(self._loss_up) + float(self._loss_down) + 16.0))
-
     def _key_current(self, b: int) -> bool:
         # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
         # the credit of when it was computed, so only key1 and key2 >= its tick are checked
@@ -300,8 +199,6 @@ class ReferenceRegistry:
         heapq.heappush(self._heap, entry)
 
     def _make_active(self, b: int) -> None:
-        if self._policy == POLICY_ADAPTIVE:      # a hit on an inactive block
-            self._inactive_hit(self._blocks[b].tick, self._blocks[b].use_count)
         del self._inactive[b]
 
     def _pop_victim(self) -> int:
@@ -310,7 +207,6 @@ class ReferenceRegistry:
             b = entry[-1]
             if self._inactive.get(b) == entry:
                 del self._inactive[b]
-                self._victim = entry
                 return b
 
     # ---- block life cycle ----
@@ -323,8 +219,6 @@ class ReferenceRegistry:
     def _evict_one(self) -> int:
         b = self._pop_victim()
         blk = self._blocks[b]
-        if self._policy == POLICY_ADAPTIVE:
-            self._evictions += 1                 # first: the ghost entry records the new value
         del self._index[blk.hash]
         if blk.parent >= 0:
             self._blocks[blk.parent].children.remove(b)
@@ -336,22 +230,21 @@ class ReferenceRegistry:
             if len(self._ghost) == self._ghost_cap:
                 self._ghost_pop(next(iter(self._ghost)))      # the oldest is forgotten
             self._ghost[blk.hash] = blk.use_count
-            self._ghost_at[blk.hash] = self._evictions & 0xFFFFFFFF
             self._ghost_once += blk.use_count < 2
         if len(self._ring) == self._n:
             self._dropped += 1
         self._ring.append(blk.hash)
         self._blocks[b] = _Block()
         if self._policy == POLICY_ADAPTIVE:
-            # last: every key of this eviction had the old credit
-            self._after_eviction(self._victim, blk.use_count)
-            # the sweep: one block's key refreshed per eviction, in block id order
-            self._update_key(self._sweep)
-            self._sweep = (self._sweep + 1) % self._n
+            # the sweep: after a move, 16 keys refreshed per eviction in block id order, until
+            # all N are
+            for _ in range(min(self._stale, _SWEEP_BURST)):
+                self._update_key(self._sweep)
+                self._sweep = (self._sweep + 1) % self._n
+                self._stale -= 1
         return b
 
     def _ghost_pop(self, h: int) -> int:
-        self._ghost_at.pop(h)
         c = self._ghost.pop(h)
         self._ghost_once -= c < 2
         return c
@@ -457,9 +350,12 @@ class ReferenceRegistry:
             self._index[h] = b
             if h in self._ghost:
                 # restored (replacing any touches while PARTIAL/COMPLETE), entry consumed; ADAPTIVE
-                # counts the hit
+                # counts the hit (a statistic)
                 if self._policy == POLICY_ADAPTIVE:
-                    self._ghost_hit(self._ghost[h], self._ghost_at[h])
+                    if self._ghost[h] < 2:
+                        self._hits_once += 1
+                    else:
+                        self._hits_reused += 1
                 blk.use_count = self._ghost_pop(h)
             if p >= 0:
                 blk.parent = p
@@ -503,17 +399,24 @@ class ReferenceRegistry:
             if counts[b] > self._blocks[b].refcount:
                 raise RegistryError(f"release: block {b} released {counts[b]} times, "
                                     f"refcount {self._blocks[b].refcount}")
+        tune = self._policy == POLICY_ADAPTIVE and self._tune
         for b in ids:
             blk = self._blocks[b]
             blk.refcount -= 1
-            if blk.refcount > 0:
-                continue
-            if blk.state == BlockState.REGISTERED:
+            if blk.refcount == 0:
+                if blk.state != BlockState.REGISTERED:
+                    self._free_block(b)
+                    continue
                 self._tick += 1
                 blk.tick = self._tick
                 self._make_inactive(b)
-            else:
-                self._free_block(b)
+            elif blk.state != BlockState.REGISTERED:
+                continue
+            if tune:       # a use ended: the tuner sees it after the block's own release
+                level = self._tuner.use(blk.hash, self._leaf and bool(blk.children))
+                if level is not None:
+                    self._level = level
+                    self._stale = self._n
 
     def evict(self, n):
         n = min(self._count(n, "evict: n"), len(self._inactive))

@@ -19,6 +19,8 @@
 #   index        every REGISTERED block under its hash (two under one hash: the unheld one is
 #                dropped; a cut call never makes that, see the shared_g2 docstring)
 #   ghost table  emptied: its FIFO order cannot be rebuilt (LINEAGE loses frequency credits only)
+#   tuner        ADAPTIVE's mini caches emptied (a use cut short may have left one half-updated);
+#                the level, the candidate it follows and the decay stay
 #   free list    RESET blocks in id order (FIFO order is lost: any order is a valid free list)
 #   heap         every REGISTERED block with refcount 0, keys from the policy now
 #   header       counts recomputed, tick >= every last_tick, ring cursor clamped into range
@@ -73,6 +75,7 @@ cdef dict _rebuild_table(BlockRegistry r, const uint32_t *rc):
         memset(<void *>r.ghost, 0, (g + 1) * sizeof(GhostEntry))
     r.h.ghost_size = 0
     ghost_init(r.h, r.ghost, g)
+    shadow_clear(r.h, &r.sv)
     for b in range(n):
         if r.state[b] != ST_REGISTERED:
             continue

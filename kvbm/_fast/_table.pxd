@@ -11,7 +11,7 @@ cdef enum:   # the ids of kvbm.policy.EvictionPolicy, one each (registry.pyx che
     POLICY_LINEAGE_ID = 1  # kvbm.policy.EvictionPolicy.LINEAGE: priority, leaves first, then
                            #   last tick + lineage_c * f(use count) (_reference.py `_key`)
     POLICY_ADAPTIVE_ID = 2  # kvbm.policy.EvictionPolicy.ADAPTIVE: LINEAGE's key with the credit
-                            #   adapt_credit, tuned online on the ghost hits (_adapt.pxd)
+                            #   adapt_credit, tuned online by miniature simulation (_shadow.pxd)
 
 cdef enum:
     ST_RESET = 0         # kvbm.policy.BlockState values, stored as uint8
@@ -21,7 +21,10 @@ cdef enum:
 
 cdef enum:
     TABLE_ALIGN = 64     # every array starts on a cache line
-    NUM_ARRAYS = 21      # header + the arrays of table_layout
+    NUM_ARRAYS = 30      # header + the arrays of table_layout
+    SHADOW_K = 10        # ADAPTIVE's tuner: candidates W = 0, 1/8, 1/4, ..., 32 (_shadow.pxd)
+    SHADOW_MINI = 128    # ADAPTIVE's tuner: mini cache size target (M in [SHADOW_MINI, 2 SHADOW_MINI))
+    SWEEP_BURST = 16     # ADAPTIVE: keys the sweep refreshes per eviction after a move
 
 
 ctypedef struct RegistryHeader:
@@ -48,28 +51,19 @@ ctypedef struct RegistryHeader:
     int64_t adapt_level       # ADAPTIVE: credit weight W = 2**(level/2**16 - 4) blocks' worth of
                               #   ticks (0..9 * 2**16: W = 1/16..32); -1: W = 0 (_adapt.pxd)
     uint64_t adapt_credit     # ADAPTIVE: ticks of credit per frequency step at adapt_level (N * W)
-    int64_t adapt_step        # ADAPTIVE: the smallest move per epoch, in levels (0: a fixed setting)
-    int64_t adapt_move        # ADAPTIVE: the next move's size (step..growth * step), signed by the last vote
-    int64_t adapt_growth      # ADAPTIVE: the largest move, in steps (Rprop's growth; 1: every move one step)
-    int64_t adapt_level_max   # ADAPTIVE: the highest level the moves reach (0..9 * 2**16; 9 * 2**16: W = 32)
-    int64_t adapt_band        # ADAPTIVE: the vote's dead band, z in quarters: a side wins only if its net
-                              #   exceeds the other's by z standard deviations of the counts (0: any)
+    int64_t adapt_tune        # ADAPTIVE: 1 the shadow tuner moves the level (_shadow.pxd), 0 a fixed setting
     int64_t adapt_leaf        # ADAPTIVE: 1 leaves before interior blocks (key1's low bit), 0 not
-    int64_t adapt_left        # ADAPTIVE: evictions left in this epoch (an epoch is N/2 evictions)
-    int64_t adapt_sweep       # ADAPTIVE: the block whose key the next eviction refreshes (0..N-1)
-    uint64_t adapt_evictions  # ADAPTIVE: evictions so far (ghost entries keep its low 32 bits)
-    uint64_t adapt_frontier   # ADAPTIVE: highest key2 (last tick) of the victims of priority 0
-                              #   without a child used once (a running maximum)
-    uint64_t adapt_front0     # ADAPTIVE: adapt_frontier when this epoch began
-    uint64_t adapt_rate       # ADAPTIVE: how far the frontier moved in the last epoch that moved
-                              #   it (ticks; 0: not known yet)
-    uint64_t adapt_fsum       # ADAPTIVE: this epoch's frontier victims: sum of f(use count)
-    uint64_t adapt_fcount     # ADAPTIVE: this epoch's frontier victims: count
-    uint64_t adapt_phi        # ADAPTIVE: 256 * mean f of the last epoch's frontier victims
-    int64_t adapt_gain_up     # ADAPTIVE, this epoch: returns a higher credit would have kept
-    int64_t adapt_loss_up     #   hits a higher credit would have lost
-    int64_t adapt_gain_down   #   returns a lower credit would have kept
-    int64_t adapt_loss_down   #   hits a lower credit would have lost
+    int64_t adapt_sweep       # ADAPTIVE: the block whose key the sweep refreshes next (0..N-1)
+    int64_t adapt_stale       # ADAPTIVE: blocks the sweep has still to refresh since the last move (0..N)
+    int64_t shadow_rate       # ADAPTIVE's tuner: R, a power of two: one block use in R is sampled
+    int64_t shadow_m          # ADAPTIVE's tuner: M = N // R blocks per mini cache (SHADOW_K of them)
+    int64_t shadow_cap        # ADAPTIVE's tuner: P, index slots per mini cache (a power of two >= 4M)
+    int64_t shadow_shift      # ADAPTIVE's tuner: 64 - log2(P), for index_home
+    uint64_t shadow_tick      # ADAPTIVE's tuner: the mini caches' clock (two ticks per sampled use)
+    uint64_t shadow_next      # ADAPTIVE's tuner: mini 0's eviction count that ends this epoch
+    uint64_t shadow_epochs    # ADAPTIVE's tuner: epochs so far
+    int64_t shadow_decay      # ADAPTIVE's tuner: the scores' decay per epoch, in 2**-16 (0..2**16)
+    int64_t shadow_current    # ADAPTIVE's tuner: the candidate the level follows (-1: none yet)
     uint64_t ghost_hits_once  # ghost hits of blocks evicted after one use (cumulative)
     uint64_t ghost_hits_reused   # ghost hits of blocks evicted after two or more (cumulative)
 
@@ -81,12 +75,23 @@ ctypedef struct HeapEntry:
     uint32_t pad              # 0 (keeps the entry 24 bytes, the buffer deterministic)
 
 
+ctypedef struct ShadowMini:      # one candidate of ADAPTIVE's tuner (_shadow.pxd)
+    uint64_t credit           # ticks of credit per frequency step: credit_of(M, its level)
+    uint64_t hits             # sampled uses that found their block in this mini cache (cumulative)
+    uint64_t last_hits        # hits when the last epoch ended
+    uint64_t evictions        # blocks this mini cache evicted (cumulative)
+    int64_t score             # decayed hits per epoch, in 2**-16
+    int64_t size              # blocks in it (<= M): slots 0..size-1, its heap's entries
+    int64_t head              # the ring position the next eviction writes (0..M-1)
+    int64_t pad               # 0 (64 bytes)
+
+
 ctypedef struct GhostEntry:
     uint64_t hash             # evicted sequence hash (0 when unused)
     uint32_t count            # its use count at eviction (>= 1 while live, 0 when unused)
     bid_t prev                # FIFO neighbours (slot ids, G = sentinel); prev -1 when unused
     bid_t next                #   next also chains the unused slots (-1 ends)
-    uint32_t evicted_at       # ADAPTIVE: low 32 bits of adapt_evictions at its eviction, else 0
+    uint32_t pad              # 0 (keeps the entry 24 bytes, the buffer deterministic)
 
 
 cdef inline int64_t index_capacity(int64_t n) noexcept nogil:
@@ -102,10 +107,28 @@ cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
     return (x + a - 1) // a * a
 
 
+cdef inline int64_t shadow_rate(int64_t n) noexcept nogil:
+    # R: the largest power of two with R * 2 * SHADOW_MINI <= N (1 below), so M = N // R lies in
+    # [SHADOW_MINI, 2 SHADOW_MINI) once N >= SHADOW_MINI, and is N below.
+    cdef int64_t r = 1
+    while r * 2 * SHADOW_MINI <= n:
+        r *= 2
+    return r
+
+
+cdef inline int64_t shadow_capacity(int64_t m) noexcept nogil:
+    # P: index slots of one mini cache, for its M blocks and M ring entries at most half full.
+    return index_capacity(2 * m)
+
+
 cdef inline int64_t table_layout(int64_t n, int64_t g, int64_t *offsets) noexcept nogil:
     """Offsets (from the aligned base) of the header and each array for N blocks and a ghost table
-    of G entries, in BlockRegistry._carve's order; returns the total size."""
+    of G entries, in BlockRegistry._carve's order; returns the total size. ADAPTIVE's tuner's
+    arrays (SHADOW_K mini caches of M blocks) are carved for every policy, as the ghost table is
+    for G > 0 (under 1 MB: M < 2 SHADOW_MINI), so bytes_needed needs no policy."""
     cdef int64_t cap = index_capacity(n + g)   # blocks and ghost entries share the index
+    cdef int64_t km = SHADOW_K * (n // shadow_rate(n))            # mini cache slots, all candidates
+    cdef int64_t kp = SHADOW_K * shadow_capacity(n // shadow_rate(n))
     cdef int64_t sizes[NUM_ARRAYS]
     sizes[0] = sizeof(RegistryHeader)
     sizes[1] = n * sizeof(uint8_t)        # state
@@ -128,6 +151,15 @@ cdef inline int64_t table_layout(int64_t n, int64_t g, int64_t *offsets) noexcep
     sizes[18] = cap * sizeof(bid_t)       # ivals
     sizes[19] = n * sizeof(uint64_t)      # ring
     sizes[20] = (g + 1) * sizeof(GhostEntry) if g > 0 else 0   # ghost (FIFO entries, sentinel G)
+    sizes[21] = SHADOW_K * sizeof(ShadowMini)   # shadow_mini
+    sizes[22] = km * sizeof(uint64_t)     # shadow_hash: each mini slot's hash
+    sizes[23] = km * sizeof(uint32_t)     # shadow_count: its use count
+    sizes[24] = km * sizeof(HeapEntry)    # shadow_heap: (key, last tick, slot), per mini
+    sizes[25] = km * sizeof(bid_t)        # shadow_pos: each slot's heap position
+    sizes[26] = km * sizeof(uint64_t)     # shadow_ring_hash: the last M victims, per mini
+    sizes[27] = km * sizeof(uint32_t)     # shadow_ring_count: their use counts (0: empty)
+    sizes[28] = kp * sizeof(uint64_t)     # shadow_ikeys: per mini index of slots and ring entries
+    sizes[29] = kp * sizeof(bid_t)        # shadow_ivals: slot, -2 - ring position, -1 empty
     cdef int64_t off = 0
     cdef int i
     for i in range(NUM_ARRAYS):

@@ -8,9 +8,10 @@ these arrays in _index.pxd and _heap.pxd, which the methods marked "thin" call."
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from kvbm._fast._shadow cimport ShadowView
 from kvbm._fast._table cimport (
     NUM_ARRAYS, POLICY_ADAPTIVE_ID, POLICY_LINEAGE_ID, POLICY_LRU_ID, ST_COMPLETE, ST_PARTIAL, ST_REGISTERED, ST_RESET,
-    TABLE_ALIGN, GhostEntry, HeapEntry, RegistryHeader, bid_t,
+    TABLE_ALIGN, GhostEntry, HeapEntry, RegistryHeader, ShadowMini, bid_t,
 )
 
 
@@ -51,6 +52,9 @@ cdef class BlockRegistry:
     # eviction; an entry is consumed when its hash registers again
     cdef GhostEntry *ghost         # length G+1: entries, a FIFO list of live slots (oldest first)
                                    #   with its sentinel at G; unused slots chained through next
+    # ADAPTIVE's shadow tuner (_shadow.pxd): SHADOW_K mini caches of M blocks each, carved for
+    # every policy (table_layout), used by ADAPTIVE only
+    cdef ShadowView sv
 
     # index and ghost table (thin over _index.pxd; callers pass hashes only, slots are masked)
     cdef inline bid_t _find(self, uint64_t key) noexcept nogil

@@ -34,9 +34,11 @@ Parts:
            by eviction (forgetting the oldest when G are live). Registering a *new* block (not a
            dedup hit) under a remembered hash restores its use count (replacing touches made while
            PARTIAL/COMPLETE) before the registration touch, and consumes the entry: a document
-           read again after more than a cache lifetime keeps its frequency credit; under ADAPTIVE
-           the hit is also counted for the epoch's vote on the credit (_adapt.pxd). An allocation
+           read again after more than a cache lifetime keeps its frequency credit. An allocation
            evicts all it needs before its blocks register, as the twin (_reference.py) does.
+  tuner    ADAPTIVE's shadow tuner (_shadow.pxd): ten mini caches, one per candidate credit, fed a
+           1-in-R hash sample of the releases of REGISTERED blocks; at each of its epochs the
+           credit moves to the candidate that has hit most lately. Carved for every policy.
 
 Life of a block: allocate -> PARTIAL (refcount 1) -> complete -> COMPLETE -> register ->
 REGISTERED (deduplicated by hash; matchable) -> release to refcount 0 -> inactive (still matchable)
@@ -54,7 +56,9 @@ its children become orphans (parent -1, keys refreshed). All O(1) per link.
 
 Size: bytes_needed(N, G) is 97 bytes per block, 24 per ghost entry and 12 per index slot (a power
 of two >= 2(N + G)), e.g. 122 MB for 10**6 blocks without a ghost table (LRU), 171 MB with G = N
-(LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy).
+(LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy), plus the tuner's ten mini
+caches: 60 bytes per slot and 12 per index slot, ten times M = N // R (< 2 SHADOW_MINI) slots and
+ten times 4M to 8M index slots, at most ~0.6 MB with SHADOW_MINI = 256.
 
 Every public call validates the whole batch first and raises RegistryError with the numbers before
 changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
@@ -68,26 +72,24 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
 
-from kvbm._fast._adapt cimport (
-    BAND_MAX, GROWTH_MAX, HIT_SAMPLE, LEVEL_MAX, adapt_on_eviction, adapt_on_ghost_hit, adapt_on_inactive_hit,
-    adapt_on_victim, credit_of, epoch_length,
-)
+from kvbm._fast._adapt cimport LEVEL_MAX, credit_of
 from kvbm._fast._convert cimport as_count, as_i32, as_i64, as_mask, as_u64
 from kvbm._fast._heap cimport (
     heap_append, heap_less, heap_rises, heap_sift_down, heap_sift_up, heap_take,
 )
 from kvbm._fast._index cimport (
     ghost_init, ghost_record, ghost_unlink, index_find, index_home, index_init, index_pos,
-    index_remove,
+    index_remove, probe_pos,
 )
-from kvbm._fast._table cimport index_capacity, table_layout
+from kvbm._fast._shadow cimport (
+    SHADOW_NO_MOVE, ShadowView, mini_key, shadow_candidate, shadow_clear, shadow_init, shadow_level, shadow_use,
+)
+from kvbm._fast._table cimport SHADOW_K, SWEEP_BURST, index_capacity, shadow_capacity, shadow_rate, table_layout
 
 import numpy as np
 
 from kvbm.errors import RegistryError
-from kvbm.policy import (
-    ADAPTIVE_BAND, ADAPTIVE_GROWTH, ADAPTIVE_LEVEL, ADAPTIVE_LEVEL_MAX, ADAPTIVE_STEP, BlockState, EvictionPolicy,
-)
+from kvbm.policy import ADAPTIVE_DECAY, ADAPTIVE_LEVEL, ADAPTIVE_MINI_BLOCKS, BlockState, EvictionPolicy
 
 cdef extern from *:
     """
@@ -113,9 +115,15 @@ if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID, POLICY_ADAPTIVE_ID):
     raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
                       f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID}, {POLICY_ADAPTIVE_ID})")
 
+from kvbm._fast._table cimport SHADOW_MINI
+if ADAPTIVE_MINI_BLOCKS != SHADOW_MINI:
+    raise ImportError(f"kvbm.policy.ADAPTIVE_MINI_BLOCKS {ADAPTIVE_MINI_BLOCKS} differs from _table.pxd's "
+                      f"SHADOW_MINI {SHADOW_MINI}")
+
 cdef uint64_t REGISTRY_MAGIC = 0x6B76626D52454731ULL   # "kvbmREG1"
-cdef uint64_t LAYOUT_VERSION = 6   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state;
-                                   # 5: adapt_growth, adapt_level_max; 6: adapt_band
+cdef uint64_t LAYOUT_VERSION = 7   # 2: header gained lineage_c; 3: ghost table; 4: ADAPTIVE's state;
+                                   # 5: adapt_growth, adapt_level_max; 6: adapt_band; 7: the shadow
+                                   # tuner's state and arrays replace the vote's
 cdef int64_t MAX_BLOCKS = 2147483646                    # ids and the sentinel fit in int32
 cdef int64_t PREFETCH_AHEAD = 8
 
@@ -258,6 +266,15 @@ cdef class BlockRegistry:
         self.ivals = <bid_t *>(base + o[18])
         self.ring = <uint64_t *>(base + o[19])
         self.ghost = <GhostEntry *>(base + o[20])
+        self.sv.mini = <ShadowMini *>(base + o[21])
+        self.sv.hash = <uint64_t *>(base + o[22])
+        self.sv.count = <uint32_t *>(base + o[23])
+        self.sv.heap = <HeapEntry *>(base + o[24])
+        self.sv.pos = <bid_t *>(base + o[25])
+        self.sv.ring_hash = <uint64_t *>(base + o[26])
+        self.sv.ring_count = <uint32_t *>(base + o[27])
+        self.sv.ikeys = <uint64_t *>(base + o[28])
+        self.sv.ivals = <bid_t *>(base + o[29])
 
     cdef _init_table(self, int64_t n, int64_t g, int64_t pol):
         cdef int64_t o[NUM_ARRAYS]
@@ -271,13 +288,11 @@ cdef class BlockRegistry:
         self.h.lineage_c = <uint64_t>(2 * n)
         self.h.adapt_level = ADAPTIVE_LEVEL
         self.h.adapt_credit = credit_of(n, ADAPTIVE_LEVEL)
-        self.h.adapt_step = ADAPTIVE_STEP
-        self.h.adapt_growth = ADAPTIVE_GROWTH
-        self.h.adapt_level_max = ADAPTIVE_LEVEL_MAX
-        self.h.adapt_band = ADAPTIVE_BAND
-        self.h.adapt_move = 0    # no vote yet: the first moves one step
+        self.h.adapt_tune = 1
         self.h.adapt_leaf = 1
-        self.h.adapt_left = epoch_length(n)
+        self.h.shadow_decay = ADAPTIVE_DECAY
+        self.h.shadow_current = shadow_candidate(ADAPTIVE_LEVEL)
+        shadow_init(self.h, &self.sv, shadow_rate(n))
         self.h.num_free = n
         for i in range(n):
             self.parent[i] = -1
@@ -335,59 +350,51 @@ cdef class BlockRegistry:
 
     @property
     def adaptive(self) -> dict:
-        """ADAPTIVE's state (kvbm/_fast/_adapt.pxd): credit level and its ticks, the smallest
-        move (step), the largest in steps (growth), the last one (move), the highest level
-        (level_max), the vote's dead band (band: z in quarters), leaf_first, evictions left in
-        the epoch and so far, the frontier, its advance over the last epoch that moved it (rate), phi (256 * mean f of the frontier's
-        victims), this epoch's marginal counts, and the ghost hits so far of blocks evicted after
-        one use and after more (ghost_once: live ghost entries of the first kind)."""
+        """ADAPTIVE's state: the credit level and its ticks, whether the shadow tuner moves it
+        (tune) and leaves go first, the keys the sweep has still to refresh since the last move
+        (stale), and the tuner's (kvbm/_fast/_shadow.pxd): sample rate R, mini
+        cache size M, epochs so far, the scores' decay (in 2**-16), the candidate the level follows
+        (-1: none yet), and per candidate (W = 0, 1/8, ..., 32) its level, score (in 2**-16), hits
+        and evictions; then the ghost hits so far of blocks evicted after one use and after more
+        (ghost_once: live ghost entries of the first kind)."""
         h = self.h
-        return dict(level=h.adapt_level, credit=h.adapt_credit, step=h.adapt_step,
-                    growth=h.adapt_growth, level_max=h.adapt_level_max, band=h.adapt_band,
-                    move=h.adapt_move,
-                    leaf_first=bool(h.adapt_leaf), epoch_left=h.adapt_left,
-                    evictions=h.adapt_evictions, frontier=h.adapt_frontier, rate=h.adapt_rate,
-                    phi=h.adapt_phi, gain_up=h.adapt_gain_up, loss_up=h.adapt_loss_up,
-                    gain_down=h.adapt_gain_down, loss_down=h.adapt_loss_down,
+        return dict(level=h.adapt_level, credit=h.adapt_credit, tune=bool(h.adapt_tune),
+                    leaf_first=bool(h.adapt_leaf), stale=h.adapt_stale, rate=h.shadow_rate,
+                    mini_blocks=h.shadow_m,
+                    epochs=h.shadow_epochs, decay=h.shadow_decay, current=h.shadow_current,
+                    levels=[shadow_level(k) for k in range(SHADOW_K)],
+                    scores=[self.sv.mini[k].score for k in range(SHADOW_K)],
+                    hits=[self.sv.mini[k].hits for k in range(SHADOW_K)],
+                    evictions=[self.sv.mini[k].evictions for k in range(SHADOW_K)],
                     ghost_hits_once=h.ghost_hits_once, ghost_hits_reused=h.ghost_hits_reused,
                     ghost_once=h.ghost_once)
 
-    def set_adaptive(self, level=None, step=None, leaf_first=None, growth=None, level_max=None,
-                     band=None):
-        """ADAPTIVE only (studies and tests): set the credit level (-1..level_max; W = 2**(level /
-        2**16 - 4), -1 is W = 0), the step per epoch (0..9 * 2**16; 0 fixes the setting),
-        leaves-first, the largest move in steps (growth, 1..2**16: Rprop doubles the move up to
-        growth * step), the highest level the moves reach (level_max, 0..9 * 2**16) and the vote's
-        dead band (band, z in quarters, 0..BAND_MAX: a side wins only if its net exceeds the other's
-        by z standard deviations of the four counts); None keeps each. The next move is one step
-        again. Every inactive block is re-keyed under the new setting (O(n); an epoch's move never
-        does)."""
+    def set_adaptive(self, level=None, leaf_first=None, tune=None, decay=None):
+        """ADAPTIVE only (studies and tests): set the credit level (-1..9 * 2**16; W = 2**(level /
+        2**16 - 4), -1 is W = 0), leaves-first, whether the shadow tuner moves the level (False: a
+        fixed setting, the family trace_replay's hindsight sweeps) and the tuner's decay (0..2**16,
+        in 2**-16 per epoch); None keeps each. A level that is one of the tuner's candidates becomes
+        the one it follows (else it follows none until the next epoch ends). The mini caches are
+        kept. Every inactive block is re-keyed under the new setting (O(n); a move of the tuner
+        never does)."""
         if self.h.policy != POLICY_ADAPTIVE_ID:
             raise RegistryError(f"set_adaptive: policy {self.h.policy} is not ADAPTIVE "
                                 f"({POLICY_ADAPTIVE_ID})")
         cdef int64_t lv = self.h.adapt_level if level is None else \
             as_count(level + 1, "set_adaptive: level + 1", RegistryError) - 1
-        cdef int64_t st = self.h.adapt_step if step is None else \
-            as_count(step, "set_adaptive: step", RegistryError)
-        cdef int64_t gr = self.h.adapt_growth if growth is None else \
-            as_count(growth, "set_adaptive: growth", RegistryError)
-        cdef int64_t top = self.h.adapt_level_max if level_max is None else \
-            as_count(level_max, "set_adaptive: level_max", RegistryError)
-        cdef int64_t bd = self.h.adapt_band if band is None else \
-            as_count(band, "set_adaptive: band", RegistryError)
-        if top > LEVEL_MAX or lv > top or st > LEVEL_MAX or gr < 1 or gr > GROWTH_MAX or bd > BAND_MAX:
-            raise RegistryError(f"set_adaptive: level {lv} must be <= level_max {top} <= {LEVEL_MAX}, "
-                                f"step {st} <= {LEVEL_MAX}, growth {gr} in 1..{GROWTH_MAX}, "
-                                f"band {bd} <= {BAND_MAX}")
+        cdef int64_t dc = self.h.shadow_decay if decay is None else \
+            as_count(decay, "set_adaptive: decay", RegistryError)
+        if lv > LEVEL_MAX or dc > 65536:
+            raise RegistryError(f"set_adaptive: level {lv} must be in -1..{LEVEL_MAX}, decay {dc} in 0..65536")
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
-        self.h.adapt_step = st
-        self.h.adapt_growth = gr
-        self.h.adapt_level_max = top
-        self.h.adapt_band = bd
-        self.h.adapt_move = 0
+        self.h.shadow_current = shadow_candidate(lv)
+        self.h.shadow_decay = dc
+        if tune is not None:
+            self.h.adapt_tune = 1 if tune else 0
         if leaf_first is not None:
             self.h.adapt_leaf = 1 if leaf_first else 0
+        self.h.adapt_stale = 0
         # a setting applies to every key: re-key the live entries, then restore the heap order
         cdef int64_t i
         cdef bid_t bk
@@ -429,9 +436,8 @@ cdef class BlockRegistry:
 
     cdef void _ghost_record(self, uint64_t key, uint32_t count) noexcept nogil:
         # Caller: LINEAGE or ADAPTIVE with G > 0, in place of _index_remove(key) for an evicted
-        # block; the entry keeps the eviction clock's low 32 bits (0 under LINEAGE).
-        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count,
-                     <uint32_t>self.h.adapt_evictions)
+        # block.
+        ghost_record(self.h, self.ikeys, self.ivals, self.ghost, key, count)
 
     # ---- free list ------------------------------------------------------------------------------
 
@@ -523,9 +529,6 @@ cdef class BlockRegistry:
         # refcount + 1; an inactive block becomes active and its entry a zombie: O(1).
         if self.refcount[b] == 0:
             self.h.num_inactive -= 1
-            if self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_step != 0 \
-                    and self.h.tick % HIT_SAMPLE == 0:   # a hit on an inactive block, sampled
-                adapt_on_inactive_hit(self.h, self.last_tick[b], self.use_count[b])
         self.refcount[b] += 1
 
     # ---- policy ---------------------------------------------------------------------------------
@@ -639,10 +642,8 @@ cdef class BlockRegistry:
         # to the ring (overwriting the oldest when nobody drained: ring_dropped counts those).
         cdef bid_t b = self._heap_top_live()
         cdef uint64_t hsh = self.hash[b]
-        cdef uint64_t vkey1 = self.heap[0].key1, vkey2 = self.heap[0].key2   # the victim's key
-        cdef uint32_t uses = self.use_count[b]
         cdef int64_t n = self.h.num_blocks
-        cdef int64_t i = -1
+        cdef int64_t i = -1, k
         cdef bid_t p = -1
         cdef HeapEntry e
         if self.h.policy == POLICY_LINEAGE_ID or \
@@ -673,8 +674,6 @@ cdef class BlockRegistry:
             # prefetched by _heap_top_live.
             self._heap_remove(b)
         self.h.num_inactive -= 1
-        if self.h.policy == POLICY_ADAPTIVE_ID:
-            self.h.adapt_evictions += 1          # first: the ghost entry records the new value
         if self.h.ghost_blocks > 0:
             self._ghost_record(hsh, self.use_count[b])   # the index entry becomes a ghost entry
         else:
@@ -691,12 +690,12 @@ cdef class BlockRegistry:
             self.h.ring_dropped += 1
         self._reset(b)
         if self.h.policy == POLICY_ADAPTIVE_ID:
-            adapt_on_victim(self.h, vkey1, vkey2, uses)
-            adapt_on_eviction(self.h)    # last: every key of this eviction had the old credit
-            # the sweep: one block's key refreshed per eviction, in block id order, so that no
-            # key keeps an old credit for more than N evictions (one cache turnover)
-            self._update_key(<bid_t>self.h.adapt_sweep)
-            self.h.adapt_sweep = self.h.adapt_sweep + 1 if self.h.adapt_sweep + 1 < n else 0
+            # the sweep: after a move of the tuner, SWEEP_BURST keys refreshed per eviction, in
+            # block id order, until all N are (within N / SWEEP_BURST evictions); none otherwise
+            for k in range(SWEEP_BURST if self.h.adapt_stale > SWEEP_BURST else self.h.adapt_stale):
+                self._update_key(<bid_t>self.h.adapt_sweep)
+                self.h.adapt_sweep = self.h.adapt_sweep + 1 if self.h.adapt_sweep + 1 < n else 0
+                self.h.adapt_stale -= 1
         return b
 
     # ---- batch loops (nogil; the def methods validated every index first) ----------------------
@@ -761,8 +760,11 @@ cdef class BlockRegistry:
                 # slot and its use count (before the registration touch); the entry is consumed.
                 s = <bid_t>(-2 - self.ivals[pos])
                 self.use_count[b] = self.ghost[s].count
-                if self.h.policy == POLICY_ADAPTIVE_ID:   # a victim came back
-                    adapt_on_ghost_hit(self.h, self.ghost[s].count, self.ghost[s].evicted_at)
+                if self.h.policy == POLICY_ADAPTIVE_ID:   # a victim came back (a statistic)
+                    if self.ghost[s].count < 2:
+                        self.h.ghost_hits_once += 1
+                    else:
+                        self.h.ghost_hits_reused += 1
                 self._ghost_unlink(s)
                 pos = -1 - pos
             self.ikeys[-1 - pos] = hsh
@@ -807,21 +809,33 @@ cdef class BlockRegistry:
 
     cdef void _release_core(self, const int64_t *blocks, int64_t n) noexcept nogil:
         # release() checked ids in range and that each block occurs at most refcount times.
-        cdef int64_t i
+        cdef int64_t i, level
         cdef bid_t b
+        cdef bint tune = self.h.policy == POLICY_ADAPTIVE_ID and self.h.adapt_tune != 0
         for i in range(n):
             b = <bid_t>blocks[i]
             self.refcount[b] -= 1
-            if self.refcount[b] > 0:
+            if self.refcount[b] == 0:
+                if self.state[b] == ST_REGISTERED:
+                    # The last holder is done: that is its last use (LRU by release order).
+                    self.h.tick += 1
+                    self.last_tick[b] = self.h.tick
+                    self._deactivate(b)
+                else:
+                    self._reset(b)
+                    self._free_push(b)
+                    continue
+            elif self.state[b] != ST_REGISTERED:
                 continue
-            if self.state[b] == ST_REGISTERED:
-                # The last holder is done: that is its last use (LRU by release order).
-                self.h.tick += 1
-                self.last_tick[b] = self.h.tick
-                self._deactivate(b)
-            else:
-                self._reset(b)
-                self._free_push(b)
+            if tune:
+                # a use of a REGISTERED block ended: ADAPTIVE's tuner sees it (_shadow.pxd), after
+                # the block's own release; a move re-keys through the sweep
+                level = shadow_use(self.h, &self.sv, self.hash[b],
+                                   self.h.adapt_leaf != 0 and self.children[b] > 0)
+                if level != SHADOW_NO_MOVE:
+                    self.h.adapt_level = level
+                    self.h.adapt_credit = credit_of(self.h.num_blocks, level)
+                    self.h.adapt_stale = self.h.num_blocks    # every key, by the sweep
 
     cdef void _set_priority_core(self, const int64_t *blocks, const int32_t *prios,
                                  int64_t n) noexcept nogil:

@@ -78,8 +78,8 @@ cdef extern from "<sys/file.h>" nogil:
         LOCK_UN
 
 cdef uint64_t G2_MAGIC = 0x6B76626D47325331ULL    # "kvbmG2S1"
-cdef uint64_t G2_VERSION = 5    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer; 3: registry layout 4;
-                                # 4: registry layout 5; 5: registry layout 6
+cdef uint64_t G2_VERSION = 6    # 2: EngineEntry.workers, ENG_RETIRED, NsEntry.drainer; 3: registry layout 4;
+                                # 4: registry layout 5; 5: registry layout 6; 6: registry layout 7
 cdef int64_t PAGE = sysconf(_SC_PAGESIZE)
 
 NS_STATES = {NS_FREE: "free", NS_INIT: "init", NS_LIVE: "live"}

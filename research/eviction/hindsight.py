@@ -4,25 +4,24 @@ adaptive on kvbm's own registry, beside the hindsight-best fixed setting of adap
 
 Parts, in the order a run uses them:
   FAMILY        the fixed settings: key2 = last_tick + W * N * f(use_count) with W in {0, 1/8, ...,
-                32}, leaves first or not; each is the registry's ADAPTIVE policy with its step set
-                to 0 (BlockRegistry.set_adaptive), so the sweep runs the real Cython key.
+                32}, leaves first or not; each is the registry's ADAPTIVE policy with its tuner off
+                (BlockRegistry.set_adaptive(tune=False)), so the sweep runs the real Cython key.
+                ADAPTIVE's tuner chooses among the leaves-first half of it.
   cases()       the validation set: the shared trace at 1k-16k blocks and its halves at 2k and 8k,
                 policy_sim's SYNTHETIC_SUITE and workloads.py's shapes (seeds 1, 2) at 1k and 4k,
-                and seeds 3-6 of every shape at 1k, 2k and 4k (added in round 12, each first
-                replayed after one of its fits: SEED_CAPACITIES says which).
+                and seeds 3-8 of every shape at 1k, 2k and 4k (added in rounds 12 and 13, each
+                first replayed after one of its fits: SEED_CAPACITIES says which).
   shape_chains() one shape's chains at one seed (cases() and trajectory.py build them with it).
   TRAINING      the (case, capacity) pairs the defaults are fitted on; every other case is held
                 out. Training rows are marked in the table and left out of the held-out summary.
   hit_ratio()   one replay on the registry engine (trace_replay.RegistryEngine).
   validate()    the table: every case, every policy, the best setting, the checks, the means.
-  tune()        the fit of ADAPTIVE_LEVEL, ADAPTIVE_STEP, ADAPTIVE_GROWTH, ADAPTIVE_LEVEL_MAX and
-                ADAPTIVE_BAND on TRAINING only: per-case references (LRU, the hindsight best,
-                Belady) computed once, then every setting of GRID, ranked by RULE.
-Both validate() and tune() spread their replays over `processes` worker processes (fork).
+  RULE, score() how a fit ranks settings on TRAINING (shadow.tune, round 13; rounds 11-12 fitted the
+                marginal vote's constants the same way, POLICY_ADAPTIVE.md §11-12).
+validate() and shadow.tune() spread their replays over `processes` worker processes (fork).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import multiprocessing
 import statistics
@@ -52,27 +51,23 @@ NEW_SHAPES = {
 # first replayed them: seed 3 after its first design (the band alone) was fitted; seed 4 after the
 # second (the frontier fix), fitted after seeing seed 3's table; seed 5 after the third (the
 # band's variance floor), fitted after seeing seed 4's; seed 6 after the fourth (a held-back
-# vote keeps its counts), fitted after seeing seed 5's (POLICY_ADAPTIVE.md §12).
+# vote keeps its counts), fitted after seeing seed 5's (POLICY_ADAPTIVE.md §12). Round 13 (the
+# shadow tuner, shadow.py): seed 7 was added before its first fits and first replayed after them,
+# by the registry's first version of the tuner; seed 8 was added before its last fit (the minis'
+# leaf bit; the sweep's burst after a move), fitted after seeing seed 7's, and first replayed
+# after it (§13).
 SEED_CAPACITIES = {1: (1000, 4000), 2: (1000, 4000), 3: (1000, 2000, 4000), 4: (1000, 2000, 4000),
-                   5: (1000, 2000, 4000), 6: (1000, 2000, 4000)}
+                   5: (1000, 2000, 4000), 6: (1000, 2000, 4000), 7: (1000, 2000, 4000),
+                   8: (1000, 2000, 4000)}
 # The training set (round 12, fixed before any replay of this round): seed 1 of every synthetic and
 # new shape at 1,000 and 4,000 blocks, and the shared trace's first half at 2,000 and 8,000 blocks
 # (30 cases). Held out: seed 2 of every shape (seen by earlier rounds), the full shared trace and
-# its second half (seen), seeds 3-6 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
+# its second half (seen), seeds 3-8 at 1,000, 2,000 and 4,000 blocks (SEED_CAPACITIES says
 # which of them had been seen). Round 11 trained on seed 1 at 1,000 only (its 7 failures of 10 at
 # 4,000 blocks, POLICY_ADAPTIVE.md §11.2); rounds 1-10 on shared-half1 only.
 TRAINING = frozenset({("shared-half1", 2000), ("shared-half1", 8000)}
                      | {(f"{name}/s1", cap) for name in (*ps.SYNTHETIC_SUITE, *NEW_SHAPES)
                         for cap in SEED_CAPACITIES[1]})
-# tune()'s grid (round 12): start W in {1, 2, 4, 8}, step in {1/8, 1/4, 1/2} octave, growth (the
-# largest move, in steps) in {2, 8}, the highest level W in {16, 32}, the vote's dead band z in {0,
-# 1/2, 1, 3/2, 2, 3} (band = 4z): 288 settings. (The first two fits of round 12 had z in {0, 1, 2,
-# 3}: 192 settings.)
-GRID = dict(level=[W_LEVELS[w] for w in ("1", "2", "4", "8")],
-            step=[ADAPTIVE_OCTAVE // 8, ADAPTIVE_OCTAVE // 4, ADAPTIVE_OCTAVE // 2],
-            growth=[2, 8],
-            level_max=[W_LEVELS[w] for w in ("16", "32")],
-            band=[0, 2, 4, 6, 8, 12])
 RULE = ("fewest training cases failing a check (adaptive < LRU - 0.002 or < 0.9 x the hindsight "
         "best); then the largest mean ratio to the hindsight best over the training cases, rounded "
         "down to 0.005; then the largest minimum ratio, rounded down to 0.01; then the largest mean "
@@ -105,22 +100,25 @@ def shape_chains(name: str, seed: int) -> list:
     return ps.chains_of(workloads.generate(seed=seed, **NEW_SHAPES[name]))
 
 
-def hit_ratio(chains, capacity: int, policy: str, setting: tuple | dict | None = None) -> float:
-    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's arguments (a tuple:
-    level, step, leaf_first, growth, level_max; or a dict of them) for ADAPTIVE."""
+def hit_ratio(chains, capacity: int, policy: str, setting: dict | None = None) -> float:
+    """Hit ratio of one registry-engine replay; `setting` = set_adaptive's keyword arguments for
+    ADAPTIVE."""
     from research.eviction import trace_replay as tr
     eng = tr.RegistryEngine(capacity, policy)
-    if isinstance(setting, dict):
+    if setting is not None:
         eng.reg.set_adaptive(**setting)
-    elif setting is not None:
-        eng.reg.set_adaptive(*setting)
     total, hits = tr.replay(eng, chains)
     return hits[0] / total
 
 
+def fixed(level: int, leaf: bool = True) -> dict:
+    """set_adaptive's arguments of one fixed setting of the family (the tuner off)."""
+    return dict(level=level, leaf_first=leaf, tune=False)
+
+
 def hindsight_best(chains, capacity: int) -> tuple[str, float, dict[str, float]]:
     """The family's best fixed setting on this trace and capacity: (label, hit ratio, all)."""
-    every = {label: hit_ratio(chains, capacity, "adaptive", (level, 0, leaf)) for label, level, leaf in FAMILY}
+    every = {label: hit_ratio(chains, capacity, "adaptive", fixed(level, leaf)) for label, level, leaf in FAMILY}
     best = max(every, key=lambda k: (every[k], k))
     return best, every[best], every
 
@@ -223,27 +221,12 @@ def _summary(rows: Sequence[dict], out) -> None:
                   f"{below}/{len(part)} | {ratio:.3f} |", file=out)
 
 
-# ---- the fit ---------------------------------------------------------------------------------------
-
-def grid_settings(grid: dict = GRID) -> list[dict]:
-    """set_adaptive keyword arguments of every grid point (leaves first), in grid order; a start
-    above its cap is left out."""
-    return [dict(level=lv, step=st, leaf_first=True, growth=gr, level_max=top, band=bd)
-            for top, lv, st, gr, bd in itertools.product(grid["level_max"], grid["level"], grid["step"],
-                                                         grid["growth"], grid["band"])
-            if lv <= top]
-
+# ---- the fit's pieces (shadow.tune) ---------------------------------------------------------------
 
 def _ref_task(i: int) -> tuple[float, str, float, float]:
     name, ch, cap = _CASES[i]
     label, best, _ = hindsight_best(ch, cap)
     return hit_ratio(ch, cap, "lru"), label, best, ps.simulate(ch, cap, "belady").hit_ratio
-
-
-def _setting_task(args) -> float:
-    i, setting = args
-    name, ch, cap = _CASES[i]
-    return hit_ratio(ch, cap, "adaptive", setting)
 
 
 def score(hits: Sequence[float], refs: Sequence[tuple]) -> dict:
@@ -261,62 +244,3 @@ def rank_key(s: dict) -> tuple:
     """RULE as a sort key (smaller first)."""
     return (s["failing"], -math.floor(s["mean_ratio"] * 200 + 1e-9),
             -math.floor(s["min_ratio"] * 100 + 1e-9), -s["mean_gap"])
-
-
-def _w(level: int) -> str:
-    w = 2 ** (level / ADAPTIVE_OCTAVE - 4)
-    return f"{w:g}" if w >= 1 else f"1/{round(1 / w)}"
-
-
-def tune(shared_chains, out=sys.stdout, grid: dict = GRID, processes: int = 1, top: int = 15) -> list[dict]:
-    """ADAPTIVE's setting on TRAINING only: every grid point's figures over the training cases,
-    then the grid's top rows by RULE and the choice. Returns the scored settings in rank order."""
-    train = [c for c in cases(shared_chains) if is_training(c[0], c[2])]
-    settings = grid_settings(grid)
-    print(f"# training: {len(train)} cases; grid: {len(settings)} settings; rule: {RULE}", file=out, flush=True)
-    pool = _pool(processes, train)
-    try:
-        refs = list(_map(pool, _ref_task, range(len(train))))
-        for (name, _, cap), (lru, label, best, bel) in zip(train, refs):
-            print(f"# {name} {cap}: LRU {lru:.4f}, best {best:.4f} ({label}), Belady {bel:.4f}", file=out, flush=True)
-        tasks = [(i, s) for s in settings for i in range(len(train))]
-        flat = list(_map(pool, _setting_task, tasks))
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    scored = []
-    for k, s in enumerate(settings):
-        hits = flat[k * len(train):(k + 1) * len(train)]
-        scored.append(dict(setting=s, hits=hits, order=k, **score(hits, refs)))
-    print("\n| start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | min ratio | "
-          "mean ratio | mean gap | min gap |", file=out)
-    print("|" + "---|" * 12, file=out)
-    for r in scored:
-        _print_score(r, out)
-    ranked = sorted(scored, key=lambda r: (rank_key(r), r["order"]))
-    print(f"\nTop {top} by the rule:\n", file=out)
-    print("| rank | start W | step (octave) | growth | max W | band z | failing | < LRU−0.002 | < 0.9 best | "
-          "min ratio | mean ratio | mean gap | min gap |", file=out)
-    print("|" + "---|" * 13, file=out)
-    for i, r in enumerate(ranked[:top]):
-        _print_score(r, out, rank=i + 1)
-    c = ranked[0]["setting"]
-    print(f"\nChoice: start level {c['level']} (W = {_w(c['level'])}), step {c['step']} "
-          f"(1/{ADAPTIVE_OCTAVE // c['step']} octave), growth {c['growth']}, level_max {c['level_max']} "
-          f"(W = {_w(c['level_max'])}), band {c['band']} (z = {c['band'] / 4:g})", file=out)
-    per_case = ranked[0]["hits"]
-    print("\n| training case | blocks | LRU | chosen | hindsight best | ratio |\n|---|---|---|---|---|---|", file=out)
-    for (name, _, cap), h, (lru, label, best, _) in zip(train, per_case, refs):
-        print(f"| {name} | {cap} | {lru:.4f} | {h:.4f} | {best:.4f} ({label}) | {h / best:.3f} |", file=out)
-    out.flush()
-    return ranked
-
-
-def _print_score(r: dict, out, rank: int | None = None) -> None:
-    s = r["setting"]
-    print(("" if rank is None else f"| {rank} ") +
-          f"| {_w(s['level'])} | 1/{ADAPTIVE_OCTAVE // s['step']} | {s['growth']} | {_w(s['level_max'])} | "
-          f"{s['band'] / 4:g} | "
-          f"{r['failing']} | {r['below_lru']} | {r['below_best']} | {r['min_ratio']:.3f} | "
-          f"{r['mean_ratio']:.3f} | {r['mean_gap']:+.3f} | {r['min_gap']:+.3f} |", file=out, flush=True)

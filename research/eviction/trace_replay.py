@@ -14,7 +14,7 @@ Run from the repository root (the modules import each other as the package resea
     python -m research.eviction.trace_replay --suite > results.md   # POLICY.md's validation tables
     python -m research.eviction.trace_replay --generate chat --out chat.jsonl.gz   # a synthetic trace
     python -m research.eviction.trace_replay --hindsight   # POLICY_ADAPTIVE.md's validation table
-    python -m research.eviction.trace_replay --hindsight --tune --processes 2   # its fit (training set only)
+    python -m research.eviction.trace_replay --hindsight --tune --processes 2   # the tuner's fit (training set only)
 
 Hit ratio = prefix hits / requested blocks over the whole trace (a request's hits are the longest
 prefix of its hash chain found cached). "gap" = share of the LRU -> Belady gap closed.
@@ -60,7 +60,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from research.eviction import hindsight, workloads
+from research.eviction import hindsight, shadow, workloads
 from research.eviction import policy_research as pr
 from research.eviction import policy_sim as ps
 
@@ -658,8 +658,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-only", action="store_true",
                     help="with --hindsight: only the shared trace and its halves")
     ap.add_argument("--tune", action="store_true",
-                    help="with --hindsight: fit ADAPTIVE's start level, step, growth, level cap and dead "
-                         "band on the training set only (hindsight.TRAINING, GRID, RULE)")
+                    help="with --hindsight: fit ADAPTIVE's tuner (mini cache size, decay) on the training "
+                         "set only (shadow.tune: hindsight.TRAINING and RULE, shadow.GRID)")
     ap.add_argument("--processes", type=int, default=1,
                     help="with --hindsight: worker processes for the replays (fork)")
     ap.add_argument("--generate", choices=["rag", "sysprompt", "chat", "agent", "mixed", *workloads.SHAPES],
@@ -690,7 +690,7 @@ def main(argv=None) -> int:
         if args.split:
             raise SystemExit("--hindsight: its cases include both halves; give no --split")
         if args.tune:
-            hindsight.tune(chains, processes=args.processes)
+            shadow.tune(chains, processes=args.processes)
         else:
             hindsight.validate(chains, synthetic=not args.shared_only, processes=args.processes)
         return 0

@@ -1,14 +1,12 @@
-"""ADAPTIVE's path on one validation case, epoch by epoch: the level it moved to, the vote's four
-counts, phi, the frontier and its advance, and the epoch's hit ratio. POLICY_ADAPTIVE.md §12 found
-the frontier bug with a first version of it: in epochs whose advance read 0, every ghost hit
-counted as kept by one move or the other, and those epochs voted up.
+"""ADAPTIVE's path on one validation case, epoch by epoch: the level its shadow tuner chose, each
+candidate's hits in the epoch (its mini cache's; W = 0, 1/8, ..., 32), and the epoch's hit ratio
+on the registry. Round 12 found the marginal vote's frontier bug with a first version of it
+(POLICY_ADAPTIVE.md §12); round 13's tuner replaced the vote (§13).
 
-The counts are read between requests, so they are approximate: a row shows them as they stood
-before the request that ended the epoch (that request's own events before the end are missing),
-and a request that ends two epochs shows as one row.
+The hits are read between requests, so a row sums the epochs that ended during one request.
 
-    python -m research.eviction.trajectory sessions/s3 2000
-    python -m research.eviction.trajectory shared 8000 --setting '{"band": 4}'
+    python -m research.eviction.trajectory rag-z0.8/s2 1000
+    python -m research.eviction.trajectory shared 8000 --setting '{"decay": 0}'
 
 The case names and traces are hindsight.cases()'s; the setting overrides the defaults of
 kvbm/policy.py through set_adaptive.
@@ -27,8 +25,8 @@ from research.eviction import trace_replay as tr
 
 def epochs(chains: Sequence[Sequence[int]], capacity: int, setting: dict | None = None) -> tuple[list[dict], float]:
     """Replays the chains on a registry engine under ADAPTIVE; one row per request that ended an
-    epoch (the counts as they stood before that request, the state after it; approximate, see the
-    module docstring), and the hit ratio."""
+    epoch of the tuner (its candidates' hits since the last row, the state after it), and the
+    hit ratio."""
     eng = tr.RegistryEngine(capacity, "adaptive")
     if setting:
         eng.reg.set_adaptive(**setting)
@@ -38,14 +36,13 @@ def epochs(chains: Sequence[Sequence[int]], capacity: int, setting: dict | None 
         h = eng.access(chain, i)[0]
         hits, total, ep_hits, ep_total = hits + h, total + len(chain), ep_hits + h, ep_total + len(chain)
         now = eng.reg.adaptive
-        if now["epoch_left"] > prev["epoch_left"]:         # an epoch ended during this request
-            rows.append(dict(request=i, w=2 ** (now["level"] / ADAPTIVE_OCTAVE - 4),
-                             gain_up=prev["gain_up"], loss_up=prev["loss_up"],
-                             gain_down=prev["gain_down"], loss_down=prev["loss_down"],
-                             phi=now["phi"] / 256, frontier=now["frontier"], rate=now["rate"],
+        if now["epochs"] > prev["epochs"]:
+            level = now["level"]
+            rows.append(dict(request=i, w=2 ** (level / ADAPTIVE_OCTAVE - 4) if level >= 0 else 0.0,
+                             hits=[a - b for a, b in zip(now["hits"], prev["hits"])],
                              hit_ratio=ep_hits / max(ep_total, 1)))
             ep_hits = ep_total = 0
-        prev = now
+            prev = now
     return rows, hits / max(total, 1)
 
 
@@ -75,12 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows, ratio = epochs(case_chains(ap, args.case, args.trace), args.capacity,
                          json.loads(args.setting) if args.setting else None)
-    print("| request | W after | gain up | loss up | gain down | loss down | phi | frontier | advance | "
+    print("| request | W after | hits of the candidates W = 0, 1/8, 1/4, 1/2, 1, 2, 4, 8, 16, 32 | "
           "epoch hit ratio |")
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 4)
     for r in rows:
-        print(f"| {r['request']} | {r['w']:.3g} | {r['gain_up']} | {r['loss_up']} | {r['gain_down']} | "
-              f"{r['loss_down']} | {r['phi']:.2f} | {r['frontier']} | {r['rate']} | {r['hit_ratio']:.3f} |")
+        print(f"| {r['request']} | {r['w']:.3g} | {' '.join(map(str, r['hits']))} | {r['hit_ratio']:.3f} |")
     print(f"\n{args.case} at {args.capacity} blocks: hit ratio {ratio:.4f} over {len(rows)} epochs")
 
 

@@ -8,10 +8,10 @@ Two drivers: a hypothesis state machine (small hash universe, so dedup, eviction
 frequent; pools of 1 to 10^4 blocks) and a seeded random walk of a few thousand operations. Both
 run under every eviction policy (LRU, LINEAGE, ADAPTIVE); LINEAGE with its default ghost table
 (G = num_blocks), a small one (G = 3: entries forgotten in FIFO order all the time) and none;
-ADAPTIVE with its defaults, and with big steps, without the leaf bit, with a small ghost table and
-with a small growth and level cap, so that the level moves all the time and the heap mixes keys of
-many credits; the walk also changes the setting (set_adaptive: level, step, leaf bit, growth,
-level cap) now and then.
+ADAPTIVE with its defaults, and with a tuner that forgets every epoch (decay 0: the level moves
+all the time and the heap mixes keys of many credits), without the leaf bit, from a level that is
+no candidate with a small ghost table, and with the tuner off; the walk also changes the setting
+(set_adaptive: level, leaf bit, tuner on or off, decay) now and then.
 """
 from __future__ import annotations
 
@@ -29,28 +29,29 @@ from kvbm.errors import RegistryError
 from kvbm.policy import ADAPTIVE_OCTAVE, POLICY_ADAPTIVE, POLICY_LINEAGE, POLICY_LRU, BlockState
 
 POOL_SIZES = [1, 2, 3, 5, 8, 16, 64, 300, 10_000]
-# name -> (policy, ghost_blocks, ADAPTIVE's set_adaptive arguments or None)
+# name -> (policy, ghost_blocks, ADAPTIVE's set_adaptive keyword arguments or None)
 POLICIES = {"lru": (POLICY_LRU, None, None), "lineage": (POLICY_LINEAGE, None, None),
             "lineage-g3": (POLICY_LINEAGE, 3, None), "lineage-g0": (POLICY_LINEAGE, 0, None),
             "adaptive": (POLICY_ADAPTIVE, None, None),
-            "adaptive-fast": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)),
-            "adaptive-noleaf": (POLICY_ADAPTIVE, None, (6 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, False)),
-            "adaptive-g3": (POLICY_ADAPTIVE, 3, (5 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True)),
-            "adaptive-capped": (POLICY_ADAPTIVE, None, (3 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE // 2, True, 3,
-                                                        5 * ADAPTIVE_OCTAVE))}
+            "adaptive-fast": (POLICY_ADAPTIVE, None, dict(level=3 * ADAPTIVE_OCTAVE, decay=0)),
+            "adaptive-noleaf": (POLICY_ADAPTIVE, None, dict(level=6 * ADAPTIVE_OCTAVE, leaf_first=False,
+                                                            decay=16384)),
+            "adaptive-g3": (POLICY_ADAPTIVE, 3, dict(level=5 * ADAPTIVE_OCTAVE + ADAPTIVE_OCTAVE // 2,
+                                                     decay=65536)),
+            "adaptive-fixed": (POLICY_ADAPTIVE, None, dict(level=2 * ADAPTIVE_OCTAVE, tune=False))}
 
 
 class Pair:
     """Runs each call on both registries and compares the outcomes."""
 
     def __init__(self, num_blocks: int, policy: int = POLICY_LRU, ghost_blocks: int | None = None,
-                 adaptive: tuple | None = None) -> None:
+                 adaptive: dict | None = None) -> None:
         self.fast = BlockRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
         self.ref = ReferenceRegistry(num_blocks, policy=policy, ghost_blocks=ghost_blocks)
         self.n = num_blocks
         self.held: list[int] = []   # one entry per reference the driver holds
         if adaptive is not None:
-            self.call("set_adaptive", *adaptive)
+            self.call("set_adaptive", **adaptive)
 
     def call(self, name: str, *args, **kwargs):
         before = bytes(self.fast.buffer)
@@ -100,7 +101,7 @@ class RegistryMachine(RuleBasedStateMachine):
     """Random operation sequences over a small hash universe (LRU; LineageMachine below)."""
     policy = POLICY_LRU
     ghost_blocks: int | None = None
-    adaptive: tuple | None = None
+    adaptive: dict | None = None
 
     @initialize(n=st.sampled_from(POOL_SIZES))
     def setup(self, n: int) -> None:
@@ -255,11 +256,11 @@ class LineageGhost3Machine(RegistryMachine):
 
 
 class AdaptiveMachine(RegistryMachine):
-    """ADAPTIVE with a small ghost table and a step of one octave per epoch (N/2 evictions), so the
+    """ADAPTIVE with a small ghost table and a tuner that forgets every epoch (decay 0), so the
     level moves within a few operations and heap keys carry different credits."""
     policy = POLICY_ADAPTIVE
     ghost_blocks = 3
-    adaptive = (4 * ADAPTIVE_OCTAVE, ADAPTIVE_OCTAVE, True)
+    adaptive = dict(level=4 * ADAPTIVE_OCTAVE, decay=0)
 
 
 _MACHINE_SETTINGS = settings(max_examples=120, stateful_step_count=40, deadline=None,
@@ -333,10 +334,9 @@ def test_random_walk(n: int, ops: int, seed: int, policy: str) -> None:
         elif op < 0.995 or POLICIES[policy][0] != POLICY_ADAPTIVE:
             p.call("drain_evicted")
         else:                                  # a new setting: every inactive block re-keyed
-            top = 9 * ADAPTIVE_OCTAVE if rnd.random() < 0.5 else rnd.randint(0, 9 * ADAPTIVE_OCTAVE)
-            p.call("set_adaptive", rnd.randint(-1, top), rnd.randint(0, ADAPTIVE_OCTAVE),
-                   rnd.random() < 0.7, growth=rnd.choice([1, 2, 3, 4, 8, 16]), level_max=top,
-                   band=rnd.choice([0, 0, 1, 4, 8, 12, 64]))
+            level = rnd.choice([-1, rnd.randint(1, 9) * ADAPTIVE_OCTAVE, rnd.randint(0, 9 * ADAPTIVE_OCTAVE)])
+            p.call("set_adaptive", level, rnd.random() < 0.7, tune=rnd.random() < 0.8,
+                   decay=rnd.choice([0, 1, 32768, 65535, 65536]))
         if step % 250 == 0 or step == ops - 1:
             p.fast.check_invariants()
             p.ref.check_invariants()

@@ -7,6 +7,7 @@ import pytest
 
 from research.eviction import hindsight as hs
 from research.eviction import policy_sim as ps
+from research.eviction import shadow
 from research.eviction import trace_replay as tr
 from research.eviction import workloads
 
@@ -21,28 +22,27 @@ def test_family_holds_lru_and_lineage_exactly(rag):
     assert len(hs.FAMILY) == 20 and ("W=0", -1, True) in hs.FAMILY
     lineage = tr.replay(tr.RegistryEngine(cap, "lineage"), rag)[1][0]
     eng = tr.RegistryEngine(cap, "adaptive")
-    eng.reg.set_adaptive(hs.W_LEVELS["2"], 0, True)           # W = 2, leaves first: LINEAGE's key
+    eng.reg.set_adaptive(**hs.fixed(hs.W_LEVELS["2"]))       # W = 2, leaves first: LINEAGE's key
     assert eng.reg.adaptive["credit"] == 2 * cap
     assert tr.replay(eng, rag)[1][0] == lineage
     eng = tr.RegistryEngine(cap, "adaptive")
-    eng.reg.set_adaptive(-1, 0, False)                        # W = 0, no leaf bit: LRU + tail hint
+    eng.reg.set_adaptive(**hs.fixed(-1, False))              # W = 0, no leaf bit: LRU + tail hint
     assert tr.replay(eng, rag)[1][0] == ps.simulate(rag, cap, "lru+tail").hits
 
 
 def test_training_set_and_grid():
     """Round 12's training set: seed 1 of every shape at 1,000 and 4,000 blocks and shared-half1
-    at 2,000 and 8,000; everything else is held out, seed 3 (1k, 2k, 4k) among it. The grid leaves
-    out starts above their cap and sweeps the dead band."""
+    at 2,000 and 8,000; everything else is held out, seeds 3-8 (1k, 2k, 4k) among it. The tuner's
+    grid (shadow.py) spans the mini cache size and the decay up to none."""
     names = [(n, c) for n, _, c in hs.cases([[1, 2], [3]])]
     train = [nc for nc in names if hs.is_training(*nc)]
-    assert len(names) == 233 and len(train) == 30 and set(train) == hs.TRAINING
+    assert len(names) == 317 and len(train) == 30 and set(train) == hs.TRAINING
     assert all(n.endswith("/s1") and c in (1000, 4000) for n, c in train if not n.startswith("shared"))
-    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3", "/s4", "/s5", "/s6"))
+    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3", "/s4", "/s5", "/s6", "/s7", "/s8"))
                    or n in ("shared", "shared-half2"))
-    assert sorted({c for n, c in names if n.endswith(("/s3", "/s4", "/s5", "/s6"))}) == [1000, 2000, 4000]
-    settings = hs.grid_settings()
-    assert len(settings) == 288 and all(s["level"] <= s["level_max"] for s in settings)
-    assert {s["band"] for s in settings} == {0, 2, 4, 6, 8, 12}
+    assert sorted({c for n, c in names if n.endswith(("/s3", "/s4", "/s5", "/s6", "/s7", "/s8"))}) == [1000, 2000, 4000]
+    settings = shadow.grid_settings()
+    assert len(settings) == 16 and max(s["decay"] for s in settings) < 1 << 16   # a tuner that forgets
 
 
 def test_rule_ranks_failures_then_mean_ratio_then_min_ratio_then_gap():

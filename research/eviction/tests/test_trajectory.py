@@ -19,18 +19,18 @@ def chat():
 
 
 def test_epochs_follow_the_registry(chat):
-    """A row per request that ended an epoch (N/2 evictions each; a long request can end two, and
-    shows once), the same hit ratio as a plain replay, and a fixed setting (step 0) never leaves
-    its level."""
+    """A row per request that ended one of the tuner's epochs, the candidates' hits summing to the
+    tuner's own counts, the same hit ratio as a plain replay, and no epoch with the tuner off."""
     rows, ratio = trajectory.epochs(chat, 200)
     eng = tr.RegistryEngine(200, "adaptive")
     total, hits = tr.replay(eng, chat)
     assert ratio == hits[0] / total
-    ended = eng.reg.adaptive["evictions"] // 100
-    assert 0.95 * ended <= len(rows) <= ended and ended > 5
-    assert any(r["rate"] > 0 for r in rows) and all(a["frontier"] <= b["frontier"] for a, b in zip(rows, rows[1:]))
-    fixed, _ = trajectory.epochs(chat, 200, dict(level=5 * OCT, step=0))
-    assert {r["w"] for r in fixed} == {2.0}
+    state = eng.reg.adaptive
+    assert 0.9 * state["epochs"] <= len(rows) <= state["epochs"] and len(rows) > 5
+    assert all(sum(col) <= h for col, h in zip(zip(*(r["hits"] for r in rows)), state["hits"]))
+    assert {r["w"] for r in rows} <= {0.0, *(2.0 ** (k - 4) for k in range(1, 10))}   # candidates only
+    fixed, _ = trajectory.epochs(chat, 200, dict(level=5 * OCT, tune=False))
+    assert fixed == []
 
 
 def test_a_shape_case_is_generated_alone():
