@@ -152,9 +152,9 @@ class KvbmConfig:
     runtime_dir: str | None = None         # 0700 folder for ipc:// sockets; default $XDG_RUNTIME_DIR or /tmp
     transport: str = "ipc"                 # ipc, or tcp on 127.0.0.1
     tcp_port: int = 0                      # first port when transport is tcp (0: pick free ports)
-    policy: str = "lineage"                # eviction policy of every tier: lineage, lru or adaptive
-                                           #   (kvbm/policy.py; adaptive is not the default:
-                                           #   research/eviction/POLICY_ADAPTIVE.md says why)
+    policy: str = "adaptive"               # eviction policy of every tier: adaptive, lineage or lru
+                                           #   (kvbm/policy.py; adaptive tunes lineage's frequency
+                                           #   credit online: research/eviction/POLICY_ADAPTIVE.md)
     # lineage's (and adaptive's) ghost table (use counts of recently evicted hashes), in multiples of each tier's
     # block count; 0: none. More remembers more reuse (research/eviction/POLICY_ROUND3.md: 4 gives +0.01 hit
     # ratio, +0.05 of the LRU -> Belady gap, on the shared trace) but the entries share the block

@@ -17,7 +17,7 @@ from kvbm.policy import ADAPTIVE_DECAY, ADAPTIVE_LEVEL, ADAPTIVE_MINI_BLOCKS
 
 def replay(chains, capacity: int, mini_blocks: int = ADAPTIVE_MINI_BLOCKS, decay: int = ADAPTIVE_DECAY,
            start_level: int = ADAPTIVE_LEVEL) -> tuple[float, int]:
-    """Hit ratio of the registry engine under ADAPTIVE's fixed setting (no vote), moved by the
+    """Hit ratio of the registry engine under ADAPTIVE's fixed setting (its tuner off), moved by the
     tuner between requests; returns (hit ratio, final level)."""
     from research.eviction import trace_replay as tr
     eng = tr.RegistryEngine(capacity, "adaptive")

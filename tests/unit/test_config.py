@@ -150,7 +150,7 @@ def _file(tmp_path, text: str) -> str:
 def test_default_when_no_source_gives_a_value():
     cfg = KvbmConfig.load(env={})
     assert (cfg.policy, cfg.host_blocks, cfg.host_size, cfg.request_timeout_ms, cfg.log_level) == \
-        ("lineage", None, None, 30000, "INFO")
+        ("adaptive", None, None, 30000, "INFO")
 
 
 def test_file_beats_default(tmp_path):
@@ -265,7 +265,7 @@ def test_direct_construction_reads_no_source(monkeypatch):
     from kvbm.manager import KvBlockManager
     monkeypatch.setenv("KVBM_POLICY", "lru")
     monkeypatch.setenv("KVBM_HOST_BLOCKS", "16")
-    assert (KvbmConfig(device_blocks=4).policy, KvbmConfig(device_blocks=4).host_blocks) == ("lineage", None)
+    assert (KvbmConfig(device_blocks=4).policy, KvbmConfig(device_blocks=4).host_blocks) == ("adaptive", None)
     assert KvbmConfig.load(device_blocks=4).policy == "lru"
     with KvBlockManager(device_blocks=4) as kv:
         assert (kv.config.policy, kv.config.host_blocks) == ("lru", 16)
