@@ -23,10 +23,10 @@ trimmed from the tail under LINEAGE: every eviction re-keys the victim's parent 
 and (default ghost table, G = num_blocks) records the victim in the ghost table, forgetting the
 oldest entry, while every registration probes it (fresh hashes: a miss). `lineage-noghost` is
 LINEAGE with ghost_blocks=0, to see the table's own cost. `adaptive` (ADAPTIVE, the same ghost
-table) also refreshes one block's key per eviction (its sweep) and feeds its shadow tuner at each
-release of a REGISTERED block: one use in R replayed on ten mini caches (kvbm/_fast/_shadow.pxd;
-the match point times match alone, its release is outside the timing, so the tuner's cost shows in
-the cycle point); `adaptive-fixed` is the same with the tuner off. The
+table) also refreshes 16 keys per eviction after each move of its credit (its sweep), and feeds
+its shadow tuner at each release of a REGISTERED block: one use in R replayed on ten mini caches
+(kvbm/_fast/_shadow.pxd; the match point times match alone, its release is outside the timing, so
+the tuner's cost shows in the cycle point); `adaptive-fixed` is the same with the tuner off. The
 headline the issue asks for: the adaptive/lru column at 10^4, 10^5 and 10^6 blocks (<= 1.10).
 
     .venv/bin/python bench/bench_registry.py                # full sweep (about two minutes)

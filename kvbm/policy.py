@@ -21,7 +21,7 @@ kvbm/_fast/_reference.py, which the differential tests hold it to):
 
 Policies: LRU (priority, then last-use tick), LINEAGE (leaf-first, frequency-credited recency;
 the formula is at the member below and `_key` in _reference.py; use counts survive eviction in a
-bounded ghost table) and ADAPTIVE (LINEAGE's key with a credit that ghost hits move online). The
+bounded ghost table) and ADAPTIVE (LINEAGE's key with a credit its shadow tuner moves online). The
 studies behind them: research/eviction/.
 
 Engine hint (not a policy): blocks that requests in the engine's waiting queue will read get
@@ -93,8 +93,8 @@ class EvictionPolicy(IntEnum):
     # blocks, one per W in {0, 1/8, 1/4, ..., 32}, keyed the same way; every M/2 evictions of the
     # W = 0 mini (an epoch), each mini's hits of the epoch join its score, decayed by
     # ADAPTIVE_DECAY / 2**16, and the level moves to the best score's W. Keys already in the heap
-    # keep their credit; each eviction re-keys one block in id order (the sweep), so no key is
-    # more than N evictions old. Per use: 1/R of ten index probes and heap sifts of log2(M) levels,
+    # keep their credit; after a move each eviction re-keys 16 blocks in id order (the sweep)
+    # until all N are. Per use: 1/R of ten index probes and heap sifts of log2(M) levels,
     # on release only; the state lives in the table (header and arrays), so it survives attach.
     # BlockRegistry.set_adaptive(level, leaf_first, tune, decay) sets it (tune False: a fixed
     # setting, the family trace_replay's hindsight sweep runs). Spec: _reference.py (`_key`) and

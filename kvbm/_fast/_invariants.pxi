@@ -101,9 +101,11 @@ cdef int _check_table(BlockRegistry r) except -1:
             raise RegistryError(f"heap slot {i} holds {_state_name(r.state[b])} block {b}")
         if r.refcount[b] == 0:
             r._policy_key(<bid_t>b, &probe)
-            if r.h.policy == POLICY_ADAPTIVE_ID and r.use_count[b] >= 2:
-                # a reused block's key keeps the credit of when it was computed (_adapt.pxd): only
-                # its first word and a key2 no earlier than its tick are checkable
+            if r.h.policy == POLICY_ADAPTIVE_ID and r.use_count[b] >= 2 \
+                    and (b - r.h.adapt_sweep + n) % n < r.h.adapt_stale:
+                # a reused block the sweep has not reached since the tuner's last move keeps the
+                # credit of when its key was computed (_shadow.pxd): only its first word and a
+                # key2 no earlier than its tick are checkable; every other key is exact
                 probe.key2 = r.heap[i].key2 if r.heap[i].key2 >= r.last_tick[b] else probe.key2
             if probe.key1 != r.heap[i].key1 or probe.key2 != r.heap[i].key2:
                 raise RegistryError(f"inactive block {b} has stale key ({r.heap[i].key1}, "
@@ -183,13 +185,15 @@ cdef int _check_adaptive(BlockRegistry r) except -1:
         raise RegistryError(f"adaptive: sweep at block {h.adapt_sweep} with {h.adapt_stale} keys to "
                             f"refresh, for {n} blocks")
     if h.shadow_rate != shadow_rate(n) or m != n // h.shadow_rate or h.shadow_cap != shadow_capacity(m) \
-            or (<int64_t>1 << (64 - h.shadow_shift)) != h.shadow_cap:
+            or not 0 < 64 - h.shadow_shift < 62 or (<int64_t>1 << (64 - h.shadow_shift)) != h.shadow_cap:
         raise RegistryError(f"adaptive tuner: rate {h.shadow_rate}, {m} blocks per mini cache, "
                             f"{h.shadow_cap} index slots (shift {h.shadow_shift}) for {n} blocks")
-    if not 0 <= h.shadow_decay <= 65536 or not -1 <= h.shadow_current < SHADOW_K \
-            or h.shadow_next != (h.shadow_epochs + 1) * (m // 2 if m >= 2 else 1):
-        raise RegistryError(f"adaptive tuner: decay {h.shadow_decay}, candidate {h.shadow_current}, "
-                            f"epoch {h.shadow_epochs} ending at {h.shadow_next} evictions")
+    if not 0 <= h.shadow_decay <= 65536 or h.shadow_current != shadow_candidate(h.adapt_level) \
+            or h.shadow_next != (h.shadow_epochs + 1) * (m // 2 if m >= 2 else 1) \
+            or r.sv.mini[0].evictions >= h.shadow_next or h.shadow_tick % 2 != 0:
+        raise RegistryError(f"adaptive tuner: decay {h.shadow_decay}, candidate {h.shadow_current} for level "
+                            f"{h.adapt_level}, epoch {h.shadow_epochs} ending at {h.shadow_next} evictions "
+                            f"(mini 0 at {r.sv.mini[0].evictions}), clock {h.shadow_tick}")
     for k in range(SHADOW_K):
         _check_mini(r, k)
     return 0
@@ -205,9 +209,9 @@ cdef int _check_mini(BlockRegistry r, int64_t k) except -1:
     cdef int64_t i, s, live = 0, used = 0
     cdef HeapEntry *heap = v.heap + base
     if mini.credit != credit_of(m, shadow_level(k)) or not 0 <= mini.size <= m \
-            or not 0 <= mini.head < m or mini.last_hits > mini.hits:
+            or not 0 <= mini.head < m or mini.last_hits > mini.hits or not 0 <= mini.score <= SCORE_MAX:
         raise RegistryError(f"mini cache {k}: credit {mini.credit}, size {mini.size} of {m}, ring head "
-                            f"{mini.head}, hits {mini.hits} (last epoch {mini.last_hits})")
+                            f"{mini.head}, hits {mini.hits} (last epoch {mini.last_hits}), score {mini.score}")
     for i in range(mini.size):
         s = heap[i].block
         if not 0 <= s < mini.size or v.pos[base + s] != i:

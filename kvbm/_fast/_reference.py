@@ -154,13 +154,12 @@ class ReferenceRegistry:
         dc = self._tuner.decay if decay is None else self._count(decay, "set_adaptive: decay")
         if lv > _LEVEL_MAX or dc > 1 << 16:
             raise RegistryError(f"set_adaptive: level {lv} or decay {dc} out of range")
+        tn = self._tune if tune is None else bool(tune)          # before any write
+        lf = self._leaf if leaf_first is None else bool(leaf_first)
         self._level = lv
         self._tuner.current = SHADOW_LEVELS.index(lv) if lv in SHADOW_LEVELS else -1
         self._tuner.decay = dc
-        if tune is not None:
-            self._tune = bool(tune)
-        if leaf_first is not None:
-            self._leaf = bool(leaf_first)
+        self._tune, self._leaf = tn, lf
         self._stale = 0
         for b in list(self._inactive):     # a setting applies to every key
             self._update_key(b)
@@ -182,10 +181,12 @@ class ReferenceRegistry:
         raise AssertionError(self._policy)
 
     def _key_current(self, b: int) -> bool:
-        # the stored key is what the policy computes now; ADAPTIVE: a reused block's key2 keeps
-        # the credit of when it was computed, so only key1 and key2 >= its tick are checked
+        # the stored key is what the policy computes now; ADAPTIVE: a reused block the sweep has
+        # not reached since the tuner's last move keeps the credit of when its key was computed,
+        # so only key1 and key2 >= its tick are checked there
         have, now = self._inactive[b], self._key(b)
-        if self._policy == POLICY_ADAPTIVE and self._blocks[b].use_count >= 2:
+        if self._policy == POLICY_ADAPTIVE and self._blocks[b].use_count >= 2 \
+                and (b - self._sweep) % self._n < self._stale:
             return have[0] == now[0] and have[1] >= self._blocks[b].tick and have[2] == b
         return have == now
 

@@ -21,7 +21,8 @@ Parts:
                 research/eviction/hindsight.py, leaves first) over one sample and one clock (two
                 ticks per use, as the registry ticks at the use and at its release). Every M / 2
                 evictions of candidate 0 (an epoch, as the registry's N / 2), each candidate's hits
-                of the epoch join its score, decayed: score = score * decay / 2**16 + hits * 2**16.
+                of the epoch join its score, decayed: score = score * decay / 2**16 + hits * 2**16
+                (hits at most 2**30, the score at most 2**46: saturating, as the registry's).
                 The registry moves to the best score's level (the current one on a tie, else the
                 lowest W).
 """
@@ -36,6 +37,8 @@ U64 = (1 << 64) - 1
 U63 = (1 << 63) - 1      # a mini key's time part saturates here; bit 63 is the child bit
 SHADOW_LEVELS = (-1, *(k * ADAPTIVE_OCTAVE for k in range(1, 10)))   # W = 0, 1/8, 1/4, ..., 32
 ONE = 1 << 16                                                        # the score's unit and decay's
+EPOCH_HITS_MAX = 1 << 30          # an epoch's hits counted into a score at most
+SCORE_MAX = 1 << 46               # a score saturates here (the registry's int64 never overflows)
 
 
 def credit_of(n: int, level: int) -> int:
@@ -134,7 +137,8 @@ class ShadowTuner:
         self.next_epoch += self.epoch
         self.epochs += 1
         for k, mini in enumerate(self.minis):
-            self.score[k] = (self.score[k] * self.decay >> 16) + ((mini.hits - self.last_hits[k]) << 16)
+            hits = min(mini.hits - self.last_hits[k], EPOCH_HITS_MAX)
+            self.score[k] = min((self.score[k] * self.decay >> 16) + (hits << 16), SCORE_MAX)
             self.last_hits[k] = mini.hits
         top = max(self.score)
         if self.current >= 0 and self.score[self.current] == top:

@@ -20,7 +20,9 @@
 #                dropped; a cut call never makes that, see the shared_g2 docstring)
 #   ghost table  emptied: its FIFO order cannot be rebuilt (LINEAGE loses frequency credits only)
 #   tuner        ADAPTIVE's mini caches emptied (a use cut short may have left one half-updated);
-#                the level, the candidate it follows and the decay stay
+#                the level and the decay stay, its credit and the candidate it follows are derived
+#                from the level again (a move cut short may have set one and not the other); no
+#                key is left for the sweep (the heap is rebuilt at the current credit)
 #   free list    RESET blocks in id order (FIFO order is lost: any order is a valid free list)
 #   heap         every REGISTERED block with refcount 0, keys from the policy now
 #   header       counts recomputed, tick >= every last_tick, ring cursor clamped into range
@@ -76,6 +78,10 @@ cdef dict _rebuild_table(BlockRegistry r, const uint32_t *rc):
     r.h.ghost_size = 0
     ghost_init(r.h, r.ghost, g)
     shadow_clear(r.h, &r.sv)
+    if r.h.adapt_level < -1 or r.h.adapt_level > LEVEL_MAX:
+        r.h.adapt_level = ADAPTIVE_LEVEL
+    r.h.adapt_credit = credit_of(n, r.h.adapt_level)
+    r.h.shadow_current = shadow_candidate(r.h.adapt_level)
     for b in range(n):
         if r.state[b] != ST_REGISTERED:
             continue
@@ -133,6 +139,9 @@ cdef dict _rebuild_table(BlockRegistry r, const uint32_t *rc):
             if rc[b] == 0:
                 r._heap_push(<bid_t>b)
                 r.h.num_inactive += 1
+    r.h.adapt_stale = 0                 # every key was just computed at the current credit
+    if not 0 <= r.h.adapt_sweep < n:
+        r.h.adapt_sweep = 0
     if r.h.ring_head < 0 or r.h.ring_head >= n:
         r.h.ring_head = 0
     if r.h.ring_count < 0 or r.h.ring_count > n:

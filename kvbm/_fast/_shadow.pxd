@@ -10,7 +10,10 @@ tuner measures it instead of modelling it, by miniature simulation (Waldspurger 
   sample    one block use in R (a power of two; `shadow_rate` in _table.pxd: M = N // R in
             [SHADOW_MINI, 2 SHADOW_MINI)) by the top 24 bits of hash * MIX, a hash the mixing
             spreads whatever the ids' structure. A use is the release of a REGISTERED block
-            (each acquire or registration is released once), fed by the registry.
+            (each acquire or registration is released once), fed by the registry. (The minis'
+            index homes multiply by the same constant: for hashes below 2**32 and R >= 2**15,
+            about 4M blocks, the sampled ones share low home bits and probe longer. kvbm's
+            sequence hashes are 64-bit xxhash values, so only synthetic ids meet it.)
   minis     SHADOW_K small caches of M blocks, one per candidate W = 0, 1/8, 1/4, ..., 32, each
             keyed like ADAPTIVE at that W: (has a child << 63 | last tick + credit_of(M, level) *
             f(use count), last tick), smallest evicted first (a HeapEntry heap: key1, key2, slot),
@@ -22,13 +25,15 @@ tuner measures it instead of modelling it, by miniature simulation (Waldspurger 
             as the registry's ghost table does. One index per mini (linear probing, _index.pxd's
             probe_pos/probe_erase) maps a hash to its slot or to -2 - its ring position. No
             priority.
-  epoch     M / 2 evictions of mini 0 (W = 0, plain LRU), as the registry's N / 2. At its end each
-            mini's hits of the epoch join its score, decayed: score = score * decay / 2**16 + hits *
-            2**16; the level follows the best score (the current candidate on a tie, else the lowest
-            W). Keys already in the heap keep their credit; the sweep (registry.pyx `_evict_one`)
-            refreshes one per eviction.
+  epoch     M / 2 evictions of mini 0 (W = 0: leaves first, then least recent), as the registry's
+            N / 2. At its end each mini's hits of the epoch join its score, decayed: score = score
+            * decay / 2**16 + hits * 2**16, saturating at SCORE_MAX; the level follows the best
+            score (the current candidate on a tie, else the lowest W). Keys already in the heap
+            keep their credit; after a move the sweep (registry.pyx `_evict_one`) refreshes 16 per
+            eviction until all N are.
   cost      per sampled use, SHADOW_K index probes and heap sifts of log2(M) levels; per use
-            1 / R of that (R = 128 at 2**15 blocks with SHADOW_MINI 256), and nothing on match.
+            1 / R of that (R = 64 at 10**4 blocks, 256 at 2**15, 4096 at 10**6), and nothing on
+            match.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
@@ -36,7 +41,9 @@ from libc.string cimport memset
 from kvbm._fast._adapt cimport LEVEL_BITS, credit_of, f_of
 from kvbm._fast._heap cimport heap_append, heap_rises, heap_sift_down, heap_sift_up, heap_take
 from kvbm._fast._index cimport probe_erase, probe_pos
-from kvbm._fast._table cimport SHADOW_K, HeapEntry, RegistryHeader, ShadowMini, bid_t, shadow_capacity
+from kvbm._fast._table cimport (
+    SHADOW_K, HeapEntry, RegistryHeader, ShadowMini, bid_t, shadow_capacity, shadow_rate,
+)
 
 cdef extern from *:
     """
@@ -46,6 +53,13 @@ cdef extern from *:
 
 cdef enum:
     SHADOW_NO_MOVE = -2    # shadow_use: the level stays
+    EPOCH_HITS_MAX = 1 << 30    # an epoch's hits counted into a score at most (the score stays < 2**47)
+
+cdef extern from *:
+    """
+    #define KVBM_SHADOW_SCORE_MAX (1LL << 46)
+    """
+    const int64_t SCORE_MAX "KVBM_SHADOW_SCORE_MAX"   # a score saturates here: score * 2**16 < 2**63
 
 
 ctypedef struct ShadowView:        # the tuner's arrays in the table (BlockRegistry._carve)
@@ -98,16 +112,18 @@ cdef inline void shadow_init(RegistryHeader *h, ShadowView *v, int64_t rate) noe
 
 
 cdef inline void shadow_clear(RegistryHeader *h, ShadowView *v) noexcept nogil:
-    # Empties the mini caches in place (rebuild: a call cut short may have left one half-updated);
-    # the level, the candidate it follows and the decay are the header's and stay.
-    cdef int64_t km = SHADOW_K * h.shadow_m, kp = SHADOW_K * h.shadow_cap
+    # Empties the mini caches in place (rebuild: a call cut short may have left one half-updated).
+    # Sizes come from num_blocks, as the layout's, not from the header fields being repaired. The
+    # decay stays; the level, its credit and the candidate it follows are the caller's.
+    cdef int64_t rate = shadow_rate(h.num_blocks), m = h.num_blocks // rate
+    cdef int64_t km = SHADOW_K * m, kp = SHADOW_K * shadow_capacity(m)
     memset(<void *>v.hash, 0, km * sizeof(uint64_t))
     memset(<void *>v.count, 0, km * sizeof(uint32_t))
     memset(<void *>v.heap, 0, km * sizeof(HeapEntry))
     memset(<void *>v.ring_hash, 0, km * sizeof(uint64_t))
     memset(<void *>v.ring_count, 0, km * sizeof(uint32_t))
     memset(<void *>v.ikeys, 0, kp * sizeof(uint64_t))
-    shadow_init(h, v, h.shadow_rate)
+    shadow_init(h, v, rate)
 
 
 cdef inline bint shadow_sampled(const RegistryHeader *h, uint64_t key) noexcept nogil:
@@ -197,12 +213,10 @@ cdef inline void _mini_use(RegistryHeader *h, ShadowView *v, int64_t k, uint64_t
 
 
 cdef inline int64_t shadow_use(RegistryHeader *h, ShadowView *v, uint64_t key, bint child) noexcept nogil:
-    # A block use with hash `key` ended (the registry released a REGISTERED block, with a child
-    # or not): if sampled, every mini sees it; at an epoch's end, the scores. Returns the level to
-    # move to, or SHADOW_NO_MOVE.
-    cdef int64_t k, best = 0
-    if not shadow_sampled(h, key):
-        return SHADOW_NO_MOVE
+    # A sampled block use with hash `key` ended (the registry released a REGISTERED block, with
+    # a child or not; the caller tested shadow_sampled first): every mini sees it; at an epoch's
+    # end, the scores. Returns the level to move to, or SHADOW_NO_MOVE.
+    cdef int64_t k, best = 0, hits
     h.shadow_tick += 2
     for k in range(SHADOW_K):
         _mini_use(h, v, k, key, child)
@@ -211,8 +225,12 @@ cdef inline int64_t shadow_use(RegistryHeader *h, ShadowView *v, uint64_t key, b
     h.shadow_next += h.shadow_m // 2 if h.shadow_m >= 2 else 1
     h.shadow_epochs += 1
     for k in range(SHADOW_K):
-        v.mini[k].score = ((v.mini[k].score * h.shadow_decay) >> 16) \
-            + (<int64_t>(v.mini[k].hits - v.mini[k].last_hits) << 16)
+        hits = <int64_t>(v.mini[k].hits - v.mini[k].last_hits)
+        if hits > EPOCH_HITS_MAX:
+            hits = EPOCH_HITS_MAX
+        v.mini[k].score = ((v.mini[k].score * h.shadow_decay) >> 16) + (hits << 16)
+        if v.mini[k].score > SCORE_MAX:
+            v.mini[k].score = SCORE_MAX
         v.mini[k].last_hits = v.mini[k].hits
         if v.mini[k].score > v.mini[best].score:
             best = k

@@ -108,7 +108,7 @@ cdef inline int64_t _round_up(int64_t x, int64_t a) noexcept nogil:
 
 
 cdef inline int64_t shadow_rate(int64_t n) noexcept nogil:
-    # R: the largest power of two with R * 2 * SHADOW_MINI <= N (1 below), so M = N // R lies in
+    # R: the largest power of two with R * SHADOW_MINI <= N (1 below), so M = N // R lies in
     # [SHADOW_MINI, 2 SHADOW_MINI) once N >= SHADOW_MINI, and is N below.
     cdef int64_t r = 1
     while r * 2 * SHADOW_MINI <= n:

@@ -57,8 +57,8 @@ its children become orphans (parent -1, keys refreshed). All O(1) per link.
 Size: bytes_needed(N, G) is 97 bytes per block, 24 per ghost entry and 12 per index slot (a power
 of two >= 2(N + G)), e.g. 122 MB for 10**6 blocks without a ghost table (LRU), 171 MB with G = N
 (LINEAGE's default; bytes_needed(N) assumes it, so it fits every policy), plus the tuner's ten mini
-caches: 60 bytes per slot and 12 per index slot, ten times M = N // R (< 2 SHADOW_MINI) slots and
-ten times 4M to 8M index slots, at most ~0.6 MB with SHADOW_MINI = 256.
+caches: 52 bytes per slot and 12 per index slot, ten times M = N // R (< 2 SHADOW_MINI) slots and
+ten times 4M to 8M index slots, at most ~0.26 MB with SHADOW_MINI = 128.
 
 Every public call validates the whole batch first and raises RegistryError with the numbers before
 changing anything, so a failed call leaves the buffer byte for byte as it was. The batch loop then
@@ -82,7 +82,8 @@ from kvbm._fast._index cimport (
     index_remove, probe_pos,
 )
 from kvbm._fast._shadow cimport (
-    SHADOW_NO_MOVE, ShadowView, mini_key, shadow_candidate, shadow_clear, shadow_init, shadow_level, shadow_use,
+    SCORE_MAX, SHADOW_NO_MOVE, ShadowView, mini_key, shadow_candidate, shadow_clear, shadow_init, shadow_level,
+    shadow_sampled, shadow_use,
 )
 from kvbm._fast._table cimport SHADOW_K, SWEEP_BURST, index_capacity, shadow_capacity, shadow_rate, table_layout
 
@@ -386,14 +387,14 @@ cdef class BlockRegistry:
             as_count(decay, "set_adaptive: decay", RegistryError)
         if lv > LEVEL_MAX or dc > 65536:
             raise RegistryError(f"set_adaptive: level {lv} must be in -1..{LEVEL_MAX}, decay {dc} in 0..65536")
+        cdef int64_t tn = self.h.adapt_tune if tune is None else (1 if tune else 0)   # before any write
+        cdef int64_t lf = self.h.adapt_leaf if leaf_first is None else (1 if leaf_first else 0)
         self.h.adapt_level = lv
         self.h.adapt_credit = credit_of(self.h.num_blocks, lv)
         self.h.shadow_current = shadow_candidate(lv)
         self.h.shadow_decay = dc
-        if tune is not None:
-            self.h.adapt_tune = 1 if tune else 0
-        if leaf_first is not None:
-            self.h.adapt_leaf = 1 if leaf_first else 0
+        self.h.adapt_tune = tn
+        self.h.adapt_leaf = lf
         self.h.adapt_stale = 0
         # a setting applies to every key: re-key the live entries, then restore the heap order
         cdef int64_t i
@@ -547,7 +548,7 @@ cdef class BlockRegistry:
             # LINEAGE (kvbm.policy.EvictionPolicy.LINEAGE): leaves (no registered child here)
             # before interior blocks of the same priority; then last tick + C * f(use count),
             # f(u) = 0 for u < 2, else bit_length(u) (1..32 for a uint32 count). ADAPTIVE: the
-            # same with C = adapt_credit (tuned per epoch from ghost hits, _adapt.pxd), leaves first
+            # same with C = adapt_credit (moved by its shadow tuner, _shadow.pxd), leaves first
             # only if adapt_leaf. key2 saturates instead of wrapping: C * f <= 2**37 * 32 for
             # N < 2**31, so only the sum can overflow.
             if self.h.policy == POLICY_LINEAGE_ID:
@@ -827,7 +828,7 @@ cdef class BlockRegistry:
                     continue
             elif self.state[b] != ST_REGISTERED:
                 continue
-            if tune:
+            if tune and shadow_sampled(self.h, self.hash[b]):
                 # a use of a REGISTERED block ended: ADAPTIVE's tuner sees it (_shadow.pxd), after
                 # the block's own release; a move re-keys through the sweep
                 level = shadow_use(self.h, &self.sv, self.hash[b],

@@ -121,6 +121,9 @@ def test_set_adaptive_rejects(impl):
         with pytest.raises(RegistryError):
             reg.set_adaptive(**kw)
     assert reg.adaptive == impl(4, policy=POLICY_ADAPTIVE).adaptive      # nothing changed
+    with pytest.raises(ValueError):                     # a flag without a truth value: no write
+        reg.set_adaptive(level=OCT, tune=np.array([1, 2]))
+    assert reg.adaptive == impl(4, policy=POLICY_ADAPTIVE).adaptive
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -250,6 +253,20 @@ def test_registry_and_twin_tune_alike():
         assert reg.adaptive == twin.adaptive
         np.testing.assert_array_equal(reg.evict(5), twin.evict(5))
     assert reg.adaptive["epochs"] > 30
+
+
+def test_scores_saturate():
+    """The spec's scores stop at 2**46 (an epoch's hits count up to 2**30), so that the
+    registry's int64 arithmetic never overflows, even with decay 1."""
+    tuner = spec.ShadowTuner(4, 128, 1 << 16, -1)
+    tuner.score = [spec.SCORE_MAX - 5] * 10
+    for mini in tuner.minis:
+        mini.hits = 1 << 40                               # an epoch of more than 2**30 hits
+    h = next(x for x in range(1, 10**6) if spec.sampled(x, tuner.rate))
+    while tuner.epochs == 0:
+        tuner.use(h)
+        h += 1
+    assert tuner.score == [spec.SCORE_MAX] * 10 and spec.SCORE_MAX * (1 << 16) < 1 << 63
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -7,9 +7,8 @@ import pytest
 
 from research.eviction import hindsight as hs
 from research.eviction import policy_sim as ps
-from research.eviction import shadow
+from research.eviction import shadow, workloads
 from research.eviction import trace_replay as tr
-from research.eviction import workloads
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,9 @@ def test_training_set_and_grid():
     train = [nc for nc in names if hs.is_training(*nc)]
     assert len(names) == 317 and len(train) == 30 and set(train) == hs.TRAINING
     assert all(n.endswith("/s1") and c in (1000, 4000) for n, c in train if not n.startswith("shared"))
-    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(("/s2", "/s3", "/s4", "/s5", "/s6", "/s7", "/s8"))
-                   or n in ("shared", "shared-half2"))
-    assert sorted({c for n, c in names if n.endswith(("/s3", "/s4", "/s5", "/s6", "/s7", "/s8"))}) == [1000, 2000, 4000]
+    later = tuple(f"/s{k}" for k in range(2, 9))
+    assert not any(hs.is_training(n, c) for n, c in names if n.endswith(later) or n in ("shared", "shared-half2"))
+    assert sorted({c for n, c in names if n.endswith(later[1:])}) == [1000, 2000, 4000]
     settings = shadow.grid_settings()
     assert len(settings) == 16 and max(s["decay"] for s in settings) < 1 << 16   # a tuner that forgets
 
