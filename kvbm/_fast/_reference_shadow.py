@@ -94,6 +94,9 @@ class MiniCache:
         key = int(child) << 63 | min(tick + self.credit * f_of(count), U63)
         self.blocks[h] = [count, tick, key]
         heapq.heappush(self.heap, (key, tick, h))
+        if len(self.heap) > 4 * self.m + 64:     # each hit leaves a stale entry: drop them now and then
+            self.heap = [e for e in self.heap if self.blocks.get(e[2], (0, -1))[1] == e[1]]
+            heapq.heapify(self.heap)
 
     def _evict(self) -> None:
         while True:
