@@ -69,6 +69,15 @@ cdef inline bint heap_rises(const HeapEntry *heap, int64_t i) noexcept nogil:
     return i > 0 and heap_less(&heap[i], &heap[(i - 1) >> 2])
 
 
+cdef inline void heap_resift(HeapEntry *heap, bid_t *pos, int64_t n, int64_t i) noexcept nogil:
+    # The entry at slot i changed its key: sift it whichever way it now belongs (n: entries).
+    # BlockRegistry composes its own out of line (`_resift`); ADAPTIVE's minis inline this one.
+    if heap_rises(heap, i):
+        heap_sift_up(heap, pos, i)
+    else:
+        heap_sift_down(heap, pos, n, i)
+
+
 cdef inline int64_t heap_append(HeapEntry *heap, bid_t *pos, int64_t *size,
                                 const HeapEntry *e) noexcept nogil:
     # Puts e in the slot after the last and returns that slot, for the caller to sift up.

@@ -37,12 +37,18 @@ cdef inline int64_t index_home(uint64_t key, int64_t shift) noexcept nogil:
     return <int64_t>(((key ^ (key >> 32)) * <uint64_t>0x9E3779B97F4A7C15ULL) >> shift)
 
 
+cdef inline int64_t index_shift_of(int64_t cap) noexcept nogil:
+    # 64 - log2(cap) for a power of two cap: index_home's shift (the registry's index, the minis').
+    cdef int64_t shift = 64
+    while cap > 1:
+        cap >>= 1
+        shift -= 1
+    return shift
+
+
 cdef inline void index_init(RegistryHeader *h, bid_t *vals, int64_t cap) noexcept nogil:
     # Empty index of cap (a power of two) slots; the keys were zeroed with the buffer.
-    cdef int64_t shift = 64, c = cap, i
-    while c > 1:
-        c >>= 1
-        shift -= 1
+    cdef int64_t shift = index_shift_of(cap), i
     h.index_capacity = cap
     h.index_mask = cap - 1
     h.index_shift = shift

@@ -189,7 +189,7 @@ cdef int _check_adaptive(BlockRegistry r) except -1:
         raise RegistryError(f"adaptive tuner: rate {h.shadow_rate}, {m} blocks per mini cache, "
                             f"{h.shadow_cap} index slots (shift {h.shadow_shift}) for {n} blocks")
     if not 0 <= h.shadow_decay <= 65536 or h.shadow_current != shadow_candidate(h.adapt_level) \
-            or h.shadow_next != (h.shadow_epochs + 1) * (m // 2 if m >= 2 else 1) \
+            or h.shadow_next != (h.shadow_epochs + 1) * shadow_epoch(m) \
             or r.sv.mini[0].evictions >= h.shadow_next or h.shadow_tick % 2 != 0:
         raise RegistryError(f"adaptive tuner: decay {h.shadow_decay}, candidate {h.shadow_current} for level "
                             f"{h.adapt_level}, epoch {h.shadow_epochs} ending at {h.shadow_next} evictions "

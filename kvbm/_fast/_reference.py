@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvbm._fast._reference_shadow import SHADOW_LEVELS, ShadowTuner
+from kvbm._fast._reference_shadow import SHADOW_LEVELS, ShadowTuner, credit_of, f_of
 from kvbm.errors import RegistryError
 from kvbm.policy import (
     ADAPTIVE_DECAY,
@@ -39,20 +39,6 @@ _U64 = (1 << 64) - 1
 _LEVEL_BITS = 16     # ADAPTIVE: levels per doubling of the credit weight W: 2**16
 _LEVEL_MAX = 9 << _LEVEL_BITS   # W = 32; level 0 is W = 1/16, -1 is W = 0 (kvbm/_fast/_adapt.pxd)
 _SWEEP_BURST = 16                # ADAPTIVE: keys the sweep re-keys per eviction after a move
-
-
-def _f_of(u: int) -> int:
-    """Frequency steps of a use count: 0 below 2, else its bit length."""
-    return u.bit_length() if u >= 2 else 0
-
-
-def _credit_of(n: int, level: int) -> int:
-    """ADAPTIVE's ticks of credit per frequency step: N * 2**(level/2**16 - 4), linear between
-    octaves (2**q * (1 + r/2**16) for level = 2**16 q + r); 0 for level -1."""
-    if level < 0:
-        return 0
-    one = 1 << _LEVEL_BITS
-    return (n * (one + level % one) << (level >> _LEVEL_BITS)) >> (_LEVEL_BITS + 4)
 
 
 @dataclass(slots=True)
@@ -139,7 +125,7 @@ class ReferenceRegistry:
     @property
     def adaptive(self) -> dict:
         t = self._tuner
-        return dict(level=self._level, credit=_credit_of(self._n, self._level), tune=self._tune,
+        return dict(level=self._level, credit=credit_of(self._n, self._level), tune=self._tune,
                     leaf_first=self._leaf, stale=self._stale, rate=t.rate, mini_blocks=t.m,
                     epochs=t.epochs, decay=t.decay,
                     current=t.current, levels=list(SHADOW_LEVELS), scores=list(t.score),
@@ -173,10 +159,9 @@ class ReferenceRegistry:
             # the registry's words: key1 = (priority + 2^31) << 1 | has child, key2 saturating.
             # ADAPTIVE: its current credit (keys already in the heap keep theirs), leaf bit optional
             lineage = self._policy == POLICY_LINEAGE
-            unit = 2 * self._n if lineage else _credit_of(self._n, self._level)
+            unit = 2 * self._n if lineage else credit_of(self._n, self._level)
             leaf = 1 if (lineage or self._leaf) and blk.children else 0
-            u = blk.use_count
-            credit = unit * u.bit_length() if u >= 2 else 0
+            credit = unit * f_of(blk.use_count)
             return (((blk.priority + (1 << 31)) << 1) | leaf, min(blk.tick + credit, _U64), b)
         raise AssertionError(self._policy)
 

@@ -42,13 +42,16 @@ SCORE_MAX = 1 << 46               # a score saturates here (the registry's int64
 
 
 def credit_of(n: int, level: int) -> int:
-    """ADAPTIVE's ticks of credit per frequency step for n blocks at `level` (_adapt.pxd)."""
+    """ADAPTIVE's ticks of credit per frequency step for n blocks at `level` (_adapt.pxd; the
+    registry's twin uses it too): N * 2**(level/2**16 - 4), linear between octaves (2**q * (1 +
+    r/2**16) for level = 2**16 q + r); 0 for level -1."""
     if level < 0:
         return 0
     return (n * (ONE + level % ONE) << (level >> 16)) >> 20
 
 
 def f_of(count: int) -> int:
+    """Frequency steps of a use count: 0 below 2, else its bit length (LINEAGE's and ADAPTIVE's)."""
     return count.bit_length() if count >= 2 else 0
 
 

@@ -39,8 +39,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
 from kvbm._fast._adapt cimport LEVEL_BITS, credit_of, f_of
-from kvbm._fast._heap cimport heap_append, heap_rises, heap_sift_down, heap_sift_up, heap_take
-from kvbm._fast._index cimport probe_erase, probe_pos
+from kvbm._fast._heap cimport heap_append, heap_resift, heap_sift_down, heap_sift_up, heap_take
+from kvbm._fast._index cimport index_shift_of, probe_erase, probe_pos
 from kvbm._fast._table cimport (
     SHADOW_K, HeapEntry, RegistryHeader, ShadowMini, bid_t, shadow_capacity, shadow_rate,
 )
@@ -79,6 +79,11 @@ cdef inline int64_t shadow_level(int64_t k) noexcept nogil:
     return -1 if k == 0 else k << LEVEL_BITS
 
 
+cdef inline int64_t shadow_epoch(int64_t m) noexcept nogil:
+    # Evictions of mini 0 per epoch: half a mini turnover, as the registry's N / 2.
+    return m // 2 if m >= 2 else 1
+
+
 cdef inline int64_t shadow_candidate(int64_t level) noexcept nogil:
     # The candidate of a level, or -1 if it is none.
     if level == -1:
@@ -90,16 +95,13 @@ cdef inline int64_t shadow_candidate(int64_t level) noexcept nogil:
 
 cdef inline void shadow_init(RegistryHeader *h, ShadowView *v, int64_t rate) noexcept nogil:
     # Empty mini caches for the header's num_blocks; the arrays were zeroed with the buffer.
-    cdef int64_t m = h.num_blocks // rate, cap = shadow_capacity(m), shift = 64, c = cap, k, i
-    while c > 1:
-        c >>= 1
-        shift -= 1
+    cdef int64_t m = h.num_blocks // rate, cap = shadow_capacity(m), k, i
     h.shadow_rate = rate
     h.shadow_m = m
     h.shadow_cap = cap
-    h.shadow_shift = shift
+    h.shadow_shift = index_shift_of(cap)
     h.shadow_tick = 0
-    h.shadow_next = m // 2 if m >= 2 else 1
+    h.shadow_next = shadow_epoch(m)
     h.shadow_epochs = 0
     for k in range(SHADOW_K):
         v.mini[k].credit = credit_of(m, shadow_level(k))
@@ -137,13 +139,6 @@ cdef inline uint64_t mini_key(uint64_t tick, uint64_t credit, uint32_t count, bi
     if c < tick or c > <uint64_t>0x7FFFFFFFFFFFFFFFULL:
         c = <uint64_t>0x7FFFFFFFFFFFFFFFULL
     return (<uint64_t>1 << 63) | c if child else c
-
-
-cdef inline void heap_resift(HeapEntry *heap, bid_t *pos, int64_t size, int64_t i) noexcept nogil:
-    if heap_rises(heap, i):
-        heap_sift_up(heap, pos, i)
-    else:
-        heap_sift_down(heap, pos, size, i)
 
 
 cdef inline bid_t _mini_evict(const RegistryHeader *h, ShadowView *v, int64_t k) noexcept nogil:
@@ -222,7 +217,7 @@ cdef inline int64_t shadow_use(RegistryHeader *h, ShadowView *v, uint64_t key, b
         _mini_use(h, v, k, key, child)
     if v.mini[0].evictions < h.shadow_next:
         return SHADOW_NO_MOVE
-    h.shadow_next += h.shadow_m // 2 if h.shadow_m >= 2 else 1
+    h.shadow_next += shadow_epoch(h.shadow_m)
     h.shadow_epochs += 1
     for k in range(SHADOW_K):
         hits = <int64_t>(v.mini[k].hits - v.mini[k].last_hits)

@@ -82,10 +82,12 @@ from kvbm._fast._index cimport (
     index_remove, probe_pos,
 )
 from kvbm._fast._shadow cimport (
-    SCORE_MAX, SHADOW_NO_MOVE, ShadowView, mini_key, shadow_candidate, shadow_clear, shadow_init, shadow_level,
-    shadow_sampled, shadow_use,
+    SCORE_MAX, SHADOW_NO_MOVE, ShadowView, mini_key, shadow_candidate, shadow_clear, shadow_epoch, shadow_init,
+    shadow_level, shadow_sampled, shadow_use,
 )
-from kvbm._fast._table cimport SHADOW_K, SWEEP_BURST, index_capacity, shadow_capacity, shadow_rate, table_layout
+from kvbm._fast._table cimport (
+    SHADOW_K, SHADOW_MINI, SWEEP_BURST, index_capacity, shadow_capacity, shadow_rate, table_layout,
+)
 
 import numpy as np
 
@@ -116,7 +118,6 @@ if _POLICY_IDS != (POLICY_LRU_ID, POLICY_LINEAGE_ID, POLICY_ADAPTIVE_ID):
     raise ImportError(f"kvbm.policy.EvictionPolicy ids {_POLICY_IDS} differ from registry.pxd's "
                       f"({POLICY_LRU_ID}, {POLICY_LINEAGE_ID}, {POLICY_ADAPTIVE_ID})")
 
-from kvbm._fast._table cimport SHADOW_MINI
 if ADAPTIVE_MINI_BLOCKS != SHADOW_MINI:
     raise ImportError(f"kvbm.policy.ADAPTIVE_MINI_BLOCKS {ADAPTIVE_MINI_BLOCKS} differs from _table.pxd's "
                       f"SHADOW_MINI {SHADOW_MINI}")
